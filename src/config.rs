@@ -1,0 +1,208 @@
+//! Node settings: paths, listen address, node name, storages and bridges.
+//!
+//! Everything has an embedded default so `mtunnel serve` runs without a config file; an
+//! optional TOML file overrides any default, and command-line flags override the file.
+//! This module only describes settings; it opens no sockets and creates no files.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+
+use crate::storage::{StorageDef, StorageKind};
+
+/// Default HTTPS listen address (PVE's port, loopback only until the operator opens it).
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8006";
+
+/// Settings of one node, resolved from defaults, the optional config file and flags.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub node: String,
+    pub data_dir: PathBuf,
+    pub run_dir: PathBuf,
+    pub listen: SocketAddr,
+    /// Delay before a 401 reply (pveproxy waits 3 s to slow down guessing).
+    pub auth_failure_delay: Duration,
+    /// How long a new tunnel worker waits for its one control connection.
+    pub tunnel_accept_timeout: Duration,
+    /// Bridges accepted by `mtunnel` besides the ones present in `/sys/class/net`.
+    pub bridges: Vec<String>,
+    pub storages: BTreeMap<String, StorageDef>,
+    /// Directory whose `*.lua` files override the built-in handlers.
+    pub handlers_dir: PathBuf,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+}
+
+/// The TOML file: every key optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    pub node: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub run_dir: Option<PathBuf>,
+    pub listen: Option<SocketAddr>,
+    pub auth_failure_delay_ms: Option<u64>,
+    pub tunnel_accept_timeout_secs: Option<u64>,
+    pub bridges: Option<Vec<String>>,
+    pub handlers_dir: Option<PathBuf>,
+    pub max_body_bytes: Option<usize>,
+    #[serde(default)]
+    pub storage: BTreeMap<String, StorageDef>,
+}
+
+/// Command-line overrides (each wins over the config file).
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub config_file: Option<PathBuf>,
+    pub node: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub run_dir: Option<PathBuf>,
+    pub listen: Option<SocketAddr>,
+}
+
+impl NodeConfig {
+    /// Resolves defaults, the optional TOML file and the flags, in that order.
+    pub fn load(overrides: &Overrides) -> anyhow::Result<Self> {
+        let file = match &overrides.config_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading config file {}", path.display()))?;
+                toml::from_str::<ConfigFile>(&text)
+                    .with_context(|| format!("parsing config file {}", path.display()))?
+            }
+            None => ConfigFile::default(),
+        };
+        Self::from_parts(file, overrides)
+    }
+
+    pub fn from_parts(file: ConfigFile, overrides: &Overrides) -> anyhow::Result<Self> {
+        let is_root = nix::unistd::geteuid().is_root();
+        let data_dir = overrides
+            .data_dir
+            .clone()
+            .or(file.data_dir)
+            .unwrap_or_else(|| default_data_dir(is_root));
+        let run_dir = overrides
+            .run_dir
+            .clone()
+            .or(file.run_dir)
+            .unwrap_or_else(|| {
+                if is_root {
+                    PathBuf::from("/run/qemu-server")
+                } else {
+                    data_dir.join("run")
+                }
+            });
+        let node = match overrides.node.clone().or(file.node) {
+            Some(node) => node,
+            None => local_hostname()?,
+        };
+        if !is_valid_node_name(&node) {
+            bail!("invalid node name '{node}': use letters, digits and '-' (as PVE does)");
+        }
+        let listen = match overrides.listen.or(file.listen) {
+            Some(addr) => addr,
+            None => DEFAULT_LISTEN.parse().context("default listen address")?,
+        };
+        let mut storages = file.storage;
+        if storages.is_empty() {
+            storages.insert(
+                "local".to_string(),
+                StorageDef {
+                    kind: StorageKind::Dir,
+                    path: data_dir.clone(),
+                    content: vec!["images".to_string()],
+                    disable: false,
+                    bwlimit: Default::default(),
+                },
+            );
+        }
+        for id in storages.keys() {
+            if !crate::storage::is_valid_storage_id(id) {
+                bail!("invalid storage id '{id}' in config");
+            }
+        }
+        Ok(NodeConfig {
+            node,
+            handlers_dir: file
+                .handlers_dir
+                .unwrap_or_else(|| data_dir.join("handlers")),
+            data_dir,
+            run_dir,
+            listen,
+            auth_failure_delay: Duration::from_millis(file.auth_failure_delay_ms.unwrap_or(3000)),
+            tunnel_accept_timeout: Duration::from_secs(
+                file.tunnel_accept_timeout_secs.unwrap_or(300),
+            ),
+            bridges: file.bridges.unwrap_or_default(),
+            max_body_bytes: file.max_body_bytes.unwrap_or(1024 * 1024),
+            storages,
+        })
+    }
+
+    /// `{data}/priv`: secrets (HMAC key, token hashes, TLS key), mode 0700.
+    pub fn priv_dir(&self) -> PathBuf {
+        self.data_dir.join("priv")
+    }
+
+    /// `{data}/qemu-server`: VM configs.
+    pub fn vm_config_dir(&self) -> PathBuf {
+        self.data_dir.join("qemu-server")
+    }
+
+    /// `{data}/tasks`: task logs.
+    pub fn task_dir(&self) -> PathBuf {
+        self.data_dir.join("tasks")
+    }
+
+    /// `{data}/firewall`: VM firewall files.
+    pub fn firewall_dir(&self) -> PathBuf {
+        self.data_dir.join("firewall")
+    }
+
+    /// The control socket of the tunnel for `vmid`.
+    pub fn tunnel_socket(&self, vmid: u32) -> PathBuf {
+        self.run_dir.join(format!("{vmid}.mtunnel"))
+    }
+
+    /// Whether a bridge is known on this node (configured, or a Linux interface).
+    pub fn bridge_exists(&self, bridge: &str) -> bool {
+        self.bridges.iter().any(|b| b == bridge)
+            || Path::new("/sys/class/net").join(bridge).exists()
+    }
+}
+
+fn default_data_dir(is_root: bool) -> PathBuf {
+    if is_root {
+        return PathBuf::from("/var/lib/mtunnel");
+    }
+    if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(xdg).join("mtunnel");
+    }
+    match std::env::var_os("HOME") {
+        Some(home) => PathBuf::from(home).join(".local/share/mtunnel"),
+        None => PathBuf::from("/tmp/mtunnel"),
+    }
+}
+
+/// The short host name, as PVE uses for its node name.
+pub fn local_hostname() -> anyhow::Result<String> {
+    let name = nix::unistd::gethostname().context("reading the host name")?;
+    let name = name.to_string_lossy();
+    let short = name.split('.').next().unwrap_or("localhost");
+    Ok(short.to_string())
+}
+
+/// PVE node names: `^[a-zA-Z0-9]([a-zA-Z0-9-]*[a-zA-Z0-9])?$`.
+pub fn is_valid_node_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 63
+        && bytes.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'-')
+        && bytes[0] != b'-'
+        && bytes[bytes.len() - 1] != b'-'
+}

@@ -1,0 +1,1 @@
+//! script layer (under construction).

@@ -1,0 +1,44 @@
+//! Small file-system helpers shared by every layer: atomic writes with a given mode and
+//! private directories. Nothing here knows about VMs, tunnels or HTTP.
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+use anyhow::Context;
+
+/// Writes `data` to `path` through a temporary file and a rename, so readers never see a
+/// half-written file; the file gets `mode` before any byte is written.
+pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> anyhow::Result<()> {
+    let dir = path
+        .parent()
+        .with_context(|| format!("{} has no parent directory", path.display()))?;
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} has no file name", path.display()))?;
+    let tmp = dir.join(format!(".{}.tmp.{}", name.to_string_lossy(), std::process::id()));
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting mode of {}", tmp.display()))?;
+    file.write_all(data)
+        .and_then(|_| file.sync_all())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
+
+/// Creates `path` (and parents) if missing, with `mode` on the last component.
+pub fn ensure_dir(path: &Path, mode: u32) -> anyhow::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(path)
+        .with_context(|| format!("creating directory {}", path.display()))
+}
