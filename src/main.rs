@@ -1,1 +1,204 @@
-fn main() {}
+//! The `mtunnel` command line: `serve` (the target node), `token` (API tokens), and the
+//! source-side and admin commands as they arrive. Parses flags, sets up logging, and
+//! hands over to the library; errors are printed with their context chain.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use mtunnel::auth::acl::{self, Acl, AclEntry};
+use mtunnel::config::{NodeConfig, Overrides};
+use mtunnel::node::Node;
+
+#[derive(Parser)]
+#[command(name = "mtunnel", version, about = "Move running VMs between hosts through an authenticated WebSocket tunnel (Proxmox VE remote-migration compatible)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the target node: HTTPS API, tunnels, tasks.
+    Serve(ServeArgs),
+    /// Manage API tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+/// Where the node keeps its state; shared by every command that touches a node.
+#[derive(Args, Clone)]
+struct NodeArgs {
+    /// Optional TOML config file overriding the embedded defaults.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Data directory (default: /var/lib/mtunnel for root, else ~/.local/share/mtunnel).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Run directory for sockets (default: /run/qemu-server for root, else {data}/run).
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// Node name (default: the short host name).
+    #[arg(long)]
+    node: Option<String>,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    node: NodeArgs,
+    /// Listen address; port 0 picks a free port (default 127.0.0.1:8006).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create (or replace) a token and print its header value once.
+    Create(TokenCreateArgs),
+}
+
+#[derive(Args)]
+struct TokenCreateArgs {
+    /// Token id: user@realm!name.
+    authid: String,
+    /// Privileges to grant, comma-separated (e.g. VM.Allocate,Sys.Incoming).
+    #[arg(long, value_delimiter = ',', conflicts_with = "role")]
+    privs: Vec<String>,
+    /// A role to grant: Administrator, PVEMigrationTarget, PVEVMAdmin, PVEDatastoreUser, PVEAuditor, NoAccess.
+    #[arg(long)]
+    role: Option<String>,
+    /// ACL path the privileges apply to (propagating to paths below).
+    #[arg(long, default_value = "/")]
+    path: String,
+    #[command(flatten)]
+    node: NodeArgs,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MTUNNEL_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Serve(args) => run_async(serve(args)),
+        Command::Token(TokenCommand::Create(args)) => token_create(args),
+    };
+    if let Err(e) = result {
+        eprintln!("mtunnel: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(fut)
+}
+
+fn load_config(args: &NodeArgs, listen: Option<SocketAddr>) -> anyhow::Result<NodeConfig> {
+    NodeConfig::load(&Overrides {
+        config_file: args.config.clone(),
+        node: args.node.clone(),
+        data_dir: args.data_dir.clone(),
+        run_dir: args.run_dir.clone(),
+        listen,
+    })
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let cfg = load_config(&args.node, args.listen)?;
+    let node = Node::open(cfg)?;
+    let initial = if node.tokens.is_empty() {
+        let header = node
+            .tokens
+            .create("root@pam!mtunnel", full_access(), Some("initial token".into()))?;
+        let path = node.cfg.priv_dir().join("initial-token");
+        mtunnel::util::write_atomic(&path, format!("{header}\n").as_bytes(), 0o600)?;
+        Some((header, path))
+    } else {
+        None
+    };
+    let tls = mtunnel::api::tls::TlsIdentity::load_or_create(&node.cfg.data_dir, &node.cfg.node)?;
+    let server = mtunnel::api::serve(node.clone(), tls).await?;
+    println!("mtunnel serving node '{}'", node.cfg.node);
+    println!("URL: https://{}/api2/json", server.addr);
+    println!("fingerprint: {}", server.fingerprint);
+    println!("data dir: {}", node.cfg.data_dir.display());
+    if let Some((header, path)) = initial {
+        println!("initial API token (shown once, also stored in {}):", path.display());
+        println!("  {header}");
+    }
+    use std::io::Write;
+    std::io::stdout().flush().ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted, shutting down"),
+        _ = terminate() => tracing::info!("terminated, shutting down"),
+    }
+    server.abort();
+    Ok(())
+}
+
+async fn terminate() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut s) => {
+            s.recv().await;
+        }
+        Err(_) => std::future::pending().await,
+    }
+}
+
+fn full_access() -> Acl {
+    Acl {
+        entries: vec![AclEntry {
+            path: "/".into(),
+            privs: acl::ALL_PRIVILEGES.iter().map(|p| p.to_string()).collect(),
+            propagate: true,
+        }],
+    }
+}
+
+fn token_create(args: TokenCreateArgs) -> anyhow::Result<()> {
+    let cfg = load_config(&args.node, None)?;
+    let privs: BTreeSet<String> = match (&args.role, args.privs.is_empty()) {
+        (Some(role), _) => acl::role_privileges(role)
+            .with_context(|| format!("unknown role '{role}'"))?
+            .into_iter()
+            .map(str::to_string)
+            .collect(),
+        (None, false) => args
+            .privs
+            .iter()
+            .map(|p| {
+                acl::known_privilege(p.trim())
+                    .map(str::to_string)
+                    .with_context(|| format!("unknown privilege '{p}' (known: {})", acl::ALL_PRIVILEGES.join(", ")))
+            })
+            .collect::<anyhow::Result<_>>()?,
+        (None, true) => BTreeSet::new(),
+    };
+    if privs.is_empty() {
+        eprintln!("note: the token has no privileges; grant some with --role or --privs");
+    }
+    mtunnel::util::ensure_dir(&cfg.priv_dir(), 0o700)?;
+    let store = mtunnel::auth::TokenStore::open(&cfg.priv_dir())?;
+    let acl = Acl {
+        entries: vec![AclEntry {
+            path: args.path,
+            privs,
+            propagate: true,
+        }],
+    };
+    let header = store.create(&args.authid, acl, None)?;
+    println!("{header}");
+    Ok(())
+}

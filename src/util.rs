@@ -42,3 +42,34 @@ pub fn ensure_dir(path: &Path, mode: u32) -> anyhow::Result<()> {
         .create(path)
         .with_context(|| format!("creating directory {}", path.display()))
 }
+
+/// SHA-256 fingerprint of a DER certificate in PVE form: `AA:BB:...` (32 pairs).
+pub fn fingerprint_sha256(der: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(der)
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// PVE's boolean leniency: JSON booleans, 0/1 as numbers or strings, and the words
+/// true/false, yes/no, on/off in any case (proxmoxer sends "True"/"False"). Empty string
+/// is not a boolean.
+pub fn lenient_bool(v: &serde_json::Value) -> Option<bool> {
+    use serde_json::Value;
+    match v {
+        Value::Bool(b) => Some(*b),
+        Value::Number(n) => match n.as_i64() {
+            Some(0) => Some(false),
+            Some(1) => Some(true),
+            _ => None,
+        },
+        Value::String(s) => match s.to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" | "on" => Some(true),
+            "0" | "false" | "no" | "off" => Some(false),
+            _ => None,
+        },
+        _ => None,
+    }
+}

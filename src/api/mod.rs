@@ -1,1 +1,104 @@
-//! api layer (under construction).
+//! The HTTPS API under `/api2/json/` (and `/api2/extjs/`): TLS accept loop, HTTP/1.1 with
+//! upgrades, routing, parameter parsing and PVE's reply envelope. Endpoints translate
+//! parameters and call into [`crate::tunnel`], [`crate::task`] and friends; no business
+//! logic lives here.
+
+pub mod reply;
+pub mod request;
+mod routes;
+pub mod tls;
+mod websocket;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::node::Node;
+use tls::TlsIdentity;
+
+/// What every endpoint can reach.
+pub struct AppState {
+    pub node: Arc<Node>,
+    pub tls: TlsIdentity,
+}
+
+/// A running API server.
+pub struct Server {
+    pub addr: SocketAddr,
+    pub fingerprint: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    /// Stops accepting connections.
+    pub fn abort(&self) {
+        self.task.abort();
+    }
+
+    /// Waits until the accept loop ends (it only ends when aborted).
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+}
+
+/// Binds the listen address and serves the API in the background.
+pub async fn serve(node: Arc<Node>, tls: TlsIdentity) -> anyhow::Result<Server> {
+    let listener = TcpListener::bind(node.cfg.listen)
+        .await
+        .with_context(|| format!("binding {}", node.cfg.listen))?;
+    let addr = listener.local_addr()?;
+    let acceptor = TlsAcceptor::from(tls.server_config()?);
+    let fingerprint = tls.fingerprint.clone();
+    let state = Arc::new(AppState { node, tls });
+    let router = routes::router(state);
+    let task = tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Out of file descriptors and similar: back off instead of spinning.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let router = router.clone();
+            tokio::spawn(async move {
+                let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, "TLS handshake failed: {e}");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        return;
+                    }
+                };
+                let service = TowerToHyperService::new(router);
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(30))
+                    .max_buf_size(64 * 1024)
+                    .serve_connection(TokioIo::new(tls), service)
+                    .with_upgrades();
+                if let Err(e) = conn.await {
+                    tracing::debug!(%peer, "connection ended: {e}");
+                }
+            });
+        }
+    });
+    Ok(Server {
+        addr,
+        fingerprint,
+        task,
+    })
+}

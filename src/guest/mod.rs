@@ -1,1 +1,8 @@
-//! guest layer (under construction).
+//! Guests (VMs) on this node: the config store under `{data}/qemu-server/{vmid}.conf` and the
+//! per-VM config lock. The lock is taken in-process (a tokio mutex per VMID) AND with
+//! `flock` on `{data}/lock/lock-{vmid}.conf`, so a CLI on the same node cannot race the
+//! server. The config text format itself lives in [`config`].
+
+pub mod store;
+
+pub use store::{ConfigStore, GuestError, VmLockGuard};

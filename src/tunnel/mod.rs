@@ -1,1 +1,208 @@
-//! tunnel layer (under construction).
+//! Live tunnels: opening one (`POST .../mtunnel`), the registry of sockets each tunnel may
+//! hand out tickets for, the worker loop on the control socket ([`worker`]) and the
+//! WebSocket ⇄ UNIX byte forwarder ([`forward`]).
+
+pub mod forward;
+pub mod worker;
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde_json::{Value, json};
+
+use crate::auth::token::unix_now;
+use crate::error::{Error, Result};
+use crate::node::Node;
+use crate::task::Upid;
+
+/// One open tunnel, from `POST .../mtunnel` until its worker ends.
+pub struct Tunnel {
+    pub vmid: u32,
+    pub authid: String,
+    pub control_socket: PathBuf,
+    upid: Mutex<Option<Upid>>,
+    /// Sockets a `ticket` command may mint tickets for (migration, NBD, disk import).
+    sockets: Mutex<BTreeSet<PathBuf>>,
+}
+
+impl Tunnel {
+    pub fn upid(&self) -> Option<Upid> {
+        self.upid.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Allows tickets (and WebSocket forwarding) for `path`.
+    pub fn register_socket(&self, path: &Path) {
+        self.sockets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(path.to_path_buf());
+    }
+
+    pub fn unregister_socket(&self, path: &Path) {
+        self.sockets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(path);
+    }
+
+    pub fn is_registered(&self, path: &Path) -> bool {
+        self.sockets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(path)
+    }
+
+    /// Whether the WebSocket endpoint may forward to `path` for this tunnel.
+    pub fn may_forward_to(&self, path: &Path) -> bool {
+        path == self.control_socket || self.is_registered(path)
+    }
+}
+
+/// The tunnels open on this node, by VMID.
+#[derive(Default)]
+pub struct Registry {
+    tunnels: Mutex<HashMap<u32, Arc<Tunnel>>>,
+}
+
+impl Registry {
+    pub fn get(&self, vmid: u32) -> Option<Arc<Tunnel>> {
+        self.tunnels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&vmid)
+            .cloned()
+    }
+
+    fn insert(&self, tunnel: Arc<Tunnel>) {
+        self.tunnels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(tunnel.vmid, tunnel);
+    }
+
+    fn remove(&self, tunnel: &Arc<Tunnel>) {
+        let mut map = self.tunnels.lock().unwrap_or_else(|e| e.into_inner());
+        if map.get(&tunnel.vmid).is_some_and(|t| Arc::ptr_eq(t, tunnel)) {
+            map.remove(&tunnel.vmid);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.tunnels.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What `POST .../mtunnel` returns.
+pub struct Opened {
+    pub upid: Upid,
+    pub ticket: String,
+    pub socket: PathBuf,
+}
+
+impl Opened {
+    pub fn to_json(&self) -> Value {
+        json!({
+            "upid": self.upid.to_string(),
+            "ticket": self.ticket,
+            "socket": self.socket.display().to_string(),
+        })
+    }
+}
+
+/// Opens a tunnel for `vmid`: checks privileges, storages and bridges, reserves the VMID
+/// with an empty config locked `create`, binds the control socket, starts the worker task
+/// and mints the ticket for the control socket. Nothing is left behind on failure.
+pub async fn open(
+    node: &Arc<Node>,
+    authid: &str,
+    vmid: u32,
+    storages: &[String],
+    bridges: &[String],
+) -> Result<Opened> {
+    node.require(authid, &format!("/vms/{vmid}"), "VM.Allocate")?;
+    node.require(authid, "/", "Sys.Incoming")?;
+    for storage in storages {
+        node.check_storage_for_images(authid, storage)?;
+    }
+    for bridge in bridges {
+        if !node.cfg.bridge_exists(bridge) {
+            return Err(Error::internal(format!(
+                "bridge '{bridge}' does not exist on node '{}'",
+                node.cfg.node
+            )));
+        }
+    }
+
+    node.guests
+        .create_and_lock(vmid, "create")
+        .await
+        .map_err(|e| Error::param("vmid", format!("unable to create empty VM config - {e}")))?;
+
+    match start_worker(node, authid, vmid).await {
+        Ok(opened) => Ok(opened),
+        Err(e) => {
+            remove_reserved_config(node, vmid).await;
+            Err(e)
+        }
+    }
+}
+
+async fn start_worker(node: &Arc<Node>, authid: &str, vmid: u32) -> Result<Opened> {
+    let socket = node.cfg.tunnel_socket(vmid);
+    let socket_str = socket
+        .to_str()
+        .ok_or_else(|| Error::internal("run directory is not valid UTF-8"))?
+        .to_string();
+    let ticket = node
+        .tickets
+        .assemble(authid, &socket_str, unix_now())
+        .map_err(|e| Error::internal(format!("{e} '{socket_str}'")))?;
+
+    crate::util::ensure_dir(&node.cfg.run_dir, 0o755)?;
+    let _ = std::fs::remove_file(&socket);
+    let listener = tokio::net::UnixListener::bind(&socket)
+        .map_err(|e| Error::internal(format!("unable to bind {}: {e}", socket.display())))?;
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600));
+
+    let log = node.tasks.create("qmtunnel", &vmid.to_string(), authid)?;
+    let tunnel = Arc::new(Tunnel {
+        vmid,
+        authid: authid.to_string(),
+        control_socket: socket.clone(),
+        upid: Mutex::new(Some(log.upid().clone())),
+        sockets: Mutex::new(BTreeSet::new()),
+    });
+    node.tunnels.insert(Arc::clone(&tunnel));
+    let worker_node = Arc::clone(node);
+    let upid = node.tasks.spawn(log, move |log, stop| async move {
+        let result = worker::run(&worker_node, &tunnel, listener, &log, stop).await;
+        worker_node.tunnels.remove(&tunnel);
+        result
+    });
+    Ok(Opened {
+        upid,
+        ticket,
+        socket,
+    })
+}
+
+/// Removes the empty config `open` created, if it still is that empty reserved config.
+pub(crate) async fn remove_reserved_config(node: &Node, vmid: u32) -> bool {
+    let Ok(guard) = node
+        .guests
+        .lock(vmid, crate::guest::store::DEFAULT_LOCK_TIMEOUT)
+        .await
+    else {
+        return false;
+    };
+    match node.guests.read_text(vmid) {
+        Ok(text) if text.trim() == "lock: create" => node.guests.remove_locked(&guard).is_ok(),
+        _ => false,
+    }
+}

@@ -1,0 +1,130 @@
+//! PVE's reply envelope. `json`: HTTP 200 with `{"data":..}` and
+//! `application/json;charset=UTF-8`; errors carry the message in the reason phrase AND in
+//! the body (`message`, plus `errors` for parameter errors). `extjs`: always HTTP 200 with
+//! `success`, `status`, `message` and `errors` in the body.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use hyper::ext::ReasonPhrase;
+use serde_json::{Map, Value, json};
+
+use crate::error::Error;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Json,
+    Extjs,
+}
+
+impl Format {
+    /// The format named by `/api2/<format>/...`; unknown formats answer as `json`.
+    pub fn from_path(path: &str) -> Format {
+        if path.starts_with("/api2/extjs/") {
+            Format::Extjs
+        } else {
+            Format::Json
+        }
+    }
+}
+
+/// A successful result: `data` plus optional top-level extras (`total`).
+pub struct Data {
+    pub data: Value,
+    pub extra: Map<String, Value>,
+}
+
+impl Data {
+    pub fn new(data: Value) -> Self {
+        Data {
+            data,
+            extra: Map::new(),
+        }
+    }
+
+    pub fn with(mut self, key: &str, value: Value) -> Self {
+        self.extra.insert(key.into(), value);
+        self
+    }
+}
+
+impl From<Value> for Data {
+    fn from(data: Value) -> Self {
+        Data::new(data)
+    }
+}
+
+/// An error on its way out, remembering the format it must be rendered in.
+pub struct ApiFailure {
+    pub format: Format,
+    pub error: Error,
+}
+
+impl IntoResponse for ApiFailure {
+    fn into_response(self) -> Response {
+        render(self.format, Err(self.error))
+    }
+}
+
+fn status_of(error: &Error) -> StatusCode {
+    match error {
+        Error::Param(_) | Error::BadRequest(_) => StatusCode::BAD_REQUEST,
+        Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+        Error::Forbidden(_) => StatusCode::FORBIDDEN,
+        Error::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
+        Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// Renders a result in `format`.
+pub fn render(format: Format, result: Result<Data, Error>) -> Response {
+    let (status, body, reason) = match result {
+        Ok(Data { data, extra }) => {
+            let mut body = Map::new();
+            body.insert("data".into(), data);
+            body.extend(extra);
+            if format == Format::Extjs {
+                body.insert("success".into(), json!(1));
+                body.insert("status".into(), json!(200));
+            }
+            (StatusCode::OK, Value::Object(body), None)
+        }
+        Err(error) => {
+            let status = status_of(&error);
+            if status == StatusCode::INTERNAL_SERVER_ERROR {
+                tracing::warn!("request failed: {error}");
+            }
+            let message = error.to_string();
+            let first_line = message.lines().next().unwrap_or("error").to_string();
+            let mut body = Map::new();
+            body.insert("data".into(), Value::Null);
+            body.insert("message".into(), json!(format!("{message}\n")));
+            if let Error::Param(errors) = &error {
+                body.insert("errors".into(), json!(errors));
+            }
+            if format == Format::Extjs {
+                body.insert("success".into(), json!(0));
+                body.insert("status".into(), json!(status.as_u16()));
+                (StatusCode::OK, Value::Object(body), None)
+            } else {
+                (status, Value::Object(body), Some(first_line))
+            }
+        }
+    };
+    let mut response = (status, body.to_string()).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json;charset=UTF-8"),
+    );
+    if let Some(reason) = reason.and_then(|r| ReasonPhrase::try_from(sanitize_reason(&r)).ok()) {
+        response.extensions_mut().insert(reason);
+    }
+    response
+}
+
+/// A reason phrase may hold only tab, space and visible bytes.
+fn sanitize_reason(reason: &str) -> Vec<u8> {
+    reason
+        .bytes()
+        .map(|b| if b == b'\t' || (0x20..0x7f).contains(&b) || b >= 0x80 { b } else { b' ' })
+        .collect()
+}

@@ -1,0 +1,185 @@
+//! Turning an HTTP request into what an endpoint needs: the API format (`json`/`extjs`),
+//! the authenticated token id, and the parameters merged from query string and body with
+//! PVE's leniency (form bodies with or without Content-Type, JSON bodies, booleans as
+//! 0/1/true/false/"True").
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::FromRequest;
+use axum::http::{HeaderMap, Method, Request, header};
+use hyper::upgrade::OnUpgrade;
+use serde_json::{Map, Value};
+
+use super::AppState;
+use super::reply::{ApiFailure, Format};
+use crate::error::Error;
+
+/// An authenticated API request.
+pub struct ApiReq {
+    pub format: Format,
+    pub authid: String,
+    pub method: Method,
+    pub headers: HeaderMap,
+    pub params: Params,
+    pub upgrade: Option<OnUpgrade>,
+}
+
+impl FromRequest<Arc<AppState>> for ApiReq {
+    type Rejection = ApiFailure;
+
+    async fn from_request(req: Request<Body>, state: &Arc<AppState>) -> Result<Self, Self::Rejection> {
+        let (mut parts, body) = req.into_parts();
+        let format = Format::from_path(parts.uri.path());
+        let fail = |e: Error| ApiFailure { format, error: e };
+
+        let authid = match state.node.tokens.authenticate(
+            parts
+                .headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok()),
+        ) {
+            Ok(id) => id,
+            Err(e) => {
+                tracing::info!("authentication failure: {e}");
+                tokio::time::sleep(state.node.cfg.auth_failure_delay).await;
+                return Err(fail(Error::Unauthorized(format!(
+                    "authentication failure - {e}"
+                ))));
+            }
+        };
+
+        let limit = state.node.cfg.max_body_bytes;
+        let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
+            fail(Error::BadRequest(format!(
+                "request entity too large (limit {limit} bytes)"
+            )))
+        })?;
+        let mut params = Map::new();
+        if !bytes.is_empty() {
+            if parts.method == Method::GET || parts.method == Method::DELETE {
+                return Err(fail(Error::NotImplemented(format!(
+                    "Unexpected content for method '{}'",
+                    parts.method
+                ))));
+            }
+            let is_json = parts
+                .headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|ct| ct.trim_start().starts_with("application/json"));
+            if is_json {
+                match serde_json::from_slice::<Value>(&bytes) {
+                    Ok(Value::Object(map)) => params = map,
+                    Ok(_) => return Err(fail(Error::BadRequest("JSON body must be an object".into()))),
+                    Err(e) => return Err(fail(Error::BadRequest(format!("invalid JSON body - {e}")))),
+                }
+            } else {
+                merge_form(&mut params, &bytes);
+            }
+        }
+        if let Some(query) = parts.uri.query() {
+            merge_form(&mut params, query.as_bytes());
+        }
+        Ok(ApiReq {
+            format,
+            authid,
+            method: parts.method.clone(),
+            upgrade: parts.extensions.remove::<OnUpgrade>(),
+            headers: parts.headers,
+            params: Params(params),
+        })
+    }
+}
+
+/// Adds `key=value` pairs; a repeated key becomes an array (proxmoxer sends lists so).
+fn merge_form(params: &mut Map<String, Value>, data: &[u8]) {
+    for (k, v) in form_urlencoded::parse(data) {
+        let v = Value::String(v.into_owned());
+        match params.get_mut(k.as_ref()) {
+            Some(Value::Array(list)) => list.push(v),
+            Some(existing) => {
+                let first = existing.take();
+                *existing = Value::Array(vec![first, v]);
+            }
+            None => {
+                params.insert(k.into_owned(), v);
+            }
+        }
+    }
+}
+
+/// Request parameters with PVE-style typed access.
+pub struct Params(pub Map<String, Value>);
+
+impl Params {
+    /// Rejects parameters not in `allowed` with PVE's message.
+    pub fn only(&self, allowed: &[&str]) -> Result<(), Error> {
+        let extra: std::collections::BTreeMap<String, String> = self
+            .0
+            .keys()
+            .filter(|k| !allowed.contains(&k.as_str()))
+            .map(|k| {
+                (
+                    k.clone(),
+                    "property is not defined in schema and the schema does not allow additional properties".to_string(),
+                )
+            })
+            .collect();
+        if extra.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Param(extra))
+        }
+    }
+
+    /// A string parameter; `null` counts as absent.
+    pub fn str(&self, key: &str) -> Result<Option<String>, Error> {
+        match self.0.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(Value::Number(n)) => Ok(Some(n.to_string())),
+            Some(_) => Err(Error::param(key, "type check ('string') failed")),
+        }
+    }
+
+    pub fn required_str(&self, key: &str) -> Result<String, Error> {
+        self.str(key)?
+            .ok_or_else(|| Error::param(key, "property is missing and it is not optional"))
+    }
+
+    /// An integer parameter, from a number or a numeric string.
+    pub fn int(&self, key: &str) -> Result<Option<i64>, Error> {
+        match self.0.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Number(n)) => n
+                .as_i64()
+                .map(Some)
+                .ok_or_else(|| Error::param(key, format!("type check ('integer') failed - got '{n}'"))),
+            Some(Value::String(s)) => s.trim().parse().map(Some).map_err(|_| {
+                Error::param(key, format!("type check ('integer') failed - got '{s}'"))
+            }),
+            Some(other) => Err(Error::param(
+                key,
+                format!("type check ('integer') failed - got '{other}'"),
+            )),
+        }
+    }
+
+    /// A boolean: true/false, 1/0, "1"/"0", "true"/"false", "True"/"False", "yes"/"no".
+    pub fn bool(&self, key: &str) -> Result<Option<bool>, Error> {
+        match self.0.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => crate::util::lenient_bool(v)
+                .map(Some)
+                .ok_or_else(|| Error::param(key, format!("type check ('boolean') failed - got '{}'", display(v)))),
+        }
+    }
+}
+
+fn display(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}

@@ -1,0 +1,437 @@
+//! The endpoint table: each endpoint checks its parameters and privileges and calls the
+//! layer that does the work.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{Method, Uri};
+use axum::response::Response;
+use axum::routing::get;
+use serde_json::{Value, json};
+
+use super::AppState;
+use super::reply::{Data, Format, render};
+use super::request::ApiReq;
+use crate::error::Error;
+use crate::task::Upid;
+
+type St = State<Arc<AppState>>;
+type PathMap = Path<HashMap<String, String>>;
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/api2/{fmt}/version", get(version))
+        .route("/api2/{fmt}/cluster/status", get(cluster_status))
+        .route("/api2/{fmt}/cluster/resources", get(cluster_resources))
+        .route("/api2/{fmt}/nodes", get(nodes))
+        .route("/api2/{fmt}/nodes/{node}/certificates/info", get(certificates_info))
+        .route("/api2/{fmt}/nodes/{node}/storage", get(storage_list))
+        .route("/api2/{fmt}/nodes/{node}/tasks", get(task_list))
+        .route(
+            "/api2/{fmt}/nodes/{node}/tasks/{upid}",
+            get(task_index).delete(task_stop),
+        )
+        .route("/api2/{fmt}/nodes/{node}/tasks/{upid}/status", get(task_status))
+        .route("/api2/{fmt}/nodes/{node}/tasks/{upid}/log", get(task_log))
+        .route(
+            "/api2/{fmt}/nodes/{node}/qemu/{vmid}/mtunnel",
+            axum::routing::post(mtunnel),
+        )
+        .route(
+            "/api2/{fmt}/nodes/{node}/qemu/{vmid}/mtunnelwebsocket",
+            get(super::websocket::mtunnelwebsocket),
+        )
+        .fallback(not_implemented)
+        .with_state(state)
+}
+
+async fn not_implemented(method: Method, uri: Uri) -> Response {
+    let path = uri.path();
+    let rest = path.strip_prefix("/api2/json").or_else(|| path.strip_prefix("/api2/extjs"));
+    let msg = match rest {
+        Some(rest) => format!("Method '{method} {rest}' not implemented"),
+        None => format!("no such API format or path '{path}'"),
+    };
+    render(Format::from_path(path), Err(Error::NotImplemented(msg)))
+}
+
+/// Checks the `{fmt}` segment, runs the endpoint, renders in the request's format.
+pub(super) fn finish(p: &HashMap<String, String>, req: &ApiReq, result: Result<Data, Error>) -> Response {
+    match p.get("fmt").map(String::as_str) {
+        Some("json") | Some("extjs") => render(req.format, result),
+        other => render(
+            Format::Json,
+            Err(Error::NotImplemented(format!(
+                "unknown API format '{}'",
+                other.unwrap_or("")
+            ))),
+        ),
+    }
+}
+
+pub(super) fn path_param<'a>(p: &'a HashMap<String, String>, key: &str) -> &'a str {
+    p.get(key).map(String::as_str).unwrap_or("")
+}
+
+/// A VMID path parameter: 100..=999999999 as PVE's `pve-vmid`.
+pub(super) fn parse_vmid(raw: &str) -> Result<u32, Error> {
+    let ok = raw.len() >= 3
+        && raw.len() <= 9
+        && !raw.starts_with('0')
+        && raw.bytes().all(|b| b.is_ascii_digit());
+    if !ok {
+        return Err(Error::param("vmid", "invalid format - value does not look like a valid VM ID"));
+    }
+    raw.parse()
+        .map_err(|_| Error::param("vmid", "invalid format - value does not look like a valid VM ID"))
+}
+
+async fn version(State(_st): St, Path(p): PathMap, req: ApiReq) -> Response {
+    let r = req.params.only(&[]).map(|_| {
+        Data::new(json!({
+            "version": "9.0.0",
+            "release": "9.0",
+            "repoid": "mtunnel",
+            "mtunnel": env!("CARGO_PKG_VERSION"),
+        }))
+    });
+    finish(&p, &req, r)
+}
+
+async fn cluster_status(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
+    let r = req.params.only(&[]).map(|_| {
+        Data::new(json!([{
+            "type": "node",
+            "id": format!("node/{}", st.node.cfg.node),
+            "name": st.node.cfg.node,
+            "nodeid": 1,
+            "ip": st.node.cfg.listen.ip().to_string(),
+            "local": 1,
+            "online": 1,
+            "level": "",
+        }]))
+    });
+    finish(&p, &req, r)
+}
+
+async fn nodes(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
+    let r = req.params.only(&[]).map(|_| {
+        Data::new(json!([{
+            "node": st.node.cfg.node,
+            "status": "online",
+            "type": "node",
+            "id": format!("node/{}", st.node.cfg.node),
+            "ssl_fingerprint": st.tls.fingerprint,
+        }]))
+    });
+    finish(&p, &req, r)
+}
+
+async fn cluster_resources(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
+    let r = (|| {
+        req.params.only(&["type"])?;
+        let kind = req.params.str("type")?;
+        if let Some(k) = &kind
+            && !["vm", "storage", "node", "sdn", "pool"].contains(&k.as_str())
+        {
+            return Err(Error::param("type", format!("value '{k}' does not have a value in the enumeration 'vm, storage, node, sdn, pool'")));
+        }
+        let node = &st.node;
+        let mut out = Vec::new();
+        if kind.as_deref().is_none_or(|k| k == "vm") {
+            for vmid in node.guests.list() {
+                let path = format!("/vms/{vmid}");
+                if !(node.allows(&req.authid, &path, "VM.Audit") || node.allows(&req.authid, &path, "VM.Allocate")) {
+                    continue;
+                }
+                out.push(json!({
+                    "id": format!("qemu/{vmid}"),
+                    "vmid": vmid,
+                    "type": "qemu",
+                    "node": node.cfg.node,
+                    "status": "unknown",
+                }));
+            }
+        }
+        if kind.as_deref().is_none_or(|k| k == "storage") {
+            for id in node.cfg.storages.keys() {
+                if node.allows(&req.authid, &format!("/storage/{id}"), "Datastore.Audit")
+                    || node.allows(&req.authid, &format!("/storage/{id}"), "Datastore.AllocateSpace")
+                {
+                    out.push(json!({
+                        "id": format!("storage/{}/{id}", node.cfg.node),
+                        "storage": id,
+                        "type": "storage",
+                        "node": node.cfg.node,
+                        "status": "available",
+                    }));
+                }
+            }
+        }
+        if kind.as_deref().is_none_or(|k| k == "node") {
+            out.push(json!({"id": format!("node/{}", node.cfg.node), "type": "node", "node": node.cfg.node, "status": "online"}));
+        }
+        Ok(Data::new(Value::Array(out)))
+    })();
+    finish(&p, &req, r)
+}
+
+async fn certificates_info(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
+    let r = (|| {
+        req.params.only(&[])?;
+        st.node.check_node(path_param(&p, "node"))?;
+        Ok(Data::new(json!([{
+            "filename": "pveproxy-ssl.pem",
+            "fingerprint": st.tls.fingerprint,
+            "pem": st.tls.cert_pem,
+            "subject": "CN=rcgen self signed cert",
+            "issuer": "CN=rcgen self signed cert",
+            "public-key-type": "ecdsa",
+        }])))
+    })();
+    finish(&p, &req, r)
+}
+
+async fn storage_list(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
+    let r = (|| {
+        req.params.only(&["enabled", "content", "storage", "format", "target"])?;
+        st.node.check_node(path_param(&p, "node"))?;
+        let enabled_only = req.params.bool("enabled")?.unwrap_or(false);
+        let content = req.params.str("content")?;
+        let only = req.params.str("storage")?;
+        let node = &st.node;
+        let mut out = Vec::new();
+        for (id, def) in &node.cfg.storages {
+            let path = format!("/storage/{id}");
+            if !(node.allows(&req.authid, &path, "Datastore.Audit")
+                || node.allows(&req.authid, &path, "Datastore.AllocateSpace"))
+            {
+                continue;
+            }
+            if enabled_only && def.disable {
+                continue;
+            }
+            if only.as_deref().is_some_and(|s| s != id) {
+                continue;
+            }
+            if let Some(c) = &content
+                && !crate::storage::split_id_list(c).iter().all(|c| def.content.iter().any(|d| d == c))
+            {
+                continue;
+            }
+            let (total, avail) = disk_space(&def.path);
+            out.push(json!({
+                "storage": id,
+                "type": def.kind.as_str(),
+                "content": def.content.join(","),
+                "enabled": if def.disable { 0 } else { 1 },
+                "active": 1,
+                "shared": 0,
+                "total": total,
+                "avail": avail,
+                "used": total.saturating_sub(avail),
+            }));
+        }
+        Ok(Data::new(Value::Array(out)))
+    })();
+    finish(&p, &req, r)
+}
+
+fn disk_space(path: &std::path::Path) -> (u64, u64) {
+    match nix::sys::statvfs::statvfs(path) {
+        Ok(s) => {
+            let frag = s.fragment_size();
+            (s.blocks() * frag, s.blocks_available() * frag)
+        }
+        Err(_) => (0, 0),
+    }
+}
+
+async fn mtunnel(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
+    let r = async {
+        req.params.only(&["storages", "bridges"])?;
+        st.node.check_node(path_param(&p, "node"))?;
+        let vmid = parse_vmid(path_param(&p, "vmid"))?;
+        let storages = id_list(&req, "storages", crate::storage::is_valid_storage_id, "storage")?;
+        let bridges = id_list(&req, "bridges", is_valid_bridge_id, "bridge")?;
+        let opened = crate::tunnel::open(&st.node, &req.authid, vmid, &storages, &bridges).await?;
+        Ok(Data::new(opened.to_json()))
+    }
+    .await;
+    finish(&p, &req, r)
+}
+
+/// A `pve-storage-id-list` / `pve-bridge-id-list` parameter (may be empty).
+fn id_list(req: &ApiReq, key: &str, valid: fn(&str) -> bool, what: &str) -> Result<Vec<String>, Error> {
+    let values: Vec<String> = match req.params.0.get(key) {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| v.as_str().map(str::to_string))
+            .collect::<Option<_>>()
+            .ok_or_else(|| Error::param(key, "type check ('string') failed"))?,
+        Some(_) => return Err(Error::param(key, "type check ('string') failed")),
+    };
+    let mut out = Vec::new();
+    for value in &values {
+        for id in crate::storage::split_id_list(value) {
+            if !valid(id) {
+                return Err(Error::param(
+                    key,
+                    format!("invalid format - value '{id}' does not look like a valid {what} ID"),
+                ));
+            }
+            if !out.iter().any(|o| o == id) {
+                out.push(id.to_string());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `pve-bridge-id`: `^[-_.\w\d]+$`.
+fn is_valid_bridge_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+fn parse_upid(raw: &str) -> Result<Upid, Error> {
+    raw.parse::<Upid>()
+        .map_err(|_| Error::param("upid", format!("unable to parse worker upid '{raw}'")))
+}
+
+/// PVE's task visibility: the owner (a user also sees its tokens' tasks), or `Sys.Audit`
+/// (`Sys.Modify` to stop) on `/nodes/{node}`.
+fn check_task_access(st: &AppState, req: &ApiReq, upid: &Upid, privilege: &str) -> Result<(), Error> {
+    let owner = upid.user == req.authid
+        || (!req.authid.contains('!') && crate::auth::token::token_user(&upid.user) == req.authid);
+    if owner {
+        return Ok(());
+    }
+    st.node.require(&req.authid, &format!("/nodes/{}", st.node.cfg.node), privilege)
+}
+
+fn task_not_found(upid: &str) -> Error {
+    Error::internal(format!("no such task '{upid}'"))
+}
+
+async fn task_index(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
+    let r = (|| {
+        req.params.only(&[])?;
+        st.node.check_node(path_param(&p, "node"))?;
+        let upid = parse_upid(path_param(&p, "upid"))?;
+        check_task_access(&st, &req, &upid, "Sys.Audit")?;
+        st.node.tasks.status(&upid).ok_or_else(|| task_not_found(path_param(&p, "upid")))?;
+        Ok(Data::new(json!([{"name": "log"}, {"name": "status"}])))
+    })();
+    finish(&p, &req, r)
+}
+
+async fn task_status(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
+    let r = (|| {
+        req.params.only(&[])?;
+        st.node.check_node(path_param(&p, "node"))?;
+        let upid = parse_upid(path_param(&p, "upid"))?;
+        check_task_access(&st, &req, &upid, "Sys.Audit")?;
+        let status = st.node.tasks.status(&upid).ok_or_else(|| task_not_found(path_param(&p, "upid")))?;
+        Ok(Data::new(status.to_json()))
+    })();
+    finish(&p, &req, r)
+}
+
+async fn task_log(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
+    let r = (|| {
+        req.params.only(&["start", "limit", "download"])?;
+        st.node.check_node(path_param(&p, "node"))?;
+        let upid = parse_upid(path_param(&p, "upid"))?;
+        check_task_access(&st, &req, &upid, "Sys.Audit")?;
+        let start = non_negative(&req, "start")?.unwrap_or(0);
+        let limit = non_negative(&req, "limit")?.unwrap_or(50);
+        let download = req.params.bool("download")?.unwrap_or(false);
+        let limit = if download { usize::MAX } else { limit };
+        let (lines, total) = st
+            .node
+            .tasks
+            .read_log(&upid, start, limit)
+            .ok_or_else(|| task_not_found(path_param(&p, "upid")))?;
+        let data: Vec<Value> = lines.into_iter().map(|(n, t)| json!({"n": n + 1, "t": t})).collect();
+        Ok(Data::new(Value::Array(data)).with("total", json!(total)))
+    })();
+    finish(&p, &req, r)
+}
+
+fn non_negative(req: &ApiReq, key: &str) -> Result<Option<usize>, Error> {
+    match req.params.int(key)? {
+        None => Ok(None),
+        Some(n) if n >= 0 => Ok(Some(n as usize)),
+        Some(_) => Err(Error::param(key, "value must have a minimum value of 0")),
+    }
+}
+
+async fn task_stop(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
+    let r = (|| {
+        req.params.only(&[])?;
+        st.node.check_node(path_param(&p, "node"))?;
+        let upid = parse_upid(path_param(&p, "upid"))?;
+        check_task_access(&st, &req, &upid, "Sys.Modify")?;
+        st.node.tasks.status(&upid).ok_or_else(|| task_not_found(path_param(&p, "upid")))?;
+        st.node.tasks.request_stop(&upid);
+        Ok(Data::new(Value::Null))
+    })();
+    finish(&p, &req, r)
+}
+
+async fn task_list(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
+    let r = (|| {
+        req.params.only(&["start", "limit", "userfilter", "typefilter", "vmid", "source", "errors", "since", "until", "statusfilter"])?;
+        st.node.check_node(path_param(&p, "node"))?;
+        let start = non_negative(&req, "start")?.unwrap_or(0);
+        let limit = non_negative(&req, "limit")?.unwrap_or(50);
+        let userfilter = req.params.str("userfilter")?;
+        let typefilter = req.params.str("typefilter")?;
+        let vmid = req.params.int("vmid")?;
+        let errors_only = req.params.bool("errors")?.unwrap_or(false);
+        let source = req.params.str("source")?.unwrap_or_else(|| "archive".into());
+        let audit = st.node.allows(&req.authid, &format!("/nodes/{}", st.node.cfg.node), "Sys.Audit");
+        let mut visible = Vec::new();
+        for status in st.node.tasks.list() {
+            let u = &status.upid;
+            let own = u.user == req.authid;
+            if !(own || audit) {
+                continue;
+            }
+            if userfilter.as_deref().is_some_and(|f| !u.user.contains(f))
+                || typefilter.as_deref().is_some_and(|f| u.kind != f)
+                || vmid.is_some_and(|v| u.id != v.to_string())
+                || (errors_only && matches!(status.exit, Some(crate::task::ExitStatus::Ok) | None))
+                || (source == "active" && !status.running)
+                || (source == "archive" && status.running)
+            {
+                continue;
+            }
+            visible.push(status);
+        }
+        let total = visible.len();
+        let data: Vec<Value> = visible
+            .into_iter()
+            .skip(start)
+            .take(limit)
+            .map(|s| {
+                let mut m = s.upid.to_json();
+                if let Some(exit) = &s.exit {
+                    m.insert("status".into(), json!(exit.as_text()));
+                }
+                if let Some(end) = s.endtime {
+                    m.insert("endtime".into(), json!(end));
+                }
+                Value::Object(m)
+            })
+            .collect();
+        Ok(Data::new(Value::Array(data)).with("total", json!(total)))
+    })();
+    finish(&p, &req, r)
+}

@@ -1,0 +1,153 @@
+//! `GET .../mtunnelwebsocket?socket=&ticket=`: checks the ticket against this request's token
+//! and the socket path, requires the VM config and that the socket belongs to the VM's open
+//! tunnel, connects the UNIX socket, and only then answers 101 and starts forwarding.
+//! Lenient like pveproxy: no `Connection: Upgrade` needed, subprotocols echoed if asked.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio::net::UnixStream;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+
+use super::AppState;
+use super::reply::Data;
+use super::request::ApiReq;
+use super::routes::{finish, parse_vmid, path_param};
+use crate::auth::token::unix_now;
+use crate::error::Error;
+use crate::tunnel::forward;
+
+pub(super) async fn mtunnelwebsocket(
+    State(st): State<Arc<AppState>>,
+    Path(p): Path<HashMap<String, String>>,
+    mut req: ApiReq,
+) -> Response {
+    let wants_upgrade = req
+        .headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let checked = check(&st, &p, &req, wants_upgrade).await;
+    let (socket, key) = match checked {
+        Ok(ok) => ok,
+        Err(e) => {
+            if matches!(e, Error::Unauthorized(_)) {
+                tokio::time::sleep(st.node.cfg.auth_failure_delay).await;
+            }
+            return finish(&p, &req, Err(e));
+        }
+    };
+    let Some(key) = key else {
+        return finish(&p, &req, Ok(Data::new(json!({"socket": socket.display().to_string()}))));
+    };
+    let unix = match UnixStream::connect(&socket).await {
+        Ok(s) => s,
+        Err(e) => {
+            let err = Error::internal(format!("unable to connect to socket '{}' - {e}", socket.display()));
+            return finish(&p, &req, Err(err));
+        }
+    };
+    let Some(on_upgrade) = req.upgrade.take() else {
+        return finish(&p, &req, Err(Error::BadRequest("connection cannot be upgraded".into())));
+    };
+    let vmid = path_param(&p, "vmid").to_string();
+    tokio::spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::info!(vmid, "websocket upgrade failed: {e}");
+                return;
+            }
+        };
+        let ws = WebSocketStream::from_raw_socket(
+            TokioIo::new(upgraded),
+            Role::Server,
+            Some(forward::ws_config()),
+        )
+        .await;
+        match forward::forward(ws, unix).await {
+            Ok(stats) => tracing::debug!(
+                vmid,
+                socket = %socket.display(),
+                to_socket = stats.to_socket,
+                from_socket = stats.from_socket,
+                "websocket forward finished"
+            ),
+            Err(e) => tracing::info!(vmid, socket = %socket.display(), "websocket forward ended: {e}"),
+        }
+    });
+
+    let mut response = StatusCode::SWITCHING_PROTOCOLS.into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
+        headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    if let Some(proto) = req.headers.get(header::SEC_WEBSOCKET_PROTOCOL) {
+        headers.insert(header::SEC_WEBSOCKET_PROTOCOL, proto.clone());
+    }
+    response
+}
+
+/// All checks before an upgrade; returns the socket and (for upgrades) the client key.
+async fn check(
+    st: &AppState,
+    p: &HashMap<String, String>,
+    req: &ApiReq,
+    wants_upgrade: bool,
+) -> Result<(PathBuf, Option<String>), Error> {
+    req.params.only(&["socket", "ticket"])?;
+    st.node.check_node(path_param(p, "node"))?;
+    let vmid = parse_vmid(path_param(p, "vmid"))?;
+    let socket = req.params.required_str("socket")?;
+    let ticket = req.params.required_str("ticket")?;
+    let key = if wants_upgrade {
+        let version = req
+            .headers
+            .get(header::SEC_WEBSOCKET_VERSION)
+            .and_then(|v| v.to_str().ok());
+        if version != Some("13") {
+            return Err(Error::BadRequest("unsupported websocket-version".into()));
+        }
+        let key = req
+            .headers
+            .get(header::SEC_WEBSOCKET_KEY)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| Error::BadRequest("missing Sec-WebSocket-Key".into()))?;
+        Some(key.to_string())
+    } else {
+        None
+    };
+    st.node
+        .tickets
+        .verify(&ticket, &req.authid, &socket, unix_now())
+        .map_err(|e| Error::Unauthorized(format!("permission denied - {e}")))?;
+    if !st.node.guests.exists(vmid) {
+        return Err(Error::internal(format!(
+            "Configuration file 'nodes/{}/qemu-server/{vmid}.conf' does not exist",
+            st.node.cfg.node
+        )));
+    }
+    let socket = PathBuf::from(socket);
+    let belongs = st
+        .node
+        .tunnels
+        .get(vmid)
+        .is_some_and(|t| t.may_forward_to(&socket));
+    if !belongs {
+        return Err(Error::Forbidden(format!(
+            "socket '{}' is not a socket of an open tunnel of VM {vmid}",
+            socket.display()
+        )));
+    }
+    Ok((socket, key))
+}

@@ -1,0 +1,313 @@
+//! API tokens: `user@realm!name` ids with random secrets stored only as salted SHA-256
+//! hashes in `{data}/priv/tokens.json` (mode 0600), each with its own ACL.
+//!
+//! The file is re-read when its modification time changes, so `mtunnel token create` takes
+//! effect on a running server without a restart.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+use std::time::SystemTime;
+
+use anyhow::Context;
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use super::acl::Acl;
+use crate::util::write_atomic;
+
+/// Why a request could not be authenticated. Every variant maps to HTTP 401.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AuthError {
+    #[error("no authentication credentials given")]
+    Missing,
+    #[error("invalid API token format")]
+    Malformed,
+    #[error("invalid token value")]
+    Invalid,
+    #[error("token '{0}' is disabled or expired")]
+    Disabled(String),
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct TokenFile {
+    #[serde(default)]
+    tokens: BTreeMap<String, TokenRecord>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct TokenRecord {
+    /// `sha256$<salt hex>$<digest hex>`.
+    secret_hash: String,
+    #[serde(default)]
+    acl: Acl,
+    #[serde(default = "enabled")]
+    enable: bool,
+    /// Unix time after which the token is refused; 0 = never.
+    #[serde(default)]
+    expire: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    comment: Option<String>,
+}
+
+fn enabled() -> bool {
+    true
+}
+
+struct Cached {
+    modified: Option<SystemTime>,
+    file: TokenFile,
+}
+
+/// The node's tokens, backed by a JSON file.
+pub struct TokenStore {
+    path: PathBuf,
+    cache: RwLock<Cached>,
+}
+
+impl TokenStore {
+    /// Opens the store at `{priv_dir}/tokens.json` (a missing file is an empty store).
+    pub fn open(priv_dir: &Path) -> anyhow::Result<Self> {
+        let store = TokenStore {
+            path: priv_dir.join("tokens.json"),
+            cache: RwLock::new(Cached {
+                modified: None,
+                file: TokenFile::default(),
+            }),
+        };
+        store.refresh()?;
+        Ok(store)
+    }
+
+    fn refresh(&self) -> anyhow::Result<()> {
+        let modified = std::fs::metadata(&self.path)
+            .ok()
+            .and_then(|m| m.modified().ok());
+        {
+            let cache = self.cache.read().unwrap_or_else(|e| e.into_inner());
+            if cache.modified == modified && modified.is_some() {
+                return Ok(());
+            }
+        }
+        let file = match std::fs::read_to_string(&self.path) {
+            Ok(text) => serde_json::from_str(&text)
+                .with_context(|| format!("parsing token file {}", self.path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => TokenFile::default(),
+            Err(e) => {
+                return Err(e).with_context(|| format!("reading {}", self.path.display()));
+            }
+        };
+        let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
+        *cache = Cached { modified, file };
+        Ok(())
+    }
+
+    fn snapshot(&self) -> TokenFile {
+        if let Err(e) = self.refresh() {
+            tracing::warn!("keeping previous tokens: {e:#}");
+        }
+        self.cache
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .file
+            .clone()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.snapshot().tokens.is_empty()
+    }
+
+    /// Authenticates an `Authorization` header value; returns the token id.
+    pub fn authenticate(&self, header: Option<&str>) -> Result<String, AuthError> {
+        let (authid, secret) = parse_authorization(header.ok_or(AuthError::Missing)?)?;
+        let file = self.snapshot();
+        let record = file.tokens.get(&authid).ok_or(AuthError::Invalid)?;
+        if !verify_secret(&record.secret_hash, &secret) {
+            return Err(AuthError::Invalid);
+        }
+        let now = unix_now();
+        if !record.enable || (record.expire != 0 && record.expire <= now) {
+            return Err(AuthError::Disabled(authid));
+        }
+        Ok(authid)
+    }
+
+    /// The ACL of an authenticated token (empty if the token vanished meanwhile).
+    pub fn acl(&self, authid: &str) -> Acl {
+        self.snapshot()
+            .tokens
+            .get(authid)
+            .map(|r| r.acl.clone())
+            .unwrap_or_default()
+    }
+
+    /// Creates (or replaces) a token and returns the full header value
+    /// `PVEAPIToken=<authid>=<secret>`; the secret itself is not stored.
+    pub fn create(&self, authid: &str, acl: Acl, comment: Option<String>) -> anyhow::Result<String> {
+        if !is_valid_token_id(authid) {
+            anyhow::bail!(
+                "invalid token id '{authid}': expected user@realm!name (name: a letter, then letters, digits, '.', '-', '_')"
+            );
+        }
+        let mut file = self.snapshot();
+        let secret = random_uuid();
+        file.tokens.insert(
+            authid.to_string(),
+            TokenRecord {
+                secret_hash: hash_secret(&secret),
+                acl,
+                enable: true,
+                expire: 0,
+                comment,
+            },
+        );
+        let text = serde_json::to_vec_pretty(&file).context("encoding token file")?;
+        if let Some(dir) = self.path.parent() {
+            crate::util::ensure_dir(dir, 0o700)?;
+        }
+        write_atomic(&self.path, &text, 0o600)?;
+        self.refresh()?;
+        Ok(format!("PVEAPIToken={authid}={secret}"))
+    }
+}
+
+/// Extracts `(authid, secret)` from a header value as pveproxy does:
+/// `(?:^|\s)PVEAPIToken(?:=| )([^;]*)`, URI-unescaped, split at the first `=`.
+pub fn parse_authorization(header: &str) -> Result<(String, String), AuthError> {
+    let mut rest = None;
+    for (idx, _) in header.match_indices("PVEAPIToken") {
+        let at_word_start = idx == 0
+            || header[..idx]
+                .chars()
+                .next_back()
+                .is_some_and(char::is_whitespace);
+        let after = &header[idx + "PVEAPIToken".len()..];
+        if at_word_start && (after.starts_with('=') || after.starts_with(' ')) {
+            rest = Some(&after[1..]);
+            break;
+        }
+    }
+    let rest = rest.ok_or(AuthError::Missing)?;
+    let value = rest.split(';').next().unwrap_or("").trim();
+    let value = percent_encoding::percent_decode_str(value)
+        .decode_utf8()
+        .map_err(|_| AuthError::Malformed)?;
+    let (authid, secret) = value.split_once('=').ok_or(AuthError::Malformed)?;
+    if !is_valid_token_id(authid) || secret.is_empty() {
+        return Err(AuthError::Malformed);
+    }
+    Ok((authid.to_string(), secret.to_string()))
+}
+
+/// `user@realm!tokenname` as PVE's `pve-tokenid` format.
+pub fn is_valid_token_id(authid: &str) -> bool {
+    let Some((userid, name)) = authid.split_once('!') else {
+        return false;
+    };
+    let Some((user, realm)) = userid.rsplit_once('@') else {
+        return false;
+    };
+    let ident = |s: &str| {
+        let mut chars = s.chars();
+        chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+            && chars.all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+    };
+    !user.is_empty()
+        && user.len() <= 60
+        && !user.chars().any(|c| c.is_whitespace() || ":/@!".contains(c))
+        && ident(realm)
+        && ident(name)
+}
+
+/// The user part of a token id (`root@pam` of `root@pam!mig`).
+pub fn token_user(authid: &str) -> &str {
+    authid.split_once('!').map(|(u, _)| u).unwrap_or(authid)
+}
+
+fn hash_secret(secret: &str) -> String {
+    let mut salt = [0u8; 16];
+    rand::rng().fill_bytes(&mut salt);
+    let salt = hex(&salt);
+    let digest = Sha256::digest(format!("{salt}{secret}").as_bytes());
+    format!("sha256${salt}${}", hex(&digest))
+}
+
+fn verify_secret(stored: &str, secret: &str) -> bool {
+    let mut parts = stored.splitn(3, '$');
+    let (Some("sha256"), Some(salt), Some(expected)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    let digest = hex(&Sha256::digest(format!("{salt}{secret}").as_bytes()));
+    digest.as_bytes().ct_eq(expected.as_bytes()).into()
+}
+
+/// A random UUID v4 string, the form PVE uses for token secrets.
+pub fn random_uuid() -> String {
+    let mut b = [0u8; 16];
+    rand::rng().fill_bytes(&mut b);
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex(&b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_forms() {
+        let ok = |h: &str| parse_authorization(h).map(|(a, s)| format!("{a}|{s}"));
+        assert_eq!(ok("PVEAPIToken=root@pam!mig=abc").unwrap(), "root@pam!mig|abc");
+        assert_eq!(ok("PVEAPIToken root@pam!mig=abc").unwrap(), "root@pam!mig|abc");
+        assert_eq!(ok("PVEAPIToken=root%40pam!mig=a%3Db").unwrap(), "root@pam!mig|a=b");
+        assert_eq!(ok("Bearer x"), Err(AuthError::Missing));
+        assert_eq!(ok("XPVEAPIToken=root@pam!mig=abc"), Err(AuthError::Missing));
+        assert_eq!(ok("PVEAPIToken=root@pam=abc"), Err(AuthError::Malformed));
+        assert_eq!(ok("PVEAPIToken=root@pam!mig="), Err(AuthError::Malformed));
+    }
+
+    #[test]
+    fn create_then_authenticate() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = TokenStore::open(dir.path()).unwrap();
+        let header = store.create("root@pam!t", Acl::default(), None).unwrap();
+        assert_eq!(store.authenticate(Some(&header)).unwrap(), "root@pam!t");
+        let forged = format!("{}x", header);
+        assert_eq!(store.authenticate(Some(&forged)), Err(AuthError::Invalid));
+        let text = std::fs::read_to_string(dir.path().join("tokens.json")).unwrap();
+        let secret = header.rsplit('=').next().unwrap();
+        assert!(!text.contains(secret), "secret stored in clear");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("tokens.json"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+}

@@ -1,0 +1,91 @@
+//! The services of one node, wired together once at start: settings, tokens, ticket key,
+//! tasks, VM configs and open tunnels. Every request handler and tunnel worker gets an
+//! `Arc<Node>`; privilege checks that several layers share live here too.
+
+use std::sync::Arc;
+
+use crate::auth::{TicketKey, TokenStore};
+use crate::config::NodeConfig;
+use crate::error::{Error, Result};
+use crate::guest::ConfigStore;
+use crate::task::TaskManager;
+use crate::tunnel::Registry;
+
+pub struct Node {
+    pub cfg: NodeConfig,
+    pub tokens: TokenStore,
+    pub tickets: TicketKey,
+    pub tasks: Arc<TaskManager>,
+    pub guests: ConfigStore,
+    pub tunnels: Registry,
+}
+
+impl Node {
+    /// Opens (and on first use creates) the node's directories and keys.
+    pub fn open(cfg: NodeConfig) -> anyhow::Result<Arc<Self>> {
+        crate::util::ensure_dir(&cfg.data_dir, 0o755)?;
+        crate::util::ensure_dir(&cfg.priv_dir(), 0o700)?;
+        crate::util::ensure_dir(&cfg.run_dir, 0o755)?;
+        let tokens = TokenStore::open(&cfg.priv_dir())?;
+        let tickets = TicketKey::load_or_create(&cfg.priv_dir())?;
+        let tasks = TaskManager::new(&cfg.node, &cfg.task_dir())?;
+        let guests = ConfigStore::new(&cfg.node, &cfg.data_dir)?;
+        Ok(Arc::new(Node {
+            cfg,
+            tokens,
+            tickets,
+            tasks,
+            guests,
+            tunnels: Registry::default(),
+        }))
+    }
+
+    /// Fails with PVE's 403 text unless `authid` holds `privilege` on `path`.
+    pub fn require(&self, authid: &str, path: &str, privilege: &str) -> Result<()> {
+        if self.tokens.acl(authid).allows(path, privilege) {
+            Ok(())
+        } else {
+            Err(Error::permission(path, privilege))
+        }
+    }
+
+    pub fn allows(&self, authid: &str, path: &str, privilege: &str) -> bool {
+        self.tokens.acl(authid).allows(path, privilege)
+    }
+
+    /// The `node` path parameter must name this node (or be `localhost`).
+    pub fn check_node(&self, node: &str) -> Result<()> {
+        if node == "localhost" || node == self.cfg.node {
+            Ok(())
+        } else {
+            Err(Error::param(
+                "node",
+                format!(
+                    "node needs to be 'localhost' or local hostname '{}'",
+                    self.cfg.node
+                ),
+            ))
+        }
+    }
+
+    /// A storage a tunnel may put VM images on: exists, enabled, holds `images`, and the
+    /// token has `Datastore.AllocateSpace` on `/storage/<id>`.
+    pub fn check_storage_for_images(&self, authid: &str, storage: &str) -> Result<()> {
+        let def = self.cfg.storages.get(storage).ok_or_else(|| {
+            Error::internal(format!("storage '{storage}' does not exist"))
+        })?;
+        if def.disable {
+            return Err(Error::internal(format!(
+                "storage '{storage}' is not available on node '{}'",
+                self.cfg.node
+            )));
+        }
+        self.require(authid, &format!("/storage/{storage}"), "Datastore.AllocateSpace")?;
+        if !def.holds_images() {
+            return Err(Error::internal(format!(
+                "storage '{storage}' does not support VM images"
+            )));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,248 @@
+//! The tunnel worker: accepts exactly one connection on the control socket, then reads one
+//! JSON command per line and writes exactly one reply line per command, in order. Command
+//! semantics live behind [`CommandHandler`]; this loop owns the wire rules (line limit,
+//! parse errors, `'cmd' missing`, exit mode after `quit`) and the task log.
+
+use std::sync::Arc;
+
+use futures_util::future::BoxFuture;
+use serde_json::{Map, Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::UnixListener;
+
+use super::Tunnel;
+use crate::node::Node;
+use crate::task::{StopSignal, TaskLog};
+
+/// Longest accepted command line; longer lines are discarded with an error reply.
+pub const MAX_LINE_BYTES: usize = 16 * 1024 * 1024;
+
+/// The outcome of one command.
+pub struct Outcome {
+    /// Reply fields (without `success`), or the error message.
+    pub reply: Result<Map<String, Value>, String>,
+    /// Switch the tunnel to exit mode after this reply (`quit`).
+    pub exit: bool,
+}
+
+impl Outcome {
+    pub fn ok(fields: Map<String, Value>) -> Self {
+        Outcome {
+            reply: Ok(fields),
+            exit: false,
+        }
+    }
+
+    pub fn err(msg: impl Into<String>) -> Self {
+        Outcome {
+            reply: Err(msg.into()),
+            exit: false,
+        }
+    }
+}
+
+/// Executes tunnel commands for one tunnel.
+pub trait CommandHandler: Send {
+    /// Whether `cmd` is a command this handler knows.
+    fn knows(&self, cmd: &str) -> bool;
+    /// Runs a known command with its parameters (`cmd` already removed).
+    fn handle<'a>(&'a mut self, cmd: &'a str, params: Map<String, Value>) -> BoxFuture<'a, Outcome>;
+    /// Called once when the control connection ends; `clean` is true after `quit`.
+    fn finish(&mut self, clean: bool) -> BoxFuture<'_, ()>;
+}
+
+/// The worker's body, run as the `qmtunnel` task.
+pub async fn run(
+    node: &Arc<Node>,
+    tunnel: &Arc<Tunnel>,
+    listener: UnixListener,
+    log: &TaskLog,
+    mut stop: StopSignal,
+) -> anyhow::Result<()> {
+    log.log("mtunnel started");
+    let accepted = tokio::select! {
+        r = tokio::time::timeout(node.cfg.tunnel_accept_timeout, listener.accept()) => r,
+        _ = stop.requested() => {
+            super::remove_reserved_config(node, tunnel.vmid).await;
+            anyhow::bail!("received interrupt");
+        }
+    };
+    let stream = match accepted {
+        Ok(Ok((stream, _))) => stream,
+        Ok(Err(e)) => {
+            super::remove_reserved_config(node, tunnel.vmid).await;
+            anyhow::bail!("accepting the control connection failed: {e}");
+        }
+        Err(_) => {
+            log.log(format!(
+                "mtunnel timeout: no connection within {} s",
+                node.cfg.tunnel_accept_timeout.as_secs()
+            ));
+            super::remove_reserved_config(node, tunnel.vmid).await;
+            anyhow::bail!("Exiting mtunnel");
+        }
+    };
+    drop(listener);
+    let mut handler = BuiltinHandler;
+    let (read, write) = stream.into_split();
+    let clean = tokio::select! {
+        r = serve(read, write, &mut handler, log) => r?,
+        _ = stop.requested() => {
+            handler.finish(false).await;
+            super::remove_reserved_config(node, tunnel.vmid).await;
+            anyhow::bail!("received interrupt");
+        }
+    };
+    handler.finish(clean).await;
+    if clean {
+        log.log("mtunnel exited");
+        Ok(())
+    } else {
+        super::remove_reserved_config(node, tunnel.vmid).await;
+        anyhow::bail!("mtunnel exited unexpectedly")
+    }
+}
+
+/// Reads commands until EOF; returns whether the tunnel was in exit mode (clean end).
+pub async fn serve<R, W>(
+    read: R,
+    mut write: W,
+    handler: &mut dyn CommandHandler,
+    log: &TaskLog,
+) -> anyhow::Result<bool>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut reader = BufReader::with_capacity(64 * 1024, read);
+    let mut exit_mode = false;
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let (got_any, too_long) = read_bounded_line(&mut reader, &mut line).await?;
+        if !got_any {
+            return Ok(exit_mode);
+        }
+        let outcome = if too_long {
+            Outcome::err(format!(
+                "failed to parse command - line too long (limit {MAX_LINE_BYTES} bytes)"
+            ))
+        } else {
+            dispatch(&line, exit_mode, handler, log).await
+        };
+        if outcome.exit {
+            exit_mode = true;
+        }
+        let reply = match outcome.reply {
+            Ok(mut fields) => {
+                fields.insert("success".into(), Value::Bool(true));
+                Value::Object(fields)
+            }
+            Err(msg) => {
+                log.log(format!("ERROR: {msg}"));
+                json!({"success": false, "msg": msg})
+            }
+        };
+        let mut bytes = serde_json::to_vec(&reply)?;
+        bytes.push(b'\n');
+        write.write_all(&bytes).await?;
+        write.flush().await?;
+    }
+}
+
+async fn dispatch(
+    line: &[u8],
+    exit_mode: bool,
+    handler: &mut dyn CommandHandler,
+    log: &TaskLog,
+) -> Outcome {
+    let text = String::from_utf8_lossy(line);
+    let text = text.trim_end_matches(['\r', '\n']);
+    let mut request = match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(map)) => map,
+        Ok(_) => return Outcome::err("failed to parse command - not a JSON object"),
+        Err(e) => return Outcome::err(format!("failed to parse command - {e}")),
+    };
+    let cmd = match request.remove("cmd") {
+        Some(Value::String(cmd)) => cmd,
+        _ => return Outcome::err("'cmd' missing"),
+    };
+    let span = tracing::info_span!("cmd", cmd = %cmd);
+    let _enter = span.enter();
+    if exit_mode {
+        return Outcome::err(format!(
+            "tunnel is in exit-mode, processing '{cmd}' cmd not possible"
+        ));
+    }
+    if !handler.knows(&cmd) {
+        return Outcome::err(format!("unknown command '{cmd}' given"));
+    }
+    log.log(format!("received command '{cmd}'"));
+    tracing::debug!("handling command");
+    drop(_enter);
+    let mut outcome = handler.handle(&cmd, request).await;
+    if let Err(msg) = &mut outcome.reply {
+        *msg = format!("failed to handle '{cmd}' command - {msg}");
+    }
+    outcome
+}
+
+/// Reads one line into `out` (without its newline), at most [`MAX_LINE_BYTES`]; a longer
+/// line is consumed to its end and reported as too long. Returns (line read, too long).
+async fn read_bounded_line<R: AsyncRead + Unpin>(
+    reader: &mut BufReader<R>,
+    out: &mut Vec<u8>,
+) -> std::io::Result<(bool, bool)> {
+    let mut got_any = false;
+    let mut too_long = false;
+    loop {
+        let buf = reader.fill_buf().await?;
+        if buf.is_empty() {
+            return Ok((got_any, too_long));
+        }
+        got_any = true;
+        let (chunk, done) = match memchr(buf) {
+            Some(pos) => (&buf[..pos], Some(pos + 1)),
+            None => (buf, None),
+        };
+        if !too_long {
+            if out.len() + chunk.len() > MAX_LINE_BYTES {
+                too_long = true;
+                out.clear();
+            } else {
+                out.extend_from_slice(chunk);
+            }
+        }
+        let consumed = done.unwrap_or(buf.len());
+        reader.consume(consumed);
+        if done.is_some() {
+            return Ok((true, too_long));
+        }
+    }
+}
+
+fn memchr(buf: &[u8]) -> Option<usize> {
+    buf.iter().position(|&b| b == b'\n')
+}
+
+/// The handler used until the Lua engine takes over: `version` only.
+struct BuiltinHandler;
+
+impl CommandHandler for BuiltinHandler {
+    fn knows(&self, cmd: &str) -> bool {
+        cmd == "version"
+    }
+
+    fn handle<'a>(&'a mut self, _cmd: &'a str, _params: Map<String, Value>) -> BoxFuture<'a, Outcome> {
+        Box::pin(async move {
+            let mut fields = Map::new();
+            fields.insert("api".into(), json!(2));
+            fields.insert("age".into(), json!(0));
+            Outcome::ok(fields)
+        })
+    }
+
+    fn finish(&mut self, _clean: bool) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+}
