@@ -1,0 +1,1197 @@
+//! The real volume backend: [`NodeStorage`] serves the node's `dir` storages, keeping images
+//! as files in `{path}/images/{vmid}/` and driving `qemu-img` for creating and inspecting
+//! them. It also owns the "untrusted image" check applied to everything received over the
+//! network ([`check_untrusted_image`]).
+//!
+//! File names are reserved with `O_CREAT|O_EXCL` before anything is written, so two
+//! concurrent allocations never pick the same name, and every partly created file is
+//! removed again on error (or when the operation's future is dropped).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsStr;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use futures_util::future::BoxFuture;
+use serde_json::Value;
+use tokio::fs;
+use tokio::io::AsyncRead;
+use tokio::process::Command;
+
+use super::import::{copy_sparse, read_size_header};
+use super::{
+    ImageFormat, ImportRequest, Storage, StorageDef, StorageError, StorageResult, VolumeId,
+    check_image_name, image_file_name,
+};
+
+/// PVE's limit on `vm-{vmid}-disk-N` numbers per guest and storage.
+const MAX_DISKS_PER_GUEST: u32 = 1024;
+
+/// Mode of the `images` and `images/{vmid}` directories.
+const IMAGE_DIR_MODE: u32 = 0o750;
+
+/// Mode of new image files.
+const IMAGE_FILE_MODE: u32 = 0o640;
+
+/// The node's storages, all of type `dir`.
+#[derive(Debug, Clone)]
+pub struct NodeStorage {
+    storages: BTreeMap<String, StorageDef>,
+}
+
+impl NodeStorage {
+    /// Serves `storages`. Relative storage paths are made absolute (against the current
+    /// directory) so image paths never look like a `protocol:` to QEMU.
+    pub fn new(storages: BTreeMap<String, StorageDef>) -> Self {
+        let storages = storages
+            .into_iter()
+            .map(|(id, mut def)| {
+                if def.path.is_relative()
+                    && let Ok(abs) = std::path::absolute(&def.path)
+                {
+                    def.path = abs;
+                }
+                (id, def)
+            })
+            .collect();
+        NodeStorage { storages }
+    }
+
+    fn lookup(&self, id: &str) -> StorageResult<&StorageDef> {
+        self.storages
+            .get(id)
+            .ok_or_else(|| StorageError::UnknownStorage(id.to_string()))
+    }
+
+    /// A storage new images may be put on: exists, enabled, holds `images`.
+    fn usable(&self, id: &str) -> StorageResult<&StorageDef> {
+        let def = self.lookup(id)?;
+        if def.disable {
+            return Err(StorageError::Disabled(id.to_string()));
+        }
+        if !def.holds_images() {
+            return Err(StorageError::NoImages(id.to_string()));
+        }
+        Ok(def)
+    }
+
+    /// Resolves a volid to its parsed form and file path.
+    fn resolve(&self, volid: &str) -> StorageResult<(VolumeId, PathBuf)> {
+        let vol = VolumeId::parse(volid)?;
+        let def = self.lookup(&vol.storage)?;
+        let path = image_dir(def, vol.vmid).join(&vol.name);
+        Ok((vol, path))
+    }
+
+    /// Reserves the lowest free `vm-{vmid}-disk-N.{fmt}` in `dir`; returns name and file.
+    async fn reserve_free_name(
+        &self,
+        storage: &str,
+        dir: &Path,
+        vmid: u32,
+        fmt: ImageFormat,
+    ) -> StorageResult<(String, fs::File)> {
+        let used = used_disk_numbers(dir, vmid).await?;
+        for n in (0..MAX_DISKS_PER_GUEST).filter(|n| !used.contains(n)) {
+            let name = format!("vm-{vmid}-disk-{n}.{fmt}");
+            match reserve(&dir.join(&name)).await {
+                Ok(file) => return Ok((name, file)),
+                // Lost a race with a concurrent allocation, or a non-image file is there.
+                Err(StorageError::Exists { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(StorageError::NoFreeName {
+            vmid,
+            storage: storage.to_string(),
+        })
+    }
+
+    async fn alloc_impl(
+        &self,
+        storage: &str,
+        vmid: u32,
+        format: &str,
+        name: Option<&str>,
+        size_kib: u64,
+    ) -> StorageResult<String> {
+        let def = self.usable(storage)?;
+        let fmt = ImageFormat::parse(format, def.kind)?;
+        let name = name.map(|n| alloc_file_name(n, vmid, fmt)).transpose()?;
+        let dir = image_dir(def, vmid);
+        ensure_image_dir(&dir).await?;
+        let (name, file) = match name {
+            Some(name) => {
+                let file = reserve(&dir.join(&name)).await?;
+                (name, file)
+            }
+            None => self.reserve_free_name(storage, &dir, vmid, fmt).await?,
+        };
+        drop(file);
+        let path = dir.join(&name);
+        let guard = RemoveOnDrop::new(path.clone());
+        let size = format!("{size_kib}K");
+        qemu_img(
+            "create",
+            &[
+                OsStr::new("create"),
+                OsStr::new("-f"),
+                OsStr::new(fmt.as_str()),
+                path.as_os_str(),
+                OsStr::new(&size),
+            ],
+            &path,
+        )
+        .await?;
+        guard.disarm();
+        Ok(format!("{storage}:{vmid}/{name}"))
+    }
+
+    async fn free_impl(&self, volid: &str) -> StorageResult<()> {
+        let (_, path) = self.resolve(volid)?;
+        match fs::remove_file(&path).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(StorageError::NotFound {
+                volid: volid.to_string(),
+                path,
+            }),
+            Err(e) => Err(StorageError::io(
+                format!("removing volume '{volid}' ('{}')", path.display()),
+                e,
+            )),
+        }
+    }
+
+    /// `qemu-img info` of an existing volume, opened in the format its name says.
+    async fn volume_info(&self, volid: &str) -> StorageResult<(PathBuf, Value)> {
+        let (vol, path) = self.resolve(volid)?;
+        // Only a definite "no such file" is NotFound; other errors surface from qemu-img.
+        if matches!(fs::try_exists(&path).await, Ok(false)) {
+            return Err(StorageError::NotFound {
+                volid: volid.to_string(),
+                path,
+            });
+        }
+        // -U: the volume may be in use by a running QEMU; we only read metadata.
+        let info = qemu_img_info(&path, vol.format(), true).await?;
+        Ok((path, info))
+    }
+
+    async fn import_impl(
+        &self,
+        req: ImportRequest,
+        mut reader: Box<dyn AsyncRead + Send + Unpin>,
+    ) -> StorageResult<String> {
+        let def = self.usable(&req.storage)?;
+        let fmt = ImageFormat::parse(&req.format, def.kind)?;
+        if req.stream_format != fmt.stream_format() {
+            return Err(StorageError::NoMatchingFormat {
+                storage: req.storage.clone(),
+            });
+        }
+        let name = image_file_name(&req.volname, req.vmid, fmt)?;
+        let size = read_size_header(&mut reader).await?;
+
+        let dir = image_dir(def, req.vmid);
+        ensure_image_dir(&dir).await?;
+        let (name, file) = match reserve(&dir.join(&name)).await {
+            Ok(file) => (name, file),
+            Err(StorageError::Exists { path }) if req.allow_rename => {
+                tracing::info!(
+                    "disk image '{}' already exists - importing with a different name",
+                    path.display()
+                );
+                self.reserve_free_name(&req.storage, &dir, req.vmid, fmt)
+                    .await?
+            }
+            Err(e) => return Err(e),
+        };
+        let path = dir.join(&name);
+        let guard = RemoveOnDrop::new(path.clone());
+
+        let exact_len = match fmt {
+            ImageFormat::Raw => {
+                file.set_len(size).await.map_err(|e| {
+                    StorageError::io(
+                        format!("allocating {size} bytes for '{}'", path.display()),
+                        e,
+                    )
+                })?;
+                Some(size)
+            }
+            // The payload is the image file itself; its length is not the virtual size.
+            ImageFormat::Qcow2 => None,
+        };
+        let file = file.into_std().await;
+        copy_sparse(&mut reader, file, &path, exact_len).await?;
+        check_untrusted_image(&path, fmt).await?;
+        guard.disarm();
+        Ok(format!("{}:{}/{}", req.storage, req.vmid, name))
+    }
+}
+
+impl Storage for NodeStorage {
+    fn storage_ids(&self) -> Vec<String> {
+        self.storages.keys().cloned().collect()
+    }
+
+    fn def(&self, id: &str) -> Option<&StorageDef> {
+        self.storages.get(id)
+    }
+
+    fn alloc<'a>(
+        &'a self,
+        storage: &'a str,
+        vmid: u32,
+        format: &'a str,
+        name: Option<&'a str>,
+        size_kib: u64,
+    ) -> BoxFuture<'a, StorageResult<String>> {
+        Box::pin(self.alloc_impl(storage, vmid, format, name, size_kib))
+    }
+
+    fn free<'a>(&'a self, volid: &'a str) -> BoxFuture<'a, StorageResult<()>> {
+        Box::pin(self.free_impl(volid))
+    }
+
+    fn path(&self, volid: &str) -> StorageResult<PathBuf> {
+        self.resolve(volid).map(|(_, path)| path)
+    }
+
+    fn volume_format<'a>(&'a self, volid: &'a str) -> BoxFuture<'a, StorageResult<String>> {
+        Box::pin(async move {
+            let (path, info) = self.volume_info(volid).await?;
+            info_str(&info, "format", &path).map(str::to_string)
+        })
+    }
+
+    fn volume_size<'a>(&'a self, volid: &'a str) -> BoxFuture<'a, StorageResult<u64>> {
+        Box::pin(async move {
+            let (path, info) = self.volume_info(volid).await?;
+            info_virtual_size(&info, &path)
+        })
+    }
+
+    fn import_formats(&self, storage: &str, format: &str) -> StorageResult<Vec<String>> {
+        let def = self.usable(storage)?;
+        let fmt = ImageFormat::parse(format, def.kind)?;
+        Ok(vec![fmt.stream_format().to_string()])
+    }
+
+    fn import<'a>(
+        &'a self,
+        req: ImportRequest,
+        reader: Box<dyn AsyncRead + Send + Unpin>,
+    ) -> BoxFuture<'a, StorageResult<String>> {
+        Box::pin(self.import_impl(req, reader))
+    }
+
+    fn check_untrusted<'a>(&'a self, volid: &'a str) -> BoxFuture<'a, StorageResult<()>> {
+        Box::pin(async move {
+            let (vol, path) = self.resolve(volid)?;
+            check_untrusted_image(&path, vol.format()).await
+        })
+    }
+}
+
+/// `{path}/images/{vmid}` of a storage.
+fn image_dir(def: &StorageDef, vmid: u32) -> PathBuf {
+    def.path.join("images").join(vmid.to_string())
+}
+
+async fn ensure_image_dir(dir: &Path) -> StorageResult<()> {
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(true).mode(IMAGE_DIR_MODE);
+    builder
+        .create(dir)
+        .await
+        .map_err(|e| StorageError::io(format!("creating image directory '{}'", dir.display()), e))
+}
+
+/// Creates `path` exclusively (an existing file is [`StorageError::Exists`]).
+async fn reserve(path: &Path) -> StorageResult<fs::File> {
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(IMAGE_FILE_MODE)
+        .open(path)
+        .await
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::AlreadyExists => StorageError::Exists {
+                path: path.to_path_buf(),
+            },
+            _ => StorageError::io(format!("creating disk image '{}'", path.display()), e),
+        })
+}
+
+/// Numbers N taken by `vm-{vmid}-disk-N*` or `base-{vmid}-disk-N*` in `dir`, whatever the
+/// extension (PVE counts raw, qcow2, vmdk and subvol names alike).
+async fn used_disk_numbers(dir: &Path, vmid: u32) -> StorageResult<BTreeSet<u32>> {
+    let mut used = BTreeSet::new();
+    let ctx = || format!("listing image directory '{}'", dir.display());
+    let mut entries = fs::read_dir(dir)
+        .await
+        .map_err(|e| StorageError::io(ctx(), e))?;
+    while let Some(entry) = entries
+        .next_entry()
+        .await
+        .map_err(|e| StorageError::io(ctx(), e))?
+    {
+        if let Some(n) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| disk_number(n, vmid))
+        {
+            used.insert(n);
+        }
+    }
+    Ok(used)
+}
+
+fn disk_number(name: &str, vmid: u32) -> Option<u32> {
+    let rest = name
+        .strip_prefix(&format!("vm-{vmid}-disk-"))
+        .or_else(|| name.strip_prefix(&format!("base-{vmid}-disk-")))?;
+    let digits = rest.split('.').next()?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// The file name for an explicit `alloc` name: a `.raw`/`.qcow2` extension must match the
+/// format (as PVE demands); without one, `.{format}` is appended.
+fn alloc_file_name(name: &str, vmid: u32, fmt: ImageFormat) -> StorageResult<String> {
+    check_image_name(name, vmid)?;
+    match ImageFormat::from_name(name) {
+        Some(ext) if ext != fmt => Err(StorageError::IllegalName {
+            name: name.to_string(),
+            reason: format!("wrong extension for format ('{ext}' != '{fmt}')"),
+        }),
+        Some(_) => Ok(name.to_string()),
+        None => image_file_name(name, vmid, fmt),
+    }
+}
+
+/// Removes a file when dropped, unless disarmed: cleans up after errors and cancellation.
+struct RemoveOnDrop {
+    path: Option<PathBuf>,
+}
+
+impl RemoveOnDrop {
+    fn new(path: PathBuf) -> Self {
+        RemoveOnDrop { path: Some(path) }
+    }
+
+    fn disarm(mut self) {
+        self.path = None;
+    }
+}
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(path) = self.path.take()
+            && let Err(e) = std::fs::remove_file(&path)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!("could not remove partial image '{}': {e}", path.display());
+        }
+    }
+}
+
+/// Runs `qemu-img` with `args`; a failure carries its exit status and stderr.
+async fn qemu_img(op: &'static str, args: &[&OsStr], path: &Path) -> StorageResult<Vec<u8>> {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|e| {
+            StorageError::io(format!("running qemu-img {op} for '{}'", path.display()), e)
+        })?;
+    if !out.status.success() {
+        return Err(StorageError::QemuImg {
+            op,
+            path: path.to_path_buf(),
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(out.stdout)
+}
+
+/// `qemu-img info --output=json -f <fmt>`: the format is always forced, so a raw disk whose
+/// guest wrote a qcow2 header is never probed as qcow2.
+async fn qemu_img_info(path: &Path, fmt: ImageFormat, force_share: bool) -> StorageResult<Value> {
+    let mut args = vec![
+        OsStr::new("info"),
+        OsStr::new("--output=json"),
+        OsStr::new("-f"),
+        OsStr::new(fmt.as_str()),
+    ];
+    if force_share {
+        args.push(OsStr::new("-U"));
+    }
+    args.push(path.as_os_str());
+    let out = qemu_img("info", &args, path).await?;
+    serde_json::from_slice(&out).map_err(|e| StorageError::QemuImgOutput {
+        path: path.to_path_buf(),
+        reason: format!("invalid JSON: {e}"),
+    })
+}
+
+fn info_str<'v>(info: &'v Value, key: &str, path: &Path) -> StorageResult<&'v str> {
+    info.get(key)
+        .and_then(Value::as_str)
+        .ok_or_else(|| StorageError::QemuImgOutput {
+            path: path.to_path_buf(),
+            reason: format!("no '{key}' string"),
+        })
+}
+
+fn info_virtual_size(info: &Value, path: &Path) -> StorageResult<u64> {
+    info.get("virtual-size")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| StorageError::QemuImgOutput {
+            path: path.to_path_buf(),
+            reason: "no 'virtual-size' number".to_string(),
+        })
+}
+
+/// Checks an image received from elsewhere (PVE's "untrusted" `qemu-img info`): it must
+/// open as `fmt`, and must not refer to other files — no backing file, no external data
+/// file, no child nodes besides its own file. For qcow2 the header is inspected first, so
+/// such references are refused before `qemu-img` would open them.
+pub async fn check_untrusted_image(path: &Path, fmt: ImageFormat) -> StorageResult<()> {
+    if fmt == ImageFormat::Qcow2 {
+        let header = read_head(path, QCOW2_HEADER_V3_LEN).await?;
+        check_qcow2_header(&header, path)?;
+    }
+    let info = qemu_img_info(path, fmt, false).await?;
+    check_info(&info, fmt, path)
+}
+
+async fn read_head(path: &Path, len: usize) -> StorageResult<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let file = fs::File::open(path)
+        .await
+        .map_err(|e| StorageError::io(format!("opening image '{}'", path.display()), e))?;
+    let mut head = Vec::with_capacity(len);
+    file.take(len as u64)
+        .read_to_end(&mut head)
+        .await
+        .map_err(|e| StorageError::io(format!("reading image '{}'", path.display()), e))?;
+    Ok(head)
+}
+
+const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
+const QCOW2_HEADER_V2_LEN: usize = 72;
+const QCOW2_HEADER_V3_LEN: usize = 104;
+/// Incompatible feature bit 2: the guest data lives in an external data file.
+const QCOW2_INCOMPAT_DATA_FILE: u64 = 1 << 2;
+
+fn check_qcow2_header(h: &[u8], path: &Path) -> StorageResult<()> {
+    let wrong = |reason: &str| StorageError::WrongFormat {
+        path: path.to_path_buf(),
+        expected: "qcow2".to_string(),
+        reason: reason.to_string(),
+    };
+    let be_u32 = |at: usize| {
+        h.get(at..at + 4)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_be_bytes)
+    };
+    let be_u64 = |at: usize| {
+        h.get(at..at + 8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_be_bytes)
+    };
+    if h.len() < QCOW2_HEADER_V2_LEN {
+        return Err(wrong("file too short for a qcow2 header"));
+    }
+    if &h[..4] != QCOW2_MAGIC {
+        return Err(wrong("no qcow2 magic"));
+    }
+    let version = be_u32(4).unwrap_or(0);
+    if version != 2 && version != 3 {
+        return Err(wrong(&format!("unsupported qcow2 version {version}")));
+    }
+    if be_u64(8).unwrap_or(0) != 0 {
+        return Err(StorageError::BackingFile {
+            path: path.to_path_buf(),
+        });
+    }
+    if version == 3 {
+        let incompat = be_u64(72).ok_or_else(|| wrong("truncated qcow2 v3 header"))?;
+        if incompat & QCOW2_INCOMPAT_DATA_FILE != 0 {
+            return Err(StorageError::DataFile {
+                path: path.to_path_buf(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The checks on `qemu-img info` output.
+fn check_info(info: &Value, fmt: ImageFormat, path: &Path) -> StorageResult<()> {
+    let found = info_str(info, "format", path)?;
+    if found != fmt.as_str() {
+        return Err(StorageError::WrongFormat {
+            path: path.to_path_buf(),
+            expected: fmt.as_str().to_string(),
+            reason: format!("qemu-img reports format '{found}'"),
+        });
+    }
+    if [
+        "backing-filename",
+        "full-backing-filename",
+        "backing-filename-format",
+    ]
+    .iter()
+    .any(|k| info.get(*k).is_some())
+    {
+        return Err(StorageError::BackingFile {
+            path: path.to_path_buf(),
+        });
+    }
+    let specific = info.pointer("/format-specific/data");
+    if specific.and_then(|d| d.get("data-file")).is_some() {
+        return Err(StorageError::DataFile {
+            path: path.to_path_buf(),
+        });
+    }
+    if let Some(children) = info.get("children").and_then(Value::as_array) {
+        for child in children {
+            let name = child.get("name").and_then(Value::as_str).unwrap_or("?");
+            if name != "file" {
+                return Err(StorageError::WrongFormat {
+                    path: path.to_path_buf(),
+                    expected: fmt.as_str().to_string(),
+                    reason: format!("refers to another image (child node '{name}')"),
+                });
+            }
+        }
+    }
+    info_virtual_size(info, path).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::StorageKind;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::sync::Arc;
+    use tokio::io::AsyncReadExt;
+
+    const MIB: u64 = 1024 * 1024;
+
+    fn node(dir: &Path) -> Arc<dyn Storage> {
+        let mut storages = BTreeMap::new();
+        storages.insert(
+            "local".to_string(),
+            StorageDef {
+                kind: StorageKind::Dir,
+                path: dir.to_path_buf(),
+                content: vec!["images".to_string()],
+                disable: false,
+                bwlimit: BTreeMap::from([("migration".to_string(), 1000)]),
+            },
+        );
+        storages.insert(
+            "off".to_string(),
+            StorageDef {
+                kind: StorageKind::Dir,
+                path: dir.join("off"),
+                content: vec!["images".to_string()],
+                disable: true,
+                bwlimit: BTreeMap::new(),
+            },
+        );
+        Arc::new(NodeStorage::new(storages))
+    }
+
+    fn run(cmd: &str, args: &[&str]) {
+        let out = std::process::Command::new(cmd).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn files_in(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = match std::fs::read_dir(dir) {
+            Ok(rd) => rd
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        names.sort();
+        names
+    }
+
+    /// A `*+size` stream: header with `size`, then the bytes of `payload`.
+    async fn stream(size: u64, payload: &Path) -> Box<dyn AsyncRead + Send + Unpin> {
+        let header = std::io::Cursor::new(size.to_le_bytes().to_vec());
+        let file = fs::File::open(payload).await.unwrap();
+        Box::new(header.chain(file))
+    }
+
+    fn req(volname: &str, format: &str, stream_format: &str, allow_rename: bool) -> ImportRequest {
+        ImportRequest {
+            storage: "local".to_string(),
+            vmid: 100,
+            volname: volname.to_string(),
+            format: format.to_string(),
+            stream_format: stream_format.to_string(),
+            allow_rename,
+        }
+    }
+
+    #[tokio::test]
+    async fn alloc_naming_sequence_and_free() {
+        let tmp = tempfile::tempdir().unwrap();
+        let st = node(tmp.path());
+        let images = tmp.path().join("images/100");
+
+        let v0 = st.alloc("local", 100, "raw", None, 1024).await.unwrap();
+        assert_eq!(v0, "local:100/vm-100-disk-0.raw");
+        let v1 = st.alloc("local", 100, "qcow2", None, 2048).await.unwrap();
+        assert_eq!(v1, "local:100/vm-100-disk-1.qcow2");
+        let v2 = st.alloc("local", 100, "raw", None, 4).await.unwrap();
+        assert_eq!(v2, "local:100/vm-100-disk-2.raw");
+        assert_eq!(
+            std::fs::metadata(&images).unwrap().permissions().mode() & 0o777,
+            0o750
+        );
+
+        let file = images.join("vm-100-disk-1.qcow2");
+        assert_eq!(
+            std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+            0o640
+        );
+        assert_eq!(st.volume_format(&v0).await.unwrap(), "raw");
+        assert_eq!(st.volume_format(&v1).await.unwrap(), "qcow2");
+        assert_eq!(st.volume_size(&v0).await.unwrap(), MIB);
+        assert_eq!(st.volume_size(&v1).await.unwrap(), 2 * MIB);
+        assert_eq!(st.path(&v1).unwrap(), images.join("vm-100-disk-1.qcow2"));
+        st.check_untrusted(&v1).await.unwrap();
+
+        // A freed number is reused, whatever the format; other VMs count separately.
+        st.free(&v0).await.unwrap();
+        assert_eq!(
+            st.alloc("local", 100, "qcow2", None, 64).await.unwrap(),
+            "local:100/vm-100-disk-0.qcow2"
+        );
+        assert_eq!(
+            st.alloc("local", 101, "raw", None, 64).await.unwrap(),
+            "local:101/vm-101-disk-0.raw"
+        );
+        assert_eq!(
+            files_in(&images),
+            [
+                "vm-100-disk-0.qcow2",
+                "vm-100-disk-1.qcow2",
+                "vm-100-disk-2.raw"
+            ]
+        );
+
+        // Freeing twice names the missing file.
+        let err = st.free(&v0).await.unwrap_err();
+        assert!(matches!(err, StorageError::NotFound { .. }));
+        assert!(err.to_string().contains("vm-100-disk-0.raw"), "{err}");
+        assert!(st.volume_size(&v0).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn alloc_with_names() {
+        let tmp = tempfile::tempdir().unwrap();
+        let st = node(tmp.path());
+        assert_eq!(
+            st.alloc("local", 100, "qcow2", Some("vm-100-cloudinit"), 4096)
+                .await
+                .unwrap(),
+            "local:100/vm-100-cloudinit.qcow2"
+        );
+        assert_eq!(
+            st.alloc("local", 100, "raw", Some("vm-100-disk-7.raw"), 64)
+                .await
+                .unwrap(),
+            "local:100/vm-100-disk-7.raw"
+        );
+        let err = st
+            .alloc("local", 100, "qcow2", Some("vm-100-cloudinit.qcow2"), 64)
+            .await
+            .unwrap_err();
+        let path = tmp.path().join("images/100/vm-100-cloudinit.qcow2");
+        assert_eq!(
+            err.to_string(),
+            format!("disk image '{}' already exists", path.display())
+        );
+        // The existing image was not touched.
+        assert_eq!(
+            st.volume_size("local:100/vm-100-cloudinit.qcow2")
+                .await
+                .unwrap(),
+            4 * MIB
+        );
+
+        let err = st
+            .alloc("local", 100, "raw", Some("vm-101-disk-0"), 64)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "illegal name 'vm-101-disk-0' - should be 'vm-100-*'"
+        );
+        for bad in [
+            "../vm-100-x",
+            "vm-100-a/../../b",
+            "/etc/vm-100-x",
+            "vm-100-a..b",
+        ] {
+            assert!(
+                matches!(
+                    st.alloc("local", 100, "raw", Some(bad), 64).await,
+                    Err(StorageError::IllegalName { .. })
+                ),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            st.alloc("local", 100, "qcow2", Some("vm-100-x.raw"), 64)
+                .await,
+            Err(StorageError::IllegalName { .. })
+        ));
+        assert_eq!(
+            st.alloc("local", 100, "vmdk", None, 64)
+                .await
+                .unwrap_err()
+                .to_string(),
+            "unsupported format 'vmdk' for storage type dir"
+        );
+        assert!(matches!(
+            st.alloc("nope", 100, "raw", None, 64).await,
+            Err(StorageError::UnknownStorage(_))
+        ));
+        assert!(matches!(
+            st.alloc("off", 100, "raw", None, 64).await,
+            Err(StorageError::Disabled(_))
+        ));
+        // Numbering skips names taken by an explicit alloc.
+        assert_eq!(
+            st.alloc("local", 100, "raw", None, 64).await.unwrap(),
+            "local:100/vm-100-disk-0.raw"
+        );
+    }
+
+    #[tokio::test]
+    async fn bad_volids_are_rejected() {
+        let tmp = tempfile::tempdir().unwrap();
+        let st = node(tmp.path());
+        for bad in [
+            "local:100/../../etc/passwd",
+            "local:100/vm-100-disk-0.raw/..",
+            "local:../100/vm-100-disk-0.raw",
+            "local:/etc/vm-100-disk-0.raw",
+            "local:100//vm-100-disk-0.raw",
+            "local:100/vm-100-disk-0",
+            "local:100/vm-999-disk-0.raw",
+            "vm-100-disk-0.raw",
+            "/var/lib/vz/images/100/vm-100-disk-0.raw",
+        ] {
+            let err = st.path(bad).unwrap_err();
+            assert!(
+                matches!(err, StorageError::InvalidVolid { .. }),
+                "{bad}: {err}"
+            );
+            assert!(st.free(bad).await.is_err(), "{bad}");
+        }
+        assert_eq!(
+            st.path("other:100/vm-100-disk-0.raw")
+                .unwrap_err()
+                .to_string(),
+            "storage 'other' does not exist"
+        );
+    }
+
+    #[tokio::test]
+    async fn import_raw_is_identical_and_sparse() {
+        let tmp = tempfile::tempdir().unwrap();
+        let st = node(tmp.path());
+        let src = tmp.path().join("src.raw");
+        let size = 64 * MIB;
+        {
+            let mut data = vec![0u8; size as usize];
+            data[..4096].fill(0x11);
+            data[(10 * MIB) as usize..(10 * MIB + 300_000) as usize].fill(0x22);
+            data[(size - 1) as usize] = 0x33;
+            std::fs::write(&src, &data).unwrap();
+        }
+        let volid = st
+            .import(
+                req("vm-100-disk-0.qcow2", "raw", "raw+size", true),
+                stream(size, &src).await,
+            )
+            .await
+            .unwrap();
+        assert_eq!(volid, "local:100/vm-100-disk-0.raw");
+        let dst = st.path(&volid).unwrap();
+        run(
+            "qemu-img",
+            &[
+                "compare",
+                "-f",
+                "raw",
+                "-F",
+                "raw",
+                src.to_str().unwrap(),
+                dst.to_str().unwrap(),
+            ],
+        );
+        assert!(std::fs::read(&src).unwrap() == std::fs::read(&dst).unwrap());
+        let meta = std::fs::metadata(&dst).unwrap();
+        assert_eq!(meta.len(), size);
+        let allocated = meta.blocks() * 512;
+        assert!(
+            allocated < 4 * MIB,
+            "{allocated} bytes allocated for a mostly-zero image"
+        );
+        assert_eq!(st.volume_size(&volid).await.unwrap(), size);
+    }
+
+    #[tokio::test]
+    async fn import_qcow2_is_identical() {
+        let tmp = tempfile::tempdir().unwrap();
+        let st = node(tmp.path());
+        let src = tmp.path().join("src.qcow2");
+        let s = src.to_str().unwrap();
+        run("qemu-img", &["create", "-q", "-f", "qcow2", s, "8M"]);
+        run("qemu-io", &["-f", "qcow2", "-c", "write -P 0xab 0 1M", s]);
+        let volid = st
+            .import(
+                req("vm-100-disk-3.qcow2", "qcow2", "qcow2+size", false),
+                stream(8 * MIB, &src).await,
+            )
+            .await
+            .unwrap();
+        assert_eq!(volid, "local:100/vm-100-disk-3.qcow2");
+        let dst = st.path(&volid).unwrap();
+        assert!(std::fs::read(&src).unwrap() == std::fs::read(&dst).unwrap());
+        run(
+            "qemu-img",
+            &[
+                "compare",
+                "-f",
+                "qcow2",
+                "-F",
+                "qcow2",
+                s,
+                dst.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(st.volume_format(&volid).await.unwrap(), "qcow2");
+        assert_eq!(st.volume_size(&volid).await.unwrap(), 8 * MIB);
+        st.check_untrusted(&volid).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn truncated_or_overlong_raw_stream_leaves_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let st = node(tmp.path());
+        let images = tmp.path().join("images/100");
+        let src = tmp.path().join("src.raw");
+        std::fs::write(&src, vec![0x42u8; MIB as usize]).unwrap();
+
+        let err = st
+            .import(
+                req("vm-100-disk-0", "raw", "raw+size", false),
+                stream(64 * MIB, &src).await,
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, StorageError::ShortStream { got, expected, .. } if got == MIB && expected == 64 * MIB),
+            "{err}"
+        );
+        assert!(files_in(&images).is_empty());
+
+        let err = st
+            .import(
+                req("vm-100-disk-0", "raw", "raw+size", false),
+                stream(MIB / 2, &src).await,
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StorageError::LongStream { .. }), "{err}");
+        assert!(files_in(&images).is_empty());
+
+        let header_only: Box<dyn AsyncRead + Send + Unpin> =
+            Box::new(std::io::Cursor::new(vec![0u8; 5]));
+        let err = st
+            .import(req("vm-100-disk-0", "raw", "raw+size", false), header_only)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StorageError::MissingSizeHeader), "{err}");
+        assert!(files_in(&images).is_empty());
+    }
+
+    #[tokio::test]
+    async fn qcow2_with_backing_file_is_rejected_and_removed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let st = node(tmp.path());
+        let base = tmp.path().join("base.qcow2");
+        let overlay = tmp.path().join("overlay.qcow2");
+        run(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "1M"],
+        );
+        run(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                base.to_str().unwrap(),
+                "-F",
+                "qcow2",
+                overlay.to_str().unwrap(),
+            ],
+        );
+        let err = st
+            .import(
+                req("vm-100-disk-0", "qcow2", "qcow2+size", false),
+                stream(MIB, &overlay).await,
+            )
+            .await
+            .unwrap_err();
+        let path = tmp.path().join("images/100/vm-100-disk-0.qcow2");
+        assert_eq!(
+            err.to_string(),
+            format!("backing file in image '{}' is not allowed", path.display())
+        );
+        assert!(files_in(&tmp.path().join("images/100")).is_empty());
+
+        // The qemu-img info layer alone catches it too.
+        let info = qemu_img_info(&overlay, ImageFormat::Qcow2, false)
+            .await
+            .unwrap();
+        assert!(matches!(
+            check_info(&info, ImageFormat::Qcow2, &overlay),
+            Err(StorageError::BackingFile { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn qcow2_with_data_file_is_rejected_and_removed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let st = node(tmp.path());
+        let img = tmp.path().join("ext.qcow2");
+        let data = tmp.path().join("ext.data");
+        run(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                &format!("data_file={}", data.display()),
+                img.to_str().unwrap(),
+                "1M",
+            ],
+        );
+        let err = st
+            .import(
+                req("vm-100-disk-0", "qcow2", "qcow2+size", false),
+                stream(MIB, &img).await,
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StorageError::DataFile { .. }), "{err}");
+        assert!(
+            err.to_string().starts_with("external data file in image"),
+            "{err}"
+        );
+        assert!(files_in(&tmp.path().join("images/100")).is_empty());
+
+        let info = qemu_img_info(&img, ImageFormat::Qcow2, false)
+            .await
+            .unwrap();
+        assert!(matches!(
+            check_info(&info, ImageFormat::Qcow2, &img),
+            Err(StorageError::DataFile { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn fake_qcow2_is_rejected() {
+        let tmp = tempfile::tempdir().unwrap();
+        let st = node(tmp.path());
+        let src = tmp.path().join("src.raw");
+        std::fs::write(&src, vec![0x42u8; MIB as usize]).unwrap();
+        let err = st
+            .import(
+                req("vm-100-disk-0", "qcow2", "qcow2+size", false),
+                stream(MIB, &src).await,
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StorageError::WrongFormat { .. }), "{err}");
+        assert!(files_in(&tmp.path().join("images/100")).is_empty());
+
+        // And a raw check on a qcow2 file: qemu-img opens it as raw, as asked.
+        let q = tmp.path().join("q.qcow2");
+        run(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", q.to_str().unwrap(), "1M"],
+        );
+        check_untrusted_image(&q, ImageFormat::Raw).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn existing_name_and_allow_rename() {
+        let tmp = tempfile::tempdir().unwrap();
+        let st = node(tmp.path());
+        let src = tmp.path().join("src.raw");
+        std::fs::write(&src, vec![0x42u8; 64 * 1024]).unwrap();
+        let r = |rename| req("vm-100-disk-0.raw", "raw", "raw+size", rename);
+
+        let v = st
+            .import(r(false), stream(64 * 1024, &src).await)
+            .await
+            .unwrap();
+        assert_eq!(v, "local:100/vm-100-disk-0.raw");
+        let err = st
+            .import(r(false), stream(64 * 1024, &src).await)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StorageError::Exists { .. }), "{err}");
+        // The first import survived the refused second one.
+        assert_eq!(
+            std::fs::read(st.path(&v).unwrap()).unwrap(),
+            std::fs::read(&src).unwrap()
+        );
+
+        let v2 = st
+            .import(r(true), stream(64 * 1024, &src).await)
+            .await
+            .unwrap();
+        assert_eq!(v2, "local:100/vm-100-disk-1.raw");
+        // A failed renamed import leaves nothing either.
+        let err = st
+            .import(r(true), stream(MIB, &src).await)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StorageError::ShortStream { .. }), "{err}");
+        assert_eq!(
+            files_in(&tmp.path().join("images/100")),
+            ["vm-100-disk-0.raw", "vm-100-disk-1.raw"]
+        );
+    }
+
+    #[tokio::test]
+    async fn import_format_rules() {
+        let tmp = tempfile::tempdir().unwrap();
+        let st = node(tmp.path());
+        let empty = || -> Box<dyn AsyncRead + Send + Unpin> { Box::new(tokio::io::empty()) };
+
+        let err = st
+            .import(req("vm-100-disk-0", "qcow2", "raw+size", false), empty())
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "no matching import/export format found for storage 'local'"
+        );
+        let err = st
+            .import(req("vm-100-disk-0", "raw", "zfs", false), empty())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StorageError::NoMatchingFormat { .. }));
+        let err = st
+            .import(req("vm-100-disk-0", "vmdk", "vmdk+size", false), empty())
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "unsupported format 'vmdk' for storage type dir"
+        );
+        let err = st
+            .import(req("vm-567-disk-0", "raw", "raw+size", false), empty())
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "illegal name 'vm-567-disk-0' - should be 'vm-100-*'"
+        );
+
+        use crate::storage::import::choose_stream_format;
+        assert_eq!(
+            choose_stream_format(&*st, "local", "qcow2", "zfs,qcow2+size,raw+size").unwrap(),
+            "qcow2+size"
+        );
+        assert_eq!(
+            choose_stream_format(&*st, "local", "raw", "raw+size").unwrap(),
+            "raw+size"
+        );
+        assert!(matches!(
+            choose_stream_format(&*st, "local", "raw", "zfs,qcow2+size"),
+            Err(StorageError::NoMatchingFormat { .. })
+        ));
+        assert!(matches!(
+            choose_stream_format(&*st, "off", "raw", "raw+size"),
+            Err(StorageError::Disabled(_))
+        ));
+    }
+
+    #[test]
+    fn trait_bwlimit_uses_defs() {
+        let tmp = tempfile::tempdir().unwrap();
+        let st = node(tmp.path());
+        assert_eq!(st.storage_ids(), ["local", "off"]);
+        assert!(st.def("local").is_some());
+        assert_eq!(
+            st.bwlimit("migration", &[Some("local".into())], None),
+            Some(1000)
+        );
+        assert_eq!(
+            st.bwlimit("migration", &[Some("local".into())], Some(10)),
+            Some(10)
+        );
+        assert_eq!(st.bwlimit("restore", &[Some("local".into())], None), None);
+        assert_eq!(st.bwlimit("migration", &[None], None), None);
+    }
+
+    #[test]
+    fn qcow2_header_checks() {
+        let p = Path::new("/x");
+        assert!(matches!(
+            check_qcow2_header(&[0u8; 104], p),
+            Err(StorageError::WrongFormat { .. })
+        ));
+        let mut h = vec![0u8; 104];
+        h[..4].copy_from_slice(QCOW2_MAGIC);
+        h[7] = 3;
+        check_qcow2_header(&h, p).unwrap();
+        h[15] = 0x70;
+        assert!(matches!(
+            check_qcow2_header(&h, p),
+            Err(StorageError::BackingFile { .. })
+        ));
+        h[15] = 0;
+        h[79] = 4;
+        assert!(matches!(
+            check_qcow2_header(&h, p),
+            Err(StorageError::DataFile { .. })
+        ));
+        assert!(matches!(
+            check_qcow2_header(&h[..50], p),
+            Err(StorageError::WrongFormat { .. })
+        ));
+    }
+}
