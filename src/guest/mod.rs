@@ -1,1 +1,3 @@
 //! guest layer (under construction).
+
+pub mod config;
