@@ -3,6 +3,8 @@
 //! `flock` on `{data}/lock/lock-{vmid}.conf`, so a CLI on the same node cannot race the
 //! server. The config text format itself lives in [`config`].
 
+pub mod config;
 pub mod store;
 
+pub use config::VmConfig;
 pub use store::{ConfigStore, GuestError, VmLockGuard};
