@@ -14,7 +14,11 @@ use mtunnel::config::{NodeConfig, Overrides};
 use mtunnel::node::Node;
 
 #[derive(Parser)]
-#[command(name = "mtunnel", version, about = "Move running VMs between hosts through an authenticated WebSocket tunnel (Proxmox VE remote-migration compatible)")]
+#[command(
+    name = "mtunnel",
+    version,
+    about = "Move running VMs between hosts through an authenticated WebSocket tunnel (Proxmox VE remote-migration compatible)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -119,9 +123,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let cfg = load_config(&args.node, args.listen)?;
     let node = Node::open(cfg)?;
     let initial = if node.tokens.is_empty() {
-        let header = node
-            .tokens
-            .create("root@pam!mtunnel", full_access(), Some("initial token".into()))?;
+        let header = node.tokens.create(
+            "root@pam!mtunnel",
+            full_access(),
+            Some("initial token".into()),
+        )?;
         let path = node.cfg.priv_dir().join("initial-token");
         mtunnel::util::write_atomic(&path, format!("{header}\n").as_bytes(), 0o600)?;
         Some((header, path))
@@ -135,7 +141,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     println!("fingerprint: {}", server.fingerprint);
     println!("data dir: {}", node.cfg.data_dir.display());
     if let Some((header, path)) = initial {
-        println!("initial API token (shown once, also stored in {}):", path.display());
+        println!(
+            "initial API token (shown once, also stored in {}):",
+            path.display()
+        );
         println!("  {header}");
     }
     use std::io::Write;
@@ -181,7 +190,12 @@ fn token_create(args: TokenCreateArgs) -> anyhow::Result<()> {
             .map(|p| {
                 acl::known_privilege(p.trim())
                     .map(str::to_string)
-                    .with_context(|| format!("unknown privilege '{p}' (known: {})", acl::ALL_PRIVILEGES.join(", ")))
+                    .with_context(|| {
+                        format!(
+                            "unknown privilege '{p}' (known: {})",
+                            acl::ALL_PRIVILEGES.join(", ")
+                        )
+                    })
             })
             .collect::<anyhow::Result<_>>()?,
         (None, true) => BTreeSet::new(),

@@ -71,16 +71,22 @@ impl Node {
     /// A storage a tunnel may put VM images on: exists, enabled, holds `images`, and the
     /// token has `Datastore.AllocateSpace` on `/storage/<id>`.
     pub fn check_storage_for_images(&self, authid: &str, storage: &str) -> Result<()> {
-        let def = self.cfg.storages.get(storage).ok_or_else(|| {
-            Error::internal(format!("storage '{storage}' does not exist"))
-        })?;
+        let def = self
+            .cfg
+            .storages
+            .get(storage)
+            .ok_or_else(|| Error::internal(format!("storage '{storage}' does not exist")))?;
         if def.disable {
             return Err(Error::internal(format!(
                 "storage '{storage}' is not available on node '{}'",
                 self.cfg.node
             )));
         }
-        self.require(authid, &format!("/storage/{storage}"), "Datastore.AllocateSpace")?;
+        self.require(
+            authid,
+            &format!("/storage/{storage}"),
+            "Datastore.AllocateSpace",
+        )?;
         if !def.holds_images() {
             return Err(Error::internal(format!(
                 "storage '{storage}' does not support VM images"

@@ -125,6 +125,12 @@ pub fn render(format: Format, result: Result<Data, Error>) -> Response {
 fn sanitize_reason(reason: &str) -> Vec<u8> {
     reason
         .bytes()
-        .map(|b| if b == b'\t' || (0x20..0x7f).contains(&b) || b >= 0x80 { b } else { b' ' })
+        .map(|b| {
+            if b == b'\t' || (0x20..0x7f).contains(&b) || b >= 0x80 {
+                b
+            } else {
+                b' '
+            }
+        })
         .collect()
 }

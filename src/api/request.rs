@@ -28,7 +28,10 @@ pub struct ApiReq {
 impl FromRequest<Arc<AppState>> for ApiReq {
     type Rejection = ApiFailure;
 
-    async fn from_request(req: Request<Body>, state: &Arc<AppState>) -> Result<Self, Self::Rejection> {
+    async fn from_request(
+        req: Request<Body>,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
         let (mut parts, body) = req.into_parts();
         let format = Format::from_path(parts.uri.path());
         let fail = |e: Error| ApiFailure { format, error: e };
@@ -71,8 +74,14 @@ impl FromRequest<Arc<AppState>> for ApiReq {
             if is_json {
                 match serde_json::from_slice::<Value>(&bytes) {
                     Ok(Value::Object(map)) => params = map,
-                    Ok(_) => return Err(fail(Error::BadRequest("JSON body must be an object".into()))),
-                    Err(e) => return Err(fail(Error::BadRequest(format!("invalid JSON body - {e}")))),
+                    Ok(_) => {
+                        return Err(fail(Error::BadRequest(
+                            "JSON body must be an object".into(),
+                        )));
+                    }
+                    Err(e) => {
+                        return Err(fail(Error::BadRequest(format!("invalid JSON body - {e}"))));
+                    }
                 }
             } else {
                 merge_form(&mut params, &bytes);
@@ -152,10 +161,9 @@ impl Params {
     pub fn int(&self, key: &str) -> Result<Option<i64>, Error> {
         match self.0.get(key) {
             None | Some(Value::Null) => Ok(None),
-            Some(Value::Number(n)) => n
-                .as_i64()
-                .map(Some)
-                .ok_or_else(|| Error::param(key, format!("type check ('integer') failed - got '{n}'"))),
+            Some(Value::Number(n)) => n.as_i64().map(Some).ok_or_else(|| {
+                Error::param(key, format!("type check ('integer') failed - got '{n}'"))
+            }),
             Some(Value::String(s)) => s.trim().parse().map(Some).map_err(|_| {
                 Error::param(key, format!("type check ('integer') failed - got '{s}'"))
             }),
@@ -170,9 +178,12 @@ impl Params {
     pub fn bool(&self, key: &str) -> Result<Option<bool>, Error> {
         match self.0.get(key) {
             None | Some(Value::Null) => Ok(None),
-            Some(v) => crate::util::lenient_bool(v)
-                .map(Some)
-                .ok_or_else(|| Error::param(key, format!("type check ('boolean') failed - got '{}'", display(v)))),
+            Some(v) => crate::util::lenient_bool(v).map(Some).ok_or_else(|| {
+                Error::param(
+                    key,
+                    format!("type check ('boolean') failed - got '{}'", display(v)),
+                )
+            }),
         }
     }
 }

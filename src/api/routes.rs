@@ -26,14 +26,20 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api2/{fmt}/cluster/status", get(cluster_status))
         .route("/api2/{fmt}/cluster/resources", get(cluster_resources))
         .route("/api2/{fmt}/nodes", get(nodes))
-        .route("/api2/{fmt}/nodes/{node}/certificates/info", get(certificates_info))
+        .route(
+            "/api2/{fmt}/nodes/{node}/certificates/info",
+            get(certificates_info),
+        )
         .route("/api2/{fmt}/nodes/{node}/storage", get(storage_list))
         .route("/api2/{fmt}/nodes/{node}/tasks", get(task_list))
         .route(
             "/api2/{fmt}/nodes/{node}/tasks/{upid}",
             get(task_index).delete(task_stop),
         )
-        .route("/api2/{fmt}/nodes/{node}/tasks/{upid}/status", get(task_status))
+        .route(
+            "/api2/{fmt}/nodes/{node}/tasks/{upid}/status",
+            get(task_status),
+        )
         .route("/api2/{fmt}/nodes/{node}/tasks/{upid}/log", get(task_log))
         .route(
             "/api2/{fmt}/nodes/{node}/qemu/{vmid}/mtunnel",
@@ -49,7 +55,9 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 async fn not_implemented(method: Method, uri: Uri) -> Response {
     let path = uri.path();
-    let rest = path.strip_prefix("/api2/json").or_else(|| path.strip_prefix("/api2/extjs"));
+    let rest = path
+        .strip_prefix("/api2/json")
+        .or_else(|| path.strip_prefix("/api2/extjs"));
     let msg = match rest {
         Some(rest) => format!("Method '{method} {rest}' not implemented"),
         None => format!("no such API format or path '{path}'"),
@@ -58,7 +66,11 @@ async fn not_implemented(method: Method, uri: Uri) -> Response {
 }
 
 /// Checks the `{fmt}` segment, runs the endpoint, renders in the request's format.
-pub(super) fn finish(p: &HashMap<String, String>, req: &ApiReq, result: Result<Data, Error>) -> Response {
+pub(super) fn finish(
+    p: &HashMap<String, String>,
+    req: &ApiReq,
+    result: Result<Data, Error>,
+) -> Response {
     match p.get("fmt").map(String::as_str) {
         Some("json") | Some("extjs") => render(req.format, result),
         other => render(
@@ -82,10 +94,17 @@ pub(super) fn parse_vmid(raw: &str) -> Result<u32, Error> {
         && !raw.starts_with('0')
         && raw.bytes().all(|b| b.is_ascii_digit());
     if !ok {
-        return Err(Error::param("vmid", "invalid format - value does not look like a valid VM ID"));
+        return Err(Error::param(
+            "vmid",
+            "invalid format - value does not look like a valid VM ID",
+        ));
     }
-    raw.parse()
-        .map_err(|_| Error::param("vmid", "invalid format - value does not look like a valid VM ID"))
+    raw.parse().map_err(|_| {
+        Error::param(
+            "vmid",
+            "invalid format - value does not look like a valid VM ID",
+        )
+    })
 }
 
 async fn version(State(_st): St, Path(p): PathMap, req: ApiReq) -> Response {
@@ -136,14 +155,21 @@ async fn cluster_resources(State(st): St, Path(p): PathMap, req: ApiReq) -> Resp
         if let Some(k) = &kind
             && !["vm", "storage", "node", "sdn", "pool"].contains(&k.as_str())
         {
-            return Err(Error::param("type", format!("value '{k}' does not have a value in the enumeration 'vm, storage, node, sdn, pool'")));
+            return Err(Error::param(
+                "type",
+                format!(
+                    "value '{k}' does not have a value in the enumeration 'vm, storage, node, sdn, pool'"
+                ),
+            ));
         }
         let node = &st.node;
         let mut out = Vec::new();
         if kind.as_deref().is_none_or(|k| k == "vm") {
             for vmid in node.guests.list() {
                 let path = format!("/vms/{vmid}");
-                if !(node.allows(&req.authid, &path, "VM.Audit") || node.allows(&req.authid, &path, "VM.Allocate")) {
+                if !(node.allows(&req.authid, &path, "VM.Audit")
+                    || node.allows(&req.authid, &path, "VM.Allocate"))
+                {
                     continue;
                 }
                 out.push(json!({
@@ -158,7 +184,11 @@ async fn cluster_resources(State(st): St, Path(p): PathMap, req: ApiReq) -> Resp
         if kind.as_deref().is_none_or(|k| k == "storage") {
             for id in node.cfg.storages.keys() {
                 if node.allows(&req.authid, &format!("/storage/{id}"), "Datastore.Audit")
-                    || node.allows(&req.authid, &format!("/storage/{id}"), "Datastore.AllocateSpace")
+                    || node.allows(
+                        &req.authid,
+                        &format!("/storage/{id}"),
+                        "Datastore.AllocateSpace",
+                    )
                 {
                     out.push(json!({
                         "id": format!("storage/{}/{id}", node.cfg.node),
@@ -196,7 +226,8 @@ async fn certificates_info(State(st): St, Path(p): PathMap, req: ApiReq) -> Resp
 
 async fn storage_list(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
     let r = (|| {
-        req.params.only(&["enabled", "content", "storage", "format", "target"])?;
+        req.params
+            .only(&["enabled", "content", "storage", "format", "target"])?;
         st.node.check_node(path_param(&p, "node"))?;
         let enabled_only = req.params.bool("enabled")?.unwrap_or(false);
         let content = req.params.str("content")?;
@@ -217,7 +248,9 @@ async fn storage_list(State(st): St, Path(p): PathMap, req: ApiReq) -> Response 
                 continue;
             }
             if let Some(c) = &content
-                && !crate::storage::split_id_list(c).iter().all(|c| def.content.iter().any(|d| d == c))
+                && !crate::storage::split_id_list(c)
+                    .iter()
+                    .all(|c| def.content.iter().any(|d| d == c))
             {
                 continue;
             }
@@ -254,7 +287,12 @@ async fn mtunnel(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
         req.params.only(&["storages", "bridges"])?;
         st.node.check_node(path_param(&p, "node"))?;
         let vmid = parse_vmid(path_param(&p, "vmid"))?;
-        let storages = id_list(&req, "storages", crate::storage::is_valid_storage_id, "storage")?;
+        let storages = id_list(
+            &req,
+            "storages",
+            crate::storage::is_valid_storage_id,
+            "storage",
+        )?;
         let bridges = id_list(&req, "bridges", is_valid_bridge_id, "bridge")?;
         let opened = crate::tunnel::open(&st.node, &req.authid, vmid, &storages, &bridges).await?;
         Ok(Data::new(opened.to_json()))
@@ -264,7 +302,12 @@ async fn mtunnel(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
 }
 
 /// A `pve-storage-id-list` / `pve-bridge-id-list` parameter (may be empty).
-fn id_list(req: &ApiReq, key: &str, valid: fn(&str) -> bool, what: &str) -> Result<Vec<String>, Error> {
+fn id_list(
+    req: &ApiReq,
+    key: &str,
+    valid: fn(&str) -> bool,
+    what: &str,
+) -> Result<Vec<String>, Error> {
     let values: Vec<String> = match req.params.0.get(key) {
         None | Some(Value::Null) => return Ok(Vec::new()),
         Some(Value::String(s)) => vec![s.clone()],
@@ -296,7 +339,9 @@ fn id_list(req: &ApiReq, key: &str, valid: fn(&str) -> bool, what: &str) -> Resu
 fn is_valid_bridge_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 64
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
 fn parse_upid(raw: &str) -> Result<Upid, Error> {
@@ -306,13 +351,22 @@ fn parse_upid(raw: &str) -> Result<Upid, Error> {
 
 /// PVE's task visibility: the owner (a user also sees its tokens' tasks), or `Sys.Audit`
 /// (`Sys.Modify` to stop) on `/nodes/{node}`.
-fn check_task_access(st: &AppState, req: &ApiReq, upid: &Upid, privilege: &str) -> Result<(), Error> {
+fn check_task_access(
+    st: &AppState,
+    req: &ApiReq,
+    upid: &Upid,
+    privilege: &str,
+) -> Result<(), Error> {
     let owner = upid.user == req.authid
         || (!req.authid.contains('!') && crate::auth::token::token_user(&upid.user) == req.authid);
     if owner {
         return Ok(());
     }
-    st.node.require(&req.authid, &format!("/nodes/{}", st.node.cfg.node), privilege)
+    st.node.require(
+        &req.authid,
+        &format!("/nodes/{}", st.node.cfg.node),
+        privilege,
+    )
 }
 
 fn task_not_found(upid: &str) -> Error {
@@ -325,7 +379,10 @@ async fn task_index(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
         st.node.check_node(path_param(&p, "node"))?;
         let upid = parse_upid(path_param(&p, "upid"))?;
         check_task_access(&st, &req, &upid, "Sys.Audit")?;
-        st.node.tasks.status(&upid).ok_or_else(|| task_not_found(path_param(&p, "upid")))?;
+        st.node
+            .tasks
+            .status(&upid)
+            .ok_or_else(|| task_not_found(path_param(&p, "upid")))?;
         Ok(Data::new(json!([{"name": "log"}, {"name": "status"}])))
     })();
     finish(&p, &req, r)
@@ -337,7 +394,11 @@ async fn task_status(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
         st.node.check_node(path_param(&p, "node"))?;
         let upid = parse_upid(path_param(&p, "upid"))?;
         check_task_access(&st, &req, &upid, "Sys.Audit")?;
-        let status = st.node.tasks.status(&upid).ok_or_else(|| task_not_found(path_param(&p, "upid")))?;
+        let status = st
+            .node
+            .tasks
+            .status(&upid)
+            .ok_or_else(|| task_not_found(path_param(&p, "upid")))?;
         Ok(Data::new(status.to_json()))
     })();
     finish(&p, &req, r)
@@ -358,7 +419,10 @@ async fn task_log(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
             .tasks
             .read_log(&upid, start, limit)
             .ok_or_else(|| task_not_found(path_param(&p, "upid")))?;
-        let data: Vec<Value> = lines.into_iter().map(|(n, t)| json!({"n": n + 1, "t": t})).collect();
+        let data: Vec<Value> = lines
+            .into_iter()
+            .map(|(n, t)| json!({"n": n + 1, "t": t}))
+            .collect();
         Ok(Data::new(Value::Array(data)).with("total", json!(total)))
     })();
     finish(&p, &req, r)
@@ -378,7 +442,10 @@ async fn task_stop(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
         st.node.check_node(path_param(&p, "node"))?;
         let upid = parse_upid(path_param(&p, "upid"))?;
         check_task_access(&st, &req, &upid, "Sys.Modify")?;
-        st.node.tasks.status(&upid).ok_or_else(|| task_not_found(path_param(&p, "upid")))?;
+        st.node
+            .tasks
+            .status(&upid)
+            .ok_or_else(|| task_not_found(path_param(&p, "upid")))?;
         st.node.tasks.request_stop(&upid);
         Ok(Data::new(Value::Null))
     })();
@@ -387,7 +454,18 @@ async fn task_stop(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
 
 async fn task_list(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
     let r = (|| {
-        req.params.only(&["start", "limit", "userfilter", "typefilter", "vmid", "source", "errors", "since", "until", "statusfilter"])?;
+        req.params.only(&[
+            "start",
+            "limit",
+            "userfilter",
+            "typefilter",
+            "vmid",
+            "source",
+            "errors",
+            "since",
+            "until",
+            "statusfilter",
+        ])?;
         st.node.check_node(path_param(&p, "node"))?;
         let start = non_negative(&req, "start")?.unwrap_or(0);
         let limit = non_negative(&req, "limit")?.unwrap_or(50);
@@ -395,8 +473,15 @@ async fn task_list(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
         let typefilter = req.params.str("typefilter")?;
         let vmid = req.params.int("vmid")?;
         let errors_only = req.params.bool("errors")?.unwrap_or(false);
-        let source = req.params.str("source")?.unwrap_or_else(|| "archive".into());
-        let audit = st.node.allows(&req.authid, &format!("/nodes/{}", st.node.cfg.node), "Sys.Audit");
+        let source = req
+            .params
+            .str("source")?
+            .unwrap_or_else(|| "archive".into());
+        let audit = st.node.allows(
+            &req.authid,
+            &format!("/nodes/{}", st.node.cfg.node),
+            "Sys.Audit",
+        );
         let mut visible = Vec::new();
         for status in st.node.tasks.list() {
             let u = &status.upid;

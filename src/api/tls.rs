@@ -32,7 +32,11 @@ impl TlsIdentity {
             let generated =
                 rcgen::generate_simple_self_signed(names).context("generating TLS certificate")?;
             crate::util::ensure_dir(&data_dir.join("priv"), 0o700)?;
-            write_atomic(&key_path, generated.signing_key.serialize_pem().as_bytes(), 0o600)?;
+            write_atomic(
+                &key_path,
+                generated.signing_key.serialize_pem().as_bytes(),
+                0o600,
+            )?;
             write_atomic(&cert_path, generated.cert.pem().as_bytes(), 0o644)?;
         }
         let cert_pem = std::fs::read_to_string(&cert_path)

@@ -46,17 +46,28 @@ pub(super) async fn mtunnelwebsocket(
         }
     };
     let Some(key) = key else {
-        return finish(&p, &req, Ok(Data::new(json!({"socket": socket.display().to_string()}))));
+        return finish(
+            &p,
+            &req,
+            Ok(Data::new(json!({"socket": socket.display().to_string()}))),
+        );
     };
     let unix = match UnixStream::connect(&socket).await {
         Ok(s) => s,
         Err(e) => {
-            let err = Error::internal(format!("unable to connect to socket '{}' - {e}", socket.display()));
+            let err = Error::internal(format!(
+                "unable to connect to socket '{}' - {e}",
+                socket.display()
+            ));
             return finish(&p, &req, Err(err));
         }
     };
     let Some(on_upgrade) = req.upgrade.take() else {
-        return finish(&p, &req, Err(Error::BadRequest("connection cannot be upgraded".into())));
+        return finish(
+            &p,
+            &req,
+            Err(Error::BadRequest("connection cannot be upgraded".into())),
+        );
     };
     let vmid = path_param(&p, "vmid").to_string();
     tokio::spawn(async move {
@@ -81,7 +92,9 @@ pub(super) async fn mtunnelwebsocket(
                 from_socket = stats.from_socket,
                 "websocket forward finished"
             ),
-            Err(e) => tracing::info!(vmid, socket = %socket.display(), "websocket forward ended: {e}"),
+            Err(e) => {
+                tracing::info!(vmid, socket = %socket.display(), "websocket forward ended: {e}")
+            }
         }
     });
 

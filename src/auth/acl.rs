@@ -90,8 +90,8 @@ impl Acl {
         let mut best: Option<(usize, BTreeSet<String>)> = None;
         for entry in &self.entries {
             let entry_path = normalize_acl_path(&entry.path);
-            let applies = entry_path == target
-                || (entry.propagate && is_ancestor(&entry_path, &target));
+            let applies =
+                entry_path == target || (entry.propagate && is_ancestor(&entry_path, &target));
             if !applies {
                 continue;
             }
@@ -175,7 +175,11 @@ mod tests {
 
     #[test]
     fn roles_expand() {
-        assert!(role_privileges("Administrator").unwrap().contains(&"Sys.Incoming"));
+        assert!(
+            role_privileges("Administrator")
+                .unwrap()
+                .contains(&"Sys.Incoming")
+        );
         assert!(role_privileges("nope").is_none());
     }
 }

@@ -77,7 +77,12 @@ impl TicketKey {
     }
 
     /// Mints a ticket for `authid` on `/socket/<socket_path>` at Unix time `now`.
-    pub fn assemble(&self, authid: &str, socket_path: &str, now: u64) -> Result<String, TicketError> {
+    pub fn assemble(
+        &self,
+        authid: &str,
+        socket_path: &str,
+        now: u64,
+    ) -> Result<String, TicketError> {
         let path = normalize_path(&format!("/socket/{socket_path}"))?;
         let time_hex = format!("{:08X}", now);
         let sig = STANDARD.encode(self.mac(&time_hex, authid, &path));
@@ -93,7 +98,9 @@ impl TicketKey {
         now: u64,
     ) -> Result<(), TicketError> {
         let path = normalize_path(&format!("/socket/{socket_path}"))?;
-        let rest = ticket.strip_prefix("PVETUNNEL:").ok_or(TicketError::Invalid)?;
+        let rest = ticket
+            .strip_prefix("PVETUNNEL:")
+            .ok_or(TicketError::Invalid)?;
         let (time_hex, sig) = rest.split_once("::").ok_or(TicketError::Invalid)?;
         if time_hex.len() != 8 || !time_hex.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(TicketError::Invalid);
@@ -138,32 +145,58 @@ mod tests {
 
     #[test]
     fn format_and_roundtrip() {
-        let t = key().assemble("root@pam!t", "/run/x/100.mtunnel", NOW).unwrap();
+        let t = key()
+            .assemble("root@pam!t", "/run/x/100.mtunnel", NOW)
+            .unwrap();
         assert!(t.starts_with("PVETUNNEL:699F82D3::"), "{t}");
-        key().verify(&t, "root@pam!t", "/run/x/100.mtunnel", NOW + 5).unwrap();
+        key()
+            .verify(&t, "root@pam!t", "/run/x/100.mtunnel", NOW + 5)
+            .unwrap();
         // Normalization: the doubled slash from "/socket/" + "/run" is the same path.
-        key().verify(&t, "root@pam!t", "//run//x/100.mtunnel/", NOW).unwrap();
+        key()
+            .verify(&t, "root@pam!t", "//run//x/100.mtunnel/", NOW)
+            .unwrap();
     }
 
     #[test]
     fn rejects_other_user_path_key_and_age() {
-        let t = key().assemble("root@pam!t", "/run/x/100.mtunnel", NOW).unwrap();
+        let t = key()
+            .assemble("root@pam!t", "/run/x/100.mtunnel", NOW)
+            .unwrap();
         let bad = |r: Result<(), TicketError>| assert_eq!(r, Err(TicketError::Invalid));
         bad(key().verify(&t, "root@pam!u", "/run/x/100.mtunnel", NOW));
         bad(key().verify(&t, "root@pam!t", "/run/x/101.mtunnel", NOW));
         bad(TicketKey::from_bytes([8; 32]).verify(&t, "root@pam!t", "/run/x/100.mtunnel", NOW));
         bad(key().verify(&t, "root@pam!t", "/run/x/100.mtunnel", NOW + 40));
         bad(key().verify(&t, "root@pam!t", "/run/x/100.mtunnel", NOW - 20));
-        key().verify(&t, "root@pam!t", "/run/x/100.mtunnel", NOW + 39).unwrap();
-        key().verify(&t, "root@pam!t", "/run/x/100.mtunnel", NOW - 19).unwrap();
-        bad(key().verify("PVETUNNEL:699F82D3::!!", "root@pam!t", "/run/x/100.mtunnel", NOW));
+        key()
+            .verify(&t, "root@pam!t", "/run/x/100.mtunnel", NOW + 39)
+            .unwrap();
+        key()
+            .verify(&t, "root@pam!t", "/run/x/100.mtunnel", NOW - 19)
+            .unwrap();
+        bad(key().verify(
+            "PVETUNNEL:699F82D3::!!",
+            "root@pam!t",
+            "/run/x/100.mtunnel",
+            NOW,
+        ));
         bad(key().verify("garbage", "root@pam!t", "/run/x/100.mtunnel", NOW));
     }
 
     #[test]
     fn path_characters_are_restricted() {
-        assert_eq!(normalize_path("/socket//run/a b"), Err(TicketError::InvalidPath));
-        assert_eq!(normalize_path("/socket/run/\u{e9}"), Err(TicketError::InvalidPath));
-        assert_eq!(normalize_path("/socket//run/q/1.mtunnel").unwrap(), "/socket/run/q/1.mtunnel");
+        assert_eq!(
+            normalize_path("/socket//run/a b"),
+            Err(TicketError::InvalidPath)
+        );
+        assert_eq!(
+            normalize_path("/socket/run/\u{e9}"),
+            Err(TicketError::InvalidPath)
+        );
+        assert_eq!(
+            normalize_path("/socket//run/q/1.mtunnel").unwrap(),
+            "/socket/run/q/1.mtunnel"
+        );
     }
 }

@@ -145,7 +145,12 @@ impl TokenStore {
 
     /// Creates (or replaces) a token and returns the full header value
     /// `PVEAPIToken=<authid>=<secret>`; the secret itself is not stored.
-    pub fn create(&self, authid: &str, acl: Acl, comment: Option<String>) -> anyhow::Result<String> {
+    pub fn create(
+        &self,
+        authid: &str,
+        acl: Acl,
+        comment: Option<String>,
+    ) -> anyhow::Result<String> {
         if !is_valid_token_id(authid) {
             anyhow::bail!(
                 "invalid token id '{authid}': expected user@realm!name (name: a letter, then letters, digits, '.', '-', '_')"
@@ -216,7 +221,9 @@ pub fn is_valid_token_id(authid: &str) -> bool {
     };
     !user.is_empty()
         && user.len() <= 60
-        && !user.chars().any(|c| c.is_whitespace() || ":/@!".contains(c))
+        && !user
+            .chars()
+            .any(|c| c.is_whitespace() || ":/@!".contains(c))
         && ident(realm)
         && ident(name)
 }
@@ -263,10 +270,12 @@ pub fn random_uuid() -> String {
 
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 pub fn unix_now() -> u64 {
@@ -283,9 +292,18 @@ mod tests {
     #[test]
     fn header_forms() {
         let ok = |h: &str| parse_authorization(h).map(|(a, s)| format!("{a}|{s}"));
-        assert_eq!(ok("PVEAPIToken=root@pam!mig=abc").unwrap(), "root@pam!mig|abc");
-        assert_eq!(ok("PVEAPIToken root@pam!mig=abc").unwrap(), "root@pam!mig|abc");
-        assert_eq!(ok("PVEAPIToken=root%40pam!mig=a%3Db").unwrap(), "root@pam!mig|a=b");
+        assert_eq!(
+            ok("PVEAPIToken=root@pam!mig=abc").unwrap(),
+            "root@pam!mig|abc"
+        );
+        assert_eq!(
+            ok("PVEAPIToken root@pam!mig=abc").unwrap(),
+            "root@pam!mig|abc"
+        );
+        assert_eq!(
+            ok("PVEAPIToken=root%40pam!mig=a%3Db").unwrap(),
+            "root@pam!mig|a=b"
+        );
         assert_eq!(ok("Bearer x"), Err(AuthError::Missing));
         assert_eq!(ok("XPVEAPIToken=root@pam!mig=abc"), Err(AuthError::Missing));
         assert_eq!(ok("PVEAPIToken=root@pam=abc"), Err(AuthError::Malformed));

@@ -195,7 +195,11 @@ mod tests {
         let err = store.create_and_lock(100, "create").await.unwrap_err();
         assert_eq!(err.to_string(), "VM 100 already exists on node 'n1'");
         let held = store.lock(100, DEFAULT_LOCK_TIMEOUT).await.unwrap();
-        let err = store.lock(100, Duration::from_millis(50)).await.err().unwrap();
+        let err = store
+            .lock(100, Duration::from_millis(50))
+            .await
+            .err()
+            .unwrap();
         assert!(matches!(err, GuestError::LockTimeout { .. }), "{err}");
         // Another opener of the lock file (as a CLI process would be) is also kept out.
         let other = OpenOptions::new()

@@ -494,7 +494,10 @@ mod tests {
         let sa = tm.status(&upid_a).unwrap();
         assert_eq!(sa.exit, Some(ExitStatus::Warnings(1)));
         let sb = tm.status(&upid_b).unwrap();
-        assert_eq!(sb.exit, Some(ExitStatus::Error("received interrupt".into())));
+        assert_eq!(
+            sb.exit,
+            Some(ExitStatus::Error("received interrupt".into()))
+        );
         let (lines, total) = tm.read_log(&upid_a, 0, 50).unwrap();
         assert_eq!(total, 3);
         assert_eq!(lines[2].1, "TASK WARNINGS: 1");

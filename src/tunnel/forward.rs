@@ -41,7 +41,11 @@ where
 }
 
 /// Same as [`forward`] over any reader/writer pair (a split UNIX stream, a child's pipes).
-pub async fn pump<S, R, W>(ws: WebSocketStream<S>, mut read: R, mut write: W) -> std::io::Result<ForwardStats>
+pub async fn pump<S, R, W>(
+    ws: WebSocketStream<S>,
+    mut read: R,
+    mut write: W,
+) -> std::io::Result<ForwardStats>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
     R: AsyncRead + Unpin,

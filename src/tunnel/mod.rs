@@ -83,7 +83,10 @@ impl Registry {
 
     fn remove(&self, tunnel: &Arc<Tunnel>) {
         let mut map = self.tunnels.lock().unwrap_or_else(|e| e.into_inner());
-        if map.get(&tunnel.vmid).is_some_and(|t| Arc::ptr_eq(t, tunnel)) {
+        if map
+            .get(&tunnel.vmid)
+            .is_some_and(|t| Arc::ptr_eq(t, tunnel))
+        {
             map.remove(&tunnel.vmid);
         }
     }

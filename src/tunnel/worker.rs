@@ -46,7 +46,8 @@ pub trait CommandHandler: Send {
     /// Whether `cmd` is a command this handler knows.
     fn knows(&self, cmd: &str) -> bool;
     /// Runs a known command with its parameters (`cmd` already removed).
-    fn handle<'a>(&'a mut self, cmd: &'a str, params: Map<String, Value>) -> BoxFuture<'a, Outcome>;
+    fn handle<'a>(&'a mut self, cmd: &'a str, params: Map<String, Value>)
+    -> BoxFuture<'a, Outcome>;
     /// Called once when the control connection ends; `clean` is true after `quit`.
     fn finish(&mut self, clean: bool) -> BoxFuture<'_, ()>;
 }
@@ -233,7 +234,11 @@ impl CommandHandler for BuiltinHandler {
         cmd == "version"
     }
 
-    fn handle<'a>(&'a mut self, _cmd: &'a str, _params: Map<String, Value>) -> BoxFuture<'a, Outcome> {
+    fn handle<'a>(
+        &'a mut self,
+        _cmd: &'a str,
+        _params: Map<String, Value>,
+    ) -> BoxFuture<'a, Outcome> {
         Box::pin(async move {
             let mut fields = Map::new();
             fields.insert("api".into(), json!(2));
