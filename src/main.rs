@@ -31,6 +31,20 @@ enum Command {
     /// Manage API tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Check or test tunnel handler files.
+    #[command(subcommand)]
+    Handlers(HandlersCommand),
+}
+
+#[derive(Subcommand)]
+enum HandlersCommand {
+    /// Load every handler (built-ins overridden by DIR) and validate its schema.
+    Check {
+        /// Handlers directory (default: the node's, {data}/handlers).
+        dir: Option<PathBuf>,
+        #[command(flatten)]
+        node: NodeArgs,
+    },
 }
 
 /// Where the node keeps its state; shared by every command that touches a node.
@@ -90,10 +104,12 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match cli.command {
         Command::Serve(args) => run_async(serve(args)),
         Command::Token(TokenCommand::Create(args)) => token_create(args),
+        Command::Handlers(HandlersCommand::Check { dir, node }) => handlers_check(dir, &node),
     };
     if let Err(e) = result {
         eprintln!("mtunnel: error: {e:#}");
@@ -214,5 +230,28 @@ fn token_create(args: TokenCreateArgs) -> anyhow::Result<()> {
     };
     let header = store.create(&args.authid, acl, None)?;
     println!("{header}");
+    Ok(())
+}
+
+fn handlers_check(dir: Option<PathBuf>, node: &NodeArgs) -> anyhow::Result<()> {
+    let dir = match dir {
+        Some(d) => d,
+        None => load_config(node, None)?.handlers_dir,
+    };
+    let results = mtunnel::script::check_handlers(Some(&dir))?;
+    let mut failed = 0;
+    for (cmd, result) in &results {
+        match result {
+            Ok(desc) => println!("ok    {cmd}: {desc}"),
+            Err(e) => {
+                failed += 1;
+                println!("FAIL  {cmd}: {e}");
+            }
+        }
+    }
+    println!("{} handlers, {failed} refused", results.len());
+    if failed > 0 {
+        anyhow::bail!("{failed} handler(s) refused");
+    }
     Ok(())
 }

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use crate::auth::{TicketKey, TokenStore};
 use crate::config::NodeConfig;
 use crate::error::{Error, Result};
-use crate::guest::ConfigStore;
+use crate::guest::{ConfigStore, Hypervisor};
+use crate::storage::{NodeStorage, Storage};
 use crate::task::TaskManager;
 use crate::tunnel::Registry;
 
@@ -18,11 +19,28 @@ pub struct Node {
     pub tasks: Arc<TaskManager>,
     pub guests: ConfigStore,
     pub tunnels: Registry,
+    pub storage: Arc<dyn Storage>,
+    pub hypervisor: Arc<dyn Hypervisor>,
+}
+
+/// The storage and hypervisor backends a node uses (real ones unless scripted).
+pub struct Backends {
+    pub storage: Arc<dyn Storage>,
+    pub hypervisor: Arc<dyn Hypervisor>,
 }
 
 impl Node {
     /// Opens (and on first use creates) the node's directories and keys.
     pub fn open(cfg: NodeConfig) -> anyhow::Result<Arc<Self>> {
+        let backends = Backends {
+            storage: Arc::new(NodeStorage::new(cfg.storages.clone())),
+            hypervisor: Arc::new(crate::guest::hypervisor::Unavailable),
+        };
+        Self::open_with(cfg, backends)
+    }
+
+    /// Like [`Node::open`] with the given backends (e.g. scripted ones).
+    pub fn open_with(cfg: NodeConfig, backends: Backends) -> anyhow::Result<Arc<Self>> {
         crate::util::ensure_dir(&cfg.data_dir, 0o755)?;
         crate::util::ensure_dir(&cfg.priv_dir(), 0o700)?;
         crate::util::ensure_dir(&cfg.run_dir, 0o755)?;
@@ -37,6 +55,8 @@ impl Node {
             tasks,
             guests,
             tunnels: Registry::default(),
+            storage: backends.storage,
+            hypervisor: backends.hypervisor,
         }))
     }
 

@@ -4,7 +4,9 @@
 //! server. The config text format itself lives in [`config`].
 
 pub mod config;
+pub mod hypervisor;
 pub mod store;
 
 pub use config::VmConfig;
+pub use hypervisor::{Hypervisor, IncomingStart, IncomingStarted};
 pub use store::{ConfigStore, GuestError, VmLockGuard};

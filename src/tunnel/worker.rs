@@ -12,6 +12,7 @@ use tokio::net::UnixListener;
 
 use super::Tunnel;
 use crate::node::Node;
+use crate::script::handler::{LuaCommandHandler, host_ctx};
 use crate::task::{StopSignal, TaskLog};
 
 /// Longest accepted command line; longer lines are discarded with an error reply.
@@ -60,6 +61,18 @@ pub async fn run(
     log: &TaskLog,
     mut stop: StopSignal,
 ) -> anyhow::Result<()> {
+    // Handlers are read fresh for every tunnel: an edit takes effect for the next one.
+    let (sources, problems) = crate::script::handler_sources(Some(&node.cfg.handlers_dir));
+    for problem in problems {
+        log.warn(format!("handler file skipped: {problem}"));
+    }
+    let vm = crate::script::ScriptVm::new(crate::script::Limits::default(), &sources)?;
+    for (cmd, handler) in &vm.handlers {
+        if let Err(e) = handler {
+            log.warn(format!("handler '{cmd}' refused: {e}"));
+        }
+    }
+    let handler = LuaCommandHandler::new(vm, host_ctx(node, tunnel, log))?;
     log.log("mtunnel started");
     let accepted = tokio::select! {
         r = tokio::time::timeout(node.cfg.tunnel_accept_timeout, listener.accept()) => r,
@@ -84,13 +97,12 @@ pub async fn run(
         }
     };
     drop(listener);
-    let mut handler = BuiltinHandler;
+    let mut handler = handler;
     let (read, write) = stream.into_split();
     let clean = tokio::select! {
         r = serve(read, write, &mut handler, log) => r?,
         _ = stop.requested() => {
             handler.finish(false).await;
-            super::remove_reserved_config(node, tunnel.vmid).await;
             anyhow::bail!("received interrupt");
         }
     };
@@ -99,7 +111,6 @@ pub async fn run(
         log.log("mtunnel exited");
         Ok(())
     } else {
-        super::remove_reserved_config(node, tunnel.vmid).await;
         anyhow::bail!("mtunnel exited unexpectedly")
     }
 }
@@ -224,30 +235,4 @@ async fn read_bounded_line<R: AsyncRead + Unpin>(
 
 fn memchr(buf: &[u8]) -> Option<usize> {
     buf.iter().position(|&b| b == b'\n')
-}
-
-/// The handler used until the Lua engine takes over: `version` only.
-struct BuiltinHandler;
-
-impl CommandHandler for BuiltinHandler {
-    fn knows(&self, cmd: &str) -> bool {
-        cmd == "version"
-    }
-
-    fn handle<'a>(
-        &'a mut self,
-        _cmd: &'a str,
-        _params: Map<String, Value>,
-    ) -> BoxFuture<'a, Outcome> {
-        Box::pin(async move {
-            let mut fields = Map::new();
-            fields.insert("api".into(), json!(2));
-            fields.insert("age".into(), json!(0));
-            Outcome::ok(fields)
-        })
-    }
-
-    fn finish(&mut self, _clean: bool) -> BoxFuture<'_, ()> {
-        Box::pin(async {})
-    }
 }

@@ -1,0 +1,54 @@
+-- config: write the VM's final config as the source sends it (already rewritten to
+-- our volids and bridges). Dropped: lock, digest, parent, [PENDING], snapshots and
+-- the fleecing section; kept: vmgenid, meta, [special:cloudinit]. Every volume the
+-- config refers to must be one this tunnel allocated or imported, and every bridge
+-- must exist here. Afterwards the config carries `lock: migrate`.
+local function check_volumes(options)
+  for key, value in pairs(options) do
+    if pve.config.is_drive_key(key) then
+      local drive = pve.config.parse_drive(value)
+      local file = drive.file
+      if file ~= nil and file ~= "none" and file ~= "cdrom" and not pve.storage.owned(file) then
+        pve.fail(string.format("%s: volume '%s' was not created by this migration", key, file))
+      end
+    end
+  end
+end
+
+local function check_bridges(options)
+  for key, value in pairs(options) do
+    if key:match("^net%d+$") then
+      local net = pve.config.parse_drive(value)
+      if net.bridge ~= nil and not pve.tunnel.bridge_exists(net.bridge) then
+        pve.fail(string.format("%s: bridge '%s' does not exist", key, net.bridge))
+      end
+    end
+  end
+end
+
+return {
+  description = "Write the migrated VM's config; the VM is then locked 'migrate'.",
+  params = {
+    conf = { type = "string", description = "the full config file text" },
+    ["firewall-config"] = { type = "string", optional = true,
+                            description = "the source's VM firewall file" },
+  },
+  run = function(ctx, p)
+    local new = pve.config.parse(p.conf)
+    local options = new.options
+    options.lock, options.digest, options.parent = nil, nil, nil
+    -- a legacy top-level cloudinit key belongs into its special section
+    local special = new.special or {}
+    special.fleecing = nil
+    check_volumes(options)
+    check_bridges(options)
+
+    if p["firewall-config"] ~= nil then
+      pve.firewall.write(p["firewall-config"])
+    end
+    options.lock = "migrate"
+    pve.config.write { description = new.description, options = options, special = special }
+    pve.tunnel.expect_lock("migrate")
+    return {}
+  end,
+}

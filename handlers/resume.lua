@@ -1,0 +1,15 @@
+-- resume: continue the migrated VM. From here on the target VM is the live one, so
+-- a lost connection no longer destroys it.
+return {
+  description = "Resume the migrated VM.",
+  params = false,
+  lock = false,
+  run = function(ctx, p)
+    if not pve.qemu.is_running() then
+      pve.fail("VM " .. ctx.vmid .. " not running")
+    end
+    pve.qemu.resume()
+    pve.tunnel.commit()
+    return {}
+  end,
+}

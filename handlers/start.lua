@@ -1,0 +1,70 @@
+-- start: start the target VM paused, waiting for the RAM migration on
+-- {run}/{vmid}.migrate, with an NBD server on {run}/{vmid}_nbd.migrate exporting
+-- each live-migrated drive as drive-<key>. Only volumes allocated by `disk`, with
+-- exactly the drive string `disk` returned, may be exported.
+return {
+  description = "Start the VM for an incoming live migration.",
+  params = {
+    start_params = { type = "object", properties = {
+      statefile = { type = "string", enum = { "unix" } },
+      forcemachine = { type = "string", optional = true, pattern = [[[a-z0-9._+-]+]] },
+      forcecpu = { type = "string", optional = true },
+      skiplock = { type = "boolean", optional = true },
+      ["nets-host-mtu"] = { type = "string", optional = true, pattern = [[net\d+=\d+(,net\d+=\d+)*]] },
+    } },
+    migrate_opts = { type = "object", properties = {
+      migratedfrom = { type = "string", format = "pve-node" },
+      spice_ticket = { type = "string", optional = true },
+      type = { type = "string", enum = { "websocket" } },
+      remote_node = { type = "string", format = "pve-node", optional = true },
+      network = { type = "string", optional = true },
+      storagemap = { type = "object", optional = true, additionalProperties = true },
+      nbd_proto_version = { type = "integer", minimum = 1, optional = true },
+      nbd = { type = "object", optional = true, additionalProperties = true },
+    } },
+  },
+  run = function(ctx, p)
+    local exports, drivestrs = {}, {}
+    for key, d in pairs(p.migrate_opts.nbd or {}) do
+      if type(d) ~= "table" then
+        pve.fail("NBD entry for '" .. key .. "' is not an object")
+      end
+      d.success = nil
+      for k in pairs(d) do
+        if k ~= "volid" and k ~= "drivestr" then
+          pve.fail("unexpected key '" .. k .. "' in NBD entry for '" .. key .. "'")
+        end
+      end
+      local known = ctx.state.nbd and ctx.state.nbd[d.volid]
+      if known == nil then
+        pve.fail("Unknown NBD volume '" .. tostring(d.volid) .. "'")
+      end
+      if known.drivestr ~= d.drivestr or known.key ~= key then
+        pve.fail("NBD mismatch for '" .. d.volid .. "'")
+      end
+      exports[key] = d.volid
+      drivestrs[key] = d.drivestr
+    end
+
+    local started = pve.qemu.start_incoming {
+      machine = p.start_params.forcemachine,
+      cpu = p.start_params.forcecpu,
+      nbd = exports,
+    }
+    local reply = {
+      migrate = {
+        proto = "unix",
+        addr = started.migrate_socket,
+        uri = "unix:" .. started.migrate_socket,
+      },
+    }
+    if started.nbd_socket ~= nil then
+      reply.migrate.unix_sockets = pve.json.array { started.nbd_socket }
+      reply.drives = {}
+      for key, uri in pairs(started.nbd_uris) do
+        reply.drives[key] = { drivestr = drivestrs[key], volid = exports[key], nbd_uri = uri }
+      end
+    end
+    return reply
+  end,
+}

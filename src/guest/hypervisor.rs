@@ -1,0 +1,82 @@
+//! The hypervisor backend as tunnel handlers see it: start a VM as the target of an incoming
+//! migration (with NBD exports for its disks), resume, stop, stop the NBD server, trim.
+//! The real implementation drives QEMU ([`crate::qemu`]); a scripted one answers from Lua.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use futures_util::future::BoxFuture;
+
+use super::VmConfig;
+
+/// What `start` asks for.
+#[derive(Debug, Clone)]
+pub struct IncomingStart {
+    pub vmid: u32,
+    pub config: VmConfig,
+    /// `forcemachine` of the source (e.g. `pc-q35-9.2+pve0`).
+    pub machine: Option<String>,
+    /// `forcecpu` of the source (a `-cpu` argument).
+    pub cpu: Option<String>,
+    /// Drives to export over NBD: drive key (`scsi0`) → target volid.
+    pub nbd: BTreeMap<String, String>,
+}
+
+/// Where the incoming VM listens.
+#[derive(Debug, Clone)]
+pub struct IncomingStarted {
+    /// `{run}/{vmid}.migrate`
+    pub migrate_socket: PathBuf,
+    /// `{run}/{vmid}_nbd.migrate` when drives are exported.
+    pub nbd_socket: Option<PathBuf>,
+    /// Drive key → `nbd:unix:<socket>:exportname=drive-<key>`.
+    pub nbd_uris: BTreeMap<String, String>,
+}
+
+pub type HvResult<T> = anyhow::Result<T>;
+
+pub trait Hypervisor: Send + Sync {
+    /// Starts the VM paused, waiting for an incoming migration on a UNIX socket.
+    fn start_incoming(&self, req: IncomingStart) -> BoxFuture<'_, HvResult<IncomingStarted>>;
+    /// Continues a paused VM (or wakes a suspended one).
+    fn resume(&self, vmid: u32) -> BoxFuture<'_, HvResult<()>>;
+    /// Hard-stops the VM; stopping a VM that does not run is not an error.
+    fn stop(&self, vmid: u32) -> BoxFuture<'_, HvResult<()>>;
+    /// Stops the VM's NBD server.
+    fn nbd_stop(&self, vmid: u32) -> BoxFuture<'_, HvResult<()>>;
+    fn is_running(&self, vmid: u32) -> BoxFuture<'_, bool>;
+    /// Asks the guest agent to trim file systems (probing it first with a short timeout).
+    fn fstrim(&self, vmid: u32) -> BoxFuture<'_, HvResult<()>>;
+}
+
+/// A node without a hypervisor backend: every VM operation fails with a clear message.
+pub struct Unavailable;
+
+fn unavailable<T>() -> BoxFuture<'static, HvResult<T>> {
+    Box::pin(async {
+        Err(anyhow::anyhow!(
+            "no hypervisor backend is configured on this node"
+        ))
+    })
+}
+
+impl Hypervisor for Unavailable {
+    fn start_incoming(&self, _req: IncomingStart) -> BoxFuture<'_, HvResult<IncomingStarted>> {
+        unavailable()
+    }
+    fn resume(&self, _vmid: u32) -> BoxFuture<'_, HvResult<()>> {
+        unavailable()
+    }
+    fn stop(&self, _vmid: u32) -> BoxFuture<'_, HvResult<()>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn nbd_stop(&self, _vmid: u32) -> BoxFuture<'_, HvResult<()>> {
+        unavailable()
+    }
+    fn is_running(&self, _vmid: u32) -> BoxFuture<'_, bool> {
+        Box::pin(async { false })
+    }
+    fn fstrim(&self, _vmid: u32) -> BoxFuture<'_, HvResult<()>> {
+        unavailable()
+    }
+}

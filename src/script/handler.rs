@@ -1,0 +1,208 @@
+//! Runs Lua handlers as the tunnel's [`CommandHandler`]: looks the command up, validates
+//! its parameters against the handler's schema, takes the VM's config lock and checks the
+//! expected lock (for handlers with `lock = true`), calls `run(ctx, params)` within the
+//! instruction budget, and turns the result or the error into the reply. When the control
+//! connection is lost before the migration committed, it frees what the tunnel created.
+
+use std::sync::{Arc, Mutex};
+
+use futures_util::future::BoxFuture;
+use mlua::{LuaSerdeExt, RegistryKey, Table, Value as LuaValue};
+use serde_json::{Map, Value};
+
+use super::host::{self, HostCtx, Session, config_to_json};
+use super::{ScriptVm, clean_error, schema};
+use crate::guest::VmConfig;
+use crate::guest::store::DEFAULT_LOCK_TIMEOUT;
+use crate::tunnel::worker::{CommandHandler, Outcome};
+
+pub struct LuaCommandHandler {
+    vm: ScriptVm,
+    ctx: Arc<HostCtx>,
+    state: RegistryKey,
+}
+
+impl LuaCommandHandler {
+    /// Wires a loaded VM to a tunnel; the config starts out expecting lock `create`.
+    pub fn new(vm: ScriptVm, ctx: HostCtx) -> anyhow::Result<Self> {
+        let ctx = Arc::new(ctx);
+        ctx.session().expected_lock = Some("create".into());
+        vm.lua.set_app_data(Arc::clone(&ctx));
+        let state = vm
+            .lua
+            .create_table()
+            .and_then(|t| vm.lua.create_registry_value(t))
+            .map_err(|e| anyhow::anyhow!("creating tunnel state: {e}"))?;
+        Ok(LuaCommandHandler { vm, ctx, state })
+    }
+
+    pub fn host(&self) -> &Arc<HostCtx> {
+        &self.ctx
+    }
+
+    async fn run(&mut self, cmd: &str, params: Map<String, Value>) -> Outcome {
+        let Some(handler) = self.vm.handlers.get(cmd) else {
+            return Outcome::err(format!("unknown command '{cmd}' given"));
+        };
+        let handler = match handler {
+            Ok(h) => h,
+            Err(load_error) => return Outcome::err(format!("handler not loaded: {load_error}")),
+        };
+        let params = match &handler.params {
+            None => Value::Object(Map::new()),
+            Some(props) => match schema::validate_object("", props, false, &params) {
+                Ok(v) => v,
+                Err(errors) => return Outcome::err(schema::format_errors(&errors)),
+            },
+        };
+        let conf = if handler.lock {
+            let guard = match self
+                .ctx
+                .node
+                .guests
+                .lock(self.ctx.vmid, DEFAULT_LOCK_TIMEOUT)
+                .await
+            {
+                Ok(g) => g,
+                Err(e) => return Outcome::err(e.to_string()),
+            };
+            let conf = match self
+                .ctx
+                .node
+                .guests
+                .read_text(self.ctx.vmid)
+                .map(|t| VmConfig::parse(&t))
+            {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => return Outcome::err(e.to_string()),
+                Err(e) => return Outcome::err(e.to_string()),
+            };
+            let expected = self.ctx.session().expected_lock.clone();
+            if let Some(lock) = expected
+                && conf.options.get("lock") != Some(&lock)
+            {
+                return Outcome::err("Encountered wrong lock - aborting mtunnel command handling.");
+            }
+            *self.ctx.guard.lock().unwrap_or_else(|e| e.into_inner()) = Some(guard);
+            Some(conf)
+        } else {
+            None
+        };
+        let result = self.call(cmd, conf.as_ref(), &params).await;
+        self.ctx
+            .guard
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let exit = std::mem::take(&mut self.ctx.session().exit);
+        Outcome {
+            reply: result,
+            exit,
+        }
+    }
+
+    async fn call(
+        &self,
+        cmd: &str,
+        conf: Option<&VmConfig>,
+        params: &Value,
+    ) -> Result<Map<String, Value>, String> {
+        let lua = &self.vm.lua;
+        let handler = match self.vm.handlers.get(cmd) {
+            Some(Ok(h)) => h,
+            _ => return Err(format!("unknown command '{cmd}' given")),
+        };
+        let build = || -> mlua::Result<(Table, LuaValue)> {
+            let ctx = lua.create_table()?;
+            ctx.set("vmid", self.ctx.vmid)?;
+            ctx.set("cmd", cmd)?;
+            ctx.set("authid", self.ctx.authid.as_str())?;
+            ctx.set("node", self.ctx.node.cfg.node.as_str())?;
+            if let Some(conf) = conf {
+                ctx.set("conf", lua.to_value(&config_to_json(conf))?)?;
+            }
+            ctx.set("state", lua.registry_value::<Table>(&self.state)?)?;
+            ctx.set(
+                "exit",
+                lua.create_function(|lua, _self: LuaValue| {
+                    if let Some(c) = lua.app_data_ref::<Arc<HostCtx>>() {
+                        c.session().exit = true;
+                    }
+                    Ok(())
+                })?,
+            )?;
+            Ok((ctx, lua.to_value(params)?))
+        };
+        let (ctx, params) = build().map_err(|e| clean_error(&e))?;
+        if let Some(b) = lua.app_data_ref::<super::Budget>() {
+            b.reset(self.vm.limits.instructions);
+        }
+        let value: LuaValue = handler
+            .run
+            .call_async((ctx, params))
+            .await
+            .map_err(|e| clean_error(&e))?;
+        match value {
+            LuaValue::Nil => Ok(Map::new()),
+            LuaValue::Table(_) => match lua.from_value::<Value>(value) {
+                Ok(Value::Object(map)) => Ok(map),
+                Ok(Value::Array(a)) if a.is_empty() => Ok(Map::new()),
+                Ok(_) => Err(format!(
+                    "handler '{cmd}' returned a list, expected a table of reply fields"
+                )),
+                Err(e) => Err(format!(
+                    "handler '{cmd}' returned a value that is not JSON: {e}"
+                )),
+            },
+            _ => Err(format!("handler '{cmd}' must return a table or nil")),
+        }
+    }
+}
+
+impl CommandHandler for LuaCommandHandler {
+    fn knows(&self, cmd: &str) -> bool {
+        self.vm.handlers.contains_key(cmd)
+    }
+
+    fn handle<'a>(
+        &'a mut self,
+        cmd: &'a str,
+        params: Map<String, Value>,
+    ) -> BoxFuture<'a, Outcome> {
+        Box::pin(self.run(cmd, params))
+    }
+
+    fn finish(&mut self, clean: bool) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let committed = self.ctx.session().committed;
+            if clean || committed {
+                if let Some(job) = self.ctx.session().import.take() {
+                    job.task.abort();
+                    let _ = std::fs::remove_file(&job.socket);
+                }
+                return;
+            }
+            self.ctx
+                .log
+                .log("control connection lost before the migration finished: cleaning up");
+            host::cleanup(&self.ctx).await;
+        })
+    }
+}
+
+/// A fresh host context for a tunnel.
+pub fn host_ctx(
+    node: &Arc<crate::node::Node>,
+    tunnel: &Arc<crate::tunnel::Tunnel>,
+    log: &crate::task::TaskLog,
+) -> HostCtx {
+    HostCtx {
+        node: Arc::clone(node),
+        tunnel: Arc::clone(tunnel),
+        log: log.clone(),
+        vmid: tunnel.vmid,
+        authid: tunnel.authid.clone(),
+        session: Mutex::new(Session::default()),
+        guard: Mutex::new(None),
+    }
+}

@@ -1,0 +1,886 @@
+//! The host API handlers call: one read-only global `pve` with sub-tables `log`, `json`,
+//! `config`, `storage`, `qemu`, `firewall`, `tunnel`, `perm` and the function `fail`.
+//! Functions raise on failure with a message fit for the reply. Everything a tunnel
+//! creates through them (volumes, imports, a started VM, a firewall file) is recorded in
+//! the tunnel's [`Session`] so [`cleanup`] can free exactly that and nothing else.
+//! Reference: `handlers/README.md`.
+
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context as TaskContext, Poll};
+use std::time::Duration;
+
+use mlua::{Function, Lua, LuaSerdeExt, Table, Value as LuaValue};
+use serde_json::{Map, Value, json};
+use tokio::io::{AsyncRead, ReadBuf};
+
+use super::HandlerFailure;
+use crate::auth::token::unix_now;
+use crate::guest::config::{self, VmConfig};
+use crate::guest::{IncomingStart, VmLockGuard};
+use crate::node::Node;
+use crate::storage::ImportRequest;
+use crate::task::TaskLog;
+use crate::tunnel::Tunnel;
+
+/// What a tunnel has done so far, for cleanup and for the wire rules.
+#[derive(Default)]
+pub struct Session {
+    /// Volumes this tunnel allocated or imported (freed by cleanup).
+    pub allocated: Vec<String>,
+    pub vm_started: bool,
+    pub firewall_written: bool,
+    /// The migration has passed its point of no return (`resume`/`unlock`): a lost
+    /// connection must not destroy the VM any more.
+    pub committed: bool,
+    /// The lock every locked command expects on the config (`create`, then `migrate`).
+    pub expected_lock: Option<String>,
+    pub exit: bool,
+    pub import: Option<ImportJob>,
+}
+
+/// A running `disk-import`.
+pub struct ImportJob {
+    pub socket: PathBuf,
+    pub task: tokio::task::JoinHandle<Result<String, String>>,
+    pub received: Arc<AtomicU64>,
+}
+
+/// Per-tunnel context, stored as app data of the tunnel's Lua VM.
+pub struct HostCtx {
+    pub node: Arc<Node>,
+    pub tunnel: Arc<Tunnel>,
+    pub log: TaskLog,
+    pub vmid: u32,
+    pub authid: String,
+    pub session: Mutex<Session>,
+    /// The VM lock while a locked handler runs.
+    pub guard: Mutex<Option<VmLockGuard>>,
+}
+
+impl HostCtx {
+    pub fn session(&self) -> std::sync::MutexGuard<'_, Session> {
+        self.session.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn info(&self, msg: &str) {
+        tracing::info!(vmid = self.vmid, "{msg}");
+        self.log.log(msg);
+    }
+
+    fn warn(&self, msg: &str) {
+        tracing::warn!(vmid = self.vmid, "{msg}");
+        self.log.warn(msg);
+    }
+}
+
+pub fn fail(msg: impl Into<String>) -> mlua::Error {
+    mlua::Error::external(HandlerFailure(msg.into()))
+}
+
+fn ctx(lua: &Lua) -> mlua::Result<Arc<HostCtx>> {
+    lua.app_data_ref::<Arc<HostCtx>>()
+        .map(|c| Arc::clone(&c))
+        .ok_or_else(|| fail("host functions are only available inside a tunnel"))
+}
+
+fn to_lua(lua: &Lua, v: &Value) -> mlua::Result<LuaValue> {
+    lua.to_value(v)
+}
+
+fn from_lua(lua: &Lua, v: LuaValue) -> mlua::Result<Value> {
+    lua.from_value(v)
+}
+
+/// Wraps `table` in a proxy that refuses writes.
+fn readonly(lua: &Lua, table: Table) -> mlua::Result<Table> {
+    let proxy = lua.create_table()?;
+    let meta = lua.create_table()?;
+    meta.set("__index", table)?;
+    meta.set(
+        "__newindex",
+        lua.create_function(
+            |_, (_t, k, _v): (LuaValue, LuaValue, LuaValue)| -> mlua::Result<()> {
+                Err(fail(format!(
+                    "pve is read-only (tried to set '{}')",
+                    k.to_string().unwrap_or_default()
+                )))
+            },
+        )?,
+    )?;
+    meta.set("__metatable", false)?;
+    proxy.set_metatable(Some(meta))?;
+    Ok(proxy)
+}
+
+/// Installs the global `pve` and `print`.
+pub fn register(lua: &Lua) -> anyhow::Result<()> {
+    register_inner(lua).map_err(|e| anyhow::anyhow!("registering the pve host API: {e}"))
+}
+
+fn register_inner(lua: &Lua) -> mlua::Result<()> {
+    let pve = lua.create_table()?;
+    pve.set("log", readonly(lua, log_table(lua)?)?)?;
+    pve.set("json", readonly(lua, json_table(lua)?)?)?;
+    pve.set("config", readonly(lua, config_table(lua)?)?)?;
+    pve.set("storage", readonly(lua, storage_table(lua)?)?)?;
+    pve.set("qemu", readonly(lua, qemu_table(lua)?)?)?;
+    pve.set("firewall", readonly(lua, firewall_table(lua)?)?)?;
+    pve.set("tunnel", readonly(lua, tunnel_table(lua)?)?)?;
+    pve.set("perm", readonly(lua, perm_table(lua)?)?)?;
+    pve.set(
+        "fail",
+        lua.create_function(|_, msg: LuaValue| -> mlua::Result<()> {
+            Err(fail(match msg {
+                LuaValue::String(s) => s.to_string_lossy(),
+                other => other.to_string().unwrap_or_else(|_| "error".into()),
+            }))
+        })?,
+    )?;
+    lua.globals().set("pve", readonly(lua, pve)?)?;
+    lua.globals().set(
+        "print",
+        lua.create_function(|lua, args: mlua::Variadic<LuaValue>| {
+            let text = args
+                .iter()
+                .map(|v| v.to_string().unwrap_or_else(|_| "?".into()))
+                .collect::<Vec<_>>()
+                .join("\t");
+            log_line(lua, "info", &text);
+            Ok(())
+        })?,
+    )?;
+    Ok(())
+}
+
+fn log_line(lua: &Lua, level: &str, msg: &str) {
+    match lua.app_data_ref::<Arc<HostCtx>>() {
+        Some(c) if level == "warn" => c.warn(msg),
+        Some(c) if level == "debug" => tracing::debug!(vmid = c.vmid, "{msg}"),
+        Some(c) => c.info(msg),
+        None => tracing::info!("lua: {msg}"),
+    }
+}
+
+fn log_table(lua: &Lua) -> mlua::Result<Table> {
+    let t = lua.create_table()?;
+    for level in ["info", "warn", "debug"] {
+        t.set(
+            level,
+            lua.create_function(move |lua, msg: String| {
+                log_line(lua, level, &msg);
+                Ok(())
+            })?,
+        )?;
+    }
+    Ok(t)
+}
+
+fn json_table(lua: &Lua) -> mlua::Result<Table> {
+    let t = lua.create_table()?;
+    t.set("null", lua.null())?;
+    t.set(
+        "array",
+        lua.create_function(|lua, t: Option<Table>| {
+            let t = match t {
+                Some(t) => t,
+                None => lua.create_table()?,
+            };
+            t.set_metatable(Some(lua.array_metatable()))?;
+            Ok(t)
+        })?,
+    )?;
+    t.set(
+        "encode",
+        lua.create_function(|lua, v: LuaValue| {
+            let v = from_lua(lua, v)?;
+            serde_json::to_string(&v).map_err(|e| fail(format!("json encode: {e}")))
+        })?,
+    )?;
+    t.set(
+        "decode",
+        lua.create_function(|lua, s: String| {
+            let v: Value =
+                serde_json::from_str(&s).map_err(|e| fail(format!("json decode: {e}")))?;
+            to_lua(lua, &v)
+        })?,
+    )?;
+    Ok(t)
+}
+
+/// A VM config as Lua sees it.
+pub fn config_to_json(c: &VmConfig) -> Value {
+    let snapshots: Map<String, Value> = c
+        .snapshots
+        .iter()
+        .map(|(name, s)| {
+            (
+                name.clone(),
+                json!({"description": s.description, "options": s.options}),
+            )
+        })
+        .collect();
+    json!({
+        "description": c.description,
+        "options": c.options,
+        "pending": c.pending,
+        "special": c.special,
+        "snapshots": snapshots,
+        "digest": c.digest,
+    })
+}
+
+fn string_map(
+    v: Option<&Value>,
+    what: &str,
+) -> mlua::Result<std::collections::BTreeMap<String, String>> {
+    let mut out = std::collections::BTreeMap::new();
+    match v {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(m)) => {
+            for (k, v) in m {
+                let s = match v {
+                    Value::String(s) => s.clone(),
+                    Value::Number(n) => n.to_string(),
+                    Value::Bool(b) => (if *b { "1" } else { "0" }).to_string(),
+                    Value::Null => continue,
+                    _ => return Err(fail(format!("{what}.{k}: must be a string"))),
+                };
+                out.insert(k.clone(), s);
+            }
+        }
+        // An empty Lua table serializes as an empty array.
+        Some(Value::Array(a)) if a.is_empty() => {}
+        Some(_) => return Err(fail(format!("{what} must be a table of strings"))),
+    }
+    Ok(out)
+}
+
+/// The inverse of [`config_to_json`] (snapshots are not written back by handlers).
+pub fn config_from_json(v: &Value) -> mlua::Result<VmConfig> {
+    let mut c = VmConfig {
+        options: string_map(v.get("options"), "options")?,
+        pending: string_map(v.get("pending"), "pending")?,
+        ..VmConfig::default()
+    };
+    c.description = v
+        .get("description")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    if let Some(Value::Object(special)) = v.get("special") {
+        for (name, opts) in special {
+            c.special
+                .insert(name.clone(), string_map(Some(opts), "special")?);
+        }
+    }
+    c.validate()
+        .map_err(|e| fail(format!("invalid config: {e}")))?;
+    Ok(c)
+}
+
+fn config_table(lua: &Lua) -> mlua::Result<Table> {
+    let t = lua.create_table()?;
+    t.set(
+        "load",
+        lua.create_function(|lua, ()| {
+            let c = ctx(lua)?;
+            let text = c
+                .node
+                .guests
+                .read_text(c.vmid)
+                .map_err(|e| fail(e.to_string()))?;
+            let conf = VmConfig::parse(&text).map_err(|e| fail(e.to_string()))?;
+            to_lua(lua, &config_to_json(&conf))
+        })?,
+    )?;
+    t.set(
+        "parse",
+        lua.create_function(|lua, text: String| {
+            let conf = VmConfig::parse_strict(&text).map_err(|e| fail(e.to_string()))?;
+            to_lua(lua, &config_to_json(&conf))
+        })?,
+    )?;
+    t.set(
+        "write",
+        lua.create_function(|lua, conf: LuaValue| {
+            let c = ctx(lua)?;
+            let conf = config_from_json(&from_lua(lua, conf)?)?;
+            let guard = c.guard.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(guard) = guard.as_ref() else {
+                return Err(fail(
+                    "pve.config.write needs the config lock (handler has lock = false)",
+                ));
+            };
+            c.node
+                .guests
+                .write_text_locked(guard, &conf.write())
+                .map_err(|e| fail(e.to_string()))
+        })?,
+    )?;
+    t.set(
+        "parse_drive",
+        lua.create_function(|lua, value: String| {
+            let props = config::parse_property_string(&value, Some("file"))
+                .map_err(|e| fail(e.to_string()))?;
+            let map: Map<String, Value> = props
+                .into_iter()
+                .map(|(k, v)| (k, Value::String(v)))
+                .collect();
+            to_lua(lua, &Value::Object(map))
+        })?,
+    )?;
+    t.set(
+        "print_drive",
+        lua.create_function(|lua, props: LuaValue| {
+            let v = from_lua(lua, props)?;
+            let map = string_map(Some(&v), "drive")?;
+            Ok(config::print_property_string(
+                &map.into_iter().collect::<Vec<_>>(),
+                Some("file"),
+            ))
+        })?,
+    )?;
+    t.set(
+        "parse_size",
+        lua.create_function(|_, s: String| Ok(config::parse_size(&s)))?,
+    )?;
+    t.set(
+        "format_size",
+        lua.create_function(|_, n: u64| Ok(config::format_size(n)))?,
+    )?;
+    t.set(
+        "is_drive_key",
+        lua.create_function(|_, k: String| Ok(config::is_drive_key(&k)))?,
+    )?;
+    Ok(t)
+}
+
+fn storage_table(lua: &Lua) -> mlua::Result<Table> {
+    let t = lua.create_table()?;
+    t.set(
+        "check",
+        lua.create_function(|lua, storage: String| {
+            let c = ctx(lua)?;
+            c.node
+                .check_storage_for_images(&c.authid, &storage)
+                .map_err(|e| fail(e.to_string()))
+        })?,
+    )?;
+    t.set(
+        "formats",
+        lua.create_function(|lua, storage: String| {
+            let c = ctx(lua)?;
+            let def = c
+                .node
+                .cfg
+                .storages
+                .get(&storage)
+                .ok_or_else(|| fail(format!("storage '{storage}' does not exist")))?;
+            let valid = match def.kind {
+                crate::storage::StorageKind::Dir => vec!["raw", "qcow2"],
+            };
+            to_lua(lua, &json!({"default": "raw", "valid": valid}))
+        })?,
+    )?;
+    t.set(
+        "alloc",
+        lua.create_async_function(
+            |lua, (storage, format, size_kib, name): (String, String, u64, Option<String>)| async move {
+                let c = ctx(&lua)?;
+                let volid = c
+                    .node
+                    .storage
+                    .alloc(&storage, c.vmid, &format, name.as_deref(), size_kib)
+                    .await
+                    .map_err(|e| fail(e.to_string()))?;
+                c.session().allocated.push(volid.clone());
+                c.info(&format!("allocated volume '{volid}' ({size_kib} KiB, {format})"));
+                Ok(volid)
+            },
+        )?,
+    )?;
+    t.set(
+        "free",
+        lua.create_async_function(|lua, volid: String| async move {
+            let c = ctx(&lua)?;
+            if !c.session().allocated.contains(&volid) {
+                return Err(fail(format!(
+                    "volume '{volid}' was not allocated by this tunnel"
+                )));
+            }
+            c.node
+                .storage
+                .free(&volid)
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            c.session().allocated.retain(|v| v != &volid);
+            c.info(&format!("freed volume '{volid}'"));
+            Ok(())
+        })?,
+    )?;
+    t.set(
+        "owned",
+        lua.create_function(|lua, volid: String| {
+            let c = ctx(lua)?;
+            Ok(c.session().allocated.contains(&volid))
+        })?,
+    )?;
+    t.set(
+        "path",
+        lua.create_function(|lua, volid: String| {
+            let c = ctx(lua)?;
+            c.node
+                .storage
+                .path(&volid)
+                .map(|p| p.display().to_string())
+                .map_err(|e| fail(e.to_string()))
+        })?,
+    )?;
+    t.set(
+        "bwlimit",
+        lua.create_function(
+            |lua, (operation, storages, override_kib): (String, LuaValue, Option<u64>)| {
+                let c = ctx(lua)?;
+                let storages: Vec<Option<String>> = match from_lua(lua, storages)? {
+                    Value::Array(items) => items
+                        .iter()
+                        .map(|v| v.as_str().map(str::to_string))
+                        .collect(),
+                    Value::Null => Vec::new(),
+                    Value::Object(m) if m.is_empty() => Vec::new(),
+                    _ => return Err(fail("storages must be a list")),
+                };
+                // As PVE: whoever may change the limits may also exceed them.
+                let may_exceed = c.node.allows(&c.authid, "/", "Sys.Modify")
+                    || storages.iter().flatten().all(|s| {
+                        c.node
+                            .allows(&c.authid, &format!("/storage/{s}"), "Datastore.Allocate")
+                    }) && storages.iter().any(Option::is_some);
+                if let (Some(o), true) = (override_kib, may_exceed) {
+                    return Ok(if o == 0 { None } else { Some(o) });
+                }
+                Ok(c.node.storage.bwlimit(&operation, &storages, override_kib))
+            },
+        )?,
+    )?;
+    t.set(
+        "import_start",
+        lua.create_async_function(|lua, opts: LuaValue| async move {
+            let c = ctx(&lua)?;
+            let opts = from_lua(&lua, opts)?;
+            let (socket, format) = import_start(&c, &opts).await?;
+            to_lua(
+                &lua,
+                &json!({"socket": socket.display().to_string(), "format": format}),
+            )
+        })?,
+    )?;
+    t.set(
+        "import_status",
+        lua.create_async_function(|lua, ()| async move {
+            let c = ctx(&lua)?;
+            let status = import_status(&c).await?;
+            to_lua(&lua, &status)
+        })?,
+    )?;
+    Ok(t)
+}
+
+/// Counts bytes read, for `pending` progress messages.
+struct CountingReader<R> {
+    inner: R,
+    count: Arc<AtomicU64>,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for CountingReader<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        self.count.fetch_add(n as u64, Ordering::Relaxed);
+        r
+    }
+}
+
+/// How long the importer waits for the source to connect.
+const IMPORT_ACCEPT_TIMEOUT: Duration = Duration::from_secs(30);
+
+async fn import_start(c: &Arc<HostCtx>, opts: &Value) -> mlua::Result<(PathBuf, String)> {
+    let get = |k: &str| opts.get(k).and_then(Value::as_str).map(str::to_string);
+    let storage = get("storage").ok_or_else(|| fail("import_start: 'storage' missing"))?;
+    let volname = get("volname").ok_or_else(|| fail("import_start: 'volname' missing"))?;
+    let format = get("format").ok_or_else(|| fail("import_start: 'format' missing"))?;
+    let export_formats =
+        get("export_formats").ok_or_else(|| fail("import_start: 'export_formats' missing"))?;
+    let allow_rename = opts
+        .get("allow_rename")
+        .and_then(crate::util::lenient_bool)
+        .unwrap_or(false);
+    if c.session().import.is_some() {
+        return Err(fail("disk import already running"));
+    }
+    let stream_format = crate::storage::import::choose_stream_format(
+        &*c.node.storage,
+        &storage,
+        &format,
+        &export_formats,
+    )
+    .map_err(|e| fail(e.to_string()))?;
+    let socket = c.node.cfg.run_dir.join(format!("{}.storage", c.vmid));
+    let _ = std::fs::remove_file(&socket);
+    let listener = tokio::net::UnixListener::bind(&socket)
+        .map_err(|e| fail(format!("unable to listen on {}: {e}", socket.display())))?;
+    let received = Arc::new(AtomicU64::new(0));
+    let req = ImportRequest {
+        storage,
+        vmid: c.vmid,
+        volname,
+        format,
+        stream_format: stream_format.clone(),
+        allow_rename,
+    };
+    let storage_backend = Arc::clone(&c.node.storage);
+    let count = Arc::clone(&received);
+    let task = tokio::spawn(async move {
+        let stream = match tokio::time::timeout(IMPORT_ACCEPT_TIMEOUT, listener.accept()).await {
+            Ok(Ok((s, _))) => s,
+            Ok(Err(e)) => return Err(format!("accepting the import connection failed: {e}")),
+            Err(_) => {
+                return Err(format!(
+                    "no import connection within {} s",
+                    IMPORT_ACCEPT_TIMEOUT.as_secs()
+                ));
+            }
+        };
+        drop(listener);
+        let reader = CountingReader {
+            inner: stream,
+            count,
+        };
+        storage_backend
+            .import(req, Box::new(reader))
+            .await
+            .map_err(|e| e.to_string())
+    });
+    c.tunnel.register_socket(&socket);
+    c.session().import = Some(ImportJob {
+        socket: socket.clone(),
+        task,
+        received,
+    });
+    c.info(&format!(
+        "disk import listening on {} ({stream_format})",
+        socket.display()
+    ));
+    Ok((socket, stream_format))
+}
+
+async fn import_status(c: &Arc<HostCtx>) -> mlua::Result<Value> {
+    let finished = {
+        let session = c.session();
+        let Some(job) = session.import.as_ref() else {
+            return Err(fail("no disk import running"));
+        };
+        if !job.task.is_finished() {
+            let got = job.received.load(Ordering::Relaxed);
+            return Ok(json!({"status": "pending", "msg": format!("received {got} bytes")}));
+        }
+        true
+    };
+    debug_assert!(finished);
+    let job = c.session().import.take();
+    let Some(job) = job else {
+        return Err(fail("no disk import running"));
+    };
+    c.tunnel.unregister_socket(&job.socket);
+    let _ = std::fs::remove_file(&job.socket);
+    let result = job
+        .task
+        .await
+        .unwrap_or_else(|e| Err(format!("import task failed: {e}")));
+    Ok(match result {
+        Ok(volid) => {
+            c.session().allocated.push(volid.clone());
+            c.info(&format!("successfully imported '{volid}'"));
+            json!({"status": "complete", "volid": volid})
+        }
+        Err(msg) => {
+            c.warn(&format!("disk import failed: {msg}"));
+            json!({"status": "error", "msg": msg})
+        }
+    })
+}
+
+fn qemu_table(lua: &Lua) -> mlua::Result<Table> {
+    let t = lua.create_table()?;
+    t.set(
+        "start_incoming",
+        lua.create_async_function(|lua, opts: LuaValue| async move {
+            let c = ctx(&lua)?;
+            let opts = from_lua(&lua, opts)?;
+            let text = c
+                .node
+                .guests
+                .read_text(c.vmid)
+                .map_err(|e| fail(e.to_string()))?;
+            let config = VmConfig::parse(&text).map_err(|e| fail(e.to_string()))?;
+            let nbd = string_map(opts.get("nbd"), "nbd")?;
+            let req = IncomingStart {
+                vmid: c.vmid,
+                config,
+                machine: opts
+                    .get("machine")
+                    .and_then(Value::as_str)
+                    .map(str::to_string),
+                cpu: opts.get("cpu").and_then(Value::as_str).map(str::to_string),
+                nbd,
+            };
+            c.session().vm_started = true;
+            let started = c
+                .node
+                .hypervisor
+                .start_incoming(req)
+                .await
+                .map_err(|e| fail(format!("{e:#}")))?;
+            c.tunnel.register_socket(&started.migrate_socket);
+            if let Some(nbd) = &started.nbd_socket {
+                c.tunnel.register_socket(nbd);
+            }
+            c.info(&format!(
+                "VM {} started, waiting for migration on {}",
+                c.vmid,
+                started.migrate_socket.display()
+            ));
+            to_lua(
+                &lua,
+                &json!({
+                    "migrate_socket": started.migrate_socket.display().to_string(),
+                    "nbd_socket": started.nbd_socket.as_ref().map(|p| p.display().to_string()),
+                    "nbd_uris": started.nbd_uris,
+                }),
+            )
+        })?,
+    )?;
+    macro_rules! vm_op {
+        ($name:literal, $method:ident) => {
+            t.set(
+                $name,
+                lua.create_async_function(|lua, ()| async move {
+                    let c = ctx(&lua)?;
+                    c.node
+                        .hypervisor
+                        .$method(c.vmid)
+                        .await
+                        .map_err(|e| fail(format!("{e:#}")))
+                })?,
+            )?;
+        };
+    }
+    vm_op!("resume", resume);
+    vm_op!("stop", stop);
+    vm_op!("nbd_stop", nbd_stop);
+    vm_op!("fstrim", fstrim);
+    t.set(
+        "is_running",
+        lua.create_async_function(|lua, ()| async move {
+            let c = ctx(&lua)?;
+            Ok(c.node.hypervisor.is_running(c.vmid).await)
+        })?,
+    )?;
+    Ok(t)
+}
+
+fn firewall_path(c: &HostCtx) -> PathBuf {
+    c.node.cfg.firewall_dir().join(format!("{}.fw", c.vmid))
+}
+
+fn firewall_table(lua: &Lua) -> mlua::Result<Table> {
+    let t = lua.create_table()?;
+    t.set(
+        "write",
+        lua.create_function(|lua, text: String| {
+            let c = ctx(lua)?;
+            crate::util::ensure_dir(&c.node.cfg.firewall_dir(), 0o755)
+                .map_err(|e| fail(format!("{e:#}")))?;
+            crate::util::write_atomic(&firewall_path(&c), text.as_bytes(), 0o640)
+                .map_err(|e| fail(format!("{e:#}")))?;
+            c.session().firewall_written = true;
+            Ok(())
+        })?,
+    )?;
+    t.set(
+        "remove",
+        lua.create_function(|lua, ()| {
+            let c = ctx(lua)?;
+            match std::fs::remove_file(firewall_path(&c)) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(fail(format!("removing firewall file: {e}"))),
+            }
+        })?,
+    )?;
+    Ok(t)
+}
+
+fn tunnel_table(lua: &Lua) -> mlua::Result<Table> {
+    let t = lua.create_table()?;
+    t.set(
+        "ticket",
+        lua.create_function(|lua, path: String| {
+            let c = ctx(lua)?;
+            if !c.tunnel.is_registered(std::path::Path::new(&path)) {
+                return Err(fail(format!(
+                    "Not allowed to generate ticket for unknown socket '{path}'"
+                )));
+            }
+            c.node
+                .tickets
+                .assemble(&c.authid, &path, unix_now())
+                .map_err(|e| fail(e.to_string()))
+        })?,
+    )?;
+    t.set(
+        "expect_lock",
+        lua.create_function(|lua, lock: Option<String>| {
+            let c = ctx(lua)?;
+            c.session().expected_lock = lock;
+            Ok(())
+        })?,
+    )?;
+    t.set(
+        "commit",
+        lua.create_function(|lua, ()| {
+            let c = ctx(lua)?;
+            c.session().committed = true;
+            Ok(())
+        })?,
+    )?;
+    t.set(
+        "cleanup",
+        lua.create_async_function(|lua, ()| async move {
+            let c = ctx(&lua)?;
+            cleanup(&c).await;
+            Ok(())
+        })?,
+    )?;
+    t.set(
+        "bridge_exists",
+        lua.create_function(|lua, bridge: String| {
+            let c = ctx(lua)?;
+            Ok(c.node.cfg.bridge_exists(&bridge))
+        })?,
+    )?;
+    t.set(
+        "socket_dir",
+        lua.create_function(|lua, ()| {
+            let c = ctx(lua)?;
+            Ok(c.node.cfg.run_dir.display().to_string())
+        })?,
+    )?;
+    Ok(t)
+}
+
+fn perm_table(lua: &Lua) -> mlua::Result<Table> {
+    let t = lua.create_table()?;
+    t.set(
+        "check",
+        lua.create_function(|lua, (path, privilege): (String, String)| {
+            let c = ctx(lua)?;
+            c.node
+                .require(&c.authid, &path, &privilege)
+                .map_err(|e| fail(e.to_string()))
+        })?,
+    )?;
+    t.set(
+        "has",
+        lua.create_function(|lua, (path, privilege): (String, String)| {
+            let c = ctx(lua)?;
+            Ok(c.node.allows(&c.authid, &path, &privilege))
+        })?,
+    )?;
+    Ok(t)
+}
+
+/// Frees what this tunnel created: stops a VM it started, aborts a running import, frees
+/// its volumes, removes a firewall file it wrote and the VM config it reserved. Each step
+/// is logged; failures are warnings and the remaining steps still run.
+pub async fn cleanup(c: &Arc<HostCtx>) {
+    let (vm_started, import, volumes, firewall) = {
+        let mut s = c.session();
+        (
+            std::mem::take(&mut s.vm_started),
+            s.import.take(),
+            std::mem::take(&mut s.allocated),
+            std::mem::take(&mut s.firewall_written),
+        )
+    };
+    if vm_started {
+        match c.node.hypervisor.stop(c.vmid).await {
+            Ok(()) => c.info(&format!("cleanup: stopped VM {}", c.vmid)),
+            Err(e) => c.warn(&format!("cleanup: stopping VM {} failed: {e:#}", c.vmid)),
+        }
+    }
+    if let Some(job) = import {
+        job.task.abort();
+        let _ = job.task.await;
+        c.tunnel.unregister_socket(&job.socket);
+        let _ = std::fs::remove_file(&job.socket);
+        c.info("cleanup: aborted running disk import");
+    }
+    for volid in volumes {
+        match c.node.storage.free(&volid).await {
+            Ok(()) => c.info(&format!("cleanup: freed volume '{volid}'")),
+            Err(e) => c.warn(&format!("cleanup: freeing volume '{volid}' failed: {e}")),
+        }
+    }
+    if firewall {
+        match std::fs::remove_file(firewall_path(c)) {
+            Ok(()) => c.info("cleanup: removed firewall file"),
+            Err(e) => c.warn(&format!("cleanup: removing firewall file failed: {e}")),
+        }
+    }
+    let removed = {
+        let guard = c.guard.lock().unwrap_or_else(|e| e.into_inner());
+        guard.as_ref().map(|g| c.node.guests.remove_locked(g))
+    };
+    let removed = match removed {
+        Some(r) => r,
+        None => match c
+            .node
+            .guests
+            .lock(c.vmid, crate::guest::store::DEFAULT_LOCK_TIMEOUT)
+            .await
+        {
+            Ok(g) => c.node.guests.remove_locked(&g),
+            Err(e) => Err(e),
+        },
+    };
+    match removed {
+        Ok(()) => c.info(&format!("cleanup: removed config of VM {}", c.vmid)),
+        Err(e) => c.warn(&format!(
+            "cleanup: removing config of VM {} failed: {e}",
+            c.vmid
+        )),
+    }
+}
+
+/// Used by tests and the spec runner: a function value from a Lua table path.
+pub fn lookup(lua: &Lua, path: &str) -> mlua::Result<Function> {
+    let mut value = LuaValue::Table(lua.globals());
+    for part in path.split('.') {
+        value = match value {
+            LuaValue::Table(t) => t.get(part)?,
+            _ => return Err(fail(format!("no such function '{path}'"))),
+        };
+    }
+    match value {
+        LuaValue::Function(f) => Ok(f),
+        _ => Err(fail(format!("'{path}' is not a function"))),
+    }
+}
