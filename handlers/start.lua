@@ -24,6 +24,9 @@ return {
     } },
   },
   run = function(ctx, p)
+    if ctx.conf.options.lock ~= "migrate" then
+      pve.fail("VM config not received yet: send 'config' before 'start'")
+    end
     local exports, drivestrs = {}, {}
     for key, d in pairs(p.migrate_opts.nbd or {}) do
       if type(d) ~= "table" then
