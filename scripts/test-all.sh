@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Runs every test of mtunnel on a fresh machine: installs what the tests need (QEMU for the
+# live-migration tests, a Python venv with proxmoxer for the client-compatibility test),
+# builds, runs the Rust test suites and the Lua handler specs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ -f .ci/install-qemu.sh ]; then
+  bash .ci/install-qemu.sh
+fi
+
+if ! .venv/bin/python -c 'import proxmoxer, requests' 2>/dev/null; then
+  echo "== creating .venv with proxmoxer"
+  python3 -m venv .venv
+  .venv/bin/pip install --quiet --disable-pip-version-check proxmoxer requests
+fi
+
+echo "== build"
+cargo build --bins --tests
+
+echo "== rust tests"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --no-fail-fast --test-threads 4
+else
+  cargo test --no-fail-fast
+fi
+
+echo "== handler specs"
+if ./target/debug/mtunnel handlers test --help >/dev/null 2>&1; then
+  ./target/debug/mtunnel handlers test
+fi
+./target/debug/mtunnel handlers check handlers
+echo "== all tests passed"
