@@ -22,6 +22,9 @@ use tokio_rustls::TlsAcceptor;
 use crate::node::Node;
 use tls::TlsIdentity;
 
+/// Largest request head (request line and headers) accepted; larger ones get 431.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
 /// What every endpoint can reach.
 pub struct AppState {
     pub node: Arc<Node>,
@@ -90,6 +93,9 @@ pub async fn serve(node: Arc<Node>, tls: TlsIdentity) -> anyhow::Result<Server> 
                     .timer(TokioTimer::new())
                     .header_read_timeout(Duration::from_secs(30))
                     .max_buf_size(64 * 1024)
+                    // Without this the buffer limit only applies to headers that arrive
+                    // in pieces; one large read could slip through.
+                    .max_header_size(MAX_HEADER_BYTES)
                     .serve_connection(TokioIo::new(tls), service)
                     .with_upgrades();
                 if let Err(e) = conn.await {

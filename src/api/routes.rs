@@ -50,6 +50,8 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(super::websocket::mtunnelwebsocket),
         )
         .fallback(not_implemented)
+        // A known path with a method it lacks is PVE's 501 as well, not axum's bare 405.
+        .method_not_allowed_fallback(not_implemented)
         .with_state(state)
 }
 

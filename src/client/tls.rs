@@ -1,0 +1,199 @@
+//! TLS toward a remote node with certificate-fingerprint pinning, as PVE's clients do with a
+//! `target-endpoint` `fingerprint=`: the connection is trusted if and only if the server's
+//! leaf certificate has the given SHA-256 fingerprint. Names, chains and validity dates are
+//! not checked (a PVE node's certificate is self-signed); the handshake signatures are, with
+//! the ring provider's algorithms, so the peer must hold the certificate's private key.
+//!
+//! Connecting without a fingerprint (system CAs) is not supported yet; it will come with
+//! `mtunnel migrate` talking to nodes that have a CA-signed certificate.
+
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use super::ApiError;
+use crate::util::fingerprint_sha256;
+
+/// The handshake saw a certificate other than the pinned one.
+#[derive(Debug, thiserror::Error)]
+#[error("fingerprint '{seen}' not verified, abort!")]
+pub struct FingerprintMismatch {
+    /// The fingerprint of the certificate the server presented.
+    pub seen: String,
+}
+
+/// Brings a fingerprint into PVE's form `AA:BB:..` (32 upper-case pairs). Accepts any case,
+/// with or without colons; `None` if it is not 32 bytes of hex.
+pub fn normalize_fingerprint(fingerprint: &str) -> Option<String> {
+    let hex: String = fingerprint.trim().chars().filter(|c| *c != ':').collect();
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let upper = hex.to_ascii_uppercase();
+    let pairs: Vec<&str> = (0..32).map(|i| &upper[2 * i..2 * i + 2]).collect();
+    Some(pairs.join(":"))
+}
+
+/// Accepts exactly the leaf certificate with the pinned SHA-256 fingerprint.
+#[derive(Debug)]
+pub struct FingerprintVerifier {
+    expected: String,
+    provider: Arc<CryptoProvider>,
+}
+
+impl FingerprintVerifier {
+    /// `fingerprint` in any form [`normalize_fingerprint`] accepts.
+    pub fn new(fingerprint: &str, provider: Arc<CryptoProvider>) -> Result<Self, ApiError> {
+        let expected = normalize_fingerprint(fingerprint).ok_or_else(|| {
+            ApiError::Request(format!(
+                "invalid fingerprint '{fingerprint}': expected 32 hex pairs (SHA-256)"
+            ))
+        })?;
+        Ok(FingerprintVerifier { expected, provider })
+    }
+}
+
+impl ServerCertVerifier for FingerprintVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let seen = fingerprint_sha256(end_entity);
+        if seen == self.expected {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Other(rustls::OtherError(Arc::new(
+                    FingerprintMismatch { seen },
+                ))),
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// A rustls client configuration (ring provider, HTTP/1.1 via ALPN) that trusts exactly
+/// the certificate with `fingerprint`.
+///
+/// # Errors
+/// `None` (or an empty string) fails with "no fingerprint given": trusting system CAs is a
+/// later addition. A malformed fingerprint fails too.
+pub fn client_config(fingerprint: Option<&str>) -> Result<Arc<ClientConfig>, ApiError> {
+    let fingerprint = fingerprint
+        .filter(|f| !f.trim().is_empty())
+        .ok_or_else(|| ApiError::Request("no fingerprint given".into()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = FingerprintVerifier::new(fingerprint, Arc::clone(&provider))?;
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ApiError::Request(format!("TLS protocol versions: {e}")))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Opens a TCP connection to `host:port` and runs the TLS handshake with `config`.
+///
+/// # Errors
+/// [`ApiError::Connect`], with PVE's wording when the fingerprint does not match.
+pub async fn connect(
+    host: &str,
+    port: u16,
+    config: &Arc<ClientConfig>,
+) -> Result<TlsStream<TcpStream>, ApiError> {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let server_name = ServerName::try_from(bare.to_string())
+        .map_err(|e| ApiError::Request(format!("invalid host name '{host}': {e}")))?;
+    let tcp = TcpStream::connect((bare, port))
+        .await
+        .map_err(|e| ApiError::Connect(format!("unable to connect to {host}:{port} - {e}")))?;
+    let _ = tcp.set_nodelay(true);
+    TlsConnector::from(Arc::clone(config))
+        .connect(server_name, tcp)
+        .await
+        .map_err(|e| ApiError::Connect(handshake_error_text(host, port, &e)))
+}
+
+/// The fingerprint message alone when that was the cause, else the TLS error with context.
+fn handshake_error_text(host: &str, port: u16, e: &std::io::Error) -> String {
+    let mismatch = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .and_then(|tls| match tls {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other)) => {
+                other.0.downcast_ref::<FingerprintMismatch>()
+            }
+            _ => None,
+        });
+    match mismatch {
+        Some(m) => m.to_string(),
+        None => format!("TLS handshake with {host}:{port} failed - {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_normalize() {
+        let fp = "aa:BB:cc:dd:ee:ff:00:11:22:33:44:55:66:77:88:99:aa:bb:cc:dd:ee:ff:00:11:22:33:44:55:66:77:88:99";
+        let want = fp.to_ascii_uppercase();
+        assert_eq!(normalize_fingerprint(fp).unwrap(), want);
+        assert_eq!(normalize_fingerprint(&fp.replace(':', "")).unwrap(), want);
+        assert!(normalize_fingerprint("AA:BB").is_none());
+        assert!(normalize_fingerprint(&"zz".repeat(32)).is_none());
+    }
+
+    #[test]
+    fn no_fingerprint_is_refused_for_now() {
+        let err = client_config(None).unwrap_err();
+        assert_eq!(err.to_string(), "no fingerprint given");
+        assert!(client_config(Some("")).is_err());
+    }
+}

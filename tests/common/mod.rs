@@ -1,0 +1,456 @@
+//! Test harness shared by the integration tests: [`TestServer`] runs the real `mtunnel`
+//! binary (`mtunnel serve`) on `127.0.0.1:0` with its data and run directories in a short
+//! temporary directory (`/tmp/mtXXXXXX`, so UNIX socket paths stay far below 108 bytes),
+//! reads the URL, fingerprint and initial token it prints, creates more tokens through the
+//! `mtunnel token create` CLI, and kills the process when dropped.
+//!
+//! Helpers for tunnels (open one, its WebSocket URL, wait for its task) and a time bound
+//! for every test live here too. This module only drives the binary from the outside.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use mtunnel::client::{ApiClient, ApiError};
+use serde_json::Value;
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_mtunnel");
+/// Node name every test server runs as.
+pub const NODE: &str = "testnode";
+
+/// Runs `fut`, failing the test if it takes longer than `secs`.
+pub async fn bounded<F: Future>(secs: u64, fut: F) -> F::Output {
+    match tokio::time::timeout(Duration::from_secs(secs), fut).await {
+        Ok(out) => out,
+        Err(_) => panic!("test exceeded its time bound of {secs} s"),
+    }
+}
+
+/// Knobs for a server's config file.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// `auth_failure_delay_ms`; `None` leaves the default (3 s) in effect.
+    pub auth_delay_ms: Option<u64>,
+    /// `tunnel_accept_timeout_secs`; `None` leaves the default (300 s).
+    pub accept_timeout_secs: Option<u64>,
+    /// `max_body_bytes`; `None` leaves the default (1 MiB).
+    pub max_body_bytes: Option<usize>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            auth_delay_ms: Some(50),
+            accept_timeout_secs: None,
+            max_body_bytes: None,
+        }
+    }
+}
+
+/// A running `mtunnel serve`.
+pub struct TestServer {
+    /// Keeps the temporary directory alive; removed on drop.
+    dir: tempfile::TempDir,
+    pub data: PathBuf,
+    pub run: PathBuf,
+    pub config: PathBuf,
+    pub host: String,
+    pub port: u16,
+    /// The `URL:` line `serve` printed.
+    pub url: String,
+    /// The `fingerprint:` line `serve` printed.
+    pub fingerprint: String,
+    /// The header value of the initial token (`PVEAPIToken=root@pam!mtunnel=..`).
+    pub root_token: String,
+    /// What `serve` printed on stdout up to and including the token.
+    pub stdout: Vec<String>,
+    child: Option<Child>,
+}
+
+impl TestServer {
+    /// Starts a server with the test defaults (50 ms auth failure delay).
+    pub fn start() -> Self {
+        Self::start_with(Options::default())
+    }
+
+    pub fn start_with(opts: Options) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("mt")
+            .tempdir_in("/tmp")
+            .expect("creating the test directory");
+        let base = dir.path().to_path_buf();
+        let data = base.join("d");
+        let run = base.join("r");
+        let config = base.join("mtunnel.toml");
+        for sub in ["local", "off", "isos"] {
+            std::fs::create_dir_all(base.join("s").join(sub)).unwrap();
+        }
+        let mut toml = format!(
+            "node = \"{NODE}\"\n\
+             data_dir = \"{data}\"\n\
+             run_dir = \"{run}\"\n\
+             listen = \"127.0.0.1:0\"\n\
+             bridges = [\"vmbr0\"]\n",
+            data = data.display(),
+            run = run.display(),
+        );
+        if let Some(ms) = opts.auth_delay_ms {
+            toml.push_str(&format!("auth_failure_delay_ms = {ms}\n"));
+        }
+        if let Some(secs) = opts.accept_timeout_secs {
+            toml.push_str(&format!("tunnel_accept_timeout_secs = {secs}\n"));
+        }
+        if let Some(bytes) = opts.max_body_bytes {
+            toml.push_str(&format!("max_body_bytes = {bytes}\n"));
+        }
+        toml.push_str(&format!(
+            "\n[storage.local]\ntype = \"dir\"\npath = \"{s}/local\"\ncontent = [\"images\"]\n\
+             \n[storage.off]\ntype = \"dir\"\npath = \"{s}/off\"\ncontent = [\"images\"]\ndisable = true\n\
+             \n[storage.isos]\ntype = \"dir\"\npath = \"{s}/isos\"\ncontent = [\"iso\"]\n",
+            s = base.join("s").display()
+        ));
+        std::fs::write(&config, toml).unwrap();
+        let mut server = TestServer {
+            dir,
+            data,
+            run,
+            config,
+            host: "127.0.0.1".into(),
+            port: 0,
+            url: String::new(),
+            fingerprint: String::new(),
+            root_token: String::new(),
+            stdout: Vec::new(),
+            child: None,
+        };
+        server.spawn();
+        server.root_token = std::fs::read_to_string(server.data.join("priv/initial-token"))
+            .expect("serve wrote no initial token")
+            .trim()
+            .to_string();
+        server
+    }
+
+    /// The server's stderr so far (its tracing log).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("server.log"))
+            .unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--run-dir")
+            .arg(&self.run)
+            .env("MTUNNEL_LOG", "debug")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log);
+        // If the test process dies without running destructors, take the server with it.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                    .map_err(std::io::Error::from)
+            });
+        }
+        let mut child = cmd.spawn().expect("starting mtunnel serve");
+        let stdout = child.stdout.take().unwrap();
+        self.child = Some(child);
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    // Nobody listens any more; keep draining so the server never blocks.
+                    continue;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let (mut url, mut fingerprint) = (None, None);
+        self.stdout.clear();
+        while url.is_none() || fingerprint.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = rx.recv_timeout(left).unwrap_or_else(|_| {
+                panic!(
+                    "mtunnel serve did not print URL and fingerprint; log:\n{}",
+                    self.log()
+                )
+            });
+            if let Some(u) = line.strip_prefix("URL: ") {
+                url = Some(u.to_string());
+            }
+            if let Some(f) = line.strip_prefix("fingerprint: ") {
+                fingerprint = Some(f.to_string());
+            }
+            self.stdout.push(line);
+        }
+        // The rest (data dir, initial token) follows right away; collect what comes.
+        while let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+            self.stdout.push(line);
+        }
+        let url = url.unwrap();
+        let port = url
+            .strip_prefix("https://127.0.0.1:")
+            .and_then(|r| r.strip_suffix("/api2/json"))
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected URL line '{url}'"));
+        self.url = url;
+        self.port = port;
+        self.fingerprint = fingerprint.unwrap();
+    }
+
+    /// Kills the server (SIGKILL, no cleanup) and starts it again on the same directories.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// Kills the server process and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The server's process id (the `pid` field of its UPIDs).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    /// Whether the server process is still alive.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    /// A client authenticating with the initial (full access) token.
+    pub fn client(&self) -> ApiClient {
+        self.client_with(&self.root_token)
+    }
+
+    /// A client authenticating with `token_header` (none at all if it is empty).
+    pub fn client_with(&self, token_header: &str) -> ApiClient {
+        ApiClient::new(
+            self.host.clone(),
+            self.port,
+            token_header.to_string(),
+            self.fingerprint.clone(),
+        )
+        .unwrap()
+        .with_timeout(Duration::from_secs(30))
+    }
+
+    /// `mtunnel token create <authid> <args..>` against this server's config; returns the
+    /// printed header value.
+    pub fn create_token(&self, authid: &str, args: &[&str]) -> String {
+        let out = Command::new(BIN)
+            .args(["token", "create", authid])
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .output()
+            .expect("running mtunnel token create");
+        assert!(
+            out.status.success(),
+            "token create failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let header = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        assert!(
+            header.starts_with(&format!("PVEAPIToken={authid}=")),
+            "{header}"
+        );
+        header
+    }
+
+    /// Path of a VM config.
+    pub fn vm_config(&self, vmid: u32) -> PathBuf {
+        self.data.join("qemu-server").join(format!("{vmid}.conf"))
+    }
+
+    /// The control socket path of a tunnel.
+    pub fn socket(&self, vmid: u32) -> PathBuf {
+        self.run.join(format!("{vmid}.mtunnel"))
+    }
+
+    /// The WebSocket URL of a tunnel socket, in the control connection's query order.
+    pub fn ws_url(&self, vmid: u32, socket: &str, ticket: &str) -> String {
+        format!(
+            "wss://{}:{}/api2/json/nodes/{NODE}/qemu/{vmid}/mtunnelwebsocket?ticket={}&socket={}",
+            self.host,
+            self.port,
+            pct(ticket),
+            pct(socket)
+        )
+    }
+
+    /// `POST .../mtunnel` with the root token and no parameters.
+    pub async fn open_tunnel(&self, vmid: u32) -> Tunnel {
+        let data = self
+            .client()
+            .post(&format!("/nodes/{NODE}/qemu/{vmid}/mtunnel"), &[])
+            .await
+            .unwrap_or_else(|e| panic!("opening tunnel {vmid}: {e}"));
+        Tunnel::from_reply(vmid, &data)
+    }
+
+    /// Opens the control WebSocket of `tunnel` with the root token.
+    pub async fn connect(&self, tunnel: &Tunnel) -> mtunnel::client::ws::WsStream {
+        self.connect_as(tunnel, &self.root_token).await.unwrap()
+    }
+
+    pub async fn connect_as(
+        &self,
+        tunnel: &Tunnel,
+        token: &str,
+    ) -> Result<mtunnel::client::ws::WsStream, ApiError> {
+        let url = self.ws_url(tunnel.vmid, &tunnel.socket, &tunnel.ticket);
+        mtunnel::client::ws::connect(
+            &url,
+            &[("Authorization".to_string(), token.to_string())],
+            &self.fingerprint,
+        )
+        .await
+    }
+
+    /// Polls the task status until it is `stopped` (panics after `secs`); returns it.
+    pub async fn wait_stopped(&self, upid: &str, secs: u64) -> Value {
+        let client = self.client();
+        let path = format!("/nodes/{NODE}/tasks/{upid}/status");
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let status = client.get(&path, &[]).await.unwrap();
+            if status["status"] == "stopped" {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "task {upid} still running after {secs} s: {status}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The whole task log as lines.
+    pub async fn task_log(&self, upid: &str) -> Vec<String> {
+        let data = self
+            .client()
+            .get(
+                &format!("/nodes/{NODE}/tasks/{upid}/log"),
+                &[("start", "0"), ("limit", "1000")],
+            )
+            .await
+            .unwrap();
+        data.as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["t"].as_str().unwrap().to_string())
+            .collect()
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("---- mtunnel serve log ----\n{}", self.log());
+        }
+    }
+}
+
+/// What `POST .../mtunnel` returned.
+#[derive(Clone, Debug)]
+pub struct Tunnel {
+    pub vmid: u32,
+    pub upid: String,
+    pub ticket: String,
+    pub socket: String,
+}
+
+impl Tunnel {
+    pub fn from_reply(vmid: u32, data: &Value) -> Self {
+        let field = |k: &str| {
+            data[k]
+                .as_str()
+                .unwrap_or_else(|| panic!("no '{k}' in {data}"))
+                .to_string()
+        };
+        Tunnel {
+            vmid,
+            upid: field("upid"),
+            ticket: field("ticket"),
+            socket: field("socket"),
+        }
+    }
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters (as `uri_escape` does).
+pub fn pct(s: &str) -> String {
+    mtunnel::client::http::encode_segment(s)
+}
+
+/// Polls `cond` every 20 ms; false if it did not become true within `timeout`.
+pub async fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Reads a whole file, `None` if it does not exist.
+pub fn read_opt(path: &Path) -> Option<String> {
+    let mut s = String::new();
+    std::fs::File::open(path)
+        .ok()?
+        .read_to_string(&mut s)
+        .ok()?;
+    Some(s)
+}
+
+/// Mints a tunnel ticket by hand, independently of the server's code: `PVETUNNEL:<T>::<S>`
+/// with `S` = base64 HMAC-SHA256 over `PVETUNNEL:<T>:<authid>:<normalized /socket/ path>`,
+/// keyed with `{data}/priv/tunnel.key`.
+pub fn mint_ticket(data: &Path, authid: &str, socket: &str, time: u64) -> String {
+    use base64::Engine;
+    use hmac::{Hmac, Mac};
+    let key = std::fs::read(data.join("priv/tunnel.key")).unwrap();
+    let joined = format!("/socket/{socket}");
+    let parts: Vec<&str> = joined.split('/').filter(|p| !p.is_empty()).collect();
+    let path = format!("/{}", parts.join("/"));
+    let t = format!("{time:08X}");
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(&key).unwrap();
+    mac.update(format!("PVETUNNEL:{t}:{authid}:{path}").as_bytes());
+    let sig = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+    format!("PVETUNNEL:{t}::{sig}")
+}
+
+/// Seconds since the epoch.
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
