@@ -31,6 +31,8 @@ enum Command {
     /// Manage API tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Speak the stdin/stdout language of Proxmox's `proxmox-websocket-tunnel` helper.
+    Tunnel,
     /// Check or test tunnel handler files.
     #[command(subcommand)]
     Handlers(HandlersCommand),
@@ -109,6 +111,7 @@ fn main() {
     let result = match cli.command {
         Command::Serve(args) => run_async(serve(args)),
         Command::Token(TokenCommand::Create(args)) => token_create(args),
+        Command::Tunnel => run_async(mtunnel::client::tunnel::run_stdio()),
         Command::Handlers(HandlersCommand::Check { dir, node }) => handlers_check(dir, &node),
     };
     if let Err(e) = result {

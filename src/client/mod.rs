@@ -8,6 +8,7 @@
 
 pub mod http;
 pub mod tls;
+pub mod tunnel;
 pub mod ws;
 
 use serde_json::{Map, Value};

@@ -67,7 +67,12 @@ pub async fn connect_with(
         .parse()
         .map_err(|e| ApiError::Request(format!("invalid URL '{url}': {e}")))?;
     let (host, port) = endpoint(&uri, url)?;
-    let mut request = uri
+    // PVE hands out `https://` URLs for the tunnel; the WebSocket handshake wants `wss://`.
+    let ws_url = match url.strip_prefix("https://") {
+        Some(rest) => format!("wss://{rest}"),
+        None => url.to_string(),
+    };
+    let mut request = ws_url
         .into_client_request()
         .map_err(|e| ApiError::Request(format!("invalid URL '{url}': {e}")))?;
     for (name, value) in headers {

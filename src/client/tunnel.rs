@@ -1,0 +1,390 @@
+//! The tunnel client, compatible with Proxmox's `proxmox-websocket-tunnel`: one control
+//! WebSocket carrying newline-delimited JSON commands whose replies are matched purely by
+//! order (FIFO), and forwards that listen on a local UNIX socket and open a new WebSocket
+//! for every accepted connection, each with a fresh ticket fetched over the control
+//! channel. `mtunnel tunnel` drives this from stdin; `mtunnel migrate` uses it directly.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::net::UnixListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::Message;
+
+use super::ApiError;
+use super::ws::{self, WsStream};
+
+/// Why a tunnel operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error("{0}")]
+    Api(#[from] ApiError),
+    #[error("tunnel closed: {0}")]
+    Closed(String),
+    #[error("no reply to tunnel command '{cmd}' within {secs} s")]
+    Timeout { cmd: String, secs: u64 },
+    #[error("tunnel command '{cmd}' failed - {msg}")]
+    Failed { cmd: String, msg: String },
+    #[error("{0}")]
+    Other(String),
+}
+
+/// How to reach the remote: URL, headers (the `Authorization` token) and fingerprint.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Endpoint {
+    pub url: String,
+    #[serde(default)]
+    pub headers: Vec<(String, String)>,
+    #[serde(default)]
+    pub fingerprint: Option<String>,
+}
+
+impl Endpoint {
+    async fn connect(&self, url: &str) -> Result<WsStream, ApiError> {
+        let fingerprint = self
+            .fingerprint
+            .as_deref()
+            .ok_or_else(|| ApiError::Request("no fingerprint given".into()))?;
+        ws::connect(url, &self.headers, fingerprint).await
+    }
+}
+
+type Pending = oneshot::Sender<Result<String, TunnelError>>;
+
+/// The control channel: send a JSON line, get the next reply line.
+#[derive(Clone)]
+pub struct Control {
+    tx: mpsc::UnboundedSender<(String, Pending)>,
+}
+
+impl Control {
+    /// Opens the control WebSocket (URL with `ticket` and `socket` in the query).
+    pub async fn connect(endpoint: &Endpoint) -> Result<Control, TunnelError> {
+        let ws = endpoint.connect(&endpoint.url).await?;
+        Ok(Self::over(ws))
+    }
+
+    /// Runs the FIFO command channel over an established WebSocket.
+    pub fn over(ws: WsStream) -> Control {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(control_loop(ws, rx));
+        Control { tx }
+    }
+
+    /// Sends one raw line (without newline) and returns the reply line.
+    pub async fn raw(&self, line: String, timeout: Duration) -> Result<String, TunnelError> {
+        let cmd = serde_json::from_str::<Value>(&line)
+            .ok()
+            .and_then(|v| v.get("cmd").and_then(Value::as_str).map(str::to_string))
+            .unwrap_or_else(|| "?".into());
+        let (reply_tx, reply_rx) = oneshot::channel();
+        self.tx
+            .send((line, reply_tx))
+            .map_err(|_| TunnelError::Closed("control connection is gone".into()))?;
+        match tokio::time::timeout(timeout, reply_rx).await {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(_)) => Err(TunnelError::Closed("control connection is gone".into())),
+            Err(_) => Err(TunnelError::Timeout {
+                cmd,
+                secs: timeout.as_secs(),
+            }),
+        }
+    }
+
+    /// Sends a command object and returns the reply object (whatever its `success`).
+    pub async fn request(&self, command: &Value, timeout: Duration) -> Result<Value, TunnelError> {
+        let line = serde_json::to_string(command).map_err(|e| TunnelError::Other(e.to_string()))?;
+        let reply = self.raw(line, timeout).await?;
+        serde_json::from_str(&reply)
+            .map_err(|e| TunnelError::Other(format!("unparsable reply '{reply}': {e}")))
+    }
+
+    /// Sends a command and fails unless the reply says `success: true`.
+    pub async fn command(&self, command: &Value, timeout: Duration) -> Result<Value, TunnelError> {
+        let reply = self.request(command, timeout).await?;
+        if reply.get("success").and_then(Value::as_bool) == Some(true) {
+            Ok(reply)
+        } else {
+            Err(TunnelError::Failed {
+                cmd: command
+                    .get("cmd")
+                    .and_then(Value::as_str)
+                    .unwrap_or("?")
+                    .to_string(),
+                msg: reply
+                    .get("msg")
+                    .and_then(Value::as_str)
+                    .unwrap_or("no error message")
+                    .trim_end()
+                    .to_string(),
+            })
+        }
+    }
+
+    /// Closes the control connection (a Close frame; the remote worker sees EOF).
+    pub fn close(self) {
+        drop(self.tx);
+    }
+}
+
+async fn control_loop(ws: WsStream, mut rx: mpsc::UnboundedReceiver<(String, Pending)>) {
+    let (mut sink, mut stream) = ws.split();
+    let mut pending: VecDeque<Pending> = VecDeque::new();
+    let mut buf: Vec<u8> = Vec::new();
+    let reason = loop {
+        tokio::select! {
+            req = rx.recv() => match req {
+                Some((mut line, reply)) => {
+                    line.push('\n');
+                    if let Err(e) = sink.send(Message::binary(line.into_bytes())).await {
+                        let _ = reply.send(Err(TunnelError::Closed(e.to_string())));
+                        break e.to_string();
+                    }
+                    pending.push_back(reply);
+                }
+                None => {
+                    let _ = sink.send(Message::Close(None)).await;
+                    let _ = sink.close().await;
+                    break "closed by the client".to_string();
+                }
+            },
+            msg = stream.next() => match msg {
+                Some(Ok(Message::Binary(data))) => buf.extend_from_slice(&data),
+                Some(Ok(Message::Text(text))) => buf.extend_from_slice(text.as_bytes()),
+                Some(Ok(Message::Close(_))) | None => break "remote closed the control connection".into(),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => break e.to_string(),
+            }
+        }
+        while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=pos).collect();
+            let text = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
+            match pending.pop_front() {
+                Some(reply) => {
+                    let _ = reply.send(Ok(text));
+                }
+                None => tracing::warn!("unexpected reply line on the control channel: {text}"),
+            }
+        }
+    };
+    for reply in pending {
+        let _ = reply.send(Err(TunnelError::Closed(reason.clone())));
+    }
+    rx.close();
+    while let Some((_, reply)) = rx.recv().await {
+        let _ = reply.send(Err(TunnelError::Closed(reason.clone())));
+    }
+}
+
+/// A running forward; dropping it stops accepting new connections.
+pub struct Forward {
+    pub local: PathBuf,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Forward {
+    fn drop(&mut self) {
+        self.accept.abort();
+        let _ = std::fs::remove_file(&self.local);
+    }
+}
+
+/// Listens on `local`; for each connection asks the remote for a ticket for
+/// `remote_path`, appends `ticket=<pct-encoded>` to `endpoint.url` (which ends in `&` or
+/// `?`) and pipes bytes both ways over a new WebSocket.
+pub fn forward(
+    control: &Control,
+    endpoint: Endpoint,
+    local: &Path,
+    remote_path: String,
+) -> Result<Forward, TunnelError> {
+    let _ = std::fs::remove_file(local);
+    let listener = UnixListener::bind(local)
+        .map_err(|e| TunnelError::Other(format!("unable to listen on {}: {e}", local.display())))?;
+    let control = control.clone();
+    let endpoint = Arc::new(endpoint);
+    let accept = tokio::spawn(async move {
+        loop {
+            let conn = match listener.accept().await {
+                Ok((conn, _)) => conn,
+                Err(e) => {
+                    tracing::warn!("forward accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let control = control.clone();
+            let endpoint = Arc::clone(&endpoint);
+            let remote_path = remote_path.clone();
+            tokio::spawn(async move {
+                if let Err(e) = forward_one(&control, &endpoint, &remote_path, conn).await {
+                    tracing::warn!(remote = %remote_path, "forwarded connection failed: {e}");
+                }
+            });
+        }
+    });
+    Ok(Forward {
+        local: local.to_path_buf(),
+        accept,
+    })
+}
+
+async fn forward_one(
+    control: &Control,
+    endpoint: &Endpoint,
+    remote_path: &str,
+    conn: tokio::net::UnixStream,
+) -> Result<(), TunnelError> {
+    let reply = control
+        .command(
+            &json!({"cmd": "ticket", "path": remote_path}),
+            Duration::from_secs(30),
+        )
+        .await?;
+    let ticket = reply
+        .get("ticket")
+        .and_then(Value::as_str)
+        .ok_or_else(|| TunnelError::Other("ticket reply without ticket".into()))?;
+    let encoded = percent_encoding::utf8_percent_encode(ticket, percent_encoding::NON_ALPHANUMERIC);
+    let sep = if endpoint.url.ends_with('&') || endpoint.url.ends_with('?') {
+        ""
+    } else if endpoint.url.contains('?') {
+        "&"
+    } else {
+        "?"
+    };
+    let url = format!("{}{sep}ticket={encoded}", endpoint.url);
+    let ws = endpoint.connect(&url).await?;
+    let (read, write) = conn.into_split();
+    let stats = crate::tunnel::forward::pump(ws, read, write)
+        .await
+        .map_err(|e| TunnelError::Other(format!("forwarding to {remote_path}: {e}")))?;
+    tracing::debug!(remote = %remote_path, sent = stats.from_socket, received = stats.to_socket, "forward done");
+    Ok(())
+}
+
+/// `proxmox-websocket-tunnel`'s stdin language: control messages (`connect`, `forward`)
+/// and relayed commands; one stdout line per line that expects a reply.
+pub async fn run_stdio() -> anyhow::Result<()> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let mut stdout = tokio::io::stdout();
+    let mut control: Option<Control> = None;
+    let mut forwards: Vec<Forward> = Vec::new();
+    while let Some(line) = lines.next_line().await? {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let parsed: Value = match serde_json::from_str(&line) {
+            Ok(v) => v,
+            Err(e) => {
+                let reply =
+                    json!({"success": false, "msg": format!("failed to parse command - {e}")});
+                stdout.write_all(format!("{reply}\n").as_bytes()).await?;
+                stdout.flush().await?;
+                continue;
+            }
+        };
+        let is_control = parsed.get("control").and_then(crate::util::lenient_bool) == Some(true);
+        if is_control {
+            let cmd = parsed.get("cmd").and_then(Value::as_str).unwrap_or("");
+            let data = parsed.get("data").cloned().unwrap_or(Value::Null);
+            match cmd {
+                "connect" => {
+                    let endpoint: Endpoint = serde_json::from_value(data)?;
+                    eprintln!("connecting to {}", redact(&endpoint.url));
+                    control = Some(Control::connect(&endpoint).await?);
+                    // No reply line: the caller sends `version` next.
+                }
+                "forward" => {
+                    let reply = match (&control, forward_request(data)) {
+                        (None, _) => json!({"success": false, "msg": "not connected"}),
+                        (_, Err(e)) => json!({"success": false, "msg": e.to_string()}),
+                        (Some(c), Ok((endpoint, unix, path))) => {
+                            match forward(c, endpoint, &unix, path) {
+                                Ok(f) => {
+                                    eprintln!("forwarding {}", f.local.display());
+                                    forwards.push(f);
+                                    json!({"success": true})
+                                }
+                                Err(e) => json!({"success": false, "msg": e.to_string()}),
+                            }
+                        }
+                    };
+                    stdout.write_all(format!("{reply}\n").as_bytes()).await?;
+                    stdout.flush().await?;
+                }
+                other => {
+                    let reply = json!({"success": false, "msg": format!("unknown control command '{other}'")});
+                    stdout.write_all(format!("{reply}\n").as_bytes()).await?;
+                    stdout.flush().await?;
+                }
+            }
+            continue;
+        }
+        let Some(c) = &control else {
+            let reply = json!({"success": false, "msg": "not connected"});
+            stdout.write_all(format!("{reply}\n").as_bytes()).await?;
+            stdout.flush().await?;
+            continue;
+        };
+        let cmd = parsed
+            .get("cmd")
+            .and_then(Value::as_str)
+            .unwrap_or("?")
+            .to_string();
+        eprintln!("-> sending command \"{cmd}\" to remote");
+        let reply = match c.raw(line, Duration::from_secs(3600)).await {
+            Ok(reply) => {
+                eprintln!("<- got reply");
+                reply
+            }
+            Err(e) => {
+                eprintln!("<- {e}");
+                json!({"success": false, "msg": e.to_string()}).to_string()
+            }
+        };
+        stdout.write_all(format!("{reply}\n").as_bytes()).await?;
+        stdout.flush().await?;
+    }
+    drop(forwards);
+    if let Some(c) = control {
+        c.close();
+        // Give the close frame a moment to leave.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+fn forward_request(data: Value) -> Result<(Endpoint, PathBuf, String), TunnelError> {
+    #[derive(Deserialize)]
+    struct Ticket {
+        path: String,
+    }
+    #[derive(Deserialize)]
+    struct Req {
+        #[serde(flatten)]
+        endpoint: Endpoint,
+        unix: PathBuf,
+        ticket: Ticket,
+    }
+    let req: Req = serde_json::from_value(data)
+        .map_err(|e| TunnelError::Other(format!("bad forward request: {e}")))?;
+    Ok((req.endpoint, req.unix, req.ticket.path))
+}
+
+/// Hides the ticket of a URL in log lines.
+fn redact(url: &str) -> String {
+    match url.find("ticket=") {
+        Some(i) => {
+            let end = url[i..].find('&').map(|e| i + e).unwrap_or(url.len());
+            format!("{}ticket=...{}", &url[..i], &url[end..])
+        }
+        None => url.to_string(),
+    }
+}
