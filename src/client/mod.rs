@@ -6,6 +6,7 @@
 //! Nothing here knows about the local node: no tokens, tasks or configs of our own are
 //! touched. Later `mtunnel migrate` and `mtunnel tunnel` build on these three modules.
 
+pub mod endpoint;
 pub mod http;
 pub mod tls;
 pub mod tunnel;
