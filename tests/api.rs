@@ -318,6 +318,34 @@ async fn unknown_path_method_and_format_are_501() {
 }
 
 #[tokio::test]
+async fn unknown_format_runs_nothing() {
+    bounded(60, async {
+        let mut server = TestServer::start();
+        let r = server
+            .client()
+            .raw(
+                Method::POST,
+                &format!("/api2/xml{}", mtunnel_path(100)),
+                &[],
+                "storages=local",
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            (r.status, r.reason.as_str()),
+            (501, "unknown API format 'xml'")
+        );
+        assert!(
+            !server.vm_config(100).exists(),
+            "an unknown format opened a tunnel"
+        );
+        assert!(!server.socket(100).exists());
+        still_serving(&mut server).await;
+    })
+    .await
+}
+
+#[tokio::test]
 async fn extjs_format_reports_status_in_body() {
     bounded(60, async {
         let server = TestServer::start();

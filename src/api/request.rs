@@ -33,7 +33,12 @@ impl FromRequest<Arc<AppState>> for ApiReq {
         state: &Arc<AppState>,
     ) -> Result<Self, Self::Rejection> {
         let (mut parts, body) = req.into_parts();
-        let format = Format::from_path(parts.uri.path());
+        // An unknown format is refused before anything runs (an endpoint must not act and
+        // only then find out it cannot answer).
+        let format = Format::known(parts.uri.path()).map_err(|name| ApiFailure {
+            format: Format::Json,
+            error: Error::NotImplemented(format!("unknown API format '{name}'")),
+        })?;
         let fail = |e: Error| ApiFailure { format, error: e };
 
         let authid = match state.node.tokens.authenticate(
