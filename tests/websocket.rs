@@ -419,6 +419,41 @@ async fn control_socket_takes_one_connection() {
 }
 
 #[tokio::test]
+async fn refused_upgrade_leaves_control_socket_unused() {
+    bounded(60, async {
+        let server = TestServer::start();
+        let t = server.open_tunnel(100).await;
+        // HTTP/1.0 cannot upgrade; the refusal must not use up the worker's one connection.
+        let mut tls = tls_to(&server).await;
+        let host = format!("{}:{}", server.host, server.port);
+        let mut req = format!("GET {} HTTP/1.0\r\nHost: {host}\r\n", ws_target(&t));
+        for h in tunnel_client_headers(&server.root_token) {
+            req.push_str(&h);
+            req.push_str("\r\n");
+        }
+        req.push_str("\r\n");
+        tls.write_all(req.as_bytes()).await.unwrap();
+        let mut reply = Vec::new();
+        let _ = tls.read_to_end(&mut reply).await;
+        let reply = String::from_utf8_lossy(&reply);
+        assert!(
+            reply.starts_with("HTTP/1.0 400 connection cannot be upgraded\r\n"),
+            "{reply}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let status = server
+            .client()
+            .get(&format!("/nodes/{NODE}/tasks/{}/status", t.upid), &[])
+            .await
+            .unwrap();
+        assert_eq!(status["status"], "running", "{status}");
+        let mut ws = server.connect(&t).await;
+        assert_eq!(roundtrip(&mut ws, VERSION_CMD).await, version_reply());
+    })
+    .await
+}
+
+#[tokio::test]
 async fn plain_get_without_upgrade_returns_socket() {
     bounded(60, async {
         let server = TestServer::start();
