@@ -538,6 +538,36 @@ async fn mtunnel_body_without_content_type_and_as_json() {
 }
 
 #[tokio::test]
+async fn mtunnel_query_overrides_body() {
+    bounded(60, async {
+        let server = TestServer::start();
+        let r = server
+            .client()
+            .raw(
+                Method::POST,
+                &format!("/api2/json{}?storages=local", mtunnel_path(100)),
+                &[("Content-Type", "application/x-www-form-urlencoded")],
+                "storages=nope&bridges=vmbr0",
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        check_tunnel_reply(&server, 100, "root@pam!mtunnel", &r.json()["data"]);
+        // A key repeated within the body is a list (proxmoxer sends lists so).
+        let data = server
+            .client()
+            .post(
+                &mtunnel_path(101),
+                &[("storages", "local"), ("storages", "local")],
+            )
+            .await
+            .unwrap();
+        check_tunnel_reply(&server, 101, "root@pam!mtunnel", &data);
+    })
+    .await
+}
+
+#[tokio::test]
 async fn mtunnel_existing_vmid_is_400() {
     bounded(60, async {
         let server = TestServer::start();

@@ -93,7 +93,10 @@ impl FromRequest<Arc<AppState>> for ApiReq {
             }
         }
         if let Some(query) = parts.uri.query() {
-            merge_form(&mut params, query.as_bytes());
+            // As pveproxy: query parameters override body parameters of the same name.
+            let mut from_query = Map::new();
+            merge_form(&mut from_query, query.as_bytes());
+            params.extend(from_query);
         }
         Ok(ApiReq {
             format,
