@@ -1004,7 +1004,12 @@ async fn task_list_shows_own_tasks() {
         let entry = &mine[0];
         assert_eq!(entry["type"], "qmtunnel");
         assert_eq!(entry["id"], "200");
-        assert_eq!(entry["user"], "mig@pve!mig");
+        // As PVE: the token id split into user and token name.
+        assert_eq!(
+            (&entry["user"], &entry["tokenid"]),
+            (&json!("mig@pve"), &json!("mig"))
+        );
+        assert_eq!(entry["status"], "RUNNING");
         assert_eq!(entry["node"], NODE);
 
         // Filters.
@@ -1014,7 +1019,7 @@ async fn task_list_shows_own_tasks() {
             .unwrap();
         assert_eq!(upids(&only_100), [root_t.upid.as_str()]);
         let by_user = root
-            .get(&path, &[("source", "all"), ("userfilter", "mig@pve")])
+            .get(&path, &[("source", "all"), ("userfilter", "MIG@pve")])
             .await
             .unwrap();
         assert_eq!(upids(&by_user), [mig_t.upid.as_str()]);
@@ -1052,7 +1057,7 @@ async fn task_status_raw_and_percent_encoded_upid() {
                 "pid": u32::from_str_radix(f[2], 16).unwrap(),
                 "pstart": u64::from_str_radix(f[3], 16).unwrap(),
                 "starttime": u64::from_str_radix(f[4], 16).unwrap(),
-                "type": "qmtunnel", "id": "100", "user": "root@pam!mtunnel",
+                "type": "qmtunnel", "id": "100", "user": "root@pam",
                 "tokenid": "mtunnel", "status": "running",
             })
         );
@@ -1243,11 +1248,17 @@ async fn garbage_upid_is_400() {
             format!("UPID:{NODE}:00000001:00000002:00000003:qmtunnel:100:root@pam!mtunnel:"),
             "UPID:othernode:00000001:00000002:00000003:qmtunnel:100:root@pam!mtunnel:".to_string(),
         ] {
-            let err = client
-                .get(&task_path(&unknown, "/status"), &[])
-                .await
-                .unwrap_err();
-            assert_http(&err, 500, &format!("no such task '{unknown}'"));
+            for (method, rest) in [
+                (Method::GET, "/status"),
+                (Method::GET, "/log"),
+                (Method::DELETE, ""),
+            ] {
+                let err = client
+                    .call(method, &task_path(&unknown, rest), &[])
+                    .await
+                    .unwrap_err();
+                assert_param_error(&err, json!({"upid": "no such task"}));
+            }
         }
         still_serving(&mut server).await;
     })

@@ -56,7 +56,8 @@ def main():
     assert status["upid"] == upid, status
     assert status["pid"] == decoded["pid"], status
     assert status["starttime"] == decoded["starttime"], status
-    assert status["user"] == "root@pam!mtunnel", status
+    assert status["user"] == "root@pam", status
+    assert status["tokenid"] == "mtunnel", status
 
     log = px.nodes(node).tasks(upid).log.get(start=0, limit=50)
     assert log[0] == {"n": 1, "t": "mtunnel started"}, log
