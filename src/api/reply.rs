@@ -19,10 +19,18 @@ pub enum Format {
 impl Format {
     /// The format named by `/api2/<format>/...`; unknown formats answer as `json`.
     pub fn from_path(path: &str) -> Format {
-        if path.starts_with("/api2/extjs/") {
-            Format::Extjs
+        Format::known(path).unwrap_or(Format::Json)
+    }
+
+    /// The format named by `/api2/<format>/...`, or the unknown format's name.
+    pub fn known(path: &str) -> Result<Format, &str> {
+        if path.starts_with("/api2/json/") {
+            Ok(Format::Json)
+        } else if path.starts_with("/api2/extjs/") {
+            Ok(Format::Extjs)
         } else {
-            Format::Json
+            let rest = path.strip_prefix("/api2/").unwrap_or("");
+            Err(rest.split('/').next().unwrap_or(""))
         }
     }
 }

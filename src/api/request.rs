@@ -33,7 +33,12 @@ impl FromRequest<Arc<AppState>> for ApiReq {
         state: &Arc<AppState>,
     ) -> Result<Self, Self::Rejection> {
         let (mut parts, body) = req.into_parts();
-        let format = Format::from_path(parts.uri.path());
+        // An unknown format is refused before anything runs (an endpoint must not act and
+        // only then find out it cannot answer).
+        let format = Format::known(parts.uri.path()).map_err(|name| ApiFailure {
+            format: Format::Json,
+            error: Error::NotImplemented(format!("unknown API format '{name}'")),
+        })?;
         let fail = |e: Error| ApiFailure { format, error: e };
 
         let authid = match state.node.tokens.authenticate(
@@ -88,7 +93,10 @@ impl FromRequest<Arc<AppState>> for ApiReq {
             }
         }
         if let Some(query) = parts.uri.query() {
-            merge_form(&mut params, query.as_bytes());
+            // As pveproxy: query parameters override body parameters of the same name.
+            let mut from_query = Map::new();
+            merge_form(&mut from_query, query.as_bytes());
+            params.extend(from_query);
         }
         Ok(ApiReq {
             format,

@@ -351,6 +351,12 @@ fn parse_upid(raw: &str) -> Result<Upid, Error> {
         .map_err(|_| Error::param("upid", format!("unable to parse worker upid '{raw}'")))
 }
 
+/// A token owns its own tasks; a user owns its own and its tokens' tasks.
+fn is_task_owner(authid: &str, upid: &Upid) -> bool {
+    upid.user == authid
+        || (!authid.contains('!') && crate::auth::token::token_user(&upid.user) == authid)
+}
+
 /// PVE's task visibility: the owner (a user also sees its tokens' tasks), or `Sys.Audit`
 /// (`Sys.Modify` to stop) on `/nodes/{node}`.
 fn check_task_access(
@@ -359,9 +365,7 @@ fn check_task_access(
     upid: &Upid,
     privilege: &str,
 ) -> Result<(), Error> {
-    let owner = upid.user == req.authid
-        || (!req.authid.contains('!') && crate::auth::token::token_user(&upid.user) == req.authid);
-    if owner {
+    if is_task_owner(&req.authid, upid) {
         return Ok(());
     }
     st.node.require(
@@ -371,8 +375,9 @@ fn check_task_access(
     )
 }
 
-fn task_not_found(upid: &str) -> Error {
-    Error::internal(format!("no such task '{upid}'"))
+/// PVE's answer for a well-formed UPID without a task log.
+fn task_not_found(_upid: &str) -> Error {
+    Error::param("upid", "no such task")
 }
 
 async fn task_index(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
@@ -485,13 +490,17 @@ async fn task_list(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
             "Sys.Audit",
         );
         let mut visible = Vec::new();
+        let userfilter = userfilter.map(|f| f.to_lowercase());
         for status in st.node.tasks.list() {
             let u = &status.upid;
-            let own = u.user == req.authid;
-            if !(own || audit) {
+            if !(audit || is_task_owner(&req.authid, u)) {
                 continue;
             }
-            if userfilter.as_deref().is_some_and(|f| !u.user.contains(f))
+            // PVE filters on the user part of a token id, ignoring case.
+            let user = u.token_split().map(|(user, _)| user).unwrap_or(&u.user);
+            if userfilter
+                .as_deref()
+                .is_some_and(|f| !user.to_lowercase().contains(f))
                 || typefilter.as_deref().is_some_and(|f| u.kind != f)
                 || vmid.is_some_and(|v| u.id != v.to_string())
                 || (errors_only && matches!(status.exit, Some(crate::task::ExitStatus::Ok) | None))
@@ -511,6 +520,8 @@ async fn task_list(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
                 let mut m = s.upid.to_json();
                 if let Some(exit) = &s.exit {
                     m.insert("status".into(), json!(exit.as_text()));
+                } else if s.running {
+                    m.insert("status".into(), json!("RUNNING"));
                 }
                 if let Some(end) = s.endtime {
                     m.insert("endtime".into(), json!(end));

@@ -52,6 +52,15 @@ pub(super) async fn mtunnelwebsocket(
             Ok(Data::new(json!({"socket": socket.display().to_string()}))),
         );
     };
+    // Before connecting: the worker accepts only one connection, which a refused upgrade
+    // (HTTP/1.0, say) must not use up.
+    let Some(on_upgrade) = req.upgrade.take() else {
+        return finish(
+            &p,
+            &req,
+            Err(Error::BadRequest("connection cannot be upgraded".into())),
+        );
+    };
     let unix = match UnixStream::connect(&socket).await {
         Ok(s) => s,
         Err(e) => {
@@ -61,13 +70,6 @@ pub(super) async fn mtunnelwebsocket(
             ));
             return finish(&p, &req, Err(err));
         }
-    };
-    let Some(on_upgrade) = req.upgrade.take() else {
-        return finish(
-            &p,
-            &req,
-            Err(Error::BadRequest("connection cannot be upgraded".into())),
-        );
     };
     let vmid = path_param(&p, "vmid").to_string();
     tokio::spawn(async move {

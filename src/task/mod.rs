@@ -95,11 +95,26 @@ impl Upid {
         map.insert("starttime".into(), json!(self.starttime));
         map.insert("type".into(), json!(self.kind));
         map.insert("id".into(), json!(self.id));
-        map.insert("user".into(), json!(self.user));
-        if let Some((_, token)) = self.user.split_once('!') {
-            map.insert("tokenid".into(), json!(token));
+        // As PVE reports it: a token id is split into `user` and `tokenid`.
+        match self.token_split() {
+            Some((user, token)) => {
+                map.insert("user".into(), json!(user));
+                map.insert("tokenid".into(), json!(token));
+            }
+            None => {
+                map.insert("user".into(), json!(self.user));
+            }
         }
         map
+    }
+
+    /// `(user, token name)` if the task's user is an API token id.
+    pub fn token_split(&self) -> Option<(&str, &str)> {
+        if crate::auth::token::is_valid_token_id(&self.user) {
+            self.user.split_once('!')
+        } else {
+            None
+        }
     }
 }
 
@@ -457,6 +472,11 @@ mod tests {
         assert_eq!(upid.pid, 0x113795);
         assert_eq!(upid.user, "root@pam!tok");
         assert_eq!(upid.to_string(), s);
+        let json = upid.to_json();
+        assert_eq!(
+            (&json["user"], &json["tokenid"]),
+            (&json!("root@pam"), &json!("tok"))
+        );
         for bad in [
             "UPID:pve1:00113795:1557C2C4:699F82D3:qmtunnel:567:root@pam!tok",
             "UPID:pve1:zz:1557C2C4:699F82D3:qmtunnel:567:root@pam:",
