@@ -173,7 +173,13 @@ async fn start_worker(node: &Arc<Node>, authid: &str, vmid: u32) -> Result<Opene
     use std::os::unix::fs::PermissionsExt;
     let _ = std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600));
 
-    let log = node.tasks.create("qmtunnel", &vmid.to_string(), authid)?;
+    let log = match node.tasks.create("qmtunnel", &vmid.to_string(), authid) {
+        Ok(log) => log,
+        Err(e) => {
+            let _ = std::fs::remove_file(&socket);
+            return Err(e.into());
+        }
+    };
     let tunnel = Arc::new(Tunnel {
         vmid,
         authid: authid.to_string(),
@@ -185,6 +191,8 @@ async fn start_worker(node: &Arc<Node>, authid: &str, vmid: u32) -> Result<Opene
     let worker_node = Arc::clone(node);
     let upid = node.tasks.spawn(log, move |log, stop| async move {
         let result = worker::run(&worker_node, &tunnel, listener, &log, stop).await;
+        // Unlike upstream, leave no socket file behind.
+        let _ = std::fs::remove_file(&tunnel.control_socket);
         worker_node.tunnels.remove(&tunnel);
         result
     });
