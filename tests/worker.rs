@@ -438,6 +438,8 @@ async fn lost_connection_frees_exactly_what_the_tunnel_created() {
         b"keep"
     );
     assert!(conf_path(&env, 200).exists());
+    wait_gone(&env.root.join("r/104.mtunnel")).await;
+    assert!(!env.root.join("r/104.storage").exists());
 }
 
 #[tokio::test]
