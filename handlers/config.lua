@@ -1,6 +1,7 @@
 -- config: write the VM's final config as the source sends it (already rewritten to
 -- our volids and bridges). Dropped: lock, digest, parent, [PENDING], snapshots and
--- the fleecing section; kept: vmgenid, meta, [special:cloudinit]. Every volume the
+-- the fleecing section; kept: vmgenid, meta, [special:cloudinit] (a VM config file
+-- holds no vmid/node keys, so there is nothing to force). Every volume the
 -- config refers to must be one this tunnel allocated or imported, and every bridge
 -- must exist here. Afterwards the config carries `lock: migrate`.
 local function check_volumes(options)
@@ -37,7 +38,6 @@ return {
     local new = pve.config.parse(p.conf)
     local options = new.options
     options.lock, options.digest, options.parent = nil, nil, nil
-    -- a legacy top-level cloudinit key belongs into its special section
     local special = new.special or {}
     special.fleecing = nil
     check_volumes(options)

@@ -171,8 +171,16 @@ impl NodeConfig {
 
     /// Whether a bridge is known on this node (configured, or a Linux interface).
     pub fn bridge_exists(&self, bridge: &str) -> bool {
-        self.bridges.iter().any(|b| b == bridge)
-            || Path::new("/sys/class/net").join(bridge).exists()
+        let plain = !bridge.is_empty()
+            && bridge.len() <= 15
+            && bridge != "."
+            && bridge != ".."
+            && bridge
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        plain
+            && (self.bridges.iter().any(|b| b == bridge)
+                || Path::new("/sys/class/net").join(bridge).exists())
     }
 }
 

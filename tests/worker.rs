@@ -522,6 +522,11 @@ async fn sandbox_limits_turn_runaway_handlers_into_errors() {
     );
     write_handler(
         &env,
+        "waits-in-pcall",
+        "return { description = 'x', params = false, lock = false, run = function() local ok, v = pcall(pve.storage.alloc, 'local', 'raw', 1024); return { ok = ok, v = tostring(v), co = type(coroutine), rs = type(rawset) } end }",
+    );
+    write_handler(
+        &env,
         "broken",
         "return { description = 'x', run = function( end }",
     );
@@ -556,6 +561,11 @@ async fn sandbox_limits_turn_runaway_handlers_into_errors() {
     assert_eq!(
         r,
         err("failed to handle 'escape' command - io: not available")
+    );
+    // A host function that waits (qemu-img) works inside pcall; no coroutine, no rawset.
+    assert_eq!(
+        c.send(json!({"cmd": "waits-in-pcall"})).await,
+        json!({"success": true, "ok": true, "v": "local:107/vm-107-disk-0.raw", "co": "nil", "rs": "nil"})
     );
     let r = c.send(json!({"cmd": "broken"})).await;
     let msg = r["msg"].as_str().unwrap();

@@ -8,6 +8,7 @@
 
 pub mod endpoint;
 pub mod http;
+pub mod progress;
 pub mod tls;
 pub mod tunnel;
 pub mod ws;

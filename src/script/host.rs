@@ -657,14 +657,14 @@ fn qemu_table(lua: &Lua) -> mlua::Result<Table> {
                 c.vmid,
                 started.migrate_socket.display()
             ));
-            to_lua(
-                &lua,
-                &json!({
-                    "migrate_socket": started.migrate_socket.display().to_string(),
-                    "nbd_socket": started.nbd_socket.as_ref().map(|p| p.display().to_string()),
-                    "nbd_uris": started.nbd_uris,
-                }),
-            )
+            let mut reply = json!({
+                "migrate_socket": started.migrate_socket.display().to_string(),
+                "nbd_uris": started.nbd_uris,
+            });
+            if let Some(nbd) = &started.nbd_socket {
+                reply["nbd_socket"] = json!(nbd.display().to_string());
+            }
+            to_lua(&lua, &reply)
         })?,
     )?;
     macro_rules! vm_op {
@@ -718,6 +718,7 @@ fn firewall_table(lua: &Lua) -> mlua::Result<Table> {
         "remove",
         lua.create_function(|lua, ()| {
             let c = ctx(lua)?;
+            c.session().firewall_written = false;
             match std::fs::remove_file(firewall_path(&c)) {
                 Ok(()) => Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -826,12 +827,20 @@ pub async fn cleanup(c: &Arc<HostCtx>) {
             Err(e) => c.warn(&format!("cleanup: stopping VM {} failed: {e:#}", c.vmid)),
         }
     }
+    let mut volumes = volumes;
     if let Some(job) = import {
-        job.task.abort();
-        let _ = job.task.await;
+        if job.task.is_finished() {
+            // Finished but not yet collected by `query-disk-import`: its volume is ours too.
+            if let Ok(Ok(volid)) = job.task.await {
+                volumes.push(volid);
+            }
+        } else {
+            job.task.abort();
+            let _ = job.task.await;
+            c.info("cleanup: aborted running disk import");
+        }
         c.tunnel.unregister_socket(&job.socket);
         let _ = std::fs::remove_file(&job.socket);
-        c.info("cleanup: aborted running disk import");
     }
     for volid in volumes {
         match c.node.storage.free(&volid).await {

@@ -180,6 +180,10 @@ impl ScriptVm {
     pub fn new(limits: Limits, sources: &[HandlerSource]) -> anyhow::Result<ScriptVm> {
         let lua = new_sandbox(limits)?;
         host::register(&lua)?;
+        // mlua opens `coroutine` for its async support; handlers get no coroutines.
+        lua.globals()
+            .raw_set("coroutine", LuaValue::Nil)
+            .map_err(|e| anyhow::anyhow!("sandboxing Lua: {e}"))?;
         let mut handlers = BTreeMap::new();
         for src in sources {
             let loaded = load_handler(&lua, limits, src);
@@ -229,27 +233,36 @@ pub fn new_sandbox(limits: Limits) -> anyhow::Result<Lua> {
     )
     .map_err(|e| anyhow::anyhow!("setting Lua hook: {e}"))?;
     // `pcall` must not swallow an exhausted budget, or `while true do pcall(f) end` would
-    // run forever.
-    let raw_pcall: Function = globals.get("pcall").map_err(|e| anyhow::anyhow!("{e}"))?;
-    let raw_xpcall: Function = globals.get("xpcall").map_err(|e| anyhow::anyhow!("{e}"))?;
-    let wrap = |raw: Function| {
-        lua.create_function(move |lua, args: mlua::MultiValue| {
-            let result = raw.call::<mlua::MultiValue>(args)?;
-            if lua.app_data_ref::<Budget>().is_some_and(|b| b.exhausted()) {
-                return Err(mlua::Error::external(HandlerFailure(BUDGET_MSG.into())));
-            }
-            Ok(result)
-        })
-    };
+    // run forever. The wrapper is Lua, so host functions that wait stay yieldable in it.
     globals
         .raw_set(
-            "pcall",
-            wrap(raw_pcall).map_err(|e| anyhow::anyhow!("{e}"))?,
+            "__budget_exhausted",
+            lua.create_function(|lua, ()| {
+                Ok(lua.app_data_ref::<Budget>().is_some_and(|b| b.exhausted()))
+            })
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
         )
-        .and_then(|_| globals.raw_set("xpcall", wrap(raw_xpcall)?))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    lua.load(PCALL_WRAPPER)
+        .set_name("=sandbox")
+        .exec()
         .map_err(|e| anyhow::anyhow!("sandboxing pcall: {e}"))?;
     Ok(lua)
 }
+
+const PCALL_WRAPPER: &str = r#"
+local raw_pcall, raw_xpcall, exhausted = pcall, xpcall, __budget_exhausted
+local pack, unpack, err = table.pack, table.unpack, error
+__budget_exhausted = nil
+local msg = "handler exceeded its instruction limit (runaway loop?)"
+local function checked(r)
+  if exhausted() then err(msg, 0) end
+  return unpack(r, 1, r.n)
+end
+pcall = function(...) return checked(pack(raw_pcall(...))) end
+xpcall = function(...) return checked(pack(raw_xpcall(...))) end
+rawset = nil
+"#;
 
 fn load_handler(lua: &Lua, limits: Limits, src: &HandlerSource) -> Result<Handler, String> {
     if let Some(b) = lua.app_data_ref::<Budget>() {
