@@ -1,0 +1,1597 @@
+//! The QEMU command line of a VM: [`VmSpec`] (a VM config's key/values in PVE format plus the
+//! resolved disk paths and where the VM's sockets live) and [`build_command`], which turns it
+//! into the argument list for `qemu-system-x86_64`.
+//!
+//! This module is pure apart from two read-only probes of the host (is `/dev/kvm` usable for
+//! [`Accel::Auto`], does a disk's file system take `O_DIRECT` for the default `cache=none`).
+//! The same spec always yields the same devices, ids and PCI addresses, so a VM started from a
+//! config on one host accepts the migration state of the same config started on another.
+//!
+//! Layout choices (documented here once, relied on by the rest of `qemu/`):
+//! - every PCI device sits on the root bus (`pci.0` for i440fx, `pcie.0` for q35) at an address
+//!   handed out in a fixed order (VGA, balloon, guest-agent serial bus, SCSI controllers, AHCI
+//!   controllers, virtio disks by index, NICs by index) starting at slot 2. The ids follow PVE
+//!   (`scsihw0`, `virtioscsi3`, `ahci0`, `balloon0`, `qga0`, `net0`, `scsi0` ...), the slot
+//!   numbers do not: PVE's bridge layout (and its `+pve` machine versions) is not reproduced,
+//!   so live migration is between mtunnel-started QEMUs, not from a PVE QEMU process.
+//! - disks use `-blockdev`: a `file` node `file-<key>` under a format node `drive-<key>`; the
+//!   format node is what `drive-mirror` (device `drive-<key>`) and `block-export-add`
+//!   (node-name `drive-<key>`, NBD export name `drive-<key>`) address.
+//! - NICs keep their model and MAC but get a `hubport` netdev (an unconnected hub): it needs no
+//!   root, no bridge, and, unlike `-netdev user`, adds no `slirp` section to the migration
+//!   stream, so the stream stays acceptable to a QEMU that uses a tap backend. The guest sees a
+//!   NIC whose packets go nowhere. Attaching to the config's `bridge` is future work.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::OpenOptions;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+/// Which accelerator QEMU runs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Accel {
+    Kvm,
+    /// Software emulation. What tests use: an idle TCG guest costs ~0.4 % of a core.
+    Tcg,
+    /// KVM when `/dev/kvm` can be opened read-write, else TCG. The config option `kvm: 0`
+    /// forces TCG in any case.
+    #[default]
+    Auto,
+}
+
+impl Accel {
+    /// Resolves `Auto` on this host.
+    pub fn resolve(self) -> Accel {
+        match self {
+            Accel::Auto => {
+                let usable = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open("/dev/kvm")
+                    .is_ok();
+                if usable { Accel::Kvm } else { Accel::Tcg }
+            }
+            other => other,
+        }
+    }
+}
+
+/// Image format of a resolved disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskFormat {
+    Raw,
+    Qcow2,
+}
+
+impl DiskFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
+impl std::str::FromStr for DiskFormat {
+    type Err = CmdlineError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "raw" => Ok(DiskFormat::Raw),
+            "qcow2" => Ok(DiskFormat::Qcow2),
+            other => Err(CmdlineError::UnsupportedFormat(other.to_string())),
+        }
+    }
+}
+
+/// A drive's volume resolved by the storage layer to a local file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSource {
+    pub path: PathBuf,
+    pub format: DiskFormat,
+}
+
+impl DiskSource {
+    pub fn new(path: impl Into<PathBuf>, format: DiskFormat) -> Self {
+        DiskSource {
+            path: path.into(),
+            format,
+        }
+    }
+}
+
+/// Everything needed to start one VM.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    pub vmid: u32,
+    /// `-name`; when `None`, the config's `name` option, else `vm<vmid>` (as PVE).
+    pub name: Option<String>,
+    /// The VM config's options in PVE format (`memory`, `scsi0`, `net0`, ...).
+    pub options: BTreeMap<String, String>,
+    /// Drive key (`scsi0`, `ide2`, ...) → resolved file. Every drive option whose volume is not
+    /// `none` must have an entry.
+    pub disks: BTreeMap<String, DiskSource>,
+    /// Directory of the VM's sockets, pidfile and log (`{run}` in the design).
+    pub run_dir: PathBuf,
+    pub accel: Accel,
+    /// `-incoming URI -S` when set (e.g. `unix:{run}/{vmid}.migrate`).
+    pub incoming: Option<String>,
+    /// The migration source's machine (`start_params.forcemachine`), overrides `machine`.
+    pub force_machine: Option<String>,
+    /// The migration source's `-cpu` argument (`start_params.forcecpu`), overrides `cpu`.
+    pub force_cpu: Option<String>,
+    /// Appended verbatim (tests: `-device loader,...`). Never filled from a config.
+    pub extra_args: Vec<String>,
+}
+
+impl VmSpec {
+    pub fn new(vmid: u32, run_dir: impl Into<PathBuf>) -> Self {
+        VmSpec {
+            vmid,
+            name: None,
+            options: BTreeMap::new(),
+            disks: BTreeMap::new(),
+            run_dir: run_dir.into(),
+            accel: Accel::Auto,
+            incoming: None,
+            force_machine: None,
+            force_cpu: None,
+            extra_args: Vec::new(),
+        }
+    }
+
+    /// Sets a config option (builder style, for callers and tests).
+    pub fn option(mut self, key: &str, value: &str) -> Self {
+        self.options.insert(key.to_string(), value.to_string());
+        self
+    }
+
+    /// Adds a resolved disk (builder style).
+    pub fn disk(mut self, key: &str, path: impl Into<PathBuf>, format: DiskFormat) -> Self {
+        self.disks
+            .insert(key.to_string(), DiskSource::new(path, format));
+        self
+    }
+
+    pub fn paths(&self) -> VmPaths {
+        VmPaths::new(&self.run_dir, self.vmid)
+    }
+
+    /// Whether the config enables the guest agent (`agent: 1` / `agent: enabled=1,...`).
+    pub fn agent_enabled(&self) -> bool {
+        agent_enabled(&self.options)
+    }
+}
+
+/// Whether a config's `agent` option enables the guest agent.
+pub fn agent_enabled(options: &BTreeMap<String, String>) -> bool {
+    let Some(v) = options.get("agent") else {
+        return false;
+    };
+    let Ok(props) = parse_props(v, "enabled") else {
+        return false;
+    };
+    props
+        .get("enabled")
+        .is_some_and(|e| parse_bool(e) == Some(true))
+}
+
+/// The files of one VM under the run directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmPaths {
+    pub qmp: PathBuf,
+    pub qga: PathBuf,
+    pub pid: PathBuf,
+    pub log: PathBuf,
+    pub serial0: PathBuf,
+    /// Incoming RAM migration socket, `{run}/{vmid}.migrate`.
+    pub migrate: PathBuf,
+    /// NBD server socket for incoming disks, `{run}/{vmid}_nbd.migrate`.
+    pub nbd: PathBuf,
+}
+
+impl VmPaths {
+    pub fn new(run_dir: &Path, vmid: u32) -> Self {
+        let f = |suffix: &str| run_dir.join(format!("{vmid}{suffix}"));
+        VmPaths {
+            qmp: f(".qmp"),
+            qga: f(".qga"),
+            pid: f(".pid"),
+            log: f(".log"),
+            serial0: f(".serial0"),
+            migrate: f(".migrate"),
+            nbd: f("_nbd.migrate"),
+        }
+    }
+}
+
+/// Why a config cannot be turned into a command line. Messages name the config option.
+#[derive(Debug, Error)]
+pub enum CmdlineError {
+    #[error("config option '{key}': invalid value '{value}': {why}")]
+    Invalid {
+        key: String,
+        value: String,
+        why: String,
+    },
+    #[error(
+        "config option '{key}' is not supported by mtunnel's QEMU layer ({why}); remove it from the VM config or migrate the VM offline"
+    )]
+    Unsupported { key: String, why: String },
+    #[error(
+        "drive '{key}' refers to '{volume}' but no local path was resolved for it; the storage layer must resolve every volume before the VM is started"
+    )]
+    UnresolvedDisk { key: String, volume: String },
+    #[error("disk format '{0}' is not supported (only raw and qcow2)")]
+    UnsupportedFormat(String),
+    #[error(
+        "socket path {path} is {len} bytes long; UNIX socket paths must be shorter than 108 bytes: use a shorter run directory"
+    )]
+    SocketPathTooLong { path: PathBuf, len: usize },
+    #[error(
+        "too many PCI devices for mtunnel's single-bus layout (at most 29: VGA, balloon, agent, controllers, virtio disks and NICs together)"
+    )]
+    OutOfPciSlots,
+}
+
+fn invalid(key: &str, value: &str, why: impl Into<String>) -> CmdlineError {
+    CmdlineError::Invalid {
+        key: key.to_string(),
+        value: value.to_string(),
+        why: why.into(),
+    }
+}
+
+/// Parses a PVE property string (`a=1,b=2`; a first element without `=` belongs to
+/// `default_key`). Duplicate keys are an error.
+pub(crate) fn parse_props(s: &str, default_key: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut out = BTreeMap::new();
+    for (i, part) in s.split(',').enumerate() {
+        let part = part.trim();
+        if part.is_empty() {
+            continue;
+        }
+        let (k, v) = match part.split_once('=') {
+            Some((k, v)) => (k.trim(), v.trim()),
+            None if i == 0 => (default_key, part),
+            None => return Err(format!("'{part}' has no '=value'")),
+        };
+        if out.insert(k.to_string(), v.to_string()).is_some() {
+            return Err(format!("duplicate property '{k}'"));
+        }
+    }
+    Ok(out)
+}
+
+fn parse_bool(s: &str) -> Option<bool> {
+    match s {
+        "1" | "on" | "yes" | "true" => Some(true),
+        "0" | "off" | "no" | "false" => Some(false),
+        _ => None,
+    }
+}
+
+/// Escapes a value for a QEMU `key=value,...` option string (commas are doubled).
+fn esc(s: &str) -> String {
+    s.replace(',', ",,")
+}
+
+fn esc_path(p: &Path) -> String {
+    esc(&p.to_string_lossy())
+}
+
+fn is_word(s: &str, extra: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || extra.contains(c))
+}
+
+fn check_socket_path(p: &Path) -> Result<(), CmdlineError> {
+    let len = p.as_os_str().len();
+    if len >= 108 {
+        return Err(CmdlineError::SocketPathTooLong {
+            path: p.to_path_buf(),
+            len,
+        });
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chipset {
+    I440fx,
+    Q35,
+}
+
+/// The machine type from `force_machine` or the `machine` option, `+pveN` stripped.
+fn machine(spec: &VmSpec) -> Result<(String, Chipset), CmdlineError> {
+    let (key, raw) = match (&spec.force_machine, spec.options.get("machine")) {
+        (Some(m), _) => ("forcemachine", m.clone()),
+        (None, Some(m)) => {
+            let props = parse_props(m, "type").map_err(|e| invalid("machine", m, e))?;
+            if let Some(v) = props.get("viommu") {
+                return Err(CmdlineError::Unsupported {
+                    key: "machine".into(),
+                    why: format!("viommu={v}"),
+                });
+            }
+            match props.get("type") {
+                Some(t) => ("machine", t.clone()),
+                None => ("machine", "pc".to_string()),
+            }
+        }
+        (None, None) => ("machine", "pc".to_string()),
+    };
+    let base = match raw.split_once("+pve") {
+        Some((b, n)) if n.chars().all(|c| c.is_ascii_digit()) => b.to_string(),
+        Some(_) => return Err(invalid(key, &raw, "unknown '+pve' suffix")),
+        None => raw.clone(),
+    };
+    if !is_word(&base, ".-_") {
+        return Err(invalid(key, &raw, "not a machine type name"));
+    }
+    let chipset = if base == "q35" || base.starts_with("pc-q35-") {
+        Chipset::Q35
+    } else if base == "pc" || base.starts_with("pc-i440fx-") || base.starts_with("pc-") {
+        Chipset::I440fx
+    } else {
+        return Err(CmdlineError::Unsupported {
+            key: key.into(),
+            why: format!("machine '{base}' (only pc/i440fx and q35 machines)"),
+        });
+    };
+    Ok((base, chipset))
+}
+
+/// PVE's named CPU models that are not QEMU models: base model plus flags.
+fn pve_cpu_model(name: &str) -> Option<(&'static str, &'static str)> {
+    const V2: &str = "+popcnt,+pni,+sse4.1,+sse4.2,+ssse3";
+    Some(match name {
+        "x86-64-v2" => ("qemu64", V2),
+        "x86-64-v2-AES" => ("qemu64", "+aes,+popcnt,+pni,+sse4.1,+sse4.2,+ssse3"),
+        "x86-64-v3" => (
+            "qemu64",
+            "+aes,+popcnt,+pni,+sse4.1,+sse4.2,+ssse3,+avx,+avx2,+bmi1,+bmi2,+f16c,+fma,+abm,+movbe,+xsave",
+        ),
+        "x86-64-v4" => (
+            "qemu64",
+            "+aes,+popcnt,+pni,+sse4.1,+sse4.2,+ssse3,+avx,+avx2,+bmi1,+bmi2,+f16c,+fma,+abm,+movbe,+xsave,+avx512f,+avx512bw,+avx512cd,+avx512dq,+avx512vl",
+        ),
+        _ => return None,
+    })
+}
+
+/// `-cpu` argument. Default as PVE: `kvm64` with KVM, `qemu64` with TCG. Under TCG `host`
+/// (KVM-only) becomes `max`, the closest TCG equivalent.
+fn cpu(spec: &VmSpec, accel: Accel) -> Result<String, CmdlineError> {
+    if let Some(forced) = &spec.force_cpu {
+        if !is_word(forced, "_.+-=,") {
+            return Err(invalid("forcecpu", forced, "unexpected characters"));
+        }
+        return Ok(match (accel, forced.split_once(',')) {
+            (Accel::Tcg, Some(("host", rest))) => format!("max,{rest}"),
+            (Accel::Tcg, None) if forced == "host" => "max".to_string(),
+            _ => forced.clone(),
+        });
+    }
+    let default = if accel == Accel::Kvm {
+        "kvm64"
+    } else {
+        "qemu64"
+    };
+    let Some(value) = spec.options.get("cpu") else {
+        return Ok(default.to_string());
+    };
+    let props = parse_props(value, "cputype").map_err(|e| invalid("cpu", value, e))?;
+    let cputype = props.get("cputype").map(String::as_str).unwrap_or(default);
+    if cputype.starts_with("custom-") {
+        return Err(CmdlineError::Unsupported {
+            key: "cpu".into(),
+            why: format!("custom CPU model '{cputype}'"),
+        });
+    }
+    if !is_word(cputype, "_.-") {
+        return Err(invalid("cpu", value, "not a CPU model name"));
+    }
+    let mut out = match (cputype, accel) {
+        ("host", Accel::Tcg) => "max".to_string(),
+        (t, _) => match pve_cpu_model(t) {
+            Some((base, flags)) => format!("{base},{flags}"),
+            None => t.to_string(),
+        },
+    };
+    if props.get("hidden").and_then(|h| parse_bool(h)) == Some(true) {
+        out.push_str(",kvm=off");
+    }
+    if let Some(bits) = props.get("phys-bits") {
+        if bits == "host" {
+            out.push_str(",host-phys-bits=true");
+        } else if bits.parse::<u8>().is_ok_and(|b| (8..=64).contains(&b)) {
+            out.push_str(&format!(",phys-bits={bits}"));
+        } else {
+            return Err(invalid("cpu", value, "phys-bits must be 'host' or 8..64"));
+        }
+    }
+    if let Some(flags) = props.get("flags") {
+        for flag in flags.split(';').filter(|f| !f.is_empty()) {
+            let ok = (flag.starts_with('+') || flag.starts_with('-')) && is_word(&flag[1..], "_.-");
+            if !ok {
+                return Err(invalid(
+                    "cpu",
+                    value,
+                    format!("bad flag '{flag}' (want +name or -name)"),
+                ));
+            }
+            out.push(',');
+            out.push_str(flag);
+        }
+    }
+    Ok(out)
+}
+
+fn positive(key: &str, value: &str, max: u64) -> Result<u64, CmdlineError> {
+    match value.parse::<u64>() {
+        Ok(n) if n >= 1 && n <= max => Ok(n),
+        _ => Err(invalid(key, value, format!("want an integer 1..{max}"))),
+    }
+}
+
+fn memory_mib(spec: &VmSpec) -> Result<u64, CmdlineError> {
+    let Some(v) = spec.options.get("memory") else {
+        return Ok(512);
+    };
+    let props = parse_props(v, "current").map_err(|e| invalid("memory", v, e))?;
+    match props.get("current") {
+        Some(c) => positive("memory", c, 64 * 1024 * 1024),
+        None => Ok(512),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Bus {
+    Ide,
+    Sata,
+    Scsi,
+    Virtio,
+}
+
+impl Bus {
+    fn parse(key: &str) -> Option<(Bus, u32)> {
+        let split = key.find(|c: char| c.is_ascii_digit())?;
+        let (name, idx) = key.split_at(split);
+        let n: u32 = idx.parse().ok()?;
+        if n.to_string() != idx {
+            return None; // leading zeros or signs: not a drive key
+        }
+        let idx = n;
+        let (bus, max) = match name {
+            "ide" => (Bus::Ide, 3),
+            "sata" => (Bus::Sata, 5),
+            "scsi" => (Bus::Scsi, 30),
+            "virtio" => (Bus::Virtio, 15),
+            _ => return None,
+        };
+        (idx <= max).then_some((bus, idx))
+    }
+}
+
+/// One drive option, parsed.
+#[derive(Debug)]
+struct Drive {
+    key: String,
+    bus: Bus,
+    index: u32,
+    cdrom: bool,
+    /// `None` for an empty CD-ROM (`none,media=cdrom`).
+    source: Option<DiskSource>,
+    props: BTreeMap<String, String>,
+}
+
+/// Options whose hardware we cannot reproduce: refusing is better than starting a VM that
+/// differs from its config.
+const UNSUPPORTED: &[(&str, &str)] = &[
+    ("hostpci", "PCI passthrough"),
+    ("usb", "USB passthrough"),
+    ("efidisk", "UEFI variables disk"),
+    ("tpmstate", "TPM state"),
+    ("virtiofs", "virtiofs shares"),
+    ("rng", "virtio-rng"),
+    ("audio", "audio devices"),
+    ("ivshmem", "ivshmem"),
+    ("args", "raw QEMU arguments"),
+    ("numa", "NUMA topology"),
+    ("hugepages", "hugepages"),
+    ("parallel", "parallel ports"),
+];
+
+fn check_unsupported(options: &BTreeMap<String, String>) -> Result<(), CmdlineError> {
+    for (key, value) in options {
+        let stem = key.trim_end_matches(|c: char| c.is_ascii_digit());
+        if let Some((_, why)) = UNSUPPORTED.iter().find(|(k, _)| *k == stem) {
+            // `numa: 0` and `hugepages` absent are the defaults; only an enabled value matters.
+            if stem == "numa" && value.trim() == "0" {
+                continue;
+            }
+            return Err(CmdlineError::Unsupported {
+                key: key.clone(),
+                why: (*why).to_string(),
+            });
+        }
+    }
+    if let Some(bios) = options.get("bios")
+        && bios != "seabios"
+    {
+        return Err(CmdlineError::Unsupported {
+            key: "bios".into(),
+            why: format!("bios '{bios}' (only seabios)"),
+        });
+    }
+    Ok(())
+}
+
+fn parse_drives(spec: &VmSpec) -> Result<Vec<Drive>, CmdlineError> {
+    let mut drives = Vec::new();
+    for (key, value) in &spec.options {
+        let key = if key == "cdrom" { "ide2" } else { key.as_str() };
+        let Some((bus, index)) = Bus::parse(key) else {
+            continue;
+        };
+        if key == "ide2" && spec.options.contains_key("cdrom") && spec.options.contains_key("ide2")
+        {
+            return Err(invalid("cdrom", value, "both 'cdrom' and 'ide2' are set"));
+        }
+        let props = parse_props(value, "file").map_err(|e| invalid(key, value, e))?;
+        let volume = props
+            .get("file")
+            .cloned()
+            .ok_or_else(|| invalid(key, value, "no volume"))?;
+        let cdrom = match props.get("media").map(String::as_str) {
+            None | Some("disk") => false,
+            Some("cdrom") => true,
+            Some(m) => return Err(invalid(key, value, format!("unknown media '{m}'"))),
+        };
+        if volume == "cdrom" {
+            return Err(CmdlineError::Unsupported {
+                key: key.to_string(),
+                why: "host CD-ROM passthrough".into(),
+            });
+        }
+        let source = if volume == "none" {
+            if !cdrom {
+                return Err(invalid(
+                    key,
+                    value,
+                    "volume 'none' is only valid with media=cdrom",
+                ));
+            }
+            None
+        } else {
+            match spec.disks.get(key) {
+                Some(s) => Some(s.clone()),
+                None => {
+                    return Err(CmdlineError::UnresolvedDisk {
+                        key: key.to_string(),
+                        volume,
+                    });
+                }
+            }
+        };
+        if cdrom && bus == Bus::Virtio {
+            return Err(invalid(key, value, "virtio drives cannot be CD-ROMs"));
+        }
+        drives.push(Drive {
+            key: key.to_string(),
+            bus,
+            index,
+            cdrom,
+            source,
+            props,
+        });
+    }
+    drives.sort_by_key(|a| (a.bus, a.index));
+    Ok(drives)
+}
+
+/// Host-side cache settings: (cache.direct, cache.no-flush, device write-cache).
+fn cache_mode(d: &Drive) -> Result<(bool, bool, bool), CmdlineError> {
+    let mode = match d.props.get("cache") {
+        Some(m) => m.clone(),
+        // PVE's default for disks is cache=none (O_DIRECT); fall back to writeback where the
+        // file system refuses O_DIRECT (tmpfs), which keeps the guest-visible write cache on.
+        None if d.cdrom => "writeback".to_string(),
+        None => match &d.source {
+            Some(s) if supports_o_direct(&s.path) => "none".to_string(),
+            _ => "writeback".to_string(),
+        },
+    };
+    Ok(match mode.as_str() {
+        "none" => (true, false, true),
+        "writeback" => (false, false, true),
+        "writethrough" => (false, false, false),
+        "directsync" => (true, false, false),
+        "unsafe" => (false, true, true),
+        other => {
+            return Err(invalid(
+                &d.key,
+                other,
+                "cache must be none|writeback|writethrough|directsync|unsafe",
+            ));
+        }
+    })
+}
+
+fn supports_o_direct(path: &Path) -> bool {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_DIRECT.bits())
+        .open(path)
+        .is_ok()
+}
+
+fn drive_flag(d: &Drive, name: &str) -> Result<bool, CmdlineError> {
+    match d.props.get(name) {
+        None => Ok(false),
+        Some(v) => {
+            parse_bool(v).ok_or_else(|| invalid(&d.key, v, format!("{name} must be 0 or 1")))
+        }
+    }
+}
+
+/// `-blockdev` arguments for a drive with a source.
+fn blockdev_args(d: &Drive, src: &DiskSource) -> Result<Vec<String>, CmdlineError> {
+    let (direct, no_flush, _) = cache_mode(d)?;
+    let readonly = d.cdrom || drive_flag(d, "ro")?;
+    let discard = match d.props.get("discard").map(String::as_str) {
+        None | Some("ignore") => false,
+        Some("on") => true,
+        Some(o) => return Err(invalid(&d.key, o, "discard must be on or ignore")),
+    };
+    let detect_zeroes = match d.props.get("detect_zeroes").map(|v| parse_bool(v)) {
+        None | Some(Some(true)) => {
+            if discard {
+                "unmap"
+            } else {
+                "on"
+            }
+        }
+        Some(Some(false)) => "off",
+        Some(None) => return Err(invalid(&d.key, "detect_zeroes", "must be 0 or 1")),
+    };
+    let aio = match d.props.get("aio").map(String::as_str) {
+        None => None,
+        Some(a @ ("threads" | "io_uring")) => Some(a),
+        Some("native") if direct => Some("native"),
+        Some("native") => {
+            return Err(invalid(
+                &d.key,
+                "aio=native",
+                "needs cache=none or directsync",
+            ));
+        }
+        Some(o) => return Err(invalid(&d.key, o, "aio must be threads|io_uring|native")),
+    };
+    let onoff = |b: bool| if b { "on" } else { "off" };
+    let mut file = format!(
+        "driver=file,node-name=file-{key},filename={path},cache.direct={direct},cache.no-flush={nf},read-only={ro}",
+        key = d.key,
+        path = esc_path(&src.path),
+        direct = onoff(direct),
+        nf = onoff(no_flush),
+        ro = onoff(readonly),
+    );
+    if discard {
+        file.push_str(",discard=unmap");
+    }
+    if let Some(aio) = aio {
+        file.push_str(&format!(",aio={aio}"));
+    }
+    let mut fmt = format!(
+        "driver={fmt},node-name=drive-{key},file=file-{key},cache.direct={direct},cache.no-flush={nf},read-only={ro},detect-zeroes={dz}",
+        fmt = src.format.as_str(),
+        key = d.key,
+        direct = onoff(direct),
+        nf = onoff(no_flush),
+        ro = onoff(readonly),
+        dz = detect_zeroes,
+    );
+    if discard {
+        fmt.push_str(",discard=unmap");
+    }
+    Ok(vec!["-blockdev".into(), file, "-blockdev".into(), fmt])
+}
+
+/// Hands out PCI slots on the root bus in call order.
+struct Pci {
+    bus: &'static str,
+    next: u32,
+}
+
+impl Pci {
+    fn addr(&mut self) -> Result<String, CmdlineError> {
+        if self.next > 0x1e {
+            return Err(CmdlineError::OutOfPciSlots);
+        }
+        let s = format!("bus={},addr={:#x}", self.bus, self.next);
+        self.next += 1;
+        Ok(s)
+    }
+}
+
+/// Boot order: device key → bootindex (100, 101, ... as PVE).
+fn boot_order(
+    spec: &VmSpec,
+    drives: &[Drive],
+    nets: &[String],
+) -> Result<BTreeMap<String, u32>, CmdlineError> {
+    let mut order = Vec::new();
+    if let Some(boot) = spec.options.get("boot") {
+        if boot.contains('=') || boot.contains(';') {
+            let props = parse_props(boot, "legacy").map_err(|e| invalid("boot", boot, e))?;
+            if let Some(list) = props.get("order") {
+                for dev in list.split(';').filter(|d| !d.is_empty()) {
+                    order.push(dev.to_string());
+                }
+            }
+        } else {
+            // Legacy letters: c = `bootdisk`, d = CD-ROMs, n = NICs.
+            for c in boot.chars() {
+                match c {
+                    'c' => order.extend(spec.options.get("bootdisk").cloned()),
+                    'd' => order.extend(drives.iter().filter(|d| d.cdrom).map(|d| d.key.clone())),
+                    'n' => order.extend(nets.iter().cloned()),
+                    'a' => {}
+                    _ => return Err(invalid("boot", boot, "legacy boot letters are a, c, d, n")),
+                }
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    let mut next = 100;
+    for dev in order {
+        if let std::collections::btree_map::Entry::Vacant(e) = out.entry(dev) {
+            e.insert(next);
+            next += 1;
+        }
+    }
+    Ok(out)
+}
+
+const NIC_MODELS: &[(&str, &str)] = &[
+    ("virtio", "virtio-net-pci"),
+    ("e1000", "e1000"),
+    ("e1000e", "e1000e"),
+    ("rtl8139", "rtl8139"),
+    ("vmxnet3", "vmxnet3"),
+    ("e1000-82540em", "e1000-82540em"),
+    ("e1000-82544gc", "e1000-82544gc"),
+    ("e1000-82545em", "e1000-82545em"),
+    ("i82551", "i82551"),
+    ("i82557b", "i82557b"),
+    ("i82559er", "i82559er"),
+    ("ne2k_pci", "ne2k_pci"),
+    ("pcnet", "pcnet"),
+];
+
+fn is_mac(s: &str) -> bool {
+    let parts: Vec<&str> = s.split(':').collect();
+    parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
+        // multicast bit must be clear
+        && u8::from_str_radix(parts[0], 16).is_ok_and(|b| b & 1 == 0)
+}
+
+/// `(key, device model, mac)` of every `netN` option, by index.
+fn parse_nets(spec: &VmSpec) -> Result<Vec<(String, &'static str, String)>, CmdlineError> {
+    let mut nets = Vec::new();
+    for (key, value) in &spec.options {
+        let Some(idx) = key.strip_prefix("net") else {
+            continue;
+        };
+        let Ok(idx) = idx.parse::<u32>() else {
+            continue;
+        };
+        if idx.to_string() != key[3..] || idx > 31 {
+            return Err(invalid(key, value, "NICs are net0..net31"));
+        }
+        let props = parse_props(value, "model").map_err(|e| invalid(key, value, e))?;
+        let mut model = None;
+        let mut mac = props.get("macaddr").cloned();
+        for (m, dev) in NIC_MODELS {
+            if let Some(v) = props.get(*m) {
+                model = Some(*dev);
+                if !v.is_empty() {
+                    mac = Some(v.clone());
+                }
+            }
+        }
+        if let Some(m) = props.get("model") {
+            match NIC_MODELS.iter().find(|(name, _)| name == m) {
+                Some((_, dev)) => model = Some(*dev),
+                None => return Err(invalid(key, value, format!("unknown NIC model '{m}'"))),
+            }
+        }
+        let model = model.ok_or_else(|| {
+            invalid(
+                key,
+                value,
+                "no known NIC model (virtio=MAC, e1000=MAC, ...)",
+            )
+        })?;
+        let mac = mac.ok_or_else(|| {
+            invalid(
+                key,
+                value,
+                "no MAC address; write one into the config, e.g. virtio=BC:24:11:00:00:01",
+            )
+        })?;
+        if !is_mac(&mac) {
+            return Err(invalid(
+                key,
+                value,
+                format!("'{mac}' is not a unicast MAC address"),
+            ));
+        }
+        nets.push((idx, key.clone(), model, mac));
+    }
+    nets.sort();
+    Ok(nets.into_iter().map(|(_, k, m, mac)| (k, m, mac)).collect())
+}
+
+/// Builds the arguments (without the program name) for `qemu-system-x86_64`.
+pub fn build_command(spec: &VmSpec) -> Result<Vec<String>, CmdlineError> {
+    check_unsupported(&spec.options)?;
+    let paths = spec.paths();
+    for p in [
+        &paths.qmp,
+        &paths.qga,
+        &paths.serial0,
+        &paths.migrate,
+        &paths.nbd,
+    ] {
+        check_socket_path(p)?;
+    }
+
+    let mut accel = spec.accel.resolve();
+    if spec.options.get("kvm").and_then(|v| parse_bool(v)) == Some(false) {
+        accel = Accel::Tcg;
+    }
+    let (machine, chipset) = machine(spec)?;
+
+    let mut a: Vec<String> = Vec::new();
+
+    let name = match &spec.name {
+        Some(n) => n.clone(),
+        None => spec
+            .options
+            .get("name")
+            .cloned()
+            .unwrap_or_else(|| format!("vm{}", spec.vmid)),
+    };
+    if name.is_empty() || name.chars().any(|c| c.is_control()) {
+        return Err(invalid(
+            "name",
+            &name,
+            "empty or contains control characters",
+        ));
+    }
+    push(
+        &mut a,
+        &["-name", &format!("{},debug-threads=on", esc(&name))],
+    );
+    push(
+        &mut a,
+        &["-nodefaults", "-no-user-config", "-display", "none"],
+    );
+    push(&mut a, &["-pidfile", &paths.pid.to_string_lossy()]);
+    push(
+        &mut a,
+        &[
+            "-chardev",
+            &format!(
+                "socket,id=qmp,path={},server=on,wait=off",
+                esc_path(&paths.qmp)
+            ),
+            "-mon",
+            "chardev=qmp,mode=control",
+        ],
+    );
+    push(
+        &mut a,
+        &[
+            "-machine",
+            &format!("type={machine}"),
+            "-accel",
+            if accel == Accel::Kvm { "kvm" } else { "tcg" },
+        ],
+    );
+    if let Some(uuid) = smbios_uuid(spec)? {
+        push(&mut a, &["-smbios", &format!("type=1,uuid={uuid}")]);
+    }
+
+    // CPU topology and model.
+    let sockets = match spec.options.get("sockets") {
+        Some(v) => positive("sockets", v, 16)?,
+        None => 1,
+    };
+    let cores = match spec.options.get("cores") {
+        Some(v) => positive("cores", v, 1024)?,
+        None => 1,
+    };
+    let maxcpus = sockets * cores;
+    let vcpus = match spec.options.get("vcpus") {
+        Some(v) => positive("vcpus", v, maxcpus)?,
+        None => maxcpus,
+    };
+    push(
+        &mut a,
+        &[
+            "-smp",
+            &format!("{vcpus},sockets={sockets},cores={cores},maxcpus={maxcpus}"),
+            "-cpu",
+            &cpu(spec, accel)?,
+            "-m",
+            &memory_mib(spec)?.to_string(),
+        ],
+    );
+
+    let drives = parse_drives(spec)?;
+    let nets = parse_nets(spec)?;
+    let net_keys: Vec<String> = nets.iter().map(|(k, _, _)| k.clone()).collect();
+    let boot = boot_order(spec, &drives, &net_keys)?;
+    let bootindex = |key: &str| {
+        boot.get(key)
+            .map(|i| format!(",bootindex={i}"))
+            .unwrap_or_default()
+    };
+
+    let mut pci = Pci {
+        bus: if chipset == Chipset::Q35 {
+            "pcie.0"
+        } else {
+            "pci.0"
+        },
+        next: 2,
+    };
+
+    // VGA (PVE default `std`); `none`/`serialN` mean no display adapter.
+    let vga = match spec.options.get("vga") {
+        Some(v) => parse_props(v, "type").map_err(|e| invalid("vga", v, e))?,
+        None => BTreeMap::new(),
+    };
+    let vga_type = vga.get("type").map(String::as_str).unwrap_or("std");
+    let vga_dev = match vga_type {
+        "std" => Some("VGA"),
+        "cirrus" => Some("cirrus-vga"),
+        "vmware" => Some("vmware-svga"),
+        "virtio" => Some("virtio-vga"),
+        "none" | "serial0" | "serial1" | "serial2" | "serial3" => None,
+        other => {
+            return Err(CmdlineError::Unsupported {
+                key: "vga".into(),
+                why: format!("display type '{other}'"),
+            });
+        }
+    };
+    if let Some(dev) = vga_dev {
+        let mut s = format!("{dev},id=vga,{}", pci.addr()?);
+        if let Some(mem) = vga.get("memory") {
+            let mb = positive("vga", mem, 512)?;
+            if dev == "VGA" {
+                s.push_str(&format!(",vgamem_mb={mb}"));
+            }
+        }
+        push(&mut a, &["-device", &s]);
+    }
+
+    // Balloon (PVE adds it unless `balloon: 0`).
+    if spec.options.get("balloon").map(String::as_str) != Some("0") {
+        push(
+            &mut a,
+            &[
+                "-device",
+                &format!(
+                    "virtio-balloon-pci,id=balloon0,{},free-page-reporting=on",
+                    pci.addr()?
+                ),
+            ],
+        );
+    }
+
+    // Guest agent.
+    if let Some(v) = spec.options.get("agent") {
+        let props = parse_props(v, "enabled").map_err(|e| invalid("agent", v, e))?;
+        let enabled = props
+            .get("enabled")
+            .map(|e| parse_bool(e).ok_or_else(|| invalid("agent", v, "enabled must be 0 or 1")))
+            .transpose()?
+            .unwrap_or(false);
+        if enabled {
+            push(
+                &mut a,
+                &[
+                    "-chardev",
+                    &format!(
+                        "socket,id=qga0,path={},server=on,wait=off",
+                        esc_path(&paths.qga)
+                    ),
+                ],
+            );
+            match props.get("type").map(String::as_str) {
+                None | Some("virtio") => push(
+                    &mut a,
+                    &[
+                        "-device",
+                        &format!("virtio-serial,id=qga0,{}", pci.addr()?),
+                        "-device",
+                        "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+                    ],
+                ),
+                Some("isa") => push(&mut a, &["-device", "isa-serial,chardev=qga0"]),
+                Some(t) => return Err(invalid("agent", v, format!("unknown type '{t}'"))),
+            }
+        }
+    }
+
+    // Serial ports: only `socket` (as PVE: a UNIX socket in the run directory).
+    for i in 0..4 {
+        let key = format!("serial{i}");
+        if let Some(v) = spec.options.get(&key) {
+            if v != "socket" {
+                return Err(CmdlineError::Unsupported {
+                    key,
+                    why: format!("serial device '{v}' (only 'socket')"),
+                });
+            }
+            let path = spec.run_dir.join(format!("{}.serial{i}", spec.vmid));
+            check_socket_path(&path)?;
+            push(
+                &mut a,
+                &[
+                    "-chardev",
+                    &format!(
+                        "socket,id=serial{i},path={},server=on,wait=off",
+                        esc_path(&path)
+                    ),
+                    "-device",
+                    &format!("isa-serial,chardev=serial{i}"),
+                ],
+            );
+        }
+    }
+
+    // SCSI controllers.
+    let scsihw = spec
+        .options
+        .get("scsihw")
+        .map(String::as_str)
+        .unwrap_or("lsi");
+    let (scsi_dev, maxdev) = match scsihw {
+        "lsi" => ("lsi53c895a", 7),
+        "lsi53c810" => ("lsi53c810", 7),
+        "megasas" => ("megasas", 256),
+        "pvscsi" => ("pvscsi", 256),
+        "virtio-scsi-pci" | "virtio-scsi-single" => ("virtio-scsi-pci", 256),
+        other => return Err(invalid("scsihw", other, "unknown SCSI controller")),
+    };
+    let single = scsihw == "virtio-scsi-single";
+    let scsi: Vec<&Drive> = drives.iter().filter(|d| d.bus == Bus::Scsi).collect();
+    let mut controllers = BTreeSet::new();
+    for d in &scsi {
+        controllers.insert(if single { d.index } else { d.index / maxdev });
+    }
+    let mut iothreads = Vec::new();
+    for c in &controllers {
+        let id = if single {
+            format!("virtioscsi{c}")
+        } else {
+            format!("scsihw{c}")
+        };
+        let mut s = format!("{scsi_dev},id={id},{}", pci.addr()?);
+        if single {
+            let d = scsi.iter().find(|d| d.index == *c);
+            if let Some(d) = d
+                && drive_flag(d, "iothread")?
+            {
+                iothreads.push(format!("iothread-{id}"));
+                s.push_str(&format!(",iothread=iothread-{id}"));
+            }
+        }
+        push(&mut a, &["-device", &s]);
+    }
+
+    // AHCI controllers for SATA (6 ports each; sata0..5 → ahci0).
+    if drives.iter().any(|d| d.bus == Bus::Sata) {
+        push(
+            &mut a,
+            &[
+                "-device",
+                &format!("ahci,id=ahci0,multifunction=on,{}", pci.addr()?),
+            ],
+        );
+    }
+
+    // Drives.
+    for d in &drives {
+        if let Some(src) = &d.source {
+            a.extend(blockdev_args(d, src)?);
+        }
+        let (_, _, wce) = cache_mode(d)?;
+        let kind = if d.cdrom { "cd" } else { "hd" };
+        let drive_ref = match &d.source {
+            Some(_) => format!(",drive=drive-{}", d.key),
+            None => String::new(),
+        };
+        let mut extra = String::new();
+        if !d.cdrom {
+            extra.push_str(&format!(",write-cache={}", if wce { "on" } else { "off" }));
+            if drive_flag(d, "ssd")? && d.bus != Bus::Virtio {
+                extra.push_str(",rotation_rate=1");
+            }
+        }
+        if let Some(serial) = d.props.get("serial") {
+            if serial.len() > 20 || !is_word(serial, "-_ ") {
+                return Err(invalid(
+                    &d.key,
+                    serial,
+                    "serial: up to 20 of [A-Za-z0-9_- ]",
+                ));
+            }
+            extra.push_str(&format!(",serial={}", esc(serial)));
+        }
+        let dev = match d.bus {
+            Bus::Scsi => {
+                let (bus, target) = if single {
+                    (
+                        format!("virtioscsi{}.0", d.index),
+                        "scsi-id=0,lun=0".to_string(),
+                    )
+                } else if matches!(scsi_dev, "virtio-scsi-pci" | "megasas") {
+                    // As PVE: LUN addressing except on lsi*/pvscsi, which use target ids.
+                    (
+                        format!("scsihw{}.0", d.index / maxdev),
+                        format!("channel=0,scsi-id=0,lun={}", d.index % maxdev),
+                    )
+                } else {
+                    (
+                        format!("scsihw{}.0", d.index / maxdev),
+                        format!("scsi-id={}", d.index % maxdev),
+                    )
+                };
+                format!("scsi-{kind},bus={bus},{target}{drive_ref},id={}", d.key)
+            }
+            Bus::Virtio => {
+                let mut s = format!("virtio-blk-pci{drive_ref},id={},{}", d.key, pci.addr()?);
+                if drive_flag(d, "iothread")? {
+                    iothreads.push(format!("iothread-{}", d.key));
+                    s.push_str(&format!(",iothread=iothread-{}", d.key));
+                }
+                s
+            }
+            Bus::Sata => format!("ide-{kind},bus=ahci0.{}{drive_ref},id={}", d.index, d.key),
+            Bus::Ide => {
+                // q35's AHCI ports take unit 0 only; PVE maps odd indices two ports up.
+                let (ctrl, unit) = match chipset {
+                    Chipset::I440fx => (d.index / 2, d.index % 2),
+                    Chipset::Q35 => (d.index / 2 + 2 * (d.index % 2), 0),
+                };
+                format!(
+                    "ide-{kind},bus=ide.{ctrl},unit={unit}{drive_ref},id={}",
+                    d.key
+                )
+            }
+        };
+        push(
+            &mut a,
+            &["-device", &format!("{dev}{extra}{}", bootindex(&d.key))],
+        );
+    }
+    for t in &iothreads {
+        push(&mut a, &["-object", &format!("iothread,id={t}")]);
+    }
+
+    // NICs: model and MAC kept, backend an unconnected hub port (see the module doc).
+    for (key, model, mac) in &nets {
+        let hub: u32 = key[3..].parse().unwrap_or(0);
+        push(
+            &mut a,
+            &[
+                "-netdev",
+                &format!("hubport,id={key},hubid={hub}"),
+                "-device",
+                &format!(
+                    "{model},mac={mac},netdev={key},id={key},{}{}",
+                    pci.addr()?,
+                    bootindex(key)
+                ),
+            ],
+        );
+    }
+
+    if let Some(genid) = spec.options.get("vmgenid")
+        && genid != "0"
+    {
+        if !is_uuid(genid) && genid != "1" {
+            return Err(invalid("vmgenid", genid, "want a UUID"));
+        }
+        if genid != "1" {
+            push(&mut a, &["-device", &format!("vmgenid,guid={genid}")]);
+        }
+    }
+
+    if let Some(uri) = &spec.incoming {
+        if !is_word(uri, ":/._-,=") {
+            return Err(invalid(
+                "incoming",
+                uri,
+                "unexpected characters in migration URI",
+            ));
+        }
+        push(&mut a, &["-incoming", uri, "-S"]);
+    }
+    a.extend(spec.extra_args.iter().cloned());
+    Ok(a)
+}
+
+fn push(a: &mut Vec<String>, args: &[&str]) {
+    a.extend(args.iter().map(|s| s.to_string()));
+}
+
+fn is_uuid(s: &str) -> bool {
+    let groups: Vec<&str> = s.split('-').collect();
+    groups.len() == 5
+        && groups
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(g, n)| g.len() == n && g.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+fn smbios_uuid(spec: &VmSpec) -> Result<Option<String>, CmdlineError> {
+    let Some(v) = spec.options.get("smbios1") else {
+        return Ok(None);
+    };
+    let props = parse_props(v, "uuid").map_err(|e| invalid("smbios1", v, e))?;
+    match props.get("uuid") {
+        Some(u) if is_uuid(u) => Ok(Some(u.clone())),
+        Some(u) => Err(invalid("smbios1", u, "uuid is not a UUID")),
+        None => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base(run: &Path) -> VmSpec {
+        let mut s = VmSpec::new(100, run);
+        s.accel = Accel::Tcg;
+        s
+    }
+
+    /// The value following each occurrence of `flag`.
+    fn values<'a>(argv: &'a [String], flag: &str) -> Vec<&'a str> {
+        argv.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .collect()
+    }
+
+    fn value<'a>(argv: &'a [String], flag: &str) -> &'a str {
+        let v = values(argv, flag);
+        assert_eq!(v.len(), 1, "{flag} once in {argv:?}");
+        v[0]
+    }
+
+    fn device<'a>(argv: &'a [String], id: &str) -> &'a str {
+        let want = format!(",id={id}");
+        values(argv, "-device")
+            .into_iter()
+            .find(|d| d.contains(&format!("{want},")) || d.ends_with(&want))
+            .unwrap_or_else(|| panic!("no device {id} in {argv:?}"))
+    }
+
+    #[test]
+    fn defaults_follow_pve() {
+        let argv = build_command(&base(Path::new("/r"))).unwrap();
+        assert_eq!(value(&argv, "-name"), "vm100,debug-threads=on");
+        assert_eq!(value(&argv, "-machine"), "type=pc");
+        assert_eq!(value(&argv, "-accel"), "tcg");
+        assert_eq!(value(&argv, "-cpu"), "qemu64");
+        assert_eq!(value(&argv, "-m"), "512");
+        assert_eq!(value(&argv, "-smp"), "1,sockets=1,cores=1,maxcpus=1");
+        assert_eq!(value(&argv, "-pidfile"), "/r/100.pid");
+        assert_eq!(
+            value(&argv, "-chardev"),
+            "socket,id=qmp,path=/r/100.qmp,server=on,wait=off"
+        );
+        assert_eq!(value(&argv, "-mon"), "chardev=qmp,mode=control");
+        for f in ["-nodefaults", "-no-user-config"] {
+            assert!(argv.iter().any(|a| a == f), "{f}");
+        }
+        assert_eq!(value(&argv, "-display"), "none");
+        assert_eq!(device(&argv, "vga"), "VGA,id=vga,bus=pci.0,addr=0x2");
+        assert_eq!(
+            device(&argv, "balloon0"),
+            "virtio-balloon-pci,id=balloon0,bus=pci.0,addr=0x3,free-page-reporting=on"
+        );
+        assert!(!argv.iter().any(|a| a == "-incoming"));
+    }
+
+    #[test]
+    fn typical_pve_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("vm-100-disk-0.qcow2");
+        std::fs::write(&disk, b"").unwrap();
+        let mut spec = base(Path::new("/run/qemu-server"))
+            .option("name", "web1")
+            .option("memory", "2048")
+            .option("sockets", "2")
+            .option("cores", "4")
+            .option("cpu", "x86-64-v2-AES,flags=+pdpe1gb;-pcid")
+            .option("machine", "pc-q35-9.2+pve0")
+            .option("scsihw", "virtio-scsi-single")
+            .option(
+                "scsi0",
+                "local:100/vm-100-disk-0.qcow2,discard=on,iothread=1,size=32G,ssd=1",
+            )
+            .option("ide2", "none,media=cdrom")
+            .option("net0", "virtio=BC:24:11:00:00:01,bridge=vmbr0,firewall=1")
+            .option("agent", "enabled=1,fstrim_cloned_disks=1")
+            .option("serial0", "socket")
+            .option("boot", "order=scsi0;ide2;net0")
+            .option("vga", "none")
+            .option("balloon", "0")
+            .option("smbios1", "uuid=6f0e8f4e-0000-4000-8000-000000000001")
+            .option("vmgenid", "3ab2f3e5-0000-4000-8000-000000000002")
+            .option("meta", "creation-qemu=9.2.0,ctime=1700000000")
+            .option("ostype", "l26")
+            .disk("scsi0", &disk, DiskFormat::Qcow2);
+        spec.incoming = Some("unix:/run/qemu-server/100.migrate".into());
+        let argv = build_command(&spec).unwrap();
+
+        assert_eq!(value(&argv, "-name"), "web1,debug-threads=on");
+        assert_eq!(value(&argv, "-machine"), "type=pc-q35-9.2");
+        assert_eq!(value(&argv, "-m"), "2048");
+        assert_eq!(value(&argv, "-smp"), "8,sockets=2,cores=4,maxcpus=8");
+        assert_eq!(
+            value(&argv, "-cpu"),
+            "qemu64,+aes,+popcnt,+pni,+sse4.1,+sse4.2,+ssse3,+pdpe1gb,-pcid"
+        );
+        assert_eq!(
+            value(&argv, "-smbios"),
+            "type=1,uuid=6f0e8f4e-0000-4000-8000-000000000001"
+        );
+        // No VGA, no balloon: the first PCI slot goes to the agent's serial bus.
+        assert!(!argv.iter().any(|a| a.contains("id=vga")));
+        assert_eq!(
+            device(&argv, "qga0"),
+            "virtio-serial,id=qga0,bus=pcie.0,addr=0x2"
+        );
+        assert!(
+            values(&argv, "-device")
+                .contains(&"virtserialport,chardev=qga0,name=org.qemu.guest_agent.0")
+        );
+        let chardevs = values(&argv, "-chardev");
+        assert!(
+            chardevs.contains(&"socket,id=qga0,path=/run/qemu-server/100.qga,server=on,wait=off")
+        );
+        assert!(
+            chardevs.contains(
+                &"socket,id=serial0,path=/run/qemu-server/100.serial0,server=on,wait=off"
+            )
+        );
+        assert_eq!(
+            device(&argv, "virtioscsi0"),
+            "virtio-scsi-pci,id=virtioscsi0,bus=pcie.0,addr=0x3,iothread=iothread-virtioscsi0"
+        );
+        assert!(values(&argv, "-object").contains(&"iothread,id=iothread-virtioscsi0"));
+        let blockdevs = values(&argv, "-blockdev");
+        assert_eq!(blockdevs.len(), 2, "{blockdevs:?}");
+        assert!(blockdevs[0].starts_with(&format!(
+            "driver=file,node-name=file-scsi0,filename={},cache.direct=on,",
+            disk.display()
+        )));
+        assert!(blockdevs[0].ends_with(",discard=unmap"));
+        assert_eq!(
+            blockdevs[1],
+            "driver=qcow2,node-name=drive-scsi0,file=file-scsi0,cache.direct=on,cache.no-flush=off,read-only=off,detect-zeroes=unmap,discard=unmap"
+        );
+        assert_eq!(
+            device(&argv, "scsi0"),
+            "scsi-hd,bus=virtioscsi0.0,scsi-id=0,lun=0,drive=drive-scsi0,id=scsi0,write-cache=on,rotation_rate=1,bootindex=100"
+        );
+        // q35: ide2 → AHCI port ide.1, unit 0; empty CD-ROM has no drive.
+        assert_eq!(
+            device(&argv, "ide2"),
+            "ide-cd,bus=ide.1,unit=0,id=ide2,bootindex=101"
+        );
+        assert_eq!(value(&argv, "-netdev"), "hubport,id=net0,hubid=0");
+        assert_eq!(
+            device(&argv, "net0"),
+            "virtio-net-pci,mac=BC:24:11:00:00:01,netdev=net0,id=net0,bus=pcie.0,addr=0x4,bootindex=102"
+        );
+        assert!(
+            values(&argv, "-device").contains(&"vmgenid,guid=3ab2f3e5-0000-4000-8000-000000000002")
+        );
+        let n = argv.len();
+        assert_eq!(
+            &argv[n - 3..],
+            ["-incoming", "unix:/run/qemu-server/100.migrate", "-S"]
+        );
+        // Deterministic: the same spec gives the same argv.
+        assert_eq!(argv, build_command(&spec).unwrap());
+    }
+
+    #[test]
+    fn controllers_and_buses() {
+        let d = Path::new("/nonexistent/x.raw");
+        let spec = base(Path::new("/r"))
+            .option("scsi0", "local:a")
+            .option("scsi8", "local:b,cache=unsafe")
+            .option("sata1", "local:c,cache=writethrough")
+            .option("ide1", "local:d,cache=directsync")
+            .option("ide2", "local:iso/x.iso,media=cdrom")
+            .option("virtio3", "local:e,iothread=1,aio=native,cache=none")
+            .option("net1", "model=e1000,macaddr=02:00:00:00:00:02")
+            .option("net0", "e1000=02:00:00:00:00:01")
+            .option("boot", "cdn")
+            .option("bootdisk", "virtio3")
+            .disk("scsi0", d, DiskFormat::Raw)
+            .disk("scsi8", d, DiskFormat::Raw)
+            .disk("sata1", d, DiskFormat::Raw)
+            .disk("ide1", d, DiskFormat::Raw)
+            .disk("ide2", d, DiskFormat::Raw)
+            .disk("virtio3", d, DiskFormat::Raw);
+        let argv = build_command(&spec).unwrap();
+        // lsi (PVE default): 7 devices per controller → scsi8 on the second one.
+        assert_eq!(
+            device(&argv, "scsihw0"),
+            "lsi53c895a,id=scsihw0,bus=pci.0,addr=0x4"
+        );
+        assert_eq!(
+            device(&argv, "scsihw1"),
+            "lsi53c895a,id=scsihw1,bus=pci.0,addr=0x5"
+        );
+        assert!(
+            device(&argv, "scsi8").starts_with("scsi-hd,bus=scsihw1.0,scsi-id=1,drive=drive-scsi8")
+        );
+        assert_eq!(
+            device(&argv, "ahci0"),
+            "ahci,id=ahci0,multifunction=on,bus=pci.0,addr=0x6"
+        );
+        assert_eq!(
+            device(&argv, "sata1"),
+            "ide-hd,bus=ahci0.1,drive=drive-sata1,id=sata1,write-cache=off"
+        );
+        // i440fx: ide1 → ide.0 unit 1
+        assert!(device(&argv, "ide1").starts_with("ide-hd,bus=ide.0,unit=1,drive=drive-ide1"));
+        assert_eq!(
+            device(&argv, "ide2"),
+            "ide-cd,bus=ide.1,unit=0,drive=drive-ide2,id=ide2,bootindex=101"
+        );
+        assert_eq!(
+            device(&argv, "virtio3"),
+            "virtio-blk-pci,drive=drive-virtio3,id=virtio3,bus=pci.0,addr=0x7,iothread=iothread-virtio3,write-cache=on,bootindex=100"
+        );
+        // NICs in index order, legacy 'n' boots them after the CD-ROM.
+        assert!(device(&argv, "net0").starts_with(
+            "e1000,mac=02:00:00:00:00:01,netdev=net0,id=net0,bus=pci.0,addr=0x8,bootindex=102"
+        ));
+        assert!(device(&argv, "net1").starts_with(
+            "e1000,mac=02:00:00:00:00:02,netdev=net1,id=net1,bus=pci.0,addr=0x9,bootindex=103"
+        ));
+        let bd = values(&argv, "-blockdev");
+        assert!(
+            bd.iter()
+                .any(|b| b.starts_with("driver=file,node-name=file-scsi8,")
+                    && b.contains("cache.no-flush=on"))
+        );
+        assert!(bd.iter().any(
+            |b| b.starts_with("driver=file,node-name=file-ide2,") && b.contains("read-only=on")
+        ));
+        assert!(
+            bd.iter()
+                .any(|b| b.starts_with("driver=file,node-name=file-virtio3,")
+                    && b.contains("aio=native")
+                    && b.contains("cache.direct=on"))
+        );
+    }
+
+    #[test]
+    fn kvm_cpu_and_machine_mapping() {
+        let mut spec = base(Path::new("/r")).option("cpu", "host,hidden=1");
+        assert_eq!(value(&build_command(&spec).unwrap(), "-cpu"), "max,kvm=off");
+        spec.accel = Accel::Kvm;
+        let argv = build_command(&spec).unwrap();
+        assert_eq!(value(&argv, "-cpu"), "host,kvm=off");
+        assert_eq!(value(&argv, "-accel"), "kvm");
+        spec.options.remove("cpu");
+        assert_eq!(value(&build_command(&spec).unwrap(), "-cpu"), "kvm64");
+        // `kvm: 0` forces TCG.
+        spec.options.insert("kvm".into(), "0".into());
+        assert_eq!(value(&build_command(&spec).unwrap(), "-accel"), "tcg");
+
+        spec.force_machine = Some("pc-i440fx-9.2+pve0".into());
+        spec.force_cpu = Some("host,+kvm_pv_eoi".into());
+        let argv = build_command(&spec).unwrap();
+        assert_eq!(value(&argv, "-machine"), "type=pc-i440fx-9.2");
+        assert_eq!(value(&argv, "-cpu"), "max,+kvm_pv_eoi");
+        let spec = base(Path::new("/r")).option("machine", "type=q35");
+        assert_eq!(
+            value(&build_command(&spec).unwrap(), "-machine"),
+            "type=q35"
+        );
+    }
+
+    #[test]
+    fn memory_forms_and_escaping() {
+        let spec = base(Path::new("/r,x"))
+            .option("memory", "current=1024")
+            .option("name", "a,b");
+        let argv = build_command(&spec).unwrap();
+        assert_eq!(value(&argv, "-m"), "1024");
+        assert_eq!(value(&argv, "-name"), "a,,b,debug-threads=on");
+        assert_eq!(
+            value(&argv, "-chardev"),
+            "socket,id=qmp,path=/r,,x/100.qmp,server=on,wait=off"
+        );
+    }
+
+    #[test]
+    fn refusals_are_actionable() {
+        let run = Path::new("/r");
+        let err = |spec: VmSpec| build_command(&spec).unwrap_err().to_string();
+        let e = err(base(run).option("scsi0", "local:vm-100-disk-0"));
+        assert!(
+            e.contains("drive 'scsi0'") && e.contains("no local path"),
+            "{e}"
+        );
+        let e = err(base(run).option("hostpci0", "0000:01:00.0"));
+        assert!(
+            e.contains("'hostpci0'") && e.contains("not supported"),
+            "{e}"
+        );
+        let e = err(base(run).option("net0", "virtio,bridge=vmbr0"));
+        assert!(e.contains("no MAC address"), "{e}");
+        let e = err(base(run).option("net0", "virtio=01:00:00:00:00:01"));
+        assert!(e.contains("not a unicast MAC"), "{e}");
+        let e = err(base(run).option("memory", "lots"));
+        assert!(e.contains("'memory'"), "{e}");
+        let e = err(base(run).option("machine", "microvm"));
+        assert!(e.contains("only pc/i440fx and q35"), "{e}");
+        let e = err(base(run).option("cpu", "kvm64,flags=+a b"));
+        assert!(e.contains("bad flag"), "{e}");
+        let e = err(base(run).option("bios", "ovmf"));
+        assert!(e.contains("only seabios"), "{e}");
+        let e = err(base(run).option("scsi0", "local:x,cache=bogus").disk(
+            "scsi0",
+            "/x",
+            DiskFormat::Raw,
+        ));
+        assert!(e.contains("cache must be"), "{e}");
+        let long = PathBuf::from(format!("/tmp/{}", "x".repeat(100)));
+        let e = err(base(&long));
+        assert!(e.contains("shorter than 108 bytes"), "{e}");
+        assert!("vmdk".parse::<DiskFormat>().is_err());
+        // Drive-like keys that are not drives are ignored, not misparsed.
+        assert!(build_command(&base(run).option("unused0", "local:x")).is_ok());
+        assert!(build_command(&base(run).option("scsi031", "x")).is_ok());
+    }
+
+    #[test]
+    fn agent_option_forms() {
+        let mut o = BTreeMap::new();
+        assert!(!agent_enabled(&o));
+        o.insert("agent".to_string(), "1".to_string());
+        assert!(agent_enabled(&o));
+        o.insert(
+            "agent".to_string(),
+            "enabled=0,fstrim_cloned_disks=1".to_string(),
+        );
+        assert!(!agent_enabled(&o));
+        o.insert("agent".to_string(), "enabled=1,type=isa".to_string());
+        assert!(agent_enabled(&o));
+    }
+}
