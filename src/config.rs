@@ -35,6 +35,8 @@ pub struct NodeConfig {
     pub handlers_dir: PathBuf,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
+    /// QEMU acceleration: `kvm`, `tcg` or `auto` (KVM when `/dev/kvm` is usable).
+    pub qemu_accel: crate::qemu::Accel,
 }
 
 /// The TOML file: every key optional.
@@ -50,6 +52,8 @@ pub struct ConfigFile {
     pub bridges: Option<Vec<String>>,
     pub handlers_dir: Option<PathBuf>,
     pub max_body_bytes: Option<usize>,
+    /// `kvm`, `tcg` or `auto`.
+    pub qemu_accel: Option<String>,
     #[serde(default)]
     pub storage: BTreeMap<String, StorageDef>,
 }
@@ -126,7 +130,14 @@ impl NodeConfig {
                 bail!("invalid storage id '{id}' in config");
             }
         }
+        let qemu_accel = match file.qemu_accel.as_deref() {
+            None | Some("auto") => crate::qemu::Accel::Auto,
+            Some("kvm") => crate::qemu::Accel::Kvm,
+            Some("tcg") => crate::qemu::Accel::Tcg,
+            Some(other) => bail!("invalid qemu_accel '{other}': use kvm, tcg or auto"),
+        };
         Ok(NodeConfig {
+            qemu_accel,
             node,
             handlers_dir: file
                 .handlers_dir

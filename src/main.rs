@@ -31,11 +31,106 @@ enum Command {
     /// Manage API tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Manage VMs of this node (the source side of a migration).
+    #[command(subcommand)]
+    Vm(VmCommand),
+    /// Migrate a VM of this node to a remote target through the tunnel.
+    Migrate(MigrateArgs),
     /// Speak the stdin/stdout language of Proxmox's `proxmox-websocket-tunnel` helper.
     Tunnel,
     /// Check or test tunnel handler files.
     #[command(subcommand)]
     Handlers(HandlersCommand),
+}
+
+#[derive(Subcommand)]
+enum VmCommand {
+    /// Create a VM config with new disks.
+    Create {
+        vmid: u32,
+        #[arg(long)]
+        name: Option<String>,
+        /// Memory in MiB.
+        #[arg(long, default_value_t = 512)]
+        memory: u64,
+        #[arg(long, default_value_t = 1)]
+        cores: u32,
+        /// A disk STORAGE:SIZE[:FORMAT], e.g. local:2G:qcow2 (repeatable; scsi0, scsi1, ...).
+        #[arg(long = "disk")]
+        disks: Vec<mtunnel::client::vm::DiskArg>,
+        /// Add a virtio NIC on this bridge.
+        #[arg(long)]
+        bridge: Option<String>,
+        /// Enable the guest agent channel.
+        #[arg(long)]
+        agent: bool,
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// Start a VM (QEMU keeps running after this command returns).
+    Start {
+        vmid: u32,
+        /// Extra QEMU argument, appended verbatim (repeatable; for experts and tests).
+        #[arg(long = "qemu-arg", allow_hyphen_values = true)]
+        qemu_args: Vec<String>,
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// Stop a VM.
+    Stop {
+        vmid: u32,
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// Show whether a VM runs.
+    Status {
+        vmid: u32,
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// List the VMs of this node.
+    List {
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// Remove a stopped VM with its disks.
+    Destroy {
+        vmid: u32,
+        /// Destroy even if the config is locked (e.g. after a migration without --delete).
+        #[arg(long)]
+        skiplock: bool,
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+}
+
+#[derive(Args)]
+struct MigrateArgs {
+    /// The VM to migrate.
+    vmid: u32,
+    /// host=ADDR[,port=8006],apitoken=PVEAPIToken=user@realm!id=SECRET,fingerprint=AA:BB:..
+    #[arg(long)]
+    target: mtunnel::client::endpoint::TargetEndpoint,
+    /// Storage mapping: SOURCE:TARGET pairs and/or one default TARGET.
+    #[arg(long)]
+    target_storage: mtunnel::client::endpoint::IdMap,
+    /// Bridge mapping: SOURCE:TARGET pairs and/or one default TARGET (1 = same names).
+    #[arg(long, default_value = "1")]
+    target_bridge: mtunnel::client::endpoint::IdMap,
+    /// VMID on the target (default: the same).
+    #[arg(long)]
+    target_vmid: Option<u32>,
+    /// Migrate a running VM live.
+    #[arg(long)]
+    online: bool,
+    /// Bandwidth limit in KiB/s.
+    #[arg(long)]
+    bwlimit: Option<u64>,
+    /// Delete the source VM after a successful migration.
+    #[arg(long)]
+    delete: bool,
+    #[command(flatten)]
+    node: NodeArgs,
 }
 
 #[derive(Subcommand)]
@@ -112,6 +207,8 @@ fn main() {
         Command::Serve(args) => run_async(serve(args)),
         Command::Token(TokenCommand::Create(args)) => token_create(args),
         Command::Tunnel => run_async(mtunnel::client::tunnel::run_stdio()),
+        Command::Vm(cmd) => run_async(vm_command(cmd)),
+        Command::Migrate(args) => run_async(migrate(args)),
         Command::Handlers(HandlersCommand::Check { dir, node }) => handlers_check(dir, &node),
     };
     if let Err(e) = result {
@@ -256,5 +353,107 @@ fn handlers_check(dir: Option<PathBuf>, node: &NodeArgs) -> anyhow::Result<()> {
     if failed > 0 {
         anyhow::bail!("{failed} handler(s) refused");
     }
+    Ok(())
+}
+
+async fn vm_command(cmd: VmCommand) -> anyhow::Result<()> {
+    use mtunnel::client::vm::{CreateArgs, LocalVms};
+    let node_args = match &cmd {
+        VmCommand::Create { node, .. }
+        | VmCommand::Start { node, .. }
+        | VmCommand::Stop { node, .. }
+        | VmCommand::Status { node, .. }
+        | VmCommand::List { node }
+        | VmCommand::Destroy { node, .. } => node.clone(),
+    };
+    let vms = LocalVms::open(load_config(&node_args, None)?)?;
+    match cmd {
+        VmCommand::Create {
+            vmid,
+            name,
+            memory,
+            cores,
+            disks,
+            bridge,
+            agent,
+            ..
+        } => {
+            let args = CreateArgs {
+                name,
+                memory_mib: memory,
+                cores,
+                disks,
+                bridge,
+                agent,
+            };
+            let conf = vms.create(vmid, &args).await?;
+            print!("{}", conf.write());
+        }
+        VmCommand::Start {
+            vmid, qemu_args, ..
+        } => {
+            let pid = vms.start(vmid, &qemu_args).await?;
+            println!("VM {vmid} started (pid {pid})");
+        }
+        VmCommand::Stop { vmid, .. } => {
+            if vms.stop(vmid).await? {
+                println!("VM {vmid} stopped");
+            } else {
+                println!("VM {vmid} was not running");
+            }
+        }
+        VmCommand::Status { vmid, .. } => println!("status: {}", vms.status(vmid).await?),
+        VmCommand::List { .. } => {
+            println!("{:>10} {:<20} {:<10} LOCK", "VMID", "NAME", "STATUS");
+            for (vmid, name, status, lock) in vms.list().await {
+                println!("{vmid:>10} {name:<20} {status:<10} {lock}");
+            }
+        }
+        VmCommand::Destroy { vmid, skiplock, .. } => {
+            for volid in vms.destroy(vmid, skiplock).await? {
+                println!("freed {volid}");
+            }
+            println!("VM {vmid} destroyed");
+        }
+    }
+    Ok(())
+}
+
+async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
+    use mtunnel::client::migrate::{MigrateOptions, SourceNode, migrate};
+    use mtunnel::client::progress::{Progress, human};
+    let vms = mtunnel::client::vm::LocalVms::open(load_config(&args.node, None)?)?;
+    let src = SourceNode {
+        cfg: vms.cfg,
+        guests: vms.guests,
+        storage: vms.storage,
+    };
+    let opts = MigrateOptions {
+        vmid: args.vmid,
+        target: args.target,
+        storage_map: args.target_storage,
+        bridge_map: args.target_bridge,
+        target_vmid: args.target_vmid,
+        online: args.online,
+        bwlimit: args.bwlimit,
+        delete: args.delete,
+    };
+    let progress = Progress::auto();
+    let summary = migrate(&src, &opts, &progress).await?;
+    let secs = summary.duration.as_secs_f64();
+    let downtime = summary
+        .downtime_ms
+        .map(|d| format!(", downtime {d} ms"))
+        .unwrap_or_default();
+    println!(
+        "migration of VM {} to {}:{} (node '{}', VM {}) finished in {secs:.1} s: {} of disks, {} of RAM{downtime}",
+        opts.vmid,
+        opts.target.host,
+        opts.target.port,
+        summary.target_node,
+        summary.target_vmid,
+        human(summary.disk_bytes),
+        human(summary.ram_bytes),
+    );
     Ok(())
 }

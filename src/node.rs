@@ -32,9 +32,14 @@ pub struct Backends {
 impl Node {
     /// Opens (and on first use creates) the node's directories and keys.
     pub fn open(cfg: NodeConfig) -> anyhow::Result<Arc<Self>> {
+        let storage: Arc<dyn Storage> = Arc::new(NodeStorage::new(cfg.storages.clone()));
         let backends = Backends {
-            storage: Arc::new(NodeStorage::new(cfg.storages.clone())),
-            hypervisor: Arc::new(crate::guest::hypervisor::Unavailable),
+            hypervisor: Arc::new(crate::qemu::backend::QemuHypervisor::new(
+                Arc::clone(&storage),
+                cfg.run_dir.clone(),
+                cfg.qemu_accel,
+            )),
+            storage,
         };
         Self::open_with(cfg, backends)
     }

@@ -23,9 +23,9 @@ impl FromStr for TargetEndpoint {
         let mut apitoken = None;
         let mut fingerprint = None;
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (key, value) = part
-                .split_once('=')
-                .ok_or_else(|| format!("invalid target endpoint part '{part}' (expected key=value)"))?;
+            let (key, value) = part.split_once('=').ok_or_else(|| {
+                format!("invalid target endpoint part '{part}' (expected key=value)")
+            })?;
             match key {
                 "host" => host = Some(value.to_string()),
                 "port" => {
@@ -36,16 +36,21 @@ impl FromStr for TargetEndpoint {
                 "apitoken" => apitoken = Some(value.to_string()),
                 "fingerprint" => {
                     if crate::client::tls::normalize_fingerprint(value).is_none() {
-                        return Err(format!("invalid fingerprint '{value}' (expected 32 AA:BB pairs)"));
+                        return Err(format!(
+                            "invalid fingerprint '{value}' (expected 32 AA:BB pairs)"
+                        ));
                     }
                     fingerprint = Some(value.to_string())
                 }
                 other => return Err(format!("unknown target endpoint key '{other}'")),
             }
         }
-        let apitoken = apitoken.ok_or("target endpoint needs apitoken=PVEAPIToken=user@realm!id=secret")?;
+        let apitoken =
+            apitoken.ok_or("target endpoint needs apitoken=PVEAPIToken=user@realm!id=secret")?;
         if !apitoken.starts_with("PVEAPIToken=") {
-            return Err("apitoken must start with 'PVEAPIToken=' (as PVE's target-endpoint)".into());
+            return Err(
+                "apitoken must start with 'PVEAPIToken=' (as PVE's target-endpoint)".into(),
+            );
         }
         Ok(TargetEndpoint {
             host: host.ok_or("target endpoint needs host=")?,
@@ -110,9 +115,11 @@ mod tests {
     #[test]
     fn endpoint_parses_like_pve() {
         let fp = "AA:BB:CC:DD:EE:FF:00:11:22:33:44:55:66:77:88:99:AA:BB:CC:DD:EE:FF:00:11:22:33:44:55:66:77:88:99";
-        let e: TargetEndpoint = format!("host=192.0.2.10,port=8007,apitoken=PVEAPIToken=root@pam!m=abc-def,fingerprint={fp}")
-            .parse()
-            .unwrap();
+        let e: TargetEndpoint = format!(
+            "host=192.0.2.10,port=8007,apitoken=PVEAPIToken=root@pam!m=abc-def,fingerprint={fp}"
+        )
+        .parse()
+        .unwrap();
         assert_eq!(e.host, "192.0.2.10");
         assert_eq!(e.port, 8007);
         assert_eq!(e.apitoken, "PVEAPIToken=root@pam!m=abc-def");
@@ -120,8 +127,16 @@ mod tests {
         let e: TargetEndpoint = "host=h,apitoken=PVEAPIToken=a@b!c=d".parse().unwrap();
         assert_eq!(e.port, 8006);
         assert!("host=h".parse::<TargetEndpoint>().is_err());
-        assert!("host=h,apitoken=root@pam!c=d".parse::<TargetEndpoint>().is_err());
-        assert!("host=h,apitoken=PVEAPIToken=a@b!c=d,fingerprint=xx".parse::<TargetEndpoint>().is_err());
+        assert!(
+            "host=h,apitoken=root@pam!c=d"
+                .parse::<TargetEndpoint>()
+                .is_err()
+        );
+        assert!(
+            "host=h,apitoken=PVEAPIToken=a@b!c=d,fingerprint=xx"
+                .parse::<TargetEndpoint>()
+                .is_err()
+        );
     }
 
     #[test]

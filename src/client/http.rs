@@ -66,6 +66,7 @@ pub struct ApiClient {
     port: u16,
     token_header: String,
     tls: Arc<ClientConfig>,
+    fingerprint: String,
     timeout: Duration,
 }
 
@@ -97,6 +98,7 @@ impl ApiClient {
             port,
             token_header,
             tls: tls::client_config(Some(&fingerprint))?,
+            fingerprint,
             timeout: DEFAULT_TIMEOUT,
         })
     }
@@ -121,6 +123,11 @@ impl ApiClient {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The pinned certificate fingerprint.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
     }
 
     pub fn token_header(&self) -> &str {

@@ -8,9 +8,11 @@
 
 pub mod endpoint;
 pub mod http;
+pub mod migrate;
 pub mod progress;
 pub mod tls;
 pub mod tunnel;
+pub mod vm;
 pub mod ws;
 
 use serde_json::{Map, Value};

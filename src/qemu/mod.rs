@@ -18,6 +18,7 @@
 //! VM started by another process comes from [`VmHandle::attach`].
 
 pub mod agent;
+pub mod backend;
 pub mod cmdline;
 pub mod process;
 pub mod qmp;
