@@ -42,6 +42,10 @@ pub struct Options {
     pub accept_timeout_secs: Option<u64>,
     /// `max_body_bytes`; `None` leaves the default (1 MiB).
     pub max_body_bytes: Option<usize>,
+    /// Node name (default [`NODE`]).
+    pub node: Option<String>,
+    /// More top-level TOML lines (e.g. `qemu_accel = "tcg"`).
+    pub extra_toml: String,
 }
 
 impl Default for Options {
@@ -50,6 +54,8 @@ impl Default for Options {
             auth_delay_ms: Some(50),
             accept_timeout_secs: None,
             max_body_bytes: None,
+            node: None,
+            extra_toml: String::new(),
         }
     }
 }
@@ -93,14 +99,16 @@ impl TestServer {
             std::fs::create_dir_all(base.join("s").join(sub)).unwrap();
         }
         let mut toml = format!(
-            "node = \"{NODE}\"\n\
+            "node = \"{node}\"\n\
              data_dir = \"{data}\"\n\
              run_dir = \"{run}\"\n\
              listen = \"127.0.0.1:0\"\n\
              bridges = [\"vmbr0\"]\n",
             data = data.display(),
             run = run.display(),
+            node = opts.node.as_deref().unwrap_or(NODE),
         );
+        toml.push_str(&opts.extra_toml);
         if let Some(ms) = opts.auth_delay_ms {
             toml.push_str(&format!("auth_failure_delay_ms = {ms}\n"));
         }
