@@ -73,6 +73,23 @@ struct ServeArgs {
     /// Listen address; port 0 picks a free port (default 127.0.0.1:8006).
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// Storage and hypervisor backend: `real`, or `scripted:FILE.lua` (answers from a Lua
+    /// script that can delay, fail or record calls; for tests and rehearsals).
+    #[arg(long, default_value = "real", value_parser = parse_backend)]
+    backend: Backend,
+}
+
+#[derive(Clone)]
+enum Backend {
+    Real,
+    Scripted(PathBuf),
+}
+
+fn parse_backend(arg: &str) -> Result<Backend, String> {
+    Ok(match mtunnel::script::scripted::parse_backend_arg(arg)? {
+        None => Backend::Real,
+        Some(path) => Backend::Scripted(path),
+    })
 }
 
 #[derive(Subcommand)]
@@ -140,7 +157,20 @@ fn load_config(args: &NodeArgs, listen: Option<SocketAddr>) -> anyhow::Result<No
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let cfg = load_config(&args.node, args.listen)?;
-    let node = Node::open(cfg)?;
+    let node = match &args.backend {
+        Backend::Real => Node::open(cfg)?,
+        Backend::Scripted(path) => {
+            let backend = mtunnel::script::scripted::ScriptedBackend::load(path, &cfg)?;
+            println!("backend: scripted ({})", path.display());
+            Node::open_with(
+                cfg,
+                mtunnel::node::Backends {
+                    storage: backend.clone(),
+                    hypervisor: backend,
+                },
+            )?
+        }
+    };
     let initial = if node.tokens.is_empty() {
         let header = node.tokens.create(
             "root@pam!mtunnel",
