@@ -452,12 +452,13 @@ fn storage_table(lua: &Lua) -> mlua::Result<Table> {
                     Value::Object(m) if m.is_empty() => Vec::new(),
                     _ => return Err(fail("storages must be a list")),
                 };
-                // As PVE: whoever may change the limits may also exceed them.
-                let may_exceed = c.node.allows(&c.authid, "/", "Sys.Modify")
-                    || storages.iter().flatten().all(|s| {
-                        c.node
-                            .allows(&c.authid, &format!("/storage/{s}"), "Datastore.Allocate")
-                    }) && storages.iter().any(Option::is_some);
+                // As PVE: whoever may change the storage limits (Datastore.Allocate on each
+                // listed storage) may also exceed them; Sys.Modify only lifts datacenter
+                // defaults, which this node does not have.
+                let may_exceed = storages.iter().flatten().all(|s| {
+                    c.node
+                        .allows(&c.authid, &format!("/storage/{s}"), "Datastore.Allocate")
+                }) && storages.iter().any(Option::is_some);
                 if let (Some(o), true) = (override_kib, may_exceed) {
                     return Ok(if o == 0 { None } else { Some(o) });
                 }
