@@ -47,6 +47,16 @@ enum HandlersCommand {
         #[command(flatten)]
         node: NodeArgs,
     },
+    /// Run the `*_spec.lua` files of DIR (or the built-in specs) against the handlers
+    /// (built-ins overridden by DIR), each case on a fresh temporary node with the scripted
+    /// backend.
+    Test {
+        /// Handlers directory with overrides and specs (default: built-ins only).
+        dir: Option<PathBuf>,
+        /// Only run cases whose "file: case" name contains this text.
+        #[arg(long)]
+        filter: Option<String>,
+    },
 }
 
 /// Where the node keeps its state; shared by every command that touches a node.
@@ -117,10 +127,15 @@ struct TokenCreateArgs {
 
 fn main() {
     let cli = Cli::parse();
+    // Spec runs report through their own output; only problems go to the log by default.
+    let default_level = match cli.command {
+        Command::Handlers(HandlersCommand::Test { .. }) => "error",
+        _ => "info",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MTUNNEL_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -130,6 +145,9 @@ fn main() {
         Command::Token(TokenCommand::Create(args)) => token_create(args),
         Command::Tunnel => run_async(mtunnel::client::tunnel::run_stdio()),
         Command::Handlers(HandlersCommand::Check { dir, node }) => handlers_check(dir, &node),
+        Command::Handlers(HandlersCommand::Test { dir, filter }) => {
+            run_async(handlers_test(dir, filter))
+        }
     };
     if let Err(e) = result {
         eprintln!("mtunnel: error: {e:#}");
@@ -285,6 +303,16 @@ fn handlers_check(dir: Option<PathBuf>, node: &NodeArgs) -> anyhow::Result<()> {
     println!("{} handlers, {failed} refused", results.len());
     if failed > 0 {
         anyhow::bail!("{failed} handler(s) refused");
+    }
+    Ok(())
+}
+
+async fn handlers_test(dir: Option<PathBuf>, filter: Option<String>) -> anyhow::Result<()> {
+    let opts = mtunnel::script::spec::SpecOptions { dir, filter };
+    let mut out = std::io::stdout();
+    let summary = mtunnel::script::spec::run_specs(&opts, &mut out).await?;
+    if summary.failed > 0 {
+        anyhow::bail!("{} spec case(s) failed", summary.failed);
     }
     Ok(())
 }
