@@ -42,6 +42,8 @@ pub struct Options {
     pub accept_timeout_secs: Option<u64>,
     /// `max_body_bytes`; `None` leaves the default (1 MiB).
     pub max_body_bytes: Option<usize>,
+    /// Extra arguments for `mtunnel serve` (e.g. `--backend scripted:FILE.lua`).
+    pub serve_args: Vec<String>,
 }
 
 impl Default for Options {
@@ -50,6 +52,7 @@ impl Default for Options {
             auth_delay_ms: Some(50),
             accept_timeout_secs: None,
             max_body_bytes: None,
+            serve_args: Vec::new(),
         }
     }
 }
@@ -71,6 +74,7 @@ pub struct TestServer {
     pub root_token: String,
     /// What `serve` printed on stdout up to and including the token.
     pub stdout: Vec<String>,
+    serve_args: Vec<String>,
     child: Option<Child>,
 }
 
@@ -128,6 +132,7 @@ impl TestServer {
             fingerprint: String::new(),
             root_token: String::new(),
             stdout: Vec::new(),
+            serve_args: opts.serve_args.clone(),
             child: None,
         };
         server.spawn();
@@ -155,6 +160,7 @@ impl TestServer {
             .arg(&self.config)
             .arg("--run-dir")
             .arg(&self.run)
+            .args(&self.serve_args)
             .env("MTUNNEL_LOG", "debug")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
