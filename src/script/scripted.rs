@@ -7,7 +7,7 @@
 //! to end (volumes in a table, a VM "runs" after `start_incoming`). Inside the script the
 //! global `backend` offers `fail`, `sleep`, `log`, `calls`, `state`, `volumes`, `null` and
 //! `default.<area>.<fn>` (the built-in behaviour, to call from an override). Reference:
-//! `handlers/README.md`, section "Scripted backend".
+//! `docs/scripted-backend.md`.
 //!
 //! Async calls are serialized through one `tokio::sync::Mutex`; `backend.sleep` releases it
 //! while sleeping so a slow call does not freeze the others. The synchronous functions

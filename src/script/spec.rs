@@ -10,7 +10,7 @@
 //!
 //! This module owns temporary nodes and the spec Lua API (`t`, tunnel objects); it must
 //! not change how handlers run: it only drives the public tunnel entry points.
-//! Reference: `handlers/README.md`, section "Specs".
+//! Reference: `docs/handlers/specs.md`.
 
 use std::collections::BTreeMap;
 use std::future::Future;
