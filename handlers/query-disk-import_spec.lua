@@ -40,9 +40,13 @@ return {
     local r = t:succeeds(import(tun))
     local conn = tun:connect(r.socket)
     conn:write(string.pack("<I8", 4096) .. string.rep("\0", 1000))
-    t:sleep(50)
-    t:eq(tun:send{cmd = "query-disk-import"},
-      {success = true, status = "pending", msg = "received 1008 bytes"})
+    local reply
+    for _ = 1, 200 do
+      reply = tun:send{cmd = "query-disk-import"}
+      if reply.msg ~= "received 0 bytes" then break end
+      t:sleep(10)
+    end
+    t:eq(reply, {success = true, status = "pending", msg = "received 1008 bytes"})
     conn:write(string.rep("\0", 3096))
     conn:close()
     t:eq(tun:wait_import(), {success = true, status = "complete", volid = "local:100/vm-100-disk-0.raw"})
@@ -148,7 +152,7 @@ return {
   ["a slow import stays pending until it finishes"] = function(t)
     local tun = t:open{backend = {storage = {
       import = function(req, data)
-        backend.sleep(300)
+        backend.sleep(800)
         return backend.default.storage.import(req, data)
       end,
     }}}

@@ -1533,7 +1533,7 @@ mod tests {
               storage = {
                 free = function(volid)
                   backend.state.sleeping = true
-                  backend.sleep(300)
+                  backend.sleep(1000)
                   backend.state.sleeping = false
                 end,
                 volume_format = function(volid)
@@ -1548,7 +1548,7 @@ mod tests {
             tokio::spawn(async move { b.free("local:100/vm-100-disk-0.raw").await })
         };
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let fast = tokio::time::timeout(Duration::from_millis(200), b.volume_format("v"))
+        let fast = tokio::time::timeout(Duration::from_millis(800), b.volume_format("v"))
             .await
             .expect("not blocked by the sleeping call")
             .unwrap();

@@ -377,7 +377,10 @@ struct TempDir(PathBuf);
 impl TempDir {
     fn new() -> std::io::Result<TempDir> {
         use std::os::unix::fs::DirBuilderExt;
-        let base = std::env::temp_dir();
+        // UNIX socket paths must stay below 108 bytes: a long TMPDIR is not used.
+        let base = Some(std::env::temp_dir())
+            .filter(|p| p.as_os_str().len() <= 40)
+            .unwrap_or_else(|| PathBuf::from("/tmp"));
         let mut last = None;
         for _ in 0..16 {
             let path = base.join(format!(
@@ -806,8 +809,23 @@ impl UserData for SpecTunnel {
             pack(lua, r)
         });
         methods.add_async_method("connect", |lua, this, path: String| {
+            let run_dir = this.0.node.cfg.run_dir.clone();
             drop(this);
             async move {
+                // Only the node's own sockets: specs have no network access.
+                let inside = Path::new(&path)
+                    .components()
+                    .all(|c| !matches!(c, std::path::Component::ParentDir))
+                    && Path::new(&path).starts_with(&run_dir);
+                if !inside {
+                    return pack(
+                        &lua,
+                        Err(format!(
+                            "connect: only sockets in the node's run directory {} are allowed",
+                            run_dir.display()
+                        )),
+                    );
+                }
                 let r = match UnixStream::connect(&path).await {
                     Ok(s) => one(&lua, SpecConn(Arc::new(tokio::sync::Mutex::new(Some(s))))),
                     Err(e) => Err(format!("connecting to {path}: {e}")),
