@@ -129,6 +129,28 @@ return {
     t:eq(t:volumes(), {})
   end,
 
+  ["cleanup leaves a VM alone that someone else locked meanwhile"] = function(t)
+    local tun = t:open{}
+    local d = migrate(tun, t)
+    t:write_config(100, "lock: backup\nscsi0: " .. d.drivestr .. "\n")
+    t:eq(tun:send{cmd = "quit", cleanup = 1}, {success = true})
+    t:ok(has_line(tun:log(), "WARN: cleanup: config of VM 100 is locked 'backup', not 'migrate' - " ..
+                             "leaving the VM, its volumes and its config in place"))
+    t:eq(t:config(100), "lock: backup\nscsi0: " .. d.drivestr .. "\n")
+    t:eq(t:volumes(), {d.volid})
+    t:ok(backend.default.hypervisor.is_running(100), "the VM was not stopped")
+  end,
+
+  ["a lost connection leaves a VM alone whose lock was removed meanwhile"] = function(t)
+    local tun = t:open{}
+    local d = migrate(tun, t)
+    t:write_config(100, "scsi0: " .. d.drivestr .. "\n")
+    t:eq(tun:close(), "mtunnel exited unexpectedly")
+    t:ok(has_line(tun:log(), "WARN: cleanup: config of VM 100 has no lock, not 'migrate'"))
+    t:eq(t:config(100), "scsi0: " .. d.drivestr .. "\n")
+    t:eq(t:volumes(), {d.volid})
+  end,
+
   ["a lost connection right after opening removes the reserved config"] = function(t)
     local tun = t:open{}
     t:eq(tun:close(), "mtunnel exited unexpectedly")

@@ -812,7 +812,34 @@ fn perm_table(lua: &Lua) -> mlua::Result<Table> {
 /// Frees what this tunnel created: stops a VM it started, aborts a running import, frees
 /// its volumes, removes a firewall file it wrote and the VM config it reserved. Each step
 /// is logged; failures are warnings and the remaining steps still run.
+///
+/// If the config carries another lock than the one this tunnel expects, someone else has
+/// taken the VM over (a backup, an admin's `qm set --lock`): then only a running import is
+/// aborted, and the VM, its volumes and its config are left alone with a warning.
 pub async fn cleanup(c: &Arc<HostCtx>) {
+    let expected = c.session().expected_lock.clone();
+    if let Some(expected) = expected
+        && let Ok(text) = c.node.guests.read_text(c.vmid)
+        && let Ok(conf) = VmConfig::parse(&text)
+        && conf.options.get("lock") != Some(&expected)
+    {
+        let found = match conf.options.get("lock") {
+            Some(lock) => format!("is locked '{lock}'"),
+            None => "has no lock".to_string(),
+        };
+        c.warn(&format!(
+            "cleanup: config of VM {} {found}, not '{expected}' - leaving the VM, its \
+             volumes and its config in place",
+            c.vmid
+        ));
+        let import = c.session().import.take();
+        if let Some(job) = import {
+            job.task.abort();
+            c.tunnel.unregister_socket(&job.socket);
+            let _ = std::fs::remove_file(&job.socket);
+        }
+        return;
+    }
     let (vm_started, import, volumes, firewall) = {
         let mut s = c.session();
         (
