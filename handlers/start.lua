@@ -32,18 +32,29 @@ return {
       if type(d) ~= "table" then
         pve.fail("NBD entry for '" .. key .. "' is not an object")
       end
-      d.success = nil
+      d.success = nil -- not removed by the source: our `disk` reply carried it
+      local volid, drivestr = d.volid, d.drivestr
+      if type(volid) ~= "string" or volid == "" then
+        pve.fail("No volid set for NBD volume '" .. key .. "'")
+      end
+      if type(drivestr) ~= "string" or drivestr == "" then
+        pve.fail("No drivestr set for NBD volume '" .. key .. ":" .. volid .. "'")
+      end
       for k in pairs(d) do
         if k ~= "volid" and k ~= "drivestr" then
-          pve.fail("unexpected key '" .. k .. "' in NBD entry for '" .. key .. "'")
+          pve.fail("Unknown NBD volume key for '" .. key .. ":" .. volid .. "': '" .. k .. "'")
         end
       end
-      local known = ctx.state.nbd and ctx.state.nbd[d.volid]
+      local known = ctx.state.nbd and ctx.state.nbd[volid]
       if known == nil then
-        pve.fail("Unknown NBD volume '" .. tostring(d.volid) .. "'")
+        pve.fail("Unknown NBD volume '" .. key .. ":" .. volid .. "'")
       end
-      if known.drivestr ~= d.drivestr or known.key ~= key then
-        pve.fail("NBD mismatch for '" .. d.volid .. "'")
+      if drivestr ~= known.drivestr then
+        -- upstream's wording, stray quote included
+        pve.fail("NBD mismatch for '" .. key .. "': '" .. drivestr .. "' vs' " .. known.drivestr)
+      end
+      if known.key ~= key then
+        pve.fail("NBD volume '" .. volid .. "' was allocated for '" .. known.key .. "', not for '" .. key .. "'")
       end
       exports[key] = d.volid
       drivestrs[key] = d.drivestr

@@ -6,7 +6,7 @@ return {
   run = function(ctx, p)
     local conf = ctx.conf
     if conf.options.lock == nil then
-      pve.fail("VM " .. ctx.vmid .. " is not locked")
+      pve.fail("no lock found trying to remove any lock")
     end
     conf.options.lock = nil
     pve.config.write(conf)

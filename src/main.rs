@@ -142,6 +142,16 @@ enum HandlersCommand {
         #[command(flatten)]
         node: NodeArgs,
     },
+    /// Run the `*_spec.lua` files of DIR (or the built-in specs) against the handlers
+    /// (built-ins overridden by DIR), each case on a fresh temporary node with the scripted
+    /// backend.
+    Test {
+        /// Handlers directory with overrides and specs (default: built-ins only).
+        dir: Option<PathBuf>,
+        /// Only run cases whose "file: case" name contains this text.
+        #[arg(long)]
+        filter: Option<String>,
+    },
 }
 
 /// Where the node keeps its state; shared by every command that touches a node.
@@ -168,6 +178,23 @@ struct ServeArgs {
     /// Listen address; port 0 picks a free port (default 127.0.0.1:8006).
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// Storage and hypervisor backend: `real`, or `scripted:FILE.lua` (answers from a Lua
+    /// script that can delay, fail or record calls; for tests and rehearsals).
+    #[arg(long, default_value = "real", value_parser = parse_backend)]
+    backend: Backend,
+}
+
+#[derive(Clone)]
+enum Backend {
+    Real,
+    Scripted(PathBuf),
+}
+
+fn parse_backend(arg: &str) -> Result<Backend, String> {
+    Ok(match mtunnel::script::scripted::parse_backend_arg(arg)? {
+        None => Backend::Real,
+        Some(path) => Backend::Scripted(path),
+    })
 }
 
 #[derive(Subcommand)]
@@ -195,10 +222,15 @@ struct TokenCreateArgs {
 
 fn main() {
     let cli = Cli::parse();
+    // Spec runs report through their own output; only problems go to the log by default.
+    let default_level = match cli.command {
+        Command::Handlers(HandlersCommand::Test { .. }) => "error",
+        _ => "info",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MTUNNEL_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -210,6 +242,9 @@ fn main() {
         Command::Vm(cmd) => run_async(vm_command(cmd)),
         Command::Migrate(args) => run_async(migrate(args)),
         Command::Handlers(HandlersCommand::Check { dir, node }) => handlers_check(dir, &node),
+        Command::Handlers(HandlersCommand::Test { dir, filter }) => {
+            run_async(handlers_test(dir, filter))
+        }
     };
     if let Err(e) = result {
         eprintln!("mtunnel: error: {e:#}");
@@ -237,7 +272,20 @@ fn load_config(args: &NodeArgs, listen: Option<SocketAddr>) -> anyhow::Result<No
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let cfg = load_config(&args.node, args.listen)?;
-    let node = Node::open(cfg)?;
+    let node = match &args.backend {
+        Backend::Real => Node::open(cfg)?,
+        Backend::Scripted(path) => {
+            let backend = mtunnel::script::scripted::ScriptedBackend::load(path, &cfg)?;
+            println!("backend: scripted ({})", path.display());
+            Node::open_with(
+                cfg,
+                mtunnel::node::Backends {
+                    storage: backend.clone(),
+                    hypervisor: backend,
+                },
+            )?
+        }
+    };
     let initial = if node.tokens.is_empty() {
         let header = node.tokens.create(
             "root@pam!mtunnel",
@@ -455,5 +503,14 @@ async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
         human(summary.disk_bytes),
         human(summary.ram_bytes),
     );
+    Ok(())
+}
+async fn handlers_test(dir: Option<PathBuf>, filter: Option<String>) -> anyhow::Result<()> {
+    let opts = mtunnel::script::spec::SpecOptions { dir, filter };
+    let mut out = std::io::stdout();
+    let summary = mtunnel::script::spec::run_specs(&opts, &mut out).await?;
+    if summary.failed > 0 {
+        anyhow::bail!("{} spec case(s) failed", summary.failed);
+    }
     Ok(())
 }

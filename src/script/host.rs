@@ -452,12 +452,13 @@ fn storage_table(lua: &Lua) -> mlua::Result<Table> {
                     Value::Object(m) if m.is_empty() => Vec::new(),
                     _ => return Err(fail("storages must be a list")),
                 };
-                // As PVE: whoever may change the limits may also exceed them.
-                let may_exceed = c.node.allows(&c.authid, "/", "Sys.Modify")
-                    || storages.iter().flatten().all(|s| {
-                        c.node
-                            .allows(&c.authid, &format!("/storage/{s}"), "Datastore.Allocate")
-                    }) && storages.iter().any(Option::is_some);
+                // As PVE: whoever may change the storage limits (Datastore.Allocate on each
+                // listed storage) may also exceed them; Sys.Modify only lifts datacenter
+                // defaults, which this node does not have.
+                let may_exceed = storages.iter().flatten().all(|s| {
+                    c.node
+                        .allows(&c.authid, &format!("/storage/{s}"), "Datastore.Allocate")
+                }) && storages.iter().any(Option::is_some);
                 if let (Some(o), true) = (override_kib, may_exceed) {
                     return Ok(if o == 0 { None } else { Some(o) });
                 }
@@ -811,7 +812,34 @@ fn perm_table(lua: &Lua) -> mlua::Result<Table> {
 /// Frees what this tunnel created: stops a VM it started, aborts a running import, frees
 /// its volumes, removes a firewall file it wrote and the VM config it reserved. Each step
 /// is logged; failures are warnings and the remaining steps still run.
+///
+/// If the config carries another lock than the one this tunnel expects, someone else has
+/// taken the VM over (a backup, an admin's `qm set --lock`): then only a running import is
+/// aborted, and the VM, its volumes and its config are left alone with a warning.
 pub async fn cleanup(c: &Arc<HostCtx>) {
+    let expected = c.session().expected_lock.clone();
+    if let Some(expected) = expected
+        && let Ok(text) = c.node.guests.read_text(c.vmid)
+        && let Ok(conf) = VmConfig::parse(&text)
+        && conf.options.get("lock") != Some(&expected)
+    {
+        let found = match conf.options.get("lock") {
+            Some(lock) => format!("is locked '{lock}'"),
+            None => "has no lock".to_string(),
+        };
+        c.warn(&format!(
+            "cleanup: config of VM {} {found}, not '{expected}' - leaving the VM, its \
+             volumes and its config in place",
+            c.vmid
+        ));
+        let import = c.session().import.take();
+        if let Some(job) = import {
+            job.task.abort();
+            c.tunnel.unregister_socket(&job.socket);
+            let _ = std::fs::remove_file(&job.socket);
+        }
+        return;
+    }
     let (vm_started, import, volumes, firewall) = {
         let mut s = c.session();
         (

@@ -137,6 +137,10 @@ pub enum StorageError {
         expected: String,
         reason: String,
     },
+    /// A failure reported by a backend implemented outside this module (e.g. the scripted
+    /// backend of `mtunnel serve --backend scripted:..`); the text is shown as is.
+    #[error("{0}")]
+    Backend(String),
     #[error("{context}: {source}")]
     Io {
         context: String,

@@ -46,6 +46,8 @@ pub struct Options {
     pub node: Option<String>,
     /// More top-level TOML lines (e.g. `qemu_accel = "tcg"`).
     pub extra_toml: String,
+    /// Extra arguments for `mtunnel serve` (e.g. `--backend scripted:FILE.lua`).
+    pub serve_args: Vec<String>,
 }
 
 impl Default for Options {
@@ -56,6 +58,7 @@ impl Default for Options {
             max_body_bytes: None,
             node: None,
             extra_toml: String::new(),
+            serve_args: Vec::new(),
         }
     }
 }
@@ -77,6 +80,7 @@ pub struct TestServer {
     pub root_token: String,
     /// What `serve` printed on stdout up to and including the token.
     pub stdout: Vec<String>,
+    serve_args: Vec<String>,
     child: Option<Child>,
 }
 
@@ -136,6 +140,7 @@ impl TestServer {
             fingerprint: String::new(),
             root_token: String::new(),
             stdout: Vec::new(),
+            serve_args: opts.serve_args.clone(),
             child: None,
         };
         server.spawn();
@@ -163,6 +168,7 @@ impl TestServer {
             .arg(&self.config)
             .arg("--run-dir")
             .arg(&self.run)
+            .args(&self.serve_args)
             .env("MTUNNEL_LOG", "debug")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())

@@ -1,0 +1,133 @@
+-- config: write the VM's final config as the source sends it. Only volumes this
+-- tunnel created and bridges this node has are accepted; lock, digest, parent,
+-- [PENDING], snapshots and [special:fleecing] are dropped; the config ends up
+-- locked 'migrate' and later commands expect that lock.
+
+local function disk(tun, index)
+  return tun:send{cmd = "disk", format = "raw", storage = "local",
+                  drive = {interface = "scsi", index = index or 0, size = 1024 * 1024}}
+end
+
+return {
+  ["writes the config locked 'migrate'"] = function(t)
+    local tun = t:open{}
+    local d = t:succeeds(disk(tun))
+    t:eq(tun:send{cmd = "config", conf = "boot: order=scsi0\ncores: 2\nscsi0: " .. d.drivestr ..
+                  "\nnet0: virtio=BC:24:11:00:00:01,bridge=vmbr0\n", ["firewall-config"] = json.null},
+      {success = true})
+    t:eq(tun:config(),
+      "boot: order=scsi0\ncores: 2\nlock: migrate\nnet0: virtio=BC:24:11:00:00:01,bridge=vmbr0\n" ..
+      "scsi0: local:100/vm-100-disk-0.raw,format=raw,size=1M\n")
+  end,
+
+  -- (the digest is computed when parsing; a source never sends a `digest:` line)
+  ["drops lock, parent, pending changes and snapshots"] = function(t)
+    local tun = t:open{}
+    t:succeeds(tun:send{cmd = "config", conf = table.concat({
+      "cores: 2",
+      "lock: migrate",
+      "parent: before",
+      "",
+      "[PENDING]",
+      "cores: 4",
+      "",
+      "[before]",
+      "cores: 1",
+      "snaptime: 1700000000",
+      "",
+    }, "\n")})
+    t:eq(tun:config(), "cores: 2\nlock: migrate\n")
+  end,
+
+  ["keeps vmgenid, meta, the description and [special:cloudinit]; drops [special:fleecing]"] = function(t)
+    local tun = t:open{}
+    t:succeeds(tun:send{cmd = "config", conf = table.concat({
+      "#migrated VM",
+      "cores: 2",
+      "meta: creation-qemu=9.2.0,ctime=1700000000",
+      "vmgenid: 6a0b2bb4-2ad3-4f0a-9b5e-4f7c5f0e4a11",
+      "",
+      "[special:cloudinit]",
+      "ipconfig0: ip=dhcp",
+      "",
+      "[special:fleecing]",
+      "fleecing-images: local:100/vm-100-fleece-0.raw",
+      "",
+    }, "\n")})
+    t:eq(tun:config(), table.concat({
+      "#migrated VM",
+      "cores: 2",
+      "lock: migrate",
+      "meta: creation-qemu=9.2.0,ctime=1700000000",
+      "vmgenid: 6a0b2bb4-2ad3-4f0a-9b5e-4f7c5f0e4a11",
+      "",
+      "[special:cloudinit]",
+      "ipconfig0: ip=dhcp",
+      "",
+    }, "\n"))
+  end,
+
+  ["a volume this tunnel did not create is rejected"] = function(t)
+    local tun = t:open{}
+    t:eq(tun:send{cmd = "config", conf = "scsi0: local:100/vm-100-disk-3.raw,size=1G\n"}, {
+      success = false,
+      msg = "failed to handle 'config' command - scsi0: volume 'local:100/vm-100-disk-3.raw' was not created by this migration",
+    })
+    t:eq(tun:config(), "lock: create\n", "the reserved config is untouched")
+  end,
+
+  ["an existing volume of another VM is rejected"] = function(t)
+    t:node{}
+    local other = t:alloc{vmid = 200}
+    local tun = t:open{}
+    t:fail_contains(tun:send{cmd = "config", conf = "virtio1: " .. other .. ",size=1M\n"},
+      "virtio1: volume 'local:200/vm-200-disk-0.raw' was not created by this migration")
+  end,
+
+  ["empty and physical CD-ROM drives are fine"] = function(t)
+    local tun = t:open{}
+    t:succeeds(tun:send{cmd = "config", conf = "ide2: none,media=cdrom\nide0: cdrom,media=cdrom\n"})
+  end,
+
+  ["a bridge this node does not have is rejected"] = function(t)
+    local tun = t:open{}
+    t:eq(tun:send{cmd = "config", conf = "net0: virtio=BC:24:11:00:00:01,bridge=vmbr77\n"}.msg,
+      "failed to handle 'config' command - net0: bridge 'vmbr77' does not exist")
+    t:eq(tun:config(), "lock: create\n")
+  end,
+
+  ["bridges configured on the node are accepted"] = function(t)
+    local tun = t:open{bridges = {"vmbr0", "vmbr42"}}
+    t:succeeds(tun:send{cmd = "config", conf = "net1: e1000=BC:24:11:00:00:02,bridge=vmbr42,tag=5\n"})
+  end,
+
+  ["the firewall config is written, and removed again by cleanup"] = function(t)
+    local tun = t:open{}
+    local fw = "[OPTIONS]\nenable: 1\n\n[RULES]\nIN ACCEPT -p tcp -dport 22\n"
+    t:succeeds(tun:send{cmd = "config", conf = "cores: 1\n", ["firewall-config"] = fw})
+    t:eq(tun:firewall(), fw)
+    t:succeeds(tun:send{cmd = "quit", cleanup = 1})
+    t:eq(tun:firewall(), nil)
+  end,
+
+  ["a config that does not parse"] = function(t)
+    local tun = t:open{}
+    t:eq(tun:send{cmd = "config", conf = "cores: 2\nbogus line\n"}.msg,
+      "failed to handle 'config' command - line 2: unable to parse config line 'bogus line'")
+  end,
+
+  ["conf is required"] = function(t)
+    local tun = t:open{}
+    t:eq(tun:send{cmd = "config"}.msg,
+      "failed to handle 'config' command - 400 Parameter verification failed.\n" ..
+      "conf: property is missing and it is not optional\n")
+  end,
+
+  ["later commands expect lock 'migrate'"] = function(t)
+    local tun = t:open{}
+    t:succeeds(tun:send{cmd = "config", conf = "cores: 1\n"})
+    t:write_config(100, "cores: 1\nlock: create\n")
+    t:eq(disk(tun).msg,
+      "failed to handle 'disk' command - Encountered wrong lock - aborting mtunnel command handling.")
+  end,
+}

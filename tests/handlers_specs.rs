@@ -1,0 +1,236 @@
+//! `mtunnel handlers check` and `mtunnel handlers test` run as a site admin runs them: the
+//! built-in specs pass; an edited copy of the handlers directory takes effect (and the
+//! built-ins stay as they were); a handler with a syntax error is reported with its file
+//! and line. Only the binary is driven, from the outside.
+
+use std::path::Path;
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_mtunnel");
+
+struct Run {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+fn mtunnel(args: &[&str]) -> Run {
+    let out = Command::new(BIN)
+        .args(args)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("running mtunnel");
+    Run {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn last_line(text: &str) -> &str {
+    text.lines().last().unwrap_or("")
+}
+
+fn copy_handlers(to: &Path) {
+    let from = Path::new(env!("CARGO_MANIFEST_DIR")).join("handlers");
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "lua") {
+            std::fs::copy(&path, to.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+}
+
+#[test]
+fn built_in_specs_pass() {
+    let run = mtunnel(&["handlers", "test"]);
+    assert!(run.ok, "{}\n{}", run.stdout, run.stderr);
+    let summary = last_line(&run.stdout);
+    let (passed, rest) = summary.split_once(" passed, ").expect(summary);
+    assert_eq!(rest, "0 failed");
+    assert!(passed.parse::<u32>().unwrap() >= 100, "{summary}");
+    assert!(!run.stdout.contains("FAIL"), "{}", run.stdout);
+    // one line per case, named by file
+    for cmd in [
+        "version",
+        "bwlimit",
+        "config",
+        "disk",
+        "disk-import",
+        "query-disk-import",
+        "start",
+        "fstrim",
+        "ticket",
+        "resume",
+        "stop",
+        "nbdstop",
+        "unlock",
+        "quit",
+    ] {
+        let prefix = format!("ok    {cmd}_spec.lua: ");
+        assert!(
+            run.stdout.lines().any(|l| l.starts_with(&prefix)),
+            "no passing case for {cmd}:\n{}",
+            run.stdout
+        );
+    }
+}
+
+#[test]
+fn an_edited_handler_takes_effect() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir_s = dir.path().to_str().unwrap();
+    copy_handlers(dir.path());
+    // A site rule: live-migrated disks get cache=none unless the source set a cache mode.
+    let disk = dir.path().join("disk.lua");
+    let code = std::fs::read_to_string(&disk).unwrap();
+    let rule = "    drive.format = format\n";
+    assert!(code.contains(rule), "disk.lua changed; adapt this test");
+    std::fs::write(
+        &disk,
+        code.replace(
+            rule,
+            "    drive.format = format\n    drive.cache = drive.cache or \"none\"\n",
+        ),
+    )
+    .unwrap();
+
+    let check = mtunnel(&["handlers", "check", dir_s]);
+    assert!(check.ok, "{}\n{}", check.stdout, check.stderr);
+    assert!(
+        check
+            .stdout
+            .contains(&format!("ok    disk: Allocate an empty volume for a live (NBD) storage migration. ({dir_s}/disk.lua)")),
+        "{}",
+        check.stdout
+    );
+
+    // The shipped disk spec now fails, and says why.
+    let run = mtunnel(&["handlers", "test", dir_s, "--filter", "disk_spec.lua"]);
+    assert!(!run.ok);
+    assert!(
+        run.stdout
+            .contains("FAIL  disk_spec.lua: allocates a volume and returns its drive string"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout
+            .contains("got \"local:100/vm-100-disk-0.raw,cache=none,discard=on,format=raw,iothread=1,size=64M\""),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout
+            .contains("ok    disk_spec.lua: file, volume and format in the drive are ignored"),
+        "a drive with its own cache mode keeps it:\n{}",
+        run.stdout
+    );
+
+    // A site spec for the site rule passes.
+    std::fs::write(
+        dir.path().join("site_spec.lua"),
+        r#"
+        return {
+          ["disks get cache=none"] = function(t)
+            local tun = t:open{}
+            t:eq(tun:send{cmd = "disk", format = "raw", storage = "local",
+                          drive = {interface = "scsi", index = 0, size = 1024 * 1024}}, {
+              success = true,
+              volid = "local:100/vm-100-disk-0.raw",
+              drivestr = "local:100/vm-100-disk-0.raw,cache=none,format=raw,size=1M",
+            })
+          end,
+        }
+        "#,
+    )
+    .unwrap();
+    let run = mtunnel(&["handlers", "test", dir_s, "--filter", "site_spec"]);
+    assert!(run.ok, "{}\n{}", run.stdout, run.stderr);
+    assert_eq!(
+        run.stdout,
+        "ok    site_spec.lua: disks get cache=none\n1 passed, 0 failed\n"
+    );
+
+    // The built-in handlers are untouched.
+    let run = mtunnel(&["handlers", "test", "--filter", "disk_spec.lua"]);
+    assert!(run.ok, "{}", run.stdout);
+}
+
+#[test]
+fn a_broken_handler_is_reported_with_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir_s = dir.path().to_str().unwrap();
+    std::fs::write(
+        dir.path().join("disk.lua"),
+        "return {\n  description = \"broken\",\n  params = { storage = { type = \"string\" },, },\n  run = function(ctx, p) end,\n}\n",
+    )
+    .unwrap();
+
+    let check = mtunnel(&["handlers", "check", dir_s]);
+    assert!(!check.ok);
+    let line = check
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("FAIL  disk: "))
+        .unwrap_or_else(|| panic!("{}", check.stdout));
+    assert!(
+        line.starts_with(&format!("FAIL  disk: {dir_s}/disk.lua:3: ")),
+        "{line}"
+    );
+    assert_eq!(last_line(&check.stdout), "14 handlers, 1 refused");
+    assert!(
+        check.stderr.contains("1 handler(s) refused"),
+        "{}",
+        check.stderr
+    );
+
+    // The spec run names it too, and the disk command answers with the load error.
+    let run = mtunnel(&["handlers", "test", dir_s, "--filter", "disk_spec.lua"]);
+    assert!(!run.ok);
+    assert!(
+        run.stdout.starts_with(&format!(
+            "warning: handler 'disk' refused: {dir_s}/disk.lua:3: "
+        )),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout
+            .contains("failed to handle 'disk' command - handler not loaded: "),
+        "{}",
+        run.stdout
+    );
+}
+
+#[test]
+fn a_broken_spec_file_is_one_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir_s = dir.path().to_str().unwrap();
+    std::fs::write(
+        dir.path().join("x_spec.lua"),
+        "return {\n  [\"a\"] = function(t)\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("y_spec.lua"),
+        "return {\n  [\"fails\"] = function(t) t:eq(1, 2, \"numbers\") end,\n  [\"passes\"] = function(t) t:ok(true) end,\n}\n",
+    )
+    .unwrap();
+    let run = mtunnel(&["handlers", "test", dir_s]);
+    assert!(!run.ok);
+    assert_eq!(
+        run.stdout,
+        "FAIL  x_spec.lua: (loading the spec file)\n      \
+         x_spec.lua:3: 'end' expected (to close 'function' at line 2) near <eof>\n\
+         FAIL  y_spec.lua: fails\n      \
+         y_spec.lua:2: numbers: values differ: expected 2, got 1\n\
+         ok    y_spec.lua: passes\n\
+         1 passed, 2 failed\n"
+    );
+    assert!(
+        run.stderr.contains("2 spec case(s) failed"),
+        "{}",
+        run.stderr
+    );
+}
