@@ -82,7 +82,11 @@ fn qemu_io(fmt: &str, cmd: &str, path: &Path) {
         .arg(path)
         .output()
         .unwrap();
-    assert!(out.status.success(), "qemu-io: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "qemu-io: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn compare(a: &Path, b: &Path) {
@@ -106,7 +110,9 @@ fn compare(a: &Path, b: &Path) {
 async fn create_vm(src: &TestServer, vmid: u32, memory: u32, disks: &[&str]) {
     let vmid_s = vmid.to_string();
     let memory_s = memory.to_string();
-    let mut args = vec!["vm", "create", &vmid_s, "--memory", &memory_s, "--bridge", "vmbr0"];
+    let mut args = vec![
+        "vm", "create", &vmid_s, "--memory", &memory_s, "--bridge", "vmbr0",
+    ];
     for d in disks {
         args.push("--disk");
         args.push(d);
@@ -131,20 +137,32 @@ fn blob(path: &Path, size: usize) {
 async fn start_with_ram(src: &TestServer, vmid: u32, ram_mib: usize) -> PathBuf {
     let blob_path = src.data.parent().unwrap().join(format!("blob{vmid}"));
     blob(&blob_path, ram_mib << 20);
-    let loader = format!("loader,file={},addr=16777216,force-raw=on", blob_path.display());
+    let loader = format!(
+        "loader,file={},addr=16777216,force-raw=on",
+        blob_path.display()
+    );
     mt_ok(
         src,
-        &["vm", "start", &vmid.to_string(), "--qemu-arg=-device", &format!("--qemu-arg={loader}")],
+        &[
+            "vm",
+            "start",
+            &vmid.to_string(),
+            "--qemu-arg=-device",
+            &format!("--qemu-arg={loader}"),
+        ],
     )
     .await;
     blob_path
 }
 
 async fn qmp(run: &Path, vmid: u32, cmd: &str, args: serde_json::Value) -> serde_json::Value {
-    let qmp = mtunnel::qemu::Qmp::connect(&run.join(format!("{vmid}.qmp")), Duration::from_secs(10))
+    let qmp =
+        mtunnel::qemu::Qmp::connect(&run.join(format!("{vmid}.qmp")), Duration::from_secs(10))
+            .await
+            .expect("QMP connect");
+    qmp.execute(cmd, args, Duration::from_secs(30))
         .await
-        .expect("QMP connect");
-    qmp.execute(cmd, args, Duration::from_secs(30)).await.expect("QMP command")
+        .expect("QMP command")
 }
 
 fn pid_of(node: &TestServer, vmid: u32) -> Option<i32> {
@@ -185,7 +203,10 @@ async fn assert_source_running_unlocked(src: &TestServer, vmid: u32, conf_before
     assert!(pid_of(src, vmid).is_some(), "source VM must still run");
     let st = qmp(&src.run, vmid, "query-status", serde_json::Value::Null).await;
     assert_eq!(st["status"], "running", "{st}");
-    assert_eq!(std::fs::read_to_string(src.vm_config(vmid)).unwrap(), conf_before);
+    assert_eq!(
+        std::fs::read_to_string(src.vm_config(vmid)).unwrap(),
+        conf_before
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -193,14 +214,30 @@ async fn online_migration_moves_ram_and_two_disks() {
     let src = node("src1");
     let dst = node("dst1");
     create_vm(&src, 100, 128, &["local:64M:qcow2", "local:32M:raw"]).await;
-    qemu_io("qcow2", "write -P 0xab 0 10M", &image(&src, 100, "vm-100-disk-0.qcow2"));
-    qemu_io("raw", "write -P 0xcd 1M 5M", &image(&src, 100, "vm-100-disk-1.raw"));
+    qemu_io(
+        "qcow2",
+        "write -P 0xab 0 10M",
+        &image(&src, 100, "vm-100-disk-0.qcow2"),
+    );
+    qemu_io(
+        "raw",
+        "write -P 0xcd 1M 5M",
+        &image(&src, 100, "vm-100-disk-1.raw"),
+    );
     let blob_path = start_with_ram(&src, 100, 32).await;
     let src_pid = pid_of(&src, 100).unwrap();
 
     let out = mt_ok(
         &src,
-        &["migrate", "100", "--target", &target_arg(&dst, dst.port), "--target-storage", "local", "--online"],
+        &[
+            "migrate",
+            "100",
+            "--target",
+            &target_arg(&dst, dst.port),
+            "--target-storage",
+            "local",
+            "--online",
+        ],
     )
     .await;
     assert!(out.contains("migration of VM 100 to 127.0.0.1"), "{out}");
@@ -217,7 +254,10 @@ async fn online_migration_moves_ram_and_two_disks() {
         serde_json::json!({"val": 16777216u64, "size": 32u64 << 20, "filename": ram.display().to_string()}),
     )
     .await;
-    assert!(std::fs::read(&ram).unwrap() == std::fs::read(&blob_path).unwrap(), "RAM differs");
+    assert!(
+        std::fs::read(&ram).unwrap() == std::fs::read(&blob_path).unwrap(),
+        "RAM differs"
+    );
     // The source stopped; compare disks now that nothing writes them.
     for _ in 0..100 {
         if !Path::new(&format!("/proc/{src_pid}")).exists() {
@@ -225,13 +265,26 @@ async fn online_migration_moves_ram_and_two_disks() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    compare(&image(&src, 100, "vm-100-disk-0.qcow2"), &image(&dst, 100, "vm-100-disk-0.qcow2"));
-    compare(&image(&src, 100, "vm-100-disk-1.raw"), &image(&dst, 100, "vm-100-disk-1.raw"));
+    compare(
+        &image(&src, 100, "vm-100-disk-0.qcow2"),
+        &image(&dst, 100, "vm-100-disk-0.qcow2"),
+    );
+    compare(
+        &image(&src, 100, "vm-100-disk-1.raw"),
+        &image(&dst, 100, "vm-100-disk-1.raw"),
+    );
     let dst_conf = std::fs::read_to_string(dst.vm_config(100)).unwrap();
     assert!(!dst_conf.contains("lock:"), "{dst_conf}");
-    assert!(dst_conf.contains("scsi0: local:100/vm-100-disk-0.qcow2,format=qcow2,iothread=1,size=64M"), "{dst_conf}");
+    assert!(
+        dst_conf.contains("scsi0: local:100/vm-100-disk-0.qcow2,format=qcow2,iothread=1,size=64M"),
+        "{dst_conf}"
+    );
     // The source stays, stopped and locked, as upstream (no --delete).
-    assert!(std::fs::read_to_string(src.vm_config(100)).unwrap().contains("lock: migrate"));
+    assert!(
+        std::fs::read_to_string(src.vm_config(100))
+            .unwrap()
+            .contains("lock: migrate")
+    );
     assert!(pid_of(&src, 100).is_none());
     mt_ok(&dst, &["vm", "stop", "100"]).await;
 }
@@ -241,17 +294,44 @@ async fn offline_migration_copies_config_and_volumes() {
     let src = node("src1");
     let dst = node("dst1");
     create_vm(&src, 101, 128, &["local:16M:qcow2", "local:8M:raw"]).await;
-    qemu_io("qcow2", "write -P 0x11 0 3M", &image(&src, 101, "vm-101-disk-0.qcow2"));
-    qemu_io("raw", "write -P 0x22 2M 2M", &image(&src, 101, "vm-101-disk-1.raw"));
+    qemu_io(
+        "qcow2",
+        "write -P 0x11 0 3M",
+        &image(&src, 101, "vm-101-disk-0.qcow2"),
+    );
+    qemu_io(
+        "raw",
+        "write -P 0x22 2M 2M",
+        &image(&src, 101, "vm-101-disk-1.raw"),
+    );
     let conf_before = std::fs::read_to_string(src.vm_config(101)).unwrap();
     mt_ok(
         &src,
-        &["migrate", "101", "--target", &target_arg(&dst, dst.port), "--target-storage", "local", "--target-vmid", "201", "--delete"],
+        &[
+            "migrate",
+            "101",
+            "--target",
+            &target_arg(&dst, dst.port),
+            "--target-storage",
+            "local",
+            "--target-vmid",
+            "201",
+            "--delete",
+        ],
     )
     .await;
-    let expected = conf_before.replace("100", "-").replace("vm-101-", "vm-201-").replace("local:101/", "local:201/");
-    assert_eq!(std::fs::read_to_string(dst.vm_config(201)).unwrap(), expected);
-    compare(&image(&dst, 201, "vm-201-disk-0.qcow2"), &image(&dst, 201, "vm-201-disk-0.qcow2"));
+    let expected = conf_before
+        .replace("100", "-")
+        .replace("vm-101-", "vm-201-")
+        .replace("local:101/", "local:201/");
+    assert_eq!(
+        std::fs::read_to_string(dst.vm_config(201)).unwrap(),
+        expected
+    );
+    compare(
+        &image(&dst, 201, "vm-201-disk-0.qcow2"),
+        &image(&dst, 201, "vm-201-disk-0.qcow2"),
+    );
     let meta = std::fs::metadata(image(&dst, 201, "vm-201-disk-1.raw")).unwrap();
     assert_eq!(meta.len(), 8 << 20);
     // --delete removed the source.
@@ -287,7 +367,12 @@ impl CutProxy {
                 conns2.lock().unwrap().push(task);
             }
         });
-        CutProxy { port, cut, conns, accept }
+        CutProxy {
+            port,
+            cut,
+            conns,
+            accept,
+        }
     }
 
     /// Drops every connection and refuses new ones.
@@ -303,29 +388,53 @@ impl CutProxy {
 async fn wait_for(path: &Path, secs: u64) {
     let deadline = Instant::now() + Duration::from_secs(secs);
     while !path.exists() {
-        assert!(Instant::now() < deadline, "{} did not appear", path.display());
+        assert!(
+            Instant::now() < deadline,
+            "{} did not appear",
+            path.display()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 /// Runs `mtunnel migrate` through a proxy and cuts it once `when` exists on the target.
-async fn migrate_and_cut(src: &TestServer, dst: &TestServer, vmid: u32, extra: &[&str], when: PathBuf) -> String {
+async fn migrate_and_cut(
+    src: &TestServer,
+    dst: &TestServer,
+    vmid: u32,
+    extra: &[&str],
+    when: PathBuf,
+) -> String {
     let proxy = CutProxy::start(dst.port).await;
     let target = target_arg(dst, proxy.port);
     let vmid_s = vmid.to_string();
-    let mut args = vec!["migrate", &vmid_s, "--target", &target, "--target-storage", "local"];
+    let mut args = vec![
+        "migrate",
+        &vmid_s,
+        "--target",
+        &target,
+        "--target-storage",
+        "local",
+    ];
     args.extend_from_slice(extra);
     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
     let config = src.config.clone();
     let run = tokio::spawn(async move {
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_mtunnel"));
-        cmd.args(&args).arg("--config").arg(&config).env("MTUNNEL_LOG", "warn");
+        cmd.args(&args)
+            .arg("--config")
+            .arg(&config)
+            .env("MTUNNEL_LOG", "warn");
         tokio::time::timeout(Duration::from_secs(120), cmd.output()).await
     });
     wait_for(&when, 60).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     proxy.cut();
-    let out = run.await.unwrap().expect("migrate ended within 120 s").unwrap();
+    let out = run
+        .await
+        .unwrap()
+        .expect("migrate ended within 120 s")
+        .unwrap();
     assert!(!out.status.success(), "migration must fail after the cut");
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -335,12 +444,26 @@ async fn cut_during_disk_import_leaves_nothing() {
     let src = node("src1");
     let dst = node("dst1");
     create_vm(&src, 102, 128, &["local:64M:raw"]).await;
-    qemu_io("raw", "write -P 0x33 0 64M", &image(&src, 102, "vm-102-disk-0.raw"));
+    qemu_io(
+        "raw",
+        "write -P 0x33 0 64M",
+        &image(&src, 102, "vm-102-disk-0.raw"),
+    );
     let conf_before = std::fs::read_to_string(src.vm_config(102)).unwrap();
     // 8 MiB/s: the import of 64 MiB takes ~8 s, the cut lands in its middle.
-    let err = migrate_and_cut(&src, &dst, 102, &["--bwlimit", "8192"], dst.run.join("102.storage")).await;
+    let err = migrate_and_cut(
+        &src,
+        &dst,
+        102,
+        &["--bwlimit", "8192"],
+        dst.run.join("102.storage"),
+    )
+    .await;
     assert!(err.contains("migration failed"), "{err}");
-    assert_eq!(std::fs::read_to_string(src.vm_config(102)).unwrap(), conf_before);
+    assert_eq!(
+        std::fs::read_to_string(src.vm_config(102)).unwrap(),
+        conf_before
+    );
     assert_target_clean(&dst, 102).await;
 }
 
@@ -349,11 +472,22 @@ async fn cut_during_drive_mirror_leaves_nothing() {
     let src = node("src1");
     let dst = node("dst1");
     create_vm(&src, 103, 128, &["local:64M:qcow2"]).await;
-    qemu_io("qcow2", "write -P 0x44 0 64M", &image(&src, 103, "vm-103-disk-0.qcow2"));
+    qemu_io(
+        "qcow2",
+        "write -P 0x44 0 64M",
+        &image(&src, 103, "vm-103-disk-0.qcow2"),
+    );
     start_with_ram(&src, 103, 1).await;
     let conf_before = std::fs::read_to_string(src.vm_config(103)).unwrap();
     // The mirror runs at 4 MiB/s: 16 s for the disk.
-    let err = migrate_and_cut(&src, &dst, 103, &["--online", "--bwlimit", "4096"], dst.run.join("103_nbd.migrate")).await;
+    let err = migrate_and_cut(
+        &src,
+        &dst,
+        103,
+        &["--online", "--bwlimit", "4096"],
+        dst.run.join("103_nbd.migrate"),
+    )
+    .await;
     assert!(err.contains("migration failed"), "{err}");
     assert_source_running_unlocked(&src, 103, &conf_before).await;
     assert_target_clean(&dst, 103).await;
@@ -368,7 +502,14 @@ async fn cut_during_ram_migration_leaves_nothing() {
     start_with_ram(&src, 104, 96).await;
     let conf_before = std::fs::read_to_string(src.vm_config(104)).unwrap();
     // RAM at 8 MiB/s: ~12 s for the 96 MiB of data.
-    let err = migrate_and_cut(&src, &dst, 104, &["--online", "--bwlimit", "8192"], dst.run.join("104.migrate")).await;
+    let err = migrate_and_cut(
+        &src,
+        &dst,
+        104,
+        &["--online", "--bwlimit", "8192"],
+        dst.run.join("104.migrate"),
+    )
+    .await;
     assert!(err.contains("migration failed"), "{err}");
     assert_source_running_unlocked(&src, 104, &conf_before).await;
     assert_target_clean(&dst, 104).await;
@@ -387,38 +528,178 @@ async fn refusals_end_with_clear_messages_and_change_nothing() {
     };
     let good = target_arg(&dst, dst.port);
     // Bad token.
-    let bad = good.replace(&dst.root_token, "PVEAPIToken=root@pam!mtunnel=00000000-0000-0000-0000-000000000000");
-    let err = fail(mt(&src, &["migrate", "105", "--target", &bad, "--target-storage", "local"]).await);
+    let bad = good.replace(
+        &dst.root_token,
+        "PVEAPIToken=root@pam!mtunnel=00000000-0000-0000-0000-000000000000",
+    );
+    let err = fail(
+        mt(
+            &src,
+            &[
+                "migrate",
+                "105",
+                "--target",
+                &bad,
+                "--target-storage",
+                "local",
+            ],
+        )
+        .await,
+    );
     assert!(err.contains("401"), "{err}");
-    // A token without privileges.
-    let weak = dst.create_token("nobody@pve!t", &["--privs", "Sys.Audit"]);
-    let weak = good.replace(&dst.root_token, &weak);
-    let err = fail(mt(&src, &["migrate", "105", "--target", &weak, "--target-storage", "local"]).await);
-    assert!(err.contains("Permission check failed"), "{err}");
+    // A token that may place disks but not accept incoming VMs.
+    let weak = dst.create_token(
+        "nobody@pve!t",
+        &[
+            "--privs",
+            "VM.Allocate,Datastore.AllocateSpace,Datastore.Audit",
+        ],
+    );
+    let weak_target = good.replace(&dst.root_token, &weak);
+    let err = fail(
+        mt(
+            &src,
+            &[
+                "migrate",
+                "105",
+                "--target",
+                &weak_target,
+                "--target-storage",
+                "local",
+            ],
+        )
+        .await,
+    );
+    assert!(
+        err.contains("Permission check failed (/, Sys.Incoming)"),
+        "{err}"
+    );
+    // One that may not even see the storage.
+    let blind = dst.create_token("blind@pve!t", &["--privs", "Sys.Audit"]);
+    let blind_target = good.replace(&dst.root_token, &blind);
+    let err = fail(
+        mt(
+            &src,
+            &[
+                "migrate",
+                "105",
+                "--target",
+                &blind_target,
+                "--target-storage",
+                "local",
+            ],
+        )
+        .await,
+    );
+    assert!(err.contains("target storage 'local' does not exist, cannot hold VM images, or the token may not use it"), "{err}");
     // Unknown storage in the map.
-    let err = fail(mt(&src, &["migrate", "105", "--target", &good, "--target-storage", "nosuch"]).await);
-    assert!(err.contains("target storage 'nosuch' does not exist"), "{err}");
+    let err = fail(
+        mt(
+            &src,
+            &[
+                "migrate",
+                "105",
+                "--target",
+                &good,
+                "--target-storage",
+                "nosuch",
+            ],
+        )
+        .await,
+    );
+    assert!(
+        err.contains("target storage 'nosuch' does not exist"),
+        "{err}"
+    );
     // VMID in use on the target.
     std::fs::write(dst.vm_config(105), "memory: 64\n").unwrap();
-    let err = fail(mt(&src, &["migrate", "105", "--target", &good, "--target-storage", "local"]).await);
+    let err = fail(
+        mt(
+            &src,
+            &[
+                "migrate",
+                "105",
+                "--target",
+                &good,
+                "--target-storage",
+                "local",
+            ],
+        )
+        .await,
+    );
     assert!(err.contains("target VMID 105 is already in use"), "{err}");
     std::fs::remove_file(dst.vm_config(105)).unwrap();
     // Wrong fingerprint.
-    let fp = good.replace(&dst.fingerprint, &"AB:".repeat(31).to_string().replace(' ', "").to_owned().chars().chain("AB".chars()).collect::<String>());
-    let err = fail(mt(&src, &["migrate", "105", "--target", &fp, "--target-storage", "local"]).await);
+    let fp = good.replace(&dst.fingerprint, &["AB"; 32].join(":"));
+    let err = fail(
+        mt(
+            &src,
+            &[
+                "migrate",
+                "105",
+                "--target",
+                &fp,
+                "--target-storage",
+                "local",
+            ],
+        )
+        .await,
+    );
     assert!(err.contains("not verified, abort!"), "{err}");
     // Source VM that does not exist, and one that is locked.
-    let err = fail(mt(&src, &["migrate", "999", "--target", &good, "--target-storage", "local"]).await);
+    let err = fail(
+        mt(
+            &src,
+            &[
+                "migrate",
+                "999",
+                "--target",
+                &good,
+                "--target-storage",
+                "local",
+            ],
+        )
+        .await,
+    );
     assert!(err.contains("VM 999 does not exist"), "{err}");
     std::fs::write(src.vm_config(106), "lock: backup\nmemory: 64\n").unwrap();
-    let err = fail(mt(&src, &["migrate", "106", "--target", &good, "--target-storage", "local"]).await);
+    let err = fail(
+        mt(
+            &src,
+            &[
+                "migrate",
+                "106",
+                "--target",
+                &good,
+                "--target-storage",
+                "local",
+            ],
+        )
+        .await,
+    );
     assert!(err.contains("VM 106 is locked (backup)"), "{err}");
     // Running without --online.
     mt_ok(&src, &["vm", "start", "105"]).await;
-    let err = fail(mt(&src, &["migrate", "105", "--target", &good, "--target-storage", "local"]).await);
+    let err = fail(
+        mt(
+            &src,
+            &[
+                "migrate",
+                "105",
+                "--target",
+                &good,
+                "--target-storage",
+                "local",
+            ],
+        )
+        .await,
+    );
     assert!(err.contains("use --online"), "{err}");
     mt_ok(&src, &["vm", "stop", "105"]).await;
-    assert_eq!(std::fs::read_to_string(src.vm_config(105)).unwrap(), conf_before);
+    assert_eq!(
+        std::fs::read_to_string(src.vm_config(105)).unwrap(),
+        conf_before
+    );
     assert_target_clean(&dst, 105).await;
 }
 
@@ -436,9 +717,24 @@ async fn incompatible_version_and_unsafe_start_reply_are_refused() {
     .unwrap();
     create_vm(&src, 107, 64, &["local:4M:raw"]).await;
     let good = target_arg(&dst, dst.port);
-    let out = mt(&src, &["migrate", "107", "--target", &good, "--target-storage", "local"]).await;
+    let out = mt(
+        &src,
+        &[
+            "migrate",
+            "107",
+            "--target",
+            &good,
+            "--target-storage",
+            "local",
+        ],
+    )
+    .await;
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("Remote tunnel endpoint not compatible, upgrade required"), "{err}");
+    assert!(
+        !out.status.success()
+            && err.contains("Remote tunnel endpoint not compatible, upgrade required"),
+        "{err}"
+    );
     assert_target_clean(&dst, 107).await;
     std::fs::remove_file(handlers.join("version.lua")).unwrap();
 
@@ -450,9 +746,25 @@ async fn incompatible_version_and_unsafe_start_reply_are_refused() {
     std::fs::write(handlers.join("start.lua"), start).unwrap();
     mt_ok(&src, &["vm", "start", "107"]).await;
     let conf_before = std::fs::read_to_string(src.vm_config(107)).unwrap();
-    let out = mt(&src, &["migrate", "107", "--target", &good, "--target-storage", "local", "--online"]).await;
+    let out = mt(
+        &src,
+        &[
+            "migrate",
+            "107",
+            "--target",
+            &good,
+            "--target-storage",
+            "local",
+            "--online",
+        ],
+    )
+    .await;
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("unexpected migration socket '/etc/../tmp/107.migrate'"), "{err}");
+    assert!(
+        !out.status.success()
+            && err.contains("unexpected migration socket '/etc/../tmp/107.migrate'"),
+        "{err}"
+    );
     assert_source_running_unlocked(&src, 107, &conf_before).await;
     assert_target_clean(&dst, 107).await;
     mt_ok(&src, &["vm", "stop", "107"]).await;

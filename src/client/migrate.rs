@@ -835,7 +835,7 @@ async fn check_target(api: &ApiClient, tvmid: u32, volumes: &[Volume]) -> anyhow
         });
         if !ok {
             bail!(
-                "target storage '{}' does not exist or cannot hold VM images",
+                "target storage '{}' does not exist, cannot hold VM images, or the token may not use it",
                 v.target_storage
             );
         }

@@ -140,16 +140,27 @@ impl Hypervisor for QemuHypervisor {
 
     fn stop(&self, vmid: u32) -> BoxFuture<'_, anyhow::Result<()>> {
         Box::pin(async move {
-            let Ok(vm) = self.handle(vmid) else {
-                return Ok(());
-            };
-            vm.stop(QUICK_STOP)
-                .await
-                .with_context(|| format!("stopping VM {vmid}"))?;
+            if let Ok(vm) = self.handle(vmid) {
+                vm.stop(QUICK_STOP)
+                    .await
+                    .with_context(|| format!("stopping VM {vmid}"))?;
+            }
             self.started
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&vmid);
+            // A QEMU that died (e.g. its migration stream was cut) leaves its sockets.
+            let paths = super::VmPaths::new(&self.run_dir, vmid);
+            for leftover in [
+                &paths.qmp,
+                &paths.qga,
+                &paths.pid,
+                &paths.serial0,
+                &paths.migrate,
+                &paths.nbd,
+            ] {
+                let _ = std::fs::remove_file(leftover);
+            }
             Ok(())
         })
     }
