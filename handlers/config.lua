@@ -35,6 +35,11 @@ return {
                             description = "the source's VM firewall file" },
   },
   run = function(ctx, p)
+    if ctx.conf.options.lock ~= "create" then
+      -- as upstream, whose config handler removes the `create` lock
+      pve.fail(string.format("found lock '%s' trying to remove 'create' lock",
+                             tostring(ctx.conf.options.lock)))
+    end
     local new = pve.config.parse(p.conf)
     local options = new.options
     options.lock, options.digest, options.parent = nil, nil, nil

@@ -20,6 +20,14 @@ return {
       "scsi0: local:100/vm-100-disk-0.raw,format=raw,size=1M\n")
   end,
 
+  ["a second config is refused and changes nothing"] = function(t)
+    local tun = t:open{}
+    t:succeeds(tun:send{cmd = "config", conf = "cores: 2\n"})
+    t:fail_contains(tun:send{cmd = "config", conf = "cores: 8\n"},
+      "failed to handle 'config' command - found lock 'migrate' trying to remove 'create' lock")
+    t:eq(tun:config(), "cores: 2\nlock: migrate\n")
+  end,
+
   -- (the digest is computed when parsing; a source never sends a `digest:` line)
   ["drops lock, parent, pending changes and snapshots"] = function(t)
     local tun = t:open{}

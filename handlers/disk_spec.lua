@@ -121,13 +121,13 @@ return {
   ["a storage without images content"] = function(t)
     local tun = t:open{storages = {["local"] = {}, iso = {content = {"iso"}}}}
     t:eq(disk(tun, {storage = "iso"}).msg,
-      "failed to handle 'disk' command - storage 'iso' does not support VM images")
+      "failed to handle 'disk' command - storage 'iso' does not support vm images")
   end,
 
   ["a disabled storage"] = function(t)
     local tun = t:open{storages = {["local"] = {}, off = {disable = true}}}
     t:eq(disk(tun, {storage = "off"}).msg,
-      "failed to handle 'disk' command - storage 'off' is not available on node 'target'")
+      "failed to handle 'disk' command - storage 'off' is disabled")
   end,
 
   ["an allocation error of the backend reaches the reply"] = function(t)

@@ -138,6 +138,7 @@ return {
         backend.state.req, backend.state.data = req, data
         return "local:100/vm-100-disk-7.raw"
       end,
+      check_untrusted = function(volid) end,
     }}}
     local r = t:succeeds(import(tun, {allow_rename = 0}))
     stream(tun, r.socket, 5, "hello")
@@ -147,6 +148,20 @@ return {
       stream_format = "raw+size", allow_rename = false, size = 5, received = 5, truncated = false,
     })
     t:eq(backend.state.data, "hello")
+  end,
+
+  ["an imported image that fails the untrusted check is an error and is freed"] = function(t)
+    local tun = t:open{backend = {storage = {
+      check_untrusted = function(volid)
+        backend.fail("backing file in image '" .. volid .. "' is not allowed")
+      end,
+    }}}
+    local r = t:succeeds(import(tun))
+    stream(tun, r.socket, 4, "abcd")
+    local done = tun:wait_import()
+    t:eq(done.status, "error")
+    t:match(done.msg, "backing file in image 'local:100/vm%-100%-disk%-0%.raw' is not allowed")
+    t:eq(t:volumes(), {})
   end,
 
   ["a slow import stays pending until it finishes"] = function(t)

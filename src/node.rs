@@ -102,10 +102,7 @@ impl Node {
             .get(storage)
             .ok_or_else(|| Error::internal(format!("storage '{storage}' does not exist")))?;
         if def.disable {
-            return Err(Error::internal(format!(
-                "storage '{storage}' is not available on node '{}'",
-                self.cfg.node
-            )));
+            return Err(Error::internal(format!("storage '{storage}' is disabled")));
         }
         self.require(
             authid,
@@ -114,7 +111,7 @@ impl Node {
         )?;
         if !def.holds_images() {
             return Err(Error::internal(format!(
-                "storage '{storage}' does not support VM images"
+                "storage '{storage}' does not support vm images"
             )));
         }
         Ok(())

@@ -663,11 +663,11 @@ async fn mtunnel_unusable_storage_or_bridge_leaves_no_config() {
             ),
             (
                 ("storages", "local,off"),
-                format!("storage 'off' is not available on node '{NODE}'"),
+                "storage 'off' is disabled".to_string(),
             ),
             (
                 ("storages", "isos"),
-                "storage 'isos' does not support VM images".to_string(),
+                "storage 'isos' does not support vm images".to_string(),
             ),
             (
                 ("bridges", "vmbr0,vmbr9"),

@@ -608,6 +608,15 @@ async fn import_status(c: &Arc<HostCtx>) -> mlua::Result<Value> {
     Ok(match result {
         Ok(volid) => {
             c.session().allocated.push(volid.clone());
+            // As upstream: a just-imported image must not reference other files.
+            if let Err(e) = c.node.storage.check_untrusted(&volid).await {
+                let msg = e.to_string();
+                c.warn(&format!("imported image '{volid}' rejected: {msg}"));
+                if c.node.storage.free(&volid).await.is_ok() {
+                    c.session().allocated.retain(|v| v != &volid);
+                }
+                return Ok(json!({"status": "error", "msg": msg}));
+            }
             c.info(&format!("successfully imported '{volid}'"));
             json!({"status": "complete", "volid": volid})
         }
