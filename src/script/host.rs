@@ -178,7 +178,8 @@ fn log_table(lua: &Lua) -> mlua::Result<Table> {
     Ok(t)
 }
 
-fn json_table(lua: &Lua) -> mlua::Result<Table> {
+/// `pve.json` (also the spec runner's `json`): `null`, `array`, `encode`, `decode`.
+pub(crate) fn json_table(lua: &Lua) -> mlua::Result<Table> {
     let t = lua.create_table()?;
     t.set("null", lua.null())?;
     t.set(

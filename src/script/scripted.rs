@@ -115,20 +115,11 @@ impl Fake {
     }
 
     fn lookup(&self, id: &str) -> StorageResult<&StorageDef> {
-        self.storages
-            .get(id)
-            .ok_or_else(|| StorageError::UnknownStorage(id.to_string()))
+        crate::storage::lookup_def(&self.storages, id)
     }
 
     fn usable(&self, id: &str) -> StorageResult<&StorageDef> {
-        let def = self.lookup(id)?;
-        if def.disable {
-            return Err(StorageError::Disabled(id.to_string()));
-        }
-        if !def.holds_images() {
-            return Err(StorageError::NoImages(id.to_string()));
-        }
-        Ok(def)
+        crate::storage::usable_def(&self.storages, id)
     }
 
     fn resolve(&self, volid: &str) -> StorageResult<(VolumeId, PathBuf)> {

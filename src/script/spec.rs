@@ -318,33 +318,7 @@ fn load_spec(
 
 /// `json` (null, array, encode, decode) and `print` (collected, shown under the case).
 fn install_globals(lua: &Lua, printed: &Arc<Mutex<Vec<String>>>) -> mlua::Result<()> {
-    let json = lua.create_table()?;
-    json.set("null", lua.null())?;
-    json.set(
-        "array",
-        lua.create_function(|lua, t: Option<Table>| {
-            let t = match t {
-                Some(t) => t,
-                None => lua.create_table()?,
-            };
-            t.set_metatable(Some(lua.array_metatable()))?;
-            Ok(t)
-        })?,
-    )?;
-    json.set(
-        "encode",
-        lua.create_function(|lua, v: LuaValue| {
-            let v: Value = lua.from_value(v)?;
-            serde_json::to_string(&v).map_err(mlua::Error::external)
-        })?,
-    )?;
-    json.set(
-        "decode",
-        lua.create_function(|lua, s: String| {
-            let v: Value = serde_json::from_str(&s).map_err(mlua::Error::external)?;
-            lua.to_value(&v)
-        })?,
-    )?;
+    let json = super::host::json_table(lua)?;
     lua.globals().raw_set("json", json)?;
     let printed = Arc::clone(printed);
     lua.globals().raw_set(

@@ -59,21 +59,11 @@ impl NodeStorage {
     }
 
     fn lookup(&self, id: &str) -> StorageResult<&StorageDef> {
-        self.storages
-            .get(id)
-            .ok_or_else(|| StorageError::UnknownStorage(id.to_string()))
+        super::lookup_def(&self.storages, id)
     }
 
-    /// A storage new images may be put on: exists, enabled, holds `images`.
     fn usable(&self, id: &str) -> StorageResult<&StorageDef> {
-        let def = self.lookup(id)?;
-        if def.disable {
-            return Err(StorageError::Disabled(id.to_string()));
-        }
-        if !def.holds_images() {
-            return Err(StorageError::NoImages(id.to_string()));
-        }
-        Ok(def)
+        super::usable_def(&self.storages, id)
     }
 
     /// Resolves a volid to its parsed form and file path.

@@ -60,6 +60,31 @@ impl StorageDef {
     }
 }
 
+/// The definition of storage `id`, or the error naming it.
+pub fn lookup_def<'a>(
+    storages: &'a BTreeMap<String, StorageDef>,
+    id: &str,
+) -> StorageResult<&'a StorageDef> {
+    storages
+        .get(id)
+        .ok_or_else(|| StorageError::UnknownStorage(id.to_string()))
+}
+
+/// A storage new images may be put on: exists, enabled, holds `images`.
+pub fn usable_def<'a>(
+    storages: &'a BTreeMap<String, StorageDef>,
+    id: &str,
+) -> StorageResult<&'a StorageDef> {
+    let def = lookup_def(storages, id)?;
+    if def.disable {
+        return Err(StorageError::Disabled(id.to_string()));
+    }
+    if !def.holds_images() {
+        return Err(StorageError::NoImages(id.to_string()));
+    }
+    Ok(def)
+}
+
 /// PVE storage ids: `^[a-z][a-z0-9\-_.]*[a-z0-9]$`.
 pub fn is_valid_storage_id(id: &str) -> bool {
     let b = id.as_bytes();
