@@ -766,7 +766,7 @@ impl XorShift {
 }
 
 /// A TLS WebSocket server in this process whose connections are forwarded by
-/// `mtunnel::tunnel::forward::forward` to `unix_path`. Returns its port and fingerprint.
+/// `mtunnel::tunnel::forward::relay` to `unix_path`. Returns its port and fingerprint.
 async fn forwarding_server(unix_path: std::path::PathBuf) -> (u16, String) {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
@@ -790,15 +790,40 @@ async fn forwarding_server(unix_path: std::path::PathBuf) -> (u16, String) {
             let acceptor = acceptor.clone();
             let unix_path = unix_path.clone();
             tokio::spawn(async move {
-                let tls = acceptor.accept(tcp).await.unwrap();
-                let ws = tokio_tungstenite::accept_async_with_config(
-                    tls,
-                    Some(mtunnel::tunnel::forward::ws_config()),
+                let mut tls = acceptor.accept(tcp).await.unwrap();
+                // A minimal server handshake, then the server's relay on the raw stream.
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    tls.read_exact(&mut byte).await.unwrap();
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8(head).unwrap();
+                let key = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+                    .unwrap();
+                let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(
+                    key.trim().as_bytes(),
+                );
+                tls.write_all(
+                    format!(
+                        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+                    )
+                    .as_bytes(),
                 )
                 .await
                 .unwrap();
                 let unix = tokio::net::UnixStream::connect(&unix_path).await.unwrap();
-                let _ = mtunnel::tunnel::forward::forward(ws, unix).await;
+                let (r, w) = unix.into_split();
+                let _ = mtunnel::tunnel::forward::relay(
+                    tls,
+                    Vec::new(),
+                    mtunnel::tunnel::forward::Role::Server,
+                    r,
+                    w,
+                )
+                .await;
             });
         }
     });

@@ -13,9 +13,7 @@ use axum::response::{IntoResponse, Response};
 use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::net::UnixStream;
-use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::Role;
 
 use super::AppState;
 use super::reply::Data;
@@ -80,13 +78,9 @@ pub(super) async fn mtunnelwebsocket(
                 return;
             }
         };
-        let ws = WebSocketStream::from_raw_socket(
-            TokioIo::new(upgraded),
-            Role::Server,
-            Some(forward::ws_config()),
-        )
-        .await;
-        match forward::forward(ws, unix).await {
+        let (read, write) = unix.into_split();
+        let io = TokioIo::new(upgraded);
+        match forward::relay(io, Vec::new(), forward::Role::Server, read, write).await {
             Ok(stats) => tracing::debug!(
                 vmid,
                 socket = %socket.display(),

@@ -52,6 +52,15 @@ impl Endpoint {
             .ok_or_else(|| ApiError::Request("no fingerprint given".into()))?;
         ws::connect(url, &self.headers, fingerprint).await
     }
+
+    async fn connect_raw(&self, url: &str) -> Result<ws::RawWs, ApiError> {
+        let fingerprint = self
+            .fingerprint
+            .as_deref()
+            .ok_or_else(|| ApiError::Request("no fingerprint given".into()))?;
+        let config = super::tls::client_config(Some(fingerprint))?;
+        ws::connect_raw(url, &self.headers, &config).await
+    }
 }
 
 type Pending = oneshot::Sender<Result<String, TunnelError>>;
@@ -259,11 +268,17 @@ async fn forward_one(
         "?"
     };
     let url = format!("{}{sep}ticket={encoded}", endpoint.url);
-    let ws = endpoint.connect(&url).await?;
+    let ws = endpoint.connect_raw(&url).await?;
     let (read, write) = conn.into_split();
-    let stats = crate::tunnel::forward::pump(ws, read, write)
-        .await
-        .map_err(|e| TunnelError::Other(format!("forwarding to {remote_path}: {e}")))?;
+    let stats = crate::tunnel::forward::relay(
+        ws.stream,
+        ws.leftover,
+        crate::tunnel::forward::Role::Client,
+        read,
+        write,
+    )
+    .await
+    .map_err(|e| TunnelError::Other(format!("forwarding to {remote_path}: {e}")))?;
     tracing::debug!(remote = %remote_path, sent = stats.from_socket, received = stats.to_socket, "forward done");
     Ok(())
 }

@@ -100,3 +100,103 @@ pub async fn connect_with(
         ))),
     }
 }
+
+/// A connection upgraded to WebSocket by [`connect_raw`]: the stream and the bytes already
+/// read past the handshake.
+pub struct RawWs {
+    pub stream: TlsStream<TcpStream>,
+    pub leftover: Vec<u8>,
+}
+
+/// Like [`connect_with`], but hands back the raw stream for
+/// [`crate::tunnel::forward::relay`], which frames bytes itself.
+pub async fn connect_raw(
+    url: &str,
+    headers: &[(String, String)],
+    config: &Arc<rustls::ClientConfig>,
+) -> Result<RawWs, ApiError> {
+    use base64::Engine;
+    use rand::RngCore;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let uri: Uri = url
+        .parse()
+        .map_err(|e| ApiError::Request(format!("invalid URL '{url}': {e}")))?;
+    let (host, port) = endpoint(&uri, url)?;
+    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let mut key = [0u8; 16];
+    rand::rng().fill_bytes(&mut key);
+    let key = base64::engine::general_purpose::STANDARD.encode(key);
+    let mut request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n"
+    );
+    for (name, value) in headers {
+        if name.contains(['\r', '\n', ':']) || value.contains(['\r', '\n']) {
+            return Err(ApiError::Request(format!("invalid header '{name}'")));
+        }
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+
+    let mut stream = tls::connect(&host, port, config).await?;
+    let proto = |e: std::io::Error| ApiError::Protocol(format!("websocket handshake failed - {e}"));
+    stream.write_all(request.as_bytes()).await.map_err(proto)?;
+    let mut buf = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 4096];
+    let head_len = loop {
+        if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break pos + 4;
+        }
+        if buf.len() > 64 * 1024 {
+            return Err(ApiError::Protocol(
+                "websocket handshake reply too large".into(),
+            ));
+        }
+        let n = stream.read(&mut chunk).await.map_err(proto)?;
+        if n == 0 {
+            return Err(ApiError::Protocol(
+                "connection closed during the websocket handshake".into(),
+            ));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let mut parsed_headers = [httparse::EMPTY_HEADER; 64];
+    let mut response = httparse::Response::new(&mut parsed_headers);
+    response
+        .parse(&buf[..head_len])
+        .map_err(|e| ApiError::Protocol(format!("bad websocket handshake reply: {e}")))?;
+    let status = response.code.unwrap_or(0);
+    let header = |name: &str| {
+        response
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| String::from_utf8_lossy(h.value).into_owned())
+    };
+    if status != 101 {
+        let reason = response.reason.unwrap_or("").to_string();
+        let want: usize = header("content-length")
+            .and_then(|l| l.trim().parse().ok())
+            .unwrap_or(0)
+            .min(64 * 1024);
+        let mut body = buf[head_len..].to_vec();
+        while body.len() < want {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => body.extend_from_slice(&chunk[..n]),
+            }
+        }
+        return Err(ApiError::from_reply(status, reason, &body));
+    }
+    let expected = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    if header("sec-websocket-accept").as_deref() != Some(expected.as_str()) {
+        return Err(ApiError::Protocol(
+            "websocket handshake failed - wrong Sec-WebSocket-Accept".into(),
+        ));
+    }
+    Ok(RawWs {
+        stream,
+        leftover: buf[head_len..].to_vec(),
+    })
+}
