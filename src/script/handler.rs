@@ -20,6 +20,8 @@ pub struct LuaCommandHandler {
     vm: ScriptVm,
     ctx: Arc<HostCtx>,
     state: RegistryKey,
+    /// `ctx:exit()`, made once per tunnel.
+    exit_fn: RegistryKey,
 }
 
 impl LuaCommandHandler {
@@ -28,12 +30,28 @@ impl LuaCommandHandler {
         let ctx = Arc::new(ctx);
         ctx.session().expected_lock = Some("create".into());
         vm.lua.set_app_data(Arc::clone(&ctx));
+        let lua_err = |e: mlua::Error| anyhow::anyhow!("creating tunnel state: {e}");
         let state = vm
             .lua
             .create_table()
             .and_then(|t| vm.lua.create_registry_value(t))
-            .map_err(|e| anyhow::anyhow!("creating tunnel state: {e}"))?;
-        Ok(LuaCommandHandler { vm, ctx, state })
+            .map_err(lua_err)?;
+        let exit_fn = vm
+            .lua
+            .create_function(|lua, _self: LuaValue| {
+                if let Some(c) = lua.app_data_ref::<Arc<HostCtx>>() {
+                    c.session().exit = true;
+                }
+                Ok(())
+            })
+            .and_then(|f| vm.lua.create_registry_value(f))
+            .map_err(lua_err)?;
+        Ok(LuaCommandHandler {
+            vm,
+            ctx,
+            state,
+            exit_fn,
+        })
     }
 
     pub fn host(&self) -> &Arc<HostCtx> {
@@ -122,15 +140,7 @@ impl LuaCommandHandler {
                 ctx.set("conf", lua.to_value(&config_to_json(conf))?)?;
             }
             ctx.set("state", lua.registry_value::<Table>(&self.state)?)?;
-            ctx.set(
-                "exit",
-                lua.create_function(|lua, _self: LuaValue| {
-                    if let Some(c) = lua.app_data_ref::<Arc<HostCtx>>() {
-                        c.session().exit = true;
-                    }
-                    Ok(())
-                })?,
-            )?;
+            ctx.set("exit", lua.registry_value::<mlua::Function>(&self.exit_fn)?)?;
             Ok((ctx, lua.to_value(params)?))
         };
         let (ctx, params) = build().map_err(|e| clean_error(&e))?;
