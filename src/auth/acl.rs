@@ -108,11 +108,6 @@ impl Acl {
     pub fn allows(&self, path: &str, privilege: &str) -> bool {
         self.privileges_on(path).contains(privilege)
     }
-
-    /// Whether the token holds `privilege` anywhere (PVE's "any" check for list calls).
-    pub fn allows_anywhere(&self, privilege: &str) -> bool {
-        self.entries.iter().any(|e| e.privs.contains(privilege))
-    }
 }
 
 fn normalize_acl_path(path: &str) -> String {

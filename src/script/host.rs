@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
-use mlua::{Function, Lua, LuaSerdeExt, Table, Value as LuaValue};
+use mlua::{Lua, LuaSerdeExt, Table, Value as LuaValue};
 use serde_json::{Map, Value, json};
 use tokio::io::{AsyncRead, ReadBuf};
 
@@ -914,20 +914,5 @@ pub async fn cleanup(c: &Arc<HostCtx>) {
             "cleanup: removing config of VM {} failed: {e}",
             c.vmid
         )),
-    }
-}
-
-/// Used by tests and the spec runner: a function value from a Lua table path.
-pub fn lookup(lua: &Lua, path: &str) -> mlua::Result<Function> {
-    let mut value = LuaValue::Table(lua.globals());
-    for part in path.split('.') {
-        value = match value {
-            LuaValue::Table(t) => t.get(part)?,
-            _ => return Err(fail(format!("no such function '{path}'"))),
-        };
-    }
-    match value {
-        LuaValue::Function(f) => Ok(f),
-        _ => Err(fail(format!("'{path}' is not a function"))),
     }
 }

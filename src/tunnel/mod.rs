@@ -21,16 +21,11 @@ pub struct Tunnel {
     pub vmid: u32,
     pub authid: String,
     pub control_socket: PathBuf,
-    upid: Mutex<Option<Upid>>,
     /// Sockets a `ticket` command may mint tickets for (migration, NBD, disk import).
     sockets: Mutex<BTreeSet<PathBuf>>,
 }
 
 impl Tunnel {
-    pub fn upid(&self) -> Option<Upid> {
-        self.upid.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
     /// Allows tickets (and WebSocket forwarding) for `path`.
     pub fn register_socket(&self, path: &Path) {
         self.sockets
@@ -89,14 +84,6 @@ impl Registry {
         {
             map.remove(&tunnel.vmid);
         }
-    }
-
-    pub fn len(&self) -> usize {
-        self.tunnels.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -184,7 +171,6 @@ async fn start_worker(node: &Arc<Node>, authid: &str, vmid: u32) -> Result<Opene
         vmid,
         authid: authid.to_string(),
         control_socket: socket.clone(),
-        upid: Mutex::new(Some(log.upid().clone())),
         sockets: Mutex::new(BTreeSet::new()),
     });
     node.tunnels.insert(Arc::clone(&tunnel));
