@@ -1,7 +1,7 @@
 //! Real migrations between two `mtunnel serve` nodes on loopback with real QEMU (TCG):
 //! online with two disks and RAM content, offline, and the faults of issue 4 (the tunnel
-//! cut during disk import, drive-mirror and RAM migration; refusing targets; bad `start`
-//! replies). After every fault: the source VM runs (if it ran) and is unlocked, and the
+//! cut during disk import, drive-mirror and RAM migration; the target's QEMU killed during
+//! drive-mirror; refusing targets; bad `start` replies). After every fault: the source VM runs (if it ran) and is unlocked, and the
 //! target holds no config, volume, socket or QEMU process of the VM.
 //!
 //! QEMU must be installed (`.ci/install-qemu.sh`, run by `scripts/test-all.sh`); a missing
@@ -514,6 +514,73 @@ async fn cut_during_ram_migration_leaves_nothing() {
     assert_source_running_unlocked(&src, 104, &conf_before).await;
     assert_target_clean(&dst, 104).await;
     mt_ok(&src, &["vm", "stop", "104"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_qemu_killed_during_drive_mirror_leaves_nothing() {
+    let src = node("src1");
+    let dst = node("dst1");
+    create_vm(&src, 108, 128, &["local:64M:qcow2"]).await;
+    qemu_io(
+        "qcow2",
+        "write -P 0x55 0 64M",
+        &image(&src, 108, "vm-108-disk-0.qcow2"),
+    );
+    start_with_ram(&src, 108, 1).await;
+    let conf_before = std::fs::read_to_string(src.vm_config(108)).unwrap();
+    let target = target_arg(&dst, dst.port);
+    let config = src.config.clone();
+    // The mirror runs at 4 MiB/s: 16 s for the disk, the kill lands early in it.
+    let run = tokio::spawn(async move {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_mtunnel"));
+        cmd.args([
+            "migrate",
+            "108",
+            "--target",
+            &target,
+            "--target-storage",
+            "local",
+            "--online",
+            "--bwlimit",
+            "4096",
+        ])
+        .arg("--config")
+        .arg(&config)
+        .env("MTUNNEL_LOG", "warn");
+        tokio::time::timeout(Duration::from_secs(120), cmd.output()).await
+    });
+    wait_for(&dst.run.join("108_nbd.migrate"), 60).await;
+    // Kill only once the mirror writes into the target volume.
+    let target_image = image(&dst, 108, "vm-108-disk-0.qcow2");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::metadata(&target_image).map_or(0, |m| m.len()) < 2 << 20 {
+        assert!(Instant::now() < deadline, "the mirror wrote nothing");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pid: i32 = std::fs::read_to_string(dst.run.join("108.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let out = run
+        .await
+        .unwrap()
+        .expect("migrate ended within 120 s")
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "migration must fail: {err}");
+    assert!(
+        err.contains("migration failed: VM 108: block job 'mirror-scsi0' failed"),
+        "{err}"
+    );
+    assert_source_running_unlocked(&src, 108, &conf_before).await;
+    assert_target_clean(&dst, 108).await;
+    mt_ok(&src, &["vm", "stop", "108"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

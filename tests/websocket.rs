@@ -414,6 +414,14 @@ async fn control_socket_takes_one_connection() {
             message.starts_with(&format!("unable to connect to socket '{}' - ", t.socket)),
             "{message}"
         );
+        // What the error displays (a tunnel client's log line) carries the message too.
+        assert!(
+            err.to_string().starts_with(&format!(
+                "500 unable to connect to socket '{}' - ",
+                t.socket
+            )),
+            "{err}"
+        );
         // The first connection is unaffected.
         assert_eq!(roundtrip(&mut ws, VERSION_CMD).await, version_reply());
     })

@@ -88,12 +88,21 @@ pub async fn connect_with(
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
             let status = response.status();
             let body = response.body().clone().unwrap_or_default();
-            // tungstenite keeps no reason phrase; the body's message says the same.
-            Err(ApiError::from_reply(
+            // tungstenite keeps no reason phrase; PVE puts the same text (its first line) in
+            // the body's message, so take it from there for what the error displays.
+            let mut err = ApiError::from_reply(
                 status.as_u16(),
                 status.canonical_reason().unwrap_or("").to_string(),
                 &body,
-            ))
+            );
+            if let ApiError::Http {
+                reason, message, ..
+            } = &mut err
+                && let Some(first) = message.lines().next().filter(|l| !l.trim().is_empty())
+            {
+                *reason = first.trim().to_string();
+            }
+            Err(err)
         }
         Err(e) => Err(ApiError::Protocol(format!(
             "websocket handshake failed - {e}"
