@@ -4,8 +4,10 @@
 //! and joined lines, text frames, frames over 128 KiB, pings), close → EOF for the worker,
 //! every refused ticket or socket, and a stalled client next to a working one.
 //!
-//! The forwarder's throughput and byte-exactness (>1 GiB, hashed on both ends) is tested
-//! in-process at the library level, since only the control socket is reachable over HTTP yet.
+//! The relay's byte-exactness over >1 GiB (hashed on both ends) is tested in-process at the
+//! library level, where both ends are under the test's control; the data sockets (imports,
+//! NBD, migration) are exercised over HTTP in `transcript.rs`, `tunnel_cli.rs` and
+//! `migration.rs`.
 
 mod common;
 

@@ -383,6 +383,26 @@ impl TestServer {
 impl Drop for TestServer {
     fn drop(&mut self) {
         self.kill();
+        // VMs outlive the server by design; a test's VMs must not outlive the test, even
+        // when it failed halfway.
+        if let Ok(entries) = std::fs::read_dir(&self.run) {
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let Some(vmid) = name.to_str().and_then(|n| n.strip_suffix(".pid")) else {
+                    continue;
+                };
+                if let Some(pid) = vmid
+                    .parse()
+                    .ok()
+                    .and_then(|vmid| mtunnel::qemu::is_running(&self.run, vmid))
+                {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
         if std::thread::panicking() {
             eprintln!("---- mtunnel serve log ----\n{}", self.log());
         }
