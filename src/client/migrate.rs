@@ -426,7 +426,9 @@ async fn live_phase(
             jobs.push((job, v));
         }
         for (job, v) in &jobs {
-            wait_mirror(&vm, job, &v.key, progress).await?;
+            wait_mirror(&vm, job, &v.key, progress).await.with_context(|| {
+                format!("mirroring {} to the target failed (target VM or tunnel gone?)", v.key)
+            })?;
             vm.mirror_write_blocking(job).await?;
             summary.disk_bytes += v.size;
         }
