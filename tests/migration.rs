@@ -575,7 +575,9 @@ async fn target_qemu_killed_during_drive_mirror_leaves_nothing() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "migration must fail: {err}");
     assert!(
-        err.contains("migration failed: VM 108: block job 'mirror-scsi0' failed"),
+        err.contains(
+            "migration failed: mirroring scsi0 to the target failed (target VM or tunnel gone?): VM 108: block job 'mirror-scsi0' failed"
+        ),
         "{err}"
     );
     assert_source_running_unlocked(&src, 108, &conf_before).await;
