@@ -38,13 +38,36 @@ fn node(name: &str) -> TestServer {
 }
 
 async fn mt(node: &TestServer, args: &[&str]) -> Output {
+    // Output goes to files, so a command that hangs still shows what it did.
+    let dir = node.data.parent().unwrap();
+    static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let seq = SEQ.fetch_add(1, Ordering::SeqCst);
+    let out_path = dir.join(format!("cmd{seq}.out"));
+    let err_path = dir.join(format!("cmd{seq}.err"));
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_mtunnel"));
     cmd.args(args).arg("--config").arg(&node.config);
-    cmd.env("MTUNNEL_LOG", "warn");
-    tokio::time::timeout(Duration::from_secs(120), cmd.output())
-        .await
-        .expect("mtunnel command finished within 120 s")
-        .expect("running mtunnel")
+    cmd.env("MTUNNEL_LOG", "info");
+    cmd.stdout(std::fs::File::create(&out_path).unwrap());
+    cmd.stderr(std::fs::File::create(&err_path).unwrap());
+    cmd.kill_on_drop(true);
+    let mut child = cmd.spawn().expect("running mtunnel");
+    let status = match tokio::time::timeout(Duration::from_secs(120), child.wait()).await {
+        Ok(status) => status.expect("waiting for mtunnel"),
+        Err(_) => {
+            let _ = child.kill().await;
+            panic!(
+                "mtunnel {args:?} did not finish within 120 s\nstdout:\n{}\nstderr:\n{}\nserver log:\n{}",
+                std::fs::read_to_string(&out_path).unwrap_or_default(),
+                std::fs::read_to_string(&err_path).unwrap_or_default(),
+                node.log()
+            );
+        }
+    };
+    Output {
+        status,
+        stdout: std::fs::read(&out_path).unwrap_or_default(),
+        stderr: std::fs::read(&err_path).unwrap_or_default(),
+    }
 }
 
 async fn mt_ok(node: &TestServer, args: &[&str]) -> String {

@@ -97,6 +97,9 @@ impl QemuHypervisor {
         let incoming = super::start_incoming(&spec, &keys, &StartOptions::default())
             .await
             .with_context(|| format!("starting VM {vmid} for the incoming migration"))?;
+        // QMP allows one client: do not hold it between commands, so `mtunnel vm status`
+        // and other tools can reach the VM while the tunnel runs.
+        incoming.vm.release_qmp().await;
         let vm = Arc::new(incoming.vm);
         self.started
             .lock()
@@ -168,9 +171,12 @@ impl Hypervisor for QemuHypervisor {
     fn nbd_stop(&self, vmid: u32) -> BoxFuture<'_, anyhow::Result<()>> {
         Box::pin(async move {
             let vm = self.handle(vmid)?;
-            vm.nbd_server_stop()
+            let result = vm
+                .nbd_server_stop()
                 .await
-                .with_context(|| format!("stopping the NBD server of VM {vmid}"))
+                .with_context(|| format!("stopping the NBD server of VM {vmid}"));
+            vm.release_qmp().await;
+            result
         })
     }
 
