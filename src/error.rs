@@ -13,6 +13,9 @@ pub enum Error {
     BadRequest(String),
     #[error("{0}")]
     Unauthorized(String),
+    /// The request body exceeds the limit: HTTP 413.
+    #[error("{0}")]
+    TooLarge(String),
     /// Missing privilege: HTTP 403.
     #[error("{0}")]
     Forbidden(String),

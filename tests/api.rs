@@ -918,7 +918,7 @@ async fn oversized_body_and_headers_are_rejected() {
             .unwrap();
         assert_eq!(
             (r.status, r.reason.as_str()),
-            (400, "request entity too large (limit 65536 bytes)")
+            (413, "request entity too large (limit 65536 bytes)")
         );
         assert!(!server.vm_config(100).exists());
         still_serving(&mut server).await;

@@ -77,6 +77,7 @@ fn status_of(error: &Error) -> StatusCode {
     match error {
         Error::Param(_) | Error::BadRequest(_) => StatusCode::BAD_REQUEST,
         Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+        Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         Error::Forbidden(_) => StatusCode::FORBIDDEN,
         Error::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
         Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,

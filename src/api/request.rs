@@ -59,7 +59,7 @@ impl FromRequest<Arc<AppState>> for ApiReq {
 
         let limit = state.node.cfg.max_body_bytes;
         let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
-            fail(Error::BadRequest(format!(
+            fail(Error::TooLarge(format!(
                 "request entity too large (limit {limit} bytes)"
             )))
         })?;
