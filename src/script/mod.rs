@@ -208,7 +208,8 @@ impl ScriptVm {
 pub fn new_sandbox(limits: Limits) -> anyhow::Result<Lua> {
     let lua = Lua::new_with(
         StdLib::TABLE | StdLib::STRING | StdLib::MATH | StdLib::UTF8,
-        LuaOptions::default(),
+        // Reuse the coroutine of an async handler call instead of making one per command.
+        LuaOptions::new().thread_pool_size(2),
     )
     .map_err(|e| anyhow::anyhow!("creating Lua state: {e}"))?;
     lua.set_memory_limit(limits.memory_bytes)
