@@ -301,8 +301,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let tls = mtunnel::api::tls::TlsIdentity::load_or_create(&node.cfg.data_dir, &node.cfg.node)?;
     let server = mtunnel::api::serve(node.clone(), tls).await?;
     println!("mtunnel serving node '{}'", node.cfg.node);
-    println!("URL: https://{}/api2/json", server.addr);
-    println!("fingerprint: {}", server.fingerprint);
+    println!("URL: {}", server.url());
+    if server.tls {
+        println!("fingerprint: {}", server.fingerprint);
+    } else {
+        println!(
+            "TLS is off (tls = false): plain HTTP, tokens travel in clear; only behind a TLS-terminating proxy or on loopback"
+        );
+    }
     println!("data dir: {}", node.cfg.data_dir.display());
     if let Some((header, path)) = initial {
         println!(
