@@ -1,0 +1,344 @@
+//! A real live migration with QEMU (TCG): a diskless VM whose RAM holds `data_mib` of
+//! incompressible bytes (`-device loader`), moved
+//! - through the tunnel: `mtunnel migrate --online` from a source node to a `mtunnel serve`
+//!   target node (TLS, real backend), everything as separate processes, and
+//! - directly: the same source VM shape, QMP `migrate` straight to a target QEMU's
+//!   `-incoming unix:` socket (no tunnel at all),
+//!
+//! alternating, `repeat` times each. The figure compared is QEMU's own `total-time` of the
+//! RAM migration and its `downtime`, both read on the source; for the tunnel the wall time
+//! of the whole `mtunnel migrate` command is kept too.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+use serde_json::Value;
+
+use super::median;
+use super::nodes::{NodeSpec, ServeNode, write_node_config};
+use super::procs::{QemuSweeper, mtunnel_exe};
+use crate::guest::config::VmConfig;
+use crate::qemu::{
+    Accel, MigrationParams, MigrationWait, StartOptions, StopTimeouts, VmHandle, VmSpec,
+};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrationRun {
+    /// `direct` or `tunnel`.
+    pub mode: String,
+    pub ram_ms: f64,
+    pub downtime_ms: f64,
+    /// Tunnel: the whole `mtunnel migrate` command; direct: `migrate` to `completed`.
+    pub wall_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Migration {
+    pub ram_mib: u64,
+    pub data_mib: u64,
+    pub repeat: u32,
+    pub qemu: String,
+    pub runs: Vec<MigrationRun>,
+    pub direct_ram_ms: f64,
+    pub tunnel_ram_ms: f64,
+    pub direct_downtime_ms: f64,
+    pub tunnel_downtime_ms: f64,
+    pub tunnel_wall_s: f64,
+    /// tunnel / direct, RAM phase.
+    pub ratio: f64,
+}
+
+/// The QEMU version line, or why QEMU cannot be used.
+pub fn qemu_version() -> Result<String, String> {
+    let out = std::process::Command::new(crate::qemu::process::QEMU_BINARY)
+        .arg("--version")
+        .output()
+        .map_err(|e| format!("{} not runnable: {e}", crate::qemu::process::QEMU_BINARY))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let first = text.lines().next().unwrap_or("").trim().to_string();
+    Ok(first
+        .strip_prefix("QEMU emulator version ")
+        .unwrap_or(&first)
+        .to_string())
+}
+
+fn blob(path: &Path, size: usize) -> anyhow::Result<()> {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut data = Vec::with_capacity(size + 8);
+    while data.len() < size {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        data.extend_from_slice(&x.to_le_bytes());
+    }
+    data.truncate(size);
+    std::fs::write(path, &data).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Runs `mtunnel ARGS --config CONFIG`, bounded; returns stdout or fails with its output.
+async fn mt(config: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let mut cmd = tokio::process::Command::new(mtunnel_exe()?);
+    cmd.args(args)
+        .arg("--config")
+        .arg(config)
+        .env("MTUNNEL_LOG", "warn")
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(300), cmd.output())
+        .await
+        .with_context(|| format!("mtunnel {args:?} took over 300 s"))??;
+    if !out.status.success() {
+        bail!(
+            "mtunnel {args:?} failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The number before `unit` after `key` in `text` ("downtime 35 ms" → 35).
+fn number_after(text: &str, key: &str) -> Option<f64> {
+    let at = text.find(key)? + key.len();
+    let rest = text[at..].trim_start();
+    let end = rest
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+struct Setup {
+    src_config: PathBuf,
+    src_run: PathBuf,
+    direct_run: PathBuf,
+    target: ServeNode,
+    loader: String,
+    ram_mib: u64,
+}
+
+async fn start_source(s: &Setup, vmid: u32) -> anyhow::Result<()> {
+    let id = vmid.to_string();
+    let mem = s.ram_mib.to_string();
+    mt(&s.src_config, &["vm", "create", &id, "--memory", &mem]).await?;
+    mt(
+        &s.src_config,
+        &[
+            "vm",
+            "start",
+            &id,
+            "--qemu-arg=-device",
+            &format!("--qemu-arg={}", s.loader),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn tunnel_run(s: &Setup, vmid: u32, target_vmid: u32) -> anyhow::Result<MigrationRun> {
+    start_source(s, vmid).await?;
+    let target = format!(
+        "host=127.0.0.1,port={},apitoken={},fingerprint={}",
+        s.target.port,
+        s.target.token,
+        s.target.fingerprint.as_deref().unwrap_or_default()
+    );
+    let t0 = Instant::now();
+    let out = mt(
+        &s.src_config,
+        &[
+            "migrate",
+            &vmid.to_string(),
+            "--target",
+            &target,
+            "--target-storage",
+            "local",
+            "--online",
+            "--target-vmid",
+            &target_vmid.to_string(),
+        ],
+    )
+    .await?;
+    let wall_s = t0.elapsed().as_secs_f64();
+    let ram_ms = number_after(&out, "RAM phase ")
+        .with_context(|| format!("no 'RAM phase' in the migrate output: {out}"))?;
+    let downtime_ms = number_after(&out, "downtime ").unwrap_or(f64::NAN);
+    // The target VM runs under the serve node; the source QEMU has quit.
+    let _ = mt(&s.target.config, &["vm", "stop", &target_vmid.to_string()]).await;
+    let _ = mt(&s.src_config, &["vm", "stop", &vmid.to_string()]).await;
+    Ok(MigrationRun {
+        mode: "tunnel".into(),
+        ram_ms,
+        downtime_ms,
+        wall_s,
+    })
+}
+
+async fn direct_run(s: &Setup, vmid: u32) -> anyhow::Result<MigrationRun> {
+    start_source(s, vmid).await?;
+    let src = VmHandle::attach(&s.src_run, vmid).context("attaching to the source VM")?;
+    let text = std::fs::read_to_string(
+        s.src_config
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(format!("d/qemu-server/{vmid}.conf")),
+    )
+    .context("reading the source VM config")?;
+    let conf = VmConfig::parse(&text)?;
+    let mut spec = VmSpec::new(vmid, &s.direct_run);
+    spec.options = conf.options.clone();
+    spec.accel = Accel::Tcg;
+    spec.force_machine = Some(src.running_machine().await?);
+    let socket = s.direct_run.join(format!("{vmid}.migrate"));
+    spec.incoming = Some(format!("unix:{}", socket.display()));
+    let target = VmHandle::start(&spec, &StartOptions::default()).await?;
+    let result = async {
+        target
+            .set_migration_capabilities(&[("events", true)])
+            .await?;
+        // As `mtunnel migrate` does.
+        src.migrate_set_parameters(&MigrationParams {
+            max_bandwidth: Some(16 << 30),
+            downtime_limit: Some(100),
+            ..MigrationParams::default()
+        })
+        .await?;
+        let t0 = Instant::now();
+        src.migrate(&format!("unix:{}", socket.display())).await?;
+        let done = src
+            .wait_migration(
+                MigrationWait {
+                    poll: Duration::from_millis(20),
+                    stall: Duration::from_secs(60),
+                    timeout: Duration::from_secs(600),
+                },
+                |_| {},
+            )
+            .await?;
+        let wall_s = t0.elapsed().as_secs_f64();
+        let q = src
+            .execute("query-migrate", Value::Null, Duration::from_secs(10))
+            .await?;
+        Ok::<_, anyhow::Error>(MigrationRun {
+            mode: "direct".into(),
+            ram_ms: done.total_time_ms as f64,
+            downtime_ms: q["downtime"].as_f64().unwrap_or(f64::NAN),
+            wall_s,
+        })
+    }
+    .await;
+    let quick = StopTimeouts {
+        quit: Duration::from_secs(5),
+        term: Duration::from_secs(3),
+        kill: Duration::from_secs(3),
+    };
+    let _ = target.stop(quick).await;
+    let _ = src.stop(quick).await;
+    result
+}
+
+/// Runs the section, or returns why it cannot run.
+pub async fn run(
+    base: &Path,
+    ram_mib: u64,
+    data_mib: u64,
+    repeat: u32,
+    log: &dyn Fn(&str),
+) -> anyhow::Result<Migration> {
+    let qemu = qemu_version().map_err(anyhow::Error::msg)?;
+    if data_mib + 16 > ram_mib {
+        bail!("--ram-data-mib {data_mib} does not fit into --ram-mib {ram_mib} above 16 MiB");
+    }
+    let dir = base.join("mig");
+    std::fs::create_dir_all(&dir)?;
+    let blob_path = dir.join("ram.blob");
+    blob(&blob_path, (data_mib as usize) << 20)?;
+    let tcg = "qemu_accel = \"tcg\"\n".to_string();
+    let src_dir = dir.join("src");
+    let src_config = write_node_config(
+        &src_dir,
+        &NodeSpec {
+            tls: true,
+            script: None,
+            extra_toml: tcg.clone(),
+        },
+    )?;
+    let target = ServeNode::start(
+        &dir.join("dst"),
+        &NodeSpec {
+            tls: true,
+            script: None,
+            extra_toml: tcg,
+        },
+    )
+    .await?;
+    let direct_run_dir = dir.join("direct");
+    std::fs::create_dir_all(&direct_run_dir)?;
+    let mut sweeper = QemuSweeper::default();
+    sweeper.watch(&src_dir.join("r"));
+    sweeper.watch(&target.run);
+    sweeper.watch(&direct_run_dir);
+    let s = Setup {
+        src_config,
+        src_run: src_dir.join("r"),
+        direct_run: direct_run_dir,
+        loader: format!(
+            "loader,file={},addr=16777216,force-raw=on",
+            blob_path.display()
+        ),
+        target,
+        ram_mib,
+    };
+    let mut runs = Vec::new();
+    for k in 0..repeat {
+        let d = direct_run(&s, 150 + k).await?;
+        log(&format!(
+            "  round {}/{repeat} direct  RAM {:.0} ms, downtime {:.0} ms",
+            k + 1,
+            d.ram_ms,
+            d.downtime_ms
+        ));
+        runs.push(d);
+        let t = tunnel_run(&s, 100 + k, 200 + k).await?;
+        log(&format!(
+            "  round {}/{repeat} tunnel  RAM {:.0} ms, downtime {:.0} ms, mtunnel migrate {:.1} s",
+            k + 1,
+            t.ram_ms,
+            t.downtime_ms,
+            t.wall_s
+        ));
+        runs.push(t);
+    }
+    sweeper.sweep();
+    let of = |mode: &str, f: fn(&MigrationRun) -> f64| {
+        median(runs.iter().filter(|r| r.mode == mode).map(f))
+    };
+    let direct_ram_ms = of("direct", |r| r.ram_ms);
+    let tunnel_ram_ms = of("tunnel", |r| r.ram_ms);
+    Ok(Migration {
+        ram_mib,
+        data_mib,
+        repeat,
+        qemu,
+        direct_downtime_ms: of("direct", |r| r.downtime_ms),
+        tunnel_downtime_ms: of("tunnel", |r| r.downtime_ms),
+        tunnel_wall_s: of("tunnel", |r| r.wall_s),
+        ratio: tunnel_ram_ms / direct_ram_ms.max(1e-9),
+        direct_ram_ms,
+        tunnel_ram_ms,
+        runs,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn numbers_in_the_migrate_summary() {
+        let out = "migration of VM 100 to 127.0.0.1:1 (node 'b', VM 200) finished in 3.1 s: 0 B of disks, 449 MiB of RAM, downtime 35 ms, RAM phase 2512 ms";
+        assert_eq!(super::number_after(out, "downtime "), Some(35.0));
+        assert_eq!(super::number_after(out, "RAM phase "), Some(2512.0));
+        assert_eq!(super::number_after(out, "nothing "), None);
+    }
+}
