@@ -5,6 +5,9 @@
 //! - directly: the same source VM shape, QMP `migrate` straight to a target QEMU's
 //!   `-incoming unix:` socket (no tunnel at all),
 //!
+//! - through two copy-relay processes (UNIX → TCP → UNIX, the throughput baseline) between
+//!   the QEMUs of the direct case: what any relay costs on this machine,
+//!
 //! alternating, `repeat` times each. The figure compared is QEMU's own `total-time` of the
 //! RAM migration and its `downtime`, both read on the source; for the tunnel the wall time
 //! of the whole `mtunnel migrate` command is kept too.
@@ -18,7 +21,7 @@ use serde_json::Value;
 
 use super::median;
 use super::nodes::{NodeSpec, ServeNode, write_node_config};
-use super::procs::{QemuSweeper, mtunnel_exe};
+use super::procs::{QemuSweeper, cpu_seconds, mtunnel_exe};
 use crate::guest::config::VmConfig;
 use crate::qemu::{
     Accel, MigrationParams, MigrationWait, StartOptions, StopTimeouts, VmHandle, VmSpec,
@@ -26,12 +29,16 @@ use crate::qemu::{
 
 #[derive(Debug, Clone, Serialize)]
 pub struct MigrationRun {
-    /// `direct` or `tunnel`.
+    /// `direct`, `relay` or `tunnel`.
     pub mode: String,
     pub ram_ms: f64,
     pub downtime_ms: f64,
     /// Tunnel: the whole `mtunnel migrate` command; direct: `migrate` to `completed`.
     pub wall_s: f64,
+    /// How long the fresh source VM took to become idle before the migration started.
+    pub settle_s: f64,
+    /// QEMU's `ram.transferred` (direct and relay; the tunnel's source QEMU has quit).
+    pub ram_transferred: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -42,12 +49,28 @@ pub struct Migration {
     pub qemu: String,
     pub runs: Vec<MigrationRun>,
     pub direct_ram_ms: f64,
+    /// Through two copy relays (UNIX → TCP → UNIX).
+    pub relay_ram_ms: f64,
+    pub relay_downtime_ms: f64,
     pub tunnel_ram_ms: f64,
     pub direct_downtime_ms: f64,
     pub tunnel_downtime_ms: f64,
     pub tunnel_wall_s: f64,
     /// tunnel / direct, RAM phase.
     pub ratio: f64,
+}
+
+impl Migration {
+    /// Smallest and largest RAM phase of a mode, in ms.
+    pub fn range(&self, mode: &str) -> (f64, f64) {
+        let v = self
+            .runs
+            .iter()
+            .filter(|r| r.mode == mode)
+            .map(|r| r.ram_ms);
+        let min = v.clone().fold(f64::INFINITY, f64::min);
+        (min, v.fold(f64::NEG_INFINITY, f64::max))
+    }
 }
 
 /// The QEMU version line, or why QEMU cannot be used.
@@ -119,7 +142,30 @@ struct Setup {
     ram_mib: u64,
 }
 
-async fn start_source(s: &Setup, vmid: u32) -> anyhow::Result<()> {
+/// Waits until the freshly started source VM is idle: its firmware runs for a while under
+/// TCG, and a VCPU busy on one of two cores would make the migration time vary with when
+/// the migration happens to start. Returns the seconds waited.
+async fn settle(run_dir: &Path, vmid: u32) -> anyhow::Result<f64> {
+    let pid = crate::qemu::is_running(run_dir, vmid).context("the source VM is not running")?;
+    let t0 = Instant::now();
+    let window = Duration::from_millis(250);
+    let mut quiet = 0;
+    let mut last = cpu_seconds(pid as u32)?;
+    while quiet < 2 && t0.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(window).await;
+        let now = cpu_seconds(pid as u32)?;
+        // Under 10 % of a core.
+        if now - last < 0.1 * window.as_secs_f64() {
+            quiet += 1;
+        } else {
+            quiet = 0;
+        }
+        last = now;
+    }
+    Ok(t0.elapsed().as_secs_f64())
+}
+
+async fn start_source(s: &Setup, vmid: u32) -> anyhow::Result<f64> {
     let id = vmid.to_string();
     let mem = s.ram_mib.to_string();
     mt(&s.src_config, &["vm", "create", &id, "--memory", &mem]).await?;
@@ -134,11 +180,11 @@ async fn start_source(s: &Setup, vmid: u32) -> anyhow::Result<()> {
         ],
     )
     .await?;
-    Ok(())
+    settle(&s.src_run, vmid).await
 }
 
 async fn tunnel_run(s: &Setup, vmid: u32, target_vmid: u32) -> anyhow::Result<MigrationRun> {
-    start_source(s, vmid).await?;
+    let settle_s = start_source(s, vmid).await?;
     let target = format!(
         "host=127.0.0.1,port={},apitoken={},fingerprint={}",
         s.target.port,
@@ -173,11 +219,15 @@ async fn tunnel_run(s: &Setup, vmid: u32, target_vmid: u32) -> anyhow::Result<Mi
         ram_ms,
         downtime_ms,
         wall_s,
+        settle_s,
+        ram_transferred: None,
     })
 }
 
-async fn direct_run(s: &Setup, vmid: u32) -> anyhow::Result<MigrationRun> {
-    start_source(s, vmid).await?;
+/// The direct migration, or with `relay` through two copy-relay processes (UNIX → TCP →
+/// UNIX, the baseline of the throughput section) between the two QEMUs.
+async fn direct_run(s: &Setup, vmid: u32, relay: bool) -> anyhow::Result<MigrationRun> {
+    let settle_s = start_source(s, vmid).await?;
     let src = VmHandle::attach(&s.src_run, vmid).context("attaching to the source VM")?;
     let text = std::fs::read_to_string(
         s.src_config
@@ -194,6 +244,29 @@ async fn direct_run(s: &Setup, vmid: u32) -> anyhow::Result<MigrationRun> {
     let socket = s.direct_run.join(format!("{vmid}.migrate"));
     spec.incoming = Some(format!("unix:{}", socket.display()));
     let target = VmHandle::start(&spec, &StartOptions::default()).await?;
+    let mut relays = Vec::new();
+    let mut uri = format!("unix:{}", socket.display());
+    if relay {
+        let dir = s.direct_run.join(format!("relay{vmid}"));
+        std::fs::create_dir_all(&dir)?;
+        let (b, b_addr) = super::throughput::relay(
+            &dir,
+            "relay2",
+            "tcp:127.0.0.1:0",
+            &format!("unix:{}", socket.display()),
+        )
+        .await?;
+        let entry = dir.join("in.sock");
+        let (a, _) = super::throughput::relay(
+            &dir,
+            "relay1",
+            &format!("unix:{}", entry.display()),
+            &b_addr,
+        )
+        .await?;
+        relays = vec![a, b];
+        uri = format!("unix:{}", entry.display());
+    }
     let result = async {
         target
             .set_migration_capabilities(&[("events", true)])
@@ -206,7 +279,7 @@ async fn direct_run(s: &Setup, vmid: u32) -> anyhow::Result<MigrationRun> {
         })
         .await?;
         let t0 = Instant::now();
-        src.migrate(&format!("unix:{}", socket.display())).await?;
+        src.migrate(&uri).await?;
         let done = src
             .wait_migration(
                 MigrationWait {
@@ -222,10 +295,12 @@ async fn direct_run(s: &Setup, vmid: u32) -> anyhow::Result<MigrationRun> {
             .execute("query-migrate", Value::Null, Duration::from_secs(10))
             .await?;
         Ok::<_, anyhow::Error>(MigrationRun {
-            mode: "direct".into(),
+            mode: if relay { "relay" } else { "direct" }.into(),
             ram_ms: done.total_time_ms as f64,
             downtime_ms: q["downtime"].as_f64().unwrap_or(f64::NAN),
             wall_s,
+            settle_s,
+            ram_transferred: Some(done.transferred),
         })
     }
     .await;
@@ -236,6 +311,7 @@ async fn direct_run(s: &Setup, vmid: u32) -> anyhow::Result<MigrationRun> {
     };
     let _ = target.stop(quick).await;
     let _ = src.stop(quick).await;
+    drop(relays);
     result
 }
 
@@ -293,14 +369,17 @@ pub async fn run(
     };
     let mut runs = Vec::new();
     for k in 0..repeat {
-        let d = direct_run(&s, 150 + k).await?;
-        log(&format!(
-            "  round {}/{repeat} direct  RAM {:.0} ms, downtime {:.0} ms",
-            k + 1,
-            d.ram_ms,
-            d.downtime_ms
-        ));
-        runs.push(d);
+        for (relay, vmid) in [(false, 150 + k), (true, 170 + k)] {
+            let d = direct_run(&s, vmid, relay).await?;
+            log(&format!(
+                "  round {}/{repeat} {:<7} RAM {:.0} ms, downtime {:.0} ms",
+                k + 1,
+                d.mode,
+                d.ram_ms,
+                d.downtime_ms
+            ));
+            runs.push(d);
+        }
         let t = tunnel_run(&s, 100 + k, 200 + k).await?;
         log(&format!(
             "  round {}/{repeat} tunnel  RAM {:.0} ms, downtime {:.0} ms, mtunnel migrate {:.1} s",
@@ -316,6 +395,7 @@ pub async fn run(
         median(runs.iter().filter(|r| r.mode == mode).map(f))
     };
     let direct_ram_ms = of("direct", |r| r.ram_ms);
+    let relay_ram_ms = of("relay", |r| r.ram_ms);
     let tunnel_ram_ms = of("tunnel", |r| r.ram_ms);
     Ok(Migration {
         ram_mib,
@@ -323,6 +403,8 @@ pub async fn run(
         repeat,
         qemu,
         direct_downtime_ms: of("direct", |r| r.downtime_ms),
+        relay_downtime_ms: of("relay", |r| r.downtime_ms),
+        relay_ram_ms,
         tunnel_downtime_ms: of("tunnel", |r| r.downtime_ms),
         tunnel_wall_s: of("tunnel", |r| r.wall_s),
         ratio: tunnel_ram_ms / direct_ram_ms.max(1e-9),

@@ -322,26 +322,48 @@ pub fn table(
             m.data_mib,
             m.repeat
         );
+        let rate = |ms: f64| (m.data_mib << 20) as f64 / (ms / 1e3) / 1e6;
+        let range = |mode: &str| {
+            let (a, b) = m.range(mode);
+            format!("{}-{}", num(a, 0), num(b, 0))
+        };
         let _ = writeln!(
             o,
-            "{:<44} {:>12} {:>12} {:>10}",
-            "", "RAM phase ms", "downtime ms", "wall s"
+            "{:<44} {:>12} {:>11} {:>8} {:>12} {:>8} {:>11}",
+            "", "RAM phase ms", "data MB/s", "x direct", "downtime ms", "wall s", "range ms"
         );
         let _ = writeln!(
             o,
-            "{:<44} {:>12} {:>12} {:>10}",
+            "{:<44} {:>12} {:>11} {:>8} {:>12} {:>8} {:>11}",
             "direct: QMP migrate to -incoming unix:",
             num(m.direct_ram_ms, 0),
+            num(rate(m.direct_ram_ms), 0),
+            "1.00x",
             num(m.direct_downtime_ms, 0),
-            "-"
+            "-",
+            range("direct")
         );
         let _ = writeln!(
             o,
-            "{:<44} {:>12} {:>12} {:>10}",
+            "{:<44} {:>12} {:>11} {:>7}x {:>12} {:>8} {:>11}",
+            "relay: via copy relay x2 (UNIX->TCP->UNIX)",
+            num(m.relay_ram_ms, 0),
+            num(rate(m.relay_ram_ms), 0),
+            num(m.relay_ram_ms / m.direct_ram_ms, 2),
+            num(m.relay_downtime_ms, 0),
+            "-",
+            range("relay")
+        );
+        let _ = writeln!(
+            o,
+            "{:<44} {:>12} {:>11} {:>7}x {:>12} {:>8} {:>11}",
             "tunnel: mtunnel migrate --online (TLS)",
             num(m.tunnel_ram_ms, 0),
+            num(rate(m.tunnel_ram_ms), 0),
+            num(m.ratio, 2),
             num(m.tunnel_downtime_ms, 0),
-            num(m.tunnel_wall_s, 1)
+            num(m.tunnel_wall_s, 1),
+            range("tunnel")
         );
     }
     let _ = writeln!(o, "\nTargets (issue 5)");

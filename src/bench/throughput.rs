@@ -217,7 +217,8 @@ fn transfer(p: &Path_, size: u64) -> anyhow::Result<Run> {
     })
 }
 
-async fn relay(
+/// Starts one `mtunnel bench-relay` process; returns it and the address it listens on.
+pub(super) async fn relay(
     base: &Path,
     name: &str,
     listen: &str,
