@@ -82,7 +82,7 @@ struct BenchArgs {
     /// MiB of data loaded into that RAM [default: 448].
     #[arg(long)]
     ram_data_mib: Option<u64>,
-    /// Migrations per mode (direct, relay, tunnel) [default: 5].
+    /// Migrations per mode (direct, relay, tunnel) [default: 7].
     #[arg(long)]
     migrations: Option<u32>,
     /// Skip the QEMU live migration.

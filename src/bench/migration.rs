@@ -39,6 +39,8 @@ pub struct MigrationRun {
     pub settle_s: f64,
     /// QEMU's `ram.transferred` (direct and relay; the tunnel's source QEMU has quit).
     pub ram_transferred: Option<u64>,
+    /// QEMU's final `query-migrate` (direct and relay).
+    pub query_migrate: Option<Value>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -221,6 +223,7 @@ async fn tunnel_run(s: &Setup, vmid: u32, target_vmid: u32) -> anyhow::Result<Mi
         wall_s,
         settle_s,
         ram_transferred: None,
+        query_migrate: None,
     })
 }
 
@@ -301,6 +304,7 @@ async fn direct_run(s: &Setup, vmid: u32, relay: bool) -> anyhow::Result<Migrati
             wall_s,
             settle_s,
             ram_transferred: Some(done.transferred),
+            query_migrate: Some(q),
         })
     }
     .await;

@@ -70,7 +70,7 @@ pub struct Options {
 
 impl Options {
     /// The full run: ~1 GiB per path three times, 10 000 commands, 100 tunnels, a 512 MiB
-    /// VM with 448 MiB of data migrated five times each way (migration times scatter most).
+    /// VM with 448 MiB of data migrated seven times each way (migration times scatter most).
     pub fn full() -> Self {
         Options {
             size: GIB,
@@ -79,7 +79,7 @@ impl Options {
             tunnels: 100,
             ram_mib: 512,
             ram_data_mib: 448,
-            migrations: 5,
+            migrations: 7,
             no_qemu: false,
             only: Vec::new(),
             json: PathBuf::from("bench-results.json"),
