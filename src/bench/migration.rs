@@ -62,7 +62,22 @@ pub struct Migration {
     pub ratio: f64,
 }
 
+/// A run whose downtime stayed under this did its whole RAM pass while the VM ran (full
+/// precopy); above it, QEMU switched over early and sent the rest with the VM stopped.
+pub const EARLY_SWITCHOVER_MS: f64 = 20.0;
+
 impl Migration {
+    /// Median RAM phase (ms) and count of the runs of `mode` that did a full precopy.
+    pub fn precopy(&self, mode: &str) -> (f64, usize) {
+        let v: Vec<f64> = self
+            .runs
+            .iter()
+            .filter(|r| r.mode == mode && r.downtime_ms < EARLY_SWITCHOVER_MS)
+            .map(|r| r.ram_ms)
+            .collect();
+        (median(v.iter().copied()), v.len())
+    }
+
     /// Smallest and largest RAM phase of a mode, in ms.
     pub fn range(&self, mode: &str) -> (f64, f64) {
         let v = self
