@@ -24,6 +24,9 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     pub run_dir: PathBuf,
     pub listen: SocketAddr,
+    /// Serve HTTPS (the default). `false` serves plain HTTP: for benchmarks and for nodes
+    /// behind a TLS-terminating proxy; tokens and tickets then cross the wire in clear.
+    pub tls: bool,
     /// Delay before a 401 reply (pveproxy waits 3 s to slow down guessing).
     pub auth_failure_delay: Duration,
     /// How long a new tunnel worker waits for its one control connection.
@@ -47,6 +50,8 @@ pub struct ConfigFile {
     pub data_dir: Option<PathBuf>,
     pub run_dir: Option<PathBuf>,
     pub listen: Option<SocketAddr>,
+    /// `false`: plain HTTP instead of HTTPS.
+    pub tls: Option<bool>,
     pub auth_failure_delay_ms: Option<u64>,
     pub tunnel_accept_timeout_secs: Option<u64>,
     pub bridges: Option<Vec<String>>,
@@ -145,6 +150,7 @@ impl NodeConfig {
             data_dir,
             run_dir,
             listen,
+            tls: file.tls.unwrap_or(true),
             auth_failure_delay: Duration::from_millis(file.auth_failure_delay_ms.unwrap_or(3000)),
             tunnel_accept_timeout: Duration::from_secs(
                 file.tunnel_accept_timeout_secs.unwrap_or(300),

@@ -13,9 +13,12 @@
 //! - [`qemu`]: QEMU processes, QMP, NBD exports.
 //! - [`client`]: the source side: API client, tunnel client, migration.
 //! - [`config`]: node settings (paths, listen address, storages) with embedded defaults.
+//! - [`bench`]: `mtunnel bench`, the benchmark suite (data path, command latency, idle
+//!   tunnels, live migration) against baselines.
 
 pub mod api;
 pub mod auth;
+pub mod bench;
 pub mod client;
 pub mod config;
 pub mod error;

@@ -41,6 +41,62 @@ enum Command {
     /// Check or test tunnel handler files.
     #[command(subcommand)]
     Handlers(HandlersCommand),
+    /// Measure the tunnel against baselines on this machine: bulk throughput and CPU per GiB
+    /// (plain and TLS vs. a copy relay), command round trips (Lua vs. raw echo), idle
+    /// tunnels (memory, setup time) and a QEMU live migration (tunnel vs. direct). Prints a
+    /// table with the targets and writes JSON.
+    Bench(BenchArgs),
+    /// A plain tokio copy relay with 1 MiB buffers (the baseline process of `bench`).
+    #[command(hide = true)]
+    BenchRelay {
+        /// unix:PATH or tcp:HOST:PORT
+        #[arg(long)]
+        listen: mtunnel::bench::relay::Addr,
+        /// unix:PATH or tcp:HOST:PORT
+        #[arg(long)]
+        connect: mtunnel::bench::relay::Addr,
+    },
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Tiny sizes that only prove every section works (16 MiB, 200 commands, 5 tunnels,
+    /// a 128 MiB VM); explicit flags still win.
+    #[arg(long)]
+    quick: bool,
+    /// Bytes per transfer and path, e.g. 512M, 2G [default: 1G].
+    #[arg(long, value_parser = mtunnel::bench::parse_size)]
+    size: Option<u64>,
+    /// Transfers per path; the table shows medians [default: 3].
+    #[arg(long)]
+    repeat: Option<u32>,
+    /// Round trips per command kind [default: 10000].
+    #[arg(long)]
+    commands: Option<u32>,
+    /// Tunnels held open at once [default: 100].
+    #[arg(long)]
+    tunnels: Option<u32>,
+    /// RAM of the migrated VM in MiB [default: 512].
+    #[arg(long)]
+    ram_mib: Option<u64>,
+    /// MiB of data loaded into that RAM [default: 448].
+    #[arg(long)]
+    ram_data_mib: Option<u64>,
+    /// Migrations per mode (direct, relay, tunnel) [default: 7].
+    #[arg(long)]
+    migrations: Option<u32>,
+    /// Skip the QEMU live migration.
+    #[arg(long)]
+    no_qemu: bool,
+    /// Run only these sections: throughput, latency, idle, migration (comma-separated).
+    #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(mtunnel::bench::SECTIONS))]
+    only: Vec<String>,
+    /// Where to write the results as JSON.
+    #[arg(long, default_value = "bench-results.json")]
+    json: PathBuf,
+    /// Keep the temporary directory with every process's log.
+    #[arg(long)]
+    keep: bool,
 }
 
 #[derive(Subcommand)]
@@ -225,6 +281,7 @@ fn main() {
     // Spec runs report through their own output; only problems go to the log by default.
     let default_level = match cli.command {
         Command::Handlers(HandlersCommand::Test { .. }) => "error",
+        Command::Bench(_) | Command::BenchRelay { .. } => "warn",
         _ => "info",
     };
     tracing_subscriber::fmt()
@@ -244,6 +301,10 @@ fn main() {
         Command::Handlers(HandlersCommand::Check { dir, node }) => handlers_check(dir, &node),
         Command::Handlers(HandlersCommand::Test { dir, filter }) => {
             run_async(handlers_test(dir, filter))
+        }
+        Command::Bench(args) => run_async(mtunnel::bench::run(bench_options(args))),
+        Command::BenchRelay { listen, connect } => {
+            run_async(mtunnel::bench::relay::run(listen, connect))
         }
     };
     if let Err(e) = result {
@@ -301,8 +362,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let tls = mtunnel::api::tls::TlsIdentity::load_or_create(&node.cfg.data_dir, &node.cfg.node)?;
     let server = mtunnel::api::serve(node.clone(), tls).await?;
     println!("mtunnel serving node '{}'", node.cfg.node);
-    println!("URL: https://{}/api2/json", server.addr);
-    println!("fingerprint: {}", server.fingerprint);
+    println!("URL: {}", server.url());
+    if server.tls {
+        println!("fingerprint: {}", server.fingerprint);
+    } else {
+        println!(
+            "TLS is off (tls = false): plain HTTP, tokens travel in clear; only behind a TLS-terminating proxy or on loopback"
+        );
+    }
     println!("data dir: {}", node.cfg.data_dir.display());
     if let Some((header, path)) = initial {
         println!(
@@ -493,8 +560,12 @@ async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
         .downtime_ms
         .map(|d| format!(", downtime {d} ms"))
         .unwrap_or_default();
+    let ram_phase = summary
+        .ram_ms
+        .map(|ms| format!(", RAM phase {ms} ms"))
+        .unwrap_or_default();
     println!(
-        "migration of VM {} to {}:{} (node '{}', VM {}) finished in {secs:.1} s: {} of disks, {} of RAM{downtime}",
+        "migration of VM {} to {}:{} (node '{}', VM {}) finished in {secs:.1} s: {} of disks, {} of RAM{downtime}{ram_phase}",
         opts.vmid,
         opts.target.host,
         opts.target.port,
@@ -513,4 +584,26 @@ async fn handlers_test(dir: Option<PathBuf>, filter: Option<String>) -> anyhow::
         anyhow::bail!("{} spec case(s) failed", summary.failed);
     }
     Ok(())
+}
+
+fn bench_options(a: BenchArgs) -> mtunnel::bench::Options {
+    let d = if a.quick {
+        mtunnel::bench::Options::quick()
+    } else {
+        mtunnel::bench::Options::full()
+    };
+    mtunnel::bench::Options {
+        size: a.size.unwrap_or(d.size),
+        repeat: a.repeat.unwrap_or(d.repeat).max(1),
+        commands: a.commands.unwrap_or(d.commands).max(1),
+        tunnels: a.tunnels.unwrap_or(d.tunnels).max(1),
+        ram_mib: a.ram_mib.unwrap_or(d.ram_mib),
+        ram_data_mib: a.ram_data_mib.unwrap_or(d.ram_data_mib),
+        migrations: a.migrations.unwrap_or(d.migrations).max(1),
+        no_qemu: a.no_qemu,
+        only: a.only,
+        json: a.json,
+        keep: a.keep,
+        quick: a.quick,
+    }
 }

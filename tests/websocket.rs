@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{NODE, TestServer, Tunnel, bounded, mint_ticket, now, pct};
+use common::{NODE, Options, TestServer, Tunnel, bounded, mint_ticket, now, pct};
 use futures_util::{SinkExt, StreamExt};
 use mtunnel::client::ApiError;
 use mtunnel::client::ws::WsStream;
@@ -939,4 +939,59 @@ async fn forwarder_moves_over_1gib_intact() {
         );
     })
     .await
+}
+
+#[tokio::test]
+async fn tls_off_serves_plain_http_and_ws() {
+    bounded(60, async {
+        let server = TestServer::start_with(Options {
+            extra_toml: "tls = false\n".into(),
+            ..Options::default()
+        });
+        assert!(
+            server.url.starts_with("http://127.0.0.1:") && server.url.ends_with("/api2/json"),
+            "{}",
+            server.url
+        );
+        assert!(
+            !server.stdout.iter().any(|l| l.starts_with("fingerprint:")),
+            "{:?}",
+            server.stdout
+        );
+        let api =
+            mtunnel::client::ApiClient::plain("127.0.0.1", server.port, server.root_token.clone());
+        assert!(!api.is_tls());
+        let v = api.get("/version", &[]).await.unwrap();
+        assert_eq!(v["repoid"], "mtunnel");
+        let data = api
+            .post(&format!("/nodes/{}/qemu/100/mtunnel", NODE), &[])
+            .await
+            .unwrap();
+        let t = Tunnel::from_reply(100, &data);
+        let headers = [("Authorization".to_string(), server.root_token.clone())];
+        // Both spellings of a plain URL work, and need no fingerprint.
+        let url = server
+            .ws_url(100, &t.socket, &t.ticket)
+            .replace("wss://", "ws://");
+        let mut ws = mtunnel::client::ws::connect_opt(&url, &headers, None)
+            .await
+            .unwrap();
+        assert_eq!(roundtrip(&mut ws, VERSION_CMD).await, version_reply());
+        ws.close(None).await.unwrap();
+        // TLS against the plain listener fails cleanly instead of hanging.
+        let https = url.replace("ws://", "wss://");
+        let fp = "AA:".repeat(31) + "AA";
+        assert!(
+            mtunnel::client::ws::connect_opt(&https, &headers, Some(&fp))
+                .await
+                .is_err()
+        );
+        let http = url.replace("ws://", "http://");
+        let err = mtunnel::client::ws::connect_opt(&http, &headers, None)
+            .await
+            .unwrap_err();
+        // The control socket accepts one connection only: the second is refused, over HTTP.
+        assert!(err.status().is_some(), "{err}");
+    })
+    .await;
 }

@@ -1,5 +1,6 @@
-//! The HTTPS API under `/api2/json/` (and `/api2/extjs/`): TLS accept loop, HTTP/1.1 with
-//! upgrades, routing, parameter parsing and PVE's reply envelope. Endpoints translate
+//! The HTTPS API under `/api2/json/` (and `/api2/extjs/`): TLS accept loop (plain HTTP when
+//! the node is configured with `tls = false`), HTTP/1.1 with upgrades, routing, parameter
+//! parsing and PVE's reply envelope. Endpoints translate
 //! parameters and call into [`crate::tunnel`], [`crate::task`] and friends; no business
 //! logic lives here.
 
@@ -35,10 +36,18 @@ pub struct AppState {
 pub struct Server {
     pub addr: SocketAddr,
     pub fingerprint: String,
+    /// Whether the listener speaks TLS (`https://`) or plain HTTP (`http://`).
+    pub tls: bool,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Server {
+    /// The API's base URL, e.g. `https://127.0.0.1:8006/api2/json`.
+    pub fn url(&self) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}/api2/json", self.addr)
+    }
+
     /// Stops accepting connections.
     pub fn abort(&self) {
         self.task.abort();
@@ -50,13 +59,19 @@ impl Server {
     }
 }
 
-/// Binds the listen address and serves the API in the background.
+/// Binds the listen address and serves the API in the background, over TLS unless the
+/// node is configured with `tls = false`.
 pub async fn serve(node: Arc<Node>, tls: TlsIdentity) -> anyhow::Result<Server> {
     let listener = TcpListener::bind(node.cfg.listen)
         .await
         .with_context(|| format!("binding {}", node.cfg.listen))?;
     let addr = listener.local_addr()?;
-    let acceptor = TlsAcceptor::from(tls.server_config()?);
+    let acceptor = if node.cfg.tls {
+        Some(TlsAcceptor::from(tls.server_config()?))
+    } else {
+        None
+    };
+    let use_tls = acceptor.is_some();
     let fingerprint = tls.fingerprint.clone();
     let state = Arc::new(AppState { node, tls });
     let router = routes::router(state);
@@ -75,6 +90,10 @@ pub async fn serve(node: Arc<Node>, tls: TlsIdentity) -> anyhow::Result<Server> 
             let acceptor = acceptor.clone();
             let router = router.clone();
             tokio::spawn(async move {
+                let Some(acceptor) = acceptor else {
+                    serve_connection(tcp, router, peer).await;
+                    return;
+                };
                 let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
                     .await
                 {
@@ -88,25 +107,34 @@ pub async fn serve(node: Arc<Node>, tls: TlsIdentity) -> anyhow::Result<Server> 
                         return;
                     }
                 };
-                let service = TowerToHyperService::new(router);
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(30))
-                    .max_buf_size(64 * 1024)
-                    // Without this the buffer limit only applies to headers that arrive
-                    // in pieces; one large read could slip through.
-                    .max_header_size(MAX_HEADER_BYTES)
-                    .serve_connection(TokioIo::new(tls), service)
-                    .with_upgrades();
-                if let Err(e) = conn.await {
-                    tracing::debug!(%peer, "connection ended: {e}");
-                }
+                serve_connection(tls, router, peer).await;
             });
         }
     });
     Ok(Server {
         addr,
         fingerprint,
+        tls: use_tls,
         task,
     })
+}
+
+/// HTTP/1.1 with upgrades on one accepted connection (TLS or plain).
+async fn serve_connection<S>(io: S, router: axum::Router, peer: SocketAddr)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = TowerToHyperService::new(router);
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30))
+        .max_buf_size(64 * 1024)
+        // Without this the buffer limit only applies to headers that arrive
+        // in pieces; one large read could slip through.
+        .max_header_size(MAX_HEADER_BYTES)
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    if let Err(e) = conn.await {
+        tracing::debug!(%peer, "connection ended: {e}");
+    }
 }

@@ -2,6 +2,8 @@
 //! GET/DELETE parameters in the query string, POST parameters form-urlencoded, success is
 //! `{"data": ..}`, errors carry their message in the reason phrase and the body.
 //!
+//! [`ApiClient::plain`] talks plain HTTP to a node configured with `tls = false`.
+//!
 //! One TLS connection per request (hyper's HTTP/1 client over tokio-rustls); requests are
 //! rare and small on the migration path, so a pool would buy nothing. [`ApiClient::raw`]
 //! exposes the exchange byte for byte for callers that need exact control.
@@ -18,6 +20,7 @@ use rustls::ClientConfig;
 use serde_json::Value;
 
 use super::ApiError;
+use super::stream::{Stream, connect_plain};
 use super::tls;
 
 /// Default bound on one whole request, from connect to the last body byte.
@@ -65,7 +68,8 @@ pub struct ApiClient {
     host: String,
     port: u16,
     token_header: String,
-    tls: Arc<ClientConfig>,
+    /// `None`: plain HTTP (a `tls = false` node).
+    tls: Option<Arc<ClientConfig>>,
     fingerprint: String,
     timeout: Duration,
 }
@@ -97,10 +101,27 @@ impl ApiClient {
             host: host.into(),
             port,
             token_header,
-            tls: tls::client_config(Some(&fingerprint))?,
+            tls: Some(tls::client_config(Some(&fingerprint))?),
             fingerprint,
             timeout: DEFAULT_TIMEOUT,
         })
+    }
+
+    /// A client for `http://host:port` (a node with `tls = false`): no TLS, no fingerprint.
+    pub fn plain(host: impl Into<String>, port: u16, token_header: String) -> Self {
+        ApiClient {
+            host: host.into(),
+            port,
+            token_header,
+            tls: None,
+            fingerprint: String::new(),
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+
+    /// Whether requests go over TLS (`https://`).
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
     }
 
     /// The same client with another bound per request (default [`DEFAULT_TIMEOUT`]).
@@ -125,7 +146,7 @@ impl ApiClient {
         self.port
     }
 
-    /// The pinned certificate fingerprint.
+    /// The pinned certificate fingerprint (empty for a plain client).
     pub fn fingerprint(&self) -> &str {
         &self.fingerprint
     }
@@ -257,7 +278,12 @@ impl ApiClient {
     }
 
     async fn exchange(&self, request: Request<Full<Bytes>>) -> Result<RawResponse, ApiError> {
-        let stream = tls::connect(&self.host, self.port, &self.tls).await?;
+        let stream = match &self.tls {
+            Some(config) => {
+                Stream::Tls(Box::new(tls::connect(&self.host, self.port, config).await?))
+            }
+            None => connect_plain(&self.host, self.port).await?,
+        };
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| ApiError::Protocol(format!("HTTP handshake failed - {e}")))?;

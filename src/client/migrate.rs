@@ -57,6 +57,8 @@ pub struct Summary {
     pub disk_bytes: u64,
     pub ram_bytes: u64,
     pub downtime_ms: Option<u64>,
+    /// QEMU's `total-time` of the RAM migration (from `migrate` to `completed`).
+    pub ram_ms: Option<u64>,
     pub target_vmid: u32,
     pub target_node: String,
 }
@@ -453,6 +455,7 @@ async fn live_phase(
             .await?;
         bar.finish(&format!("{} transferred", human(done.transferred)));
         summary.ram_bytes = done.transferred;
+        summary.ram_ms = Some(done.total_time_ms).filter(|&ms| ms > 0);
         summary.downtime_ms = vm
             .execute("query-migrate", Value::Null, Duration::from_secs(10))
             .await

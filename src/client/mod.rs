@@ -1,7 +1,8 @@
 //! The source side of a migration: talking to a remote PVE-compatible API as Proxmox's own
 //! clients do. [`tls`] pins the remote's certificate by its SHA-256 fingerprint (the
 //! `fingerprint=` of a PVE `target-endpoint`), [`http`] is the `/api2/json` client with
-//! token auth and PVE's error envelope, [`ws`] opens the tunnel's WebSocket connections.
+//! token auth and PVE's error envelope, [`ws`] opens the tunnel's WebSocket connections;
+//! [`stream`] lets both speak plain HTTP to a node configured with `tls = false`.
 //!
 //! Nothing here knows about the local node: no tokens, tasks or configs of our own are
 //! touched. Later `mtunnel migrate` and `mtunnel tunnel` build on these three modules.
@@ -10,6 +11,7 @@ pub mod endpoint;
 pub mod http;
 pub mod migrate;
 pub mod progress;
+pub mod stream;
 pub mod tls;
 pub mod tunnel;
 pub mod vm;

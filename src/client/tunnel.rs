@@ -45,12 +45,10 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
+    /// Opens a WebSocket to `url`; a `wss://`/`https://` URL needs the fingerprint, a plain
+    /// `ws://`/`http://` one (a `tls = false` node) does not.
     async fn connect(&self, url: &str) -> Result<WsStream, ApiError> {
-        let fingerprint = self
-            .fingerprint
-            .as_deref()
-            .ok_or_else(|| ApiError::Request("no fingerprint given".into()))?;
-        ws::connect(url, &self.headers, fingerprint).await
+        ws::connect_opt(url, &self.headers, self.fingerprint.as_deref()).await
     }
 
     async fn connect_raw(&self, url: &str) -> Result<ws::RawWs, ApiError> {

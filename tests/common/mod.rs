@@ -74,7 +74,7 @@ pub struct TestServer {
     pub port: u16,
     /// The `URL:` line `serve` printed.
     pub url: String,
-    /// The `fingerprint:` line `serve` printed.
+    /// The `fingerprint:` line `serve` printed (empty for a `tls = false` server).
     pub fingerprint: String,
     /// The header value of the initial token (`PVEAPIToken=root@pam!mtunnel=..`).
     pub root_token: String,
@@ -196,8 +196,9 @@ impl TestServer {
         });
         let deadline = Instant::now() + Duration::from_secs(20);
         let (mut url, mut fingerprint) = (None, None);
+        let mut plain = false;
         self.stdout.clear();
-        while url.is_none() || fingerprint.is_none() {
+        while url.is_none() || (fingerprint.is_none() && !plain) {
             let left = deadline.saturating_duration_since(Instant::now());
             let line = rx.recv_timeout(left).unwrap_or_else(|_| {
                 panic!(
@@ -211,6 +212,10 @@ impl TestServer {
             if let Some(f) = line.strip_prefix("fingerprint: ") {
                 fingerprint = Some(f.to_string());
             }
+            // `tls = false`: no certificate, no fingerprint line.
+            if line.starts_with("TLS is off") {
+                plain = true;
+            }
             self.stdout.push(line);
         }
         // The rest (data dir, initial token) follows right away; collect what comes.
@@ -220,12 +225,13 @@ impl TestServer {
         let url = url.unwrap();
         let port = url
             .strip_prefix("https://127.0.0.1:")
+            .or_else(|| url.strip_prefix("http://127.0.0.1:"))
             .and_then(|r| r.strip_suffix("/api2/json"))
             .and_then(|p| p.parse().ok())
             .unwrap_or_else(|| panic!("unexpected URL line '{url}'"));
         self.url = url;
         self.port = port;
-        self.fingerprint = fingerprint.unwrap();
+        self.fingerprint = fingerprint.unwrap_or_default();
     }
 
     /// Kills the server (SIGKILL, no cleanup) and starts it again on the same directories.

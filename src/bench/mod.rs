@@ -1,0 +1,360 @@
+//! `mtunnel bench`: one command that measures the tunnel side by side with baselines on
+//! the machine it runs on, prints a table with ratios and the targets of issue 5, and
+//! writes every figure as JSON so runs can be compared.
+//!
+//! Sections (each with its own processes, all on loopback, all in one short temporary
+//! directory under `/tmp`, all bounded in time):
+//! - [`throughput`]: bulk MB/s and CPU-seconds per GiB of UNIX → `mtunnel tunnel` forward
+//!   → WebSocket → `mtunnel serve` → UNIX, plain and TLS, against a writer → reader UNIX
+//!   socket and a two-process tokio copy relay (UNIX → TCP → UNIX, 1 MiB buffers),
+//! - [`latency`]: round trips of `version`, `ticket` and `bwlimit` through WebSocket →
+//!   worker → Lua → reply against a raw echo over the same WebSocket path,
+//! - [`idle`]: 100 tunnels open at once: RSS per idle tunnel and setup time,
+//! - [`migration`]: a QEMU (TCG) live migration through the tunnel against the same
+//!   migration over a direct UNIX socket.
+//!
+//! Every measured hop is a real process: the bench spawns its own binary
+//! (`std::env::current_exe()`) as `serve`, `tunnel` and `bench-relay` ([`relay`]); the
+//! guards in [`procs`] kill them (and QEMUs) on every way out. `serve` nodes run with
+//! `--backend scripted:` and a script ([`nodes::write_script`]) whose `start_incoming`
+//! names a UNIX socket of the bench process, so `start` registers it and the WebSocket
+//! endpoint forwards to it.
+
+pub mod idle;
+pub mod latency;
+pub mod migration;
+pub mod nodes;
+pub mod procs;
+pub mod relay;
+mod report;
+pub mod throughput;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use serde_json::{Value, json};
+
+pub use report::{Target, targets};
+
+pub const MIB: u64 = 1 << 20;
+pub const GIB: u64 = 1 << 30;
+
+/// The sections of a run.
+pub const SECTIONS: &[&str] = &["throughput", "latency", "idle", "migration"];
+
+/// What to measure and how much.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Bytes per transfer and path.
+    pub size: u64,
+    /// Transfers per path (the table shows medians).
+    pub repeat: u32,
+    /// Round trips per command kind.
+    pub commands: u32,
+    /// Tunnels held open at once.
+    pub tunnels: u32,
+    pub ram_mib: u64,
+    pub ram_data_mib: u64,
+    /// Migrations per mode.
+    pub migrations: u32,
+    /// Skip the QEMU section.
+    pub no_qemu: bool,
+    /// Sections to run (all when empty).
+    pub only: Vec<String>,
+    pub json: PathBuf,
+    /// Keep the temporary directory (logs of every process).
+    pub keep: bool,
+    pub quick: bool,
+}
+
+impl Options {
+    /// The full run: ~1 GiB per path three times, 10 000 commands, 100 tunnels, a 512 MiB
+    /// VM with 448 MiB of data migrated seven times each way (migration times scatter most).
+    pub fn full() -> Self {
+        Options {
+            size: GIB,
+            repeat: 3,
+            commands: 10_000,
+            tunnels: 100,
+            ram_mib: 512,
+            ram_data_mib: 448,
+            migrations: 7,
+            no_qemu: false,
+            only: Vec::new(),
+            json: PathBuf::from("bench-results.json"),
+            keep: false,
+            quick: false,
+        }
+    }
+
+    /// `--quick`: tiny sizes that only prove every section works (seconds, not minutes).
+    pub fn quick() -> Self {
+        Options {
+            size: 16 * MIB,
+            repeat: 1,
+            commands: 200,
+            tunnels: 5,
+            ram_mib: 128,
+            ram_data_mib: 32,
+            migrations: 1,
+            quick: true,
+            ..Options::full()
+        }
+    }
+
+    fn wants(&self, section: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|s| s == section)
+    }
+}
+
+/// Parses `1G`, `16M`, `512MiB`, `2GiB`, `1048576`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    crate::guest::config::parse_size(t)
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("invalid size '{s}' (e.g. 16M, 1G, 2GiB)"))
+}
+
+/// Median of the finite values (NaN if none).
+pub fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Nearest-rank percentile of sorted values (NaN if empty).
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// The temporary directory of a run, removed at the end unless kept.
+struct WorkDir {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl WorkDir {
+    fn create(keep: bool) -> anyhow::Result<Self> {
+        // Short on purpose: UNIX socket paths must stay below 108 bytes.
+        let base = if Path::new("/tmp").is_dir() {
+            PathBuf::from("/tmp")
+        } else {
+            std::env::temp_dir()
+        };
+        for _ in 0..100 {
+            let path = base.join(format!("mtb{:06x}", rand::random::<u32>() & 0xff_ffff));
+            if std::fs::create_dir(&path).is_ok() {
+                return Ok(WorkDir { path, keep });
+            }
+        }
+        anyhow::bail!("cannot create a directory under {}", base.display())
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        if self.keep {
+            eprintln!("bench: kept {}", self.path.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+fn progress(msg: &str) {
+    eprintln!("{msg}");
+}
+
+fn section_value<T: serde::Serialize>(r: &anyhow::Result<T>) -> Value {
+    match r {
+        Ok(v) => serde_json::to_value(v).unwrap_or(Value::Null),
+        Err(e) => json!({"error": format!("{e:#}")}),
+    }
+}
+
+/// Runs the selected sections, prints the table, writes the JSON. Fails (after writing
+/// everything) when a section failed.
+pub async fn run(opts: Options) -> anyhow::Result<()> {
+    tokio::select! {
+        r = run_inner(&opts) => r,
+        _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted; every child process was killed"),
+    }
+}
+
+async fn run_inner(opts: &Options) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let work = WorkDir::create(opts.keep)?;
+    let base = work.path.clone();
+    let machine = report::machine();
+    let versions = report::versions();
+    progress(&format!(
+        "mtunnel bench: {} build, working in {}",
+        versions["profile"].as_str().unwrap_or("?"),
+        base.display()
+    ));
+    if cfg!(debug_assertions) && !opts.quick {
+        progress("WARNING: a debug build; build with --release for meaningful figures");
+    }
+    let not_selected = || json!({"skipped": "not selected (--only)"});
+
+    let throughput = if opts.wants("throughput") {
+        progress(&format!(
+            "== throughput: {} per transfer, {} round(s)",
+            report::bytes(opts.size),
+            opts.repeat
+        ));
+        Some(throughput::run(&base, opts.size, opts.repeat, &progress).await)
+    } else {
+        None
+    };
+    let latency = if opts.wants("latency") {
+        progress(&format!(
+            "== command round trips: {} per kind",
+            opts.commands
+        ));
+        let plain = latency::run(&base, false, opts.commands).await;
+        let tls = latency::run(&base, true, opts.commands).await;
+        Some((plain, tls))
+    } else {
+        None
+    };
+    let idle = if opts.wants("idle") {
+        progress(&format!("== {} tunnels open at once", opts.tunnels));
+        Some(idle::run(&base, opts.tunnels).await)
+    } else {
+        None
+    };
+    let migration: Result<migration::Migration, String> = if !opts.wants("migration") {
+        Err("not selected (--only)".into())
+    } else if opts.no_qemu {
+        Err("--no-qemu".into())
+    } else {
+        match migration::qemu_version() {
+            Err(why) => Err(why),
+            Ok(_) => {
+                progress(&format!(
+                    "== live migration: {} MiB RAM, {} MiB data, {} round(s)",
+                    opts.ram_mib, opts.ram_data_mib, opts.migrations
+                ));
+                migration::run(
+                    &base,
+                    opts.ram_mib,
+                    opts.ram_data_mib,
+                    opts.migrations,
+                    &progress,
+                )
+                .await
+                .map_err(|e| format!("ERROR: {e:#}"))
+            }
+        }
+    };
+
+    let tp = throughput.as_ref().and_then(|r| r.as_ref().ok());
+    let lat_plain = latency.as_ref().and_then(|(p, _)| p.as_ref().ok());
+    let lat_tls = latency.as_ref().and_then(|(_, t)| t.as_ref().ok());
+    let idle_ok = idle.as_ref().and_then(|r| r.as_ref().ok());
+    let mig_ok = migration.as_ref().ok();
+    let targets = report::targets(tp, lat_plain, idle_ok, mig_ok);
+    let table = report::table(
+        opts, &machine, &versions, tp, lat_plain, lat_tls, idle_ok, mig_ok, &targets,
+    );
+    println!("{table}");
+
+    let mut errors = Vec::new();
+    let mut note = |name: &str, v: &Value| {
+        if let Some(e) = v.get("error").and_then(Value::as_str) {
+            errors.push(format!("{name}: {e}"));
+        }
+    };
+    let throughput_v = throughput.as_ref().map_or_else(not_selected, section_value);
+    note("throughput", &throughput_v);
+    let latency_v = match &latency {
+        None => not_selected(),
+        Some((p, t)) => {
+            let (p, t) = (section_value(p), section_value(t));
+            note("latency (plain)", &p);
+            note("latency (tls)", &t);
+            json!({"plain": p, "tls": t})
+        }
+    };
+    let idle_v = idle.as_ref().map_or_else(not_selected, section_value);
+    note("idle", &idle_v);
+    let migration_v = match &migration {
+        Ok(m) => serde_json::to_value(m)?,
+        Err(e) if e.starts_with("ERROR: ") => json!({"error": e["ERROR: ".len()..]}),
+        Err(why) => json!({"skipped": why}),
+    };
+    note("migration", &migration_v);
+    let doc = json!({
+        "schema": "mtunnel-bench/1",
+        "finished_unix": std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        "duration_s": started.elapsed().as_secs_f64(),
+        "machine": machine,
+        "versions": versions,
+        "options": {
+            "size_bytes": opts.size, "repeat": opts.repeat, "commands": opts.commands,
+            "tunnels": opts.tunnels, "ram_mib": opts.ram_mib, "ram_data_mib": opts.ram_data_mib,
+            "migrations": opts.migrations, "quick": opts.quick, "only": opts.only,
+        },
+        "throughput": throughput_v,
+        "latency": latency_v,
+        "idle": idle_v,
+        "migration": migration_v,
+        "targets": targets,
+        "errors": errors,
+        "table": table,
+    });
+    std::fs::write(&opts.json, serde_json::to_string_pretty(&doc)? + "\n")
+        .with_context(|| format!("writing {}", opts.json.display()))?;
+    progress(&format!(
+        "results: {} ({:.0} s)",
+        opts.json.display(),
+        started.elapsed().as_secs_f64()
+    ));
+    if !errors.is_empty() {
+        anyhow::bail!("{} section(s) failed:\n{}", errors.len(), errors.join("\n"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_medians_percentiles() {
+        assert_eq!(parse_size("16M"), Ok(16 * MIB));
+        assert_eq!(parse_size("2GiB"), Ok(2 * GIB));
+        assert_eq!(parse_size("512MB"), Ok(512 * MIB));
+        assert!(parse_size("x").is_err());
+        assert!(parse_size("0").is_err());
+        assert_eq!(median([3.0, 1.0, 2.0].into_iter()), 2.0);
+        assert_eq!(median([4.0, 1.0, 2.0, 3.0].into_iter()), 2.5);
+        assert!(median(std::iter::empty()).is_nan());
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 50.0), 50.0);
+        assert_eq!(percentile(&v, 99.0), 99.0);
+        assert_eq!(percentile(&v, 100.0), 100.0);
+        assert_eq!(percentile(&[7.0], 99.0), 7.0);
+    }
+}

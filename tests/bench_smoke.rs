@@ -1,0 +1,103 @@
+//! `mtunnel bench --quick` runs every section end to end (tiny sizes) and writes JSON with
+//! all of them. Timings are never asserted: this only proves the suite works, leaves no
+//! process behind and keeps its file format. The QEMU section runs when QEMU is installed
+//! (a 128 MiB VM migrates in well under a second) and is recorded as skipped otherwise.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_mtunnel");
+
+#[test]
+fn bench_quick_runs_every_section_and_writes_json() {
+    let dir = tempfile::Builder::new()
+        .prefix("mtbs")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let json_path = dir.path().join("results.json");
+    let mut child = Command::new(BIN)
+        .args(["bench", "--quick", "--json"])
+        .arg(&json_path)
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting mtunnel bench");
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("mtunnel bench --quick took over 240 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench failed:\n{stdout}\n{stderr}");
+    for heading in [
+        "machine:",
+        "versions:",
+        "Bulk transfer",
+        "Command round trip",
+        "tunnels open at once",
+        "Targets",
+    ] {
+        assert!(stdout.contains(heading), "no '{heading}' in:\n{stdout}");
+    }
+
+    let doc: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).expect("valid JSON");
+    assert_eq!(doc["schema"], "mtunnel-bench/1");
+    assert!(
+        doc["machine"]["cores"].as_u64().unwrap() >= 1,
+        "{}",
+        doc["machine"]
+    );
+    assert!(doc["versions"]["mtunnel"].is_string());
+    assert_eq!(doc["errors"], Value::Array(vec![]));
+    assert!(doc["table"].as_str().unwrap().contains("Targets"));
+
+    let paths: Vec<&str> = doc["throughput"]["paths"]
+        .as_array()
+        .expect("throughput paths")
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(paths, ["direct", "relay", "plain", "tls"]);
+    for p in doc["throughput"]["paths"].as_array().unwrap() {
+        let runs = p["runs"].as_array().unwrap();
+        assert_eq!(runs.len(), 1, "{p}");
+        assert_eq!(runs[0]["bytes"], 16u64 << 20, "{p}");
+        assert!(p["mb_per_s"].as_f64().unwrap() > 0.0, "{p}");
+    }
+    for transport in ["plain", "tls"] {
+        let kinds: Vec<&str> = doc["latency"][transport]["kinds"]
+            .as_array()
+            .unwrap_or_else(|| panic!("latency {transport}: {}", doc["latency"]))
+            .iter()
+            .map(|k| {
+                assert_eq!(k["count"], 200, "{k}");
+                assert!(k["p50_us"].as_f64().unwrap() > 0.0, "{k}");
+                k["name"].as_str().unwrap()
+            })
+            .collect();
+        assert_eq!(kinds, ["echo", "version", "ticket", "bwlimit"]);
+    }
+    assert_eq!(doc["idle"]["tunnels"], 5, "{}", doc["idle"]);
+    assert!(doc["idle"]["setup_p50_ms"].as_f64().unwrap() > 0.0);
+    let mig = &doc["migration"];
+    assert!(
+        mig["skipped"].is_string() || mig["runs"].as_array().is_some_and(|r| r.len() == 3),
+        "{mig}"
+    );
+    let targets = doc["targets"].as_array().unwrap();
+    assert_eq!(targets.len(), 9);
+    for t in targets {
+        assert!(t["name"].is_string() && t["goal"].is_number(), "{t}");
+    }
+    // Every temporary directory of the run is gone.
+    assert!(!stderr.contains("kept"), "{stderr}");
+}
