@@ -52,12 +52,7 @@ impl Endpoint {
     }
 
     async fn connect_raw(&self, url: &str) -> Result<ws::RawWs, ApiError> {
-        let fingerprint = self
-            .fingerprint
-            .as_deref()
-            .ok_or_else(|| ApiError::Request("no fingerprint given".into()))?;
-        let config = super::tls::client_config(Some(fingerprint))?;
-        ws::connect_raw(url, &self.headers, &config).await
+        ws::connect_raw(url, &self.headers, self.fingerprint.as_deref()).await
     }
 }
 

@@ -160,7 +160,7 @@ async fn connect_inner(
 /// A connection upgraded to WebSocket by [`connect_raw`]: the stream and the bytes already
 /// read past the handshake.
 pub struct RawWs {
-    pub stream: TlsStream<TcpStream>,
+    pub stream: Stream,
     pub leftover: Vec<u8>,
 }
 
@@ -169,7 +169,7 @@ pub struct RawWs {
 pub async fn connect_raw(
     url: &str,
     headers: &[(String, String)],
-    config: &Arc<rustls::ClientConfig>,
+    fingerprint: Option<&str>,
 ) -> Result<RawWs, ApiError> {
     use base64::Engine;
     use rand::RngCore;
@@ -178,7 +178,7 @@ pub async fn connect_raw(
     let uri: Uri = url
         .parse()
         .map_err(|e| ApiError::Request(format!("invalid URL '{url}': {e}")))?;
-    let (host, port) = endpoint(&uri, url)?;
+    let (host, port, use_tls) = endpoint(&uri, url)?;
     let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let mut key = [0u8; 16];
     rand::rng().fill_bytes(&mut key);
@@ -195,7 +195,12 @@ pub async fn connect_raw(
     }
     request.push_str("\r\n");
 
-    let mut stream = tls::connect(&host, port, config).await?;
+    let mut stream = if use_tls {
+        let config = tls::client_config(fingerprint)?;
+        Stream::Tls(Box::new(tls::connect(&host, port, &config).await?))
+    } else {
+        connect_plain(&host, port).await?
+    };
     let proto = |e: std::io::Error| ApiError::Protocol(format!("websocket handshake failed - {e}"));
     stream.write_all(request.as_bytes()).await.map_err(proto)?;
     let mut buf = Vec::with_capacity(4096);
