@@ -608,36 +608,37 @@ async fn target_qemu_killed_during_drive_mirror_leaves_nothing() {
     mt_ok(&src, &["vm", "stop", "108"]).await;
 }
 
+/// Runs a migration that must be refused; returns its stderr.
+async fn refused(src: &TestServer, vmid: &str, target: &str, storage: &str) -> String {
+    let out = mt(
+        src,
+        &[
+            "migrate",
+            vmid,
+            "--target",
+            target,
+            "--target-storage",
+            storage,
+        ],
+    )
+    .await;
+    assert!(!out.status.success(), "migration of {vmid} must be refused");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_end_with_clear_messages_and_change_nothing() {
     let src = node("src1");
     let dst = node("dst1");
     create_vm(&src, 105, 64, &["local:4M:raw"]).await;
     let conf_before = std::fs::read_to_string(src.vm_config(105)).unwrap();
-    let fail = |out: Output| -> String {
-        assert!(!out.status.success());
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    };
     let good = target_arg(&dst, dst.port);
     // Bad token.
     let bad = good.replace(
         &dst.root_token,
         "PVEAPIToken=root@pam!mtunnel=00000000-0000-0000-0000-000000000000",
     );
-    let err = fail(
-        mt(
-            &src,
-            &[
-                "migrate",
-                "105",
-                "--target",
-                &bad,
-                "--target-storage",
-                "local",
-            ],
-        )
-        .await,
-    );
+    let err = refused(&src, "105", &bad, "local").await;
     assert!(err.contains("401"), "{err}");
     // A token that may place disks but not accept incoming VMs.
     let weak = dst.create_token(
@@ -648,20 +649,7 @@ async fn refusals_end_with_clear_messages_and_change_nothing() {
         ],
     );
     let weak_target = good.replace(&dst.root_token, &weak);
-    let err = fail(
-        mt(
-            &src,
-            &[
-                "migrate",
-                "105",
-                "--target",
-                &weak_target,
-                "--target-storage",
-                "local",
-            ],
-        )
-        .await,
-    );
+    let err = refused(&src, "105", &weak_target, "local").await;
     assert!(
         err.contains("Permission check failed (/, Sys.Incoming)"),
         "{err}"
@@ -669,123 +657,32 @@ async fn refusals_end_with_clear_messages_and_change_nothing() {
     // One that may not even see the storage.
     let blind = dst.create_token("blind@pve!t", &["--privs", "Sys.Audit"]);
     let blind_target = good.replace(&dst.root_token, &blind);
-    let err = fail(
-        mt(
-            &src,
-            &[
-                "migrate",
-                "105",
-                "--target",
-                &blind_target,
-                "--target-storage",
-                "local",
-            ],
-        )
-        .await,
-    );
+    let err = refused(&src, "105", &blind_target, "local").await;
     assert!(err.contains("target storage 'local' does not exist, cannot hold VM images, or the token may not use it"), "{err}");
     // Unknown storage in the map.
-    let err = fail(
-        mt(
-            &src,
-            &[
-                "migrate",
-                "105",
-                "--target",
-                &good,
-                "--target-storage",
-                "nosuch",
-            ],
-        )
-        .await,
-    );
+    let err = refused(&src, "105", &good, "nosuch").await;
     assert!(
         err.contains("target storage 'nosuch' does not exist"),
         "{err}"
     );
     // VMID in use on the target.
     std::fs::write(dst.vm_config(105), "memory: 64\n").unwrap();
-    let err = fail(
-        mt(
-            &src,
-            &[
-                "migrate",
-                "105",
-                "--target",
-                &good,
-                "--target-storage",
-                "local",
-            ],
-        )
-        .await,
-    );
+    let err = refused(&src, "105", &good, "local").await;
     assert!(err.contains("target VMID 105 is already in use"), "{err}");
     std::fs::remove_file(dst.vm_config(105)).unwrap();
     // Wrong fingerprint.
     let fp = good.replace(&dst.fingerprint, &["AB"; 32].join(":"));
-    let err = fail(
-        mt(
-            &src,
-            &[
-                "migrate",
-                "105",
-                "--target",
-                &fp,
-                "--target-storage",
-                "local",
-            ],
-        )
-        .await,
-    );
+    let err = refused(&src, "105", &fp, "local").await;
     assert!(err.contains("not verified, abort!"), "{err}");
     // Source VM that does not exist, and one that is locked.
-    let err = fail(
-        mt(
-            &src,
-            &[
-                "migrate",
-                "999",
-                "--target",
-                &good,
-                "--target-storage",
-                "local",
-            ],
-        )
-        .await,
-    );
+    let err = refused(&src, "999", &good, "local").await;
     assert!(err.contains("VM 999 does not exist"), "{err}");
     std::fs::write(src.vm_config(106), "lock: backup\nmemory: 64\n").unwrap();
-    let err = fail(
-        mt(
-            &src,
-            &[
-                "migrate",
-                "106",
-                "--target",
-                &good,
-                "--target-storage",
-                "local",
-            ],
-        )
-        .await,
-    );
+    let err = refused(&src, "106", &good, "local").await;
     assert!(err.contains("VM 106 is locked (backup)"), "{err}");
     // Running without --online.
     mt_ok(&src, &["vm", "start", "105"]).await;
-    let err = fail(
-        mt(
-            &src,
-            &[
-                "migrate",
-                "105",
-                "--target",
-                &good,
-                "--target-storage",
-                "local",
-            ],
-        )
-        .await,
-    );
+    let err = refused(&src, "105", &good, "local").await;
     assert!(err.contains("use --online"), "{err}");
     mt_ok(&src, &["vm", "stop", "105"]).await;
     assert_eq!(
