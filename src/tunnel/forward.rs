@@ -17,9 +17,10 @@ use std::io;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-/// Bytes read from the UNIX socket per frame sent: ~64 KiB is the sweet spot (a UNIX read
-/// returns at most ~208 KiB anyway).
-pub const CHUNK: usize = 64 * 1024;
+/// Bytes read from the UNIX socket per frame sent. Larger reads mean fewer system calls
+/// (a UNIX read returns at most ~208 KiB anyway); 128 KiB is also the largest frame
+/// pveproxy accepts from a client.
+pub const CHUNK: usize = 128 * 1024;
 /// Read buffer of the WebSocket side.
 const READ_BUF: usize = 256 * 1024;
 /// Room for the largest frame header: 2 + 8 (length) + 4 (mask).
