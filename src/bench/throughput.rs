@@ -38,6 +38,10 @@ pub struct Run {
     pub cpu_s: Vec<(String, f64)>,
     /// CPU seconds of the bench process (writer + reader threads).
     pub bench_cpu_s: f64,
+    /// Busy CPU seconds of the machine not spent by the processes above: other load.
+    pub other_cpu_s: f64,
+    /// CPU seconds the hypervisor gave to other guests meanwhile.
+    pub steal_s: f64,
 }
 
 /// The medians of one path.
@@ -52,6 +56,9 @@ pub struct PathResult {
     /// Per middle process role.
     pub cpu_s_per_gib_by_process: Vec<(String, f64)>,
     pub bench_cpu_s_per_gib: f64,
+    /// Median of [`Run::other_cpu_s`] per second of transfer: how busy the rest of the
+    /// machine was (0 = quiet, 1 = one core's worth of other work).
+    pub other_load: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -179,6 +186,7 @@ fn transfer(p: &Path_, size: u64) -> anyhow::Result<Run> {
         .map(|(_, pid)| cpu_seconds(*pid))
         .collect::<anyhow::Result<_>>()?;
     let bench_before = cpu_seconds(0)?;
+    let (sys_before, steal_before) = super::procs::system_cpu();
     let start = Instant::now();
     let entry = p.entry.clone();
     let writer = std::thread::spawn(move || write_all(&entry, size));
@@ -199,10 +207,13 @@ fn transfer(p: &Path_, size: u64) -> anyhow::Result<Run> {
         .map(|(_, pid)| cpu_seconds(*pid))
         .collect::<anyhow::Result<_>>()?;
     let bench_after = cpu_seconds(0)?;
+    let (sys_after, steal_after) = super::procs::system_cpu();
     if bytes != size {
         bail!("{}: the reader got {bytes} of {size} bytes", p.name);
     }
     let secs = (end - start).as_secs_f64().max(1e-9);
+    let ours: f64 =
+        after.iter().zip(&before).map(|(a, b)| a - b).sum::<f64>() + (bench_after - bench_before);
     Ok(Run {
         bytes,
         secs,
@@ -214,6 +225,8 @@ fn transfer(p: &Path_, size: u64) -> anyhow::Result<Run> {
             .map(|((role, _), (b, a))| (role.clone(), a - b))
             .collect(),
         bench_cpu_s: bench_after - bench_before,
+        other_cpu_s: (sys_after - sys_before - ours).max(0.0),
+        steal_s: steal_after - steal_before,
     })
 }
 
@@ -394,6 +407,7 @@ pub async fn run(
                         )
                     })
                     .collect(),
+                other_load: median(p.runs.iter().map(|r| r.other_cpu_s / r.secs)),
                 bench_cpu_s_per_gib: median(p.runs.iter().map(|r| per_gib(r.bench_cpu_s, r.bytes))),
                 runs: p.runs.clone(),
             }
