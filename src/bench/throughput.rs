@@ -350,8 +350,10 @@ async fn setup(base: &Path, name: &'static str) -> anyhow::Result<Path_> {
         other => bail!("unknown path {other}"),
     };
     // One small warm-up transfer: first-connection costs stay out of the numbers.
-    tokio::task::block_in_place(|| transfer(&p, 8 << 20))
-        .with_context(|| format!("warm-up of path {name}"))?;
+    // Blocking on purpose (bounded by the reader's timeout): children are spawned only
+    // from the runtime's long-lived worker threads, as `PR_SET_PDEATHSIG` fires when the
+    // spawning thread ends, which `block_in_place` hand-offs could cause.
+    transfer(&p, 8 << 20).with_context(|| format!("warm-up of path {name}"))?;
     Ok(p)
 }
 
@@ -368,7 +370,7 @@ pub async fn run(
     }
     for round in 0..repeat {
         for p in &mut paths {
-            let run = tokio::task::block_in_place(|| transfer(p, size))?;
+            let run = transfer(p, size)?;
             log(&format!(
                 "  round {}/{repeat} {:<6} {:>7.0} MB/s  cpu {}",
                 round + 1,
