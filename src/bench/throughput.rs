@@ -128,7 +128,7 @@ impl Drop for Sink {
 }
 
 /// One path under test and the processes that make it.
-struct Path_ {
+struct Route {
     name: &'static str,
     label: String,
     entry: PathBuf,
@@ -177,7 +177,7 @@ fn write_all(entry: &Path, size: u64) -> std::io::Result<()> {
 }
 
 /// Moves `size` bytes through `p` once (blocking).
-fn transfer(p: &Path_, size: u64) -> anyhow::Result<Run> {
+fn transfer(p: &Route, size: u64) -> anyhow::Result<Run> {
     // Nothing left over from an earlier run.
     while p.sink.rx.try_recv().is_ok() {}
     let before: Vec<f64> = p
@@ -255,13 +255,13 @@ pub(super) async fn relay(
     Ok((child, addr))
 }
 
-async fn setup(base: &Path, name: &'static str) -> anyhow::Result<Path_> {
+async fn setup(base: &Path, name: &'static str) -> anyhow::Result<Route> {
     let dir = base.join(name);
     std::fs::create_dir_all(&dir)?;
     let p = match name {
         "direct" => {
             let sink = Sink::listen(&dir.join("sink.sock"))?;
-            Path_ {
+            Route {
                 name,
                 label: "UNIX writer -> reader, no relay".into(),
                 entry: sink.path.clone(),
@@ -290,7 +290,7 @@ async fn setup(base: &Path, name: &'static str) -> anyhow::Result<Path_> {
                 &b_addr,
             )
             .await?;
-            Path_ {
+            Route {
                 name,
                 label: "copy relay x2, UNIX->TCP->UNIX, 1 MiB buffers (baseline)".into(),
                 entry,
@@ -332,7 +332,7 @@ async fn setup(base: &Path, name: &'static str) -> anyhow::Result<Path_> {
             } else {
                 "mtunnel tunnel -> ws:// -> mtunnel serve (plain)"
             };
-            Path_ {
+            Route {
                 name,
                 label: label.into(),
                 entry,
