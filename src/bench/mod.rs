@@ -178,6 +178,18 @@ impl Drop for WorkDir {
     }
 }
 
+/// Bounds an async section in time.
+async fn bounded<T>(
+    what: &str,
+    secs: u64,
+    fut: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    match tokio::time::timeout(std::time::Duration::from_secs(secs), fut).await {
+        Ok(r) => r,
+        Err(_) => anyhow::bail!("{what} did not finish within {secs} s"),
+    }
+}
+
 fn progress(msg: &str) {
     eprintln!("{msg}");
 }
@@ -229,15 +241,27 @@ async fn run_inner(opts: &Options) -> anyhow::Result<()> {
             "== command round trips: {} per kind",
             opts.commands
         ));
-        let plain = latency::run(&base, false, opts.commands).await;
-        let tls = latency::run(&base, true, opts.commands).await;
+        let secs = 60 + u64::from(opts.commands) / 100;
+        let plain = bounded(
+            "latency (plain)",
+            secs,
+            latency::run(&base, false, opts.commands),
+        )
+        .await;
+        let tls = bounded(
+            "latency (tls)",
+            secs,
+            latency::run(&base, true, opts.commands),
+        )
+        .await;
         Some((plain, tls))
     } else {
         None
     };
     let idle = if opts.wants("idle") {
         progress(&format!("== {} tunnels open at once", opts.tunnels));
-        Some(idle::run(&base, opts.tunnels).await)
+        let secs = 60 + u64::from(opts.tunnels);
+        Some(bounded("idle tunnels", secs, idle::run(&base, opts.tunnels)).await)
     } else {
         None
     };
@@ -253,12 +277,17 @@ async fn run_inner(opts: &Options) -> anyhow::Result<()> {
                     "== live migration: {} MiB RAM, {} MiB data, {} round(s)",
                     opts.ram_mib, opts.ram_data_mib, opts.migrations
                 ));
-                migration::run(
-                    &base,
-                    opts.ram_mib,
-                    opts.ram_data_mib,
-                    opts.migrations,
-                    &progress,
+                let secs = 120 + 90 * u64::from(opts.migrations);
+                bounded(
+                    "live migration",
+                    secs,
+                    migration::run(
+                        &base,
+                        opts.ram_mib,
+                        opts.ram_data_mib,
+                        opts.migrations,
+                        &progress,
+                    ),
                 )
                 .await
                 .map_err(|e| format!("ERROR: {e:#}"))

@@ -162,6 +162,24 @@ pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     Ok((field(14)? + field(15)?) / clock_ticks())
 }
 
+/// Machine-wide CPU seconds from the first line of `/proc/stat`: (busy, steal), where busy
+/// is user + nice + system + irq + softirq over all cores and steal is time the hypervisor
+/// gave to other guests. Busy time not accounted to the measured processes is load from
+/// elsewhere that disturbed the measurement.
+pub fn system_cpu() -> (f64, f64) {
+    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<f64> = text
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().unwrap_or(0.0))
+        .collect();
+    let f = |i: usize| v.get(i).copied().unwrap_or(0.0) / clock_ticks();
+    (f(0) + f(1) + f(2) + f(5) + f(6), f(7))
+}
+
 /// CPU nanoseconds of the live threads of a process (`/proc/<pid>/task/*/schedstat`):
 /// finer than [`cpu_seconds`], for short windows; threads that ended are missing.
 pub fn cpu_ns_threads(pid: u32) -> u64 {

@@ -231,8 +231,8 @@ pub fn table(
         );
         let _ = writeln!(
             o,
-            "{:<58} {:>6} {:>8} {:>10}  {:<24} {:>8}",
-            "path", "MB/s", "x relay", "CPU-s/GiB", "per process", "wr+rd"
+            "{:<58} {:>6} {:>8} {:>10}  {:<24} {:>6} {:>6}",
+            "path", "MB/s", "x relay", "CPU-s/GiB", "per process", "wr+rd", "other"
         );
         for p in &tp.paths {
             let per = p
@@ -243,7 +243,7 @@ pub fn table(
                 .join(", ");
             let _ = writeln!(
                 o,
-                "{:<58} {:>6} {:>7}x {:>10}  {:<24} {:>8}",
+                "{:<58} {:>6} {:>7}x {:>10}  {:<24} {:>6} {:>6}",
                 p.label,
                 num(p.mb_per_s, 0),
                 num(p.mb_per_s / relay, 2),
@@ -253,9 +253,15 @@ pub fn table(
                     num(p.cpu_s_per_gib, 2)
                 },
                 per,
-                num(p.bench_cpu_s_per_gib, 2)
+                num(p.bench_cpu_s_per_gib, 2),
+                num(p.other_load, 2)
             );
         }
+        let _ = writeln!(
+            o,
+            "(wr+rd: CPU-s/GiB of the bench's writer and reader; other: busy cores of the rest \
+             of the machine meanwhile, 0 = quiet)"
+        );
     }
     for lat in [lat_plain, lat_tls].into_iter().flatten() {
         let echo = lat.kind("echo").map(|k| k.p50_us).unwrap_or(f64::NAN);
@@ -330,14 +336,8 @@ pub fn table(
         };
         let _ = writeln!(
             o,
-            "{:<44} {:>12} {:>11} {:>8} {:>12} {:>8}  {}",
-            "",
-            "RAM phase ms",
-            "data MB/s",
-            "x direct",
-            "downtime ms",
-            "wall s",
-            "range ms  full-precopy runs: median (n)"
+            "{:<44} {:>12} {:>11} {:>8} {:>12} {:>8}  range ms  full-precopy runs: median (n)",
+            "", "RAM phase ms", "data MB/s", "x direct", "downtime ms", "wall s"
         );
         let _ = writeln!(
             o,

@@ -38,6 +38,10 @@ pub struct Run {
     pub cpu_s: Vec<(String, f64)>,
     /// CPU seconds of the bench process (writer + reader threads).
     pub bench_cpu_s: f64,
+    /// Busy CPU seconds of the machine not spent by the processes above: other load.
+    pub other_cpu_s: f64,
+    /// CPU seconds the hypervisor gave to other guests meanwhile.
+    pub steal_s: f64,
 }
 
 /// The medians of one path.
@@ -52,6 +56,9 @@ pub struct PathResult {
     /// Per middle process role.
     pub cpu_s_per_gib_by_process: Vec<(String, f64)>,
     pub bench_cpu_s_per_gib: f64,
+    /// Median of [`Run::other_cpu_s`] per second of transfer: how busy the rest of the
+    /// machine was (0 = quiet, 1 = one core's worth of other work).
+    pub other_load: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -121,7 +128,7 @@ impl Drop for Sink {
 }
 
 /// One path under test and the processes that make it.
-struct Path_ {
+struct Route {
     name: &'static str,
     label: String,
     entry: PathBuf,
@@ -170,7 +177,7 @@ fn write_all(entry: &Path, size: u64) -> std::io::Result<()> {
 }
 
 /// Moves `size` bytes through `p` once (blocking).
-fn transfer(p: &Path_, size: u64) -> anyhow::Result<Run> {
+fn transfer(p: &Route, size: u64) -> anyhow::Result<Run> {
     // Nothing left over from an earlier run.
     while p.sink.rx.try_recv().is_ok() {}
     let before: Vec<f64> = p
@@ -179,6 +186,7 @@ fn transfer(p: &Path_, size: u64) -> anyhow::Result<Run> {
         .map(|(_, pid)| cpu_seconds(*pid))
         .collect::<anyhow::Result<_>>()?;
     let bench_before = cpu_seconds(0)?;
+    let (sys_before, steal_before) = super::procs::system_cpu();
     let start = Instant::now();
     let entry = p.entry.clone();
     let writer = std::thread::spawn(move || write_all(&entry, size));
@@ -199,10 +207,13 @@ fn transfer(p: &Path_, size: u64) -> anyhow::Result<Run> {
         .map(|(_, pid)| cpu_seconds(*pid))
         .collect::<anyhow::Result<_>>()?;
     let bench_after = cpu_seconds(0)?;
+    let (sys_after, steal_after) = super::procs::system_cpu();
     if bytes != size {
         bail!("{}: the reader got {bytes} of {size} bytes", p.name);
     }
     let secs = (end - start).as_secs_f64().max(1e-9);
+    let ours: f64 =
+        after.iter().zip(&before).map(|(a, b)| a - b).sum::<f64>() + (bench_after - bench_before);
     Ok(Run {
         bytes,
         secs,
@@ -214,6 +225,8 @@ fn transfer(p: &Path_, size: u64) -> anyhow::Result<Run> {
             .map(|((role, _), (b, a))| (role.clone(), a - b))
             .collect(),
         bench_cpu_s: bench_after - bench_before,
+        other_cpu_s: (sys_after - sys_before - ours).max(0.0),
+        steal_s: steal_after - steal_before,
     })
 }
 
@@ -242,13 +255,13 @@ pub(super) async fn relay(
     Ok((child, addr))
 }
 
-async fn setup(base: &Path, name: &'static str) -> anyhow::Result<Path_> {
+async fn setup(base: &Path, name: &'static str) -> anyhow::Result<Route> {
     let dir = base.join(name);
     std::fs::create_dir_all(&dir)?;
     let p = match name {
         "direct" => {
             let sink = Sink::listen(&dir.join("sink.sock"))?;
-            Path_ {
+            Route {
                 name,
                 label: "UNIX writer -> reader, no relay".into(),
                 entry: sink.path.clone(),
@@ -277,7 +290,7 @@ async fn setup(base: &Path, name: &'static str) -> anyhow::Result<Path_> {
                 &b_addr,
             )
             .await?;
-            Path_ {
+            Route {
                 name,
                 label: "copy relay x2, UNIX->TCP->UNIX, 1 MiB buffers (baseline)".into(),
                 entry,
@@ -319,7 +332,7 @@ async fn setup(base: &Path, name: &'static str) -> anyhow::Result<Path_> {
             } else {
                 "mtunnel tunnel -> ws:// -> mtunnel serve (plain)"
             };
-            Path_ {
+            Route {
                 name,
                 label: label.into(),
                 entry,
@@ -337,8 +350,10 @@ async fn setup(base: &Path, name: &'static str) -> anyhow::Result<Path_> {
         other => bail!("unknown path {other}"),
     };
     // One small warm-up transfer: first-connection costs stay out of the numbers.
-    tokio::task::block_in_place(|| transfer(&p, 8 << 20))
-        .with_context(|| format!("warm-up of path {name}"))?;
+    // Blocking on purpose (bounded by the reader's timeout): children are spawned only
+    // from the runtime's long-lived worker threads, as `PR_SET_PDEATHSIG` fires when the
+    // spawning thread ends, which `block_in_place` hand-offs could cause.
+    transfer(&p, 8 << 20).with_context(|| format!("warm-up of path {name}"))?;
     Ok(p)
 }
 
@@ -355,7 +370,7 @@ pub async fn run(
     }
     for round in 0..repeat {
         for p in &mut paths {
-            let run = tokio::task::block_in_place(|| transfer(p, size))?;
+            let run = transfer(p, size)?;
             log(&format!(
                 "  round {}/{repeat} {:<6} {:>7.0} MB/s  cpu {}",
                 round + 1,
@@ -394,6 +409,7 @@ pub async fn run(
                         )
                     })
                     .collect(),
+                other_load: median(p.runs.iter().map(|r| r.other_cpu_s / r.secs)),
                 bench_cpu_s_per_gib: median(p.runs.iter().map(|r| per_gib(r.bench_cpu_s, r.bytes))),
                 runs: p.runs.clone(),
             }
