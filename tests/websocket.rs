@@ -784,7 +784,7 @@ async fn forwarding_server(unix_path: std::path::PathBuf) -> (u16, String) {
     let fingerprint = mtunnel::util::fingerprint_sha256(&der);
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.signing_key.serialize_der()));
     let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
+        rustls::crypto::aws_lc_rs::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .unwrap()

@@ -125,7 +125,7 @@ pub fn client_config(fingerprint: Option<&str>) -> Result<Arc<ClientConfig>, Api
     let fingerprint = fingerprint
         .filter(|f| !f.trim().is_empty())
         .ok_or_else(|| ApiError::Request("no fingerprint given".into()))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = crate::util::tls_provider();
     let verifier = FingerprintVerifier::new(fingerprint, Arc::clone(&provider))?;
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
