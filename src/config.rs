@@ -40,6 +40,8 @@ pub struct NodeConfig {
     pub max_body_bytes: usize,
     /// QEMU acceleration: `kvm`, `tcg` or `auto` (KVM when `/dev/kvm` is usable).
     pub qemu_accel: crate::qemu::Accel,
+    /// Memory and instruction limits of each tunnel's Lua VM.
+    pub lua_limits: crate::script::Limits,
 }
 
 /// The TOML file: every key optional.
@@ -59,6 +61,10 @@ pub struct ConfigFile {
     pub max_body_bytes: Option<usize>,
     /// `kvm`, `tcg` or `auto`.
     pub qemu_accel: Option<String>,
+    /// Lua heap per tunnel, MiB (default 32).
+    pub lua_memory_mib: Option<usize>,
+    /// Lua VM instructions one command may run (default 50 000 000).
+    pub lua_instruction_limit: Option<i64>,
     #[serde(default)]
     pub storage: BTreeMap<String, StorageDef>,
 }
@@ -141,7 +147,19 @@ impl NodeConfig {
             Some("tcg") => crate::qemu::Accel::Tcg,
             Some(other) => bail!("invalid qemu_accel '{other}': use kvm, tcg or auto"),
         };
+        let defaults = crate::script::Limits::default();
+        let lua_limits = crate::script::Limits {
+            memory_bytes: file
+                .lua_memory_mib
+                .map(|m| m.max(4) << 20)
+                .unwrap_or(defaults.memory_bytes),
+            instructions: file
+                .lua_instruction_limit
+                .map(|n| n.max(100_000))
+                .unwrap_or(defaults.instructions),
+        };
         Ok(NodeConfig {
+            lua_limits,
             qemu_accel,
             node,
             handlers_dir: file

@@ -632,3 +632,37 @@ async fn accept_timeout_removes_the_reserved_config() {
     let status = env.node.tasks.status(&opened.upid).unwrap();
     assert_eq!(status.exit.unwrap().as_text(), "Exiting mtunnel");
 }
+
+#[tokio::test]
+async fn lua_limits_come_from_the_config() {
+    let env = env_with(ConfigFile {
+        lua_instruction_limit: Some(1_000_000),
+        ..Default::default()
+    });
+    let root = token(&env, "root@pam!t", ALL_PRIVILEGES);
+    // ~2 M instructions: fine with the default budget, too many for this node's.
+    write_handler(
+        &env,
+        "count",
+        "return { description = 'n', params = false, lock = false, run = function() local n = 0 for i = 1, 500000 do n = n + i end return { n = n } end }",
+    );
+    let mut c = open(&env, &root, 111).await;
+    assert_eq!(
+        c.send(json!({"cmd": "count"})).await,
+        err(
+            "failed to handle 'count' command - handler exceeded its instruction limit (runaway loop?)"
+        )
+    );
+    let roomy = env_with(ConfigFile::default());
+    let root = token(&roomy, "root@pam!t", ALL_PRIVILEGES);
+    write_handler(
+        &roomy,
+        "count",
+        "return { description = 'n', params = false, lock = false, run = function() local n = 0 for i = 1, 500000 do n = n + i end return { n = n } end }",
+    );
+    let mut c = open(&roomy, &root, 111).await;
+    assert_eq!(
+        c.send(json!({"cmd": "count"})).await,
+        json!({"success": true, "n": 125000250000i64})
+    );
+}

@@ -66,7 +66,7 @@ pub async fn run(
     for problem in problems {
         log.warn(format!("handler file skipped: {problem}"));
     }
-    let vm = crate::script::ScriptVm::new(crate::script::Limits::default(), &sources)?;
+    let vm = crate::script::ScriptVm::new(node.cfg.lua_limits, &sources)?;
     for (cmd, handler) in &vm.handlers {
         if let Err(e) = handler {
             log.warn(format!("handler '{cmd}' refused: {e}"));
