@@ -277,7 +277,19 @@ struct TokenCreateArgs {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    // Installed (or symlinked) as `proxmox-websocket-tunnel`, we are that helper: a PVE source
+    // runs it without arguments and speaks to it over stdin/stdout.
+    let invoked_as = std::env::args_os()
+        .next()
+        .map(std::path::PathBuf::from)
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
+    let cli = if invoked_as.as_deref() == Some("proxmox-websocket-tunnel") {
+        Cli {
+            command: Command::Tunnel,
+        }
+    } else {
+        Cli::parse()
+    };
     // Spec runs report through their own output; only problems go to the log by default.
     let default_level = match cli.command {
         Command::Handlers(HandlersCommand::Test { .. }) => "error",

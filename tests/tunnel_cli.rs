@@ -393,3 +393,33 @@ async fn closing_stdin_without_quit_fails_the_tunnel() {
     })
     .await
 }
+
+/// Under the name of Proxmox's helper the binary is that helper, without arguments.
+#[test]
+fn runs_as_proxmox_websocket_tunnel_when_named_so() {
+    use std::io::Write;
+    let dir = tempfile::Builder::new()
+        .prefix("mt")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let link = dir.path().join("proxmox-websocket-tunnel");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_mtunnel"), &link).unwrap();
+    let mut child = std::process::Command::new(&link)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"{\"cmd\":\"version\"}\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "{\"msg\":\"not connected\",\"success\":false}\n"
+    );
+}
