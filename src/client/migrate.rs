@@ -345,6 +345,12 @@ async fn run_phases(
         }
         remote.cmd(json!({"cmd": "resume"}), 30).await?;
         progress.log(format!("VM {tvmid} resumed on the target"));
+        if volumes.iter().any(|v| v.live) && fstrim_cloned_disks(conf) {
+            // As upstream: mirrored disks are fully allocated; let the guest trim them.
+            if let Err(e) = remote.cmd(json!({"cmd": "fstrim"}), 600).await {
+                progress.log(format!("WARN: fstrim on the target failed: {e:#}"));
+            }
+        }
         let vm = VmHandle::attach(&src.cfg.run_dir, vmid)?;
         if let Err(e) = vm.stop(qemu::process::StopTimeouts::default()).await {
             progress.log(format!("WARN: stopping the source VM failed: {e}"));
@@ -683,6 +689,18 @@ async fn import_volume(
             ),
         }
     }
+}
+
+/// The `agent` option asks for `fstrim_cloned_disks` (PVE: `agent: 1,fstrim_cloned_disks=1`).
+fn fstrim_cloned_disks(conf: &VmConfig) -> bool {
+    conf.options
+        .get("agent")
+        .and_then(|a| vmconf::parse_property_string(a, Some("enabled")).ok())
+        .is_some_and(|props| {
+            props.iter().any(|(k, v)| {
+                k == "fstrim_cloned_disks" && crate::util::lenient_bool(&json!(v)) == Some(true)
+            })
+        })
 }
 
 fn src_vmid_of(volid: &str) -> anyhow::Result<String> {
@@ -1034,5 +1052,13 @@ mod tests {
         assert_eq!(min_limit(Some(100), None), Some(100));
         assert_eq!(min_limit(Some(100), Some(50)), Some(50));
         assert_eq!(min_limit(None, Some(0)), None);
+        let mut conf = VmConfig::default();
+        assert!(!fstrim_cloned_disks(&conf));
+        conf.options
+            .insert("agent".into(), "1,fstrim_cloned_disks=1".into());
+        assert!(fstrim_cloned_disks(&conf));
+        conf.options
+            .insert("agent".into(), "enabled=1,fstrim_cloned_disks=0".into());
+        assert!(!fstrim_cloned_disks(&conf));
     }
 }
