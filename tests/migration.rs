@@ -674,6 +674,16 @@ async fn refusals_end_with_clear_messages_and_change_nothing() {
     let fp = good.replace(&dst.fingerprint, &["AB"; 32].join(":"));
     let err = refused(&src, "105", &fp, "local").await;
     assert!(err.contains("not verified, abort!"), "{err}");
+    // No fingerprint: the self-signed target is checked against the root CAs and refused.
+    let no_fp = format!(
+        "host=127.0.0.1,port={},apitoken={}",
+        dst.port, dst.root_token
+    );
+    let err = refused(&src, "105", &no_fp, "local").await;
+    assert!(
+        err.contains("could not be verified with the system's root CAs; pass fingerprint="),
+        "{err}"
+    );
     // Source VM that does not exist, and one that is locked.
     let err = refused(&src, "999", &good, "local").await;
     assert!(err.contains("VM 999 does not exist"), "{err}");

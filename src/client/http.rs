@@ -119,6 +119,26 @@ impl ApiClient {
         }
     }
 
+    /// A client for `https://host:port` that verifies the server by the Mozilla root CAs and
+    /// its host name instead of a pinned fingerprint ([`ApiClient::fingerprint`] is empty).
+    ///
+    /// # Errors
+    /// See [`tls::ca_client_config`].
+    pub fn with_ca_verification(
+        host: impl Into<String>,
+        port: u16,
+        token_header: String,
+    ) -> Result<Self, ApiError> {
+        Ok(ApiClient {
+            host: host.into(),
+            port,
+            token_header,
+            tls: Some(tls::ca_client_config()?),
+            fingerprint: String::new(),
+            timeout: DEFAULT_TIMEOUT,
+        })
+    }
+
     /// Whether requests go over TLS (`https://`).
     pub fn is_tls(&self) -> bool {
         self.tls.is_some()

@@ -153,10 +153,10 @@ pub async fn migrate(
         volumes.len()
     ));
 
-    let fingerprint =
-        opts.target.fingerprint.clone().context(
-            "the target endpoint needs fingerprint=AA:BB:.. (its certificate's SHA-256)",
-        )?;
+    let fingerprint = match opts.target.fingerprint.clone() {
+        Some(f) => f,
+        None => pinned_fingerprint(&opts.target).await?,
+    };
     let api = ApiClient::new(
         opts.target.host.clone(),
         opts.target.port,
@@ -811,6 +811,35 @@ fn replace_prop(value: &str, key: &str, new: &str) -> anyhow::Result<String> {
             .collect::<Vec<_>>()
             .join(","))
     }
+}
+
+/// Without `fingerprint=`, PVE trusts the target by its CA-signed certificate and pins the
+/// certificate the target reports for the tunnel; so do we.
+async fn pinned_fingerprint(target: &TargetEndpoint) -> anyhow::Result<String> {
+    let api =
+        ApiClient::with_ca_verification(target.host.clone(), target.port, target.apitoken.clone())?;
+    let certs = api
+        .get("/nodes/localhost/certificates/info", &[])
+        .await
+        .with_context(|| {
+            format!(
+                "the certificate of {}:{} could not be verified with the system's root CAs; \
+                 pass fingerprint=AA:BB:.. in --target (printed by `mtunnel serve`, or \
+                 GET /nodes/localhost/certificates/info)",
+                target.host, target.port
+            )
+        })?;
+    let find = |name: &str| {
+        certs.as_array().and_then(|a| {
+            a.iter()
+                .find(|c| c["filename"] == json!(name))
+                .and_then(|c| c["fingerprint"].as_str())
+                .map(str::to_string)
+        })
+    };
+    find("pveproxy-ssl.pem")
+        .or_else(|| find("pve-ssl.pem"))
+        .context("the target reports no pveproxy-ssl.pem or pve-ssl.pem certificate")
 }
 
 async fn target_node(api: &ApiClient) -> anyhow::Result<String> {

@@ -137,6 +137,23 @@ pub fn client_config(fingerprint: Option<&str>) -> Result<Arc<ClientConfig>, Api
     Ok(Arc::new(config))
 }
 
+/// A rustls client configuration that verifies the server the usual way: a certificate
+/// chain to one of the Mozilla root CAs (webpki-roots) and the host name. What PVE's API
+/// client does for a target endpoint without `fingerprint=`.
+///
+/// # Errors
+/// Only if the provider offers no safe protocol version.
+pub fn ca_client_config() -> Result<Arc<ClientConfig>, ApiError> {
+    let roots = rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    let mut config = ClientConfig::builder_with_provider(crate::util::tls_provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ApiError::Request(format!("TLS protocol versions: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
 /// Opens a TCP connection to `host:port` and runs the TLS handshake with `config`.
 ///
 /// # Errors
