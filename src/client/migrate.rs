@@ -26,6 +26,9 @@ use crate::guest::{ConfigStore, store::DEFAULT_LOCK_TIMEOUT};
 use crate::qemu::{self, MigrationParams, VmHandle};
 use crate::storage::Storage;
 
+/// How long a disk mirror may make no progress before the migration gives up.
+const MIRROR_STALL: Duration = Duration::from_secs(60);
+
 /// The protocol version we speak (`WS_TUNNEL_VERSION` upstream).
 pub const TUNNEL_VERSION: u64 = 2;
 
@@ -502,7 +505,9 @@ async fn wait_mirror(
     progress: &Progress,
 ) -> anyhow::Result<()> {
     let bar = progress.bar(key, 0);
+    // A frozen tunnel times out nowhere else: give up when the mirror makes no progress.
     let watch = async {
+        let mut last = (0u64, Instant::now());
         loop {
             if let Ok(jobs) = vm
                 .execute("query-block-jobs", Value::Null, Duration::from_secs(10))
@@ -511,17 +516,24 @@ async fn wait_mirror(
                     .as_array()
                     .and_then(|a| a.iter().find(|j| j["device"] == json!(job)))
             {
-                bar.set(
-                    j["offset"].as_u64().unwrap_or(0),
-                    j["len"].as_u64().unwrap_or(0),
-                );
+                let offset = j["offset"].as_u64().unwrap_or(0);
+                bar.set(offset, j["len"].as_u64().unwrap_or(0));
+                if offset != last.0 {
+                    last = (offset, Instant::now());
+                }
+            }
+            if last.1.elapsed() > MIRROR_STALL {
+                return Err(anyhow::anyhow!(
+                    "mirror of {key} made no progress for {} s",
+                    MIRROR_STALL.as_secs()
+                ));
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     };
     tokio::select! {
         r = vm.wait_block_job_ready(job, Duration::from_secs(24 * 3600)) => r?,
-        _ = watch => {}
+        r = watch => r?,
     }
     bar.finish("mirrored (ready)");
     Ok(())
