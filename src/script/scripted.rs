@@ -30,7 +30,7 @@ use crate::config::NodeConfig;
 use crate::guest::hypervisor::{HvResult, Hypervisor, IncomingStart, IncomingStarted};
 use crate::storage::{
     ImageFormat, ImportRequest, Storage, StorageDef, StorageError, StorageResult, VolumeId,
-    check_image_name, image_file_name,
+    image_file_name,
 };
 
 /// Storage functions a script may override.
@@ -184,17 +184,7 @@ impl Fake {
         let mut state = self.state();
         let name = match name {
             Some(name) => {
-                check_image_name(name, vmid)?;
-                let name = match ImageFormat::from_name(name) {
-                    Some(ext) if ext != fmt => {
-                        return Err(StorageError::IllegalName {
-                            name: name.to_string(),
-                            reason: format!("wrong extension for format ('{ext}' != '{fmt}')"),
-                        });
-                    }
-                    Some(_) => name.to_string(),
-                    None => image_file_name(name, vmid, fmt)?,
-                };
+                let name = crate::storage::alloc_file_name(name, vmid, fmt)?;
                 let volid = format!("{storage}:{vmid}/{name}");
                 if state.volumes.contains_key(&volid) {
                     return Err(StorageError::Exists {

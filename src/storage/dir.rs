@@ -22,7 +22,7 @@ use tokio::process::Command;
 use super::import::{copy_sparse, read_size_header};
 use super::{
     ImageFormat, ImportRequest, Storage, StorageDef, StorageError, StorageResult, VolumeId,
-    check_image_name, image_file_name,
+    alloc_file_name, image_file_name,
 };
 
 /// PVE's limit on `vm-{vmid}-disk-N` numbers per guest and storage.
@@ -348,20 +348,6 @@ fn disk_number(name: &str, vmid: u32) -> Option<u32> {
         return None;
     }
     digits.parse().ok()
-}
-
-/// The file name for an explicit `alloc` name: a `.raw`/`.qcow2` extension must match the
-/// format (as PVE demands); without one, `.{format}` is appended.
-fn alloc_file_name(name: &str, vmid: u32, fmt: ImageFormat) -> StorageResult<String> {
-    check_image_name(name, vmid)?;
-    match ImageFormat::from_name(name) {
-        Some(ext) if ext != fmt => Err(StorageError::IllegalName {
-            name: name.to_string(),
-            reason: format!("wrong extension for format ('{ext}' != '{fmt}')"),
-        }),
-        Some(_) => Ok(name.to_string()),
-        None => image_file_name(name, vmid, fmt),
-    }
 }
 
 /// Removes a file when dropped, unless disarmed: cleans up after errors and cancellation.

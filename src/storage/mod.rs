@@ -278,6 +278,20 @@ pub fn check_image_name(name: &str, vmid: u32) -> StorageResult<()> {
 
 /// The file name a requested volume name gets in `format`: a known image extension is
 /// stripped (`vm-567-disk-0.qcow2` → `vm-567-disk-0`), `.{format}` appended, and the
+/// The file name for an explicit `alloc` name: a `.raw`/`.qcow2` extension must match the
+/// format (as PVE demands); without one, `.{format}` is appended.
+pub fn alloc_file_name(name: &str, vmid: u32, fmt: ImageFormat) -> StorageResult<String> {
+    check_image_name(name, vmid)?;
+    match ImageFormat::from_name(name) {
+        Some(ext) if ext != fmt => Err(StorageError::IllegalName {
+            name: name.to_string(),
+            reason: format!("wrong extension for format ('{ext}' != '{fmt}')"),
+        }),
+        Some(_) => Ok(name.to_string()),
+        None => image_file_name(name, vmid, fmt),
+    }
+}
+
 /// result checked with [`check_image_name`].
 pub fn image_file_name(requested: &str, vmid: u32, format: ImageFormat) -> StorageResult<String> {
     let stem = match requested.rsplit_once('.') {
