@@ -328,6 +328,12 @@ async fn offline_migration_copies_config_and_volumes() {
         &image(&src, 101, "vm-101-disk-1.raw"),
     );
     let conf_before = std::fs::read_to_string(src.vm_config(101)).unwrap();
+    // --delete removes the sources: keep copies to compare the imported disks with.
+    let keep = src.data.parent().unwrap().join("keep");
+    std::fs::create_dir_all(&keep).unwrap();
+    for name in ["vm-101-disk-0.qcow2", "vm-101-disk-1.raw"] {
+        std::fs::copy(image(&src, 101, name), keep.join(name)).unwrap();
+    }
     mt_ok(
         &src,
         &[
@@ -344,7 +350,6 @@ async fn offline_migration_copies_config_and_volumes() {
     )
     .await;
     let expected = conf_before
-        .replace("100", "-")
         .replace("vm-101-", "vm-201-")
         .replace("local:101/", "local:201/");
     assert_eq!(
@@ -352,8 +357,12 @@ async fn offline_migration_copies_config_and_volumes() {
         expected
     );
     compare(
+        &keep.join("vm-101-disk-0.qcow2"),
         &image(&dst, 201, "vm-201-disk-0.qcow2"),
-        &image(&dst, 201, "vm-201-disk-0.qcow2"),
+    );
+    compare(
+        &keep.join("vm-101-disk-1.raw"),
+        &image(&dst, 201, "vm-201-disk-1.raw"),
     );
     let meta = std::fs::metadata(image(&dst, 201, "vm-201-disk-1.raw")).unwrap();
     assert_eq!(meta.len(), 8 << 20);
