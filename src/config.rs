@@ -42,6 +42,15 @@ pub struct NodeConfig {
     pub qemu_accel: crate::qemu::Accel,
     /// Memory and instruction limits of each tunnel's Lua VM.
     pub lua_limits: crate::script::Limits,
+    /// A WebSocket peer from which no frame arrived for this long is dropped (the server
+    /// pings every connection at a third of it), and its tunnel cleans up.
+    pub peer_timeout: Duration,
+    /// How long SIGTERM/SIGINT waits for open tunnels to clean up before `serve` exits.
+    pub shutdown_timeout: Duration,
+    /// Open tunnels at most; more get 503.
+    pub max_tunnels: usize,
+    /// Concurrent HTTP connections (including WebSocket streams) at most; more get 503.
+    pub max_connections: usize,
 }
 
 /// The TOML file: every key optional.
@@ -65,6 +74,12 @@ pub struct ConfigFile {
     pub lua_memory_mib: Option<usize>,
     /// Lua VM instructions one command may run (default 50 000 000).
     pub lua_instruction_limit: Option<i64>,
+    /// Drop a WebSocket peer silent for this long (default 60).
+    pub peer_timeout_secs: Option<u64>,
+    /// Time open tunnels get to clean up on SIGTERM (default 30).
+    pub shutdown_timeout_secs: Option<u64>,
+    pub max_tunnels: Option<usize>,
+    pub max_connections: Option<usize>,
     #[serde(default)]
     pub storage: BTreeMap<String, StorageDef>,
 }
@@ -176,6 +191,10 @@ impl NodeConfig {
             bridges: file.bridges.unwrap_or_default(),
             max_body_bytes: file.max_body_bytes.unwrap_or(1024 * 1024),
             storages,
+            peer_timeout: Duration::from_secs(file.peer_timeout_secs.unwrap_or(60).max(1)),
+            shutdown_timeout: Duration::from_secs(file.shutdown_timeout_secs.unwrap_or(30)),
+            max_tunnels: file.max_tunnels.unwrap_or(64).max(1),
+            max_connections: file.max_connections.unwrap_or(1024).max(1),
         })
     }
 
@@ -192,6 +211,11 @@ impl NodeConfig {
     /// `{data}/tasks`: task logs.
     pub fn task_dir(&self) -> PathBuf {
         self.data_dir.join("tasks")
+    }
+
+    /// `{data}/tunnels`: the journal of each open tunnel (what it created), for recovery.
+    pub fn journal_dir(&self) -> PathBuf {
+        self.data_dir.join("tunnels")
     }
 
     /// `{data}/firewall`: VM firewall files.

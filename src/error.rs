@@ -21,6 +21,9 @@ pub enum Error {
     Forbidden(String),
     #[error("{0}")]
     NotImplemented(String),
+    /// The node is at a configured limit (tunnels, connections): HTTP 503.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("{0:#}")]
     Internal(#[from] anyhow::Error),
 }

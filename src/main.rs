@@ -38,6 +38,20 @@ enum Command {
     Migrate(MigrateArgs),
     /// Speak the stdin/stdout language of Proxmox's `proxmox-websocket-tunnel` helper.
     Tunnel,
+    /// Find and free what failed migrations left on this node: tunnels of a dead `serve`
+    /// (their journals in {data}/tunnels: a started VM is stopped, volumes and the reserved
+    /// config freed — never a VM that was resumed here), empty `lock: create`
+    /// reservations, volumes of VMIDs that have no config, stale tunnel sockets. Configs
+    /// locked `migrate`/`create` by no open tunnel are listed with what to run (`mtunnel vm
+    /// unlock` or `mtunnel vm destroy --skiplock`), not changed. Safe while `serve` runs:
+    /// what its open tunnels own is skipped.
+    Cleanup {
+        /// Only list what would be freed.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        node: NodeArgs,
+    },
     /// Check or test tunnel handler files.
     #[command(subcommand)]
     Handlers(HandlersCommand),
@@ -149,7 +163,16 @@ enum VmCommand {
         #[command(flatten)]
         node: NodeArgs,
     },
-    /// Remove a stopped VM with its disks.
+    /// Remove the lock from a VM config (as `qm unlock`), e.g. `migrate` left on a VM that
+    /// was resumed here when the source vanished before it sent `unlock`. Refused while
+    /// an open tunnel of this node works on the VM.
+    Unlock {
+        vmid: u32,
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// Remove a stopped VM with its disks: those its config references and any other
+    /// volume owned by the VMID (as PVE's destroy with destroy-unreferenced-disks).
     Destroy {
         vmid: u32,
         /// Destroy even if the config is locked (e.g. after a migration without --delete).
@@ -309,6 +332,7 @@ fn main() {
         Command::Token(TokenCommand::Create(args)) => token_create(args),
         Command::Tunnel => run_async(mtunnel::client::tunnel::run_stdio()),
         Command::Vm(cmd) => run_async(vm_command(cmd)),
+        Command::Cleanup { dry_run, node } => run_async(cleanup(node, dry_run)),
         Command::Migrate(args) => run_async(migrate(args)),
         Command::Handlers(HandlersCommand::Check { dir, node }) => handlers_check(dir, &node),
         Command::Handlers(HandlersCommand::Test { dir, filter }) => {
@@ -371,6 +395,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     } else {
         None
     };
+    let _data_lock = mtunnel::node::lock_data_dir(&node.cfg)?;
+    raise_fd_limit();
+    for line in mtunnel::tunnel::recovery::recover_at_start(&node).await {
+        println!("recovery: {line}");
+    }
     let tls = mtunnel::api::tls::TlsIdentity::load_or_create(&node.cfg.data_dir, &node.cfg.node)?;
     let server = mtunnel::api::serve(node.clone(), tls).await?;
     println!("mtunnel serving node '{}'", node.cfg.node);
@@ -397,6 +426,71 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         _ = terminate() => tracing::info!("terminated, shutting down"),
     }
     server.abort();
+    let open = mtunnel::tunnel::shutdown(&node).await;
+    if open > 0 {
+        // Their journals stay: the next start frees what they created.
+        tracing::warn!(
+            "{open} tunnel(s) still cleaning up after {} s; exiting, the next start recovers them",
+            node.cfg.shutdown_timeout.as_secs()
+        );
+    } else {
+        tracing::info!("all tunnels closed, exiting");
+    }
+    Ok(())
+}
+
+/// Raises the soft open-file limit to the hard one: every tunnel stream is a TCP socket
+/// plus a UNIX socket, and an EMFILE in the middle of a migration helps nobody.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        tracing::warn!("cannot raise the open-file limit from {soft} to {hard}: {e}");
+    }
+}
+
+async fn cleanup(args: NodeArgs, dry_run: bool) -> anyhow::Result<()> {
+    use mtunnel::tunnel::recovery;
+    let node = Node::open(load_config(&args, None)?)?;
+    let mut any = false;
+    for r in recovery::recover_dead_tunnels(&node, dry_run, recovery::RecoveredBy::Cleanup).await {
+        any = true;
+        println!("tunnel {} (VM {}):", r.upid, r.vmid);
+        for line in r.lines {
+            println!("  {line}");
+        }
+    }
+    let found = recovery::find_leftovers(&node).await;
+    let verb = if dry_run { "would remove" } else { "removing" };
+    for vmid in &found.empty_reservations {
+        println!("{verb} empty reservation of VM {vmid} (config 'lock: create')");
+    }
+    for volid in &found.orphaned_volumes {
+        println!("{verb} orphaned volume '{volid}' (its VM has no config)");
+    }
+    for path in &found.stale_sockets {
+        println!("{verb} stale socket {}", path.display());
+    }
+    for (vmid, lock) in &found.locked_configs {
+        println!(
+            "VM {vmid} is locked '{lock}' by no open tunnel: if it is complete, \
+             'mtunnel vm unlock {vmid}'; if not, 'mtunnel vm destroy {vmid} --skiplock'"
+        );
+    }
+    any |= !(found.empty_reservations.is_empty()
+        && found.orphaned_volumes.is_empty()
+        && found.stale_sockets.is_empty()
+        && found.locked_configs.is_empty());
+    if !dry_run {
+        for line in recovery::free_leftovers(&node, &found).await {
+            println!("{line}");
+        }
+    }
+    if !any {
+        println!("nothing to clean up");
+    }
     Ok(())
 }
 
@@ -491,6 +585,7 @@ async fn vm_command(cmd: VmCommand) -> anyhow::Result<()> {
         | VmCommand::Stop { node, .. }
         | VmCommand::Status { node, .. }
         | VmCommand::List { node }
+        | VmCommand::Unlock { node, .. }
         | VmCommand::Destroy { node, .. } => node.clone(),
     };
     let vms = LocalVms::open(load_config(&node_args, None)?)?;
@@ -534,6 +629,22 @@ async fn vm_command(cmd: VmCommand) -> anyhow::Result<()> {
             println!("{:>10} {:<20} {:<10} LOCK", "VMID", "NAME", "STATUS");
             for (vmid, name, status, lock) in vms.list().await {
                 println!("{vmid:>10} {name:<20} {status:<10} {lock}");
+            }
+        }
+        VmCommand::Unlock { vmid, .. } => {
+            let (journals, _) = mtunnel::script::journal::load_all(&vms.cfg.journal_dir());
+            if let Some(open) = journals
+                .iter()
+                .find(|c| c.vmid == vmid && c.owner.is_alive())
+            {
+                anyhow::bail!(
+                    "VM {vmid} is in use by the open tunnel {} - stop that task first",
+                    open.upid
+                );
+            }
+            match vms.unlock(vmid).await? {
+                Some(lock) => println!("VM {vmid}: removed lock '{lock}'"),
+                None => println!("VM {vmid} was not locked"),
             }
         }
         VmCommand::Destroy { vmid, skiplock, .. } => {

@@ -23,6 +23,37 @@ pub struct Node {
     pub hypervisor: Arc<dyn Hypervisor>,
 }
 
+/// Takes `{data}/serve.lock` for as long as the returned file lives: two `serve`
+/// processes on one data dir would free each other's tunnels as "dead".
+pub fn lock_data_dir(cfg: &NodeConfig) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    use std::io::{Read, Seek, Write};
+    let path = cfg.data_dir.join("serve.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| anyhow::anyhow!("opening {}: {e}", path.display()))?;
+    let mut file = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+    {
+        Ok(f) => f,
+        Err((mut file, _)) => {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            anyhow::bail!(
+                "another mtunnel serve (pid {}) uses the data dir {}",
+                pid.trim(),
+                cfg.data_dir.display()
+            );
+        }
+    };
+    let _ = file.set_len(0);
+    let _ = file.rewind();
+    let _ = write!(file, "{}", std::process::id());
+    Ok(file)
+}
+
 /// The storage and hypervisor backends a node uses (real ones unless scripted).
 pub struct Backends {
     pub storage: Arc<dyn Storage>,

@@ -1116,18 +1116,23 @@ async fn task_log_pages() {
         server.wait_stopped(&t.upid, 10).await;
         assert_eq!(
             server.task_log(&t.upid).await,
-            ["mtunnel started", "TASK ERROR: received interrupt"]
+            [
+                "mtunnel started",
+                "tunnel stopped before the source connected: cleaning up",
+                "cleanup: removed config of VM 100",
+                "TASK ERROR: received interrupt"
+            ]
         );
         let page = client
             .get(
                 &task_path(&t.upid, "/log"),
-                &[("start", "1"), ("limit", "1")],
+                &[("start", "3"), ("limit", "1")],
             )
             .await
             .unwrap();
         assert_eq!(
             page,
-            json!([{"n": 2, "t": "TASK ERROR: received interrupt"}])
+            json!([{"n": 4, "t": "TASK ERROR: received interrupt"}])
         );
         let err = client
             .get(&task_path(&t.upid, "/log"), &[("start", "-1")])
@@ -1286,15 +1291,24 @@ async fn task_status_survives_restart() {
         assert_eq!(after, before);
         assert_eq!(
             server.task_log(&done.upid).await,
-            ["mtunnel started", "TASK ERROR: received interrupt"]
+            [
+                "mtunnel started",
+                "tunnel stopped before the source connected: cleaning up",
+                "cleanup: removed config of VM 100",
+                "TASK ERROR: received interrupt"
+            ]
         );
-        // Killed mid-task: stopped, with no final line to read an exit status from.
+        // Killed mid-task: the restart recovered the tunnel and ended its log.
         let killed = client
             .get(&task_path(&running.upid, "/status"), &[])
             .await
             .unwrap();
         assert_eq!(killed["status"], "stopped");
-        assert_eq!(killed["exitstatus"], "unexpected status");
+        assert_eq!(
+            killed["exitstatus"],
+            "mtunnel was stopped or crashed during the migration; recovered at restart"
+        );
+        assert!(!server.vm_config(101).exists(), "reservation left behind");
         let all = client
             .get(&format!("/nodes/{NODE}/tasks"), &[("source", "all")])
             .await
@@ -1326,6 +1340,8 @@ async fn tunnel_accept_timeout_removes_config() {
             [
                 "mtunnel started",
                 "mtunnel timeout: no connection within 2 s",
+                "no control connection: cleaning up",
+                "cleanup: removed config of VM 100",
                 "TASK ERROR: Exiting mtunnel"
             ]
         );

@@ -73,6 +73,11 @@ pub async fn serve(node: Arc<Node>, tls: TlsIdentity) -> anyhow::Result<Server> 
     };
     let use_tls = acceptor.is_some();
     let fingerprint = tls.fingerprint.clone();
+    let limits = ConnLimits {
+        slots: Arc::new(tokio::sync::Semaphore::new(node.cfg.max_connections)),
+        max: node.cfg.max_connections,
+        keepalive: node.cfg.peer_timeout,
+    };
     let state = Arc::new(AppState { node, tls });
     let router = routes::router(state);
     let task = tokio::spawn(async move {
@@ -87,9 +92,19 @@ pub async fn serve(node: Arc<Node>, tls: TlsIdentity) -> anyhow::Result<Server> 
                 }
             };
             let _ = tcp.set_nodelay(true);
+            set_keepalive(&tcp, limits.keepalive);
+            // Held for the connection's life, WebSocket streams included.
+            let slot = Arc::clone(&limits.slots).try_acquire_owned().ok();
+            let router = match slot {
+                Some(_) => router.clone(),
+                None => {
+                    tracing::warn!(%peer, "connection limit reached (max_connections = {})", limits.max);
+                    busy_router(limits.max)
+                }
+            };
             let acceptor = acceptor.clone();
-            let router = router.clone();
             tokio::spawn(async move {
+                let _slot = slot;
                 let Some(acceptor) = acceptor else {
                     serve_connection(tcp, router, peer).await;
                     return;
@@ -117,6 +132,44 @@ pub async fn serve(node: Arc<Node>, tls: TlsIdentity) -> anyhow::Result<Server> 
         tls: use_tls,
         task,
     })
+}
+
+/// The connection cap and TCP keepalive of accepted connections.
+struct ConnLimits {
+    slots: Arc<tokio::sync::Semaphore>,
+    max: usize,
+    keepalive: Duration,
+}
+
+/// Answers every request of a connection over the cap with 503 and PVE's envelope.
+fn busy_router(max: usize) -> axum::Router {
+    axum::Router::new().fallback(move || async move {
+        reply::render(
+            reply::Format::from_path(""),
+            Err(crate::error::Error::Unavailable(format!(
+                "too many connections (max_connections = {max}) - try again later"
+            ))),
+        )
+    })
+}
+
+/// TCP keepalive probes a silent peer (idle a third of `peer_timeout`, then every few
+/// seconds), and TCP_USER_TIMEOUT fails a connection whose sent data stays unacknowledged
+/// for `peer_timeout`: a source that lost power is noticed even while we only send.
+fn set_keepalive(tcp: &tokio::net::TcpStream, peer_timeout: Duration) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let secs = peer_timeout.as_secs().max(3);
+    let idle = (secs / 3).max(1) as u32;
+    let probes = 3u32;
+    let interval = ((secs - u64::from(idle)) / u64::from(probes)).max(1) as u32;
+    let set = setsockopt(tcp, sockopt::KeepAlive, &true)
+        .and_then(|()| setsockopt(tcp, sockopt::TcpKeepIdle, &idle))
+        .and_then(|()| setsockopt(tcp, sockopt::TcpKeepInterval, &interval))
+        .and_then(|()| setsockopt(tcp, sockopt::TcpKeepCount, &probes))
+        .and_then(|()| setsockopt(tcp, sockopt::TcpUserTimeout, &((secs * 1000) as u32)));
+    if let Err(e) = set {
+        tracing::debug!("setting TCP keepalive: {e}");
+    }
 }
 
 /// HTTP/1.1 with upgrades on one accepted connection (TLS or plain).

@@ -80,6 +80,7 @@ fn status_of(error: &Error) -> StatusCode {
         Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         Error::Forbidden(_) => StatusCode::FORBIDDEN,
         Error::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
+        Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }

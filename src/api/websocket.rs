@@ -70,6 +70,7 @@ pub(super) async fn mtunnelwebsocket(
         }
     };
     let vmid = path_param(&p, "vmid").to_string();
+    let peer_timeout = st.node.cfg.peer_timeout;
     tokio::spawn(async move {
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
@@ -80,7 +81,15 @@ pub(super) async fn mtunnelwebsocket(
         };
         let (read, write) = unix.into_split();
         let io = TokioIo::new(upgraded);
-        match forward::relay(io, Vec::new(), forward::Role::Server, read, write).await {
+        let relayed = forward::relay_watched(
+            io,
+            Vec::new(),
+            forward::Role::Server,
+            read,
+            write,
+            Some(peer_timeout),
+        );
+        match relayed.await {
             Ok(stats) => tracing::debug!(
                 vmid,
                 socket = %socket.display(),

@@ -237,8 +237,30 @@ impl LocalVms {
                 Err(e) => tracing::warn!("freeing {volid}: {e}"),
             }
         }
+        // As PVE's destroy-unreferenced-disks: also the VMID's volumes no config names
+        // (e.g. a partial import of a failed migration).
+        for volid in self.storage.volumes_of(vmid).await.unwrap_or_default() {
+            if freed.contains(&volid) {
+                continue;
+            }
+            match self.storage.free(&volid).await {
+                Ok(()) => freed.push(volid),
+                Err(e) => tracing::warn!("freeing {volid}: {e}"),
+            }
+        }
         let _ = std::fs::remove_file(self.cfg.firewall_dir().join(format!("{vmid}.fw")));
         self.guests.remove_locked(&guard)?;
         Ok(freed)
+    }
+
+    /// Removes the config's lock; returns the lock it had.
+    pub async fn unlock(&self, vmid: u32) -> anyhow::Result<Option<String>> {
+        let guard = self.guests.lock(vmid, DEFAULT_LOCK_TIMEOUT).await?;
+        let mut conf = self.load(vmid)?;
+        let old = conf.options.remove("lock");
+        if old.is_some() {
+            self.guests.write_text_locked(&guard, &conf.write())?;
+        }
+        Ok(old)
     }
 }

@@ -28,7 +28,7 @@ impl LuaCommandHandler {
     /// Wires a loaded VM to a tunnel; the config starts out expecting lock `create`.
     pub fn new(vm: ScriptVm, ctx: HostCtx) -> anyhow::Result<Self> {
         let ctx = Arc::new(ctx);
-        ctx.session().expected_lock = Some("create".into());
+        ctx.session().created.expected_lock = Some("create".into());
         vm.lua.set_app_data(Arc::clone(&ctx));
         let lua_err = |e: mlua::Error| anyhow::anyhow!("creating tunnel state: {e}");
         let state = vm
@@ -95,7 +95,7 @@ impl LuaCommandHandler {
                 Ok(Err(e)) => return Outcome::err(e.to_string()),
                 Err(e) => return Outcome::err(e.to_string()),
             };
-            let expected = self.ctx.session().expected_lock.clone();
+            let expected = self.ctx.session().created.expected_lock.clone();
             if let Some(lock) = expected
                 && conf.options.get("lock") != Some(&lock)
             {
@@ -182,29 +182,42 @@ impl CommandHandler for LuaCommandHandler {
         Box::pin(self.run(cmd, params))
     }
 
-    fn finish(&mut self, clean: bool) -> BoxFuture<'_, ()> {
+    fn finish(&mut self, end: &str) -> BoxFuture<'_, ()> {
+        let end = end.to_string();
         Box::pin(async move {
-            let committed = self.ctx.session().committed;
-            if clean || committed {
-                if let Some(job) = self.ctx.session().import.take() {
-                    job.task.abort();
-                    let _ = std::fs::remove_file(&job.socket);
-                }
+            let created = self.ctx.session().created.clone();
+            if created.released {
                 return;
             }
-            self.ctx
-                .log
-                .log("control connection lost before the migration finished: cleaning up");
-            host::cleanup(&self.ctx).await;
+            if !created.committed {
+                self.ctx.log.log(format!("{end}: cleaning up"));
+                host::cleanup(&self.ctx).await;
+                return;
+            }
+            // Past the point of no return: the VM stays whatever happens; only what
+            // served the transfer goes.
+            host::end_import(&self.ctx).await;
+            for socket in &created.sockets {
+                let _ = std::fs::remove_file(socket);
+            }
+            if let Some(lock) = &created.expected_lock {
+                tracing::debug!(vmid = self.ctx.vmid, "tunnel ended: {end}");
+                self.ctx.log.warn(format!(
+                    "tunnel ended after VM {} was resumed on this node: it keeps running \
+                     and keeps lock '{lock}' until 'unlock' (mtunnel vm unlock {})",
+                    self.ctx.vmid, self.ctx.vmid
+                ));
+            }
         })
     }
 }
 
-/// A fresh host context for a tunnel.
+/// A fresh host context for a tunnel whose journal starts as `created`.
 pub fn host_ctx(
     node: &Arc<crate::node::Node>,
     tunnel: &Arc<crate::tunnel::Tunnel>,
     log: &crate::task::TaskLog,
+    created: super::journal::Created,
 ) -> HostCtx {
     HostCtx {
         node: Arc::clone(node),
@@ -212,7 +225,10 @@ pub fn host_ctx(
         log: log.clone(),
         vmid: tunnel.vmid,
         authid: tunnel.authid.clone(),
-        session: Mutex::new(Session::default()),
+        session: Mutex::new(Session {
+            created,
+            ..Session::default()
+        }),
         guard: Mutex::new(None),
     }
 }

@@ -17,6 +17,7 @@ use serde_json::{Map, Value, json};
 use tokio::io::{AsyncRead, ReadBuf};
 
 use super::HandlerFailure;
+use super::journal::{self, Created};
 use crate::auth::token::unix_now;
 use crate::guest::config::{self, VmConfig};
 use crate::guest::{IncomingStart, VmLockGuard};
@@ -28,15 +29,8 @@ use crate::tunnel::Tunnel;
 /// What a tunnel has done so far, for cleanup and for the wire rules.
 #[derive(Default)]
 pub struct Session {
-    /// Volumes this tunnel allocated or imported (freed by cleanup).
-    pub allocated: Vec<String>,
-    pub vm_started: bool,
-    pub firewall_written: bool,
-    /// The migration has passed its point of no return (`resume`/`unlock`): a lost
-    /// connection must not destroy the VM any more.
-    pub committed: bool,
-    /// The lock every locked command expects on the config (`create`, then `migrate`).
-    pub expected_lock: Option<String>,
+    /// What this tunnel created, mirrored durably to its journal by [`HostCtx::persist`].
+    pub created: Created,
     pub exit: bool,
     pub import: Option<ImportJob>,
 }
@@ -63,6 +57,19 @@ pub struct HostCtx {
 impl HostCtx {
     pub fn session(&self) -> std::sync::MutexGuard<'_, Session> {
         self.session.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Changes the record of what this tunnel created and writes it to the journal
+    /// (fsync'd) before the command that changed it replies.
+    pub async fn record(&self, change: impl FnOnce(&mut Created)) -> mlua::Result<()> {
+        let snapshot = {
+            let mut s = self.session();
+            change(&mut s.created);
+            s.created.clone()
+        };
+        journal::store_async(self.node.cfg.journal_dir(), snapshot)
+            .await
+            .map_err(|e| fail(format!("cannot write the tunnel journal: {e:#}")))
     }
 
     fn info(&self, msg: &str) {
@@ -396,7 +403,7 @@ fn storage_table(lua: &Lua) -> mlua::Result<Table> {
                     .alloc(&storage, c.vmid, &format, name.as_deref(), size_kib)
                     .await
                     .map_err(|e| fail(e.to_string()))?;
-                c.session().allocated.push(volid.clone());
+                c.record(|r| r.volumes.push(volid.clone())).await?;
                 c.info(&format!("allocated volume '{volid}' ({size_kib} KiB, {format})"));
                 Ok(volid)
             },
@@ -406,7 +413,7 @@ fn storage_table(lua: &Lua) -> mlua::Result<Table> {
         "free",
         lua.create_async_function(|lua, volid: String| async move {
             let c = ctx(&lua)?;
-            if !c.session().allocated.contains(&volid) {
+            if !c.session().created.volumes.contains(&volid) {
                 return Err(fail(format!(
                     "volume '{volid}' was not allocated by this tunnel"
                 )));
@@ -416,7 +423,7 @@ fn storage_table(lua: &Lua) -> mlua::Result<Table> {
                 .free(&volid)
                 .await
                 .map_err(|e| fail(e.to_string()))?;
-            c.session().allocated.retain(|v| v != &volid);
+            c.record(|r| r.volumes.retain(|v| v != &volid)).await?;
             c.info(&format!("freed volume '{volid}'"));
             Ok(())
         })?,
@@ -425,7 +432,7 @@ fn storage_table(lua: &Lua) -> mlua::Result<Table> {
         "owned",
         lua.create_function(|lua, volid: String| {
             let c = ctx(lua)?;
-            Ok(c.session().allocated.contains(&volid))
+            Ok(c.session().created.volumes.contains(&volid))
         })?,
     )?;
     t.set(
@@ -571,6 +578,14 @@ async fn import_start(c: &Arc<HostCtx>, opts: &Value) -> mlua::Result<(PathBuf, 
             .map_err(|e| e.to_string())
     });
     c.tunnel.register_socket(&socket);
+    let sock = socket.clone();
+    c.record(|r| {
+        r.import_running = true;
+        if !r.sockets.contains(&sock) {
+            r.sockets.push(sock);
+        }
+    })
+    .await?;
     c.session().import = Some(ImportJob {
         socket: socket.clone(),
         task,
@@ -608,13 +623,17 @@ async fn import_status(c: &Arc<HostCtx>) -> mlua::Result<Value> {
         .unwrap_or_else(|e| Err(format!("import task failed: {e}")));
     Ok(match result {
         Ok(volid) => {
-            c.session().allocated.push(volid.clone());
+            c.record(|r| {
+                r.import_running = false;
+                r.volumes.push(volid.clone());
+            })
+            .await?;
             // As upstream: a just-imported image must not reference other files.
             if let Err(e) = c.node.storage.check_untrusted(&volid).await {
                 let msg = e.to_string();
                 c.warn(&format!("imported image '{volid}' rejected: {msg}"));
                 if c.node.storage.free(&volid).await.is_ok() {
-                    c.session().allocated.retain(|v| v != &volid);
+                    c.record(|r| r.volumes.retain(|v| v != &volid)).await?;
                 }
                 return Ok(json!({"status": "error", "msg": msg}));
             }
@@ -622,6 +641,7 @@ async fn import_status(c: &Arc<HostCtx>) -> mlua::Result<Value> {
             json!({"status": "complete", "volid": volid})
         }
         Err(msg) => {
+            c.record(|r| r.import_running = false).await?;
             c.warn(&format!("disk import failed: {msg}"));
             json!({"status": "error", "msg": msg})
         }
@@ -652,7 +672,7 @@ fn qemu_table(lua: &Lua) -> mlua::Result<Table> {
                 cpu: opts.get("cpu").and_then(Value::as_str).map(str::to_string),
                 nbd,
             };
-            c.session().vm_started = true;
+            c.record(|r| r.vm_started = true).await?;
             let started = c
                 .node
                 .hypervisor
@@ -693,7 +713,21 @@ fn qemu_table(lua: &Lua) -> mlua::Result<Table> {
             )?;
         };
     }
-    vm_op!("resume", resume);
+    t.set(
+        "resume",
+        lua.create_async_function(|lua, ()| async move {
+            let c = ctx(&lua)?;
+            // Recorded first: if this process dies during `cont`, the VM may already run
+            // as the only live copy, and recovery must leave it alone.
+            c.record(|r| r.resume_requested = true).await?;
+            c.node
+                .hypervisor
+                .resume(c.vmid)
+                .await
+                .map_err(|e| fail(format!("{e:#}")))?;
+            c.record(|r| r.committed = true).await
+        })?,
+    )?;
     vm_op!("stop", stop);
     vm_op!("nbd_stop", nbd_stop);
     vm_op!("fstrim", fstrim);
@@ -715,26 +749,26 @@ fn firewall_table(lua: &Lua) -> mlua::Result<Table> {
     let t = lua.create_table()?;
     t.set(
         "write",
-        lua.create_function(|lua, text: String| {
-            let c = ctx(lua)?;
+        lua.create_async_function(|lua, text: String| async move {
+            let c = ctx(&lua)?;
+            c.record(|r| r.firewall_written = true).await?;
             crate::util::ensure_dir(&c.node.cfg.firewall_dir(), 0o755)
                 .map_err(|e| fail(format!("{e:#}")))?;
             crate::util::write_atomic(&firewall_path(&c), text.as_bytes(), 0o640)
                 .map_err(|e| fail(format!("{e:#}")))?;
-            c.session().firewall_written = true;
             Ok(())
         })?,
     )?;
     t.set(
         "remove",
-        lua.create_function(|lua, ()| {
-            let c = ctx(lua)?;
-            c.session().firewall_written = false;
+        lua.create_async_function(|lua, ()| async move {
+            let c = ctx(&lua)?;
             match std::fs::remove_file(firewall_path(&c)) {
-                Ok(()) => Ok(()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                Err(e) => Err(fail(format!("removing firewall file: {e}"))),
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(fail(format!("removing firewall file: {e}"))),
             }
+            c.record(|r| r.firewall_written = false).await
         })?,
     )?;
     Ok(t)
@@ -759,18 +793,16 @@ fn tunnel_table(lua: &Lua) -> mlua::Result<Table> {
     )?;
     t.set(
         "expect_lock",
-        lua.create_function(|lua, lock: Option<String>| {
-            let c = ctx(lua)?;
-            c.session().expected_lock = lock;
-            Ok(())
+        lua.create_async_function(|lua, lock: Option<String>| async move {
+            let c = ctx(&lua)?;
+            c.record(|r| r.expected_lock = lock).await
         })?,
     )?;
     t.set(
         "commit",
-        lua.create_function(|lua, ()| {
-            let c = ctx(lua)?;
-            c.session().committed = true;
-            Ok(())
+        lua.create_async_function(|lua, ()| async move {
+            let c = ctx(&lua)?;
+            c.record(|r| r.committed = true).await
         })?,
     )?;
     t.set(
@@ -819,58 +851,15 @@ fn perm_table(lua: &Lua) -> mlua::Result<Table> {
     Ok(t)
 }
 
-/// Frees what this tunnel created: stops a VM it started, aborts a running import, frees
-/// its volumes, removes a firewall file it wrote and the VM config it reserved. Each step
-/// is logged; failures are warnings and the remaining steps still run.
-///
-/// If the config carries another lock than the one this tunnel expects, someone else has
-/// taken the VM over (a backup, an admin's `qm set --lock`): then only a running import is
-/// aborted, and the VM, its volumes and its config are left alone with a warning.
-pub async fn cleanup(c: &Arc<HostCtx>) {
-    let expected = c.session().expected_lock.clone();
-    if let Some(expected) = expected
-        && let Ok(text) = c.node.guests.read_text(c.vmid)
-        && let Ok(conf) = VmConfig::parse(&text)
-        && conf.options.get("lock") != Some(&expected)
-    {
-        let found = match conf.options.get("lock") {
-            Some(lock) => format!("is locked '{lock}'"),
-            None => "has no lock".to_string(),
-        };
-        c.warn(&format!(
-            "cleanup: config of VM {} {found}, not '{expected}' - leaving the VM, its \
-             volumes and its config in place",
-            c.vmid
-        ));
-        let import = c.session().import.take();
-        if let Some(job) = import {
-            job.task.abort();
-            c.tunnel.unregister_socket(&job.socket);
-            let _ = std::fs::remove_file(&job.socket);
-        }
-        return;
-    }
-    let (vm_started, import, volumes, firewall) = {
-        let mut s = c.session();
-        (
-            std::mem::take(&mut s.vm_started),
-            s.import.take(),
-            std::mem::take(&mut s.allocated),
-            std::mem::take(&mut s.firewall_written),
-        )
-    };
-    if vm_started {
-        match c.node.hypervisor.stop(c.vmid).await {
-            Ok(()) => c.info(&format!("cleanup: stopped VM {}", c.vmid)),
-            Err(e) => c.warn(&format!("cleanup: stopping VM {} failed: {e:#}", c.vmid)),
-        }
-    }
-    let mut volumes = volumes;
+/// Ends a running disk import: a finished one's volume is recorded as this tunnel's, an
+/// unfinished one is aborted (its partial volume removed), and its socket goes.
+pub async fn end_import(c: &Arc<HostCtx>) {
+    let import = c.session().import.take();
     if let Some(job) = import {
         if job.task.is_finished() {
             // Finished but not yet collected by `query-disk-import`: its volume is ours too.
             if let Ok(Ok(volid)) = job.task.await {
-                volumes.push(volid);
+                c.session().created.volumes.push(volid);
             }
         } else {
             job.task.abort();
@@ -880,39 +869,21 @@ pub async fn cleanup(c: &Arc<HostCtx>) {
         c.tunnel.unregister_socket(&job.socket);
         let _ = std::fs::remove_file(&job.socket);
     }
-    for volid in volumes {
-        match c.node.storage.free(&volid).await {
-            Ok(()) => c.info(&format!("cleanup: freed volume '{volid}'")),
-            Err(e) => c.warn(&format!("cleanup: freeing volume '{volid}' failed: {e}")),
-        }
-    }
-    if firewall {
-        match std::fs::remove_file(firewall_path(c)) {
-            Ok(()) => c.info("cleanup: removed firewall file"),
-            Err(e) => c.warn(&format!("cleanup: removing firewall file failed: {e}")),
-        }
-    }
-    let removed = {
-        let guard = c.guard.lock().unwrap_or_else(|e| e.into_inner());
-        guard.as_ref().map(|g| c.node.guests.remove_locked(g))
-    };
-    let removed = match removed {
-        Some(r) => r,
-        None => match c
-            .node
-            .guests
-            .lock(c.vmid, crate::guest::store::DEFAULT_LOCK_TIMEOUT)
-            .await
-        {
-            Ok(g) => c.node.guests.remove_locked(&g),
-            Err(e) => Err(e),
-        },
-    };
-    match removed {
-        Ok(()) => c.info(&format!("cleanup: removed config of VM {}", c.vmid)),
-        Err(e) => c.warn(&format!(
-            "cleanup: removing config of VM {} failed: {e}",
-            c.vmid
-        )),
-    }
+}
+
+/// Frees what this tunnel created (see [`journal::free_created`], the one path every
+/// tunnel end and crash recovery take): first ends a running import, so its partial
+/// volume is gone or complete, then frees by the record. After a successful free the
+/// record is empty, so a second call (e.g. `quit cleanup=1`, then EOF) frees nothing.
+pub async fn cleanup(c: &Arc<HostCtx>) -> journal::Freed {
+    end_import(c).await;
+    let created = c.session().created.clone();
+    // A locked handler that calls cleanup keeps its lock: borrow the guard, put it back.
+    let guard = c.guard.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let freed = journal::free_created(&c.node, &created, guard.as_ref(), &c.log).await;
+    *c.guard.lock().unwrap_or_else(|e| e.into_inner()) = guard;
+    // Freed, or kept for good (a resumed VM, another lock): either way nothing may be
+    // freed in this tunnel's name again — the VMID may already belong to the next tunnel.
+    let _ = c.record(|r| r.released = true).await;
+    freed
 }

@@ -11,6 +11,7 @@
 
 pub mod handler;
 pub mod host;
+pub mod journal;
 pub mod schema;
 pub mod scripted;
 pub mod spec;

@@ -277,6 +277,56 @@ impl Storage for NodeStorage {
         Box::pin(self.import_impl(req, reader))
     }
 
+    fn vmids_with_volumes(&self) -> BoxFuture<'_, StorageResult<Vec<u32>>> {
+        Box::pin(async move {
+            let mut out = BTreeSet::new();
+            for def in self.storages.values() {
+                let dir = def.path.join("images");
+                let Ok(mut entries) = fs::read_dir(&dir).await else {
+                    continue;
+                };
+                while let Ok(Some(entry)) = entries.next_entry().await {
+                    if let Some(vmid) = entry.file_name().to_str().and_then(|n| n.parse().ok())
+                        && self.volumes_of(vmid).await.is_ok_and(|v| !v.is_empty())
+                    {
+                        out.insert(vmid);
+                    }
+                }
+            }
+            Ok(out.into_iter().collect())
+        })
+    }
+
+    fn volumes_of(&self, vmid: u32) -> BoxFuture<'_, StorageResult<Vec<String>>> {
+        Box::pin(async move {
+            let mut out = Vec::new();
+            for (id, def) in &self.storages {
+                let dir = image_dir(def, vmid);
+                let mut entries = match fs::read_dir(&dir).await {
+                    Ok(e) => e,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => {
+                        return Err(StorageError::io(
+                            format!("listing image directory '{}'", dir.display()),
+                            e,
+                        ));
+                    }
+                };
+                while let Ok(Some(entry)) = entries.next_entry().await {
+                    let name = entry.file_name();
+                    let Some(name) = name.to_str() else { continue };
+                    let volid = format!("{id}:{vmid}/{name}");
+                    // Only names this storage would hand out (skips temporary files).
+                    if VolumeId::parse(&volid).is_ok() {
+                        out.push(volid);
+                    }
+                }
+            }
+            out.sort();
+            Ok(out)
+        })
+    }
+
     fn check_untrusted<'a>(&'a self, volid: &'a str) -> BoxFuture<'a, StorageResult<()>> {
         Box::pin(async move {
             let (vol, path) = self.resolve(volid)?;

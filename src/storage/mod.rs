@@ -112,6 +112,8 @@ pub enum StorageError {
     Disabled(String),
     #[error("storage '{0}' does not support content type 'images'")]
     NoImages(String),
+    #[error("{0}")]
+    Unsupported(String),
     #[error("unable to parse volume ID '{volid}' - {reason}")]
     InvalidVolid { volid: String, reason: String },
     /// `reason` is e.g. `should be 'vm-100-*'` (PVE's wording).
@@ -431,6 +433,27 @@ pub trait Storage: Send + Sync {
     /// Checks an image received from elsewhere before it is used: no backing file, no
     /// external data file, and really in the format its name says.
     fn check_untrusted<'a>(&'a self, volid: &'a str) -> BoxFuture<'a, StorageResult<()>>;
+
+    /// Volids of every image of `vmid` on every storage (disabled ones too), sorted: what
+    /// a tunnel must not touch when it opened, and what `vm destroy` and cleanup free.
+    /// Backends that cannot list volumes say so with an error.
+    fn volumes_of(&self, vmid: u32) -> BoxFuture<'_, StorageResult<Vec<String>>> {
+        let _ = vmid;
+        Box::pin(async {
+            Err(StorageError::Unsupported(
+                "this storage backend cannot list volumes".into(),
+            ))
+        })
+    }
+
+    /// VMIDs that have at least one image on some storage, sorted.
+    fn vmids_with_volumes(&self) -> BoxFuture<'_, StorageResult<Vec<u32>>> {
+        Box::pin(async {
+            Err(StorageError::Unsupported(
+                "this storage backend cannot list volumes".into(),
+            ))
+        })
+    }
 
     /// Effective bandwidth limit in KiB/s for `operation` on `storages` (`None` entries
     /// are skipped), combined with the user's override; `None` means unlimited. See

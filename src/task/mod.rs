@@ -262,7 +262,7 @@ impl TaskManager {
             node: node.to_string(),
             dir: dir.to_path_buf(),
             pid: std::process::id(),
-            pstart: process_start_ticks().unwrap_or(0),
+            pstart: process_start_ticks(std::process::id()).unwrap_or(0),
             active: Mutex::new(HashMap::new()),
         }))
     }
@@ -367,6 +367,44 @@ impl TaskManager {
         }
     }
 
+    /// Ends the log of a task whose process died (no final line): appends `lines` and
+    /// `TASK ERROR: {error}`. Does nothing to a log that already ended or a running task.
+    pub fn end_orphan(&self, upid: &Upid, lines: &[String], error: &str) -> anyhow::Result<bool> {
+        if upid.node != self.node || self.is_running(upid) {
+            return Ok(false);
+        }
+        let path = self.log_path(upid);
+        let last = last_line(&path).unwrap_or_default();
+        if ExitStatus::parse_last_line(&last).is_some() {
+            return Ok(false);
+        }
+        let mut file = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("opening task log {}", path.display()))?;
+        let mut text = String::new();
+        for line in lines {
+            text.push_str(line);
+            text.push('\n');
+        }
+        text.push_str(&format!("TASK ERROR: {error}\n"));
+        file.write_all(text.as_bytes())
+            .and_then(|()| file.sync_all())
+            .with_context(|| format!("writing task log {}", path.display()))?;
+        Ok(true)
+    }
+
+    /// How many tasks run.
+    pub fn running_count(&self) -> usize {
+        self.active.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Asks every running task to stop; returns how many were asked.
+    pub fn request_stop_all(&self) -> usize {
+        let active = self.active.lock().unwrap_or_else(|e| e.into_inner());
+        active.values().filter(|tx| tx.send(true).is_ok()).count()
+    }
+
     /// Status of a task of this node, or `None` if there is no such task.
     pub fn status(&self, upid: &Upid) -> Option<TaskStatus> {
         if upid.node != self.node {
@@ -454,11 +492,16 @@ fn last_line(path: &Path) -> Option<String> {
     text.lines().last().map(str::to_string)
 }
 
-/// This process's start time in clock ticks since boot (field 22 of `/proc/self/stat`).
-fn process_start_ticks() -> Option<u64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+/// A process's start time in clock ticks since boot (field 22 of `/proc/{pid}/stat`);
+/// `None` if it does not run (or is a zombie).
+pub fn process_start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after_comm = stat.rsplit_once(')')?.1;
-    after_comm.split_whitespace().nth(19)?.parse().ok()
+    let mut fields = after_comm.split_whitespace();
+    if matches!(fields.next(), Some("Z" | "X")) {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
 }
 
 #[cfg(test)]

@@ -13,6 +13,9 @@
 //! `mtunnel bench`), which is why this one path has its own small codec.
 
 use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -110,8 +113,28 @@ pub async fn relay<S, R, W>(
     ws: S,
     leftover: Vec<u8>,
     role: Role,
+    read: R,
+    write: W,
+) -> io::Result<ForwardStats>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    relay_watched(ws, leftover, role, read, write, None).await
+}
+
+/// Like [`relay`]; with `peer_timeout`, pings the peer every third of it and fails with
+/// `TimedOut` when nothing at all arrived from the peer for that long (a peer that lost
+/// power or a path that went dark sends no FIN: without this the relay, and the tunnel
+/// behind it, would wait forever). Any frame counts, so a busy stream needs no pongs.
+pub async fn relay_watched<S, R, W>(
+    ws: S,
+    leftover: Vec<u8>,
+    role: Role,
     mut read: R,
     mut write: W,
+    peer_timeout: Option<Duration>,
 ) -> io::Result<ForwardStats>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
@@ -119,17 +142,21 @@ where
     W: AsyncWrite + Unpin,
 {
     let (mut ws_read, mut ws_write) = tokio::io::split(ws);
-    // The reading side asks the writing side to answer pings.
+    // Control frames (pongs for the peer's pings, our pings) go through the writing side.
     let (pong_tx, mut pong_rx) = mpsc::channel::<Vec<u8>>(4);
+    let ping_tx = pong_tx.clone();
+    let activity = Arc::new(AtomicU64::new(0));
+    let seen = Arc::clone(&activity);
 
     let inbound = async move {
         let mut frames = FrameReader::new(leftover);
+        frames.activity = seen;
         let mut n = 0u64;
         loop {
             match frames.next(&mut ws_read, &mut write, &mut n).await? {
                 Event::Close | Event::Eof => break,
                 Event::Ping(payload) => {
-                    let _ = pong_tx.send(payload).await;
+                    let _ = pong_tx.send(control_frame(OP_PONG, &payload, role)).await;
                 }
                 Event::Data => {}
             }
@@ -153,8 +180,8 @@ where
                     let start = put_header(&mut buf, HEADROOM, OP_BINARY, got, role);
                     ws_write.write_all(&buf[start..HEADROOM + got]).await?;
                 }
-                pong = pong_rx.recv(), if pongs_open => match pong {
-                    Some(payload) => ws_write.write_all(&control_frame(OP_PONG, &payload, role)).await?,
+                frame = pong_rx.recv(), if pongs_open => match frame {
+                    Some(frame) => ws_write.write_all(&frame).await?,
                     None => pongs_open = false,
                 },
             }
@@ -168,7 +195,8 @@ where
         Ok::<u64, io::Error>(n)
     };
 
-    tokio::pin!(inbound, outbound);
+    let watchdog = watch_peer(peer_timeout, activity, ping_tx, role);
+    tokio::pin!(inbound, outbound, watchdog);
     let mut stats = ForwardStats::default();
     let mut inbound_done = false;
     loop {
@@ -181,9 +209,48 @@ where
                 stats.from_socket = r?;
                 break;
             }
+            // After the peer's Close, silence is expected.
+            timeout = &mut watchdog, if !inbound_done => return Err(timeout),
         }
     }
     Ok(stats)
+}
+
+/// Resolves (with the error to fail with) once nothing arrived for `timeout`; pings the
+/// peer every third of it meanwhile. Never resolves without a timeout.
+async fn watch_peer(
+    timeout: Option<Duration>,
+    activity: Arc<AtomicU64>,
+    ping_tx: mpsc::Sender<Vec<u8>>,
+    role: Role,
+) -> io::Error {
+    let Some(timeout) = timeout else {
+        return std::future::pending().await;
+    };
+    let interval = (timeout / 3).max(Duration::from_millis(100));
+    let mut last = activity.load(Ordering::Relaxed);
+    let mut silent = Duration::ZERO;
+    loop {
+        tokio::time::sleep(interval).await;
+        let now = activity.load(Ordering::Relaxed);
+        if now != last {
+            last = now;
+            silent = Duration::ZERO;
+        } else {
+            silent += interval;
+            if silent >= timeout {
+                return io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "peer sent nothing for {} s (peer_timeout_secs)",
+                        timeout.as_secs()
+                    ),
+                );
+            }
+        }
+        // A full queue means the writer is busy: the peer gets data, no ping needed.
+        let _ = ping_tx.try_send(control_frame(OP_PING, b"mtunnel", role));
+    }
 }
 
 enum Event {
@@ -200,6 +267,8 @@ struct FrameReader {
     buf: Vec<u8>,
     start: usize,
     end: usize,
+    /// Counts reads that returned bytes, for the peer watchdog.
+    activity: Arc<AtomicU64>,
 }
 
 struct Header {
@@ -214,7 +283,12 @@ impl FrameReader {
         let mut buf = vec![0u8; READ_BUF.max(leftover.len())];
         let end = leftover.len();
         buf[..end].copy_from_slice(&leftover);
-        FrameReader { buf, start: 0, end }
+        FrameReader {
+            buf,
+            start: 0,
+            end,
+            activity: Arc::new(AtomicU64::new(0)),
+        }
     }
 
     /// Reads more bytes after the unconsumed ones; false at EOF.
@@ -229,6 +303,7 @@ impl FrameReader {
         }
         let got = ws.read(&mut self.buf[self.end..]).await?;
         self.end += got;
+        self.activity.fetch_add(1, Ordering::Relaxed);
         Ok(got > 0)
     }
 

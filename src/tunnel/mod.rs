@@ -3,6 +3,7 @@
 //! WebSocket ⇄ UNIX byte forwarder ([`forward`]).
 
 pub mod forward;
+pub mod recovery;
 pub mod worker;
 
 use std::collections::{BTreeSet, HashMap};
@@ -14,6 +15,7 @@ use serde_json::{Value, json};
 use crate::auth::token::unix_now;
 use crate::error::{Error, Result};
 use crate::node::Node;
+use crate::script::journal::{self, Created};
 use crate::task::Upid;
 
 /// One open tunnel, from `POST .../mtunnel` until its worker ends.
@@ -69,6 +71,15 @@ impl Registry {
             .cloned()
     }
 
+    /// How many tunnels are open.
+    pub fn len(&self) -> usize {
+        self.tunnels.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     fn insert(&self, tunnel: Arc<Tunnel>) {
         self.tunnels
             .lock()
@@ -116,6 +127,12 @@ pub async fn open(
 ) -> Result<Opened> {
     node.require(authid, &format!("/vms/{vmid}"), "VM.Allocate")?;
     node.require(authid, "/", "Sys.Incoming")?;
+    if node.tunnels.len() >= node.cfg.max_tunnels {
+        return Err(Error::Unavailable(format!(
+            "too many open tunnels on node '{}' (max_tunnels = {}) - try again later",
+            node.cfg.node, node.cfg.max_tunnels
+        )));
+    }
     for storage in storages {
         node.check_storage_for_images(authid, storage)?;
     }
@@ -152,21 +169,34 @@ async fn start_worker(node: &Arc<Node>, authid: &str, vmid: u32) -> Result<Opene
         .tickets
         .assemble(authid, &socket_str, unix_now())
         .map_err(|e| Error::internal(format!("{e} '{socket_str}'")))?;
-
     crate::util::ensure_dir(&node.cfg.run_dir, 0o755)?;
-    let _ = std::fs::remove_file(&socket);
-    let listener = tokio::net::UnixListener::bind(&socket)
-        .map_err(|e| Error::internal(format!("unable to bind {}: {e}", socket.display())))?;
-    use std::os::unix::fs::PermissionsExt;
-    let _ = std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600));
 
-    let log = match node.tasks.create("qmtunnel", &vmid.to_string(), authid) {
-        Ok(log) => log,
+    let log = node.tasks.create("qmtunnel", &vmid.to_string(), authid)?;
+    // Volumes of this VMID made from now on are the tunnel's (the VMID is reserved).
+    let preexisting = node.storage.volumes_of(vmid).await.unwrap_or_default();
+    let created = Created {
+        vmid,
+        upid: log.upid().to_string(),
+        owner: journal::Owner::current(),
+        preexisting,
+        expected_lock: Some("create".into()),
+        sockets: vec![socket.clone()],
+        ..Created::default()
+    };
+    let bound = journal::store(&node.cfg.journal_dir(), &created)
+        .map_err(|e| Error::internal(format!("cannot write the tunnel journal: {e:#}")))
+        .and_then(|()| bind_control_socket(&socket));
+    let (listener, socket_id) = match bound {
+        Ok(b) => b,
         Err(e) => {
-            let _ = std::fs::remove_file(&socket);
-            return Err(e.into());
+            journal::remove(&node.cfg.journal_dir(), &created.upid);
+            let msg = e.to_string();
+            node.tasks
+                .spawn(log, move |_, _| async move { Err(anyhow::anyhow!(msg)) });
+            return Err(e);
         }
     };
+    log.log("mtunnel started");
     let tunnel = Arc::new(Tunnel {
         vmid,
         authid: authid.to_string(),
@@ -176,10 +206,14 @@ async fn start_worker(node: &Arc<Node>, authid: &str, vmid: u32) -> Result<Opene
     node.tunnels.insert(Arc::clone(&tunnel));
     let worker_node = Arc::clone(node);
     let upid = node.tasks.spawn(log, move |log, stop| async move {
-        let result = worker::run(&worker_node, &tunnel, listener, &log, stop).await;
-        // Unlike upstream, leave no socket file behind.
-        let _ = std::fs::remove_file(&tunnel.control_socket);
+        let upid = created.upid.clone();
+        let result = worker::run(&worker_node, &tunnel, listener, &log, created, stop).await;
+        // Unlike upstream, leave no socket file behind (but never the next tunnel's).
+        if file_id(&tunnel.control_socket) == Some(socket_id) {
+            let _ = std::fs::remove_file(&tunnel.control_socket);
+        }
         worker_node.tunnels.remove(&tunnel);
+        journal::remove(&worker_node.cfg.journal_dir(), &upid);
         result
     });
     Ok(Opened {
@@ -187,6 +221,42 @@ async fn start_worker(node: &Arc<Node>, authid: &str, vmid: u32) -> Result<Opene
         ticket,
         socket,
     })
+}
+
+/// Binds the control socket (replacing a stale file) and returns it with its identity.
+fn bind_control_socket(socket: &Path) -> Result<(tokio::net::UnixListener, (u64, u64))> {
+    let _ = std::fs::remove_file(socket);
+    let listener = tokio::net::UnixListener::bind(socket)
+        .map_err(|e| Error::internal(format!("unable to bind {}: {e}", socket.display())))?;
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600));
+    let id = file_id(socket)
+        .ok_or_else(|| Error::internal(format!("socket {} vanished", socket.display())))?;
+    Ok((listener, id))
+}
+
+/// (device, inode) of a path, to tell one socket file from its successor.
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+/// Graceful shutdown: asks every open tunnel to stop (each runs its cleanup after the
+/// command it is running) and waits up to `shutdown_timeout` for all to end. Returns how
+/// many are still open then; their journals let the next start finish the job.
+pub async fn shutdown(node: &Node) -> usize {
+    let asked = node.tasks.request_stop_all();
+    if asked > 0 {
+        tracing::info!("asked {asked} task(s) to stop; waiting for their cleanup");
+    }
+    let deadline = tokio::time::Instant::now() + node.cfg.shutdown_timeout;
+    // Tasks, not the registry: a task is done once its log has its final line.
+    while node.tasks.running_count() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    node.tasks.running_count()
 }
 
 /// Removes the empty config `open` created, if it still is that empty reserved config.

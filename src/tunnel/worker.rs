@@ -3,8 +3,10 @@
 //! semantics live behind [`CommandHandler`]; this loop owns the wire rules (line limit,
 //! parse errors, `'cmd' missing`, exit mode after `quit`) and the task log.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
+use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use serde_json::{Map, Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
@@ -49,18 +51,118 @@ pub trait CommandHandler: Send {
     /// Runs a known command with its parameters (`cmd` already removed).
     fn handle<'a>(&'a mut self, cmd: &'a str, params: Map<String, Value>)
     -> BoxFuture<'a, Outcome>;
-    /// Called once when the control connection ends; `clean` is true after `quit`.
-    fn finish(&mut self, clean: bool) -> BoxFuture<'_, ()>;
+    /// Called exactly once when the tunnel ends, however it ends; `end` says how, for the
+    /// task log ("control connection lost before the migration finished", ...). Frees
+    /// what the tunnel created unless the migration was committed.
+    fn finish(&mut self, end: &str) -> BoxFuture<'_, ()>;
 }
 
-/// The worker's body, run as the `qmtunnel` task.
+/// How the command loop ended.
+#[derive(Debug)]
+pub enum End {
+    /// EOF after `quit`: the normal end.
+    Quit,
+    /// EOF without `quit`.
+    Eof,
+    /// Reading or writing the control connection failed (reset, broken pipe, ...).
+    Failed(std::io::Error),
+    /// A stop was requested (task stop, server shutdown).
+    Stopped,
+}
+
+impl End {
+    fn describe(&self) -> String {
+        match self {
+            End::Quit => "tunnel closed by 'quit' before the migration finished".into(),
+            End::Eof => "control connection lost before the migration finished".into(),
+            End::Failed(e) => {
+                format!("control connection lost before the migration finished ({e})")
+            }
+            End::Stopped => "tunnel stopped before the migration finished".into(),
+        }
+    }
+}
+
+/// The worker's body, run as the `qmtunnel` task. Whatever happens — the source quits,
+/// vanishes, a handler panics, the server shuts down — the handler's `finish` runs once,
+/// and the task log says how the tunnel ended.
 pub async fn run(
     node: &Arc<Node>,
     tunnel: &Arc<Tunnel>,
     listener: UnixListener,
     log: &TaskLog,
+    created: crate::script::journal::Created,
     mut stop: StopSignal,
 ) -> anyhow::Result<()> {
+    let mut handler = match build_handler(node, tunnel, log, created) {
+        Ok(h) => h,
+        Err(e) => {
+            super::remove_reserved_config(node, tunnel.vmid).await;
+            return Err(e);
+        }
+    };
+    let accepted = tokio::select! {
+        r = tokio::time::timeout(node.cfg.tunnel_accept_timeout, listener.accept()) => r,
+        _ = stop.requested() => {
+            handler.finish("tunnel stopped before the source connected").await;
+            anyhow::bail!("received interrupt");
+        }
+    };
+    let stream = match accepted {
+        Ok(Ok((stream, _))) => stream,
+        Ok(Err(e)) => {
+            handler
+                .finish("accepting the control connection failed")
+                .await;
+            anyhow::bail!("accepting the control connection failed: {e}");
+        }
+        Err(_) => {
+            log.log(format!(
+                "mtunnel timeout: no connection within {} s",
+                node.cfg.tunnel_accept_timeout.as_secs()
+            ));
+            handler.finish("no control connection").await;
+            anyhow::bail!("Exiting mtunnel");
+        }
+    };
+    drop(listener);
+    let (read, write) = stream.into_split();
+    let served = AssertUnwindSafe(serve_until(
+        read,
+        write,
+        &mut handler,
+        log,
+        stop.requested(),
+    ))
+    .catch_unwind()
+    .await;
+    let end = match served {
+        Ok(end) => end,
+        Err(panic) => {
+            let what = panic_text(&panic);
+            log.log(format!("ERROR: command handling panicked: {what}"));
+            handler.finish("command handling panicked").await;
+            anyhow::bail!("mtunnel failed: command handling panicked: {what}");
+        }
+    };
+    handler.finish(&end.describe()).await;
+    match end {
+        End::Quit => {
+            log.log("mtunnel exited");
+            Ok(())
+        }
+        End::Stopped => anyhow::bail!("received interrupt"),
+        End::Eof => anyhow::bail!("mtunnel exited unexpectedly"),
+        End::Failed(e) => anyhow::bail!("mtunnel exited unexpectedly: {e}"),
+    }
+}
+
+fn build_handler(
+    node: &Arc<Node>,
+    tunnel: &Arc<Tunnel>,
+    log: &TaskLog,
+    created: crate::script::journal::Created,
+) -> anyhow::Result<LuaCommandHandler> {
     // Handlers are read fresh for every tunnel: an edit takes effect for the next one.
     let (sources, problems) = crate::script::handler_sources(Some(&node.cfg.handlers_dir));
     for problem in problems {
@@ -72,53 +174,21 @@ pub async fn run(
             log.warn(format!("handler '{cmd}' refused: {e}"));
         }
     }
-    let handler = LuaCommandHandler::new(vm, host_ctx(node, tunnel, log))?;
-    log.log("mtunnel started");
-    let accepted = tokio::select! {
-        r = tokio::time::timeout(node.cfg.tunnel_accept_timeout, listener.accept()) => r,
-        _ = stop.requested() => {
-            super::remove_reserved_config(node, tunnel.vmid).await;
-            anyhow::bail!("received interrupt");
-        }
-    };
-    let stream = match accepted {
-        Ok(Ok((stream, _))) => stream,
-        Ok(Err(e)) => {
-            super::remove_reserved_config(node, tunnel.vmid).await;
-            anyhow::bail!("accepting the control connection failed: {e}");
-        }
-        Err(_) => {
-            log.log(format!(
-                "mtunnel timeout: no connection within {} s",
-                node.cfg.tunnel_accept_timeout.as_secs()
-            ));
-            super::remove_reserved_config(node, tunnel.vmid).await;
-            anyhow::bail!("Exiting mtunnel");
-        }
-    };
-    drop(listener);
-    let mut handler = handler;
-    let (read, write) = stream.into_split();
-    let clean = tokio::select! {
-        r = serve(read, write, &mut handler, log) => r?,
-        _ = stop.requested() => {
-            handler.finish(false).await;
-            anyhow::bail!("received interrupt");
-        }
-    };
-    handler.finish(clean).await;
-    if clean {
-        log.log("mtunnel exited");
-        Ok(())
-    } else {
-        anyhow::bail!("mtunnel exited unexpectedly")
-    }
+    LuaCommandHandler::new(vm, host_ctx(node, tunnel, log, created))
+}
+
+fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 /// Reads commands until EOF; returns whether the tunnel was in exit mode (clean end).
 pub async fn serve<R, W>(
     read: R,
-    mut write: W,
+    write: W,
     handler: &mut dyn CommandHandler,
     log: &TaskLog,
 ) -> anyhow::Result<bool>
@@ -126,14 +196,44 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    match serve_until(read, write, handler, log, std::future::pending::<()>()).await {
+        End::Quit => Ok(true),
+        End::Eof => Ok(false),
+        End::Failed(e) => Err(e.into()),
+        End::Stopped => Ok(false),
+    }
+}
+
+/// Reads commands until EOF, an I/O error, or `stop` resolves. A stop is noticed between
+/// commands: a running command finishes (and replies) first, so what it creates is
+/// recorded before cleanup runs.
+pub async fn serve_until<R, W>(
+    read: R,
+    mut write: W,
+    handler: &mut dyn CommandHandler,
+    log: &TaskLog,
+    stop: impl std::future::Future<Output = ()>,
+) -> End
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let mut reader = BufReader::with_capacity(64 * 1024, read);
     let mut exit_mode = false;
     let mut line = Vec::new();
+    tokio::pin!(stop);
     loop {
         line.clear();
-        let (got_any, too_long) = read_bounded_line(&mut reader, &mut line).await?;
+        let read = tokio::select! {
+            r = read_bounded_line(&mut reader, &mut line) => r,
+            _ = &mut stop => return End::Stopped,
+        };
+        let (got_any, too_long) = match read {
+            Ok(r) => r,
+            Err(e) => return End::Failed(e),
+        };
         if !got_any {
-            return Ok(exit_mode);
+            return if exit_mode { End::Quit } else { End::Eof };
         }
         let outcome = if too_long {
             Outcome::err(format!(
@@ -155,11 +255,17 @@ where
                 json!({"success": false, "msg": msg})
             }
         };
-        let mut bytes = serde_json::to_vec(&reply)?;
+        let mut bytes = serde_json::to_vec(&reply).unwrap_or_else(|_| b"{}".to_vec());
         bytes.push(b'\n');
-        write.write_all(&bytes).await?;
-        write.flush().await?;
+        if let Err(e) = write_reply(&mut write, &bytes).await {
+            return End::Failed(e);
+        }
     }
+}
+
+async fn write_reply<W: AsyncWrite + Unpin>(write: &mut W, bytes: &[u8]) -> std::io::Result<()> {
+    write.write_all(bytes).await?;
+    write.flush().await
 }
 
 async fn dispatch(

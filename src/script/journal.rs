@@ -1,0 +1,293 @@
+//! The durable record of what one tunnel created ([`Created`]) and the one way to free it
+//! ([`free_created`]), used alike when a tunnel ends (any way: `quit cleanup=1`, a lost
+//! connection, a dead peer, shutdown) and when a restarted `serve` or `mtunnel cleanup`
+//! recovers the tunnels of a process that died.
+//!
+//! Each open tunnel keeps `{data}/tunnels/{vmid}.json`, rewritten atomically and fsync'd
+//! before the reply of every command that changed it. Intents are recorded before the act
+//! (`vm_started` before QEMU starts, `resume_requested` before `cont`), so a crash in
+//! between errs on the side of freeing what may exist, or of keeping a VM that may be
+//! live. Volumes created in flight (an `alloc` or a partial import when the process died)
+//! are found as the VMID's volumes that did not exist when the tunnel opened: the VMID was
+//! reserved by this tunnel the whole time, so nobody else can have made them.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::guest::VmConfig;
+use crate::node::Node;
+use crate::task::TaskLog;
+
+/// The process that owns a tunnel, as the UPID names it (pid and start time in ticks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Owner {
+    pub pid: u32,
+    pub pstart: u64,
+}
+
+impl Owner {
+    /// This process.
+    pub fn current() -> Self {
+        Owner {
+            pid: std::process::id(),
+            pstart: crate::task::process_start_ticks(std::process::id()).unwrap_or(0),
+        }
+    }
+
+    /// Whether the owning process still runs (same pid and same start time).
+    pub fn is_alive(&self) -> bool {
+        crate::task::process_start_ticks(self.pid) == Some(self.pstart)
+    }
+}
+
+/// What a tunnel created and how far it got.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Created {
+    pub vmid: u32,
+    /// The tunnel's task, whose log recovery ends.
+    pub upid: String,
+    pub owner: Owner,
+    /// Volumes of the VMID that existed before the tunnel opened: never freed.
+    pub preexisting: Vec<String>,
+    /// Volumes this tunnel allocated or imported.
+    pub volumes: Vec<String>,
+    /// A disk import was running (its partial volume is found by the preexisting rule).
+    pub import_running: bool,
+    /// A target VM was (or was being) started.
+    pub vm_started: bool,
+    /// `resume` was asked for: from here on the target VM may be the only live copy.
+    pub resume_requested: bool,
+    /// The migration passed its point of no return (`resume`/`unlock` succeeded).
+    pub committed: bool,
+    pub firewall_written: bool,
+    /// The lock the config must carry for cleanup to touch it (`create`, then `migrate`).
+    pub expected_lock: Option<String>,
+    /// Sockets in the run dir that belong to this tunnel.
+    pub sockets: Vec<PathBuf>,
+    /// Everything was freed (`quit cleanup=1`): the VMID may already belong to a new
+    /// tunnel, so nothing may be freed in its name again.
+    #[serde(default)]
+    pub released: bool,
+}
+
+impl Created {
+    /// Whether freeing may stop the VM and destroy its volumes and config.
+    pub fn may_destroy(&self) -> bool {
+        !self.committed && !self.resume_requested
+    }
+}
+
+/// `{data}/tunnels/{upid}.json`: one file per tunnel, so a tunnel still closing and the
+/// next one of the same VMID never share a journal.
+pub fn journal_path(journal_dir: &Path, upid: &str) -> PathBuf {
+    journal_dir.join(format!("{upid}.json"))
+}
+
+/// Writes the record durably (atomic rename, file and directory fsync'd).
+pub fn store(journal_dir: &Path, created: &Created) -> anyhow::Result<()> {
+    crate::util::ensure_dir(journal_dir, 0o700)?;
+    let text = serde_json::to_vec_pretty(created)?;
+    crate::util::write_atomic(&journal_path(journal_dir, &created.upid), &text, 0o600)
+}
+
+/// Like [`store`], off the async runtime.
+pub async fn store_async(journal_dir: PathBuf, created: Created) -> anyhow::Result<()> {
+    tokio::task::spawn_blocking(move || store(&journal_dir, &created))
+        .await
+        .map_err(|e| anyhow::anyhow!("journal writer failed: {e}"))?
+}
+
+pub fn remove(journal_dir: &Path, upid: &str) {
+    match std::fs::remove_file(journal_path(journal_dir, upid)) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(upid, "removing tunnel journal: {e}"),
+    }
+}
+
+/// Every journal in the directory; unreadable ones are reported by path.
+pub fn load_all(journal_dir: &Path) -> (Vec<Created>, Vec<String>) {
+    let mut out = Vec::new();
+    let mut problems = Vec::new();
+    let Ok(entries) = std::fs::read_dir(journal_dir) else {
+        return (out, problems);
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("json") {
+            continue;
+        }
+        match std::fs::read(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice::<Created>(&b).map_err(|e| e.to_string()))
+        {
+            Ok(c) => out.push(c),
+            Err(e) => problems.push(format!("{}: {e}", path.display())),
+        }
+    }
+    out.sort_by_key(|c| c.vmid);
+    (out, problems)
+}
+
+/// Where freeing reports each step: a task log (live tunnel) or a line sink (recovery).
+pub trait Report: Send + Sync {
+    fn info(&self, msg: &str);
+    fn warn(&self, msg: &str);
+}
+
+impl Report for TaskLog {
+    fn info(&self, msg: &str) {
+        tracing::info!("{msg}");
+        self.log(msg);
+    }
+    fn warn(&self, msg: &str) {
+        tracing::warn!("{msg}");
+        TaskLog::warn(self, msg);
+    }
+}
+
+/// What [`free_created`] did, for a caller that must say so.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Freed {
+    pub vm_stopped: bool,
+    pub volumes: Vec<String>,
+    pub config_removed: bool,
+    /// The VM was past `resume` (or the lock was someone else's): left in place.
+    pub kept: bool,
+}
+
+/// Frees what `created` lists: stops a VM it started, frees its volumes (and volumes of
+/// the VMID made since it opened), removes a firewall file it wrote and the config it
+/// reserved, and its sockets. A VM past `resume` is never touched; neither is a VM whose
+/// config another lock took over. Each step is reported; failures are warnings and the
+/// remaining steps still run. `guard` is the config lock if the caller already holds it.
+pub async fn free_created(
+    node: &Arc<Node>,
+    created: &Created,
+    guard: Option<&crate::guest::VmLockGuard>,
+    report: &dyn Report,
+) -> Freed {
+    let vmid = created.vmid;
+    let mut freed = Freed::default();
+    if created.released {
+        return freed;
+    }
+    remove_sockets(created);
+    if !created.may_destroy() {
+        report.warn(&format!(
+            "VM {vmid} was resumed on this node and may be the only live copy: leaving it \
+             running with its volumes and its config (lock kept until 'unlock')"
+        ));
+        freed.kept = true;
+        return freed;
+    }
+    if let Some(found) = foreign_lock(node, created) {
+        report.warn(&format!(
+            "cleanup: config of VM {vmid} {found}, not '{}' - leaving the VM, its volumes \
+             and its config in place",
+            created.expected_lock.as_deref().unwrap_or("")
+        ));
+        freed.kept = true;
+        return freed;
+    }
+    if created.vm_started {
+        match node.hypervisor.stop(vmid).await {
+            Ok(()) => {
+                report.info(&format!("cleanup: stopped VM {vmid}"));
+                freed.vm_stopped = true;
+            }
+            Err(e) => report.warn(&format!("cleanup: stopping VM {vmid} failed: {e:#}")),
+        }
+    }
+    for volid in volumes_to_free(node, created).await {
+        match node.storage.free(&volid).await {
+            Ok(()) => {
+                report.info(&format!("cleanup: freed volume '{volid}'"));
+                freed.volumes.push(volid);
+            }
+            Err(e) => report.warn(&format!("cleanup: freeing volume '{volid}' failed: {e}")),
+        }
+    }
+    if created.firewall_written {
+        let path = node.cfg.firewall_dir().join(format!("{vmid}.fw"));
+        match std::fs::remove_file(path) {
+            Ok(()) => report.info("cleanup: removed firewall file"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => report.warn(&format!("cleanup: removing firewall file failed: {e}")),
+        }
+    }
+    freed.config_removed = remove_config(node, vmid, guard, report).await;
+    freed
+}
+
+/// The config's lock if it is not the one this tunnel expects (`None`: ours, or gone).
+fn foreign_lock(node: &Node, created: &Created) -> Option<String> {
+    let expected = created.expected_lock.as_ref()?;
+    let text = node.guests.read_text(created.vmid).ok()?;
+    let conf = VmConfig::parse(&text).ok()?;
+    match conf.options.get("lock") {
+        Some(lock) if lock == expected => None,
+        // `config` writes `lock: migrate` just before the tunnel records that it expects
+        // it: a crash in between must not orphan the VM.
+        Some(lock) if expected == "create" && lock == "migrate" => None,
+        Some(lock) => Some(format!("is locked '{lock}'")),
+        None => Some("has no lock".to_string()),
+    }
+}
+
+/// The VMID's volumes that did not exist when the tunnel opened (they include the
+/// recorded ones and any made in flight); the recorded ones if the storage cannot list.
+async fn volumes_to_free(node: &Node, created: &Created) -> Vec<String> {
+    match node.storage.volumes_of(created.vmid).await {
+        Ok(now) => now
+            .into_iter()
+            .filter(|v| !created.preexisting.contains(v))
+            .collect(),
+        Err(e) => {
+            tracing::debug!(vmid = created.vmid, "listing volumes: {e}");
+            created.volumes.clone()
+        }
+    }
+}
+
+async fn remove_config(
+    node: &Node,
+    vmid: u32,
+    guard: Option<&crate::guest::VmLockGuard>,
+    report: &dyn Report,
+) -> bool {
+    if !node.guests.exists(vmid) {
+        return false;
+    }
+    let removed = match guard {
+        Some(g) => node.guests.remove_locked(g),
+        None => match node
+            .guests
+            .lock(vmid, crate::guest::store::DEFAULT_LOCK_TIMEOUT)
+            .await
+        {
+            Ok(g) => node.guests.remove_locked(&g),
+            Err(e) => Err(e),
+        },
+    };
+    match removed {
+        Ok(()) => {
+            report.info(&format!("cleanup: removed config of VM {vmid}"));
+            true
+        }
+        Err(e) => {
+            report.warn(&format!(
+                "cleanup: removing config of VM {vmid} failed: {e}"
+            ));
+            false
+        }
+    }
+}
+
+fn remove_sockets(created: &Created) {
+    for socket in &created.sockets {
+        let _ = std::fs::remove_file(socket);
+    }
+}

@@ -1,0 +1,247 @@
+//! Recovery after a crash and the operator's `mtunnel cleanup`: finds what tunnels of a
+//! dead `serve` process left (their journals in `{data}/tunnels/`), frees exactly that
+//! through the same path a live tunnel's cleanup takes ([`journal::free_created`]), ends
+//! their task logs with the reason, and removes stale tunnel sockets. `serve` runs it at
+//! start, before it accepts connections; a crash during recovery leaves the journal in
+//! place, so the next start finishes the job (every step tolerates "already gone").
+//!
+//! [`find_leftovers`] also lists what no journal explains — empty `lock: create`
+//! reservations, configs locked by no live tunnel, volumes of VMIDs without a config —
+//! for `mtunnel cleanup`, which frees the first and last kind and names the commands for
+//! the middle one (only an operator can tell whether such a VM is complete).
+
+use std::sync::{Arc, Mutex};
+
+use crate::guest::VmConfig;
+use crate::node::Node;
+use crate::script::journal::{self, Created, Report};
+
+/// Collects what freeing reports, for the task log and the caller's output.
+#[derive(Default)]
+struct Lines(Mutex<Vec<String>>);
+
+impl Report for Lines {
+    fn info(&self, msg: &str) {
+        tracing::info!("{msg}");
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(msg.into());
+    }
+    fn warn(&self, msg: &str) {
+        tracing::warn!("{msg}");
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(format!("WARN: {msg}"));
+    }
+}
+
+/// What recovery did (or, dry, would do) for one dead tunnel.
+#[derive(Debug)]
+pub struct Recovered {
+    pub vmid: u32,
+    pub upid: String,
+    pub lines: Vec<String>,
+}
+
+/// Journals whose owning process is gone.
+pub fn dead_journals(node: &Node) -> Vec<Created> {
+    let (journals, problems) = journal::load_all(&node.cfg.journal_dir());
+    for p in problems {
+        tracing::warn!("unreadable tunnel journal {p}");
+    }
+    journals
+        .into_iter()
+        .filter(|c| !c.owner.is_alive())
+        .collect()
+}
+
+/// Who recovers, for the task logs: `serve` at its start or `mtunnel cleanup`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecoveredBy {
+    Restart,
+    Cleanup,
+}
+
+/// Frees what every dead tunnel created and ends its task log; with `dry_run`, only
+/// describes it.
+pub async fn recover_dead_tunnels(
+    node: &Arc<Node>,
+    dry_run: bool,
+    by: RecoveredBy,
+) -> Vec<Recovered> {
+    let mut out = Vec::new();
+    for created in dead_journals(node) {
+        let lines = if dry_run {
+            describe(&created)
+        } else {
+            recover_one(node, &created, by).await
+        };
+        out.push(Recovered {
+            vmid: created.vmid,
+            upid: created.upid.clone(),
+            lines,
+        });
+    }
+    out
+}
+
+async fn recover_one(node: &Arc<Node>, created: &Created, by: RecoveredBy) -> Vec<String> {
+    let report = Lines::default();
+    report.info(&format!(
+        "recovery: mtunnel (pid {}) ended while this tunnel was open; freeing what it created",
+        created.owner.pid
+    ));
+    journal::free_created(node, created, None, &report).await;
+    let lines = report.0.into_inner().unwrap_or_else(|e| e.into_inner());
+    if let Ok(upid) = created.upid.parse() {
+        let when = match by {
+            RecoveredBy::Restart => "recovered at restart",
+            RecoveredBy::Cleanup => "recovered by 'mtunnel cleanup'",
+        };
+        let reason = if created.may_destroy() {
+            format!("mtunnel was stopped or crashed during the migration; {when}")
+        } else {
+            format!(
+                "mtunnel was stopped or crashed after the VM was resumed; {when}, the VM was \
+                 left running"
+            )
+        };
+        if let Err(e) = node.tasks.end_orphan(&upid, &lines, &reason) {
+            tracing::warn!(upid = %created.upid, "ending task log: {e:#}");
+        }
+    }
+    journal::remove(&node.cfg.journal_dir(), &created.upid);
+    lines
+}
+
+fn describe(created: &Created) -> Vec<String> {
+    let mut lines = vec![format!(
+        "tunnel {} of VM {} (mtunnel pid {} is gone)",
+        created.upid, created.vmid, created.owner.pid
+    )];
+    if !created.may_destroy() {
+        lines.push("  VM was resumed: it would be kept, only sockets removed".into());
+        return lines;
+    }
+    if created.vm_started {
+        lines.push(format!("  would stop VM {}", created.vmid));
+    }
+    for v in &created.volumes {
+        lines.push(format!("  would free volume '{v}'"));
+    }
+    if created.import_running {
+        lines.push("  would free the partial import".into());
+    }
+    lines.push(format!(
+        "  would remove the config of VM {} if still locked '{}'",
+        created.vmid,
+        created.expected_lock.as_deref().unwrap_or("-")
+    ));
+    lines
+}
+
+/// What no journal explains, found by [`find_leftovers`].
+#[derive(Debug, Default)]
+pub struct Leftovers {
+    /// Configs that are only `lock: create` (an empty reservation) with no live tunnel.
+    pub empty_reservations: Vec<u32>,
+    /// Configs locked `create`/`migrate` with content, by no live tunnel: (vmid, lock).
+    pub locked_configs: Vec<(u32, String)>,
+    /// Volumes of VMIDs that have no config and no live tunnel.
+    pub orphaned_volumes: Vec<String>,
+    /// Tunnel and import sockets in the run dir that no live tunnel owns.
+    pub stale_sockets: Vec<std::path::PathBuf>,
+}
+
+/// Lists leftovers; VMIDs with a live tunnel (a journal of a running process) are skipped.
+pub async fn find_leftovers(node: &Node) -> Leftovers {
+    let (journals, _) = journal::load_all(&node.cfg.journal_dir());
+    let live: Vec<&Created> = journals.iter().filter(|c| c.owner.is_alive()).collect();
+    let is_live = |vmid: u32| live.iter().any(|c| c.vmid == vmid);
+    let mut out = Leftovers::default();
+    for vmid in node.guests.list() {
+        if is_live(vmid) {
+            continue;
+        }
+        let Ok(text) = node.guests.read_text(vmid) else {
+            continue;
+        };
+        if text.trim() == "lock: create" {
+            out.empty_reservations.push(vmid);
+        } else if let Ok(conf) = VmConfig::parse(&text)
+            && let Some(lock) = conf.options.get("lock")
+            && (lock == "create" || lock == "migrate")
+        {
+            out.locked_configs.push((vmid, lock.clone()));
+        }
+    }
+    if let Ok(vmids) = node.storage.vmids_with_volumes().await {
+        for vmid in vmids {
+            if is_live(vmid) || node.guests.exists(vmid) {
+                continue;
+            }
+            if let Ok(vols) = node.storage.volumes_of(vmid).await {
+                out.orphaned_volumes.extend(vols);
+            }
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(&node.cfg.run_dir) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let name = entry.file_name();
+            let Some((vmid, kind)) = name.to_str().and_then(|n| n.split_once('.')) else {
+                continue;
+            };
+            let Ok(vmid) = vmid.parse::<u32>() else {
+                continue;
+            };
+            if matches!(kind, "mtunnel" | "storage") && !is_live(vmid) {
+                out.stale_sockets.push(path);
+            }
+        }
+    }
+    out
+}
+
+/// Frees empty reservations, orphaned volumes and stale sockets (not locked configs).
+pub async fn free_leftovers(node: &Node, found: &Leftovers) -> Vec<String> {
+    let mut lines = Vec::new();
+    for &vmid in &found.empty_reservations {
+        if super::remove_reserved_config(node, vmid).await {
+            lines.push(format!("removed empty reservation of VM {vmid}"));
+        }
+    }
+    for volid in &found.orphaned_volumes {
+        match node.storage.free(volid).await {
+            Ok(()) => lines.push(format!("freed orphaned volume '{volid}'")),
+            Err(e) => lines.push(format!("WARN: freeing '{volid}' failed: {e}")),
+        }
+    }
+    for path in &found.stale_sockets {
+        if std::fs::remove_file(path).is_ok() {
+            lines.push(format!("removed stale socket {}", path.display()));
+        }
+    }
+    lines
+}
+
+/// What `serve` runs before it accepts connections: recovers every dead tunnel, removes
+/// empty reservations and stale tunnel sockets (no tunnel of this process exists yet).
+/// Returns one line per action, for the console.
+pub async fn recover_at_start(node: &Arc<Node>) -> Vec<String> {
+    let mut lines = Vec::new();
+    for r in recover_dead_tunnels(node, false, RecoveredBy::Restart).await {
+        lines.push(format!("tunnel {} of VM {}:", r.upid, r.vmid));
+        lines.extend(r.lines.into_iter().map(|l| format!("  {l}")));
+    }
+    let found = find_leftovers(node).await;
+    let safe = Leftovers {
+        empty_reservations: found.empty_reservations,
+        stale_sockets: found.stale_sockets,
+        ..Leftovers::default()
+    };
+    lines.extend(free_leftovers(node, &safe).await);
+    lines
+}
