@@ -339,6 +339,8 @@ pub fn alloc_file_name(name: &str, vmid: u32, fmt: ImageFormat) -> StorageResult
 /// stripped (`vm-567-disk-0.qcow2` → `vm-567-disk-0`), `.{format}` appended, and the
 /// result checked with [`check_image_name`].
 pub fn image_file_name(requested: &str, vmid: u32, format: ImageFormat) -> StorageResult<String> {
+    // The requested name first, so errors name what the caller sent.
+    check_image_name(requested, vmid)?;
     let stem = match requested.rsplit_once('.') {
         Some((stem, ext)) if KNOWN_EXTENSIONS.contains(&ext) => stem,
         _ => requested,
