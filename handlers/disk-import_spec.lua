@@ -79,6 +79,33 @@ return {
       "volname: property is missing and it is not optional\n")
   end,
 
+  ["bad volume names are refused before anything is created"] = function(t)
+    local tun = t:open{}
+    local prefix = "failed to handle 'disk-import' command - illegal name "
+    local chars = " not allowed (use letters, digits, '-', '_' and '.')"
+    for _, case in ipairs{
+      {"../../etc/passwd", "'../../etc/passwd' - path components are not allowed"},
+      {"/etc/passwd", "'/etc/passwd' - path components are not allowed"},
+      {"100/vm-100-disk-0.raw", "'100/vm-100-disk-0.raw' - path components are not allowed"},
+      {"vm-100-disk-0\0.raw", "'vm-100-disk-0\\0.raw' - character '\\0'" .. chars},
+      {"vm-100-disk 0.raw", "'vm-100-disk 0.raw' - character ' '" .. chars},
+      {"vm-100-" .. string.rep("a", 293),
+       "'vm-100-" .. string.rep("a", 57) .. "...' - longer than 200 characters"},
+      {"vm-100-a..b.raw", "'vm-100-a..b.raw' - '..' is not allowed"},
+      {"vm-999-disk-0.raw", "'vm-999-disk-0.raw' - should be 'vm-100-*'"},
+      {"vm-1000-disk-0.raw", "'vm-1000-disk-0.raw' - should be 'vm-100-*'"},
+      {"vm-100-.raw", "'vm-100-' - should be 'vm-100-*'"},
+      {"", "'' - should be 'vm-100-*'"},
+    } do
+      t:eq(import(tun, {volname = case[1]}), {success = false, msg = prefix .. case[2]}, case[1])
+    end
+    -- No socket, no pending import: the next import starts normally.
+    t:fail_contains(tun:send{cmd = "ticket", path = t:run_dir() .. "/100.storage"}, "unknown socket")
+    t:fail_contains(tun:send{cmd = "query-disk-import"}, "no disk import running")
+    t:succeeds(import(tun))
+    t:eq(t:volumes(), {})
+  end,
+
   ["unknown storage"] = function(t)
     local tun = t:open{}
     t:eq(import(tun, {storage = "nope"}).msg,

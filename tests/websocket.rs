@@ -7,7 +7,8 @@
 //! The relay's byte-exactness over >1 GiB (hashed on both ends) is tested in-process at the
 //! library level, where both ends are under the test's control; the data sockets (imports,
 //! NBD, migration) are exercised over HTTP in `transcript.rs`, `tunnel_cli.rs` and
-//! `migration.rs`.
+//! `migration.rs`; here only a `qcow2+size` import cut off halfway (clean close and dropped
+//! connection), which must end as an error.
 
 mod common;
 
@@ -994,4 +995,90 @@ async fn tls_off_serves_plain_http_and_ws() {
         assert!(err.status().is_some(), "{err}");
     })
     .await;
+}
+
+/// A 64 MiB qcow2 image of pseudo-random data, made by qemu-img.
+fn random_qcow2(dir: &std::path::Path) -> std::path::PathBuf {
+    let raw = dir.join("src.raw");
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let data: Vec<u8> = (0..64 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(&raw, data).unwrap();
+    let img = dir.join("src.qcow2");
+    let out = std::process::Command::new("qemu-img")
+        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    img
+}
+
+#[tokio::test]
+async fn qcow2_import_cut_off_over_the_websocket_is_an_error() {
+    bounded(120, async {
+        let server = TestServer::start();
+        let tmp = tempfile::tempdir().unwrap();
+        let src = random_qcow2(tmp.path());
+        let bytes = std::fs::read(&src).unwrap();
+        let half = bytes.len() / 2;
+        let t = server.open_tunnel(100).await;
+        let mut ws = server.connect(&t).await;
+        let images = server.data.parent().unwrap().join("s/local/images/100");
+        // A clean WebSocket close and a connection just dropped both end the stream.
+        for clean in [true, false] {
+            let cmd = json!({"cmd": "disk-import", "volname": "vm-100-disk-0.qcow2", "format": "qcow2", "export_formats": "qcow2+size", "storage": "local", "with_snapshots": 1});
+            let r = roundtrip(&mut ws, format!("{cmd}\n").as_bytes()).await;
+            let socket = r["socket"].as_str().unwrap_or_else(|| panic!("{r}")).to_string();
+            let cmd = json!({"cmd": "ticket", "path": socket});
+            let ticket = roundtrip(&mut ws, format!("{cmd}\n").as_bytes()).await;
+            let url = server.ws_url(100, &socket, ticket["ticket"].as_str().unwrap());
+            let auth = [("Authorization".to_string(), server.root_token.clone())];
+            let mut data = mtunnel::client::ws::connect(&url, &auth, &server.fingerprint)
+                .await
+                .unwrap();
+            data.send(Message::binary((64u64 << 20).to_le_bytes().to_vec()))
+                .await
+                .unwrap();
+            for chunk in bytes[..half].chunks(1 << 20) {
+                data.send(Message::binary(chunk.to_vec())).await.unwrap();
+            }
+            if clean {
+                data.close(None).await.unwrap();
+                while let Some(Ok(_)) = data.next().await {}
+            }
+            drop(data);
+            let mut status = Value::Null;
+            for _ in 0..1000 {
+                status = roundtrip(&mut ws, b"{\"cmd\":\"query-disk-import\"}\n").await;
+                if status["status"] != "pending" {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert_eq!(
+                status,
+                json!({"success": true, "status": "error", "msg": format!(
+                    "import stream for '{}' ended early: got {half} bytes, the qcow2 image needs at least {}",
+                    images.join("vm-100-disk-0.qcow2").display(),
+                    bytes.len()
+                )}),
+                "clean close: {clean}"
+            );
+            let left = std::fs::read_dir(&images).map(|d| d.count()).unwrap_or(0);
+            assert_eq!(left, 0, "the partial image is removed");
+        }
+    })
+    .await
 }

@@ -270,50 +270,63 @@ async fn storage_permission_and_bad_volnames() {
 
     let root = token(&env, "root@pam!t", ALL_PRIVILEGES);
     let mut c = open(&env, &root, 102).await;
-    for volname in [
-        "../../etc/passwd",
-        "vm-102-disk-0/../x",
-        "vm-999-disk-0.raw",
-        "/abs",
-    ] {
+    let long = format!("vm-102-{}", "a".repeat(293));
+    let refused = [
+        ("../../etc/passwd", "'../../etc/passwd' - path components are not allowed".to_string()),
+        ("/etc/passwd", "'/etc/passwd' - path components are not allowed".into()),
+        ("vm-102-disk-0/../x", "'vm-102-disk-0/../x' - path components are not allowed".into()),
+        (
+            "vm-102-disk-0\0.raw",
+            "'vm-102-disk-0\\0.raw' - character '\\0' not allowed (use letters, digits, '-', '_' and '.')".into(),
+        ),
+        (
+            long.as_str(),
+            format!("'vm-102-{}...' - longer than 200 characters", "a".repeat(57)),
+        ),
+        ("vm-999-disk-0.raw", "'vm-999-disk-0.raw' - should be 'vm-102-*'".into()),
+    ];
+    let storage_socket = env.root.join("r/102.storage");
+    for (volname, reason) in refused {
         let r = c
             .send(json!({"cmd": "disk-import", "volname": volname, "format": "raw", "export_formats": "raw+size", "storage": "local", "allow_rename": 0}))
             .await;
-        // The name is refused when the import starts or when it completes; either way no
-        // file appears outside the VM's image directory.
-        if r["success"] == json!(true) {
-            let sock = r["socket"].as_str().unwrap().to_string();
-            let mut s = UnixStream::connect(&sock).await.unwrap();
-            s.write_all(&8u64.to_le_bytes()).await.unwrap();
-            s.write_all(&[1u8; 8]).await.unwrap();
-            drop(s);
-            let mut status = json!(null);
-            for _ in 0..100 {
-                status = c.send(json!({"cmd": "query-disk-import"})).await;
-                if status["status"] != json!("pending") {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            assert_eq!(status["status"], json!("error"), "{volname}: {status}");
-            assert!(
-                status["msg"].as_str().unwrap().contains("illegal name"),
-                "{status}"
-            );
-        } else {
-            assert!(
-                r["msg"].as_str().unwrap().contains("illegal name"),
-                "{volname}: {r}"
-            );
-        }
+        assert_eq!(
+            r,
+            err(&format!(
+                "failed to handle 'disk-import' command - illegal name {reason}"
+            )),
+            "{volname:?}"
+        );
+        assert!(
+            !storage_socket.exists(),
+            "{volname:?}: no socket is created"
+        );
     }
-    assert!(
-        !env.root.join("d/images/102").exists()
-            || std::fs::read_dir(env.root.join("d/images/102"))
-                .unwrap()
-                .count()
-                == 0
+    // Nothing is pending: the next, valid import starts and completes.
+    assert_eq!(
+        c.send(json!({"cmd": "query-disk-import"})).await,
+        err("failed to handle 'query-disk-import' command - no disk import running")
     );
+    assert_eq!(
+        import(&mut c, "vm-102-disk-0.raw", "raw", 512, &[5u8; 512]).await,
+        json!({"success": true, "status": "complete", "volid": "local:102/vm-102-disk-0.raw"})
+    );
+    assert_eq!(
+        files_in(&env.root.join("d/images/102")),
+        ["vm-102-disk-0.raw"]
+    );
+}
+
+fn files_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
 }
 
 async fn import(c: &mut Conn, volname: &str, format: &str, header: u64, payload: &[u8]) -> Value {
@@ -376,6 +389,110 @@ async fn imports_one_at_a_time_and_truncated_stream_fails() {
     assert_eq!(
         c.send(json!({"cmd": "disk-import", "volname": "vm-103-disk-1", "format": "qcow2", "export_formats": "raw+size", "storage": "local"})).await,
         err("failed to handle 'disk-import' command - no matching import/export format found for storage 'local'")
+    );
+}
+
+/// A 64 MiB qcow2 image made by qemu-img from pseudo-random data (so nothing is sparse).
+fn random_qcow2(dir: &Path) -> PathBuf {
+    let raw = dir.join("src.raw");
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let data: Vec<u8> = (0..64 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(&raw, data).unwrap();
+    let img = dir.join("src.qcow2");
+    let out = std::process::Command::new("qemu-img")
+        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    img
+}
+
+/// Starts a `qcow2+size` import and streams the first `len` bytes of `src`, then closes
+/// the connection: with a shutdown of the write side (`clean`) or by just dropping it.
+async fn stream_qcow2_prefix(
+    c: &mut Conn,
+    volname: &str,
+    src: &Path,
+    len: usize,
+    clean: bool,
+) -> Value {
+    let r = c
+        .send(json!({"cmd": "disk-import", "volname": volname, "format": "qcow2", "export_formats": "qcow2+size", "storage": "local", "allow_rename": 0, "with_snapshots": 1}))
+        .await;
+    assert_eq!(r["success"], json!(true), "{r}");
+    let bytes = std::fs::read(src).unwrap();
+    let mut s = UnixStream::connect(r["socket"].as_str().unwrap())
+        .await
+        .unwrap();
+    s.write_all(&(64u64 << 20).to_le_bytes()).await.unwrap();
+    s.write_all(&bytes[..len]).await.unwrap();
+    if clean {
+        s.shutdown().await.unwrap();
+    }
+    drop(s);
+    for _ in 0..1500 {
+        let status = c.send(json!({"cmd": "query-disk-import"})).await;
+        if status["status"] != json!("pending") {
+            return status;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("import did not finish");
+}
+
+#[tokio::test]
+async fn truncated_qcow2_import_is_an_error_and_leaves_nothing() {
+    let env = env();
+    let root = token(&env, "root@pam!t", ALL_PRIVILEGES);
+    let src = random_qcow2(&env.root);
+    let len = std::fs::metadata(&src).unwrap().len() as usize;
+    let mut c = open(&env, &root, 112).await;
+    let dst = image(&env, 112, "vm-112-disk-0.qcow2");
+    for clean in [true, false] {
+        let status = stream_qcow2_prefix(&mut c, "vm-112-disk-0.qcow2", &src, len / 2, clean).await;
+        assert_eq!(
+            status,
+            json!({"success": true, "status": "error", "msg": format!(
+                "import stream for '{}' ended early: got {} bytes, the qcow2 image needs at least {len}",
+                dst.display(),
+                len / 2
+            )}),
+            "clean close: {clean}"
+        );
+        assert_eq!(
+            files_in(&env.root.join("d/images/112")),
+            Vec::<String>::new()
+        );
+    }
+    // The whole image arrives intact.
+    let status = stream_qcow2_prefix(&mut c, "vm-112-disk-0.qcow2", &src, len, true).await;
+    assert_eq!(
+        status,
+        json!({"success": true, "status": "complete", "volid": "local:112/vm-112-disk-0.qcow2"})
+    );
+    let out = std::process::Command::new("qemu-img")
+        .args(["compare", "-q", "-f", "qcow2", "-F", "qcow2"])
+        .arg(&src)
+        .arg(&dst)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }
 

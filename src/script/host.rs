@@ -534,6 +534,11 @@ async fn import_start(c: &Arc<HostCtx>, opts: &Value) -> mlua::Result<(PathBuf, 
     if c.session().import.is_some() {
         return Err(fail("disk import already running"));
     }
+    // Everything is checked before the socket exists: a refused import leaves nothing
+    // behind and does not block the next `disk-import`.
+    c.node
+        .check_storage_for_images(&c.authid, &storage)
+        .map_err(|e| fail(e.to_string()))?;
     let stream_format = crate::storage::import::choose_stream_format(
         &*c.node.storage,
         &storage,
@@ -541,11 +546,6 @@ async fn import_start(c: &Arc<HostCtx>, opts: &Value) -> mlua::Result<(PathBuf, 
         &export_formats,
     )
     .map_err(|e| fail(e.to_string()))?;
-    let socket = c.node.cfg.run_dir.join(format!("{}.storage", c.vmid));
-    let _ = std::fs::remove_file(&socket);
-    let listener = tokio::net::UnixListener::bind(&socket)
-        .map_err(|e| fail(format!("unable to listen on {}: {e}", socket.display())))?;
-    let received = Arc::new(AtomicU64::new(0));
     let req = ImportRequest {
         storage,
         vmid: c.vmid,
@@ -554,29 +554,21 @@ async fn import_start(c: &Arc<HostCtx>, opts: &Value) -> mlua::Result<(PathBuf, 
         stream_format: stream_format.clone(),
         allow_rename,
     };
-    let storage_backend = Arc::clone(&c.node.storage);
-    let count = Arc::clone(&received);
-    let task = tokio::spawn(async move {
-        let stream = match tokio::time::timeout(IMPORT_ACCEPT_TIMEOUT, listener.accept()).await {
-            Ok(Ok((s, _))) => s,
-            Ok(Err(e)) => return Err(format!("accepting the import connection failed: {e}")),
-            Err(_) => {
-                return Err(format!(
-                    "no import connection within {} s",
-                    IMPORT_ACCEPT_TIMEOUT.as_secs()
-                ));
-            }
-        };
-        drop(listener);
-        let reader = CountingReader {
-            inner: stream,
-            count,
-        };
-        storage_backend
-            .import(req, Box::new(reader))
-            .await
-            .map_err(|e| e.to_string())
-    });
+    c.node
+        .storage
+        .check_import(&req)
+        .map_err(|e| fail(e.to_string()))?;
+    let socket = c.node.cfg.run_dir.join(format!("{}.storage", c.vmid));
+    let _ = std::fs::remove_file(&socket);
+    let listener = tokio::net::UnixListener::bind(&socket)
+        .map_err(|e| fail(format!("unable to listen on {}: {e}", socket.display())))?;
+    let received = Arc::new(AtomicU64::new(0));
+    let task = tokio::spawn(accept_and_import(
+        listener,
+        Arc::clone(&c.node.storage),
+        req,
+        Arc::clone(&received),
+    ));
     c.tunnel.register_socket(&socket);
     let sock = socket.clone();
     c.record(|r| {
@@ -596,6 +588,35 @@ async fn import_start(c: &Arc<HostCtx>, opts: &Value) -> mlua::Result<(PathBuf, 
         socket.display()
     ));
     Ok((socket, stream_format))
+}
+
+/// The import task: waits for the source's one connection, then hands the stream to the
+/// storage backend (which verifies it and leaves nothing behind on error).
+async fn accept_and_import(
+    listener: tokio::net::UnixListener,
+    storage: Arc<dyn crate::storage::Storage>,
+    req: ImportRequest,
+    count: Arc<AtomicU64>,
+) -> Result<String, String> {
+    let stream = match tokio::time::timeout(IMPORT_ACCEPT_TIMEOUT, listener.accept()).await {
+        Ok(Ok((s, _))) => s,
+        Ok(Err(e)) => return Err(format!("accepting the import connection failed: {e}")),
+        Err(_) => {
+            return Err(format!(
+                "no import connection within {} s",
+                IMPORT_ACCEPT_TIMEOUT.as_secs()
+            ));
+        }
+    };
+    drop(listener);
+    let reader = CountingReader {
+        inner: stream,
+        count,
+    };
+    storage
+        .import(req, Box::new(reader))
+        .await
+        .map_err(|e| e.to_string())
 }
 
 async fn import_status(c: &Arc<HostCtx>) -> mlua::Result<Value> {

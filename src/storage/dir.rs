@@ -214,8 +214,15 @@ impl NodeStorage {
             ImageFormat::Qcow2 => None,
         };
         let file = file.into_std().await;
-        copy_sparse(&mut reader, file, &path, exact_len).await?;
+        let received = copy_sparse(&mut reader, file, &path, exact_len).await?;
+        // The untrusted checks come first: they refuse references to other files before
+        // `qemu-img check` opens the image.
         check_untrusted_image(&path, fmt).await?;
+        if fmt == ImageFormat::Qcow2 {
+            // A qcow2 stream has no length of its own: an image cut short only shows as
+            // metadata pointing past the end of the file.
+            check_qcow2_complete(&path, received).await?;
+        }
         guard.disarm();
         Ok(format!("{}:{}/{}", req.storage, req.vmid, name))
     }
@@ -558,6 +565,174 @@ fn check_qcow2_header(h: &[u8], path: &Path) -> StorageResult<()> {
         }
     }
     Ok(())
+}
+
+/// Checks that a received qcow2 image arrived whole and is consistent. A `qcow2+size`
+/// stream carries no payload length, so a stream cut short only shows in the image: data
+/// or metadata clusters that start past the end of the file (`file_len`), or corruption
+/// found by `qemu-img check`. Leaked clusters alone only waste space and are accepted.
+pub async fn check_qcow2_complete(path: &Path, file_len: u64) -> StorageResult<()> {
+    let report = qemu_img_check(path).await?;
+    match qcow2_required_len(path, report.image_end).await {
+        Ok(needed) if needed > file_len => {
+            return Err(StorageError::IncompleteImage {
+                path: path.to_path_buf(),
+                got: file_len,
+                needed,
+            });
+        }
+        // An image qemu-img cannot check cannot be mapped either: report the check.
+        Err(e) if report.passed() => return Err(e),
+        _ => {}
+    }
+    report.into_result(path)
+}
+
+/// What `qemu-img check --output=json` said.
+struct CheckReport {
+    /// Exit code: 0 clean, 1 check failed, 2 corrupt, 3 leaks only.
+    code: Option<i32>,
+    status: String,
+    /// End of the highest allocated cluster.
+    image_end: Option<u64>,
+    corruptions: u64,
+    check_errors: u64,
+    stderr: String,
+}
+
+impl CheckReport {
+    fn passed(&self) -> bool {
+        matches!(self.code, Some(0) | Some(3))
+    }
+
+    fn into_result(self, path: &Path) -> StorageResult<()> {
+        if self.passed() {
+            if self.code == Some(3) {
+                tracing::warn!("image '{}' has leaked clusters (harmless)", path.display());
+            }
+            return Ok(());
+        }
+        let summary = if self.corruptions > 0 {
+            format!("{} corruptions", self.corruptions)
+        } else if self.check_errors > 0 {
+            format!("{} check errors", self.check_errors)
+        } else {
+            self.status
+        };
+        let mut lines = self.stderr.lines().map(str::trim);
+        let line = lines
+            .clone()
+            .find(|l| l.starts_with("ERROR"))
+            .or_else(|| lines.find(|l| !l.is_empty()))
+            .unwrap_or("no error output")
+            .to_string();
+        Err(StorageError::ImageCheck {
+            path: path.to_path_buf(),
+            line,
+            summary,
+        })
+    }
+}
+
+async fn qemu_img_check(path: &Path) -> StorageResult<CheckReport> {
+    let out = Command::new("qemu-img")
+        .args([OsStr::new("check"), OsStr::new("--output=json")])
+        .args([OsStr::new("-f"), OsStr::new("qcow2"), path.as_os_str()])
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|e| {
+            StorageError::io(
+                format!("running qemu-img check for '{}'", path.display()),
+                e,
+            )
+        })?;
+    let json: Option<Value> = serde_json::from_slice(&out.stdout).ok();
+    let num = |key: &str| {
+        json.as_ref()
+            .and_then(|j| j.get(key))
+            .and_then(Value::as_u64)
+    };
+    Ok(CheckReport {
+        code: out.status.code(),
+        status: out.status.to_string(),
+        image_end: num("image-end-offset"),
+        corruptions: num("corruptions").unwrap_or(0),
+        check_errors: num("check-errors").unwrap_or(0),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
+/// The least file length a complete qcow2 image needs: every allocated cluster must start
+/// inside the file (only the last one may be partial, as qemu writes tables short), and
+/// the guest data the active layer maps must be there in full.
+async fn qcow2_required_len(path: &Path, image_end: Option<u64>) -> StorageResult<u64> {
+    let header = read_head(path, QCOW2_HEADER_V2_LEN).await?;
+    let cluster_bits = header
+        .get(20..24)
+        .and_then(|b| b.try_into().ok())
+        .map(u32::from_be_bytes)
+        .filter(|bits| (9..=21).contains(bits))
+        .ok_or_else(|| StorageError::WrongFormat {
+            path: path.to_path_buf(),
+            expected: "qcow2".to_string(),
+            reason: "invalid cluster size".to_string(),
+        })?;
+    let last_cluster_start = image_end
+        .map(|end| end.saturating_sub(1u64 << cluster_bits) + 1)
+        .unwrap_or(0);
+    Ok(last_cluster_start.max(qcow2_mapped_end(path).await?))
+}
+
+/// The end of the last guest data extent in the file, from `qemu-img map`, read line by
+/// line (one extent per line) so a fragmented image does not need its whole map in memory.
+async fn qcow2_mapped_end(path: &Path) -> StorageResult<u64> {
+    use tokio::io::AsyncBufReadExt;
+    let ctx = || format!("running qemu-img map for '{}'", path.display());
+    let mut child = Command::new("qemu-img")
+        .args([OsStr::new("map"), OsStr::new("--output=json")])
+        .args([OsStr::new("-f"), OsStr::new("qcow2"), path.as_os_str()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| StorageError::io(ctx(), e))?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| StorageError::io(ctx(), io::Error::other("no stdout pipe")))?;
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let mut end = 0u64;
+    while let Some(line) = lines
+        .next_line()
+        .await
+        .map_err(|e| StorageError::io(ctx(), e))?
+    {
+        let entry = line.trim().trim_start_matches('[');
+        let entry = entry.trim_end_matches([',', ']']);
+        let Ok(extent) = serde_json::from_str::<Value>(entry) else {
+            continue;
+        };
+        let field = |k: &str| extent.get(k).and_then(Value::as_u64);
+        if let (Some(offset), Some(length)) = (field("offset"), field("length")) {
+            end = end.max(offset.saturating_add(length));
+        }
+    }
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(|e| StorageError::io(ctx(), e))?;
+    if !out.status.success() {
+        return Err(StorageError::QemuImg {
+            op: "map",
+            path: path.to_path_buf(),
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(end)
 }
 
 /// The checks on `qemu-img info` output.
@@ -962,6 +1137,107 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, StorageError::MissingSizeHeader), "{err}");
         assert!(files_in(&images).is_empty());
+    }
+
+    /// A stream of the first `len` bytes of `payload` with a `size` header.
+    async fn stream_prefix(
+        size: u64,
+        payload: &Path,
+        len: u64,
+    ) -> Box<dyn AsyncRead + Send + Unpin> {
+        let header = std::io::Cursor::new(size.to_le_bytes().to_vec());
+        let file = fs::File::open(payload).await.unwrap();
+        Box::new(header.chain(file.take(len)))
+    }
+
+    /// A 4 MiB qcow2 image full of random data, plus a snapshot when `snapshot`.
+    fn random_qcow2(dir: &Path, snapshot: bool) -> PathBuf {
+        let raw = dir.join("random.raw");
+        let data: Vec<u8> = (0..4 * MIB as usize)
+            .map(|i| (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15).to_be_bytes()[0])
+            .collect();
+        std::fs::write(&raw, data).unwrap();
+        let img = dir.join("random.qcow2");
+        let (r, q) = (raw.to_str().unwrap(), img.to_str().unwrap());
+        run(
+            "qemu-img",
+            &["convert", "-q", "-f", "raw", "-O", "qcow2", r, q],
+        );
+        if snapshot {
+            run("qemu-img", &["snapshot", "-c", "s1", q]);
+            run("qemu-io", &["-f", "qcow2", "-c", "write -P 0xcd 1M 64k", q]);
+        }
+        img
+    }
+
+    #[tokio::test]
+    async fn truncated_qcow2_stream_is_an_error_and_removed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let st = node(tmp.path());
+        let src = random_qcow2(tmp.path(), false);
+        let len = std::fs::metadata(&src).unwrap().len();
+        let dst = tmp.path().join("images/100/vm-100-disk-0.qcow2");
+        // Cut in the data, at a cluster boundary right after the metadata, and inside the
+        // last data cluster: qemu-img check alone misses the last two.
+        for cut in [len / 2, 3 * 65536, len - 100] {
+            let err = st
+                .import(
+                    req("vm-100-disk-0", "qcow2", "qcow2+size", false),
+                    stream_prefix(4 * MIB, &src, cut).await,
+                )
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(err, StorageError::IncompleteImage { got, .. } if got == cut),
+                "cut at {cut}: {err}"
+            );
+            assert!(
+                err.to_string().starts_with(&format!(
+                    "import stream for '{}' ended early: got {cut} bytes, the qcow2 image needs at least ",
+                    dst.display()
+                )),
+                "{err}"
+            );
+            assert!(files_in(&tmp.path().join("images/100")).is_empty());
+        }
+    }
+
+    #[tokio::test]
+    async fn complete_qcow2_with_snapshot_and_short_last_cluster_passes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let st = node(tmp.path());
+        // A snapshot table ends the file in the middle of a cluster.
+        let src = random_qcow2(tmp.path(), true);
+        let volid = st
+            .import(
+                req("vm-100-disk-0", "qcow2", "qcow2+size", false),
+                stream(4 * MIB, &src).await,
+            )
+            .await
+            .unwrap();
+        let dst = st.path(&volid).unwrap();
+        assert!(std::fs::read(&src).unwrap() == std::fs::read(&dst).unwrap());
+    }
+
+    #[tokio::test]
+    async fn corrupt_qcow2_fails_the_image_check() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = random_qcow2(tmp.path(), false);
+        // Point the first L2 entry at the refcount table cluster: a refcount mismatch.
+        let mut bytes = std::fs::read(&src).unwrap();
+        let l1 = u64::from_be_bytes(bytes[40..48].try_into().unwrap()) as usize;
+        let l2 = (u64::from_be_bytes(bytes[l1..l1 + 8].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00)
+            as usize;
+        bytes[l2..l2 + 8].copy_from_slice(&0x8000_0000_0001_0000u64.to_be_bytes());
+        std::fs::write(&src, &bytes).unwrap();
+        let err = check_qcow2_complete(&src, bytes.len() as u64)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StorageError::ImageCheck { .. }), "{err}");
+        assert!(
+            err.to_string().starts_with("image check failed: ERROR"),
+            "{err}"
+        );
     }
 
     #[tokio::test]

@@ -75,7 +75,12 @@ pub fn usable_def<'a>(
     storages: &'a BTreeMap<String, StorageDef>,
     id: &str,
 ) -> StorageResult<&'a StorageDef> {
-    let def = lookup_def(storages, id)?;
+    check_usable(id, storages.get(id))
+}
+
+/// [`usable_def`] for a definition already looked up (`None`: no such storage).
+pub fn check_usable<'a>(id: &str, def: Option<&'a StorageDef>) -> StorageResult<&'a StorageDef> {
+    let def = def.ok_or_else(|| StorageError::UnknownStorage(id.to_string()))?;
     if def.disable {
         return Err(StorageError::Disabled(id.to_string()));
     }
@@ -154,6 +159,24 @@ pub enum StorageError {
         path.display()
     )]
     LongStream { path: PathBuf, expected: u64 },
+    /// A qcow2 image whose clusters reach past the end of the received file.
+    #[error(
+        "import stream for '{}' ended early: got {got} bytes, the qcow2 image needs at least {needed}",
+        path.display()
+    )]
+    IncompleteImage {
+        path: PathBuf,
+        got: u64,
+        needed: u64,
+    },
+    /// `qemu-img check` found corruption (e.g. clusters past the end of a truncated
+    /// file) or could not check the image; `line` is its first error line.
+    #[error("image check failed: {line} (qemu-img check of '{}': {summary})", path.display())]
+    ImageCheck {
+        path: PathBuf,
+        line: String,
+        summary: String,
+    },
     #[error("backing file in image '{}' is not allowed", path.display())]
     BackingFile { path: PathBuf },
     #[error("external data file in image '{}' is not allowed", path.display())]
@@ -243,23 +266,26 @@ impl fmt::Display for ImageFormat {
 /// Image-file extensions stripped from a requested import name before `.{format}` is added.
 const KNOWN_EXTENSIONS: &[&str] = &["raw", "qcow2", "vmdk", "subvol"];
 
+/// Longest accepted image file name (with extension); file systems allow 255 bytes.
+pub const MAX_IMAGE_NAME_LEN: usize = 200;
+
 /// Checks an image name (with or without extension) against PVE's rules for `vmid`:
 /// it starts with `vm-{vmid}-` or `base-{vmid}-` followed by at least one character, and
 /// only uses `[A-Za-z0-9_.-]` without `..` — so it can never leave the VM's directory and
-/// needs no quoting on a QEMU command line.
+/// needs no quoting on a QEMU command line. The most specific reason is reported first
+/// (length, path components, characters, then the owner VMID).
 pub fn check_image_name(name: &str, vmid: u32) -> StorageResult<()> {
     let illegal = |reason: String| StorageError::IllegalName {
-        name: name.to_string(),
+        name: shown_name(name),
         reason,
     };
-    let vm_prefix = format!("vm-{vmid}-");
-    let base_prefix = format!("base-{vmid}-");
-    let rest = name
-        .strip_prefix(&vm_prefix)
-        .or_else(|| name.strip_prefix(&base_prefix));
-    match rest {
-        Some(rest) if !rest.is_empty() => {}
-        _ => return Err(illegal(format!("should be 'vm-{vmid}-*'"))),
+    if name.len() > MAX_IMAGE_NAME_LEN {
+        return Err(illegal(format!(
+            "longer than {MAX_IMAGE_NAME_LEN} characters"
+        )));
+    }
+    if name.contains('/') {
+        return Err(illegal("path components are not allowed".to_string()));
     }
     if let Some(bad) = name
         .chars()
@@ -272,14 +298,31 @@ pub fn check_image_name(name: &str, vmid: u32) -> StorageResult<()> {
     if name.contains("..") {
         return Err(illegal("'..' is not allowed".to_string()));
     }
-    if name.len() > 200 {
-        return Err(illegal("longer than 200 characters".to_string()));
+    let vm_prefix = format!("vm-{vmid}-");
+    let base_prefix = format!("base-{vmid}-");
+    match name
+        .strip_prefix(&vm_prefix)
+        .or_else(|| name.strip_prefix(&base_prefix))
+    {
+        Some(rest) if !rest.is_empty() => Ok(()),
+        _ => Err(illegal(format!("should be 'vm-{vmid}-*'"))),
     }
-    Ok(())
 }
 
-/// The file name a requested volume name gets in `format`: a known image extension is
-/// stripped (`vm-567-disk-0.qcow2` → `vm-567-disk-0`), `.{format}` appended, and the
+/// A name as shown in messages: control characters escaped and at most 64 characters, so
+/// a hostile name cannot break a log line or bloat a reply.
+fn shown_name(name: &str) -> String {
+    const SHOWN: usize = 64;
+    let mut out: String = name.chars().take(SHOWN).collect::<String>();
+    if out.chars().any(char::is_control) {
+        out = out.escape_debug().to_string();
+    }
+    if name.chars().count() > SHOWN {
+        out.push_str("...");
+    }
+    out
+}
+
 /// The file name for an explicit `alloc` name: a `.raw`/`.qcow2` extension must match the
 /// format (as PVE demands); without one, `.{format}` is appended.
 pub fn alloc_file_name(name: &str, vmid: u32, fmt: ImageFormat) -> StorageResult<String> {
@@ -294,8 +337,12 @@ pub fn alloc_file_name(name: &str, vmid: u32, fmt: ImageFormat) -> StorageResult
     }
 }
 
+/// The file name a requested volume name gets in `format`: a known image extension is
+/// stripped (`vm-567-disk-0.qcow2` → `vm-567-disk-0`), `.{format}` appended, and the
 /// result checked with [`check_image_name`].
 pub fn image_file_name(requested: &str, vmid: u32, format: ImageFormat) -> StorageResult<String> {
+    // The requested name first, so errors name what the caller sent.
+    check_image_name(requested, vmid)?;
     let stem = match requested.rsplit_once('.') {
         Some((stem, ext)) if KNOWN_EXTENSIONS.contains(&ext) => stem,
         _ => requested,
@@ -429,6 +476,25 @@ pub trait Storage: Send + Sync {
         req: ImportRequest,
         reader: Box<dyn AsyncRead + Send + Unpin>,
     ) -> BoxFuture<'a, StorageResult<String>>;
+
+    /// Checks a `disk-import` request before anything is created for it (no socket, no
+    /// file): the storage takes images, the stream format is one it imports for `format`,
+    /// and the volume name is valid for `req.vmid` (see [`image_file_name`]). Returns the
+    /// volid the import will create unless that name is taken by then.
+    fn check_import(&self, req: &ImportRequest) -> StorageResult<String> {
+        let def = check_usable(&req.storage, self.def(&req.storage))?;
+        let fmt = ImageFormat::parse(&req.format, def.kind)?;
+        let importable = self.import_formats(&req.storage, &req.format)?;
+        if !importable.contains(&req.stream_format) {
+            return Err(StorageError::NoMatchingFormat {
+                storage: req.storage.clone(),
+            });
+        }
+        let name = image_file_name(&req.volname, req.vmid, fmt)?;
+        // The volid must parse the way every later command will parse it.
+        let volid = VolumeId::parse(&format!("{}:{}/{name}", req.storage, req.vmid))?;
+        Ok(volid.to_string())
+    }
 
     /// Checks an image received from elsewhere before it is used: no backing file, no
     /// external data file, and really in the format its name says.
