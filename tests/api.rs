@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{NODE, Options, TestServer, bounded, eventually, mint_ticket, now, pct};
+use common::{NODE, Options, TestServer, bounded, eventually, mint_tunnel_ticket, now, pct};
 use hyper::Method;
 use mtunnel::client::ApiError;
 use serde_json::{Value, json};
@@ -439,7 +439,11 @@ fn check_tunnel_reply(server: &TestServer, vmid: u32, authid: &str, data: &Value
     );
     let time = u64::from_str_radix(t, 16).unwrap();
     assert!(time.abs_diff(now()) <= 5);
-    assert_eq!(ticket, mint_ticket(&server.data, authid, socket, time));
+    // Bound to this tunnel instance (its UPID): the next tunnel of the VMID refuses it.
+    assert_eq!(
+        ticket,
+        mint_tunnel_ticket(&server.data, authid, socket, upid, time)
+    );
 
     // The VMID is reserved by an empty config locked `create`.
     assert_eq!(

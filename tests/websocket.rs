@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{NODE, Options, TestServer, Tunnel, bounded, mint_ticket, now, pct};
+use common::{NODE, Options, TestServer, Tunnel, bounded, mint_tunnel_ticket, now, pct};
 use futures_util::{SinkExt, StreamExt};
 use mtunnel::client::ApiError;
 use mtunnel::client::ws::WsStream;
@@ -554,9 +554,10 @@ async fn bad_tickets_and_sockets_are_refused() {
             }
         };
         const INVALID: &str = "permission denied - invalid PVETUNNEL ticket";
+        const ROOT: &str = "root@pam!mtunnel";
 
         // A hand-minted fresh ticket is accepted (so the minting below is right) ...
-        let fresh = mint_ticket(&server.data, "root@pam!mtunnel", &t2.socket, now());
+        let fresh = mint_tunnel_ticket(&server.data, ROOT, &t2.socket, &t2.upid, now());
         let mut ws = try_ws(101, t2.socket.clone(), fresh, root.clone())
             .await
             .unwrap();
@@ -566,7 +567,7 @@ async fn bad_tickets_and_sockets_are_refused() {
         // ... an expired one (41 s old) or one from too far in the future is not.
         // (+25 s, not +20: the server's clock may already be a second further.)
         for time in [now() - 41, now() + 25] {
-            let old = mint_ticket(&server.data, "root@pam!mtunnel", &t.socket, time);
+            let old = mint_tunnel_ticket(&server.data, ROOT, &t.socket, &t.upid, time);
             assert_refused(
                 try_ws(100, t.socket.clone(), old, root.clone()).await,
                 401,
@@ -586,11 +587,11 @@ async fn bad_tickets_and_sockets_are_refused() {
             401,
             INVALID,
         );
-        // The ticket of another token.
+        // The ticket of another token: that token did not open the tunnel.
         assert_refused(
             try_ws(100, t.socket.clone(), t.ticket.clone(), other.clone()).await,
-            401,
-            INVALID,
+            403,
+            "permission denied - the tunnel of VM 100 was opened by another user",
         );
         // A ticket for another socket path.
         assert_refused(
@@ -606,7 +607,7 @@ async fn bad_tickets_and_sockets_are_refused() {
             INVALID,
         );
         // ... and with a valid ticket for exactly that path, still not this tunnel's socket.
-        let for_dotdot = mint_ticket(&server.data, "root@pam!mtunnel", &dotdot, now());
+        let for_dotdot = mint_tunnel_ticket(&server.data, ROOT, &dotdot, &t.upid, now());
         assert_refused(
             try_ws(100, dotdot.clone(), for_dotdot, root.clone()).await,
             403,
@@ -621,14 +622,14 @@ async fn bad_tickets_and_sockets_are_refused() {
         );
         // A valid ticket for a socket that is not one of this tunnel's.
         let migrate = format!("{}/100.migrate", server.run.display());
-        let ticket = mint_ticket(&server.data, "root@pam!mtunnel", &migrate, now());
+        let ticket = mint_tunnel_ticket(&server.data, ROOT, &migrate, &t.upid, now());
         assert_refused(
             try_ws(100, migrate.clone(), ticket, root.clone()).await,
             403,
             &format!("socket '{migrate}' is not a socket of an open tunnel of VM 100"),
         );
         // Another tunnel's socket under this VMID.
-        let ticket = mint_ticket(&server.data, "root@pam!mtunnel", &t2.socket, now());
+        let ticket = mint_tunnel_ticket(&server.data, ROOT, &t2.socket, &t.upid, now());
         assert_refused(
             try_ws(100, t2.socket.clone(), ticket, root.clone()).await,
             403,
@@ -639,7 +640,7 @@ async fn bad_tickets_and_sockets_are_refused() {
         );
         // A VMID without config.
         let s = format!("{}/555.mtunnel", server.run.display());
-        let ticket = mint_ticket(&server.data, "root@pam!mtunnel", &s, now());
+        let ticket = mint_tunnel_ticket(&server.data, ROOT, &s, &t.upid, now());
         assert_refused(
             try_ws(555, s, ticket, root.clone()).await,
             500,
