@@ -150,6 +150,20 @@ pub fn authorize_socket(
     Ok(tunnel)
 }
 
+/// Runs one tunnel command to completion without holding a runtime worker. A command
+/// has long synchronous stretches (parsing and dropping a 16 MiB line, schema checks, Lua,
+/// host checks) during which the worker's queued tasks, the API's included, would wait; on
+/// the multi-thread runtime the thread first hands those to another worker
+/// (`block_in_place`). A current-thread runtime (library tests) just awaits.
+pub(crate) async fn off_runtime<F: std::future::Future>(fut: F) -> F::Output {
+    let handle = tokio::runtime::Handle::current();
+    if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
+        tokio::task::block_in_place(|| handle.block_on(fut))
+    } else {
+        fut.await
+    }
+}
+
 /// What `POST .../mtunnel` returns.
 pub struct Opened {
     pub upid: Upid,
