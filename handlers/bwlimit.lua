@@ -5,8 +5,10 @@ return {
   description = "Effective bandwidth limit in KiB/s for an operation on target storages.",
   params = {
     -- declared with `members` as upstream: elements are not checked (the source
-    -- sends [null] for the memory migration)
-    storages = { type = "array", optional = true, members = { type = "string" } },
+    -- sends [null] for the memory migration). A node has a few dozen storages at
+    -- most; the bound keeps one command from costing seconds of privilege checks.
+    storages = { type = "array", optional = true, maxItems = 1024,
+                 members = { type = "string" } },
     bwlimit = { type = "integer", minimum = 0, optional = true,
                 description = "the user's override in KiB/s" },
     operation = { type = "string", optional = true, default = "migration",

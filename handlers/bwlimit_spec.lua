@@ -91,6 +91,17 @@ return {
       "bwlimit: type check ('integer') failed - got 'fast'\n")
   end,
 
+  ["at most 1024 storages"] = function(t)
+    local tun = t:open{}
+    local many = {}
+    for i = 1, 1024 do many[i] = "local" end
+    t:eq(tun:send{cmd = "bwlimit", storages = many}, {bwlimit = json.null, success = true})
+    many[1025] = "local"
+    t:eq(tun:send{cmd = "bwlimit", storages = many}.msg,
+      "failed to handle 'bwlimit' command - 400 Parameter verification failed.\n" ..
+      "storages: array may contain at most 1024 items, got 1025\n")
+  end,
+
   ["extra parameters are rejected"] = function(t)
     local tun = t:open{}
     t:eq(tun:send{cmd = "bwlimit", storage = "local"}.msg,

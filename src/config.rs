@@ -38,6 +38,9 @@ pub struct NodeConfig {
     pub handlers_dir: PathBuf,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
+    /// Longest time a request body may take to arrive, counted from the end of the
+    /// headers (a client trickling bytes must not hold a request open forever).
+    pub body_read_timeout: Duration,
     /// QEMU acceleration: `kvm`, `tcg` or `auto` (KVM when `/dev/kvm` is usable).
     pub qemu_accel: crate::qemu::Accel,
     /// Memory and instruction limits of each tunnel's Lua VM.
@@ -68,6 +71,8 @@ pub struct ConfigFile {
     pub bridges: Option<Vec<String>>,
     pub handlers_dir: Option<PathBuf>,
     pub max_body_bytes: Option<usize>,
+    /// Seconds a request body may take to arrive (default 30).
+    pub body_read_timeout_secs: Option<u64>,
     /// `kvm`, `tcg` or `auto`.
     pub qemu_accel: Option<String>,
     /// Lua heap per tunnel, MiB (default 32).
@@ -190,6 +195,7 @@ impl NodeConfig {
             ),
             bridges: file.bridges.unwrap_or_default(),
             max_body_bytes: file.max_body_bytes.unwrap_or(1024 * 1024),
+            body_read_timeout: Duration::from_secs(file.body_read_timeout_secs.unwrap_or(30)),
             storages,
             peer_timeout: Duration::from_secs(file.peer_timeout_secs.unwrap_or(60).max(1)),
             shutdown_timeout: Duration::from_secs(file.shutdown_timeout_secs.unwrap_or(30)),

@@ -16,6 +16,9 @@ pub enum Error {
     /// The request body exceeds the limit: HTTP 413.
     #[error("{0}")]
     TooLarge(String),
+    /// The request body did not arrive in time: HTTP 408.
+    #[error("{0}")]
+    Timeout(String),
     /// Missing privilege: HTTP 403.
     #[error("{0}")]
     Forbidden(String),

@@ -98,7 +98,7 @@ impl Node {
 
     /// Fails with PVE's 403 text unless `authid` holds `privilege` on `path`.
     pub fn require(&self, authid: &str, path: &str, privilege: &str) -> Result<()> {
-        if self.tokens.acl(authid).allows(path, privilege) {
+        if self.tokens.allows(authid, path, privilege) {
             Ok(())
         } else {
             Err(Error::permission(path, privilege))
@@ -106,7 +106,7 @@ impl Node {
     }
 
     pub fn allows(&self, authid: &str, path: &str, privilege: &str) -> bool {
-        self.tokens.acl(authid).allows(path, privilege)
+        self.tokens.allows(authid, path, privilege)
     }
 
     /// The `node` path parameter must name this node (or be `localhost`).

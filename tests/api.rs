@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{NODE, Options, TestServer, bounded, eventually, mint_ticket, now, pct};
+use common::{NODE, Options, TestServer, bounded, eventually, mint_tunnel_ticket, now, pct};
 use hyper::Method;
 use mtunnel::client::ApiError;
 use serde_json::{Value, json};
@@ -439,7 +439,11 @@ fn check_tunnel_reply(server: &TestServer, vmid: u32, authid: &str, data: &Value
     );
     let time = u64::from_str_radix(t, 16).unwrap();
     assert!(time.abs_diff(now()) <= 5);
-    assert_eq!(ticket, mint_ticket(&server.data, authid, socket, time));
+    // Bound to this tunnel instance (its UPID): the next tunnel of the VMID refuses it.
+    assert_eq!(
+        ticket,
+        mint_tunnel_ticket(&server.data, authid, socket, upid, time)
+    );
 
     // The VMID is reserved by an empty config locked `create`.
     assert_eq!(
@@ -1345,6 +1349,98 @@ async fn tunnel_accept_timeout_removes_config() {
                 "TASK ERROR: Exiting mtunnel"
             ]
         );
+    })
+    .await
+}
+
+// ---- HTTP limits: reason phrase, body read timeout ----
+
+#[tokio::test]
+async fn long_error_message_gets_a_capped_reason_phrase() {
+    bounded(60, async {
+        let mut server = TestServer::start();
+        // 100 000 characters of one storage id: the message quotes it whole.
+        let id = format!("s{}", "x".repeat(99_999));
+        let r = server
+            .client()
+            .raw(
+                Method::POST,
+                &format!("/api2/json{}", mtunnel_path(100)),
+                &[("Content-Type", "application/x-www-form-urlencoded")],
+                format!("storages={id}"),
+            )
+            .await
+            .unwrap();
+        let message = r.json()["message"].as_str().unwrap().to_string();
+        assert_eq!(r.status, 500, "{}", r.reason);
+        assert_eq!(message, format!("storage '{id}' does not exist\n"));
+        // The reason phrase: the message's start, cut to 200 bytes and marked.
+        assert_eq!(r.reason, format!("storage '{}...", &id[..188]));
+        assert_eq!(r.reason.len(), 200);
+        assert!(!server.vm_config(100).exists());
+        still_serving(&mut server).await;
+    })
+    .await
+}
+
+/// Reads an HTTP response head from `s` (up to the blank line); returns its status line.
+async fn status_line<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        if s.read_exact(&mut b).await.is_err() {
+            break;
+        }
+        head.push(b[0]);
+    }
+    let text = String::from_utf8_lossy(&head).to_string();
+    text.split("\r\n").next().unwrap_or("").to_string()
+}
+
+#[tokio::test]
+async fn trickled_body_times_out_with_408() {
+    bounded(60, async {
+        use tokio::io::AsyncWriteExt;
+        let mut server = TestServer::start_with(Options {
+            extra_toml: "body_read_timeout_secs = 1\n".into(),
+            ..Options::default()
+        });
+        let config = mtunnel::client::tls::client_config(Some(&server.fingerprint)).unwrap();
+        let tls = mtunnel::client::tls::connect(&server.host, server.port, &config)
+            .await
+            .unwrap();
+        let (mut read, mut write) = tokio::io::split(tls);
+        let head = format!(
+            "POST /api2/json{} HTTP/1.1\r\nHost: {}:{}\r\nAuthorization: {}\r\n\
+             Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 1000\r\n\r\n",
+            mtunnel_path(100),
+            server.host,
+            server.port,
+            server.root_token
+        );
+        write.write_all(head.as_bytes()).await.unwrap();
+        write.flush().await.unwrap();
+        // One byte every 200 ms: 1000 bytes would take 200 s.
+        let trickle = tokio::spawn(async move {
+            loop {
+                if write.write_all(b"s").await.is_err() || write.flush().await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        let started = Instant::now();
+        let line = status_line(&mut read).await;
+        let took = started.elapsed();
+        trickle.abort();
+        assert_eq!(
+            line,
+            "HTTP/1.1 408 request body not received within 1 s (body_read_timeout_secs)"
+        );
+        assert!(took < Duration::from_secs(5), "took {took:?}");
+        assert!(!server.vm_config(100).exists());
+        still_serving(&mut server).await;
     })
     .await
 }

@@ -52,7 +52,7 @@ impl CommandHandler for Echo {
         })
     }
 
-    fn finish(&mut self, _clean: bool) -> BoxFuture<'_, ()> {
+    fn finish(&mut self, _end: &str) -> BoxFuture<'_, ()> {
         Box::pin(async {})
     }
 }

@@ -1,6 +1,7 @@
 //! PVE's reply envelope. `json`: HTTP 200 with `{"data":..}` and
-//! `application/json;charset=UTF-8`; errors carry the message in the reason phrase AND in
-//! the body (`message`, plus `errors` for parameter errors). `extjs`: always HTTP 200 with
+//! `application/json;charset=UTF-8`; errors carry the message in the reason phrase (its
+//! first line, at most [`MAX_REASON_BYTES`]) AND in full in the body (`message`, plus
+//! `errors` for parameter errors). `extjs`: always HTTP 200 with
 //! `success`, `status`, `message` and `errors` in the body.
 
 use axum::http::{HeaderValue, StatusCode, header};
@@ -78,6 +79,7 @@ fn status_of(error: &Error) -> StatusCode {
         Error::Param(_) | Error::BadRequest(_) => StatusCode::BAD_REQUEST,
         Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
         Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+        Error::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
         Error::Forbidden(_) => StatusCode::FORBIDDEN,
         Error::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
         Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -104,7 +106,7 @@ pub fn render(format: Format, result: Result<Data, Error>) -> Response {
                 tracing::warn!("request failed: {error}");
             }
             let message = error.to_string();
-            let first_line = message.lines().next().unwrap_or("error").to_string();
+            let first_line = cap_reason(message.lines().next().unwrap_or("error")).to_string();
             let mut body = Map::new();
             body.insert("data".into(), Value::Null);
             body.insert("message".into(), json!(format!("{message}\n")));
@@ -131,6 +133,23 @@ pub fn render(format: Format, result: Result<Data, Error>) -> Response {
     response
 }
 
+/// Longest reason phrase sent, in bytes. Clients refuse status lines of 100 KB (a message
+/// can quote a whole parameter); the full text stays in the body's `message`.
+pub const MAX_REASON_BYTES: usize = 200;
+
+/// `reason` cut to at most [`MAX_REASON_BYTES`] on a character boundary, marked with `...`
+/// when cut.
+fn cap_reason(reason: &str) -> std::borrow::Cow<'_, str> {
+    if reason.len() <= MAX_REASON_BYTES {
+        return reason.into();
+    }
+    let mut end = MAX_REASON_BYTES - 3;
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &reason[..end]).into()
+}
+
 /// A reason phrase may hold only tab, space and visible bytes.
 fn sanitize_reason(reason: &str) -> Vec<u8> {
     reason
@@ -143,4 +162,22 @@ fn sanitize_reason(reason: &str) -> Vec<u8> {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reason_is_capped_on_a_char_boundary() {
+        assert_eq!(cap_reason("short"), "short");
+        let exact = "x".repeat(MAX_REASON_BYTES);
+        assert_eq!(cap_reason(&exact), exact);
+        // 'é' is two bytes: a cut at byte 197 would split one.
+        let long = format!("a{}", "é".repeat(200));
+        let capped = cap_reason(&long);
+        assert!(capped.len() <= MAX_REASON_BYTES, "{}", capped.len());
+        assert!(capped.ends_with("..."));
+        assert!(long.starts_with(capped.trim_end_matches("...")));
+    }
 }

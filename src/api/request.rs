@@ -58,11 +58,22 @@ impl FromRequest<Arc<AppState>> for ApiReq {
         };
 
         let limit = state.node.cfg.max_body_bytes;
-        let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
-            fail(Error::TooLarge(format!(
-                "request entity too large (limit {limit} bytes)"
-            )))
-        })?;
+        let timeout = state.node.cfg.body_read_timeout;
+        let bytes = match tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await {
+            Ok(Ok(bytes)) => bytes,
+            Ok(Err(_)) => {
+                return Err(fail(Error::TooLarge(format!(
+                    "request entity too large (limit {limit} bytes)"
+                ))));
+            }
+            Err(_) => {
+                tracing::info!("request body not received within {timeout:?}");
+                return Err(fail(Error::Timeout(format!(
+                    "request body not received within {} s (body_read_timeout_secs)",
+                    timeout.as_secs()
+                ))));
+            }
+        };
         let mut params = Map::new();
         if !bytes.is_empty() {
             if parts.method == Method::GET || parts.method == Method::DELETE {

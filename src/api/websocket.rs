@@ -1,6 +1,7 @@
-//! `GET .../mtunnelwebsocket?socket=&ticket=`: checks the ticket against this request's token
-//! and the socket path, requires the VM config and that the socket belongs to the VM's open
-//! tunnel, connects the UNIX socket, and only then answers 101 and starts forwarding.
+//! `GET .../mtunnelwebsocket?socket=&ticket=`: has [`crate::tunnel::authorize_socket`]
+//! check the request (VM, live tunnel owned by this token, ticket of that tunnel instance,
+//! socket of that tunnel), claims the control socket for exactly one WebSocket, connects the
+//! UNIX socket, and only then answers 101 and starts forwarding.
 //! Lenient like pveproxy: no `Connection: Upgrade` needed, subprotocols echoed if asked.
 
 use std::collections::HashMap;
@@ -19,9 +20,8 @@ use super::AppState;
 use super::reply::Data;
 use super::request::ApiReq;
 use super::routes::{finish, parse_vmid, path_param};
-use crate::auth::token::unix_now;
 use crate::error::Error;
-use crate::tunnel::forward;
+use crate::tunnel::{Tunnel, forward};
 
 pub(super) async fn mtunnelwebsocket(
     State(st): State<Arc<AppState>>,
@@ -34,7 +34,7 @@ pub(super) async fn mtunnelwebsocket(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
     let checked = check(&st, &p, &req, wants_upgrade).await;
-    let (socket, key) = match checked {
+    let (socket, key, tunnel) = match checked {
         Ok(ok) => ok,
         Err(e) => {
             if matches!(e, Error::Unauthorized(_)) {
@@ -59,9 +59,23 @@ pub(super) async fn mtunnelwebsocket(
             Err(Error::BadRequest("connection cannot be upgraded".into())),
         );
     };
+    // The worker accepts one control connection; a second connect would still succeed
+    // (the kernel queues it) and get a 101 for a socket nobody serves.
+    let is_control = socket == tunnel.control_socket;
+    if is_control && !tunnel.claim_control() {
+        let err = Error::internal(format!(
+            "unable to connect to socket '{}' - the control socket of VM {} is already connected",
+            socket.display(),
+            tunnel.vmid
+        ));
+        return finish(&p, &req, Err(err));
+    }
     let unix = match UnixStream::connect(&socket).await {
         Ok(s) => s,
         Err(e) => {
+            if is_control {
+                tunnel.release_control();
+            }
             let err = Error::internal(format!(
                 "unable to connect to socket '{}' - {e}",
                 socket.display()
@@ -116,13 +130,14 @@ pub(super) async fn mtunnelwebsocket(
     response
 }
 
-/// All checks before an upgrade; returns the socket and (for upgrades) the client key.
+/// All checks before an upgrade; returns the socket, the client key (for upgrades) and
+/// the tunnel the socket belongs to.
 async fn check(
     st: &AppState,
     p: &HashMap<String, String>,
     req: &ApiReq,
     wants_upgrade: bool,
-) -> Result<(PathBuf, Option<String>), Error> {
+) -> Result<(PathBuf, Option<String>, Arc<Tunnel>), Error> {
     req.params.only(&["socket", "ticket"])?;
     st.node.check_node(path_param(p, "node"))?;
     let vmid = parse_vmid(path_param(p, "vmid"))?;
@@ -145,27 +160,6 @@ async fn check(
     } else {
         None
     };
-    st.node
-        .tickets
-        .verify(&ticket, &req.authid, &socket, unix_now())
-        .map_err(|e| Error::Unauthorized(format!("permission denied - {e}")))?;
-    if !st.node.guests.exists(vmid) {
-        return Err(Error::internal(format!(
-            "Configuration file 'nodes/{}/qemu-server/{vmid}.conf' does not exist",
-            st.node.cfg.node
-        )));
-    }
-    let socket = PathBuf::from(socket);
-    let belongs = st
-        .node
-        .tunnels
-        .get(vmid)
-        .is_some_and(|t| t.may_forward_to(&socket));
-    if !belongs {
-        return Err(Error::Forbidden(format!(
-            "socket '{}' is not a socket of an open tunnel of VM {vmid}",
-            socket.display()
-        )));
-    }
-    Ok((socket, key))
+    let tunnel = crate::tunnel::authorize_socket(&st.node, &req.authid, vmid, &socket, &ticket)?;
+    Ok((PathBuf::from(socket), key, tunnel))
 }

@@ -1,7 +1,10 @@
 //! Tunnel tickets: `PVETUNNEL:<8 hex time>::<base64 HMAC-SHA256>` over
-//! `PVETUNNEL:<time>:<authid>:<normalized path>`, keyed by a per-node secret kept in
-//! `{data}/priv/tunnel.key`. A ticket binds one token id to one socket path for a short
-//! window (20 s before to 40 s after issue, as PVE); it is opaque to clients.
+//! `PVETUNNEL:<time>:<authid>:<normalized path>:<tunnel instance>`, keyed by a per-node
+//! secret kept in `{data}/priv/tunnel.key`. A ticket binds one token id to one socket path
+//! of one tunnel instance (the worker's UPID) for a short window (20 s before to 40 s after
+//! issue, as PVE); it is opaque to clients. The instance is there because socket paths are
+//! per VMID and reused by the next tunnel of that VMID: without it an old ticket would open
+//! the next tunnel's sockets.
 
 use std::path::Path;
 
@@ -69,32 +72,38 @@ impl TicketKey {
         TicketKey { key }
     }
 
-    fn mac(&self, time_hex: &str, authid: &str, path: &str) -> Vec<u8> {
+    // Neither an authid nor a normalized path holds ':', and the instance comes last, so
+    // the joined message is unambiguous.
+    fn mac(&self, time_hex: &str, authid: &str, path: &str, instance: &str) -> Vec<u8> {
         let mut mac =
             Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC accepts any key length");
-        mac.update(format!("{PREFIX}:{time_hex}:{authid}:{path}").as_bytes());
+        mac.update(format!("{PREFIX}:{time_hex}:{authid}:{path}:{instance}").as_bytes());
         mac.finalize().into_bytes().to_vec()
     }
 
-    /// Mints a ticket for `authid` on `/socket/<socket_path>` at Unix time `now`.
+    /// Mints a ticket for `authid` on `/socket/<socket_path>` of the tunnel `instance` at
+    /// Unix time `now`.
     pub fn assemble(
         &self,
         authid: &str,
         socket_path: &str,
+        instance: &str,
         now: u64,
     ) -> Result<String, TicketError> {
         let path = normalize_path(&format!("/socket/{socket_path}"))?;
         let time_hex = format!("{:08X}", now);
-        let sig = STANDARD.encode(self.mac(&time_hex, authid, &path));
+        let sig = STANDARD.encode(self.mac(&time_hex, authid, &path, instance));
         Ok(format!("{PREFIX}:{time_hex}::{sig}"))
     }
 
-    /// Verifies a ticket for `authid` on `/socket/<socket_path>` at Unix time `now`.
+    /// Verifies a ticket for `authid` on `/socket/<socket_path>` of the tunnel `instance`
+    /// at Unix time `now`.
     pub fn verify(
         &self,
         ticket: &str,
         authid: &str,
         socket_path: &str,
+        instance: &str,
         now: u64,
     ) -> Result<(), TicketError> {
         let path = normalize_path(&format!("/socket/{socket_path}"))?;
@@ -111,7 +120,7 @@ impl TicketKey {
             return Err(TicketError::Invalid);
         }
         let given = STANDARD.decode(sig).map_err(|_| TicketError::Invalid)?;
-        let expected = self.mac(time_hex, authid, &path);
+        let expected = self.mac(time_hex, authid, &path, instance);
         if given.ct_eq(&expected).into() {
             Ok(())
         } else {
@@ -139,6 +148,8 @@ mod tests {
 
     const NOW: u64 = 0x699F_82D3;
 
+    const I: &str = "UPID:n:1:2:3:qmtunnel:100:root@pam!t:";
+
     fn key() -> TicketKey {
         TicketKey::from_bytes([7u8; 32])
     }
@@ -146,42 +157,55 @@ mod tests {
     #[test]
     fn format_and_roundtrip() {
         let t = key()
-            .assemble("root@pam!t", "/run/x/100.mtunnel", NOW)
+            .assemble("root@pam!t", "/run/x/100.mtunnel", I, NOW)
             .unwrap();
         assert!(t.starts_with("PVETUNNEL:699F82D3::"), "{t}");
         key()
-            .verify(&t, "root@pam!t", "/run/x/100.mtunnel", NOW + 5)
+            .verify(&t, "root@pam!t", "/run/x/100.mtunnel", I, NOW + 5)
             .unwrap();
         // Normalization: the doubled slash from "/socket/" + "/run" is the same path.
         key()
-            .verify(&t, "root@pam!t", "//run//x/100.mtunnel/", NOW)
+            .verify(&t, "root@pam!t", "//run//x/100.mtunnel/", I, NOW)
             .unwrap();
     }
 
     #[test]
     fn rejects_other_user_path_key_and_age() {
         let t = key()
-            .assemble("root@pam!t", "/run/x/100.mtunnel", NOW)
+            .assemble("root@pam!t", "/run/x/100.mtunnel", I, NOW)
             .unwrap();
         let bad = |r: Result<(), TicketError>| assert_eq!(r, Err(TicketError::Invalid));
-        bad(key().verify(&t, "root@pam!u", "/run/x/100.mtunnel", NOW));
-        bad(key().verify(&t, "root@pam!t", "/run/x/101.mtunnel", NOW));
-        bad(TicketKey::from_bytes([8; 32]).verify(&t, "root@pam!t", "/run/x/100.mtunnel", NOW));
-        bad(key().verify(&t, "root@pam!t", "/run/x/100.mtunnel", NOW + 40));
-        bad(key().verify(&t, "root@pam!t", "/run/x/100.mtunnel", NOW - 20));
+        bad(key().verify(&t, "root@pam!u", "/run/x/100.mtunnel", I, NOW));
+        bad(key().verify(&t, "root@pam!t", "/run/x/101.mtunnel", I, NOW));
+        bad(TicketKey::from_bytes([8; 32]).verify(&t, "root@pam!t", "/run/x/100.mtunnel", I, NOW));
+        bad(key().verify(&t, "root@pam!t", "/run/x/100.mtunnel", I, NOW + 40));
+        bad(key().verify(&t, "root@pam!t", "/run/x/100.mtunnel", I, NOW - 20));
         key()
-            .verify(&t, "root@pam!t", "/run/x/100.mtunnel", NOW + 39)
+            .verify(&t, "root@pam!t", "/run/x/100.mtunnel", I, NOW + 39)
             .unwrap();
         key()
-            .verify(&t, "root@pam!t", "/run/x/100.mtunnel", NOW - 19)
+            .verify(&t, "root@pam!t", "/run/x/100.mtunnel", I, NOW - 19)
             .unwrap();
         bad(key().verify(
             "PVETUNNEL:699F82D3::!!",
             "root@pam!t",
             "/run/x/100.mtunnel",
+            I,
             NOW,
         ));
-        bad(key().verify("garbage", "root@pam!t", "/run/x/100.mtunnel", NOW));
+        bad(key().verify("garbage", "root@pam!t", "/run/x/100.mtunnel", I, NOW));
+    }
+
+    #[test]
+    fn ticket_of_one_tunnel_instance_fails_on_the_next() {
+        let t = key()
+            .assemble("root@pam!t", "/run/x/100.mtunnel", I, NOW)
+            .unwrap();
+        let next = "UPID:n:1:2:4:qmtunnel:100:root@pam!t:";
+        assert_eq!(
+            key().verify(&t, "root@pam!t", "/run/x/100.mtunnel", next, NOW),
+            Err(TicketError::Invalid)
+        );
     }
 
     #[test]

@@ -1,13 +1,16 @@
 //! API tokens: `user@realm!name` ids with random secrets stored only as salted SHA-256
 //! hashes in `{data}/priv/tokens.json` (mode 0600), each with its own ACL.
 //!
-//! The file is re-read when its modification time changes, so `mtunnel token create` takes
-//! effect on a running server without a restart.
+//! The parsed file is shared as an `Arc` snapshot, so a privilege check costs a map lookup.
+//! The file is stat'ed at most once per [`RECHECK`] and re-read only when its modification
+//! time, size or inode changed, so `mtunnel token create` takes effect on a running server
+//! without a restart. A failed authentication re-checks at once: a token created a moment
+//! ago works on its first use.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
-use std::time::SystemTime;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use rand::RngCore;
@@ -56,9 +59,22 @@ fn enabled() -> bool {
     true
 }
 
-struct Cached {
+/// How often the token file is stat'ed at most (besides after a failed authentication).
+pub const RECHECK: Duration = Duration::from_secs(1);
+
+/// What identifies one version of the token file (`write_atomic` renames, so the inode
+/// changes on every write even within one mtime tick).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
     modified: Option<SystemTime>,
-    file: TokenFile,
+    len: u64,
+    ino: u64,
+}
+
+struct Cached {
+    stamp: Option<Stamp>,
+    checked: Option<Instant>,
+    file: Arc<TokenFile>,
 }
 
 /// The node's tokens, backed by a JSON file.
@@ -73,21 +89,31 @@ impl TokenStore {
         let store = TokenStore {
             path: priv_dir.join("tokens.json"),
             cache: RwLock::new(Cached {
-                modified: None,
-                file: TokenFile::default(),
+                stamp: None,
+                checked: None,
+                file: Arc::new(TokenFile::default()),
             }),
         };
         store.refresh()?;
         Ok(store)
     }
 
+    fn stamp(&self) -> Option<Stamp> {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&self.path).ok().map(|m| Stamp {
+            modified: m.modified().ok(),
+            len: m.len(),
+            ino: m.ino(),
+        })
+    }
+
+    /// Re-reads the file if it changed since the last read.
     fn refresh(&self) -> anyhow::Result<()> {
-        let modified = std::fs::metadata(&self.path)
-            .ok()
-            .and_then(|m| m.modified().ok());
+        let stamp = self.stamp();
         {
-            let cache = self.cache.read().unwrap_or_else(|e| e.into_inner());
-            if cache.modified == modified && modified.is_some() {
+            let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
+            cache.checked = Some(Instant::now());
+            if cache.stamp == stamp && stamp.is_some() {
                 return Ok(());
             }
         }
@@ -100,19 +126,28 @@ impl TokenStore {
             }
         };
         let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
-        *cache = Cached { modified, file };
+        cache.stamp = stamp;
+        cache.file = Arc::new(file);
         Ok(())
     }
 
-    fn snapshot(&self) -> TokenFile {
+    /// The current tokens; stats the file only if the last check is [`RECHECK`] old.
+    fn snapshot(&self) -> Arc<TokenFile> {
+        {
+            let cache = self.cache.read().unwrap_or_else(|e| e.into_inner());
+            if cache.checked.is_some_and(|t| t.elapsed() < RECHECK) {
+                return Arc::clone(&cache.file);
+            }
+        }
+        self.fresh_snapshot()
+    }
+
+    /// The current tokens, re-checking the file now.
+    fn fresh_snapshot(&self) -> Arc<TokenFile> {
         if let Err(e) = self.refresh() {
             tracing::warn!("keeping previous tokens: {e:#}");
         }
-        self.cache
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .file
-            .clone()
+        Arc::clone(&self.cache.read().unwrap_or_else(|e| e.into_inner()).file)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -122,16 +157,11 @@ impl TokenStore {
     /// Authenticates an `Authorization` header value; returns the token id.
     pub fn authenticate(&self, header: Option<&str>) -> Result<String, AuthError> {
         let (authid, secret) = parse_authorization(header.ok_or(AuthError::Missing)?)?;
-        let file = self.snapshot();
-        let record = file.tokens.get(&authid).ok_or(AuthError::Invalid)?;
-        if !verify_secret(&record.secret_hash, &secret) {
-            return Err(AuthError::Invalid);
+        match check_token(&self.snapshot(), &authid, &secret) {
+            // The token may have been created or changed within the last RECHECK.
+            Err(_) => check_token(&self.fresh_snapshot(), &authid, &secret),
+            ok => ok,
         }
-        let now = unix_now();
-        if !record.enable || (record.expire != 0 && record.expire <= now) {
-            return Err(AuthError::Disabled(authid));
-        }
-        Ok(authid)
     }
 
     /// The ACL of an authenticated token (empty if the token vanished meanwhile).
@@ -141,6 +171,15 @@ impl TokenStore {
             .get(authid)
             .map(|r| r.acl.clone())
             .unwrap_or_default()
+    }
+
+    /// Whether `authid` holds `privilege` on `path` (false for an unknown token); no copy
+    /// of the ACL is made.
+    pub fn allows(&self, authid: &str, path: &str, privilege: &str) -> bool {
+        self.snapshot()
+            .tokens
+            .get(authid)
+            .is_some_and(|r| r.acl.allows(path, privilege))
     }
 
     /// Creates (or replaces) a token and returns the full header value
@@ -156,7 +195,8 @@ impl TokenStore {
                 "invalid token id '{authid}': expected user@realm!name (name: a letter, then letters, digits, '.', '-', '_')"
             );
         }
-        let mut file = self.snapshot();
+        // Fresh, so that a token created elsewhere a moment ago is not lost.
+        let mut file = (*self.fresh_snapshot()).clone();
         let secret = random_uuid();
         file.tokens.insert(
             authid.to_string(),
@@ -176,6 +216,18 @@ impl TokenStore {
         self.refresh()?;
         Ok(format!("PVEAPIToken={authid}={secret}"))
     }
+}
+
+fn check_token(file: &TokenFile, authid: &str, secret: &str) -> Result<String, AuthError> {
+    let record = file.tokens.get(authid).ok_or(AuthError::Invalid)?;
+    if !verify_secret(&record.secret_hash, secret) {
+        return Err(AuthError::Invalid);
+    }
+    let now = unix_now();
+    if !record.enable || (record.expire != 0 && record.expire <= now) {
+        return Err(AuthError::Disabled(authid.to_string()));
+    }
+    Ok(authid.to_string())
 }
 
 /// Extracts `(authid, secret)` from a header value as pveproxy does:
@@ -308,6 +360,42 @@ mod tests {
         assert_eq!(ok("XPVEAPIToken=root@pam!mig=abc"), Err(AuthError::Missing));
         assert_eq!(ok("PVEAPIToken=root@pam=abc"), Err(AuthError::Malformed));
         assert_eq!(ok("PVEAPIToken=root@pam!mig="), Err(AuthError::Malformed));
+    }
+
+    #[test]
+    fn checks_share_one_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = TokenStore::open(dir.path()).unwrap();
+        store.create("root@pam!t", Acl::default(), None).unwrap();
+        let (a, b) = (store.snapshot(), store.snapshot());
+        assert!(
+            Arc::ptr_eq(&a, &b),
+            "a privilege check copied the token file"
+        );
+    }
+
+    #[test]
+    fn changes_by_another_process_are_seen() {
+        use crate::auth::AclEntry;
+        let dir = tempfile::tempdir().unwrap();
+        let server = TokenStore::open(dir.path()).unwrap();
+        // `mtunnel token create` is another process with its own store.
+        let cli = TokenStore::open(dir.path()).unwrap();
+        assert!(!server.allows("root@pam!a", "/", "Sys.Audit"));
+        let acl = Acl {
+            entries: vec![AclEntry {
+                path: "/".into(),
+                privs: ["Sys.Audit".to_string()].into(),
+                propagate: true,
+            }],
+        };
+        let header = cli.create("root@pam!a", acl, None).unwrap();
+        // Usable at once (a failed check re-reads), not only after RECHECK.
+        assert_eq!(server.authenticate(Some(&header)).unwrap(), "root@pam!a");
+        assert!(server.allows("root@pam!a", "/", "Sys.Audit"));
+        let header = cli.create("root@pam!a", Acl::default(), None).unwrap();
+        assert_eq!(server.authenticate(Some(&header)).unwrap(), "root@pam!a");
+        assert!(!server.allows("root@pam!a", "/", "Sys.Audit"));
     }
 
     #[test]

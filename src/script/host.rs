@@ -808,7 +808,7 @@ fn tunnel_table(lua: &Lua) -> mlua::Result<Table> {
             }
             c.node
                 .tickets
-                .assemble(&c.authid, &path, unix_now())
+                .assemble(&c.authid, &path, &c.tunnel.instance, unix_now())
                 .map_err(|e| fail(e.to_string()))
         })?,
     )?;

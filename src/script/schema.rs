@@ -40,8 +40,10 @@ pub enum Schema {
         additional: bool,
     },
     /// `items` is checked per element; PVE's `members` is not (kept unchecked on purpose).
+    /// `max_items` (`maxItems`) bounds the length, whichever of the two is used.
     Array {
         items: Option<Box<Schema>>,
+        max_items: Option<usize>,
     },
     Any,
 }
@@ -149,6 +151,7 @@ const KNOWN_KEYS: &[&str] = &[
     "additionalProperties",
     "items",
     "members",
+    "maxItems",
 ];
 
 impl Schema {
@@ -241,7 +244,14 @@ impl Schema {
                     }
                     _ => return Err(schema_err(path, "'items' must be a table")),
                 };
-                Schema::Array { items }
+                let max_items = match get_num("maxItems")? {
+                    Some(n) if n >= 0.0 && n.fract() == 0.0 => Some(n as usize),
+                    Some(_) => {
+                        return Err(schema_err(path, "'maxItems' must be a whole number >= 0"));
+                    }
+                    None => None,
+                };
+                Schema::Array { items, max_items }
             }
             "any" => Schema::Any,
             other => return Err(schema_err(path, format!("unknown type '{other}'"))),
@@ -347,13 +357,21 @@ impl Schema {
                 }
                 Ok(Value::String(s))
             }
-            Schema::Array { items } => {
+            Schema::Array { items, max_items } => {
                 let Value::Array(list) = value else {
                     return fail(format!(
                         "type check ('array') failed - got '{}'",
                         show(value)
                     ));
                 };
+                if let Some(m) = max_items
+                    && list.len() > *m
+                {
+                    return fail(format!(
+                        "array may contain at most {m} items, got {}",
+                        list.len()
+                    ));
+                }
                 match items {
                     None => Ok(value.clone()),
                     Some(item) => list
@@ -477,5 +495,45 @@ fn show(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_items_bounds_arrays_with_and_without_items() {
+        let lua = mlua::Lua::new();
+        let t: Table = lua
+            .load(r#"return { type = "array", maxItems = 2, members = { type = "string" } }"#)
+            .eval()
+            .unwrap();
+        let schema = Schema::from_lua("storages", &t).unwrap();
+        assert_eq!(
+            schema.validate("storages", &serde_json::json!(["a", null])),
+            Ok(serde_json::json!(["a", null]))
+        );
+        assert_eq!(
+            schema.validate("storages", &serde_json::json!(["a", "b", "c"])),
+            Err((
+                "storages".to_string(),
+                "array may contain at most 2 items, got 3".to_string()
+            ))
+        );
+        let with_items = Schema::Array {
+            items: Some(Box::new(Schema::Any)),
+            max_items: Some(1),
+        };
+        assert!(
+            with_items
+                .validate("x", &serde_json::json!([1, 2]))
+                .is_err()
+        );
+        let bad: Table = lua
+            .load(r#"return { type = "array", maxItems = -1 }"#)
+            .eval()
+            .unwrap();
+        assert!(Schema::from_lua("x", &bad).is_err());
     }
 }

@@ -8,6 +8,7 @@ pub mod worker;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde_json::{Value, json};
@@ -21,13 +22,34 @@ use crate::task::Upid;
 /// One open tunnel, from `POST .../mtunnel` until its worker ends.
 pub struct Tunnel {
     pub vmid: u32,
+    /// Who opened it; only this token may attach WebSockets to it.
     pub authid: String,
+    /// This tunnel's UPID: tickets are bound to it, so a ticket minted for one tunnel of a
+    /// VMID is refused by any later tunnel of that VMID (socket paths are reused).
+    pub instance: String,
     pub control_socket: PathBuf,
     /// Sockets a `ticket` command may mint tickets for (migration, NBD, disk import).
     sockets: Mutex<BTreeSet<PathBuf>>,
+    /// Set by the one WebSocket request that may connect to the control socket.
+    control_claimed: AtomicBool,
 }
 
 impl Tunnel {
+    /// Claims the control socket for one WebSocket; false if another request holds it.
+    /// Connecting alone is no guard: the kernel queues connections the worker never
+    /// accepts, so two concurrent upgrades could both get a 101.
+    pub fn claim_control(&self) -> bool {
+        self.control_claimed
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// Gives the claim back after an upgrade that failed before the worker got the
+    /// connection.
+    pub fn release_control(&self) {
+        self.control_claimed.store(false, Ordering::Release);
+    }
+
     /// Allows tickets (and WebSocket forwarding) for `path`.
     pub fn register_socket(&self, path: &Path) {
         self.sockets
@@ -98,6 +120,61 @@ impl Registry {
     }
 }
 
+/// Whether `authid` may attach a WebSocket to `socket` of VM `vmid`'s open tunnel with
+/// `ticket`: the VM exists, it has a live tunnel, `authid` opened it, the ticket was minted
+/// for `authid`, `socket` and this very tunnel (not an earlier one of the same VMID), and
+/// the socket is the control socket or one the tunnel registered.
+pub fn authorize_socket(
+    node: &Node,
+    authid: &str,
+    vmid: u32,
+    socket: &str,
+    ticket: &str,
+) -> Result<Arc<Tunnel>> {
+    let denied = |e: crate::auth::ticket::TicketError| {
+        Error::Unauthorized(format!("permission denied - {e}"))
+    };
+    crate::auth::ticket::normalize_path(&format!("/socket/{socket}")).map_err(denied)?;
+    if !node.guests.exists(vmid) {
+        return Err(Error::internal(format!(
+            "Configuration file 'nodes/{}/qemu-server/{vmid}.conf' does not exist",
+            node.cfg.node
+        )));
+    }
+    let tunnel = node
+        .tunnels
+        .get(vmid)
+        .ok_or_else(|| Error::Forbidden(format!("no open tunnel for VM {vmid}")))?;
+    if tunnel.authid != authid {
+        return Err(Error::Forbidden(format!(
+            "permission denied - the tunnel of VM {vmid} was opened by another user"
+        )));
+    }
+    node.tickets
+        .verify(ticket, authid, socket, &tunnel.instance, unix_now())
+        .map_err(denied)?;
+    if !tunnel.may_forward_to(Path::new(socket)) {
+        return Err(Error::Forbidden(format!(
+            "socket '{socket}' is not a socket of an open tunnel of VM {vmid}"
+        )));
+    }
+    Ok(tunnel)
+}
+
+/// Runs one tunnel command to completion without holding a runtime worker. A command
+/// has long synchronous stretches (parsing and dropping a 16 MiB line, schema checks, Lua,
+/// host checks) during which the worker's queued tasks, the API's included, would wait; on
+/// the multi-thread runtime the thread first hands those to another worker
+/// (`block_in_place`). A current-thread runtime (library tests) just awaits.
+pub(crate) async fn off_runtime<F: std::future::Future>(fut: F) -> F::Output {
+    let handle = tokio::runtime::Handle::current();
+    if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
+        tokio::task::block_in_place(|| handle.block_on(fut))
+    } else {
+        fut.await
+    }
+}
+
 /// What `POST .../mtunnel` returns.
 pub struct Opened {
     pub upid: Upid,
@@ -165,9 +242,8 @@ async fn start_worker(node: &Arc<Node>, authid: &str, vmid: u32) -> Result<Opene
         .to_str()
         .ok_or_else(|| Error::internal("run directory is not valid UTF-8"))?
         .to_string();
-    let ticket = node
-        .tickets
-        .assemble(authid, &socket_str, unix_now())
+    // Checked before anything is created; the ticket itself needs the UPID.
+    crate::auth::ticket::normalize_path(&format!("/socket/{socket_str}"))
         .map_err(|e| Error::internal(format!("{e} '{socket_str}'")))?;
     crate::util::ensure_dir(&node.cfg.run_dir, 0o755)?;
 
@@ -196,12 +272,30 @@ async fn start_worker(node: &Arc<Node>, authid: &str, vmid: u32) -> Result<Opene
             return Err(e);
         }
     };
+    let instance = log.upid().to_string();
+    let ticket = match node
+        .tickets
+        .assemble(authid, &socket_str, &instance, unix_now())
+    {
+        Ok(ticket) => ticket,
+        Err(e) => {
+            let msg = format!("{e} '{socket_str}'");
+            let _ = std::fs::remove_file(&socket);
+            journal::remove(&node.cfg.journal_dir(), &created.upid);
+            let err = msg.clone();
+            node.tasks
+                .spawn(log, move |_, _| async move { Err(anyhow::anyhow!(err)) });
+            return Err(Error::internal(msg));
+        }
+    };
     log.log("mtunnel started");
     let tunnel = Arc::new(Tunnel {
         vmid,
         authid: authid.to_string(),
+        instance,
         control_socket: socket.clone(),
         sockets: Mutex::new(BTreeSet::new()),
+        control_claimed: AtomicBool::new(false),
     });
     node.tunnels.insert(Arc::clone(&tunnel));
     let worker_node = Arc::clone(node);

@@ -240,7 +240,7 @@ where
                 "failed to parse command - line too long (limit {MAX_LINE_BYTES} bytes)"
             ))
         } else {
-            dispatch(&line, exit_mode, handler, log).await
+            super::off_runtime(dispatch(&line, exit_mode, handler, log)).await
         };
         if outcome.exit {
             exit_mode = true;

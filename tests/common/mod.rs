@@ -494,3 +494,26 @@ pub fn now() -> u64 {
         .unwrap()
         .as_secs()
 }
+
+/// Like [`mint_ticket`] for the ticket format that binds the tunnel instance: the MAC'd
+/// message ends in `:<upid>` of the tunnel the ticket is for, so a ticket of one tunnel is
+/// refused by the next tunnel of the same VMID.
+pub fn mint_tunnel_ticket(
+    data: &Path,
+    authid: &str,
+    socket: &str,
+    upid: &str,
+    time: u64,
+) -> String {
+    use base64::Engine;
+    use hmac::{Hmac, Mac};
+    let key = std::fs::read(data.join("priv/tunnel.key")).unwrap();
+    let joined = format!("/socket/{socket}");
+    let parts: Vec<&str> = joined.split('/').filter(|p| !p.is_empty()).collect();
+    let path = format!("/{}", parts.join("/"));
+    let t = format!("{time:08X}");
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(&key).unwrap();
+    mac.update(format!("PVETUNNEL:{t}:{authid}:{path}:{upid}").as_bytes());
+    let sig = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+    format!("PVETUNNEL:{t}::{sig}")
+}
