@@ -814,7 +814,7 @@ fn replace_prop(value: &str, key: &str, new: &str) -> anyhow::Result<String> {
         None => props.push((key.to_string(), new.to_string())),
     }
     if default_key.is_some() {
-        Ok(vmconf::print_property_string(&props, default_key))
+        Ok(vmconf::print_property_string(&props, default_key)?)
     } else {
         // Keep the original order of NIC options (model=MAC first).
         Ok(props
