@@ -1793,3 +1793,6 @@ virtio0: cdrom,media=cdrom
         );
     }
 }
+
+#[cfg(test)]
+mod prop_tests;
