@@ -158,8 +158,11 @@ impl VmConfig {
         parse_config(text, false)
     }
 
-    /// Like [`VmConfig::parse`], but an unknown section is an error too. This is upstream's
-    /// strict mode, used by the tunnel `config` command on the text sent by the source.
+    /// Like [`VmConfig::parse`], but an unknown section is an error too, and so is a value
+    /// with a control character (C0 such as CR or NUL, DEL, C1; shown escaped in the error).
+    /// This is upstream's strict mode, used by the tunnel `config` command on the text sent
+    /// by the source. Comment and `description:` text may hold anything: it is written
+    /// percent-encoded.
     pub fn parse_strict(text: &str) -> Result<VmConfig, ConfigError> {
         parse_config(text, true)
     }
@@ -205,7 +208,8 @@ impl VmConfig {
     ///
     /// # Errors
     /// A key outside `[a-z][a-z_-]*\d*`, a reserved or un-normalised key (`cdrom`), an empty
-    /// or multi-line value or one with surrounding whitespace, `delete` outside pending, a bad
+    /// or multi-line value or one with surrounding whitespace or a control character (so no
+    /// raw CR or NUL is ever written), `delete` outside pending, a bad
     /// `lock`/`vmid` value, a bad snapshot name or an unknown special section.
     pub fn validate(&self) -> Result<(), ConfigError> {
         check_description(&Section::Main, self.description.as_deref())?;
