@@ -3,7 +3,9 @@
 //! into the argument list for `qemu-system-x86_64`.
 //!
 //! This module is pure apart from two read-only probes of the host (is `/dev/kvm` usable for
-//! [`Accel::Auto`], does a disk's file system take `O_DIRECT` for the default `cache=none`).
+//! [`Accel::Auto`], does a disk's file system take `O_DIRECT` for the default `cache=none`);
+//! [`check_options`], the same checks for the tunnel's `config` command, makes neither.
+//! Property strings are read with [`crate::guest::config`]'s parser, the crate's only one.
 //! The same spec always yields the same devices, ids and PCI addresses, so a VM started from a
 //! config on one host accepts the migration state of the same config started on another.
 //!
@@ -486,7 +488,8 @@ struct Drive {
     cdrom: bool,
     /// `None` for an empty CD-ROM (`none,media=cdrom`).
     source: Option<DiskSource>,
-    /// The file takes `O_DIRECT`, so PVE's default `cache=none` is possible.
+    /// The file takes `O_DIRECT`, so PVE's default `cache=none` is possible (only asked
+    /// when the drive sets no `cache`).
     direct_io: bool,
     props: BTreeMap<String, String>,
 }
@@ -595,10 +598,11 @@ fn parse_drives(spec: &VmSpec, probe: HostProbe) -> Result<Vec<Drive>, CmdlineEr
         if cdrom && bus == Bus::Virtio {
             return Err(invalid(key, value, "virtio drives cannot be CD-ROMs"));
         }
+        let default_cache = !cdrom && !props.contains_key("cache");
         let direct_io = match (&source, probe) {
-            (None, _) => false,
+            (Some(s), HostProbe::Files) if default_cache => supports_o_direct(&s.path),
             (Some(_), HostProbe::Nothing) => true,
-            (Some(s), HostProbe::Files) => supports_o_direct(&s.path),
+            _ => false,
         };
         drives.push(Drive {
             key: key.to_string(),
