@@ -3,11 +3,13 @@
 -- the fleecing section; kept: vmgenid, meta, [special:cloudinit] (a VM config file
 -- holds no vmid/node keys, so there is nothing to force). Every volume the
 -- config refers to must be one this tunnel allocated or imported, and every bridge
--- must exist here. Afterwards the config carries `lock: migrate`.
+-- must exist here. As upstream's strict parsing, whatever `start` would refuse is
+-- refused now, with start's message (pve.qemu.check_config), and nothing is written.
+-- Afterwards the config carries `lock: migrate`.
 local function check_volumes(options)
   for key, value in pairs(options) do
     if pve.config.is_drive_key(key) then
-      local drive = pve.config.parse_drive(value)
+      local drive = pve.config.parse_drive(value) -- `volume=` comes back as `file`
       local file = drive.file
       if file ~= nil and file ~= "none" and file ~= "cdrom" and not pve.storage.owned(file) then
         pve.fail(string.format("%s: volume '%s' was not created by this migration", key, file))
@@ -19,7 +21,7 @@ end
 local function check_bridges(options)
   for key, value in pairs(options) do
     if key:match("^net%d+$") then
-      local net = pve.config.parse_drive(value)
+      local net = pve.config.parse_property_string(value, "model")
       if net.bridge ~= nil and not pve.tunnel.bridge_exists(net.bridge) then
         pve.fail(string.format("%s: bridge '%s' does not exist", key, net.bridge))
       end
@@ -47,6 +49,7 @@ return {
     special.fleecing = nil
     check_volumes(options)
     check_bridges(options)
+    pve.qemu.check_config(options)
 
     if p["firewall-config"] ~= nil then
       pve.firewall.write(p["firewall-config"])

@@ -92,9 +92,74 @@ return {
       "virtio1: volume 'local:200/vm-200-disk-0.raw' was not created by this migration")
   end,
 
-  ["empty and physical CD-ROM drives are fine"] = function(t)
+  ["an empty CD-ROM drive is fine"] = function(t)
     local tun = t:open{}
-    t:succeeds(tun:send{cmd = "config", conf = "ide2: none,media=cdrom\nide0: cdrom,media=cdrom\n"})
+    t:succeeds(tun:send{cmd = "config", conf = "ide2: none,media=cdrom\n"})
+  end,
+
+  ["a physical CD-ROM drive is refused, as start would refuse it"] = function(t)
+    local tun = t:open{}
+    t:eq(tun:send{cmd = "config", conf = "ide0: cdrom,media=cdrom\n"}.msg,
+      "failed to handle 'config' command - config option 'ide0' is not supported by mtunnel's " ..
+      "QEMU layer (host CD-ROM passthrough); remove it from the VM config or migrate the VM offline")
+    t:eq(tun:config(), "lock: create\n")
+  end,
+
+  -- `volume=` is PVE's alias of `file=`: the owned-volume check must see it
+  ["a volume given as volume= is checked like file="] = function(t)
+    local tun = t:open{}
+    t:eq(tun:send{cmd = "config", conf = "scsi0: volume=/some/path,size=1G\n"}.msg,
+      "failed to handle 'config' command - scsi0: volume '/some/path' was not created by this migration")
+    local d = t:succeeds(disk(tun))
+    t:fail_contains(tun:send{cmd = "config", conf = "scsi0: volume=" .. d.volid .. ",file=/some/path\n"},
+      "duplicate key 'file' ('volume' is an alias of 'file')")
+    t:succeeds(tun:send{cmd = "config", conf = "scsi0: volume=" .. d.volid .. ",format=raw,size=1M\n"})
+  end,
+
+  -- the quote-aware parser reads `serial="a,file=..."` as one value; start checks the serial
+  ["a quoted drive serial with a comma is refused with start's message"] = function(t)
+    local tun = t:open{}
+    local d = t:succeeds(disk(tun))
+    t:eq(tun:send{cmd = "config", conf = "scsi0: " .. d.drivestr .. ',serial="a,file=/etc/shadow"\n'}.msg,
+      "failed to handle 'config' command - config option 'scsi0': invalid value " ..
+      "'a,file=/etc/shadow': serial: up to 20 of [A-Za-z0-9_- ]")
+    t:eq(tun:config(), "lock: create\n")
+  end,
+
+  ["control characters in a value are refused and never written"] = function(t)
+    local tun = t:open{}
+    t:eq(tun:send{cmd = "config", conf = "cores: 1\nname: web\rfile=x\n"}.msg,
+      "failed to handle 'config' command - line 2: invalid value 'web\\rfile=x' for 'name' - " ..
+      "contains the control character U+000D; values must be printable text")
+    t:eq(tun:send{cmd = "config", conf = "name: a\0b\n"}.msg,
+      "failed to handle 'config' command - line 1: invalid value 'a\\0b' for 'name' - " ..
+      "contains the control character U+0000; values must be printable text")
+    t:eq(tun:config(), "lock: create\n")
+    -- a CR before the line break is trailing whitespace, as upstream
+    t:succeeds(tun:send{cmd = "config", conf = "cores: 1\r\nname: web\r\n"})
+    t:eq(tun:config(), "cores: 1\nlock: migrate\nname: web\n")
+  end,
+
+  ["options start would refuse are refused at once, with start's message"] = function(t)
+    local unsupported = "is not supported by mtunnel's QEMU layer"
+    local hint = "; remove it from the VM config or migrate the VM offline"
+    local tun = t:open{}
+    for line, msg in pairs({
+      ["args: -device foo"] = "config option 'args' " .. unsupported .. " (raw QEMU arguments)" .. hint,
+      ["hostpci0: 0000:01:00.0"] = "config option 'hostpci0' " .. unsupported .. " (PCI passthrough)" .. hint,
+      ["usb0: host=1234:5678"] = "config option 'usb0' " .. unsupported .. " (USB passthrough)" .. hint,
+      ["serial0: /dev/ttyS0"] = "config option 'serial0' " .. unsupported ..
+        " (serial device '/dev/ttyS0' (only 'socket'))" .. hint,
+      ["memory: 99999999"] = "config option 'memory': invalid value '99999999': want an integer 1..67108864",
+      ["net0: virtio=01:00:00:00:00:01,bridge=vmbr0"] =
+        "config option 'net0': invalid value 'virtio=01:00:00:00:00:01,bridge=vmbr0': " ..
+        "'01:00:00:00:00:01' is not a unicast MAC address",
+    }) do
+      -- a refusal changes nothing, so the same tunnel takes the next config
+      t:eq(tun:send{cmd = "config", conf = "cores: 1\n" .. line .. "\n"}.msg,
+        "failed to handle 'config' command - " .. msg, line)
+      t:eq(tun:config(), "lock: create\n", line)
+    end
   end,
 
   ["a bridge this node does not have is rejected"] = function(t)

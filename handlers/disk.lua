@@ -38,11 +38,13 @@ return {
       format = formats.default
     end
     local size_kib = (drive.size + 1023) // 1024
+    drive.format = format
+    drive.size = pve.config.format_size(drive.size)
+    -- a key or value that cannot be printed is refused before anything is allocated
+    pve.config.print_drive(drive)
     local volid = pve.storage.alloc(p.storage, format, size_kib)
 
     drive.file = volid
-    drive.format = format
-    drive.size = pve.config.format_size(drive.size)
     local drivestr = pve.config.print_drive(drive)
 
     ctx.state.nbd = ctx.state.nbd or {}

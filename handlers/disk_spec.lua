@@ -154,6 +154,33 @@ return {
     t:eq(t:volumes(), {"local:100/vm-100-disk-0.raw", "local:100/vm-100-disk-1.raw"})
   end,
 
+  -- a key with `,` or `=` would smuggle properties into the drive string `start` exports
+  ["a drive key that is not a plain name is refused before allocating"] = function(t)
+    local tun = t:open{}
+    t:eq(disk(tun, {drive = {interface = "scsi", index = 0, size = MiB, ["x,file"] = "/some/path"}}).msg,
+      "failed to handle 'disk' command - invalid key 'x,file' - property keys are made of " ..
+      "letters, digits, '_', '-' and '.'")
+    t:eq(disk(tun, {drive = {interface = "scsi", index = 0, size = MiB, ["a=b"] = "1"}}).msg,
+      "failed to handle 'disk' command - invalid key 'a=b' - property keys are made of " ..
+      "letters, digits, '_', '-' and '.'")
+    t:eq(backend.calls["storage.alloc"], nil, "nothing was allocated")
+  end,
+
+  ["a drive value that would not read back is refused, as PVE's print_property_string"] = function(t)
+    local tun = t:open{}
+    for value, msg in pairs({
+      ["none,file=/etc/shadow"] = "illegal value with commas for cache",
+      ['"quoted"'] = "illegal value for cache - a value must not start with '\"'",
+      ["a\rb"] = "illegal value for cache - contains the control character U+000D; " ..
+                 "values must be printable text",
+      [""] = "illegal empty value for cache",
+    }) do
+      t:eq(disk(tun, {drive = {interface = "scsi", index = 0, size = MiB, cache = value}}).msg,
+        "failed to handle 'disk' command - " .. msg, value)
+    end
+    t:eq(backend.calls["storage.alloc"], nil, "nothing was allocated")
+  end,
+
   ["after config the lock is 'migrate' and disk still works"] = function(t)
     local tun = t:open{}
     t:succeeds(tun:send{cmd = "config", conf = "cores: 1\n"})

@@ -236,13 +236,21 @@ function pve.config.parse(text) end
 ---@param conf pve.VmConfigInput|pve.VmConfig
 function pve.config.write(conf) end
 
----Split a property string (a drive, a `net0` value, ...); the key-less first part becomes
----`file`. All values are strings.
+---Split a drive value (`scsi0`, `ide2`, ...); the key-less first part becomes `file`, and
+---PVE's alias `volume=` comes back as `file`. All values are strings.
 ---@param value string
 ---@return table<string, string>
 function pve.config.parse_drive(value) end
 
+---Split any property string (`net0`, `agent`, ...); a key-less part belongs to
+---`default_key` (an error without one). All values are strings.
+---@param value string
+---@param default_key? string
+---@return table<string, string>
+function pve.config.parse_property_string(value, default_key) end
+
 ---Print a property string as PVE does: `file` first without a key, then `key=value` sorted.
+---Raises for what would not read back the same (a key with `,`/`=`, a value with a comma, ...).
 ---@param props table<string, string|number|boolean|pve.json.Null>
 ---@return string
 function pve.config.print_drive(props) end
@@ -326,6 +334,12 @@ function pve.storage.import_status() end
 ---The VM's QEMU process. See docs/handlers/qemu.md.
 ---@class pve.qemu
 pve.qemu = {}
+
+---Raise with the error `start_incoming` would give if a VM with these config options were
+---started (unsupported devices, out-of-range values, malformed property strings). Pure: no
+---files, no volumes, no tunnel needed.
+---@param options table<string, string|number|boolean|pve.json.Null>
+function pve.qemu.check_config(options) end
 
 ---Start the VM (from its config file) paused, waiting for an incoming migration, with the
 ---given drives exported over NBD. Records "VM started" for cleanup before it tries.

@@ -783,3 +783,89 @@ async fn lua_limits_come_from_the_config() {
         json!({"success": true, "n": 125000250000i64})
     );
 }
+
+/// Issue 9, item 5: one property-string syntax everywhere. `disk` refuses a drive key that
+/// would put a second `file` into its drive string; `config` refuses at once, with `start`'s
+/// message, what `start` would refuse, and writes nothing.
+#[tokio::test]
+async fn config_and_disk_refuse_what_start_would_refuse() {
+    let env = env();
+    let root = token(&env, "root@pam!t", ALL_PRIVILEGES);
+    let mut c = open(&env, &root, 120).await;
+    let drive = |extra: Value| {
+        let mut d = json!({"interface": "scsi", "index": 0, "size": 1048576});
+        d.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        json!({"cmd": "disk", "format": "raw", "storage": "local", "drive": d})
+    };
+    assert_eq!(
+        c.send(drive(json!({"x,file": "/some/path"}))).await,
+        err(
+            "failed to handle 'disk' command - invalid key 'x,file' - property keys are made of letters, digits, '_', '-' and '.'"
+        )
+    );
+    let disk = c.send(drive(json!({}))).await;
+    let drivestr = disk["drivestr"].as_str().unwrap().to_string();
+
+    let unsupported = "is not supported by mtunnel's QEMU layer";
+    let hint = "remove it from the VM config or migrate the VM offline";
+    let cases = [
+        (
+            format!("scsi0: {drivestr},serial=\"a,file=/etc/shadow\"\n"),
+            "config option 'scsi0': invalid value 'a,file=/etc/shadow': serial: up to 20 of [A-Za-z0-9_- ]".to_string(),
+        ),
+        (
+            "scsi0: volume=/some/path\n".to_string(),
+            "scsi0: volume '/some/path' was not created by this migration".to_string(),
+        ),
+        (
+            "cores: 1\nname: a\rb\n".to_string(),
+            "line 2: invalid value 'a\\rb' for 'name' - contains the control character U+000D; values must be printable text".to_string(),
+        ),
+        (
+            "name: a\0b\n".to_string(),
+            "line 1: invalid value 'a\\0b' for 'name' - contains the control character U+0000; values must be printable text".to_string(),
+        ),
+        (
+            "args: -device foo\n".to_string(),
+            format!("config option 'args' {unsupported} (raw QEMU arguments); {hint}"),
+        ),
+        (
+            "hostpci0: 0000:01:00.0\n".to_string(),
+            format!("config option 'hostpci0' {unsupported} (PCI passthrough); {hint}"),
+        ),
+        (
+            "usb0: host=1234:5678\n".to_string(),
+            format!("config option 'usb0' {unsupported} (USB passthrough); {hint}"),
+        ),
+        (
+            "serial0: /dev/ttyS0\n".to_string(),
+            format!(
+                "config option 'serial0' {unsupported} (serial device '/dev/ttyS0' (only 'socket')); {hint}"
+            ),
+        ),
+        (
+            "memory: 99999999\n".to_string(),
+            "config option 'memory': invalid value '99999999': want an integer 1..67108864"
+                .to_string(),
+        ),
+    ];
+    for (conf, msg) in cases {
+        assert_eq!(
+            c.send(json!({"cmd": "config", "conf": conf})).await,
+            err(&format!("failed to handle 'config' command - {msg}")),
+            "{conf:?}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(conf_path(&env, 120)).unwrap(),
+            "lock: create\n",
+            "{conf:?}"
+        );
+    }
+    let conf = format!("memory: 128\nscsi0: {drivestr}\nserial0: socket\n");
+    assert_eq!(
+        c.send(json!({"cmd": "config", "conf": conf})).await,
+        json!({"success": true})
+    );
+}

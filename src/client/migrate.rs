@@ -814,14 +814,15 @@ fn replace_prop(value: &str, key: &str, new: &str) -> anyhow::Result<String> {
         None => props.push((key.to_string(), new.to_string())),
     }
     if default_key.is_some() {
-        Ok(vmconf::print_property_string(&props, default_key))
+        Ok(vmconf::print_property_string(&props, default_key)?)
     } else {
-        // Keep the original order of NIC options (model=MAC first).
-        Ok(props
+        // Keep the original order of NIC options (model=MAC first); each pair goes through
+        // the one printer so that a value it cannot print is refused, not mangled.
+        let parts = props
             .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(","))
+            .map(|pair| vmconf::print_property_string(std::slice::from_ref(pair), None))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(parts.join(","))
     }
 }
 
@@ -1080,6 +1081,12 @@ mod tests {
             )
             .unwrap(),
             "virtio=BC:24:11:00:00:01,bridge=vmbr9,firewall=1"
+        );
+        // a quoted comma cannot be printed back as PVE reads it: refused, not mangled
+        let e = replace_prop(r#"virtio=BC:24:11:00:00:01,tag="1,2""#, "bridge", "vmbr9");
+        assert_eq!(
+            e.unwrap_err().to_string(),
+            "illegal value with commas for tag"
         );
         assert_eq!(
             drive_object(

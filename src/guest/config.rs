@@ -5,8 +5,12 @@
 //!
 //! This module is text in, text out. It reads and writes no files, takes no locks, knows no
 //! storage, and does not check values against the qemu-server schema: apart from the section
-//! structure it only checks the `lock` and `vmid` values. The config store and the per-VM lock
-//! live elsewhere in [`crate::guest`].
+//! structure it only checks the `lock` and `vmid` values (and, when parsing strictly or
+//! validating, that no value holds a control character). Which options a VM may have and
+//! which values they take is the QEMU layer's business (`qemu::cmdline::check_options`).
+//! [`parse_property_string`] / [`print_property_string`] are the one property-string syntax
+//! of the crate: the QEMU command line, the tunnel handlers and the migration source all use
+//! them. The config store and the per-VM lock live elsewhere in [`crate::guest`].
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -71,6 +75,10 @@ pub enum ConfigError {
     /// A malformed property string such as a drive description.
     #[error("invalid property string '{input}' - {reason}")]
     PropertyString { input: String, reason: String },
+    /// A key or value that [`print_property_string`] cannot print so that it reads back the
+    /// same; the reason names the key (PVE's wording where PVE has one).
+    #[error("{reason}")]
+    Unprintable { key: String, reason: String },
     /// A config built in memory that [`VmConfig::write`] cannot represent faithfully.
     #[error("invalid config in {section} - {reason}")]
     Invalid { section: String, reason: String },
@@ -150,8 +158,11 @@ impl VmConfig {
         parse_config(text, false)
     }
 
-    /// Like [`VmConfig::parse`], but an unknown section is an error too. This is upstream's
-    /// strict mode, used by the tunnel `config` command on the text sent by the source.
+    /// Like [`VmConfig::parse`], but an unknown section is an error too, and so is a value
+    /// with a control character (C0 such as CR or NUL, DEL, C1; shown escaped in the error).
+    /// This is upstream's strict mode, used by the tunnel `config` command on the text sent
+    /// by the source. Comment and `description:` text may hold anything: it is written
+    /// percent-encoded.
     pub fn parse_strict(text: &str) -> Result<VmConfig, ConfigError> {
         parse_config(text, true)
     }
@@ -197,7 +208,8 @@ impl VmConfig {
     ///
     /// # Errors
     /// A key outside `[a-z][a-z_-]*\d*`, a reserved or un-normalised key (`cdrom`), an empty
-    /// or multi-line value or one with surrounding whitespace, `delete` outside pending, a bad
+    /// or multi-line value or one with surrounding whitespace or a control character (so no
+    /// raw CR or NUL is ever written), `delete` outside pending, a bad
     /// `lock`/`vmid` value, a bad snapshot name or an unknown special section.
     pub fn validate(&self) -> Result<(), ConfigError> {
         check_description(&Section::Main, self.description.as_deref())?;
@@ -342,6 +354,15 @@ fn parse_config(text: &str, strict: bool) -> Result<VmConfig, ConfigError> {
         if RESERVED_KEYS.contains(&key) {
             return Err(bad_value("reserved key, not a config option".to_string()));
         }
+        if strict && let Some(c) = control_char(value) {
+            // a raw CR or NUL must never reach the file; the value is shown escaped
+            return Err(ConfigError::InvalidValue {
+                line: lineno,
+                key: key.to_string(),
+                value: value.escape_debug().to_string(),
+                reason: control_char_reason(c),
+            });
+        }
         if !matches!(section, Section::Special(_)) {
             check_value(key, value).map_err(bad_value)?;
         }
@@ -482,6 +503,18 @@ fn check_value(key: &str, value: &str) -> Result<(), String> {
     }
 }
 
+/// The first control character (C0, DEL or C1) in `value`, if any.
+fn control_char(value: &str) -> Option<char> {
+    value.chars().find(|c| c.is_control())
+}
+
+fn control_char_reason(c: char) -> String {
+    format!(
+        "contains the control character U+{:04X}; values must be printable text",
+        u32::from(c)
+    )
+}
+
 /// `^[1-9][0-9]{2,8}$` (pve-common's `pve-vmid` format).
 fn is_vmid(value: &str) -> bool {
     let bytes = value.as_bytes();
@@ -555,6 +588,12 @@ fn check_section(section: &Section, options: &BTreeMap<String, String>) -> Resul
                 format!(
                     "value of '{key}' must be one non-empty line without surrounding whitespace"
                 ),
+            ));
+        }
+        if let Some(c) = control_char(value) {
+            return Err(invalid(
+                section,
+                format!("value of '{key}' {}", control_char_reason(c)),
             ));
         }
         if !matches!(section, Section::Special(_)) {
@@ -767,47 +806,91 @@ fn take_quoted(rest: &mut &str) -> Result<String, String> {
 /// Prints `(key, value)` pairs as a property string the way PVE's `print_drive` does: the
 /// value of `default_key` first without `key=`, then the other pairs sorted by key.
 ///
-/// Values that would not read back unchanged (empty or blank, containing `,` or a line break,
-/// starting with `"`, or a key-less value containing `=`) are quoted as
-/// [`parse_property_string`] reads them; upstream's Perl would refuse such values.
-pub fn print_property_string(props: &[(String, String)], default_key: Option<&str>) -> String {
+/// Like PVE's `print_property_string`, nothing is quoted: a pair that would not read back
+/// unchanged through [`parse_property_string`] (and through PVE's Perl parser, which knows no
+/// quotes) is refused instead.
+///
+/// # Errors
+/// [`ConfigError::Unprintable`] for a key that is empty or holds anything but ASCII letters,
+/// digits, `_`, `-`, `.` (`invalid key '<key>'`); a value with a comma (PVE's `illegal value
+/// with commas for <key>`); an empty or blank value, one with a control character, one
+/// starting with `"`, or a key-less value with `=`.
+pub fn print_property_string(
+    props: &[(String, String)],
+    default_key: Option<&str>,
+) -> Result<String, ConfigError> {
     let mut parts = Vec::with_capacity(props.len());
     if let Some(default_key) = default_key
         && let Some((_, value)) = props.iter().find(|(k, _)| k == default_key)
     {
-        parts.push(quote_value(value, true));
+        check_printable(default_key, value, true)?;
+        parts.push(value.clone());
     }
     let mut rest: Vec<&(String, String)> = props
         .iter()
         .filter(|(k, _)| Some(k.as_str()) != default_key)
         .collect();
     rest.sort_by(|a, b| a.0.cmp(&b.0));
-    for (key, value) in rest {
-        parts.push(format!("{key}={}", quote_value(value, false)));
+    let default_twice =
+        default_key.is_some_and(|d| props.iter().filter(|(k, _)| k == d).count() > 1);
+    let twice = rest.windows(2).find(|w| w[0].0 == w[1].0).map(|w| &w[0].0);
+    if let Some(key) = twice
+        .map(String::as_str)
+        .or(default_key.filter(|_| default_twice))
+    {
+        return Err(ConfigError::Unprintable {
+            key: key.to_string(),
+            reason: format!("duplicate key '{key}'"),
+        });
     }
-    parts.join(",")
+    for (key, value) in rest {
+        check_printable(key, value, false)?;
+        parts.push(format!("{key}={value}"));
+    }
+    Ok(parts.join(","))
 }
 
-fn quote_value(value: &str, keyless: bool) -> String {
-    let needs_quotes = value.chars().all(is_perl_space)
-        || value.contains([',', '\n'])
-        || value.starts_with('"')
-        || (keyless && value.contains('='));
-    if !needs_quotes {
-        return value.to_string();
+/// Whether `key=value` (or a key-less `value`) reads back as exactly this pair.
+fn check_printable(key: &str, value: &str, keyless: bool) -> Result<(), ConfigError> {
+    let refuse = |reason: String| {
+        Err(ConfigError::Unprintable {
+            key: key.to_string(),
+            reason,
+        })
+    };
+    let key_ok = !key.is_empty()
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    if !key_ok {
+        return refuse(format!(
+            "invalid key '{}' - property keys are made of letters, digits, '_', '-' and '.'",
+            key.escape_debug()
+        ));
     }
-    let mut out = String::with_capacity(value.len() + 2);
-    out.push('"');
-    for c in value.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            c => out.push(c),
-        }
+    if value.contains(',') {
+        return refuse(format!("illegal value with commas for {key}"));
     }
-    out.push('"');
-    out
+    if value.chars().all(is_perl_space) {
+        return refuse(format!("illegal empty value for {key}"));
+    }
+    if let Some(c) = control_char(value) {
+        return refuse(format!(
+            "illegal value for {key} - {}",
+            control_char_reason(c)
+        ));
+    }
+    if value.starts_with('"') {
+        return refuse(format!(
+            "illegal value for {key} - a value must not start with '\"'"
+        ));
+    }
+    if keyless && value.contains('=') {
+        return refuse(format!(
+            "illegal value with '=' for {key} (it would read back as a key)"
+        ));
+    }
+    Ok(())
 }
 
 /// Bytes of a PVE disk size: digits with an optional fraction and an optional unit `K`, `M`,
@@ -890,11 +973,32 @@ pub fn is_drive_key(key: &str) -> bool {
     })
 }
 
+/// Parses a drive value (`scsi0`, `ide2`, `unused0`, ...): a property string whose key-less
+/// element is `file`, with PVE's alias `volume=` read as `file=` (as qemu-server's drive
+/// schema does), so that every check on `file` sees the volume however it was written.
+///
+/// # Errors
+/// Those of [`parse_property_string`]; `volume` together with `file` (or a key-less volume)
+/// is a duplicate key `file`.
+pub fn parse_drive(value: &str) -> Result<Vec<(String, String)>, ConfigError> {
+    let mut props = parse_property_string(value, Some("file"))?;
+    if let Some(i) = props.iter().position(|(k, _)| k == "volume") {
+        if props.iter().any(|(k, _)| k == "file") {
+            return Err(ConfigError::PropertyString {
+                input: value.to_string(),
+                reason: "duplicate key 'file' ('volume' is an alias of 'file')".to_string(),
+            });
+        }
+        props[i].0 = "file".to_string();
+    }
+    Ok(props)
+}
+
 /// The volume of a drive value: its `file` (the first, key-less element of the property
-/// string, or `file=`). `None` for `none` and `cdrom` (no medium, host drive), for an empty
-/// or malformed value.
+/// string, `file=` or `volume=`). `None` for `none` and `cdrom` (no medium, host drive), for
+/// an empty or malformed value.
 pub fn drive_volume(value: &str) -> Option<String> {
-    let props = parse_property_string(value, Some("file")).ok()?;
+    let props = parse_drive(value).ok()?;
     let (_, file) = props.into_iter().find(|(k, _)| k == "file")?;
     match file.as_str() {
         "" | "none" | "cdrom" => None,
@@ -1443,30 +1547,115 @@ cores: 2
             ("discard", "on"),
         ]);
         assert_eq!(
-            print_property_string(&drive, Some("file")),
+            print_property_string(&drive, Some("file")).unwrap(),
             "local-lvm:vm-567-disk-0,discard=on,format=raw,iothread=1,size=32G"
         );
         assert_eq!(
-            print_property_string(&drive, None),
+            print_property_string(&drive, None).unwrap(),
             "discard=on,file=local-lvm:vm-567-disk-0,format=raw,iothread=1,size=32G"
         );
-        let odd = props(&[
-            ("file", "a=b"),
-            ("name", "x,y"),
-            ("q", "\"quoted\" \\"),
-            ("e", ""),
-            ("m", "mid\"quote"),
-        ]);
-        let printed = print_property_string(&odd, Some("file"));
+        // what reads back unchanged is printed as is, `"` inside a value included
+        let fine = props(&[("file", "/dev/disk/by-id/x y"), ("m", "mid\"quote=1")]);
+        let printed = print_property_string(&fine, Some("file")).unwrap();
+        assert_eq!(printed, r#"/dev/disk/by-id/x y,m=mid"quote=1"#);
+        assert_eq!(parse_property_string(&printed, Some("file")).unwrap(), fine);
+    }
+
+    /// Issue 9: a drive key `x,file` from the `disk` command came out as `x,file=/some/path`,
+    /// a second `file` for whoever parses the drive string; printing must refuse instead.
+    #[test]
+    fn property_string_print_refuses_what_would_read_back_differently() {
+        let key_msg = "property keys are made of letters, digits, '_', '-' and '.'";
+        for (pairs, default, msg) in [
+            (vec![("x,file", "/some/path")], Some("file"), format!("invalid key 'x,file' - {key_msg}")),
+            (vec![("a=b", "1")], None, format!("invalid key 'a=b' - {key_msg}")),
+            (vec![("", "1")], None, format!("invalid key '' - {key_msg}")),
+            (vec![("\"k", "1")], None, format!("invalid key '\\\"k' - {key_msg}")),
+            (vec![("a b", "1")], None, format!("invalid key 'a b' - {key_msg}")),
+            (vec![("name", "x,y")], None, "illegal value with commas for name".to_string()),
+            (vec![("file", "a,b")], Some("file"), "illegal value with commas for file".to_string()),
+            (vec![("file", "a=b")], Some("file"), "illegal value with '=' for file (it would read back as a key)".to_string()),
+            (vec![("q", "\"quoted\"")], None, "illegal value for q - a value must not start with '\"'".to_string()),
+            (vec![("e", "")], None, "illegal empty value for e".to_string()),
+            (vec![("file", " ")], Some("file"), "illegal empty value for file".to_string()),
+            (vec![("n", "a\rb")], None, "illegal value for n - contains the control character U+000D; values must be printable text".to_string()),
+            (vec![("n", "a\0b")], None, "illegal value for n - contains the control character U+0000; values must be printable text".to_string()),
+            (vec![("n", "a"), ("n", "b")], None, "duplicate key 'n'".to_string()),
+            (vec![("file", "a"), ("file", "b")], Some("file"), "duplicate key 'file'".to_string()),
+        ] {
+            let err = print_property_string(&props(&pairs), default).unwrap_err();
+            assert!(matches!(err, ConfigError::Unprintable { .. }), "{pairs:?}");
+            assert_eq!(err.to_string(), msg, "{pairs:?}");
+        }
+    }
+
+    /// Issue 9: `volume=` is PVE's alias of `file=`; every reader of a drive must see it.
+    #[test]
+    fn drive_volume_alias_is_file() {
         assert_eq!(
-            printed,
-            r#""a=b",e="",m=mid"quote,name="x,y",q="\"quoted\" \\""#
+            parse_drive("volume=/some/path,size=1G").unwrap(),
+            props(&[("file", "/some/path"), ("size", "1G")])
         );
-        let mut back = parse_property_string(&printed, Some("file")).unwrap();
-        back.sort();
-        let mut expected = odd.clone();
-        expected.sort();
-        assert_eq!(back, expected);
+        assert_eq!(
+            drive_volume("volume=/some/path").as_deref(),
+            Some("/some/path")
+        );
+        assert_eq!(drive_volume("media=cdrom,volume=none"), None);
+        for input in ["volume=a,file=b", "file=b,volume=a", "a,volume=b"] {
+            let err = parse_drive(input).unwrap_err();
+            assert!(
+                err.to_string()
+                    .contains("duplicate key 'file' ('volume' is an alias of 'file')"),
+                "{input}: {err}"
+            );
+        }
+        let conf = VmConfig::parse("scsi0: volume=local:100/vm-100-disk-0.raw\n").unwrap();
+        assert_eq!(
+            conf.volids(),
+            props(&[("scsi0", "local:100/vm-100-disk-0.raw")])
+        );
+    }
+
+    /// Issue 9: a raw CR or NUL in a value reached the config file.
+    #[test]
+    fn control_characters_are_refused_in_strict_parsing_and_validation() {
+        for (text, shown, code) in [
+            ("name: a\rb\n", "a\\rb", "000D"),
+            ("cores: 1\nname: a\0b\n", "a\\0b", "0000"),
+            (
+                "[special:cloudinit]\nipconfig0: ip=dhcp\x1b\n",
+                "ip=dhcp\\u{1b}",
+                "001B",
+            ),
+            ("name: a\tb\n", "a\\tb", "0009"),
+            ("name: a\u{85}b\n", "a\\u{85}b", "0085"),
+        ] {
+            let err = VmConfig::parse_strict(text).unwrap_err();
+            assert!(
+                matches!(&err, ConfigError::InvalidValue { value, .. } if value == shown),
+                "{text:?}: {err:?}"
+            );
+            assert!(err.to_string().contains(&format!("U+{code}")), "{err}");
+            // lenient parsing (of a file already on disk) still reads it
+            VmConfig::parse(text).unwrap();
+        }
+        // a CR before the line break is trailing whitespace; an encoded description may
+        // hold anything
+        let conf = VmConfig::parse_strict("#a%0Db\r\nname: x\r\ndescription: c\rd\n").unwrap();
+        assert_eq!(conf.options, map(&[("name", "x")]));
+        conf.validate().unwrap();
+        assert_round_trip(&conf);
+
+        let mut conf = VmConfig::default();
+        conf.options.insert("name".into(), "a\rb".into());
+        let err = conf.validate().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid config in main section - value of 'name' contains the control character \
+             U+000D; values must be printable text"
+        );
+        conf.options.insert("name".into(), "a\0b".into());
+        assert!(conf.validate().is_err());
     }
 
     #[test]
@@ -1608,3 +1797,6 @@ virtio0: cdrom,media=cdrom
         );
     }
 }
+
+#[cfg(test)]
+mod prop_tests;

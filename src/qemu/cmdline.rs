@@ -3,7 +3,9 @@
 //! into the argument list for `qemu-system-x86_64`.
 //!
 //! This module is pure apart from two read-only probes of the host (is `/dev/kvm` usable for
-//! [`Accel::Auto`], does a disk's file system take `O_DIRECT` for the default `cache=none`).
+//! [`Accel::Auto`], does a disk's file system take `O_DIRECT` for the default `cache=none`);
+//! [`check_options`], the same checks for the tunnel's `config` command, makes neither.
+//! Property strings are read with [`crate::guest::config`]'s parser, the crate's only one.
 //! The same spec always yields the same devices, ids and PCI addresses, so a VM started from a
 //! config on one host accepts the migration state of the same config started on another.
 //!
@@ -28,6 +30,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
+
+use crate::guest::config as vmconf;
 
 /// Which accelerator QEMU runs with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -169,7 +173,7 @@ pub fn agent_enabled(options: &BTreeMap<String, String>) -> bool {
     let Some(v) = options.get("agent") else {
         return false;
     };
-    let Ok(props) = parse_props(v, "enabled") else {
+    let Ok(props) = props("agent", v, "enabled") else {
         return false;
     };
     props
@@ -243,25 +247,24 @@ fn invalid(key: &str, value: &str, why: impl Into<String>) -> CmdlineError {
     }
 }
 
-/// Parses a PVE property string (`a=1,b=2`; a first element without `=` belongs to
-/// `default_key`). Duplicate keys are an error.
-pub(crate) fn parse_props(s: &str, default_key: &str) -> Result<BTreeMap<String, String>, String> {
-    let mut out = BTreeMap::new();
-    for (i, part) in s.split(',').enumerate() {
-        let part = part.trim();
-        if part.is_empty() {
-            continue;
-        }
-        let (k, v) = match part.split_once('=') {
-            Some((k, v)) => (k.trim(), v.trim()),
-            None if i == 0 => (default_key, part),
-            None => return Err(format!("'{part}' has no '=value'")),
-        };
-        if out.insert(k.to_string(), v.to_string()).is_some() {
-            return Err(format!("duplicate property '{k}'"));
-        }
+/// A property-string option as a map, read by the crate's one parser
+/// ([`vmconf::parse_property_string`]) so that the config check, the tunnel handlers and the
+/// command line agree on every value; a parse error names the option.
+fn props(
+    key: &str,
+    value: &str,
+    default_key: &str,
+) -> Result<BTreeMap<String, String>, CmdlineError> {
+    vmconf::parse_property_string(value, Some(default_key))
+        .map(|p| p.into_iter().collect())
+        .map_err(|e| prop_error(key, value, e))
+}
+
+fn prop_error(key: &str, value: &str, e: vmconf::ConfigError) -> CmdlineError {
+    match e {
+        vmconf::ConfigError::PropertyString { reason, .. } => invalid(key, value, reason),
+        other => invalid(key, value, other.to_string()),
     }
-    Ok(out)
 }
 
 fn parse_bool(s: &str) -> Option<bool> {
@@ -309,7 +312,7 @@ fn machine(spec: &VmSpec) -> Result<(String, Chipset), CmdlineError> {
     let (key, raw) = match (&spec.force_machine, spec.options.get("machine")) {
         (Some(m), _) => ("forcemachine", m.clone()),
         (None, Some(m)) => {
-            let props = parse_props(m, "type").map_err(|e| invalid("machine", m, e))?;
+            let props = props("machine", m, "type")?;
             if let Some(v) = props.get("viommu") {
                 return Err(CmdlineError::Unsupported {
                     key: "machine".into(),
@@ -383,7 +386,7 @@ fn cpu(spec: &VmSpec, accel: Accel) -> Result<String, CmdlineError> {
     let Some(value) = spec.options.get("cpu") else {
         return Ok(default.to_string());
     };
-    let props = parse_props(value, "cputype").map_err(|e| invalid("cpu", value, e))?;
+    let props = props("cpu", value, "cputype")?;
     let cputype = props.get("cputype").map(String::as_str).unwrap_or(default);
     if cputype.starts_with("custom-") {
         return Err(CmdlineError::Unsupported {
@@ -441,7 +444,7 @@ fn memory_mib(spec: &VmSpec) -> Result<u64, CmdlineError> {
     let Some(v) = spec.options.get("memory") else {
         return Ok(512);
     };
-    let props = parse_props(v, "current").map_err(|e| invalid("memory", v, e))?;
+    let props = props("memory", v, "current")?;
     match props.get("current") {
         Some(c) => positive("memory", c, 64 * 1024 * 1024),
         None => Ok(512),
@@ -485,7 +488,19 @@ struct Drive {
     cdrom: bool,
     /// `None` for an empty CD-ROM (`none,media=cdrom`).
     source: Option<DiskSource>,
+    /// The file takes `O_DIRECT`, so PVE's default `cache=none` is possible (only asked
+    /// when the drive sets no `cache`).
+    direct_io: bool,
     props: BTreeMap<String, String>,
+}
+
+/// Whether building a command line may look at the host's files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HostProbe {
+    /// `start`: ask each disk's file system whether it takes `O_DIRECT`.
+    Files,
+    /// [`check_options`]: there are no files; assume PVE's default `cache=none` works.
+    Nothing,
 }
 
 /// Options whose hardware we cannot reproduce: refusing is better than starting a VM that
@@ -530,7 +545,7 @@ fn check_unsupported(options: &BTreeMap<String, String>) -> Result<(), CmdlineEr
     Ok(())
 }
 
-fn parse_drives(spec: &VmSpec) -> Result<Vec<Drive>, CmdlineError> {
+fn parse_drives(spec: &VmSpec, probe: HostProbe) -> Result<Vec<Drive>, CmdlineError> {
     let mut drives = Vec::new();
     for (key, value) in &spec.options {
         let key = if key == "cdrom" { "ide2" } else { key.as_str() };
@@ -541,7 +556,10 @@ fn parse_drives(spec: &VmSpec) -> Result<Vec<Drive>, CmdlineError> {
         {
             return Err(invalid("cdrom", value, "both 'cdrom' and 'ide2' are set"));
         }
-        let props = parse_props(value, "file").map_err(|e| invalid(key, value, e))?;
+        // `volume=` is PVE's alias of `file=`: both name the disk
+        let props: BTreeMap<String, String> = vmconf::parse_drive(value)
+            .map(|p| p.into_iter().collect())
+            .map_err(|e| prop_error(key, value, e))?;
         let volume = props
             .get("file")
             .cloned()
@@ -580,12 +598,19 @@ fn parse_drives(spec: &VmSpec) -> Result<Vec<Drive>, CmdlineError> {
         if cdrom && bus == Bus::Virtio {
             return Err(invalid(key, value, "virtio drives cannot be CD-ROMs"));
         }
+        let default_cache = !cdrom && !props.contains_key("cache");
+        let direct_io = match (&source, probe) {
+            (Some(s), HostProbe::Files) if default_cache => supports_o_direct(&s.path),
+            (Some(_), HostProbe::Nothing) => true,
+            _ => false,
+        };
         drives.push(Drive {
             key: key.to_string(),
             bus,
             index,
             cdrom,
             source,
+            direct_io,
             props,
         });
     }
@@ -599,11 +624,8 @@ fn cache_mode(d: &Drive) -> Result<(bool, bool, bool), CmdlineError> {
         Some(m) => m.clone(),
         // PVE's default for disks is cache=none (O_DIRECT); fall back to writeback where the
         // file system refuses O_DIRECT (tmpfs), which keeps the guest-visible write cache on.
-        None if d.cdrom => "writeback".to_string(),
-        None => match &d.source {
-            Some(s) if supports_o_direct(&s.path) => "none".to_string(),
-            _ => "writeback".to_string(),
-        },
+        None if d.cdrom || !d.direct_io => "writeback".to_string(),
+        None => "none".to_string(),
     };
     Ok(match mode.as_str() {
         "none" => (true, false, true),
@@ -727,7 +749,7 @@ fn boot_order(
     let mut order = Vec::new();
     if let Some(boot) = spec.options.get("boot") {
         if boot.contains('=') || boot.contains(';') {
-            let props = parse_props(boot, "legacy").map_err(|e| invalid("boot", boot, e))?;
+            let props = props("boot", boot, "legacy")?;
             if let Some(list) = props.get("order") {
                 for dev in list.split(';').filter(|d| !d.is_empty()) {
                     order.push(dev.to_string());
@@ -796,7 +818,7 @@ fn parse_nets(spec: &VmSpec) -> Result<Vec<(String, &'static str, String)>, Cmdl
         if idx.to_string() != key[3..] || idx > 31 {
             return Err(invalid(key, value, "NICs are net0..net31"));
         }
-        let props = parse_props(value, "model").map_err(|e| invalid(key, value, e))?;
+        let props = props(key, value, "model")?;
         let mut model = None;
         let mut mac = props.get("macaddr").cloned();
         for (m, dev) in NIC_MODELS {
@@ -842,6 +864,36 @@ fn parse_nets(spec: &VmSpec) -> Result<Vec<(String, &'static str, String)>, Cmdl
 
 /// Builds the arguments (without the program name) for `qemu-system-x86_64`.
 pub fn build_command(spec: &VmSpec) -> Result<Vec<String>, CmdlineError> {
+    build(spec, HostProbe::Files)
+}
+
+/// Runs every check [`build_command`] makes on a VM config's options, with the same error
+/// (and so the same message), without a host: volumes are not resolved and no file is
+/// looked at. The tunnel's `config` command calls it so that it refuses at once what `start`
+/// would refuse, as upstream's strict config parsing does, instead of storing a config no
+/// VM can be started from.
+///
+/// It builds a throw-away command line for a placeholder VM, because a second list of the
+/// same rules would sooner or later disagree with the first. Not covered: what depends on
+/// the node (socket path lengths) or on `start`'s parameters (`forcemachine`, `forcecpu`).
+///
+/// # Errors
+/// The [`CmdlineError`] `start` would give for these options.
+pub fn check_options(options: &BTreeMap<String, String>) -> Result<(), CmdlineError> {
+    let mut spec = VmSpec::new(100, "/run/mtunnel-check");
+    spec.accel = Accel::Tcg;
+    spec.options = options.clone();
+    for key in options.keys() {
+        let key = if key == "cdrom" { "ide2" } else { key.as_str() };
+        spec.disks.insert(
+            key.to_string(),
+            DiskSource::new("/nonexistent", DiskFormat::Raw),
+        );
+    }
+    build(&spec, HostProbe::Nothing).map(|_| ())
+}
+
+fn build(spec: &VmSpec, probe: HostProbe) -> Result<Vec<String>, CmdlineError> {
     check_unsupported(&spec.options)?;
     let paths = spec.paths();
     for p in [
@@ -937,7 +989,7 @@ pub fn build_command(spec: &VmSpec) -> Result<Vec<String>, CmdlineError> {
         ],
     );
 
-    let drives = parse_drives(spec)?;
+    let drives = parse_drives(spec, probe)?;
     let nets = parse_nets(spec)?;
     let net_keys: Vec<String> = nets.iter().map(|(k, _, _)| k.clone()).collect();
     let boot = boot_order(spec, &drives, &net_keys)?;
@@ -958,7 +1010,7 @@ pub fn build_command(spec: &VmSpec) -> Result<Vec<String>, CmdlineError> {
 
     // VGA (PVE default `std`); `none`/`serialN` mean no display adapter.
     let vga = match spec.options.get("vga") {
-        Some(v) => parse_props(v, "type").map_err(|e| invalid("vga", v, e))?,
+        Some(v) => props("vga", v, "type")?,
         None => BTreeMap::new(),
     };
     let vga_type = vga.get("type").map(String::as_str).unwrap_or("std");
@@ -1002,7 +1054,7 @@ pub fn build_command(spec: &VmSpec) -> Result<Vec<String>, CmdlineError> {
 
     // Guest agent.
     if let Some(v) = spec.options.get("agent") {
-        let props = parse_props(v, "enabled").map_err(|e| invalid("agent", v, e))?;
+        let props = props("agent", v, "enabled")?;
         let enabled = props
             .get("enabled")
             .map(|e| parse_bool(e).ok_or_else(|| invalid("agent", v, "enabled must be 0 or 1")))
@@ -1252,7 +1304,7 @@ fn smbios_uuid(spec: &VmSpec) -> Result<Option<String>, CmdlineError> {
     let Some(v) = spec.options.get("smbios1") else {
         return Ok(None);
     };
-    let props = parse_props(v, "uuid").map_err(|e| invalid("smbios1", v, e))?;
+    let props = props("smbios1", v, "uuid")?;
     match props.get("uuid") {
         Some(u) if is_uuid(u) => Ok(Some(u.clone())),
         Some(u) => Err(invalid("smbios1", u, "uuid is not a UUID")),
@@ -1578,6 +1630,110 @@ mod tests {
         // Drive-like keys that are not drives are ignored, not misparsed.
         assert!(build_command(&base(run).option("unused0", "local:x")).is_ok());
         assert!(build_command(&base(run).option("scsi031", "x")).is_ok());
+    }
+
+    /// Issue 9: the config parser read `serial="a,file=..."` as one quoted value while the
+    /// command line split it at every comma ("duplicate property 'file'"). One parser now:
+    /// the quoted value is the serial, and its check names the drive.
+    #[test]
+    fn quoted_values_read_as_the_config_parser_reads_them() {
+        let spec = base(Path::new("/r"))
+            .option("scsi0", r#"local:x,serial="a,file=/etc/shadow""#)
+            .disk("scsi0", "/x", DiskFormat::Raw);
+        assert_eq!(
+            build_command(&spec).unwrap_err().to_string(),
+            "config option 'scsi0': invalid value 'a,file=/etc/shadow': serial: up to 20 of \
+             [A-Za-z0-9_- ]"
+        );
+        let spec = base(Path::new("/r"))
+            .option("scsi0", r#"local:x,serial="ab 12""#)
+            .disk("scsi0", "/x", DiskFormat::Raw);
+        let argv = build_command(&spec).unwrap();
+        assert!(device(&argv, "scsi0").contains(",serial=ab 12"), "{argv:?}");
+    }
+
+    /// Issue 9: `scsi0: volume=<path>` is a drive whose volume is `<path>` (PVE's alias), not
+    /// a drive without a volume ("no volume").
+    #[test]
+    fn volume_alias_is_the_drive_file() {
+        let spec = base(Path::new("/r"))
+            .option(
+                "scsi0",
+                "volume=local:100/vm-100-disk-0.raw,cache=writeback",
+            )
+            .disk("scsi0", "/images/x.raw", DiskFormat::Raw);
+        let argv = build_command(&spec).unwrap();
+        assert!(
+            values(&argv, "-blockdev")
+                .iter()
+                .any(|b| b.contains("filename=/images/x.raw")),
+            "{argv:?}"
+        );
+        let e = build_command(&base(Path::new("/r")).option("scsi0", "volume=local:y"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("refers to 'local:y'"), "{e}");
+    }
+
+    /// Issue 9: what `start` refuses, `config` refuses at once with the same message.
+    #[test]
+    fn check_options_refuses_what_build_command_refuses() {
+        let run = Path::new("/r");
+        for (key, value) in [
+            ("args", "-device foo"),
+            ("hostpci0", "0000:01:00.0"),
+            ("usb0", "host=1234:5678"),
+            ("serial0", "/dev/ttyS0"),
+            ("memory", "99999999"),
+            ("net0", "virtio=01:00:00:00:00:01"),
+            ("scsi0", "local:x,cache=bogus"),
+            ("ide0", "cdrom,media=cdrom"),
+            ("vga", "qxl"),
+            ("cores", "0"),
+        ] {
+            let options = BTreeMap::from([(key.to_string(), value.to_string())]);
+            let checked = check_options(&options).unwrap_err().to_string();
+            let mut spec = base(run).option(key, value);
+            spec.disks =
+                BTreeMap::from([(key.to_string(), DiskSource::new("/x", DiskFormat::Raw))]);
+            let started = build_command(&spec).unwrap_err().to_string();
+            assert_eq!(checked, started, "{key}: {value}");
+            assert!(checked.contains(&format!("'{key}'")), "{checked}");
+        }
+        assert_eq!(
+            check_options(&BTreeMap::from([("memory".into(), "99999999".into())]))
+                .unwrap_err()
+                .to_string(),
+            "config option 'memory': invalid value '99999999': want an integer 1..67108864"
+        );
+    }
+
+    #[test]
+    fn check_options_accepts_a_typical_config_without_disks_or_host() {
+        let options: BTreeMap<String, String> = [
+            ("name", "web1"),
+            ("memory", "2048"),
+            ("cores", "4"),
+            ("cpu", "host"),
+            ("machine", "pc-q35-9.2+pve0"),
+            ("scsihw", "virtio-scsi-single"),
+            // PVE's default cache=none is assumed to work: no file to ask yet
+            (
+                "scsi0",
+                "local:100/vm-100-disk-0.raw,aio=native,iothread=1,size=32G",
+            ),
+            ("virtio1", "volume=local:100/vm-100-disk-1.raw,size=1G"),
+            ("cdrom", "none,media=cdrom"),
+            ("unused0", "local:100/vm-100-disk-2.raw"),
+            ("net0", "virtio=BC:24:11:00:00:01,bridge=vmbr0"),
+            ("serial0", "socket"),
+            ("boot", "order=scsi0;net0"),
+            ("lock", "migrate"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        check_options(&options).unwrap();
     }
 
     #[test]

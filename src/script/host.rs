@@ -288,6 +288,14 @@ pub fn config_from_json(v: &Value) -> mlua::Result<VmConfig> {
     Ok(c)
 }
 
+fn props_to_lua(lua: &Lua, props: Vec<(String, String)>) -> mlua::Result<LuaValue> {
+    let map: Map<String, Value> = props
+        .into_iter()
+        .map(|(k, v)| (k, Value::String(v)))
+        .collect();
+    to_lua(lua, &Value::Object(map))
+}
+
 fn config_table(lua: &Lua) -> mlua::Result<Table> {
     let t = lua.create_table()?;
     t.set(
@@ -330,13 +338,16 @@ fn config_table(lua: &Lua) -> mlua::Result<Table> {
     t.set(
         "parse_drive",
         lua.create_function(|lua, value: String| {
-            let props = config::parse_property_string(&value, Some("file"))
+            let props = config::parse_drive(&value).map_err(|e| fail(e.to_string()))?;
+            props_to_lua(lua, props)
+        })?,
+    )?;
+    t.set(
+        "parse_property_string",
+        lua.create_function(|lua, (value, default_key): (String, Option<String>)| {
+            let props = config::parse_property_string(&value, default_key.as_deref())
                 .map_err(|e| fail(e.to_string()))?;
-            let map: Map<String, Value> = props
-                .into_iter()
-                .map(|(k, v)| (k, Value::String(v)))
-                .collect();
-            to_lua(lua, &Value::Object(map))
+            props_to_lua(lua, props)
         })?,
     )?;
     t.set(
@@ -344,10 +355,8 @@ fn config_table(lua: &Lua) -> mlua::Result<Table> {
         lua.create_function(|lua, props: LuaValue| {
             let v = from_lua(lua, props)?;
             let map = string_map(Some(&v), "drive")?;
-            Ok(config::print_property_string(
-                &map.into_iter().collect::<Vec<_>>(),
-                Some("file"),
-            ))
+            config::print_property_string(&map.into_iter().collect::<Vec<_>>(), Some("file"))
+                .map_err(|e| fail(e.to_string()))
         })?,
     )?;
     t.set(
@@ -671,6 +680,13 @@ async fn import_status(c: &Arc<HostCtx>) -> mlua::Result<Value> {
 
 fn qemu_table(lua: &Lua) -> mlua::Result<Table> {
     let t = lua.create_table()?;
+    t.set(
+        "check_config",
+        lua.create_function(|lua, options: LuaValue| {
+            let options = string_map(Some(&from_lua(lua, options)?), "options")?;
+            crate::qemu::cmdline::check_options(&options).map_err(|e| fail(e.to_string()))
+        })?,
+    )?;
     t.set(
         "start_incoming",
         lua.create_async_function(|lua, opts: LuaValue| async move {
