@@ -101,7 +101,7 @@ return {
     local tun = t:open{}
     t:eq(tun:send{cmd = "config", conf = "ide0: cdrom,media=cdrom\n"}.msg,
       "failed to handle 'config' command - config option 'ide0' is not supported by mtunnel's " ..
-      "QEMU layer (host CD-ROM passthrough); remove it from the VM config or migrate the VM offline")
+      "QEMU layer (host CD-ROM passthrough); remove it from the VM config before migrating")
     t:eq(tun:config(), "lock: create\n")
   end,
 
@@ -142,7 +142,7 @@ return {
 
   ["options start would refuse are refused at once, with start's message"] = function(t)
     local unsupported = "is not supported by mtunnel's QEMU layer"
-    local hint = "; remove it from the VM config or migrate the VM offline"
+    local hint = "; remove it from the VM config before migrating"
     local tun = t:open{}
     for line, msg in pairs({
       ["args: -device foo"] = "config option 'args' " .. unsupported .. " (raw QEMU arguments)" .. hint,

@@ -809,7 +809,7 @@ async fn config_and_disk_refuse_what_start_would_refuse() {
     let drivestr = disk["drivestr"].as_str().unwrap().to_string();
 
     let unsupported = "is not supported by mtunnel's QEMU layer";
-    let hint = "remove it from the VM config or migrate the VM offline";
+    let hint = "remove it from the VM config before migrating";
     let cases = [
         (
             format!("scsi0: {drivestr},serial=\"a,file=/etc/shadow\"\n"),

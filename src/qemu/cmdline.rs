@@ -220,7 +220,7 @@ pub enum CmdlineError {
         why: String,
     },
     #[error(
-        "config option '{key}' is not supported by mtunnel's QEMU layer ({why}); remove it from the VM config or migrate the VM offline"
+        "config option '{key}' is not supported by mtunnel's QEMU layer ({why}); remove it from the VM config before migrating"
     )]
     Unsupported { key: String, why: String },
     #[error(
