@@ -1710,10 +1710,10 @@ async fn unlock_and_reuse(dst: &TestServer, vmid: u32) {
     );
     mt_ok(dst, &["vm", "stop", &vmid_s]).await;
     mt_ok(dst, &["vm", "destroy", &vmid_s]).await;
+    let left = leftovers(dst, vmid, &[]);
     assert!(
-        leftovers(dst, vmid, &[]).is_empty(),
-        "{:?}",
-        leftovers(dst, vmid, &[])
+        left.is_empty(),
+        "after vm unlock, vm stop and vm destroy of VM {vmid}, left: {left:?}"
     );
     assert_reopens(dst, vmid).await;
 }
