@@ -48,6 +48,8 @@ pub struct Options {
     pub extra_toml: String,
     /// Extra arguments for `mtunnel serve` (e.g. `--backend scripted:FILE.lua`).
     pub serve_args: Vec<String>,
+    /// Extra environment of the `mtunnel serve` process (e.g. a `PATH` with a fake tool).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for Options {
@@ -59,6 +61,7 @@ impl Default for Options {
             node: None,
             extra_toml: String::new(),
             serve_args: Vec::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -81,6 +84,7 @@ pub struct TestServer {
     /// What `serve` printed on stdout up to and including the token.
     pub stdout: Vec<String>,
     serve_args: Vec<String>,
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -141,6 +145,7 @@ impl TestServer {
             root_token: String::new(),
             stdout: Vec::new(),
             serve_args: opts.serve_args.clone(),
+            env: opts.env.clone(),
             child: None,
         };
         server.spawn();
@@ -169,6 +174,7 @@ impl TestServer {
             .arg("--run-dir")
             .arg(&self.run)
             .args(&self.serve_args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("MTUNNEL_LOG", "debug")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -516,4 +522,78 @@ pub fn mint_tunnel_ticket(
     mac.update(format!("PVETUNNEL:{t}:{authid}:{path}:{upid}").as_bytes());
     let sig = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
     format!("PVETUNNEL:{t}::{sig}")
+}
+
+// ---- process control and on-disk views for the fault tests (tests/faults.rs) ----
+
+impl TestServer {
+    /// The temporary directory holding `d/` (data), `r/` (run), `s/` (storages).
+    pub fn base(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Sends `signal` to the server process (nothing if it is not running).
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        if let Some(child) = &self.child {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            nix::sys::signal::kill(pid, signal).expect("signalling mtunnel serve");
+        }
+    }
+
+    /// Waits up to `secs` for the server process to exit and returns its status; `None`
+    /// if it still runs then. The process stays reaped; [`TestServer::restart`] starts a
+    /// new one on the same directories.
+    pub async fn wait_exit(&mut self, secs: u64) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let child = self.child.as_mut()?;
+            if let Some(status) = child.try_wait().expect("waiting for mtunnel serve") {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A task's log read from `{data}/tasks/*/<UPID>` (works while the server is down).
+    pub fn task_log_file(&self, upid: &str) -> Option<String> {
+        let tasks = self.data.join("tasks");
+        for entry in std::fs::read_dir(tasks).ok()?.flatten() {
+            let path = entry.path().join(upid);
+            if let Some(text) = read_opt(&path) {
+                return Some(text);
+            }
+        }
+        None
+    }
+
+    /// UPIDs of the `qmtunnel` tasks of `vmid` found in `{data}/tasks`, oldest first.
+    pub fn tunnel_upids(&self, vmid: u32) -> Vec<String> {
+        let needle = format!(":qmtunnel:{vmid}:");
+        let mut found: Vec<(u64, String)> = Vec::new();
+        let Ok(dirs) = std::fs::read_dir(self.data.join("tasks")) else {
+            return Vec::new();
+        };
+        for dir in dirs.flatten() {
+            let Ok(files) = std::fs::read_dir(dir.path()) else {
+                continue;
+            };
+            for file in files.flatten() {
+                let name = file.file_name().to_string_lossy().into_owned();
+                if name.starts_with("UPID:") && name.contains(&needle) {
+                    // UPID:node:pid:pstart:starttime:...
+                    let start = name
+                        .split(':')
+                        .nth(4)
+                        .and_then(|t| u64::from_str_radix(t, 16).ok())
+                        .unwrap_or(0);
+                    found.push((start, name));
+                }
+            }
+        }
+        found.sort();
+        found.into_iter().map(|(_, n)| n).collect()
+    }
 }
