@@ -83,7 +83,7 @@ return {
     local conn = tun:connect(r.socket)
     conn:write(string.pack("<I8", 4096))
     t:succeeds(tun:send{cmd = "quit", cleanup = true})
-    t:ok(has_line(tun:log(), "cleanup: aborted running disk import"))
+    t:ok(has_line(tun:log(), "cleanup: aborted the running import of 'vm-100-disk-0.raw' and removed its partial volume"))
     t:fail_contains(tun:send{cmd = "ticket", path = r.socket}, "exit-mode")
     conn:close()
     t:eq(t:volumes(), {})

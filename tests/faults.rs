@@ -45,6 +45,13 @@ use tokio_tungstenite::tungstenite::Message;
 pub const MATRIX: &[(&str, &str, &str, &str, &str)] = &[
     (
         "TCP reset",
+        "disk alloc running",
+        "reply fails; the volume made after the cut + config freed, TASK ERROR",
+        "-",
+        "reset_while_disk_alloc_runs",
+    ),
+    (
+        "TCP reset",
         "disk alloc",
         "volume + config freed, TASK ERROR, VMID reusable",
         "raw tunnel (test client)",
@@ -88,14 +95,14 @@ pub const MATRIX: &[(&str, &str, &str, &str, &str)] = &[
     (
         "storage full (tmpfs)",
         "disk import mid-stream",
-        "import fails with ENOSPC, partial volume + config freed, TASK ERROR",
+        "import fails with ENOSPC, source quits with cleanup: partial volume + config freed",
         "stopped, unlocked, config unchanged; retry succeeds",
         "storage_full_during_offline_import",
     ),
     (
         "failing qemu-img",
         "disk import (check)",
-        "imported volume + config freed, TASK ERROR",
+        "source quits with cleanup: imported volume + config freed",
         "stopped, unlocked, config unchanged; retry succeeds",
         "failing_qemu_img_during_offline_import",
     ),
@@ -172,7 +179,7 @@ pub const MATRIX: &[(&str, &str, &str, &str, &str)] = &[
     (
         "target QEMU killed",
         "RAM",
-        "stale pid/sockets + config freed, TASK ERROR",
+        "source quits with cleanup: stale pid/sockets + config freed",
         "running, unlocked, config unchanged; retry succeeds",
         "target_qemu_killed_during_ram_migration",
     ),
@@ -772,11 +779,6 @@ fn assert_clean_now(node: &TestServer, vmid: u32, extra: &[&Path], when: &str) {
 /// The task log names what was freed and ends `TASK ERROR:`.
 fn assert_log_freed(log: &[String], vmid: u32, created: &Created) {
     let text = log.join("\n");
-    let last = log.last().map(String::as_str).unwrap_or("");
-    assert!(
-        last.starts_with("TASK ERROR:"),
-        "the task log must end 'TASK ERROR: ...', ends '{last}':\n{text}"
-    );
     for vol in &created.volumes {
         assert!(
             log.iter()
@@ -804,6 +806,17 @@ fn assert_log_freed(log: &[String], vmid: u32, created: &Created) {
             "the task log must say the target QEMU was stopped:\n{text}"
         );
     }
+}
+
+/// The log names what was freed and ends `TASK ERROR: ...` (the tunnel was cut short).
+fn assert_log_ends_in_error(log: &[String], vmid: u32, created: &Created) {
+    assert_log_freed(log, vmid, created);
+    let last = log.last().map(String::as_str).unwrap_or("");
+    assert!(
+        last.starts_with("TASK ERROR:"),
+        "the task log must end 'TASK ERROR: ...', ends '{last}':\n{}",
+        log.join("\n")
+    );
 }
 
 /// A task's log through the API (server running).
@@ -843,6 +856,26 @@ async fn assert_task_failed(server: &TestServer, upid: &str, secs: u64) -> Strin
     let (exit, log) = ended(server, upid, secs).await;
     assert_failed_status(upid, &exit, &log);
     exit
+}
+
+/// After the source's `quit cleanup=1` (it saw the failure first): the log names what
+/// was freed; the task itself did what it was asked, so it ends OK or with warnings, as
+/// upstream's does.
+async fn assert_tunnel_freed_by_quit(
+    server: &TestServer,
+    upid: &str,
+    vmid: u32,
+    created: &Created,
+    secs: u64,
+) -> Vec<String> {
+    let (exit, log) = ended(server, upid, secs).await;
+    assert_log_freed(&log, vmid, created);
+    assert!(
+        exit == "OK" || exit.starts_with("WARNINGS"),
+        "task {upid} ended by quit must end OK or with warnings, got '{exit}':\n{}",
+        log.join("\n")
+    );
+    log
 }
 
 /// The tunnel's task stopped, its log names what was freed, ends `TASK ERROR:`, and the
@@ -985,7 +1018,7 @@ async fn end_raw_case(
         Fault::Sigterm => {
             sigterm_and_wait(server).await;
             assert_clean_now(server, vmid, &[], "after SIGTERM");
-            assert_log_freed(&disk_log(server, upid), vmid, created);
+            assert_log_ends_in_error(&disk_log(server, upid), vmid, created);
             server.restart();
             assert_task_failed(server, upid, 5).await;
         }
@@ -1091,6 +1124,80 @@ fn fake_qemu_img(dir: &Path) -> (PathBuf, Vec<(String, String)>) {
         std::env::var("PATH").unwrap_or_default()
     );
     (flag, vec![("PATH".into(), env_path)])
+}
+
+/// A `qemu-img` that takes `secs` before it runs the real one: a command still running
+/// when the connection is cut.
+fn slow_qemu_img(dir: &Path, secs: u32) -> Vec<(String, String)> {
+    let real = which("qemu-img").expect("qemu-img installed");
+    let bin = dir.join("slowbin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let path = bin.join("qemu-img");
+    let script = format!(
+        "#!/bin/sh\nsleep {secs}\nexec '{}' \"$@\"\n",
+        real.display()
+    );
+    std::fs::write(&path, script).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let env_path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    vec![("PATH".into(), env_path)]
+}
+
+/// The connection is reset while `disk` still runs: the reply cannot be written, and the
+/// volume the command created after the cut is freed with the reserved config.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_while_disk_alloc_runs() {
+    bounded(90, async {
+        let vmid = 300;
+        require_qemu();
+        let work = tempfile::Builder::new()
+            .prefix("mts")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let server = TestServer::start_with(Options {
+            extra_toml: "qemu_accel = \"tcg\"\n".into(),
+            env: slow_qemu_img(work.path(), 2),
+            ..Options::default()
+        });
+        let proxy = FaultProxy::start(server.port).await;
+        let tunnel = server.open_tunnel(vmid).await;
+        let mut ctl = Ctl::open(&server, proxy.port, &tunnel).await;
+        let line = json!({"cmd": "disk", "format": "raw", "storage": "local",
+                          "drive": {"interface": "scsi", "index": 0, "size": 1048576}});
+        ctl.ws
+            .send(Message::binary(format!("{line}\n").into_bytes()))
+            .await
+            .unwrap();
+        let upid = tunnel.upid.clone();
+        assert!(
+            eventually(Duration::from_secs(10), || {
+                disk_log(&server, &upid)
+                    .iter()
+                    .any(|l| l == "received command 'disk'")
+            })
+            .await,
+            "the disk command never arrived"
+        );
+        proxy.reset();
+        drop(ctl);
+        wait_clean(&server, vmid, &[], 30).await;
+        let created = Created {
+            volumes: vec![disk_name(vmid)],
+            qemu: false,
+        };
+        let log = assert_tunnel_freed(&server, &upid, vmid, &created, 30).await;
+        assert!(
+            log.iter().any(|l| l.starts_with("control connection lost")),
+            "{log:?}"
+        );
+        assert_reopens(&server, vmid).await;
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1438,7 +1545,7 @@ async fn live_case(fault: LiveFault, phase: LivePhase, vmid: u32) {
         LiveFault::Sigterm => {
             sigterm_and_wait(&mut dst).await;
             assert_clean_now(&dst, vmid, &[], "after SIGTERM");
-            assert_log_freed(&disk_log(&dst, &upid), vmid, &created);
+            assert_log_ends_in_error(&disk_log(&dst, &upid), vmid, &created);
         }
         LiveFault::Kill9 => {
             dst.restart();
@@ -1447,7 +1554,7 @@ async fn live_case(fault: LiveFault, phase: LivePhase, vmid: u32) {
         LiveFault::QemuKilled => {
             kill_pid(pid_of(&dst, vmid).expect("target QEMU runs"));
             wait_clean(&dst, vmid, &[], 30).await;
-            assert_tunnel_freed(&dst, &upid, vmid, &created, 30).await;
+            assert_tunnel_freed_by_quit(&dst, &upid, vmid, &created, 30).await;
         }
     }
     migration_failed(run).await;
@@ -1560,7 +1667,7 @@ async fn storage_full_during_offline_import() {
             qemu: false,
         };
         assert_log_freed(&log, vmid, &created);
-        assert_failed_status(&upid, &exit, &log);
+        assert!(exit == "OK" || exit.starts_with("WARNINGS"), "{exit}");
         // Nothing of the partial import stays on the small storage.
         let used = nix::sys::statvfs::statvfs(small.path()).unwrap();
         assert!(
@@ -1601,7 +1708,7 @@ async fn failing_qemu_img_during_offline_import() {
             volumes: vec![disk_name(vmid)],
             qemu: false,
         };
-        assert_tunnel_freed(&dst, &upid, vmid, &created, 30).await;
+        assert_tunnel_freed_by_quit(&dst, &upid, vmid, &created, 30).await;
         assert_source_stopped_unlocked(&src, vmid, &conf_before);
         std::fs::remove_file(&flag).unwrap();
         retry_succeeds(&src, &dst, vmid, false).await;

@@ -1136,7 +1136,12 @@ async fn quit_and_wait(server: &TestServer, mut ws: WsStream, t: &Tunnel) {
     );
     ws.close(None).await.unwrap();
     let status = server.wait_stopped(&t.upid, 20).await;
-    assert_eq!(status["exitstatus"], "OK", "{status}");
+    assert_eq!(
+        status["exitstatus"],
+        "OK",
+        "{status} {:?}",
+        server.task_log(&t.upid).await
+    );
 }
 
 #[tokio::test]

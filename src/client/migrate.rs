@@ -665,9 +665,14 @@ async fn import_volume(
         if n == 0 {
             break;
         }
-        sock.write_all(&buf[..n])
-            .await
-            .context("writing the disk stream (tunnel cut?)")?;
+        if let Err(e) = sock.write_all(&buf[..n]).await {
+            // The target may have stopped reading for a reason of its own (disk full, a
+            // failing qemu-img): its import status names it better than a broken pipe.
+            return Err(match import_failure(remote).await {
+                Some(msg) => anyhow::anyhow!("disk import of {} failed: {msg}", v.volid),
+                None => anyhow::Error::new(e).context("writing the disk stream (tunnel cut?)"),
+            });
+        }
         sent += n as u64;
         bar.set(sent, total);
         if let Some(kib) = limit_kib.filter(|k| *k > 0) {
@@ -701,6 +706,22 @@ async fn import_volume(
             ),
         }
     }
+}
+
+/// The target's reason for a failed import, if it reports one within a few seconds.
+async fn import_failure(remote: &mut Remote) -> Option<String> {
+    for _ in 0..25 {
+        let status = remote
+            .cmd(json!({"cmd": "query-disk-import"}), 10)
+            .await
+            .ok()?;
+        match status["status"].as_str() {
+            Some("pending") => tokio::time::sleep(Duration::from_millis(200)).await,
+            Some("error") => return status["msg"].as_str().map(str::to_string),
+            _ => return None,
+        }
+    }
+    None
 }
 
 /// The `agent` option asks for `fstrim_cloned_disks` (PVE: `agent: 1,fstrim_cloned_disks=1`).

@@ -447,10 +447,10 @@ impl VmHandle {
             .await
         {
             Ok(_) => {}
-            Err(QmpError::Command { desc, .. })
-                if desc.contains("not found") || desc.contains("No active") =>
-            {
-                tracing::debug!(vmid = self.vmid(), job, "block job already gone: {desc}");
+            // Gone, or already concluded (a mirror whose target vanished fails with an I/O
+            // error and waits to be dismissed, refusing `cancel`): the loop below tells.
+            Err(QmpError::Command { desc, .. }) => {
+                tracing::debug!(vmid = self.vmid(), job, "block-job-cancel refused: {desc}");
             }
             Err(e) => return Err(e.into()),
         }

@@ -37,6 +37,8 @@ pub struct Session {
 
 /// A running `disk-import`.
 pub struct ImportJob {
+    /// The volume name asked for (the partial file an abort removes).
+    pub volname: String,
     pub socket: PathBuf,
     pub task: tokio::task::JoinHandle<Result<String, String>>,
     pub received: Arc<AtomicU64>,
@@ -568,6 +570,15 @@ async fn import_start(c: &Arc<HostCtx>, opts: &Value) -> mlua::Result<(PathBuf, 
         .check_import(&req)
         .map_err(|e| fail(e.to_string()))?;
     let socket = c.node.cfg.run_dir.join(format!("{}.storage", c.vmid));
+    let sock = socket.clone();
+    c.record(|r| {
+        r.import_running = true;
+        if !r.sockets.contains(&sock) {
+            r.sockets.push(sock);
+        }
+    })
+    .await?;
+    let volname = req.volname.clone();
     let _ = std::fs::remove_file(&socket);
     let listener = tokio::net::UnixListener::bind(&socket)
         .map_err(|e| fail(format!("unable to listen on {}: {e}", socket.display())))?;
@@ -579,15 +590,8 @@ async fn import_start(c: &Arc<HostCtx>, opts: &Value) -> mlua::Result<(PathBuf, 
         Arc::clone(&received),
     ));
     c.tunnel.register_socket(&socket);
-    let sock = socket.clone();
-    c.record(|r| {
-        r.import_running = true;
-        if !r.sockets.contains(&sock) {
-            r.sockets.push(sock);
-        }
-    })
-    .await?;
     c.session().import = Some(ImportJob {
+        volname,
         socket: socket.clone(),
         task,
         received,
@@ -895,13 +899,18 @@ pub async fn end_import(c: &Arc<HostCtx>) {
     if let Some(job) = import {
         if job.task.is_finished() {
             // Finished but not yet collected by `query-disk-import`: its volume is ours too.
-            if let Ok(Ok(volid)) = job.task.await {
-                c.session().created.volumes.push(volid);
+            match job.task.await {
+                Ok(Ok(volid)) => c.session().created.volumes.push(volid),
+                Ok(Err(msg)) => c.info(&format!("cleanup: the disk import had failed: {msg}")),
+                Err(e) => c.info(&format!("cleanup: the disk import task had failed: {e}")),
             }
         } else {
             job.task.abort();
             let _ = job.task.await;
-            c.info("cleanup: aborted running disk import");
+            c.info(&format!(
+                "cleanup: aborted the running import of '{}' and removed its partial volume",
+                job.volname
+            ));
         }
         c.tunnel.unregister_socket(&job.socket);
         let _ = std::fs::remove_file(&job.socket);

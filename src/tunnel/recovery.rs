@@ -191,13 +191,20 @@ pub async fn find_leftovers(node: &Node) -> Leftovers {
         for entry in entries.flatten() {
             let path = entry.path();
             let name = entry.file_name();
-            let Some((vmid, kind)) = name.to_str().and_then(|n| n.split_once('.')) else {
+            let Some((stem, kind)) = name.to_str().and_then(|n| n.split_once('.')) else {
                 continue;
             };
-            let Ok(vmid) = vmid.parse::<u32>() else {
+            // `{vmid}.mtunnel`, `{vmid}.storage` (tunnels), `{vmid}.migrate` and
+            // `{vmid}_nbd.migrate` (an incoming QEMU that is gone).
+            let Ok(vmid) = stem.trim_end_matches("_nbd").parse::<u32>() else {
                 continue;
             };
-            if matches!(kind, "mtunnel" | "storage") && !is_live(vmid) {
+            let stale = match kind {
+                "mtunnel" | "storage" => !is_live(vmid),
+                "migrate" => !is_live(vmid) && !node.hypervisor.is_running(vmid).await,
+                _ => false,
+            };
+            if stale {
                 out.stale_sockets.push(path);
             }
         }
