@@ -375,10 +375,12 @@ function pve.qemu.is_running() end
 pve.firewall = {}
 
 ---Write the firewall file (content not checked) and record it for cleanup.
+---@async
 ---@param text string
 function pve.firewall.write(text) end
 
 ---Remove the firewall file if it exists.
+---@async
 function pve.firewall.remove() end
 
 ------------------------------------------------------------------------------------------
@@ -391,15 +393,19 @@ pve.tunnel = {}
 ---@return string
 function pve.tunnel.ticket(path) end
 
----The lock every later locked command expects on the config (nil: none).
+---The lock every later locked command expects on the config (nil: none). Journaled.
+---@async
 ---@param lock string|nil
 function pve.tunnel.expect_lock(lock) end
 
----Mark the migration as past its point of no return: a lost connection no longer cleans up.
+---Mark the migration as past its point of no return: however the tunnel ends, nothing is
+---freed any more. Journaled before the command replies.
+---@async
 function pve.tunnel.commit() end
 
----Free now what this tunnel created: stop a VM it started, abort a running import, free
----tracked volumes, remove a firewall file it wrote, remove the VM config. Never raises.
+---Free now what this tunnel created: abort a running import, stop a VM it started, free
+---its volumes, remove a firewall file it wrote, remove the VM config — never a VM past
+---resume. Afterwards the tunnel frees nothing again. Never raises.
 ---@async
 function pve.tunnel.cleanup() end
 

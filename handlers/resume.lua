@@ -1,5 +1,6 @@
 -- resume: continue the migrated VM. From here on the target VM is the live one, so
--- a lost connection no longer destroys it.
+-- nothing destroys it any more (pve.qemu.resume commits the tunnel by itself; the
+-- explicit commit below is kept for handlers copied from here).
 return {
   description = "Resume the migrated VM.",
   params = false,

@@ -1444,3 +1444,57 @@ async fn trickled_body_times_out_with_408() {
     })
     .await
 }
+
+#[tokio::test]
+async fn tunnel_and_connection_caps_answer_503() {
+    bounded(60, async {
+        let server = TestServer::start_with(Options {
+            extra_toml: "max_tunnels = 1\nmax_connections = 3\n".into(),
+            ..Options::default()
+        });
+        let first = server.open_tunnel(100).await;
+        let client = server.client();
+        let err = client.post(&mtunnel_path(101), &[]).await.unwrap_err();
+        assert_http(
+            &err,
+            503,
+            "too many open tunnels on node 'testnode' (max_tunnels = 1) - try again later",
+        );
+        assert!(
+            !server.vm_config(101).exists(),
+            "a refused tunnel reserves nothing"
+        );
+        client
+            .delete(&task_path(&first.upid, ""), &[])
+            .await
+            .unwrap();
+        server.wait_stopped(&first.upid, 10).await;
+        // Two idle TCP connections and the client's own fill the cap; one more is refused
+        // with PVE's envelope, over TLS, and served again once a slot frees.
+        let a = tokio::net::TcpStream::connect((server.host.as_str(), server.port))
+            .await
+            .unwrap();
+        let b = tokio::net::TcpStream::connect((server.host.as_str(), server.port))
+            .await
+            .unwrap();
+        let third = server.client();
+        third.get("/version", &[]).await.unwrap();
+        let err = server.client().get("/version", &[]).await.unwrap_err();
+        assert_http(
+            &err,
+            503,
+            "too many connections (max_connections = 3) - try again later",
+        );
+        drop((a, b));
+        let mut served = false;
+        for _ in 0..50 {
+            if server.client().get("/version", &[]).await.is_ok() {
+                served = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(served, "a freed slot serves again");
+    })
+    .await
+}

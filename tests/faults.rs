@@ -47,7 +47,7 @@ pub const MATRIX: &[(&str, &str, &str, &str, &str)] = &[
         "TCP reset",
         "disk alloc running",
         "reply fails; the volume made after the cut + config freed, TASK ERROR",
-        "-",
+        "raw tunnel (test client)",
         "reset_while_disk_alloc_runs",
     ),
     (
@@ -2003,5 +2003,40 @@ fn matrix_rows_have_tests() {
             .next()
             .unwrap_or("");
         assert!(names.contains(name), "test '{name}' has no MATRIX row");
+    }
+}
+
+/// The README's "When things fail" table is [`MATRIX`]. After changing the matrix, run
+/// `MTUNNEL_BLESS=1 cargo nextest run readme_shows_the_fault_matrix` to rewrite it.
+#[test]
+fn readme_shows_the_fault_matrix() {
+    const START: &str = "<!-- fault-matrix:start -->\n";
+    const END: &str = "<!-- fault-matrix:end -->";
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md");
+    let readme = std::fs::read_to_string(&path).unwrap();
+    let mut table = String::from(
+        "| fault | phase | the target ends with | the source ends with | test |\n\
+         | --- | --- | --- | --- | --- |\n",
+    );
+    for (fault, phase, target, src, test) in MATRIX {
+        table.push_str(&format!(
+            "| {fault} | {phase} | {target} | {src} | `{test}` |\n"
+        ));
+    }
+    let (Some(a), Some(b)) = (readme.find(START), readme.find(END)) else {
+        panic!("README.md lacks the fault-matrix markers");
+    };
+    let current = &readme[a + START.len()..b];
+    if current != table {
+        if std::env::var_os("MTUNNEL_BLESS").is_some() {
+            let updated = format!("{}{table}{}", &readme[..a + START.len()], &readme[b..]);
+            std::fs::write(&path, updated).unwrap();
+        } else {
+            panic!(
+                "README.md's fault matrix differs from MATRIX in tests/faults.rs; run \
+                 MTUNNEL_BLESS=1 cargo nextest run readme_shows_the_fault_matrix\n\
+                 expected:\n{table}"
+            );
+        }
     }
 }
