@@ -383,6 +383,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             )?
         }
     };
+    // Before anything else changes the data dir: one serve per data dir.
+    let _data_lock = mtunnel::node::lock_data_dir(&node.cfg)?;
     let initial = if node.tokens.is_empty() {
         let header = node.tokens.create(
             "root@pam!mtunnel",
@@ -395,7 +397,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     } else {
         None
     };
-    let _data_lock = mtunnel::node::lock_data_dir(&node.cfg)?;
     raise_fd_limit();
     for line in mtunnel::tunnel::recovery::recover_at_start(&node).await {
         println!("recovery: {line}");
@@ -428,11 +429,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     server.abort();
     let open = mtunnel::tunnel::shutdown(&node).await;
     if open > 0 {
-        // Their journals stay: the next start frees what they created.
+        // Their journals stay: the next start frees what they created. Exit now rather
+        // than tear the runtime down under commands that still run.
         tracing::warn!(
             "{open} tunnel(s) still cleaning up after {} s; exiting, the next start recovers them",
             node.cfg.shutdown_timeout.as_secs()
         );
+        std::process::exit(0);
     } else {
         tracing::info!("all tunnels closed, exiting");
     }
@@ -455,14 +458,33 @@ async fn cleanup(args: NodeArgs, dry_run: bool) -> anyhow::Result<()> {
     use mtunnel::tunnel::recovery;
     let node = Node::open(load_config(&args, None)?)?;
     let mut any = false;
-    for r in recovery::recover_dead_tunnels(&node, dry_run, recovery::RecoveredBy::Cleanup).await {
+    // Holding the data dir's lock, no serve runs: every journal is a dead tunnel's. While
+    // serve runs, it recovered them at its start, and a fresh `lock: create` may be a
+    // tunnel being opened: leave both to it.
+    let lock = match mtunnel::node::lock_data_dir(&node.cfg) {
+        Ok(lock) => Some(lock),
+        Err(e) if e.downcast_ref::<mtunnel::node::DataDirBusy>().is_some() => {
+            println!("{e:#}: only tunnels it gave up on are recovered here");
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    let which = match lock {
+        Some(_) => recovery::Orphans::All,
+        None => recovery::Orphans::Abandoned,
+    };
+    let by = recovery::RecoveredBy::Cleanup;
+    for r in recovery::recover_dead_tunnels(&node, which, dry_run, by).await {
         any = true;
         println!("tunnel {} (VM {}):", r.upid, r.vmid);
         for line in r.lines {
             println!("  {line}");
         }
     }
-    let found = recovery::find_leftovers(&node).await;
+    let mut found = recovery::find_leftovers(&node).await;
+    if lock.is_none() {
+        found.empty_reservations.clear();
+    }
     let verb = if dry_run { "would remove" } else { "removing" };
     for vmid in &found.empty_reservations {
         println!("{verb} empty reservation of VM {vmid} (config 'lock: create')");
@@ -632,27 +654,36 @@ async fn vm_command(cmd: VmCommand) -> anyhow::Result<()> {
             }
         }
         VmCommand::Unlock { vmid, .. } => {
-            let (journals, _) = mtunnel::script::journal::load_all(&vms.cfg.journal_dir());
-            if let Some(open) = journals
-                .iter()
-                .find(|c| c.vmid == vmid && c.owner.is_alive())
-            {
-                anyhow::bail!(
-                    "VM {vmid} is in use by the open tunnel {} - stop that task first",
-                    open.upid
-                );
-            }
+            refuse_if_tunnel_open(&vms.cfg, vmid)?;
             match vms.unlock(vmid).await? {
                 Some(lock) => println!("VM {vmid}: removed lock '{lock}'"),
                 None => println!("VM {vmid} was not locked"),
             }
         }
         VmCommand::Destroy { vmid, skiplock, .. } => {
+            refuse_if_tunnel_open(&vms.cfg, vmid)?;
             for volid in vms.destroy(vmid, skiplock).await? {
                 println!("freed {volid}");
             }
             println!("VM {vmid} destroyed");
         }
+    }
+    Ok(())
+}
+
+/// An open tunnel of a running serve works on `vmid`: an operator's change would race it.
+fn refuse_if_tunnel_open(cfg: &mtunnel::config::NodeConfig, vmid: u32) -> anyhow::Result<()> {
+    let (journals, _) = mtunnel::script::journal::load_all(&cfg.journal_dir());
+    if let Some(open) = journals
+        .iter()
+        .find(|c| c.vmid == vmid && !c.released && !c.abandoned && c.owner.is_alive())
+    {
+        anyhow::bail!(
+            "VM {vmid} is in use by the open tunnel {} - stop that task first \
+             (DELETE /nodes/{}/tasks/<upid>, or stop mtunnel serve)",
+            open.upid,
+            cfg.node
+        );
     }
     Ok(())
 }

@@ -23,6 +23,14 @@ pub struct Node {
     pub hypervisor: Arc<dyn Hypervisor>,
 }
 
+/// The data dir is locked by another process (a running `serve`, or `mtunnel cleanup`).
+#[derive(Debug, thiserror::Error)]
+#[error("another mtunnel process (pid {pid}) holds the data dir {}", data_dir.display())]
+pub struct DataDirBusy {
+    pub pid: String,
+    pub data_dir: std::path::PathBuf,
+}
+
 /// Takes `{data}/serve.lock` for as long as the returned file lives: two `serve`
 /// processes on one data dir would free each other's tunnels as "dead".
 pub fn lock_data_dir(cfg: &NodeConfig) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {

@@ -95,18 +95,18 @@ pub async fn serve(node: Arc<Node>, tls: TlsIdentity) -> anyhow::Result<Server> 
             set_keepalive(&tcp, limits.keepalive);
             // Held for the connection's life, WebSocket streams included.
             let slot = Arc::clone(&limits.slots).try_acquire_owned().ok();
-            let router = match slot {
-                Some(_) => router.clone(),
+            let (router, keep_alive) = match slot {
+                Some(_) => (router.clone(), true),
                 None => {
                     tracing::warn!(%peer, "connection limit reached (max_connections = {})", limits.max);
-                    busy_router(limits.max)
+                    (busy_router(limits.max, router.clone()), false)
                 }
             };
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
                 let _slot = slot;
                 let Some(acceptor) = acceptor else {
-                    serve_connection(tcp, router, peer).await;
+                    serve_connection(tcp, router, peer, keep_alive).await;
                     return;
                 };
                 let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
@@ -122,7 +122,7 @@ pub async fn serve(node: Arc<Node>, tls: TlsIdentity) -> anyhow::Result<Server> 
                         return;
                     }
                 };
-                serve_connection(tls, router, peer).await;
+                serve_connection(tls, router, peer, keep_alive).await;
             });
         }
     });
@@ -141,45 +141,57 @@ struct ConnLimits {
     keepalive: Duration,
 }
 
-/// Answers every request of a connection over the cap with 503 and PVE's envelope.
-fn busy_router(max: usize) -> axum::Router {
-    axum::Router::new().fallback(move || async move {
-        reply::render(
-            reply::Format::from_path(""),
-            Err(crate::error::Error::Unavailable(format!(
-                "too many connections (max_connections = {max}) - try again later"
-            ))),
-        )
+/// A connection over the cap: one request, then closed. It gets 503 with PVE's envelope,
+/// except a WebSocket of an open tunnel (its ticket is checked as always): a stream of a
+/// running migration must not fail because strangers hold the slots.
+fn busy_router(max: usize, real: axum::Router) -> axum::Router {
+    use tower::ServiceExt;
+    axum::Router::new().fallback(move |req: axum::extract::Request| {
+        let real = real.clone();
+        async move {
+            if req.uri().path().ends_with("/mtunnelwebsocket") {
+                return match real.oneshot(req).await {
+                    Ok(response) => response,
+                    Err(never) => match never {},
+                };
+            }
+            reply::render(
+                reply::Format::from_path(req.uri().path()),
+                Err(crate::error::Error::Unavailable(format!(
+                    "too many connections (max_connections = {max}) - try again later"
+                ))),
+            )
+        }
     })
 }
 
 /// TCP keepalive probes a silent peer (idle a third of `peer_timeout`, then every few
-/// seconds), and TCP_USER_TIMEOUT fails a connection whose sent data stays unacknowledged
-/// for `peer_timeout`: a source that lost power is noticed even while we only send.
+/// seconds). No TCP_USER_TIMEOUT: it would also cut a live peer that only reads slowly;
+/// the WebSocket watchdog notices a vanished peer whatever we send.
 fn set_keepalive(tcp: &tokio::net::TcpStream, peer_timeout: Duration) {
     use nix::sys::socket::{setsockopt, sockopt};
-    let secs = peer_timeout.as_secs().max(3);
+    let secs = peer_timeout.as_secs().clamp(3, 86_400);
     let idle = (secs / 3).max(1) as u32;
     let probes = 3u32;
     let interval = ((secs - u64::from(idle)) / u64::from(probes)).max(1) as u32;
     let set = setsockopt(tcp, sockopt::KeepAlive, &true)
         .and_then(|()| setsockopt(tcp, sockopt::TcpKeepIdle, &idle))
         .and_then(|()| setsockopt(tcp, sockopt::TcpKeepInterval, &interval))
-        .and_then(|()| setsockopt(tcp, sockopt::TcpKeepCount, &probes))
-        .and_then(|()| setsockopt(tcp, sockopt::TcpUserTimeout, &((secs * 1000) as u32)));
+        .and_then(|()| setsockopt(tcp, sockopt::TcpKeepCount, &probes));
     if let Err(e) = set {
         tracing::debug!("setting TCP keepalive: {e}");
     }
 }
 
 /// HTTP/1.1 with upgrades on one accepted connection (TLS or plain).
-async fn serve_connection<S>(io: S, router: axum::Router, peer: SocketAddr)
+async fn serve_connection<S>(io: S, router: axum::Router, peer: SocketAddr, keep_alive: bool)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let service = TowerToHyperService::new(router);
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
+        .keep_alive(keep_alive)
         .header_read_timeout(Duration::from_secs(30))
         .max_buf_size(64 * 1024)
         // Without this the buffer limit only applies to headers that arrive

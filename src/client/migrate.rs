@@ -86,6 +86,8 @@ struct Remote {
     tvmid: u32,
     base_url: String,
     forwards: Vec<Forward>,
+    /// `resume` was sent: the target VM may run as the only live copy from here on.
+    resume_sent: bool,
 }
 
 impl Remote {
@@ -214,6 +216,7 @@ pub async fn migrate(
         tvmid,
         base_url,
         forwards: Vec::new(),
+        resume_sent: false,
     };
     if let Err(e) = check_version(&remote).await {
         abort_remote(&remote, progress).await;
@@ -243,6 +246,18 @@ pub async fn migrate(
         Ok(()) => {
             summary.duration = started.elapsed();
             Ok(summary)
+        }
+        Err(e) if remote.resume_sent => {
+            // The target may already run the VM: unlocking (and so allowing a start of)
+            // the source copy could run it twice.
+            progress.log(format!(
+                "ERROR: migration failed after 'resume' was sent: {e:#} - VM {tvmid} may be \
+                 running on the target; the source VM {vmid} stays locked 'migrate'. Check \
+                 the target, then remove the lock where the VM should live ('mtunnel vm \
+                 unlock')."
+            ));
+            remote.control.clone().close();
+            Err(e)
         }
         Err(e) => {
             progress.log(format!("ERROR: migration failed: {e:#}"));
@@ -346,6 +361,7 @@ async fn run_phases(
         if volumes.iter().any(|v| v.live) {
             remote.cmd(json!({"cmd": "nbdstop"}), 30).await?;
         }
+        remote.resume_sent = true;
         remote.cmd(json!({"cmd": "resume"}), 30).await?;
         progress.log(format!("VM {tvmid} resumed on the target"));
         if volumes.iter().any(|v| v.live) && fstrim_cloned_disks(conf) {

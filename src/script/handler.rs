@@ -196,10 +196,8 @@ impl CommandHandler for LuaCommandHandler {
             }
             // Past the point of no return: the VM stays whatever happens; only what
             // served the transfer goes.
+            // The control socket went at accept, the import socket goes with the import.
             host::end_import(&self.ctx).await;
-            for socket in &created.sockets {
-                let _ = std::fs::remove_file(socket);
-            }
             if let Some(lock) = &created.expected_lock {
                 tracing::debug!(vmid = self.ctx.vmid, "tunnel ended: {end}");
                 self.ctx.log.warn(format!(

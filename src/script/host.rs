@@ -62,16 +62,28 @@ impl HostCtx {
     }
 
     /// Changes the record of what this tunnel created and writes it to the journal
-    /// (fsync'd) before the command that changed it replies.
+    /// (fsync'd) before the command that changed it replies. Memory follows the disk: if
+    /// the write fails, the change is not made and the command fails.
     pub async fn record(&self, change: impl FnOnce(&mut Created)) -> mlua::Result<()> {
-        let snapshot = {
-            let mut s = self.session();
-            change(&mut s.created);
-            s.created.clone()
-        };
-        journal::store_async(self.node.cfg.journal_dir(), snapshot)
+        let mut next = self.session().created.clone();
+        change(&mut next);
+        journal::store_async(self.node.cfg.journal_dir(), next.clone())
             .await
-            .map_err(|e| fail(format!("cannot write the tunnel journal: {e:#}")))
+            .map_err(|e| fail(format!("cannot write the tunnel journal: {e:#}")))?;
+        self.session().created = next;
+        Ok(())
+    }
+
+    /// Fails once the tunnel freed what it created (`pve.tunnel.cleanup()`): the VMID may
+    /// already belong to the next tunnel, so nothing may be created in its name.
+    fn ensure_open(&self) -> mlua::Result<()> {
+        if self.session().created.released {
+            return Err(fail(format!(
+                "the tunnel of VM {} was cleaned up; it cannot create anything any more",
+                self.vmid
+            )));
+        }
+        Ok(())
     }
 
     fn info(&self, msg: &str) {
@@ -408,6 +420,7 @@ fn storage_table(lua: &Lua) -> mlua::Result<Table> {
         lua.create_async_function(
             |lua, (storage, format, size_kib, name): (String, String, u64, Option<String>)| async move {
                 let c = ctx(&lua)?;
+                c.ensure_open()?;
                 let volid = c
                     .node
                     .storage
@@ -489,6 +502,7 @@ fn storage_table(lua: &Lua) -> mlua::Result<Table> {
         "import_start",
         lua.create_async_function(|lua, opts: LuaValue| async move {
             let c = ctx(&lua)?;
+            c.ensure_open()?;
             let opts = from_lua(&lua, opts)?;
             let (socket, format) = import_start(&c, &opts).await?;
             to_lua(
@@ -695,6 +709,7 @@ fn qemu_table(lua: &Lua) -> mlua::Result<Table> {
         "start_incoming",
         lua.create_async_function(|lua, opts: LuaValue| async move {
             let c = ctx(&lua)?;
+            c.ensure_open()?;
             let opts = from_lua(&lua, opts)?;
             let text = c
                 .node
@@ -769,7 +784,24 @@ fn qemu_table(lua: &Lua) -> mlua::Result<Table> {
             c.record(|r| r.committed = true).await
         })?,
     )?;
-    vm_op!("stop", stop);
+    t.set(
+        "stop",
+        lua.create_async_function(|lua, ()| async move {
+            let c = ctx(&lua)?;
+            if c.session().created.resume_requested {
+                return Err(fail(format!(
+                    "VM {} was resumed on this node and may be the only live copy - not \
+                     stopping it",
+                    c.vmid
+                )));
+            }
+            c.node
+                .hypervisor
+                .stop(c.vmid)
+                .await
+                .map_err(|e| fail(format!("{e:#}")))
+        })?,
+    )?;
     vm_op!("nbd_stop", nbd_stop);
     vm_op!("fstrim", fstrim);
     t.set(
@@ -792,6 +824,7 @@ fn firewall_table(lua: &Lua) -> mlua::Result<Table> {
         "write",
         lua.create_async_function(|lua, text: String| async move {
             let c = ctx(&lua)?;
+            c.ensure_open()?;
             c.record(|r| r.firewall_written = true).await?;
             crate::util::ensure_dir(&c.node.cfg.firewall_dir(), 0o755)
                 .map_err(|e| fail(format!("{e:#}")))?;
@@ -924,10 +957,24 @@ pub async fn end_import(c: &Arc<HostCtx>) {
 pub async fn cleanup(c: &Arc<HostCtx>) -> journal::Freed {
     end_import(c).await;
     let created = c.session().created.clone();
+    // Another tunnel may hold the VMID by now (an operator destroyed the VM and a new
+    // migration reserved it): then the VM and the config are not ours to touch.
+    let vmid_is = match c.node.tunnels.get(c.vmid) {
+        Some(t) if !Arc::ptr_eq(&t, &c.tunnel) => journal::Vmid::Lost,
+        _ => journal::Vmid::Owned,
+    };
     // A locked handler that calls cleanup keeps its lock: borrow the guard, put it back.
     let guard = c.guard.lock().unwrap_or_else(|e| e.into_inner()).take();
-    let freed = journal::free_created(&c.node, &created, guard.as_ref(), &c.log).await;
+    let freed = journal::free_created(&c.node, &created, vmid_is, guard.as_ref(), &c.log).await;
     *c.guard.lock().unwrap_or_else(|e| e.into_inner()) = guard;
+    if freed.failed {
+        c.warn(&format!(
+            "cleanup of VM {} is incomplete; the tunnel's journal stays, and the next start \
+             of mtunnel serve (or 'mtunnel cleanup' while it is stopped) retries it",
+            c.vmid
+        ));
+        return freed;
+    }
     // Freed, or kept for good (a resumed VM, another lock): either way nothing may be
     // freed in this tunnel's name again — the VMID may already belong to the next tunnel.
     let _ = c.record(|r| r.released = true).await;

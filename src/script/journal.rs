@@ -11,6 +11,7 @@
 //! are found as the VMID's volumes that did not exist when the tunnel opened: the VMID was
 //! reserved by this tunnel the whole time, so nobody else can have made them.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -20,11 +21,14 @@ use crate::guest::VmConfig;
 use crate::node::Node;
 use crate::task::TaskLog;
 
-/// The process that owns a tunnel, as the UPID names it (pid and start time in ticks).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+/// The process that owns a tunnel: pid and start time (as the UPID names it) and the boot
+/// it ran in, so a pid reused after a reboot is not taken for the owner.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Owner {
     pub pid: u32,
     pub pstart: u64,
+    #[serde(default)]
+    pub boot_id: String,
 }
 
 impl Owner {
@@ -33,13 +37,33 @@ impl Owner {
         Owner {
             pid: std::process::id(),
             pstart: crate::task::process_start_ticks(std::process::id()).unwrap_or(0),
+            boot_id: boot_id(),
         }
     }
 
-    /// Whether the owning process still runs (same pid and same start time).
+    /// Whether the owning process still runs: same boot, same pid, same start time. When
+    /// `/proc` cannot tell (hidden pids, another pid namespace), it counts as alive:
+    /// mistaking a live tunnel for a dead one would destroy a migration in progress.
     pub fn is_alive(&self) -> bool {
-        crate::task::process_start_ticks(self.pid) == Some(self.pstart)
+        if !self.boot_id.is_empty() && self.boot_id != boot_id() {
+            return false;
+        }
+        match std::fs::metadata(format!("/proc/{}", self.pid)) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(_) => true,
+            Ok(_) => match crate::task::process_start_ticks(self.pid) {
+                Some(start) => start == self.pstart,
+                // Gone (or a zombie) between the two reads.
+                None => !std::path::Path::new(&format!("/proc/{}", self.pid)).exists(),
+            },
+        }
     }
+}
+
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 /// What a tunnel created and how far it got.
@@ -49,8 +73,10 @@ pub struct Created {
     /// The tunnel's task, whose log recovery ends.
     pub upid: String,
     pub owner: Owner,
-    /// Volumes of the VMID that existed before the tunnel opened: never freed.
-    pub preexisting: Vec<String>,
+    /// Volumes of the VMID that existed when the tunnel opened, by storage: never freed.
+    /// Only the storages listed here were scanned, so only they are scanned for volumes
+    /// made in flight.
+    pub preexisting: BTreeMap<String, Vec<String>>,
     /// Volumes this tunnel allocated or imported.
     pub volumes: Vec<String>,
     /// A disk import was running (its partial volume is found by the preexisting rule).
@@ -70,6 +96,10 @@ pub struct Created {
     /// tunnel, so nothing may be freed in its name again.
     #[serde(default)]
     pub released: bool,
+    /// The tunnel ended with its cleanup incomplete: no worker owns the journal any more,
+    /// so `mtunnel cleanup` may retry it while `serve` runs.
+    #[serde(default)]
+    pub abandoned: bool,
 }
 
 impl Created {
@@ -97,6 +127,12 @@ pub async fn store_async(journal_dir: PathBuf, created: Created) -> anyhow::Resu
     tokio::task::spawn_blocking(move || store(&journal_dir, &created))
         .await
         .map_err(|e| anyhow::anyhow!("journal writer failed: {e}"))?
+}
+
+/// The journal of tunnel `upid`, if it exists and reads.
+pub fn load(journal_dir: &Path, upid: &str) -> Option<Created> {
+    let bytes = std::fs::read(journal_path(journal_dir, upid)).ok()?;
+    serde_json::from_slice(&bytes).ok()
 }
 
 pub fn remove(journal_dir: &Path, upid: &str) {
@@ -156,16 +192,31 @@ pub struct Freed {
     pub config_removed: bool,
     /// The VM was past `resume` (or the lock was someone else's): left in place.
     pub kept: bool,
+    /// A step failed: what is left is still this tunnel's (the journal stays, so a later
+    /// recovery can finish).
+    pub failed: bool,
+}
+
+/// Whom the VMID belongs to while freeing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Vmid {
+    /// This tunnel still holds the VMID (it is the VMID's open tunnel, or none is open).
+    Owned,
+    /// Another tunnel took the VMID over (after an operator destroyed the VM): only the
+    /// recorded volumes are this tunnel's; the VM and the config are not.
+    Lost,
 }
 
 /// Frees what `created` lists: stops a VM it started, frees its volumes (and volumes of
 /// the VMID made since it opened), removes a firewall file it wrote and the config it
 /// reserved, and its sockets. A VM past `resume` is never touched; neither is a VM whose
-/// config another lock took over. Each step is reported; failures are warnings and the
-/// remaining steps still run. `guard` is the config lock if the caller already holds it.
+/// config another lock took over. If the VM cannot be stopped, nothing else is freed (its
+/// disks are in use). Each step is reported; a failing step is a warning and marks the
+/// result failed. `guard` is the config lock if the caller already holds it.
 pub async fn free_created(
     node: &Arc<Node>,
     created: &Created,
+    vmid_is: Vmid,
     guard: Option<&crate::guest::VmLockGuard>,
     report: &dyn Report,
 ) -> Freed {
@@ -174,13 +225,19 @@ pub async fn free_created(
     if created.released {
         return freed;
     }
+    // Sockets first: while the config exists no later tunnel can own these paths.
     remove_sockets(created);
     if !created.may_destroy() {
-        report.warn(&format!(
-            "VM {vmid} was resumed on this node and may be the only live copy: leaving it \
-             running with its volumes and its config (lock kept until 'unlock')"
-        ));
+        report.warn(&kept_message(created));
         freed.kept = true;
+        return freed;
+    }
+    if vmid_is == Vmid::Lost {
+        report.warn(&format!(
+            "cleanup: VM {vmid} belongs to another tunnel now - freeing only this tunnel's \
+             own volumes"
+        ));
+        free_volumes(node, created.volumes.clone(), report, &mut freed).await;
         return freed;
     }
     if let Some(found) = foreign_lock(node, created) {
@@ -198,28 +255,69 @@ pub async fn free_created(
                 report.info(&format!("cleanup: stopped VM {vmid}"));
                 freed.vm_stopped = true;
             }
-            Err(e) => report.warn(&format!("cleanup: stopping VM {vmid} failed: {e:#}")),
+            Err(e) => {
+                report.warn(&format!(
+                    "cleanup: stopping VM {vmid} failed: {e:#} - leaving its volumes and \
+                     config in place"
+                ));
+                freed.failed = true;
+                return freed;
+            }
         }
     }
-    for volid in volumes_to_free(node, created).await {
-        match node.storage.free(&volid).await {
-            Ok(()) => {
-                report.info(&format!("cleanup: freed volume '{volid}'"));
-                freed.volumes.push(volid);
-            }
-            Err(e) => report.warn(&format!("cleanup: freeing volume '{volid}' failed: {e}")),
-        }
+    let volumes = volumes_to_free(node, created).await;
+    free_volumes(node, volumes, report, &mut freed).await;
+    if freed.failed {
+        // The config keeps the VMID reserved: no next tunnel may take it (and have its
+        // volumes counted as this one's) before a retry has freed what is left.
+        report.warn(&format!(
+            "cleanup: leaving the config of VM {vmid} in place until its volumes are freed"
+        ));
+        return freed;
     }
     if created.firewall_written {
         let path = node.cfg.firewall_dir().join(format!("{vmid}.fw"));
         match std::fs::remove_file(path) {
             Ok(()) => report.info("cleanup: removed firewall file"),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => report.warn(&format!("cleanup: removing firewall file failed: {e}")),
+            Err(e) => {
+                report.warn(&format!("cleanup: removing firewall file failed: {e}"));
+                freed.failed = true;
+            }
         }
     }
-    freed.config_removed = remove_config(node, vmid, guard, report).await;
+    match remove_config(node, created, guard, report).await {
+        Some(removed) => freed.config_removed = removed,
+        None => freed.failed = true,
+    }
     freed
+}
+
+fn kept_message(created: &Created) -> String {
+    let vmid = created.vmid;
+    if created.resume_requested {
+        format!(
+            "VM {vmid} was resumed on this node and may be the only live copy: leaving it \
+             running with its volumes and its config (lock kept until 'unlock')"
+        )
+    } else {
+        format!("the migration of VM {vmid} was committed: leaving the VM and its volumes")
+    }
+}
+
+async fn free_volumes(node: &Node, volumes: Vec<String>, report: &dyn Report, freed: &mut Freed) {
+    for volid in volumes {
+        match node.storage.free(&volid).await {
+            Ok(()) => {
+                report.info(&format!("cleanup: freed volume '{volid}'"));
+                freed.volumes.push(volid);
+            }
+            Err(e) => {
+                report.warn(&format!("cleanup: freeing volume '{volid}' failed: {e}"));
+                freed.failed = true;
+            }
+        }
+    }
 }
 
 /// The config's lock if it is not the one this tunnel expects (`None`: ours, or gone).
@@ -237,51 +335,86 @@ fn foreign_lock(node: &Node, created: &Created) -> Option<String> {
     }
 }
 
-/// The VMID's volumes that did not exist when the tunnel opened (they include the
-/// recorded ones and any made in flight); the recorded ones if the storage cannot list.
-async fn volumes_to_free(node: &Node, created: &Created) -> Vec<String> {
-    match node.storage.volumes_of(created.vmid).await {
-        Ok(now) => now
-            .into_iter()
-            .filter(|v| !created.preexisting.contains(v))
-            .collect(),
+/// The VMID's volumes that did not exist when the tunnel opened, on the storages listed
+/// then (they include the recorded ones and any made in flight), plus recorded ones on
+/// storages that cannot be listed now. A recorded volume that is gone is skipped, so a
+/// second recovery does not fail on what the first one freed.
+pub async fn volumes_to_free(node: &Node, created: &Created) -> Vec<String> {
+    let now = match node.storage.volumes_by_storage(created.vmid).await {
+        Ok(now) => now,
         Err(e) => {
             tracing::debug!(vmid = created.vmid, "listing volumes: {e}");
-            created.volumes.clone()
+            return created.volumes.clone();
         }
+    };
+    let storage_of = |v: &str| v.split_once(':').map(|(s, _)| s.to_string());
+    let mut out: Vec<String> = created
+        .volumes
+        .iter()
+        .filter(|v| storage_of(v).is_none_or(|s| !now.contains_key(&s)))
+        .cloned()
+        .collect();
+    for (storage, vols) in now {
+        let Some(before) = created.preexisting.get(&storage) else {
+            // Not listed at open: only what was recorded there is known to be ours.
+            out.extend(vols.into_iter().filter(|v| created.volumes.contains(v)));
+            continue;
+        };
+        out.extend(vols.into_iter().filter(|v| !before.contains(v)));
     }
+    out.sort();
+    out.dedup();
+    out
 }
 
+/// Removes the config under its lock if it is still this tunnel's (re-checked under the
+/// lock). `Some(removed)`, or `None` when removing failed.
 async fn remove_config(
     node: &Node,
-    vmid: u32,
+    created: &Created,
     guard: Option<&crate::guest::VmLockGuard>,
     report: &dyn Report,
-) -> bool {
-    if !node.guests.exists(vmid) {
-        return false;
-    }
-    let removed = match guard {
-        Some(g) => node.guests.remove_locked(g),
+) -> Option<bool> {
+    let vmid = created.vmid;
+    let taken;
+    let guard = match guard {
+        Some(g) => g,
         None => match node
             .guests
             .lock(vmid, crate::guest::store::DEFAULT_LOCK_TIMEOUT)
             .await
         {
-            Ok(g) => node.guests.remove_locked(&g),
-            Err(e) => Err(e),
+            Ok(g) => {
+                taken = g;
+                &taken
+            }
+            Err(e) => {
+                report.warn(&format!(
+                    "cleanup: removing config of VM {vmid} failed: {e}"
+                ));
+                return None;
+            }
         },
     };
-    match removed {
+    if !node.guests.exists(vmid) {
+        return Some(false);
+    }
+    if let Some(found) = foreign_lock(node, created) {
+        report.warn(&format!(
+            "cleanup: config of VM {vmid} {found} now - leaving it in place"
+        ));
+        return Some(false);
+    }
+    match node.guests.remove_locked(guard) {
         Ok(()) => {
             report.info(&format!("cleanup: removed config of VM {vmid}"));
-            true
+            Some(true)
         }
         Err(e) => {
             report.warn(&format!(
                 "cleanup: removing config of VM {vmid} failed: {e}"
             ));
-            false
+            None
         }
     }
 }

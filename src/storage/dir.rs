@@ -304,32 +304,41 @@ impl Storage for NodeStorage {
         })
     }
 
-    fn volumes_of(&self, vmid: u32) -> BoxFuture<'_, StorageResult<Vec<String>>> {
+    fn volumes_by_storage(
+        &self,
+        vmid: u32,
+    ) -> BoxFuture<'_, StorageResult<BTreeMap<String, Vec<String>>>> {
         Box::pin(async move {
-            let mut out = Vec::new();
+            let mut out = BTreeMap::new();
             for (id, def) in &self.storages {
-                let dir = image_dir(def, vmid);
-                let mut entries = match fs::read_dir(&dir).await {
-                    Ok(e) => e,
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                    Err(e) => {
-                        return Err(StorageError::io(
-                            format!("listing image directory '{}'", dir.display()),
-                            e,
-                        ));
-                    }
-                };
-                while let Ok(Some(entry)) = entries.next_entry().await {
-                    let name = entry.file_name();
-                    let Some(name) = name.to_str() else { continue };
-                    let volid = format!("{id}:{vmid}/{name}");
-                    // Only names this storage would hand out (skips temporary files).
-                    if VolumeId::parse(&volid).is_ok() {
-                        out.push(volid);
-                    }
+                if !def.path.is_dir() {
+                    continue; // not mounted: neither counted nor freed
                 }
+                let dir = image_dir(def, vmid);
+                let ctx = || format!("listing image directory '{}'", dir.display());
+                let mut vols = Vec::new();
+                match fs::read_dir(&dir).await {
+                    Ok(mut entries) => {
+                        while let Some(entry) = entries
+                            .next_entry()
+                            .await
+                            .map_err(|e| StorageError::io(ctx(), e))?
+                        {
+                            let name = entry.file_name();
+                            let Some(name) = name.to_str() else { continue };
+                            let volid = format!("{id}:{vmid}/{name}");
+                            // Only names this storage would hand out (no temporary files).
+                            if VolumeId::parse(&volid).is_ok() {
+                                vols.push(volid);
+                            }
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(StorageError::io(ctx(), e)),
+                }
+                vols.sort();
+                out.insert(id.clone(), vols);
             }
-            out.sort();
             Ok(out)
         })
     }

@@ -500,15 +500,34 @@ pub trait Storage: Send + Sync {
     /// external data file, and really in the format its name says.
     fn check_untrusted<'a>(&'a self, volid: &'a str) -> BoxFuture<'a, StorageResult<()>>;
 
-    /// Volids of every image of `vmid` on every storage (disabled ones too), sorted: what
-    /// a tunnel must not touch when it opened, and what `vm destroy` and cleanup free.
-    /// Backends that cannot list volumes say so with an error.
-    fn volumes_of(&self, vmid: u32) -> BoxFuture<'_, StorageResult<Vec<String>>> {
+    /// Volids of every image of `vmid`, by storage, for the storages that are reachable
+    /// now (a `dir` storage whose path is missing — not mounted — is left out, so its
+    /// volumes are neither counted nor freed). A listing that fails midway is an error,
+    /// never a partial list. Backends that cannot list volumes say so with an error.
+    fn volumes_by_storage(
+        &self,
+        vmid: u32,
+    ) -> BoxFuture<'_, StorageResult<BTreeMap<String, Vec<String>>>> {
         let _ = vmid;
         Box::pin(async {
             Err(StorageError::Unsupported(
                 "this storage backend cannot list volumes".into(),
             ))
+        })
+    }
+
+    /// [`Storage::volumes_by_storage`] as one sorted list: what `vm destroy` and cleanup
+    /// free.
+    fn volumes_of(&self, vmid: u32) -> BoxFuture<'_, StorageResult<Vec<String>>> {
+        Box::pin(async move {
+            let mut all: Vec<String> = self
+                .volumes_by_storage(vmid)
+                .await?
+                .into_values()
+                .flatten()
+                .collect();
+            all.sort();
+            Ok(all)
         })
     }
 

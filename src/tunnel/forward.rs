@@ -14,7 +14,7 @@
 
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -146,11 +146,14 @@ where
     let (pong_tx, mut pong_rx) = mpsc::channel::<Vec<u8>>(4);
     let ping_tx = pong_tx.clone();
     let activity = Arc::new(AtomicU64::new(0));
+    let waiting = Arc::new(AtomicBool::new(false));
     let seen = Arc::clone(&activity);
+    let waits = Arc::clone(&waiting);
 
     let inbound = async move {
         let mut frames = FrameReader::new(leftover);
         frames.activity = seen;
+        frames.waiting = waits;
         let mut n = 0u64;
         loop {
             match frames.next(&mut ws_read, &mut write, &mut n).await? {
@@ -195,7 +198,7 @@ where
         Ok::<u64, io::Error>(n)
     };
 
-    let watchdog = watch_peer(peer_timeout, activity, ping_tx, role);
+    let watchdog = watch_peer(peer_timeout, (activity, waiting), ping_tx, role);
     tokio::pin!(inbound, outbound, watchdog);
     let mut stats = ForwardStats::default();
     let mut inbound_done = false;
@@ -216,11 +219,13 @@ where
     Ok(stats)
 }
 
-/// Resolves (with the error to fail with) once nothing arrived for `timeout`; pings the
-/// peer every third of it meanwhile. Never resolves without a timeout.
+/// Resolves (with the error to fail with) once the relay waited `timeout` for the peer
+/// without anything arriving; pings the peer every third of it meanwhile. Time in which
+/// the relay was not waiting for the peer (busy writing to a slow local socket) does not
+/// count. Never resolves without a timeout.
 async fn watch_peer(
     timeout: Option<Duration>,
-    activity: Arc<AtomicU64>,
+    (activity, waiting): (Arc<AtomicU64>, Arc<AtomicBool>),
     ping_tx: mpsc::Sender<Vec<u8>>,
     role: Role,
 ) -> io::Error {
@@ -233,7 +238,7 @@ async fn watch_peer(
     loop {
         tokio::time::sleep(interval).await;
         let now = activity.load(Ordering::Relaxed);
-        if now != last {
+        if now != last || !waiting.load(Ordering::Relaxed) {
             last = now;
             silent = Duration::ZERO;
         } else {
@@ -267,8 +272,11 @@ struct FrameReader {
     buf: Vec<u8>,
     start: usize,
     end: usize,
-    /// Counts reads that returned bytes, for the peer watchdog.
+    /// Counts reads from the peer, for the peer watchdog.
     activity: Arc<AtomicU64>,
+    /// Set while a read waits for the peer: only then does silence count against it (not
+    /// while the local side is slow to take what already arrived).
+    waiting: Arc<AtomicBool>,
 }
 
 struct Header {
@@ -288,6 +296,7 @@ impl FrameReader {
             start: 0,
             end,
             activity: Arc::new(AtomicU64::new(0)),
+            waiting: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -301,9 +310,12 @@ impl FrameReader {
             self.end -= self.start;
             self.start = 0;
         }
-        let got = ws.read(&mut self.buf[self.end..]).await?;
-        self.end += got;
+        self.waiting.store(true, Ordering::Relaxed);
+        let got = ws.read(&mut self.buf[self.end..]).await;
+        self.waiting.store(false, Ordering::Relaxed);
         self.activity.fetch_add(1, Ordering::Relaxed);
+        let got = got?;
+        self.end += got;
         Ok(got > 0)
     }
 
@@ -480,5 +492,74 @@ mod tests {
         drop(_sock_w_keep);
         let stats = relay_task.await.unwrap().unwrap();
         assert_eq!(stats.to_socket, 4);
+    }
+
+    /// Client frames: masked binary `payload`, all-zero mask.
+    fn client_frame(payload: &[u8]) -> Vec<u8> {
+        let mut buf = vec![0u8; HEADROOM + payload.len()];
+        buf[HEADROOM..].copy_from_slice(payload);
+        let start = put_header(&mut buf, HEADROOM, OP_BINARY, payload.len(), Role::Client);
+        buf.drain(..start);
+        buf
+    }
+
+    #[tokio::test]
+    async fn a_silent_peer_times_out() {
+        let (_client, server) = tokio::io::duplex(1 << 16);
+        let (sock_r, _keep) = tokio::io::duplex(64);
+        let (out_w, _out_r) = tokio::io::duplex(64);
+        let timeout = Duration::from_millis(300);
+        let r = tokio::time::timeout(
+            Duration::from_secs(10),
+            relay_watched(
+                server,
+                Vec::new(),
+                Role::Server,
+                sock_r,
+                out_w,
+                Some(timeout),
+            ),
+        )
+        .await
+        .expect("the watchdog fires within 10 s");
+        assert_eq!(r.unwrap_err().kind(), io::ErrorKind::TimedOut);
+    }
+
+    #[tokio::test]
+    async fn a_slow_local_consumer_is_not_a_silent_peer() {
+        // The peer sends 4 MiB at once; the local side takes nothing for 3 timeouts.
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let (sock_r, _keep) = tokio::io::duplex(64);
+        let (out_w, mut out_r) = tokio::io::duplex(64 * 1024);
+        let timeout = Duration::from_millis(300);
+        let relay_task = tokio::spawn(relay_watched(
+            server,
+            Vec::new(),
+            Role::Server,
+            sock_r,
+            out_w,
+            Some(timeout),
+        ));
+        let (_cr, mut cw) = tokio::io::split(client);
+        let writer = tokio::spawn(async move {
+            let chunk = vec![7u8; 64 * 1024];
+            for _ in 0..64 {
+                cw.write_all(&client_frame(&chunk)).await.unwrap();
+            }
+            cw.write_all(&[0x88, 0x80, 0, 0, 0, 0]).await.unwrap();
+            cw
+        });
+        tokio::time::sleep(timeout * 3).await;
+        assert!(
+            !relay_task.is_finished(),
+            "the relay gave up on a busy peer"
+        );
+        let mut got = Vec::new();
+        out_r.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got.len(), 64 * 64 * 1024);
+        let _cw = writer.await.unwrap();
+        drop(_keep);
+        let stats = relay_task.await.unwrap().unwrap();
+        assert_eq!(stats.to_socket, 64 * 64 * 1024);
     }
 }

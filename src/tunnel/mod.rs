@@ -247,9 +247,20 @@ async fn start_worker(node: &Arc<Node>, authid: &str, vmid: u32) -> Result<Opene
         .map_err(|e| Error::internal(format!("{e} '{socket_str}'")))?;
     crate::util::ensure_dir(&node.cfg.run_dir, 0o755)?;
 
+    // Volumes of this VMID made from now on are the tunnel's (the VMID is reserved). A
+    // storage that cannot be listed makes that unknowable: refuse rather than guess.
+    let preexisting = match node.storage.volumes_by_storage(vmid).await {
+        Ok(by_storage) => by_storage,
+        // A backend that cannot list at all (scripted): only recorded volumes are freed.
+        Err(crate::storage::StorageError::Unsupported(_)) => Default::default(),
+        Err(e) => {
+            return Err(Error::internal(format!(
+                "cannot list the existing volumes of VM {vmid}: {e} - refusing the tunnel, \
+                 as a failed migration could not tell its volumes from older ones"
+            )));
+        }
+    };
     let log = node.tasks.create("qmtunnel", &vmid.to_string(), authid)?;
-    // Volumes of this VMID made from now on are the tunnel's (the VMID is reserved).
-    let preexisting = node.storage.volumes_of(vmid).await.unwrap_or_default();
     let created = Created {
         vmid,
         upid: log.upid().to_string(),
@@ -259,10 +270,11 @@ async fn start_worker(node: &Arc<Node>, authid: &str, vmid: u32) -> Result<Opene
         sockets: vec![socket.clone()],
         ..Created::default()
     };
-    let bound = journal::store(&node.cfg.journal_dir(), &created)
+    let bound = journal::store_async(node.cfg.journal_dir(), created.clone())
+        .await
         .map_err(|e| Error::internal(format!("cannot write the tunnel journal: {e:#}")))
         .and_then(|()| bind_control_socket(&socket));
-    let (listener, socket_id) = match bound {
+    let listener = match bound {
         Ok(b) => b,
         Err(e) => {
             journal::remove(&node.cfg.journal_dir(), &created.upid);
@@ -302,12 +314,22 @@ async fn start_worker(node: &Arc<Node>, authid: &str, vmid: u32) -> Result<Opene
     let upid = node.tasks.spawn(log, move |log, stop| async move {
         let upid = created.upid.clone();
         let result = worker::run(&worker_node, &tunnel, listener, &log, created, stop).await;
-        // Unlike upstream, leave no socket file behind (but never the next tunnel's).
-        if file_id(&tunnel.control_socket) == Some(socket_id) {
-            let _ = std::fs::remove_file(&tunnel.control_socket);
-        }
         worker_node.tunnels.remove(&tunnel);
-        journal::remove(&worker_node.cfg.journal_dir(), &upid);
+        // The journal goes once nothing is left to free: freed, or kept for good. After
+        // an incomplete cleanup it stays for the recovery at the next start.
+        let dir = worker_node.cfg.journal_dir();
+        match journal::load(&dir, &upid) {
+            Some(c) if !c.released && !c.committed => {
+                let abandoned = Created {
+                    abandoned: true,
+                    ..c
+                };
+                if let Err(e) = journal::store_async(dir, abandoned).await {
+                    tracing::warn!(upid, "marking the journal abandoned: {e:#}");
+                }
+            }
+            _ => journal::remove(&dir, &upid),
+        }
         result
     });
     Ok(Opened {
@@ -317,24 +339,14 @@ async fn start_worker(node: &Arc<Node>, authid: &str, vmid: u32) -> Result<Opene
     })
 }
 
-/// Binds the control socket (replacing a stale file) and returns it with its identity.
-fn bind_control_socket(socket: &Path) -> Result<(tokio::net::UnixListener, (u64, u64))> {
+/// Binds the control socket (replacing a stale file).
+fn bind_control_socket(socket: &Path) -> Result<tokio::net::UnixListener> {
     let _ = std::fs::remove_file(socket);
     let listener = tokio::net::UnixListener::bind(socket)
         .map_err(|e| Error::internal(format!("unable to bind {}: {e}", socket.display())))?;
     use std::os::unix::fs::PermissionsExt;
     let _ = std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600));
-    let id = file_id(socket)
-        .ok_or_else(|| Error::internal(format!("socket {} vanished", socket.display())))?;
-    Ok((listener, id))
-}
-
-/// (device, inode) of a path, to tell one socket file from its successor.
-fn file_id(path: &Path) -> Option<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::symlink_metadata(path)
-        .ok()
-        .map(|m| (m.dev(), m.ino()))
+    Ok(listener)
 }
 
 /// Graceful shutdown: asks every open tunnel to stop (each runs its cleanup after the

@@ -45,18 +45,6 @@ pub struct Recovered {
     pub lines: Vec<String>,
 }
 
-/// Journals whose owning process is gone.
-pub fn dead_journals(node: &Node) -> Vec<Created> {
-    let (journals, problems) = journal::load_all(&node.cfg.journal_dir());
-    for p in problems {
-        tracing::warn!("unreadable tunnel journal {p}");
-    }
-    journals
-        .into_iter()
-        .filter(|c| !c.owner.is_alive())
-        .collect()
-}
-
 /// Who recovers, for the task logs: `serve` at its start or `mtunnel cleanup`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RecoveredBy {
@@ -64,17 +52,36 @@ pub enum RecoveredBy {
     Cleanup,
 }
 
-/// Frees what every dead tunnel created and ends its task log; with `dry_run`, only
+/// Which journals no worker owns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Orphans {
+    /// The caller holds the data dir's lock (`serve.lock`): no `serve` runs, so every
+    /// journal is of a dead process — also one whose pid and start time a new boot happens
+    /// to repeat.
+    All,
+    /// `serve` runs: only journals its workers gave up on (cleanup incomplete).
+    Abandoned,
+}
+
+/// Frees what every orphaned tunnel created and ends its task log; with `dry_run`, only
 /// describes it.
 pub async fn recover_dead_tunnels(
     node: &Arc<Node>,
+    which: Orphans,
     dry_run: bool,
     by: RecoveredBy,
 ) -> Vec<Recovered> {
+    let (journals, problems) = journal::load_all(&node.cfg.journal_dir());
+    for p in problems {
+        tracing::warn!("unreadable tunnel journal {p} - left in place");
+    }
     let mut out = Vec::new();
-    for created in dead_journals(node) {
+    for created in journals {
+        if which == Orphans::Abandoned && !created.abandoned {
+            continue;
+        }
         let lines = if dry_run {
-            describe(&created)
+            describe(node, &created).await
         } else {
             recover_one(node, &created, by).await
         };
@@ -93,46 +100,59 @@ async fn recover_one(node: &Arc<Node>, created: &Created, by: RecoveredBy) -> Ve
         "recovery: mtunnel (pid {}) ended while this tunnel was open; freeing what it created",
         created.owner.pid
     ));
-    journal::free_created(node, created, None, &report).await;
+    let freed = journal::free_created(node, created, journal::Vmid::Owned, None, &report).await;
     let lines = report.0.into_inner().unwrap_or_else(|e| e.into_inner());
     if let Ok(upid) = created.upid.parse() {
         let when = match by {
             RecoveredBy::Restart => "recovered at restart",
             RecoveredBy::Cleanup => "recovered by 'mtunnel cleanup'",
         };
-        let reason = if created.may_destroy() {
-            format!("mtunnel was stopped or crashed during the migration; {when}")
-        } else {
+        let reason = if freed.failed {
+            format!(
+                "mtunnel was stopped or crashed during the migration; {when}, but not \
+                 everything could be freed (retried at the next start)"
+            )
+        } else if created.resume_requested {
             format!(
                 "mtunnel was stopped or crashed after the VM was resumed; {when}, the VM was \
                  left running"
             )
+        } else if created.committed {
+            format!("mtunnel was stopped or crashed after the migration was committed; {when}")
+        } else {
+            format!("mtunnel was stopped or crashed during the migration; {when}")
         };
         if let Err(e) = node.tasks.end_orphan(&upid, &lines, &reason) {
             tracing::warn!(upid = %created.upid, "ending task log: {e:#}");
         }
     }
-    journal::remove(&node.cfg.journal_dir(), &created.upid);
+    // An incomplete recovery keeps the journal: the next one finishes the job.
+    if !freed.failed {
+        journal::remove(&node.cfg.journal_dir(), &created.upid);
+    }
     lines
 }
 
-fn describe(created: &Created) -> Vec<String> {
+async fn describe(node: &Node, created: &Created) -> Vec<String> {
     let mut lines = vec![format!(
         "tunnel {} of VM {} (mtunnel pid {} is gone)",
         created.upid, created.vmid, created.owner.pid
     )];
+    if created.released {
+        lines.push("  everything was freed already; only the journal is left".into());
+        return lines;
+    }
     if !created.may_destroy() {
-        lines.push("  VM was resumed: it would be kept, only sockets removed".into());
+        lines.push(
+            "  the migration was committed: the VM would be kept, only sockets removed".into(),
+        );
         return lines;
     }
     if created.vm_started {
         lines.push(format!("  would stop VM {}", created.vmid));
     }
-    for v in &created.volumes {
+    for v in journal::volumes_to_free(node, created).await {
         lines.push(format!("  would free volume '{v}'"));
-    }
-    if created.import_running {
-        lines.push("  would free the partial import".into());
     }
     lines.push(format!(
         "  would remove the config of VM {} if still locked '{}'",
@@ -239,7 +259,7 @@ pub async fn free_leftovers(node: &Node, found: &Leftovers) -> Vec<String> {
 /// Returns one line per action, for the console.
 pub async fn recover_at_start(node: &Arc<Node>) -> Vec<String> {
     let mut lines = Vec::new();
-    for r in recover_dead_tunnels(node, false, RecoveredBy::Restart).await {
+    for r in recover_dead_tunnels(node, Orphans::All, false, RecoveredBy::Restart).await {
         lines.push(format!("tunnel {} of VM {}:", r.upid, r.vmid));
         lines.extend(r.lines.into_iter().map(|l| format!("  {l}")));
     }

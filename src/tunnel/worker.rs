@@ -125,7 +125,10 @@ pub async fn run(
             anyhow::bail!("Exiting mtunnel");
         }
     };
+    // One connection only: the path goes now, while the config still reserves the VMID
+    // (later, a next tunnel of the VMID may have bound the same path).
     drop(listener);
+    let _ = std::fs::remove_file(&tunnel.control_socket);
     let (read, write) = stream.into_split();
     let served = AssertUnwindSafe(serve_until(
         read,
@@ -225,8 +228,9 @@ where
     loop {
         line.clear();
         let read = tokio::select! {
-            r = read_bounded_line(&mut reader, &mut line) => r,
+            biased;
             _ = &mut stop => return End::Stopped,
+            r = read_bounded_line(&mut reader, &mut line) => r,
         };
         let (got_any, too_long) = match read {
             Ok(r) => r,
