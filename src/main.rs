@@ -319,14 +319,18 @@ fn main() {
         Command::Bench(_) | Command::BenchRelay { .. } => "warn",
         _ => "info",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MTUNNEL_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
-        )
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MTUNNEL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let log = tracing_subscriber::fmt()
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    // Under systemd, stderr goes to the journal, which stamps each line itself.
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        log.without_time().init();
+    } else {
+        log.init();
+    }
     let result = match cli.command {
         Command::Serve(args) => run_async(serve(args)),
         Command::Token(TokenCommand::Create(args)) => token_create(args),
@@ -422,10 +426,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     use std::io::Write;
     std::io::stdout().flush().ok();
+    // Type=notify: ready once recovered and listening (no-op outside systemd).
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     tokio::select! {
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted, shutting down"),
         _ = terminate() => tracing::info!("terminated, shutting down"),
     }
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     server.abort();
     let open = mtunnel::tunnel::shutdown(&node).await;
     if open > 0 {

@@ -1,0 +1,132 @@
+//! The service unit and the Debian package metadata: `systemd-analyze verify` accepts the
+//! unit without a single warning (with `ExecStart` pointed at the binary under test), and
+//! `mtunnel serve` speaks systemd's notify protocol as `Type=notify` needs — READY=1 once
+//! it listens, STOPPING=1 on SIGTERM — over a real `NOTIFY_SOCKET` datagram socket.
+
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::BIN;
+
+const UNIT: &str = include_str!("../packaging/mtunnel.service");
+
+#[test]
+fn service_unit_verifies_without_warnings() {
+    let dir = tempfile::Builder::new()
+        .prefix("mtu")
+        .tempdir_in("/tmp")
+        .unwrap();
+    assert!(UNIT.contains("ExecStart=/usr/bin/mtunnel serve"), "{UNIT}");
+    let unit = UNIT.replace("/usr/bin/mtunnel", BIN);
+    let path = dir.path().join("mtunnel.service");
+    std::fs::write(&path, unit).unwrap();
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze (Debian package systemd) is needed for this test");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "systemd-analyze failed: {stderr}");
+    assert!(
+        !stderr.contains("mtunnel.service"),
+        "systemd-analyze warns about the unit:\n{stderr}"
+    );
+    // What the unit promises to operators.
+    for line in [
+        "Type=notify",
+        "KillMode=process",
+        "RuntimeDirectoryPreserve=yes",
+    ] {
+        assert!(UNIT.lines().any(|l| l == line), "unit lacks {line}");
+    }
+}
+
+#[test]
+fn package_metadata_names_existing_files() {
+    let manifest = include_str!("../Cargo.toml");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let deb = manifest
+        .split("[package.metadata.deb]")
+        .nth(1)
+        .and_then(|s| s.split("\n[").next())
+        .expect("Cargo.toml has [package.metadata.deb]");
+    for needed in [
+        "maintainer-scripts = \"packaging/\"",
+        "unit-name = \"mtunnel\"",
+        "\"etc/mtunnel/mtunnel.toml\"",
+    ] {
+        assert!(deb.contains(needed), "deb metadata lacks {needed}");
+    }
+    for file in [
+        "packaging/mtunnel.service",
+        "packaging/mtunnel.toml",
+        "packaging/postinst",
+        "packaging/postrm",
+        "handlers/README.md",
+        "README.md",
+    ] {
+        assert!(root.join(file).is_file(), "{file} is missing");
+    }
+    let config = std::fs::read_to_string(root.join("packaging/mtunnel.toml")).unwrap();
+    let parsed: toml::Table = toml::from_str(&config).expect("default config is TOML");
+    assert!(
+        parsed.is_empty(),
+        "the default config only documents defaults"
+    );
+}
+
+#[test]
+fn serve_notifies_systemd_ready_and_stopping() {
+    let dir = tempfile::Builder::new()
+        .prefix("mtn")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let notify = dir.path().join("notify");
+    let socket = UnixDatagram::bind(&notify).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let config = dir.path().join("c.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"{d}/d\"\nrun_dir = \"{d}/r\"\nnode = \"n1\"\n",
+            d = dir.path().display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("NOTIFY_SOCKET", &notify)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = socket.recv(&mut buf).expect("READY=1 within 30 s");
+    assert_eq!(String::from_utf8_lossy(&buf[..n]).trim(), "READY=1");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let n = socket.recv(&mut buf).expect("STOPPING=1 within 30 s");
+    assert_eq!(String::from_utf8_lossy(&buf[..n]).trim(), "STOPPING=1");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "serve did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+}
