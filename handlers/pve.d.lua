@@ -125,12 +125,14 @@
 ---@field enum? string[] string: allowed values.
 ---@field pattern? string string: regex (regex-lite syntax), anchored to the whole value.
 ---@field format? mtunnel.SchemaFormat string: a named format.
+---@field minLength? integer string: minimum length in bytes.
 ---@field maxLength? integer string: maximum length in bytes.
 ---@field minimum? number integer/number: lower bound.
 ---@field maximum? number integer/number: upper bound.
 ---@field properties? table<string, mtunnel.Property> object: its properties.
 ---@field additionalProperties? boolean|integer object: keep unknown keys (default false: reject them).
 ---@field items? mtunnel.Schema array: schema every element is checked against.
+---@field maxItems? integer array: maximum number of elements.
 ---@field members? any array: accepted for PVE compatibility and IGNORED (elements unchecked).
 
 ---A property of `params` or of an object's `properties`.

@@ -55,6 +55,7 @@ const SPEC_CASES: &[(&str, usize)] = &[
     ("query-disk-import_spec.lua", 13),
     ("quit_spec.lua", 12),
     ("resume_spec.lua", 5),
+    ("schema_spec.lua", 9),
     ("start_spec.lua", 13),
     ("stop_spec.lua", 4),
     ("ticket_spec.lua", 5),

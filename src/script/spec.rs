@@ -61,6 +61,7 @@ pub const BUILTIN_SPECS: &[(&str, &str)] = builtin_specs!(
     "unlock",
     "quit",
     "protocol",
+    "schema",
 );
 
 /// The Lua side of `t` and of tunnel objects.
