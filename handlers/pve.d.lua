@@ -16,8 +16,8 @@
 --     "workspace": { "library": ["/path/to/pve.d.lua"] }
 --   }
 --
--- The editor still offers `load`, `dofile`, `require`, `collectgarbage` and `string.dump`
--- (part of LuaLS's "basic"/"string" libraries); they are nil in the sandbox.
+-- The editor still offers `load`, `dofile`, `require`, `collectgarbage`, `rawset` and
+-- `string.dump` (part of LuaLS's "basic"/"string" libraries); they are nil in the sandbox.
 --
 -- Annotate a handler like this to get completion and type checks for `ctx` and the table:
 --
@@ -29,9 +29,12 @@
 --   }
 --   return handler
 --
--- Functions marked `---@async` may wait (storage, QEMU, cleanup). Call them directly from
--- handler code, never inside `pcall`/`xpcall` or a callback of a C function (`table.sort`,
+-- Functions marked `---@async` may wait (storage, QEMU, cleanup). Call them from handler
+-- code or inside `pcall`/`xpcall`, never in a callback of a C function (`table.sort`,
 -- `string.gsub`): a wait there fails with "attempt to yield across a C-call boundary".
+--
+-- Not in the sandbox (nil at run time): `io`, `os`, `debug`, `package`, `coroutine`,
+-- `require`, `load`, `loadfile`, `dofile`, `collectgarbage`, `rawset`, `string.dump`.
 --
 -- Reference: handlers/README.md and docs/handlers/*.md.
 
