@@ -1,6 +1,8 @@
 //! The handler spec runner behind `mtunnel handlers test [DIR]`: runs every case of every
 //! `*_spec.lua` file against a fresh temporary node that uses the scripted backend, and
-//! reports one line per case plus `N passed, N failed`.
+//! reports one line per case plus `N passed, N failed`. A run that checks nothing fails:
+//! a refused handler, a spec file without cases, a case without an assertion, and a run in
+//! which no case ran (a `--filter` that matches nothing) each count as a failure.
 //!
 //! A case opens tunnels the real way (`tunnel::open`: reserved config `lock: create`,
 //! control socket, worker task with the Lua handlers) and talks to the worker over its
