@@ -16,8 +16,8 @@
 --     "workspace": { "library": ["/path/to/pve.d.lua"] }
 --   }
 --
--- The editor still offers `load`, `dofile`, `require`, `collectgarbage` and `string.dump`
--- (part of LuaLS's "basic"/"string" libraries); they are nil in the sandbox.
+-- The editor still offers `load`, `dofile`, `require`, `collectgarbage`, `rawset` and
+-- `string.dump` (part of LuaLS's "basic"/"string" libraries); they are nil in the sandbox.
 --
 -- Annotate a handler like this to get completion and type checks for `ctx` and the table:
 --
@@ -29,9 +29,12 @@
 --   }
 --   return handler
 --
--- Functions marked `---@async` may wait (storage, QEMU, cleanup). Call them directly from
--- handler code, never inside `pcall`/`xpcall` or a callback of a C function (`table.sort`,
+-- Functions marked `---@async` may wait (storage, QEMU, cleanup). Call them from handler
+-- code or inside `pcall`/`xpcall`, never in a callback of a C function (`table.sort`,
 -- `string.gsub`): a wait there fails with "attempt to yield across a C-call boundary".
+--
+-- Not in the sandbox (nil at run time): `io`, `os`, `debug`, `package`, `coroutine`,
+-- `require`, `load`, `loadfile`, `dofile`, `collectgarbage`, `rawset`, `string.dump`.
 --
 -- Reference: handlers/README.md and docs/handlers/*.md.
 
@@ -125,12 +128,14 @@
 ---@field enum? string[] string: allowed values.
 ---@field pattern? string string: regex (regex-lite syntax), anchored to the whole value.
 ---@field format? mtunnel.SchemaFormat string: a named format.
+---@field minLength? integer string: minimum length in bytes.
 ---@field maxLength? integer string: maximum length in bytes.
 ---@field minimum? number integer/number: lower bound.
 ---@field maximum? number integer/number: upper bound.
 ---@field properties? table<string, mtunnel.Property> object: its properties.
 ---@field additionalProperties? boolean|integer object: keep unknown keys (default false: reject them).
 ---@field items? mtunnel.Schema array: schema every element is checked against.
+---@field maxItems? integer array: maximum number of elements.
 ---@field members? any array: accepted for PVE compatibility and IGNORED (elements unchecked).
 
 ---A property of `params` or of an object's `properties`.

@@ -26,8 +26,6 @@ else
 fi
 
 echo "== handler specs"
-if ./target/debug/mtunnel handlers test --help >/dev/null 2>&1; then
-  ./target/debug/mtunnel handlers test
-fi
+./target/debug/mtunnel handlers test
 ./target/debug/mtunnel handlers check handlers
 echo "== all tests passed"

@@ -97,6 +97,17 @@ async fn certificate_fingerprint_matches_serve_output_and_handshake() {
             .unwrap();
         let cert = &info[0];
         assert_eq!(cert["filename"], "pveproxy-ssl.pem");
+        // Read from the generated certificate (see src/api/tls.rs for a CA-signed one).
+        assert_eq!(cert["subject"], "/CN=rcgen self signed cert");
+        assert_eq!(cert["issuer"], "/CN=rcgen self signed cert");
+        assert_eq!(cert["public-key-type"], "id-ecPublicKey");
+        assert_eq!(cert["public-key-bits"], 256);
+        assert_eq!(cert["san"], json!(["localhost", NODE, "127.0.0.1"]));
+        let (before, after) = (
+            cert["notbefore"].as_i64().unwrap(),
+            cert["notafter"].as_i64().unwrap(),
+        );
+        assert!(before < after, "{cert}");
         assert_eq!(cert["fingerprint"], server.fingerprint.as_str());
         assert!(
             cert["pem"]
@@ -195,7 +206,7 @@ async fn cluster_resources_shows_reserved_vmid() {
         assert_eq!(
             vms,
             json!([{"id": "qemu/100", "vmid": 100, "type": "qemu", "node": NODE,
-                    "status": "unknown"}])
+                    "status": "stopped"}])
         );
         let err = client
             .get("/cluster/resources", &[("type", "bogus")])
@@ -205,6 +216,56 @@ async fn cluster_resources_shows_reserved_vmid() {
             &err,
             json!({"type": "value 'bogus' does not have a value in the enumeration 'vm, storage, node, sdn, pool'"}),
         );
+    })
+    .await
+}
+
+/// `mtunnel <args> --config <server's config>`, which must succeed.
+async fn mtunnel_on(server: &TestServer, args: &[&str]) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_mtunnel"))
+        .args(args)
+        .arg("--config")
+        .arg(&server.config)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("running mtunnel");
+    assert!(
+        out.status.success(),
+        "mtunnel {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn cluster_resources_reports_whether_a_vm_runs() {
+    assert!(
+        std::env::var_os("PATH").is_some_and(
+            |p| std::env::split_paths(&p).any(|d| d.join("qemu-system-x86_64").is_file())
+        ),
+        "qemu-system-x86_64 is not installed: run `bash .ci/install-qemu.sh` (scripts/test-all.sh does)"
+    );
+    bounded(120, async {
+        let server = TestServer::start_with(Options {
+            extra_toml: "qemu_accel = \"tcg\"\n".into(),
+            ..Options::default()
+        });
+        let client = server.client();
+        let status = || async {
+            client
+                .get("/cluster/resources", &[("type", "vm")])
+                .await
+                .unwrap()[0]["status"]
+                .clone()
+        };
+        mtunnel_on(&server, &["vm", "create", "101", "--memory", "64"]).await;
+        assert_eq!(status().await, "stopped");
+        mtunnel_on(&server, &["vm", "start", "101"]).await;
+        let running = status().await;
+        mtunnel_on(&server, &["vm", "stop", "101"]).await;
+        assert_eq!(running, "running");
+        assert_eq!(status().await, "stopped");
     })
     .await
 }

@@ -3,6 +3,7 @@
 //! built-ins stay as they were); a handler with a syntax error is reported with its file
 //! and line. Only the binary is driven, from the outside.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 
@@ -41,39 +42,119 @@ fn copy_handlers(to: &Path) {
     }
 }
 
+/// Cases per built-in spec file. Adding, removing or renaming a case or a file means
+/// updating this table: a case that silently stops running is a check that cannot fail.
+const SPEC_CASES: &[(&str, usize)] = &[
+    ("bwlimit_spec.lua", 16),
+    ("config_spec.lua", 18),
+    ("disk-import_spec.lua", 12),
+    ("disk_spec.lua", 19),
+    ("fstrim_spec.lua", 4),
+    ("nbdstop_spec.lua", 4),
+    ("protocol_spec.lua", 10),
+    ("query-disk-import_spec.lua", 13),
+    ("quit_spec.lua", 12),
+    ("resume_spec.lua", 5),
+    ("schema_spec.lua", 9),
+    ("start_spec.lua", 13),
+    ("stop_spec.lua", 4),
+    ("ticket_spec.lua", 5),
+    ("unlock_spec.lua", 5),
+    ("version_spec.lua", 4),
+];
+
+/// `ok    <file>: <case>` lines counted per file.
+fn passed_per_file(stdout: &str) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for line in stdout.lines() {
+        if let Some((file, _case)) = line.strip_prefix("ok    ").and_then(|l| l.split_once(": ")) {
+            *counts.entry(file.to_string()).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
 #[test]
-fn built_in_specs_pass() {
+fn built_in_specs_pass_with_the_exact_number_of_cases_per_file() {
+    // The table lists exactly the spec files of the source tree.
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("handlers");
+    let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with("_spec.lua"))
+        .collect();
+    on_disk.sort();
+    let table: Vec<String> = SPEC_CASES.iter().map(|(f, _)| f.to_string()).collect();
+    assert_eq!(
+        on_disk, table,
+        "handlers/*_spec.lua and SPEC_CASES in this test differ: add the new spec file (and \
+         its case count) to SPEC_CASES, and to BUILTIN_SPECS in src/script/spec.rs"
+    );
+
     let run = mtunnel(&["handlers", "test"]);
     assert!(run.ok, "{}\n{}", run.stdout, run.stderr);
-    let summary = last_line(&run.stdout);
-    let (passed, rest) = summary.split_once(" passed, ").expect(summary);
-    assert_eq!(rest, "0 failed");
-    assert!(passed.parse::<u32>().unwrap() >= 100, "{summary}");
     assert!(!run.stdout.contains("FAIL"), "{}", run.stdout);
-    // one line per case, named by file
-    for cmd in [
-        "version",
-        "bwlimit",
-        "config",
-        "disk",
-        "disk-import",
-        "query-disk-import",
-        "start",
-        "fstrim",
-        "ticket",
-        "resume",
-        "stop",
-        "nbdstop",
-        "unlock",
-        "quit",
-    ] {
-        let prefix = format!("ok    {cmd}_spec.lua: ");
-        assert!(
-            run.stdout.lines().any(|l| l.starts_with(&prefix)),
-            "no passing case for {cmd}:\n{}",
-            run.stdout
-        );
-    }
+    let want: BTreeMap<String, usize> = SPEC_CASES
+        .iter()
+        .map(|(f, n)| (f.to_string(), *n))
+        .collect();
+    assert_eq!(
+        passed_per_file(&run.stdout),
+        want,
+        "cases per spec file (passed) differ from SPEC_CASES:\n{}",
+        run.stdout
+    );
+    let total: usize = want.values().sum();
+    assert_eq!(last_line(&run.stdout), format!("{total} passed, 0 failed"));
+}
+
+#[test]
+fn a_run_that_checks_nothing_fails() {
+    // A filter that matches no case.
+    let run = mtunnel(&["handlers", "test", "--filter", "nosuchcase"]);
+    assert!(!run.ok, "{}", run.stdout);
+    let total: usize = SPEC_CASES.iter().map(|(_, n)| n).sum();
+    assert_eq!(
+        run.stdout,
+        format!(
+            "FAIL  no spec case ran: --filter 'nosuchcase' matches none of the {total} cases\n\
+             0 passed, 1 failed\n"
+        )
+    );
+    assert!(
+        run.stderr.contains("1 spec case(s) failed"),
+        "{}",
+        run.stderr
+    );
+
+    // A spec file that returns no cases, and a case without an assertion.
+    let dir = tempfile::tempdir().unwrap();
+    let dir_s = dir.path().to_str().unwrap();
+    std::fs::write(dir.path().join("empty_spec.lua"), "return {}\n").unwrap();
+    std::fs::write(
+        dir.path().join("lazy_spec.lua"),
+        "return {\n  [\"checks nothing\"] = function(t) t:open{} end,\n  \
+         [\"checks\"] = function(t) t:ok(t:open{}) end,\n}\n",
+    )
+    .unwrap();
+    let run = mtunnel(&["handlers", "test", dir_s]);
+    assert!(!run.ok, "{}", run.stdout);
+    assert_eq!(
+        run.stdout,
+        "FAIL  empty_spec.lua: (loading the spec file)\n      \
+         the file defines no cases: it must return {[\"case name\"] = function(t) ... end, ...}\n\
+         ok    lazy_spec.lua: checks\n\
+         FAIL  lazy_spec.lua: checks nothing\n      \
+         the case made no assertion: check its result with t:eq, t:ok, t:match, t:succeeds, \
+         t:fail_contains or t:raises\n\
+         1 passed, 2 failed\n"
+    );
+
+    // Only the empty file: nothing ran at all.
+    std::fs::remove_file(dir.path().join("lazy_spec.lua")).unwrap();
+    let run = mtunnel(&["handlers", "test", dir_s]);
+    assert!(!run.ok, "{}", run.stdout);
+    assert_eq!(last_line(&run.stdout), "0 passed, 1 failed");
 }
 
 #[test]
@@ -185,12 +266,13 @@ fn a_broken_handler_is_reported_with_file_and_line() {
         check.stderr
     );
 
-    // The spec run names it too, and the disk command answers with the load error.
+    // The spec run fails on it (a refused handler is a failure, not a warning), and the
+    // disk command answers with the load error.
     let run = mtunnel(&["handlers", "test", dir_s, "--filter", "disk_spec.lua"]);
     assert!(!run.ok);
     assert!(
         run.stdout.starts_with(&format!(
-            "warning: handler 'disk' refused: {dir_s}/disk.lua:3: "
+            "FAIL  handler 'disk' refused: {dir_s}/disk.lua:3: "
         )),
         "{}",
         run.stdout

@@ -151,6 +151,14 @@ async fn nodes(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
 }
 
 async fn cluster_resources(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
+    // As PVE: a VM is `running` while its QEMU process runs, else `stopped`. Asked before
+    // the listing (the closure below is synchronous); only VMs the token may see are shown.
+    let mut running = std::collections::BTreeSet::new();
+    for vmid in st.node.guests.list() {
+        if st.node.hypervisor.is_running(vmid).await {
+            running.insert(vmid);
+        }
+    }
     let r = (|| {
         req.params.only(&["type"])?;
         let kind = req.params.str("type")?;
@@ -179,7 +187,7 @@ async fn cluster_resources(State(st): St, Path(p): PathMap, req: ApiReq) -> Resp
                     "vmid": vmid,
                     "type": "qemu",
                     "node": node.cfg.node,
-                    "status": "unknown",
+                    "status": if running.contains(&vmid) { "running" } else { "stopped" },
                 }));
             }
         }
@@ -214,13 +222,19 @@ async fn certificates_info(State(st): St, Path(p): PathMap, req: ApiReq) -> Resp
     let r = (|| {
         req.params.only(&[])?;
         st.node.check_node(path_param(&p, "node"))?;
+        // Read from the served certificate when it was loaded, as PVE reads its PEM.
+        let info = &st.tls.info;
         Ok(Data::new(json!([{
             "filename": "pveproxy-ssl.pem",
             "fingerprint": st.tls.fingerprint,
             "pem": st.tls.cert_pem,
-            "subject": "CN=rcgen self signed cert",
-            "issuer": "CN=rcgen self signed cert",
-            "public-key-type": "ecdsa",
+            "subject": info.subject,
+            "issuer": info.issuer,
+            "notbefore": info.notbefore,
+            "notafter": info.notafter,
+            "public-key-type": info.public_key_type,
+            "public-key-bits": info.public_key_bits,
+            "san": info.san,
         }])))
     })();
     finish(&p, &req, r)

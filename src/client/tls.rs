@@ -4,8 +4,9 @@
 //! not checked (a PVE node's certificate is self-signed); the handshake signatures are, with
 //! the ring provider's algorithms, so the peer must hold the certificate's private key.
 //!
-//! Connecting without a fingerprint (system CAs) is not supported yet; it will come with
-//! `mtunnel migrate` talking to nodes that have a CA-signed certificate.
+//! Without a fingerprint, [`ca_client_config`] verifies the usual way: a chain to a root CA
+//! of the platform's trust store (`/etc/ssl/certs` and friends, via rustls-native-certs) and
+//! the host name.
 
 use std::sync::Arc;
 
@@ -138,13 +139,46 @@ pub fn client_config(fingerprint: Option<&str>) -> Result<Arc<ClientConfig>, Api
 }
 
 /// A rustls client configuration that verifies the server the usual way: a certificate
-/// chain to one of the Mozilla root CAs (webpki-roots) and the host name. What PVE's API
-/// client does for a target endpoint without `fingerprint=`.
+/// chain to one of the system's root CAs and the host name. What PVE's API client does for
+/// a target endpoint without `fingerprint=`.
+///
+/// The roots are those of the platform trust store ([`system_roots`]); only if it holds none
+/// (a minimal container without `ca-certificates`) the Mozilla roots compiled into the
+/// binary (webpki-roots) are used instead, with a warning.
 ///
 /// # Errors
 /// Only if the provider offers no safe protocol version.
 pub fn ca_client_config() -> Result<Arc<ClientConfig>, ApiError> {
-    let roots = rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    roots_client_config(system_roots())
+}
+
+/// The root CAs of the platform's trust store, or webpki-roots if it yields none.
+pub fn system_roots() -> rustls::RootCertStore {
+    let found = rustls_native_certs::load_native_certs();
+    for e in &found.errors {
+        tracing::warn!("reading the system's root certificates: {e}");
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, ignored) = roots.add_parsable_certificates(found.certs);
+    if ignored > 0 {
+        tracing::debug!("{ignored} system root certificate(s) could not be parsed");
+    }
+    if added == 0 {
+        tracing::warn!(
+            "the system trust store has no root certificates (install ca-certificates?): \
+             using the Mozilla roots built into mtunnel"
+        );
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    }
+    roots
+}
+
+/// A verifying client configuration (the crate's TLS provider, HTTP/1.1 via ALPN) that
+/// trusts `roots`.
+///
+/// # Errors
+/// Only if the provider offers no safe protocol version.
+pub fn roots_client_config(roots: rustls::RootCertStore) -> Result<Arc<ClientConfig>, ApiError> {
     let mut config = ClientConfig::builder_with_provider(crate::util::tls_provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| ApiError::Request(format!("TLS protocol versions: {e}")))?
@@ -205,6 +239,20 @@ mod tests {
         assert_eq!(normalize_fingerprint(&fp.replace(':', "")).unwrap(), want);
         assert!(normalize_fingerprint("AA:BB").is_none());
         assert!(normalize_fingerprint(&"zz".repeat(32)).is_none());
+    }
+
+    #[test]
+    fn system_roots_are_the_platform_store_when_it_has_any() {
+        let native = rustls_native_certs::load_native_certs().certs;
+        let mut parsable = rustls::RootCertStore::empty();
+        parsable.add_parsable_certificates(native);
+        let roots = system_roots();
+        if parsable.is_empty() {
+            assert_eq!(roots.len(), webpki_roots::TLS_SERVER_ROOTS.len());
+        } else {
+            assert_eq!(roots.len(), parsable.len());
+        }
+        assert!(ca_client_config().is_ok());
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! The handler spec runner behind `mtunnel handlers test [DIR]`: runs every case of every
 //! `*_spec.lua` file against a fresh temporary node that uses the scripted backend, and
-//! reports one line per case plus `N passed, N failed`.
+//! reports one line per case plus `N passed, N failed`. A run that checks nothing fails:
+//! a refused handler, a spec file without cases, a case without an assertion, and a run in
+//! which no case ran (a `--filter` that matches nothing) each count as a failure.
 //!
 //! A case opens tunnels the real way (`tunnel::open`: reserved config `lock: create`,
 //! control socket, worker task with the Lua handlers) and talks to the worker over its
@@ -61,6 +63,7 @@ pub const BUILTIN_SPECS: &[(&str, &str)] = builtin_specs!(
     "unlock",
     "quit",
     "protocol",
+    "schema",
 );
 
 /// The Lua side of `t` and of tunnel objects.
@@ -146,21 +149,43 @@ fn spec_files(dir: Option<&Path>) -> anyhow::Result<Vec<SpecFile>> {
 /// Runs the specs and writes the report to `out`.
 pub async fn run_specs(opts: &SpecOptions, out: &mut dyn Write) -> anyhow::Result<Summary> {
     let dir = opts.dir.as_deref();
+    let mut summary = Summary::default();
+    // A handler that does not load is a failure of the run, not a warning: every case of
+    // its command would otherwise test only the "handler not loaded" reply.
     let (sources, problems) = handler_sources(dir);
     for problem in problems {
-        writeln!(out, "warning: handler file skipped: {problem}")?;
+        summary.failed += 1;
+        writeln!(out, "FAIL  handler file skipped: {problem}")?;
     }
     let vm = ScriptVm::new(Limits::default(), &sources)?;
     for (cmd, handler) in &vm.handlers {
         if let Err(e) = handler {
-            writeln!(out, "warning: handler '{cmd}' refused: {e}")?;
+            summary.failed += 1;
+            writeln!(out, "FAIL  handler '{cmd}' refused: {e}")?;
         }
     }
     drop(vm);
 
-    let mut summary = Summary::default();
+    // A run that checked nothing must not look like a passing one (`--filter` with a typo,
+    // spec files that return `{}`).
+    let (mut defined, mut ran) = (0, 0);
     for file in spec_files(dir)? {
-        run_file(&file, opts, out, &mut summary).await?;
+        let counts = run_file(&file, opts, out, &mut summary).await?;
+        defined += counts.defined;
+        ran += counts.ran;
+    }
+    if ran == 0 {
+        summary.failed += 1;
+        match &opts.filter {
+            Some(f) => writeln!(
+                out,
+                "FAIL  no spec case ran: --filter '{f}' matches none of the {defined} cases"
+            )?,
+            None => writeln!(
+                out,
+                "FAIL  no spec case ran: the spec files define no cases"
+            )?,
+        }
     }
     writeln!(out, "{} passed, {} failed", summary.passed, summary.failed)?;
     out.flush()?;
@@ -181,24 +206,45 @@ impl Current {
     }
 }
 
+/// How many cases a spec file defines and how many of them ran (passed or failed).
+#[derive(Debug, Clone, Copy, Default)]
+struct FileCounts {
+    defined: usize,
+    ran: usize,
+}
+
 async fn run_file(
     file: &SpecFile,
     opts: &SpecOptions,
     out: &mut dyn Write,
     summary: &mut Summary,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<FileCounts> {
     let printed = Arc::new(Mutex::new(Vec::<String>::new()));
     let current = Current::default();
-    let loaded = load_spec(file, &current, &printed);
-    let (lua, new_t, cases) = match loaded {
+    let mut counts = FileCounts::default();
+    let loaded = load_spec(file, &current, &printed).and_then(|loaded| {
+        if loaded.cases.is_empty() {
+            Err("the file defines no cases: it must return {[\"case name\"] = function(t) ... end, ...}".to_string())
+        } else {
+            Ok(loaded)
+        }
+    });
+    let LoadedSpec {
+        lua,
+        new_t,
+        assertions,
+        cases,
+    } = match loaded {
         Ok(x) => x,
         Err(e) => {
             summary.failed += 1;
+            counts.ran += 1;
             writeln!(out, "FAIL  {}: (loading the spec file)", file.name)?;
             write_indented(out, &e)?;
-            return Ok(());
+            return Ok(counts);
         }
     };
+    counts.defined = cases.len();
     for (case, func) in cases {
         let full = format!("{}: {case}", file.name);
         if opts
@@ -208,6 +254,7 @@ async fn run_file(
         {
             continue;
         }
+        counts.ran += 1;
         let env = match CaseEnv::new(&lua, opts.dir.clone()) {
             Ok(env) => Arc::new(env),
             Err(e) => {
@@ -221,7 +268,7 @@ async fn run_file(
         if let Some(budget) = lua.app_data_ref::<Budget>() {
             budget.reset(SPEC_LIMITS.instructions);
         }
-        let result = run_case(&new_t, &func).await;
+        let result = run_case(&new_t, &assertions, &func).await;
         current.set(None);
         let teardown = env.teardown(&lua).await;
         let result = result.and(teardown);
@@ -241,7 +288,7 @@ async fn run_file(
         }
         out.flush()?;
     }
-    Ok(())
+    Ok(counts)
 }
 
 fn write_indented(out: &mut dyn Write, text: &str) -> std::io::Result<()> {
@@ -251,10 +298,13 @@ fn write_indented(out: &mut dyn Write, text: &str) -> std::io::Result<()> {
     Ok(())
 }
 
-async fn run_case(new_t: &Function, func: &Function) -> Result<(), String> {
+async fn run_case(new_t: &Function, assertions: &Function, func: &Function) -> Result<(), String> {
     let t: Table = new_t.call(()).map_err(|e| clean_error(&e))?;
-    match tokio::time::timeout(CASE_TIMEOUT, func.call_async::<()>(t)).await {
-        Ok(Ok(())) => Ok(()),
+    match tokio::time::timeout(CASE_TIMEOUT, func.call_async::<()>(&t)).await {
+        Ok(Ok(())) => match assertions.call::<u64>(&t).map_err(|e| clean_error(&e))? {
+            0 => Err(NO_ASSERTION.to_string()),
+            _ => Ok(()),
+        },
         Ok(Err(e)) => match clean_error(&e) {
             msg if msg.contains(super::BUDGET_MSG) => Err(format!(
                 "the case exceeded its instruction limit of {} (runaway loop?)",
@@ -269,7 +319,19 @@ async fn run_case(new_t: &Function, func: &Function) -> Result<(), String> {
     }
 }
 
-type LoadedSpec = (Lua, Function, Vec<(String, Function)>);
+/// Why a case that raised nothing still fails.
+const NO_ASSERTION: &str = "the case made no assertion: check its result with t:eq, t:ok, t:match, \
+     t:succeeds, t:fail_contains or t:raises";
+
+/// A spec file's VM, the prelude's two entry points and the file's cases by name.
+struct LoadedSpec {
+    lua: Lua,
+    /// Makes a fresh `t`.
+    new_t: Function,
+    /// How many assertions a `t` made.
+    assertions: Function,
+    cases: Vec<(String, Function)>,
+}
 
 fn load_spec(
     file: &SpecFile,
@@ -279,7 +341,7 @@ fn load_spec(
     let lua = new_sandbox(SPEC_LIMITS).map_err(|e| format!("{e:#}"))?;
     install_globals(&lua, printed).map_err(|e| clean_error(&e))?;
     let natives = natives(&lua, current).map_err(|e| clean_error(&e))?;
-    let new_t: Function = lua
+    let (new_t, assertions): (Function, Function) = lua
         .load(PRELUDE)
         .set_name("=spec-prelude")
         .set_mode(ChunkMode::Text)
@@ -313,7 +375,12 @@ fn load_spec(
             }
         }
     }
-    Ok((lua, new_t, cases.into_iter().collect()))
+    Ok(LoadedSpec {
+        lua,
+        new_t,
+        assertions,
+        cases: cases.into_iter().collect(),
+    })
 }
 
 /// `json` (null, array, encode, decode) and `print` (collected, shown under the case).

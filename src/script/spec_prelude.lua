@@ -114,8 +114,17 @@ end
 local T = {}
 T.__index = T
 
+-- Assertions made through each `t` (weak keys: a finished case's `t` is collected). The
+-- runner fails a case that made none: a case that checks nothing proves nothing.
+local assertions = setmetatable({}, { __mode = "k" })
+
+local function counted(t)
+  assertions[t] = (assertions[t] or 0) + 1
+end
+
 --- t:eq(actual, expected, msg): deep equality (tables compared key by key).
 function T:eq(actual, expected, msg)
+  counted(self)
   local p, a, e = diff(actual, expected, "")
   if p then
     local where = p ~= "" and (" at " .. p:gsub("^%.", "")) or ""
@@ -129,6 +138,7 @@ end
 
 --- t:ok(cond, msg): cond must be truthy.
 function T:ok(cond, msg)
+  counted(self)
   if not cond then
     error("assertion failed" .. (msg and (": " .. tostring(msg)) or ""), 2)
   end
@@ -137,6 +147,7 @@ end
 
 --- t:match(str, pattern, msg): str must be a string matching the Lua pattern.
 function T:match(str, pattern, msg)
+  counted(self)
   if type(str) ~= "string" or not str:match(pattern) then
     error(prefix(msg) .. show(str) .. " does not match pattern " .. quote(pattern), 2)
   end
@@ -145,6 +156,7 @@ end
 
 --- t:fail_contains(reply, text): reply must be {success=false, msg=...} with text in msg.
 function T:fail_contains(reply, text, msg)
+  counted(self)
   if type(reply) ~= "table" or reply.success ~= false then
     error(prefix(msg) .. "expected a failed reply containing " .. quote(text) .. ", got " .. show(reply), 2)
   end
@@ -156,6 +168,7 @@ end
 
 --- t:succeeds(reply): reply must have success=true; returns it.
 function T:succeeds(reply, msg)
+  counted(self)
   if type(reply) ~= "table" or reply.success ~= true then
     error(prefix(msg) .. "expected a successful reply, got " .. show(reply), 2)
   end
@@ -164,6 +177,7 @@ end
 
 --- t:raises(fn, text): calling fn must raise an error whose message contains text.
 function T:raises(fn, text, msg)
+  counted(self)
   local ok, err = pcall(fn)
   if ok then
     error(prefix(msg) .. "expected an error containing " .. quote(text) .. ", but none was raised", 2)
@@ -279,6 +293,9 @@ function Conn:close()
   check(self.u:close())
 end
 
+-- The runner's two entry points: a fresh `t` per case, and how many assertions it made.
 return function()
   return setmetatable({}, T)
+end, function(t)
+  return assertions[t] or 0
 end
