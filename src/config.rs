@@ -249,6 +249,40 @@ impl NodeConfig {
     }
 }
 
+/// A bridge as `GET /nodes/{node}/network` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bridge {
+    pub name: String,
+    /// Its link is up (a configured bridge that does not exist here is not).
+    pub active: bool,
+}
+
+impl NodeConfig {
+    /// The bridges of this node: Linux bridges (`/sys/class/net/<if>/bridge`) and the
+    /// configured `bridges`, sorted by name.
+    pub fn bridges(&self) -> Vec<Bridge> {
+        let mut out: BTreeMap<String, bool> = BTreeMap::new();
+        if let Ok(entries) = std::fs::read_dir("/sys/class/net") {
+            for entry in entries.flatten() {
+                let dev = entry.path();
+                if dev.join("bridge").is_dir()
+                    && let Some(name) = entry.file_name().to_str()
+                {
+                    let up = std::fs::read_to_string(dev.join("operstate"))
+                        .is_ok_and(|s| matches!(s.trim(), "up" | "unknown"));
+                    out.insert(name.to_string(), up);
+                }
+            }
+        }
+        for name in &self.bridges {
+            out.entry(name.clone()).or_insert(false);
+        }
+        out.into_iter()
+            .map(|(name, active)| Bridge { name, active })
+            .collect()
+    }
+}
+
 fn default_data_dir(is_root: bool) -> PathBuf {
     if is_root {
         return PathBuf::from("/var/lib/mtunnel");

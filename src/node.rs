@@ -117,6 +117,15 @@ impl Node {
         self.tokens.allows(authid, path, privilege)
     }
 
+    /// The lowest VMID from `from` on that has no config here (a tunnel's reservation is a
+    /// config, so open tunnels count) and no open tunnel; PVE's `/cluster/nextid`.
+    pub fn next_free_vmid(&self, from: u32) -> Option<u32> {
+        let taken: std::collections::BTreeSet<u32> = self.guests.list().into_iter().collect();
+        (from.max(100)..=999_999_999)
+            .take(1_000_000)
+            .find(|id| !taken.contains(id) && self.tunnels.get(*id).is_none())
+    }
+
     /// The `node` path parameter must name this node (or be `localhost`).
     pub fn check_node(&self, node: &str) -> Result<()> {
         if node == "localhost" || node == self.cfg.node {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::{NODE, Options, TestServer, bounded, eventually, mint_tunnel_ticket, now, pct};
 use hyper::Method;
-use mtunnel::client::ApiError;
+use mtunnel::client::{ApiClient, ApiError};
 use serde_json::{Value, json};
 
 const JSON_CT: &str = "application/json;charset=UTF-8";
@@ -1506,15 +1506,38 @@ async fn trickled_body_times_out_with_408() {
     .await
 }
 
+/// One keep-alive HTTP exchange on a plain connection: the status code and whether the
+/// server closes the connection after it.
+async fn plain_exchange(conn: &mut tokio::net::TcpStream, token: &str) -> (u16, bool) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let req =
+        format!("GET /api2/json/version HTTP/1.1\r\nHost: x\r\nAuthorization: {token}\r\n\r\n");
+    conn.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let mut got = 0;
+    let head_end = loop {
+        let n = conn.read(&mut buf[got..]).await.unwrap();
+        assert!(n > 0, "connection closed before a reply");
+        got += n;
+        if let Some(pos) = buf[..got].windows(4).position(|w| w == b"\r\n\r\n") {
+            break pos;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
+    let status = head[9..12].parse().unwrap();
+    (status, head.contains("connection: close"))
+}
+
 #[tokio::test]
 async fn tunnel_and_connection_caps_answer_503() {
     bounded(60, async {
         let server = TestServer::start_with(Options {
-            extra_toml: "max_tunnels = 1\nmax_connections = 3\n".into(),
+            extra_toml: "max_tunnels = 1\nmax_connections = 3\ntls = false\n".into(),
             ..Options::default()
         });
-        let first = server.open_tunnel(100).await;
-        let client = server.client();
+        let client = ApiClient::plain(server.host.clone(), server.port, server.root_token.clone());
+        let first = client.post(&mtunnel_path(100), &[]).await.unwrap();
+        let upid = first["upid"].as_str().unwrap().to_string();
         let err = client.post(&mtunnel_path(101), &[]).await.unwrap_err();
         assert_http(
             &err,
@@ -1525,37 +1548,166 @@ async fn tunnel_and_connection_caps_answer_503() {
             !server.vm_config(101).exists(),
             "a refused tunnel reserves nothing"
         );
-        client
-            .delete(&task_path(&first.upid, ""), &[])
-            .await
-            .unwrap();
-        server.wait_stopped(&first.upid, 10).await;
-        // Two idle TCP connections and the client's own fill the cap; one more is refused
-        // with PVE's envelope, over TLS, and served again once a slot frees.
-        let a = tokio::net::TcpStream::connect((server.host.as_str(), server.port))
-            .await
-            .unwrap();
-        let b = tokio::net::TcpStream::connect((server.host.as_str(), server.port))
-            .await
-            .unwrap();
-        let third = server.client();
-        third.get("/version", &[]).await.unwrap();
-        let err = server.client().get("/version", &[]).await.unwrap_err();
+        client.delete(&task_path(&upid, ""), &[]).await.unwrap();
+        let mut stopped = false;
+        for _ in 0..100 {
+            let st = client.get(&task_path(&upid, "/status"), &[]).await.unwrap();
+            if st["status"] == "stopped" {
+                stopped = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(stopped, "the stopped tunnel's task ends");
+        // Three kept-alive connections that were answered hold the three slots.
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            let mut conn = tokio::net::TcpStream::connect((server.host.as_str(), server.port))
+                .await
+                .unwrap();
+            assert_eq!(
+                plain_exchange(&mut conn, &server.root_token).await,
+                (200, false)
+            );
+            held.push(conn);
+        }
+        // One more is answered 503 once, with PVE's text, and closed.
+        let err = client.get("/version", &[]).await.unwrap_err();
         assert_http(
             &err,
             503,
             "too many connections (max_connections = 3) - try again later",
         );
-        drop((a, b));
+        let mut extra = tokio::net::TcpStream::connect((server.host.as_str(), server.port))
+            .await
+            .unwrap();
+        assert_eq!(
+            plain_exchange(&mut extra, &server.root_token).await,
+            (503, true)
+        );
+        // A freed slot serves again.
+        held.pop();
         let mut served = false;
         for _ in 0..50 {
-            if server.client().get("/version", &[]).await.is_ok() {
+            if client.get("/version", &[]).await.is_ok() {
                 served = true;
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         assert!(served, "a freed slot serves again");
+    })
+    .await
+}
+
+#[tokio::test]
+async fn datacenter_manager_calls() {
+    bounded(60, async {
+        let server = TestServer::start();
+        let client = server.client();
+        assert_eq!(
+            client.get("/cluster/nextid", &[]).await.unwrap(),
+            json!("100")
+        );
+        let t = server.open_tunnel(100).await;
+        // An open tunnel's reservation counts; a taken VMID is PVE's parameter error.
+        assert_eq!(
+            client.get("/cluster/nextid", &[]).await.unwrap(),
+            json!("101")
+        );
+        assert_eq!(
+            client
+                .get("/cluster/nextid", &[("vmid", "105")])
+                .await
+                .unwrap(),
+            json!("105")
+        );
+        let err = client
+            .get("/cluster/nextid", &[("vmid", "100")])
+            .await
+            .unwrap_err();
+        assert_param_error(&err, json!({"vmid": "VM 100 already exists"}));
+        // Bridges, on the node's name and on "localhost" (PDM's default).
+        for node in [NODE, "localhost"] {
+            let list = client
+                .get(&format!("/nodes/{node}/network"), &[("type", "any_bridge")])
+                .await
+                .unwrap();
+            let vmbr0 = list
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|b| b["iface"] == "vmbr0")
+                .cloned()
+                .unwrap_or_else(|| panic!("vmbr0 missing: {list}"));
+            assert_eq!(vmbr0["type"], "bridge", "{vmbr0}");
+        }
+        let none = client
+            .get(&format!("/nodes/{NODE}/network"), &[("type", "eth")])
+            .await
+            .unwrap();
+        assert_eq!(none, json!([]));
+        // The calling token's permissions.
+        let perms = client
+            .get("/access/permissions", &[("path", "/vms/100")])
+            .await
+            .unwrap();
+        assert_eq!(perms["/vms/100"]["VM.Allocate"], 1, "{perms}");
+        let scoped =
+            server.create_token("mig@pve!t", &["--privs", "VM.Allocate", "--path", "/vms"]);
+        let mine = server
+            .client_with(&scoped)
+            .get("/access/permissions", &[])
+            .await
+            .unwrap();
+        assert_eq!(mine, json!({"/vms": {"VM.Allocate": 1}}));
+        assert_eq!(
+            client
+                .get("/cluster/qemu/custom-cpu-models", &[])
+                .await
+                .unwrap(),
+            json!([])
+        );
+        // PDM speaks extjs and reads `success`.
+        let r = client
+            .raw(Method::GET, "/api2/extjs/cluster/nextid", &[], Vec::new())
+            .await
+            .unwrap();
+        assert_eq!(
+            r.json(),
+            json!({"data": "101", "success": 1, "status": 200})
+        );
+        client.delete(&task_path(&t.upid, ""), &[]).await.unwrap();
+    })
+    .await
+}
+
+#[tokio::test]
+async fn storage_list_as_datacenter_manager_asks() {
+    bounded(60, async {
+        let server = TestServer::start();
+        // PDM: `content` joined with NUL (any of them), `format=1`, on node "localhost".
+        let list = server
+            .client()
+            .get(
+                "/nodes/localhost/storage",
+                &[
+                    ("content", "images\0rootdir"),
+                    ("enabled", "1"),
+                    ("format", "1"),
+                ],
+            )
+            .await
+            .unwrap();
+        let local = &list[0];
+        assert_eq!(local["storage"], "local", "{list}");
+        assert_eq!(local["content"], "images");
+        assert_eq!(
+            local["formats"],
+            json!({"default": "raw", "supported": ["raw", "qcow2"]})
+        );
+        assert_eq!(local["format"], json!([{"raw": 1, "qcow2": 1}, "raw"]));
+        assert!(local["total"].as_u64().unwrap() > 0, "{local}");
     })
     .await
 }

@@ -36,8 +36,18 @@ def main():
     storages = px.nodes(node).storage.get(enabled=True, content="images")
     assert [s["storage"] for s in storages] == ["local"], storages
 
+    # What Datacenter Manager asks before a migration (on node "localhost" too).
+    assert px.cluster.nextid.get() == "100", "nextid is a string, as PVE's"
+    bridges = px.nodes("localhost").network.get(type="any_bridge")
+    assert "vmbr0" in [b["iface"] for b in bridges], bridges
+    assert all(b["type"] == "bridge" for b in bridges), bridges
+    perms = px.access.permissions.get(path="/")
+    assert perms["/"]["Sys.Incoming"] == 1, perms
+    assert px.cluster.qemu("custom-cpu-models").get() == []
+
     # Open a tunnel.
     tunnel = px.nodes(node).qemu(100).mtunnel.post(storages="local", bridges="vmbr0")
+    assert px.cluster.nextid.get() == "101", "an open tunnel reserves its VMID"
     assert sorted(tunnel) == ["socket", "ticket", "upid"], tunnel
     upid = tunnel["upid"]
     assert tunnel["socket"].endswith("/100.mtunnel"), tunnel

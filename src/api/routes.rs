@@ -9,7 +9,7 @@ use axum::extract::{Path, State};
 use axum::http::{Method, Uri};
 use axum::response::Response;
 use axum::routing::get;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
 use super::AppState;
 use super::reply::{Data, Format, render};
@@ -26,6 +26,23 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api2/{fmt}/cluster/status", get(cluster_status))
         .route("/api2/{fmt}/cluster/resources", get(cluster_resources))
         .route("/api2/{fmt}/nodes", get(nodes))
+        .route(
+            "/api2/{fmt}/cluster/nextid",
+            get(super::pdm::cluster_nextid),
+        )
+        .route(
+            "/api2/{fmt}/cluster/qemu/custom-cpu-models",
+            get(super::pdm::custom_cpu_models),
+        )
+        .route(
+            "/api2/{fmt}/cluster/qemu/custom-cpu-models/{cputype}",
+            get(super::pdm::custom_cpu_model),
+        )
+        .route(
+            "/api2/{fmt}/access/permissions",
+            get(super::pdm::permissions),
+        )
+        .route("/api2/{fmt}/nodes/{node}/network", get(super::pdm::network))
         .route(
             "/api2/{fmt}/nodes/{node}/certificates/info",
             get(certificates_info),
@@ -246,6 +263,7 @@ async fn storage_list(State(st): St, Path(p): PathMap, req: ApiReq) -> Response 
             .only(&["enabled", "content", "storage", "format", "target"])?;
         st.node.check_node(path_param(&p, "node"))?;
         let enabled_only = req.params.bool("enabled")?.unwrap_or(false);
+        let with_formats = req.params.bool("format")?.unwrap_or(false);
         let content = req.params.str("content")?;
         let only = req.params.str("storage")?;
         let node = &st.node;
@@ -263,15 +281,16 @@ async fn storage_list(State(st): St, Path(p): PathMap, req: ApiReq) -> Response 
             if only.as_deref().is_some_and(|s| s != id) {
                 continue;
             }
+            // As PVE: storages holding any of the listed content types.
             if let Some(c) = &content
                 && !crate::storage::split_id_list(c)
                     .iter()
-                    .all(|c| def.content.iter().any(|d| d == c))
+                    .any(|c| def.content.iter().any(|d| d == c))
             {
                 continue;
             }
             let (total, avail) = disk_space(&def.path);
-            out.push(json!({
+            let mut entry = json!({
                 "storage": id,
                 "type": def.kind.as_str(),
                 "content": def.content.join(","),
@@ -281,7 +300,17 @@ async fn storage_list(State(st): St, Path(p): PathMap, req: ApiReq) -> Response 
                 "total": total,
                 "avail": avail,
                 "used": total.saturating_sub(avail),
-            }));
+            });
+            if with_formats {
+                let supported = def.kind.formats();
+                let flags: Map<String, Value> = supported
+                    .iter()
+                    .map(|f| (f.to_string(), json!(1)))
+                    .collect();
+                entry["formats"] = json!({"default": "raw", "supported": supported});
+                entry["format"] = json!([flags, "raw"]);
+            }
+            out.push(entry);
         }
         Ok(Data::new(Value::Array(out)))
     })();

@@ -2,7 +2,7 @@
 //! with `propagate` it also applies below that path, and the most specific path that has an
 //! entry for the token decides (a deeper entry overrides inherited privileges).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -107,6 +107,33 @@ impl Acl {
 
     pub fn allows(&self, path: &str, privilege: &str) -> bool {
         self.privileges_on(path).contains(privilege)
+    }
+
+    /// What `GET /access/permissions` reports for `path`: each effective privilege with
+    /// the propagate flag of the entry it comes from (PVE's `{priv: 0|1}` map).
+    pub fn permissions_on(&self, path: &str) -> BTreeMap<String, bool> {
+        let target = normalize_acl_path(path);
+        let privs = self.privileges_on(path);
+        let mut out = BTreeMap::new();
+        for entry in &self.entries {
+            let entry_path = normalize_acl_path(&entry.path);
+            if entry_path != target && !(entry.propagate && is_ancestor(&entry_path, &target)) {
+                continue;
+            }
+            for p in entry.privs.iter().filter(|p| privs.contains(*p)) {
+                let flag = out.entry(p.clone()).or_insert(false);
+                *flag |= entry.propagate;
+            }
+        }
+        out
+    }
+
+    /// The paths that have entries, normalized and sorted.
+    pub fn paths(&self) -> BTreeSet<String> {
+        self.entries
+            .iter()
+            .map(|e| normalize_acl_path(&e.path))
+            .collect()
     }
 }
 

@@ -409,10 +409,7 @@ fn storage_table(lua: &Lua) -> mlua::Result<Table> {
                 .storages
                 .get(&storage)
                 .ok_or_else(|| fail(format!("storage '{storage}' does not exist")))?;
-            let valid = match def.kind {
-                crate::storage::StorageKind::Dir => vec!["raw", "qcow2"],
-            };
-            to_lua(lua, &json!({"default": "raw", "valid": valid}))
+            to_lua(lua, &json!({"default": "raw", "valid": def.kind.formats()}))
         })?,
     )?;
     t.set(

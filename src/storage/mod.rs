@@ -52,6 +52,13 @@ impl StorageKind {
             StorageKind::Dir => "dir",
         }
     }
+
+    /// Image formats this kind of storage keeps (default first).
+    pub fn formats(self) -> &'static [&'static str] {
+        match self {
+            StorageKind::Dir => &["raw", "qcow2"],
+        }
+    }
 }
 
 impl StorageDef {
@@ -102,7 +109,8 @@ pub fn is_valid_storage_id(id: &str) -> bool {
 
 /// Splits a `pve-storage-id-list` / `pve-bridge-id-list` (separators `,`, `;`, whitespace).
 pub fn split_id_list(list: &str) -> Vec<&str> {
-    list.split(|c: char| c == ',' || c == ';' || c.is_whitespace())
+    // NUL: how proxmox-client (PDM) joins list values in a query.
+    list.split(|c: char| c == ',' || c == ';' || c == '\0' || c.is_whitespace())
         .filter(|s| !s.is_empty())
         .collect()
 }

@@ -1,0 +1,129 @@
+//! The calls Proxmox Datacenter Manager and `qm remote-migrate` make before a migration
+//! (which node, which storages and bridges, a free VMID, the token's permissions, custom
+//! CPU models), answered as PVE does with this node's data. PDM talks `/api2/extjs/` and
+//! reads `success`; it asks for node `localhost` unless a target endpoint is chosen.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::response::Response;
+use serde_json::{Map, Value, json};
+
+use super::AppState;
+use super::reply::Data;
+use super::request::ApiReq;
+use super::routes::{finish, parse_vmid, path_param};
+use crate::error::Error;
+
+type St = State<Arc<AppState>>;
+type PathMap = Path<HashMap<String, String>>;
+
+/// `GET /cluster/nextid[?vmid=N]`: the next free VMID as a string (as PVE's reply is);
+/// with `vmid`, that VMID if free, else PVE's parameter error.
+pub(super) async fn cluster_nextid(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
+    let r = (|| {
+        req.params.only(&["vmid"])?;
+        match req.params.str("vmid")? {
+            Some(raw) => {
+                let vmid = parse_vmid(&raw)?;
+                if st.node.guests.exists(vmid) || st.node.tunnels.get(vmid).is_some() {
+                    return Err(Error::param("vmid", format!("VM {vmid} already exists")));
+                }
+                Ok(Data::new(json!(vmid.to_string())))
+            }
+            None => st
+                .node
+                .next_free_vmid(100)
+                .map(|id| Data::new(json!(id.to_string())))
+                .ok_or_else(|| Error::internal("unable to get any free VMID")),
+        }
+    })();
+    finish(&p, &req, r)
+}
+
+/// `GET /nodes/{node}/network[?type=bridge|any_bridge]`: the node's bridges.
+pub(super) async fn network(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
+    let r = (|| {
+        req.params.only(&["type"])?;
+        st.node.check_node(path_param(&p, "node"))?;
+        if let Some(kind) = req.params.str("type")?
+            && !matches!(kind.as_str(), "bridge" | "any_bridge")
+        {
+            // This node has no other interface types to offer migrations.
+            return Ok(Data::new(json!([])));
+        }
+        let list: Vec<Value> = st
+            .node
+            .cfg
+            .bridges()
+            .into_iter()
+            .enumerate()
+            .map(|(i, b)| {
+                json!({
+                    "iface": b.name,
+                    "type": "bridge",
+                    "active": u8::from(b.active),
+                    "autostart": 1,
+                    "families": ["inet"],
+                    "method": "manual",
+                    "method6": "manual",
+                    "priority": i + 1,
+                })
+            })
+            .collect();
+        Ok(Data::new(Value::Array(list)))
+    })();
+    finish(&p, &req, r)
+}
+
+/// `GET /access/permissions[?path=..][&userid=..]` for the calling token: `{path: {priv:
+/// propagate}}` for `path`, or for every path its ACL names.
+pub(super) async fn permissions(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
+    let r = (|| {
+        req.params.only(&["path", "userid"])?;
+        if let Some(user) = req.params.str("userid")?
+            && user != req.authid
+        {
+            st.node.require(&req.authid, "/access", "Sys.Audit")?;
+            return Err(Error::param(
+                "userid",
+                format!("no such user or token '{user}' on this node"),
+            ));
+        }
+        let acl = st.node.tokens.acl(&req.authid);
+        let paths = match req.params.str("path")? {
+            Some(path) => vec![path],
+            None => acl.paths().into_iter().collect(),
+        };
+        let mut out = Map::new();
+        for path in paths {
+            let privs: Map<String, Value> = acl
+                .permissions_on(&path)
+                .into_iter()
+                .map(|(k, propagate)| (k, json!(u8::from(propagate))))
+                .collect();
+            out.insert(path, Value::Object(privs));
+        }
+        Ok(Data::new(Value::Object(out)))
+    })();
+    finish(&p, &req, r)
+}
+
+/// `GET /cluster/qemu/custom-cpu-models`: this node defines none.
+pub(super) async fn custom_cpu_models(State(_st): St, Path(p): PathMap, req: ApiReq) -> Response {
+    let r = req.params.only(&[]).map(|_| Data::new(json!([])));
+    finish(&p, &req, r)
+}
+
+/// `GET /cluster/qemu/custom-cpu-models/{name}`: none is defined, so a source migrating a
+/// VM with a `custom-*` CPU learns that the model is missing here.
+pub(super) async fn custom_cpu_model(State(_st): St, Path(p): PathMap, req: ApiReq) -> Response {
+    let r = req.params.only(&[]).and_then(|_| {
+        Err(Error::internal(format!(
+            "CPU model '{}' does not exist",
+            path_param(&p, "cputype")
+        )))
+    });
+    finish(&p, &req, r)
+}
