@@ -411,6 +411,7 @@ fn storage_table(lua: &Lua) -> mlua::Result<Table> {
                 .ok_or_else(|| fail(format!("storage '{storage}' does not exist")))?;
             let valid = match def.kind {
                 crate::storage::StorageKind::Dir => vec!["raw", "qcow2"],
+                crate::storage::StorageKind::Btrfs => vec!["raw"],
             };
             to_lua(lua, &json!({"default": "raw", "valid": valid}))
         })?,
