@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
 # Runs every test of mtunnel on a fresh machine: installs what the tests need (QEMU for the
-# live-migration tests, a Python venv with proxmoxer for the client-compatibility test),
-# builds, runs the Rust test suites and the Lua handler specs.
+# live-migration tests, btrfs-progs for the btrfs storage tests, a Python venv with proxmoxer
+# for the client-compatibility test), builds, runs the Rust test suites and the Lua handler
+# specs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [ -f .ci/install-qemu.sh ]; then
   bash .ci/install-qemu.sh
+fi
+
+# btrfs-progs for the btrfs storage tests (tests/btrfs.rs: a loop-mounted mkfs.btrfs image).
+if ! command -v mkfs.btrfs >/dev/null 2>&1; then
+  echo "== installing btrfs-progs"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q btrfs-progs >/dev/null \
+    || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q btrfs-progs >/dev/null; }
 fi
 
 if ! .venv/bin/python -c 'import proxmoxer, requests' 2>/dev/null; then

@@ -840,7 +840,23 @@ fn drive_object(key: &str, value: &str, size: u64) -> anyhow::Result<Value> {
 }
 
 fn replace_volume(value: &str, volid: &str) -> anyhow::Result<String> {
-    replace_prop(value, "file", volid)
+    let mut props = vmconf::parse_property_string(value, Some("file"))?;
+    for (key, val) in props.iter_mut() {
+        match key.as_str() {
+            "file" => *val = volid.to_string(),
+            // The target may store another format (btrfs keeps raw only).
+            "format" => {
+                if let Some((_, ext)) = volid.rsplit_once('.') {
+                    *val = ext.to_string();
+                }
+            }
+            _ => {}
+        }
+    }
+    if !props.iter().any(|(k, _)| k == "file") {
+        props.push(("file".to_string(), volid.to_string()));
+    }
+    Ok(vmconf::print_property_string(&props, Some("file"))?)
 }
 
 fn replace_prop(value: &str, key: &str, new: &str) -> anyhow::Result<String> {
@@ -1109,6 +1125,14 @@ mod tests {
             )
             .unwrap(),
             "fast:200/vm-200-disk-0.qcow2,discard=on,size=1G"
+        );
+        assert_eq!(
+            replace_volume(
+                "local:100/vm-100-disk-0.qcow2,format=qcow2,size=1G",
+                "bt:200/vm-200-disk-0.raw"
+            )
+            .unwrap(),
+            "bt:200/vm-200-disk-0.raw,format=raw,size=1G"
         );
         assert_eq!(
             replace_prop(

@@ -1,7 +1,9 @@
-//! The real volume backend: [`NodeStorage`] serves the node's `dir` storages, keeping images
-//! as files in `{path}/images/{vmid}/` and driving `qemu-img` for creating and inspecting
-//! them. It also owns the "untrusted image" check applied to everything received over the
-//! network ([`check_untrusted_image`]).
+//! The real volume backend: [`NodeStorage`] serves the node's storages. It keeps the images
+//! of `dir` storages as files in `{path}/images/{vmid}/` and drives `qemu-img` for creating
+//! and inspecting them; for `btrfs` storages it dispatches to [`super::btrfs`], which reuses
+//! the helpers here (name reservation, stream receiving, image checks). It also owns the
+//! "untrusted image" check applied to everything received over the network
+//! ([`check_untrusted_image`]).
 //!
 //! File names are reserved with `O_CREAT|O_EXCL` before anything is written, so two
 //! concurrent allocations never pick the same name, and every partly created file is
@@ -19,22 +21,23 @@ use tokio::fs;
 use tokio::io::AsyncRead;
 use tokio::process::Command;
 
+use super::btrfs;
 use super::import::{copy_sparse, read_size_header};
 use super::{
-    ImageFormat, ImportRequest, Storage, StorageDef, StorageError, StorageResult, VolumeId,
-    alloc_file_name, image_file_name,
+    ImageFormat, ImportRequest, Storage, StorageDef, StorageError, StorageKind, StorageResult,
+    VolumeId, alloc_file_name, image_file_name,
 };
 
 /// PVE's limit on `vm-{vmid}-disk-N` numbers per guest and storage.
-const MAX_DISKS_PER_GUEST: u32 = 1024;
+pub(super) const MAX_DISKS_PER_GUEST: u32 = 1024;
 
 /// Mode of the `images` and `images/{vmid}` directories.
 const IMAGE_DIR_MODE: u32 = 0o750;
 
 /// Mode of new image files.
-const IMAGE_FILE_MODE: u32 = 0o640;
+pub(super) const IMAGE_FILE_MODE: u32 = 0o640;
 
-/// The node's storages, all of type `dir`.
+/// The node's storages (`dir` and `btrfs`).
 #[derive(Debug, Clone)]
 pub struct NodeStorage {
     storages: BTreeMap<String, StorageDef>,
@@ -70,7 +73,10 @@ impl NodeStorage {
     fn resolve(&self, volid: &str) -> StorageResult<(VolumeId, PathBuf)> {
         let vol = VolumeId::parse(volid)?;
         let def = self.lookup(&vol.storage)?;
-        let path = image_dir(def, vol.vmid).join(&vol.name);
+        let path = match def.kind {
+            StorageKind::Dir => image_dir(def, vol.vmid).join(&vol.name),
+            StorageKind::Btrfs => btrfs::volume_file(def, &vol)?,
+        };
         Ok((vol, path))
     }
 
@@ -107,6 +113,9 @@ impl NodeStorage {
         size_kib: u64,
     ) -> StorageResult<String> {
         let def = self.usable(storage)?;
+        if def.kind == StorageKind::Btrfs {
+            return btrfs::alloc(storage, def, vmid, format, name, size_kib).await;
+        }
         let fmt = ImageFormat::parse(format, def.kind)?;
         let name = name.map(|n| alloc_file_name(n, vmid, fmt)).transpose()?;
         let dir = image_dir(def, vmid);
@@ -139,7 +148,11 @@ impl NodeStorage {
     }
 
     async fn free_impl(&self, volid: &str) -> StorageResult<()> {
-        let (_, path) = self.resolve(volid)?;
+        let (vol, path) = self.resolve(volid)?;
+        let def = self.lookup(&vol.storage)?;
+        if def.kind == StorageKind::Btrfs {
+            return btrfs::free(def, &vol).await;
+        }
         match fs::remove_file(&path).await {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Err(StorageError::NotFound {
@@ -174,6 +187,9 @@ impl NodeStorage {
         mut reader: Box<dyn AsyncRead + Send + Unpin>,
     ) -> StorageResult<String> {
         let def = self.usable(&req.storage)?;
+        if def.kind == StorageKind::Btrfs {
+            return btrfs::import(def, req, reader).await;
+        }
         let fmt = ImageFormat::parse(&req.format, def.kind)?;
         if req.stream_format != fmt.stream_format() {
             return Err(StorageError::NoMatchingFormat {
@@ -199,33 +215,47 @@ impl NodeStorage {
         };
         let path = dir.join(&name);
         let guard = RemoveOnDrop::new(path.clone());
-
-        let exact_len = match fmt {
-            ImageFormat::Raw => {
-                file.set_len(size).await.map_err(|e| {
-                    StorageError::io(
-                        format!("allocating {size} bytes for '{}'", path.display()),
-                        e,
-                    )
-                })?;
-                Some(size)
-            }
-            // The payload is the image file itself; its length is not the virtual size.
-            ImageFormat::Qcow2 => None,
-        };
-        let file = file.into_std().await;
-        let received = copy_sparse(&mut reader, file, &path, exact_len).await?;
-        // The untrusted checks come first: they refuse references to other files before
-        // `qemu-img check` opens the image.
-        check_untrusted_image(&path, fmt).await?;
-        if fmt == ImageFormat::Qcow2 {
-            // A qcow2 stream has no length of its own: an image cut short only shows as
-            // metadata pointing past the end of the file.
-            check_qcow2_complete(&path, received).await?;
-        }
+        receive(&mut *reader, file, &path, fmt, size).await?;
         guard.disarm();
         Ok(format!("{}:{}/{}", req.storage, req.vmid, name))
     }
+}
+
+/// Receives the payload of a `*+size` stream (after its size header, `size`) into `file`,
+/// a freshly reserved image at `path`, and verifies it as an untrusted `fmt` image: a raw
+/// payload must be exactly `size` bytes; a qcow2 one must be complete and consistent. The
+/// caller removes the file on error.
+pub(super) async fn receive(
+    reader: &mut (dyn AsyncRead + Send + Unpin),
+    file: fs::File,
+    path: &Path,
+    fmt: ImageFormat,
+    size: u64,
+) -> StorageResult<()> {
+    let exact_len = match fmt {
+        ImageFormat::Raw => {
+            file.set_len(size).await.map_err(|e| {
+                StorageError::io(
+                    format!("allocating {size} bytes for '{}'", path.display()),
+                    e,
+                )
+            })?;
+            Some(size)
+        }
+        // The payload is the image file itself; its length is not the virtual size.
+        ImageFormat::Qcow2 => None,
+    };
+    let file = file.into_std().await;
+    let received = copy_sparse(reader, file, path, exact_len).await?;
+    // The untrusted checks come first: they refuse references to other files before
+    // `qemu-img check` opens the image.
+    check_untrusted_image(path, fmt).await?;
+    if fmt == ImageFormat::Qcow2 {
+        // A qcow2 stream has no length of its own: an image cut short only shows as
+        // metadata pointing past the end of the file.
+        check_qcow2_complete(path, received).await?;
+    }
+    Ok(())
 }
 
 impl Storage for NodeStorage {
@@ -324,8 +354,9 @@ impl Storage for NodeStorage {
                             .await
                             .map_err(|e| StorageError::io(ctx(), e))?
                         {
-                            let name = entry.file_name();
-                            let Some(name) = name.to_str() else { continue };
+                            let Some(name) = listed_name(def.kind, &entry).await else {
+                                continue;
+                            };
                             let volid = format!("{id}:{vmid}/{name}");
                             // Only names this storage would hand out (no temporary files).
                             if VolumeId::parse(&volid).is_ok() {
@@ -351,12 +382,25 @@ impl Storage for NodeStorage {
     }
 }
 
+/// The volume name an entry of an image directory stands for: a `dir` storage's file name
+/// as is; for `btrfs`, a subvolume's name with `.raw` added ([`btrfs::listed_name`]).
+async fn listed_name(kind: StorageKind, entry: &fs::DirEntry) -> Option<String> {
+    let name = entry.file_name().to_str()?.to_string();
+    match kind {
+        StorageKind::Dir => Some(name),
+        StorageKind::Btrfs => {
+            let is_dir = entry.file_type().await.is_ok_and(|t| t.is_dir());
+            btrfs::listed_name(&name, is_dir)
+        }
+    }
+}
+
 /// `{path}/images/{vmid}` of a storage.
-fn image_dir(def: &StorageDef, vmid: u32) -> PathBuf {
+pub(super) fn image_dir(def: &StorageDef, vmid: u32) -> PathBuf {
     def.path.join("images").join(vmid.to_string())
 }
 
-async fn ensure_image_dir(dir: &Path) -> StorageResult<()> {
+pub(super) async fn ensure_image_dir(dir: &Path) -> StorageResult<()> {
     let mut builder = fs::DirBuilder::new();
     builder.recursive(true).mode(IMAGE_DIR_MODE);
     builder
@@ -366,7 +410,7 @@ async fn ensure_image_dir(dir: &Path) -> StorageResult<()> {
 }
 
 /// Creates `path` exclusively (an existing file is [`StorageError::Exists`]).
-async fn reserve(path: &Path) -> StorageResult<fs::File> {
+pub(super) async fn reserve(path: &Path) -> StorageResult<fs::File> {
     fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -383,7 +427,7 @@ async fn reserve(path: &Path) -> StorageResult<fs::File> {
 
 /// Numbers N taken by `vm-{vmid}-disk-N*` or `base-{vmid}-disk-N*` in `dir`, whatever the
 /// extension (PVE counts raw, qcow2, vmdk and subvol names alike).
-async fn used_disk_numbers(dir: &Path, vmid: u32) -> StorageResult<BTreeSet<u32>> {
+pub(super) async fn used_disk_numbers(dir: &Path, vmid: u32) -> StorageResult<BTreeSet<u32>> {
     let mut used = BTreeSet::new();
     let ctx = || format!("listing image directory '{}'", dir.display());
     let mut entries = fs::read_dir(dir)
@@ -443,7 +487,11 @@ impl Drop for RemoveOnDrop {
 }
 
 /// Runs `qemu-img` with `args`; a failure carries its exit status and stderr.
-async fn qemu_img(op: &'static str, args: &[&OsStr], path: &Path) -> StorageResult<Vec<u8>> {
+pub(super) async fn qemu_img(
+    op: &'static str,
+    args: &[&OsStr],
+    path: &Path,
+) -> StorageResult<Vec<u8>> {
     let out = Command::new("qemu-img")
         .args(args)
         .stdin(Stdio::null())

@@ -1,10 +1,12 @@
 //! Storage definitions and the volume layer: which storages a node has, what they may hold,
 //! the [`Storage`] backend trait every layer above talks to, volume ids and image names with
-//! PVE's rules, and the [`StorageError`] type. The real backend (`dir` storages over
-//! `qemu-img`) is in [`dir`]; the `raw+size` / `qcow2+size` stream reader is in [`import`].
+//! PVE's rules, and the [`StorageError`] type. The real backend ([`NodeStorage`], `dir`
+//! storages over `qemu-img`) is in [`dir`]; it hands `btrfs` storages (one subvolume per
+//! disk) to [`btrfs`]. The `raw+size` / `qcow2+size` stream reader is in [`import`].
 //!
 //! This module knows nothing of tunnels or HTTP; callers pass a VMID and get volids back.
 
+pub mod btrfs;
 pub mod dir;
 pub mod import;
 
@@ -24,7 +26,8 @@ pub use dir::NodeStorage;
 pub struct StorageDef {
     #[serde(rename = "type")]
     pub kind: StorageKind,
-    /// Base directory of a `dir` storage; images live in `{path}/images/{vmid}/`.
+    /// Base directory of the storage; images live in `{path}/images/{vmid}/` (for `btrfs`,
+    /// each in a subvolume of its own there).
     pub path: PathBuf,
     /// Content types, e.g. `["images"]`.
     #[serde(default = "default_content")]
@@ -44,12 +47,25 @@ fn default_content() -> Vec<String> {
 #[serde(rename_all = "lowercase")]
 pub enum StorageKind {
     Dir,
+    /// PVE's `btrfs` layout: `{path}/images/{vmid}/vm-{vmid}-disk-N/disk.raw`, one
+    /// subvolume per disk, raw images only.
+    Btrfs,
 }
 
 impl StorageKind {
     pub fn as_str(self) -> &'static str {
         match self {
             StorageKind::Dir => "dir",
+            StorageKind::Btrfs => "btrfs",
+        }
+    }
+
+    /// The format an image arriving as `incoming` is stored in: a `btrfs` storage keeps
+    /// raw files only, so a qcow2 image is converted to raw on import.
+    pub fn stored_format(self, incoming: ImageFormat) -> ImageFormat {
+        match self {
+            StorageKind::Dir => incoming,
+            StorageKind::Btrfs => ImageFormat::Raw,
         }
     }
 
@@ -57,6 +73,7 @@ impl StorageKind {
     pub fn formats(self) -> &'static [&'static str] {
         match self {
             StorageKind::Dir => &["raw", "qcow2"],
+            StorageKind::Btrfs => &["raw"],
         }
     }
 }
@@ -142,6 +159,13 @@ pub enum StorageError {
     NoFreeName { vmid: u32, storage: String },
     #[error("volume '{volid}' does not exist: no file '{}'", path.display())]
     NotFound { volid: String, path: PathBuf },
+    #[error("btrfs subvolume {op} '{}' failed ({status}): {stderr}", path.display())]
+    Btrfs {
+        op: &'static str,
+        path: PathBuf,
+        status: String,
+        stderr: String,
+    },
     #[error("qemu-img {op} '{}' failed ({status}): {stderr}", path.display())]
     QemuImg {
         op: &'static str,
@@ -361,7 +385,7 @@ pub fn image_file_name(requested: &str, vmid: u32, format: ImageFormat) -> Stora
     Ok(name)
 }
 
-/// A parsed volume id `<storage>:<vmid>/<name>.<raw|qcow2>` of a `dir` storage.
+/// A parsed volume id `<storage>:<vmid>/<name>.<raw|qcow2>` of a `dir` or `btrfs` storage.
 ///
 /// Parsing is strict: a valid storage id, a VMID without leading zeros, and a name that
 /// passes [`check_image_name`] for that same VMID and has a supported extension. So a volid
@@ -436,6 +460,7 @@ pub struct ImportRequest {
     /// Target image format (`raw` or `qcow2`).
     pub format: String,
     /// Stream format chosen with [`import::choose_stream_format`] (`raw+size`, `qcow2+size`).
+    /// A `btrfs` storage converts a `qcow2+size` stream into a raw volume.
     pub stream_format: String,
     /// Pick the next free `vm-{vmid}-disk-N` if `volname` is taken.
     pub allow_rename: bool,
@@ -498,7 +523,7 @@ pub trait Storage: Send + Sync {
                 storage: req.storage.clone(),
             });
         }
-        let name = image_file_name(&req.volname, req.vmid, fmt)?;
+        let name = image_file_name(&req.volname, req.vmid, def.kind.stored_format(fmt))?;
         // The volid must parse the way every later command will parse it.
         let volid = VolumeId::parse(&format!("{}:{}/{name}", req.storage, req.vmid))?;
         Ok(volid.to_string())

@@ -597,3 +597,181 @@ impl TestServer {
         found.into_iter().map(|(_, n)| n).collect()
     }
 }
+
+// ---- a real btrfs for the btrfs storage tests (tests/btrfs.rs) ----
+
+/// A 512 MiB btrfs made with `mkfs.btrfs` on a sparse file under `/tmp` and loop-mounted;
+/// unmounted and removed on drop, also when the test panics. Needs root and btrfs-progs
+/// (`apt-get install btrfs-progs`; `scripts/test-all.sh` installs it).
+pub struct LoopBtrfs {
+    dir: tempfile::TempDir,
+    /// The mount point: use it as a `btrfs` storage's `path`.
+    pub mnt: PathBuf,
+}
+
+impl LoopBtrfs {
+    pub fn new() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("btrfs")
+            .tempdir_in("/tmp")
+            .expect("creating the btrfs test directory");
+        let img = dir.path().join("fs.img");
+        std::fs::File::create(&img)
+            .and_then(|f| f.set_len(512 << 20))
+            .expect("creating the btrfs image file");
+        run_tool("mkfs.btrfs", &["-q".as_ref(), img.as_os_str()]);
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        run_tool(
+            "mount",
+            &[
+                "-o".as_ref(),
+                "loop".as_ref(),
+                img.as_os_str(),
+                mnt.as_os_str(),
+            ],
+        );
+        LoopBtrfs { dir, mnt }
+    }
+
+    /// `[storage.<id>]` of type `btrfs` on this file system, as a top-level TOML line for
+    /// [`Options::extra_toml`].
+    pub fn storage_toml(&self, id: &str) -> String {
+        format!(
+            "storage.{id} = {{ type = \"btrfs\", path = \"{}\", content = [\"images\"] }}\n",
+            self.mnt.display()
+        )
+    }
+
+    /// Paths of the subvolumes below the mount point (`btrfs subvolume list -o`), sorted.
+    pub fn subvolumes(&self) -> Vec<String> {
+        let out = Command::new("btrfs")
+            .args(["subvolume", "list", "-o"])
+            .arg(&self.mnt)
+            .output()
+            .expect("running btrfs subvolume list");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut paths: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split(" path ").nth(1).map(str::to_string))
+            .collect();
+        paths.sort();
+        paths
+    }
+}
+
+impl Drop for LoopBtrfs {
+    fn drop(&mut self) {
+        let unmounted = Command::new("umount")
+            .arg(&self.mnt)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !unmounted {
+            // Busy (a QEMU still closing its file): detach lazily so the loop file goes.
+            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        }
+    }
+}
+
+/// Runs a tool and panics with its stderr (or an install hint) when it fails.
+pub fn run_tool(cmd: &str, args: &[&std::ffi::OsStr]) {
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| {
+        panic!("{cmd}: {e} (install it: apt-get install btrfs-progs qemu-utils)")
+    });
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+// ---- driving the `mtunnel` CLI of a node (migrations, VMs) ----
+
+/// Runs `mtunnel <args> --config <node's config>` (at most 120 s); output goes to files
+/// next to the node's directories, so a command that hangs still shows what it did.
+pub async fn mt(node: &TestServer, args: &[&str]) -> std::process::Output {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static SEQ: AtomicUsize = AtomicUsize::new(0);
+    let seq = SEQ.fetch_add(1, Ordering::SeqCst);
+    let out_path = node.base().join(format!("cli{seq}.out"));
+    let err_path = node.base().join(format!("cli{seq}.err"));
+    let mut cmd = tokio::process::Command::new(BIN);
+    cmd.args(args)
+        .arg("--config")
+        .arg(&node.config)
+        .env("MTUNNEL_LOG", "info")
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().expect("running mtunnel");
+    let status = match tokio::time::timeout(Duration::from_secs(120), child.wait()).await {
+        Ok(status) => status.expect("waiting for mtunnel"),
+        Err(_) => panic!(
+            "mtunnel {args:?} did not finish within 120 s\nstderr:\n{}\nserver log:\n{}",
+            std::fs::read_to_string(&err_path).unwrap_or_default(),
+            node.log()
+        ),
+    };
+    std::process::Output {
+        status,
+        stdout: std::fs::read(&out_path).unwrap_or_default(),
+        stderr: std::fs::read(&err_path).unwrap_or_default(),
+    }
+}
+
+/// [`mt`] that must succeed; returns its stdout.
+pub async fn mt_ok(node: &TestServer, args: &[&str]) -> String {
+    let out = mt(node, args).await;
+    assert!(
+        out.status.success(),
+        "mtunnel {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The `--target` argument of `mtunnel migrate` for `target` reached on `port`.
+pub fn target_arg(target: &TestServer, port: u16) -> String {
+    format!(
+        "host=127.0.0.1,port={port},apitoken={},fingerprint={}",
+        target.root_token, target.fingerprint
+    )
+}
+
+/// `qemu-io -f <fmt> -c <cmd> <path>`.
+pub fn qemu_io(fmt: &str, cmd: &str, path: &Path) {
+    run_tool(
+        "qemu-io",
+        &[
+            "-f".as_ref(),
+            fmt.as_ref(),
+            "-c".as_ref(),
+            cmd.as_ref(),
+            path.as_os_str(),
+        ],
+    );
+}
+
+/// Asserts that `qemu-img compare` finds the guest-visible bytes of `a` (in format
+/// `a_fmt`) and `b` (in `b_fmt`) identical, e.g. a qcow2 source and its raw copy.
+pub fn assert_same_guest_bytes(a: &Path, a_fmt: &str, b: &Path, b_fmt: &str) {
+    let out = Command::new("qemu-img")
+        .args(["compare", "-U", "-f", a_fmt, "-F", b_fmt])
+        .arg(a)
+        .arg(b)
+        .output()
+        .expect("running qemu-img compare");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "Images are identical.",
+        "{} vs {}: {}",
+        a.display(),
+        b.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
