@@ -1,303 +1,20 @@
-//! The `mtunnel` command line: `serve` (the target node), `token` (API tokens), and the
-//! source-side and admin commands as they arrive. Parses flags, sets up logging, and
-//! hands over to the library; errors are printed with their context chain.
+//! The `mtunnel` binary: parses the command line ([`cli`]), sets up logging and dispatches
+//! each subcommand to the library; the commands that need a few steps of glue (`serve`,
+//! `cleanup`, `vm`, `migrate`, `handlers`) are the small functions below. Errors are
+//! printed with their context chain.
 
-use std::collections::BTreeSet;
-use std::net::SocketAddr;
+mod cli;
+
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::Parser;
 
-use mtunnel::auth::acl::{self, Acl, AclEntry};
-use mtunnel::config::{NodeConfig, Overrides};
+use cli::{
+    Backend, Cli, Command, HandlersCommand, MigrateArgs, NodeArgs, ServeArgs, TokenCommand,
+    VmCommand, bench_options, load_config,
+};
 use mtunnel::node::Node;
-
-#[derive(Parser)]
-#[command(
-    name = "mtunnel",
-    version,
-    about = "Move running VMs between hosts through an authenticated WebSocket tunnel (Proxmox VE remote-migration compatible)"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run the target node: HTTPS API, tunnels, tasks.
-    Serve(ServeArgs),
-    /// Manage API tokens.
-    #[command(subcommand)]
-    Token(TokenCommand),
-    /// Manage VMs of this node (the source side of a migration).
-    #[command(subcommand)]
-    Vm(VmCommand),
-    /// Migrate a VM of this node to a remote target through the tunnel.
-    Migrate(MigrateArgs),
-    /// Speak the stdin/stdout language of Proxmox's `proxmox-websocket-tunnel` helper.
-    Tunnel,
-    /// Find and free what failed migrations left on this node: tunnels of a dead `serve`
-    /// (their journals in {data}/tunnels: a started VM is stopped, volumes and the reserved
-    /// config freed — never a VM that was resumed here), empty `lock: create`
-    /// reservations, volumes of VMIDs that have no config, stale tunnel sockets. Configs
-    /// locked `migrate`/`create` by no open tunnel are listed with what to run (`mtunnel vm
-    /// unlock` or `mtunnel vm destroy --skiplock`), not changed. Safe while `serve` runs:
-    /// what its open tunnels own is skipped.
-    Cleanup {
-        /// Only list what would be freed.
-        #[arg(long)]
-        dry_run: bool,
-        #[command(flatten)]
-        node: NodeArgs,
-    },
-    /// Check or test tunnel handler files.
-    #[command(subcommand)]
-    Handlers(HandlersCommand),
-    /// Measure the tunnel against baselines on this machine: bulk throughput and CPU per GiB
-    /// (plain and TLS vs. a copy relay), command round trips (Lua vs. raw echo), idle
-    /// tunnels (memory, setup time) and a QEMU live migration (tunnel vs. direct). Prints a
-    /// table with the targets and writes JSON.
-    Bench(BenchArgs),
-    /// A plain tokio copy relay with 1 MiB buffers (the baseline process of `bench`).
-    #[command(hide = true)]
-    BenchRelay {
-        /// unix:PATH or tcp:HOST:PORT
-        #[arg(long)]
-        listen: mtunnel::bench::relay::Addr,
-        /// unix:PATH or tcp:HOST:PORT
-        #[arg(long)]
-        connect: mtunnel::bench::relay::Addr,
-    },
-}
-
-#[derive(Args)]
-struct BenchArgs {
-    /// Tiny sizes that only prove every section works (16 MiB, 200 commands, 5 tunnels,
-    /// a 128 MiB VM); explicit flags still win.
-    #[arg(long)]
-    quick: bool,
-    /// Bytes per transfer and path, e.g. 512M, 2G [default: 1G].
-    #[arg(long, value_parser = mtunnel::bench::parse_size)]
-    size: Option<u64>,
-    /// Transfers per path; the table shows medians [default: 3].
-    #[arg(long)]
-    repeat: Option<u32>,
-    /// Round trips per command kind [default: 10000].
-    #[arg(long)]
-    commands: Option<u32>,
-    /// Tunnels held open at once [default: 100].
-    #[arg(long)]
-    tunnels: Option<u32>,
-    /// RAM of the migrated VM in MiB [default: 512].
-    #[arg(long)]
-    ram_mib: Option<u64>,
-    /// MiB of data loaded into that RAM [default: 448].
-    #[arg(long)]
-    ram_data_mib: Option<u64>,
-    /// Migrations per mode (direct, relay, tunnel) [default: 7].
-    #[arg(long)]
-    migrations: Option<u32>,
-    /// Skip the QEMU live migration.
-    #[arg(long)]
-    no_qemu: bool,
-    /// Run only these sections: throughput, latency, idle, migration (comma-separated).
-    #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(mtunnel::bench::SECTIONS))]
-    only: Vec<String>,
-    /// Where to write the results as JSON.
-    #[arg(long, default_value = "bench-results.json")]
-    json: PathBuf,
-    /// Keep the temporary directory with every process's log.
-    #[arg(long)]
-    keep: bool,
-}
-
-#[derive(Subcommand)]
-enum VmCommand {
-    /// Create a VM config with new disks.
-    Create {
-        vmid: u32,
-        #[arg(long)]
-        name: Option<String>,
-        /// Memory in MiB.
-        #[arg(long, default_value_t = 512)]
-        memory: u64,
-        #[arg(long, default_value_t = 1)]
-        cores: u32,
-        /// A disk STORAGE:SIZE[:FORMAT], e.g. local:2G:qcow2 (repeatable; scsi0, scsi1, ...).
-        #[arg(long = "disk")]
-        disks: Vec<mtunnel::client::vm::DiskArg>,
-        /// Add a virtio NIC on this bridge.
-        #[arg(long)]
-        bridge: Option<String>,
-        /// Enable the guest agent channel.
-        #[arg(long)]
-        agent: bool,
-        #[command(flatten)]
-        node: NodeArgs,
-    },
-    /// Start a VM (QEMU keeps running after this command returns).
-    Start {
-        vmid: u32,
-        /// Extra QEMU argument, appended verbatim (repeatable; for experts and tests).
-        #[arg(long = "qemu-arg", allow_hyphen_values = true)]
-        qemu_args: Vec<String>,
-        #[command(flatten)]
-        node: NodeArgs,
-    },
-    /// Stop a VM.
-    Stop {
-        vmid: u32,
-        #[command(flatten)]
-        node: NodeArgs,
-    },
-    /// Show whether a VM runs.
-    Status {
-        vmid: u32,
-        #[command(flatten)]
-        node: NodeArgs,
-    },
-    /// List the VMs of this node.
-    List {
-        #[command(flatten)]
-        node: NodeArgs,
-    },
-    /// Remove the lock from a VM config (as `qm unlock`), e.g. `migrate` left on a VM that
-    /// was resumed here when the source vanished before it sent `unlock`. Refused while
-    /// an open tunnel of this node works on the VM.
-    Unlock {
-        vmid: u32,
-        #[command(flatten)]
-        node: NodeArgs,
-    },
-    /// Remove a stopped VM with its disks: those its config references and any other
-    /// volume owned by the VMID (as PVE's destroy with destroy-unreferenced-disks).
-    Destroy {
-        vmid: u32,
-        /// Destroy even if the config is locked (e.g. after a migration without --delete).
-        #[arg(long)]
-        skiplock: bool,
-        #[command(flatten)]
-        node: NodeArgs,
-    },
-}
-
-#[derive(Args)]
-struct MigrateArgs {
-    /// The VM to migrate.
-    vmid: u32,
-    /// host=ADDR[,port=8006],apitoken=PVEAPIToken=user@realm!id=SECRET,fingerprint=AA:BB:..
-    #[arg(long)]
-    target: mtunnel::client::endpoint::TargetEndpoint,
-    /// Storage mapping: SOURCE:TARGET pairs and/or one default TARGET.
-    #[arg(long)]
-    target_storage: mtunnel::client::endpoint::IdMap,
-    /// Bridge mapping: SOURCE:TARGET pairs and/or one default TARGET (1 = same names).
-    #[arg(long, default_value = "1")]
-    target_bridge: mtunnel::client::endpoint::IdMap,
-    /// VMID on the target (default: the same).
-    #[arg(long)]
-    target_vmid: Option<u32>,
-    /// Migrate a running VM live.
-    #[arg(long)]
-    online: bool,
-    /// Bandwidth limit in KiB/s.
-    #[arg(long)]
-    bwlimit: Option<u64>,
-    /// Delete the source VM after a successful migration.
-    #[arg(long)]
-    delete: bool,
-    #[command(flatten)]
-    node: NodeArgs,
-}
-
-#[derive(Subcommand)]
-enum HandlersCommand {
-    /// Load every handler (built-ins overridden by DIR) and validate its schema.
-    Check {
-        /// Handlers directory (default: the node's, {data}/handlers).
-        dir: Option<PathBuf>,
-        #[command(flatten)]
-        node: NodeArgs,
-    },
-    /// Run the `*_spec.lua` files of DIR (or the built-in specs) against the handlers
-    /// (built-ins overridden by DIR), each case on a fresh temporary node with the scripted
-    /// backend.
-    Test {
-        /// Handlers directory with overrides and specs (default: built-ins only).
-        dir: Option<PathBuf>,
-        /// Only run cases whose "file: case" name contains this text.
-        #[arg(long)]
-        filter: Option<String>,
-    },
-}
-
-/// Where the node keeps its state; shared by every command that touches a node.
-#[derive(Args, Clone)]
-struct NodeArgs {
-    /// Optional TOML config file overriding the embedded defaults.
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Data directory (default: /var/lib/mtunnel for root, else ~/.local/share/mtunnel).
-    #[arg(long)]
-    data_dir: Option<PathBuf>,
-    /// Run directory for sockets (default: /run/qemu-server for root, else {data}/run).
-    #[arg(long)]
-    run_dir: Option<PathBuf>,
-    /// Node name (default: the short host name).
-    #[arg(long)]
-    node: Option<String>,
-}
-
-#[derive(Args)]
-struct ServeArgs {
-    #[command(flatten)]
-    node: NodeArgs,
-    /// Listen address; port 0 picks a free port (default 127.0.0.1:8006).
-    #[arg(long)]
-    listen: Option<SocketAddr>,
-    /// Storage and hypervisor backend: `real`, or `scripted:FILE.lua` (answers from a Lua
-    /// script that can delay, fail or record calls; for tests and rehearsals).
-    #[arg(long, default_value = "real", value_parser = parse_backend)]
-    backend: Backend,
-}
-
-#[derive(Clone)]
-enum Backend {
-    Real,
-    Scripted(PathBuf),
-}
-
-fn parse_backend(arg: &str) -> Result<Backend, String> {
-    Ok(match mtunnel::script::scripted::parse_backend_arg(arg)? {
-        None => Backend::Real,
-        Some(path) => Backend::Scripted(path),
-    })
-}
-
-#[derive(Subcommand)]
-enum TokenCommand {
-    /// Create (or replace) a token and print its header value once.
-    Create(TokenCreateArgs),
-}
-
-#[derive(Args)]
-struct TokenCreateArgs {
-    /// Token id: user@realm!name.
-    authid: String,
-    /// Privileges to grant, comma-separated (e.g. VM.Allocate,Sys.Incoming).
-    #[arg(long, value_delimiter = ',', conflicts_with = "role")]
-    privs: Vec<String>,
-    /// A role to grant: Administrator, PVEMigrationTarget, PVEVMAdmin, PVEDatastoreUser, PVEAuditor, NoAccess.
-    #[arg(long)]
-    role: Option<String>,
-    /// ACL path the privileges apply to (propagating to paths below).
-    #[arg(long, default_value = "/")]
-    path: String,
-    #[command(flatten)]
-    node: NodeArgs,
-}
 
 fn main() {
     // Installed (or symlinked) as `proxmox-websocket-tunnel`, we are that helper: a PVE source
@@ -329,7 +46,7 @@ fn main() {
         .init();
     let result = match cli.command {
         Command::Serve(args) => run_async(serve(args)),
-        Command::Token(TokenCommand::Create(args)) => token_create(args),
+        Command::Token(TokenCommand::Create(args)) => cli::token::create(args),
         Command::Tunnel => run_async(mtunnel::client::tunnel::run_stdio()),
         Command::Vm(cmd) => run_async(vm_command(cmd)),
         Command::Cleanup { dry_run, node } => run_async(cleanup(node, dry_run)),
@@ -357,16 +74,6 @@ fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> anyh
         .block_on(fut)
 }
 
-fn load_config(args: &NodeArgs, listen: Option<SocketAddr>) -> anyhow::Result<NodeConfig> {
-    NodeConfig::load(&Overrides {
-        config_file: args.config.clone(),
-        node: args.node.clone(),
-        data_dir: args.data_dir.clone(),
-        run_dir: args.run_dir.clone(),
-        listen,
-    })
-}
-
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let cfg = load_config(&args.node, args.listen)?;
     let node = match &args.backend {
@@ -385,18 +92,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     // Before anything else changes the data dir: one serve per data dir.
     let _data_lock = mtunnel::node::lock_data_dir(&node.cfg)?;
-    let initial = if node.tokens.is_empty() {
-        let header = node.tokens.create(
-            "root@pam!mtunnel",
-            full_access(),
-            Some("initial token".into()),
-        )?;
-        let path = node.cfg.priv_dir().join("initial-token");
-        mtunnel::util::write_atomic(&path, format!("{header}\n").as_bytes(), 0o600)?;
-        Some((header, path))
-    } else {
-        None
-    };
+    let initial = cli::token::bootstrap_initial(&node)?;
     raise_fd_limit();
     for line in mtunnel::tunnel::recovery::recover_at_start(&node).await {
         println!("recovery: {line}");
@@ -523,57 +219,6 @@ async fn terminate() {
         }
         Err(_) => std::future::pending().await,
     }
-}
-
-fn full_access() -> Acl {
-    Acl {
-        entries: vec![AclEntry {
-            path: "/".into(),
-            privs: acl::ALL_PRIVILEGES.iter().map(|p| p.to_string()).collect(),
-            propagate: true,
-        }],
-    }
-}
-
-fn token_create(args: TokenCreateArgs) -> anyhow::Result<()> {
-    let cfg = load_config(&args.node, None)?;
-    let privs: BTreeSet<String> = match (&args.role, args.privs.is_empty()) {
-        (Some(role), _) => acl::role_privileges(role)
-            .with_context(|| format!("unknown role '{role}'"))?
-            .into_iter()
-            .map(str::to_string)
-            .collect(),
-        (None, false) => args
-            .privs
-            .iter()
-            .map(|p| {
-                acl::known_privilege(p.trim())
-                    .map(str::to_string)
-                    .with_context(|| {
-                        format!(
-                            "unknown privilege '{p}' (known: {})",
-                            acl::ALL_PRIVILEGES.join(", ")
-                        )
-                    })
-            })
-            .collect::<anyhow::Result<_>>()?,
-        (None, true) => BTreeSet::new(),
-    };
-    if privs.is_empty() {
-        eprintln!("note: the token has no privileges; grant some with --role or --privs");
-    }
-    mtunnel::util::ensure_dir(&cfg.priv_dir(), 0o700)?;
-    let store = mtunnel::auth::TokenStore::open(&cfg.priv_dir())?;
-    let acl = Acl {
-        entries: vec![AclEntry {
-            path: args.path,
-            privs,
-            propagate: true,
-        }],
-    };
-    let header = store.create(&args.authid, acl, None)?;
-    println!("{header}");
-    Ok(())
 }
 
 fn handlers_check(dir: Option<PathBuf>, node: &NodeArgs) -> anyhow::Result<()> {
@@ -730,6 +375,7 @@ async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
 async fn handlers_test(dir: Option<PathBuf>, filter: Option<String>) -> anyhow::Result<()> {
     let opts = mtunnel::script::spec::SpecOptions { dir, filter };
     let mut out = std::io::stdout();
@@ -738,26 +384,4 @@ async fn handlers_test(dir: Option<PathBuf>, filter: Option<String>) -> anyhow::
         anyhow::bail!("{} spec case(s) failed", summary.failed);
     }
     Ok(())
-}
-
-fn bench_options(a: BenchArgs) -> mtunnel::bench::Options {
-    let d = if a.quick {
-        mtunnel::bench::Options::quick()
-    } else {
-        mtunnel::bench::Options::full()
-    };
-    mtunnel::bench::Options {
-        size: a.size.unwrap_or(d.size),
-        repeat: a.repeat.unwrap_or(d.repeat).max(1),
-        commands: a.commands.unwrap_or(d.commands).max(1),
-        tunnels: a.tunnels.unwrap_or(d.tunnels).max(1),
-        ram_mib: a.ram_mib.unwrap_or(d.ram_mib),
-        ram_data_mib: a.ram_data_mib.unwrap_or(d.ram_data_mib),
-        migrations: a.migrations.unwrap_or(d.migrations).max(1),
-        no_qemu: a.no_qemu,
-        only: a.only,
-        json: a.json,
-        keep: a.keep,
-        quick: a.quick,
-    }
 }
