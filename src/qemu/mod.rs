@@ -267,11 +267,6 @@ impl VmHandle {
         Ok(())
     }
 
-    /// Pauses the guest (`stop`; not to be confused with [`VmHandle::stop`], which ends QEMU).
-    pub async fn pause(&self) -> Result<(), QemuError> {
-        self.cmd("stop", Value::Null).await.map(|_| ())
-    }
-
     /// The concrete machine type QEMU runs (e.g. `pc-i440fx-10.0` for `pc`): what a migration
     /// source sends as `forcemachine`.
     pub async fn running_machine(&self) -> Result<String, QemuError> {
