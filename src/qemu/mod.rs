@@ -1,4 +1,5 @@
-//! The QEMU layer: command lines from PVE-format VM configs ([`cmdline`]), QEMU processes
+//! The QEMU layer: command lines from PVE-format VM configs ([`cmdline`], one file per
+//! section of the command line), QEMU processes
 //! ([`process`]), the QMP client ([`qmp`]) and the guest agent ([`agent`]), plus the small
 //! high-level API below that tunnel handlers (target side) and the migration source use.
 //!
