@@ -58,48 +58,7 @@ pub(super) fn parse_config(text: &str, strict: bool) -> Result<VmConfig, ConfigE
 
         if let Some(header) = parse_header(line) {
             finish_description(&mut conf, &section, descr.take());
-            section = match header {
-                Header::Pending => {
-                    if seen_pending {
-                        return Err(ConfigError::DuplicateSection {
-                            line: lineno,
-                            section: "[PENDING]".to_string(),
-                        });
-                    }
-                    seen_pending = true;
-                    Section::Pending
-                }
-                Header::Special(name) => {
-                    if conf.special.contains_key(&name) {
-                        return Err(ConfigError::DuplicateSection {
-                            line: lineno,
-                            section: format!("[special:{name}]"),
-                        });
-                    }
-                    conf.special.insert(name.clone(), BTreeMap::new());
-                    Section::Special(name)
-                }
-                Header::Snapshot(name) => {
-                    if conf.snapshots.contains_key(name) {
-                        return Err(ConfigError::DuplicateSection {
-                            line: lineno,
-                            section: format!("[{name}]"),
-                        });
-                    }
-                    conf.snapshots.insert(name.to_string(), Snapshot::default());
-                    Section::Snapshot(name.to_string())
-                }
-                Header::Unknown(name) => {
-                    if strict {
-                        return Err(ConfigError::UnknownSection {
-                            line: lineno,
-                            name: name.to_string(),
-                        });
-                    }
-                    tracing::warn!(line = lineno, section = name, "skipping unknown section");
-                    Section::Skipped
-                }
-            };
+            section = open_section(&mut conf, header, lineno, strict, &mut seen_pending)?;
             continue;
         }
 
@@ -128,51 +87,117 @@ pub(super) fn parse_config(text: &str, strict: bool) -> Result<VmConfig, ConfigE
                 .push_str(&decode_text(value));
             continue;
         }
-        if key == "delete" && section != Section::Pending {
-            return Err(ConfigError::DeleteOutsidePending {
-                line: lineno,
-                section: section.label(),
-            });
-        }
-        let bad_value = |reason: String| ConfigError::InvalidValue {
-            line: lineno,
-            key: key.to_string(),
-            value: value.to_string(),
-            reason,
-        };
-        if RESERVED_KEYS.contains(&key) {
-            return Err(bad_value("reserved key, not a config option".to_string()));
-        }
-        if strict && let Some(c) = control_char(value) {
-            // a raw CR or NUL must never reach the file; the value is shown escaped
-            return Err(ConfigError::InvalidValue {
-                line: lineno,
-                key: key.to_string(),
-                value: value.escape_debug().to_string(),
-                reason: control_char_reason(c),
-            });
-        }
-        if !matches!(section, Section::Special(_)) {
-            check_value(key, value).map_err(bad_value)?;
-        }
-        if key == "snapstate" && section == Section::Main {
-            // upstream drops a left-over snapshot state of the main section
-            continue;
-        }
-        let key = if key == "cdrom" { "ide2" } else { key };
-
-        let map = section_options(&mut conf, &section);
-        if map.contains_key(key) {
-            return Err(ConfigError::DuplicateKey {
-                line: lineno,
-                key: key.to_string(),
-                section: section.label(),
-            });
-        }
-        map.insert(key.to_string(), value.to_string());
+        store_option(&mut conf, &section, (key, value), lineno, strict)?;
     }
     finish_description(&mut conf, &section, descr);
     Ok(conf)
+}
+
+/// The section a header line opens (its entry created); a section seen before is an error,
+/// and so is an unknown one when parsing strictly (else it is skipped with a warning).
+fn open_section(
+    conf: &mut VmConfig,
+    header: Header<'_>,
+    lineno: usize,
+    strict: bool,
+    seen_pending: &mut bool,
+) -> Result<Section, ConfigError> {
+    Ok(match header {
+        Header::Pending => {
+            if *seen_pending {
+                return Err(ConfigError::DuplicateSection {
+                    line: lineno,
+                    section: "[PENDING]".to_string(),
+                });
+            }
+            *seen_pending = true;
+            Section::Pending
+        }
+        Header::Special(name) => {
+            if conf.special.contains_key(&name) {
+                return Err(ConfigError::DuplicateSection {
+                    line: lineno,
+                    section: format!("[special:{name}]"),
+                });
+            }
+            conf.special.insert(name.clone(), BTreeMap::new());
+            Section::Special(name)
+        }
+        Header::Snapshot(name) => {
+            if conf.snapshots.contains_key(name) {
+                return Err(ConfigError::DuplicateSection {
+                    line: lineno,
+                    section: format!("[{name}]"),
+                });
+            }
+            conf.snapshots.insert(name.to_string(), Snapshot::default());
+            Section::Snapshot(name.to_string())
+        }
+        Header::Unknown(name) => {
+            if strict {
+                return Err(ConfigError::UnknownSection {
+                    line: lineno,
+                    name: name.to_string(),
+                });
+            }
+            tracing::warn!(line = lineno, section = name, "skipping unknown section");
+            Section::Skipped
+        }
+    })
+}
+
+/// Checks one `key: value` line (not `description`, which the caller collects) and stores it
+/// in `section`'s options.
+fn store_option(
+    conf: &mut VmConfig,
+    section: &Section,
+    (key, value): (&str, &str),
+    lineno: usize,
+    strict: bool,
+) -> Result<(), ConfigError> {
+    if key == "delete" && *section != Section::Pending {
+        return Err(ConfigError::DeleteOutsidePending {
+            line: lineno,
+            section: section.label(),
+        });
+    }
+    let bad_value = |reason: String| ConfigError::InvalidValue {
+        line: lineno,
+        key: key.to_string(),
+        value: value.to_string(),
+        reason,
+    };
+    if RESERVED_KEYS.contains(&key) {
+        return Err(bad_value("reserved key, not a config option".to_string()));
+    }
+    if strict && let Some(c) = control_char(value) {
+        // a raw CR or NUL must never reach the file; the value is shown escaped
+        return Err(ConfigError::InvalidValue {
+            line: lineno,
+            key: key.to_string(),
+            value: value.escape_debug().to_string(),
+            reason: control_char_reason(c),
+        });
+    }
+    if !matches!(section, Section::Special(_)) {
+        check_value(key, value).map_err(bad_value)?;
+    }
+    if key == "snapstate" && *section == Section::Main {
+        // upstream drops a left-over snapshot state of the main section
+        return Ok(());
+    }
+    let key = if key == "cdrom" { "ide2" } else { key };
+
+    let map = section_options(conf, section);
+    if map.contains_key(key) {
+        return Err(ConfigError::DuplicateKey {
+            line: lineno,
+            key: key.to_string(),
+            section: section.label(),
+        });
+    }
+    map.insert(key.to_string(), value.to_string());
+    Ok(())
 }
 
 /// The option map of `section`; the section entry was created when its header was read.
