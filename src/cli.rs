@@ -1,7 +1,8 @@
 //! The `mtunnel` command line as clap types: every subcommand with its flags and their
 //! documentation (what `--help` prints), and the conversions of flags into the library's
-//! settings ([`load_config`], [`bench_options`]). Nothing here runs a command; `main.rs`
-//! dispatches. The token commands' privilege handling and the initial token are [`token`].
+//! settings ([`load_config`], [`bench_options`]). `main.rs` dispatches; the glue of the
+//! commands that need more than one library call is in [`serve`] (`serve`, `cleanup`),
+//! [`vm`], [`migrate`] and [`token`] (`token create` and the initial token).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -10,7 +11,10 @@ use clap::{Args, Parser, Subcommand};
 
 use mtunnel::config::{NodeConfig, Overrides};
 
+pub mod migrate;
+pub mod serve;
 pub mod token;
+pub mod vm;
 
 #[derive(Parser)]
 #[command(
