@@ -209,11 +209,6 @@ impl NodeConfig {
         self.data_dir.join("priv")
     }
 
-    /// `{data}/qemu-server`: VM configs.
-    pub fn vm_config_dir(&self) -> PathBuf {
-        self.data_dir.join("qemu-server")
-    }
-
     /// `{data}/tasks`: task logs.
     pub fn task_dir(&self) -> PathBuf {
         self.data_dir.join("tasks")

@@ -150,14 +150,6 @@ impl ApiClient {
         self
     }
 
-    /// The same client authenticating with another token header.
-    pub fn with_token(&self, token_header: String) -> Self {
-        ApiClient {
-            token_header,
-            ..self.clone()
-        }
-    }
-
     pub fn host(&self) -> &str {
         &self.host
     }

@@ -4,8 +4,11 @@
 //! token auth and PVE's error envelope, [`ws`] opens the tunnel's WebSocket connections;
 //! [`stream`] lets both speak plain HTTP to a node configured with `tls = false`.
 //!
-//! Nothing here knows about the local node: no tokens, tasks or configs of our own are
-//! touched. Later `mtunnel migrate` and `mtunnel tunnel` build on these three modules.
+//! On top of them: [`tunnel`] (the `proxmox-websocket-tunnel` compatible client and its
+//! socket forwards), [`migrate`] (`mtunnel migrate`, one file per phase under
+//! `client/migrate/`), [`vm`] (`mtunnel vm`), [`endpoint`] and [`progress`] for the CLI.
+//! Only [`migrate`] and [`vm`] touch the local node (its configs, storage and QEMU); the
+//! protocol modules know nothing of it.
 
 pub mod endpoint;
 pub mod http;

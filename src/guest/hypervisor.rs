@@ -48,35 +48,3 @@ pub trait Hypervisor: Send + Sync {
     /// Asks the guest agent to trim file systems (probing it first with a short timeout).
     fn fstrim(&self, vmid: u32) -> BoxFuture<'_, HvResult<()>>;
 }
-
-/// A node without a hypervisor backend: every VM operation fails with a clear message.
-pub struct Unavailable;
-
-fn unavailable<T>() -> BoxFuture<'static, HvResult<T>> {
-    Box::pin(async {
-        Err(anyhow::anyhow!(
-            "no hypervisor backend is configured on this node"
-        ))
-    })
-}
-
-impl Hypervisor for Unavailable {
-    fn start_incoming(&self, _req: IncomingStart) -> BoxFuture<'_, HvResult<IncomingStarted>> {
-        unavailable()
-    }
-    fn resume(&self, _vmid: u32) -> BoxFuture<'_, HvResult<()>> {
-        unavailable()
-    }
-    fn stop(&self, _vmid: u32) -> BoxFuture<'_, HvResult<()>> {
-        Box::pin(async { Ok(()) })
-    }
-    fn nbd_stop(&self, _vmid: u32) -> BoxFuture<'_, HvResult<()>> {
-        unavailable()
-    }
-    fn is_running(&self, _vmid: u32) -> BoxFuture<'_, bool> {
-        Box::pin(async { false })
-    }
-    fn fstrim(&self, _vmid: u32) -> BoxFuture<'_, HvResult<()>> {
-        unavailable()
-    }
-}

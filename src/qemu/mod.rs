@@ -1,4 +1,5 @@
-//! The QEMU layer: command lines from PVE-format VM configs ([`cmdline`]), QEMU processes
+//! The QEMU layer: command lines from PVE-format VM configs ([`cmdline`], one file per
+//! section of the command line), QEMU processes
 //! ([`process`]), the QMP client ([`qmp`]) and the guest agent ([`agent`]), plus the small
 //! high-level API below that tunnel handlers (target side) and the migration source use.
 //!
@@ -265,11 +266,6 @@ impl VmHandle {
             self.cmd("cont", Value::Null).await?;
         }
         Ok(())
-    }
-
-    /// Pauses the guest (`stop`; not to be confused with [`VmHandle::stop`], which ends QEMU).
-    pub async fn pause(&self) -> Result<(), QemuError> {
-        self.cmd("stop", Value::Null).await.map(|_| ())
     }
 
     /// The concrete machine type QEMU runs (e.g. `pc-i440fx-10.0` for `pc`): what a migration

@@ -54,10 +54,6 @@ impl LuaCommandHandler {
         })
     }
 
-    pub fn host(&self) -> &Arc<HostCtx> {
-        &self.ctx
-    }
-
     async fn run(&mut self, cmd: &str, params: Map<String, Value>) -> Outcome {
         let Some(handler) = self.vm.handlers.get(cmd) else {
             return Outcome::err(format!("unknown command '{cmd}' given"));

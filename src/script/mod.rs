@@ -18,7 +18,6 @@ pub mod spec;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use mlua::chunk::ChunkMode;
@@ -373,6 +372,3 @@ pub fn check_handlers(dir: Option<&Path>) -> anyhow::Result<Vec<(String, Result<
     }
     Ok(out)
 }
-
-/// Shared pointer type for the VM (handlers run one at a time per tunnel).
-pub type SharedVm = Arc<tokio::sync::Mutex<ScriptVm>>;

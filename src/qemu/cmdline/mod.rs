@@ -9,6 +9,13 @@
 //! The same spec always yields the same devices, ids and PCI addresses, so a VM started from a
 //! config on one host accepts the migration state of the same config started on another.
 //!
+//! One file per section of the command line, called in argument order by one orchestrating
+//! function (`build`): `machine` (identity, monitor, machine type, accelerator),
+//! `cpu` (topology and model), `memory` (`-m`, balloon), `devices` (display, guest agent,
+//! serial ports, SCSI/AHCI controllers, iothreads, vmgenid), `drives` (`-blockdev` and drive
+//! devices) and `network` (NICs). This file owns the spec types, the errors, the shared
+//! helpers, the refusal of hardware we cannot reproduce, the boot order and the PCI slots.
+//!
 //! Layout choices (documented here once, relied on by the rest of `qemu/`):
 //! - every PCI device sits on the root bus (`pci.0` for i440fx, `pcie.0` for q35) at an address
 //!   handed out in a fixed order (VGA, balloon, guest-agent serial bus, SCSI controllers, AHCI
@@ -24,14 +31,24 @@
 //!   stream, so the stream stays acceptable to a QEMU that uses a tap backend. The guest sees a
 //!   NIC whose packets go nowhere. Attaching to the config's `bridge` is future work.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fs::OpenOptions;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
 use crate::guest::config as vmconf;
+
+mod cpu;
+mod devices;
+mod drives;
+mod machine;
+mod memory;
+mod network;
+
+use drives::Drive;
+use machine::Chipset;
+use network::Nic;
 
 /// Which accelerator QEMU runs with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -301,197 +318,11 @@ fn check_socket_path(p: &Path) -> Result<(), CmdlineError> {
     Ok(())
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Chipset {
-    I440fx,
-    Q35,
-}
-
-/// The machine type from `force_machine` or the `machine` option, `+pveN` stripped.
-fn machine(spec: &VmSpec) -> Result<(String, Chipset), CmdlineError> {
-    let (key, raw) = match (&spec.force_machine, spec.options.get("machine")) {
-        (Some(m), _) => ("forcemachine", m.clone()),
-        (None, Some(m)) => {
-            let props = props("machine", m, "type")?;
-            if let Some(v) = props.get("viommu") {
-                return Err(CmdlineError::Unsupported {
-                    key: "machine".into(),
-                    why: format!("viommu={v}"),
-                });
-            }
-            match props.get("type") {
-                Some(t) => ("machine", t.clone()),
-                None => ("machine", "pc".to_string()),
-            }
-        }
-        (None, None) => ("machine", "pc".to_string()),
-    };
-    let base = match raw.split_once("+pve") {
-        Some((b, n)) if n.chars().all(|c| c.is_ascii_digit()) => b.to_string(),
-        Some(_) => return Err(invalid(key, &raw, "unknown '+pve' suffix")),
-        None => raw.clone(),
-    };
-    if !is_word(&base, ".-_") {
-        return Err(invalid(key, &raw, "not a machine type name"));
-    }
-    let chipset = if base == "q35" || base.starts_with("pc-q35-") {
-        Chipset::Q35
-    } else if base == "pc" || base.starts_with("pc-i440fx-") || base.starts_with("pc-") {
-        Chipset::I440fx
-    } else {
-        return Err(CmdlineError::Unsupported {
-            key: key.into(),
-            why: format!("machine '{base}' (only pc/i440fx and q35 machines)"),
-        });
-    };
-    Ok((base, chipset))
-}
-
-/// PVE's named CPU models that are not QEMU models: base model plus flags.
-fn pve_cpu_model(name: &str) -> Option<(&'static str, &'static str)> {
-    const V2: &str = "+popcnt,+pni,+sse4.1,+sse4.2,+ssse3";
-    Some(match name {
-        "x86-64-v2" => ("qemu64", V2),
-        "x86-64-v2-AES" => ("qemu64", "+aes,+popcnt,+pni,+sse4.1,+sse4.2,+ssse3"),
-        "x86-64-v3" => (
-            "qemu64",
-            "+aes,+popcnt,+pni,+sse4.1,+sse4.2,+ssse3,+avx,+avx2,+bmi1,+bmi2,+f16c,+fma,+abm,+movbe,+xsave",
-        ),
-        "x86-64-v4" => (
-            "qemu64",
-            "+aes,+popcnt,+pni,+sse4.1,+sse4.2,+ssse3,+avx,+avx2,+bmi1,+bmi2,+f16c,+fma,+abm,+movbe,+xsave,+avx512f,+avx512bw,+avx512cd,+avx512dq,+avx512vl",
-        ),
-        _ => return None,
-    })
-}
-
-/// `-cpu` argument. Default as PVE: `kvm64` with KVM, `qemu64` with TCG. Under TCG `host`
-/// (KVM-only) becomes `max`, the closest TCG equivalent.
-fn cpu(spec: &VmSpec, accel: Accel) -> Result<String, CmdlineError> {
-    if let Some(forced) = &spec.force_cpu {
-        if !is_word(forced, "_.+-=,") {
-            return Err(invalid("forcecpu", forced, "unexpected characters"));
-        }
-        return Ok(match (accel, forced.split_once(',')) {
-            (Accel::Tcg, Some(("host", rest))) => format!("max,{rest}"),
-            (Accel::Tcg, None) if forced == "host" => "max".to_string(),
-            _ => forced.clone(),
-        });
-    }
-    let default = if accel == Accel::Kvm {
-        "kvm64"
-    } else {
-        "qemu64"
-    };
-    let Some(value) = spec.options.get("cpu") else {
-        return Ok(default.to_string());
-    };
-    let props = props("cpu", value, "cputype")?;
-    let cputype = props.get("cputype").map(String::as_str).unwrap_or(default);
-    if cputype.starts_with("custom-") {
-        return Err(CmdlineError::Unsupported {
-            key: "cpu".into(),
-            why: format!("custom CPU model '{cputype}'"),
-        });
-    }
-    if !is_word(cputype, "_.-") {
-        return Err(invalid("cpu", value, "not a CPU model name"));
-    }
-    let mut out = match (cputype, accel) {
-        ("host", Accel::Tcg) => "max".to_string(),
-        (t, _) => match pve_cpu_model(t) {
-            Some((base, flags)) => format!("{base},{flags}"),
-            None => t.to_string(),
-        },
-    };
-    if props.get("hidden").and_then(|h| parse_bool(h)) == Some(true) {
-        out.push_str(",kvm=off");
-    }
-    if let Some(bits) = props.get("phys-bits") {
-        if bits == "host" {
-            out.push_str(",host-phys-bits=true");
-        } else if bits.parse::<u8>().is_ok_and(|b| (8..=64).contains(&b)) {
-            out.push_str(&format!(",phys-bits={bits}"));
-        } else {
-            return Err(invalid("cpu", value, "phys-bits must be 'host' or 8..64"));
-        }
-    }
-    if let Some(flags) = props.get("flags") {
-        for flag in flags.split(';').filter(|f| !f.is_empty()) {
-            let ok = (flag.starts_with('+') || flag.starts_with('-')) && is_word(&flag[1..], "_.-");
-            if !ok {
-                return Err(invalid(
-                    "cpu",
-                    value,
-                    format!("bad flag '{flag}' (want +name or -name)"),
-                ));
-            }
-            out.push(',');
-            out.push_str(flag);
-        }
-    }
-    Ok(out)
-}
-
 fn positive(key: &str, value: &str, max: u64) -> Result<u64, CmdlineError> {
     match value.parse::<u64>() {
         Ok(n) if n >= 1 && n <= max => Ok(n),
         _ => Err(invalid(key, value, format!("want an integer 1..{max}"))),
     }
-}
-
-fn memory_mib(spec: &VmSpec) -> Result<u64, CmdlineError> {
-    let Some(v) = spec.options.get("memory") else {
-        return Ok(512);
-    };
-    let props = props("memory", v, "current")?;
-    match props.get("current") {
-        Some(c) => positive("memory", c, 64 * 1024 * 1024),
-        None => Ok(512),
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Bus {
-    Ide,
-    Sata,
-    Scsi,
-    Virtio,
-}
-
-impl Bus {
-    fn parse(key: &str) -> Option<(Bus, u32)> {
-        let split = key.find(|c: char| c.is_ascii_digit())?;
-        let (name, idx) = key.split_at(split);
-        let n: u32 = idx.parse().ok()?;
-        if n.to_string() != idx {
-            return None; // leading zeros or signs: not a drive key
-        }
-        let idx = n;
-        let (bus, max) = match name {
-            "ide" => (Bus::Ide, 3),
-            "sata" => (Bus::Sata, 5),
-            "scsi" => (Bus::Scsi, 30),
-            "virtio" => (Bus::Virtio, 15),
-            _ => return None,
-        };
-        (idx <= max).then_some((bus, idx))
-    }
-}
-
-/// One drive option, parsed.
-#[derive(Debug)]
-struct Drive {
-    key: String,
-    bus: Bus,
-    index: u32,
-    cdrom: bool,
-    /// `None` for an empty CD-ROM (`none,media=cdrom`).
-    source: Option<DiskSource>,
-    /// The file takes `O_DIRECT`, so PVE's default `cache=none` is possible (only asked
-    /// when the drive sets no `cache`).
-    direct_io: bool,
-    props: BTreeMap<String, String>,
 }
 
 /// Whether building a command line may look at the host's files.
@@ -545,184 +376,6 @@ fn check_unsupported(options: &BTreeMap<String, String>) -> Result<(), CmdlineEr
     Ok(())
 }
 
-fn parse_drives(spec: &VmSpec, probe: HostProbe) -> Result<Vec<Drive>, CmdlineError> {
-    let mut drives = Vec::new();
-    for (key, value) in &spec.options {
-        let key = if key == "cdrom" { "ide2" } else { key.as_str() };
-        let Some((bus, index)) = Bus::parse(key) else {
-            continue;
-        };
-        if key == "ide2" && spec.options.contains_key("cdrom") && spec.options.contains_key("ide2")
-        {
-            return Err(invalid("cdrom", value, "both 'cdrom' and 'ide2' are set"));
-        }
-        // `volume=` is PVE's alias of `file=`: both name the disk
-        let props: BTreeMap<String, String> = vmconf::parse_drive(value)
-            .map(|p| p.into_iter().collect())
-            .map_err(|e| prop_error(key, value, e))?;
-        let volume = props
-            .get("file")
-            .cloned()
-            .ok_or_else(|| invalid(key, value, "no volume"))?;
-        let cdrom = match props.get("media").map(String::as_str) {
-            None | Some("disk") => false,
-            Some("cdrom") => true,
-            Some(m) => return Err(invalid(key, value, format!("unknown media '{m}'"))),
-        };
-        if volume == "cdrom" {
-            return Err(CmdlineError::Unsupported {
-                key: key.to_string(),
-                why: "host CD-ROM passthrough".into(),
-            });
-        }
-        let source = if volume == "none" {
-            if !cdrom {
-                return Err(invalid(
-                    key,
-                    value,
-                    "volume 'none' is only valid with media=cdrom",
-                ));
-            }
-            None
-        } else {
-            match spec.disks.get(key) {
-                Some(s) => Some(s.clone()),
-                None => {
-                    return Err(CmdlineError::UnresolvedDisk {
-                        key: key.to_string(),
-                        volume,
-                    });
-                }
-            }
-        };
-        if cdrom && bus == Bus::Virtio {
-            return Err(invalid(key, value, "virtio drives cannot be CD-ROMs"));
-        }
-        let default_cache = !cdrom && !props.contains_key("cache");
-        let direct_io = match (&source, probe) {
-            (Some(s), HostProbe::Files) if default_cache => supports_o_direct(&s.path),
-            (Some(_), HostProbe::Nothing) => true,
-            _ => false,
-        };
-        drives.push(Drive {
-            key: key.to_string(),
-            bus,
-            index,
-            cdrom,
-            source,
-            direct_io,
-            props,
-        });
-    }
-    drives.sort_by_key(|a| (a.bus, a.index));
-    Ok(drives)
-}
-
-/// Host-side cache settings: (cache.direct, cache.no-flush, device write-cache).
-fn cache_mode(d: &Drive) -> Result<(bool, bool, bool), CmdlineError> {
-    let mode = match d.props.get("cache") {
-        Some(m) => m.clone(),
-        // PVE's default for disks is cache=none (O_DIRECT); fall back to writeback where the
-        // file system refuses O_DIRECT (tmpfs), which keeps the guest-visible write cache on.
-        None if d.cdrom || !d.direct_io => "writeback".to_string(),
-        None => "none".to_string(),
-    };
-    Ok(match mode.as_str() {
-        "none" => (true, false, true),
-        "writeback" => (false, false, true),
-        "writethrough" => (false, false, false),
-        "directsync" => (true, false, false),
-        "unsafe" => (false, true, true),
-        other => {
-            return Err(invalid(
-                &d.key,
-                other,
-                "cache must be none|writeback|writethrough|directsync|unsafe",
-            ));
-        }
-    })
-}
-
-fn supports_o_direct(path: &Path) -> bool {
-    OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::fcntl::OFlag::O_DIRECT.bits())
-        .open(path)
-        .is_ok()
-}
-
-fn drive_flag(d: &Drive, name: &str) -> Result<bool, CmdlineError> {
-    match d.props.get(name) {
-        None => Ok(false),
-        Some(v) => {
-            parse_bool(v).ok_or_else(|| invalid(&d.key, v, format!("{name} must be 0 or 1")))
-        }
-    }
-}
-
-/// `-blockdev` arguments for a drive with a source.
-fn blockdev_args(d: &Drive, src: &DiskSource) -> Result<Vec<String>, CmdlineError> {
-    let (direct, no_flush, _) = cache_mode(d)?;
-    let readonly = d.cdrom || drive_flag(d, "ro")?;
-    let discard = match d.props.get("discard").map(String::as_str) {
-        None | Some("ignore") => false,
-        Some("on") => true,
-        Some(o) => return Err(invalid(&d.key, o, "discard must be on or ignore")),
-    };
-    let detect_zeroes = match d.props.get("detect_zeroes").map(|v| parse_bool(v)) {
-        None | Some(Some(true)) => {
-            if discard {
-                "unmap"
-            } else {
-                "on"
-            }
-        }
-        Some(Some(false)) => "off",
-        Some(None) => return Err(invalid(&d.key, "detect_zeroes", "must be 0 or 1")),
-    };
-    let aio = match d.props.get("aio").map(String::as_str) {
-        None => None,
-        Some(a @ ("threads" | "io_uring")) => Some(a),
-        Some("native") if direct => Some("native"),
-        Some("native") => {
-            return Err(invalid(
-                &d.key,
-                "aio=native",
-                "needs cache=none or directsync",
-            ));
-        }
-        Some(o) => return Err(invalid(&d.key, o, "aio must be threads|io_uring|native")),
-    };
-    let onoff = |b: bool| if b { "on" } else { "off" };
-    let mut file = format!(
-        "driver=file,node-name=file-{key},filename={path},cache.direct={direct},cache.no-flush={nf},read-only={ro}",
-        key = d.key,
-        path = esc_path(&src.path),
-        direct = onoff(direct),
-        nf = onoff(no_flush),
-        ro = onoff(readonly),
-    );
-    if discard {
-        file.push_str(",discard=unmap");
-    }
-    if let Some(aio) = aio {
-        file.push_str(&format!(",aio={aio}"));
-    }
-    let mut fmt = format!(
-        "driver={fmt},node-name=drive-{key},file=file-{key},cache.direct={direct},cache.no-flush={nf},read-only={ro},detect-zeroes={dz}",
-        fmt = src.format.as_str(),
-        key = d.key,
-        direct = onoff(direct),
-        nf = onoff(no_flush),
-        ro = onoff(readonly),
-        dz = detect_zeroes,
-    );
-    if discard {
-        fmt.push_str(",discard=unmap");
-    }
-    Ok(vec!["-blockdev".into(), file, "-blockdev".into(), fmt])
-}
-
 /// Hands out PCI slots on the root bus in call order.
 struct Pci {
     bus: &'static str,
@@ -744,7 +397,7 @@ impl Pci {
 fn boot_order(
     spec: &VmSpec,
     drives: &[Drive],
-    nets: &[String],
+    nets: &[Nic],
 ) -> Result<BTreeMap<String, u32>, CmdlineError> {
     let mut order = Vec::new();
     if let Some(boot) = spec.options.get("boot") {
@@ -761,7 +414,7 @@ fn boot_order(
                 match c {
                     'c' => order.extend(spec.options.get("bootdisk").cloned()),
                     'd' => order.extend(drives.iter().filter(|d| d.cdrom).map(|d| d.key.clone())),
-                    'n' => order.extend(nets.iter().cloned()),
+                    'n' => order.extend(nets.iter().map(|n| n.key.clone())),
                     'a' => {}
                     _ => return Err(invalid("boot", boot, "legacy boot letters are a, c, d, n")),
                 }
@@ -777,89 +430,6 @@ fn boot_order(
         }
     }
     Ok(out)
-}
-
-const NIC_MODELS: &[(&str, &str)] = &[
-    ("virtio", "virtio-net-pci"),
-    ("e1000", "e1000"),
-    ("e1000e", "e1000e"),
-    ("rtl8139", "rtl8139"),
-    ("vmxnet3", "vmxnet3"),
-    ("e1000-82540em", "e1000-82540em"),
-    ("e1000-82544gc", "e1000-82544gc"),
-    ("e1000-82545em", "e1000-82545em"),
-    ("i82551", "i82551"),
-    ("i82557b", "i82557b"),
-    ("i82559er", "i82559er"),
-    ("ne2k_pci", "ne2k_pci"),
-    ("pcnet", "pcnet"),
-];
-
-fn is_mac(s: &str) -> bool {
-    let parts: Vec<&str> = s.split(':').collect();
-    parts.len() == 6
-        && parts
-            .iter()
-            .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
-        // multicast bit must be clear
-        && u8::from_str_radix(parts[0], 16).is_ok_and(|b| b & 1 == 0)
-}
-
-/// `(key, device model, mac)` of every `netN` option, by index.
-fn parse_nets(spec: &VmSpec) -> Result<Vec<(String, &'static str, String)>, CmdlineError> {
-    let mut nets = Vec::new();
-    for (key, value) in &spec.options {
-        let Some(idx) = key.strip_prefix("net") else {
-            continue;
-        };
-        let Ok(idx) = idx.parse::<u32>() else {
-            continue;
-        };
-        if idx.to_string() != key[3..] || idx > 31 {
-            return Err(invalid(key, value, "NICs are net0..net31"));
-        }
-        let props = props(key, value, "model")?;
-        let mut model = None;
-        let mut mac = props.get("macaddr").cloned();
-        for (m, dev) in NIC_MODELS {
-            if let Some(v) = props.get(*m) {
-                model = Some(*dev);
-                if !v.is_empty() {
-                    mac = Some(v.clone());
-                }
-            }
-        }
-        if let Some(m) = props.get("model") {
-            match NIC_MODELS.iter().find(|(name, _)| name == m) {
-                Some((_, dev)) => model = Some(*dev),
-                None => return Err(invalid(key, value, format!("unknown NIC model '{m}'"))),
-            }
-        }
-        let model = model.ok_or_else(|| {
-            invalid(
-                key,
-                value,
-                "no known NIC model (virtio=MAC, e1000=MAC, ...)",
-            )
-        })?;
-        let mac = mac.ok_or_else(|| {
-            invalid(
-                key,
-                value,
-                "no MAC address; write one into the config, e.g. virtio=BC:24:11:00:00:01",
-            )
-        })?;
-        if !is_mac(&mac) {
-            return Err(invalid(
-                key,
-                value,
-                format!("'{mac}' is not a unicast MAC address"),
-            ));
-        }
-        nets.push((idx, key.clone(), model, mac));
-    }
-    nets.sort();
-    Ok(nets.into_iter().map(|(_, k, m, mac)| (k, m, mac)).collect())
 }
 
 /// Builds the arguments (without the program name) for `qemu-system-x86_64`.
@@ -893,6 +463,8 @@ pub fn check_options(options: &BTreeMap<String, String>) -> Result<(), CmdlineEr
     build(&spec, HostProbe::Nothing).map(|_| ())
 }
 
+/// The command line, section by section. The order of the sections is the order of the
+/// arguments, of the PCI slots handed out and of the checks (the first refusal wins).
 fn build(spec: &VmSpec, probe: HostProbe) -> Result<Vec<String>, CmdlineError> {
     check_unsupported(&spec.options)?;
     let paths = spec.paths();
@@ -905,373 +477,26 @@ fn build(spec: &VmSpec, probe: HostProbe) -> Result<Vec<String>, CmdlineError> {
     ] {
         check_socket_path(p)?;
     }
+    let accel = machine::accel(spec);
+    let (machine_type, chipset) = machine::machine(spec)?;
 
-    let mut accel = spec.accel.resolve();
-    if spec.options.get("kvm").and_then(|v| parse_bool(v)) == Some(false) {
-        accel = Accel::Tcg;
-    }
-    let (machine, chipset) = machine(spec)?;
+    let mut a = machine::args(spec, &paths, &machine_type, accel)?;
+    a.extend(cpu::args(spec, accel)?);
+    a.extend(memory::args(spec)?);
 
-    let mut a: Vec<String> = Vec::new();
-
-    let name = match &spec.name {
-        Some(n) => n.clone(),
-        None => spec
-            .options
-            .get("name")
-            .cloned()
-            .unwrap_or_else(|| format!("vm{}", spec.vmid)),
-    };
-    if name.is_empty() || name.chars().any(|c| c.is_control()) {
-        return Err(invalid(
-            "name",
-            &name,
-            "empty or contains control characters",
-        ));
-    }
-    push(
-        &mut a,
-        &["-name", &format!("{},debug-threads=on", esc(&name))],
-    );
-    push(
-        &mut a,
-        &["-nodefaults", "-no-user-config", "-display", "none"],
-    );
-    push(&mut a, &["-pidfile", &paths.pid.to_string_lossy()]);
-    push(
-        &mut a,
-        &[
-            "-chardev",
-            &format!(
-                "socket,id=qmp,path={},server=on,wait=off",
-                esc_path(&paths.qmp)
-            ),
-            "-mon",
-            "chardev=qmp,mode=control",
-        ],
-    );
-    push(
-        &mut a,
-        &[
-            "-machine",
-            &format!("type={machine}"),
-            "-accel",
-            if accel == Accel::Kvm { "kvm" } else { "tcg" },
-        ],
-    );
-    if let Some(uuid) = smbios_uuid(spec)? {
-        push(&mut a, &["-smbios", &format!("type=1,uuid={uuid}")]);
-    }
-
-    // CPU topology and model.
-    let sockets = match spec.options.get("sockets") {
-        Some(v) => positive("sockets", v, 16)?,
-        None => 1,
-    };
-    let cores = match spec.options.get("cores") {
-        Some(v) => positive("cores", v, 1024)?,
-        None => 1,
-    };
-    let maxcpus = sockets * cores;
-    let vcpus = match spec.options.get("vcpus") {
-        Some(v) => positive("vcpus", v, maxcpus)?,
-        None => maxcpus,
-    };
-    push(
-        &mut a,
-        &[
-            "-smp",
-            &format!("{vcpus},sockets={sockets},cores={cores},maxcpus={maxcpus}"),
-            "-cpu",
-            &cpu(spec, accel)?,
-            "-m",
-            &memory_mib(spec)?.to_string(),
-        ],
-    );
-
-    let drives = parse_drives(spec, probe)?;
-    let nets = parse_nets(spec)?;
-    let net_keys: Vec<String> = nets.iter().map(|(k, _, _)| k.clone()).collect();
-    let boot = boot_order(spec, &drives, &net_keys)?;
-    let bootindex = |key: &str| {
-        boot.get(key)
-            .map(|i| format!(",bootindex={i}"))
-            .unwrap_or_default()
-    };
-
-    let mut pci = Pci {
-        bus: if chipset == Chipset::Q35 {
-            "pcie.0"
-        } else {
-            "pci.0"
-        },
-        next: 2,
-    };
-
-    // VGA (PVE default `std`); `none`/`serialN` mean no display adapter.
-    let vga = match spec.options.get("vga") {
-        Some(v) => props("vga", v, "type")?,
-        None => BTreeMap::new(),
-    };
-    let vga_type = vga.get("type").map(String::as_str).unwrap_or("std");
-    let vga_dev = match vga_type {
-        "std" => Some("VGA"),
-        "cirrus" => Some("cirrus-vga"),
-        "vmware" => Some("vmware-svga"),
-        "virtio" => Some("virtio-vga"),
-        "none" | "serial0" | "serial1" | "serial2" | "serial3" => None,
-        other => {
-            return Err(CmdlineError::Unsupported {
-                key: "vga".into(),
-                why: format!("display type '{other}'"),
-            });
-        }
-    };
-    if let Some(dev) = vga_dev {
-        let mut s = format!("{dev},id=vga,{}", pci.addr()?);
-        if let Some(mem) = vga.get("memory") {
-            let mb = positive("vga", mem, 512)?;
-            if dev == "VGA" {
-                s.push_str(&format!(",vgamem_mb={mb}"));
-            }
-        }
-        push(&mut a, &["-device", &s]);
-    }
-
-    // Balloon (PVE adds it unless `balloon: 0`).
-    if spec.options.get("balloon").map(String::as_str) != Some("0") {
-        push(
-            &mut a,
-            &[
-                "-device",
-                &format!(
-                    "virtio-balloon-pci,id=balloon0,{},free-page-reporting=on",
-                    pci.addr()?
-                ),
-            ],
-        );
-    }
-
-    // Guest agent.
-    if let Some(v) = spec.options.get("agent") {
-        let props = props("agent", v, "enabled")?;
-        let enabled = props
-            .get("enabled")
-            .map(|e| parse_bool(e).ok_or_else(|| invalid("agent", v, "enabled must be 0 or 1")))
-            .transpose()?
-            .unwrap_or(false);
-        if enabled {
-            push(
-                &mut a,
-                &[
-                    "-chardev",
-                    &format!(
-                        "socket,id=qga0,path={},server=on,wait=off",
-                        esc_path(&paths.qga)
-                    ),
-                ],
-            );
-            match props.get("type").map(String::as_str) {
-                None | Some("virtio") => push(
-                    &mut a,
-                    &[
-                        "-device",
-                        &format!("virtio-serial,id=qga0,{}", pci.addr()?),
-                        "-device",
-                        "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
-                    ],
-                ),
-                Some("isa") => push(&mut a, &["-device", "isa-serial,chardev=qga0"]),
-                Some(t) => return Err(invalid("agent", v, format!("unknown type '{t}'"))),
-            }
-        }
-    }
-
-    // Serial ports: only `socket` (as PVE: a UNIX socket in the run directory).
-    for i in 0..4 {
-        let key = format!("serial{i}");
-        if let Some(v) = spec.options.get(&key) {
-            if v != "socket" {
-                return Err(CmdlineError::Unsupported {
-                    key,
-                    why: format!("serial device '{v}' (only 'socket')"),
-                });
-            }
-            let path = spec.run_dir.join(format!("{}.serial{i}", spec.vmid));
-            check_socket_path(&path)?;
-            push(
-                &mut a,
-                &[
-                    "-chardev",
-                    &format!(
-                        "socket,id=serial{i},path={},server=on,wait=off",
-                        esc_path(&path)
-                    ),
-                    "-device",
-                    &format!("isa-serial,chardev=serial{i}"),
-                ],
-            );
-        }
-    }
-
-    // SCSI controllers.
-    let scsihw = spec
-        .options
-        .get("scsihw")
-        .map(String::as_str)
-        .unwrap_or("lsi");
-    let (scsi_dev, maxdev) = match scsihw {
-        "lsi" => ("lsi53c895a", 7),
-        "lsi53c810" => ("lsi53c810", 7),
-        "megasas" => ("megasas", 256),
-        "pvscsi" => ("pvscsi", 256),
-        "virtio-scsi-pci" | "virtio-scsi-single" => ("virtio-scsi-pci", 256),
-        other => return Err(invalid("scsihw", other, "unknown SCSI controller")),
-    };
-    let single = scsihw == "virtio-scsi-single";
-    let scsi: Vec<&Drive> = drives.iter().filter(|d| d.bus == Bus::Scsi).collect();
-    let mut controllers = BTreeSet::new();
-    for d in &scsi {
-        controllers.insert(if single { d.index } else { d.index / maxdev });
-    }
-    let mut iothreads = Vec::new();
-    for c in &controllers {
-        let id = if single {
-            format!("virtioscsi{c}")
-        } else {
-            format!("scsihw{c}")
-        };
-        let mut s = format!("{scsi_dev},id={id},{}", pci.addr()?);
-        if single {
-            let d = scsi.iter().find(|d| d.index == *c);
-            if let Some(d) = d
-                && drive_flag(d, "iothread")?
-            {
-                iothreads.push(format!("iothread-{id}"));
-                s.push_str(&format!(",iothread=iothread-{id}"));
-            }
-        }
-        push(&mut a, &["-device", &s]);
-    }
-
-    // AHCI controllers for SATA (6 ports each; sata0..5 → ahci0).
-    if drives.iter().any(|d| d.bus == Bus::Sata) {
-        push(
-            &mut a,
-            &[
-                "-device",
-                &format!("ahci,id=ahci0,multifunction=on,{}", pci.addr()?),
-            ],
-        );
-    }
-
-    // Drives.
-    for d in &drives {
-        if let Some(src) = &d.source {
-            a.extend(blockdev_args(d, src)?);
-        }
-        let (_, _, wce) = cache_mode(d)?;
-        let kind = if d.cdrom { "cd" } else { "hd" };
-        let drive_ref = match &d.source {
-            Some(_) => format!(",drive=drive-{}", d.key),
-            None => String::new(),
-        };
-        let mut extra = String::new();
-        if !d.cdrom {
-            extra.push_str(&format!(",write-cache={}", if wce { "on" } else { "off" }));
-            if drive_flag(d, "ssd")? && d.bus != Bus::Virtio {
-                extra.push_str(",rotation_rate=1");
-            }
-        }
-        if let Some(serial) = d.props.get("serial") {
-            if serial.len() > 20 || !is_word(serial, "-_ ") {
-                return Err(invalid(
-                    &d.key,
-                    serial,
-                    "serial: up to 20 of [A-Za-z0-9_- ]",
-                ));
-            }
-            extra.push_str(&format!(",serial={}", esc(serial)));
-        }
-        let dev = match d.bus {
-            Bus::Scsi => {
-                let (bus, target) = if single {
-                    (
-                        format!("virtioscsi{}.0", d.index),
-                        "scsi-id=0,lun=0".to_string(),
-                    )
-                } else if matches!(scsi_dev, "virtio-scsi-pci" | "megasas") {
-                    // As PVE: LUN addressing except on lsi*/pvscsi, which use target ids.
-                    (
-                        format!("scsihw{}.0", d.index / maxdev),
-                        format!("channel=0,scsi-id=0,lun={}", d.index % maxdev),
-                    )
-                } else {
-                    (
-                        format!("scsihw{}.0", d.index / maxdev),
-                        format!("scsi-id={}", d.index % maxdev),
-                    )
-                };
-                format!("scsi-{kind},bus={bus},{target}{drive_ref},id={}", d.key)
-            }
-            Bus::Virtio => {
-                let mut s = format!("virtio-blk-pci{drive_ref},id={},{}", d.key, pci.addr()?);
-                if drive_flag(d, "iothread")? {
-                    iothreads.push(format!("iothread-{}", d.key));
-                    s.push_str(&format!(",iothread=iothread-{}", d.key));
-                }
-                s
-            }
-            Bus::Sata => format!("ide-{kind},bus=ahci0.{}{drive_ref},id={}", d.index, d.key),
-            Bus::Ide => {
-                // q35's AHCI ports take unit 0 only; PVE maps odd indices two ports up.
-                let (ctrl, unit) = match chipset {
-                    Chipset::I440fx => (d.index / 2, d.index % 2),
-                    Chipset::Q35 => (d.index / 2 + 2 * (d.index % 2), 0),
-                };
-                format!(
-                    "ide-{kind},bus=ide.{ctrl},unit={unit}{drive_ref},id={}",
-                    d.key
-                )
-            }
-        };
-        push(
-            &mut a,
-            &["-device", &format!("{dev}{extra}{}", bootindex(&d.key))],
-        );
-    }
-    for t in &iothreads {
-        push(&mut a, &["-object", &format!("iothread,id={t}")]);
-    }
-
-    // NICs: model and MAC kept, backend an unconnected hub port (see the module doc).
-    for (key, model, mac) in &nets {
-        let hub: u32 = key[3..].parse().unwrap_or(0);
-        push(
-            &mut a,
-            &[
-                "-netdev",
-                &format!("hubport,id={key},hubid={hub}"),
-                "-device",
-                &format!(
-                    "{model},mac={mac},netdev={key},id={key},{}{}",
-                    pci.addr()?,
-                    bootindex(key)
-                ),
-            ],
-        );
-    }
-
-    if let Some(genid) = spec.options.get("vmgenid")
-        && genid != "0"
-    {
-        if !is_uuid(genid) && genid != "1" {
-            return Err(invalid("vmgenid", genid, "want a UUID"));
-        }
-        if genid != "1" {
-            push(&mut a, &["-device", &format!("vmgenid,guid={genid}")]);
-        }
-    }
+    let drives = drives::parse(spec, probe)?;
+    let nets = network::parse(spec)?;
+    let mut layout = Layout::new(chipset, boot_order(spec, &drives, &nets)?);
+    a.extend(devices::vga(spec, &mut layout)?);
+    a.extend(memory::balloon(spec, &mut layout)?);
+    a.extend(devices::agent(spec, &paths, &mut layout)?);
+    a.extend(devices::serial_ports(spec)?);
+    let scsi = devices::ScsiHw::from_spec(spec)?;
+    a.extend(devices::controllers(&drives, &scsi, &mut layout)?);
+    a.extend(drives::args(&drives, &scsi, &mut layout)?);
+    a.extend(devices::iothreads(&layout));
+    a.extend(network::args(&nets, &mut layout)?);
+    a.extend(devices::vmgenid(spec)?);
 
     if let Some(uri) = &spec.incoming {
         if !is_word(uri, ":/._-,=") {
@@ -1287,6 +512,40 @@ fn build(spec: &VmSpec, probe: HostProbe) -> Result<Vec<String>, CmdlineError> {
     Ok(a)
 }
 
+/// What the device sections share, filled in call order: the chipset, the PCI slots handed
+/// out so far, the boot order, and the iothreads devices asked for (emitted after the
+/// drives).
+struct Layout {
+    chipset: Chipset,
+    pci: Pci,
+    boot: BTreeMap<String, u32>,
+    iothreads: Vec<String>,
+}
+
+impl Layout {
+    fn new(chipset: Chipset, boot: BTreeMap<String, u32>) -> Layout {
+        let bus = if chipset == Chipset::Q35 {
+            "pcie.0"
+        } else {
+            "pci.0"
+        };
+        Layout {
+            chipset,
+            pci: Pci { bus, next: 2 },
+            boot,
+            iothreads: Vec::new(),
+        }
+    }
+
+    /// `,bootindex=N` for a device in the boot order, else nothing.
+    fn bootindex(&self, key: &str) -> String {
+        self.boot
+            .get(key)
+            .map(|i| format!(",bootindex={i}"))
+            .unwrap_or_default()
+    }
+}
+
 fn push(a: &mut Vec<String>, args: &[&str]) {
     a.extend(args.iter().map(|s| s.to_string()));
 }
@@ -1298,18 +557,6 @@ fn is_uuid(s: &str) -> bool {
             .iter()
             .zip([8, 4, 4, 4, 12])
             .all(|(g, n)| g.len() == n && g.chars().all(|c| c.is_ascii_hexdigit()))
-}
-
-fn smbios_uuid(spec: &VmSpec) -> Result<Option<String>, CmdlineError> {
-    let Some(v) = spec.options.get("smbios1") else {
-        return Ok(None);
-    };
-    let props = props("smbios1", v, "uuid")?;
-    match props.get("uuid") {
-        Some(u) if is_uuid(u) => Ok(Some(u.clone())),
-        Some(u) => Err(invalid("smbios1", u, "uuid is not a UUID")),
-        None => Ok(None),
-    }
 }
 
 #[cfg(test)]

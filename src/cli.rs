@@ -1,0 +1,335 @@
+//! The `mtunnel` command line as clap types: every subcommand with its flags and their
+//! documentation (what `--help` prints), and the conversions of flags into the library's
+//! settings ([`load_config`], [`bench_options`]). `main.rs` dispatches; the glue of the
+//! commands that need more than one library call is in [`serve`] (`serve`, `cleanup`),
+//! [`vm`], [`migrate`] and [`token`] (`token create` and the initial token).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use mtunnel::config::{NodeConfig, Overrides};
+
+pub mod migrate;
+pub mod serve;
+pub mod token;
+pub mod vm;
+
+#[derive(Parser)]
+#[command(
+    name = "mtunnel",
+    version,
+    about = "Move running VMs between hosts through an authenticated WebSocket tunnel (Proxmox VE remote-migration compatible)"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the target node: HTTPS API, tunnels, tasks.
+    Serve(ServeArgs),
+    /// Manage API tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Manage VMs of this node (the source side of a migration).
+    #[command(subcommand)]
+    Vm(VmCommand),
+    /// Migrate a VM of this node to a remote target through the tunnel.
+    Migrate(MigrateArgs),
+    /// Speak the stdin/stdout language of Proxmox's `proxmox-websocket-tunnel` helper.
+    Tunnel,
+    /// Find and free what failed migrations left on this node: tunnels of a dead `serve`
+    /// (their journals in {data}/tunnels: a started VM is stopped, volumes and the reserved
+    /// config freed — never a VM that was resumed here), empty `lock: create`
+    /// reservations, volumes of VMIDs that have no config, stale tunnel sockets. Configs
+    /// locked `migrate`/`create` by no open tunnel are listed with what to run (`mtunnel vm
+    /// unlock` or `mtunnel vm destroy --skiplock`), not changed. Safe while `serve` runs:
+    /// what its open tunnels own is skipped.
+    Cleanup {
+        /// Only list what would be freed.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// Check or test tunnel handler files.
+    #[command(subcommand)]
+    Handlers(HandlersCommand),
+    /// Measure the tunnel against baselines on this machine: bulk throughput and CPU per GiB
+    /// (plain and TLS vs. a copy relay), command round trips (Lua vs. raw echo), idle
+    /// tunnels (memory, setup time) and a QEMU live migration (tunnel vs. direct). Prints a
+    /// table with the targets and writes JSON.
+    Bench(BenchArgs),
+    /// A plain tokio copy relay with 1 MiB buffers (the baseline process of `bench`).
+    #[command(hide = true)]
+    BenchRelay {
+        /// unix:PATH or tcp:HOST:PORT
+        #[arg(long)]
+        listen: mtunnel::bench::relay::Addr,
+        /// unix:PATH or tcp:HOST:PORT
+        #[arg(long)]
+        connect: mtunnel::bench::relay::Addr,
+    },
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Tiny sizes that only prove every section works (16 MiB, 200 commands, 5 tunnels,
+    /// a 128 MiB VM); explicit flags still win.
+    #[arg(long)]
+    pub quick: bool,
+    /// Bytes per transfer and path, e.g. 512M, 2G [default: 1G].
+    #[arg(long, value_parser = mtunnel::bench::parse_size)]
+    pub size: Option<u64>,
+    /// Transfers per path; the table shows medians [default: 3].
+    #[arg(long)]
+    pub repeat: Option<u32>,
+    /// Round trips per command kind [default: 10000].
+    #[arg(long)]
+    pub commands: Option<u32>,
+    /// Tunnels held open at once [default: 100].
+    #[arg(long)]
+    pub tunnels: Option<u32>,
+    /// RAM of the migrated VM in MiB [default: 512].
+    #[arg(long)]
+    pub ram_mib: Option<u64>,
+    /// MiB of data loaded into that RAM [default: 448].
+    #[arg(long)]
+    pub ram_data_mib: Option<u64>,
+    /// Migrations per mode (direct, relay, tunnel) [default: 7].
+    #[arg(long)]
+    pub migrations: Option<u32>,
+    /// Skip the QEMU live migration.
+    #[arg(long)]
+    pub no_qemu: bool,
+    /// Run only these sections: throughput, latency, idle, migration (comma-separated).
+    #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(mtunnel::bench::SECTIONS))]
+    pub only: Vec<String>,
+    /// Where to write the results as JSON.
+    #[arg(long, default_value = "bench-results.json")]
+    pub json: PathBuf,
+    /// Keep the temporary directory with every process's log.
+    #[arg(long)]
+    pub keep: bool,
+}
+
+#[derive(Subcommand)]
+pub enum VmCommand {
+    /// Create a VM config with new disks.
+    Create {
+        vmid: u32,
+        #[arg(long)]
+        name: Option<String>,
+        /// Memory in MiB.
+        #[arg(long, default_value_t = 512)]
+        memory: u64,
+        #[arg(long, default_value_t = 1)]
+        cores: u32,
+        /// A disk STORAGE:SIZE[:FORMAT], e.g. local:2G:qcow2 (repeatable; scsi0, scsi1, ...).
+        #[arg(long = "disk")]
+        disks: Vec<mtunnel::client::vm::DiskArg>,
+        /// Add a virtio NIC on this bridge.
+        #[arg(long)]
+        bridge: Option<String>,
+        /// Enable the guest agent channel.
+        #[arg(long)]
+        agent: bool,
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// Start a VM (QEMU keeps running after this command returns).
+    Start {
+        vmid: u32,
+        /// Extra QEMU argument, appended verbatim (repeatable; for experts and tests).
+        #[arg(long = "qemu-arg", allow_hyphen_values = true)]
+        qemu_args: Vec<String>,
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// Stop a VM.
+    Stop {
+        vmid: u32,
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// Show whether a VM runs.
+    Status {
+        vmid: u32,
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// List the VMs of this node.
+    List {
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// Remove the lock from a VM config (as `qm unlock`), e.g. `migrate` left on a VM that
+    /// was resumed here when the source vanished before it sent `unlock`. Refused while
+    /// an open tunnel of this node works on the VM.
+    Unlock {
+        vmid: u32,
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// Remove a stopped VM with its disks: those its config references and any other
+    /// volume owned by the VMID (as PVE's destroy with destroy-unreferenced-disks).
+    Destroy {
+        vmid: u32,
+        /// Destroy even if the config is locked (e.g. after a migration without --delete).
+        #[arg(long)]
+        skiplock: bool,
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+}
+
+#[derive(Args)]
+pub struct MigrateArgs {
+    /// The VM to migrate.
+    pub vmid: u32,
+    /// host=ADDR[,port=8006],apitoken=PVEAPIToken=user@realm!id=SECRET,fingerprint=AA:BB:..
+    #[arg(long)]
+    pub target: mtunnel::client::endpoint::TargetEndpoint,
+    /// Storage mapping: SOURCE:TARGET pairs and/or one default TARGET.
+    #[arg(long)]
+    pub target_storage: mtunnel::client::endpoint::IdMap,
+    /// Bridge mapping: SOURCE:TARGET pairs and/or one default TARGET (1 = same names).
+    #[arg(long, default_value = "1")]
+    pub target_bridge: mtunnel::client::endpoint::IdMap,
+    /// VMID on the target (default: the same).
+    #[arg(long)]
+    pub target_vmid: Option<u32>,
+    /// Migrate a running VM live.
+    #[arg(long)]
+    pub online: bool,
+    /// Bandwidth limit in KiB/s.
+    #[arg(long)]
+    pub bwlimit: Option<u64>,
+    /// Delete the source VM after a successful migration.
+    #[arg(long)]
+    pub delete: bool,
+    #[command(flatten)]
+    pub node: NodeArgs,
+}
+
+#[derive(Subcommand)]
+pub enum HandlersCommand {
+    /// Load every handler (built-ins overridden by DIR) and validate its schema.
+    Check {
+        /// Handlers directory (default: the node's, {data}/handlers).
+        dir: Option<PathBuf>,
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// Run the `*_spec.lua` files of DIR (or the built-in specs) against the handlers
+    /// (built-ins overridden by DIR), each case on a fresh temporary node with the scripted
+    /// backend.
+    Test {
+        /// Handlers directory with overrides and specs (default: built-ins only).
+        dir: Option<PathBuf>,
+        /// Only run cases whose "file: case" name contains this text.
+        #[arg(long)]
+        filter: Option<String>,
+    },
+}
+
+/// Where the node keeps its state; shared by every command that touches a node.
+#[derive(Args, Clone)]
+pub struct NodeArgs {
+    /// Optional TOML config file overriding the embedded defaults.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Data directory (default: /var/lib/mtunnel for root, else ~/.local/share/mtunnel).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Run directory for sockets (default: /run/qemu-server for root, else {data}/run).
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+    /// Node name (default: the short host name).
+    #[arg(long)]
+    pub node: Option<String>,
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub node: NodeArgs,
+    /// Listen address; port 0 picks a free port (default 127.0.0.1:8006).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Storage and hypervisor backend: `real`, or `scripted:FILE.lua` (answers from a Lua
+    /// script that can delay, fail or record calls; for tests and rehearsals).
+    #[arg(long, default_value = "real", value_parser = parse_backend)]
+    pub backend: Backend,
+}
+
+#[derive(Clone)]
+pub enum Backend {
+    Real,
+    Scripted(PathBuf),
+}
+
+fn parse_backend(arg: &str) -> Result<Backend, String> {
+    Ok(match mtunnel::script::scripted::parse_backend_arg(arg)? {
+        None => Backend::Real,
+        Some(path) => Backend::Scripted(path),
+    })
+}
+
+#[derive(Subcommand)]
+pub enum TokenCommand {
+    /// Create (or replace) a token and print its header value once.
+    Create(TokenCreateArgs),
+}
+
+#[derive(Args)]
+pub struct TokenCreateArgs {
+    /// Token id: user@realm!name.
+    pub authid: String,
+    /// Privileges to grant, comma-separated (e.g. VM.Allocate,Sys.Incoming).
+    #[arg(long, value_delimiter = ',', conflicts_with = "role")]
+    pub privs: Vec<String>,
+    /// A role to grant: Administrator, PVEMigrationTarget, PVEVMAdmin, PVEDatastoreUser, PVEAuditor, NoAccess.
+    #[arg(long)]
+    pub role: Option<String>,
+    /// ACL path the privileges apply to (propagating to paths below).
+    #[arg(long, default_value = "/")]
+    pub path: String,
+    #[command(flatten)]
+    pub node: NodeArgs,
+}
+
+pub fn load_config(args: &NodeArgs, listen: Option<SocketAddr>) -> anyhow::Result<NodeConfig> {
+    NodeConfig::load(&Overrides {
+        config_file: args.config.clone(),
+        node: args.node.clone(),
+        data_dir: args.data_dir.clone(),
+        run_dir: args.run_dir.clone(),
+        listen,
+    })
+}
+
+pub fn bench_options(a: BenchArgs) -> mtunnel::bench::Options {
+    let d = if a.quick {
+        mtunnel::bench::Options::quick()
+    } else {
+        mtunnel::bench::Options::full()
+    };
+    mtunnel::bench::Options {
+        size: a.size.unwrap_or(d.size),
+        repeat: a.repeat.unwrap_or(d.repeat).max(1),
+        commands: a.commands.unwrap_or(d.commands).max(1),
+        tunnels: a.tunnels.unwrap_or(d.tunnels).max(1),
+        ram_mib: a.ram_mib.unwrap_or(d.ram_mib),
+        ram_data_mib: a.ram_data_mib.unwrap_or(d.ram_data_mib),
+        migrations: a.migrations.unwrap_or(d.migrations).max(1),
+        no_qemu: a.no_qemu,
+        only: a.only,
+        json: a.json,
+        keep: a.keep,
+        quick: a.quick,
+    }
+}

@@ -1,0 +1,48 @@
+//! `mtunnel migrate`: the flags turned into `MigrateOptions`, the migration run with a
+//! progress display, and its one-line summary.
+
+use super::{MigrateArgs, load_config};
+
+/// `mtunnel migrate`: runs `mtunnel::client::migrate` and prints its summary.
+pub async fn run(args: MigrateArgs) -> anyhow::Result<()> {
+    use mtunnel::client::migrate::{MigrateOptions, SourceNode, migrate};
+    use mtunnel::client::progress::{Progress, human};
+    let vms = mtunnel::client::vm::LocalVms::open(load_config(&args.node, None)?)?;
+    let src = SourceNode {
+        cfg: vms.cfg,
+        guests: vms.guests,
+        storage: vms.storage,
+    };
+    let opts = MigrateOptions {
+        vmid: args.vmid,
+        target: args.target,
+        storage_map: args.target_storage,
+        bridge_map: args.target_bridge,
+        target_vmid: args.target_vmid,
+        online: args.online,
+        bwlimit: args.bwlimit,
+        delete: args.delete,
+    };
+    let progress = Progress::auto();
+    let summary = migrate(&src, &opts, &progress).await?;
+    let secs = summary.duration.as_secs_f64();
+    let downtime = summary
+        .downtime_ms
+        .map(|d| format!(", downtime {d} ms"))
+        .unwrap_or_default();
+    let ram_phase = summary
+        .ram_ms
+        .map(|ms| format!(", RAM phase {ms} ms"))
+        .unwrap_or_default();
+    println!(
+        "migration of VM {} to {}:{} (node '{}', VM {}) finished in {secs:.1} s: {} of disks, {} of RAM{downtime}{ram_phase}",
+        opts.vmid,
+        opts.target.host,
+        opts.target.port,
+        summary.target_node,
+        summary.target_vmid,
+        human(summary.disk_bytes),
+        human(summary.ram_bytes),
+    );
+    Ok(())
+}

@@ -1,0 +1,50 @@
+//! Aborting a migration after a phase failed: the source VM keeps its config and disks and
+//! loses its `migrate` lock, and the target is asked to destroy what the migration created
+//! (`quit` with `cleanup`). Once `resume` was sent the target may run the only live copy:
+//! then the source stays locked and nothing on the target is touched.
+
+use serde_json::json;
+
+use super::remote::Remote;
+use super::{Migration, set_source_lock};
+use crate::client::progress::Progress;
+
+impl Migration<'_> {
+    /// Cleans up after `e` and returns it.
+    pub(super) async fn abort(self, e: anyhow::Error) -> anyhow::Error {
+        let vmid = self.opts.vmid;
+        let tvmid = self.remote.tvmid;
+        let progress = self.progress;
+        if self.remote.resume_sent {
+            // The target may already run the VM: unlocking (and so allowing a start of)
+            // the source copy could run it twice.
+            progress.log(format!(
+                "ERROR: migration failed after 'resume' was sent: {e:#} - VM {tvmid} may be \
+                 running on the target; the source VM {vmid} stays locked 'migrate'. Check \
+                 the target, then remove the lock where the VM should live ('mtunnel vm \
+                 unlock')."
+            ));
+            self.remote.control.clone().close();
+            return e;
+        }
+        progress.log(format!("ERROR: migration failed: {e:#}"));
+        if let Err(le) = set_source_lock(self.src, vmid, None).await {
+            progress.log(format!("WARN: removing the source lock failed: {le:#}"));
+        }
+        self.remote.request_cleanup(progress).await;
+        e
+    }
+}
+
+impl Remote {
+    /// Tells the target to destroy what this migration created, then closes the tunnel.
+    pub(super) async fn request_cleanup(&self, progress: &Progress) {
+        match self.cmd(json!({"cmd": "quit", "cleanup": 1}), 30).await {
+            Ok(_) => progress.log("target cleaned up"),
+            Err(e) => progress.log(format!(
+                "WARN: remote cleanup request failed ({e:#}); the target cleans up when the tunnel closes"
+            )),
+        }
+        self.control.clone().close();
+    }
+}

@@ -1,0 +1,282 @@
+//! Phase 2 of a migration, for a running VM: `start` on the target, the target's migration
+//! and NBD sockets forwarded to local ones, every live disk mirrored into its NBD export,
+//! then the RAM. On failure the source VM keeps running (migration and mirrors cancelled,
+//! resumed if paused) and the target VM is stopped; the caller's abort then cleans up.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::{Map, Value, json};
+
+use super::{MIRROR_STALL, Migration, as_u64, min_limit};
+use crate::client::progress::{Progress, human};
+use crate::qemu::{self, MigrationParams, VmHandle};
+
+impl Migration<'_> {
+    /// Phase 2. `nbd` is phase 1's `disk` replies.
+    pub(super) async fn phase2_live(&mut self, nbd: Map<String, Value>) -> anyhow::Result<()> {
+        let vmid = self.opts.vmid;
+        let vm = VmHandle::attach(&self.src.cfg.run_dir, vmid)
+            .context("attaching to the running source VM")?;
+        let machine = vm.running_machine().await?;
+        let reply = self
+            .remote
+            .cmd(
+                json!({
+                    "cmd": "start",
+                    "start_params": {"statefile": "unix", "forcemachine": machine, "forcecpu": null, "skiplock": 1},
+                    "migrate_opts": {
+                        "spice_ticket": null, "type": "websocket", "network": null, "storagemap": {},
+                        "migratedfrom": self.src.cfg.node, "nbd_proto_version": 1, "nbd": nbd,
+                        "remote_node": self.remote.node,
+                    },
+                }),
+                60,
+            )
+            .await?;
+        let live_disks = self.plan.volumes.iter().filter(|v| v.live).count();
+        let started = check_start_reply(&reply, self.remote.tvmid, live_disks)?;
+
+        if let Err(e) = self.transfer(&vm, &started).await {
+            self.cancel_live(&vm).await;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Forwards, disks, RAM.
+    async fn transfer(&mut self, vm: &VmHandle, started: &StartReply) -> anyhow::Result<()> {
+        let (local_migrate, local_nbd) = self.forward_sockets(started)?;
+        let jobs = self.mirror_disks(vm, started, &local_nbd).await?;
+        self.migrate_ram(vm, &local_migrate).await?;
+        for job in &jobs {
+            vm.block_job_cancel(job, Duration::from_secs(60)).await?;
+        }
+        Ok(())
+    }
+
+    /// Local sockets: the remote paths with the target VMID replaced by ours. Returns the
+    /// local migration socket and the local socket of each remote NBD socket.
+    fn forward_sockets(
+        &mut self,
+        started: &StartReply,
+    ) -> anyhow::Result<(PathBuf, BTreeMap<String, PathBuf>)> {
+        let vmid = self.opts.vmid;
+        let tvmid = self.remote.tvmid;
+        let local_migrate = self.src.cfg.run_dir.join(format!("{vmid}.migrate"));
+        self.remote.forward(&local_migrate, &started.migrate_addr)?;
+        let mut local_nbd = BTreeMap::new();
+        for sock in &started.unix_sockets {
+            let name = Path::new(sock)
+                .file_name()
+                .and_then(|n| n.to_str())
+                .context("socket without file name")?
+                .replacen(&tvmid.to_string(), &vmid.to_string(), 1);
+            let local = self.src.cfg.run_dir.join(name);
+            self.remote.forward(&local, sock)?;
+            local_nbd.insert(sock.clone(), local);
+        }
+        Ok((local_migrate, local_nbd))
+    }
+
+    /// Disks: mirror to the target's NBD exports, wait until every mirror is ready and
+    /// switch it to write-blocking. Returns the block job ids.
+    async fn mirror_disks(
+        &mut self,
+        vm: &VmHandle,
+        started: &StartReply,
+        local_nbd: &BTreeMap<String, PathBuf>,
+    ) -> anyhow::Result<Vec<String>> {
+        let plan = self.plan.clone();
+        let mut jobs = Vec::new();
+        for v in plan.volumes.iter().filter(|v| v.live) {
+            let uri = started
+                .nbd_uris
+                .get(&v.key)
+                .with_context(|| format!("start reply has no NBD URI for {}", v.key))?;
+            let mut local_uri = uri.clone();
+            for (remote_sock, local) in local_nbd {
+                local_uri = local_uri.replace(remote_sock.as_str(), &local.display().to_string());
+            }
+            let speed = self.opts.bwlimit.map(|k| k * 1024);
+            let job = vm.drive_mirror(&v.key, &local_uri, speed).await?;
+            jobs.push((job, v));
+        }
+        for (job, v) in &jobs {
+            wait_mirror(vm, job, &v.key, self.progress)
+                .await
+                .with_context(|| {
+                    format!(
+                        "mirroring {} to the target failed (target VM or tunnel gone?)",
+                        v.key
+                    )
+                })?;
+            vm.mirror_write_blocking(job).await?;
+            self.summary.disk_bytes += v.size;
+        }
+        Ok(jobs.into_iter().map(|(job, _)| job).collect())
+    }
+
+    /// RAM: the limit, `migrate` into the forwarded socket, progress until completed.
+    async fn migrate_ram(&mut self, vm: &VmHandle, local_migrate: &Path) -> anyhow::Result<()> {
+        let bwlimit = self.opts.bwlimit;
+        let remote_limit = self
+            .remote
+            .cmd(json!({"cmd": "bwlimit", "operation": "migration", "storages": [null], "bwlimit": bwlimit}), 10)
+            .await?
+            .get("bwlimit")
+            .and_then(as_u64);
+        let limit = min_limit(bwlimit, remote_limit);
+        vm.migrate_set_parameters(&MigrationParams {
+            max_bandwidth: Some(limit.map(|k| k * 1024).unwrap_or(16 << 30)),
+            downtime_limit: Some(100),
+            ..MigrationParams::default()
+        })
+        .await?;
+        vm.migrate(&format!("unix:{}", local_migrate.display()))
+            .await?;
+        let bar = self.progress.bar("RAM", 0);
+        let done = vm
+            .wait_migration(qemu::MigrationWait::default(), |p| {
+                bar.set(p.transferred, p.total.max(p.transferred))
+            })
+            .await?;
+        bar.finish(&format!("{} transferred", human(done.transferred)));
+        self.summary.ram_bytes = done.transferred;
+        self.summary.ram_ms = Some(done.total_time_ms).filter(|&ms| ms > 0);
+        self.summary.downtime_ms = vm
+            .execute("query-migrate", Value::Null, Duration::from_secs(10))
+            .await
+            .ok()
+            .and_then(|v| v.get("downtime").and_then(Value::as_u64));
+        Ok(())
+    }
+
+    /// Phase 2 cleanup: stop the migration, keep the source VM running, stop the target VM.
+    async fn cancel_live(&self, vm: &VmHandle) {
+        let _ = vm.migrate_cancel().await;
+        if let Ok(st) = vm.status().await
+            && !st.running
+        {
+            let _ = vm.resume().await;
+        }
+        for v in self.plan.volumes.iter().filter(|v| v.live) {
+            let _ = vm
+                .block_job_cancel(&format!("mirror-{}", v.key), Duration::from_secs(10))
+                .await;
+        }
+        if let Err(se) = self.remote.cmd(json!({"cmd": "stop"}), 10).await {
+            self.progress
+                .log(format!("WARN: remote stop failed: {se:#}"));
+        }
+    }
+}
+
+async fn wait_mirror(
+    vm: &VmHandle,
+    job: &str,
+    key: &str,
+    progress: &Progress,
+) -> anyhow::Result<()> {
+    let bar = progress.bar(key, 0);
+    // A frozen tunnel times out nowhere else: give up when the mirror makes no progress.
+    let watch = async {
+        let mut last = (0u64, Instant::now());
+        loop {
+            if let Ok(jobs) = vm
+                .execute("query-block-jobs", Value::Null, Duration::from_secs(10))
+                .await
+                && let Some(j) = jobs
+                    .as_array()
+                    .and_then(|a| a.iter().find(|j| j["device"] == json!(job)))
+            {
+                let offset = j["offset"].as_u64().unwrap_or(0);
+                bar.set(offset, j["len"].as_u64().unwrap_or(0));
+                if offset != last.0 {
+                    last = (offset, Instant::now());
+                }
+            }
+            if last.1.elapsed() > MIRROR_STALL {
+                return Err(anyhow::anyhow!(
+                    "mirror of {key} made no progress for {} s",
+                    MIRROR_STALL.as_secs()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    };
+    tokio::select! {
+        r = vm.wait_block_job_ready(job, Duration::from_secs(24 * 3600)) => r?,
+        r = watch => r?,
+    }
+    bar.finish("mirrored (ready)");
+    Ok(())
+}
+
+pub(super) struct StartReply {
+    migrate_addr: String,
+    unix_sockets: Vec<String>,
+    nbd_uris: BTreeMap<String, String>,
+}
+
+/// The source's safety checks on the `start` reply (upstream rejects anything else).
+pub(super) fn check_start_reply(
+    reply: &Value,
+    tvmid: u32,
+    live_disks: usize,
+) -> anyhow::Result<StartReply> {
+    let safe = |p: &str| {
+        !p.contains("..")
+            && p.starts_with('/')
+            && p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._/-".contains(&b))
+    };
+    let m = &reply["migrate"];
+    if m["proto"] != json!("unix") {
+        bail!(
+            "target offers migration protocol {} - only 'unix' is supported",
+            m["proto"]
+        );
+    }
+    let addr = m["addr"]
+        .as_str()
+        .context("start reply without migrate.addr")?;
+    let expected = format!("/{tvmid}.migrate");
+    if !safe(addr) || !addr.ends_with(&expected) {
+        bail!("unexpected migration socket '{addr}' in the target's start reply");
+    }
+    let dir = &addr[..addr.len() - expected.len()];
+    let mut unix_sockets = Vec::new();
+    if let Some(list) = m.get("unix_sockets").and_then(Value::as_array) {
+        for s in list {
+            let s = s.as_str().context("non-string socket in start reply")?;
+            if !safe(s) || !s.starts_with(&format!("{dir}/")) || !s.ends_with(".migrate") {
+                bail!("unexpected socket '{s}' in the target's start reply");
+            }
+            unix_sockets.push(s.to_string());
+        }
+    }
+    let mut nbd_uris = BTreeMap::new();
+    if let Some(drives) = reply.get("drives").and_then(Value::as_object) {
+        for (key, d) in drives {
+            let uri = d["nbd_uri"].as_str().context("drive without nbd_uri")?;
+            if !uri.contains(&format!("{dir}/{tvmid}_")) || uri.contains("..") {
+                bail!("unexpected NBD URI '{uri}' in the target's start reply");
+            }
+            nbd_uris.insert(key.clone(), uri.to_string());
+        }
+    }
+    if nbd_uris.len() != live_disks {
+        bail!(
+            "target exports {} drive(s), expected {live_disks}",
+            nbd_uris.len()
+        );
+    }
+    Ok(StartReply {
+        migrate_addr: addr.to_string(),
+        unix_sockets,
+        nbd_uris,
+    })
+}

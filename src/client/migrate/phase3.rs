@@ -1,0 +1,96 @@
+//! Phase 3 of a migration: for a running VM the hand-over (`nbdstop`, `resume`, `fstrim` if
+//! the config asks, stop the source VM), then `unlock` and `quit` on the target, and the
+//! source VM deleted with `--delete`, else left stopped and locked `migrate`.
+
+use serde_json::json;
+
+use super::{Migration, SourceNode, Volume};
+use crate::client::progress::Progress;
+use crate::guest::config::{self as vmconf, VmConfig};
+use crate::guest::store::DEFAULT_LOCK_TIMEOUT;
+use crate::qemu::{self, VmHandle};
+
+impl Migration<'_> {
+    /// Phase 3.
+    pub(super) async fn phase3_finish(&mut self) -> anyhow::Result<()> {
+        let vmid = self.opts.vmid;
+        if self.plan.running {
+            self.hand_over().await?;
+        }
+        self.remote.cmd(json!({"cmd": "unlock"}), 10).await?;
+        if let Err(e) = self
+            .remote
+            .cmd(json!({"cmd": "quit", "cleanup": 0}), 30)
+            .await
+        {
+            self.progress.log(format!("WARN: quit failed: {e:#}"));
+        }
+        self.remote.forwards.clear();
+        self.remote.control.clone().close();
+        if self.opts.delete {
+            destroy_source(self.src, vmid, &self.plan.volumes, self.progress).await?;
+        } else {
+            self.progress.log(format!(
+                "source VM {vmid} stays, stopped and locked 'migrate' (use --delete to remove it)"
+            ));
+        }
+        Ok(())
+    }
+
+    /// The target VM takes over: NBD exports stopped, `resume`, `fstrim`, source VM stopped.
+    async fn hand_over(&mut self) -> anyhow::Result<()> {
+        let vmid = self.opts.vmid;
+        let tvmid = self.remote.tvmid;
+        let live = self.plan.volumes.iter().any(|v| v.live);
+        if live {
+            self.remote.cmd(json!({"cmd": "nbdstop"}), 30).await?;
+        }
+        self.remote.resume_sent = true;
+        self.remote.cmd(json!({"cmd": "resume"}), 30).await?;
+        self.progress
+            .log(format!("VM {tvmid} resumed on the target"));
+        if live && fstrim_cloned_disks(&self.plan.conf) {
+            // As upstream: mirrored disks are fully allocated; let the guest trim them.
+            if let Err(e) = self.remote.cmd(json!({"cmd": "fstrim"}), 600).await {
+                self.progress
+                    .log(format!("WARN: fstrim on the target failed: {e:#}"));
+            }
+        }
+        let vm = VmHandle::attach(&self.src.cfg.run_dir, vmid)?;
+        if let Err(e) = vm.stop(qemu::process::StopTimeouts::default()).await {
+            self.progress
+                .log(format!("WARN: stopping the source VM failed: {e}"));
+        }
+        Ok(())
+    }
+}
+
+/// The `agent` option asks for `fstrim_cloned_disks` (PVE: `agent: 1,fstrim_cloned_disks=1`).
+pub(super) fn fstrim_cloned_disks(conf: &VmConfig) -> bool {
+    conf.options
+        .get("agent")
+        .and_then(|a| vmconf::parse_property_string(a, Some("enabled")).ok())
+        .is_some_and(|props| {
+            props.iter().any(|(k, v)| {
+                k == "fstrim_cloned_disks" && crate::util::lenient_bool(&json!(v)) == Some(true)
+            })
+        })
+}
+
+async fn destroy_source(
+    src: &SourceNode,
+    vmid: u32,
+    volumes: &[Volume],
+    progress: &Progress,
+) -> anyhow::Result<()> {
+    let guard = src.guests.lock(vmid, DEFAULT_LOCK_TIMEOUT).await?;
+    for v in volumes {
+        match src.storage.free(&v.volid).await {
+            Ok(()) => progress.log(format!("deleted source volume {}", v.volid)),
+            Err(e) => progress.log(format!("WARN: deleting {} failed: {e}", v.volid)),
+        }
+    }
+    src.guests.remove_locked(&guard)?;
+    progress.log(format!("deleted source VM {vmid}"));
+    Ok(())
+}

@@ -1,0 +1,306 @@
+//! Preparing a migration: the local checks (the VM exists, is not locked, has no snapshots,
+//! runs only if `--online`), the plan (volumes and their target storages, bridges), the
+//! target's checks over its API (node name, free VMID, storages), opening the tunnel
+//! (`mtunnel`, control connection) and the `version` command. Nothing is locked or changed
+//! on the source yet.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+
+use super::remote::Remote;
+use super::{MigrateOptions, Migration, Plan, SourceNode, Summary, Volume, unique, url_host};
+use crate::client::endpoint::{IdMap, TargetEndpoint};
+use crate::client::http::{ApiClient, encode_segment};
+use crate::client::progress::Progress;
+use crate::client::tunnel::{Control, Endpoint};
+use crate::guest::config::{self as vmconf, VmConfig};
+use crate::qemu;
+
+impl<'a> Migration<'a> {
+    /// Checks the VM and the target and opens the tunnel. A failed `version` check asks the
+    /// target to clean up before it returns.
+    pub(super) async fn prepare(
+        src: &'a SourceNode,
+        opts: &'a MigrateOptions,
+        progress: &'a Progress,
+    ) -> anyhow::Result<Migration<'a>> {
+        let plan = plan(src, opts, progress).await?;
+        let remote = open_tunnel(opts, &plan, progress).await?;
+        if let Err(e) = remote.check_version().await {
+            remote.request_cleanup(progress).await;
+            return Err(e);
+        }
+        let summary = Summary {
+            target_vmid: remote.tvmid,
+            target_node: remote.node.clone(),
+            ..Summary::default()
+        };
+        Ok(Migration {
+            src,
+            opts,
+            progress,
+            plan: Arc::new(plan),
+            remote,
+            summary,
+        })
+    }
+}
+
+/// The local checks, first: nothing remote happens for a VM that cannot move.
+async fn plan(
+    src: &SourceNode,
+    opts: &MigrateOptions,
+    progress: &Progress,
+) -> anyhow::Result<Plan> {
+    let vmid = opts.vmid;
+    let tvmid = opts.target_vmid.unwrap_or(vmid);
+    if opts.storage_map.identity {
+        bail!("remote migration requires explicit storage mapping!");
+    }
+    let text = src
+        .guests
+        .read_text(vmid)
+        .map_err(|_| anyhow::anyhow!("VM {vmid} does not exist on this node"))?;
+    let conf = VmConfig::parse(&text).with_context(|| format!("parsing config of VM {vmid}"))?;
+    if let Some(lock) = conf.options.get("lock") {
+        bail!("VM {vmid} is locked ({lock})");
+    }
+    if !conf.snapshots.is_empty() {
+        bail!("remote migration with snapshots not supported yet");
+    }
+    let running = qemu::process::is_running(&src.cfg.run_dir, vmid).is_some();
+    if running && !opts.online {
+        bail!("VM {vmid} is running - use --online to migrate it live");
+    }
+    let volumes = plan_volumes(src, &conf, opts, running).await?;
+    let bridges = plan_bridges(&conf, &opts.bridge_map)?;
+    progress.log(format!(
+        "migrating VM {vmid} ({}) to {}:{} as VM {tvmid}: {} volume(s)",
+        if running { "online" } else { "offline" },
+        opts.target.host,
+        opts.target.port,
+        volumes.len()
+    ));
+    Ok(Plan {
+        conf,
+        volumes,
+        bridges,
+        running,
+    })
+}
+
+/// The target's checks over its API, then `mtunnel` and the control connection.
+async fn open_tunnel(
+    opts: &MigrateOptions,
+    plan: &Plan,
+    progress: &Progress,
+) -> anyhow::Result<Remote> {
+    let tvmid = opts.target_vmid.unwrap_or(opts.vmid);
+    let fingerprint = match opts.target.fingerprint.clone() {
+        Some(f) => f,
+        None => pinned_fingerprint(&opts.target).await?,
+    };
+    let api = ApiClient::new(
+        opts.target.host.clone(),
+        opts.target.port,
+        opts.target.apitoken.clone(),
+        fingerprint,
+    )?;
+
+    let node = target_node(&api).await?;
+    check_target(&api, tvmid, &plan.volumes).await?;
+    let storages: Vec<String> = unique(plan.volumes.iter().map(|v| v.target_storage.clone()));
+    let bridge_ids: Vec<String> = unique(plan.bridges.values().cloned());
+    let opened = api
+        .post(
+            &format!("/nodes/{node}/qemu/{tvmid}/mtunnel"),
+            &[
+                ("storages", &storages.join(",")),
+                ("bridges", &bridge_ids.join(",")),
+            ],
+        )
+        .await
+        .context("opening the tunnel on the target")?;
+    let get = |k: &str| opened.get(k).and_then(Value::as_str).map(str::to_string);
+    let (Some(upid), Some(ticket), Some(socket)) = (get("upid"), get("ticket"), get("socket"))
+    else {
+        bail!("target's mtunnel reply lacks upid/ticket/socket: {opened}");
+    };
+    progress.log(format!("remote: started tunnel worker '{upid}'"));
+    let base_url = format!(
+        "https://{}:{}/api2/json/nodes/{}/qemu/{tvmid}",
+        url_host(&opts.target.host),
+        opts.target.port,
+        node
+    );
+    let control_url = format!(
+        "{base_url}/mtunnelwebsocket?ticket={}&socket={}",
+        encode_segment(&ticket),
+        encode_segment(&socket)
+    );
+    let endpoint = Endpoint {
+        url: control_url,
+        headers: vec![("Authorization".into(), api.token_header().to_string())],
+        fingerprint: Some(api.fingerprint().to_string()),
+    };
+    let control = Control::connect(&endpoint)
+        .await
+        .context("connecting the tunnel")?;
+    Ok(Remote {
+        api,
+        control,
+        node,
+        tvmid,
+        base_url,
+        forwards: Vec::new(),
+        resume_sent: false,
+    })
+}
+
+async fn plan_volumes(
+    src: &SourceNode,
+    conf: &VmConfig,
+    opts: &MigrateOptions,
+    running: bool,
+) -> anyhow::Result<Vec<Volume>> {
+    let mut out = Vec::new();
+    for (key, value) in &conf.options {
+        if !vmconf::is_drive_key(key) {
+            continue;
+        }
+        let props: BTreeMap<String, String> = vmconf::parse_property_string(value, Some("file"))?
+            .into_iter()
+            .collect();
+        let Some(volid) = vmconf::drive_volume(value) else {
+            continue;
+        };
+        if props.get("media").is_some_and(|m| m == "cdrom") {
+            bail!("{key}: a CD-ROM with media '{volid}' cannot be migrated - eject it first");
+        }
+        let (storage, _) = vmconf::parse_volume_id(&volid).with_context(|| {
+            format!(
+                "{key}: '{volid}' is not a storage volume (passthrough disks cannot be migrated)"
+            )
+        })?;
+        let target_storage = opts.storage_map.map(storage).with_context(|| {
+            format!("{key}: no target storage mapped for storage '{storage}' (--target-storage)")
+        })?;
+        let path = src.storage.path(&volid)?;
+        let format = src.storage.volume_format(&volid).await?;
+        let size = src.storage.volume_size(&volid).await?;
+        out.push(Volume {
+            key: key.clone(),
+            volid,
+            path,
+            format,
+            size,
+            target_storage,
+            live: running && !key.starts_with("unused"),
+        });
+    }
+    Ok(out)
+}
+
+fn plan_bridges(conf: &VmConfig, map: &IdMap) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for (key, value) in &conf.options {
+        if !(key.starts_with("net") && key[3..].bytes().all(|b| b.is_ascii_digit())) {
+            continue;
+        }
+        let props: BTreeMap<String, String> = vmconf::parse_property_string(value, None)?
+            .into_iter()
+            .collect();
+        if let Some(bridge) = props.get("bridge") {
+            let target = map.map(bridge).with_context(|| {
+                format!("{key}: no target bridge mapped for '{bridge}' (--target-bridge)")
+            })?;
+            out.insert(key.clone(), target);
+        }
+    }
+    Ok(out)
+}
+
+/// Without `fingerprint=`, PVE trusts the target by its CA-signed certificate and pins the
+/// certificate the target reports for the tunnel; so do we.
+async fn pinned_fingerprint(target: &TargetEndpoint) -> anyhow::Result<String> {
+    let api =
+        ApiClient::with_ca_verification(target.host.clone(), target.port, target.apitoken.clone())?;
+    let certs = api
+        .get("/nodes/localhost/certificates/info", &[])
+        .await
+        .with_context(|| {
+            format!(
+                "the certificate of {}:{} could not be verified with the system's root CAs; \
+                 pass fingerprint=AA:BB:.. in --target (printed by `mtunnel serve`, or \
+                 GET /nodes/localhost/certificates/info)",
+                target.host, target.port
+            )
+        })?;
+    let find = |name: &str| {
+        certs.as_array().and_then(|a| {
+            a.iter()
+                .find(|c| c["filename"] == json!(name))
+                .and_then(|c| c["fingerprint"].as_str())
+                .map(str::to_string)
+        })
+    };
+    find("pveproxy-ssl.pem")
+        .or_else(|| find("pve-ssl.pem"))
+        .context("the target reports no pveproxy-ssl.pem or pve-ssl.pem certificate")
+}
+
+async fn target_node(api: &ApiClient) -> anyhow::Result<String> {
+    let status = api
+        .get("/cluster/status", &[])
+        .await
+        .context("querying the target's cluster status")?;
+    status
+        .as_array()
+        .and_then(|a| {
+            a.iter().find(|e| {
+                e["type"] == json!("node")
+                    && e.get("local").and_then(crate::util::lenient_bool) == Some(true)
+            })
+        })
+        .and_then(|e| e["name"].as_str())
+        .map(str::to_string)
+        .context("target's /cluster/status has no local node entry")
+}
+
+/// The CLI's pre-checks: the target VMID is unused and the mapped storages hold images.
+async fn check_target(api: &ApiClient, tvmid: u32, volumes: &[Volume]) -> anyhow::Result<()> {
+    let vms = api
+        .get("/cluster/resources", &[("type", "vm")])
+        .await
+        .context("listing the target's VMs")?;
+    if vms
+        .as_array()
+        .is_some_and(|a| a.iter().any(|v| v["vmid"].as_u64() == Some(tvmid as u64)))
+    {
+        bail!("target VMID {tvmid} is already in use on the target");
+    }
+    let storages = api
+        .get("/nodes/localhost/storage", &[("enabled", "1")])
+        .await
+        .context("listing the target's storages")?;
+    for v in volumes {
+        let ok = storages.as_array().is_some_and(|a| {
+            a.iter().any(|s| {
+                s["storage"] == json!(v.target_storage)
+                    && s["content"]
+                        .as_str()
+                        .is_some_and(|c| c.split(',').any(|c| c == "images"))
+            })
+        });
+        if !ok {
+            bail!(
+                "target storage '{}' does not exist, cannot hold VM images, or the token may not use it",
+                v.target_storage
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,71 @@
+//! The remote side of a migration: the target's API client, the tunnel's control connection
+//! with its commands, and the forwards of local sockets to the target's. It knows nothing of
+//! the phases; they decide which command to send when.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+
+use super::{TUNNEL_VERSION, as_u64};
+use crate::client::http::{ApiClient, encode_segment};
+use crate::client::tunnel::{Control, Endpoint, Forward, forward};
+
+/// The remote side while a migration runs.
+pub(super) struct Remote {
+    pub(super) api: ApiClient,
+    pub(super) control: Control,
+    pub(super) node: String,
+    pub(super) tvmid: u32,
+    pub(super) base_url: String,
+    pub(super) forwards: Vec<Forward>,
+    /// `resume` was sent: the target VM may run as the only live copy from here on.
+    pub(super) resume_sent: bool,
+}
+
+impl Remote {
+    fn endpoint(&self, url: String) -> Endpoint {
+        Endpoint {
+            url,
+            headers: vec![("Authorization".into(), self.api.token_header().to_string())],
+            fingerprint: Some(self.api.fingerprint().to_string()),
+        }
+    }
+
+    pub(super) async fn cmd(&self, cmd: Value, secs: u64) -> anyhow::Result<Value> {
+        Ok(self
+            .control
+            .command(&cmd, Duration::from_secs(secs))
+            .await?)
+    }
+
+    /// Forwards local `local` to the remote socket `remote`.
+    pub(super) fn forward(&mut self, local: &Path, remote: &str) -> anyhow::Result<()> {
+        let url = format!(
+            "{}/mtunnelwebsocket?socket={}&",
+            self.base_url,
+            encode_segment(remote)
+        );
+        let f = forward(&self.control, self.endpoint(url), local, remote.to_string())?;
+        self.forwards.push(f);
+        Ok(())
+    }
+
+    /// The `version` check: the target must speak our protocol version.
+    pub(super) async fn check_version(&self) -> anyhow::Result<()> {
+        let reply = self.cmd(json!({"cmd": "version"}), 10).await?;
+        let api = reply
+            .get("api")
+            .and_then(as_u64)
+            .context("version reply without api")?;
+        let age = reply.get("age").and_then(as_u64).unwrap_or(0);
+        if TUNNEL_VERSION < api.saturating_sub(age) {
+            bail!("Remote tunnel endpoint not compatible, upgrade required");
+        }
+        if TUNNEL_VERSION > api {
+            bail!("Remote tunnel endpoint too old, upgrade required");
+        }
+        Ok(())
+    }
+}
