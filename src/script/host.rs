@@ -18,13 +18,13 @@ use tokio::io::{AsyncRead, ReadBuf};
 
 use super::HandlerFailure;
 use super::journal::{self, Created};
-use crate::auth::token::unix_now;
 use crate::guest::config::{self, VmConfig};
 use crate::guest::{IncomingStart, VmLockGuard};
 use crate::node::Node;
 use crate::storage::ImportRequest;
 use crate::task::TaskLog;
 use crate::tunnel::Tunnel;
+use crate::util::unix_now;
 
 /// What a tunnel has done so far, for cleanup and for the wire rules.
 #[derive(Default)]

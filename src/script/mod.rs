@@ -26,23 +26,8 @@ use mlua::{Function, HookTriggers, Lua, LuaOptions, StdLib, Table, Value as LuaV
 
 use schema::Prop;
 
-/// Per-VM resource limits.
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    /// Bytes the Lua heap of one tunnel may hold.
-    pub memory_bytes: usize,
-    /// Lua VM instructions one command (or loading the handlers) may execute.
-    pub instructions: i64,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            memory_bytes: 32 << 20,
-            instructions: 50_000_000,
-        }
-    }
-}
+/// Per-VM resource limits (a node setting, owned by [`crate::config`]).
+pub use crate::config::LuaLimits as Limits;
 
 /// How often the instruction hook runs.
 const HOOK_EVERY: u32 = 10_000;

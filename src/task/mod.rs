@@ -19,7 +19,7 @@ use anyhow::Context;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
-use crate::auth::token::unix_now;
+use crate::util::unix_now;
 
 /// A parsed UPID.
 #[derive(Debug, Clone, PartialEq, Eq)]
