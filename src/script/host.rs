@@ -17,13 +17,13 @@ use serde_json::{Map, Value, json};
 use tokio::io::{AsyncRead, ReadBuf};
 
 use super::HandlerFailure;
-use super::journal::{self, Created};
+use crate::command::TunnelSockets;
 use crate::guest::config::{self, VmConfig};
 use crate::guest::{IncomingStart, VmLockGuard};
+use crate::journal::{self, Created};
 use crate::node::Node;
 use crate::storage::ImportRequest;
 use crate::task::TaskLog;
-use crate::tunnel::Tunnel;
 use crate::util::unix_now;
 
 /// What a tunnel has done so far, for cleanup and for the wire rules.
@@ -47,7 +47,7 @@ pub struct ImportJob {
 /// Per-tunnel context, stored as app data of the tunnel's Lua VM.
 pub struct HostCtx {
     pub node: Arc<Node>,
-    pub tunnel: Arc<Tunnel>,
+    pub tunnel: Arc<dyn TunnelSockets>,
     pub log: TaskLog,
     pub vmid: u32,
     pub authid: String,
@@ -861,7 +861,7 @@ fn tunnel_table(lua: &Lua) -> mlua::Result<Table> {
             }
             c.node
                 .tickets
-                .assemble(&c.authid, &path, &c.tunnel.instance, unix_now())
+                .assemble(&c.authid, &path, c.tunnel.instance(), unix_now())
                 .map_err(|e| fail(e.to_string()))
         })?,
     )?;
@@ -959,9 +959,10 @@ pub async fn cleanup(c: &Arc<HostCtx>) -> journal::Freed {
     let created = c.session().created.clone();
     // Another tunnel may hold the VMID by now (an operator destroyed the VM and a new
     // migration reserved it): then the VM and the config are not ours to touch.
-    let vmid_is = match c.node.tunnels.get(c.vmid) {
-        Some(t) if !Arc::ptr_eq(&t, &c.tunnel) => journal::Vmid::Lost,
-        _ => journal::Vmid::Owned,
+    let vmid_is = if c.tunnel.superseded() {
+        journal::Vmid::Lost
+    } else {
+        journal::Vmid::Owned
     };
     // A locked handler that calls cleanup keeps its lock: borrow the guard, put it back.
     let guard = c.guard.lock().unwrap_or_else(|e| e.into_inner()).take();

@@ -5,16 +5,18 @@
 //!
 //! - [`schema`]: PVE-style parameter schemas declared by handlers.
 //! - [`host`]: the `pve.*` functions and the per-tunnel host context.
-//! - [`handler`]: the [`crate::tunnel::worker::CommandHandler`] that runs Lua handlers.
+//! - [`handler`]: the [`crate::command::CommandHandler`] that runs Lua handlers.
 //! - [`scripted`]: a storage + hypervisor backend answered by a Lua file (tests, harnesses).
 //! - [`spec`]: the runner of `*_spec.lua` handler specs (`mtunnel handlers test`).
 
 pub mod handler;
 pub mod host;
-pub mod journal;
 pub mod schema;
 pub mod scripted;
 pub mod spec;
+
+/// The tunnel journal moved to [`crate::journal`]; this path stays for the CLI.
+pub use crate::journal;
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex};
 use serde_json::{Value, json};
 
 use crate::error::{Error, Result};
+use crate::journal::{self, Created};
 use crate::node::Node;
-use crate::script::journal::{self, Created};
 use crate::task::Upid;
 use crate::util::unix_now;
 
