@@ -168,7 +168,7 @@ impl NodeConfig {
             Some(node) => node,
             None => local_hostname()?,
         };
-        if !is_valid_node_name(&node) {
+        if !crate::ident::is_node_name(&node) {
             bail!("invalid node name '{node}': use letters, digits and '-' (as PVE does)");
         }
         let listen = match overrides.listen.or(file.listen) {
@@ -189,7 +189,7 @@ impl NodeConfig {
             );
         }
         for id in storages.keys() {
-            if !crate::storage::is_valid_storage_id(id) {
+            if !crate::ident::is_storage_id(id) {
                 bail!("invalid storage id '{id}' in config");
             }
         }
@@ -300,16 +300,4 @@ pub fn local_hostname() -> anyhow::Result<String> {
     let name = name.to_string_lossy();
     let short = name.split('.').next().unwrap_or("localhost");
     Ok(short.to_string())
-}
-
-/// PVE node names: `^[a-zA-Z0-9]([a-zA-Z0-9-]*[a-zA-Z0-9])?$`.
-pub fn is_valid_node_name(name: &str) -> bool {
-    let bytes = name.as_bytes();
-    !bytes.is_empty()
-        && bytes.len() <= 63
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || *b == b'-')
-        && bytes[0] != b'-'
-        && bytes[bytes.len() - 1] != b'-'
 }

@@ -24,6 +24,7 @@ pub mod command;
 pub mod config;
 pub mod error;
 pub mod guest;
+pub mod ident;
 pub mod journal;
 pub mod node;
 pub mod qemu;

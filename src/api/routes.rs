@@ -91,17 +91,7 @@ pub(super) fn path_param<'a>(p: &'a HashMap<String, String>, key: &str) -> &'a s
 
 /// A VMID path parameter: 100..=999999999 as PVE's `pve-vmid`.
 pub(super) fn parse_vmid(raw: &str) -> Result<u32, Error> {
-    let ok = raw.len() >= 3
-        && raw.len() <= 9
-        && !raw.starts_with('0')
-        && raw.bytes().all(|b| b.is_ascii_digit());
-    if !ok {
-        return Err(Error::param(
-            "vmid",
-            "invalid format - value does not look like a valid VM ID",
-        ));
-    }
-    raw.parse().map_err(|_| {
+    crate::ident::parse_vmid(raw).ok_or_else(|| {
         Error::param(
             "vmid",
             "invalid format - value does not look like a valid VM ID",
@@ -295,7 +285,7 @@ async fn mtunnel(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
             crate::storage::is_valid_storage_id,
             "storage",
         )?;
-        let bridges = id_list(&req, "bridges", is_valid_bridge_id, "bridge")?;
+        let bridges = id_list(&req, "bridges", crate::ident::is_bridge_id, "bridge")?;
         let opened = crate::tunnel::open(&st.node, &req.authid, vmid, &storages, &bridges).await?;
         Ok(Data::new(opened.to_json()))
     }
@@ -335,15 +325,6 @@ fn id_list(
         }
     }
     Ok(out)
-}
-
-/// `pve-bridge-id`: `^[-_.\w\d]+$`.
-fn is_valid_bridge_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 64
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
 fn parse_upid(raw: &str) -> Result<Upid, Error> {

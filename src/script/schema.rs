@@ -10,6 +10,8 @@ use mlua::{Table, Value as LuaValue};
 use regex_lite::Regex;
 use serde_json::{Map, Value};
 
+use crate::ident;
+
 /// A property: its schema plus whether it may be absent and its default.
 #[derive(Debug, Clone)]
 pub struct Prop {
@@ -66,23 +68,13 @@ fn schema_err(path: &str, reason: impl Into<String>) -> SchemaError {
 /// Known `format` names: what they accept.
 fn check_format(format: &str, value: &str) -> Option<&'static str> {
     let ok = match format {
-        "pve-storage-id" => crate::storage::is_valid_storage_id(value),
-        "pve-node" => crate::config::is_valid_node_name(value),
-        "pve-vmid" => {
-            (3..=9).contains(&value.len())
-                && !value.starts_with('0')
-                && value.bytes().all(|b| b.is_ascii_digit())
-        }
+        "pve-storage-id" => ident::is_storage_id(value),
+        "pve-node" => ident::is_node_name(value),
+        "pve-vmid" => ident::is_vmid(value),
         "pve-volume-id" => value
             .split_once(':')
-            .is_some_and(|(s, n)| crate::storage::is_valid_storage_id(s) && !n.is_empty()),
-        "pve-configid" => {
-            let b = value.as_bytes();
-            !b.is_empty()
-                && b[0].is_ascii_lowercase()
-                && b.iter()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"_-".contains(c))
-        }
+            .is_some_and(|(s, n)| ident::is_storage_id(s) && !n.is_empty()),
+        "pve-configid" => ident::is_config_id(value),
         "safe-path" => value
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"._/-".contains(&b)),
