@@ -44,29 +44,9 @@ pub struct HandlerSource {
     pub code: String,
 }
 
-macro_rules! builtin {
-    ($($name:literal),* $(,)?) => {
-        &[$(($name, include_str!(concat!("../../handlers/", $name, ".lua")))),*]
-    };
-}
-
-/// The handlers shipped in the binary.
-pub const BUILTIN_HANDLERS: &[(&str, &str)] = builtin!(
-    "version",
-    "bwlimit",
-    "config",
-    "disk",
-    "disk-import",
-    "query-disk-import",
-    "start",
-    "fstrim",
-    "ticket",
-    "resume",
-    "stop",
-    "nbdstop",
-    "unlock",
-    "quit",
-);
+// `BUILTIN_HANDLERS` and `BUILTIN_SPECS`: the one list of built-in commands, written by
+// build.rs from the files in `handlers/`.
+include!(concat!(env!("OUT_DIR"), "/builtin.rs"));
 
 /// The handler set for a new tunnel: built-ins, overridden (and extended) file by file by
 /// `*.lua` files in `dir` (`*_spec.lua` are tests, not handlers). Read fresh on every call.
