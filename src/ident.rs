@@ -58,6 +58,13 @@ pub fn is_bridge_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
+/// Splits a `pve-storage-id-list` / `pve-bridge-id-list` (separators `,`, `;`, whitespace).
+pub fn split_id_list(list: &str) -> Vec<&str> {
+    list.split(|c: char| c == ',' || c == ';' || c.is_whitespace())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
 /// `pve-node`: `^[a-zA-Z0-9]([a-zA-Z0-9-]*[a-zA-Z0-9])?$`, at most 63 characters.
 pub fn is_node_name(name: &str) -> bool {
     let bytes = name.as_bytes();

@@ -28,6 +28,7 @@ pub mod ident;
 pub mod journal;
 pub mod node;
 pub mod qemu;
+pub mod schema;
 pub mod script;
 pub mod storage;
 pub mod task;

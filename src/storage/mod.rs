@@ -92,12 +92,7 @@ pub fn check_usable<'a>(id: &str, def: Option<&'a StorageDef>) -> StorageResult<
 
 pub use crate::ident::is_storage_id as is_valid_storage_id;
 
-/// Splits a `pve-storage-id-list` / `pve-bridge-id-list` (separators `,`, `;`, whitespace).
-pub fn split_id_list(list: &str) -> Vec<&str> {
-    list.split(|c: char| c == ',' || c == ';' || c.is_whitespace())
-        .filter(|s| !s.is_empty())
-        .collect()
-}
+pub use crate::ident::split_id_list;
 
 /// Everything that can go wrong in the volume layer. Messages name the volid, path or
 /// storage involved and carry `qemu-img`'s own stderr, so an operator can act on them.
