@@ -100,8 +100,12 @@ pub(super) fn parse_vmid(raw: &str) -> Result<u32, Error> {
     })
 }
 
+/// Routes without parameters besides the path (version, cluster status, nodes, task
+/// index, status and stop).
+static NO_PARAMS: LazyLock<Props> = LazyLock::new(Props::new);
+
 async fn version(State(_st): St, Path(p): PathMap, req: ApiReq) -> Response {
-    let r = req.params.only(&[]).map(|_| {
+    let r = req.params.only_declared(&NO_PARAMS).map(|_| {
         Data::new(json!({
             "version": "9.0.0",
             "release": "9.0",
@@ -113,7 +117,7 @@ async fn version(State(_st): St, Path(p): PathMap, req: ApiReq) -> Response {
 }
 
 async fn cluster_status(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
-    let r = req.params.only(&[]).map(|_| {
+    let r = req.params.only_declared(&NO_PARAMS).map(|_| {
         Data::new(json!([{
             "type": "node",
             "id": format!("node/{}", st.node.cfg.node),
@@ -129,7 +133,7 @@ async fn cluster_status(State(st): St, Path(p): PathMap, req: ApiReq) -> Respons
 }
 
 async fn nodes(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
-    let r = req.params.only(&[]).map(|_| {
+    let r = req.params.only_declared(&NO_PARAMS).map(|_| {
         Data::new(json!([{
             "node": st.node.cfg.node,
             "status": "online",
@@ -217,14 +221,25 @@ async fn certificates_info(State(st): St, Path(p): PathMap, req: ApiReq) -> Resp
     finish(&p, &req, r)
 }
 
+/// `GET /nodes/{node}/storage`; `format` and `target` are accepted and ignored.
+static STORAGE_LIST_PARAMS: LazyLock<Props> = LazyLock::new(|| {
+    props([
+        ("enabled", Prop::boolean().optional()),
+        ("content", Prop::string().optional()),
+        ("storage", Prop::string().optional()),
+        ("format", Prop::any().optional()),
+        ("target", Prop::any().optional()),
+    ])
+});
+
 async fn storage_list(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
     let r = (|| {
-        req.params
-            .only(&["enabled", "content", "storage", "format", "target"])?;
+        req.params.only_declared(&STORAGE_LIST_PARAMS)?;
         st.node.check_node(path_param(&p, "node"))?;
-        let enabled_only = req.params.bool("enabled")?.unwrap_or(false);
-        let content = req.params.str("content")?;
-        let only = req.params.str("storage")?;
+        let params = req.params.checked(&STORAGE_LIST_PARAMS)?;
+        let enabled_only = flag(&params, "enabled");
+        let content = text(&params, "content");
+        let only = text(&params, "storage");
         let node = &st.node;
         let mut out = Vec::new();
         for (id, def) in &node.cfg.storages {
@@ -349,9 +364,6 @@ fn check_task_access(
 fn task_not_found(_upid: &str) -> Error {
     Error::param("upid", "no such task")
 }
-
-/// Task routes without parameters besides the path (index, status, stop).
-static NO_PARAMS: LazyLock<Props> = LazyLock::new(Props::new);
 
 async fn task_index(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
     let r = (|| {
