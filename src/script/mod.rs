@@ -3,8 +3,8 @@
 //! memory limit and an instruction budget per command, the handler files loaded fresh
 //! from the built-in set and the admin's handlers directory, and the host API `pve.*`.
 //!
-//! - [`schema`]: PVE-style parameter schemas declared by handlers.
-//! - [`host`]: the `pve.*` functions and the per-tunnel host context.
+//! - [`schema`]: reads the `params` tables handlers declare into [`crate::schema`].
+//! - [`host`]: the `pve.*` functions (one file per table) and the per-tunnel host context.
 //! - [`handler`]: the [`crate::command::CommandHandler`] that runs Lua handlers.
 //! - [`scripted`]: a storage + hypervisor backend answered by a Lua file (tests, harnesses).
 //! - [`spec`]: the runner of `*_spec.lua` handler specs (`mtunnel handlers test`).

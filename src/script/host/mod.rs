@@ -5,8 +5,8 @@
 //! the tunnel's [`Session`] so [`cleanup`] can free exactly that and nothing else.
 //! Reference: `handlers/README.md`.
 //!
-//! One file per `pve.*` table, matching `docs/handlers/*.md`: [`log`], [`json`], [`config`],
-//! [`storage`], [`qemu`], [`firewall`], [`tunnel`], [`perm`]. This file owns the tunnel's
+//! One file per `pve.*` table, matching `docs/handlers/*.md`: `log`, `json`, `config`,
+//! `storage`, `qemu`, `firewall`, `tunnel`, `perm`. This file owns the tunnel's
 //! [`HostCtx`] and [`Session`], the journal discipline ([`HostCtx::record`], the refusal
 //! to create after release) and the cleanup entry points ([`end_import`], [`cleanup`]).
 
@@ -39,7 +39,7 @@ pub(crate) use json::json_table;
 /// What a tunnel has done so far, for cleanup and for the wire rules.
 #[derive(Default)]
 pub struct Session {
-    /// What this tunnel created, mirrored durably to its journal by [`HostCtx::persist`].
+    /// What this tunnel created, mirrored durably to its journal by [`HostCtx::record`].
     pub created: Created,
     pub exit: bool,
     pub import: Option<ImportJob>,
