@@ -10,6 +10,13 @@ use crate::guest::{IncomingStart, VmConfig};
 
 pub(super) fn qemu_table(lua: &Lua) -> mlua::Result<Table> {
     let t = lua.create_table()?;
+    add_start_fns(lua, &t)?;
+    add_lifecycle_fns(lua, &t)?;
+    Ok(t)
+}
+
+/// `check_config` and `start_incoming`.
+fn add_start_fns(lua: &Lua, t: &Table) -> mlua::Result<()> {
     t.set(
         "check_config",
         lua.create_function(|lua, options: LuaValue| {
@@ -66,6 +73,11 @@ pub(super) fn qemu_table(lua: &Lua) -> mlua::Result<Table> {
             to_lua(&lua, &reply)
         })?,
     )?;
+    Ok(())
+}
+
+/// `resume`, `stop`, `nbd_stop`, `fstrim`, `is_running`: the incoming VM after its start.
+fn add_lifecycle_fns(lua: &Lua, t: &Table) -> mlua::Result<()> {
     macro_rules! vm_op {
         ($name:literal, $method:ident) => {
             t.set(
@@ -123,5 +135,5 @@ pub(super) fn qemu_table(lua: &Lua) -> mlua::Result<Table> {
             Ok(c.node.hypervisor.is_running(c.vmid).await)
         })?,
     )?;
-    Ok(t)
+    Ok(())
 }

@@ -18,6 +18,13 @@ use crate::storage::ImportRequest;
 
 pub(super) fn storage_table(lua: &Lua) -> mlua::Result<Table> {
     let t = lua.create_table()?;
+    add_volume_fns(lua, &t)?;
+    add_transfer_fns(lua, &t)?;
+    Ok(t)
+}
+
+/// `check`, `formats`, `alloc`, `free`, `owned`, `path`: this tunnel's volumes.
+fn add_volume_fns(lua: &Lua, t: &Table) -> mlua::Result<()> {
     t.set(
         "check",
         lua.create_function(|lua, storage: String| {
@@ -98,6 +105,11 @@ pub(super) fn storage_table(lua: &Lua) -> mlua::Result<Table> {
                 .map_err(|e| fail(e.to_string()))
         })?,
     )?;
+    Ok(())
+}
+
+/// `bwlimit` and the disk import (`import_start`, `import_status`).
+fn add_transfer_fns(lua: &Lua, t: &Table) -> mlua::Result<()> {
     t.set(
         "bwlimit",
         lua.create_function(
@@ -147,7 +159,7 @@ pub(super) fn storage_table(lua: &Lua) -> mlua::Result<Table> {
             to_lua(&lua, &status)
         })?,
     )?;
-    Ok(t)
+    Ok(())
 }
 
 /// Counts bytes read, for `pending` progress messages.
