@@ -118,7 +118,7 @@
 ---| "pve-node"        # node name: letters, digits, '-', not at either end, at most 63
 ---| "pve-vmid"        # 3 to 9 digits, no leading zero
 ---| "pve-volume-id"   # <valid storage id>:<non-empty rest>
----| "pve-configid"    # [a-z][a-z0-9_-]*
+---| "pve-configid"    # [a-zA-Z][a-zA-Z0-9_-]+, at least 2 characters (as PVE)
 ---| "safe-path"       # only [A-Za-z0-9._/-]
 
 ---A schema. Keys other than these make the handler fail to load ("unknown schema key").

@@ -100,7 +100,7 @@ return {
     t:eq(send(tun, { node = "-x" }).msg, bad("node", "invalid format - node name"))
     t:eq(send(tun, { vmid = "0100" }).msg, bad("vmid", "invalid format - VM ID"))
     t:eq(send(tun, { volid = "local:" }).msg, bad("volid", "invalid format - unable to parse volume ID"))
-    t:eq(send(tun, { key = "Scsi0" }).msg, bad("key", "invalid format - invalid configuration ID"))
+    t:eq(send(tun, { key = "0scsi" }).msg, bad("key", "invalid format - invalid configuration ID"))
     t:eq(send(tun, { path = "a b" }).msg, bad("path", "invalid format"))
   end,
 

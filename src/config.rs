@@ -2,7 +2,8 @@
 //!
 //! Everything has an embedded default so `mtunnel serve` runs without a config file; an
 //! optional TOML file overrides any default, and command-line flags override the file.
-//! This module only describes settings; it opens no sockets and creates no files.
+//! This module only describes settings (plain types such as [`Accel`] and [`LuaLimits`]
+//! included, so it depends on no engine); it opens no sockets and creates no files.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -16,6 +17,37 @@ use crate::storage::{StorageDef, StorageKind};
 
 /// Default HTTPS listen address (PVE's port, loopback only until the operator opens it).
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8006";
+
+/// Which accelerator QEMU runs with (`qemu_accel`). [`Accel::resolve`], which probes the
+/// host, lives with the QEMU command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Accel {
+    Kvm,
+    /// Software emulation. What tests use: an idle TCG guest costs ~0.4 % of a core.
+    Tcg,
+    /// KVM when `/dev/kvm` can be opened read-write, else TCG. The config option `kvm: 0`
+    /// forces TCG in any case.
+    #[default]
+    Auto,
+}
+
+/// Resource limits of each tunnel's Lua VM (`lua_memory_mib`, `lua_instruction_limit`).
+#[derive(Debug, Clone, Copy)]
+pub struct LuaLimits {
+    /// Bytes the Lua heap of one tunnel may hold.
+    pub memory_bytes: usize,
+    /// Lua VM instructions one command (or loading the handlers) may execute.
+    pub instructions: i64,
+}
+
+impl Default for LuaLimits {
+    fn default() -> Self {
+        LuaLimits {
+            memory_bytes: 32 << 20,
+            instructions: 50_000_000,
+        }
+    }
+}
 
 /// Settings of one node, resolved from defaults, the optional config file and flags.
 #[derive(Debug, Clone)]
@@ -42,9 +74,9 @@ pub struct NodeConfig {
     /// headers (a client trickling bytes must not hold a request open forever).
     pub body_read_timeout: Duration,
     /// QEMU acceleration: `kvm`, `tcg` or `auto` (KVM when `/dev/kvm` is usable).
-    pub qemu_accel: crate::qemu::Accel,
+    pub qemu_accel: Accel,
     /// Memory and instruction limits of each tunnel's Lua VM.
-    pub lua_limits: crate::script::Limits,
+    pub lua_limits: LuaLimits,
     /// A WebSocket peer from which no frame arrived for this long is dropped (the server
     /// pings every connection at a third of it), and its tunnel cleans up.
     pub peer_timeout: Duration,
@@ -136,7 +168,7 @@ impl NodeConfig {
             Some(node) => node,
             None => local_hostname()?,
         };
-        if !is_valid_node_name(&node) {
+        if !crate::ident::is_node_name(&node) {
             bail!("invalid node name '{node}': use letters, digits and '-' (as PVE does)");
         }
         let listen = match overrides.listen.or(file.listen) {
@@ -157,18 +189,18 @@ impl NodeConfig {
             );
         }
         for id in storages.keys() {
-            if !crate::storage::is_valid_storage_id(id) {
+            if !crate::ident::is_storage_id(id) {
                 bail!("invalid storage id '{id}' in config");
             }
         }
         let qemu_accel = match file.qemu_accel.as_deref() {
-            None | Some("auto") => crate::qemu::Accel::Auto,
-            Some("kvm") => crate::qemu::Accel::Kvm,
-            Some("tcg") => crate::qemu::Accel::Tcg,
+            None | Some("auto") => Accel::Auto,
+            Some("kvm") => Accel::Kvm,
+            Some("tcg") => Accel::Tcg,
             Some(other) => bail!("invalid qemu_accel '{other}': use kvm, tcg or auto"),
         };
-        let defaults = crate::script::Limits::default();
-        let lua_limits = crate::script::Limits {
+        let defaults = LuaLimits::default();
+        let lua_limits = LuaLimits {
             memory_bytes: file
                 .lua_memory_mib
                 .map(|m| m.max(4) << 20)
@@ -297,16 +329,4 @@ pub fn local_hostname() -> anyhow::Result<String> {
     let name = name.to_string_lossy();
     let short = name.split('.').next().unwrap_or("localhost");
     Ok(short.to_string())
-}
-
-/// PVE node names: `^[a-zA-Z0-9]([a-zA-Z0-9-]*[a-zA-Z0-9])?$`.
-pub fn is_valid_node_name(name: &str) -> bool {
-    let bytes = name.as_bytes();
-    !bytes.is_empty()
-        && bytes.len() <= 63
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || *b == b'-')
-        && bytes[0] != b'-'
-        && bytes[bytes.len() - 1] != b'-'
 }

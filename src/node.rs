@@ -1,10 +1,13 @@
 //! The services of one node, wired together once at start: settings, tokens, ticket key,
-//! tasks, VM configs and open tunnels. Every request handler and tunnel worker gets an
-//! `Arc<Node>`; privilege checks that several layers share live here too.
+//! tasks, VM configs, open tunnels, the backends and the factory of tunnel command
+//! handlers. This is where the layers meet; each layer itself imports only downward.
+//! Every request handler and tunnel worker gets an `Arc<Node>`; privilege checks that
+//! several layers share live here too.
 
 use std::sync::Arc;
 
 use crate::auth::{TicketKey, TokenStore};
+use crate::command::HandlerFactory;
 use crate::config::NodeConfig;
 use crate::error::{Error, Result};
 use crate::guest::{ConfigStore, Hypervisor};
@@ -21,6 +24,8 @@ pub struct Node {
     pub tunnels: Registry,
     pub storage: Arc<dyn Storage>,
     pub hypervisor: Arc<dyn Hypervisor>,
+    /// Builds each tunnel's command handler (the Lua handlers unless a test swaps it).
+    pub handlers: HandlerFactory,
 }
 
 /// The data dir is locked by another process (a running `serve`, or `mtunnel cleanup`).
@@ -101,6 +106,7 @@ impl Node {
             tunnels: Registry::default(),
             storage: backends.storage,
             hypervisor: backends.hypervisor,
+            handlers: Arc::new(crate::script::handler::lua_handler),
         }))
     }
 

@@ -1,5 +1,5 @@
-//! Small file-system helpers shared by every layer: atomic writes with a given mode and
-//! private directories. Nothing here knows about VMs, tunnels or HTTP.
+//! Small helpers shared by every layer: atomic writes with a given mode, private
+//! directories, the clock in UNIX seconds. Nothing here knows about VMs, tunnels or HTTP.
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
@@ -82,4 +82,12 @@ pub fn lenient_bool(v: &serde_json::Value) -> Option<bool> {
 /// rustls offers (it carries the bulk of a migration's bytes).
 pub fn tls_provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
     std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// Seconds since the UNIX epoch (0 if the clock is before it).
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }

@@ -1,7 +1,9 @@
 //! Turning an HTTP request into what an endpoint needs: the API format (`json`/`extjs`),
 //! the authenticated token id, and the parameters merged from query string and body with
 //! PVE's leniency (form bodies with or without Content-Type, JSON bodies, booleans as
-//! 0/1/true/false/"True").
+//! 0/1/true/false/"True"). Routes declare their parameters in the [`crate::schema`]
+//! language and check them with [`Params::only_declared`] and [`Params::checked`]; the
+//! typed accessors serve the routes not yet declared that way.
 
 use std::sync::Arc;
 
@@ -14,6 +16,10 @@ use serde_json::{Map, Value};
 use super::AppState;
 use super::reply::{ApiFailure, Format};
 use crate::error::Error;
+use crate::schema::{self, Prop, Schema};
+
+/// A route's declared parameters (path parameters apart).
+pub type Props = std::collections::BTreeMap<String, Prop>;
 
 /// An authenticated API request.
 pub struct ApiReq {
@@ -161,6 +167,39 @@ impl Params {
         }
     }
 
+    /// Rejects parameters `props` does not declare, with PVE's message (before the path
+    /// parameters are checked, as PVE does).
+    pub fn only_declared(&self, props: &Props) -> Result<(), Error> {
+        let keys: Vec<&str> = props.keys().map(String::as_str).collect();
+        self.only(&keys)
+    }
+
+    /// Checks and normalizes the parameters against `props` (booleans become booleans,
+    /// integers numbers); every failing parameter is named with PVE's text. A
+    /// `*-id-list` parameter given several times (a list) counts as one joined by `,`.
+    pub fn checked(&self, props: &Props) -> Result<Map<String, Value>, Error> {
+        let mut map = self.0.clone();
+        for (key, prop) in props {
+            if let (
+                Schema::String {
+                    format: Some(f), ..
+                },
+                Some(Value::Array(items)),
+            ) = (&prop.schema, map.get(key))
+                && f.ends_with("-list")
+                && let Some(parts) = items.iter().map(Value::as_str).collect::<Option<Vec<_>>>()
+            {
+                let joined = Value::String(parts.join(","));
+                map.insert(key.clone(), joined);
+            }
+        }
+        match schema::validate_object("", props, false, &map) {
+            Ok(Value::Object(map)) => Ok(map),
+            Ok(_) => Ok(Map::new()),
+            Err(errors) => Err(Error::Param(errors)),
+        }
+    }
+
     /// A string parameter; `null` counts as absent.
     pub fn str(&self, key: &str) -> Result<Option<String>, Error> {
         match self.0.get(key) {
@@ -168,28 +207,6 @@ impl Params {
             Some(Value::String(s)) => Ok(Some(s.clone())),
             Some(Value::Number(n)) => Ok(Some(n.to_string())),
             Some(_) => Err(Error::param(key, "type check ('string') failed")),
-        }
-    }
-
-    pub fn required_str(&self, key: &str) -> Result<String, Error> {
-        self.str(key)?
-            .ok_or_else(|| Error::param(key, "property is missing and it is not optional"))
-    }
-
-    /// An integer parameter, from a number or a numeric string.
-    pub fn int(&self, key: &str) -> Result<Option<i64>, Error> {
-        match self.0.get(key) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::Number(n)) => n.as_i64().map(Some).ok_or_else(|| {
-                Error::param(key, format!("type check ('integer') failed - got '{n}'"))
-            }),
-            Some(Value::String(s)) => s.trim().parse().map(Some).map_err(|_| {
-                Error::param(key, format!("type check ('integer') failed - got '{s}'"))
-            }),
-            Some(other) => Err(Error::param(
-                key,
-                format!("type check ('integer') failed - got '{other}'"),
-            )),
         }
     }
 

@@ -2,7 +2,7 @@
 //! layer that does the work.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use axum::Router;
 use axum::extract::{Path, State};
@@ -13,8 +13,9 @@ use serde_json::{Map, Value, json};
 
 use super::AppState;
 use super::reply::{Data, Format, render};
-use super::request::ApiReq;
+use super::request::{ApiReq, Props};
 use crate::error::Error;
+use crate::schema::{Prop, props};
 use crate::task::Upid;
 
 type St = State<Arc<AppState>>;
@@ -108,17 +109,7 @@ pub(super) fn path_param<'a>(p: &'a HashMap<String, String>, key: &str) -> &'a s
 
 /// A VMID path parameter: 100..=999999999 as PVE's `pve-vmid`.
 pub(super) fn parse_vmid(raw: &str) -> Result<u32, Error> {
-    let ok = raw.len() >= 3
-        && raw.len() <= 9
-        && !raw.starts_with('0')
-        && raw.bytes().all(|b| b.is_ascii_digit());
-    if !ok {
-        return Err(Error::param(
-            "vmid",
-            "invalid format - value does not look like a valid VM ID",
-        ));
-    }
-    raw.parse().map_err(|_| {
+    crate::ident::parse_vmid(raw).ok_or_else(|| {
         Error::param(
             "vmid",
             "invalid format - value does not look like a valid VM ID",
@@ -126,8 +117,12 @@ pub(super) fn parse_vmid(raw: &str) -> Result<u32, Error> {
     })
 }
 
+/// Routes without parameters besides the path (version, cluster status, nodes, task
+/// index, status and stop).
+static NO_PARAMS: LazyLock<Props> = LazyLock::new(Props::new);
+
 async fn version(State(_st): St, Path(p): PathMap, req: ApiReq) -> Response {
-    let r = req.params.only(&[]).map(|_| {
+    let r = req.params.only_declared(&NO_PARAMS).map(|_| {
         Data::new(json!({
             "version": "9.0.0",
             "release": "9.0",
@@ -139,7 +134,7 @@ async fn version(State(_st): St, Path(p): PathMap, req: ApiReq) -> Response {
 }
 
 async fn cluster_status(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
-    let r = req.params.only(&[]).map(|_| {
+    let r = req.params.only_declared(&NO_PARAMS).map(|_| {
         Data::new(json!([{
             "type": "node",
             "id": format!("node/{}", st.node.cfg.node),
@@ -155,7 +150,7 @@ async fn cluster_status(State(st): St, Path(p): PathMap, req: ApiReq) -> Respons
 }
 
 async fn nodes(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
-    let r = req.params.only(&[]).map(|_| {
+    let r = req.params.only_declared(&NO_PARAMS).map(|_| {
         Data::new(json!([{
             "node": st.node.cfg.node,
             "status": "online",
@@ -257,15 +252,26 @@ async fn certificates_info(State(st): St, Path(p): PathMap, req: ApiReq) -> Resp
     finish(&p, &req, r)
 }
 
+/// `GET /nodes/{node}/storage`; `format` and `target` are accepted and ignored.
+static STORAGE_LIST_PARAMS: LazyLock<Props> = LazyLock::new(|| {
+    props([
+        ("enabled", Prop::boolean().optional()),
+        ("content", Prop::string().optional()),
+        ("storage", Prop::string().optional()),
+        ("format", Prop::any().optional()),
+        ("target", Prop::any().optional()),
+    ])
+});
+
 async fn storage_list(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
     let r = (|| {
-        req.params
-            .only(&["enabled", "content", "storage", "format", "target"])?;
+        req.params.only_declared(&STORAGE_LIST_PARAMS)?;
         st.node.check_node(path_param(&p, "node"))?;
-        let enabled_only = req.params.bool("enabled")?.unwrap_or(false);
+        let params = req.params.checked(&STORAGE_LIST_PARAMS)?;
+        let enabled_only = flag(&params, "enabled");
+        let content = text(&params, "content");
+        let only = text(&params, "storage");
         let with_formats = req.params.bool("format")?.unwrap_or(false);
-        let content = req.params.str("content")?;
-        let only = req.params.str("storage")?;
         let node = &st.node;
         let mut out = Vec::new();
         for (id, def) in &node.cfg.storages {
@@ -327,18 +333,28 @@ fn disk_space(path: &std::path::Path) -> (u64, u64) {
     }
 }
 
+/// `POST /nodes/{node}/qemu/{vmid}/mtunnel`.
+static MTUNNEL_PARAMS: LazyLock<Props> = LazyLock::new(|| {
+    props([
+        (
+            "storages",
+            Prop::string().format("pve-storage-id-list").optional(),
+        ),
+        (
+            "bridges",
+            Prop::string().format("pve-bridge-id-list").optional(),
+        ),
+    ])
+});
+
 async fn mtunnel(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
     let r = async {
-        req.params.only(&["storages", "bridges"])?;
+        req.params.only_declared(&MTUNNEL_PARAMS)?;
         st.node.check_node(path_param(&p, "node"))?;
         let vmid = parse_vmid(path_param(&p, "vmid"))?;
-        let storages = id_list(
-            &req,
-            "storages",
-            crate::storage::is_valid_storage_id,
-            "storage",
-        )?;
-        let bridges = id_list(&req, "bridges", is_valid_bridge_id, "bridge")?;
+        let params = req.params.checked(&MTUNNEL_PARAMS)?;
+        let storages = id_list(&params, "storages");
+        let bridges = id_list(&params, "bridges");
         let opened = crate::tunnel::open(&st.node, &req.authid, vmid, &storages, &bridges).await?;
         Ok(Data::new(opened.to_json()))
     }
@@ -346,47 +362,16 @@ async fn mtunnel(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
     finish(&p, &req, r)
 }
 
-/// A `pve-storage-id-list` / `pve-bridge-id-list` parameter (may be empty).
-fn id_list(
-    req: &ApiReq,
-    key: &str,
-    valid: fn(&str) -> bool,
-    what: &str,
-) -> Result<Vec<String>, Error> {
-    let values: Vec<String> = match req.params.0.get(key) {
-        None | Some(Value::Null) => return Ok(Vec::new()),
-        Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|v| v.as_str().map(str::to_string))
-            .collect::<Option<_>>()
-            .ok_or_else(|| Error::param(key, "type check ('string') failed"))?,
-        Some(_) => return Err(Error::param(key, "type check ('string') failed")),
-    };
-    let mut out = Vec::new();
-    for value in &values {
-        for id in crate::storage::split_id_list(value) {
-            if !valid(id) {
-                return Err(Error::param(
-                    key,
-                    format!("invalid format - value '{id}' does not look like a valid {what} ID"),
-                ));
-            }
-            if !out.iter().any(|o| o == id) {
-                out.push(id.to_string());
-            }
+/// The ids of a checked `pve-storage-id-list` / `pve-bridge-id-list` parameter, each once.
+fn id_list(params: &Map<String, Value>, key: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let list = params.get(key).and_then(Value::as_str).unwrap_or("");
+    for id in crate::ident::split_id_list(list) {
+        if !out.iter().any(|o| o == id) {
+            out.push(id.to_string());
         }
     }
-    Ok(out)
-}
-
-/// `pve-bridge-id`: `^[-_.\w\d]+$`.
-fn is_valid_bridge_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 64
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    out
 }
 
 fn parse_upid(raw: &str) -> Result<Upid, Error> {
@@ -425,7 +410,7 @@ fn task_not_found(_upid: &str) -> Error {
 
 async fn task_index(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
     let r = (|| {
-        req.params.only(&[])?;
+        req.params.only_declared(&NO_PARAMS)?;
         st.node.check_node(path_param(&p, "node"))?;
         let upid = parse_upid(path_param(&p, "upid"))?;
         check_task_access(&st, &req, &upid, "Sys.Audit")?;
@@ -440,7 +425,7 @@ async fn task_index(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
 
 async fn task_status(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
     let r = (|| {
-        req.params.only(&[])?;
+        req.params.only_declared(&NO_PARAMS)?;
         st.node.check_node(path_param(&p, "node"))?;
         let upid = parse_upid(path_param(&p, "upid"))?;
         check_task_access(&st, &req, &upid, "Sys.Audit")?;
@@ -454,15 +439,25 @@ async fn task_status(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
     finish(&p, &req, r)
 }
 
+/// `GET /nodes/{node}/tasks/{upid}/log`.
+static TASK_LOG_PARAMS: LazyLock<Props> = LazyLock::new(|| {
+    props([
+        ("start", Prop::integer().minimum(0).optional()),
+        ("limit", Prop::integer().minimum(0).optional()),
+        ("download", Prop::boolean().optional()),
+    ])
+});
+
 async fn task_log(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
     let r = (|| {
-        req.params.only(&["start", "limit", "download"])?;
+        req.params.only_declared(&TASK_LOG_PARAMS)?;
         st.node.check_node(path_param(&p, "node"))?;
         let upid = parse_upid(path_param(&p, "upid"))?;
         check_task_access(&st, &req, &upid, "Sys.Audit")?;
-        let start = non_negative(&req, "start")?.unwrap_or(0);
-        let limit = non_negative(&req, "limit")?.unwrap_or(50);
-        let download = req.params.bool("download")?.unwrap_or(false);
+        let params = req.params.checked(&TASK_LOG_PARAMS)?;
+        let start = count(&params, "start").unwrap_or(0);
+        let limit = count(&params, "limit").unwrap_or(50);
+        let download = flag(&params, "download");
         let limit = if download { usize::MAX } else { limit };
         let (lines, total) = st
             .node
@@ -478,17 +473,24 @@ async fn task_log(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
     finish(&p, &req, r)
 }
 
-fn non_negative(req: &ApiReq, key: &str) -> Result<Option<usize>, Error> {
-    match req.params.int(key)? {
-        None => Ok(None),
-        Some(n) if n >= 0 => Ok(Some(n as usize)),
-        Some(_) => Err(Error::param(key, "value must have a minimum value of 0")),
-    }
+/// A checked `integer` parameter with `minimum` 0.
+fn count(params: &Map<String, Value>, key: &str) -> Option<usize> {
+    params.get(key).and_then(Value::as_u64).map(|n| n as usize)
+}
+
+/// A checked `boolean` parameter, false when absent.
+fn flag(params: &Map<String, Value>, key: &str) -> bool {
+    params.get(key).and_then(Value::as_bool).unwrap_or(false)
+}
+
+/// A checked `string` parameter.
+fn text(params: &Map<String, Value>, key: &str) -> Option<String> {
+    params.get(key).and_then(Value::as_str).map(str::to_string)
 }
 
 async fn task_stop(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
     let r = (|| {
-        req.params.only(&[])?;
+        req.params.only_declared(&NO_PARAMS)?;
         st.node.check_node(path_param(&p, "node"))?;
         let upid = parse_upid(path_param(&p, "upid"))?;
         check_task_access(&st, &req, &upid, "Sys.Modify")?;
@@ -502,31 +504,34 @@ async fn task_stop(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
     finish(&p, &req, r)
 }
 
+/// `GET /nodes/{node}/tasks`; `since`, `until` and `statusfilter` are accepted and ignored.
+static TASK_LIST_PARAMS: LazyLock<Props> = LazyLock::new(|| {
+    props([
+        ("start", Prop::integer().minimum(0).optional()),
+        ("limit", Prop::integer().minimum(0).optional()),
+        ("userfilter", Prop::string().optional()),
+        ("typefilter", Prop::string().optional()),
+        ("vmid", Prop::integer().optional()),
+        ("source", Prop::string().optional()),
+        ("errors", Prop::boolean().optional()),
+        ("since", Prop::any().optional()),
+        ("until", Prop::any().optional()),
+        ("statusfilter", Prop::any().optional()),
+    ])
+});
+
 async fn task_list(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
     let r = (|| {
-        req.params.only(&[
-            "start",
-            "limit",
-            "userfilter",
-            "typefilter",
-            "vmid",
-            "source",
-            "errors",
-            "since",
-            "until",
-            "statusfilter",
-        ])?;
+        req.params.only_declared(&TASK_LIST_PARAMS)?;
         st.node.check_node(path_param(&p, "node"))?;
-        let start = non_negative(&req, "start")?.unwrap_or(0);
-        let limit = non_negative(&req, "limit")?.unwrap_or(50);
-        let userfilter = req.params.str("userfilter")?;
-        let typefilter = req.params.str("typefilter")?;
-        let vmid = req.params.int("vmid")?;
-        let errors_only = req.params.bool("errors")?.unwrap_or(false);
-        let source = req
-            .params
-            .str("source")?
-            .unwrap_or_else(|| "archive".into());
+        let params = req.params.checked(&TASK_LIST_PARAMS)?;
+        let start = count(&params, "start").unwrap_or(0);
+        let limit = count(&params, "limit").unwrap_or(50);
+        let userfilter = text(&params, "userfilter");
+        let typefilter = text(&params, "typefilter");
+        let vmid = params.get("vmid").and_then(Value::as_i64);
+        let errors_only = flag(&params, "errors");
+        let source = text(&params, "source").unwrap_or_else(|| "archive".into());
         let audit = st.node.allows(
             &req.authid,
             &format!("/nodes/{}", st.node.cfg.node),

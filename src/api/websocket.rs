@@ -6,21 +6,22 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use axum::extract::{Path, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use hyper_util::rt::TokioIo;
-use serde_json::json;
+use serde_json::{Value, json};
 use tokio::net::UnixStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use super::AppState;
 use super::reply::Data;
-use super::request::ApiReq;
+use super::request::{ApiReq, Props};
 use super::routes::{finish, parse_vmid, path_param};
 use crate::error::Error;
+use crate::schema::{Prop, props};
 use crate::tunnel::{Tunnel, forward};
 
 pub(super) async fn mtunnelwebsocket(
@@ -130,6 +131,10 @@ pub(super) async fn mtunnelwebsocket(
     response
 }
 
+/// `GET /nodes/{node}/qemu/{vmid}/mtunnelwebsocket`.
+static PARAMS: LazyLock<Props> =
+    LazyLock::new(|| props([("socket", Prop::string()), ("ticket", Prop::string())]));
+
 /// All checks before an upgrade; returns the socket, the client key (for upgrades) and
 /// the tunnel the socket belongs to.
 async fn check(
@@ -138,11 +143,18 @@ async fn check(
     req: &ApiReq,
     wants_upgrade: bool,
 ) -> Result<(PathBuf, Option<String>, Arc<Tunnel>), Error> {
-    req.params.only(&["socket", "ticket"])?;
+    req.params.only_declared(&PARAMS)?;
     st.node.check_node(path_param(p, "node"))?;
     let vmid = parse_vmid(path_param(p, "vmid"))?;
-    let socket = req.params.required_str("socket")?;
-    let ticket = req.params.required_str("ticket")?;
+    let params = req.params.checked(&PARAMS)?;
+    let text = |key: &str| {
+        params
+            .get(key)
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string()
+    };
+    let (socket, ticket) = (text("socket"), text("ticket"));
     let key = if wants_upgrade {
         let version = req
             .headers

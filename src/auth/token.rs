@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::acl::Acl;
-use crate::util::write_atomic;
+use crate::util::{unix_now, write_atomic};
 
 /// Why a request could not be authenticated. Every variant maps to HTTP 401.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -328,13 +328,6 @@ pub fn hex(bytes: &[u8]) -> String {
             let _ = write!(s, "{b:02x}");
             s
         })
-}
-
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -52,11 +52,16 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     use std::io::Write;
     std::io::stdout().flush().ok();
+    // Handlers first: a SIGTERM right after READY must reach the graceful path.
+    use anyhow::Context;
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("handling SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("handling SIGINT")?;
     // Type=notify: ready once recovered and listening (no-op outside systemd).
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted, shutting down"),
-        _ = terminate() => tracing::info!("terminated, shutting down"),
+        _ = int.recv() => tracing::info!("interrupted, shutting down"),
+        _ = term.recv() => tracing::info!("terminated, shutting down"),
     }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     server.abort();
@@ -149,13 +154,4 @@ pub async fn cleanup(args: NodeArgs, dry_run: bool) -> anyhow::Result<()> {
         println!("nothing to clean up");
     }
     Ok(())
-}
-
-async fn terminate() {
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(mut s) => {
-            s.recv().await;
-        }
-        Err(_) => std::future::pending().await,
-    }
 }

@@ -35,8 +35,9 @@ use serde_json::{Value, json};
 use thiserror::Error;
 use tokio::time::Instant;
 
+pub use crate::config::Accel;
 pub use agent::{Agent, AgentError};
-pub use cmdline::{Accel, CmdlineError, DiskFormat, DiskSource, VmPaths, VmSpec, build_command};
+pub use cmdline::{CmdlineError, DiskFormat, DiskSource, VmPaths, VmSpec, build_command};
 pub use process::{
     ProcessError, StartOptions, StopMethod, StopOutcome, StopTimeouts, VmGuard, VmHandle,
     is_running,

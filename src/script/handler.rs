@@ -1,4 +1,5 @@
-//! Runs Lua handlers as the tunnel's [`CommandHandler`]: looks the command up, validates
+//! Runs Lua handlers as the tunnel's [`CommandHandler`] ([`lua_handler`] is the node's
+//! default handler factory): looks the command up, validates
 //! its parameters against the handler's schema, takes the VM's config lock and checks the
 //! expected lock (for handlers with `lock = true`), calls `run(ctx, params)` within the
 //! instruction budget, and turns the result or the error into the reply. When the control
@@ -12,9 +13,9 @@ use serde_json::{Map, Value};
 
 use super::host::{self, HostCtx, Session, config_to_json};
 use super::{ScriptVm, clean_error, schema};
+use crate::command::{CommandHandler, HandlerSetup, Outcome};
 use crate::guest::VmConfig;
 use crate::guest::store::DEFAULT_LOCK_TIMEOUT;
-use crate::tunnel::worker::{CommandHandler, Outcome};
 
 pub struct LuaCommandHandler {
     vm: ScriptVm,
@@ -206,21 +207,32 @@ impl CommandHandler for LuaCommandHandler {
     }
 }
 
-/// A fresh host context for a tunnel whose journal starts as `created`.
-pub fn host_ctx(
-    node: &Arc<crate::node::Node>,
-    tunnel: &Arc<crate::tunnel::Tunnel>,
-    log: &crate::task::TaskLog,
-    created: super::journal::Created,
-) -> HostCtx {
+/// The node's default [`crate::command::HandlerFactory`]: loads the handler files fresh
+/// (an edit takes effect for the next tunnel) and wires them to the tunnel.
+pub fn lua_handler(setup: HandlerSetup) -> anyhow::Result<Box<dyn CommandHandler>> {
+    let (sources, problems) = super::handler_sources(Some(&setup.node.cfg.handlers_dir));
+    for problem in problems {
+        setup.log.warn(format!("handler file skipped: {problem}"));
+    }
+    let vm = ScriptVm::new(setup.node.cfg.lua_limits, &sources)?;
+    for (cmd, handler) in &vm.handlers {
+        if let Err(e) = handler {
+            setup.log.warn(format!("handler '{cmd}' refused: {e}"));
+        }
+    }
+    Ok(Box::new(LuaCommandHandler::new(vm, host_ctx(setup))?))
+}
+
+/// A fresh host context for a tunnel whose journal starts as `setup.created`.
+pub fn host_ctx(setup: HandlerSetup) -> HostCtx {
     HostCtx {
-        node: Arc::clone(node),
-        tunnel: Arc::clone(tunnel),
-        log: log.clone(),
-        vmid: tunnel.vmid,
-        authid: tunnel.authid.clone(),
+        vmid: setup.tunnel.vmid(),
+        authid: setup.tunnel.authid().to_string(),
+        node: setup.node,
+        tunnel: setup.tunnel,
+        log: setup.log,
         session: Mutex::new(Session {
-            created,
+            created: setup.created,
             ..Session::default()
         }),
         guard: Mutex::new(None),

@@ -3,18 +3,20 @@
 //! memory limit and an instruction budget per command, the handler files loaded fresh
 //! from the built-in set and the admin's handlers directory, and the host API `pve.*`.
 //!
-//! - [`schema`]: PVE-style parameter schemas declared by handlers.
-//! - [`host`]: the `pve.*` functions and the per-tunnel host context.
-//! - [`handler`]: the [`crate::tunnel::worker::CommandHandler`] that runs Lua handlers.
+//! - [`schema`]: reads the `params` tables handlers declare into [`crate::schema`].
+//! - [`host`]: the `pve.*` functions (one file per table) and the per-tunnel host context.
+//! - [`handler`]: the [`crate::command::CommandHandler`] that runs Lua handlers.
 //! - [`scripted`]: a storage + hypervisor backend answered by a Lua file (tests, harnesses).
 //! - [`spec`]: the runner of `*_spec.lua` handler specs (`mtunnel handlers test`).
 
 pub mod handler;
 pub mod host;
-pub mod journal;
 pub mod schema;
 pub mod scripted;
 pub mod spec;
+
+/// The tunnel journal moved to [`crate::journal`]; this path stays for the CLI.
+pub use crate::journal;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -25,23 +27,8 @@ use mlua::{Function, HookTriggers, Lua, LuaOptions, StdLib, Table, Value as LuaV
 
 use schema::Prop;
 
-/// Per-VM resource limits.
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    /// Bytes the Lua heap of one tunnel may hold.
-    pub memory_bytes: usize,
-    /// Lua VM instructions one command (or loading the handlers) may execute.
-    pub instructions: i64,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            memory_bytes: 32 << 20,
-            instructions: 50_000_000,
-        }
-    }
-}
+/// Per-VM resource limits (a node setting, owned by [`crate::config`]).
+pub use crate::config::LuaLimits as Limits;
 
 /// How often the instruction hook runs.
 const HOOK_EVERY: u32 = 10_000;
@@ -56,29 +43,9 @@ pub struct HandlerSource {
     pub code: String,
 }
 
-macro_rules! builtin {
-    ($($name:literal),* $(,)?) => {
-        &[$(($name, include_str!(concat!("../../handlers/", $name, ".lua")))),*]
-    };
-}
-
-/// The handlers shipped in the binary.
-pub const BUILTIN_HANDLERS: &[(&str, &str)] = builtin!(
-    "version",
-    "bwlimit",
-    "config",
-    "disk",
-    "disk-import",
-    "query-disk-import",
-    "start",
-    "fstrim",
-    "ticket",
-    "resume",
-    "stop",
-    "nbdstop",
-    "unlock",
-    "quit",
-);
+// `BUILTIN_HANDLERS` and `BUILTIN_SPECS`: the one list of built-in commands, written by
+// build.rs from the files in `handlers/`.
+include!(concat!(env!("OUT_DIR"), "/builtin.rs"));
 
 /// The handler set for a new tunnel: built-ins, overridden (and extended) file by file by
 /// `*.lua` files in `dir` (`*_spec.lua` are tests, not handlers). Read fresh on every call.

@@ -1,53 +1,13 @@
-//! PVE-style parameter schemas declared by handler files (`params = { .. }`), checked by the
-//! core before a handler runs, with PVE's leniency: `null` counts as absent, booleans may be
-//! `0/1`, `"0"/"1"` or `true/false`, integers may be numeric strings; unknown keys are
-//! rejected unless a schema allows them. Validation also normalizes: booleans become JSON
-//! booleans, integers become numbers, defaults are filled in.
+//! Reads the parameter schemas handler files declare (`params = { .. }`) into the
+//! [`crate::schema`] language, refusing unknown keys and types at load time.
 
 use std::collections::BTreeMap;
 
 use mlua::{Table, Value as LuaValue};
 use regex_lite::Regex;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
-/// A property: its schema plus whether it may be absent and its default.
-#[derive(Debug, Clone)]
-pub struct Prop {
-    pub schema: Schema,
-    pub optional: bool,
-    pub default: Option<Value>,
-}
-
-#[derive(Debug, Clone)]
-pub enum Schema {
-    String {
-        allowed: Option<Vec<String>>,
-        pattern: Option<Regex>,
-        format: Option<String>,
-        min_length: Option<usize>,
-        max_length: Option<usize>,
-    },
-    Integer {
-        min: Option<i64>,
-        max: Option<i64>,
-    },
-    Number {
-        min: Option<f64>,
-        max: Option<f64>,
-    },
-    Boolean,
-    Object {
-        props: BTreeMap<String, Prop>,
-        additional: bool,
-    },
-    /// `items` is checked per element; PVE's `members` is not (kept unchecked on purpose).
-    /// `max_items` (`maxItems`) bounds the length, whichever of the two is used.
-    Array {
-        items: Option<Box<Schema>>,
-        max_items: Option<usize>,
-    },
-    Any,
-}
+pub use crate::schema::{Prop, Schema, format_errors, validate_object};
 
 /// Why a handler's `params` table is not a valid schema (reported at load time).
 #[derive(Debug, thiserror::Error)]
@@ -61,45 +21,6 @@ fn schema_err(path: &str, reason: impl Into<String>) -> SchemaError {
     SchemaError {
         path: path.to_string(),
         reason: reason.into(),
-    }
-}
-
-/// Known `format` names: what they accept.
-fn check_format(format: &str, value: &str) -> Option<&'static str> {
-    let ok = match format {
-        "pve-storage-id" => crate::storage::is_valid_storage_id(value),
-        "pve-node" => crate::config::is_valid_node_name(value),
-        "pve-vmid" => {
-            (3..=9).contains(&value.len())
-                && !value.starts_with('0')
-                && value.bytes().all(|b| b.is_ascii_digit())
-        }
-        "pve-volume-id" => value
-            .split_once(':')
-            .is_some_and(|(s, n)| crate::storage::is_valid_storage_id(s) && !n.is_empty()),
-        "pve-configid" => {
-            let b = value.as_bytes();
-            !b.is_empty()
-                && b[0].is_ascii_lowercase()
-                && b.iter()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"_-".contains(c))
-        }
-        "safe-path" => value
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._/-".contains(&b)),
-        _ => return Some("unknown format"),
-    };
-    if ok {
-        None
-    } else {
-        Some(match format {
-            "pve-storage-id" => "invalid format - storage ID",
-            "pve-node" => "invalid format - node name",
-            "pve-vmid" => "invalid format - VM ID",
-            "pve-volume-id" => "invalid format - unable to parse volume ID",
-            "pve-configid" => "invalid format - invalid configuration ID",
-            _ => "invalid format",
-        })
     }
 }
 
@@ -215,7 +136,7 @@ impl Schema {
                 };
                 let format = get_str("format")?;
                 if let Some(f) = &format
-                    && check_format(f, "") == Some("unknown format")
+                    && !crate::schema::FORMATS.contains(&f.as_str())
                 {
                     return Err(schema_err(path, format!("unknown format '{f}'")));
                 }
@@ -265,150 +186,6 @@ impl Schema {
             other => return Err(schema_err(path, format!("unknown type '{other}'"))),
         })
     }
-
-    /// Validates and normalizes `value`; on failure returns (path, reason).
-    pub fn validate(&self, path: &str, value: &Value) -> Result<Value, (String, String)> {
-        let fail = |reason: String| Err((path.to_string(), reason));
-        match self {
-            Schema::Any => Ok(value.clone()),
-            Schema::Boolean => match crate::util::lenient_bool(value) {
-                Some(b) => Ok(Value::Bool(b)),
-                None => fail(format!(
-                    "type check ('boolean') failed - got '{}'",
-                    show(value)
-                )),
-            },
-            Schema::Integer { min, max } => {
-                let n = match value {
-                    Value::Number(n) => n.as_i64().or_else(|| {
-                        n.as_f64()
-                            .filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15)
-                            .map(|f| f as i64)
-                    }),
-                    Value::String(s) => s.trim().parse::<i64>().ok(),
-                    _ => None,
-                };
-                let Some(n) = n else {
-                    return fail(format!(
-                        "type check ('integer') failed - got '{}'",
-                        show(value)
-                    ));
-                };
-                if let Some(m) = min
-                    && n < *m
-                {
-                    return fail(format!("value must have a minimum value of {m}"));
-                }
-                if let Some(m) = max
-                    && n > *m
-                {
-                    return fail(format!("value must have a maximum value of {m}"));
-                }
-                Ok(Value::from(n))
-            }
-            Schema::Number { min, max } => {
-                let n = match value {
-                    Value::Number(n) => n.as_f64(),
-                    Value::String(s) => s.trim().parse::<f64>().ok(),
-                    _ => None,
-                };
-                let Some(n) = n.filter(|f| f.is_finite()) else {
-                    return fail(format!(
-                        "type check ('number') failed - got '{}'",
-                        show(value)
-                    ));
-                };
-                if min.is_some_and(|m| n < m) || max.is_some_and(|m| n > m) {
-                    return fail("value out of range".into());
-                }
-                Ok(value.clone())
-            }
-            Schema::String {
-                allowed,
-                pattern,
-                format,
-                min_length,
-                max_length,
-            } => {
-                let s = match value {
-                    Value::String(s) => s.clone(),
-                    Value::Number(n) => n.to_string(),
-                    _ => {
-                        return fail(format!(
-                            "type check ('string') failed - got '{}'",
-                            show(value)
-                        ));
-                    }
-                };
-                if let Some(allowed) = allowed
-                    && !allowed.contains(&s)
-                {
-                    return fail(format!(
-                        "value '{s}' does not have a value in the enumeration '{}'",
-                        allowed.join(", ")
-                    ));
-                }
-                if let Some(m) = min_length
-                    && s.len() < *m
-                {
-                    return fail(format!("value must be at least {m} characters long"));
-                }
-                if let Some(m) = max_length
-                    && s.len() > *m
-                {
-                    return fail(format!("value may only be {m} characters long"));
-                }
-                if let Some(re) = pattern
-                    && !re.is_match(&s)
-                {
-                    return fail("value does not match the regex pattern".to_string());
-                }
-                if let Some(f) = format
-                    && let Some(reason) = check_format(f, &s)
-                {
-                    return fail(reason.to_string());
-                }
-                Ok(Value::String(s))
-            }
-            Schema::Array { items, max_items } => {
-                let Value::Array(list) = value else {
-                    return fail(format!(
-                        "type check ('array') failed - got '{}'",
-                        show(value)
-                    ));
-                };
-                if let Some(m) = max_items
-                    && list.len() > *m
-                {
-                    return fail(format!(
-                        "array may contain at most {m} items, got {}",
-                        list.len()
-                    ));
-                }
-                match items {
-                    None => Ok(value.clone()),
-                    Some(item) => list
-                        .iter()
-                        .enumerate()
-                        .map(|(i, v)| item.validate(&format!("{path}[{i}]"), v))
-                        .collect::<Result<Vec<_>, _>>()
-                        .map(Value::Array),
-                }
-            }
-            Schema::Object { props, additional } => {
-                let Value::Object(map) = value else {
-                    return fail(format!(
-                        "type check ('object') failed - got '{}'",
-                        show(value)
-                    ));
-                };
-                validate_object(path, props, *additional, map).map_err(|mut errs| {
-                    errs.pop_first()
-                        .unwrap_or_else(|| (path.to_string(), "invalid".into()))
-                })
-            }
-        }
-    }
 }
 
 /// Parses a `properties` table.
@@ -427,88 +204,6 @@ pub fn properties_from_lua(
         props.insert(name, Prop::from_lua(&sub, &prop)?);
     }
     Ok(props)
-}
-
-/// Validates an object's properties; collects every error as (path, reason).
-pub fn validate_object(
-    path: &str,
-    props: &BTreeMap<String, Prop>,
-    additional: bool,
-    map: &Map<String, Value>,
-) -> Result<Value, BTreeMap<String, String>> {
-    let join = |k: &str| {
-        if path.is_empty() {
-            k.to_string()
-        } else {
-            format!("{path}.{k}")
-        }
-    };
-    let mut errors = BTreeMap::new();
-    let mut failed = std::collections::BTreeSet::new();
-    let mut out = Map::new();
-    for (key, value) in map {
-        if value.is_null() {
-            continue;
-        }
-        match props.get(key) {
-            Some(prop) => match prop.schema.validate(&join(key), value) {
-                Ok(v) => {
-                    out.insert(key.clone(), v);
-                }
-                Err((p, reason)) => {
-                    failed.insert(key.clone());
-                    errors.insert(p, reason);
-                }
-            },
-            None if additional => {
-                out.insert(key.clone(), value.clone());
-            }
-            None => {
-                errors.insert(
-                    join(key),
-                    "property is not defined in schema and the schema does not allow additional properties".into(),
-                );
-            }
-        }
-    }
-    for (key, prop) in props {
-        if out.contains_key(key) || failed.contains(key) {
-            continue;
-        }
-        match &prop.default {
-            Some(d) => {
-                out.insert(key.clone(), d.clone());
-            }
-            None if !prop.optional => {
-                errors.insert(
-                    join(key),
-                    "property is missing and it is not optional".into(),
-                );
-            }
-            None => {}
-        }
-    }
-    if errors.is_empty() {
-        Ok(Value::Object(out))
-    } else {
-        Err(errors)
-    }
-}
-
-/// PVE's text for a failed parameter check.
-pub fn format_errors(errors: &BTreeMap<String, String>) -> String {
-    let mut msg = String::from("400 Parameter verification failed.\n");
-    for (k, v) in errors {
-        msg.push_str(&format!("{k}: {v}\n"));
-    }
-    msg
-}
-
-fn show(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
 }
 
 #[cfg(test)]
@@ -695,7 +390,7 @@ mod tests {
             (
                 "pve-configid",
                 "scsi0",
-                "Scsi0",
+                "0scsi",
                 "invalid format - invalid configuration ID",
             ),
             ("safe-path", "a/b_c.d-e", "a b", "invalid format"),

@@ -40,31 +40,8 @@ use crate::node::{Backends, Node};
 use crate::storage::StorageDef;
 use crate::task::Upid;
 
-macro_rules! builtin_specs {
-    ($($name:literal),* $(,)?) => {
-        &[$((concat!($name, "_spec.lua"), include_str!(concat!("../../handlers/", $name, "_spec.lua")))),*]
-    };
-}
-
 /// The specs shipped in the binary (`handlers/<cmd>_spec.lua`).
-pub const BUILTIN_SPECS: &[(&str, &str)] = builtin_specs!(
-    "version",
-    "bwlimit",
-    "config",
-    "disk",
-    "disk-import",
-    "query-disk-import",
-    "start",
-    "fstrim",
-    "ticket",
-    "resume",
-    "stop",
-    "nbdstop",
-    "unlock",
-    "quit",
-    "protocol",
-    "schema",
-);
+pub use super::BUILTIN_SPECS;
 
 /// The Lua side of `t` and of tunnel objects.
 const PRELUDE: &str = include_str!("spec_prelude.lua");

@@ -114,23 +114,9 @@ pub fn check_usable<'a>(id: &str, def: Option<&'a StorageDef>) -> StorageResult<
     Ok(def)
 }
 
-/// PVE storage ids: `^[a-z][a-z0-9\-_.]*[a-z0-9]$`.
-pub fn is_valid_storage_id(id: &str) -> bool {
-    let b = id.as_bytes();
-    b.len() >= 2
-        && b[0].is_ascii_lowercase()
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"-_.".contains(c))
-        && (b[b.len() - 1].is_ascii_lowercase() || b[b.len() - 1].is_ascii_digit())
-}
+pub use crate::ident::is_storage_id as is_valid_storage_id;
 
-/// Splits a `pve-storage-id-list` / `pve-bridge-id-list` (separators `,`, `;`, whitespace).
-pub fn split_id_list(list: &str) -> Vec<&str> {
-    // NUL: how proxmox-client (PDM) joins list values in a query.
-    list.split(|c: char| c == ',' || c == ';' || c == '\0' || c.is_whitespace())
-        .filter(|s| !s.is_empty())
-        .collect()
-}
+pub use crate::ident::split_id_list;
 
 /// Everything that can go wrong in the volume layer. Messages name the volid, path or
 /// storage involved and carry `qemu-img`'s own stderr, so an operator can act on them.

@@ -19,7 +19,7 @@ use anyhow::Context;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
-use crate::auth::token::unix_now;
+use crate::util::unix_now;
 
 /// A parsed UPID.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,7 +65,7 @@ impl FromStr for Upid {
         };
         let node = fields[1];
         let safe = |f: &str| !f.is_empty() && !f.contains(['/', '\0']) && f != "." && f != "..";
-        if !crate::config::is_valid_node_name(node)
+        if !crate::ident::is_node_name(node)
             || !safe(fields[5])
             || !safe(fields[7])
             || fields[6].contains(['/', '\0'])

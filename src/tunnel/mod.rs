@@ -13,11 +13,11 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::{Value, json};
 
-use crate::auth::token::unix_now;
 use crate::error::{Error, Result};
+use crate::journal::{self, Created};
 use crate::node::Node;
-use crate::script::journal::{self, Created};
 use crate::task::Upid;
+use crate::util::unix_now;
 
 /// One open tunnel, from `POST .../mtunnel` until its worker ends.
 pub struct Tunnel {

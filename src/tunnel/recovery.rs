@@ -13,8 +13,8 @@
 use std::sync::{Arc, Mutex};
 
 use crate::guest::VmConfig;
+use crate::journal::{self, Created, Report};
 use crate::node::Node;
-use crate::script::journal::{self, Created, Report};
 
 /// Collects what freeing reports, for the task log and the caller's output.
 #[derive(Default)]

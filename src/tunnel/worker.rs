@@ -1,61 +1,25 @@
 //! The tunnel worker: accepts exactly one connection on the control socket, then reads one
 //! JSON command per line and writes exactly one reply line per command, in order. Command
-//! semantics live behind [`CommandHandler`]; this loop owns the wire rules (line limit,
-//! parse errors, `'cmd' missing`, exit mode after `quit`) and the task log.
+//! semantics live behind [`CommandHandler`], built by the node's handler factory
+//! ([`crate::command`]); this loop owns the wire rules (line limit, parse errors,
+//! `'cmd' missing`, exit mode after `quit`) and the task log.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use futures_util::FutureExt;
-use futures_util::future::BoxFuture;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 
 use super::Tunnel;
+pub use crate::command::{CommandHandler, Outcome};
+use crate::command::{HandlerSetup, TunnelSockets};
 use crate::node::Node;
-use crate::script::handler::{LuaCommandHandler, host_ctx};
 use crate::task::{StopSignal, TaskLog};
 
 /// Longest accepted command line; longer lines are discarded with an error reply.
 pub const MAX_LINE_BYTES: usize = 16 * 1024 * 1024;
-
-/// The outcome of one command.
-pub struct Outcome {
-    /// Reply fields (without `success`), or the error message.
-    pub reply: Result<Map<String, Value>, String>,
-    /// Switch the tunnel to exit mode after this reply (`quit`).
-    pub exit: bool,
-}
-
-impl Outcome {
-    pub fn ok(fields: Map<String, Value>) -> Self {
-        Outcome {
-            reply: Ok(fields),
-            exit: false,
-        }
-    }
-
-    pub fn err(msg: impl Into<String>) -> Self {
-        Outcome {
-            reply: Err(msg.into()),
-            exit: false,
-        }
-    }
-}
-
-/// Executes tunnel commands for one tunnel.
-pub trait CommandHandler: Send {
-    /// Whether `cmd` is a command this handler knows.
-    fn knows(&self, cmd: &str) -> bool;
-    /// Runs a known command with its parameters (`cmd` already removed).
-    fn handle<'a>(&'a mut self, cmd: &'a str, params: Map<String, Value>)
-    -> BoxFuture<'a, Outcome>;
-    /// Called exactly once when the tunnel ends, however it ends; `end` says how, for the
-    /// task log ("control connection lost before the migration finished", ...). Frees
-    /// what the tunnel created unless the migration was committed.
-    fn finish(&mut self, end: &str) -> BoxFuture<'_, ()>;
-}
 
 /// How the command loop ended.
 #[derive(Debug)]
@@ -91,7 +55,7 @@ pub async fn run(
     tunnel: &Arc<Tunnel>,
     listener: UnixListener,
     log: &TaskLog,
-    created: crate::script::journal::Created,
+    created: crate::journal::Created,
     mut stop: StopSignal,
 ) -> anyhow::Result<()> {
     let mut handler = match build_handler(node, tunnel, log, created) {
@@ -133,7 +97,7 @@ pub async fn run(
     let served = AssertUnwindSafe(serve_until(
         read,
         write,
-        &mut handler,
+        &mut *handler,
         log,
         stop.requested(),
     ))
@@ -164,20 +128,57 @@ fn build_handler(
     node: &Arc<Node>,
     tunnel: &Arc<Tunnel>,
     log: &TaskLog,
-    created: crate::script::journal::Created,
-) -> anyhow::Result<LuaCommandHandler> {
-    // Handlers are read fresh for every tunnel: an edit takes effect for the next one.
-    let (sources, problems) = crate::script::handler_sources(Some(&node.cfg.handlers_dir));
-    for problem in problems {
-        log.warn(format!("handler file skipped: {problem}"));
+    created: crate::journal::Created,
+) -> anyhow::Result<Box<dyn CommandHandler>> {
+    let link = Link {
+        node: Arc::clone(node),
+        tunnel: Arc::clone(tunnel),
+    };
+    (node.handlers)(HandlerSetup {
+        node: Arc::clone(node),
+        tunnel: Arc::new(link),
+        log: log.clone(),
+        created,
+    })
+}
+
+/// A tunnel as its handler sees it: its sockets, and whether it still holds its VMID.
+struct Link {
+    node: Arc<Node>,
+    tunnel: Arc<Tunnel>,
+}
+
+impl TunnelSockets for Link {
+    fn vmid(&self) -> u32 {
+        self.tunnel.vmid
     }
-    let vm = crate::script::ScriptVm::new(node.cfg.lua_limits, &sources)?;
-    for (cmd, handler) in &vm.handlers {
-        if let Err(e) = handler {
-            log.warn(format!("handler '{cmd}' refused: {e}"));
-        }
+
+    fn authid(&self) -> &str {
+        &self.tunnel.authid
     }
-    LuaCommandHandler::new(vm, host_ctx(node, tunnel, log, created))
+
+    fn instance(&self) -> &str {
+        &self.tunnel.instance
+    }
+
+    fn register_socket(&self, path: &std::path::Path) {
+        self.tunnel.register_socket(path)
+    }
+
+    fn unregister_socket(&self, path: &std::path::Path) {
+        self.tunnel.unregister_socket(path)
+    }
+
+    fn is_registered(&self, path: &std::path::Path) -> bool {
+        self.tunnel.is_registered(path)
+    }
+
+    fn superseded(&self) -> bool {
+        self.node
+            .tunnels
+            .get(self.tunnel.vmid)
+            .is_some_and(|t| !Arc::ptr_eq(&t, &self.tunnel))
+    }
 }
 
 fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {

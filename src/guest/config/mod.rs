@@ -20,6 +20,8 @@
 
 use std::collections::BTreeMap;
 
+use crate::ident::{is_config_id, is_option_key, is_vmid};
+
 mod parse;
 mod props;
 mod write;
@@ -172,32 +174,6 @@ impl Section {
     }
 }
 
-/// `[a-z][a-z_\-]*\d*`
-fn is_option_key(key: &str) -> bool {
-    let bytes = key.as_bytes();
-    let Some((first, rest)) = bytes.split_first() else {
-        return false;
-    };
-    if !first.is_ascii_lowercase() {
-        return false;
-    }
-    let letters = rest
-        .iter()
-        .take_while(|b| b.is_ascii_lowercase() || **b == b'_' || **b == b'-')
-        .count();
-    rest[letters..].iter().all(u8::is_ascii_digit)
-}
-
-/// PVE's configuration ID (`[a-z][a-z0-9_\-]+`, case-insensitive), used for snapshot names.
-fn is_config_id(name: &str) -> bool {
-    let bytes = name.as_bytes();
-    bytes.len() >= 2
-        && bytes[0].is_ascii_alphabetic()
-        && bytes[1..]
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || *b == b'_' || *b == b'-')
-}
-
 /// The only value checks done here: `lock` is one of [`LOCK_VALUES`], `vmid` a valid VMID.
 fn check_value(key: &str, value: &str) -> Result<(), String> {
     match key {
@@ -221,12 +197,6 @@ fn control_char_reason(c: char) -> String {
         "contains the control character U+{:04X}; values must be printable text",
         u32::from(c)
     )
-}
-
-/// `^[1-9][0-9]{2,8}$` (pve-common's `pve-vmid` format).
-fn is_vmid(value: &str) -> bool {
-    let bytes = value.as_bytes();
-    (3..=9).contains(&bytes.len()) && bytes[0] != b'0' && bytes.iter().all(u8::is_ascii_digit)
 }
 
 fn invalid(section: &Section, reason: String) -> ConfigError {

@@ -37,6 +37,7 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
+use crate::config::Accel;
 use crate::guest::config as vmconf;
 
 mod cpu;
@@ -49,18 +50,6 @@ mod network;
 use drives::Drive;
 use machine::Chipset;
 use network::Nic;
-
-/// Which accelerator QEMU runs with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Accel {
-    Kvm,
-    /// Software emulation. What tests use: an idle TCG guest costs ~0.4 % of a core.
-    Tcg,
-    /// KVM when `/dev/kvm` can be opened read-write, else TCG. The config option `kvm: 0`
-    /// forces TCG in any case.
-    #[default]
-    Auto,
-}
 
 impl Accel {
     /// Resolves `Auto` on this host.

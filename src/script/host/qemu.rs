@@ -1,0 +1,139 @@
+//! `pve.qemu`: config checks, the incoming VM (start, resume, stop, NBD, fstrim). A start
+//! and a resume are recorded before they happen. Reference: `docs/handlers/qemu.md`.
+
+use mlua::{Lua, Table, Value as LuaValue};
+use serde_json::{Value, json};
+
+use super::config::string_map;
+use super::{ctx, fail, from_lua, to_lua};
+use crate::guest::{IncomingStart, VmConfig};
+
+pub(super) fn qemu_table(lua: &Lua) -> mlua::Result<Table> {
+    let t = lua.create_table()?;
+    add_start_fns(lua, &t)?;
+    add_lifecycle_fns(lua, &t)?;
+    Ok(t)
+}
+
+/// `check_config` and `start_incoming`.
+fn add_start_fns(lua: &Lua, t: &Table) -> mlua::Result<()> {
+    t.set(
+        "check_config",
+        lua.create_function(|lua, options: LuaValue| {
+            let options = string_map(Some(&from_lua(lua, options)?), "options")?;
+            crate::qemu::cmdline::check_options(&options).map_err(|e| fail(e.to_string()))
+        })?,
+    )?;
+    t.set(
+        "start_incoming",
+        lua.create_async_function(|lua, opts: LuaValue| async move {
+            let c = ctx(&lua)?;
+            c.ensure_open()?;
+            let opts = from_lua(&lua, opts)?;
+            let text = c
+                .node
+                .guests
+                .read_text(c.vmid)
+                .map_err(|e| fail(e.to_string()))?;
+            let config = VmConfig::parse(&text).map_err(|e| fail(e.to_string()))?;
+            let nbd = string_map(opts.get("nbd"), "nbd")?;
+            let req = IncomingStart {
+                vmid: c.vmid,
+                config,
+                machine: opts
+                    .get("machine")
+                    .and_then(Value::as_str)
+                    .map(str::to_string),
+                cpu: opts.get("cpu").and_then(Value::as_str).map(str::to_string),
+                nbd,
+            };
+            c.record(|r| r.vm_started = true).await?;
+            let started = c
+                .node
+                .hypervisor
+                .start_incoming(req)
+                .await
+                .map_err(|e| fail(format!("{e:#}")))?;
+            c.tunnel.register_socket(&started.migrate_socket);
+            if let Some(nbd) = &started.nbd_socket {
+                c.tunnel.register_socket(nbd);
+            }
+            c.info(&format!(
+                "VM {} started, waiting for migration on {}",
+                c.vmid,
+                started.migrate_socket.display()
+            ));
+            let mut reply = json!({
+                "migrate_socket": started.migrate_socket.display().to_string(),
+                "nbd_uris": started.nbd_uris,
+            });
+            if let Some(nbd) = &started.nbd_socket {
+                reply["nbd_socket"] = json!(nbd.display().to_string());
+            }
+            to_lua(&lua, &reply)
+        })?,
+    )?;
+    Ok(())
+}
+
+/// `resume`, `stop`, `nbd_stop`, `fstrim`, `is_running`: the incoming VM after its start.
+fn add_lifecycle_fns(lua: &Lua, t: &Table) -> mlua::Result<()> {
+    macro_rules! vm_op {
+        ($name:literal, $method:ident) => {
+            t.set(
+                $name,
+                lua.create_async_function(|lua, ()| async move {
+                    let c = ctx(&lua)?;
+                    c.node
+                        .hypervisor
+                        .$method(c.vmid)
+                        .await
+                        .map_err(|e| fail(format!("{e:#}")))
+                })?,
+            )?;
+        };
+    }
+    t.set(
+        "resume",
+        lua.create_async_function(|lua, ()| async move {
+            let c = ctx(&lua)?;
+            // Recorded first: if this process dies during `cont`, the VM may already run
+            // as the only live copy, and recovery must leave it alone.
+            c.record(|r| r.resume_requested = true).await?;
+            c.node
+                .hypervisor
+                .resume(c.vmid)
+                .await
+                .map_err(|e| fail(format!("{e:#}")))?;
+            c.record(|r| r.committed = true).await
+        })?,
+    )?;
+    t.set(
+        "stop",
+        lua.create_async_function(|lua, ()| async move {
+            let c = ctx(&lua)?;
+            if c.session().created.resume_requested {
+                return Err(fail(format!(
+                    "VM {} was resumed on this node and may be the only live copy - not \
+                     stopping it",
+                    c.vmid
+                )));
+            }
+            c.node
+                .hypervisor
+                .stop(c.vmid)
+                .await
+                .map_err(|e| fail(format!("{e:#}")))
+        })?,
+    )?;
+    vm_op!("nbd_stop", nbd_stop);
+    vm_op!("fstrim", fstrim);
+    t.set(
+        "is_running",
+        lua.create_async_function(|lua, ()| async move {
+            let c = ctx(&lua)?;
+            Ok(c.node.hypervisor.is_running(c.vmid).await)
+        })?,
+    )?;
+    Ok(())
+}
