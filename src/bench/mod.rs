@@ -28,6 +28,7 @@ pub mod procs;
 pub mod relay;
 mod report;
 pub mod throughput;
+pub mod wan;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
