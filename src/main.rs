@@ -111,6 +111,15 @@ struct BenchArgs {
     /// Keep the temporary directory with every process's log.
     #[arg(long)]
     keep: bool,
+    /// Measure across an emulated WAN link RTT,RATE[,loss=P][,flowcap=RATE][,queue=BYTES]
+    /// (e.g. 20ms,1gbit or 50ms,1gbit,loss=0.1% or 20ms,10gbit,flowcap=1gbit): plain TCP,
+    /// the tunnel (plain and TLS) and a live migration (direct vs. `mtunnel migrate
+    /// --online`) side by side. Repeat the flag or separate links with ';'. Needs root
+    /// (network namespaces, TUN); skipped with a note otherwise. With --wan only the WAN
+    /// section runs unless --only names others; defaults become --size 512M --repeat 2
+    /// --migrations 2.
+    #[arg(long, value_delimiter = ';', value_parser = clap::value_parser!(mtunnel::bench::wan::LinkSpec))]
+    wan: Vec<mtunnel::bench::wan::LinkSpec>,
 }
 
 #[derive(Subcommand)]
@@ -712,6 +721,8 @@ async fn handlers_test(dir: Option<PathBuf>, filter: Option<String>) -> anyhow::
 fn bench_options(a: BenchArgs) -> mtunnel::bench::Options {
     let d = if a.quick {
         mtunnel::bench::Options::quick()
+    } else if !a.wan.is_empty() {
+        mtunnel::bench::Options::wan()
     } else {
         mtunnel::bench::Options::full()
     };
@@ -728,5 +739,6 @@ fn bench_options(a: BenchArgs) -> mtunnel::bench::Options {
         json: a.json,
         keep: a.keep,
         quick: a.quick,
+        wan: a.wan,
     }
 }

@@ -76,7 +76,7 @@ fn parse_rate(s: &str) -> Result<u64, String> {
         .parse()
         .map_err(|_| format!("rate '{s}': not a number"))?;
     let bps = v * mult;
-    if !(bps >= 1e3 && bps <= 1e12) {
+    if !(1e3..=1e12).contains(&bps) {
         return Err(format!("rate '{s}': out of range (1kbit..1000gbit)"));
     }
     Ok(bps as u64)
