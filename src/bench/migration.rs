@@ -42,6 +42,8 @@ pub struct MigrationRun {
     pub ram_transferred: Option<u64>,
     /// QEMU's final `query-migrate` (direct and relay).
     pub query_migrate: Option<Value>,
+    /// Tunnel: what `mtunnel migrate` printed (its steps with their times).
+    pub output: Option<String>,
     /// Tunnel: the whole `mtunnel migrate` command; direct and relay: from starting the
     /// target QEMU to `completed` (what a migration costs end to end).
     pub total_s: f64,
@@ -276,6 +278,7 @@ async fn tunnel_run(s: &Setup, vmid: u32, target_vmid: u32) -> anyhow::Result<Mi
         settle_s,
         ram_transferred: None,
         query_migrate: None,
+        output: Some(out),
         total_s: wall_s,
     })
 }
@@ -377,6 +380,7 @@ async fn direct_run(s: &Setup, vmid: u32, relay: bool) -> anyhow::Result<Migrati
             settle_s,
             ram_transferred: Some(done.transferred),
             query_migrate: Some(q),
+            output: None,
             total_s,
         })
     }

@@ -382,6 +382,8 @@ struct Counters {
     /// Largest lateness of a packet behind its release time, in µs: how far the forwarder
     /// fell behind the schedule (its own ceiling).
     max_late_us: AtomicU64,
+    /// Packets sent more than 1 ms after their release time.
+    late_1ms: AtomicU64,
     /// Thread id, for its CPU time.
     tid: AtomicU64,
 }
@@ -395,6 +397,8 @@ pub struct DirStats {
     pub queue_drops: u64,
     pub flow_drops: u64,
     pub max_late_us: u64,
+    /// Packets sent more than 1 ms behind their schedule.
+    pub late_1ms: u64,
     /// CPU seconds of the forwarder thread so far.
     pub cpu_s: f64,
 }
@@ -483,6 +487,7 @@ impl Wan {
                 queue_drops: c.queue_drops.load(Ordering::Relaxed),
                 flow_drops: c.flow_drops.load(Ordering::Relaxed),
                 max_late_us: c.max_late_us.load(Ordering::Relaxed),
+                late_1ms: c.late_1ms.load(Ordering::Relaxed),
                 cpu_s,
             }
         })
@@ -687,6 +692,9 @@ impl DelayLine {
             let late_us = (now - q.release_ns) / 1000;
             let c = &self.counters;
             c.max_late_us.fetch_max(late_us, Ordering::Relaxed);
+            if late_us > 1000 {
+                c.late_1ms.fetch_add(1, Ordering::Relaxed);
+            }
             // A TUN write injects the packet into the peer's stack; a failure is a drop.
             if nix::unistd::write(to, &q.data).is_ok() {
                 c.packets.fetch_add(1, Ordering::Relaxed);

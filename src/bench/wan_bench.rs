@@ -262,11 +262,13 @@ pub fn table(r: &WanResult) -> String {
     let _ = writeln!(
         o,
         "emulator: A->B {} packets, {} lost at random, {} queue drops, {} flow-cap drops, \
-         latest {} us behind schedule, {:.1} CPU-s; B->A {} packets, {:.1} CPU-s; over {:.0} s",
+         {} sent > 1 ms behind schedule (worst {} us), {:.1} CPU-s; B->A {} packets, {:.1} CPU-s; \
+         over {:.0} s",
         ab.packets,
         ab.lost,
         ab.queue_drops,
         ab.flow_drops,
+        ab.late_1ms,
         ab.max_late_us,
         ab.cpu_s,
         ba.packets,
