@@ -130,11 +130,16 @@ fn blob(path: &Path, size: usize) -> anyhow::Result<()> {
 
 /// Runs `mtunnel ARGS --config CONFIG`, bounded; returns stdout or fails with its output.
 async fn mt(config: &Path, args: &[&str]) -> anyhow::Result<String> {
-    mt_in(None, config, args).await
+    Ok(mt_in(None, config, args).await?.0)
 }
 
-/// [`mt`] inside a network namespace (and every QEMU it starts with it).
-async fn mt_in(ns: Option<&Netns>, config: &Path, args: &[&str]) -> anyhow::Result<String> {
+/// [`mt`] inside a network namespace (and every QEMU it starts with it); returns stdout
+/// and stderr (where `mtunnel migrate` logs its steps with their times).
+async fn mt_in(
+    ns: Option<&Netns>,
+    config: &Path,
+    args: &[&str],
+) -> anyhow::Result<(String, String)> {
     let mut cmd = tokio::process::Command::new(mtunnel_exe()?);
     if let Some(ns) = ns {
         ns.apply(&mut cmd)?;
@@ -156,7 +161,10 @@ async fn mt_in(ns: Option<&Netns>, config: &Path, args: &[&str]) -> anyhow::Resu
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Ok((
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
 }
 
 /// The number before `unit` after `key` in `text` ("downtime 35 ms" → 35).
@@ -196,8 +204,11 @@ pub struct Plan {
 
 /// Waits until the freshly started source VM is idle: its firmware runs for a while under
 /// TCG, and a VCPU busy on one of two cores would make the migration time vary with when
-/// the migration happens to start. Returns the seconds waited.
-async fn settle(run_dir: &Path, vmid: u32) -> anyhow::Result<f64> {
+/// the migration happens to start. Idle means under `busy` of a core: 10 % under TCG; an
+/// idle KVM guest costs ~40 % here (QEMU.md), so KVM is idle under 50 %. Returns the
+/// seconds waited.
+async fn settle(run_dir: &Path, vmid: u32, accel: Accel) -> anyhow::Result<f64> {
+    let busy = if accel == Accel::Kvm { 0.5 } else { 0.1 };
     let pid = crate::qemu::is_running(run_dir, vmid).context("the source VM is not running")?;
     let t0 = Instant::now();
     let window = Duration::from_millis(250);
@@ -206,8 +217,7 @@ async fn settle(run_dir: &Path, vmid: u32) -> anyhow::Result<f64> {
     while quiet < 2 && t0.elapsed() < Duration::from_secs(20) {
         tokio::time::sleep(window).await;
         let now = cpu_seconds(pid as u32)?;
-        // Under 10 % of a core.
-        if now - last < 0.1 * window.as_secs_f64() {
+        if now - last < busy * window.as_secs_f64() {
             quiet += 1;
         } else {
             quiet = 0;
@@ -234,7 +244,7 @@ async fn start_source(s: &Setup, vmid: u32) -> anyhow::Result<f64> {
         ],
     )
     .await?;
-    settle(&s.src_run, vmid).await
+    settle(&s.src_run, vmid, s.accel).await
 }
 
 async fn tunnel_run(s: &Setup, vmid: u32, target_vmid: u32) -> anyhow::Result<MigrationRun> {
@@ -247,7 +257,7 @@ async fn tunnel_run(s: &Setup, vmid: u32, target_vmid: u32) -> anyhow::Result<Mi
         s.target.fingerprint.as_deref().unwrap_or_default()
     );
     let t0 = Instant::now();
-    let out = mt_in(
+    let (out, steps) = mt_in(
         s.place.client.as_deref(),
         &s.src_config,
         &[
@@ -278,7 +288,7 @@ async fn tunnel_run(s: &Setup, vmid: u32, target_vmid: u32) -> anyhow::Result<Mi
         settle_s,
         ram_transferred: None,
         query_migrate: None,
-        output: Some(out),
+        output: Some(format!("{steps}{out}")),
         total_s: wall_s,
     })
 }
