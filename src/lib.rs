@@ -14,7 +14,8 @@
 //! - [`client`]: the source side: API client, tunnel client, migration.
 //! - [`config`]: node settings (paths, listen address, storages) with embedded defaults.
 //! - [`bench`]: `mtunnel bench`, the benchmark suite (data path, command latency, idle
-//!   tunnels, live migration) against baselines.
+//!   tunnels, live migration) against baselines, and a WAN emulator (`bench::wan`) for
+//!   measuring across an emulated link.
 
 pub mod api;
 pub mod auth;

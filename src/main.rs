@@ -57,8 +57,9 @@ enum Command {
     Handlers(HandlersCommand),
     /// Measure the tunnel against baselines on this machine: bulk throughput and CPU per GiB
     /// (plain and TLS vs. a copy relay), command round trips (Lua vs. raw echo), idle
-    /// tunnels (memory, setup time) and a QEMU live migration (tunnel vs. direct). Prints a
-    /// table with the targets and writes JSON.
+    /// tunnels (memory, setup time) and a QEMU live migration (tunnel vs. direct); with
+    /// --wan the same across an emulated WAN link. Prints a table with the targets and
+    /// writes JSON.
     Bench(BenchArgs),
     /// A plain tokio copy relay with 1 MiB buffers (the baseline process of `bench`).
     #[command(hide = true)]

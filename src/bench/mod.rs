@@ -2,8 +2,8 @@
 //! the machine it runs on, prints a table with ratios and the targets of issue 5, and
 //! writes every figure as JSON so runs can be compared.
 //!
-//! Sections (each with its own processes, all on loopback, all in one short temporary
-//! directory under `/tmp`, all bounded in time):
+//! Sections (each with its own processes, on loopback or inside network namespaces of its
+//! own, all in one short temporary directory under `/tmp`, all bounded in time):
 //! - [`throughput`]: bulk MB/s and CPU-seconds per GiB of UNIX → `mtunnel tunnel` forward
 //!   → WebSocket → `mtunnel serve` → UNIX, plain and TLS, against a writer → reader UNIX
 //!   socket and a two-process tokio copy relay (UNIX → TCP → UNIX, 1 MiB buffers),
@@ -11,7 +11,10 @@
 //!   worker → Lua → reply against a raw echo over the same WebSocket path,
 //! - [`idle`]: 100 tunnels open at once: RSS per idle tunnel and setup time,
 //! - [`migration`]: a QEMU (TCG) live migration through the tunnel against the same
-//!   migration over a direct UNIX socket.
+//!   migration over a direct UNIX socket,
+//! - [`wan_bench`] (`--wan LINK`, root only): plain TCP, the tunnel and a live migration
+//!   side by side across an emulated WAN link ([`wan`]: two network namespaces, TUN, a
+//!   userspace delay line), the only section that leaves loopback.
 //!
 //! Every measured hop is a real process: the bench spawns its own binary
 //! (`std::env::current_exe()`) as `serve`, `tunnel` and `bench-relay` ([`relay`]); the
