@@ -195,7 +195,7 @@ pub fn targets_table(title: &str, targets: &[Target]) -> String {
     let _ = writeln!(o, "\n{title}");
     let _ = writeln!(
         o,
-        "{:<48} {:>10} {:>18}  result",
+        "{:<60} {:>10} {:>18}  result",
         "target", "measured", "goal"
     );
     for t in targets {
@@ -206,7 +206,7 @@ pub fn targets_table(title: &str, targets: &[Target]) -> String {
         };
         let _ = writeln!(
             o,
-            "{:<48} {:>10} {:>18}  {result}",
+            "{:<60} {:>10} {:>18}  {result}",
             t.name,
             num(t.measured, 2),
             format!("{} {} {}", t.op, t.goal, t.unit),

@@ -161,13 +161,13 @@ async fn migrate(
 fn targets(r: &WanResult) -> Vec<Target> {
     let rate = |name: &str| r.path(name).map(|p| p.stream_mb_per_s);
     let tcp = rate("tcp");
-    let set_mb_s = r.spec.rate_bps as f64 / 8e6;
+    let set_mb_s = one_flow_mb_s(&r.spec);
     let ratio = |name: &str| rate(name).zip(tcp).map(|(a, b)| a / b);
     let mig = r.migration.as_ref();
     let l = &r.link;
     vec![
         target(
-            &format!("{l}: emulator, plain TCP / set rate"),
+            &format!("{l}: emulator, plain TCP / one flow's rate"),
             tcp.map(|t| t / set_mb_s),
             ">=",
             0.9,
@@ -233,7 +233,7 @@ pub fn table(r: &WanResult) -> String {
         "path", "MB/s", "x TCP", "x rate", "1st byte", "MB/s all"
     );
     let tcp = r.path("tcp").map_or(f64::NAN, |p| p.stream_mb_per_s);
-    let set = r.spec.rate_bps as f64 / 8e6;
+    let set = one_flow_mb_s(&r.spec);
     for p in &r.paths {
         let _ = writeln!(
             o,
@@ -254,7 +254,7 @@ pub fn table(r: &WanResult) -> String {
     let _ = writeln!(
         o,
         "(MB/s: reader's first byte to EOF; MB/s all: writer's connect to EOF; x rate: of the \
-         set {} MB/s)",
+         {} MB/s one flow may use)",
         num(set, 1)
     );
     migration_rows(&mut o, r);
@@ -323,6 +323,11 @@ fn migration_rows(o: &mut String, r: &WanResult) {
         "(total: direct = target QEMU start to `completed`; tunnel = the whole `mtunnel migrate` \
          command, tunnel setup, target start and cleanup included)"
     );
+}
+
+/// What one flow may use: the rate, or the per-flow cap when lower (MB/s).
+fn one_flow_mb_s(spec: &LinkSpec) -> f64 {
+    spec.rate_bps.min(spec.flowcap_bps.unwrap_or(u64::MAX)) as f64 / 8e6
 }
 
 fn bytes_dec(n: u64) -> String {
