@@ -9,6 +9,13 @@ if [ -f .ci/install-qemu.sh ]; then
   bash .ci/install-qemu.sh
 fi
 
+# The WAN smoke test (tests/bench_smoke.rs) builds network namespaces with iproute2's `ip`;
+# the base image has it, a bare machine may not.
+if ! command -v ip >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "== installing iproute2"
+  apt-get install -y --no-install-recommends iproute2
+fi
+
 if ! .venv/bin/python -c 'import proxmoxer, requests' 2>/dev/null; then
   echo "== creating .venv with proxmoxer"
   python3 -m venv .venv
