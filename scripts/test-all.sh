@@ -13,7 +13,7 @@ fi
 # the base image has it, a bare machine may not.
 if ! command -v ip >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   echo "== installing iproute2"
-  apt-get install -y --no-install-recommends iproute2
+  apt-get update -qq && apt-get install -y --no-install-recommends iproute2
 fi
 
 if ! .venv/bin/python -c 'import proxmoxer, requests' 2>/dev/null; then

@@ -625,6 +625,8 @@ impl DelayLine {
                 return None;
             }
             *free = fstart + ser_ns(len, cap);
+            // Simplification: the packet takes its bottleneck slot on arrival, not when its
+            // flow's cap lets it go; exact while the cap, not the bottleneck, is the limit.
             // Both schedules are monotonic per flow: a flow is never reordered.
             release = release.max(*free);
         }
