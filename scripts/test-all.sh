@@ -17,6 +17,13 @@ if ! command -v mkfs.btrfs >/dev/null 2>&1; then
     || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q btrfs-progs >/dev/null; }
 fi
 
+# The WAN smoke test (tests/bench_smoke.rs) builds network namespaces with iproute2's `ip`;
+# the base image has it, a bare machine may not.
+if ! command -v ip >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "== installing iproute2"
+  apt-get update -qq && apt-get install -y --no-install-recommends iproute2
+fi
+
 if ! .venv/bin/python -c 'import proxmoxer, requests' 2>/dev/null; then
   echo "== creating .venv with proxmoxer"
   python3 -m venv .venv

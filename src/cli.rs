@@ -60,8 +60,9 @@ pub enum Command {
     Handlers(HandlersCommand),
     /// Measure the tunnel against baselines on this machine: bulk throughput and CPU per GiB
     /// (plain and TLS vs. a copy relay), command round trips (Lua vs. raw echo), idle
-    /// tunnels (memory, setup time) and a QEMU live migration (tunnel vs. direct). Prints a
-    /// table with the targets and writes JSON.
+    /// tunnels (memory, setup time) and a QEMU live migration (tunnel vs. direct); with
+    /// --wan the same across an emulated WAN link. Prints a table with the targets and
+    /// writes JSON.
     Bench(BenchArgs),
     /// A plain tokio copy relay with 1 MiB buffers (the baseline process of `bench`).
     #[command(hide = true)]
@@ -114,6 +115,15 @@ pub struct BenchArgs {
     /// Keep the temporary directory with every process's log.
     #[arg(long)]
     pub keep: bool,
+    /// Measure across an emulated WAN link RTT,RATE[,loss=P][,flowcap=RATE][,queue=BYTES]
+    /// (e.g. 20ms,1gbit or 50ms,1gbit,loss=0.1% or 20ms,10gbit,flowcap=1gbit): plain TCP,
+    /// the tunnel (plain and TLS) and a live migration (direct vs. `mtunnel migrate
+    /// --online`) side by side. Repeat the flag or separate links with ';'. Needs root
+    /// (network namespaces, TUN); skipped with a note otherwise. With --wan only the WAN
+    /// section runs unless --only names others; defaults become --size 512M --repeat 2
+    /// --migrations 2.
+    #[arg(long, value_delimiter = ';', value_parser = clap::value_parser!(mtunnel::bench::wan::LinkSpec))]
+    pub wan: Vec<mtunnel::bench::wan::LinkSpec>,
 }
 
 #[derive(Subcommand)]
@@ -315,6 +325,8 @@ pub fn load_config(args: &NodeArgs, listen: Option<SocketAddr>) -> anyhow::Resul
 pub fn bench_options(a: BenchArgs) -> mtunnel::bench::Options {
     let d = if a.quick {
         mtunnel::bench::Options::quick()
+    } else if !a.wan.is_empty() {
+        mtunnel::bench::Options::wan()
     } else {
         mtunnel::bench::Options::full()
     };
@@ -331,5 +343,6 @@ pub fn bench_options(a: BenchArgs) -> mtunnel::bench::Options {
         json: a.json,
         keep: a.keep,
         quick: a.quick,
+        wan: a.wan,
     }
 }

@@ -23,7 +23,8 @@
 //! - [`client`]: the source side: API client, tunnel client, migration (`client::migrate`: a
 //!   `Migration` value with one method and one file per phase).
 //! - [`bench`](mod@bench): `mtunnel bench`, the benchmark suite (data path, command
-//!   latency, idle tunnels, live migration) against baselines.
+//!   latency, idle tunnels, live migration, an emulated WAN link: `bench::wan`) against
+//!   baselines.
 //!
 //! Beside the layers:
 //! - [`node`]: where the layers are wired: settings, stores, backends, open tunnels and the

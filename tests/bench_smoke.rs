@@ -3,6 +3,7 @@
 //! process behind and keeps its file format. The QEMU section runs when QEMU is installed
 //! (a 128 MiB VM migrates in well under a second) and must then have run; it may be
 //! recorded as skipped only when `qemu-system-x86_64` is not on PATH.
+//! The WAN test runs `--wan` on one short emulated link (root only).
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -120,4 +121,103 @@ fn qemu_on_path() -> bool {
         std::fs::metadata(dir.join("qemu-system-x86_64"))
             .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
     })
+}
+
+/// `mtunnel bench --wan` on one short emulated link (two namespaces, TUN, 5 ms, 200 Mbit/s)
+/// with tiny sizes: every path and the live migration run across it, the JSON holds them,
+/// and both namespaces are gone afterwards. Needs root (namespaces, TUN): skipped otherwise
+/// with the reason printed; CI runs as root, so there it runs.
+#[test]
+fn bench_wan_runs_across_an_emulated_link() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED: bench --wan needs root (network namespaces and TUN devices)");
+        return;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("mtbw")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let json_path = dir.path().join("results.json");
+    let mut child = Command::new(BIN)
+        .args([
+            "bench",
+            "--quick",
+            "--wan",
+            "5ms,200mbit",
+            "--size",
+            "4M",
+            "--ram-data-mib",
+            "16",
+            "--json",
+        ])
+        .arg(&json_path)
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting mtunnel bench --wan");
+    let pid = child.id();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("mtunnel bench --wan took over 180 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench failed:\n{stdout}\n{stderr}");
+    for heading in [
+        "WAN link 5ms,200mbit",
+        "plain TCP, one stream",
+        "Targets (issue 13)",
+    ] {
+        assert!(stdout.contains(heading), "no '{heading}' in:\n{stdout}");
+    }
+    // A WAN-only run prints no block of unmeasured loopback targets.
+    assert!(!stdout.contains("Targets (issue 5)"), "{stdout}");
+
+    let doc: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).expect("valid JSON");
+    assert_eq!(doc["errors"], Value::Array(vec![]));
+    let wan = doc["wan"].as_array().expect("wan results");
+    assert_eq!(wan.len(), 1, "{wan:?}");
+    let link = &wan[0];
+    assert_eq!(link["link"], "5ms,200mbit");
+    assert_eq!(link["mtu"], 9000);
+    let paths: Vec<&str> = link["paths"]
+        .as_array()
+        .expect("paths")
+        .iter()
+        .map(|p| {
+            assert_eq!(p["runs"].as_array().unwrap().len(), 1, "{p}");
+            assert_eq!(p["runs"][0]["bytes"], 4u64 << 20, "{p}");
+            assert!(p["stream_mb_per_s"].as_f64().unwrap() > 0.0, "{p}");
+            p["name"].as_str().unwrap()
+        })
+        .collect();
+    assert_eq!(paths, ["tcp", "plain", "tls"]);
+    // The emulator forwarded in both directions (data one way, ACKs the other).
+    for dir in link["emulator"].as_array().unwrap() {
+        assert!(dir["packets"].as_u64().unwrap() > 100, "{dir}");
+    }
+    let mig = &link["migration"];
+    let missing = link["migration_missing"].as_str().unwrap_or("");
+    assert!(
+        missing.starts_with("skipped") || mig["runs"].as_array().is_some_and(|r| r.len() == 2),
+        "{mig} {missing}"
+    );
+    assert_eq!(link["targets"].as_array().unwrap().len(), 4);
+    // Both namespaces are gone.
+    let left: Vec<String> = std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&format!("mtwan{pid}")))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(left.is_empty(), "namespaces left behind: {left:?}");
 }

@@ -47,6 +47,7 @@ pub async fn run(base: &Path, tunnels: u32) -> anyhow::Result<Idle> {
             tls: true,
             script: Some(script),
             extra_toml: String::new(),
+            ..NodeSpec::default()
         },
     )
     .await?;

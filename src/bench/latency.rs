@@ -137,6 +137,7 @@ pub async fn run(base: &Path, tls: bool, commands: u32) -> anyhow::Result<Latenc
             tls,
             script: Some(script),
             extra_toml: String::new(),
+            ..NodeSpec::default()
         },
     )
     .await?;

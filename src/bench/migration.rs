@@ -20,8 +20,9 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::median;
-use super::nodes::{NodeSpec, ServeNode, write_node_config};
+use super::nodes::{NodeSpec, Placement, ServeNode, write_node_config};
 use super::procs::{QemuSweeper, cpu_seconds, mtunnel_exe};
+use super::wan::Netns;
 use crate::guest::config::VmConfig;
 use crate::qemu::{
     Accel, MigrationParams, MigrationWait, StartOptions, StopTimeouts, VmHandle, VmSpec,
@@ -41,6 +42,11 @@ pub struct MigrationRun {
     pub ram_transferred: Option<u64>,
     /// QEMU's final `query-migrate` (direct and relay).
     pub query_migrate: Option<Value>,
+    /// Tunnel: what `mtunnel migrate` printed (its steps with their times).
+    pub output: Option<String>,
+    /// Tunnel: the whole `mtunnel migrate` command; direct and relay: from starting the
+    /// target QEMU to `completed` (what a migration costs end to end).
+    pub total_s: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -60,6 +66,11 @@ pub struct Migration {
     pub tunnel_wall_s: f64,
     /// tunnel / direct, RAM phase.
     pub ratio: f64,
+    /// Medians of [`MigrationRun::total_s`].
+    pub direct_total_s: f64,
+    pub tunnel_total_s: f64,
+    /// `kvm` or `tcg`.
+    pub accel: String,
 }
 
 /// A run whose downtime stayed under this did its whole RAM pass while the VM ran (full
@@ -119,7 +130,20 @@ fn blob(path: &Path, size: usize) -> anyhow::Result<()> {
 
 /// Runs `mtunnel ARGS --config CONFIG`, bounded; returns stdout or fails with its output.
 async fn mt(config: &Path, args: &[&str]) -> anyhow::Result<String> {
+    Ok(mt_in(None, config, args).await?.0)
+}
+
+/// [`mt`] inside a network namespace (and every QEMU it starts with it); returns stdout
+/// and stderr (where `mtunnel migrate` logs its steps with their times).
+async fn mt_in(
+    ns: Option<&Netns>,
+    config: &Path,
+    args: &[&str],
+) -> anyhow::Result<(String, String)> {
     let mut cmd = tokio::process::Command::new(mtunnel_exe()?);
+    if let Some(ns) = ns {
+        ns.apply(&mut cmd)?;
+    }
     cmd.args(args)
         .arg("--config")
         .arg(config)
@@ -137,7 +161,10 @@ async fn mt(config: &Path, args: &[&str]) -> anyhow::Result<String> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Ok((
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
 }
 
 /// The number before `unit` after `key` in `text` ("downtime 35 ms" → 35).
@@ -157,12 +184,31 @@ struct Setup {
     target: ServeNode,
     loader: String,
     ram_mib: u64,
+    place: Placement,
+    accel: Accel,
+}
+
+/// What the section runs.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub ram_mib: u64,
+    pub data_mib: u64,
+    pub repeat: u32,
+    /// Source and target sides; on a WAN link the direct migration goes over TCP.
+    pub place: Placement,
+    /// Also migrate through two copy relays (loopback only).
+    pub relay: bool,
+    /// Resolved accelerator of every QEMU.
+    pub accel: Accel,
 }
 
 /// Waits until the freshly started source VM is idle: its firmware runs for a while under
 /// TCG, and a VCPU busy on one of two cores would make the migration time vary with when
-/// the migration happens to start. Returns the seconds waited.
-async fn settle(run_dir: &Path, vmid: u32) -> anyhow::Result<f64> {
+/// the migration happens to start. Idle means under `busy` of a core: 10 % under TCG; an
+/// idle KVM guest costs ~40 % here (QEMU.md), so KVM is idle under 50 %. Returns the
+/// seconds waited.
+async fn settle(run_dir: &Path, vmid: u32, accel: Accel) -> anyhow::Result<f64> {
+    let busy = if accel == Accel::Kvm { 0.5 } else { 0.1 };
     let pid = crate::qemu::is_running(run_dir, vmid).context("the source VM is not running")?;
     let t0 = Instant::now();
     let window = Duration::from_millis(250);
@@ -171,8 +217,7 @@ async fn settle(run_dir: &Path, vmid: u32) -> anyhow::Result<f64> {
     while quiet < 2 && t0.elapsed() < Duration::from_secs(20) {
         tokio::time::sleep(window).await;
         let now = cpu_seconds(pid as u32)?;
-        // Under 10 % of a core.
-        if now - last < 0.1 * window.as_secs_f64() {
+        if now - last < busy * window.as_secs_f64() {
             quiet += 1;
         } else {
             quiet = 0;
@@ -185,8 +230,10 @@ async fn settle(run_dir: &Path, vmid: u32) -> anyhow::Result<f64> {
 async fn start_source(s: &Setup, vmid: u32) -> anyhow::Result<f64> {
     let id = vmid.to_string();
     let mem = s.ram_mib.to_string();
+    let ns = s.place.client.as_deref();
     mt(&s.src_config, &["vm", "create", &id, "--memory", &mem]).await?;
-    mt(
+    mt_in(
+        ns,
         &s.src_config,
         &[
             "vm",
@@ -197,19 +244,21 @@ async fn start_source(s: &Setup, vmid: u32) -> anyhow::Result<f64> {
         ],
     )
     .await?;
-    settle(&s.src_run, vmid).await
+    settle(&s.src_run, vmid, s.accel).await
 }
 
 async fn tunnel_run(s: &Setup, vmid: u32, target_vmid: u32) -> anyhow::Result<MigrationRun> {
     let settle_s = start_source(s, vmid).await?;
     let target = format!(
-        "host=127.0.0.1,port={},apitoken={},fingerprint={}",
+        "host={},port={},apitoken={},fingerprint={}",
+        s.target.host,
         s.target.port,
         s.target.token,
         s.target.fingerprint.as_deref().unwrap_or_default()
     );
     let t0 = Instant::now();
-    let out = mt(
+    let (out, steps) = mt_in(
+        s.place.client.as_deref(),
         &s.src_config,
         &[
             "migrate",
@@ -239,6 +288,8 @@ async fn tunnel_run(s: &Setup, vmid: u32, target_vmid: u32) -> anyhow::Result<Mi
         settle_s,
         ram_transferred: None,
         query_migrate: None,
+        output: Some(format!("{steps}{out}")),
+        total_s: wall_s,
     })
 }
 
@@ -257,13 +308,31 @@ async fn direct_run(s: &Setup, vmid: u32, relay: bool) -> anyhow::Result<Migrati
     let conf = VmConfig::parse(&text)?;
     let mut spec = VmSpec::new(vmid, &s.direct_run);
     spec.options = conf.options.clone();
-    spec.accel = Accel::Tcg;
+    spec.accel = s.accel;
     spec.force_machine = Some(src.running_machine().await?);
     let socket = s.direct_run.join(format!("{vmid}.migrate"));
-    spec.incoming = Some(format!("unix:{}", socket.display()));
-    let target = VmHandle::start(&spec, &StartOptions::default()).await?;
+    let t_start = Instant::now();
+    let (target, mut uri) = match &s.place.server {
+        None => {
+            spec.incoming = Some(format!("unix:{}", socket.display()));
+            let target = VmHandle::start(&spec, &StartOptions::default()).await?;
+            (target, format!("unix:{}", socket.display()))
+        }
+        Some((ns, ip)) => {
+            // The far side of the link: QEMU listens on TCP there. It is started from a
+            // thread inside the namespace, then attached to from here.
+            let addr = format!("tcp:{ip}:{}", 20000 + vmid);
+            spec.incoming = Some(addr.clone());
+            ns.block_on(|| async {
+                let vm = VmHandle::start(&spec, &StartOptions::default()).await?;
+                Ok(vm.pid())
+            })?;
+            let target = VmHandle::attach(&s.direct_run, vmid)
+                .context("attaching to the target VM across the link")?;
+            (target, addr)
+        }
+    };
     let mut relays = Vec::new();
-    let mut uri = format!("unix:{}", socket.display());
     if relay {
         let dir = s.direct_run.join(format!("relay{vmid}"));
         std::fs::create_dir_all(&dir)?;
@@ -309,6 +378,7 @@ async fn direct_run(s: &Setup, vmid: u32, relay: bool) -> anyhow::Result<Migrati
             )
             .await?;
         let wall_s = t0.elapsed().as_secs_f64();
+        let total_s = t_start.elapsed().as_secs_f64();
         let q = src
             .execute("query-migrate", Value::Null, Duration::from_secs(10))
             .await?;
@@ -320,6 +390,8 @@ async fn direct_run(s: &Setup, vmid: u32, relay: bool) -> anyhow::Result<Migrati
             settle_s,
             ram_transferred: Some(done.transferred),
             query_migrate: Some(q),
+            output: None,
+            total_s,
         })
     }
     .await;
@@ -334,7 +406,7 @@ async fn direct_run(s: &Setup, vmid: u32, relay: bool) -> anyhow::Result<Migrati
     result
 }
 
-/// Runs the section, or returns why it cannot run.
+/// Runs the section on loopback (TCG, with the relay baseline).
 pub async fn run(
     base: &Path,
     ram_mib: u64,
@@ -342,6 +414,25 @@ pub async fn run(
     repeat: u32,
     log: &dyn Fn(&str),
 ) -> anyhow::Result<Migration> {
+    let plan = Plan {
+        ram_mib,
+        data_mib,
+        repeat,
+        place: Placement::default(),
+        relay: true,
+        accel: Accel::Tcg,
+    };
+    run_plan(base, &plan, log).await
+}
+
+/// Runs the section as planned, or returns why it cannot run.
+pub async fn run_plan(base: &Path, plan: &Plan, log: &dyn Fn(&str)) -> anyhow::Result<Migration> {
+    let Plan {
+        ram_mib,
+        data_mib,
+        repeat,
+        ..
+    } = *plan;
     let qemu = qemu_version().map_err(anyhow::Error::msg)?;
     if data_mib + 16 > ram_mib {
         bail!("--ram-data-mib {data_mib} does not fit into --ram-mib {ram_mib} above 16 MiB");
@@ -350,7 +441,11 @@ pub async fn run(
     std::fs::create_dir_all(&dir)?;
     let blob_path = dir.join("ram.blob");
     blob(&blob_path, (data_mib as usize) << 20)?;
-    let tcg = "qemu_accel = \"tcg\"\n".to_string();
+    let accel = match plan.accel {
+        Accel::Kvm => "kvm",
+        _ => "tcg",
+    };
+    let tcg = format!("qemu_accel = \"{accel}\"\n");
     let src_dir = dir.join("src");
     let src_config = write_node_config(
         &src_dir,
@@ -358,17 +453,11 @@ pub async fn run(
             tls: true,
             script: None,
             extra_toml: tcg.clone(),
+            ..NodeSpec::default()
         },
     )?;
-    let target = ServeNode::start(
-        &dir.join("dst"),
-        &NodeSpec {
-            tls: true,
-            script: None,
-            extra_toml: tcg,
-        },
-    )
-    .await?;
+    let target =
+        ServeNode::start(&dir.join("dst"), &plan.place.server_spec(true, None, tcg)).await?;
     let direct_run_dir = dir.join("direct");
     std::fs::create_dir_all(&direct_run_dir)?;
     let mut sweeper = QemuSweeper::default();
@@ -385,10 +474,17 @@ pub async fn run(
         ),
         target,
         ram_mib,
+        place: plan.place.clone(),
+        accel: plan.accel,
     };
     let mut runs = Vec::new();
     for k in 0..repeat {
-        for (relay, vmid) in [(false, 150 + k), (true, 170 + k)] {
+        let modes = if plan.relay {
+            &[(false, 150 + k), (true, 170 + k)][..]
+        } else {
+            &[(false, 150 + k)][..]
+        };
+        for &(relay, vmid) in modes {
             let d = direct_run(&s, vmid, relay).await?;
             log(&format!(
                 "  round {}/{repeat} {:<7} RAM {:.0} ms, downtime {:.0} ms",
@@ -427,6 +523,9 @@ pub async fn run(
         tunnel_downtime_ms: of("tunnel", |r| r.downtime_ms),
         tunnel_wall_s: of("tunnel", |r| r.wall_s),
         ratio: tunnel_ram_ms / direct_ram_ms.max(1e-9),
+        direct_total_s: of("direct", |r| r.total_s),
+        tunnel_total_s: of("tunnel", |r| r.total_s),
+        accel: accel.to_string(),
         direct_ram_ms,
         tunnel_ram_ms,
         runs,

@@ -2,8 +2,8 @@
 //! the machine it runs on, prints a table with ratios and the targets of issue 5, and
 //! writes every figure as JSON so runs can be compared.
 //!
-//! Sections (each with its own processes, all on loopback, all in one short temporary
-//! directory under `/tmp`, all bounded in time):
+//! Sections (each with its own processes, on loopback or inside network namespaces of its
+//! own, all in one short temporary directory under `/tmp`, all bounded in time):
 //! - [`throughput`]: bulk MB/s and CPU-seconds per GiB of UNIX → `mtunnel tunnel` forward
 //!   → WebSocket → `mtunnel serve` → UNIX, plain and TLS, against a writer → reader UNIX
 //!   socket and a two-process tokio copy relay (UNIX → TCP → UNIX, 1 MiB buffers),
@@ -11,7 +11,10 @@
 //!   worker → Lua → reply against a raw echo over the same WebSocket path,
 //! - [`idle`]: 100 tunnels open at once: RSS per idle tunnel and setup time,
 //! - [`migration`]: a QEMU (TCG) live migration through the tunnel against the same
-//!   migration over a direct UNIX socket.
+//!   migration over a direct UNIX socket,
+//! - [`wan_bench`] (`--wan LINK`, root only): plain TCP, the tunnel and a live migration
+//!   side by side across an emulated WAN link ([`wan`]: two network namespaces, TUN, a
+//!   userspace delay line), the only section that leaves loopback.
 //!
 //! Every measured hop is a real process: the bench spawns its own binary
 //! (`std::env::current_exe()`) as `serve`, `tunnel` and `bench-relay` ([`relay`]); the
@@ -28,6 +31,8 @@ pub mod procs;
 pub mod relay;
 mod report;
 pub mod throughput;
+pub mod wan;
+pub mod wan_bench;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -66,6 +71,9 @@ pub struct Options {
     /// Keep the temporary directory (logs of every process).
     pub keep: bool,
     pub quick: bool,
+    /// Emulated WAN links to measure across (`--wan`); with any, only the WAN section
+    /// runs unless `--only` names loopback sections too.
+    pub wan: Vec<wan::LinkSpec>,
 }
 
 impl Options {
@@ -85,6 +93,18 @@ impl Options {
             json: PathBuf::from("bench-results.json"),
             keep: false,
             quick: false,
+            wan: Vec::new(),
+        }
+    }
+
+    /// The defaults of a `--wan` run: enough bytes to leave slow start behind on a
+    /// 1 Gbit/s link, each link a minute or two.
+    pub fn wan() -> Self {
+        Options {
+            size: 512 * MIB,
+            repeat: 2,
+            migrations: 2,
+            ..Options::full()
         }
     }
 
@@ -104,7 +124,11 @@ impl Options {
     }
 
     fn wants(&self, section: &str) -> bool {
-        self.only.is_empty() || self.only.iter().any(|s| s == section)
+        if self.only.is_empty() {
+            self.wan.is_empty()
+        } else {
+            self.only.iter().any(|s| s == section)
+        }
     }
 }
 
@@ -295,15 +319,18 @@ async fn run_inner(opts: &Options) -> anyhow::Result<()> {
         }
     };
 
+    let wan_runs = run_wan(&base, opts).await;
+
     let tp = throughput.as_ref().and_then(|r| r.as_ref().ok());
     let lat_plain = latency.as_ref().and_then(|(p, _)| p.as_ref().ok());
     let lat_tls = latency.as_ref().and_then(|(_, t)| t.as_ref().ok());
     let idle_ok = idle.as_ref().and_then(|r| r.as_ref().ok());
     let mig_ok = migration.as_ref().ok();
     let targets = report::targets(tp, lat_plain, idle_ok, mig_ok);
-    let table = report::table(
+    let mut table = report::table(
         opts, &machine, &versions, tp, lat_plain, lat_tls, idle_ok, mig_ok, &targets,
     );
+    table.push_str(&wan_tables(&wan_runs));
     println!("{table}");
 
     let mut errors = Vec::new();
@@ -331,6 +358,27 @@ async fn run_inner(opts: &Options) -> anyhow::Result<()> {
         Err(why) => json!({"skipped": why}),
     };
     note("migration", &migration_v);
+    let wan_v: Vec<Value> = wan_runs
+        .iter()
+        .map(|(link, r)| match r {
+            Ok(w) => serde_json::to_value(w).unwrap_or(Value::Null),
+            Err(e) if e.starts_with("ERROR: ") => {
+                json!({"link": link.to_string(), "error": e["ERROR: ".len()..]})
+            }
+            Err(why) => json!({"link": link.to_string(), "skipped": why}),
+        })
+        .collect();
+    let mut wan_errors = Vec::new();
+    for v in &wan_v {
+        note(&format!("wan {}", v["link"].as_str().unwrap_or("?")), v);
+        if let Some(e) = v["migration_missing"]
+            .as_str()
+            .filter(|e| e.starts_with("ERROR"))
+        {
+            wan_errors.push(format!("wan {} migration: {e}", v["link"]));
+        }
+    }
+    errors.extend(wan_errors);
     let doc = json!({
         "schema": "mtunnel-bench/1",
         "finished_unix": std::time::SystemTime::now()
@@ -344,11 +392,13 @@ async fn run_inner(opts: &Options) -> anyhow::Result<()> {
             "size_bytes": opts.size, "repeat": opts.repeat, "commands": opts.commands,
             "tunnels": opts.tunnels, "ram_mib": opts.ram_mib, "ram_data_mib": opts.ram_data_mib,
             "migrations": opts.migrations, "quick": opts.quick, "only": opts.only,
+            "wan": opts.wan.iter().map(ToString::to_string).collect::<Vec<_>>(),
         },
         "throughput": throughput_v,
         "latency": latency_v,
         "idle": idle_v,
         "migration": migration_v,
+        "wan": wan_v,
         "targets": targets,
         "errors": errors,
         "table": table,
@@ -364,6 +414,65 @@ async fn run_inner(opts: &Options) -> anyhow::Result<()> {
         anyhow::bail!("{} section(s) failed:\n{}", errors.len(), errors.join("\n"));
     }
     Ok(())
+}
+
+type WanRun = (wan::LinkSpec, Result<wan_bench::WanResult, String>);
+
+/// The WAN section, one link after another; `Err` holds `ERROR: ...` or why it was skipped.
+async fn run_wan(base: &Path, opts: &Options) -> Vec<WanRun> {
+    let mut out = Vec::new();
+    for (i, link) in opts.wan.iter().enumerate() {
+        if let Err(why) = wan::available() {
+            progress(&format!("== WAN link {link}: skipped, {why}"));
+            out.push((link.clone(), Err(why)));
+            continue;
+        }
+        progress(&format!(
+            "== WAN link {link}: {} per transfer, {} round(s)",
+            report::bytes(opts.size),
+            opts.repeat
+        ));
+        let dir = base.join(format!("wan{i}"));
+        let per_transfer = 30 + opts.size * 8 / link.rate_bps.max(1);
+        let secs = 120
+            + 3 * (u64::from(opts.repeat) + 1) * per_transfer
+            + 120
+            + 120 * u64::from(opts.migrations);
+        let r = match std::fs::create_dir_all(&dir) {
+            Ok(()) => bounded(
+                "WAN link",
+                secs,
+                wan_bench::run(&dir, link, opts, &progress),
+            )
+            .await
+            .map_err(|e| format!("ERROR: {e:#}")),
+            Err(e) => Err(format!("ERROR: creating {}: {e}", dir.display())),
+        };
+        out.push((link.clone(), r));
+    }
+    out
+}
+
+fn wan_tables(runs: &[WanRun]) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    if runs.is_empty() {
+        return o;
+    }
+    let mut targets = Vec::new();
+    for (link, r) in runs {
+        match r {
+            Ok(w) => {
+                o.push_str(&wan_bench::table(w));
+                targets.extend(w.targets.iter().cloned());
+            }
+            Err(why) => {
+                let _ = writeln!(o, "\nWAN link {link}: {why}");
+            }
+        }
+    }
+    o.push_str(&report::targets_table("Targets (issue 13)", &targets));
+    o
 }
 
 #[cfg(test)]

@@ -3,7 +3,9 @@
 //! way Proxmox's Perl drives `proxmox-websocket-tunnel` (`connect`, relayed commands,
 //! `forward`).
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -12,6 +14,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{ChildStdin, ChildStdout};
 
 use super::procs::{ChildGuard, mtunnel_command};
+use super::wan::Netns;
 use crate::client::ApiClient;
 use crate::client::http::encode_segment;
 use crate::client::ws::{self, WsStream};
@@ -27,11 +30,40 @@ pub struct NodeSpec {
     pub script: Option<PathBuf>,
     /// More top-level TOML lines.
     pub extra_toml: String,
+    /// Run inside this network namespace (default: this process's).
+    pub netns: Option<Arc<Netns>>,
+    /// Listen on this address (default 127.0.0.1).
+    pub listen_ip: Option<Ipv4Addr>,
+}
+
+/// Where the two ends of a measured path run: both here on loopback by default, or on the
+/// two sides of an emulated WAN link ([`super::wan`]).
+#[derive(Debug, Clone, Default)]
+pub struct Placement {
+    /// Writers, `mtunnel tunnel`, migration sources.
+    pub client: Option<Arc<Netns>>,
+    /// Readers, `mtunnel serve`, migration targets, and the address they listen on.
+    pub server: Option<(Arc<Netns>, Ipv4Addr)>,
+}
+
+impl Placement {
+    /// A node spec on the server side.
+    pub fn server_spec(&self, tls: bool, script: Option<PathBuf>, extra_toml: String) -> NodeSpec {
+        NodeSpec {
+            tls,
+            script,
+            extra_toml,
+            netns: self.server.as_ref().map(|(ns, _)| Arc::clone(ns)),
+            listen_ip: self.server.as_ref().map(|(_, ip)| *ip),
+        }
+    }
 }
 
 /// A running `mtunnel serve`.
 pub struct ServeNode {
     pub dir: PathBuf,
+    /// The address it listens on (and clients connect to).
+    pub host: String,
     pub data: PathBuf,
     pub run: PathBuf,
     pub config: PathBuf,
@@ -61,11 +93,12 @@ pub fn write_node_config(dir: &Path, spec: &NodeSpec) -> anyhow::Result<PathBuf>
     std::fs::create_dir_all(&run)?;
     let config = dir.join("node.toml");
     let toml = format!(
-        "node = \"{NODE}\"\ndata_dir = \"{}\"\nrun_dir = \"{}\"\nlisten = \"127.0.0.1:0\"\n\
+        "node = \"{NODE}\"\ndata_dir = \"{}\"\nrun_dir = \"{}\"\nlisten = \"{}:0\"\n\
          tls = {}\nauth_failure_delay_ms = 10\nbridges = [\"vmbr0\"]\n{}\n\
          [storage.local]\ntype = \"dir\"\npath = \"{}\"\ncontent = [\"images\"]\n",
         data.display(),
         run.display(),
+        spec.listen_ip.unwrap_or(Ipv4Addr::LOCALHOST),
         spec.tls,
         spec.extra_toml,
         storage.display()
@@ -87,7 +120,10 @@ impl ServeNode {
             args.push("--backend");
             args.push(&backend);
         }
-        let cmd = mtunnel_command(&args, &dir.join("serve.log"))?;
+        let mut cmd = mtunnel_command(&args, &dir.join("serve.log"))?;
+        if let Some(ns) = &spec.netns {
+            ns.apply(&mut cmd)?;
+        }
         let mut child = ChildGuard::spawn("mtunnel serve", cmd)?;
         let stdout = child.child.stdout.take().context("serve stdout")?;
         let mut lines = BufReader::new(stdout).lines();
@@ -132,6 +168,7 @@ impl ServeNode {
             .to_string();
         Ok(ServeNode {
             dir: dir.to_path_buf(),
+            host: spec.listen_ip.unwrap_or(Ipv4Addr::LOCALHOST).to_string(),
             run: dir.join("r"),
             data,
             config,
@@ -150,20 +187,20 @@ impl ServeNode {
     pub fn api(&self) -> anyhow::Result<ApiClient> {
         let client = match &self.fingerprint {
             Some(fp) if self.tls => {
-                ApiClient::new("127.0.0.1", self.port, self.token.clone(), fp.clone())?
+                ApiClient::new(&self.host, self.port, self.token.clone(), fp.clone())?
             }
-            _ => ApiClient::plain("127.0.0.1", self.port, self.token.clone()),
+            _ => ApiClient::plain(&self.host, self.port, self.token.clone()),
         };
         Ok(client.with_timeout(Duration::from_secs(30)))
     }
 
-    /// `https://127.0.0.1:PORT/api2/json/nodes/bench/qemu/VMID/mtunnelwebsocket?`, as
+    /// `https://HOST:PORT/api2/json/nodes/bench/qemu/VMID/mtunnelwebsocket?`, as
     /// Proxmox builds it (`http://` for a plain node).
     pub fn ws_base(&self, vmid: u32) -> String {
         let scheme = if self.tls { "https" } else { "http" };
         format!(
-            "{scheme}://127.0.0.1:{}/api2/json/nodes/{NODE}/qemu/{vmid}/mtunnelwebsocket?",
-            self.port
+            "{scheme}://{}:{}/api2/json/nodes/{NODE}/qemu/{vmid}/mtunnelwebsocket?",
+            self.host, self.port
         )
     }
 
@@ -234,9 +271,13 @@ pub struct TunnelProc {
 }
 
 impl TunnelProc {
-    pub fn start(log: &Path) -> anyhow::Result<TunnelProc> {
+    /// Starts `mtunnel tunnel`, inside `netns` when given.
+    pub fn start(log: &Path, netns: Option<&Netns>) -> anyhow::Result<TunnelProc> {
         let mut cmd = mtunnel_command(&["tunnel"], log)?;
         cmd.stdin(std::process::Stdio::piped());
+        if let Some(ns) = netns {
+            ns.apply(&mut cmd)?;
+        }
         let mut child = ChildGuard::spawn("mtunnel tunnel", cmd)?;
         let stdin = child.child.stdin.take().context("tunnel stdin")?;
         let stdout = child.child.stdout.take().context("tunnel stdout")?;
@@ -283,16 +324,23 @@ impl TunnelProc {
 /// A tunnel to `node` for `vmid` driven through `mtunnel tunnel` the way a PVE source does
 /// before its RAM migration: connect, `version`, `config`, `start` (which registers the
 /// socket the backend script names), then `forward` of `local` to that socket. Returns the
-/// client process and the remote socket.
+/// client process and the remote socket. With `client` the API call and `mtunnel tunnel`
+/// run inside that namespace (the source side of a WAN link).
 pub async fn forwarding_tunnel(
     node: &ServeNode,
     vmid: u32,
     local: &Path,
     log: &Path,
+    client: Option<&Netns>,
 ) -> anyhow::Result<(TunnelProc, String)> {
     let api = node.api()?;
-    let opened = node.open_tunnel(&api, vmid).await?;
-    let mut t = TunnelProc::start(log)?;
+    let opened = match client {
+        None => node.open_tunnel(&api, vmid).await?,
+        // A blocking wait of a few round trips, on purpose: the call's socket must be
+        // opened inside the namespace.
+        Some(ns) => ns.block_on(|| node.open_tunnel(&api, vmid))?,
+    };
+    let mut t = TunnelProc::start(log, client)?;
     t.send(&json!({"control": true, "cmd": "connect",
                    "data": node.endpoint_data(&node.control_url(&opened))}))
         .await?;

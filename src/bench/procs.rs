@@ -125,7 +125,7 @@ impl Drop for QemuSweeper {
     }
 }
 
-fn clock_ticks() -> f64 {
+pub(super) fn clock_ticks() -> f64 {
     static TICKS: OnceLock<f64> = OnceLock::new();
     *TICKS.get_or_init(|| {
         nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)

@@ -11,6 +11,7 @@
 //! the clock at EOF. CPU seconds come from `/proc/<pid>/stat` of each middle process.
 
 use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,8 +23,9 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 use tokio::io::AsyncBufReadExt;
 
-use super::nodes::{NodeSpec, ServeNode, TunnelProc, forwarding_tunnel, write_script};
+use super::nodes::{Placement, ServeNode, TunnelProc, forwarding_tunnel, write_script};
 use super::procs::{ChildGuard, cpu_seconds, mtunnel_command};
+use super::wan::Netns;
 use super::{GIB, median};
 
 const IO_BUF: usize = 1 << 20;
@@ -34,6 +36,10 @@ pub struct Run {
     pub bytes: u64,
     pub secs: f64,
     pub mb_per_s: f64,
+    /// From the writer's connect to the reader's first byte (connection setup, handshakes).
+    pub first_byte_s: f64,
+    /// From the reader's first byte to EOF: the rate once data flows.
+    pub stream_mb_per_s: f64,
     /// CPU seconds per middle process role (`client`, `server`, `relay1`, ...).
     pub cpu_s: Vec<(String, f64)>,
     /// CPU seconds of the bench process (writer + reader threads).
@@ -51,6 +57,10 @@ pub struct PathResult {
     pub label: String,
     pub runs: Vec<Run>,
     pub mb_per_s: f64,
+    /// Median of [`Run::stream_mb_per_s`].
+    pub stream_mb_per_s: f64,
+    /// Median of [`Run::first_byte_s`], in ms.
+    pub first_byte_ms: f64,
     /// Sum over the middle processes, CPU seconds per GiB moved (median over runs).
     pub cpu_s_per_gib: f64,
     /// Per middle process role.
@@ -75,46 +85,97 @@ impl Throughput {
     }
 }
 
-/// A reader listening on a UNIX socket: reads every accepted connection to EOF and reports
-/// (bytes, time of EOF).
-struct Sink {
-    path: PathBuf,
-    rx: mpsc::Receiver<(u64, Instant)>,
+/// When a transfer's bytes reached the reader.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Arrival {
+    pub bytes: u64,
+    /// First byte read (None for an empty transfer).
+    pub first: Option<Instant>,
+    pub eof: Instant,
+}
+
+/// How to wake a sink's accept loop so its thread ends.
+enum Wake {
+    Unix(PathBuf),
+    Tcp(Arc<Netns>, SocketAddr),
+}
+
+/// A reader listening on a UNIX socket (or a TCP port inside a namespace): reads every
+/// accepted connection to EOF and reports an [`Arrival`].
+pub(super) struct Sink {
+    pub path: PathBuf,
+    pub rx: mpsc::Receiver<Arrival>,
     stop: Arc<AtomicBool>,
+    wake: Wake,
+}
+
+/// Reads accepted connections to EOF until `stop`.
+fn drain<S: Read>(
+    mut accept: impl FnMut() -> std::io::Result<S>,
+    tx: mpsc::Sender<Arrival>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut buf = vec![0u8; IO_BUF];
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(mut conn) = accept() else { continue };
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let (mut n, mut first) = (0u64, None);
+        loop {
+            match conn.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(got) => {
+                    first.get_or_insert_with(Instant::now);
+                    n += got as u64;
+                }
+            }
+        }
+        let arrival = Arrival {
+            bytes: n,
+            first,
+            eof: Instant::now(),
+        };
+        if tx.send(arrival).is_err() {
+            break;
+        }
+    }
 }
 
 impl Sink {
-    fn listen(path: &Path) -> anyhow::Result<Sink> {
+    pub(super) fn listen(path: &Path) -> anyhow::Result<Sink> {
         let _ = std::fs::remove_file(path);
         let listener =
             UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
         let (tx, rx) = mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = Arc::clone(&stop);
-        std::thread::spawn(move || {
-            let mut buf = vec![0u8; IO_BUF];
-            for conn in listener.incoming() {
-                if stopped.load(Ordering::Relaxed) {
-                    break;
-                }
-                let Ok(mut conn) = conn else { continue };
-                let mut n = 0u64;
-                loop {
-                    match conn.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(got) => n += got as u64,
-                    }
-                }
-                if tx.send((n, Instant::now())).is_err() {
-                    break;
-                }
-            }
-        });
+        std::thread::spawn(move || drain(|| listener.accept().map(|(c, _)| c), tx, stopped));
         Ok(Sink {
             path: path.to_path_buf(),
             rx,
             stop,
+            wake: Wake::Unix(path.to_path_buf()),
         })
+    }
+
+    /// A TCP reader on `ip` (port chosen by the kernel) inside `ns`.
+    pub(super) fn listen_tcp(ns: &Arc<Netns>, ip: Ipv4Addr) -> anyhow::Result<(Sink, SocketAddr)> {
+        let listener = ns.run(|| {
+            std::net::TcpListener::bind((ip, 0)).with_context(|| format!("binding {ip}:0"))
+        })?;
+        let addr = listener.local_addr()?;
+        let (tx, rx) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
+        std::thread::spawn(move || drain(|| listener.accept().map(|(c, _)| c), tx, stopped));
+        let sink = Sink {
+            path: PathBuf::new(),
+            rx,
+            stop,
+            wake: Wake::Tcp(Arc::clone(ns), addr),
+        };
+        Ok((sink, addr))
     }
 }
 
@@ -122,22 +183,37 @@ impl Drop for Sink {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         // Wake the accept loop so its thread ends.
-        let _ = UnixStream::connect(&self.path);
-        let _ = std::fs::remove_file(&self.path);
+        match &self.wake {
+            Wake::Unix(path) => {
+                let _ = UnixStream::connect(path);
+                let _ = std::fs::remove_file(path);
+            }
+            Wake::Tcp(ns, addr) => {
+                let _ = ns.run(|| Ok(TcpStream::connect_timeout(addr, Duration::from_secs(1))?));
+            }
+        }
     }
 }
 
+/// Where a writer connects.
+#[derive(Clone)]
+pub(super) enum Entry {
+    Unix(PathBuf),
+    /// A TCP address, connected from inside a namespace.
+    Tcp(Arc<Netns>, SocketAddr),
+}
+
 /// One path under test and the processes that make it.
-struct Route {
-    name: &'static str,
-    label: String,
-    entry: PathBuf,
+pub(super) struct Route {
+    pub name: &'static str,
+    pub label: String,
+    entry: Entry,
     sink: Sink,
     procs: Vec<(String, u32)>,
     _guards: Vec<ChildGuard>,
     _tunnel: Option<TunnelProc>,
     _node: Option<ServeNode>,
-    runs: Vec<Run>,
+    pub runs: Vec<Run>,
 }
 
 fn connect_retry(path: &Path) -> std::io::Result<UnixStream> {
@@ -163,8 +239,15 @@ fn pattern() -> Vec<u8> {
     out
 }
 
-fn write_all(entry: &Path, size: u64) -> std::io::Result<()> {
-    let mut s = connect_retry(entry)?;
+fn write_all(entry: &Entry, size: u64) -> anyhow::Result<()> {
+    let mut s: Box<dyn Write> = match entry {
+        Entry::Unix(path) => Box::new(connect_retry(path)?),
+        Entry::Tcp(ns, addr) => {
+            // This thread is the writer's own: it may stay in the namespace.
+            ns.enter()?;
+            Box::new(TcpStream::connect_timeout(addr, Duration::from_secs(10))?)
+        }
+    };
     let buf = pattern();
     let mut left = size;
     while left > 0 {
@@ -172,12 +255,13 @@ fn write_all(entry: &Path, size: u64) -> std::io::Result<()> {
         s.write_all(&buf[..n])?;
         left -= n as u64;
     }
-    s.shutdown(std::net::Shutdown::Write)?;
+    s.flush()?;
+    // Dropping the stream closes it: EOF for the reader.
     Ok(())
 }
 
 /// Moves `size` bytes through `p` once (blocking).
-fn transfer(p: &Route, size: u64) -> anyhow::Result<Run> {
+pub(super) fn transfer(p: &Route, size: u64) -> anyhow::Result<Run> {
     // Nothing left over from an earlier run.
     while p.sink.rx.try_recv().is_ok() {}
     let before: Vec<f64> = p
@@ -192,11 +276,12 @@ fn transfer(p: &Route, size: u64) -> anyhow::Result<Run> {
     let writer = std::thread::spawn(move || write_all(&entry, size));
     // Bounded: even 20 MB/s finishes well within this.
     let limit = Duration::from_secs(30 + size / 20_000_000);
-    let (bytes, end) = p
+    let arrival = p
         .sink
         .rx
         .recv_timeout(limit)
         .with_context(|| format!("{}: no EOF at the reader within {limit:?}", p.name))?;
+    let (bytes, end) = (arrival.bytes, arrival.eof);
     writer
         .join()
         .map_err(|_| anyhow::anyhow!("writer thread panicked"))?
@@ -212,12 +297,16 @@ fn transfer(p: &Route, size: u64) -> anyhow::Result<Run> {
         bail!("{}: the reader got {bytes} of {size} bytes", p.name);
     }
     let secs = (end - start).as_secs_f64().max(1e-9);
+    let first = arrival.first.unwrap_or(end);
+    let stream_secs = (end - first).as_secs_f64().max(1e-9);
     let ours: f64 =
         after.iter().zip(&before).map(|(a, b)| a - b).sum::<f64>() + (bench_after - bench_before);
     Ok(Run {
         bytes,
         secs,
         mb_per_s: bytes as f64 / secs / 1e6,
+        first_byte_s: (first - start).as_secs_f64(),
+        stream_mb_per_s: bytes as f64 / stream_secs / 1e6,
         cpu_s: p
             .procs
             .iter()
@@ -255,7 +344,55 @@ pub(super) async fn relay(
     Ok((child, addr))
 }
 
-async fn setup(base: &Path, name: &'static str) -> anyhow::Result<Route> {
+/// `mtunnel tunnel` forwarding a UNIX socket → WebSocket (`tls`: wss://) → `mtunnel serve`
+/// → the sink's UNIX socket, each process on its side of `place`.
+async fn tunnel_route(dir: &Path, name: &'static str, place: &Placement) -> anyhow::Result<Route> {
+    let tls = name == "tls";
+    let sockets = dir.join("s");
+    std::fs::create_dir_all(&sockets)?;
+    let script = write_script(&sockets)?;
+    let spec = place.server_spec(tls, Some(script), String::new());
+    let node = ServeNode::start(&dir.join("n"), &spec).await?;
+    let vmid = 100;
+    let sink = Sink::listen(&sockets.join(format!("{vmid}.sock")))?;
+    let entry = dir.join("fwd.sock");
+    let log = dir.join("tunnel.log");
+    let (tunnel, remote) =
+        forwarding_tunnel(&node, vmid, &entry, &log, place.client.as_deref()).await?;
+    if Path::new(&remote) != sink.path {
+        bail!(
+            "start answered socket {remote}, expected {}",
+            sink.path.display()
+        );
+    }
+    let label = if tls {
+        "mtunnel tunnel -> wss:// -> mtunnel serve (TLS)"
+    } else {
+        "mtunnel tunnel -> ws:// -> mtunnel serve (plain)"
+    };
+    Ok(Route {
+        name,
+        label: label.into(),
+        entry: Entry::Unix(entry),
+        sink,
+        procs: vec![
+            ("client".into(), tunnel.pid()),
+            ("server".into(), node.pid()),
+        ],
+        _guards: vec![],
+        _tunnel: Some(tunnel),
+        _node: Some(node),
+        runs: vec![],
+    })
+}
+
+/// Starts the processes of path `name` (`direct`, `relay`, `plain`, `tls`; `tcp` only on
+/// a WAN link) and runs one warm-up transfer through it.
+pub(super) async fn setup(
+    base: &Path,
+    name: &'static str,
+    place: &Placement,
+) -> anyhow::Result<Route> {
     let dir = base.join(name);
     std::fs::create_dir_all(&dir)?;
     let p = match name {
@@ -264,7 +401,7 @@ async fn setup(base: &Path, name: &'static str) -> anyhow::Result<Route> {
             Route {
                 name,
                 label: "UNIX writer -> reader, no relay".into(),
-                entry: sink.path.clone(),
+                entry: Entry::Unix(sink.path.clone()),
                 sink,
                 procs: vec![],
                 _guards: vec![],
@@ -293,7 +430,7 @@ async fn setup(base: &Path, name: &'static str) -> anyhow::Result<Route> {
             Route {
                 name,
                 label: "copy relay x2, UNIX->TCP->UNIX, 1 MiB buffers (baseline)".into(),
-                entry,
+                entry: Entry::Unix(entry),
                 sink,
                 procs: vec![("relay1".into(), a.pid()), ("relay2".into(), b.pid())],
                 _guards: vec![a, b],
@@ -302,48 +439,21 @@ async fn setup(base: &Path, name: &'static str) -> anyhow::Result<Route> {
                 runs: vec![],
             }
         }
-        "plain" | "tls" => {
-            let tls = name == "tls";
-            let sockets = dir.join("s");
-            std::fs::create_dir_all(&sockets)?;
-            let script = write_script(&sockets)?;
-            let node = ServeNode::start(
-                &dir.join("n"),
-                &NodeSpec {
-                    tls,
-                    script: Some(script),
-                    extra_toml: String::new(),
-                },
-            )
-            .await?;
-            let vmid = 100;
-            let sink = Sink::listen(&sockets.join(format!("{vmid}.sock")))?;
-            let entry = dir.join("fwd.sock");
-            let (tunnel, remote) =
-                forwarding_tunnel(&node, vmid, &entry, &dir.join("tunnel.log")).await?;
-            if Path::new(&remote) != sink.path {
-                bail!(
-                    "start answered socket {remote}, expected {}",
-                    sink.path.display()
-                );
-            }
-            let label = if tls {
-                "mtunnel tunnel -> wss:// -> mtunnel serve (TLS)"
-            } else {
-                "mtunnel tunnel -> ws:// -> mtunnel serve (plain)"
+        "plain" | "tls" => tunnel_route(&dir, name, place).await?,
+        "tcp" => {
+            let (Some(client), Some((server, ip))) = (&place.client, &place.server) else {
+                bail!("the plain TCP path needs the two sides of a WAN link");
             };
+            let (sink, addr) = Sink::listen_tcp(server, *ip)?;
             Route {
                 name,
-                label: label.into(),
-                entry,
+                label: "plain TCP, one stream (baseline)".into(),
+                entry: Entry::Tcp(Arc::clone(client), addr),
                 sink,
-                procs: vec![
-                    ("client".into(), tunnel.pid()),
-                    ("server".into(), node.pid()),
-                ],
+                procs: vec![],
                 _guards: vec![],
-                _tunnel: Some(tunnel),
-                _node: Some(node),
+                _tunnel: None,
+                _node: None,
                 runs: vec![],
             }
         }
@@ -357,6 +467,37 @@ async fn setup(base: &Path, name: &'static str) -> anyhow::Result<Route> {
     Ok(p)
 }
 
+/// The medians of a route's runs.
+pub(super) fn summarize(p: &Route) -> PathResult {
+    let per_gib = |cpu: f64, bytes: u64| cpu / (bytes as f64 / GIB as f64);
+    let roles: Vec<String> = p.procs.iter().map(|(r, _)| r.clone()).collect();
+    PathResult {
+        name: p.name.to_string(),
+        label: p.label.clone(),
+        mb_per_s: median(p.runs.iter().map(|r| r.mb_per_s)),
+        stream_mb_per_s: median(p.runs.iter().map(|r| r.stream_mb_per_s)),
+        first_byte_ms: median(p.runs.iter().map(|r| r.first_byte_s * 1e3)),
+        cpu_s_per_gib: median(
+            p.runs
+                .iter()
+                .map(|r| per_gib(r.cpu_s.iter().map(|(_, s)| s).sum(), r.bytes)),
+        ),
+        cpu_s_per_gib_by_process: roles
+            .iter()
+            .enumerate()
+            .map(|(i, role)| {
+                (
+                    role.clone(),
+                    median(p.runs.iter().map(|r| per_gib(r.cpu_s[i].1, r.bytes))),
+                )
+            })
+            .collect(),
+        other_load: median(p.runs.iter().map(|r| r.other_cpu_s / r.secs)),
+        bench_cpu_s_per_gib: median(p.runs.iter().map(|r| per_gib(r.bench_cpu_s, r.bytes))),
+        runs: p.runs.clone(),
+    }
+}
+
 /// Runs the section: `repeat` rounds, each moving `size` bytes through every path.
 pub async fn run(
     base: &Path,
@@ -366,7 +507,7 @@ pub async fn run(
 ) -> anyhow::Result<Throughput> {
     let mut paths = Vec::new();
     for name in ["direct", "relay", "plain", "tls"] {
-        paths.push(setup(base, name).await?);
+        paths.push(setup(base, name, &Placement::default()).await?);
     }
     for round in 0..repeat {
         for p in &mut paths {
@@ -385,36 +526,7 @@ pub async fn run(
             p.runs.push(run);
         }
     }
-    let results = paths
-        .iter()
-        .map(|p| {
-            let per_gib = |cpu: f64, bytes: u64| cpu / (bytes as f64 / GIB as f64);
-            let roles: Vec<String> = p.procs.iter().map(|(r, _)| r.clone()).collect();
-            PathResult {
-                name: p.name.to_string(),
-                label: p.label.clone(),
-                mb_per_s: median(p.runs.iter().map(|r| r.mb_per_s)),
-                cpu_s_per_gib: median(
-                    p.runs
-                        .iter()
-                        .map(|r| per_gib(r.cpu_s.iter().map(|(_, s)| s).sum(), r.bytes)),
-                ),
-                cpu_s_per_gib_by_process: roles
-                    .iter()
-                    .enumerate()
-                    .map(|(i, role)| {
-                        (
-                            role.clone(),
-                            median(p.runs.iter().map(|r| per_gib(r.cpu_s[i].1, r.bytes))),
-                        )
-                    })
-                    .collect(),
-                other_load: median(p.runs.iter().map(|r| r.other_cpu_s / r.secs)),
-                bench_cpu_s_per_gib: median(p.runs.iter().map(|r| per_gib(r.bench_cpu_s, r.bytes))),
-                runs: p.runs.clone(),
-            }
-        })
-        .collect();
+    let results = paths.iter().map(summarize).collect();
     Ok(Throughput {
         size_bytes: size,
         repeat,

@@ -1,0 +1,339 @@
+//! `mtunnel bench --wan LINK`: the tunnel and a live migration across an emulated WAN link
+//! ([`super::wan`]), side by side with their baselines on the same link in the same run:
+//! - bulk transfer: one plain TCP stream (writer in side A → reader in side B, the
+//!   baseline), and `mtunnel tunnel` (side A) → `ws://` / `wss://` → `mtunnel serve` (side
+//!   B), the same writer and reader on UNIX sockets at both ends; rounds interleaved,
+//! - live migration: QEMU migrating straight over TCP across the link (the baseline) and
+//!   `mtunnel migrate --online` (side A) to a TLS `serve` (side B), KVM when usable.
+//!
+//! Rates are judged from the reader's first byte to EOF (the rate once data flows: slow
+//! start counts, connection setup does not); the time to the first byte is shown beside
+//! it. It owns the link for the section and drops it (namespaces deleted) on every way out.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::migration::{self, Migration, Plan};
+use super::nodes::Placement;
+use super::report::{Target, bytes, num, target};
+use super::throughput::{PathResult, setup, summarize, transfer};
+use super::wan::{ADDR_B, DirStats, LinkSpec, MTU, Wan};
+use super::{Options, bounded};
+use crate::qemu::Accel;
+
+/// One link's results.
+#[derive(Debug, Clone, Serialize)]
+pub struct WanResult {
+    pub link: String,
+    pub spec: LinkSpec,
+    pub mtu: usize,
+    pub bdp_bytes: u64,
+    /// `tcp_rmem`/`tcp_wmem` maximum in both namespaces.
+    pub tcp_buffer_max: u64,
+    pub congestion_control: String,
+    pub size_bytes: u64,
+    pub repeat: u32,
+    /// `tcp` (baseline), `plain`, `tls`.
+    pub paths: Vec<PathResult>,
+    pub migration: Option<Migration>,
+    /// Why there is no migration: `skipped: ...` or `ERROR: ...`.
+    pub migration_missing: Option<String>,
+    /// The forwarder of A → B and of B → A over the whole section.
+    pub emulator: [DirStats; 2],
+    pub emulator_s: f64,
+    pub targets: Vec<Target>,
+}
+
+impl WanResult {
+    fn path(&self, name: &str) -> Option<&PathResult> {
+        self.paths.iter().find(|p| p.name == name)
+    }
+}
+
+/// Runs the section on one link.
+pub async fn run(
+    base: &Path,
+    link: &LinkSpec,
+    o: &Options,
+    log: &dyn Fn(&str),
+) -> anyhow::Result<WanResult> {
+    // The link outlives every transfer and migration of the section (each bounded), and
+    // its forwarders stop by themselves after this even if nothing drops it.
+    let wan = Wan::start(link, Duration::from_secs(3600))?;
+    let started = Instant::now();
+    let place = Placement {
+        client: Some(Arc::clone(&wan.a)),
+        server: Some((Arc::clone(&wan.b), ADDR_B)),
+    };
+    let congestion_control = wan
+        .a
+        .run(|| {
+            Ok(std::fs::read_to_string(
+                "/proc/sys/net/ipv4/tcp_congestion_control",
+            )?)
+        })
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|e| format!("? ({e})"));
+    let mut routes = Vec::new();
+    for name in ["tcp", "plain", "tls"] {
+        routes.push(setup(base, name, &place).await?);
+    }
+    for round in 0..o.repeat {
+        for r in &mut routes {
+            let run = transfer(r, o.size)?;
+            log(&format!(
+                "  round {}/{} {:<5} {:>7.0} MB/s flowing, first byte after {:.0} ms",
+                round + 1,
+                o.repeat,
+                r.name,
+                run.stream_mb_per_s,
+                run.first_byte_s * 1e3
+            ));
+            r.runs.push(run);
+        }
+    }
+    let paths: Vec<PathResult> = routes.iter().map(summarize).collect();
+    drop(routes);
+    let migration = migrate(base, &place, o, log).await;
+    let (migration, migration_missing) = match migration {
+        Ok(m) => (Some(m), None),
+        Err(why) => (None, Some(why)),
+    };
+    let mut result = WanResult {
+        link: link.to_string(),
+        spec: link.clone(),
+        mtu: MTU,
+        bdp_bytes: link.bdp_bytes(),
+        tcp_buffer_max: link.tcp_buffer_max(),
+        congestion_control,
+        size_bytes: o.size,
+        repeat: o.repeat,
+        paths,
+        migration,
+        migration_missing,
+        emulator: wan.stats(),
+        emulator_s: started.elapsed().as_secs_f64(),
+        targets: Vec::new(),
+    };
+    result.targets = targets(&result);
+    Ok(result)
+}
+
+async fn migrate(
+    base: &Path,
+    place: &Placement,
+    o: &Options,
+    log: &dyn Fn(&str),
+) -> Result<Migration, String> {
+    if o.no_qemu {
+        return Err("skipped: --no-qemu".into());
+    }
+    if let Err(why) = migration::qemu_version() {
+        return Err(format!("skipped: {why}"));
+    }
+    let plan = Plan {
+        ram_mib: o.ram_mib,
+        data_mib: o.ram_data_mib,
+        repeat: o.migrations,
+        place: place.clone(),
+        relay: false,
+        accel: Accel::Auto.resolve(),
+    };
+    log(&format!(
+        "  live migration: {} MiB RAM, {} MiB data, {} round(s)",
+        o.ram_mib, o.ram_data_mib, o.migrations
+    ));
+    let secs = 120 + 120 * u64::from(o.migrations);
+    bounded(
+        "live migration over the link",
+        secs,
+        migration::run_plan(base, &plan, log),
+    )
+    .await
+    .map_err(|e| format!("ERROR: {e:#}"))
+}
+
+/// The targets of issue 13 on this link.
+fn targets(r: &WanResult) -> Vec<Target> {
+    let rate = |name: &str| r.path(name).map(|p| p.stream_mb_per_s);
+    let tcp = rate("tcp");
+    let set_mb_s = one_flow_mb_s(&r.spec);
+    let ratio = |name: &str| rate(name).zip(tcp).map(|(a, b)| a / b);
+    let mig = r.migration.as_ref();
+    let l = &r.link;
+    vec![
+        target(
+            &format!("{l}: emulator, plain TCP / one flow's rate"),
+            tcp.map(|t| t / set_mb_s),
+            ">=",
+            0.9,
+            "x",
+        ),
+        target(
+            &format!("{l}: tunnel plain / plain TCP"),
+            ratio("plain"),
+            ">=",
+            0.9,
+            "x",
+        ),
+        target(
+            &format!("{l}: tunnel TLS / plain TCP"),
+            ratio("tls"),
+            ">=",
+            0.9,
+            "x",
+        ),
+        target(
+            &format!("{l}: migrate --online total / direct"),
+            mig.map(|m| m.tunnel_total_s / m.direct_total_s),
+            "<=",
+            1.15,
+            "x",
+        ),
+    ]
+}
+
+/// The link's part of the report.
+pub fn table(r: &WanResult) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "\nWAN link {}: RTT {} ms, {} Mbit/s{}{}, MTU {}, queue {}, BDP {}, TCP buffers max {}, {}",
+        r.link,
+        num(r.spec.rtt.as_secs_f64() * 1e3, 1),
+        num(r.spec.rate_bps as f64 / 1e6, 0),
+        if r.spec.loss > 0.0 {
+            format!(", loss {}%", num(r.spec.loss * 100.0, 3))
+        } else {
+            String::new()
+        },
+        r.spec
+            .flowcap_bps
+            .map(|c| format!(", per-flow cap {} Mbit/s", num(c as f64 / 1e6, 0)))
+            .unwrap_or_default(),
+        r.mtu,
+        bytes_dec(r.spec.queue_bytes),
+        bytes_dec(r.bdp_bytes),
+        bytes_dec(r.tcp_buffer_max),
+        r.congestion_control
+    );
+    let _ = writeln!(
+        o,
+        "Bulk transfer across the link, {} x {}, medians (MB = 10^6 bytes)",
+        bytes(r.size_bytes),
+        r.repeat
+    );
+    let _ = writeln!(
+        o,
+        "{:<52} {:>8} {:>7} {:>9} {:>10} {:>9}  CPU-s/GiB",
+        "path", "MB/s", "x TCP", "x rate", "1st byte", "MB/s all"
+    );
+    let tcp = r.path("tcp").map_or(f64::NAN, |p| p.stream_mb_per_s);
+    let set = one_flow_mb_s(&r.spec);
+    for p in &r.paths {
+        let _ = writeln!(
+            o,
+            "{:<52} {:>8} {:>6}x {:>8}x {:>7} ms {:>9}  {}",
+            p.label,
+            num(p.stream_mb_per_s, 1),
+            num(p.stream_mb_per_s / tcp, 2),
+            num(p.stream_mb_per_s / set, 2),
+            num(p.first_byte_ms, 0),
+            num(p.mb_per_s, 1),
+            if p.cpu_s_per_gib_by_process.is_empty() {
+                "-".into()
+            } else {
+                num(p.cpu_s_per_gib, 2)
+            }
+        );
+    }
+    let _ = writeln!(
+        o,
+        "(MB/s: reader's first byte to EOF; MB/s all: writer's connect to EOF; x rate: of the \
+         {} MB/s one flow may use)",
+        num(set, 1)
+    );
+    migration_rows(&mut o, r);
+    let [ab, ba] = &r.emulator;
+    let _ = writeln!(
+        o,
+        "emulator: A->B {} packets, {} lost at random, {} queue drops, {} flow-cap drops, \
+         {} sent > 1 ms behind schedule (worst {} us), {:.1} CPU-s; B->A {} packets, {:.1} CPU-s; \
+         over {:.0} s",
+        ab.packets,
+        ab.lost,
+        ab.queue_drops,
+        ab.flow_drops,
+        ab.late_1ms,
+        ab.max_late_us,
+        ab.cpu_s,
+        ba.packets,
+        ba.cpu_s,
+        r.emulator_s
+    );
+    o
+}
+
+fn migration_rows(o: &mut String, r: &WanResult) {
+    let Some(m) = &r.migration else {
+        let why = r.migration_missing.as_deref().unwrap_or("?");
+        let _ = writeln!(o, "Live migration across the link: {why}");
+        return;
+    };
+    let _ = writeln!(
+        o,
+        "Live migration across the link, QEMU {} {}, {} MiB RAM with {} MiB data, x {}, medians",
+        m.qemu.split_whitespace().next().unwrap_or("?"),
+        m.accel.to_uppercase(),
+        m.ram_mib,
+        m.data_mib,
+        m.repeat
+    );
+    let _ = writeln!(
+        o,
+        "{:<52} {:>8} {:>7} {:>12} {:>12} {:>8}",
+        "", "total s", "x direct", "RAM phase ms", "downtime ms", "x RAM"
+    );
+    let _ = writeln!(
+        o,
+        "{:<52} {:>8} {:>7}x {:>12} {:>12} {:>7}x",
+        "direct: QMP migrate to -incoming tcp: (baseline)",
+        num(m.direct_total_s, 2),
+        "1.00",
+        num(m.direct_ram_ms, 0),
+        num(m.direct_downtime_ms, 0),
+        "1.00"
+    );
+    let _ = writeln!(
+        o,
+        "{:<52} {:>8} {:>6}x {:>12} {:>12} {:>7}x",
+        "tunnel: mtunnel migrate --online (TLS)",
+        num(m.tunnel_total_s, 2),
+        num(m.tunnel_total_s / m.direct_total_s, 2),
+        num(m.tunnel_ram_ms, 0),
+        num(m.tunnel_downtime_ms, 0),
+        num(m.ratio, 2)
+    );
+    let _ = writeln!(
+        o,
+        "(total: direct = target QEMU start to `completed`; tunnel = the whole `mtunnel migrate` \
+         command, tunnel setup, target start and cleanup included)"
+    );
+}
+
+/// What one flow may use: the rate, or the per-flow cap when lower (MB/s).
+fn one_flow_mb_s(spec: &LinkSpec) -> f64 {
+    spec.rate_bps.min(spec.flowcap_bps.unwrap_or(u64::MAX)) as f64 / 8e6
+}
+
+fn bytes_dec(n: u64) -> String {
+    if n >= 1_000_000 {
+        format!("{} MB", num(n as f64 / 1e6, 1))
+    } else {
+        format!("{} kB", num(n as f64 / 1e3, 0))
+    }
+}
