@@ -31,7 +31,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{NODE, Options, TestServer, Tunnel, bounded, eventually, pct};
+use common::{
+    NODE, Options, TestServer, Tunnel, bounded, eventually, mt_ok, pct, qemu_io, target_arg,
+};
 use futures_util::{SinkExt, StreamExt};
 use mtunnel::client::ws::WsStream;
 use nix::sys::signal::Signal;
@@ -297,49 +299,9 @@ async fn mt_at(config: PathBuf, dir: PathBuf, args: Vec<String>) -> Output {
     }
 }
 
-async fn mt(node: &TestServer, args: &[&str]) -> Output {
-    mt_at(
-        node.config.clone(),
-        node.base().to_path_buf(),
-        args.iter().map(|s| s.to_string()).collect(),
-    )
-    .await
-}
-
-async fn mt_ok(node: &TestServer, args: &[&str]) -> String {
-    let out = mt(node, args).await;
-    assert!(
-        out.status.success(),
-        "mtunnel {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn target_arg(target: &TestServer, port: u16) -> String {
-    format!(
-        "host=127.0.0.1,port={port},apitoken={},fingerprint={}",
-        target.root_token, target.fingerprint
-    )
-}
-
 /// `{base}/s/local/images/{vmid}`.
 fn local_images(node: &TestServer, vmid: u32) -> PathBuf {
     node.base().join(format!("s/local/images/{vmid}"))
-}
-
-fn qemu_io(fmt: &str, cmd: &str, path: &Path) {
-    let out = std::process::Command::new("qemu-io")
-        .args(["-f", fmt, "-c", cmd])
-        .arg(path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "qemu-io: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 async fn create_vm(src: &TestServer, vmid: u32, memory: u32, disks: &[&str]) {

@@ -10,12 +10,11 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Output;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Options, TestServer};
+use common::{Options, TestServer, mt, mt_ok, qemu_io, target_arg};
 use tokio::net::{TcpListener, TcpStream};
 
 fn require_qemu() {
@@ -37,57 +36,6 @@ fn node(name: &str) -> TestServer {
     })
 }
 
-async fn mt(node: &TestServer, args: &[&str]) -> Output {
-    // Output goes to files, so a command that hangs still shows what it did.
-    let dir = node.data.parent().unwrap();
-    static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let seq = SEQ.fetch_add(1, Ordering::SeqCst);
-    let out_path = dir.join(format!("cmd{seq}.out"));
-    let err_path = dir.join(format!("cmd{seq}.err"));
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_mtunnel"));
-    cmd.args(args).arg("--config").arg(&node.config);
-    cmd.env("MTUNNEL_LOG", "info");
-    cmd.stdout(std::fs::File::create(&out_path).unwrap());
-    cmd.stderr(std::fs::File::create(&err_path).unwrap());
-    cmd.kill_on_drop(true);
-    let mut child = cmd.spawn().expect("running mtunnel");
-    let status = match tokio::time::timeout(Duration::from_secs(120), child.wait()).await {
-        Ok(status) => status.expect("waiting for mtunnel"),
-        Err(_) => {
-            let _ = child.kill().await;
-            panic!(
-                "mtunnel {args:?} did not finish within 120 s\nstdout:\n{}\nstderr:\n{}\nserver log:\n{}",
-                std::fs::read_to_string(&out_path).unwrap_or_default(),
-                std::fs::read_to_string(&err_path).unwrap_or_default(),
-                node.log()
-            );
-        }
-    };
-    Output {
-        status,
-        stdout: std::fs::read(&out_path).unwrap_or_default(),
-        stderr: std::fs::read(&err_path).unwrap_or_default(),
-    }
-}
-
-async fn mt_ok(node: &TestServer, args: &[&str]) -> String {
-    let out = mt(node, args).await;
-    assert!(
-        out.status.success(),
-        "mtunnel {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn target_arg(target: &TestServer, port: u16) -> String {
-    format!(
-        "host=127.0.0.1,port={port},apitoken={},fingerprint={}",
-        target.root_token, target.fingerprint
-    )
-}
-
 fn images(node: &TestServer, vmid: u32) -> PathBuf {
     node.data
         .parent()
@@ -97,19 +45,6 @@ fn images(node: &TestServer, vmid: u32) -> PathBuf {
 
 fn image(node: &TestServer, vmid: u32, name: &str) -> PathBuf {
     images(node, vmid).join(name)
-}
-
-fn qemu_io(fmt: &str, cmd: &str, path: &Path) {
-    let out = std::process::Command::new("qemu-io")
-        .args(["-f", fmt, "-c", cmd])
-        .arg(path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "qemu-io: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn compare(a: &Path, b: &Path) {
