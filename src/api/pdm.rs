@@ -4,7 +4,7 @@
 //! reads `success`; it asks for node `localhost` unless a target endpoint is chosen.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use axum::extract::{Path, State};
 use axum::response::Response;
@@ -13,18 +13,23 @@ use serde_json::{Map, Value, json};
 use super::AppState;
 use super::reply::Data;
 use super::request::ApiReq;
-use super::routes::{finish, parse_vmid, path_param};
+use super::request::Props;
+use super::routes::{NO_PARAMS, finish, parse_vmid, path_param, text};
 use crate::error::Error;
+use crate::schema::{Prop, props};
 
 type St = State<Arc<AppState>>;
 type PathMap = Path<HashMap<String, String>>;
 
 /// `GET /cluster/nextid[?vmid=N]`: the next free VMID as a string (as PVE's reply is);
 /// with `vmid`, that VMID if free, else PVE's parameter error.
+static NEXTID_PARAMS: LazyLock<Props> =
+    LazyLock::new(|| props([("vmid", Prop::string().optional())]));
+
 pub(super) async fn cluster_nextid(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
     let r = (|| {
-        req.params.only(&["vmid"])?;
-        match req.params.str("vmid")? {
+        req.params.only_declared(&NEXTID_PARAMS)?;
+        match text(&req.params.checked(&NEXTID_PARAMS)?, "vmid") {
             Some(raw) => {
                 let vmid = parse_vmid(&raw)?;
                 if st.node.guests.exists(vmid) || st.node.tunnels.get(vmid).is_some() {
@@ -42,12 +47,15 @@ pub(super) async fn cluster_nextid(State(st): St, Path(p): PathMap, req: ApiReq)
     finish(&p, &req, r)
 }
 
+static NETWORK_PARAMS: LazyLock<Props> =
+    LazyLock::new(|| props([("type", Prop::string().optional())]));
+
 /// `GET /nodes/{node}/network[?type=bridge|any_bridge]`: the node's bridges.
 pub(super) async fn network(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
     let r = (|| {
-        req.params.only(&["type"])?;
+        req.params.only_declared(&NETWORK_PARAMS)?;
         st.node.check_node(path_param(&p, "node"))?;
-        if let Some(kind) = req.params.str("type")?
+        if let Some(kind) = text(&req.params.checked(&NETWORK_PARAMS)?, "type")
             && !matches!(kind.as_str(), "bridge" | "any_bridge")
         {
             // This node has no other interface types to offer migrations.
@@ -79,10 +87,18 @@ pub(super) async fn network(State(st): St, Path(p): PathMap, req: ApiReq) -> Res
 
 /// `GET /access/permissions[?path=..][&userid=..]` for the calling token: `{path: {priv:
 /// propagate}}` for `path`, or for every path its ACL names.
+static PERMISSIONS_PARAMS: LazyLock<Props> = LazyLock::new(|| {
+    props([
+        ("path", Prop::string().optional()),
+        ("userid", Prop::string().optional()),
+    ])
+});
+
 pub(super) async fn permissions(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
     let r = (|| {
-        req.params.only(&["path", "userid"])?;
-        if let Some(user) = req.params.str("userid")?
+        req.params.only_declared(&PERMISSIONS_PARAMS)?;
+        let params = req.params.checked(&PERMISSIONS_PARAMS)?;
+        if let Some(user) = text(&params, "userid")
             && user != req.authid
         {
             st.node.require(&req.authid, "/access", "Sys.Audit")?;
@@ -92,7 +108,7 @@ pub(super) async fn permissions(State(st): St, Path(p): PathMap, req: ApiReq) ->
             ));
         }
         let acl = st.node.tokens.acl(&req.authid);
-        let paths = match req.params.str("path")? {
+        let paths = match text(&params, "path") {
             Some(path) => vec![path],
             None => acl.paths().into_iter().collect(),
         };
@@ -112,14 +128,17 @@ pub(super) async fn permissions(State(st): St, Path(p): PathMap, req: ApiReq) ->
 
 /// `GET /cluster/qemu/custom-cpu-models`: this node defines none.
 pub(super) async fn custom_cpu_models(State(_st): St, Path(p): PathMap, req: ApiReq) -> Response {
-    let r = req.params.only(&[]).map(|_| Data::new(json!([])));
+    let r = req
+        .params
+        .only_declared(&NO_PARAMS)
+        .map(|_| Data::new(json!([])));
     finish(&p, &req, r)
 }
 
 /// `GET /cluster/qemu/custom-cpu-models/{name}`: none is defined, so a source migrating a
 /// VM with a `custom-*` CPU learns that the model is missing here.
 pub(super) async fn custom_cpu_model(State(_st): St, Path(p): PathMap, req: ApiReq) -> Response {
-    let r = req.params.only(&[]).and_then(|_| {
+    let r = req.params.only_declared(&NO_PARAMS).and_then(|_| {
         Err(Error::internal(format!(
             "CPU model '{}' does not exist",
             path_param(&p, "cputype")

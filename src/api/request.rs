@@ -199,34 +199,4 @@ impl Params {
             Err(errors) => Err(Error::Param(errors)),
         }
     }
-
-    /// A string parameter; `null` counts as absent.
-    pub fn str(&self, key: &str) -> Result<Option<String>, Error> {
-        match self.0.get(key) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(Value::Number(n)) => Ok(Some(n.to_string())),
-            Some(_) => Err(Error::param(key, "type check ('string') failed")),
-        }
-    }
-
-    /// A boolean: true/false, 1/0, "1"/"0", "true"/"false", "True"/"False", "yes"/"no".
-    pub fn bool(&self, key: &str) -> Result<Option<bool>, Error> {
-        match self.0.get(key) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => crate::util::lenient_bool(v).map(Some).ok_or_else(|| {
-                Error::param(
-                    key,
-                    format!("type check ('boolean') failed - got '{}'", display(v)),
-                )
-            }),
-        }
-    }
-}
-
-fn display(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
 }

@@ -119,7 +119,7 @@ pub(super) fn parse_vmid(raw: &str) -> Result<u32, Error> {
 
 /// Routes without parameters besides the path (version, cluster status, nodes, task
 /// index, status and stop).
-static NO_PARAMS: LazyLock<Props> = LazyLock::new(Props::new);
+pub(super) static NO_PARAMS: LazyLock<Props> = LazyLock::new(Props::new);
 
 async fn version(State(_st): St, Path(p): PathMap, req: ApiReq) -> Response {
     let r = req.params.only_declared(&NO_PARAMS).map(|_| {
@@ -172,8 +172,8 @@ async fn cluster_resources(State(st): St, Path(p): PathMap, req: ApiReq) -> Resp
         }
     }
     let r = (|| {
-        req.params.only(&["type"])?;
-        let kind = req.params.str("type")?;
+        req.params.only_declared(&RESOURCES_PARAMS)?;
+        let kind = text(&req.params.checked(&RESOURCES_PARAMS)?, "type");
         if let Some(k) = &kind
             && !["vm", "storage", "node", "sdn", "pool"].contains(&k.as_str())
         {
@@ -230,9 +230,12 @@ async fn cluster_resources(State(st): St, Path(p): PathMap, req: ApiReq) -> Resp
     finish(&p, &req, r)
 }
 
+static RESOURCES_PARAMS: LazyLock<Props> =
+    LazyLock::new(|| props([("type", Prop::string().optional())]));
+
 async fn certificates_info(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
     let r = (|| {
-        req.params.only(&[])?;
+        req.params.only_declared(&NO_PARAMS)?;
         st.node.check_node(path_param(&p, "node"))?;
         // Read from the served certificate when it was loaded, as PVE reads its PEM.
         let info = &st.tls.info;
@@ -258,7 +261,7 @@ static STORAGE_LIST_PARAMS: LazyLock<Props> = LazyLock::new(|| {
         ("enabled", Prop::boolean().optional()),
         ("content", Prop::string().optional()),
         ("storage", Prop::string().optional()),
-        ("format", Prop::any().optional()),
+        ("format", Prop::boolean().optional()),
         ("target", Prop::any().optional()),
     ])
 });
@@ -271,7 +274,7 @@ async fn storage_list(State(st): St, Path(p): PathMap, req: ApiReq) -> Response 
         let enabled_only = flag(&params, "enabled");
         let content = text(&params, "content");
         let only = text(&params, "storage");
-        let with_formats = req.params.bool("format")?.unwrap_or(false);
+        let with_formats = flag(&params, "format");
         let node = &st.node;
         let mut out = Vec::new();
         for (id, def) in &node.cfg.storages {
@@ -479,12 +482,12 @@ fn count(params: &Map<String, Value>, key: &str) -> Option<usize> {
 }
 
 /// A checked `boolean` parameter, false when absent.
-fn flag(params: &Map<String, Value>, key: &str) -> bool {
+pub(super) fn flag(params: &Map<String, Value>, key: &str) -> bool {
     params.get(key).and_then(Value::as_bool).unwrap_or(false)
 }
 
 /// A checked `string` parameter.
-fn text(params: &Map<String, Value>, key: &str) -> Option<String> {
+pub(super) fn text(params: &Map<String, Value>, key: &str) -> Option<String> {
     params.get(key).and_then(Value::as_str).map(str::to_string)
 }
 
