@@ -32,7 +32,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{
-    NODE, Options, TestServer, Tunnel, bounded, eventually, mt_ok, pct, qemu_io, target_arg,
+    NODE, Options, TestServer, Tunnel, blob, bounded, eventually, mt_ok, pct, pid_of, qemu_io, qmp,
+    require_qemu, target_arg,
 };
 use futures_util::{SinkExt, StreamExt};
 use mtunnel::client::ws::WsStream;
@@ -231,15 +232,6 @@ pub const MATRIX: &[(&str, &str, &str, &str, &str)] = &[
 
 // ---- servers and the CLI ----
 
-fn require_qemu() {
-    for tool in ["qemu-system-x86_64", "qemu-img", "qemu-io"] {
-        assert!(
-            which(tool).is_some(),
-            "{tool} is not installed: run `bash .ci/install-qemu.sh` (scripts/test-all.sh does)"
-        );
-    }
-}
-
 fn which(tool: &str) -> Option<PathBuf> {
     std::env::var_os("PATH").and_then(|p| {
         std::env::split_paths(&p)
@@ -315,19 +307,6 @@ async fn create_vm(src: &TestServer, vmid: u32, memory: u32, disks: &[&str]) {
     mt_ok(src, &args).await;
 }
 
-/// Writes `size` pseudo-random bytes to a file (a RAM blob).
-fn blob(path: &Path, size: usize) {
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut data = Vec::with_capacity(size);
-    while data.len() < size {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        data.extend_from_slice(&x.to_le_bytes());
-    }
-    std::fs::write(path, &data[..size]).unwrap();
-}
-
 /// Starts the VM with `ram_mib` of random data loaded at 16 MiB.
 async fn start_with_ram(src: &TestServer, vmid: u32, ram_mib: usize) {
     let blob_path = src.base().join(format!("blob{vmid}"));
@@ -347,20 +326,6 @@ async fn start_with_ram(src: &TestServer, vmid: u32, ram_mib: usize) {
         ],
     )
     .await;
-}
-
-async fn qmp(run: &Path, vmid: u32, cmd: &str, args: Value) -> Value {
-    let qmp =
-        mtunnel::qemu::Qmp::connect(&run.join(format!("{vmid}.qmp")), Duration::from_secs(10))
-            .await
-            .expect("QMP connect");
-    qmp.execute(cmd, args, Duration::from_secs(30))
-        .await
-        .expect("QMP command")
-}
-
-fn pid_of(node: &TestServer, vmid: u32) -> Option<i32> {
-    mtunnel::qemu::is_running(&node.run, vmid)
 }
 
 fn kill_pid(pid: i32) {

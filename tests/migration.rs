@@ -14,18 +14,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Options, TestServer, mt, mt_ok, qemu_io, target_arg};
+use common::{
+    Options, TestServer, blob, mt, mt_ok, pid_of, qemu_io, qmp, require_qemu, target_arg,
+};
 use tokio::net::{TcpListener, TcpStream};
-
-fn require_qemu() {
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join("qemu-system-x86_64").exists()))
-        .unwrap_or(false);
-    assert!(
-        found,
-        "qemu-system-x86_64 is not installed: run `bash .ci/install-qemu.sh` (scripts/test-all.sh does)"
-    );
-}
 
 fn node(name: &str) -> TestServer {
     require_qemu();
@@ -78,19 +70,6 @@ async fn create_vm(src: &TestServer, vmid: u32, memory: u32, disks: &[&str]) {
     mt_ok(src, &args).await;
 }
 
-/// Writes `size` pseudo-random bytes to a file (a RAM blob).
-fn blob(path: &Path, size: usize) {
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut data = Vec::with_capacity(size);
-    while data.len() < size {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        data.extend_from_slice(&x.to_le_bytes());
-    }
-    std::fs::write(path, &data[..size]).unwrap();
-}
-
 /// Starts the VM with `ram_mib` of random data loaded at 16 MiB.
 async fn start_with_ram(src: &TestServer, vmid: u32, ram_mib: usize) -> PathBuf {
     let blob_path = src.data.parent().unwrap().join(format!("blob{vmid}"));
@@ -111,20 +90,6 @@ async fn start_with_ram(src: &TestServer, vmid: u32, ram_mib: usize) -> PathBuf 
     )
     .await;
     blob_path
-}
-
-async fn qmp(run: &Path, vmid: u32, cmd: &str, args: serde_json::Value) -> serde_json::Value {
-    let qmp =
-        mtunnel::qemu::Qmp::connect(&run.join(format!("{vmid}.qmp")), Duration::from_secs(10))
-            .await
-            .expect("QMP connect");
-    qmp.execute(cmd, args, Duration::from_secs(30))
-        .await
-        .expect("QMP command")
-}
-
-fn pid_of(node: &TestServer, vmid: u32) -> Option<i32> {
-    mtunnel::qemu::is_running(&node.run, vmid)
 }
 
 /// The target holds nothing of `vmid`: no config, volume, socket or QEMU.

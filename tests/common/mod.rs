@@ -775,3 +775,46 @@ pub fn assert_same_guest_bytes(a: &Path, a_fmt: &str, b: &Path, b_fmt: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+// ---- real QEMU, shared by the migration and fault tests ----
+
+/// Fails (with the install hint) unless QEMU's binaries are on PATH.
+pub fn require_qemu() {
+    for tool in ["qemu-system-x86_64", "qemu-img", "qemu-io"] {
+        let found = std::env::var_os("PATH")
+            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).exists()));
+        assert!(
+            found,
+            "{tool} is not installed: run `bash .ci/install-qemu.sh` (scripts/test-all.sh does)"
+        );
+    }
+}
+
+/// One QMP command to VM `vmid` of the node with run dir `run`.
+pub async fn qmp(run: &Path, vmid: u32, cmd: &str, args: Value) -> Value {
+    let qmp =
+        mtunnel::qemu::Qmp::connect(&run.join(format!("{vmid}.qmp")), Duration::from_secs(10))
+            .await
+            .expect("QMP connect");
+    qmp.execute(cmd, args, Duration::from_secs(30))
+        .await
+        .expect("QMP command")
+}
+
+/// The pid of VM `vmid`'s QEMU on `node`, if it runs.
+pub fn pid_of(node: &TestServer, vmid: u32) -> Option<i32> {
+    mtunnel::qemu::is_running(&node.run, vmid)
+}
+
+/// Writes `size` pseudo-random bytes to a file (a RAM blob).
+pub fn blob(path: &Path, size: usize) {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut data = Vec::with_capacity(size);
+    while data.len() < size {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        data.extend_from_slice(&x.to_le_bytes());
+    }
+    std::fs::write(path, &data[..size]).unwrap();
+}
