@@ -47,7 +47,8 @@ pub enum Command {
     /// reservations, volumes of VMIDs that have no config, stale tunnel sockets. Configs
     /// locked `migrate`/`create` by no open tunnel are listed with what to run (`mtunnel vm
     /// unlock` or `mtunnel vm destroy --skiplock`), not changed. Safe while `serve` runs:
-    /// what its open tunnels own is skipped.
+    /// then only tunnels whose cleanup ended incomplete are retried (serve recovered the
+    /// dead ones at its start), and reservations and open tunnels are left to it.
     Cleanup {
         /// Only list what would be freed.
         #[arg(long)]

@@ -231,14 +231,18 @@ pub async fn cleanup(c: &Arc<HostCtx>) -> journal::Freed {
     *c.guard.lock().unwrap_or_else(|e| e.into_inner()) = guard;
     if freed.failed {
         c.warn(&format!(
-            "cleanup of VM {} is incomplete; the tunnel's journal stays, and the next start \
-             of mtunnel serve (or 'mtunnel cleanup' while it is stopped) retries it",
+            "cleanup of VM {} is incomplete; the tunnel's journal stays: 'mtunnel cleanup' \
+             (once this tunnel has ended) or the next start of mtunnel serve retries it",
             c.vmid
         ));
         return freed;
     }
     // Freed, or kept for good (a resumed VM, another lock): either way nothing may be
     // freed in this tunnel's name again — the VMID may already belong to the next tunnel.
-    let _ = c.record(|r| r.released = true).await;
+    if let Err(e) = c.record(|r| r.released = true).await {
+        // Memory must say it even if the journal cannot: this tunnel frees nothing again.
+        c.warn(&format!("{e}"));
+        c.session().created.released = true;
+    }
     freed
 }
