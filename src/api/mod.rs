@@ -5,6 +5,7 @@
 //! logic lives here.
 
 mod pdm;
+pub mod proxy;
 pub mod reply;
 pub mod request;
 mod routes;

@@ -1,0 +1,301 @@
+//! One address for the fleet: a request for `/nodes/{other}/...` that reaches this node is
+//! passed on to the cluster member `other`, as pveproxy does inside a PVE cluster. The
+//! member's address and certificate fingerprint come from its membership record; the TLS
+//! connection to it is pinned to that fingerprint. Nothing is checked here: the owning node
+//! authenticates the token and the tunnel ticket, so tickets stay verifiable only by the
+//! node that made them. A WebSocket upgrade is passed on too, and after the owner's `101`
+//! the bytes are copied both ways until either side closes.
+//!
+//! A request forwarded once carries [`FORWARDED_BY`]; a second hop is refused, so two nodes
+//! that disagree about membership cannot bounce a request between them.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Request, StatusCode, header};
+use axum::response::Response;
+use hyper_util::rt::TokioIo;
+
+use super::reply::{Format, render};
+use crate::error::Error;
+
+/// Set on a request this node passes on, to the name of this node.
+pub const FORWARDED_BY: &str = "x-mtunnel-forwarded-by";
+
+/// How long connecting and the TLS handshake to a member may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the member may take to answer with a response head (a tunnel's `POST` waits
+/// for its worker to start; PVE's clients wait up to a few minutes for API calls).
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Where a request for another node goes.
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    /// The member's node name (for messages).
+    pub node: String,
+    /// Its API base, `https://host:port` (or `http://` for a node with `tls = false`).
+    pub api_url: String,
+    /// Its certificate's SHA-256 fingerprint (ignored for `http://`).
+    pub fingerprint: String,
+}
+
+/// The node a `/api2/{fmt}/nodes/{node}/...` path names, if it names one.
+pub fn node_of_path(path: &str) -> Option<&str> {
+    let mut parts = path.trim_start_matches('/').split('/');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some("api2"), Some(_fmt), Some("nodes"), Some(node)) if !node.is_empty() => Some(node),
+        _ => None,
+    }
+}
+
+/// Passes `req` on to `upstream` and returns its answer (for an upgrade, the `101` — the
+/// two upgraded connections are then joined in the background). Failures to reach the
+/// member answer in PVE's envelope with status 595, like pveproxy's proxy errors.
+pub async fn forward(upstream: &Upstream, local_node: &str, req: Request<Body>) -> Response {
+    let format = Format::from_path(req.uri().path());
+    if let Some(by) = req.headers().get(FORWARDED_BY) {
+        let by = String::from_utf8_lossy(by.as_bytes()).into_owned();
+        return render(
+            format,
+            Err(Error::BadRequest(format!(
+                "request for node '{}' was already forwarded by node '{by}': the cluster \
+                 members disagree about where '{}' is - refusing a second hop",
+                upstream.node, upstream.node
+            ))),
+        );
+    }
+    match forward_inner(upstream, local_node, req).await {
+        Ok(response) => response,
+        Err(msg) => {
+            tracing::warn!(node = %upstream.node, "forwarding failed: {msg}");
+            let mut response = render(format, Err(Error::internal(&msg)));
+            *response.status_mut() = StatusCode::from_u16(595).unwrap_or(StatusCode::BAD_GATEWAY);
+            response
+        }
+    }
+}
+
+async fn forward_inner(
+    upstream: &Upstream,
+    local_node: &str,
+    mut req: Request<Body>,
+) -> Result<Response, String> {
+    let wants_upgrade = req.headers().contains_key(header::UPGRADE);
+    let incoming_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (host, port, tls) = parse_api_url(&upstream.api_url)?;
+    let (mut sender, connection) = tokio::time::timeout(CONNECT_TIMEOUT, async {
+        let io = connect(&host, port, tls.then_some(upstream.fingerprint.as_str())).await?;
+        hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(|e| format!("HTTP handshake with node '{}': {e}", upstream.node))
+    })
+    .await
+    .map_err(|_| {
+        format!(
+            "connecting to node '{}' at {} timed out",
+            upstream.node, upstream.api_url
+        )
+    })??;
+    tokio::spawn(async move {
+        if let Err(e) = connection.with_upgrades().await {
+            tracing::debug!("connection to cluster member ended: {e}");
+        }
+    });
+    let outgoing = outgoing_request(req, &host, port, local_node, wants_upgrade)?;
+    let mut response = tokio::time::timeout(RESPONSE_TIMEOUT, sender.send_request(outgoing))
+        .await
+        .map_err(|_| format!("node '{}' did not answer in time", upstream.node))?
+        .map_err(|e| format!("request to node '{}' failed: {e}", upstream.node))?;
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let theirs = hyper::upgrade::on(&mut response);
+        if let Some(ours) = incoming_upgrade {
+            tokio::spawn(join_upgraded(ours, theirs, upstream.node.clone()));
+        }
+    }
+    let (parts, body) = response.into_parts();
+    Ok(Response::from_parts(parts, Body::new(body)))
+}
+
+/// The request as the member gets it: same method, path, query, headers (minus the
+/// hop-by-hop ones; `Connection`/`Upgrade` kept for an upgrade) and streamed body.
+fn outgoing_request(
+    req: Request<Body>,
+    host: &str,
+    port: u16,
+    local_node: &str,
+    wants_upgrade: bool,
+) -> Result<Request<Body>, String> {
+    let (mut parts, body) = req.into_parts();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|pq| pq.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    parts.uri = path
+        .parse()
+        .map_err(|e| format!("request path '{path}': {e}"))?;
+    parts.version = axum::http::Version::HTTP_11;
+    strip_hop_by_hop(&mut parts.headers, wants_upgrade);
+    let host_value = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    if let Ok(v) = HeaderValue::from_str(&host_value) {
+        parts.headers.insert(header::HOST, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(local_node) {
+        parts
+            .headers
+            .insert(HeaderName::from_static(FORWARDED_BY), v);
+    }
+    Ok(Request::from_parts(parts, body))
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    for name in [
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+    ] {
+        headers.remove(name);
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::CONNECTION);
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// Copies the client's upgraded connection and the member's both ways until one ends.
+async fn join_upgraded(
+    ours: hyper::upgrade::OnUpgrade,
+    theirs: hyper::upgrade::OnUpgrade,
+    node: String,
+) {
+    let (ours, theirs) = match tokio::join!(ours, theirs) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::info!(node, "forwarded upgrade failed: {e}");
+            return;
+        }
+    };
+    let mut ours = TokioIo::new(ours);
+    let mut theirs = TokioIo::new(theirs);
+    match tokio::io::copy_bidirectional_with_sizes(&mut ours, &mut theirs, 1 << 17, 1 << 17).await {
+        Ok((up, down)) => {
+            tracing::debug!(node, up, down, "forwarded WebSocket finished")
+        }
+        Err(e) => tracing::info!(node, "forwarded WebSocket ended: {e}"),
+    }
+}
+
+/// `https://host:port` → (host, port, tls). IPv6 hosts in brackets.
+fn parse_api_url(url: &str) -> Result<(String, u16, bool), String> {
+    let (tls, rest) = if let Some(rest) = url.strip_prefix("https://") {
+        (true, rest)
+    } else if let Some(rest) = url.strip_prefix("http://") {
+        (false, rest)
+    } else {
+        return Err(format!(
+            "member API address '{url}' is not http(s)://host:port"
+        ));
+    };
+    let authority = rest.split('/').next().unwrap_or_default();
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (h, p),
+        _ => (authority, if tls { "8006" } else { "80" }),
+    };
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("member API address '{url}': bad port '{port}'"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(format!("member API address '{url}' has no host"));
+    }
+    Ok((host.to_string(), port, tls))
+}
+
+/// A byte stream to the member: TLS pinned to `fingerprint`, or plain TCP.
+type MemberIo = TokioIo<Box<dyn MemberStream>>;
+
+trait MemberStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> MemberStream for T {}
+
+async fn connect(host: &str, port: u16, fingerprint: Option<&str>) -> Result<MemberIo, String> {
+    let stream: Box<dyn MemberStream> = match fingerprint {
+        Some(fp) => {
+            let config = crate::client::tls::client_config(Some(fp)).map_err(|e| e.to_string())?;
+            Box::new(
+                crate::client::tls::connect(host, port, &config)
+                    .await
+                    .map_err(|e| e.to_string())?,
+            )
+        }
+        None => {
+            let tcp = tokio::net::TcpStream::connect((host, port))
+                .await
+                .map_err(|e| format!("unable to connect to {host}:{port} - {e}"))?;
+            let _ = tcp.set_nodelay(true);
+            Box::new(tcp)
+        }
+    };
+    Ok(TokioIo::new(stream))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_names_from_paths() {
+        assert_eq!(
+            node_of_path("/api2/json/nodes/b/qemu/100/mtunnel"),
+            Some("b")
+        );
+        assert_eq!(node_of_path("/api2/extjs/nodes/n2/tasks"), Some("n2"));
+        assert_eq!(node_of_path("/api2/json/nodes"), None);
+        assert_eq!(node_of_path("/api2/json/nodes/"), None);
+        assert_eq!(node_of_path("/api2/json/cluster/status"), None);
+    }
+
+    #[test]
+    fn api_urls() {
+        assert_eq!(
+            parse_api_url("https://10.0.0.2:8006").unwrap(),
+            ("10.0.0.2".into(), 8006, true)
+        );
+        assert_eq!(
+            parse_api_url("http://[::1]:99/").unwrap(),
+            ("::1".into(), 99, false)
+        );
+        assert_eq!(
+            parse_api_url("https://host").unwrap(),
+            ("host".into(), 8006, true)
+        );
+        assert!(parse_api_url("ftp://x:1").is_err());
+        assert!(parse_api_url("https://x:port").is_err());
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("x"));
+        let mut plain = h.clone();
+        strip_hop_by_hop(&mut plain, false);
+        assert!(plain.get(header::UPGRADE).is_none());
+        assert!(plain.get(header::CONNECTION).is_none());
+        assert!(plain.get("keep-alive").is_none());
+        assert!(plain.get(header::AUTHORIZATION).is_some());
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.get(header::UPGRADE).unwrap(), "websocket");
+        assert_eq!(h.get(header::CONNECTION).unwrap(), "upgrade");
+    }
+}
