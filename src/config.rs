@@ -429,3 +429,53 @@ pub fn local_hostname() -> anyhow::Result<String> {
     let short = name.split('.').next().unwrap_or("localhost");
     Ok(short.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> anyhow::Result<NodeConfig> {
+        let file: ConfigFile = toml::from_str(text)?;
+        NodeConfig::from_parts(
+            file,
+            &Overrides {
+                node: Some("n1".into()),
+                data_dir: Some("/tmp/mtunnel-config-test".into()),
+                ..Overrides::default()
+            },
+        )
+    }
+
+    #[test]
+    fn cluster_table_resolves_and_is_checked() {
+        assert!(parse("").unwrap().cluster.is_none());
+        let c = parse("[cluster]\nname = \"lab\"\nendpoints = [\"http://127.0.0.1:2379\"]\n")
+            .unwrap()
+            .cluster
+            .unwrap();
+        assert_eq!(c.lease_ttl, Duration::from_secs(DEFAULT_LEASE_TTL_SECS));
+        assert_eq!(c.timeout, Duration::from_secs(DEFAULT_ETCD_TIMEOUT_SECS));
+        assert_eq!(c.advertise_url, None);
+        let err = parse(
+            "listen = \"0.0.0.0:8006\"\n[cluster]\nname = \"lab\"\n\
+             endpoints = [\"http://127.0.0.1:2379\"]\n",
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("[cluster] advertise_url is required when listen is 0.0.0.0:8006"),
+            "{err}"
+        );
+        let err = parse("[cluster]\nname = \"lab\"\n").unwrap_err();
+        assert!(
+            err.to_string().starts_with("[cluster] needs endpoints"),
+            "{err}"
+        );
+        let err =
+            parse("[cluster]\nname = \"lab\"\nendpoints = [\"127.0.0.1:2379\"]\n").unwrap_err();
+        assert!(
+            err.to_string().starts_with("invalid [cluster] endpoint"),
+            "{err}"
+        );
+    }
+}
