@@ -247,3 +247,92 @@ async fn etcd_member_loss_one_is_fine_two_refuse_until_they_return() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completed_migration_registers_the_vmid_for_good_and_the_source_releases_it() {
+    common::require_qemu();
+    bounded(180, async {
+        let etcd = EtcdCluster::start(3);
+        let n1 = node(&etcd, "n1");
+        let mut n2 = node(&etcd, "n2");
+        let n3 = node(&etcd, "n3");
+        common::mt_ok(
+            &n1,
+            &[
+                "vm",
+                "create",
+                "500",
+                "--memory",
+                "64",
+                "--disk",
+                "local:4M:raw",
+            ],
+        )
+        .await;
+        // Within one cluster the source keeps its VMID until it deletes it: the target
+        // takes another one.
+        let target = common::target_arg(&n2, n2.port);
+        let out = mt(
+            &n1,
+            &[
+                "migrate",
+                "500",
+                "--target",
+                &target,
+                "--target-storage",
+                "local",
+            ],
+        )
+        .await;
+        assert!(!out.status.success());
+        // (The source asks `/cluster/nextid?vmid=500` first, which is cluster-wide.)
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr).lines().last(),
+            Some("mtunnel: error: target VMID 500 is already in use on the target")
+        );
+        common::mt_ok(
+            &n1,
+            &[
+                "migrate",
+                "500",
+                "--target",
+                &target,
+                "--target-storage",
+                "local",
+                "--target-vmid",
+                "501",
+                "--delete",
+            ],
+        )
+        .await;
+        assert!(n2.vm_config(501).exists());
+        // The source released 500; 501 belongs to n2, and stays so after n2 dies (the
+        // entry is no longer on its lease).
+        open(&n3, 500).await.unwrap();
+        assert_exists_on(&open(&n3, 501).await.unwrap_err(), 501, "n2");
+        n2.kill();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let status = n3.client().get("/cluster/status", &[]).await.unwrap();
+            if status[2]["online"] == 0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "n2 still online: {status}");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        assert_exists_on(&open(&n3, 501).await.unwrap_err(), 501, "n2");
+        let vms = n3
+            .client()
+            .get("/cluster/resources", &[("type", "vm")])
+            .await
+            .unwrap();
+        assert_eq!(
+            vms,
+            json!([
+                {"id": "qemu/500", "vmid": 500, "type": "qemu", "node": "n3", "status": "stopped"},
+                {"id": "qemu/501", "vmid": 501, "type": "qemu", "node": "n2", "status": "unknown"},
+            ])
+        );
+    })
+    .await;
+}
