@@ -336,3 +336,56 @@ async fn a_completed_migration_registers_the_vmid_for_good_and_the_source_releas
     })
     .await;
 }
+
+/// Polls `/cluster/status` on `server` until `node` has `online == want` (at most 30 s).
+async fn wait_online(server: &TestServer, node: &str, want: u8) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = server.client().get("/cluster/status", &[]).await.unwrap();
+        let found = status
+            .as_array()
+            .and_then(|a| a.iter().find(|e| e["name"] == node))
+            .map(|e| e["online"] == want);
+        if found == Some(true) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{node} not online={want}: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_longer_than_its_lease_registers_again() {
+    use nix::sys::signal::Signal;
+    bounded(120, async {
+        let etcd = EtcdCluster::start(3);
+        let n1 = node(&etcd, "n1");
+        let n2 = node(&etcd, "n2");
+        open(&n1, 700).await.unwrap();
+        // Frozen, n1 sends no keepalive: etcd expires its lease and what hangs on it.
+        n1.signal(Signal::SIGSTOP);
+        wait_online(&n2, "n1", 0).await;
+        n1.signal(Signal::SIGCONT);
+        // Back, it gets a new lease, registers and puts its open tunnel's VMID back.
+        wait_online(&n2, "n1", 1).await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let vms = n2
+                .client()
+                .get("/cluster/resources", &[("type", "vm")])
+                .await
+                .unwrap();
+            if vms == json!([{"id": "qemu/700", "vmid": 700, "type": "qemu", "node": "n1", "status": "stopped"}])
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "700 not re-reserved: {vms}");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        assert_exists_on(&open(&n2, 700).await.unwrap_err(), 700, "n1");
+    })
+    .await;
+}

@@ -69,6 +69,8 @@ pub struct Cluster {
     etcd: Etcd,
     /// The node's lease (0: none yet, or lost).
     lease: Mutex<i64>,
+    /// The lease is new: membership and open reservations still have to be put on it.
+    unregistered: Mutex<bool>,
     /// This node's registration, once joined.
     me: Mutex<Option<MemberRecord>>,
     /// VMIDs of this node's open tunnels: their entries stay reserved on the lease.
@@ -92,6 +94,7 @@ impl Cluster {
             cfg: cluster.clone(),
             node: cfg.node.clone(),
             lease: Mutex::new(0),
+            unregistered: Mutex::new(true),
             me: Mutex::new(None),
             held: Mutex::new(BTreeSet::new()),
             published: Mutex::new(None),
@@ -151,30 +154,37 @@ impl Cluster {
             fingerprint: fingerprint.to_string(),
             version: env!("CARGO_PKG_VERSION").to_string(),
         });
+        *locked(&self.unregistered) = true;
         self.ensure_lease().await
     }
 
     /// Grants a lease when the node holds none, then (re)writes everything that hangs on
-    /// it: membership, and the reservations of open tunnels (they vanished with a lost lease).
+    /// it: membership, and the reservations of open tunnels (they vanished with a lost
+    /// lease). What failed is tried again on the next call.
     async fn ensure_lease(&self) -> anyhow::Result<()> {
-        if *locked(&self.lease) != 0 {
+        if *locked(&self.lease) == 0 {
+            let id = self.etcd.lease_grant(self.cfg.lease_ttl).await?;
+            *locked(&self.lease) = id;
+            *locked(&self.published) = None;
+            *locked(&self.unregistered) = true;
+            tracing::info!(
+                lease = id,
+                "cluster '{}': etcd lease granted",
+                self.cfg.name
+            );
+        }
+        if !*locked(&self.unregistered) {
             return Ok(());
         }
-        let id = self.etcd.lease_grant(self.cfg.lease_ttl).await?;
-        *locked(&self.lease) = id;
-        *locked(&self.published) = None;
-        tracing::info!(
-            lease = id,
-            "cluster '{}': etcd lease granted",
-            self.cfg.name
-        );
         self.register().await?;
+        let lease = *locked(&self.lease);
         let held: Vec<u32> = locked(&self.held).iter().copied().collect();
         for vmid in held {
-            if let Err(e) = self.rehold(vmid, id).await {
+            if let Err(e) = self.rehold(vmid, lease).await {
                 tracing::error!(vmid, "re-reserving VMID after a new lease: {e:#}");
             }
         }
+        *locked(&self.unregistered) = false;
         Ok(())
     }
 
