@@ -389,3 +389,42 @@ async fn a_node_cut_off_longer_than_its_lease_registers_again() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_over_tls_with_a_client_certificate() {
+    bounded(60, async {
+        let etcd = EtcdCluster::start_tls();
+        let tls = format!("ca_file = \"{}\"\n", etcd.file("ca.pem").display());
+        let with_cert = format!(
+            "{tls}cert_file = \"{}\"\nkey_file = \"{}\"\n",
+            etcd.file("client.pem").display(),
+            etcd.file("client.key").display()
+        );
+        let table = etcd.cluster_toml("sec", TTL, 5);
+        let n1 = TestServer::start_with(Options {
+            node: Some("n1".into()),
+            extra_tables: format!("{table}{with_cert}"),
+            ..Options::default()
+        });
+        open_eventually(&n1, 100, 20).await;
+        let status = n1.client().get("/cluster/status", &[]).await.unwrap();
+        assert_eq!(status[0]["quorate"], 1);
+        assert_eq!(status[1]["name"], "n1");
+        // Without the client certificate etcd refuses the connection: no quorum, and why.
+        let n2 = TestServer::start_with(Options {
+            node: Some("n2".into()),
+            extra_tables: format!("{table}{tls}"),
+            ..Options::default()
+        });
+        let err = open(&n2, 101).await.unwrap_err();
+        let ApiError::Http { message, .. } = &err else {
+            panic!("expected an HTTP error, got {err}");
+        };
+        assert!(
+            message.starts_with("cluster not ready - no quorum? (this node holds no etcd lease: "),
+            "{message}"
+        );
+        assert!(message.to_lowercase().contains("certificate"), "{message}");
+    })
+    .await;
+}

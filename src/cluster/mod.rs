@@ -71,6 +71,8 @@ pub struct Cluster {
     lease: Mutex<i64>,
     /// The lease is new: membership and open reservations still have to be put on it.
     unregistered: Mutex<bool>,
+    /// Why the last lease grant or keepalive failed (for the refusal while without lease).
+    last_error: Mutex<String>,
     /// This node's registration, once joined.
     me: Mutex<Option<MemberRecord>>,
     /// VMIDs of this node's open tunnels: their entries stay reserved on the lease.
@@ -95,6 +97,7 @@ impl Cluster {
             node: cfg.node.clone(),
             lease: Mutex::new(0),
             unregistered: Mutex::new(true),
+            last_error: Mutex::new("not joined yet".into()),
             me: Mutex::new(None),
             held: Mutex::new(BTreeSet::new()),
             published: Mutex::new(None),
@@ -133,9 +136,10 @@ impl Cluster {
     /// The current lease, or the no-quorum error when the node holds none.
     fn lease(&self) -> Result<i64, String> {
         match *locked(&self.lease) {
-            0 => Err(no_quorum(
-                "this node holds no etcd lease: etcd was not reachable",
-            )),
+            0 => Err(no_quorum(format!(
+                "this node holds no etcd lease: {}",
+                locked(&self.last_error)
+            ))),
             id => Ok(id),
         }
     }
@@ -155,7 +159,11 @@ impl Cluster {
             version: env!("CARGO_PKG_VERSION").to_string(),
         });
         *locked(&self.unregistered) = true;
-        self.ensure_lease().await
+        let result = self.ensure_lease().await;
+        if let Err(e) = &result {
+            *locked(&self.last_error) = format!("{e:#}");
+        }
+        result
     }
 
     /// Grants a lease when the node holds none, then (re)writes everything that hangs on
@@ -244,6 +252,7 @@ impl Cluster {
             loop {
                 if let Err(e) = me.keepalive().await {
                     tracing::warn!("cluster '{}': lease keepalive: {e:#}", me.cfg.name);
+                    *locked(&me.last_error) = format!("{e:#}");
                 }
                 if last_reconcile.is_none_or(|t| t.elapsed() >= reconcile_every) {
                     let state = local().await;

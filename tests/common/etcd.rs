@@ -30,6 +30,8 @@ struct Member {
 pub struct EtcdCluster {
     dir: tempfile::TempDir,
     members: Vec<Member>,
+    /// Clients speak TLS and must show a certificate signed by `ca.pem` in `dir`.
+    tls: bool,
 }
 
 /// A loopback port nobody listens on right now.
@@ -43,6 +45,16 @@ fn free_port() -> u16 {
 impl EtcdCluster {
     /// Starts `n` members and waits (at most 30 s) until each reports healthy.
     pub fn start(n: usize) -> Self {
+        Self::start_with(n, false)
+    }
+
+    /// One member serving clients over TLS only (`--client-cert-auth`): its CA, server
+    /// and client certificates are made here (`ca.pem`, `client.pem`, `client.key`).
+    pub fn start_tls() -> Self {
+        Self::start_with(1, true)
+    }
+
+    fn start_with(n: usize, tls: bool) -> Self {
         require_etcd();
         let dir = tempfile::Builder::new()
             .prefix("etcd")
@@ -56,7 +68,10 @@ impl EtcdCluster {
                 child: None,
             })
             .collect();
-        let mut cluster = EtcdCluster { dir, members };
+        let mut cluster = EtcdCluster { dir, members, tls };
+        if tls {
+            cluster.make_certificates();
+        }
         for i in 0..n {
             cluster.spawn(i);
         }
@@ -66,10 +81,37 @@ impl EtcdCluster {
 
     /// The client URLs, for `[cluster] endpoints`.
     pub fn endpoints(&self) -> Vec<String> {
+        let scheme = if self.tls { "https" } else { "http" };
         self.members
             .iter()
-            .map(|m| format!("http://127.0.0.1:{}", m.client_port))
+            .map(|m| format!("{scheme}://127.0.0.1:{}", m.client_port))
             .collect()
+    }
+
+    /// A file in the cluster's directory (the certificates of [`EtcdCluster::start_tls`]).
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// A CA, a server certificate for 127.0.0.1 and a client certificate, signed by it.
+    fn make_certificates(&self) {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+        std::fs::write(self.file("ca.pem"), ca.pem()).unwrap();
+        for (name, sans) in [
+            ("server", vec!["127.0.0.1".to_string()]),
+            ("client", vec![]),
+        ] {
+            let key = KeyPair::generate().unwrap();
+            let cert = CertificateParams::new(sans)
+                .unwrap()
+                .signed_by(&key, &ca)
+                .unwrap();
+            std::fs::write(self.file(&format!("{name}.pem")), cert.pem()).unwrap();
+            std::fs::write(self.file(&format!("{name}.key")), key.serialize_pem()).unwrap();
+        }
     }
 
     /// The `[cluster]` table for a node of cluster `name`.
@@ -97,7 +139,8 @@ impl EtcdCluster {
             .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
             .collect();
         let m = &self.members[i];
-        let client = format!("http://127.0.0.1:{}", m.client_port);
+        let scheme = if self.tls { "https" } else { "http" };
+        let client = format!("{scheme}://127.0.0.1:{}", m.client_port);
         let peer = format!("http://127.0.0.1:{}", m.peer_port);
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -125,6 +168,16 @@ impl EtcdCluster {
             .args(["--initial-cluster-state", "new"])
             .args(["--initial-cluster-token", "mtunnel-test"])
             .args(["--heartbeat-interval", "100", "--election-timeout", "1000"])
+            .args(if self.tls {
+                vec![
+                    "--client-cert-auth".to_string(),
+                    format!("--trusted-ca-file={}", self.file("ca.pem").display()),
+                    format!("--cert-file={}", self.file("server.pem").display()),
+                    format!("--key-file={}", self.file("server.key").display()),
+                ]
+            } else {
+                Vec::new()
+            })
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log);
@@ -139,9 +192,13 @@ impl EtcdCluster {
         self.members[i].child = Some(child);
     }
 
-    /// `GET /health` of member `i` says `"health":"true"`.
+    /// `GET /health` of member `i` says `"health":"true"` (with TLS: the port accepts; the
+    /// test's first request then waits for the single member to lead).
     pub fn healthy(&self, i: usize) -> bool {
         let port = self.members[i].client_port;
+        if self.tls {
+            return std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+        }
         let Ok(mut tcp) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
             return false;
         };
