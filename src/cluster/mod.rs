@@ -57,6 +57,9 @@ pub struct LocalState {
 /// Reads [`LocalState`]; the node supplies it (the cluster layer sits beside the stores).
 pub type LocalFn = Arc<dyn Fn() -> BoxFuture<'static, LocalState> + Send + Sync>;
 
+/// How often a node makes etcd match its configs and publishes its VM list.
+pub const RECONCILE_EVERY: Duration = Duration::from_secs(3);
+
 /// The upstream refusal when the cluster cannot decide, with the cause.
 pub fn no_quorum(cause: impl std::fmt::Display) -> String {
     format!("cluster not ready - no quorum? ({cause})")
@@ -71,6 +74,8 @@ pub struct Cluster {
     lease: Mutex<i64>,
     /// The lease is new: membership and open reservations still have to be put on it.
     unregistered: Mutex<bool>,
+    /// Set by [`Cluster::leave`]: no lease is granted any more, the loop ends.
+    left: std::sync::atomic::AtomicBool,
     /// Why the last lease grant or keepalive failed (for the refusal while without lease).
     last_error: Mutex<String>,
     /// This node's registration, once joined.
@@ -98,6 +103,7 @@ impl Cluster {
             lease: Mutex::new(0),
             unregistered: Mutex::new(true),
             last_error: Mutex::new("not joined yet".into()),
+            left: std::sync::atomic::AtomicBool::new(false),
             me: Mutex::new(None),
             held: Mutex::new(BTreeSet::new()),
             published: Mutex::new(None),
@@ -170,6 +176,9 @@ impl Cluster {
     /// it: membership, and the reservations of open tunnels (they vanished with a lost
     /// lease). What failed is tried again on the next call.
     async fn ensure_lease(&self) -> anyhow::Result<()> {
+        if self.left.load(std::sync::atomic::Ordering::Acquire) {
+            anyhow::bail!("this node left the cluster (shutting down)");
+        }
         if *locked(&self.lease) == 0 {
             let id = self.etcd.lease_grant(self.cfg.lease_ttl).await?;
             *locked(&self.lease) = id;
@@ -241,34 +250,37 @@ impl Cluster {
         self.etcd.quorate().await
     }
 
-    /// Starts the background loop: lease keepalive every third of the TTL, and a reconcile
-    /// against `local` every few seconds (at once first).
-    pub fn spawn(self: &Arc<Self>, local: LocalFn) -> tokio::task::JoinHandle<()> {
+    /// Starts the background loops: lease keepalive every third of the TTL, and, apart so
+    /// that a slow reconcile never delays a keepalive, a reconcile against `local` every
+    /// 3 s (at once first).
+    pub fn spawn(self: &Arc<Self>, local: LocalFn) {
         let me = Arc::clone(self);
         tokio::spawn(async move {
             let tick = (me.cfg.lease_ttl / 3).max(Duration::from_millis(500));
-            let reconcile_every = Duration::from_secs(3);
-            let mut last_reconcile: Option<tokio::time::Instant> = None;
-            loop {
+            while !me.left.load(std::sync::atomic::Ordering::Acquire) {
                 if let Err(e) = me.keepalive().await {
                     tracing::warn!("cluster '{}': lease keepalive: {e:#}", me.cfg.name);
                     *locked(&me.last_error) = format!("{e:#}");
                 }
-                if last_reconcile.is_none_or(|t| t.elapsed() >= reconcile_every) {
-                    let state = local().await;
-                    if let Err(e) = me.reconcile(&state).await {
-                        tracing::warn!("cluster '{}': reconcile: {e:#}", me.cfg.name);
-                    }
-                    last_reconcile = Some(tokio::time::Instant::now());
-                }
                 tokio::time::sleep(tick).await;
             }
-        })
+        });
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            while !me.left.load(std::sync::atomic::Ordering::Acquire) {
+                let state = local().await;
+                if let Err(e) = me.reconcile(&state).await {
+                    tracing::warn!("cluster '{}': reconcile: {e:#}", me.cfg.name);
+                }
+                tokio::time::sleep(RECONCILE_EVERY).await;
+            }
+        });
     }
 
     /// Leaves the cluster at shutdown: revokes the lease (membership and reservations go at
     /// once instead of after the TTL).
     pub async fn leave(&self) {
+        self.left.store(true, std::sync::atomic::Ordering::Release);
         let id = std::mem::take(&mut *locked(&self.lease));
         if id != 0
             && let Err(e) = self.etcd.lease_revoke(id).await
