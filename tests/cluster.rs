@@ -14,8 +14,8 @@ use mtunnel::client::ApiError;
 use serde_json::{Value, json};
 
 /// Lease TTL of the test nodes (`lease_ttl_secs`), and the bound on one etcd call.
-const TTL: u64 = 2;
-const ETCD_TIMEOUT: u64 = 2;
+const TTL: u64 = 3;
+const ETCD_TIMEOUT: u64 = 3;
 
 fn node(etcd: &EtcdCluster, name: &str) -> TestServer {
     TestServer::start_with(Options {
