@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of mtunnel on a fresh machine: installs what the tests need (QEMU for the
-# live-migration tests, btrfs-progs for the btrfs storage tests, a Python venv with proxmoxer
-# for the client-compatibility test), builds, runs the Rust test suites and the Lua handler
-# specs.
+# live-migration tests, btrfs-progs for the btrfs storage tests, etcd for the cluster tests,
+# a Python venv with proxmoxer for the client-compatibility test), builds, runs the Rust
+# test suites and the Lua handler specs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,6 +22,18 @@ fi
 if ! command -v ip >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   echo "== installing iproute2"
   apt-get update -qq && apt-get install -y --no-install-recommends iproute2
+fi
+
+# etcd for the cluster tests (tests/cluster.rs starts its own three members on free loopback
+# ports). Debian's package may start its own etcd service on 2379/2380 where systemd runs:
+# stop and disable that one when we installed it here; the tests never use it.
+if [ ! -x /usr/bin/etcd ]; then
+  echo "== installing etcd-server"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends etcd-server >/dev/null \
+    || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends etcd-server >/dev/null; }
+  if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet etcd 2>/dev/null; then
+    systemctl disable --now etcd || true
+  fi
 fi
 
 if ! .venv/bin/python -c 'import proxmoxer, requests' 2>/dev/null; then

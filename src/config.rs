@@ -86,6 +86,101 @@ pub struct NodeConfig {
     pub max_tunnels: usize,
     /// Concurrent HTTP connections (including WebSocket streams) at most; more get 503.
     pub max_connections: usize,
+    /// Cluster mode (`[cluster]`): VMIDs, membership and views shared through etcd.
+    /// `None`: a single node, exactly as without clustering.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// Default `[cluster] lease_ttl_secs`: how long a dead node's membership and open-tunnel
+/// reservations outlive it.
+pub const DEFAULT_LEASE_TTL_SECS: u64 = 10;
+/// Default `[cluster] timeout_secs`: the bound on one etcd call, failover included.
+pub const DEFAULT_ETCD_TIMEOUT_SECS: u64 = 5;
+
+/// The `[cluster]` settings, resolved.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// Cluster name: every key lives under `/mtunnel/{name}/`.
+    pub name: String,
+    /// etcd client URLs (`http://host:port` or `https://host:port`), tried in order.
+    pub endpoints: Vec<String>,
+    /// TTL of this node's etcd lease (membership and open-tunnel reservations).
+    pub lease_ttl: Duration,
+    /// Bound on one etcd call; a call that takes longer counts as "no quorum".
+    pub timeout: Duration,
+    /// The API address other members reach this node at (`https://host:port`); `None`:
+    /// derived from the listen address once it is bound.
+    pub advertise_url: Option<String>,
+    /// CA certificate (PEM) that signed the etcd servers' certificates (`https://`
+    /// endpoints); without it the system trust store is used.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key (PEM) for etcd's `--client-cert-auth`.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+/// `[cluster]` in the TOML file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterFile {
+    pub name: Option<String>,
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    pub lease_ttl_secs: Option<u64>,
+    pub timeout_secs: Option<u64>,
+    pub advertise_url: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+impl ClusterFile {
+    /// Checks and resolves `[cluster]`; `listen` decides whether `advertise_url` is needed.
+    pub fn resolve(self, listen: SocketAddr) -> anyhow::Result<ClusterConfig> {
+        let name = self.name.context("[cluster] needs a name")?;
+        if !crate::ident::is_node_name(&name) {
+            bail!("invalid [cluster] name '{name}': use letters, digits and '-'");
+        }
+        if self.endpoints.is_empty() {
+            bail!("[cluster] needs endpoints = [\"http://host:2379\", ...] (the etcd client URLs)");
+        }
+        for url in &self.endpoints {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                bail!(
+                    "invalid [cluster] endpoint '{url}': use http://host:port or https://host:port"
+                );
+            }
+        }
+        if self.advertise_url.is_none() && listen.ip().is_unspecified() {
+            bail!(
+                "[cluster] advertise_url is required when listen is {listen}: \
+                 other members need an address they can reach (e.g. \"https://10.0.0.5:8006\")"
+            );
+        }
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            bail!("[cluster] cert_file and key_file go together");
+        }
+        Ok(ClusterConfig {
+            name,
+            endpoints: self.endpoints,
+            lease_ttl: Duration::from_secs(
+                self.lease_ttl_secs
+                    .unwrap_or(DEFAULT_LEASE_TTL_SECS)
+                    .clamp(2, 3600),
+            ),
+            timeout: Duration::from_secs(
+                self.timeout_secs
+                    .unwrap_or(DEFAULT_ETCD_TIMEOUT_SECS)
+                    .clamp(1, 60),
+            ),
+            advertise_url: self
+                .advertise_url
+                .map(|u| u.trim_end_matches('/').to_string()),
+            ca_file: self.ca_file,
+            cert_file: self.cert_file,
+            key_file: self.key_file,
+        })
+    }
 }
 
 /// The TOML file: every key optional.
@@ -117,6 +212,8 @@ pub struct ConfigFile {
     pub shutdown_timeout_secs: Option<u64>,
     pub max_tunnels: Option<usize>,
     pub max_connections: Option<usize>,
+    /// Cluster mode: etcd endpoints and the cluster name (see [`ClusterFile`]).
+    pub cluster: Option<ClusterFile>,
     #[serde(default)]
     pub storage: BTreeMap<String, StorageDef>,
 }
@@ -210,7 +307,9 @@ impl NodeConfig {
                 .map(|n| n.max(100_000))
                 .unwrap_or(defaults.instructions),
         };
+        let cluster = file.cluster.map(|c| c.resolve(listen)).transpose()?;
         Ok(NodeConfig {
+            cluster,
             lua_limits,
             qemu_accel,
             node,
@@ -329,4 +428,54 @@ pub fn local_hostname() -> anyhow::Result<String> {
     let name = name.to_string_lossy();
     let short = name.split('.').next().unwrap_or("localhost");
     Ok(short.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> anyhow::Result<NodeConfig> {
+        let file: ConfigFile = toml::from_str(text)?;
+        NodeConfig::from_parts(
+            file,
+            &Overrides {
+                node: Some("n1".into()),
+                data_dir: Some("/tmp/mtunnel-config-test".into()),
+                ..Overrides::default()
+            },
+        )
+    }
+
+    #[test]
+    fn cluster_table_resolves_and_is_checked() {
+        assert!(parse("").unwrap().cluster.is_none());
+        let c = parse("[cluster]\nname = \"lab\"\nendpoints = [\"http://127.0.0.1:2379\"]\n")
+            .unwrap()
+            .cluster
+            .unwrap();
+        assert_eq!(c.lease_ttl, Duration::from_secs(DEFAULT_LEASE_TTL_SECS));
+        assert_eq!(c.timeout, Duration::from_secs(DEFAULT_ETCD_TIMEOUT_SECS));
+        assert_eq!(c.advertise_url, None);
+        let err = parse(
+            "listen = \"0.0.0.0:8006\"\n[cluster]\nname = \"lab\"\n\
+             endpoints = [\"http://127.0.0.1:2379\"]\n",
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("[cluster] advertise_url is required when listen is 0.0.0.0:8006"),
+            "{err}"
+        );
+        let err = parse("[cluster]\nname = \"lab\"\n").unwrap_err();
+        assert!(
+            err.to_string().starts_with("[cluster] needs endpoints"),
+            "{err}"
+        );
+        let err =
+            parse("[cluster]\nname = \"lab\"\nendpoints = [\"127.0.0.1:2379\"]\n").unwrap_err();
+        assert!(
+            err.to_string().starts_with("invalid [cluster] endpoint"),
+            "{err}"
+        );
+    }
 }

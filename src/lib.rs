@@ -29,6 +29,8 @@
 //! Beside the layers:
 //! - [`node`]: where the layers are wired: settings, stores, backends, open tunnels and the
 //!   handler factory of one node, as one `Arc<Node>` every layer receives.
+//! - [`cluster`]: cluster mode (`[cluster]`): the node's etcd lease and membership, the
+//!   cluster-wide VMID registry, the data of the cluster views (over etcd's JSON gateway).
 //! - [`config`]: node settings (paths, listen address, storages, plain settings types such
 //!   as [`config::Accel`] and [`config::LuaLimits`]) with embedded defaults.
 //! - [`schema`]: the one parameter schema language (API routes and handler `params`).
@@ -43,6 +45,7 @@ pub mod api;
 pub mod auth;
 pub mod bench;
 pub mod client;
+pub mod cluster;
 pub mod command;
 pub mod config;
 pub mod error;

@@ -7,6 +7,7 @@
 use std::sync::Arc;
 
 use crate::auth::{TicketKey, TokenStore};
+use crate::cluster::{Cluster, LocalState};
 use crate::command::HandlerFactory;
 use crate::config::NodeConfig;
 use crate::error::{Error, Result};
@@ -26,6 +27,8 @@ pub struct Node {
     pub hypervisor: Arc<dyn Hypervisor>,
     /// Builds each tunnel's command handler (the Lua handlers unless a test swaps it).
     pub handlers: HandlerFactory,
+    /// The cluster this node is a member of (`[cluster]`); `None`: a single node.
+    pub cluster: Option<Arc<Cluster>>,
 }
 
 /// The data dir is locked by another process (a running `serve`, or `mtunnel cleanup`).
@@ -97,7 +100,9 @@ impl Node {
         let tickets = TicketKey::load_or_create(&cfg.priv_dir())?;
         let tasks = TaskManager::new(&cfg.node, &cfg.task_dir())?;
         let guests = ConfigStore::new(&cfg.node, &cfg.data_dir)?;
+        let cluster = Cluster::new(&cfg)?;
         Ok(Arc::new(Node {
+            cluster,
             cfg,
             tokens,
             tickets,
@@ -108,6 +113,44 @@ impl Node {
             hypervisor: backends.hypervisor,
             handlers: Arc::new(crate::script::handler::lua_handler),
         }))
+    }
+
+    /// What the cluster registry compares with: this node's configs and running VMs.
+    pub async fn local_state(&self) -> LocalState {
+        let configs: std::collections::BTreeSet<u32> = self.guests.list().into_iter().collect();
+        let mut running = std::collections::BTreeSet::new();
+        for vmid in &configs {
+            if self.hypervisor.is_running(*vmid).await {
+                running.insert(*vmid);
+            }
+        }
+        LocalState { configs, running }
+    }
+
+    /// Joins the cluster (if configured) as reachable at `api_url` with the API certificate
+    /// `fingerprint`, and starts its keepalive and reconcile loop. An etcd out of reach is
+    /// logged, not fatal: the node serves, refuses new tunnels, and the loop retries.
+    pub async fn join_cluster(self: &Arc<Self>, api_url: &str, fingerprint: &str) {
+        let Some(cluster) = &self.cluster else {
+            return;
+        };
+        match cluster.join(api_url, fingerprint).await {
+            Ok(()) => tracing::info!("joined cluster '{}'", cluster.name()),
+            Err(e) => tracing::warn!(
+                "cannot join cluster '{}' yet (retrying): {e:#}",
+                cluster.name()
+            ),
+        }
+        let me = Arc::downgrade(self);
+        cluster.spawn(Arc::new(move || {
+            let me = me.clone();
+            Box::pin(async move {
+                match me.upgrade() {
+                    Some(node) => node.local_state().await,
+                    None => LocalState::default(),
+                }
+            })
+        }));
     }
 
     /// Fails with PVE's 403 text unless `authid` holds `privilege` on `path`.

@@ -4,6 +4,7 @@
 //! parameters and call into [`crate::tunnel`], [`crate::task`] and friends; no business
 //! logic lives here.
 
+mod cluster;
 mod pdm;
 pub mod proxy;
 pub mod reply;

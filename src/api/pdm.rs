@@ -27,6 +27,17 @@ static NEXTID_PARAMS: LazyLock<Props> =
     LazyLock::new(|| props([("vmid", Prop::string().optional())]));
 
 pub(super) async fn cluster_nextid(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
+    if let Some(cluster) = &st.node.cluster {
+        let r = match req
+            .params
+            .only_declared(&NEXTID_PARAMS)
+            .and_then(|_| req.params.checked(&NEXTID_PARAMS))
+        {
+            Ok(checked) => super::cluster::nextid(&st.node, cluster, text(&checked, "vmid")).await,
+            Err(e) => Err(e),
+        };
+        return finish(&p, &req, r);
+    }
     let r = (|| {
         req.params.only_declared(&NEXTID_PARAMS)?;
         match text(&req.params.checked(&NEXTID_PARAMS)?, "vmid") {

@@ -134,6 +134,14 @@ async fn version(State(_st): St, Path(p): PathMap, req: ApiReq) -> Response {
 }
 
 async fn cluster_status(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
+    if let Some(cluster) = &st.node.cluster {
+        let view = cluster.status().await;
+        let r = req
+            .params
+            .only_declared(&NO_PARAMS)
+            .map(|_| super::cluster::status(&st.node, cluster, &view));
+        return finish(&p, &req, r);
+    }
     let r = req.params.only_declared(&NO_PARAMS).map(|_| {
         Data::new(json!([{
             "type": "node",
@@ -150,6 +158,14 @@ async fn cluster_status(State(st): St, Path(p): PathMap, req: ApiReq) -> Respons
 }
 
 async fn nodes(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
+    if let Some(cluster) = &st.node.cluster {
+        let view = cluster.nodes().await;
+        let r = req
+            .params
+            .only_declared(&NO_PARAMS)
+            .and_then(|_| super::cluster::nodes(view));
+        return finish(&p, &req, r);
+    }
     let r = req.params.only_declared(&NO_PARAMS).map(|_| {
         Data::new(json!([{
             "node": st.node.cfg.node,
@@ -171,6 +187,10 @@ async fn cluster_resources(State(st): St, Path(p): PathMap, req: ApiReq) -> Resp
             running.insert(vmid);
         }
     }
+    let cluster = match &st.node.cluster {
+        Some(c) => Some(super::cluster::resources_data(&st.node, c).await),
+        None => None,
+    };
     let r = (|| {
         req.params.only_declared(&RESOURCES_PARAMS)?;
         let kind = text(&req.params.checked(&RESOURCES_PARAMS)?, "type");
@@ -186,7 +206,12 @@ async fn cluster_resources(State(st): St, Path(p): PathMap, req: ApiReq) -> Resp
         }
         let node = &st.node;
         let mut out = Vec::new();
-        if kind.as_deref().is_none_or(|k| k == "vm") {
+        if let Some(data) = &cluster {
+            let data = data.as_ref().map_err(Error::internal)?;
+            if kind.as_deref().is_none_or(|k| k == "vm") {
+                out.extend(super::cluster::vm_resources(node, &req.authid, data));
+            }
+        } else if kind.as_deref().is_none_or(|k| k == "vm") {
             for vmid in node.guests.list() {
                 let path = format!("/vms/{vmid}");
                 if !(node.allows(&req.authid, &path, "VM.Audit")
@@ -222,7 +247,12 @@ async fn cluster_resources(State(st): St, Path(p): PathMap, req: ApiReq) -> Resp
                 }
             }
         }
-        if kind.as_deref().is_none_or(|k| k == "node") {
+        if let Some(data) = &cluster {
+            let data = data.as_ref().map_err(Error::internal)?;
+            if kind.as_deref().is_none_or(|k| k == "node") {
+                out.extend(super::cluster::node_resources(data));
+            }
+        } else if kind.as_deref().is_none_or(|k| k == "node") {
             out.push(json!({"id": format!("node/{}", node.cfg.node), "type": "node", "node": node.cfg.node, "status": "online"}));
         }
         Ok(Data::new(Value::Array(out)))

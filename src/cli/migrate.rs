@@ -12,6 +12,7 @@ pub async fn run(args: MigrateArgs) -> anyhow::Result<()> {
         cfg: vms.cfg,
         guests: vms.guests,
         storage: vms.storage,
+        cluster: vms.cluster,
     };
     let opts = MigrateOptions {
         vmid: args.vmid,

@@ -43,6 +43,14 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         );
     }
     println!("data dir: {}", node.cfg.data_dir.display());
+    if let Some(cluster) = &node.cluster {
+        node.join_cluster(&server.url(), &server.fingerprint).await;
+        println!(
+            "cluster: '{}' via etcd {}",
+            cluster.name(),
+            cluster.config().endpoints.join(",")
+        );
+    }
     if let Some((header, path)) = initial {
         println!(
             "initial API token (shown once, also stored in {}):",
@@ -76,6 +84,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         std::process::exit(0);
     } else {
         tracing::info!("all tunnels closed, exiting");
+        // Nothing of ours is reserved any more: leave now rather than after the lease TTL.
+        if let Some(cluster) = &node.cluster {
+            cluster.leave().await;
+        }
     }
     Ok(())
 }

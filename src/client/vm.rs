@@ -19,6 +19,8 @@ pub struct LocalVms {
     pub cfg: NodeConfig,
     pub guests: ConfigStore,
     pub storage: Arc<dyn Storage>,
+    /// The cluster registry (`[cluster]`): VMIDs created or destroyed here are registered.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 /// A disk for `vm create`: `STORAGE:SIZE[:FORMAT]`, e.g. `local:64M:qcow2`.
@@ -64,12 +66,21 @@ pub struct CreateArgs {
     pub agent: bool,
 }
 
+/// Releases `vmid` in the cluster registry; a failure only warns (the serve's reconcile
+/// loop releases entries whose config is gone).
+pub async fn release_logged(cluster: &crate::cluster::Cluster, vmid: u32) {
+    if let Err(e) = cluster.release(vmid).await {
+        tracing::warn!(vmid, "releasing the VMID in the cluster registry: {e:#}");
+    }
+}
+
 impl LocalVms {
     pub fn open(cfg: NodeConfig) -> anyhow::Result<Self> {
         crate::util::ensure_dir(&cfg.run_dir, 0o755)?;
         let guests = ConfigStore::new(&cfg.node, &cfg.data_dir)?;
         let storage: Arc<dyn Storage> = Arc::new(NodeStorage::new(cfg.storages.clone()));
         Ok(LocalVms {
+            cluster: crate::cluster::Cluster::new(&cfg)?,
             cfg,
             guests,
             storage,
@@ -90,6 +101,18 @@ impl LocalVms {
         let guard = self.guests.lock(vmid, DEFAULT_LOCK_TIMEOUT).await?;
         if self.guests.exists(vmid) {
             bail!("VM {vmid} already exists on node '{}'", self.cfg.node);
+        }
+        if let Some(cluster) = &self.cluster {
+            // The config first (as a tunnel's reservation), so the serve's reconcile sees a
+            // local VM and never releases the entry made next.
+            self.guests.write_text_locked(&guard, "lock: create\n")?;
+            if let Err(e) = cluster
+                .reserve(vmid, crate::cluster::registry::Hold::Present)
+                .await
+            {
+                let _ = self.guests.remove_locked(&guard);
+                bail!("{e}");
+            }
         }
         let mut conf = VmConfig::default();
         let o = &mut conf.options;
@@ -143,6 +166,10 @@ impl LocalVms {
         if let Err(e) = result {
             for volid in made {
                 let _ = self.storage.free(&volid).await;
+            }
+            if let Some(cluster) = &self.cluster {
+                let _ = self.guests.remove_locked(&guard);
+                release_logged(cluster, vmid).await;
             }
             return Err(e);
         }
@@ -250,6 +277,9 @@ impl LocalVms {
         }
         let _ = std::fs::remove_file(self.cfg.firewall_dir().join(format!("{vmid}.fw")));
         self.guests.remove_locked(&guard)?;
+        if let Some(cluster) = &self.cluster {
+            release_logged(cluster, vmid).await;
+        }
         Ok(freed)
     }
 

@@ -226,11 +226,26 @@ pub async fn open(
         .create_and_lock(vmid, "create")
         .await
         .map_err(|e| Error::param("vmid", format!("unable to create empty VM config - {e}")))?;
+    if let Some(cluster) = &node.cluster {
+        use crate::cluster::registry::{Hold, ReserveError};
+        if let Err(e) = cluster.reserve(vmid, Hold::Tunnel).await {
+            remove_reserved_config(node, vmid).await;
+            return Err(match e {
+                ReserveError::Exists { .. } => {
+                    Error::param("vmid", format!("unable to create empty VM config - {e}"))
+                }
+                ReserveError::NoQuorum(msg) => Error::internal(msg),
+            });
+        }
+    }
 
     match start_worker(node, authid, vmid).await {
         Ok(opened) => Ok(opened),
         Err(e) => {
             remove_reserved_config(node, vmid).await;
+            if let Some(cluster) = &node.cluster {
+                cluster.finish(vmid, node.guests.exists(vmid)).await;
+            }
             Err(e)
         }
     }
@@ -315,6 +330,11 @@ async fn start_worker(node: &Arc<Node>, authid: &str, vmid: u32) -> Result<Opene
         let upid = created.upid.clone();
         let result = worker::run(&worker_node, &tunnel, listener, &log, created, stop).await;
         worker_node.tunnels.remove(&tunnel);
+        // The VMID stays registered for good if the VM stayed (migration completed, or a
+        // cleanup left it), else its entry goes.
+        if let Some(cluster) = &worker_node.cluster {
+            cluster.finish(vmid, worker_node.guests.exists(vmid)).await;
+        }
         // The journal goes once nothing is left to free: freed, or kept for good. After
         // an incomplete cleanup it stays for the recovery at the next start.
         let dir = worker_node.cfg.journal_dir();

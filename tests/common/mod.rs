@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 use mtunnel::client::{ApiClient, ApiError};
 use serde_json::Value;
 
+pub mod etcd;
+
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_mtunnel");
 /// Node name every test server runs as.
@@ -50,6 +52,8 @@ pub struct Options {
     pub serve_args: Vec<String>,
     /// Extra environment of the `mtunnel serve` process (e.g. a `PATH` with a fake tool).
     pub env: Vec<(String, String)>,
+    /// TOML tables appended after everything else (e.g. `[cluster]`).
+    pub extra_tables: String,
 }
 
 impl Default for Options {
@@ -62,6 +66,7 @@ impl Default for Options {
             extra_toml: String::new(),
             serve_args: Vec::new(),
             env: Vec::new(),
+            extra_tables: String::new(),
         }
     }
 }
@@ -132,6 +137,7 @@ impl TestServer {
              \n[storage.isos]\ntype = \"dir\"\npath = \"{s}/isos\"\ncontent = [\"iso\"]\n",
             s = base.join("s").display()
         ));
+        toml.push_str(&opts.extra_tables);
         std::fs::write(&config, toml).unwrap();
         let mut server = TestServer {
             dir,

@@ -64,6 +64,8 @@ pub struct SourceNode {
     pub cfg: NodeConfig,
     pub guests: ConfigStore,
     pub storage: Arc<dyn Storage>,
+    /// The source's cluster registry: a VM migrated away releases its VMID there.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 /// What a finished migration reports.

@@ -91,6 +91,9 @@ async fn destroy_source(
         }
     }
     src.guests.remove_locked(&guard)?;
+    if let Some(cluster) = &src.cluster {
+        crate::client::vm::release_logged(cluster, vmid).await;
+    }
     progress.log(format!("deleted source VM {vmid}"));
     Ok(())
 }

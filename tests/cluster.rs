@@ -1,0 +1,430 @@
+//! Cluster mode against a real etcd (three members on loopback) and real `mtunnel serve`
+//! nodes: one VMID across the cluster (a race has one winner, `vm create`/`destroy` and
+//! closed tunnels register and release), a `kill -9`ed node's reservations expire after
+//! its lease TTL, one etcd member lost changes nothing, two lost refuse new tunnels with
+//! upstream's quorum message until they return, and the cluster views from any node.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::etcd::EtcdCluster;
+use common::{Options, TestServer, bounded, mt};
+use mtunnel::client::ApiError;
+use serde_json::{Value, json};
+
+/// Lease TTL of the test nodes (`lease_ttl_secs`), and the bound on one etcd call.
+const TTL: u64 = 3;
+const ETCD_TIMEOUT: u64 = 3;
+
+fn node(etcd: &EtcdCluster, name: &str) -> TestServer {
+    TestServer::start_with(Options {
+        node: Some(name.to_string()),
+        extra_tables: etcd.cluster_toml("lab", TTL, ETCD_TIMEOUT),
+        ..Options::default()
+    })
+}
+
+async fn open(server: &TestServer, vmid: u32) -> Result<Value, ApiError> {
+    server
+        .client()
+        .post(&format!("/nodes/localhost/qemu/{vmid}/mtunnel"), &[])
+        .await
+}
+
+async fn stop_task(server: &TestServer, upid: &str) {
+    let path = format!(
+        "/nodes/localhost/tasks/{}",
+        mtunnel::client::http::encode_segment(upid)
+    );
+    server.client().delete(&path, &[]).await.unwrap();
+    let status = format!("{path}/status");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = server.client().get(&status, &[]).await.unwrap();
+        if s["status"] == "stopped" {
+            return;
+        }
+        assert!(Instant::now() < deadline, "task {upid} did not stop: {s}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The 400 of a VMID another node has.
+fn assert_exists_on(err: &ApiError, vmid: u32, owner: &str) {
+    match err {
+        ApiError::Http { status, errors, .. } => {
+            assert_eq!(*status, 400, "{err}");
+            assert_eq!(
+                Value::Object(errors.clone()),
+                json!({"vmid": format!("unable to create empty VM config - VM {vmid} already exists on node '{owner}'")})
+            );
+        }
+        other => panic!("expected a 400, got {other}"),
+    }
+}
+
+/// The 500 of a node whose etcd has no quorum.
+fn assert_no_quorum(err: &ApiError) {
+    match err {
+        ApiError::Http {
+            status, message, ..
+        } => {
+            assert_eq!(*status, 500, "{err}");
+            assert!(
+                message.starts_with("cluster not ready - no quorum? (etcd "),
+                "{message}"
+            );
+        }
+        other => panic!("expected a 500, got {other}"),
+    }
+}
+
+/// Retries `open` on `server` until it succeeds: at most `secs` seconds, every 250 ms.
+async fn open_eventually(server: &TestServer, vmid: u32, secs: u64) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        match open(server, vmid).await {
+            Ok(v) => return v,
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "VM {vmid} still refused after {secs} s: {e}\nlog:\n{}",
+                server.log()
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_vmid_across_the_cluster_and_views_from_any_node() {
+    bounded(180, async {
+        let etcd = EtcdCluster::start(3);
+        let n1 = node(&etcd, "n1");
+        let n2 = node(&etcd, "n2");
+        let n3 = node(&etcd, "n3");
+
+        // Two sources race for VMID 100 on two nodes: exactly one wins.
+        let (a, b) = tokio::join!(open(&n1, 100), open(&n2, 100));
+        let (winner, loser_err, winner_name) = match (a, b) {
+            (Ok(v), Err(e)) => (v, e, "n1"),
+            (Err(e), Ok(v)) => (v, e, "n2"),
+            other => panic!("expected exactly one winner, got {other:?}"),
+        };
+        assert_exists_on(&loser_err, 100, winner_name);
+        // A third node, and `vm create` on it, are refused too; nextid skips it.
+        assert_exists_on(&open(&n3, 100).await.unwrap_err(), 100, winner_name);
+        let out = mt(&n3, &["vm", "create", "100", "--memory", "64"]).await;
+        assert!(!out.status.success());
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr).trim_end(),
+            format!("mtunnel: error: VM 100 already exists on node '{winner_name}'")
+        );
+        assert!(!n3.vm_config(100).exists(), "a refused create leaves no config");
+        let next = n3.client().get("/cluster/nextid", &[]).await.unwrap();
+        assert_eq!(next, json!("101"));
+
+        // `vm create` registers the VMID for good; `vm destroy` releases it.
+        common::mt_ok(&n3, &["vm", "create", "101", "--memory", "64"]).await;
+        assert_exists_on(&open(&n1, 101).await.unwrap_err(), 101, "n3");
+        assert_eq!(
+            n1.client().get("/cluster/nextid", &[]).await.unwrap(),
+            json!("102")
+        );
+        let err = n1
+            .client()
+            .get("/cluster/nextid", &[("vmid", "101")])
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("VM 101 already exists"), "{err}");
+
+        // Views from a node that holds none of the VMs.
+        let status = n2.client().get("/cluster/status", &[]).await.unwrap();
+        let want_nodes: Vec<Value> = ["n1", "n2", "n3"]
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                json!({"type": "node", "id": format!("node/{n}"), "name": n, "nodeid": i + 1,
+                       "ip": "127.0.0.1", "local": u8::from(*n == "n2"), "online": 1, "level": ""})
+            })
+            .collect();
+        let mut want = vec![json!({"type": "cluster", "id": "cluster", "name": "lab",
+                                   "nodes": 3, "quorate": 1, "version": 1})];
+        want.extend(want_nodes);
+        assert_eq!(status, Value::Array(want));
+        println!("/cluster/status from n2: {status}");
+        // A VM's status comes from its node's published record (written by its reconcile
+        // loop every few seconds): "unknown" until then.
+        let want = json!([
+            {"id": "qemu/100", "vmid": 100, "type": "qemu", "node": winner_name, "status": "stopped"},
+            {"id": "qemu/101", "vmid": 101, "type": "qemu", "node": "n3", "status": "stopped"},
+        ]);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let vms = n2
+                .client()
+                .get("/cluster/resources", &[("type", "vm")])
+                .await
+                .unwrap();
+            if vms == want {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{vms} != {want}");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let all = n2.client().get("/cluster/resources", &[]).await.unwrap();
+        println!("/cluster/resources from n2: {all}");
+        let nodes = n1.client().get("/nodes", &[]).await.unwrap();
+        assert_eq!(nodes.as_array().map(Vec::len), Some(3));
+        assert_eq!(nodes[2]["ssl_fingerprint"], json!(n3.fingerprint));
+
+        // Destroyed: usable elsewhere.
+        common::mt_ok(&n3, &["vm", "destroy", "101"]).await;
+        open(&n1, 101).await.unwrap();
+
+        // The winner's tunnel ends without a VM: the VMID is free for the loser.
+        let winner_node = if winner_name == "n1" { &n1 } else { &n2 };
+        let loser_node = if winner_name == "n1" { &n2 } else { &n1 };
+        stop_task(winner_node, winner["upid"].as_str().unwrap()).await;
+        assert!(!winner_node.vm_config(100).exists());
+        open(loser_node, 100).await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reservations_of_a_killed_node_expire_after_the_lease_ttl() {
+    bounded(120, async {
+        let etcd = EtcdCluster::start(3);
+        let mut n1 = node(&etcd, "n1");
+        let n2 = node(&etcd, "n2");
+        open(&n1, 300).await.unwrap();
+        assert_exists_on(&open(&n2, 300).await.unwrap_err(), 300, "n1");
+        n1.kill();
+        // After the TTL (plus a keepalive period and etcd's own lease check) it is free.
+        open_eventually(&n2, 300, 6 * TTL + 10).await;
+        let status = n2.client().get("/cluster/status", &[]).await.unwrap();
+        assert_eq!(status[1]["name"], "n1");
+        assert_eq!(status[1]["online"], 0);
+        assert_eq!(status[2]["online"], 1);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_member_loss_one_is_fine_two_refuse_until_they_return() {
+    bounded(180, async {
+        let mut etcd = EtcdCluster::start(3);
+        let n1 = node(&etcd, "n1");
+        let n2 = node(&etcd, "n2");
+
+        etcd.kill(0);
+        // If it was the leader, the other two elect a new one first.
+        etcd.wait_healthy(&[1, 2]);
+        let running = open(&n1, 400).await.unwrap();
+        assert_exists_on(&open(&n2, 400).await.unwrap_err(), 400, "n1");
+
+        etcd.kill(1);
+        assert_no_quorum(&open(&n1, 401).await.unwrap_err());
+        assert!(
+            !n1.vm_config(401).exists(),
+            "a refused tunnel leaves no config"
+        );
+        let status = n1.client().get("/cluster/status", &[]).await.unwrap();
+        assert_eq!(status[0]["quorate"], 0);
+        // The running tunnel still cleans up, in bounded time.
+        stop_task(&n1, running["upid"].as_str().unwrap()).await;
+        assert!(!n1.vm_config(400).exists());
+
+        etcd.restart(0);
+        etcd.restart(1);
+        etcd.wait_healthy(&[0, 1, 2]);
+        open_eventually(&n1, 401, 30).await;
+        // The release that failed during the outage is repaired by the reconcile loop.
+        open_eventually(&n2, 400, 30).await;
+        let status = n2.client().get("/cluster/status", &[]).await.unwrap();
+        assert_eq!(status[0]["quorate"], 1);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completed_migration_registers_the_vmid_for_good_and_the_source_releases_it() {
+    common::require_qemu();
+    bounded(180, async {
+        let etcd = EtcdCluster::start(3);
+        let n1 = node(&etcd, "n1");
+        let mut n2 = node(&etcd, "n2");
+        let n3 = node(&etcd, "n3");
+        common::mt_ok(
+            &n1,
+            &[
+                "vm",
+                "create",
+                "500",
+                "--memory",
+                "64",
+                "--disk",
+                "local:4M:raw",
+            ],
+        )
+        .await;
+        // Within one cluster the source keeps its VMID until it deletes it: the target
+        // takes another one.
+        let target = common::target_arg(&n2, n2.port);
+        let out = mt(
+            &n1,
+            &[
+                "migrate",
+                "500",
+                "--target",
+                &target,
+                "--target-storage",
+                "local",
+            ],
+        )
+        .await;
+        assert!(!out.status.success());
+        // (The source asks `/cluster/nextid?vmid=500` first, which is cluster-wide.)
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr).lines().last(),
+            Some("mtunnel: error: target VMID 500 is already in use on the target")
+        );
+        common::mt_ok(
+            &n1,
+            &[
+                "migrate",
+                "500",
+                "--target",
+                &target,
+                "--target-storage",
+                "local",
+                "--target-vmid",
+                "501",
+                "--delete",
+            ],
+        )
+        .await;
+        assert!(n2.vm_config(501).exists());
+        // The source released 500; 501 belongs to n2, and stays so after n2 dies (the
+        // entry is no longer on its lease).
+        open(&n3, 500).await.unwrap();
+        assert_exists_on(&open(&n3, 501).await.unwrap_err(), 501, "n2");
+        n2.kill();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let status = n3.client().get("/cluster/status", &[]).await.unwrap();
+            if status[2]["online"] == 0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "n2 still online: {status}");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        assert_exists_on(&open(&n3, 501).await.unwrap_err(), 501, "n2");
+        let vms = n3
+            .client()
+            .get("/cluster/resources", &[("type", "vm")])
+            .await
+            .unwrap();
+        assert_eq!(
+            vms,
+            json!([
+                {"id": "qemu/500", "vmid": 500, "type": "qemu", "node": "n3", "status": "stopped"},
+                {"id": "qemu/501", "vmid": 501, "type": "qemu", "node": "n2", "status": "unknown"},
+            ])
+        );
+    })
+    .await;
+}
+
+/// Polls `/cluster/status` on `server` until `node` has `online == want` (at most 30 s).
+async fn wait_online(server: &TestServer, node: &str, want: u8) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = server.client().get("/cluster/status", &[]).await.unwrap();
+        let found = status
+            .as_array()
+            .and_then(|a| a.iter().find(|e| e["name"] == node))
+            .map(|e| e["online"] == want);
+        if found == Some(true) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{node} not online={want}: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_longer_than_its_lease_registers_again() {
+    use nix::sys::signal::Signal;
+    bounded(120, async {
+        let etcd = EtcdCluster::start(3);
+        let n1 = node(&etcd, "n1");
+        let n2 = node(&etcd, "n2");
+        open(&n1, 700).await.unwrap();
+        // Frozen, n1 sends no keepalive: etcd expires its lease and what hangs on it.
+        n1.signal(Signal::SIGSTOP);
+        wait_online(&n2, "n1", 0).await;
+        n1.signal(Signal::SIGCONT);
+        // Back, it gets a new lease, registers and puts its open tunnel's VMID back.
+        wait_online(&n2, "n1", 1).await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let vms = n2
+                .client()
+                .get("/cluster/resources", &[("type", "vm")])
+                .await
+                .unwrap();
+            if vms == json!([{"id": "qemu/700", "vmid": 700, "type": "qemu", "node": "n1", "status": "stopped"}])
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "700 not re-reserved: {vms}");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        assert_exists_on(&open(&n2, 700).await.unwrap_err(), 700, "n1");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_over_tls_with_a_client_certificate() {
+    bounded(60, async {
+        let etcd = EtcdCluster::start_tls();
+        let tls = format!("ca_file = \"{}\"\n", etcd.file("ca.pem").display());
+        let with_cert = format!(
+            "{tls}cert_file = \"{}\"\nkey_file = \"{}\"\n",
+            etcd.file("client.pem").display(),
+            etcd.file("client.key").display()
+        );
+        let table = etcd.cluster_toml("sec", TTL, 5);
+        let n1 = TestServer::start_with(Options {
+            node: Some("n1".into()),
+            extra_tables: format!("{table}{with_cert}"),
+            ..Options::default()
+        });
+        open_eventually(&n1, 100, 20).await;
+        let status = n1.client().get("/cluster/status", &[]).await.unwrap();
+        assert_eq!(status[0]["quorate"], 1);
+        assert_eq!(status[1]["name"], "n1");
+        // Without the client certificate etcd refuses the connection: no quorum, and why.
+        let n2 = TestServer::start_with(Options {
+            node: Some("n2".into()),
+            extra_tables: format!("{table}{tls}"),
+            ..Options::default()
+        });
+        let err = open(&n2, 101).await.unwrap_err();
+        let ApiError::Http { message, .. } = &err else {
+            panic!("expected an HTTP error, got {err}");
+        };
+        assert!(
+            message.starts_with("cluster not ready - no quorum? (this node holds no etcd lease: "),
+            "{message}"
+        );
+        assert!(message.to_lowercase().contains("certificate"), "{message}");
+    })
+    .await;
+}

@@ -1,0 +1,251 @@
+//! A real etcd cluster for the cluster tests: Debian's `/usr/bin/etcd`, three members on
+//! free loopback ports with their data in a temporary directory, killed on drop. Members
+//! can be killed (SIGKILL) and started again on the same data.
+
+use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Where Debian's `etcd-server` puts the server.
+pub const ETCD: &str = "/usr/bin/etcd";
+
+/// Fails the test (not skips) when etcd is missing: CI must run these.
+pub fn require_etcd() {
+    assert!(
+        std::path::Path::new(ETCD).exists(),
+        "{ETCD} is missing: install Debian's etcd-server (scripts/test-all.sh installs it)"
+    );
+}
+
+struct Member {
+    name: String,
+    client_port: u16,
+    peer_port: u16,
+    child: Option<Child>,
+}
+
+/// A running etcd cluster.
+pub struct EtcdCluster {
+    dir: tempfile::TempDir,
+    members: Vec<Member>,
+    /// Clients speak TLS and must show a certificate signed by `ca.pem` in `dir`.
+    tls: bool,
+}
+
+/// A loopback port nobody listens on right now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("finding a free loopback port")
+}
+
+impl EtcdCluster {
+    /// Starts `n` members and waits (at most 30 s) until each reports healthy.
+    pub fn start(n: usize) -> Self {
+        Self::start_with(n, false)
+    }
+
+    /// One member serving clients over TLS only (`--client-cert-auth`): its CA, server
+    /// and client certificates are made here (`ca.pem`, `client.pem`, `client.key`).
+    pub fn start_tls() -> Self {
+        Self::start_with(1, true)
+    }
+
+    fn start_with(n: usize, tls: bool) -> Self {
+        require_etcd();
+        let dir = tempfile::Builder::new()
+            .prefix("etcd")
+            .tempdir_in("/tmp")
+            .expect("creating the etcd directory");
+        let members = (0..n)
+            .map(|i| Member {
+                name: format!("e{i}"),
+                client_port: free_port(),
+                peer_port: free_port(),
+                child: None,
+            })
+            .collect();
+        let mut cluster = EtcdCluster { dir, members, tls };
+        if tls {
+            cluster.make_certificates();
+        }
+        for i in 0..n {
+            cluster.spawn(i);
+        }
+        cluster.wait_healthy(&(0..n).collect::<Vec<_>>());
+        cluster
+    }
+
+    /// The client URLs, for `[cluster] endpoints`.
+    pub fn endpoints(&self) -> Vec<String> {
+        let scheme = if self.tls { "https" } else { "http" };
+        self.members
+            .iter()
+            .map(|m| format!("{scheme}://127.0.0.1:{}", m.client_port))
+            .collect()
+    }
+
+    /// A file in the cluster's directory (the certificates of [`EtcdCluster::start_tls`]).
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// A CA, a server certificate for 127.0.0.1 and a client certificate, signed by it.
+    fn make_certificates(&self) {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+        std::fs::write(self.file("ca.pem"), ca.pem()).unwrap();
+        for (name, sans) in [
+            ("server", vec!["127.0.0.1".to_string()]),
+            ("client", vec![]),
+        ] {
+            let key = KeyPair::generate().unwrap();
+            let cert = CertificateParams::new(sans)
+                .unwrap()
+                .signed_by(&key, &ca)
+                .unwrap();
+            std::fs::write(self.file(&format!("{name}.pem")), cert.pem()).unwrap();
+            std::fs::write(self.file(&format!("{name}.key")), key.serialize_pem()).unwrap();
+        }
+    }
+
+    /// The `[cluster]` table for a node of cluster `name`.
+    pub fn cluster_toml(&self, name: &str, lease_ttl_secs: u64, timeout_secs: u64) -> String {
+        let endpoints: Vec<String> = self
+            .endpoints()
+            .iter()
+            .map(|e| format!("\"{e}\""))
+            .collect();
+        format!(
+            "\n[cluster]\nname = \"{name}\"\nendpoints = [{}]\nlease_ttl_secs = {lease_ttl_secs}\n\
+             timeout_secs = {timeout_secs}\n",
+            endpoints.join(", ")
+        )
+    }
+
+    fn data(&self, i: usize) -> PathBuf {
+        self.dir.path().join(&self.members[i].name)
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let initial: Vec<String> = self
+            .members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .collect();
+        let m = &self.members[i];
+        let scheme = if self.tls { "https" } else { "http" };
+        let client = format!("{scheme}://127.0.0.1:{}", m.client_port);
+        let peer = format!("http://127.0.0.1:{}", m.peer_port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{}.log", m.name)))
+            .expect("opening the etcd log");
+        let mut cmd = Command::new(ETCD);
+        cmd.arg("--name")
+            .arg(&m.name)
+            .arg("--data-dir")
+            .arg(self.data(i))
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args(["--initial-cluster", &initial.join(",")])
+            .args(["--initial-cluster-state", "new"])
+            .args(["--initial-cluster-token", "mtunnel-test"])
+            .args(["--heartbeat-interval", "100", "--election-timeout", "1000"])
+            .args(if self.tls {
+                vec![
+                    "--client-cert-auth".to_string(),
+                    format!("--trusted-ca-file={}", self.file("ca.pem").display()),
+                    format!("--cert-file={}", self.file("server.pem").display()),
+                    format!("--key-file={}", self.file("server.key").display()),
+                ]
+            } else {
+                Vec::new()
+            })
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        // If the test process dies without running destructors, take etcd with it.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                    .map_err(std::io::Error::from)
+            });
+        }
+        let child = cmd.spawn().expect("starting etcd");
+        self.members[i].child = Some(child);
+    }
+
+    /// `GET /health` of member `i` says `"health":"true"` (with TLS: the port accepts; the
+    /// test's first request then waits for the single member to lead).
+    pub fn healthy(&self, i: usize) -> bool {
+        let port = self.members[i].client_port;
+        if self.tls {
+            return std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+        }
+        let Ok(mut tcp) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+            return false;
+        };
+        let _ = tcp.set_read_timeout(Some(Duration::from_secs(3)));
+        if tcp
+            .write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .is_err()
+        {
+            return false;
+        }
+        let mut reply = String::new();
+        let _ = tcp.read_to_string(&mut reply);
+        reply.contains("\"health\":\"true\"")
+    }
+
+    /// Waits (at most 30 s) until the members `which` are healthy.
+    pub fn wait_healthy(&self, which: &[usize]) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !which.iter().all(|i| self.healthy(*i)) {
+            assert!(
+                Instant::now() < deadline,
+                "etcd members {which:?} not healthy after 30 s; logs in {}",
+                self.dir.path().display()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGKILLs member `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.members[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts member `i` again on its data (after [`EtcdCluster::kill`]).
+    pub fn restart(&mut self, i: usize) {
+        self.kill(i);
+        self.spawn(i);
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+    }
+}
