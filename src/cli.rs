@@ -309,6 +309,11 @@ pub struct TokenCreateArgs {
     /// ACL path the privileges apply to (propagating to paths below).
     #[arg(long, default_value = "/")]
     pub path: String,
+    /// Read the secret from the first line of stdin instead of making a random one: the
+    /// same token on every node of a cluster (requests for another node are forwarded
+    /// there and checked there).
+    #[arg(long)]
+    pub secret_stdin: bool,
     #[command(flatten)]
     pub node: NodeArgs,
 }

@@ -9,10 +9,13 @@
 //! A request forwarded once carries [`FORWARDED_BY`]; a second hop is refused, so two nodes
 //! that disagree about membership cannot bounce a request between them.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Request, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::Response;
 use hyper_util::rt::TokioIo;
 
@@ -37,6 +40,44 @@ pub struct Upstream {
     pub api_url: String,
     /// Its certificate's SHA-256 fingerprint (ignored for `http://`).
     pub fingerprint: String,
+}
+
+/// Router middleware: a request for `/nodes/{other}/...` goes to the cluster member
+/// `other`; everything else (and every request without `[cluster]`) is served here.
+pub(super) async fn route_to_owner(
+    State(st): State<Arc<super::AppState>>,
+    req: Request<Body>,
+    next: Next,
+) -> Response {
+    let Some(cluster) = st.node.cluster.as_ref() else {
+        return next.run(req).await;
+    };
+    let target = match node_of_path(req.uri().path()) {
+        Some(n) if n != "localhost" && n != st.node.cfg.node => n.to_string(),
+        _ => return next.run(req).await,
+    };
+    let format = Format::from_path(req.uri().path());
+    match cluster.member(&target).await {
+        Ok(Some(member)) => {
+            let upstream = Upstream {
+                node: member.node,
+                api_url: member.api_url,
+                fingerprint: member.fingerprint,
+            };
+            forward(&upstream, &st.node.cfg.node, req).await
+        }
+        // PVE's wording for a node it cannot reach (`PVE::Cluster::remote_node_ip`).
+        Ok(None) => render(
+            format,
+            Err(Error::internal(format!(
+                "unable to get IP for node '{target}' - node offline?"
+            ))),
+        ),
+        Err(e) => render(
+            format,
+            Err(Error::internal(crate::cluster::no_quorum(format!("{e:#}")))),
+        ),
+    }
 }
 
 /// The node a `/api2/{fmt}/nodes/{node}/...` path names, if it names one.

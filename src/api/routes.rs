@@ -70,6 +70,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(not_implemented)
         // A known path with a method it lacks is PVE's 501 as well, not axum's bare 405.
         .method_not_allowed_fallback(not_implemented)
+        // In a cluster, `/nodes/{other}/...` is answered by `other` (pveproxy's proxying).
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            super::proxy::route_to_owner,
+        ))
         .with_state(state)
 }
 

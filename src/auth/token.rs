@@ -190,6 +190,23 @@ impl TokenStore {
         acl: Acl,
         comment: Option<String>,
     ) -> anyhow::Result<String> {
+        self.create_with_secret(authid, acl, comment, &random_uuid())
+    }
+
+    /// Like [`TokenStore::create`] with a given secret: the same token on every node of a
+    /// cluster, so that a request forwarded to the node that owns a VM is accepted there.
+    pub fn create_with_secret(
+        &self,
+        authid: &str,
+        acl: Acl,
+        comment: Option<String>,
+        secret: &str,
+    ) -> anyhow::Result<String> {
+        if secret.len() < 16 || !secret.bytes().all(|b| b.is_ascii_graphic()) {
+            anyhow::bail!(
+                "invalid token secret: at least 16 printable characters without spaces (e.g. a UUID)"
+            );
+        }
         if !is_valid_token_id(authid) {
             anyhow::bail!(
                 "invalid token id '{authid}': expected user@realm!name (name: a letter, then letters, digits, '.', '-', '_')"
@@ -197,11 +214,10 @@ impl TokenStore {
         }
         // Fresh, so that a token created elsewhere a moment ago is not lost.
         let mut file = (*self.fresh_snapshot()).clone();
-        let secret = random_uuid();
         file.tokens.insert(
             authid.to_string(),
             TokenRecord {
-                secret_hash: hash_secret(&secret),
+                secret_hash: hash_secret(secret),
                 acl,
                 enable: true,
                 expire: 0,

@@ -79,7 +79,15 @@ pub fn create(args: TokenCreateArgs) -> anyhow::Result<()> {
             propagate: true,
         }],
     };
-    let header = store.create(&args.authid, acl, None)?;
+    let header = if args.secret_stdin {
+        let mut line = String::new();
+        std::io::stdin()
+            .read_line(&mut line)
+            .map_err(|e| anyhow::anyhow!("reading the secret from stdin: {e}"))?;
+        store.create_with_secret(&args.authid, acl, None, line.trim())?
+    } else {
+        store.create(&args.authid, acl, None)?
+    };
     println!("{header}");
     Ok(())
 }
