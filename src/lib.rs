@@ -29,6 +29,8 @@
 //! Beside the layers:
 //! - [`node`]: where the layers are wired: settings, stores, backends, open tunnels and the
 //!   handler factory of one node, as one `Arc<Node>` every layer receives.
+//! - [`metrics`]: the node's Prometheus metrics (one method per thing counted, bounded
+//!   label values) and their exposition; any layer may count.
 //! - [`config`]: node settings (paths, listen address, storages, plain settings types such
 //!   as [`config::Accel`] and [`config::LuaLimits`]) with embedded defaults.
 //! - [`schema`]: the one parameter schema language (API routes and handler `params`).
@@ -49,6 +51,7 @@ pub mod error;
 pub mod guest;
 pub mod ident;
 pub mod journal;
+pub mod metrics;
 pub mod node;
 pub mod qemu;
 pub mod schema;

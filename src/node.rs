@@ -11,6 +11,7 @@ use crate::command::HandlerFactory;
 use crate::config::NodeConfig;
 use crate::error::{Error, Result};
 use crate::guest::{ConfigStore, Hypervisor};
+use crate::metrics::Metrics;
 use crate::storage::{NodeStorage, Storage};
 use crate::task::TaskManager;
 use crate::tunnel::Registry;
@@ -26,6 +27,8 @@ pub struct Node {
     pub hypervisor: Arc<dyn Hypervisor>,
     /// Builds each tunnel's command handler (the Lua handlers unless a test swaps it).
     pub handlers: HandlerFactory,
+    /// What `GET /metrics` exposes; every layer counts into it.
+    pub metrics: Arc<Metrics>,
 }
 
 /// The data dir is locked by another process (a running `serve`, or `mtunnel cleanup`).
@@ -107,6 +110,7 @@ impl Node {
             storage: backends.storage,
             hypervisor: backends.hypervisor,
             handlers: Arc::new(crate::script::handler::lua_handler),
+            metrics: Arc::new(Metrics::new()),
         }))
     }
 

@@ -20,6 +20,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
+use crate::metrics::ByteCounters;
+
 /// Bytes read from the UNIX socket per frame sent. Larger reads mean fewer system calls
 /// (a UNIX read returns at most ~208 KiB anyway); 128 KiB is also the largest frame
 /// pveproxy accepts from a client.
@@ -132,8 +134,8 @@ pub async fn relay_watched<S, R, W>(
     ws: S,
     leftover: Vec<u8>,
     role: Role,
-    mut read: R,
-    mut write: W,
+    read: R,
+    write: W,
     peer_timeout: Option<Duration>,
 ) -> io::Result<ForwardStats>
 where
@@ -141,6 +143,41 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let opts = RelayOpts {
+        peer_timeout,
+        counters: ByteCounters::default(),
+    };
+    relay_with(ws, leftover, role, (read, write), opts).await
+}
+
+/// How a relay watches its peer and where it counts its bytes.
+#[derive(Debug, Clone, Default)]
+pub struct RelayOpts {
+    /// See [`relay_watched`].
+    pub peer_timeout: Option<Duration>,
+    /// Added to per chunk relayed (`inbound`: WebSocket → socket).
+    pub counters: ByteCounters,
+}
+
+/// Like [`relay_watched`], counting the payload bytes of each direction in
+/// `opts.counters` as they pass (one atomic add per chunk).
+pub async fn relay_with<S, R, W>(
+    ws: S,
+    leftover: Vec<u8>,
+    role: Role,
+    (mut read, mut write): (R, W),
+    opts: RelayOpts,
+) -> io::Result<ForwardStats>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let RelayOpts {
+        peer_timeout,
+        counters,
+    } = opts;
+    let ByteCounters { inbound, outbound } = counters;
     let (mut ws_read, mut ws_write) = tokio::io::split(ws);
     // Control frames (pongs for the peer's pings, our pings) go through the writing side.
     let (pong_tx, mut pong_rx) = mpsc::channel::<Vec<u8>>(4);
@@ -154,6 +191,7 @@ where
         let mut frames = FrameReader::new(leftover);
         frames.activity = seen;
         frames.waiting = waits;
+        frames.counter = inbound;
         let mut n = 0u64;
         loop {
             match frames.next(&mut ws_read, &mut write, &mut n).await? {
@@ -180,6 +218,7 @@ where
                         break;
                     }
                     n += got as u64;
+                    outbound.inc_by(got as u64);
                     let start = put_header(&mut buf, HEADROOM, OP_BINARY, got, role);
                     ws_write.write_all(&buf[start..HEADROOM + got]).await?;
                 }
@@ -277,6 +316,8 @@ struct FrameReader {
     /// Set while a read waits for the peer: only then does silence count against it (not
     /// while the local side is slow to take what already arrived).
     waiting: Arc<AtomicBool>,
+    /// Payload bytes written to the socket (the metrics' inbound counter).
+    counter: prometheus_client::metrics::counter::Counter,
 }
 
 struct Header {
@@ -297,6 +338,7 @@ impl FrameReader {
             end,
             activity: Arc::new(AtomicU64::new(0)),
             waiting: Arc::new(AtomicBool::new(false)),
+            counter: Default::default(),
         }
     }
 
@@ -418,6 +460,7 @@ impl FrameReader {
             unmask(chunk, header.mask, offset);
             out.write_all(chunk).await?;
             *written += n as u64;
+            self.counter.inc_by(n as u64);
             self.start += n;
             offset = (offset + n) % 4;
             remaining -= n as u64;
