@@ -40,6 +40,14 @@ pub enum Stream {
 }
 
 impl Stream {
+    const ALL: [Stream; 5] = [
+        Stream::Control,
+        Stream::Ram,
+        Stream::Nbd,
+        Stream::Import,
+        Stream::Other,
+    ];
+
     /// The kind of the stream to `socket`; `control` is the tunnel's control socket.
     pub fn of_socket(socket: &Path, control: &Path) -> Stream {
         let name = socket.file_name().and_then(|n| n.to_str()).unwrap_or("");
@@ -79,6 +87,12 @@ pub enum AuthFailure {
 }
 
 impl AuthFailure {
+    const ALL: [AuthFailure; 3] = [
+        AuthFailure::BadToken,
+        AuthFailure::BadTicket,
+        AuthFailure::PermissionDenied,
+    ];
+
     fn label(self) -> &'static str {
         match self {
             AuthFailure::BadToken => "bad_token",
@@ -100,6 +114,13 @@ pub mod migration_failure {
     pub const HANDLER_PANIC: &str = "handler_panic";
     /// A previous `serve` died with the tunnel open; counted by the recovery at start.
     pub const CRASH_RECOVERED: &str = "crash_recovered";
+    pub const ALL: [&str; 5] = [
+        SOURCE_ABORTED,
+        PEER_GONE,
+        SHUTDOWN,
+        HANDLER_PANIC,
+        CRASH_RECOVERED,
+    ];
 }
 
 /// Why a disk import failed.
@@ -114,6 +135,7 @@ pub mod import_failure {
     pub const REJECTED: &str = "rejected";
     /// The tunnel ended while the import ran.
     pub const ABORTED: &str = "aborted";
+    pub const ALL: [&str; 5] = [NO_CONNECTION, STORAGE_FULL, STREAM_ERROR, REJECTED, ABORTED];
 }
 
 /// What a cleanup (a tunnel's end, or the recovery at start) did.
@@ -127,6 +149,15 @@ pub mod cleanup_action {
     pub const VM_KEPT: &str = "vm_kept";
     /// A dead process's tunnel was recovered when `serve` started.
     pub const RECOVERED_AT_START: &str = "recovered_at_start";
+    pub const ALL: [&str; 7] = [
+        VM_STOPPED,
+        VOLUME_FREED,
+        FIREWALL_REMOVED,
+        CONFIG_REMOVED,
+        SOCKET_REMOVED,
+        VM_KEPT,
+        RECOVERED_AT_START,
+    ];
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -227,7 +258,35 @@ impl Metrics {
             auth_failures: Family::default(),
         };
         m.register();
+        m.zero_known_series();
         m
+    }
+
+    /// Creates every series whose labels are known in advance at 0, so that a query
+    /// sees "none yet" rather than "no data" (and `rate()` works from the first event).
+    fn zero_known_series(&self) {
+        for result in ["started", "completed", "failed"] {
+            self.migrations.get_or_create_owned(&ResultLabel { result });
+            self.imports.get_or_create_owned(&ResultLabel { result });
+        }
+        for reason in migration_failure::ALL {
+            self.migration_failures
+                .get_or_create_owned(&ReasonLabel { reason });
+        }
+        for reason in import_failure::ALL {
+            self.import_failures
+                .get_or_create_owned(&ReasonLabel { reason });
+        }
+        for action in cleanup_action::ALL {
+            self.cleanup.get_or_create_owned(&ActionLabel { action });
+        }
+        for kind in AuthFailure::ALL {
+            let kind = kind.label();
+            self.auth_failures.get_or_create_owned(&KindLabel { kind });
+        }
+        for stream in Stream::ALL {
+            self.byte_counters(stream);
+        }
     }
 
     fn register(&mut self) {
