@@ -102,8 +102,7 @@ pub(super) async fn mtunnelwebsocket(
         };
         let (read, write) = unix.into_split();
         let io = TokioIo::new(upgraded);
-        let relayed =
-            forward::relay_with(io, Vec::new(), forward::Role::Server, (read, write), opts);
+        let relayed = forward::relay_with(io, Vec::new(), forward::Role::Server, read, write, opts);
         match relayed.await {
             Ok(stats) => tracing::debug!(
                 vmid,

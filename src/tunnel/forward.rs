@@ -147,7 +147,7 @@ where
         peer_timeout,
         counters: ByteCounters::default(),
     };
-    relay_with(ws, leftover, role, (read, write), opts).await
+    relay_with(ws, leftover, role, read, write, opts).await
 }
 
 /// How a relay watches its peer and where it counts its bytes.
@@ -165,7 +165,8 @@ pub async fn relay_with<S, R, W>(
     ws: S,
     leftover: Vec<u8>,
     role: Role,
-    (mut read, mut write): (R, W),
+    mut read: R,
+    mut write: W,
     opts: RelayOpts,
 ) -> io::Result<ForwardStats>
 where
@@ -535,6 +536,37 @@ mod tests {
         drop(_sock_w_keep);
         let stats = relay_task.await.unwrap().unwrap();
         assert_eq!(stats.to_socket, 4);
+    }
+
+    #[tokio::test]
+    async fn counts_payload_bytes_both_ways() {
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let (mut sock_peer, sock) = tokio::io::duplex(1 << 16);
+        let (sock_r, sock_w) = tokio::io::split(sock);
+        let opts = RelayOpts::default();
+        let counters = opts.counters.clone();
+        let relay_task = tokio::spawn(relay_with(
+            server,
+            Vec::new(),
+            Role::Server,
+            sock_r,
+            sock_w,
+            opts,
+        ));
+        let (mut cr, mut cw) = tokio::io::split(client);
+        cw.write_all(&client_frame(b"hello")).await.unwrap();
+        cw.write_all(&client_frame(b" world")).await.unwrap();
+        let mut got = [0u8; 11];
+        sock_peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"hello world");
+        sock_peer.write_all(b"abc").await.unwrap();
+        let mut frame = [0u8; 5];
+        cr.read_exact(&mut frame).await.unwrap();
+        assert_eq!(frame, [0x82, 3, b'a', b'b', b'c']);
+        drop(sock_peer);
+        let stats = relay_task.await.unwrap().unwrap();
+        assert_eq!(stats.from_socket, 3);
+        assert_eq!((counters.inbound.get(), counters.outbound.get()), (11, 3));
     }
 
     /// Client frames: masked binary `payload`, all-zero mask.
