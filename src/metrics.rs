@@ -308,7 +308,7 @@ impl Metrics {
         );
         r.register_with_unit(
             "command_duration",
-            "Time from a command line read to its reply",
+            "Time a command took, from its line being read to its reply being ready",
             Unit::Seconds,
             self.command_duration.clone(),
         );
