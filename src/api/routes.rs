@@ -70,7 +70,20 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(not_implemented)
         // A known path with a method it lacks is PVE's 501 as well, not axum's bare 405.
         .method_not_allowed_fallback(not_implemented)
+        .layer(axum::middleware::map_response_with_state(
+            Arc::clone(&state),
+            count_denied,
+        ))
         .with_state(state)
+}
+
+/// Counts every 403 in the metrics, whichever check refused (privilege, tunnel owner):
+/// one place instead of one call per `require`.
+async fn count_denied(State(st): St, response: Response) -> Response {
+    if response.status() == axum::http::StatusCode::FORBIDDEN {
+        (st.node.metrics).auth_failure(crate::metrics::AuthFailure::PermissionDenied);
+    }
+    response
 }
 
 async fn not_implemented(method: Method, uri: Uri) -> Response {
