@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of mtunnel on a fresh machine: installs what the tests need (QEMU for the
 # live-migration tests, btrfs-progs for the btrfs storage tests, etcd for the cluster tests,
-# a Python venv with proxmoxer for the client-compatibility test), builds, runs the Rust
-# test suites and the Lua handler specs.
+# promtool for the metrics test, a Python venv with proxmoxer for the client-compatibility
+# test), builds, runs the Rust test suites and the Lua handler specs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,6 +15,25 @@ if ! command -v mkfs.btrfs >/dev/null 2>&1; then
   echo "== installing btrfs-progs"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q btrfs-progs >/dev/null \
     || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q btrfs-progs >/dev/null; }
+fi
+
+# promtool (Debian package prometheus) for tests/metrics.rs, which validates the exposition
+# with `promtool check metrics`. Only the tool is wanted: where no policy-rc.d exists, a
+# temporary one keeps the package from starting a Prometheus server.
+if ! command -v promtool >/dev/null 2>&1; then
+  echo "== installing promtool (Debian package prometheus)"
+  policy=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    policy=/usr/sbin/policy-rc.d
+    printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod +x "$policy"
+  fi
+  install_prometheus() {
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null
+  }
+  status=0
+  install_prometheus || { apt-get update -q >/dev/null && install_prometheus; } || status=$?
+  if [ -n "$policy" ]; then rm -f "$policy"; fi
+  [ "$status" = 0 ] || { echo "installing prometheus (promtool) failed" >&2; exit "$status"; }
 fi
 
 # The WAN smoke test (tests/bench_smoke.rs) builds network namespaces with iproute2's `ip`;

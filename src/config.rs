@@ -86,6 +86,8 @@ pub struct NodeConfig {
     pub max_tunnels: usize,
     /// Concurrent HTTP connections (including WebSocket streams) at most; more get 503.
     pub max_connections: usize,
+    /// Where plain-HTTP `GET /metrics` listens; `None` (the default): no metrics listener.
+    pub metrics_listen: Option<SocketAddr>,
     /// Cluster mode (`[cluster]`): VMIDs, membership and views shared through etcd.
     /// `None`: a single node, exactly as without clustering.
     pub cluster: Option<ClusterConfig>,
@@ -212,6 +214,8 @@ pub struct ConfigFile {
     pub shutdown_timeout_secs: Option<u64>,
     pub max_tunnels: Option<usize>,
     pub max_connections: Option<usize>,
+    /// `host:port` of the Prometheus metrics listener; empty or absent: none.
+    pub metrics_listen: Option<String>,
     /// Cluster mode: etcd endpoints and the cluster name (see [`ClusterFile`]).
     pub cluster: Option<ClusterFile>,
     #[serde(default)]
@@ -296,6 +300,12 @@ impl NodeConfig {
             Some("tcg") => Accel::Tcg,
             Some(other) => bail!("invalid qemu_accel '{other}': use kvm, tcg or auto"),
         };
+        let metrics_listen = match file.metrics_listen.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(addr) => Some(addr.parse::<SocketAddr>().with_context(|| {
+                format!("invalid metrics_listen '{addr}': use host:port, e.g. 127.0.0.1:9710")
+            })?),
+        };
         let defaults = LuaLimits::default();
         let lua_limits = LuaLimits {
             memory_bytes: file
@@ -332,6 +342,7 @@ impl NodeConfig {
             shutdown_timeout: Duration::from_secs(file.shutdown_timeout_secs.unwrap_or(30)),
             max_tunnels: file.max_tunnels.unwrap_or(64).max(1),
             max_connections: file.max_connections.unwrap_or(1024).max(1),
+            metrics_listen,
         })
     }
 

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::guest::VmConfig;
+use crate::metrics::cleanup_action;
 use crate::node::Node;
 use crate::task::TaskLog;
 
@@ -226,9 +227,10 @@ pub async fn free_created(
         return freed;
     }
     // Sockets first: while the config exists no later tunnel can own these paths.
-    remove_sockets(created);
+    remove_sockets(node, created);
     if !created.may_destroy() {
         report.warn(&kept_message(created));
+        node.metrics.cleanup(cleanup_action::VM_KEPT);
         freed.kept = true;
         return freed;
     }
@@ -246,6 +248,7 @@ pub async fn free_created(
              and its config in place",
             created.expected_lock.as_deref().unwrap_or("")
         ));
+        node.metrics.cleanup(cleanup_action::VM_KEPT);
         freed.kept = true;
         return freed;
     }
@@ -253,6 +256,7 @@ pub async fn free_created(
         match node.hypervisor.stop(vmid).await {
             Ok(()) => {
                 report.info(&format!("cleanup: stopped VM {vmid}"));
+                node.metrics.cleanup(cleanup_action::VM_STOPPED);
                 freed.vm_stopped = true;
             }
             Err(e) => {
@@ -278,7 +282,10 @@ pub async fn free_created(
     if created.firewall_written {
         let path = node.cfg.firewall_dir().join(format!("{vmid}.fw"));
         match std::fs::remove_file(path) {
-            Ok(()) => report.info("cleanup: removed firewall file"),
+            Ok(()) => {
+                report.info("cleanup: removed firewall file");
+                node.metrics.cleanup(cleanup_action::FIREWALL_REMOVED);
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {
                 report.warn(&format!("cleanup: removing firewall file failed: {e}"));
@@ -310,6 +317,7 @@ async fn free_volumes(node: &Node, volumes: Vec<String>, report: &dyn Report, fr
         match node.storage.free(&volid).await {
             Ok(()) => {
                 report.info(&format!("cleanup: freed volume '{volid}'"));
+                node.metrics.cleanup(cleanup_action::VOLUME_FREED);
                 freed.volumes.push(volid);
             }
             Err(e) => {
@@ -408,6 +416,7 @@ async fn remove_config(
     match node.guests.remove_locked(guard) {
         Ok(()) => {
             report.info(&format!("cleanup: removed config of VM {vmid}"));
+            node.metrics.cleanup(cleanup_action::CONFIG_REMOVED);
             Some(true)
         }
         Err(e) => {
@@ -419,8 +428,10 @@ async fn remove_config(
     }
 }
 
-fn remove_sockets(created: &Created) {
+fn remove_sockets(node: &Node, created: &Created) {
     for socket in &created.sockets {
-        let _ = std::fs::remove_file(socket);
+        if std::fs::remove_file(socket).is_ok() {
+            node.metrics.cleanup(cleanup_action::SOCKET_REMOVED);
+        }
     }
 }

@@ -31,6 +31,8 @@
 //!   handler factory of one node, as one `Arc<Node>` every layer receives.
 //! - [`cluster`]: cluster mode (`[cluster]`): the node's etcd lease and membership, the
 //!   cluster-wide VMID registry, the data of the cluster views (over etcd's JSON gateway).
+//! - [`metrics`]: the node's Prometheus metrics (one method per thing counted, bounded
+//!   label values) and their exposition; any layer may count.
 //! - [`config`]: node settings (paths, listen address, storages, plain settings types such
 //!   as [`config::Accel`] and [`config::LuaLimits`]) with embedded defaults.
 //! - [`schema`]: the one parameter schema language (API routes and handler `params`).
@@ -52,6 +54,7 @@ pub mod error;
 pub mod guest;
 pub mod ident;
 pub mod journal;
+pub mod metrics;
 pub mod node;
 pub mod qemu;
 pub mod schema;

@@ -12,6 +12,7 @@ use crate::command::HandlerFactory;
 use crate::config::NodeConfig;
 use crate::error::{Error, Result};
 use crate::guest::{ConfigStore, Hypervisor};
+use crate::metrics::Metrics;
 use crate::storage::{NodeStorage, Storage};
 use crate::task::TaskManager;
 use crate::tunnel::Registry;
@@ -29,6 +30,8 @@ pub struct Node {
     pub handlers: HandlerFactory,
     /// The cluster this node is a member of (`[cluster]`); `None`: a single node.
     pub cluster: Option<Arc<Cluster>>,
+    /// What `GET /metrics` exposes; every layer counts into it.
+    pub metrics: Arc<Metrics>,
 }
 
 /// The data dir is locked by another process (a running `serve`, or `mtunnel cleanup`).
@@ -112,6 +115,7 @@ impl Node {
             storage: backends.storage,
             hypervisor: backends.hypervisor,
             handlers: Arc::new(crate::script::handler::lua_handler),
+            metrics: Arc::new(Metrics::new()),
         }))
     }
 

@@ -73,9 +73,14 @@ fn package_metadata_names_existing_files() {
     }
     let config = std::fs::read_to_string(root.join("packaging/mtunnel.toml")).unwrap();
     let parsed: toml::Table = toml::from_str(&config).expect("default config is TOML");
-    assert!(
-        parsed.is_empty(),
-        "the default config only documents defaults"
+    // Only the metrics listener is set (it is off when absent); the rest documents defaults.
+    assert_eq!(
+        parsed.into_iter().collect::<Vec<_>>(),
+        [(
+            "metrics_listen".to_string(),
+            toml::Value::String("127.0.0.1:9710".into())
+        )],
+        "the default config sets only metrics_listen"
     );
 }
 

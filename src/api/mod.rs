@@ -2,9 +2,11 @@
 //! the node is configured with `tls = false`), HTTP/1.1 with upgrades, routing, parameter
 //! parsing and PVE's reply envelope. Endpoints translate
 //! parameters and call into [`crate::tunnel`], [`crate::task`] and friends; no business
-//! logic lives here.
+//! logic lives here. The Prometheus metrics listener ([`metrics`]) is a separate plain-HTTP
+//! server beside it.
 
 mod cluster;
+pub mod metrics;
 mod pdm;
 pub mod proxy;
 pub mod reply;

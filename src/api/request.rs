@@ -56,6 +56,7 @@ impl FromRequest<Arc<AppState>> for ApiReq {
             Ok(id) => id,
             Err(e) => {
                 tracing::info!("authentication failure: {e}");
+                (state.node.metrics).auth_failure(crate::metrics::AuthFailure::BadToken);
                 tokio::time::sleep(state.node.cfg.auth_failure_delay).await;
                 return Err(fail(Error::Unauthorized(format!(
                     "authentication failure - {e}"

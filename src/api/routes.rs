@@ -70,12 +70,26 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(not_implemented)
         // A known path with a method it lacks is PVE's 501 as well, not axum's bare 405.
         .method_not_allowed_fallback(not_implemented)
-        // In a cluster, `/nodes/{other}/...` is answered by `other` (pveproxy's proxying).
+        .layer(axum::middleware::map_response_with_state(
+            Arc::clone(&state),
+            count_denied,
+        ))
+        // In a cluster, `/nodes/{other}/...` is answered by `other` (pveproxy's proxying);
+        // outermost, so that what the other node answers is counted there, not here.
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&state),
             super::proxy::route_to_owner,
         ))
         .with_state(state)
+}
+
+/// Counts every 403 in the metrics, whichever check refused (privilege, tunnel owner):
+/// one place instead of one call per `require`.
+async fn count_denied(State(st): St, response: Response) -> Response {
+    if response.status() == axum::http::StatusCode::FORBIDDEN {
+        (st.node.metrics).auth_failure(crate::metrics::AuthFailure::PermissionDenied);
+    }
+    response
 }
 
 async fn not_implemented(method: Method, uri: Uri) -> Response {

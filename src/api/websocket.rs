@@ -21,6 +21,7 @@ use super::reply::Data;
 use super::request::{ApiReq, Props};
 use super::routes::{finish, parse_vmid, path_param};
 use crate::error::Error;
+use crate::metrics::AuthFailure;
 use crate::schema::{Prop, props};
 use crate::tunnel::{Tunnel, forward};
 
@@ -39,6 +40,7 @@ pub(super) async fn mtunnelwebsocket(
         Ok(ok) => ok,
         Err(e) => {
             if matches!(e, Error::Unauthorized(_)) {
+                st.node.metrics.auth_failure(AuthFailure::BadTicket);
                 tokio::time::sleep(st.node.cfg.auth_failure_delay).await;
             }
             return finish(&p, &req, Err(e));
@@ -85,7 +87,11 @@ pub(super) async fn mtunnelwebsocket(
         }
     };
     let vmid = path_param(&p, "vmid").to_string();
-    let peer_timeout = st.node.cfg.peer_timeout;
+    let stream = crate::metrics::Stream::of_socket(&socket, &tunnel.control_socket);
+    let opts = forward::RelayOpts {
+        peer_timeout: Some(st.node.cfg.peer_timeout),
+        counters: st.node.metrics.byte_counters(stream),
+    };
     tokio::spawn(async move {
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
@@ -96,14 +102,7 @@ pub(super) async fn mtunnelwebsocket(
         };
         let (read, write) = unix.into_split();
         let io = TokioIo::new(upgraded);
-        let relayed = forward::relay_watched(
-            io,
-            Vec::new(),
-            forward::Role::Server,
-            read,
-            write,
-            Some(peer_timeout),
-        );
+        let relayed = forward::relay_with(io, Vec::new(), forward::Role::Server, read, write, opts);
         match relayed.await {
             Ok(stats) => tracing::debug!(
                 vmid,

@@ -1,5 +1,6 @@
 //! `mtunnel serve` and `mtunnel cleanup`: the target node's process (backends, data-dir
-//! lock, initial token, recovery of dead tunnels, the API server, graceful shutdown) and the
+//! lock, initial token, recovery of dead tunnels, the API server and the metrics listener,
+//! graceful shutdown) and the
 //! recovery of what dead tunnels left from the command line. The server itself is
 //! `mtunnel::api`, the recovery `mtunnel::tunnel::recovery`.
 
@@ -42,6 +43,14 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             "TLS is off (tls = false): plain HTTP, tokens travel in clear; only behind a TLS-terminating proxy or on loopback"
         );
     }
+    let metrics = match node.cfg.metrics_listen {
+        Some(addr) => {
+            let m = mtunnel::api::metrics::serve(node.metrics.clone(), addr).await?;
+            println!("metrics: {}", m.url());
+            Some(m)
+        }
+        None => None,
+    };
     println!("data dir: {}", node.cfg.data_dir.display());
     if let Some(cluster) = &node.cluster {
         node.join_cluster(&server.url(), &server.fingerprint).await;
@@ -73,6 +82,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     server.abort();
+    if let Some(m) = &metrics {
+        m.abort();
+    }
     let open = mtunnel::tunnel::shutdown(&node).await;
     if open > 0 {
         // Their journals stay: the next start frees what they created. Exit now rather

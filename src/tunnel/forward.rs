@@ -20,6 +20,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
+use crate::metrics::ByteCounters;
+
 /// Bytes read from the UNIX socket per frame sent. Larger reads mean fewer system calls
 /// (a UNIX read returns at most ~208 KiB anyway); 128 KiB is also the largest frame
 /// pveproxy accepts from a client.
@@ -132,8 +134,8 @@ pub async fn relay_watched<S, R, W>(
     ws: S,
     leftover: Vec<u8>,
     role: Role,
-    mut read: R,
-    mut write: W,
+    read: R,
+    write: W,
     peer_timeout: Option<Duration>,
 ) -> io::Result<ForwardStats>
 where
@@ -141,6 +143,42 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let opts = RelayOpts {
+        peer_timeout,
+        counters: ByteCounters::default(),
+    };
+    relay_with(ws, leftover, role, read, write, opts).await
+}
+
+/// How a relay watches its peer and where it counts its bytes.
+#[derive(Debug, Clone, Default)]
+pub struct RelayOpts {
+    /// See [`relay_watched`].
+    pub peer_timeout: Option<Duration>,
+    /// Added to per chunk relayed (`inbound`: WebSocket → socket).
+    pub counters: ByteCounters,
+}
+
+/// Like [`relay_watched`], counting the payload bytes of each direction in
+/// `opts.counters` as they pass (one atomic add per chunk).
+pub async fn relay_with<S, R, W>(
+    ws: S,
+    leftover: Vec<u8>,
+    role: Role,
+    mut read: R,
+    mut write: W,
+    opts: RelayOpts,
+) -> io::Result<ForwardStats>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let RelayOpts {
+        peer_timeout,
+        counters,
+    } = opts;
+    let ByteCounters { inbound, outbound } = counters;
     let (mut ws_read, mut ws_write) = tokio::io::split(ws);
     // Control frames (pongs for the peer's pings, our pings) go through the writing side.
     let (pong_tx, mut pong_rx) = mpsc::channel::<Vec<u8>>(4);
@@ -154,6 +192,7 @@ where
         let mut frames = FrameReader::new(leftover);
         frames.activity = seen;
         frames.waiting = waits;
+        frames.counter = inbound;
         let mut n = 0u64;
         loop {
             match frames.next(&mut ws_read, &mut write, &mut n).await? {
@@ -180,6 +219,7 @@ where
                         break;
                     }
                     n += got as u64;
+                    outbound.inc_by(got as u64);
                     let start = put_header(&mut buf, HEADROOM, OP_BINARY, got, role);
                     ws_write.write_all(&buf[start..HEADROOM + got]).await?;
                 }
@@ -277,6 +317,8 @@ struct FrameReader {
     /// Set while a read waits for the peer: only then does silence count against it (not
     /// while the local side is slow to take what already arrived).
     waiting: Arc<AtomicBool>,
+    /// Payload bytes written to the socket (the metrics' inbound counter).
+    counter: prometheus_client::metrics::counter::Counter,
 }
 
 struct Header {
@@ -297,6 +339,7 @@ impl FrameReader {
             end,
             activity: Arc::new(AtomicU64::new(0)),
             waiting: Arc::new(AtomicBool::new(false)),
+            counter: Default::default(),
         }
     }
 
@@ -418,6 +461,7 @@ impl FrameReader {
             unmask(chunk, header.mask, offset);
             out.write_all(chunk).await?;
             *written += n as u64;
+            self.counter.inc_by(n as u64);
             self.start += n;
             offset = (offset + n) % 4;
             remaining -= n as u64;
@@ -492,6 +536,37 @@ mod tests {
         drop(_sock_w_keep);
         let stats = relay_task.await.unwrap().unwrap();
         assert_eq!(stats.to_socket, 4);
+    }
+
+    #[tokio::test]
+    async fn counts_payload_bytes_both_ways() {
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let (mut sock_peer, sock) = tokio::io::duplex(1 << 16);
+        let (sock_r, sock_w) = tokio::io::split(sock);
+        let opts = RelayOpts::default();
+        let counters = opts.counters.clone();
+        let relay_task = tokio::spawn(relay_with(
+            server,
+            Vec::new(),
+            Role::Server,
+            sock_r,
+            sock_w,
+            opts,
+        ));
+        let (mut cr, mut cw) = tokio::io::split(client);
+        cw.write_all(&client_frame(b"hello")).await.unwrap();
+        cw.write_all(&client_frame(b" world")).await.unwrap();
+        let mut got = [0u8; 11];
+        sock_peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"hello world");
+        sock_peer.write_all(b"abc").await.unwrap();
+        let mut frame = [0u8; 5];
+        cr.read_exact(&mut frame).await.unwrap();
+        assert_eq!(frame, [0x82, 3, b'a', b'b', b'c']);
+        drop(sock_peer);
+        let stats = relay_task.await.unwrap().unwrap();
+        assert_eq!(stats.from_socket, 3);
+        assert_eq!((counters.inbound.get(), counters.outbound.get()), (11, 3));
     }
 
     /// Client frames: masked binary `payload`, all-zero mask.

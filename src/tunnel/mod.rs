@@ -325,6 +325,7 @@ async fn start_worker(node: &Arc<Node>, authid: &str, vmid: u32) -> Result<Opene
         control_claimed: AtomicBool::new(false),
     });
     node.tunnels.insert(Arc::clone(&tunnel));
+    node.metrics.tunnel_opened();
     let worker_node = Arc::clone(node);
     let upid = node.tasks.spawn(log, move |log, stop| async move {
         let upid = created.upid.clone();
@@ -335,6 +336,7 @@ async fn start_worker(node: &Arc<Node>, authid: &str, vmid: u32) -> Result<Opene
         if let Some(cluster) = &worker_node.cluster {
             cluster.finish(vmid, worker_node.guests.exists(vmid)).await;
         }
+        worker_node.metrics.tunnel_closed();
         // The journal goes once nothing is left to free: freed, or kept for good. After
         // an incomplete cleanup it stays for the recovery at the next start.
         let dir = worker_node.cfg.journal_dir();

@@ -101,6 +101,14 @@ async fn recover_one(node: &Arc<Node>, created: &Created, by: RecoveredBy) -> Ve
         created.owner.pid
     ));
     let freed = journal::free_created(node, created, journal::Vmid::Owned, None, &report).await;
+    if by == RecoveredBy::Restart {
+        node.metrics
+            .cleanup(crate::metrics::cleanup_action::RECOVERED_AT_START);
+        // Its migration never ended in this process: count how it ends here.
+        if !created.committed {
+            (node.metrics).migration_failed(crate::metrics::migration_failure::CRASH_RECOVERED);
+        }
+    }
     let lines = report.0.into_inner().unwrap_or_else(|e| e.into_inner());
     if let Ok(upid) = created.upid.parse() {
         let when = match by {

@@ -15,6 +15,7 @@ use tokio::net::UnixListener;
 use super::Tunnel;
 pub use crate::command::{CommandHandler, Outcome};
 use crate::command::{HandlerSetup, TunnelSockets};
+use crate::metrics::{Metrics, command_label, migration_failure};
 use crate::node::Node;
 use crate::task::{StopSignal, TaskLog};
 
@@ -35,6 +36,15 @@ pub enum End {
 }
 
 impl End {
+    /// The [`migration_failure`] reason of a tunnel that ended this way uncommitted.
+    fn failure_reason(&self) -> &'static str {
+        match self {
+            End::Quit => migration_failure::SOURCE_ABORTED,
+            End::Eof | End::Failed(_) => migration_failure::PEER_GONE,
+            End::Stopped => migration_failure::SHUTDOWN,
+        }
+    }
+
     fn describe(&self) -> String {
         match self {
             End::Quit => "tunnel closed by 'quit' before the migration finished".into(),
@@ -93,12 +103,14 @@ pub async fn run(
     // (later, a next tunnel of the VMID may have bound the same path).
     drop(listener);
     let _ = std::fs::remove_file(&tunnel.control_socket);
+    node.metrics.migration_started();
     let (read, write) = stream.into_split();
     let served = AssertUnwindSafe(serve_until(
         read,
         write,
         &mut *handler,
         log,
+        &node.metrics,
         stop.requested(),
     ))
     .catch_unwind()
@@ -109,10 +121,12 @@ pub async fn run(
             let what = panic_text(&panic);
             log.log(format!("ERROR: command handling panicked: {what}"));
             handler.finish("command handling panicked").await;
+            count_migration(node, tunnel, migration_failure::HANDLER_PANIC);
             anyhow::bail!("mtunnel failed: command handling panicked: {what}");
         }
     };
     handler.finish(&end.describe()).await;
+    count_migration(node, tunnel, end.failure_reason());
     match end {
         End::Quit => {
             log.log("mtunnel exited");
@@ -121,6 +135,19 @@ pub async fn run(
         End::Stopped => anyhow::bail!("received interrupt"),
         End::Eof => anyhow::bail!("mtunnel exited unexpectedly"),
         End::Failed(e) => anyhow::bail!("mtunnel exited unexpectedly: {e}"),
+    }
+}
+
+/// Counts the migration of a tunnel whose handler finished: completed if its journal says
+/// it was committed (`resume` or `unlock` succeeded; both the online and the offline path
+/// end with `unlock`), else failed for `reason`.
+fn count_migration(node: &Node, tunnel: &Tunnel, reason: &'static str) {
+    let committed = crate::journal::load(&node.cfg.journal_dir(), &tunnel.instance)
+        .is_some_and(|c| c.committed);
+    if committed {
+        node.metrics.migration_completed();
+    } else {
+        node.metrics.migration_failed(reason);
     }
 }
 
@@ -200,7 +227,9 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    match serve_until(read, write, handler, log, std::future::pending::<()>()).await {
+    let metrics = Metrics::new();
+    let forever = std::future::pending::<()>();
+    match serve_until(read, write, handler, log, &metrics, forever).await {
         End::Quit => Ok(true),
         End::Eof => Ok(false),
         End::Failed(e) => Err(e.into()),
@@ -210,12 +239,13 @@ where
 
 /// Reads commands until EOF, an I/O error, or `stop` resolves. A stop is noticed between
 /// commands: a running command finishes (and replies) first, so what it creates is
-/// recorded before cleanup runs.
+/// recorded before cleanup runs. Each reply is counted in `metrics`.
 pub async fn serve_until<R, W>(
     read: R,
     mut write: W,
     handler: &mut dyn CommandHandler,
     log: &TaskLog,
+    metrics: &Metrics,
     stop: impl std::future::Future<Output = ()>,
 ) -> End
 where
@@ -240,13 +270,19 @@ where
         if !got_any {
             return if exit_mode { End::Quit } else { End::Eof };
         }
-        let outcome = if too_long {
-            Outcome::err(format!(
-                "failed to parse command - line too long (limit {MAX_LINE_BYTES} bytes)"
-            ))
+        let started = std::time::Instant::now();
+        let (cmd, outcome) = if too_long {
+            let msg =
+                format!("failed to parse command - line too long (limit {MAX_LINE_BYTES} bytes)");
+            (None, Outcome::err(msg))
         } else {
             super::off_runtime(dispatch(&line, exit_mode, handler, log)).await
         };
+        let label = command_label(
+            cmd.as_deref().unwrap_or(""),
+            cmd.as_deref().is_some_and(|c| handler.knows(c)),
+        );
+        metrics.command_done(label, outcome.reply.is_ok(), started.elapsed());
         if outcome.exit {
             exit_mode = true;
         }
@@ -273,23 +309,40 @@ async fn write_reply<W: AsyncWrite + Unpin>(write: &mut W, bytes: &[u8]) -> std:
     write.flush().await
 }
 
+/// Runs one command line; returns the command's name (if the line had one) and outcome.
 async fn dispatch(
     line: &[u8],
     exit_mode: bool,
     handler: &mut dyn CommandHandler,
     log: &TaskLog,
-) -> Outcome {
+) -> (Option<String>, Outcome) {
     let text = String::from_utf8_lossy(line);
     let text = text.trim_end_matches(['\r', '\n']);
     let mut request = match serde_json::from_str::<Value>(text) {
         Ok(Value::Object(map)) => map,
-        Ok(_) => return Outcome::err("failed to parse command - not a JSON object"),
-        Err(e) => return Outcome::err(format!("failed to parse command - {e}")),
+        Ok(_) => {
+            return (
+                None,
+                Outcome::err("failed to parse command - not a JSON object"),
+            );
+        }
+        Err(e) => return (None, Outcome::err(format!("failed to parse command - {e}"))),
     };
     let cmd = match request.remove("cmd") {
         Some(Value::String(cmd)) => cmd,
-        _ => return Outcome::err("'cmd' missing"),
+        _ => return (None, Outcome::err("'cmd' missing")),
     };
+    let outcome = run_command(&cmd, request, exit_mode, handler, log).await;
+    (Some(cmd), outcome)
+}
+
+async fn run_command(
+    cmd: &str,
+    request: serde_json::Map<String, Value>,
+    exit_mode: bool,
+    handler: &mut dyn CommandHandler,
+    log: &TaskLog,
+) -> Outcome {
     let span = tracing::info_span!("cmd", cmd = %cmd);
     let _enter = span.enter();
     if exit_mode {
@@ -297,13 +350,13 @@ async fn dispatch(
             "tunnel is in exit-mode, processing '{cmd}' cmd not possible"
         ));
     }
-    if !handler.knows(&cmd) {
+    if !handler.knows(cmd) {
         return Outcome::err(format!("unknown command '{cmd}' given"));
     }
     log.log(format!("received command '{cmd}'"));
     tracing::debug!("handling command");
     drop(_enter);
-    let mut outcome = handler.handle(&cmd, request).await;
+    let mut outcome = handler.handle(cmd, request).await;
     if let Err(msg) = &mut outcome.reply {
         *msg = format!("failed to handle '{cmd}' command - {msg}");
     }

@@ -246,6 +246,13 @@ impl TestServer {
         self.fingerprint = fingerprint.unwrap_or_default();
     }
 
+    /// The `metrics:` URL `serve` printed (set `metrics_listen` in `extra_toml`).
+    pub fn metrics_url(&self) -> Option<String> {
+        self.stdout
+            .iter()
+            .find_map(|l| l.strip_prefix("metrics: ").map(str::to_string))
+    }
+
     /// Kills the server (SIGKILL, no cleanup) and starts it again on the same directories.
     pub fn restart(&mut self) {
         self.kill();

@@ -21,6 +21,7 @@ use super::HandlerFailure;
 use crate::command::TunnelSockets;
 use crate::guest::VmLockGuard;
 use crate::journal::{self, Created};
+use crate::metrics::{import_failure, import_failure_reason};
 use crate::node::Node;
 use crate::task::TaskLog;
 
@@ -194,11 +195,22 @@ pub async fn end_import(c: &Arc<HostCtx>) {
         if job.task.is_finished() {
             // Finished but not yet collected by `query-disk-import`: its volume is ours too.
             match job.task.await {
-                Ok(Ok(volid)) => c.session().created.volumes.push(volid),
-                Ok(Err(msg)) => c.info(&format!("cleanup: the disk import had failed: {msg}")),
-                Err(e) => c.info(&format!("cleanup: the disk import task had failed: {e}")),
+                Ok(Ok(volid)) => {
+                    // Never checked (`query-disk-import` does that): not counted completed.
+                    c.node.metrics.import_failed(import_failure::ABORTED);
+                    c.session().created.volumes.push(volid)
+                }
+                Ok(Err(msg)) => {
+                    c.node.metrics.import_failed(import_failure_reason(&msg));
+                    c.info(&format!("cleanup: the disk import had failed: {msg}"))
+                }
+                Err(e) => {
+                    c.node.metrics.import_failed(import_failure::STREAM_ERROR);
+                    c.info(&format!("cleanup: the disk import task had failed: {e}"))
+                }
             }
         } else {
+            c.node.metrics.import_failed(import_failure::ABORTED);
             job.task.abort();
             let _ = job.task.await;
             c.info(&format!(

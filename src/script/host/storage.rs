@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncRead, ReadBuf};
 
 use super::{HostCtx, ImportJob, ctx, fail, from_lua, to_lua};
+use crate::metrics::{import_failure, import_failure_reason};
 use crate::storage::ImportRequest;
 
 pub(super) fn storage_table(lua: &Lua) -> mlua::Result<Table> {
@@ -247,6 +248,7 @@ async fn import_start(c: &Arc<HostCtx>, opts: &Value) -> mlua::Result<(PathBuf, 
         task,
         received,
     });
+    c.node.metrics.import_started();
     c.info(&format!(
         "disk import listening on {} ({stream_format})",
         socket.display()
@@ -316,17 +318,20 @@ async fn import_status(c: &Arc<HostCtx>) -> mlua::Result<Value> {
             // As upstream: a just-imported image must not reference other files.
             if let Err(e) = c.node.storage.check_untrusted(&volid).await {
                 let msg = e.to_string();
+                c.node.metrics.import_failed(import_failure::REJECTED);
                 c.warn(&format!("imported image '{volid}' rejected: {msg}"));
                 if c.node.storage.free(&volid).await.is_ok() {
                     c.record(|r| r.volumes.retain(|v| v != &volid)).await?;
                 }
                 return Ok(json!({"status": "error", "msg": msg}));
             }
+            c.node.metrics.import_completed();
             c.info(&format!("successfully imported '{volid}'"));
             json!({"status": "complete", "volid": volid})
         }
         Err(msg) => {
             c.record(|r| r.import_running = false).await?;
+            c.node.metrics.import_failed(import_failure_reason(&msg));
             c.warn(&format!("disk import failed: {msg}"));
             json!({"status": "error", "msg": msg})
         }

@@ -1,0 +1,304 @@
+//! The Prometheus metrics of a live target after a real online migration (real QEMU, TCG)
+//! and one request with a bad token: `GET /metrics` on the `metrics_listen` address is
+//! validated by Prometheus' own `promtool check metrics`, and the counters moved as the
+//! migration says they must. The OpenMetrics form (what Prometheus asks for) carries the
+//! same samples and ends with `# EOF`.
+//!
+//! QEMU and promtool must be installed (`scripts/test-all.sh` installs both); a missing one
+//! fails this test with that hint instead of skipping it.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Options, TestServer, mt_ok, require_qemu, target_arg};
+use hyper::Method;
+use mtunnel::client::http::{ApiClient, RawResponse};
+
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const TEXT_004: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+fn node(name: &str, extra: &str) -> TestServer {
+    TestServer::start_with(Options {
+        node: Some(name.into()),
+        extra_toml: format!("qemu_accel = \"tcg\"\n{extra}"),
+        ..Options::default()
+    })
+}
+
+/// `GET path` on the metrics listener of `node`, with `accept` if given.
+async fn get(node: &TestServer, path: &str, accept: Option<&str>) -> RawResponse {
+    let url = node
+        .metrics_url()
+        .expect("serve printed no 'metrics:' line");
+    let port: u16 = url
+        .strip_prefix("http://127.0.0.1:")
+        .and_then(|r| r.strip_suffix("/metrics"))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected metrics URL '{url}'"));
+    let client =
+        ApiClient::plain("127.0.0.1", port, String::new()).with_timeout(Duration::from_secs(10));
+    let headers: Vec<(&str, &str)> = accept.map(|a| ("Accept", a)).into_iter().collect();
+    client
+        .raw(Method::GET, path, &headers, Vec::new())
+        .await
+        .expect("scraping the metrics listener")
+}
+
+async fn scrape(node: &TestServer) -> String {
+    let r = get(node, "/metrics", None).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.content_type(), Some(TEXT_004));
+    String::from_utf8(r.body).expect("the exposition is UTF-8")
+}
+
+/// The value of the sample `series` (name with its labels exactly as exposed).
+fn value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// `promtool check metrics` on `text`: must exit 0 and report nothing.
+fn promtool_check(text: &str) {
+    use std::io::Write;
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "promtool: {e} - install it (Debian package prometheus; scripts/test-all.sh \
+                 installs it)"
+            )
+        });
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && report.trim().is_empty(),
+        "promtool check metrics: {:?}\n{report}\nexposition:\n{text}",
+        out.status
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_after_a_real_migration_pass_promtool_and_count_it() {
+    require_qemu();
+    let src = node("msrc", "");
+    let dst = node(common::NODE, "metrics_listen = \"127.0.0.1:0\"\n");
+    assert!(src.metrics_url().is_none(), "metrics are off by default");
+
+    // Before anything happened: valid, and zero open tunnels.
+    let fresh = scrape(&dst).await;
+    promtool_check(&fresh);
+    assert_eq!(value(&fresh, "mtunnel_tunnels_open"), Some(0.0), "{fresh}");
+
+    mt_ok(
+        &src,
+        &[
+            "vm",
+            "create",
+            "100",
+            "--memory",
+            "64",
+            "--bridge",
+            "vmbr0",
+            "--disk",
+            "local:16M:raw",
+        ],
+    )
+    .await;
+    mt_ok(&src, &["vm", "start", "100"]).await;
+    let target = target_arg(&dst, dst.port);
+    let migrate = [
+        "migrate",
+        "100",
+        "--target",
+        &target,
+        "--target-storage",
+        "local",
+        "--online",
+    ];
+    let out = mt_ok(&src, &migrate).await;
+    assert!(out.contains("migration of VM 100 to 127.0.0.1"), "{out}");
+
+    let refused = dst
+        .client_with("PVEAPIToken=root@pam!mtunnel=00000000-0000-0000-0000-000000000000")
+        .get("/version", &[])
+        .await
+        .expect_err("a bad token is refused");
+    assert_eq!(refused.status(), Some(401), "{refused}");
+
+    // The target's tunnel task ends right after the source's `quit`: wait for it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let text = loop {
+        let text = scrape(&dst).await;
+        let done = value(&text, "mtunnel_tunnels_open") == Some(0.0)
+            && value(&text, "mtunnel_migrations_total{result=\"completed\"}").is_some();
+        if done || Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    println!("GET /metrics after the migration:\n{text}");
+    promtool_check(&text);
+
+    let v = |series: &str| value(&text, series).unwrap_or(0.0);
+    assert_eq!(v("mtunnel_tunnels_open"), 0.0, "{text}");
+    assert_eq!(v("mtunnel_tunnels_opened_total"), 1.0, "{text}");
+    assert!(
+        v("mtunnel_commands_total{command=\"version\",outcome=\"ok\"}") >= 1.0,
+        "{text}"
+    );
+    for cmd in ["config", "start", "resume", "unlock", "quit"] {
+        let series = format!("mtunnel_commands_total{{command=\"{cmd}\",outcome=\"ok\"}}");
+        assert_eq!(v(&series), 1.0, "{series}\n{text}");
+    }
+    assert!(
+        v("mtunnel_command_duration_seconds_count{command=\"start\"}") == 1.0,
+        "{text}"
+    );
+    for stream in ["control", "ram", "nbd"] {
+        let series =
+            format!("mtunnel_forwarded_bytes_total{{stream=\"{stream}\",direction=\"in\"}}");
+        assert!(v(&series) > 0.0, "{series}\n{text}");
+    }
+    assert!(
+        v("mtunnel_forwarded_bytes_total{stream=\"control\",direction=\"out\"}") > 0.0,
+        "{text}"
+    );
+    assert_eq!(
+        v("mtunnel_migrations_total{result=\"started\"}"),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        v("mtunnel_migrations_total{result=\"completed\"}"),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        v("mtunnel_migrations_total{result=\"failed\"}"),
+        0.0,
+        "{text}"
+    );
+    assert_eq!(
+        v("mtunnel_auth_failures_total{kind=\"bad_token\"}"),
+        1.0,
+        "{text}"
+    );
+    let version = format!(
+        "mtunnel_build_info{{version=\"{}\"}}",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert_eq!(v(&version), 1.0, "{text}");
+
+    // What Prometheus asks for: OpenMetrics, the same samples, `# EOF` at the end.
+    let om = get(
+        &dst,
+        "/metrics",
+        Some("application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"),
+    )
+    .await;
+    assert_eq!(om.status, 200);
+    assert_eq!(om.content_type(), Some(OPENMETRICS));
+    let om = String::from_utf8(om.body).unwrap();
+    assert!(om.ends_with("# EOF\n"), "{om}");
+    assert_eq!(
+        value(&om, "mtunnel_migrations_total{result=\"completed\"}"),
+        Some(1.0),
+        "{om}"
+    );
+
+    // Only /metrics is served there.
+    assert_eq!(get(&dst, "/api2/json/version", None).await.status, 404);
+    mt_ok(&dst, &["vm", "stop", "100"]).await;
+
+    failures_are_counted_by_kind_and_reason(&dst).await;
+}
+
+/// A tunnel whose source vanishes, a bad ticket and a missing privilege, on `dst` after
+/// the one migration above.
+async fn failures_are_counted_by_kind_and_reason(dst: &TestServer) {
+    let opened = dst
+        .client()
+        .post("/nodes/localhost/qemu/200/mtunnel", &[])
+        .await
+        .expect("opening a tunnel");
+    let tunnel = common::Tunnel::from_reply(200, &opened);
+    let forged = common::Tunnel {
+        // Same shape, wrong signature.
+        ticket: format!("{}AAAA", &tunnel.ticket[..tunnel.ticket.len() - 4]),
+        ..tunnel.clone()
+    };
+    match dst.connect_as(&forged, &dst.root_token).await {
+        Err(err) => assert_eq!(err.status(), Some(401), "{err}"),
+        Ok(_) => panic!("a forged ticket was accepted"),
+    }
+    let control = dst.connect(&tunnel).await;
+    drop(control);
+    let nobody = dst.create_token("nobody@pve!t", &["--privs", "Sys.Audit"]);
+    let denied = dst
+        .client_with(&nobody)
+        .post("/nodes/localhost/qemu/201/mtunnel", &[])
+        .await
+        .expect_err("no VM.Allocate");
+    assert_eq!(denied.status(), Some(403), "{denied}");
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let text = loop {
+        let text = scrape(dst).await;
+        let failed = value(&text, "mtunnel_migrations_total{result=\"failed\"}");
+        if failed == Some(1.0) && value(&text, "mtunnel_tunnels_open") == Some(0.0)
+            || Instant::now() > deadline
+        {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    promtool_check(&text);
+    let v = |series: &str| value(&text, series).unwrap_or(-1.0);
+    assert_eq!(v("mtunnel_tunnels_opened_total"), 2.0, "{text}");
+    assert_eq!(v("mtunnel_tunnels_open"), 0.0, "{text}");
+    assert_eq!(
+        v("mtunnel_migrations_total{result=\"started\"}"),
+        2.0,
+        "{text}"
+    );
+    assert_eq!(
+        v("mtunnel_migrations_total{result=\"failed\"}"),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        v("mtunnel_migration_failures_total{reason=\"peer_gone\"}"),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        v("mtunnel_cleanup_actions_total{action=\"config_removed\"}"),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        v("mtunnel_auth_failures_total{kind=\"bad_ticket\"}"),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        v("mtunnel_auth_failures_total{kind=\"permission_denied\"}"),
+        1.0,
+        "{text}"
+    );
+}
