@@ -178,6 +178,13 @@ pub fn targets(
             1.2,
             "x",
         ),
+        target(
+            "migration downtime: tunnel - direct",
+            mig.map(|m| m.tunnel_downtime_ms - m.direct_downtime_ms),
+            "<=",
+            10.0,
+            "ms",
+        ),
     ]
 }
 
@@ -348,8 +355,9 @@ pub fn table(
     if let Some(m) = mig {
         let _ = writeln!(
             o,
-            "\nLive migration, QEMU {} TCG, {} MiB RAM with {} MiB data, x {}, medians",
+            "\nLive migration, QEMU {} {}, {} MiB RAM with {} MiB data, x {}, medians",
             m.qemu.split_whitespace().next().unwrap_or("?"),
+            m.accel.to_uppercase(),
             m.ram_mib,
             m.data_mib,
             m.repeat
