@@ -94,17 +94,23 @@ pub(super) async fn mtunnelwebsocket(
                 return;
             }
         };
-        let (read, write) = unix.into_split();
-        let io = TokioIo::new(upgraded);
-        let relayed = forward::relay_watched(
-            io,
-            Vec::new(),
-            forward::Role::Server,
-            read,
-            write,
-            Some(peer_timeout),
-        );
-        match relayed.await {
+        // A plain-TCP WebSocket (`tls = false`) moves its payload with splice(2).
+        let relayed = match upgraded.downcast::<TokioIo<tokio::net::TcpStream>>() {
+            Ok(plain) => {
+                let tcp = plain.io.into_inner();
+                let leftover = plain.read_buf.to_vec();
+                let role = forward::Role::Server;
+                crate::tunnel::splice::relay_spliced(tcp, leftover, role, unix, Some(peer_timeout))
+                    .await
+            }
+            Err(upgraded) => {
+                let (read, write) = unix.into_split();
+                let io = TokioIo::new(upgraded);
+                let role = forward::Role::Server;
+                forward::relay_watched(io, Vec::new(), role, read, write, Some(peer_timeout)).await
+            }
+        };
+        match relayed {
             Ok(stats) => tracing::debug!(
                 vmid,
                 socket = %socket.display(),
