@@ -273,7 +273,8 @@ async fn forward_one(
             crate::tunnel::forward::relay(tls, ws.leftover, role, read, write).await
         }
     };
-    let stats = relayed.map_err(|e| TunnelError::Other(format!("forwarding to {remote_path}: {e}")))?;
+    let stats =
+        relayed.map_err(|e| TunnelError::Other(format!("forwarding to {remote_path}: {e}")))?;
     tracing::debug!(remote = %remote_path, sent = stats.from_socket, received = stats.to_socket, "forward done");
     Ok(())
 }

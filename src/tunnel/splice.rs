@@ -147,10 +147,7 @@ async fn read_some(tcp: &TcpStream, buf: &mut [u8], waiting: &AtomicBool) -> io:
 
 fn shutdown_write<S: AsFd>(sock: &S) {
     use std::os::fd::AsRawFd;
-    let _ = nix::sys::socket::shutdown(
-        sock.as_fd().as_raw_fd(),
-        nix::sys::socket::Shutdown::Write,
-    );
+    let _ = nix::sys::socket::shutdown(sock.as_fd().as_raw_fd(), nix::sys::socket::Shutdown::Write);
 }
 
 /// Relays between the WebSocket on `tcp` (after the handshake; `leftover` holds bytes
@@ -287,13 +284,12 @@ impl Inbound<'_> {
                 return Ok(Some(h));
             }
             let b = &self.pending;
-            want = 2
-                + match b[1] & 0x7f {
+            want =
+                2 + match b[1] & 0x7f {
                     126 => 2,
                     127 => 8,
                     _ => 0,
-                }
-                + if b[1] & 0x80 != 0 { 4 } else { 0 };
+                } + if b[1] & 0x80 != 0 { 4 } else { 0 };
         }
     }
 
