@@ -171,6 +171,7 @@ pub async fn relay_spliced(
         pending: leftover,
         activity: &activity,
         waiting: &waiting,
+        last_header: 2,
     };
 
     let inbound = async {
@@ -251,6 +252,8 @@ struct Inbound<'a> {
     pending: Vec<u8>,
     activity: &'a AtomicU64,
     waiting: &'a AtomicBool,
+    /// Size of the previous frame header: how much the next header read asks for.
+    last_header: usize,
 }
 
 impl Inbound<'_> {
@@ -271,25 +274,42 @@ impl Inbound<'_> {
         Ok(true)
     }
 
+    /// One read of at most `upto - pending` bytes (whatever has arrived, at least one);
+    /// false at EOF.
+    async fn read_once(&mut self, upto: usize) -> io::Result<bool> {
+        let have = self.pending.len();
+        self.pending.resize(upto.max(have + 1), 0);
+        let got = read_some(self.tcp, &mut self.pending[have..], self.waiting).await;
+        self.activity.fetch_add(1, Ordering::Relaxed);
+        let got = got?;
+        self.pending.truncate(have + got);
+        Ok(got > 0)
+    }
+
     /// The next header; `None` at EOF.
     async fn header(&mut self) -> io::Result<Option<Header>> {
-        // 2 bytes, then as many more as the length form and mask need (at most 14).
-        let mut want = 2;
+        // Ask for as many bytes as the last header had: one read per frame in a stream of
+        // equal frames. A read never waits for more than has arrived, and bytes past a
+        // shorter header stay in `pending` as payload.
+        let mut upto = self.last_header.max(2);
         loop {
-            if !self.fill_to(want).await? {
-                return Ok(None);
-            }
             if let Some(h) = parse_header(&self.pending)? {
                 self.pending.drain(..h.size);
+                self.last_header = h.size;
                 return Ok(Some(h));
             }
-            let b = &self.pending;
-            want =
-                2 + match b[1] & 0x7f {
-                    126 => 2,
-                    127 => 8,
-                    _ => 0,
-                } + if b[1] & 0x80 != 0 { 4 } else { 0 };
+            if self.pending.len() >= 2 {
+                let b = &self.pending;
+                upto =
+                    2 + match b[1] & 0x7f {
+                        126 => 2,
+                        127 => 8,
+                        _ => 0,
+                    } + if b[1] & 0x80 != 0 { 4 } else { 0 };
+            }
+            if !self.read_once(upto).await? {
+                return Ok(None);
+            }
         }
     }
 
@@ -480,6 +500,33 @@ mod tests {
         drop(peer);
         drop(writer.await.unwrap());
         assert_eq!(relay.await.unwrap().unwrap().from_socket, data.len() as u64);
+    }
+
+    #[tokio::test]
+    async fn a_short_frame_after_long_ones_is_answered_without_more_bytes() {
+        // After frames with 14-byte headers, a ping (6-byte header) and then silence: the
+        // relay must not wait for bytes the peer will only send after the pong.
+        let ((mut peer, ours), (local, mut backend)) = sockets().await;
+        let relay = tokio::spawn(relay_spliced(ours, Vec::new(), Role::Server, local, None));
+        let big = pattern(200_000, 4);
+        peer.write_all(&frame(OP_BINARY, &big, [0; 4]))
+            .await
+            .unwrap();
+        peer.write_all(&frame(OP_PING, b"hi", [0; 4]))
+            .await
+            .unwrap();
+        let mut pong = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(10), peer.read_exact(&mut pong))
+            .await
+            .expect("no pong while the peer waits")
+            .unwrap();
+        assert_eq!(pong, [0x8a, 2, b'h', b'i']);
+        let mut got = vec![0u8; big.len()];
+        backend.read_exact(&mut got).await.unwrap();
+        assert!(got == big);
+        peer.write_all(&frame(OP_CLOSE, b"", [0; 4])).await.unwrap();
+        drop(backend);
+        relay.await.unwrap().unwrap();
     }
 
     #[tokio::test]
