@@ -74,6 +74,9 @@ pub enum Command {
         /// unix:PATH or tcp:HOST:PORT
         #[arg(long)]
         connect: mtunnel::bench::relay::Addr,
+        /// Speak WebSocket (fastwebsockets) on the TCP side, as this end, one way.
+        #[arg(long, value_enum)]
+        ws: Option<mtunnel::bench::relay::WsEnd>,
     },
 }
 

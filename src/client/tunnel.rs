@@ -262,16 +262,20 @@ async fn forward_one(
     };
     let url = format!("{}{sep}ticket={encoded}", endpoint.url);
     let ws = endpoint.connect_raw(&url).await?;
-    let (read, write) = conn.into_split();
-    let stats = crate::tunnel::forward::relay(
-        ws.stream,
-        ws.leftover,
-        crate::tunnel::forward::Role::Client,
-        read,
-        write,
-    )
-    .await
-    .map_err(|e| TunnelError::Other(format!("forwarding to {remote_path}: {e}")))?;
+    let role = crate::tunnel::forward::Role::Client;
+    let relayed = match ws.stream {
+        // ws://: the payload moves with splice(2).
+        super::stream::Stream::Plain(tcp) => {
+            let opts = crate::tunnel::forward::RelayOpts::default();
+            crate::tunnel::splice::relay_spliced(tcp, ws.leftover, role, conn, opts).await
+        }
+        tls => {
+            let (read, write) = conn.into_split();
+            crate::tunnel::forward::relay(tls, ws.leftover, role, read, write).await
+        }
+    };
+    let stats =
+        relayed.map_err(|e| TunnelError::Other(format!("forwarding to {remote_path}: {e}")))?;
     tracing::debug!(remote = %remote_path, sent = stats.from_socket, received = stats.to_socket, "forward done");
     Ok(())
 }
