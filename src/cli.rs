@@ -222,6 +222,12 @@ pub struct MigrateArgs {
     /// Delete the source VM after a successful migration.
     #[arg(long)]
     pub delete: bool,
+    /// Parallel streams for the RAM of a live migration (QEMU multifd, one WebSocket per
+    /// channel). Default: 4 when the target announces multifd support, else 1; a target
+    /// that does not announce it (a PVE node) always gets one stream. 1 = the single
+    /// stream of a PVE migration.
+    #[arg(long, env = "MTUNNEL_MIGRATE_STREAMS", value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub streams: Option<u32>,
     #[command(flatten)]
     pub node: NodeArgs,
 }

@@ -212,6 +212,94 @@ async fn online_migration_moves_ram_and_two_disks() {
     mt_ok(&dst, &["vm", "stop", "100"]).await;
 }
 
+/// `--streams 4` between two mtunnel nodes: the RAM moves over QEMU multifd with 4
+/// channels (each its own WebSocket to the target's `.migrate` socket), the disks mirror as
+/// before, and everything arrives. Fails if the migration fell back to one stream: the
+/// target QEMU must report multifd with 4 channels and the target's log must say so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn online_migration_with_four_streams_uses_multifd() {
+    let src = node("src4");
+    let dst = node("dst4");
+    create_vm(&src, 104, 128, &["local:64M:qcow2"]).await;
+    qemu_io(
+        "qcow2",
+        "write -P 0xab 0 10M",
+        &image(&src, 104, "vm-104-disk-0.qcow2"),
+    );
+    let blob_path = start_with_ram(&src, 104, 32).await;
+    let src_pid = pid_of(&src, 104).unwrap();
+
+    let out = mt_ok(
+        &src,
+        &[
+            "migrate",
+            "104",
+            "--target",
+            &target_arg(&dst, dst.port),
+            "--target-storage",
+            "local",
+            "--online",
+            "--streams",
+            "4",
+        ],
+    )
+    .await;
+    assert!(out.contains("migration of VM 104 to 127.0.0.1"), "{out}");
+
+    // The target QEMU ran the incoming side with multifd and 4 channels.
+    let caps = qmp(
+        &dst.run,
+        104,
+        "query-migrate-capabilities",
+        serde_json::Value::Null,
+    )
+    .await;
+    let multifd = caps
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["capability"] == "multifd"))
+        .map(|c| c["state"].clone());
+    assert_eq!(multifd, Some(serde_json::json!(true)), "{caps}");
+    let params = qmp(
+        &dst.run,
+        104,
+        "query-migrate-parameters",
+        serde_json::Value::Null,
+    )
+    .await;
+    assert_eq!(params["multifd-channels"], 4, "{params}");
+    let log = dst.log();
+    assert!(log.contains("with 4 multifd channels"), "{log}");
+
+    let st = qmp(&dst.run, 104, "query-status", serde_json::Value::Null).await;
+    assert_eq!(st["status"], "running");
+    let ram = dst.data.parent().unwrap().join("ram");
+    qmp(
+        &dst.run,
+        104,
+        "pmemsave",
+        serde_json::json!({"val": 16777216u64, "size": 32u64 << 20, "filename": ram.display().to_string()}),
+    )
+    .await;
+    assert!(
+        std::fs::read(&ram).unwrap() == std::fs::read(&blob_path).unwrap(),
+        "RAM differs"
+    );
+    for _ in 0..100 {
+        if !Path::new(&format!("/proc/{src_pid}")).exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    compare(
+        &image(&src, 104, "vm-104-disk-0.qcow2"),
+        &image(&dst, 104, "vm-104-disk-0.qcow2"),
+    );
+    let dst_conf = std::fs::read_to_string(dst.vm_config(104)).unwrap();
+    assert!(!dst_conf.contains("lock:"), "{dst_conf}");
+    assert!(pid_of(&src, 104).is_none());
+    mt_ok(&dst, &["vm", "stop", "104"]).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_migration_copies_config_and_volumes() {
     let src = node("src1");

@@ -46,7 +46,12 @@ fn add_start_fns(lua: &Lua, t: &Table) -> mlua::Result<()> {
                     .map(str::to_string),
                 cpu: opts.get("cpu").and_then(Value::as_str).map(str::to_string),
                 nbd,
+                multifd: opts
+                    .get("multifd")
+                    .and_then(Value::as_u64)
+                    .and_then(|n| u32::try_from(n).ok()),
             };
+            let multifd = req.multifd;
             c.record(|r| r.vm_started = true).await?;
             let started = c
                 .node
@@ -59,14 +64,20 @@ fn add_start_fns(lua: &Lua, t: &Table) -> mlua::Result<()> {
                 c.tunnel.register_socket(nbd);
             }
             c.info(&format!(
-                "VM {} started, waiting for migration on {}",
+                "VM {} started, waiting for migration on {}{}",
                 c.vmid,
-                started.migrate_socket.display()
+                started.migrate_socket.display(),
+                multifd
+                    .map(|n| format!(" with {n} multifd channels"))
+                    .unwrap_or_default()
             ));
             let mut reply = json!({
                 "migrate_socket": started.migrate_socket.display().to_string(),
                 "nbd_uris": started.nbd_uris,
             });
+            if let Some(n) = multifd {
+                reply["multifd"] = json!(n);
+            }
             if let Some(nbd) = &started.nbd_socket {
                 reply["nbd_socket"] = json!(nbd.display().to_string());
             }
