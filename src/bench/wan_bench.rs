@@ -311,7 +311,7 @@ fn migration_rows(o: &mut String, r: &WanResult) {
     let _ = writeln!(
         o,
         "{:<52} {:>8} {:>6}x {:>12} {:>12} {:>7}x",
-        "tunnel: mtunnel migrate --online (TLS)",
+        tunnel_label(),
         num(m.tunnel_total_s, 2),
         num(m.tunnel_total_s / m.direct_total_s, 2),
         num(m.tunnel_ram_ms, 0),
@@ -323,6 +323,19 @@ fn migration_rows(o: &mut String, r: &WanResult) {
         "(total: direct = target QEMU start to `completed`; tunnel = the whole `mtunnel migrate` \
          command, tunnel setup, target start and cleanup included)"
     );
+}
+
+/// The tunnel row's name, with the RAM streams `mtunnel migrate` uses: the bench's
+/// migrations inherit `MTUNNEL_MIGRATE_STREAMS` (its `--streams`), so running the bench
+/// with it set to 1 and to 4 compares one stream with four.
+fn tunnel_label() -> String {
+    match std::env::var("MTUNNEL_MIGRATE_STREAMS") {
+        Ok(n) => format!("tunnel: mtunnel migrate --online --streams {n} (TLS)"),
+        Err(_) => format!(
+            "tunnel: mtunnel migrate --online, {} streams (TLS)",
+            crate::client::migrate::DEFAULT_STREAMS
+        ),
+    }
 }
 
 /// What one flow may use: the rate, or the per-flow cap when lower (MB/s).
