@@ -86,6 +86,9 @@ pub struct NodeConfig {
     pub max_tunnels: usize,
     /// Concurrent HTTP connections (including WebSocket streams) at most; more get 503.
     pub max_connections: usize,
+    /// Most multifd channels (parallel RAM streams) an incoming migration may use, as
+    /// offered to mtunnel sources by `mtunnel-features`; 1 offers none (one stream).
+    pub multifd_channels_max: u32,
 }
 
 /// The TOML file: every key optional.
@@ -117,6 +120,8 @@ pub struct ConfigFile {
     pub shutdown_timeout_secs: Option<u64>,
     pub max_tunnels: Option<usize>,
     pub max_connections: Option<usize>,
+    /// Most multifd channels of an incoming migration, 1..=16 (default 16; 1 = one stream).
+    pub multifd_channels_max: Option<u32>,
     #[serde(default)]
     pub storage: BTreeMap<String, StorageDef>,
 }
@@ -233,6 +238,7 @@ impl NodeConfig {
             shutdown_timeout: Duration::from_secs(file.shutdown_timeout_secs.unwrap_or(30)),
             max_tunnels: file.max_tunnels.unwrap_or(64).max(1),
             max_connections: file.max_connections.unwrap_or(1024).max(1),
+            multifd_channels_max: file.multifd_channels_max.unwrap_or(16).clamp(1, 16),
         })
     }
 

@@ -108,7 +108,8 @@ async fn open_tunnel(
         opts.target.port,
         opts.target.apitoken.clone(),
         fingerprint,
-    )?;
+    )?
+    .keep_alive();
 
     // Independent GETs, each on its own connection: in parallel they cost the round trips
     // of one (TCP, TLS, request) instead of three times that. Errors are judged in the

@@ -15,7 +15,7 @@ pub(super) fn qemu_table(lua: &Lua) -> mlua::Result<Table> {
     Ok(t)
 }
 
-/// `check_config` and `start_incoming`.
+/// `check_config`, `multifd_max` and `start_incoming`.
 fn add_start_fns(lua: &Lua, t: &Table) -> mlua::Result<()> {
     t.set(
         "check_config",
@@ -23,6 +23,10 @@ fn add_start_fns(lua: &Lua, t: &Table) -> mlua::Result<()> {
             let options = string_map(Some(&from_lua(lua, options)?), "options")?;
             crate::qemu::cmdline::check_options(&options).map_err(|e| fail(e.to_string()))
         })?,
+    )?;
+    t.set(
+        "multifd_max",
+        lua.create_function(|lua, ()| Ok(ctx(lua)?.node.cfg.multifd_channels_max))?,
     )?;
     t.set(
         "start_incoming",
@@ -52,6 +56,14 @@ fn add_start_fns(lua: &Lua, t: &Table) -> mlua::Result<()> {
                     .and_then(|n| u32::try_from(n).ok()),
             };
             let multifd = req.multifd;
+            let max = c.node.cfg.multifd_channels_max;
+            if let Some(n) = multifd
+                && n > max
+            {
+                return Err(fail(format!(
+                    "{n} multifd channels asked, this node allows at most {max} (multifd_channels_max)"
+                )));
+            }
             c.record(|r| r.vm_started = true).await?;
             let started = c
                 .node
