@@ -210,6 +210,7 @@ struct Setup {
     ram_mib: u64,
     place: Placement,
     accel: Accel,
+    streams: u32,
 }
 
 /// What the section runs.
@@ -224,6 +225,8 @@ pub struct Plan {
     pub relay: bool,
     /// Resolved accelerator of every QEMU.
     pub accel: Accel,
+    /// `mtunnel migrate --streams` (RAM streams; 1 = one stream, as upstream).
+    pub streams: u32,
 }
 
 /// Waits until the freshly started source VM is idle: its firmware runs for a while under
@@ -299,6 +302,8 @@ async fn tunnel_run(s: &Setup, vmid: u32, target_vmid: u32) -> anyhow::Result<Mi
             "--online",
             "--target-vmid",
             &target_vmid.to_string(),
+            "--streams",
+            &s.streams.to_string(),
         ],
     )
     .await?;
@@ -452,6 +457,7 @@ pub async fn run(
         place: Placement::default(),
         relay: true,
         accel: Accel::Auto.resolve(),
+        streams: 1,
     };
     run_plan(base, &plan, log).await
 }
@@ -507,6 +513,7 @@ pub async fn run_plan(base: &Path, plan: &Plan, log: &dyn Fn(&str)) -> anyhow::R
         ram_mib,
         place: plan.place.clone(),
         accel: plan.accel,
+        streams: plan.streams,
     };
     let mut runs = Vec::new();
     for k in 0..repeat {
