@@ -94,6 +94,7 @@
 ---@field machine? string QEMU machine (`forcemachine` of the source).
 ---@field cpu? string A `-cpu` argument (`forcecpu` of the source).
 ---@field nbd? table<string, string> Drive key (`scsi0`) -> target volid to export over NBD.
+---@field multifd? integer RAM over this many multifd channels (mtunnel's extension; at most `multifd_max()`).
 
 ---@class pve.IncomingStarted
 ---@field migrate_socket string `{run}/{vmid}.migrate`
@@ -352,6 +353,10 @@ function pve.qemu.check_config(options) end
 ---@param opts pve.StartIncomingOptions
 ---@return pve.IncomingStarted
 function pve.qemu.start_incoming(opts) end
+
+---The node's `multifd_channels_max`: most multifd channels `start_incoming` accepts (1: none).
+---@return integer
+function pve.qemu.multifd_max() end
 
 ---Continue the paused (or wake the suspended) VM.
 ---@async

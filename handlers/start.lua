@@ -21,6 +21,9 @@ return {
       storagemap = { type = "object", optional = true, additionalProperties = true },
       nbd_proto_version = { type = "integer", minimum = 1, optional = true },
       nbd = { type = "object", optional = true, additionalProperties = true },
+      -- mtunnel's extension (announced in `version`): RAM over this many multifd
+      -- channels, each its own connection to the migration socket. PVE never sends it.
+      multifd_channels = { type = "integer", minimum = 2, maximum = 16, optional = true },
     } },
   },
   run = function(ctx, p)
@@ -64,6 +67,7 @@ return {
       machine = p.start_params.forcemachine,
       cpu = p.start_params.forcecpu,
       nbd = exports,
+      multifd = p.migrate_opts.multifd_channels,
     }
     local reply = {
       migrate = {
@@ -72,6 +76,9 @@ return {
         uri = "unix:" .. started.migrate_socket,
       },
     }
+    if started.multifd ~= nil then
+      reply.migrate.multifd_channels = started.multifd
+    end
     if started.nbd_socket ~= nil then
       reply.migrate.unix_sockets = pve.json.array { started.nbd_socket }
       reply.drives = {}

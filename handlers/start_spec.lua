@@ -80,6 +80,43 @@ return {
     t:eq(req.config.options.scsi0, d0.drivestr)
   end,
 
+  ["multifd_channels (mtunnel's extension) reaches the hypervisor and the reply"] = function(t)
+    local tun = t:open{backend = {hypervisor = {
+      start_incoming = function(req)
+        backend.state.req = req
+        return backend.default.hypervisor.start_incoming(req)
+      end,
+    }}}
+    t:succeeds(config(tun))
+    local run = t:run_dir()
+    t:eq(start(tun, nil, nil, {multifd_channels = 4}), {
+      success = true,
+      migrate = {proto = "unix", addr = run .. "/100.migrate", uri = "unix:" .. run .. "/100.migrate",
+                 multifd_channels = 4},
+    })
+    t:eq(backend.state.req.multifd, 4)
+  end,
+
+  ["without multifd_channels (a PVE source) the hypervisor gets no multifd"] = function(t)
+    local tun = t:open{backend = {hypervisor = {
+      start_incoming = function(req)
+        backend.state.req = req
+        return backend.default.hypervisor.start_incoming(req)
+      end,
+    }}}
+    t:succeeds(config(tun))
+    t:succeeds(start(tun))
+    t:eq(backend.state.req.multifd, nil)
+  end,
+
+  ["multifd_channels out of range is refused"] = function(t)
+    local tun = t:open{}
+    t:succeeds(config(tun))
+    local r = start(tun, nil, nil, {multifd_channels = 1})
+    t:eq(r.success, false)
+    t:eq(backend.calls["hypervisor.start_incoming"], nil)
+  end,
+
   ["refused before the config arrived"] = function(t)
     local tun = t:open{}
     t:eq(start(tun), {

@@ -74,6 +74,9 @@ pub enum Command {
         /// unix:PATH or tcp:HOST:PORT
         #[arg(long)]
         connect: mtunnel::bench::relay::Addr,
+        /// Speak WebSocket (fastwebsockets) on the TCP side, as this end, one way.
+        #[arg(long, value_enum)]
+        ws: Option<mtunnel::bench::relay::WsEnd>,
     },
 }
 
@@ -222,6 +225,12 @@ pub struct MigrateArgs {
     /// Delete the source VM after a successful migration.
     #[arg(long)]
     pub delete: bool,
+    /// Parallel streams for the RAM of a live migration (QEMU multifd, one WebSocket per
+    /// channel), e.g. 4 on a path that caps each TCP flow. Default 1: the single stream of
+    /// a PVE migration (multifd lengthens the guest's final pause). A target that does not
+    /// announce multifd (a PVE node) always gets one stream.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub streams: Option<u32>,
     #[command(flatten)]
     pub node: NodeArgs,
 }

@@ -91,6 +91,9 @@ pub struct NodeConfig {
     /// Cluster mode (`[cluster]`): VMIDs, membership and views shared through etcd.
     /// `None`: a single node, exactly as without clustering.
     pub cluster: Option<ClusterConfig>,
+    /// Most multifd channels (parallel RAM streams) an incoming migration may use, as
+    /// offered to mtunnel sources by `mtunnel-features`; 1 offers none (one stream).
+    pub multifd_channels_max: u32,
 }
 
 /// Default `[cluster] lease_ttl_secs`: how long a dead node's membership and open-tunnel
@@ -218,6 +221,8 @@ pub struct ConfigFile {
     pub metrics_listen: Option<String>,
     /// Cluster mode: etcd endpoints and the cluster name (see [`ClusterFile`]).
     pub cluster: Option<ClusterFile>,
+    /// Most multifd channels of an incoming migration, 1..=16 (default 16; 1 = one stream).
+    pub multifd_channels_max: Option<u32>,
     #[serde(default)]
     pub storage: BTreeMap<String, StorageDef>,
 }
@@ -343,6 +348,7 @@ impl NodeConfig {
             max_tunnels: file.max_tunnels.unwrap_or(64).max(1),
             max_connections: file.max_connections.unwrap_or(1024).max(1),
             metrics_listen,
+            multifd_channels_max: file.multifd_channels_max.unwrap_or(16).clamp(1, 16),
         })
     }
 

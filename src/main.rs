@@ -56,9 +56,11 @@ fn main() {
             run_async(handlers_test(dir, filter))
         }
         Command::Bench(args) => run_async(mtunnel::bench::run(bench_options(args))),
-        Command::BenchRelay { listen, connect } => {
-            run_async(mtunnel::bench::relay::run(listen, connect))
-        }
+        Command::BenchRelay {
+            listen,
+            connect,
+            ws,
+        } => run_async(mtunnel::bench::relay::run(listen, connect, ws)),
     };
     if let Err(e) = result {
         eprintln!("mtunnel: error: {e:#}");

@@ -68,7 +68,7 @@ fn bench_quick_runs_every_section_and_writes_json() {
         .iter()
         .map(|p| p["name"].as_str().unwrap())
         .collect();
-    assert_eq!(paths, ["direct", "relay", "plain", "tls"]);
+    assert_eq!(paths, ["direct", "relay", "fastws", "plain", "tls"]);
     for p in doc["throughput"]["paths"].as_array().unwrap() {
         let runs = p["runs"].as_array().unwrap();
         assert_eq!(runs.len(), 1, "{p}");
@@ -102,7 +102,7 @@ fn bench_quick_runs_every_section_and_writes_json() {
         assert!(mig["skipped"].is_string(), "{mig}");
     }
     let targets = doc["targets"].as_array().unwrap();
-    assert_eq!(targets.len(), 9);
+    assert_eq!(targets.len(), 11);
     for t in targets {
         assert!(t["name"].is_string() && t["goal"].is_number(), "{t}");
     }
@@ -209,7 +209,13 @@ fn bench_wan_runs_across_an_emulated_link() {
         missing.starts_with("skipped") || mig["runs"].as_array().is_some_and(|r| r.len() == 2),
         "{mig} {missing}"
     );
-    assert_eq!(link["targets"].as_array().unwrap().len(), 4);
+    let multifd = &link["multifd"];
+    let missing = link["multifd_missing"].as_str().unwrap_or("");
+    assert!(
+        missing.starts_with("skipped") || multifd["runs"].as_array().is_some_and(|r| r.len() == 2),
+        "{multifd} {missing}"
+    );
+    assert_eq!(link["targets"].as_array().unwrap().len(), 6);
     // Both namespaces are gone.
     let left: Vec<String> = std::fs::read_dir("/run/netns")
         .map(|d| {

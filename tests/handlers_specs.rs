@@ -50,13 +50,14 @@ const SPEC_CASES: &[(&str, usize)] = &[
     ("disk-import_spec.lua", 12),
     ("disk_spec.lua", 19),
     ("fstrim_spec.lua", 4),
+    ("mtunnel-features_spec.lua", 2),
     ("nbdstop_spec.lua", 4),
     ("protocol_spec.lua", 10),
     ("query-disk-import_spec.lua", 13),
     ("quit_spec.lua", 12),
     ("resume_spec.lua", 5),
     ("schema_spec.lua", 9),
-    ("start_spec.lua", 13),
+    ("start_spec.lua", 16),
     ("stop_spec.lua", 4),
     ("ticket_spec.lua", 5),
     ("unlock_spec.lua", 5),
@@ -259,7 +260,7 @@ fn a_broken_handler_is_reported_with_file_and_line() {
         line.starts_with(&format!("FAIL  disk: {dir_s}/disk.lua:3: ")),
         "{line}"
     );
-    assert_eq!(last_line(&check.stdout), "14 handlers, 1 refused");
+    assert_eq!(last_line(&check.stdout), "15 handlers, 1 refused");
     assert!(
         check.stderr.contains("1 handler(s) refused"),
         "{}",

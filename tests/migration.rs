@@ -1,5 +1,6 @@
 //! Real migrations between two `mtunnel serve` nodes on loopback with real QEMU (TCG):
-//! online with two disks and RAM content, offline, and the faults of issue 4 (the tunnel
+//! online with two disks and RAM content, online with 4 RAM streams (multifd) and with a
+//! target that offers none, offline, and the faults of issue 4 (the tunnel
 //! cut during disk import, drive-mirror and RAM migration; the target's QEMU killed during
 //! drive-mirror; refusing targets; bad `start` replies). After every fault: the source VM runs (if it ran) and is unlocked, and the
 //! target holds no config, volume, socket or QEMU process of the VM.
@@ -210,6 +211,160 @@ async fn online_migration_moves_ram_and_two_disks() {
     );
     assert!(pid_of(&src, 100).is_none());
     mt_ok(&dst, &["vm", "stop", "100"]).await;
+}
+
+/// `--streams 4` between two mtunnel nodes: the RAM moves over QEMU multifd with 4
+/// channels (each its own WebSocket to the target's `.migrate` socket), the disks mirror as
+/// before, and everything arrives. Fails if the migration fell back to one stream: the
+/// target QEMU must report multifd with 4 channels and the target's log must say so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn online_migration_with_four_streams_uses_multifd() {
+    let src = node("src4");
+    let dst = node("dst4");
+    create_vm(&src, 104, 128, &["local:64M:qcow2"]).await;
+    qemu_io(
+        "qcow2",
+        "write -P 0xab 0 10M",
+        &image(&src, 104, "vm-104-disk-0.qcow2"),
+    );
+    let blob_path = start_with_ram(&src, 104, 32).await;
+    let src_pid = pid_of(&src, 104).unwrap();
+
+    let out = mt_ok(
+        &src,
+        &[
+            "migrate",
+            "104",
+            "--target",
+            &target_arg(&dst, dst.port),
+            "--target-storage",
+            "local",
+            "--online",
+            "--streams",
+            "4",
+        ],
+    )
+    .await;
+    assert!(out.contains("migration of VM 104 to 127.0.0.1"), "{out}");
+
+    // The target QEMU ran the incoming side with multifd and 4 channels.
+    let caps = qmp(
+        &dst.run,
+        104,
+        "query-migrate-capabilities",
+        serde_json::Value::Null,
+    )
+    .await;
+    let multifd = caps
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["capability"] == "multifd"))
+        .map(|c| c["state"].clone());
+    assert_eq!(multifd, Some(serde_json::json!(true)), "{caps}");
+    let params = qmp(
+        &dst.run,
+        104,
+        "query-migrate-parameters",
+        serde_json::Value::Null,
+    )
+    .await;
+    assert_eq!(params["multifd-channels"], 4, "{params}");
+    let log = dst.log();
+    assert!(log.contains("with 4 multifd channels"), "{log}");
+
+    let st = qmp(&dst.run, 104, "query-status", serde_json::Value::Null).await;
+    assert_eq!(st["status"], "running");
+    let ram = dst.data.parent().unwrap().join("ram");
+    qmp(
+        &dst.run,
+        104,
+        "pmemsave",
+        serde_json::json!({"val": 16777216u64, "size": 32u64 << 20, "filename": ram.display().to_string()}),
+    )
+    .await;
+    assert!(
+        std::fs::read(&ram).unwrap() == std::fs::read(&blob_path).unwrap(),
+        "RAM differs"
+    );
+    for _ in 0..100 {
+        if !Path::new(&format!("/proc/{src_pid}")).exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    compare(
+        &image(&src, 104, "vm-104-disk-0.qcow2"),
+        &image(&dst, 104, "vm-104-disk-0.qcow2"),
+    );
+    let dst_conf = std::fs::read_to_string(dst.vm_config(104)).unwrap();
+    assert!(!dst_conf.contains("lock:"), "{dst_conf}");
+    assert!(pid_of(&src, 104).is_none());
+    mt_ok(&dst, &["vm", "stop", "104"]).await;
+}
+
+/// A target that offers no multifd (`multifd_channels_max = 1`, as a PVE target that does
+/// not know `mtunnel-features`) gets one stream even when `--streams 4` asks for more: the
+/// source says so, the target QEMU runs without multifd, and the RAM arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_without_multifd_gets_one_stream() {
+    let src = node("src5");
+    require_qemu();
+    let dst = TestServer::start_with(Options {
+        node: Some("dst5".into()),
+        extra_toml: "qemu_accel = \"tcg\"\nmultifd_channels_max = 1\n".into(),
+        ..Options::default()
+    });
+    create_vm(&src, 105, 128, &[]).await;
+    let blob_path = start_with_ram(&src, 105, 16).await;
+    let out = mt(
+        &src,
+        &[
+            "migrate",
+            "105",
+            "--target",
+            &target_arg(&dst, dst.port),
+            "--target-storage",
+            "local",
+            "--online",
+            "--streams",
+            "4",
+        ],
+    )
+    .await;
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("the target does not announce multifd: RAM moves in one stream"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("parallel streams"), "{stderr}");
+    let caps = qmp(
+        &dst.run,
+        105,
+        "query-migrate-capabilities",
+        serde_json::Value::Null,
+    )
+    .await;
+    let multifd = caps
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["capability"] == "multifd"))
+        .map(|c| c["state"].clone());
+    assert_eq!(multifd, Some(serde_json::json!(false)), "{caps}");
+    let ram = dst.data.parent().unwrap().join("ram");
+    qmp(
+        &dst.run,
+        105,
+        "pmemsave",
+        serde_json::json!({"val": 16777216u64, "size": 16u64 << 20, "filename": ram.display().to_string()}),
+    )
+    .await;
+    assert!(
+        std::fs::read(&ram).unwrap() == std::fs::read(&blob_path).unwrap(),
+        "RAM differs"
+    );
+    mt_ok(&dst, &["vm", "stop", "105"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -100,10 +100,21 @@ pub(super) async fn mtunnelwebsocket(
                 return;
             }
         };
-        let (read, write) = unix.into_split();
-        let io = TokioIo::new(upgraded);
-        let relayed = forward::relay_with(io, Vec::new(), forward::Role::Server, read, write, opts);
-        match relayed.await {
+        // A plain-TCP WebSocket (`tls = false`) moves its payload with splice(2).
+        let role = forward::Role::Server;
+        let relayed = match upgraded.downcast::<TokioIo<tokio::net::TcpStream>>() {
+            Ok(plain) => {
+                let tcp = plain.io.into_inner();
+                let leftover = plain.read_buf.to_vec();
+                crate::tunnel::splice::relay_spliced(tcp, leftover, role, unix, opts).await
+            }
+            Err(upgraded) => {
+                let (read, write) = unix.into_split();
+                let io = TokioIo::new(upgraded);
+                forward::relay_with(io, Vec::new(), role, read, write, opts).await
+            }
+        };
+        match relayed {
             Ok(stats) => tracing::debug!(
                 vmid,
                 socket = %socket.display(),

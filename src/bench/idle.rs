@@ -46,7 +46,8 @@ pub async fn run(base: &Path, tunnels: u32) -> anyhow::Result<Idle> {
         &NodeSpec {
             tls: true,
             script: Some(script),
-            extra_toml: String::new(),
+            // The node's cap (default 64) would refuse the section's own tunnels.
+            extra_toml: format!("max_tunnels = {}\n", tunnels.max(64)),
             ..NodeSpec::default()
         },
     )

@@ -1,5 +1,5 @@
-//! A real live migration with QEMU (TCG): a diskless VM whose RAM holds `data_mib` of
-//! incompressible bytes (`-device loader`), moved
+//! A real live migration with QEMU (KVM when usable, else TCG): a diskless VM whose RAM
+//! holds `data_mib` of incompressible bytes (`-device loader`), moved
 //! - through the tunnel: `mtunnel migrate --online` from a source node to a `mtunnel serve`
 //!   target node (TLS, real backend), everything as separate processes, and
 //! - directly: the same source VM shape, QMP `migrate` straight to a target QEMU's
@@ -8,9 +8,11 @@
 //! - through two copy-relay processes (UNIX → TCP → UNIX, the throughput baseline) between
 //!   the QEMUs of the direct case: what any relay costs on this machine,
 //!
-//! alternating, `repeat` times each. The figure compared is QEMU's own `total-time` of the
-//! RAM migration and its `downtime`, both read on the source; for the tunnel the wall time
-//! of the whole `mtunnel migrate` command is kept too.
+//! alternating, `repeat` times each, every path with the same fixed switchover rule
+//! ([`SWITCHOVER_BANDWIDTH`]) so that each run does its whole first pass live. The figures
+//! compared are QEMU's own `total-time` of the RAM migration and its `downtime`, both read
+//! on the source; for the tunnel the wall time of the whole `mtunnel migrate` command is
+//! kept too.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -76,6 +78,28 @@ pub struct Migration {
 /// A run whose downtime stayed under this did its whole RAM pass while the VM ran (full
 /// precopy); above it, QEMU switched over early and sent the rest with the VM stopped.
 pub const EARLY_SWITCHOVER_MS: f64 = 20.0;
+
+/// Bytes/s QEMU is told to assume for the final switchover (`avail-switchover-bandwidth`)
+/// on every path, instead of its own estimate. QEMU stops the VM once what is left fits
+/// into `downtime-limit` at that rate; its estimate, taken over the first 100 ms, runs
+/// to several GB/s on loopback, so with 100 ms allowed it switched over in the middle of
+/// the first pass in some runs and not in others, and the ratio of two such runs meant
+/// nothing. At 128 MiB/s × 100 ms only the last ~13 MiB may be left, which an idle guest
+/// reaches only after its whole first pass, on every path alike.
+pub const SWITCHOVER_BANDWIDTH: u64 = 128 << 20;
+
+/// The migration parameters of every path: what `mtunnel migrate` sets, plus the fixed
+/// switchover bandwidth.
+async fn set_switchover_bandwidth(vm: &VmHandle) -> anyhow::Result<()> {
+    vm.execute(
+        "migrate-set-parameters",
+        serde_json::json!({ "avail-switchover-bandwidth": SWITCHOVER_BANDWIDTH }),
+        Duration::from_secs(10),
+    )
+    .await
+    .context("setting avail-switchover-bandwidth on the source VM")?;
+    Ok(())
+}
 
 impl Migration {
     /// Median RAM phase (ms) and count of the runs of `mode` that did a full precopy.
@@ -186,6 +210,7 @@ struct Setup {
     ram_mib: u64,
     place: Placement,
     accel: Accel,
+    streams: u32,
 }
 
 /// What the section runs.
@@ -200,6 +225,8 @@ pub struct Plan {
     pub relay: bool,
     /// Resolved accelerator of every QEMU.
     pub accel: Accel,
+    /// `mtunnel migrate --streams` (RAM streams; 1 = one stream, as upstream).
+    pub streams: u32,
 }
 
 /// Waits until the freshly started source VM is idle: its firmware runs for a while under
@@ -249,6 +276,11 @@ async fn start_source(s: &Setup, vmid: u32) -> anyhow::Result<f64> {
 
 async fn tunnel_run(s: &Setup, vmid: u32, target_vmid: u32) -> anyhow::Result<MigrationRun> {
     let settle_s = start_source(s, vmid).await?;
+    // `mtunnel migrate` sets its own parameters but leaves this one as it finds it.
+    set_switchover_bandwidth(
+        &VmHandle::attach(&s.src_run, vmid).context("attaching to the source VM")?,
+    )
+    .await?;
     let target = format!(
         "host={},port={},apitoken={},fingerprint={}",
         s.target.host,
@@ -270,6 +302,8 @@ async fn tunnel_run(s: &Setup, vmid: u32, target_vmid: u32) -> anyhow::Result<Mi
             "--online",
             "--target-vmid",
             &target_vmid.to_string(),
+            "--streams",
+            &s.streams.to_string(),
         ],
     )
     .await?;
@@ -358,13 +392,14 @@ async fn direct_run(s: &Setup, vmid: u32, relay: bool) -> anyhow::Result<Migrati
         target
             .set_migration_capabilities(&[("events", true)])
             .await?;
-        // As `mtunnel migrate` does.
+        // As `mtunnel migrate` does, and the same switchover rule as the tunnel run.
         src.migrate_set_parameters(&MigrationParams {
             max_bandwidth: Some(16 << 30),
             downtime_limit: Some(100),
             ..MigrationParams::default()
         })
         .await?;
+        set_switchover_bandwidth(&src).await?;
         let t0 = Instant::now();
         src.migrate(&uri).await?;
         let done = src
@@ -406,7 +441,8 @@ async fn direct_run(s: &Setup, vmid: u32, relay: bool) -> anyhow::Result<Migrati
     result
 }
 
-/// Runs the section on loopback (TCG, with the relay baseline).
+/// Runs the section on loopback (KVM when `/dev/kvm` is usable, else TCG; with the relay
+/// baseline).
 pub async fn run(
     base: &Path,
     ram_mib: u64,
@@ -420,7 +456,8 @@ pub async fn run(
         repeat,
         place: Placement::default(),
         relay: true,
-        accel: Accel::Tcg,
+        accel: Accel::Auto.resolve(),
+        streams: 1,
     };
     run_plan(base, &plan, log).await
 }
@@ -476,6 +513,7 @@ pub async fn run_plan(base: &Path, plan: &Plan, log: &dyn Fn(&str)) -> anyhow::R
         ram_mib,
         place: plan.place.clone(),
         accel: plan.accel,
+        streams: plan.streams,
     };
     let mut runs = Vec::new();
     for k in 0..repeat {

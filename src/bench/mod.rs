@@ -371,11 +371,10 @@ async fn run_inner(opts: &Options) -> anyhow::Result<()> {
     let mut wan_errors = Vec::new();
     for v in &wan_v {
         note(&format!("wan {}", v["link"].as_str().unwrap_or("?")), v);
-        if let Some(e) = v["migration_missing"]
-            .as_str()
-            .filter(|e| e.starts_with("ERROR"))
-        {
-            wan_errors.push(format!("wan {} migration: {e}", v["link"]));
+        for key in ["migration_missing", "multifd_missing"] {
+            if let Some(e) = v[key].as_str().filter(|e| e.starts_with("ERROR")) {
+                wan_errors.push(format!("wan {} {key}: {e}", v["link"]));
+            }
         }
     }
     errors.extend(wan_errors);

@@ -44,6 +44,8 @@ pub struct Placement {
     pub client: Option<Arc<Netns>>,
     /// Readers, `mtunnel serve`, migration targets, and the address they listen on.
     pub server: Option<(Arc<Netns>, Ipv4Addr)>,
+    /// Config lines added to every server-side node (e.g. `multifd_channels_max = 1`).
+    pub server_toml: String,
 }
 
 impl Placement {
@@ -52,7 +54,7 @@ impl Placement {
         NodeSpec {
             tls,
             script,
-            extra_toml,
+            extra_toml: extra_toml + &self.server_toml,
             netns: self.server.as_ref().map(|(ns, _)| Arc::clone(ns)),
             listen_ip: self.server.as_ref().map(|(_, ip)| *ip),
         }

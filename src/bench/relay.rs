@@ -3,6 +3,12 @@
 //! the tunnel's processes. Two of them in a row, UNIX → relay → TCP → relay → UNIX, have
 //! the shape of the tunnel path (`mtunnel tunnel` → WebSocket → `mtunnel serve`) minus
 //! everything the tunnel adds: framing, masking, TLS, tickets.
+//!
+//! With `--ws client` / `--ws server` the pair is the peer baseline instead: the TCP
+//! side speaks WebSocket frames through the `fastwebsockets` crate (client frames masked
+//! with a random key, as that crate and RFC 6455 clients do; 128 KiB frames like ours),
+//! carrying the bytes one way, UNIX → client relay → server relay → UNIX: what a relay
+//! pair built on a fast general-purpose WebSocket library costs.
 
 use anyhow::{Context, bail};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -63,10 +69,64 @@ async fn connect(addr: &Addr) -> std::io::Result<Box<dyn Io>> {
     })
 }
 
+/// Which end of a WebSocket the relay's TCP side is (`--ws`), if any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WsEnd {
+    /// Accepts on UNIX, connects TCP, sends masked frames.
+    Client,
+    /// Accepts on TCP, reads frames, writes their payload to UNIX.
+    Server,
+}
+
+/// Frame payload of the peer baseline: the size of the tunnel's own frames.
+const WS_FRAME: usize = crate::tunnel::forward::CHUNK;
+
+/// One way, UNIX → frames (client) or frames → UNIX (server), then Close / EOF.
+async fn relay_ws(end: WsEnd, a: Box<dyn Io>, b: Box<dyn Io>) -> anyhow::Result<()> {
+    use fastwebsockets::{Frame, OpCode, Role, WebSocket};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    match end {
+        WsEnd::Client => {
+            let (mut unix, tcp) = (a, b);
+            let mut ws = WebSocket::after_handshake(tcp, Role::Client);
+            ws.set_writev(true);
+            let mut buf = vec![0u8; WS_FRAME];
+            loop {
+                let n = unix.read(&mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                let frame = Frame::binary(fastwebsockets::Payload::BorrowedMut(&mut buf[..n]));
+                ws.write_frame(frame).await?;
+            }
+            ws.write_frame(Frame::close(1000, b"")).await?;
+        }
+        WsEnd::Server => {
+            let (tcp, mut unix) = (a, b);
+            let mut ws = WebSocket::after_handshake(tcp, Role::Server);
+            ws.set_auto_close(true);
+            ws.set_auto_pong(true);
+            ws.set_max_message_size(2 * WS_FRAME);
+            loop {
+                let frame = ws.read_frame().await?;
+                match frame.opcode {
+                    OpCode::Close => break,
+                    OpCode::Binary | OpCode::Text | OpCode::Continuation => {
+                        unix.write_all(&frame.payload).await?
+                    }
+                    _ => {}
+                }
+            }
+            unix.shutdown().await?;
+        }
+    }
+    Ok(())
+}
+
 /// Listens on `listen`, prints `listening on <addr>` (the real port for `tcp:...:0`), and
-/// relays every accepted connection to a new connection to `to`, both directions, until the
-/// process is killed.
-pub async fn run(listen: Addr, to: Addr) -> anyhow::Result<()> {
+/// relays every accepted connection to a new connection to `to`, both directions (with
+/// `ws`: one way, as WebSocket frames on the TCP side), until the process is killed.
+pub async fn run(listen: Addr, to: Addr, ws: Option<WsEnd>) -> anyhow::Result<()> {
     let listener = match &listen {
         Addr::Unix(p) => {
             let _ = std::fs::remove_file(p);
@@ -98,6 +158,12 @@ pub async fn run(listen: Addr, to: Addr) -> anyhow::Result<()> {
                     return;
                 }
             };
+            if let Some(end) = ws {
+                if let Err(e) = relay_ws(end, a, b).await {
+                    eprintln!("relay: {e:#}");
+                }
+                return;
+            }
             if let Err(e) =
                 tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, RELAY_BUFFER, RELAY_BUFFER)
                     .await

@@ -108,6 +108,7 @@ pub fn targets(
     let plain = tp.and_then(|t| t.path("plain"));
     let tls = tp.and_then(|t| t.path("tls"));
     let relay = tp.and_then(|t| t.path("relay"));
+    let fastws = tp.and_then(|t| t.path("fastws"));
     let echo = lat.and_then(|l| l.kind("echo")).map(|k| k.p50_us);
     let lua = |name: &str| {
         lat.and_then(|l| l.kind(name))
@@ -121,6 +122,15 @@ pub fn targets(
             "<=",
             0.5,
             "CPU-s/GiB",
+        ),
+        target(
+            "plain: CPU-s/GiB / fastwebsockets pair",
+            plain
+                .zip(fastws)
+                .map(|(p, f)| p.cpu_s_per_gib / f.cpu_s_per_gib),
+            "<=",
+            0.7,
+            "x",
         ),
         target(
             "plain: throughput / copy relay",
@@ -177,6 +187,13 @@ pub fn targets(
             "<=",
             1.2,
             "x",
+        ),
+        target(
+            "migration downtime: tunnel - direct",
+            mig.map(|m| m.tunnel_downtime_ms - m.direct_downtime_ms),
+            "<=",
+            10.0,
+            "ms",
         ),
     ]
 }
@@ -348,8 +365,9 @@ pub fn table(
     if let Some(m) = mig {
         let _ = writeln!(
             o,
-            "\nLive migration, QEMU {} TCG, {} MiB RAM with {} MiB data, x {}, medians",
+            "\nLive migration, QEMU {} {}, {} MiB RAM with {} MiB data, x {}, medians",
             m.qemu.split_whitespace().next().unwrap_or("?"),
+            m.accel.to_uppercase(),
             m.ram_mib,
             m.data_mib,
             m.repeat

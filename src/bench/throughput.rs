@@ -326,10 +326,18 @@ pub(super) async fn relay(
     listen: &str,
     to: &str,
 ) -> anyhow::Result<(ChildGuard, String)> {
-    let cmd = mtunnel_command(
-        &["bench-relay", "--listen", listen, "--connect", to],
-        &base.join(format!("{name}.log")),
-    )?;
+    relay_with(base, name, &["--listen", listen, "--connect", to]).await
+}
+
+/// [`relay`] with any `bench-relay` arguments.
+async fn relay_with(
+    base: &Path,
+    name: &str,
+    args: &[&str],
+) -> anyhow::Result<(ChildGuard, String)> {
+    let mut all = vec!["bench-relay"];
+    all.extend_from_slice(args);
+    let cmd = mtunnel_command(&all, &base.join(format!("{name}.log")))?;
     let mut child = ChildGuard::spawn(name, cmd)?;
     let stdout = child.child.stdout.take().context("relay stdout")?;
     let mut lines = tokio::io::BufReader::new(stdout).lines();
@@ -386,8 +394,44 @@ async fn tunnel_route(dir: &Path, name: &'static str, place: &Placement) -> anyh
     })
 }
 
-/// Starts the processes of path `name` (`direct`, `relay`, `plain`, `tls`; `tcp` only on
-/// a WAN link) and runs one warm-up transfer through it.
+/// Two relay processes in a row, UNIX → TCP → UNIX: the copy relay (`relay`, the
+/// baseline) or the fastwebsockets client and server (`fastws`, the peer baseline).
+async fn relay_pair(dir: &Path, name: &'static str) -> anyhow::Result<Route> {
+    let sink = Sink::listen(&dir.join("sink.sock"))?;
+    let entry = dir.join("in.sock");
+    let ws = name == "fastws";
+    let sink_addr = format!("unix:{}", sink.path.display());
+    let entry_addr = format!("unix:{}", entry.display());
+    let mut second = vec!["--listen", "tcp:127.0.0.1:0", "--connect", &sink_addr];
+    if ws {
+        second.extend(["--ws", "server"]);
+    }
+    let (b, b_addr) = relay_with(dir, "relay2", &second).await?;
+    let mut first = vec!["--listen", &entry_addr, "--connect", &b_addr];
+    if ws {
+        first.extend(["--ws", "client"]);
+    }
+    let (a, _) = relay_with(dir, "relay1", &first).await?;
+    let label = if ws {
+        "fastwebsockets client -> ws:// -> server (peer pair)"
+    } else {
+        "copy relay x2, UNIX->TCP->UNIX, 1 MiB buffers (baseline)"
+    };
+    Ok(Route {
+        name,
+        label: label.into(),
+        entry: Entry::Unix(entry),
+        sink,
+        procs: vec![("relay1".into(), a.pid()), ("relay2".into(), b.pid())],
+        _guards: vec![a, b],
+        _tunnel: None,
+        _node: None,
+        runs: vec![],
+    })
+}
+
+/// Starts the processes of path `name` (`direct`, `relay`, `fastws`, `plain`, `tls`;
+/// `tcp` only on a WAN link) and runs one warm-up transfer through it.
 pub(super) async fn setup(
     base: &Path,
     name: &'static str,
@@ -410,35 +454,7 @@ pub(super) async fn setup(
                 runs: vec![],
             }
         }
-        "relay" => {
-            let sink = Sink::listen(&dir.join("sink.sock"))?;
-            let entry = dir.join("in.sock");
-            let (b, b_addr) = relay(
-                &dir,
-                "relay2",
-                "tcp:127.0.0.1:0",
-                &format!("unix:{}", sink.path.display()),
-            )
-            .await?;
-            let (a, _) = relay(
-                &dir,
-                "relay1",
-                &format!("unix:{}", entry.display()),
-                &b_addr,
-            )
-            .await?;
-            Route {
-                name,
-                label: "copy relay x2, UNIX->TCP->UNIX, 1 MiB buffers (baseline)".into(),
-                entry: Entry::Unix(entry),
-                sink,
-                procs: vec![("relay1".into(), a.pid()), ("relay2".into(), b.pid())],
-                _guards: vec![a, b],
-                _tunnel: None,
-                _node: None,
-                runs: vec![],
-            }
-        }
+        "relay" | "fastws" => relay_pair(&dir, name).await?,
         "plain" | "tls" => tunnel_route(&dir, name, place).await?,
         "tcp" => {
             let (Some(client), Some((server, ip))) = (&place.client, &place.server) else {
@@ -506,7 +522,7 @@ pub async fn run(
     log: &dyn Fn(&str),
 ) -> anyhow::Result<Throughput> {
     let mut paths = Vec::new();
-    for name in ["direct", "relay", "plain", "tls"] {
+    for name in ["direct", "relay", "fastws", "plain", "tls"] {
         paths.push(setup(base, name, &Placement::default()).await?);
     }
     for round in 0..repeat {

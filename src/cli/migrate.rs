@@ -23,6 +23,7 @@ pub async fn run(args: MigrateArgs) -> anyhow::Result<()> {
         online: args.online,
         bwlimit: args.bwlimit,
         delete: args.delete,
+        streams: args.streams,
     };
     let progress = Progress::auto();
     let summary = migrate(&src, &opts, &progress).await?;

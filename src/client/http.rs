@@ -4,15 +4,18 @@
 //!
 //! [`ApiClient::plain`] talks plain HTTP to a node configured with `tls = false`.
 //!
-//! One TLS connection per request (hyper's HTTP/1 client over tokio-rustls); requests are
-//! rare and small on the migration path, so a pool would buy nothing. [`ApiClient::raw`]
-//! exposes the exchange byte for byte for callers that need exact control.
+//! One TLS connection per request (hyper's HTTP/1 client over tokio-rustls), unless
+//! [`ApiClient::keep_alive`] asks to reuse a connection that just answered: over a long
+//! link that saves the TCP and TLS round trips of the next request (`mtunnel migrate`'s
+//! `POST .../mtunnel` after its checks). [`ApiClient::raw`] exposes the exchange byte for
+//! byte for callers that need exact control.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
+use hyper::client::conn::http1::SendRequest;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request};
 use hyper_util::rt::TokioIo;
@@ -72,7 +75,21 @@ pub struct ApiClient {
     tls: Option<Arc<ClientConfig>>,
     fingerprint: String,
     timeout: Duration,
+    /// With [`ApiClient::keep_alive`]: connections that answered a request and may take
+    /// the next one, with when they became idle. Shared by clones.
+    idle: Option<Arc<std::sync::Mutex<Vec<Idle>>>>,
 }
+
+/// An idle kept-alive connection.
+struct Idle {
+    sender: SendRequest<Full<Bytes>>,
+    since: std::time::Instant,
+}
+
+/// A kept-alive connection idle longer than this is not reused: well below any server's
+/// keep-alive timeout (pveproxy's is several seconds), so a reused connection is not one
+/// the server is closing just then.
+const IDLE_REUSE: Duration = Duration::from_secs(2);
 
 impl std::fmt::Debug for ApiClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -104,6 +121,7 @@ impl ApiClient {
             tls: Some(tls::client_config(Some(&fingerprint))?),
             fingerprint,
             timeout: DEFAULT_TIMEOUT,
+            idle: None,
         })
     }
 
@@ -116,6 +134,7 @@ impl ApiClient {
             tls: None,
             fingerprint: String::new(),
             timeout: DEFAULT_TIMEOUT,
+            idle: None,
         }
     }
 
@@ -136,7 +155,16 @@ impl ApiClient {
             tls: Some(tls::ca_client_config()?),
             fingerprint: String::new(),
             timeout: DEFAULT_TIMEOUT,
+            idle: None,
         })
+    }
+
+    /// The same client reusing connections: one that answered a request takes the next
+    /// one if it is idle for less than 2 s (never retried: a request that fails on a
+    /// reused connection fails). Connections close when the last clone is dropped.
+    pub fn keep_alive(mut self) -> Self {
+        self.idle = Some(Arc::default());
+        self
     }
 
     /// Whether requests go over TLS (`https://`).
@@ -289,18 +317,29 @@ impl ApiClient {
         Ok(request)
     }
 
-    async fn exchange(&self, request: Request<Full<Bytes>>) -> Result<RawResponse, ApiError> {
-        let stream = match &self.tls {
-            Some(config) => {
-                Stream::Tls(Box::new(tls::connect(&self.host, self.port, config).await?))
+    /// A kept-alive connection ready for a request, if there is one young enough.
+    fn reusable(&self) -> Option<SendRequest<Full<Bytes>>> {
+        let mut idle = self
+            .idle
+            .as_ref()?
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        while let Some(i) = idle.pop() {
+            if i.since.elapsed() < IDLE_REUSE && i.sender.is_ready() {
+                return Some(i.sender);
             }
-            None => connect_plain(&self.host, self.port).await?,
+        }
+        None
+    }
+
+    async fn exchange(&self, request: Request<Full<Bytes>>) -> Result<RawResponse, ApiError> {
+        let (mut sender, conn) = match self.reusable() {
+            Some(sender) => (sender, None),
+            None => {
+                let (sender, conn) = self.connect().await?;
+                (sender, Some(conn))
+            }
         };
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| ApiError::Protocol(format!("HTTP handshake failed - {e}")))?;
-        // The connection task ends once the response is read and `sender` is dropped.
-        let conn = tokio::spawn(conn);
         let result = async {
             let response = sender
                 .send_request(request)
@@ -327,11 +366,41 @@ impl ApiClient {
             })
         }
         .await;
-        drop(sender);
-        if result.is_err() {
+        match (&self.idle, &result) {
+            (Some(idle), Ok(_)) => idle.lock().unwrap_or_else(|e| e.into_inner()).push(Idle {
+                sender,
+                since: std::time::Instant::now(),
+            }),
+            // The connection task ends once `sender` is dropped.
+            _ => drop(sender),
+        }
+        if result.is_err()
+            && let Some(conn) = conn
+        {
             conn.abort();
         }
         result
+    }
+
+    /// A new connection (TCP, TLS if configured, HTTP/1) and its task.
+    async fn connect(
+        &self,
+    ) -> Result<(SendRequest<Full<Bytes>>, tokio::task::JoinHandle<()>), ApiError> {
+        let stream = match &self.tls {
+            Some(config) => {
+                Stream::Tls(Box::new(tls::connect(&self.host, self.port, config).await?))
+            }
+            None => connect_plain(&self.host, self.port).await?,
+        };
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ApiError::Protocol(format!("HTTP handshake failed - {e}")))?;
+        let conn = tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!("API connection ended: {e}");
+            }
+        });
+        Ok((sender, conn))
     }
 }
 

@@ -183,33 +183,84 @@ async fn control_loop(ws: WsStream, mut rx: mpsc::UnboundedReceiver<(String, Pen
     }
 }
 
-/// A running forward; dropping it stops accepting new connections.
+/// A running forward; dropping it stops accepting new connections (and closes WebSockets
+/// opened ahead that no connection took).
 pub struct Forward {
     pub local: PathBuf,
     accept: tokio::task::JoinHandle<()>,
+    openers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for Forward {
     fn drop(&mut self) {
         self.accept.abort();
+        for o in &self.openers {
+            o.abort();
+        }
         let _ = std::fs::remove_file(&self.local);
+    }
+}
+
+type Opened = Result<ws::RawWs, TunnelError>;
+
+/// WebSockets opened before their local connection arrives: the first `left` accepted
+/// connections take one each, in the order they were opened.
+struct Prepared {
+    left: std::sync::atomic::AtomicUsize,
+    opened: tokio::sync::Mutex<mpsc::Receiver<Opened>>,
+}
+
+impl Prepared {
+    /// One prepared WebSocket, or `None` when all were handed out.
+    async fn take(&self) -> Option<Opened> {
+        use std::sync::atomic::Ordering;
+        self.left
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .ok()?;
+        let got = self.opened.lock().await.recv().await;
+        Some(got.unwrap_or_else(|| Err(TunnelError::Closed("prepared WebSocket lost".into()))))
     }
 }
 
 /// Listens on `local`; for each connection asks the remote for a ticket for
 /// `remote_path`, appends `ticket=<pct-encoded>` to `endpoint.url` (which ends in `&` or
 /// `?`) and pipes bytes both ways over a new WebSocket.
+///
+/// With `prepared > 0` that many WebSockets (ticket and connection each) are opened at
+/// once, in parallel, for the first connections: over a long link a connection then
+/// starts without the four round trips of ticket, TCP, TLS and upgrade. Only for a socket
+/// whose server waits patiently for its client's first bytes (QEMU's incoming
+/// migration), as the remote end is connected before the local one.
 pub fn forward(
     control: &Control,
     endpoint: Endpoint,
     local: &Path,
     remote_path: String,
+    prepared: usize,
 ) -> Result<Forward, TunnelError> {
     let _ = std::fs::remove_file(local);
     let listener = UnixListener::bind(local)
         .map_err(|e| TunnelError::Other(format!("unable to listen on {}: {e}", local.display())))?;
-    let control = control.clone();
     let endpoint = Arc::new(endpoint);
+    let (tx, rx) = mpsc::channel(prepared.max(1));
+    let pool = Arc::new(Prepared {
+        left: std::sync::atomic::AtomicUsize::new(prepared),
+        opened: tokio::sync::Mutex::new(rx),
+    });
+    let openers = (0..prepared)
+        .map(|_| {
+            let (control, endpoint, path, tx) = (
+                control.clone(),
+                Arc::clone(&endpoint),
+                remote_path.clone(),
+                tx.clone(),
+            );
+            tokio::spawn(async move {
+                let _ = tx.send(open_ws(&control, &endpoint, &path).await).await;
+            })
+        })
+        .collect();
+    let control = control.clone();
     let accept = tokio::spawn(async move {
         loop {
             let conn = match listener.accept().await {
@@ -223,8 +274,13 @@ pub fn forward(
             let control = control.clone();
             let endpoint = Arc::clone(&endpoint);
             let remote_path = remote_path.clone();
+            let pool = Arc::clone(&pool);
             tokio::spawn(async move {
-                if let Err(e) = forward_one(&control, &endpoint, &remote_path, conn).await {
+                let ws = match pool.take().await {
+                    Some(ws) => ws,
+                    None => open_ws(&control, &endpoint, &remote_path).await,
+                };
+                if let Err(e) = relay_one(ws, &remote_path, conn).await {
                     tracing::warn!(remote = %remote_path, "forwarded connection failed: {e}");
                 }
             });
@@ -233,15 +289,12 @@ pub fn forward(
     Ok(Forward {
         local: local.to_path_buf(),
         accept,
+        openers,
     })
 }
 
-async fn forward_one(
-    control: &Control,
-    endpoint: &Endpoint,
-    remote_path: &str,
-    conn: tokio::net::UnixStream,
-) -> Result<(), TunnelError> {
+/// A fresh ticket for `remote_path` and a WebSocket to it.
+async fn open_ws(control: &Control, endpoint: &Endpoint, remote_path: &str) -> Opened {
     let reply = control
         .command(
             &json!({"cmd": "ticket", "path": remote_path}),
@@ -261,17 +314,29 @@ async fn forward_one(
         "?"
     };
     let url = format!("{}{sep}ticket={encoded}", endpoint.url);
-    let ws = endpoint.connect_raw(&url).await?;
-    let (read, write) = conn.into_split();
-    let stats = crate::tunnel::forward::relay(
-        ws.stream,
-        ws.leftover,
-        crate::tunnel::forward::Role::Client,
-        read,
-        write,
-    )
-    .await
-    .map_err(|e| TunnelError::Other(format!("forwarding to {remote_path}: {e}")))?;
+    Ok(endpoint.connect_raw(&url).await?)
+}
+
+async fn relay_one(
+    ws: Opened,
+    remote_path: &str,
+    conn: tokio::net::UnixStream,
+) -> Result<(), TunnelError> {
+    let ws = ws?;
+    let role = crate::tunnel::forward::Role::Client;
+    let relayed = match ws.stream {
+        // ws://: the payload moves with splice(2).
+        super::stream::Stream::Plain(tcp) => {
+            let opts = crate::tunnel::forward::RelayOpts::default();
+            crate::tunnel::splice::relay_spliced(tcp, ws.leftover, role, conn, opts).await
+        }
+        tls => {
+            let (read, write) = conn.into_split();
+            crate::tunnel::forward::relay(tls, ws.leftover, role, read, write).await
+        }
+    };
+    let stats =
+        relayed.map_err(|e| TunnelError::Other(format!("forwarding to {remote_path}: {e}")))?;
     tracing::debug!(remote = %remote_path, sent = stats.from_socket, received = stats.to_socket, "forward done");
     Ok(())
 }
@@ -314,7 +379,7 @@ pub async fn run_stdio() -> anyhow::Result<()> {
                         (None, _) => json!({"success": false, "msg": "not connected"}),
                         (_, Err(e)) => json!({"success": false, "msg": e.to_string()}),
                         (Some(c), Ok((endpoint, unix, path))) => {
-                            match forward(c, endpoint, &unix, path) {
+                            match forward(c, endpoint, &unix, path, 0) {
                                 Ok(f) => {
                                     eprintln!("forwarding {}", f.local.display());
                                     forwards.push(f);

@@ -20,6 +20,8 @@ pub struct IncomingStart {
     pub cpu: Option<String>,
     /// Drives to export over NBD: drive key (`scsi0`) → target volid.
     pub nbd: BTreeMap<String, String>,
+    /// Multifd channels of the RAM migration (`None`: one stream, as PVE).
+    pub multifd: Option<u32>,
 }
 
 /// Where the incoming VM listens.

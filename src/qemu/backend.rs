@@ -94,9 +94,10 @@ impl QemuHypervisor {
                 anyhow::bail!("drive '{key}' to export over NBD is not a disk of VM {vmid}");
             }
         }
-        let incoming = super::start_incoming(&spec, &keys, &StartOptions::default())
-            .await
-            .with_context(|| format!("starting VM {vmid} for the incoming migration"))?;
+        let incoming =
+            super::start_incoming_multifd(&spec, &keys, &StartOptions::default(), req.multifd)
+                .await
+                .with_context(|| format!("starting VM {vmid} for the incoming migration"))?;
         // QMP allows one client: do not hold it between commands, so `mtunnel vm status`
         // and other tools can reach the VM while the tunnel runs.
         incoming.vm.release_qmp().await;

@@ -190,14 +190,40 @@ pub async fn start_incoming(
     nbd_drives: &[&str],
     opts: &StartOptions,
 ) -> Result<IncomingVm, QemuError> {
+    start_incoming_multifd(spec, nbd_drives, opts, None).await
+}
+
+/// [`start_incoming`], with `multifd: Some(n)` for RAM over `n` multifd channels: QEMU
+/// starts with `-incoming defer`, gets the `multifd` capability and `multifd-channels`,
+/// then listens on the same socket with `migrate-incoming` (the listener accepts the main
+/// channel and the `n` others, told apart by their first bytes).
+pub async fn start_incoming_multifd(
+    spec: &VmSpec,
+    nbd_drives: &[&str],
+    opts: &StartOptions,
+    multifd: Option<u32>,
+) -> Result<IncomingVm, QemuError> {
     let mut spec = spec.clone();
     let paths = spec.paths();
     let migrate_uri = format!("unix:{}", paths.migrate.display());
-    spec.incoming = Some(migrate_uri.clone());
+    spec.incoming = Some(match multifd {
+        Some(_) => "defer".to_string(),
+        None => migrate_uri.clone(),
+    });
     let vm = VmHandle::start(&spec, opts).await?;
 
     let setup = async {
         vm.set_migration_capabilities(&[("events", true)]).await?;
+        if let Some(n) = multifd {
+            vm.set_migration_capabilities(&[("multifd", true)]).await?;
+            vm.migrate_set_parameters(&MigrationParams {
+                multifd_channels: Some(u64::from(n)),
+                ..MigrationParams::default()
+            })
+            .await?;
+            vm.cmd("migrate-incoming", json!({ "uri": migrate_uri }))
+                .await?;
+        }
         let mut nbd_uris = BTreeMap::new();
         if !nbd_drives.is_empty() {
             vm.nbd_server_start(&paths.nbd).await?;

@@ -29,7 +29,7 @@ pub const CHUNK: usize = 128 * 1024;
 /// Read buffer of the WebSocket side.
 const READ_BUF: usize = 256 * 1024;
 /// Room for the largest frame header: 2 + 8 (length) + 4 (mask).
-const HEADROOM: usize = 14;
+pub(super) const HEADROOM: usize = 14;
 
 /// Which end of the WebSocket we are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,15 +47,15 @@ pub struct ForwardStats {
     pub from_socket: u64,
 }
 
-const OP_CONT: u8 = 0x0;
-const OP_TEXT: u8 = 0x1;
-const OP_BINARY: u8 = 0x2;
-const OP_CLOSE: u8 = 0x8;
-const OP_PING: u8 = 0x9;
-const OP_PONG: u8 = 0xA;
+pub(super) const OP_CONT: u8 = 0x0;
+pub(super) const OP_TEXT: u8 = 0x1;
+pub(super) const OP_BINARY: u8 = 0x2;
+pub(super) const OP_CLOSE: u8 = 0x8;
+pub(super) const OP_PING: u8 = 0x9;
+pub(super) const OP_PONG: u8 = 0xA;
 
 /// Writes a frame header for `len` payload bytes ending at `buf[end]`; returns its start.
-fn put_header(buf: &mut [u8], end: usize, opcode: u8, len: usize, role: Role) -> usize {
+pub(super) fn put_header(buf: &mut [u8], end: usize, opcode: u8, len: usize, role: Role) -> usize {
     let mut head = [0u8; HEADROOM];
     head[0] = 0x80 | opcode;
     let mask_bit = if role == Role::Client { 0x80 } else { 0 };
@@ -81,7 +81,7 @@ fn put_header(buf: &mut [u8], end: usize, opcode: u8, len: usize, role: Role) ->
 }
 
 /// A small control frame (close, ping, pong) as bytes.
-fn control_frame(opcode: u8, payload: &[u8], role: Role) -> Vec<u8> {
+pub(super) fn control_frame(opcode: u8, payload: &[u8], role: Role) -> Vec<u8> {
     let mut buf = vec![0u8; HEADROOM + payload.len()];
     buf[HEADROOM..].copy_from_slice(payload);
     let start = put_header(&mut buf, HEADROOM, opcode, payload.len(), role);
@@ -90,7 +90,7 @@ fn control_frame(opcode: u8, payload: &[u8], role: Role) -> Vec<u8> {
 }
 
 /// XORs `data` with `mask`, `offset` bytes into the masked payload.
-fn unmask(data: &mut [u8], mask: [u8; 4], offset: usize) {
+pub(super) fn unmask(data: &mut [u8], mask: [u8; 4], offset: usize) {
     if mask == [0; 4] {
         return;
     }
@@ -263,7 +263,7 @@ where
 /// without anything arriving; pings the peer every third of it meanwhile. Time in which
 /// the relay was not waiting for the peer (busy writing to a slow local socket) does not
 /// count. Never resolves without a timeout.
-async fn watch_peer(
+pub(super) async fn watch_peer(
     timeout: Option<Duration>,
     (activity, waiting): (Arc<AtomicU64>, Arc<AtomicBool>),
     ping_tx: mpsc::Sender<Vec<u8>>,
@@ -298,6 +298,62 @@ async fn watch_peer(
     }
 }
 
+/// The frame header at the start of `b`, `None` if `b` does not hold all of it yet.
+pub(super) fn parse_header(b: &[u8]) -> io::Result<Option<Header>> {
+    if b.len() < 2 {
+        return Ok(None);
+    }
+    let opcode = b[0] & 0x0f;
+    let masked = b[1] & 0x80 != 0;
+    let mut size = 2;
+    let len = match b[1] & 0x7f {
+        126 => {
+            size += 2;
+            if b.len() < size {
+                return Ok(None);
+            }
+            u16::from_be_bytes([b[2], b[3]]) as u64
+        }
+        127 => {
+            size += 8;
+            if b.len() < size {
+                return Ok(None);
+            }
+            u64::from_be_bytes(b[2..10].try_into().unwrap_or([0; 8]))
+        }
+        n => n as u64,
+    };
+    let mut mask = [0u8; 4];
+    if masked {
+        if b.len() < size + 4 {
+            return Ok(None);
+        }
+        mask.copy_from_slice(&b[size..size + 4]);
+        size += 4;
+    }
+    if opcode >= 0x8 && (len > 125 || b[0] & 0x80 == 0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "invalid WebSocket control frame",
+        ));
+    }
+    if !matches!(
+        opcode,
+        OP_CONT | OP_TEXT | OP_BINARY | OP_CLOSE | OP_PING | OP_PONG
+    ) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("unknown WebSocket opcode {opcode:#x}"),
+        ));
+    }
+    Ok(Some(Header {
+        opcode,
+        mask,
+        len,
+        size,
+    }))
+}
+
 enum Event {
     /// Payload was written to the socket.
     Data,
@@ -321,11 +377,12 @@ struct FrameReader {
     counter: prometheus_client::metrics::counter::Counter,
 }
 
-struct Header {
-    opcode: u8,
-    mask: [u8; 4],
-    len: u64,
-    size: usize,
+pub(super) struct Header {
+    pub(super) opcode: u8,
+    pub(super) mask: [u8; 4],
+    pub(super) len: u64,
+    /// Bytes of the header itself.
+    pub(super) size: usize,
 }
 
 impl FrameReader {
@@ -363,59 +420,7 @@ impl FrameReader {
     }
 
     fn header(&self) -> io::Result<Option<Header>> {
-        let b = &self.buf[self.start..self.end];
-        if b.len() < 2 {
-            return Ok(None);
-        }
-        let opcode = b[0] & 0x0f;
-        let masked = b[1] & 0x80 != 0;
-        let mut size = 2;
-        let len = match b[1] & 0x7f {
-            126 => {
-                size += 2;
-                if b.len() < size {
-                    return Ok(None);
-                }
-                u16::from_be_bytes([b[2], b[3]]) as u64
-            }
-            127 => {
-                size += 8;
-                if b.len() < size {
-                    return Ok(None);
-                }
-                u64::from_be_bytes(b[2..10].try_into().unwrap_or([0; 8]))
-            }
-            n => n as u64,
-        };
-        let mut mask = [0u8; 4];
-        if masked {
-            if b.len() < size + 4 {
-                return Ok(None);
-            }
-            mask.copy_from_slice(&b[size..size + 4]);
-            size += 4;
-        }
-        if opcode >= 0x8 && (len > 125 || b[0] & 0x80 == 0) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "invalid WebSocket control frame",
-            ));
-        }
-        if !matches!(
-            opcode,
-            OP_CONT | OP_TEXT | OP_BINARY | OP_CLOSE | OP_PING | OP_PONG
-        ) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("unknown WebSocket opcode {opcode:#x}"),
-            ));
-        }
-        Ok(Some(Header {
-            opcode,
-            mask,
-            len,
-            size,
-        }))
+        parse_header(&self.buf[self.start..self.end])
     }
 
     async fn next<S: AsyncRead + Unpin, W: AsyncWrite + Unpin>(

@@ -4,6 +4,7 @@
 
 pub mod forward;
 pub mod recovery;
+pub mod splice;
 pub mod worker;
 
 use std::collections::{BTreeSet, HashMap};

@@ -142,7 +142,7 @@ impl Migration<'_> {
             .run_dir
             .join(format!("{}.storage", src_vmid_of(&v.volid)?));
         if !self.remote.forwards.iter().any(|f| f.local == local) {
-            self.remote.forward(&local, &remote_socket)?;
+            self.remote.forward(&local, &remote_socket, 0)?;
         }
         let payload_len = tokio::fs::metadata(&v.path).await?.len();
         let total = if v.format == "raw" {

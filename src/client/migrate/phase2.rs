@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::{Map, Value, json};
 
-use super::{MIRROR_STALL, Migration, as_u64, min_limit};
+use super::{DEFAULT_STREAMS, MIRROR_STALL, Migration, as_u64, min_limit};
 use crate::client::progress::{Progress, human};
 use crate::qemu::{self, MigrationParams, VmHandle};
 
@@ -21,52 +21,96 @@ impl Migration<'_> {
         let vm = VmHandle::attach(&self.src.cfg.run_dir, vmid)
             .context("attaching to the running source VM")?;
         let machine = vm.running_machine().await?;
-        let reply = self
-            .remote
-            .cmd(
-                json!({
-                    "cmd": "start",
-                    "start_params": {"statefile": "unix", "forcemachine": machine, "forcecpu": null, "skiplock": 1},
-                    "migrate_opts": {
-                        "spice_ticket": null, "type": "websocket", "network": null, "storagemap": {},
-                        "migratedfrom": self.src.cfg.node, "nbd_proto_version": 1, "nbd": nbd,
-                        "remote_node": self.remote.node,
-                    },
-                }),
-                60,
-            )
-            .await?;
+        let streams = self.streams();
+        let mut migrate_opts = json!({
+            "spice_ticket": null, "type": "websocket", "network": null, "storagemap": {},
+            "migratedfrom": self.src.cfg.node, "nbd_proto_version": 1, "nbd": nbd,
+            "remote_node": self.remote.node,
+        });
+        if streams > 1 {
+            // Only sent to a target that announced multifd: a PVE target's strict schema
+            // would refuse the unknown key.
+            migrate_opts["multifd_channels"] = json!(streams);
+        }
+        let start = json!({
+            "cmd": "start",
+            "start_params": {"statefile": "unix", "forcemachine": machine, "forcecpu": null, "skiplock": 1},
+            "migrate_opts": migrate_opts,
+        });
+        let bwlimit = json!({"cmd": "bwlimit", "operation": "migration", "storages": [null], "bwlimit": self.opts.bwlimit});
+        // `bwlimit` goes out right behind `start` (the target answers in order), saving a
+        // round trip: it only reads the target's limits, so when `start` fails it did
+        // nothing and its reply is dropped unread. `join!` polls `start` first, and a
+        // command is queued on its first poll, so the order on the wire is fixed.
+        let (reply, limit) = tokio::join!(self.remote.cmd(start, 60), self.remote.cmd(bwlimit, 70));
+        let reply = reply?;
+        let remote_limit = limit?.get("bwlimit").and_then(as_u64);
         let live_disks = self.plan.volumes.iter().filter(|v| v.live).count();
         let started = check_start_reply(&reply, self.remote.tvmid, live_disks)?;
-
-        if let Err(e) = self.transfer(&vm, &started).await {
-            self.cancel_live(&vm).await;
+        if streams > 1 {
+            self.progress.log(format!(
+                "RAM in {streams} parallel streams (multifd, one WebSocket each)"
+            ));
+        }
+        let ram = Ram {
+            streams,
+            limit: min_limit(self.opts.bwlimit, remote_limit),
+        };
+        if let Err(e) = self.transfer(&vm, &started, &ram).await {
+            self.cancel_live(&vm, streams).await;
             return Err(e);
         }
         Ok(())
     }
 
+    /// The RAM streams: 1 unless the target announced multifd; then `--streams` or
+    /// [`DEFAULT_STREAMS`], at most what the target accepts.
+    fn streams(&self) -> u32 {
+        match (self.opts.streams, self.remote.multifd_max) {
+            (Some(1), _) => 1,
+            (asked, None) => {
+                if asked.is_some() {
+                    self.progress
+                        .log("the target does not announce multifd: RAM moves in one stream");
+                }
+                1
+            }
+            (asked, Some(max)) => asked.unwrap_or(DEFAULT_STREAMS).min(max),
+        }
+    }
+
     /// Forwards, disks, RAM.
-    async fn transfer(&mut self, vm: &VmHandle, started: &StartReply) -> anyhow::Result<()> {
-        let (local_migrate, local_nbd) = self.forward_sockets(started)?;
+    async fn transfer(
+        &mut self,
+        vm: &VmHandle,
+        started: &StartReply,
+        ram: &Ram,
+    ) -> anyhow::Result<()> {
+        let local_nbd = self.forward_nbd(started)?;
         let jobs = self.mirror_disks(vm, started, &local_nbd).await?;
-        self.migrate_ram(vm, &local_migrate).await?;
+        // The RAM WebSockets open now, while the source is set up, and not before: an
+        // incoming multifd QEMU blocks its main loop (and so its NBD server) on a
+        // connected channel until the channel's first bytes arrive.
+        let local_migrate = self
+            .src
+            .cfg
+            .run_dir
+            .join(format!("{}.migrate", self.opts.vmid));
+        let channels = if ram.streams > 1 { ram.streams + 1 } else { 1 };
+        self.remote
+            .forward(&local_migrate, &started.migrate_addr, channels as usize)?;
+        self.migrate_ram(vm, &local_migrate, ram).await?;
         for job in &jobs {
             vm.block_job_cancel(job, Duration::from_secs(60)).await?;
         }
         Ok(())
     }
 
-    /// Local sockets: the remote paths with the target VMID replaced by ours. Returns the
-    /// local migration socket and the local socket of each remote NBD socket.
-    fn forward_sockets(
-        &mut self,
-        started: &StartReply,
-    ) -> anyhow::Result<(PathBuf, BTreeMap<String, PathBuf>)> {
+    /// Local NBD sockets: the remote paths with the target VMID replaced by ours. Returns
+    /// the local socket of each remote NBD socket.
+    fn forward_nbd(&mut self, started: &StartReply) -> anyhow::Result<BTreeMap<String, PathBuf>> {
         let vmid = self.opts.vmid;
         let tvmid = self.remote.tvmid;
-        let local_migrate = self.src.cfg.run_dir.join(format!("{vmid}.migrate"));
-        self.remote.forward(&local_migrate, &started.migrate_addr)?;
         let mut local_nbd = BTreeMap::new();
         for sock in &started.unix_sockets {
             let name = Path::new(sock)
@@ -75,10 +119,10 @@ impl Migration<'_> {
                 .context("socket without file name")?
                 .replacen(&tvmid.to_string(), &vmid.to_string(), 1);
             let local = self.src.cfg.run_dir.join(name);
-            self.remote.forward(&local, sock)?;
+            self.remote.forward(&local, sock, 0)?;
             local_nbd.insert(sock.clone(), local);
         }
-        Ok((local_migrate, local_nbd))
+        Ok(local_nbd)
     }
 
     /// Disks: mirror to the target's NBD exports, wait until every mirror is ready and
@@ -119,19 +163,21 @@ impl Migration<'_> {
         Ok(jobs.into_iter().map(|(job, _)| job).collect())
     }
 
-    /// RAM: the limit, `migrate` into the forwarded socket, progress until completed.
-    async fn migrate_ram(&mut self, vm: &VmHandle, local_migrate: &Path) -> anyhow::Result<()> {
-        let bwlimit = self.opts.bwlimit;
-        let remote_limit = self
-            .remote
-            .cmd(json!({"cmd": "bwlimit", "operation": "migration", "storages": [null], "bwlimit": bwlimit}), 10)
-            .await?
-            .get("bwlimit")
-            .and_then(as_u64);
-        let limit = min_limit(bwlimit, remote_limit);
+    /// RAM: the limit (and multifd), `migrate` into the forwarded socket, progress until
+    /// completed.
+    async fn migrate_ram(
+        &mut self,
+        vm: &VmHandle,
+        local_migrate: &Path,
+        ram: &Ram,
+    ) -> anyhow::Result<()> {
+        // Set either way: a failed multifd attempt may have left it on.
+        vm.set_migration_capabilities(&[("multifd", ram.streams > 1)])
+            .await?;
         vm.migrate_set_parameters(&MigrationParams {
-            max_bandwidth: Some(limit.map(|k| k * 1024).unwrap_or(16 << 30)),
+            max_bandwidth: Some(ram.limit.map(|k| k * 1024).unwrap_or(16 << 30)),
             downtime_limit: Some(100),
+            multifd_channels: (ram.streams > 1).then_some(u64::from(ram.streams)),
             ..MigrationParams::default()
         })
         .await?;
@@ -154,9 +200,15 @@ impl Migration<'_> {
         Ok(())
     }
 
-    /// Phase 2 cleanup: stop the migration, keep the source VM running, stop the target VM.
-    async fn cancel_live(&self, vm: &VmHandle) {
+    /// Phase 2 cleanup: stop the migration, keep the source VM running (multifd off again,
+    /// so a later PVE-style migration gets one stream), stop the target VM.
+    async fn cancel_live(&self, vm: &VmHandle, streams: u32) {
         let _ = vm.migrate_cancel().await;
+        if streams > 1 {
+            // Refused while the cancel is still under way; the next `mtunnel migrate` sets
+            // the capability either way, so this is best effort for other tools.
+            let _ = vm.set_migration_capabilities(&[("multifd", false)]).await;
+        }
         if let Ok(st) = vm.status().await
             && !st.running
         {
@@ -213,6 +265,12 @@ async fn wait_mirror(
     }
     bar.finish("mirrored (ready)");
     Ok(())
+}
+
+/// How the RAM moves: streams (multifd channels, 1 = none) and the limit in KiB/s.
+struct Ram {
+    streams: u32,
+    limit: Option<u64>,
 }
 
 pub(super) struct StartReply {

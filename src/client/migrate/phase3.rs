@@ -17,14 +17,26 @@ impl Migration<'_> {
         if self.plan.running {
             self.hand_over().await?;
         }
-        self.remote.cmd(json!({"cmd": "unlock"}), 10).await?;
-        if let Err(e) = self
-            .remote
-            .cmd(json!({"cmd": "quit", "cleanup": 0}), 30)
-            .await
-        {
-            self.progress.log(format!("WARN: quit failed: {e:#}"));
-        }
+        // The source VM stops while `unlock` and `quit` cross the link: neither depends on
+        // the other, and the source stays locked `migrate` whatever the target answers.
+        let stop_source = async {
+            if self.plan.running {
+                self.stop_source().await;
+            }
+        };
+        let finish_remote = async {
+            self.remote.cmd(json!({"cmd": "unlock"}), 10).await?;
+            if let Err(e) = self
+                .remote
+                .cmd(json!({"cmd": "quit", "cleanup": 0}), 30)
+                .await
+            {
+                self.progress.log(format!("WARN: quit failed: {e:#}"));
+            }
+            Ok::<_, anyhow::Error>(())
+        };
+        let ((), finished) = tokio::join!(stop_source, finish_remote);
+        finished?;
         self.remote.forwards.clear();
         self.remote.control.clone().close();
         if self.opts.delete {
@@ -37,9 +49,8 @@ impl Migration<'_> {
         Ok(())
     }
 
-    /// The target VM takes over: NBD exports stopped, `resume`, `fstrim`, source VM stopped.
+    /// The target VM takes over: NBD exports stopped, `resume`, `fstrim`.
     async fn hand_over(&mut self) -> anyhow::Result<()> {
-        let vmid = self.opts.vmid;
         let tvmid = self.remote.tvmid;
         let live = self.plan.volumes.iter().any(|v| v.live);
         if live {
@@ -56,12 +67,22 @@ impl Migration<'_> {
                     .log(format!("WARN: fstrim on the target failed: {e:#}"));
             }
         }
-        let vm = VmHandle::attach(&self.src.cfg.run_dir, vmid)?;
-        if let Err(e) = vm.stop(qemu::process::StopTimeouts::default()).await {
-            self.progress
-                .log(format!("WARN: stopping the source VM failed: {e}"));
-        }
         Ok(())
+    }
+
+    /// The source VM stops (it is paused since the RAM migration completed).
+    async fn stop_source(&self) {
+        let stopped = match VmHandle::attach(&self.src.cfg.run_dir, self.opts.vmid) {
+            Ok(vm) => vm
+                .stop(qemu::process::StopTimeouts::default())
+                .await
+                .map_err(anyhow::Error::from),
+            Err(e) => Err(e.into()),
+        };
+        if let Err(e) = stopped {
+            self.progress
+                .log(format!("WARN: stopping the source VM failed: {e:#}"));
+        }
     }
 }
 

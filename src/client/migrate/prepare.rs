@@ -28,7 +28,7 @@ impl<'a> Migration<'a> {
         progress: &'a Progress,
     ) -> anyhow::Result<Migration<'a>> {
         let plan = plan(src, opts, progress).await?;
-        let remote = open_tunnel(opts, &plan, progress).await?;
+        let mut remote = open_tunnel(opts, &plan, progress).await?;
         if let Err(e) = remote.check_version().await {
             remote.request_cleanup(progress).await;
             return Err(e);
@@ -108,10 +108,15 @@ async fn open_tunnel(
         opts.target.port,
         opts.target.apitoken.clone(),
         fingerprint,
-    )?;
+    )?
+    .keep_alive();
 
-    let node = target_node(&api).await?;
-    check_target(&api, tvmid, &plan.volumes).await?;
+    // Independent GETs, each on its own connection: in parallel they cost the round trips
+    // of one (TCP, TLS, request) instead of three times that. Errors are judged in the
+    // old order, so a failure reads as before.
+    let (node, checked) = tokio::join!(target_node(&api), check_target(&api, tvmid, &plan.volumes));
+    let node = node?;
+    checked?;
     let storages: Vec<String> = unique(plan.volumes.iter().map(|v| v.target_storage.clone()));
     let bridge_ids: Vec<String> = unique(plan.bridges.values().cloned());
     let opened = api
@@ -157,6 +162,7 @@ async fn open_tunnel(
         base_url,
         forwards: Vec::new(),
         resume_sent: false,
+        multifd_max: None,
     })
 }
 
@@ -272,20 +278,18 @@ async fn target_node(api: &ApiClient) -> anyhow::Result<String> {
 
 /// The CLI's pre-checks: the target VMID is unused and the mapped storages hold images.
 async fn check_target(api: &ApiClient, tvmid: u32, volumes: &[Volume]) -> anyhow::Result<()> {
-    let vms = api
-        .get("/cluster/resources", &[("type", "vm")])
-        .await
-        .context("listing the target's VMs")?;
+    let (vms, storages) = tokio::join!(
+        api.get("/cluster/resources", &[("type", "vm")]),
+        api.get("/nodes/localhost/storage", &[("enabled", "1")])
+    );
+    let vms = vms.context("listing the target's VMs")?;
     if vms
         .as_array()
         .is_some_and(|a| a.iter().any(|v| v["vmid"].as_u64() == Some(tvmid as u64)))
     {
         bail!("target VMID {tvmid} is already in use on the target");
     }
-    let storages = api
-        .get("/nodes/localhost/storage", &[("enabled", "1")])
-        .await
-        .context("listing the target's storages")?;
+    let storages = storages.context("listing the target's storages")?;
     for v in volumes {
         let ok = storages.as_array().is_some_and(|a| {
             a.iter().any(|s| {

@@ -22,6 +22,9 @@ pub(super) struct Remote {
     pub(super) forwards: Vec<Forward>,
     /// `resume` was sent: the target VM may run as the only live copy from here on.
     pub(super) resume_sent: bool,
+    /// Most multifd channels the target accepts, from its `version` reply (`None`: it did
+    /// not announce multifd, e.g. a PVE node: one stream only).
+    pub(super) multifd_max: Option<u32>,
 }
 
 impl Remote {
@@ -40,21 +43,42 @@ impl Remote {
             .await?)
     }
 
-    /// Forwards local `local` to the remote socket `remote`.
-    pub(super) fn forward(&mut self, local: &Path, remote: &str) -> anyhow::Result<()> {
+    /// Forwards local `local` to the remote socket `remote`, with `prepared` WebSockets
+    /// opened right away for the first connections (see [`forward`]).
+    pub(super) fn forward(
+        &mut self,
+        local: &Path,
+        remote: &str,
+        prepared: usize,
+    ) -> anyhow::Result<()> {
         let url = format!(
             "{}/mtunnelwebsocket?socket={}&",
             self.base_url,
             encode_segment(remote)
         );
-        let f = forward(&self.control, self.endpoint(url), local, remote.to_string())?;
+        let f = forward(
+            &self.control,
+            self.endpoint(url),
+            local,
+            remote.to_string(),
+            prepared,
+        )?;
         self.forwards.push(f);
         Ok(())
     }
 
-    /// The `version` check: the target must speak our protocol version.
-    pub(super) async fn check_version(&self) -> anyhow::Result<()> {
-        let reply = self.cmd(json!({"cmd": "version"}), 10).await?;
+    /// The `version` check: the target must speak our protocol version. Then which
+    /// extensions it offers (`mtunnel-features`, sent right behind `version`: it only
+    /// reads, a PVE target answers "unknown command" and a failed `version` ends the
+    /// migration whatever it answered). A target without it gets upstream's flow.
+    pub(super) async fn check_version(&mut self) -> anyhow::Result<()> {
+        // `join!` polls `version` first, and a command is queued on its first poll.
+        let features = json!({"cmd": "mtunnel-features"});
+        let (reply, features) = tokio::join!(
+            self.cmd(json!({"cmd": "version"}), 10),
+            self.control.request(&features, Duration::from_secs(10))
+        );
+        let reply = reply?;
         let api = reply
             .get("api")
             .and_then(as_u64)
@@ -66,6 +90,12 @@ impl Remote {
         if TUNNEL_VERSION > api {
             bail!("Remote tunnel endpoint too old, upgrade required");
         }
+        self.multifd_max = features
+            .ok()
+            .filter(|f| f.get("success").and_then(Value::as_bool) == Some(true))
+            .and_then(|f| f.get("multifd").and_then(Value::as_u64))
+            .and_then(|n| u32::try_from(n).ok())
+            .filter(|&n| n > 1);
         Ok(())
     }
 }

@@ -15,7 +15,7 @@ pub(super) fn qemu_table(lua: &Lua) -> mlua::Result<Table> {
     Ok(t)
 }
 
-/// `check_config` and `start_incoming`.
+/// `check_config`, `multifd_max` and `start_incoming`.
 fn add_start_fns(lua: &Lua, t: &Table) -> mlua::Result<()> {
     t.set(
         "check_config",
@@ -23,6 +23,10 @@ fn add_start_fns(lua: &Lua, t: &Table) -> mlua::Result<()> {
             let options = string_map(Some(&from_lua(lua, options)?), "options")?;
             crate::qemu::cmdline::check_options(&options).map_err(|e| fail(e.to_string()))
         })?,
+    )?;
+    t.set(
+        "multifd_max",
+        lua.create_function(|lua, ()| Ok(ctx(lua)?.node.cfg.multifd_channels_max))?,
     )?;
     t.set(
         "start_incoming",
@@ -46,7 +50,20 @@ fn add_start_fns(lua: &Lua, t: &Table) -> mlua::Result<()> {
                     .map(str::to_string),
                 cpu: opts.get("cpu").and_then(Value::as_str).map(str::to_string),
                 nbd,
+                multifd: opts
+                    .get("multifd")
+                    .and_then(Value::as_u64)
+                    .and_then(|n| u32::try_from(n).ok()),
             };
+            let multifd = req.multifd;
+            let max = c.node.cfg.multifd_channels_max;
+            if let Some(n) = multifd
+                && n > max
+            {
+                return Err(fail(format!(
+                    "{n} multifd channels asked, this node allows at most {max} (multifd_channels_max)"
+                )));
+            }
             c.record(|r| r.vm_started = true).await?;
             let started = c
                 .node
@@ -59,14 +76,20 @@ fn add_start_fns(lua: &Lua, t: &Table) -> mlua::Result<()> {
                 c.tunnel.register_socket(nbd);
             }
             c.info(&format!(
-                "VM {} started, waiting for migration on {}",
+                "VM {} started, waiting for migration on {}{}",
                 c.vmid,
-                started.migrate_socket.display()
+                started.migrate_socket.display(),
+                multifd
+                    .map(|n| format!(" with {n} multifd channels"))
+                    .unwrap_or_default()
             ));
             let mut reply = json!({
                 "migrate_socket": started.migrate_socket.display().to_string(),
                 "nbd_uris": started.nbd_uris,
             });
+            if let Some(n) = multifd {
+                reply["multifd"] = json!(n);
+            }
             if let Some(nbd) = &started.nbd_socket {
                 reply["nbd_socket"] = json!(nbd.display().to_string());
             }

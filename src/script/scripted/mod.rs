@@ -324,6 +324,7 @@ impl ScriptedBackend {
             nbd.set(k.as_str(), v.as_str())?;
         }
         t.set("nbd", nbd)?;
+        t.set("multifd", req.multifd)?;
         Ok(t)
     }
 }
@@ -534,6 +535,7 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            multifd: None,
         };
         assert_eq!(
             b.resume(100).await.unwrap_err().to_string(),
@@ -636,6 +638,7 @@ mod tests {
                 machine: None,
                 cpu: None,
                 nbd: BTreeMap::new(),
+                multifd: None,
             })
             .await
             .unwrap();
