@@ -216,6 +216,10 @@ pub struct MigrateArgs {
     /// VMID on the target (default: the same).
     #[arg(long)]
     pub target_vmid: Option<u32>,
+    /// The node of the target's cluster to migrate to (default: the node answering at the
+    /// endpoint); the endpoint's node forwards to it.
+    #[arg(long)]
+    pub target_node: Option<String>,
     /// Migrate a running VM live.
     #[arg(long)]
     pub online: bool,

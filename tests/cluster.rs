@@ -2,7 +2,8 @@
 //! nodes: one VMID across the cluster (a race has one winner, `vm create`/`destroy` and
 //! closed tunnels register and release), a `kill -9`ed node's reservations expire after
 //! its lease TTL, one etcd member lost changes nothing, two lost refuse new tunnels with
-//! upstream's quorum message until they return, and the cluster views from any node.
+//! upstream's quorum message until they return, the cluster views from any node, and one
+//! address for the fleet (a live migration through one node onto another).
 
 mod common;
 
@@ -425,6 +426,153 @@ async fn etcd_over_tls_with_a_client_certificate() {
             "{message}"
         );
         assert!(message.to_lowercase().contains("certificate"), "{message}");
+    })
+    .await;
+}
+
+/// Creates `authid` with `role` on each node with one secret (`token create
+/// --secret-stdin`); returns the header value, valid on all of them.
+async fn same_token_on(nodes: &[&TestServer], authid: &str, role: &str) -> String {
+    use tokio::io::AsyncWriteExt;
+    let secret = "5f0c1b9e-8d2a-4c3b-9e7f-0a1b2c3d4e5f";
+    let mut headers = Vec::new();
+    for n in nodes {
+        let mut child = tokio::process::Command::new(common::BIN)
+            .args(["token", "create", authid, "--role", role, "--secret-stdin"])
+            .arg("--config")
+            .arg(&n.config)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        stdin
+            .write_all(format!("{secret}\n").as_bytes())
+            .await
+            .unwrap();
+        drop(stdin);
+        let out = child.wait_with_output().await.unwrap();
+        assert!(out.status.success(), "{out:?}");
+        headers.push(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    }
+    assert!(headers.iter().all(|h| h == &headers[0]), "{headers:?}");
+    assert_eq!(headers[0], format!("PVEAPIToken={authid}={secret}"));
+    headers.remove(0)
+}
+
+/// One address for the fleet: a live migration sent to n2's address with `--target-node
+/// n3` lands on n3 (POST, control WebSocket, NBD and RAM streams all forwarded by n2,
+/// pinned to n3's registered fingerprint); n2 keeps nothing. A node that is not a member
+/// is refused before anything starts, and a request for it answered with PVE's text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_migration_through_one_node_lands_on_the_named_one() {
+    common::require_qemu();
+    bounded(240, async {
+        let etcd = EtcdCluster::start(3);
+        let n1 = node(&etcd, "n1");
+        let n2 = node(&etcd, "n2");
+        let n3 = node(&etcd, "n3");
+        let token = same_token_on(&[&n2, &n3], "fleet@pve!mig", "Administrator").await;
+        common::mt_ok(
+            &n1,
+            &[
+                "vm",
+                "create",
+                "510",
+                "--memory",
+                "64",
+                "--disk",
+                "local:8M:raw",
+            ],
+        )
+        .await;
+        let disk = n1
+            .data
+            .parent()
+            .unwrap()
+            .join("s/local/images/510/vm-510-disk-0.raw");
+        common::qemu_io("raw", "write -P 0x5a 1M 3M", &disk);
+        common::mt_ok(&n1, &["vm", "start", "510"]).await;
+        let via_n2 = format!(
+            "host=127.0.0.1,port={},apitoken={token},fingerprint={}",
+            n2.port, n2.fingerprint
+        );
+        let args = |node: &'static str| {
+            vec![
+                "migrate".to_string(),
+                "510".into(),
+                "--online".into(),
+                "--target".into(),
+                via_n2.clone(),
+                "--target-storage".into(),
+                "local".into(),
+                "--target-vmid".into(),
+                "511".into(),
+                "--target-node".into(),
+                node.into(),
+            ]
+        };
+        let refused = mt(
+            &n1,
+            &args("n9").iter().map(String::as_str).collect::<Vec<_>>(),
+        )
+        .await;
+        assert!(!refused.status.success());
+        assert_eq!(
+            String::from_utf8_lossy(&refused.stderr).lines().last(),
+            Some(
+                "mtunnel: error: target node 'n9' is not a member of the target's cluster \
+                 (members: n1, n2, n3)"
+            )
+        );
+        let err = mtunnel::client::ApiClient::new(
+            "127.0.0.1",
+            n2.port,
+            token.clone(),
+            n2.fingerprint.clone(),
+        )
+        .unwrap()
+        .get("/nodes/n9/storage", &[])
+        .await
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("unable to get IP for node 'n9' - node offline?"),
+            "{err}"
+        );
+
+        let out = common::mt_ok(
+            &n1,
+            &args("n3").iter().map(String::as_str).collect::<Vec<_>>(),
+        )
+        .await;
+        assert!(out.contains("(node 'n3', VM 511)"), "{out}");
+        let st = common::qmp(&n3.run, 511, "query-status", Value::Null).await;
+        assert_eq!(st["status"], "running", "{st}");
+        assert!(!n2.vm_config(511).exists(), "n2 must keep nothing");
+        assert!(common::pid_of(&n2, 511).is_none());
+        // The disk arrived (the source QEMU has quit; compare what it left).
+        let landed = n3
+            .data
+            .parent()
+            .unwrap()
+            .join("s/local/images/511/vm-511-disk-0.raw");
+        let same = std::process::Command::new("qemu-img")
+            .args(["compare", "-U", "-f", "raw", "-F", "raw"])
+            .arg(&disk)
+            .arg(&landed)
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&same.stdout).trim(),
+            "Images are identical.",
+            "{}",
+            String::from_utf8_lossy(&same.stderr)
+        );
+        // n3 owns 511 for good, seen from any node.
+        assert_exists_on(&open(&n2, 511).await.unwrap_err(), 511, "n3");
+        common::mt_ok(&n3, &["vm", "stop", "511"]).await;
     })
     .await;
 }

@@ -20,6 +20,7 @@ pub async fn run(args: MigrateArgs) -> anyhow::Result<()> {
         storage_map: args.target_storage,
         bridge_map: args.target_bridge,
         target_vmid: args.target_vmid,
+        target_node: args.target_node,
         online: args.online,
         bwlimit: args.bwlimit,
         delete: args.delete,

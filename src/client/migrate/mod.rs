@@ -60,6 +60,8 @@ pub struct MigrateOptions {
     pub storage_map: IdMap,
     pub bridge_map: IdMap,
     pub target_vmid: Option<u32>,
+    /// The target cluster's node to land on; `None`: the node answering at the endpoint.
+    pub target_node: Option<String>,
     pub online: bool,
     /// KiB/s; `None` = no user limit.
     pub bwlimit: Option<u64>,

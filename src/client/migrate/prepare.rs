@@ -114,7 +114,11 @@ async fn open_tunnel(
     // Independent GETs, each on its own connection: in parallel they cost the round trips
     // of one (TCP, TLS, request) instead of three times that. Errors are judged in the
     // old order, so a failure reads as before.
-    let (node, checked) = tokio::join!(target_node(&api), check_target(&api, tvmid, &plan.volumes));
+    let asked = opts.target_node.as_deref();
+    let (node, checked) = tokio::join!(
+        target_node(&api, asked),
+        check_target(&api, tvmid, asked.unwrap_or("localhost"), &plan.volumes)
+    );
     let node = node?;
     checked?;
     let storages: Vec<String> = unique(plan.volumes.iter().map(|v| v.target_storage.clone()));
@@ -258,29 +262,50 @@ async fn pinned_fingerprint(target: &TargetEndpoint) -> anyhow::Result<String> {
         .context("the target reports no pveproxy-ssl.pem or pve-ssl.pem certificate")
 }
 
-async fn target_node(api: &ApiClient) -> anyhow::Result<String> {
+/// The node to migrate to: the one answering (`local` in `/cluster/status`), or `asked`,
+/// which must be an online member of the target's cluster.
+async fn target_node(api: &ApiClient, asked: Option<&str>) -> anyhow::Result<String> {
     let status = api
         .get("/cluster/status", &[])
         .await
         .context("querying the target's cluster status")?;
-    status
+    let nodes: Vec<&Value> = status
         .as_array()
-        .and_then(|a| {
-            a.iter().find(|e| {
-                e["type"] == json!("node")
-                    && e.get("local").and_then(crate::util::lenient_bool) == Some(true)
-            })
-        })
-        .and_then(|e| e["name"].as_str())
-        .map(str::to_string)
-        .context("target's /cluster/status has no local node entry")
+        .map(|a| a.iter().filter(|e| e["type"] == json!("node")).collect())
+        .unwrap_or_default();
+    let flag = |e: &Value, key: &str| e.get(key).and_then(crate::util::lenient_bool) == Some(true);
+    let Some(asked) = asked else {
+        return nodes
+            .iter()
+            .find(|e| flag(e, "local"))
+            .and_then(|e| e["name"].as_str())
+            .map(str::to_string)
+            .context("target's /cluster/status has no local node entry");
+    };
+    match nodes.iter().find(|e| e["name"] == json!(asked)) {
+        Some(e) if flag(e, "online") => Ok(asked.to_string()),
+        Some(_) => bail!("target node '{asked}' is offline"),
+        None => {
+            let names: Vec<&str> = nodes.iter().filter_map(|e| e["name"].as_str()).collect();
+            bail!(
+                "target node '{asked}' is not a member of the target's cluster (members: {})",
+                names.join(", ")
+            )
+        }
+    }
 }
 
 /// The CLI's pre-checks: the target VMID is unused and the mapped storages hold images.
-async fn check_target(api: &ApiClient, tvmid: u32, volumes: &[Volume]) -> anyhow::Result<()> {
+async fn check_target(
+    api: &ApiClient,
+    tvmid: u32,
+    node: &str,
+    volumes: &[Volume],
+) -> anyhow::Result<()> {
+    let storage_path = format!("/nodes/{node}/storage");
     let (vms, storages) = tokio::join!(
         api.get("/cluster/resources", &[("type", "vm")]),
-        api.get("/nodes/localhost/storage", &[("enabled", "1")])
+        api.get(&storage_path, &[("enabled", "1")])
     );
     let vms = vms.context("listing the target's VMs")?;
     if vms
