@@ -123,6 +123,34 @@ async fn assert_target_clean(target: &TestServer, vmid: u32) {
     }
 }
 
+/// The target VM runs and holds the 32 MiB `blob` at 16 MiB of its RAM (`start_with_ram`).
+async fn assert_running_with_ram(dst: &TestServer, vmid: u32, blob: &Path) {
+    let st = qmp(&dst.run, vmid, "query-status", serde_json::Value::Null).await;
+    assert_eq!(st["status"], "running");
+    let ram = dst.data.parent().unwrap().join("ram");
+    qmp(
+        &dst.run,
+        vmid,
+        "pmemsave",
+        serde_json::json!({"val": 16777216u64, "size": 32u64 << 20, "filename": ram.display().to_string()}),
+    )
+    .await;
+    assert!(
+        std::fs::read(&ram).unwrap() == std::fs::read(blob).unwrap(),
+        "RAM differs"
+    );
+}
+
+/// Waits (at most 5 s) until process `pid` is gone, e.g. the source QEMU after a migration.
+async fn wait_exit(pid: i32) {
+    for _ in 0..100 {
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn assert_source_running_unlocked(src: &TestServer, vmid: u32, conf_before: &str) {
     assert!(pid_of(src, vmid).is_some(), "source VM must still run");
     let st = qmp(&src.run, vmid, "query-status", serde_json::Value::Null).await;
@@ -168,27 +196,9 @@ async fn online_migration_moves_ram_and_two_disks() {
     assert!(out.contains("of RAM"), "{out}");
 
     // Target runs, with the source's RAM and disks.
-    let st = qmp(&dst.run, 100, "query-status", serde_json::Value::Null).await;
-    assert_eq!(st["status"], "running");
-    let ram = dst.data.parent().unwrap().join("ram");
-    qmp(
-        &dst.run,
-        100,
-        "pmemsave",
-        serde_json::json!({"val": 16777216u64, "size": 32u64 << 20, "filename": ram.display().to_string()}),
-    )
-    .await;
-    assert!(
-        std::fs::read(&ram).unwrap() == std::fs::read(&blob_path).unwrap(),
-        "RAM differs"
-    );
+    assert_running_with_ram(&dst, 100, &blob_path).await;
     // The source stopped; compare disks now that nothing writes them.
-    for _ in 0..100 {
-        if !Path::new(&format!("/proc/{src_pid}")).exists() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_exit(src_pid).await;
     compare(
         &image(&src, 100, "vm-100-disk-0.qcow2"),
         &image(&dst, 100, "vm-100-disk-0.qcow2"),
@@ -271,26 +281,8 @@ async fn online_migration_with_four_streams_uses_multifd() {
     let log = dst.log();
     assert!(log.contains("with 4 multifd channels"), "{log}");
 
-    let st = qmp(&dst.run, 104, "query-status", serde_json::Value::Null).await;
-    assert_eq!(st["status"], "running");
-    let ram = dst.data.parent().unwrap().join("ram");
-    qmp(
-        &dst.run,
-        104,
-        "pmemsave",
-        serde_json::json!({"val": 16777216u64, "size": 32u64 << 20, "filename": ram.display().to_string()}),
-    )
-    .await;
-    assert!(
-        std::fs::read(&ram).unwrap() == std::fs::read(&blob_path).unwrap(),
-        "RAM differs"
-    );
-    for _ in 0..100 {
-        if !Path::new(&format!("/proc/{src_pid}")).exists() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert_running_with_ram(&dst, 104, &blob_path).await;
+    wait_exit(src_pid).await;
     compare(
         &image(&src, 104, "vm-104-disk-0.qcow2"),
         &image(&dst, 104, "vm-104-disk-0.qcow2"),

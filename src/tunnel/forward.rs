@@ -239,6 +239,16 @@ where
     };
 
     let watchdog = watch_peer(peer_timeout, (activity, waiting), ping_tx, role);
+    run_directions(inbound, outbound, watchdog).await
+}
+
+/// Drives a relay's two directions and its peer watchdog until the socket side ends
+/// (`outbound`); the byte counts of both, or the first error.
+pub(super) async fn run_directions(
+    inbound: impl std::future::Future<Output = io::Result<u64>>,
+    outbound: impl std::future::Future<Output = io::Result<u64>>,
+    watchdog: impl std::future::Future<Output = io::Error>,
+) -> io::Result<ForwardStats> {
     tokio::pin!(inbound, outbound, watchdog);
     let mut stats = ForwardStats::default();
     let mut inbound_done = false;

@@ -23,7 +23,7 @@ use prometheus_client::metrics::counter::Counter;
 
 use super::forward::{
     CHUNK, ForwardStats, Header, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, RelayOpts, Role,
-    control_frame, parse_header, put_header, unmask, watch_peer,
+    control_frame, parse_header, put_header, run_directions, unmask, watch_peer,
 };
 use crate::metrics::ByteCounters;
 
@@ -52,28 +52,17 @@ fn splice_flags() -> SpliceFFlags {
 }
 
 /// Moves up to `len` bytes from the socket `from` into `pipe`; 0 at EOF.
-async fn socket_to_pipe<S: AsFd>(
-    from: &S,
-    ready: &impl Ready,
-    pipe: &Pipe,
-    len: usize,
-) -> io::Result<usize> {
-    ready
-        .ready_io(Interest::READABLE, || {
-            splice(from, None, &pipe.write, None, len, splice_flags()).map_err(io::Error::from)
-        })
-        .await
+async fn socket_to_pipe<S: Ready + AsFd>(from: &S, pipe: &Pipe, len: usize) -> io::Result<usize> {
+    from.ready_io(Interest::READABLE, || {
+        splice(from, None, &pipe.write, None, len, splice_flags()).map_err(io::Error::from)
+    })
+    .await
 }
 
 /// Moves exactly `len` bytes that are in `pipe` on to the socket `to`.
-async fn pipe_to_socket<S: AsFd>(
-    pipe: &Pipe,
-    to: &S,
-    ready: &impl Ready,
-    mut len: usize,
-) -> io::Result<()> {
+async fn pipe_to_socket<S: Ready + AsFd>(pipe: &Pipe, to: &S, mut len: usize) -> io::Result<()> {
     while len > 0 {
-        let n = ready
+        let n = to
             .ready_io(Interest::WRITABLE, || {
                 splice(&pipe.read, None, to, None, len, splice_flags()).map_err(io::Error::from)
             })
@@ -95,25 +84,21 @@ trait Ready {
     ) -> io::Result<R>;
 }
 
-impl Ready for TcpStream {
-    async fn ready_io<R>(
-        &self,
-        interest: Interest,
-        f: impl FnMut() -> io::Result<R>,
-    ) -> io::Result<R> {
-        self.async_io(interest, f).await
-    }
+/// Both socket types have the same `async_io`.
+macro_rules! ready_by_async_io {
+    ($($socket:ty),*) => {$(
+        impl Ready for $socket {
+            async fn ready_io<R>(
+                &self,
+                interest: Interest,
+                f: impl FnMut() -> io::Result<R>,
+            ) -> io::Result<R> {
+                self.async_io(interest, f).await
+            }
+        }
+    )*};
 }
-
-impl Ready for UnixStream {
-    async fn ready_io<R>(
-        &self,
-        interest: Interest,
-        f: impl FnMut() -> io::Result<R>,
-    ) -> io::Result<R> {
-        self.async_io(interest, f).await
-    }
-}
+ready_by_async_io!(TcpStream, UnixStream);
 
 /// Writes all of `buf` to a socket.
 async fn write_all<S: Ready + AsFd>(sock: &S, mut buf: &[u8], more: bool) -> io::Result<()> {
@@ -202,7 +187,7 @@ pub async fn relay_spliced(
         let mut head = [0u8; super::forward::HEADROOM];
         loop {
             tokio::select! {
-                got = socket_to_pipe(&unix, &unix, &from_unix, CHUNK) => {
+                got = socket_to_pipe(&unix, &from_unix, CHUNK) => {
                     let got = got?;
                     if got == 0 {
                         break;
@@ -212,7 +197,7 @@ pub async fn relay_spliced(
                     let end = head.len();
                     let start = put_header(&mut head, end, OP_BINARY, got, role);
                     write_all(&tcp, &head[start..], true).await?;
-                    pipe_to_socket(&from_unix, &tcp, &tcp, got).await?;
+                    pipe_to_socket(&from_unix, &tcp, got).await?;
                 }
                 frame = pong_rx.recv(), if pongs_open => match frame {
                     Some(frame) => write_all(&tcp, &frame, false).await?,
@@ -232,23 +217,7 @@ pub async fn relay_spliced(
         ping_tx,
         role,
     );
-    tokio::pin!(inbound, outbound, watchdog);
-    let mut stats = ForwardStats::default();
-    let mut inbound_done = false;
-    loop {
-        tokio::select! {
-            r = &mut inbound, if !inbound_done => {
-                inbound_done = true;
-                stats.to_socket = r?;
-            }
-            r = &mut outbound => {
-                stats.from_socket = r?;
-                break;
-            }
-            timeout = &mut watchdog, if !inbound_done => return Err(timeout),
-        }
-    }
-    Ok(stats)
+    run_directions(inbound, outbound, watchdog).await
 }
 
 /// The peer → UNIX direction: frame headers by hand, payload spliced.
@@ -359,14 +328,14 @@ impl Inbound<'_> {
         while remaining > 0 {
             let want = remaining.min(PIPE_BYTES as u64) as usize;
             self.waiting.store(true, Ordering::Relaxed);
-            let got = socket_to_pipe(self.tcp, self.tcp, self.pipe, want).await;
+            let got = socket_to_pipe(self.tcp, self.pipe, want).await;
             self.waiting.store(false, Ordering::Relaxed);
             self.activity.fetch_add(1, Ordering::Relaxed);
             let got = got?;
             if got == 0 {
                 return Ok(None);
             }
-            pipe_to_socket(self.pipe, self.unix, self.unix, got).await?;
+            pipe_to_socket(self.pipe, self.unix, got).await?;
             remaining -= got as u64;
             *written += got as u64;
             self.counter.inc_by(got as u64);
