@@ -91,6 +91,40 @@ pub async fn connect_plain(host: &str, port: u16) -> Result<Stream, super::ApiEr
     let tcp = TcpStream::connect((bare, port)).await.map_err(|e| {
         super::ApiError::Connect(format!("unable to connect to {host}:{port} - {e}"))
     })?;
-    let _ = tcp.set_nodelay(true);
+    tune(&tcp);
     Ok(Stream::Plain(tcp))
+}
+
+/// Most bytes the kernel keeps unsent in a client connection's send buffer
+/// (`TCP_NOTSENT_LOWAT`). Without it the buffer autotunes up to `tcp_wmem`'s max (many MB
+/// on a long fat path), and at a migration's switchover everything queued there must cross
+/// the link while the guest is paused, once per multifd channel. The sender waits in its own
+/// process instead (QEMU: in its socket), so its estimate of what is left stays true.
+pub const NOTSENT_LOWAT: u32 = 1 << 20;
+
+/// `TCP_NODELAY` and [`NOTSENT_LOWAT`] on a client connection (both best effort: they change
+/// timing, never bytes).
+pub(crate) fn tune(tcp: &TcpStream) {
+    let _ = tcp.set_nodelay(true);
+    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_notsent_lowat(NOTSENT_LOWAT) {
+        tracing::debug!("TCP_NOTSENT_LOWAT not set: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn client_connections_cap_unsent_bytes() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stream = connect_plain("127.0.0.1", port).await.unwrap();
+        let Stream::Plain(tcp) = &stream else {
+            panic!("connect_plain gave TLS")
+        };
+        let sock = socket2::SockRef::from(tcp);
+        assert_eq!(sock.tcp_notsent_lowat().unwrap(), NOTSENT_LOWAT);
+        assert!(tcp.nodelay().unwrap());
+    }
 }

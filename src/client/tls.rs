@@ -203,7 +203,7 @@ pub async fn connect(
     let tcp = TcpStream::connect((bare, port))
         .await
         .map_err(|e| ApiError::Connect(format!("unable to connect to {host}:{port} - {e}")))?;
-    let _ = tcp.set_nodelay(true);
+    super::stream::tune(&tcp);
     TlsConnector::from(Arc::clone(config))
         .connect(server_name, tcp)
         .await

@@ -121,6 +121,39 @@ pub struct MigrationParams {
     pub multifd_channels: Option<u64>,
 }
 
+/// How often [`VmHandle::wait_migration`] polls once the source VM stopped for the
+/// switchover (`STOP`), for at most [`SWITCHOVER_FAST`]: until the caller sees `completed`
+/// and resumes the target, the guest is paused, so a 200 ms poll adds up to 200 ms pause.
+const SWITCHOVER_POLL: Duration = Duration::from_millis(10);
+const SWITCHOVER_FAST: Duration = Duration::from_secs(30);
+
+/// Waits `poll`, or less: until a `STOP` (returns true: the switchover began) or `MIGRATION`
+/// event. Without events (none subscribed, or the connection ended) it just sleeps.
+async fn next_sample(events: &mut Option<qmp::QmpEvents>, poll: Duration) -> bool {
+    let Some(ev) = events.as_mut() else {
+        tokio::time::sleep(poll).await;
+        return false;
+    };
+    let sleep = tokio::time::sleep(poll);
+    tokio::pin!(sleep);
+    loop {
+        tokio::select! {
+            () = &mut sleep => return false,
+            r = ev.next() => match r {
+                Ok(e) if e.name == "STOP" => return true,
+                Ok(e) if e.name == "MIGRATION" => return false,
+                Ok(_) => {}
+                Err(_) => {
+                    // Closed: the next query fails and says why; until then, plain sleeps.
+                    *events = None;
+                    sleep.as_mut().await;
+                    return false;
+                }
+            },
+        }
+    }
+}
+
 /// One `query-migrate` sample.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MigrationProgress {
@@ -547,6 +580,10 @@ impl VmHandle {
         let start = Instant::now();
         let mut last_change = start;
         let mut last_seen: Option<(String, u64)> = None;
+        // The guest is paused from `STOP` until the caller sees `completed` and resumes the
+        // target: from `STOP` on, poll at SWITCHOVER_POLL instead of `w.poll`.
+        let mut events = self.qmp().await.ok().map(|q| q.events());
+        let mut stopped_at: Option<Instant> = None;
         loop {
             let p = self.query_migrate().await?;
             on_progress(&p);
@@ -584,7 +621,12 @@ impl VmHandle {
                     secs: w.timeout.as_secs_f64(),
                 });
             }
-            tokio::time::sleep(w.poll).await;
+            // Bounded: a STOP by someone else (a user's `stop`) must not poll fast for long.
+            let switchover = stopped_at.is_some_and(|t| now - t < SWITCHOVER_FAST);
+            let poll = if switchover { SWITCHOVER_POLL } else { w.poll };
+            if next_sample(&mut events, poll).await && stopped_at.is_none() {
+                stopped_at = Some(Instant::now());
+            }
         }
     }
 

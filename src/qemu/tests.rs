@@ -359,7 +359,17 @@ async fn live_migration_with_drive_mirror_over_unix_sockets() {
             done.transferred
         );
         assert!(done.transferred >= data.len() as u64, "{done:?}");
-        assert_eq!(a.status().await.unwrap().status, "postmigrate");
+        // `completed` shows before QEMU's cleanup moves the run state on from
+        // `finish-migrate`; wait_migration polls fast after STOP and may see it in between.
+        let mut status = String::new();
+        for _ in 0..100 {
+            status = a.status().await.unwrap().status;
+            if status != "finish-migrate" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(status, "postmigrate");
         a.block_job_cancel(&job, Duration::from_secs(30))
             .await
             .unwrap();
