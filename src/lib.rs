@@ -3,9 +3,12 @@
 //!
 //! Map of the crate, top to bottom (each layer imports only the layers below it):
 //! - [`api`]: the HTTPS server and the `/api2/json` router; each route declares its
-//!   parameters as a [`schema`] table next to it; the PVE reply envelope; no business logic.
+//!   parameters as a [`schema`] table next to it; the PVE reply envelope; in a cluster, the
+//!   forwarding of `/nodes/{other}/...` to that member (`api::proxy`); the metrics
+//!   listener; no business logic.
 //! - [`tunnel`]: live tunnels: opening one, the worker loop (the wire rules), the
-//!   WebSocket ⇄ UNIX forwarder, recovery at start. It runs commands through
+//!   WebSocket ⇄ UNIX forwarder (copying; `tunnel::splice` moves a plain connection's
+//!   payload with splice(2)), recovery at start. It runs commands through
 //!   [`command::CommandHandler`]s built by the factory the [`node`] holds.
 //! - [`command`]: the contract between the tunnel and what runs its commands: the handler
 //!   trait, its outcome, the tunnel's sockets as a handler sees them, the factory type.
