@@ -12,6 +12,34 @@ use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_mtunnel");
 
+/// Runs `mtunnel ARGS JSON` in the JSON file's directory, killed after `secs`; asserts it
+/// succeeded and returns its pid, stdout and stderr.
+fn run_bench(args: &[&str], json_path: &std::path::Path, secs: u64) -> (u32, String, String) {
+    let dir = json_path.parent().unwrap();
+    let mut child = Command::new(BIN)
+        .args(args)
+        .arg(json_path)
+        .current_dir(dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting mtunnel bench");
+    let pid = child.id();
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("mtunnel {args:?} took over {secs} s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "bench failed:\n{stdout}\n{stderr}");
+    (pid, stdout, stderr)
+}
+
 #[test]
 fn bench_quick_runs_every_section_and_writes_json() {
     let dir = tempfile::Builder::new()
@@ -19,26 +47,7 @@ fn bench_quick_runs_every_section_and_writes_json() {
         .tempdir_in("/tmp")
         .unwrap();
     let json_path = dir.path().join("results.json");
-    let mut child = Command::new(BIN)
-        .args(["bench", "--quick", "--json"])
-        .arg(&json_path)
-        .current_dir(dir.path())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("starting mtunnel bench");
-    let deadline = Instant::now() + Duration::from_secs(240);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("mtunnel bench --quick took over 240 s");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "bench failed:\n{stdout}\n{stderr}");
+    let (_, stdout, stderr) = run_bench(&["bench", "--quick", "--json"], &json_path, 240);
     for heading in [
         "machine:",
         "versions:",
@@ -138,37 +147,18 @@ fn bench_wan_runs_across_an_emulated_link() {
         .tempdir_in("/tmp")
         .unwrap();
     let json_path = dir.path().join("results.json");
-    let mut child = Command::new(BIN)
-        .args([
-            "bench",
-            "--quick",
-            "--wan",
-            "5ms,200mbit",
-            "--size",
-            "4M",
-            "--ram-data-mib",
-            "16",
-            "--json",
-        ])
-        .arg(&json_path)
-        .current_dir(dir.path())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("starting mtunnel bench --wan");
-    let pid = child.id();
-    let deadline = Instant::now() + Duration::from_secs(180);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("mtunnel bench --wan took over 180 s");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "bench failed:\n{stdout}\n{stderr}");
+    let args = [
+        "bench",
+        "--quick",
+        "--wan",
+        "5ms,200mbit",
+        "--size",
+        "4M",
+        "--ram-data-mib",
+        "16",
+        "--json",
+    ];
+    let (pid, stdout, _) = run_bench(&args, &json_path, 180);
     for heading in [
         "WAN link 5ms,200mbit",
         "plain TCP, one stream",

@@ -261,29 +261,21 @@ fn parse_api_url(url: &str) -> Result<(String, u16, bool), String> {
     Ok((host.to_string(), port, tls))
 }
 
-/// A byte stream to the member: TLS pinned to `fingerprint`, or plain TCP.
-type MemberIo = TokioIo<Box<dyn MemberStream>>;
-
-trait MemberStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> MemberStream for T {}
-
-async fn connect(host: &str, port: u16, fingerprint: Option<&str>) -> Result<MemberIo, String> {
-    let stream: Box<dyn MemberStream> = match fingerprint {
+/// A connection to the member: TLS pinned to `fingerprint`, or plain TCP (the source
+/// side's connections, with their socket tuning).
+async fn connect(
+    host: &str,
+    port: u16,
+    fingerprint: Option<&str>,
+) -> Result<TokioIo<crate::client::stream::Stream>, String> {
+    use crate::client::stream::{Stream, connect_plain};
+    let stream = match fingerprint {
         Some(fp) => {
             let config = crate::client::tls::client_config(Some(fp)).map_err(|e| e.to_string())?;
-            Box::new(
-                crate::client::tls::connect(host, port, &config)
-                    .await
-                    .map_err(|e| e.to_string())?,
-            )
+            let tls = crate::client::tls::connect(host, port, &config).await;
+            Stream::Tls(Box::new(tls.map_err(|e| e.to_string())?))
         }
-        None => {
-            let tcp = tokio::net::TcpStream::connect((host, port))
-                .await
-                .map_err(|e| format!("unable to connect to {host}:{port} - {e}"))?;
-            let _ = tcp.set_nodelay(true);
-            Box::new(tcp)
-        }
+        None => connect_plain(host, port).await.map_err(|e| e.to_string())?,
     };
     Ok(TokioIo::new(stream))
 }

@@ -6,12 +6,14 @@
 //! own, all in one short temporary directory under `/tmp`, all bounded in time):
 //! - [`throughput`]: bulk MB/s and CPU-seconds per GiB of UNIX → `mtunnel tunnel` forward
 //!   → WebSocket → `mtunnel serve` → UNIX, plain and TLS, against a writer → reader UNIX
-//!   socket and a two-process tokio copy relay (UNIX → TCP → UNIX, 1 MiB buffers),
+//!   socket, a two-process tokio copy relay (UNIX → TCP → UNIX, 1 MiB buffers) and the
+//!   same pair speaking WebSocket through `fastwebsockets` (the peer baseline),
 //! - [`latency`]: round trips of `version`, `ticket` and `bwlimit` through WebSocket →
 //!   worker → Lua → reply against a raw echo over the same WebSocket path,
 //! - [`idle`]: 100 tunnels open at once: RSS per idle tunnel and setup time,
-//! - [`migration`]: a QEMU (TCG) live migration through the tunnel against the same
-//!   migration over a direct UNIX socket,
+//! - [`migration`]: a QEMU live migration (KVM when usable, else TCG; one fixed switchover
+//!   rule on every path) through the tunnel against the same migration over a direct UNIX
+//!   socket and through two copy relays,
 //! - [`wan_bench`] (`--wan LINK`, root only): plain TCP, the tunnel and a live migration
 //!   side by side across an emulated WAN link ([`wan`]: two network namespaces, TUN, a
 //!   userspace delay line), the only section that leaves loopback.
