@@ -1352,3 +1352,78 @@ async fn api_answers_while_a_worst_case_command_runs() {
     })
     .await
 }
+
+/// Issue 17 (9): a peer that floods pings and then stops reading fills our pong queue and
+/// blocks our writes; that must count against `peer_timeout_secs` like silence does (it
+/// did not: the tunnel stayed open for ever). Over TLS (copying relay) and plain TCP
+/// (splice relay).
+async fn peer_that_stops_reading_is_dropped(tls: bool) {
+    let server = TestServer::start_with(Options {
+        extra_toml: format!("peer_timeout_secs = 2\ntls = {tls}\n"),
+        ..Options::default()
+    });
+    let vmid = if tls { 141 } else { 142 };
+    let t = server.open_tunnel(vmid).await;
+    let host = format!("{}:{}", server.host, server.port);
+    let mut stream: Box<dyn AsyncStream> = if tls {
+        Box::new(tls_to(&server).await)
+    } else {
+        Box::new(
+            tokio::net::TcpStream::connect((server.host.as_str(), server.port))
+                .await
+                .unwrap(),
+        )
+    };
+    let head = raw_upgrade(
+        &mut stream,
+        &host,
+        &ws_target(&t),
+        &tunnel_client_headers(&server.root_token),
+    )
+    .await;
+    assert_eq!(head.status_line, "HTTP/1.1 101 Switching Protocols");
+    // Pings with the largest payload, never reading a pong, until our writes block.
+    let batch: Vec<u8> = (0..1000)
+        .flat_map(|_| frame(0x9, Some([0; 4]), &[b'p'; 125]))
+        .collect();
+    let mut blocked = false;
+    for _ in 0..20_000 {
+        let write = async {
+            stream.write_all(&batch).await?;
+            stream.flush().await
+        };
+        match tokio::time::timeout(Duration::from_secs(1), write).await {
+            Ok(result) => result.unwrap(),
+            Err(_) => {
+                blocked = true;
+                break;
+            }
+        }
+    }
+    assert!(
+        blocked,
+        "the server kept taking pings without us reading a pong"
+    );
+    // Now silent with a full pipe both ways: the server gives up within a few timeouts.
+    let status = server.wait_stopped(&t.upid, 30).await;
+    assert_ne!(status["exitstatus"], "OK", "{status}");
+    let log = server.log();
+    assert!(
+        log.contains("peer took nothing for 2 s (peer_timeout_secs)"),
+        "serve's log does not say why the connection was dropped:\n{log}"
+    );
+    drop(stream);
+}
+
+trait AsyncStream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> AsyncStream for T {}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_that_stops_reading_is_dropped_over_tls() {
+    bounded(90, peer_that_stops_reading_is_dropped(true)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_that_stops_reading_is_dropped_over_plain_tcp() {
+    bounded(90, peer_that_stops_reading_is_dropped(false)).await;
+}

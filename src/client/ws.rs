@@ -203,6 +203,8 @@ pub async fn connect_raw(
     };
     let proto = |e: std::io::Error| ApiError::Protocol(format!("websocket handshake failed - {e}"));
     stream.write_all(request.as_bytes()).await.map_err(proto)?;
+    // A TLS stream may still hold the request in its buffer.
+    stream.flush().await.map_err(proto)?;
     let mut buf = Vec::with_capacity(4096);
     let mut chunk = [0u8; 4096];
     let head_len = loop {

@@ -14,12 +14,12 @@
 
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
+use super::watch::{PeerWatch, watch_peer};
 use crate::metrics::ByteCounters;
 
 /// Bytes read from the UNIX socket per frame sent. Larger reads mean fewer system calls
@@ -127,9 +127,8 @@ where
 }
 
 /// Like [`relay`]; with `peer_timeout`, pings the peer every third of it and fails with
-/// `TimedOut` when nothing at all arrived from the peer for that long (a peer that lost
-/// power or a path that went dark sends no FIN: without this the relay, and the tunnel
-/// behind it, would wait forever). Any frame counts, so a busy stream needs no pongs.
+/// `TimedOut` when nothing at all arrived from the peer for that long, or a write to the
+/// peer was blocked that long (see [`super::watch`]).
 pub async fn relay_watched<S, R, W>(
     ws: S,
     leftover: Vec<u8>,
@@ -183,16 +182,11 @@ where
     // Control frames (pongs for the peer's pings, our pings) go through the writing side.
     let (pong_tx, mut pong_rx) = mpsc::channel::<Vec<u8>>(4);
     let ping_tx = pong_tx.clone();
-    let activity = Arc::new(AtomicU64::new(0));
-    let waiting = Arc::new(AtomicBool::new(false));
-    let seen = Arc::clone(&activity);
-    let waits = Arc::clone(&waiting);
+    let watch = Arc::new(PeerWatch::default());
 
+    let reads = Arc::clone(&watch);
     let inbound = async move {
-        let mut frames = FrameReader::new(leftover);
-        frames.activity = seen;
-        frames.waiting = waits;
-        frames.counter = inbound;
+        let mut frames = FrameReader::new(leftover, reads, inbound);
         let mut n = 0u64;
         loop {
             match frames.next(&mut ws_read, &mut write, &mut n).await? {
@@ -211,8 +205,21 @@ where
         let mut n = 0u64;
         let mut buf = vec![0u8; HEADROOM + CHUNK];
         let mut pongs_open = true;
+        // A TLS stream may keep what `write_all` handed it in its own buffer when the
+        // socket was full (tokio-rustls returns success anyway): nothing sends those bytes
+        // until the next write, which for the last bytes of a burst can be our next ping,
+        // a third of the peer timeout later. So once nothing more is ready to send, flush.
+        let mut unflushed = false;
         loop {
             tokio::select! {
+                biased;
+                frame = pong_rx.recv(), if pongs_open => match frame {
+                    Some(frame) => {
+                        watch.write(ws_write.write_all(&frame)).await?;
+                        unflushed = true;
+                    }
+                    None => pongs_open = false,
+                },
                 got = read.read(&mut buf[HEADROOM..]) => {
                     let got = got?;
                     if got == 0 {
@@ -221,24 +228,24 @@ where
                     n += got as u64;
                     outbound.inc_by(got as u64);
                     let start = put_header(&mut buf, HEADROOM, OP_BINARY, got, role);
-                    ws_write.write_all(&buf[start..HEADROOM + got]).await?;
+                    watch.write(ws_write.write_all(&buf[start..HEADROOM + got])).await?;
+                    unflushed = true;
                 }
-                frame = pong_rx.recv(), if pongs_open => match frame {
-                    Some(frame) => ws_write.write_all(&frame).await?,
-                    None => pongs_open = false,
-                },
+                flushed = watch.write(ws_write.flush()), if unflushed => {
+                    flushed?;
+                    unflushed = false;
+                }
             }
         }
         // The backend is done: say so and stop (normal closure, 1000).
-        let _ = ws_write
-            .write_all(&control_frame(OP_CLOSE, &1000u16.to_be_bytes(), role))
-            .await;
-        let _ = ws_write.flush().await;
+        let close = control_frame(OP_CLOSE, &1000u16.to_be_bytes(), role);
+        let _ = watch.write(ws_write.write_all(&close)).await;
+        let _ = watch.write(ws_write.flush()).await;
         let _ = ws_write.shutdown().await;
         Ok::<u64, io::Error>(n)
     };
 
-    let watchdog = watch_peer(peer_timeout, (activity, waiting), ping_tx, role);
+    let watchdog = watch_peer(peer_timeout, Arc::clone(&watch), ping_tx, role);
     run_directions(inbound, outbound, watchdog).await
 }
 
@@ -267,45 +274,6 @@ pub(super) async fn run_directions(
         }
     }
     Ok(stats)
-}
-
-/// Resolves (with the error to fail with) once the relay waited `timeout` for the peer
-/// without anything arriving; pings the peer every third of it meanwhile. Time in which
-/// the relay was not waiting for the peer (busy writing to a slow local socket) does not
-/// count. Never resolves without a timeout.
-pub(super) async fn watch_peer(
-    timeout: Option<Duration>,
-    (activity, waiting): (Arc<AtomicU64>, Arc<AtomicBool>),
-    ping_tx: mpsc::Sender<Vec<u8>>,
-    role: Role,
-) -> io::Error {
-    let Some(timeout) = timeout else {
-        return std::future::pending().await;
-    };
-    let interval = (timeout / 3).max(Duration::from_millis(100));
-    let mut last = activity.load(Ordering::Relaxed);
-    let mut silent = Duration::ZERO;
-    loop {
-        tokio::time::sleep(interval).await;
-        let now = activity.load(Ordering::Relaxed);
-        if now != last || !waiting.load(Ordering::Relaxed) {
-            last = now;
-            silent = Duration::ZERO;
-        } else {
-            silent += interval;
-            if silent >= timeout {
-                return io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!(
-                        "peer sent nothing for {} s (peer_timeout_secs)",
-                        timeout.as_secs()
-                    ),
-                );
-            }
-        }
-        // A full queue means the writer is busy: the peer gets data, no ping needed.
-        let _ = ping_tx.try_send(control_frame(OP_PING, b"mtunnel", role));
-    }
 }
 
 /// The frame header at the start of `b`, `None` if `b` does not hold all of it yet.
@@ -378,11 +346,8 @@ struct FrameReader {
     buf: Vec<u8>,
     start: usize,
     end: usize,
-    /// Counts reads from the peer, for the peer watchdog.
-    activity: Arc<AtomicU64>,
-    /// Set while a read waits for the peer: only then does silence count against it (not
-    /// while the local side is slow to take what already arrived).
-    waiting: Arc<AtomicBool>,
+    /// Where reads from the peer are counted, for the peer watchdog.
+    watch: Arc<PeerWatch>,
     /// Payload bytes written to the socket (the metrics' inbound counter).
     counter: prometheus_client::metrics::counter::Counter,
 }
@@ -396,7 +361,11 @@ pub(super) struct Header {
 }
 
 impl FrameReader {
-    fn new(leftover: Vec<u8>) -> Self {
+    fn new(
+        leftover: Vec<u8>,
+        watch: Arc<PeerWatch>,
+        counter: prometheus_client::metrics::counter::Counter,
+    ) -> Self {
         let mut buf = vec![0u8; READ_BUF.max(leftover.len())];
         let end = leftover.len();
         buf[..end].copy_from_slice(&leftover);
@@ -404,9 +373,8 @@ impl FrameReader {
             buf,
             start: 0,
             end,
-            activity: Arc::new(AtomicU64::new(0)),
-            waiting: Arc::new(AtomicBool::new(false)),
-            counter: Default::default(),
+            watch,
+            counter,
         }
     }
 
@@ -420,11 +388,7 @@ impl FrameReader {
             self.end -= self.start;
             self.start = 0;
         }
-        self.waiting.store(true, Ordering::Relaxed);
-        let got = ws.read(&mut self.buf[self.end..]).await;
-        self.waiting.store(false, Ordering::Relaxed);
-        self.activity.fetch_add(1, Ordering::Relaxed);
-        let got = got?;
+        let got = self.watch.read(ws.read(&mut self.buf[self.end..])).await?;
         self.end += got;
         Ok(got > 0)
     }

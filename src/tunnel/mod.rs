@@ -5,6 +5,7 @@
 pub mod forward;
 pub mod recovery;
 pub mod splice;
+mod watch;
 pub mod worker;
 
 use std::collections::{BTreeSet, HashMap};

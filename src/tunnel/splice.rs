@@ -12,7 +12,6 @@
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use nix::fcntl::{SpliceFFlags, splice};
 use tokio::io::Interest;
@@ -23,8 +22,9 @@ use prometheus_client::metrics::counter::Counter;
 
 use super::forward::{
     CHUNK, ForwardStats, Header, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, RelayOpts, Role,
-    control_frame, parse_header, put_header, run_directions, unmask, watch_peer,
+    control_frame, parse_header, put_header, run_directions, unmask,
 };
+use super::watch::{PeerWatch, watch_peer};
 use crate::metrics::ByteCounters;
 
 /// What the pipe between the two sockets may hold: one [`CHUNK`] frame (the kernel's
@@ -121,15 +121,11 @@ async fn write_all<S: Ready + AsFd>(sock: &S, mut buf: &[u8], more: bool) -> io:
 }
 
 /// Reads at most `buf.len()` bytes; 0 at EOF.
-async fn read_some(tcp: &TcpStream, buf: &mut [u8], waiting: &AtomicBool) -> io::Result<usize> {
-    waiting.store(true, Ordering::Relaxed);
-    let got = tcp
-        .async_io(Interest::READABLE, || {
-            nix::unistd::read(tcp.as_fd(), buf).map_err(io::Error::from)
-        })
-        .await;
-    waiting.store(false, Ordering::Relaxed);
-    got
+async fn read_some(tcp: &TcpStream, buf: &mut [u8], watch: &PeerWatch) -> io::Result<usize> {
+    let read = tcp.async_io(Interest::READABLE, || {
+        nix::unistd::read(tcp.as_fd(), buf).map_err(io::Error::from)
+    });
+    watch.read(read).await
 }
 
 fn shutdown_write<S: AsFd>(sock: &S) {
@@ -153,15 +149,13 @@ pub async fn relay_spliced(
     let (to_unix, from_unix) = (Pipe::new()?, Pipe::new()?);
     let (pong_tx, mut pong_rx) = mpsc::channel::<Vec<u8>>(4);
     let ping_tx = pong_tx.clone();
-    let activity = Arc::new(AtomicU64::new(0));
-    let waiting = Arc::new(AtomicBool::new(false));
+    let watch = Arc::new(PeerWatch::default());
     let mut inbound_state = Inbound {
         tcp: &tcp,
         unix: &unix,
         pipe: &to_unix,
         pending: leftover,
-        activity: &activity,
-        waiting: &waiting,
+        watch: &watch,
         last_header: 2,
         counter: inbound,
     };
@@ -196,27 +190,22 @@ pub async fn relay_spliced(
                     outbound.inc_by(got as u64);
                     let end = head.len();
                     let start = put_header(&mut head, end, OP_BINARY, got, role);
-                    write_all(&tcp, &head[start..], true).await?;
-                    pipe_to_socket(&from_unix, &tcp, got).await?;
+                    watch.write(write_all(&tcp, &head[start..], true)).await?;
+                    watch.write(pipe_to_socket(&from_unix, &tcp, got)).await?;
                 }
                 frame = pong_rx.recv(), if pongs_open => match frame {
-                    Some(frame) => write_all(&tcp, &frame, false).await?,
+                    Some(frame) => watch.write(write_all(&tcp, &frame, false)).await?,
                     None => pongs_open = false,
                 },
             }
         }
         let close = control_frame(OP_CLOSE, &1000u16.to_be_bytes(), role);
-        let _ = write_all(&tcp, &close, false).await;
+        let _ = watch.write(write_all(&tcp, &close, false)).await;
         shutdown_write(&tcp);
         Ok::<u64, io::Error>(n)
     };
 
-    let watchdog = watch_peer(
-        peer_timeout,
-        (Arc::clone(&activity), Arc::clone(&waiting)),
-        ping_tx,
-        role,
-    );
+    let watchdog = watch_peer(peer_timeout, Arc::clone(&watch), ping_tx, role);
     run_directions(inbound, outbound, watchdog).await
 }
 
@@ -227,8 +216,8 @@ struct Inbound<'a> {
     pipe: &'a Pipe,
     /// Bytes read from the peer and not yet used (at first: those read with the handshake).
     pending: Vec<u8>,
-    activity: &'a AtomicU64,
-    waiting: &'a AtomicBool,
+    /// Where reads from the peer are counted, for the peer watchdog.
+    watch: &'a PeerWatch,
     /// Size of the previous frame header: how much the next header read asks for.
     last_header: usize,
     /// Payload bytes passed on (the metrics' inbound counter).
@@ -242,9 +231,7 @@ impl Inbound<'_> {
         while self.pending.len() < want {
             let have = self.pending.len();
             self.pending.resize(want, 0);
-            let got = read_some(self.tcp, &mut self.pending[have..], self.waiting).await;
-            self.activity.fetch_add(1, Ordering::Relaxed);
-            let got = got?;
+            let got = read_some(self.tcp, &mut self.pending[have..], self.watch).await?;
             self.pending.truncate(have + got);
             if got == 0 {
                 return Ok(false);
@@ -258,9 +245,7 @@ impl Inbound<'_> {
     async fn read_once(&mut self, upto: usize) -> io::Result<bool> {
         let have = self.pending.len();
         self.pending.resize(upto.max(have + 1), 0);
-        let got = read_some(self.tcp, &mut self.pending[have..], self.waiting).await;
-        self.activity.fetch_add(1, Ordering::Relaxed);
-        let got = got?;
+        let got = read_some(self.tcp, &mut self.pending[have..], self.watch).await?;
         self.pending.truncate(have + got);
         Ok(got > 0)
     }
@@ -327,11 +312,9 @@ impl Inbound<'_> {
         }
         while remaining > 0 {
             let want = remaining.min(PIPE_BYTES as u64) as usize;
-            self.waiting.store(true, Ordering::Relaxed);
-            let got = socket_to_pipe(self.tcp, self.pipe, want).await;
-            self.waiting.store(false, Ordering::Relaxed);
-            self.activity.fetch_add(1, Ordering::Relaxed);
-            let got = got?;
+            let got = (self.watch)
+                .read(socket_to_pipe(self.tcp, self.pipe, want))
+                .await?;
             if got == 0 {
                 return Ok(None);
             }
@@ -354,9 +337,7 @@ impl Inbound<'_> {
         let mut buf = vec![0u8; CHUNK];
         while remaining > 0 {
             let want = remaining.min(CHUNK as u64) as usize;
-            let got = read_some(self.tcp, &mut buf[..want], self.waiting).await;
-            self.activity.fetch_add(1, Ordering::Relaxed);
-            let got = got?;
+            let got = read_some(self.tcp, &mut buf[..want], self.watch).await?;
             if got == 0 {
                 return Ok(None);
             }

@@ -284,16 +284,22 @@ impl TestServer {
         self.client_with(&self.root_token)
     }
 
-    /// A client authenticating with `token_header` (none at all if it is empty).
+    /// A client authenticating with `token_header` (none at all if it is empty); plain
+    /// HTTP for a `tls = false` server.
     pub fn client_with(&self, token_header: &str) -> ApiClient {
-        ApiClient::new(
-            self.host.clone(),
-            self.port,
-            token_header.to_string(),
-            self.fingerprint.clone(),
-        )
-        .unwrap()
-        .with_timeout(Duration::from_secs(30))
+        let token = token_header.to_string();
+        let client = if self.fingerprint.is_empty() {
+            ApiClient::plain(&self.host, self.port, token)
+        } else {
+            ApiClient::new(
+                self.host.clone(),
+                self.port,
+                token,
+                self.fingerprint.clone(),
+            )
+            .unwrap()
+        };
+        client.with_timeout(Duration::from_secs(30))
     }
 
     /// `mtunnel token create <authid> <args..>` against this server's config; returns the
