@@ -60,7 +60,7 @@ const SPEC_CASES: &[(&str, usize)] = &[
     ("start_spec.lua", 16),
     ("stop_spec.lua", 4),
     ("ticket_spec.lua", 5),
-    ("unlock_spec.lua", 5),
+    ("unlock_spec.lua", 6),
     ("version_spec.lua", 4),
 ];
 
