@@ -33,6 +33,10 @@ pub struct Tunnel {
     sockets: Mutex<BTreeSet<PathBuf>>,
     /// Set by the one WebSocket request that may connect to the control socket.
     control_claimed: AtomicBool,
+    /// How the control WebSocket's relay ended, once it has: `Some(None)` cleanly,
+    /// `Some(Some(error))` with that error (e.g. the peer timeout). The worker only sees
+    /// its socket close; this is the reason it names in the task log.
+    control_end: tokio::sync::watch::Sender<Option<Option<String>>>,
 }
 
 impl Tunnel {
@@ -49,6 +53,25 @@ impl Tunnel {
     /// connection.
     pub fn release_control(&self) {
         self.control_claimed.store(false, Ordering::Release);
+    }
+
+    /// Records how the control WebSocket's relay ended (`error` is `None` for a clean end).
+    pub fn control_relay_ended(&self, error: Option<String>) {
+        self.control_end.send_replace(Some(error));
+    }
+
+    /// Why the control connection broke, as its relay reports it; `None` for a clean end,
+    /// no WebSocket, or no report within `wait`. The worker sees the socket close a moment
+    /// before the relay's report arrives, hence the (short) wait.
+    pub async fn control_end_reason(&self, wait: std::time::Duration) -> Option<String> {
+        if !self.control_claimed.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut ended = self.control_end.subscribe();
+        match tokio::time::timeout(wait, ended.wait_for(Option::is_some)).await {
+            Ok(Ok(end)) => end.clone().flatten(),
+            _ => None,
+        }
     }
 
     /// Allows tickets (and WebSocket forwarding) for `path`.
@@ -357,6 +380,7 @@ async fn start_worker(node: &Arc<Node>, authid: &str, vmid: u32, slot: Slot) -> 
         control_socket: socket.clone(),
         sockets: Mutex::new(BTreeSet::new()),
         control_claimed: AtomicBool::new(false),
+        control_end: tokio::sync::watch::Sender::new(None),
     });
     node.tunnels.insert(Arc::clone(&tunnel));
     node.metrics.tunnel_opened();
