@@ -867,7 +867,7 @@ fn assert_peer_timeout_named(log: &[String]) {
     let lost =
         format!("control connection lost before the migration finished ({reason}): cleaning up");
     assert!(
-        log.iter().any(|l| *l == lost),
+        log.contains(&lost),
         "the task log must say '{lost}':\n{}",
         log.join("\n")
     );
