@@ -1,7 +1,10 @@
 -- config: write the VM's final config as the source sends it (already rewritten to
 -- our volids and bridges). Dropped: lock, digest, parent, [PENDING], snapshots and
 -- the fleecing section; kept: vmgenid, meta, [special:cloudinit] (a VM config file
--- holds no vmid/node keys, so there is nothing to force). Every volume the
+-- holds no vmid/node keys, so there is nothing to force). A real PVE source sends
+-- [special:cloudinit] (the old values of changed cloud-init options); the strict
+-- parse refuses only what would name a host file there (a drive, a cicustom path),
+-- and any drive without a volume. Every volume the
 -- config refers to must be one this tunnel allocated or imported, and every bridge
 -- must exist here. As upstream's strict parsing, whatever `start` would refuse is
 -- refused now, with start's message (pve.qemu.check_config), and nothing is written.

@@ -75,6 +75,28 @@ return {
     }, "\n"))
   end,
 
+  ["a drive without a volume is rejected"] = function(t)
+    local tun = t:open{}
+    t:eq(tun:send{cmd = "config", conf = "cores: 2\nunused0: ,,,\n"}, {
+      success = false,
+      msg = "failed to handle 'config' command - line 2: invalid value ',,,' for 'unused0' - the drive names no volume",
+    })
+    t:eq(tun:config(), "lock: create\n", "the reserved config is untouched")
+  end,
+
+  ["[special:cloudinit] naming a host path is rejected"] = function(t)
+    local tun = t:open{}
+    t:eq(tun:send{cmd = "config", conf = "cores: 2\n\n[special:cloudinit]\ncicustom: user=/etc/shadow\n"}, {
+      success = false,
+      msg = "failed to handle 'config' command - line 4: invalid value 'user=/etc/shadow' for 'cicustom' - user: '/etc/shadow' is not a volume ID (<storage>:<volume>); cicustom names snippets by volume ID, never by host path",
+    })
+    t:eq(tun:send{cmd = "config", conf = "cores: 2\n\n[special:cloudinit]\nide2: /dev/sda,media=cdrom\n"}, {
+      success = false,
+      msg = "failed to handle 'config' command - line 4: invalid value '/dev/sda,media=cdrom' for 'ide2' - a drive in [special:cloudinit] (it records cloud-init options, not drives)",
+    })
+    t:eq(tun:config(), "lock: create\n", "the reserved config is untouched")
+  end,
+
   ["a volume this tunnel did not create is rejected"] = function(t)
     local tun = t:open{}
     t:eq(tun:send{cmd = "config", conf = "scsi0: local:100/vm-100-disk-3.raw,size=1G\n"}, {

@@ -31,6 +31,21 @@ return {
     })
   end,
 
+  ["before config the reservation stays and nothing is committed"] = function(t)
+    local tun = t:open{}
+    t:succeeds(tun:send{cmd = "disk", format = "raw", storage = "local",
+                        drive = {interface = "scsi", index = 0, size = 1024 * 1024}})
+    t:eq(tun:send{cmd = "unlock"}, {
+      success = false,
+      msg = "failed to handle 'unlock' command - found lock 'create' trying to remove 'migrate' lock - the VM config was not sent yet ('config' comes first)",
+    })
+    t:eq(tun:config(), "lock: create\n", "the reservation is untouched")
+    -- not committed: a lost connection frees the volume and the reserved config
+    t:eq(tun:close(), "mtunnel exited unexpectedly")
+    t:eq(t:volumes(), {}, "the volume of 'disk' is freed")
+    t:eq(t:config(100), nil, "the reserved config is gone")
+  end,
+
   ["a config locked by someone else"] = function(t)
     local tun = t:open{}
     migrate(tun, t)

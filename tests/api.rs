@@ -1600,6 +1600,72 @@ async fn tunnel_and_connection_caps_answer_503() {
     .await
 }
 
+/// Issue 17: the tunnel cap was checked, then several awaits passed before the tunnel was
+/// registered, so 100 concurrent opens with `max_tunnels = 4` opened 11, 53 or 6 tunnels.
+/// Now exactly the cap opens, every other request gets the 503 and reserves nothing, and
+/// the places are free again once the tunnels ended.
+#[tokio::test]
+async fn max_tunnels_holds_under_concurrent_opens() {
+    const CONCURRENT: u32 = 64;
+    bounded(120, async {
+        let server = TestServer::start_with(Options {
+            extra_toml: "max_tunnels = 4\ntls = false\n".into(),
+            ..Options::default()
+        });
+        let client = ApiClient::plain(server.host.clone(), server.port, server.root_token.clone())
+            .with_timeout(Duration::from_secs(60));
+        let open_all = |first: u32, count: u32| {
+            let requests = (first..first + count).map(|vmid| {
+                let client = client.clone();
+                tokio::spawn(async move { (vmid, client.post(&mtunnel_path(vmid), &[]).await) })
+            });
+            futures_util::future::join_all(requests)
+        };
+        let busy = "too many open tunnels on node 'testnode' (max_tunnels = 4) - try again later";
+        let mut opened = Vec::new();
+        for joined in open_all(100, CONCURRENT).await {
+            let (vmid, reply) = joined.unwrap();
+            match reply {
+                Ok(data) => opened.push((vmid, data["upid"].as_str().unwrap().to_string())),
+                Err(err) => {
+                    assert_http(&err, 503, busy);
+                    assert!(
+                        !server.vm_config(vmid).exists(),
+                        "refused {vmid} reserved nothing"
+                    );
+                }
+            }
+        }
+        let vmids = opened.iter().map(|(vmid, _)| *vmid).collect::<Vec<_>>();
+        assert_eq!(vmids.len(), 4, "opened tunnels for {vmids:?}");
+        for (vmid, upid) in &opened {
+            assert!(server.vm_config(*vmid).exists());
+            client.delete(&task_path(upid, ""), &[]).await.unwrap();
+        }
+        for (_, upid) in &opened {
+            let mut stopped = false;
+            for _ in 0..300 {
+                let st = client.get(&task_path(upid, "/status"), &[]).await.unwrap();
+                if st["status"] == "stopped" {
+                    stopped = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            assert!(stopped, "the stopped tunnel {upid} ends");
+        }
+        // The ended tunnels gave their places back: the cap admits four again, no more.
+        let again = open_all(1000, 5).await;
+        let refused = again
+            .into_iter()
+            .filter_map(|joined| joined.unwrap().1.err())
+            .collect::<Vec<_>>();
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert_http(&refused[0], 503, busy);
+    })
+    .await
+}
+
 #[tokio::test]
 async fn datacenter_manager_calls() {
     bounded(60, async {

@@ -860,6 +860,23 @@ async fn assert_reopens(server: &TestServer, vmid: u32) {
     );
 }
 
+/// Issue 17: the task log of a tunnel whose peer fell silent names the peer timeout (it
+/// said only "control connection lost"), in the cleanup line and the `TASK ERROR:` line.
+fn assert_peer_timeout_named(log: &[String]) {
+    let reason = "peer sent nothing for 2 s (peer_timeout_secs)";
+    let lost =
+        format!("control connection lost before the migration finished ({reason}): cleaning up");
+    assert!(
+        log.contains(&lost),
+        "the task log must say '{lost}':\n{}",
+        log.join("\n")
+    );
+    assert_eq!(
+        log.last().map(String::as_str),
+        Some(format!("TASK ERROR: mtunnel exited unexpectedly: {reason}").as_str())
+    );
+}
+
 /// SIGTERM to serve; it must exit with status 0 within 60 s.
 async fn sigterm_and_wait(server: &mut TestServer) {
     server.signal(Signal::SIGTERM);
@@ -939,7 +956,8 @@ async fn end_raw_case(
             proxy.freeze();
             // peer_timeout_secs = 2: the server must notice well within 30 s.
             wait_clean(server, vmid, &[], 30).await;
-            assert_tunnel_freed(server, upid, vmid, created, 30).await;
+            let log = assert_tunnel_freed(server, upid, vmid, created, 30).await;
+            assert_peer_timeout_named(&log);
             proxy.reset();
         }
         Fault::Sigterm => {

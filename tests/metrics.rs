@@ -11,7 +11,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Options, TestServer, mt_ok, require_qemu, target_arg};
+use common::{Options, TestServer, bounded, mt_ok, require_qemu, target_arg};
 use hyper::Method;
 use mtunnel::client::http::{ApiClient, RawResponse};
 
@@ -26,16 +26,20 @@ fn node(name: &str, extra: &str) -> TestServer {
     })
 }
 
-/// `GET path` on the metrics listener of `node`, with `accept` if given.
-async fn get(node: &TestServer, path: &str, accept: Option<&str>) -> RawResponse {
+/// The port of `node`'s metrics listener.
+fn metrics_port(node: &TestServer) -> u16 {
     let url = node
         .metrics_url()
         .expect("serve printed no 'metrics:' line");
-    let port: u16 = url
-        .strip_prefix("http://127.0.0.1:")
+    url.strip_prefix("http://127.0.0.1:")
         .and_then(|r| r.strip_suffix("/metrics"))
         .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("unexpected metrics URL '{url}'"));
+        .unwrap_or_else(|| panic!("unexpected metrics URL '{url}'"))
+}
+
+/// `GET path` on the metrics listener of `node`, with `accept` if given.
+async fn get(node: &TestServer, path: &str, accept: Option<&str>) -> RawResponse {
+    let port = metrics_port(node);
     let client =
         ApiClient::plain("127.0.0.1", port, String::new()).with_timeout(Duration::from_secs(10));
     let headers: Vec<(&str, &str)> = accept.map(|a| ("Accept", a)).into_iter().collect();
@@ -301,4 +305,89 @@ async fn failures_are_counted_by_kind_and_reason(dst: &TestServer) {
         1.0,
         "{text}"
     );
+}
+
+/// One HTTP/1.1 request on a fresh connection that asks to be kept alive; returns the
+/// response head (lower case) and body once the server has closed the connection (at
+/// most 5 s).
+async fn get_until_closed(port: u16) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut all = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut all))
+        .await
+        .expect("the server closes the connection after one answer")
+        .unwrap();
+    let text = String::from_utf8_lossy(&all).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (head.to_lowercase(), body.to_string())
+}
+
+/// Issue 17: 16 idle or kept-alive connections delayed a scrape by 10-59 s (Prometheus
+/// gives up after 10 s). Idle connections now neither queue a scrape nor hold their place
+/// for long, every connection serves one request and is closed, and when the listener is
+/// full a scrape is answered 503 at once instead of waiting in the accept queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_do_not_starve_a_scrape() {
+    bounded(60, async {
+        let server = TestServer::start_with(Options {
+            extra_toml: "metrics_listen = \"127.0.0.1:0\"\n".into(),
+            ..Options::default()
+        });
+        let port = metrics_port(&server);
+        let mut idle = Vec::new();
+        for _ in 0..20 {
+            idle.push(
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .unwrap(),
+            );
+        }
+        // A hang detector, not a performance bound: the old listener made this wait 10 s.
+        let text = tokio::time::timeout(Duration::from_secs(5), scrape(&server))
+            .await
+            .expect("a scrape is answered while 20 idle connections are open");
+        assert_eq!(value(&text, "mtunnel_tunnels_open"), Some(0.0), "{text}");
+        let (head, body) = get_until_closed(port).await;
+        assert!(head.starts_with("http/1.1 200 ok"), "{head}");
+        assert!(body.contains("mtunnel_tunnels_open 0"), "{body}");
+        assert!(head.contains("\r\nconnection: close"), "{head}");
+
+        // Full: every place taken by a connection that sends nothing; the next one is
+        // told so at once. The places are held for HEADER_TIMEOUT (3 s) from their
+        // connect; a machine too slow to open them in that time gets two more tries.
+        let mut full = None;
+        for _ in 0..3 {
+            let mut held = Vec::new();
+            for _ in 0..64 {
+                held.push(
+                    tokio::net::TcpStream::connect(("127.0.0.1", port))
+                        .await
+                        .unwrap(),
+                );
+            }
+            let answer = get_until_closed(port).await;
+            if answer.0.starts_with("http/1.1 503") {
+                full = Some(answer);
+                break;
+            }
+        }
+        let (head, body) = full.expect("a connection beyond the 64 held ones is answered 503");
+        assert!(
+            head.starts_with("http/1.1 503 service unavailable\r\n"),
+            "{head}"
+        );
+        assert!(head.contains("\r\nconnection: close"), "{head}");
+        assert_eq!(
+            body,
+            "too many metrics connections (at most 64) - try again later\n"
+        );
+        drop(idle);
+    })
+    .await
 }

@@ -587,6 +587,58 @@ async fn offline_migration_keeps_its_result_after_unlock() {
     assert!(image(&env, 105, "vm-105-disk-0.raw").exists());
 }
 
+/// Issue 17: `unlock` before `config` removed the `create` reservation and committed the
+/// tunnel: an empty config stayed for good and the VMID was wedged. Now it is refused, the
+/// reservation stays, the lost connection frees it, and the VMID opens again.
+#[tokio::test]
+async fn unlock_before_config_keeps_the_reservation_for_cleanup() {
+    let env = env();
+    let root = token(&env, "root@pam!t", ALL_PRIVILEGES);
+    let mut c = open(&env, &root, 111).await;
+    assert_eq!(
+        c.send(json!({"cmd": "unlock"})).await,
+        err(
+            "failed to handle 'unlock' command - found lock 'create' trying to remove 'migrate' \
+             lock - the VM config was not sent yet ('config' comes first)"
+        )
+    );
+    assert_eq!(
+        std::fs::read_to_string(conf_path(&env, 111)).unwrap(),
+        "lock: create\n"
+    );
+    drop(c);
+    wait_gone(&conf_path(&env, 111)).await;
+    let mut again = open(&env, &root, 111).await;
+    assert_eq!(
+        again.send(json!({"cmd": "version"})).await,
+        json!({"api": 2, "age": 0, "success": true})
+    );
+}
+
+/// A handler that commits while the config is still the reservation is refused by the
+/// host: nothing would be migrated, yet the empty config would be kept for good.
+#[tokio::test]
+async fn commit_of_the_reserved_config_is_refused() {
+    let env = env();
+    let root = token(&env, "root@pam!t", ALL_PRIVILEGES);
+    write_handler(
+        &env,
+        "commit-now",
+        "return { description = 'x', params = false, run = function() pve.tunnel.commit() end }",
+    );
+    let mut c = open(&env, &root, 112).await;
+    assert_eq!(
+        c.send(json!({"cmd": "commit-now"})).await,
+        err(
+            "failed to handle 'commit-now' command - cannot commit the migration of VM 112: \
+             its config is still the empty one reserved for the tunnel (lock 'create'); \
+             'config' must come first"
+        )
+    );
+    drop(c);
+    wait_gone(&conf_path(&env, 112)).await;
+}
+
 #[tokio::test]
 async fn wrong_lock_is_refused() {
     let env = env();

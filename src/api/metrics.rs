@@ -3,7 +3,10 @@
 //! exposition. Apart because Prometheus' `authorization` setting sends `Type credentials`,
 //! which PVE's `PVEAPIToken=...` header is not, and because scrapes must neither take the
 //! API's connection slots (`max_connections`) nor be refused by them. Bind it to loopback
-//! or a management network: it has no authentication.
+//! or a management network: it has no authentication. Each connection serves one request
+//! and is closed; one that sends no request head within [`HEADER_TIMEOUT`] is dropped; past
+//! [`MAX_CONNECTIONS`] open ones a new connection is answered 503, so idle connections can
+//! neither queue nor starve a scrape.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,8 +23,14 @@ use tokio::net::TcpListener;
 
 use crate::metrics::{Metrics, OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE};
 
-/// Scrapes served at once at most; more wait in the kernel's accept queue.
-const MAX_SCRAPES: usize = 16;
+/// Connections open at once at most; one more is answered 503 at once rather than queued
+/// behind them (a queued scrape would outlast Prometheus' 10 s scrape timeout).
+pub const MAX_CONNECTIONS: usize = 64;
+/// How long a connection may take to send its request head. A scraper sends it right
+/// after connecting; an idle connection is dropped after this, freeing its place.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(3);
+/// The longest one connection lives, the answer included (a reader that stalls).
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A running metrics listener; stops when aborted (with `serve`).
 pub struct MetricsServer {
@@ -50,12 +59,15 @@ pub async fn serve(metrics: Arc<Metrics>, addr: SocketAddr) -> anyhow::Result<Me
         .route("/metrics", axum::routing::get(scrape))
         .fallback(|| async { (StatusCode::NOT_FOUND, "only GET /metrics is served here\n") })
         .with_state(metrics);
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPES));
+    let busy = Router::new().fallback(|| async {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("too many metrics connections (at most {MAX_CONNECTIONS}) - try again later\n"),
+        )
+    });
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let task = tokio::spawn(async move {
         loop {
-            let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
-                return;
-            };
             let (tcp, peer) = match listener.accept().await {
                 Ok(conn) => conn,
                 Err(e) => {
@@ -64,23 +76,38 @@ pub async fn serve(metrics: Arc<Metrics>, addr: SocketAddr) -> anyhow::Result<Me
                     continue;
                 }
             };
-            let service = TowerToHyperService::new(router.clone());
+            // Accepted always, so a full listener answers instead of leaving the
+            // scraper in the kernel's queue.
+            let slot = Arc::clone(&slots).try_acquire_owned().ok();
+            let service = match slot {
+                Some(_) => router.clone(),
+                None => {
+                    tracing::debug!(%peer, "metrics listener full ({MAX_CONNECTIONS} connections)");
+                    busy.clone()
+                }
+            };
             tokio::spawn(async move {
                 let _slot = slot;
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(10))
-                    .serve_connection(TokioIo::new(tcp), service);
-                // A scraper that stalls must not hold a slot forever.
-                match tokio::time::timeout(Duration::from_secs(60), conn).await {
-                    Ok(Err(e)) => tracing::debug!(%peer, "metrics connection ended: {e}"),
-                    Err(_) => tracing::debug!(%peer, "metrics connection timed out"),
-                    Ok(Ok(())) => {}
-                }
+                serve_one(tcp, peer, service).await;
             });
         }
     });
     Ok(MetricsServer { addr, task })
+}
+
+/// One request on `tcp`, then the connection closes (`Connection: close`): a kept-alive or
+/// idle connection would hold its place between scrapes.
+async fn serve_one(tcp: tokio::net::TcpStream, peer: SocketAddr, router: Router) {
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .keep_alive(false)
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(TokioIo::new(tcp), TowerToHyperService::new(router));
+    match tokio::time::timeout(CONNECTION_TIMEOUT, conn).await {
+        Ok(Err(e)) => tracing::debug!(%peer, "metrics connection ended: {e}"),
+        Err(_) => tracing::debug!(%peer, "metrics connection timed out"),
+        Ok(Ok(())) => {}
+    }
 }
 
 /// OpenMetrics when the scraper accepts it (Prometheus asks for it first), else the

@@ -97,6 +97,9 @@ pub(super) async fn mtunnelwebsocket(
             Ok(u) => u,
             Err(e) => {
                 tracing::info!(vmid, "websocket upgrade failed: {e}");
+                if is_control {
+                    tunnel.control_relay_ended(Some(format!("websocket upgrade failed: {e}")));
+                }
                 return;
             }
         };
@@ -114,6 +117,10 @@ pub(super) async fn mtunnelwebsocket(
                 forward::relay_with(io, Vec::new(), role, read, write, opts).await
             }
         };
+        if is_control {
+            // Before anything else: the worker waits for this to name why it lost the source.
+            tunnel.control_relay_ended(relayed.as_ref().err().map(|e| e.to_string()));
+        }
         match relayed {
             Ok(stats) => tracing::debug!(
                 vmid,

@@ -10,7 +10,7 @@ pub mod worker;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde_json::{Value, json};
@@ -34,6 +34,10 @@ pub struct Tunnel {
     sockets: Mutex<BTreeSet<PathBuf>>,
     /// Set by the one WebSocket request that may connect to the control socket.
     control_claimed: AtomicBool,
+    /// How the control WebSocket's relay ended, once it has: `Some(None)` cleanly,
+    /// `Some(Some(error))` with that error (e.g. the peer timeout). The worker only sees
+    /// its socket close; this is the reason it names in the task log.
+    control_end: tokio::sync::watch::Sender<Option<Option<String>>>,
 }
 
 impl Tunnel {
@@ -50,6 +54,25 @@ impl Tunnel {
     /// connection.
     pub fn release_control(&self) {
         self.control_claimed.store(false, Ordering::Release);
+    }
+
+    /// Records how the control WebSocket's relay ended (`error` is `None` for a clean end).
+    pub fn control_relay_ended(&self, error: Option<String>) {
+        self.control_end.send_replace(Some(error));
+    }
+
+    /// Why the control connection broke, as its relay reports it; `None` for a clean end,
+    /// no WebSocket, or no report within `wait`. The worker sees the socket close a moment
+    /// before the relay's report arrives, hence the (short) wait.
+    pub async fn control_end_reason(&self, wait: std::time::Duration) -> Option<String> {
+        if !self.control_claimed.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut ended = self.control_end.subscribe();
+        match tokio::time::timeout(wait, ended.wait_for(Option::is_some)).await {
+            Ok(Ok(end)) => end.clone().flatten(),
+            _ => None,
+        }
     }
 
     /// Allows tickets (and WebSocket forwarding) for `path`.
@@ -80,13 +103,42 @@ impl Tunnel {
     }
 }
 
-/// The tunnels open on this node, by VMID.
+/// The tunnels open on this node, by VMID, and the places under `max_tunnels`.
 #[derive(Default)]
 pub struct Registry {
     tunnels: Mutex<HashMap<u32, Arc<Tunnel>>>,
+    /// Places taken: by tunnels being opened and by open ones, until their task ends.
+    taken: Arc<AtomicUsize>,
+}
+
+/// One place under `max_tunnels`, taken by [`Registry::take_slot`] before `open` creates
+/// anything; it frees the place when dropped: on any failure of `open`, or when the
+/// tunnel's task ends.
+pub struct Slot {
+    taken: Arc<AtomicUsize>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.taken.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Registry {
+    /// Takes a place if fewer than `max` are taken. Check and take are one atomic step:
+    /// counting the registry instead let concurrent opens all pass the check before any
+    /// of them was registered.
+    pub fn take_slot(&self, max: usize) -> Option<Slot> {
+        self.taken
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Slot {
+                taken: Arc::clone(&self.taken),
+            })
+    }
+
     pub fn get(&self, vmid: u32) -> Option<Arc<Tunnel>> {
         self.tunnels
             .lock()
@@ -206,12 +258,15 @@ pub async fn open(
 ) -> Result<Opened> {
     node.require(authid, &format!("/vms/{vmid}"), "VM.Allocate")?;
     node.require(authid, "/", "Sys.Incoming")?;
-    if node.tunnels.len() >= node.cfg.max_tunnels {
-        return Err(Error::Unavailable(format!(
-            "too many open tunnels on node '{}' (max_tunnels = {}) - try again later",
-            node.cfg.node, node.cfg.max_tunnels
-        )));
-    }
+    let slot = node
+        .tunnels
+        .take_slot(node.cfg.max_tunnels)
+        .ok_or_else(|| {
+            Error::Unavailable(format!(
+                "too many open tunnels on node '{}' (max_tunnels = {}) - try again later",
+                node.cfg.node, node.cfg.max_tunnels
+            ))
+        })?;
     for storage in storages {
         node.check_storage_for_images(authid, storage)?;
     }
@@ -241,7 +296,7 @@ pub async fn open(
         }
     }
 
-    match start_worker(node, authid, vmid).await {
+    match start_worker(node, authid, vmid, slot).await {
         Ok(opened) => Ok(opened),
         Err(e) => {
             remove_reserved_config(node, vmid).await;
@@ -253,7 +308,8 @@ pub async fn open(
     }
 }
 
-async fn start_worker(node: &Arc<Node>, authid: &str, vmid: u32) -> Result<Opened> {
+/// Starts the tunnel's task, which holds `slot` until it ends.
+async fn start_worker(node: &Arc<Node>, authid: &str, vmid: u32, slot: Slot) -> Result<Opened> {
     let socket = node.cfg.tunnel_socket(vmid);
     let socket_str = socket
         .to_str()
@@ -325,6 +381,7 @@ async fn start_worker(node: &Arc<Node>, authid: &str, vmid: u32) -> Result<Opene
         control_socket: socket.clone(),
         sockets: Mutex::new(BTreeSet::new()),
         control_claimed: AtomicBool::new(false),
+        control_end: tokio::sync::watch::Sender::new(None),
     });
     node.tunnels.insert(Arc::clone(&tunnel));
     node.metrics.tunnel_opened();
@@ -354,6 +411,8 @@ async fn start_worker(node: &Arc<Node>, authid: &str, vmid: u32) -> Result<Opene
             }
             _ => journal::remove(&dir, &upid),
         }
+        // Freed last: the next tunnel starts after this one is completely gone.
+        drop(slot);
         result
     });
     Ok(Opened {

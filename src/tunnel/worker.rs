@@ -45,17 +45,37 @@ impl End {
         }
     }
 
-    fn describe(&self) -> String {
-        match self {
-            End::Quit => "tunnel closed by 'quit' before the migration finished".into(),
-            End::Eof => "control connection lost before the migration finished".into(),
-            End::Failed(e) => {
-                format!("control connection lost before the migration finished ({e})")
+    /// The task log's words for this end; `cause` is why the control WebSocket broke, as
+    /// its relay reported it (e.g. the peer timeout), which says more than the socket.
+    fn describe(&self, cause: Option<&str>) -> String {
+        let lost = "control connection lost before the migration finished";
+        match (self, cause) {
+            (End::Quit, _) => "tunnel closed by 'quit' before the migration finished".into(),
+            (End::Eof | End::Failed(_), Some(cause)) => format!("{lost} ({cause})"),
+            (End::Eof, None) => lost.into(),
+            (End::Failed(e), None) => format!("{lost} ({e})"),
+            (End::Stopped, _) => "tunnel stopped before the migration finished".into(),
+        }
+    }
+
+    /// The task's error (its `TASK ERROR:` line) for this end, `cause` as above.
+    fn into_result(self, cause: Option<String>) -> anyhow::Result<()> {
+        match (self, cause) {
+            (End::Quit, _) => Ok(()),
+            (End::Stopped, _) => anyhow::bail!("received interrupt"),
+            (End::Eof | End::Failed(_), Some(cause)) => {
+                anyhow::bail!("mtunnel exited unexpectedly: {cause}")
             }
-            End::Stopped => "tunnel stopped before the migration finished".into(),
+            (End::Eof, None) => anyhow::bail!("mtunnel exited unexpectedly"),
+            (End::Failed(e), None) => anyhow::bail!("mtunnel exited unexpectedly: {e}"),
         }
     }
 }
+
+/// How long the worker waits, after its control socket closed, for the WebSocket relay
+/// to say why. The relay reports as it ends, and it ends as the socket closes: this bounds
+/// only a relay stuck writing to a peer that does not read.
+const CONTROL_END_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The worker's body, run as the `qmtunnel` task. Whatever happens — the source quits,
 /// vanishes, a handler panics, the server shuts down — the handler's `finish` runs once,
@@ -125,17 +145,16 @@ pub async fn run(
             anyhow::bail!("mtunnel failed: command handling panicked: {what}");
         }
     };
-    handler.finish(&end.describe()).await;
+    let cause = match end {
+        End::Eof | End::Failed(_) => tunnel.control_end_reason(CONTROL_END_WAIT).await,
+        End::Quit | End::Stopped => None,
+    };
+    handler.finish(&end.describe(cause.as_deref())).await;
     count_migration(node, tunnel, end.failure_reason());
-    match end {
-        End::Quit => {
-            log.log("mtunnel exited");
-            Ok(())
-        }
-        End::Stopped => anyhow::bail!("received interrupt"),
-        End::Eof => anyhow::bail!("mtunnel exited unexpectedly"),
-        End::Failed(e) => anyhow::bail!("mtunnel exited unexpectedly: {e}"),
+    if matches!(end, End::Quit) {
+        log.log("mtunnel exited");
     }
+    end.into_result(cause)
 }
 
 /// Counts the migration of a tunnel whose handler finished: completed if its journal says

@@ -6,7 +6,9 @@
 //! This module is text in, text out. It reads and writes no files, takes no locks, knows no
 //! storage, and does not check values against the qemu-server schema: apart from the section
 //! structure it only checks the `lock` and `vmid` values (and, when parsing strictly or
-//! validating, that no value holds a control character). Which options a VM may have and
+//! validating, that no value holds a control character; when parsing strictly, that no
+//! drive lacks its volume and nothing in `[special:cloudinit]` or `cicustom` names a host
+//! path). Which options a VM may have and
 //! which values they take is the QEMU layer's business (`qemu::cmdline::check_options`).
 //! [`parse_property_string`] / [`print_property_string`] are the one property-string syntax
 //! of the crate: the QEMU command line, the tunnel handlers and the migration source all use
@@ -185,6 +187,39 @@ fn check_value(key: &str, value: &str) -> Result<(), String> {
         }
         _ => Ok(()),
     }
+}
+
+/// Strict parsing's refusals of values that would point the VM at nothing or at the host:
+/// a drive without a volume (`unused0: ,,,`), a drive in `[special:cloudinit]` (upstream
+/// records cloud-init options there, never drives), and a `cicustom` snippet given as a
+/// host path (upstream takes volume IDs only). A drive value that is not a property string
+/// at all is left to whoever reads the drive.
+fn check_strict(section: &Section, key: &str, value: &str) -> Result<(), String> {
+    let is_drive = is_drive_key(key) || key == "cdrom";
+    if is_drive && matches!(section, Section::Special(_)) {
+        return Err(format!(
+            "a drive in {} (it records cloud-init options, not drives)",
+            section.label()
+        ));
+    }
+    if is_drive
+        && let Ok(props) = parse_drive(value)
+        && !props
+            .iter()
+            .any(|(k, v)| k == "file" && !v.trim().is_empty())
+    {
+        return Err("the drive names no volume".to_string());
+    }
+    if key == "cicustom" {
+        let parts = parse_property_string(value, None).map_err(|e| e.to_string())?;
+        if let Some((kind, volume)) = parts.iter().find(|(_, v)| parse_volume_id(v).is_none()) {
+            return Err(format!(
+                "{kind}: '{volume}' is not a volume ID (<storage>:<volume>); cicustom \
+                 names snippets by volume ID, never by host path"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The first control character (C0, DEL or C1) in `value`, if any.
@@ -846,6 +881,104 @@ cores: 2
         );
         conf.options.insert("name".into(), "a\0b".into());
         assert!(conf.validate().is_err());
+    }
+
+    /// Issue 17: `unused0: ,,,` (a drive without a volume) and a `[special:cloudinit]`
+    /// section holding a host path were accepted by strict parsing and stored.
+    #[test]
+    fn strict_parsing_refuses_empty_drives_and_host_paths() {
+        for (text, line, key, value, reason) in [
+            (
+                "cores: 1\nunused0: ,,,\n",
+                2,
+                "unused0",
+                ",,,",
+                "the drive names no volume",
+            ),
+            (
+                "scsi0: size=1G\n",
+                1,
+                "scsi0",
+                "size=1G",
+                "the drive names no volume",
+            ),
+            (
+                "ide2: file=,media=cdrom\n",
+                1,
+                "ide2",
+                "file=,media=cdrom",
+                "the drive names no volume",
+            ),
+            (
+                "[PENDING]\nvirtio1: volume= \n",
+                2,
+                "virtio1",
+                "volume=",
+                "the drive names no volume",
+            ),
+            (
+                "[special:cloudinit]\nscsi0: /dev/sda\n",
+                2,
+                "scsi0",
+                "/dev/sda",
+                "a drive in [special:cloudinit] (it records cloud-init options, not drives)",
+            ),
+            (
+                "[special:cloudinit]\ncicustom: user=/etc/shadow\n",
+                2,
+                "cicustom",
+                "user=/etc/shadow",
+                "user: '/etc/shadow' is not a volume ID (<storage>:<volume>); cicustom names \
+                 snippets by volume ID, never by host path",
+            ),
+            (
+                "cicustom: meta=local:snippets/m.yaml,vendor=../../etc/passwd\n",
+                1,
+                "cicustom",
+                "meta=local:snippets/m.yaml,vendor=../../etc/passwd",
+                "vendor: '../../etc/passwd' is not a volume ID (<storage>:<volume>); cicustom \
+                 names snippets by volume ID, never by host path",
+            ),
+        ] {
+            let err = VmConfig::parse_strict(text).unwrap_err();
+            assert_eq!(
+                err,
+                ConfigError::InvalidValue {
+                    line,
+                    key: key.into(),
+                    value: value.into(),
+                    reason: reason.into()
+                },
+                "{text:?}"
+            );
+            assert_eq!(
+                err.to_string(),
+                format!("line {line}: invalid value '{value}' for '{key}' - {reason}")
+            );
+            // a file already on disk still reads
+            VmConfig::parse(text).unwrap();
+        }
+        // What a PVE source sends for a VM with cloud-init passes: the recorded old values
+        // of changed cloud-init options, snippets by volume ID, drives with their volumes.
+        let conf = VmConfig::parse_strict(
+            "\
+cicustom: user=local:snippets/user.yaml
+ide2: local:100/vm-100-cloudinit.qcow2,media=cdrom
+ipconfig0: ip=10.0.0.6/24,gw=10.0.0.1
+scsi0: local:100/vm-100-disk-0.raw,size=4G
+unused0: local:100/vm-100-disk-1.raw
+virtio0: none,media=cdrom
+
+[special:cloudinit]
+added: ciuser
+cicustom: user=local:snippets/old.yaml,network=nfs.store:snippets/net.yaml
+ipconfig0: ip=dhcp
+name: vm100
+net0: virtio=BC:24:11:00:00:01,bridge=vmbr0
+",
+        )
+        .unwrap();
+        assert_eq!(conf.special["cloudinit"]["ipconfig0"], "ip=dhcp");
     }
 
     #[test]

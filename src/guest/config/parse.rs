@@ -8,8 +8,8 @@ use std::fmt::Write as _;
 use sha1::{Digest, Sha1};
 
 use super::{
-    ConfigError, RESERVED_KEYS, SPECIAL_SECTIONS, Section, Snapshot, VmConfig, check_value,
-    control_char, control_char_reason, is_config_id, is_option_key, is_perl_space,
+    ConfigError, RESERVED_KEYS, SPECIAL_SECTIONS, Section, Snapshot, VmConfig, check_strict,
+    check_value, control_char, control_char_reason, is_config_id, is_option_key, is_perl_space,
 };
 
 impl VmConfig {
@@ -24,7 +24,9 @@ impl VmConfig {
     }
 
     /// Like [`VmConfig::parse`], but an unknown section is an error too, and so is a value
-    /// with a control character (C0 such as CR or NUL, DEL, C1; shown escaped in the error).
+    /// with a control character (C0 such as CR or NUL, DEL, C1; shown escaped in the error),
+    /// a drive without a volume, a drive in `[special:cloudinit]` and a `cicustom` part
+    /// that is a host path rather than a volume ID.
     /// This is upstream's strict mode, used by the tunnel `config` command on the text sent
     /// by the source. Comment and `description:` text may hold anything: it is written
     /// percent-encoded.
@@ -181,6 +183,9 @@ fn store_option(
     }
     if !matches!(section, Section::Special(_)) {
         check_value(key, value).map_err(bad_value)?;
+    }
+    if strict {
+        check_strict(section, key, value).map_err(bad_value)?;
     }
     if key == "snapstate" && *section == Section::Main {
         // upstream drops a left-over snapshot state of the main section

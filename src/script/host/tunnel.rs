@@ -3,7 +3,8 @@
 
 use mlua::{Lua, Table};
 
-use super::{cleanup, ctx, fail};
+use super::{HostCtx, cleanup, ctx, fail};
+use crate::guest::config::VmConfig;
 use crate::util::unix_now;
 
 pub(super) fn tunnel_table(lua: &Lua) -> mlua::Result<Table> {
@@ -34,6 +35,7 @@ pub(super) fn tunnel_table(lua: &Lua) -> mlua::Result<Table> {
         "commit",
         lua.create_async_function(|lua, ()| async move {
             let c = ctx(&lua)?;
+            refuse_reservation(&c)?;
             c.record(|r| r.committed = true).await
         })?,
     )?;
@@ -60,4 +62,24 @@ pub(super) fn tunnel_table(lua: &Lua) -> mlua::Result<Table> {
         })?,
     )?;
     Ok(t)
+}
+
+/// Refuses to commit while the config is still the empty one `open` reserved (`lock:
+/// create`): a committed tunnel keeps its config for good, and that one holds no VM, so
+/// the VMID would stay taken by nothing.
+fn refuse_reservation(c: &HostCtx) -> mlua::Result<()> {
+    let text = c
+        .node
+        .guests
+        .read_text(c.vmid)
+        .map_err(|e| fail(format!("cannot commit the migration of VM {}: {e}", c.vmid)))?;
+    let conf = VmConfig::parse(&text).map_err(|e| fail(e.to_string()))?;
+    if conf.options.get("lock").map(String::as_str) == Some("create") {
+        return Err(fail(format!(
+            "cannot commit the migration of VM {}: its config is still the empty one \
+             reserved for the tunnel (lock 'create'); 'config' must come first",
+            c.vmid
+        )));
+    }
+    Ok(())
 }
