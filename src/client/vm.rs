@@ -92,8 +92,15 @@ impl LocalVms {
         VmConfig::parse(&text).with_context(|| format!("parsing config of VM {vmid}"))
     }
 
+    /// Whether the VM runs: its pidfile names its QEMU, or (pidfile lost or replaced)
+    /// something still listens on its QMP socket. Destroying a VM judged "stopped" wrongly
+    /// would free the disks of a running QEMU.
     pub fn is_running(&self, vmid: u32) -> bool {
         qemu::is_running(&self.cfg.run_dir, vmid).is_some()
+            || std::os::unix::net::UnixStream::connect(
+                qemu::VmPaths::new(&self.cfg.run_dir, vmid).qmp,
+            )
+            .is_ok()
     }
 
     /// Creates a VM config with new disks; on failure frees the disks it made.
