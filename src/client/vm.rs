@@ -244,7 +244,7 @@ impl LocalVms {
         out
     }
 
-    /// Removes a stopped VM: its volumes, firewall file and config.
+    /// Removes a stopped VM: its volumes, firewall file, QEMU log and config.
     pub async fn destroy(&self, vmid: u32, skiplock: bool) -> anyhow::Result<Vec<String>> {
         let guard = self.guests.lock(vmid, DEFAULT_LOCK_TIMEOUT).await?;
         let conf = self.load(vmid)?;
@@ -283,6 +283,7 @@ impl LocalVms {
             }
         }
         let _ = std::fs::remove_file(self.cfg.firewall_dir().join(format!("{vmid}.fw")));
+        qemu::process::remove_log(&self.cfg.run_dir, vmid);
         self.guests.remove_locked(&guard)?;
         if let Some(cluster) = &self.cluster {
             release_logged(cluster, vmid).await;
