@@ -1,6 +1,6 @@
 //! The `mtunnel` command line as clap types: every subcommand with its flags and their
 //! documentation (what `--help` prints), and the conversions of flags into the library's
-//! settings ([`load_config`], [`bench_options`]). `main.rs` dispatches; the glue of the
+//! settings ([`load_config`], [`load_serve_config`], [`bench_options`]). `main.rs` dispatches; the glue of the
 //! commands that need more than one library call is in [`serve`] (`serve`, `cleanup`),
 //! [`vm`], [`migrate`] and [`token`] (`token create` and the initial token).
 
@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use mtunnel::config::{NodeConfig, Overrides};
+use mtunnel::node::ServeRecord;
 
 pub mod migrate;
 pub mod serve;
@@ -263,13 +264,15 @@ pub enum HandlersCommand {
 /// Where the node keeps its state; shared by every command that touches a node.
 #[derive(Args, Clone)]
 pub struct NodeArgs {
-    /// Optional TOML config file overriding the embedded defaults.
+    /// TOML config file overriding the embedded defaults (default: /etc/mtunnel/mtunnel.toml
+    /// if it exists; commands other than `serve`: the file the data dir's `serve` read).
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Data directory (default: /var/lib/mtunnel for root, else ~/.local/share/mtunnel).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
-    /// Run directory for sockets (default: /run/qemu-server for root, else {data}/run).
+    /// Run directory for sockets and pidfiles (default: /run/qemu-server for root, else
+    /// {data}/run; commands other than `serve`: the one the data dir's `serve` uses).
     #[arg(long)]
     pub run_dir: Option<PathBuf>,
     /// Node name (default: the short host name).
@@ -331,14 +334,81 @@ pub struct TokenCreateArgs {
     pub node: NodeArgs,
 }
 
-pub fn load_config(args: &NodeArgs, listen: Option<SocketAddr>) -> anyhow::Result<NodeConfig> {
-    NodeConfig::load(&Overrides {
-        config_file: args.config.clone(),
+/// The config file of the Debian package, read when no `--config` is given.
+pub const PACKAGED_CONFIG: &str = "/etc/mtunnel/mtunnel.toml";
+
+/// The config file a command reads: `--config`, else [`PACKAGED_CONFIG`] if it exists.
+pub fn config_file(args: &NodeArgs) -> Option<PathBuf> {
+    args.config
+        .clone()
+        .or_else(|| Some(PathBuf::from(PACKAGED_CONFIG)).filter(|p| p.is_file()))
+}
+
+fn overrides(args: &NodeArgs, file: Option<PathBuf>, listen: Option<SocketAddr>) -> Overrides {
+    Overrides {
+        config_file: file,
         node: args.node.clone(),
         data_dir: args.data_dir.clone(),
         run_dir: args.run_dir.clone(),
         listen,
-    })
+    }
+}
+
+/// `serve`'s settings: flags over the config file ([`config_file`]) over the defaults.
+pub fn load_serve_config(
+    args: &NodeArgs,
+    listen: Option<SocketAddr>,
+) -> anyhow::Result<NodeConfig> {
+    NodeConfig::load(&overrides(args, config_file(args), listen))
+}
+
+/// The settings of every other command: as `serve`'s, and then, unless given by a flag,
+/// the config file and run dir that the data dir's `serve` recorded in `{data}/serve.lock`
+/// (VMs it started keep running after it exits). So `mtunnel vm destroy VMID --data-dir D`
+/// judges "running" by the pidfiles `serve` actually wrote.
+pub fn load_config(args: &NodeArgs, listen: Option<SocketAddr>) -> anyhow::Result<NodeConfig> {
+    let file = config_file(args);
+    let cfg = NodeConfig::load(&overrides(args, file.clone(), listen))?;
+    let Some(record) = ServeRecord::read(&cfg.data_dir) else {
+        return Ok(cfg);
+    };
+    let mut cfg = match &record.config {
+        Some(recorded) if args.config.is_none() && file.as_ref() != Some(recorded) => {
+            if !recorded.is_file() {
+                anyhow::bail!(
+                    "the mtunnel serve (pid {}) of the data dir {} read the config file {}, \
+                     which is gone: pass --config FILE (and --run-dir DIR)",
+                    record.pid,
+                    cfg.data_dir.display(),
+                    recorded.display()
+                );
+            }
+            let mut o = overrides(args, Some(recorded.clone()), listen);
+            o.data_dir = Some(cfg.data_dir.clone());
+            NodeConfig::load(&o)?
+        }
+        _ => cfg,
+    };
+    if args.run_dir.is_none() && record.run_dir != cfg.run_dir {
+        eprintln!(
+            "note: using the run dir {} of the mtunnel serve (pid {}) of the data dir {}, \
+             not {} (--run-dir overrides)",
+            record.run_dir.display(),
+            record.pid,
+            cfg.data_dir.display(),
+            cfg.run_dir.display()
+        );
+        cfg.run_dir = record.run_dir;
+    }
+    Ok(cfg)
+}
+
+/// The config file [`load_config`] read for a node with data dir `data_dir`.
+pub fn admin_config_file(args: &NodeArgs, data_dir: &std::path::Path) -> Option<PathBuf> {
+    args.config
+        .clone()
+        .or_else(|| ServeRecord::read(data_dir).and_then(|r| r.config))
+        .or_else(|| config_file(args))
 }
 
 pub fn bench_options(a: BenchArgs) -> mtunnel::bench::Options {

@@ -6,6 +6,8 @@
 
 use std::sync::Arc;
 
+use anyhow::Context;
+
 use crate::auth::{TicketKey, TokenStore};
 use crate::cluster::{Cluster, LocalState};
 use crate::command::HandlerFactory;
@@ -42,11 +44,42 @@ pub struct DataDirBusy {
     pub data_dir: std::path::PathBuf,
 }
 
+/// What the holder of `{data}/serve.lock` writes into it: its pid, and where a `serve`
+/// keeps its VMs' pidfiles and sockets (`run_dir`) and which config file it read. Admin
+/// commands given only `--data-dir` read it ([`ServeRecord::read`]) to see the node as
+/// its `serve` does: a VM `serve` started runs on after `serve` exits, and judging it
+/// "stopped" by the wrong run dir would free its disks.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ServeRecord {
+    pub pid: u32,
+    pub run_dir: std::path::PathBuf,
+    #[serde(default)]
+    pub config: Option<std::path::PathBuf>,
+}
+
+impl ServeRecord {
+    /// `{data}/serve.lock`.
+    pub fn path(data_dir: &std::path::Path) -> std::path::PathBuf {
+        data_dir.join("serve.lock")
+    }
+
+    /// The record in `data_dir`, if one was written (also after its writer exited).
+    pub fn read(data_dir: &std::path::Path) -> Option<ServeRecord> {
+        let text = std::fs::read_to_string(Self::path(data_dir)).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+}
+
 /// Takes `{data}/serve.lock` for as long as the returned file lives: two `serve`
-/// processes on one data dir would free each other's tunnels as "dead".
-pub fn lock_data_dir(cfg: &NodeConfig) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+/// processes on one data dir would free each other's tunnels as "dead". Writes a
+/// [`ServeRecord`] of this process into it (`config_file`: the config file `cfg` came
+/// from). Fails with [`DataDirBusy`] while another process holds it.
+pub fn lock_data_dir(
+    cfg: &NodeConfig,
+    config_file: Option<&std::path::Path>,
+) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
     use std::io::{Read, Seek, Write};
-    let path = cfg.data_dir.join("serve.lock");
+    let path = ServeRecord::path(&cfg.data_dir);
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -58,18 +91,29 @@ pub fn lock_data_dir(cfg: &NodeConfig) -> anyhow::Result<nix::fcntl::Flock<std::
     {
         Ok(f) => f,
         Err((mut file, _)) => {
-            let mut pid = String::new();
-            let _ = file.read_to_string(&mut pid);
-            anyhow::bail!(
-                "another mtunnel serve (pid {}) uses the data dir {}",
-                pid.trim(),
-                cfg.data_dir.display()
-            );
+            let mut text = String::new();
+            let _ = file.read_to_string(&mut text);
+            // Older versions wrote the bare pid.
+            let pid = serde_json::from_str::<ServeRecord>(&text)
+                .map(|r| r.pid.to_string())
+                .unwrap_or_else(|_| text.trim().to_string());
+            return Err(DataDirBusy {
+                pid,
+                data_dir: cfg.data_dir.clone(),
+            }
+            .into());
         }
     };
-    let _ = file.set_len(0);
-    let _ = file.rewind();
-    let _ = write!(file, "{}", std::process::id());
+    let record = ServeRecord {
+        pid: std::process::id(),
+        run_dir: std::path::absolute(&cfg.run_dir).unwrap_or_else(|_| cfg.run_dir.clone()),
+        config: config_file.map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())),
+    };
+    let text = serde_json::to_string(&record).context("encoding the serve record")?;
+    file.set_len(0)
+        .and_then(|()| file.rewind())
+        .and_then(|()| writeln!(file, "{text}"))
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(file)
 }
 

@@ -629,8 +629,9 @@ async fn drive_to(server: &TestServer, ctl: &mut Ctl, vmid: u32, phase: Phase) -
 // ---- end-state checks ----
 
 /// Everything of `vmid` left on `node`: config, volumes in any storage, files in the run
-/// dir (QEMU logs aside), a running QEMU, a tunnel journal, a firewall file. Empty when
-/// clean. `extra_storages` are storage paths outside `{base}/s`.
+/// dir (the QEMU log too: it goes with the QEMU a cleanup stopped), a running QEMU, a
+/// tunnel journal, a firewall file. Empty when clean. `extra_storages` are storage paths
+/// outside `{base}/s`.
 fn leftovers(node: &TestServer, vmid: u32, extra_storages: &[&Path]) -> Vec<String> {
     let mut left = Vec::new();
     if node.vm_config(vmid).exists() {
@@ -657,7 +658,7 @@ fn leftovers(node: &TestServer, vmid: u32, extra_storages: &[&Path]) -> Vec<Stri
             let name = e.file_name().to_string_lossy().into_owned();
             let ours =
                 name.starts_with(&format!("{vmid}.")) || name.starts_with(&format!("{vmid}_"));
-            if ours && !name.ends_with(".log") {
+            if ours {
                 left.push(format!("run file: {name}"));
             }
         }

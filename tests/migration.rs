@@ -93,7 +93,7 @@ async fn start_with_ram(src: &TestServer, vmid: u32, ram_mib: usize) -> PathBuf 
     blob_path
 }
 
-/// The target holds nothing of `vmid`: no config, volume, socket or QEMU.
+/// The target holds nothing of `vmid`: no config, volume, socket, QEMU log or QEMU.
 async fn assert_target_clean(target: &TestServer, vmid: u32) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -105,7 +105,7 @@ async fn assert_target_clean(target: &TestServer, vmid: u32) {
             .map(|rd| {
                 rd.flatten()
                     .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter(|n| n.starts_with(&format!("{vmid}")) && !n.ends_with(".log"))
+                    .filter(|n| n.starts_with(&format!("{vmid}")))
                     .collect()
             })
             .unwrap_or_default();

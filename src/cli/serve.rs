@@ -4,13 +4,13 @@
 //! recovery of what dead tunnels left from the command line. The server itself is
 //! `mtunnel::api`, the recovery `mtunnel::tunnel::recovery`.
 
-use super::{Backend, NodeArgs, ServeArgs, load_config};
+use super::{Backend, NodeArgs, ServeArgs, load_config, load_serve_config};
 use mtunnel::node::Node;
 
 /// `mtunnel serve`: opens the node, creates the initial token on first start, recovers
 /// what dead tunnels left, serves until SIGINT/SIGTERM, then closes the tunnels.
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let cfg = load_config(&args.node, args.listen)?;
+    let cfg = load_serve_config(&args.node, args.listen)?;
     let node = match &args.backend {
         Backend::Real => Node::open(cfg)?,
         Backend::Scripted(path) => {
@@ -26,7 +26,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     };
     // Before anything else changes the data dir: one serve per data dir.
-    let _data_lock = mtunnel::node::lock_data_dir(&node.cfg)?;
+    let config_file = super::config_file(&args.node);
+    let _data_lock = mtunnel::node::lock_data_dir(&node.cfg, config_file.as_deref())?;
     let initial = super::token::bootstrap_initial(&node)?;
     raise_fd_limit();
     for line in mtunnel::tunnel::recovery::recover_at_start(&node).await {
@@ -125,7 +126,8 @@ pub async fn cleanup(args: NodeArgs, dry_run: bool) -> anyhow::Result<()> {
     // Holding the data dir's lock, no serve runs: every journal is a dead tunnel's. While
     // serve runs, it recovered them at its start, and a fresh `lock: create` may be a
     // tunnel being opened: leave both to it.
-    let lock = match mtunnel::node::lock_data_dir(&node.cfg) {
+    let config_file = super::admin_config_file(&args, &node.cfg.data_dir);
+    let lock = match mtunnel::node::lock_data_dir(&node.cfg, config_file.as_deref()) {
         Ok(lock) => Some(lock),
         Err(e) if e.downcast_ref::<mtunnel::node::DataDirBusy>().is_some() => {
             println!("{e:#}: only tunnels it gave up on are recovered here");

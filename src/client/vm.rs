@@ -92,8 +92,15 @@ impl LocalVms {
         VmConfig::parse(&text).with_context(|| format!("parsing config of VM {vmid}"))
     }
 
+    /// Whether the VM runs: its pidfile names its QEMU, or (pidfile lost or replaced)
+    /// something still listens on its QMP socket. Destroying a VM judged "stopped" wrongly
+    /// would free the disks of a running QEMU.
     pub fn is_running(&self, vmid: u32) -> bool {
         qemu::is_running(&self.cfg.run_dir, vmid).is_some()
+            || std::os::unix::net::UnixStream::connect(
+                qemu::VmPaths::new(&self.cfg.run_dir, vmid).qmp,
+            )
+            .is_ok()
     }
 
     /// Creates a VM config with new disks; on failure frees the disks it made.
@@ -237,7 +244,7 @@ impl LocalVms {
         out
     }
 
-    /// Removes a stopped VM: its volumes, firewall file and config.
+    /// Removes a stopped VM: its volumes, firewall file, QEMU log and config.
     pub async fn destroy(&self, vmid: u32, skiplock: bool) -> anyhow::Result<Vec<String>> {
         let guard = self.guests.lock(vmid, DEFAULT_LOCK_TIMEOUT).await?;
         let conf = self.load(vmid)?;
@@ -276,6 +283,7 @@ impl LocalVms {
             }
         }
         let _ = std::fs::remove_file(self.cfg.firewall_dir().join(format!("{vmid}.fw")));
+        qemu::process::remove_log(&self.cfg.run_dir, vmid);
         self.guests.remove_locked(&guard)?;
         if let Some(cluster) = &self.cluster {
             release_logged(cluster, vmid).await;

@@ -37,11 +37,74 @@ fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> GuestError {
     move |source| GuestError::Io { context, source }
 }
 
-/// Holds a VM's config lock until dropped.
+/// Holds a VM's config lock until dropped. A lock file whose VM has no config (any more)
+/// is removed on drop, while still locked: 1000 tunnels must not leave 1000 lock files.
+/// Lockers therefore check after `flock` that the path still names the file they locked
+/// ([`ConfigStore::lock`]), else an unlinked file would lock nobody out.
 pub struct VmLockGuard {
     _inproc: OwnedMutexGuard<()>,
+    /// Released after `drop` removed the file, when the fields drop.
     _flock: Flock<File>,
+    lock_path: PathBuf,
+    config_path: PathBuf,
     pub vmid: u32,
+}
+
+impl Drop for VmLockGuard {
+    fn drop(&mut self) {
+        if self.config_path.exists() {
+            return;
+        }
+        if let Err(e) = std::fs::remove_file(&self.lock_path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(
+                vmid = self.vmid,
+                "removing lock file {}: {e}",
+                self.lock_path.display()
+            );
+        }
+    }
+}
+
+/// Opens (creating) the lock file at `path` and takes its `flock`, polling until
+/// `deadline`.
+async fn flock_until(path: &Path, deadline: Instant) -> Result<Flock<File>, GuestError> {
+    let mut file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(io(format!("opening lock file {}", path.display())))?;
+    loop {
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(flock) => return Ok(flock),
+            Err((f, nix::errno::Errno::EWOULDBLOCK)) => {
+                if Instant::now() >= deadline {
+                    return Err(GuestError::LockTimeout {
+                        path: path.display().to_string(),
+                    });
+                }
+                file = f;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err((_, errno)) => {
+                return Err(GuestError::Io {
+                    context: format!("locking {}", path.display()),
+                    source: errno.into(),
+                });
+            }
+        }
+    }
+}
+
+/// Whether `path` still names the file `file` is open on (not unlinked or replaced).
+fn is_current(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
 }
 
 /// VM configs of this node.
@@ -88,34 +151,21 @@ impl ConfigStore {
         let inproc = tokio::time::timeout(timeout, mutex.lock_owned())
             .await
             .map_err(|_| timed_out())?;
-        let mut file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(io(format!("opening lock file {}", path.display())))?;
         loop {
-            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-                Ok(flock) => {
-                    return Ok(VmLockGuard {
-                        _inproc: inproc,
-                        _flock: flock,
-                        vmid,
-                    });
-                }
-                Err((f, nix::errno::Errno::EWOULDBLOCK)) => {
-                    if Instant::now() >= deadline {
-                        return Err(timed_out());
-                    }
-                    file = f;
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                Err((_, errno)) => {
-                    return Err(GuestError::Io {
-                        context: format!("locking {}", path.display()),
-                        source: errno.into(),
-                    });
-                }
+            let flock = flock_until(&path, deadline).await?;
+            // The holder before us may have removed the file (its VM had no config):
+            // then our lock is on an unlinked file and locks nobody out. Start over.
+            if is_current(&flock, &path) {
+                return Ok(VmLockGuard {
+                    _inproc: inproc,
+                    _flock: flock,
+                    lock_path: path,
+                    config_path: self.config_path(vmid),
+                    vmid,
+                });
+            }
+            if Instant::now() >= deadline {
+                return Err(timed_out());
             }
         }
     }
@@ -211,5 +261,57 @@ mod tests {
         drop(held);
         assert!(!store.exists(100));
         assert_eq!(store.list(), Vec::<u32>::new());
+    }
+    fn fds_on(path: &Path) -> usize {
+        std::fs::read_dir("/proc/self/fd")
+            .map(|rd| {
+                rd.flatten()
+                    .filter(|e| std::fs::read_link(e.path()).is_ok_and(|t| t == path))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    #[tokio::test]
+    async fn lock_file_goes_with_the_config_and_still_excludes() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock_file = dir.path().join("lock/lock-100.conf");
+        let store = ConfigStore::new("n1", dir.path()).unwrap();
+        // No config: the lock file does not outlive the lock.
+        drop(store.lock(100, DEFAULT_LOCK_TIMEOUT).await.unwrap());
+        assert!(!lock_file.exists());
+        // With a config it stays (removing it would gain nothing).
+        store.create_and_lock(100, "create").await.unwrap();
+        assert!(lock_file.exists());
+
+        // The unlink race: B (another process: its own store) opened the file and waits
+        // while A holds it; A removes the config, then drops (unlinking the file). B must
+        // lock the new file, or C would get in beside B.
+        let a = store.lock(100, DEFAULT_LOCK_TIMEOUT).await.unwrap();
+        let store_b = ConfigStore::new("n1", dir.path()).unwrap();
+        let b = tokio::spawn(async move {
+            let guard = store_b.lock(100, Duration::from_secs(5)).await.unwrap();
+            (store_b, guard)
+        });
+        let waiting = async {
+            while fds_on(&lock_file) < 2 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("B opens the lock file");
+        store.remove_locked(&a).unwrap();
+        drop(a);
+        let (_store_b, b_guard) = b.await.unwrap();
+        let store_c = ConfigStore::new("n1", dir.path()).unwrap();
+        let c = store_c.lock(100, Duration::from_millis(200)).await;
+        assert!(
+            matches!(c, Err(GuestError::LockTimeout { .. })),
+            "C got in beside B"
+        );
+        drop(b_guard);
+        assert!(!lock_file.exists());
+        drop(store_c.lock(100, DEFAULT_LOCK_TIMEOUT).await.unwrap());
     }
 }

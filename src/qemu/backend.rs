@@ -165,6 +165,8 @@ impl Hypervisor for QemuHypervisor {
             ] {
                 let _ = std::fs::remove_file(leftover);
             }
+            // Stopped for good (a failed or cancelled migration): its log goes too.
+            super::process::remove_log(&self.run_dir, vmid);
             Ok(())
         })
     }

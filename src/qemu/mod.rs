@@ -13,7 +13,8 @@
 //! [`VmHandle::wait_block_job_ready`], [`VmHandle::mirror_write_blocking`],
 //! [`VmHandle::migrate_set_parameters`], [`VmHandle::migrate`], [`VmHandle::wait_migration`]
 //! (progress callback, stall detection), [`VmHandle::block_job_cancel`] (cancel + dismiss),
-//! and on failure [`VmHandle::migrate_cancel`].
+//! and on failure [`VmHandle::migrate_cancel`] and [`VmHandle::block_job_abort`] (forced);
+//! [`VmHandle::clear_jobs`] ends jobs an earlier run left.
 //!
 //! Everything talks to QEMU through one cached QMP connection per [`VmHandle`]; a handle for a
 //! VM started by another process comes from [`VmHandle::attach`].
@@ -494,10 +495,50 @@ impl VmHandle {
     /// Ends block job `job` cleanly (`block-job-cancel`; from READY this leaves a consistent
     /// target), waits for it to conclude and dismisses it. A job that no longer exists is fine.
     pub async fn block_job_cancel(&self, job: &str, timeout: Duration) -> Result<(), QemuError> {
+        self.end_block_job(job, false, timeout).await
+    }
+
+    /// Ends block job `job` at once, its target left as it is (`block-job-cancel` with
+    /// `force`: a READY mirror does not first drain to a target that may be out of reach),
+    /// waits for it to conclude and dismisses it. A job that no longer exists is fine.
+    pub async fn block_job_abort(&self, job: &str, timeout: Duration) -> Result<(), QemuError> {
+        self.end_block_job(job, true, timeout).await
+    }
+
+    /// Ends and dismisses every job whose id starts with `prefix` (concluded ones are only
+    /// dismissed), each within `timeout`; returns their ids. For jobs an earlier run left:
+    /// a new job under the same id is refused while the old one exists ("Job ID
+    /// 'mirror-scsi0' already in use").
+    pub async fn clear_jobs(
+        &self,
+        prefix: &str,
+        timeout: Duration,
+    ) -> Result<Vec<String>, QemuError> {
+        let jobs = self.cmd("query-jobs", Value::Null).await?;
+        let ids: std::collections::BTreeSet<String> = jobs
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|j| j["id"].as_str())
+            .filter(|id| id.starts_with(prefix))
+            .map(str::to_string)
+            .collect();
+        for id in &ids {
+            self.block_job_abort(id, timeout).await?;
+        }
+        Ok(ids.into_iter().collect())
+    }
+
+    async fn end_block_job(
+        &self,
+        job: &str,
+        force: bool,
+        timeout: Duration,
+    ) -> Result<(), QemuError> {
         match self
             .execute(
                 "block-job-cancel",
-                json!({"device": job}),
+                json!({"device": job, "force": force}),
                 qmp::DEFAULT_TIMEOUT,
             )
             .await

@@ -7,7 +7,8 @@
 //! session, so they survive the mtunnel process that started them (as PVE's VMs do) and no
 //! terminal signal reaches them, yet they stay our children while we live: we learn their
 //! exit status, and QEMU's stdout/stderr go to `{run}/{vmid}.log` for the VM's whole life
-//! (`-daemonize` would send everything after startup to /dev/null). Readiness is "the QMP
+//! (`-daemonize` would send everything after startup to /dev/null; [`remove_log`] removes
+//! it once a cleanup stopped the VM for good). Readiness is "the QMP
 //! handshake succeeded"; if QEMU exits first, the error carries the tail of its log. Every
 //! failure after the spawn kills the process before returning. (Under systemd the service needs
 //! `KillMode=process`, or VMs must be moved into their own scope, for VMs to outlive a service
@@ -159,6 +160,30 @@ pub fn is_running(run_dir: &Path, vmid: u32) -> Option<i32> {
     let text = fs::read_to_string(&paths.pid).ok()?;
     let pid: i32 = text.trim().parse().ok()?;
     (pid > 0 && pid_is_vm(pid, &paths.pid)).then_some(pid)
+}
+
+/// Removes `{run}/{vmid}.log` once the QEMU that wrote it is gone (the log of a running VM
+/// stays), for callers that stopped a VM for good, e.g. a failed migration's cleanup: else
+/// every failed migration leaves a log. Its last lines go to our own log first, as they
+/// often say why QEMU ended.
+pub fn remove_log(run_dir: &Path, vmid: u32) {
+    if is_running(run_dir, vmid).is_some() {
+        return;
+    }
+    let path = VmPaths::new(run_dir, vmid).log;
+    if !path.exists() {
+        return;
+    }
+    let tail = log_tail(&path, 0, 1024);
+    match fs::remove_file(&path) {
+        Ok(()) => tracing::info!(
+            vmid,
+            "removed QEMU log {}; it ended: {tail}",
+            path.display()
+        ),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(vmid, "removing QEMU log {}: {e}", path.display()),
+    }
 }
 
 /// Whether `pid` is alive, not a zombie, and was started with `-pidfile <pidfile>`.

@@ -119,14 +119,13 @@ impl NodeStorage {
         let fmt = ImageFormat::parse(format, def.kind)?;
         let name = name.map(|n| alloc_file_name(n, vmid, fmt)).transpose()?;
         let dir = image_dir(def, vmid);
-        ensure_image_dir(&dir).await?;
-        let (name, file) = match name {
-            Some(name) => {
-                let file = reserve(&dir.join(&name)).await?;
-                (name, file)
+        let (name, file) = in_image_dir(&dir, || async {
+            match &name {
+                Some(name) => Ok((name.clone(), reserve(&dir.join(name)).await?)),
+                None => self.reserve_free_name(storage, &dir, vmid, fmt).await,
             }
-            None => self.reserve_free_name(storage, &dir, vmid, fmt).await?,
-        };
+        })
+        .await?;
         drop(file);
         let path = dir.join(&name);
         let guard = RemoveOnDrop::new(path.clone());
@@ -151,10 +150,15 @@ impl NodeStorage {
         let (vol, path) = self.resolve(volid)?;
         let def = self.lookup(&vol.storage)?;
         if def.kind == StorageKind::Btrfs {
-            return btrfs::free(def, &vol).await;
+            btrfs::free(def, &vol).await?;
+            remove_if_empty(&image_dir(def, vol.vmid));
+            return Ok(());
         }
         match fs::remove_file(&path).await {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                remove_if_empty(&image_dir(def, vol.vmid));
+                Ok(())
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Err(StorageError::NotFound {
                 volid: volid.to_string(),
                 path,
@@ -200,19 +204,21 @@ impl NodeStorage {
         let size = read_size_header(&mut reader).await?;
 
         let dir = image_dir(def, req.vmid);
-        ensure_image_dir(&dir).await?;
-        let (name, file) = match reserve(&dir.join(&name)).await {
-            Ok(file) => (name, file),
-            Err(StorageError::Exists { path }) if req.allow_rename => {
-                tracing::info!(
-                    "disk image '{}' already exists - importing with a different name",
-                    path.display()
-                );
-                self.reserve_free_name(&req.storage, &dir, req.vmid, fmt)
-                    .await?
+        let (name, file) = in_image_dir(&dir, || async {
+            match reserve(&dir.join(&name)).await {
+                Ok(file) => Ok((name.clone(), file)),
+                Err(StorageError::Exists { path }) if req.allow_rename => {
+                    tracing::info!(
+                        "disk image '{}' already exists - importing with a different name",
+                        path.display()
+                    );
+                    self.reserve_free_name(&req.storage, &dir, req.vmid, fmt)
+                        .await
+                }
+                Err(e) => Err(e),
             }
-            Err(e) => return Err(e),
-        };
+        })
+        .await?;
         let path = dir.join(&name);
         let guard = RemoveOnDrop::new(path.clone());
         receive(&mut *reader, file, &path, fmt, size).await?;
@@ -409,6 +415,42 @@ pub(super) async fn ensure_image_dir(dir: &Path) -> StorageResult<()> {
         .map_err(|e| StorageError::io(format!("creating image directory '{}'", dir.display()), e))
 }
 
+/// Runs `reserve` (which creates a file in `dir`) after creating `dir`. A concurrent free
+/// of the VM's last volume may remove `dir` as empty in between ([`remove_if_empty`]):
+/// then both steps run again, a few times at most.
+async fn in_image_dir<T, F, Fut>(dir: &Path, mut reserve: F) -> StorageResult<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = StorageResult<T>>,
+{
+    let mut attempts = 0;
+    loop {
+        ensure_image_dir(dir).await?;
+        match reserve().await {
+            Err(StorageError::Io { source, .. })
+                if source.kind() == io::ErrorKind::NotFound && attempts < 3 && !dir.exists() =>
+            {
+                attempts += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Removes `{path}/images/{vmid}` once its last volume is gone (a VM's image dir goes with
+/// its volumes); a directory that still holds anything stays.
+pub(super) fn remove_if_empty(dir: &Path) {
+    match std::fs::remove_dir(dir) {
+        Ok(()) => tracing::debug!("removed empty image directory '{}'", dir.display()),
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::DirectoryNotEmpty
+            ) => {}
+        Err(e) => tracing::warn!("removing empty image directory '{}': {e}", dir.display()),
+    }
+}
+
 /// Creates `path` exclusively (an existing file is [`StorageError::Exists`]).
 pub(super) async fn reserve(path: &Path) -> StorageResult<fs::File> {
     fs::OpenOptions::new()
@@ -477,11 +519,20 @@ impl RemoveOnDrop {
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
-        if let Some(path) = self.path.take()
-            && let Err(e) = std::fs::remove_file(&path)
-            && e.kind() != io::ErrorKind::NotFound
-        {
-            tracing::warn!("could not remove partial image '{}': {e}", path.display());
+        let Some(path) = self.path.take() else {
+            return;
+        };
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!("could not remove partial image '{}': {e}", path.display());
+                return;
+            }
+        }
+        // The partial image may have been the VM's only file: its directory goes too.
+        if let Some(dir) = path.parent() {
+            remove_if_empty(dir);
         }
     }
 }
@@ -906,6 +957,22 @@ mod tests {
             stream_format: stream_format.to_string(),
             allow_rename,
         }
+    }
+
+    #[tokio::test]
+    async fn image_dir_goes_with_the_last_volume() {
+        let tmp = tempfile::tempdir().unwrap();
+        let st = node(tmp.path());
+        let images = tmp.path().join("images/200");
+        let a = st.alloc("local", 200, "raw", None, 4).await.unwrap();
+        let b = st.alloc("local", 200, "qcow2", None, 64).await.unwrap();
+        st.free(&a).await.unwrap();
+        assert!(images.is_dir(), "one volume left");
+        st.free(&b).await.unwrap();
+        assert!(!images.exists(), "the empty image dir stays");
+        // The next allocation makes it again.
+        st.alloc("local", 200, "raw", None, 4).await.unwrap();
+        assert!(images.is_dir());
     }
 
     #[tokio::test]

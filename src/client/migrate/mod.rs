@@ -42,6 +42,10 @@ use remote::Remote;
 /// How long a disk mirror may make no progress before the migration gives up.
 const MIRROR_STALL: Duration = Duration::from_secs(60);
 
+/// How long a disk mirror job may take to end after a forced cancel (a failed migration's
+/// own, or one an earlier migration left) before the migration gives up on it.
+const STALE_JOB_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Multifd channels when the user asked for no number: one. On the emulated WAN links of
 /// `mtunnel bench --wan` 4 streams gained only where one flow is capped or lossy, and they
 /// lengthened the guest's pause from the source's `STOP` to the target's `RESUME` (~0.1 s

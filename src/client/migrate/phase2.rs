@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::{Map, Value, json};
 
-use super::{DEFAULT_STREAMS, MIRROR_STALL, Migration, as_u64, min_limit};
+use super::{DEFAULT_STREAMS, MIRROR_STALL, Migration, STALE_JOB_TIMEOUT, as_u64, min_limit};
 use crate::client::progress::{Progress, human};
 use crate::qemu::{self, MigrationParams, VmHandle};
 
@@ -21,6 +21,7 @@ impl Migration<'_> {
         let vm = VmHandle::attach(&self.src.cfg.run_dir, vmid)
             .context("attaching to the running source VM")?;
         let machine = vm.running_machine().await?;
+        self.clear_stale_mirrors(&vm).await?;
         let streams = self.streams();
         let mut migrate_opts = json!({
             "spice_ticket": null, "type": "websocket", "network": null, "storagemap": {},
@@ -59,6 +60,24 @@ impl Migration<'_> {
         if let Err(e) = self.transfer(&vm, &started, &ram).await {
             self.cancel_live(&vm, streams).await;
             return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Ends the `mirror-*` jobs an earlier, failed migration of this VM left (its cancel
+    /// may have timed out while the link was frozen, and the job concluded with an I/O
+    /// error later): QEMU refuses a new `mirror-scsi0` while the old one exists. No other
+    /// migration of the VM runs: this one holds its config lock `migrate`.
+    async fn clear_stale_mirrors(&self, vm: &VmHandle) -> anyhow::Result<()> {
+        let ended = vm.clear_jobs("mirror-", STALE_JOB_TIMEOUT).await.context(
+            "ending the disk mirror jobs an earlier migration left on the source VM \
+                 (see 'query-jobs' on its QMP socket)",
+        )?;
+        if !ended.is_empty() {
+            self.progress.log(format!(
+                "ended block job(s) {} left by an earlier migration",
+                ended.join(", ")
+            ));
         }
         Ok(())
     }
@@ -214,10 +233,14 @@ impl Migration<'_> {
         {
             let _ = vm.resume().await;
         }
+        // Forced and bounded: the target may be out of reach (a frozen link), and a clean
+        // cancel of a READY mirror first drains to it. A job still ending then is ended
+        // by the next migration's `clear_stale_mirrors`.
         for v in self.plan.volumes.iter().filter(|v| v.live) {
-            let _ = vm
-                .block_job_cancel(&format!("mirror-{}", v.key), Duration::from_secs(10))
-                .await;
+            let job = format!("mirror-{}", v.key);
+            if let Err(e) = vm.block_job_abort(&job, STALE_JOB_TIMEOUT).await {
+                tracing::warn!("cancelling block job {job}: {e}");
+            }
         }
         if let Err(se) = self.remote.cmd(json!({"cmd": "stop"}), 10).await {
             self.progress
