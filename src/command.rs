@@ -63,9 +63,6 @@ pub trait TunnelSockets: Send + Sync {
     fn register_socket(&self, path: &Path);
     fn unregister_socket(&self, path: &Path);
     fn is_registered(&self, path: &Path) -> bool;
-    /// Whether another tunnel holds this tunnel's VMID now (an operator destroyed the VM
-    /// and a new migration reserved it): then the VM and its config are not ours to touch.
-    fn superseded(&self) -> bool;
 }
 
 /// What a [`HandlerFactory`] gets for a new tunnel.

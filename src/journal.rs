@@ -10,6 +10,12 @@
 //! live. Volumes created in flight (an `alloc` or a partial import when the process died)
 //! are found as the VMID's volumes that did not exist when the tunnel opened: the VMID was
 //! reserved by this tunnel the whole time, so nobody else can have made them.
+//!
+//! A journal acts only on what it can prove is its own: the config must carry the
+//! tunnel's reservation id as its origin ([`crate::guest::ConfigStore::origin`]), so a
+//! stale journal never touches a later VM of the same VMID; and a journal must pass
+//! [`validate`] (its file name, UPID, sockets and volumes all of its own VMID), so a
+//! crafted or damaged one is set aside unread ([`set_aside`]), never acted on.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -74,6 +80,11 @@ pub struct Created {
     /// The tunnel's task, whose log recovery ends.
     pub upid: String,
     pub owner: Owner,
+    /// The id the tunnel reserved the VMID under, also the config's origin: the proof
+    /// that the config (and what was made for it) is this tunnel's. Empty in journals of
+    /// older versions: then nothing of the VM is provably ours.
+    #[serde(default)]
+    pub reservation: String,
     /// Volumes of the VMID that existed when the tunnel opened, by storage: never freed.
     /// Only the storages listed here were scanned, so only they are scanned for volumes
     /// made in flight.
@@ -144,28 +155,149 @@ pub fn remove(journal_dir: &Path, upid: &str) {
     }
 }
 
-/// Every journal in the directory; unreadable ones are reported by path.
-pub fn load_all(journal_dir: &Path) -> (Vec<Created>, Vec<String>) {
+/// A journal that cannot be trusted: where it is and why.
+#[derive(Debug)]
+pub struct Rejected {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+/// Every journal in the directory that passes [`validate`], newest first within a
+/// VMID (a later tunnel of a VMID is recovered before an older one); the others, with
+/// the reason, for [`set_aside`].
+pub fn load_all(journal_dir: &Path, run_dir: &Path) -> (Vec<Created>, Vec<Rejected>) {
     let mut out = Vec::new();
-    let mut problems = Vec::new();
+    let mut rejected = Vec::new();
     let Ok(entries) = std::fs::read_dir(journal_dir) else {
-        return (out, problems);
+        return (out, rejected);
     };
     for entry in entries.flatten() {
         let path = entry.path();
-        if path.extension().and_then(|e| e.to_str()) != Some("json") {
+        if path.extension().and_then(|e| e.to_str()) != Some("json") || !path.is_file() {
             continue;
         }
-        match std::fs::read(&path)
+        let file_name = entry.file_name().to_string_lossy().into_owned();
+        let read = std::fs::read(&path)
             .map_err(|e| e.to_string())
             .and_then(|b| serde_json::from_slice::<Created>(&b).map_err(|e| e.to_string()))
-        {
+            .and_then(|c| validate(&c, &file_name, run_dir).map(|()| c));
+        match read {
             Ok(c) => out.push(c),
-            Err(e) => problems.push(format!("{}: {e}", path.display())),
+            Err(reason) => rejected.push(Rejected { path, reason }),
         }
     }
-    out.sort_by_key(|c| c.vmid);
-    (out, problems)
+    let started = |c: &Created| {
+        c.upid
+            .parse::<crate::task::Upid>()
+            .map(|u| u.starttime)
+            .unwrap_or(0)
+    };
+    out.sort_by_key(|c| (c.vmid, std::cmp::Reverse(started(c))));
+    (out, rejected)
+}
+
+/// Whether a journal is one a tunnel of this node wrote: its file is `{upid}.json`, the
+/// UPID is a tunnel task of its VMID, it expects one of a tunnel's locks, and its sockets
+/// (tunnel sockets of that VMID in the run dir) and volumes (of that VMID) are its own.
+pub fn validate(c: &Created, file_name: &str, run_dir: &Path) -> Result<(), String> {
+    let vmid = c.vmid;
+    let upid: crate::task::Upid = c
+        .upid
+        .parse()
+        .map_err(|_| format!("'{}' is not a UPID", c.upid))?;
+    if file_name != format!("{}.json", c.upid) {
+        return Err(format!(
+            "its file name does not match its UPID '{}'",
+            c.upid
+        ));
+    }
+    if upid.kind != "qmtunnel" || upid.id != vmid.to_string() {
+        return Err(format!("UPID '{}' is not a tunnel of VM {vmid}", c.upid));
+    }
+    if !matches!(c.expected_lock.as_deref(), Some("create" | "migrate")) {
+        return Err(format!(
+            "it expects the lock {:?}, not 'create' or 'migrate'",
+            c.expected_lock
+        ));
+    }
+    let own_sockets = [format!("{vmid}.mtunnel"), format!("{vmid}.storage")];
+    for socket in &c.sockets {
+        let own = socket.parent() == Some(run_dir)
+            && socket
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| own_sockets.iter().any(|o| o == n));
+        if !own {
+            return Err(format!(
+                "socket {} is not a tunnel socket of VM {vmid} in {}",
+                socket.display(),
+                run_dir.display()
+            ));
+        }
+    }
+    let preexisting = c.preexisting.values().flatten();
+    for volid in c.volumes.iter().chain(preexisting) {
+        match crate::storage::VolumeId::parse(volid) {
+            Ok(v) if v.vmid == vmid => {}
+            _ => return Err(format!("volume '{volid}' is not a volume of VM {vmid}")),
+        }
+    }
+    Ok(())
+}
+
+/// Moves a rejected journal to `{journal_dir}/rejected/` (so no later start reads it
+/// again) and says where; it stays there for an operator to look at.
+pub fn set_aside(journal_dir: &Path, rejected: &Rejected) -> String {
+    let dir = journal_dir.join("rejected");
+    let name = rejected
+        .path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let target = dir.join(format!("{}-{name}", crate::util::unix_now()));
+    let moved = crate::util::ensure_dir(&dir, 0o700)
+        .and_then(|()| Ok(std::fs::rename(&rejected.path, &target)?));
+    match moved {
+        Ok(()) => format!(
+            "tunnel journal {} not trusted ({}): set aside as {}, nothing done",
+            rejected.path.display(),
+            rejected.reason,
+            target.display()
+        ),
+        Err(e) => format!(
+            "tunnel journal {} not trusted ({}): nothing done; moving it aside failed: {e:#}",
+            rejected.path.display(),
+            rejected.reason
+        ),
+    }
+}
+
+/// Retires the journals of `vmid` that no live worker owns (its process is gone, or it
+/// gave up on its cleanup) because the VMID was given a new life: destroyed or unlocked
+/// by an operator, or reserved by a new tunnel. An abandoned journal (its task ended) is
+/// removed; one of a dead process is marked released, so recovery frees nothing in its
+/// name and only ends its task log. Returns one line per journal retired.
+pub fn retire(journal_dir: &Path, run_dir: &Path, vmid: u32, why: &str) -> Vec<String> {
+    let (journals, _) = load_all(journal_dir, run_dir);
+    let mut lines = Vec::new();
+    for mut c in journals.into_iter().filter(|c| c.vmid == vmid) {
+        let result = if c.abandoned {
+            std::fs::remove_file(journal_path(journal_dir, &c.upid)).map_err(Into::into)
+        } else if !c.owner.is_alive() && !c.released {
+            c.released = true;
+            store(journal_dir, &c)
+        } else {
+            continue;
+        };
+        lines.push(match result {
+            Ok(()) => format!("retired the journal of tunnel {} ({why})", c.upid),
+            Err(e) => format!("retiring the journal of tunnel {} failed: {e:#}", c.upid),
+        });
+    }
+    for line in &lines {
+        tracing::info!(vmid, "{line}");
+    }
+    lines
 }
 
 /// Where freeing reports each step: a task log (live tunnel) or a line sink (recovery).
@@ -198,26 +330,51 @@ pub struct Freed {
     pub failed: bool,
 }
 
-/// Whom the VMID belongs to while freeing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Vmid {
-    /// This tunnel still holds the VMID (it is the VMID's open tunnel, or none is open).
-    Owned,
-    /// Another tunnel took the VMID over (after an operator destroyed the VM): only the
-    /// recorded volumes are this tunnel's; the VM and the config are not.
-    Lost,
+/// Whose the VMID's config is, as far as `created` can prove.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Claim {
+    /// The config carries this tunnel's reservation id: it and what was made for it are
+    /// this tunnel's (within what the journal records).
+    Ours,
+    /// No config: nobody holds the VMID (checked under its lock), so what the journal
+    /// records is still only this tunnel's.
+    Gone,
+    /// The config is another one (why, for the log): nothing of the VMID is ours.
+    Other(&'static str),
 }
 
-/// Frees what `created` lists: stops a VM it started, frees its volumes (and volumes of
-/// the VMID made since it opened), removes a firewall file it wrote and the config it
-/// reserved, and its sockets. A VM past `resume` is never touched; neither is a VM whose
-/// config another lock took over. If the VM cannot be stopped, nothing else is freed (its
-/// disks are in use). Each step is reported; a failing step is a warning and marks the
-/// result failed. `guard` is the config lock if the caller already holds it.
+/// Why the VMID's config is not `created`'s to free (`None`: it is, or there is none).
+pub fn not_ours(node: &Node, created: &Created) -> Option<&'static str> {
+    match claim(node, created) {
+        Claim::Other(why) => Some(why),
+        Claim::Ours | Claim::Gone => None,
+    }
+}
+
+fn claim(node: &Node, created: &Created) -> Claim {
+    if !node.guests.exists(created.vmid) {
+        return Claim::Gone;
+    }
+    match node.guests.origin(created.vmid) {
+        Some(origin) if !created.reservation.is_empty() && origin == created.reservation => {
+            Claim::Ours
+        }
+        Some(_) => Claim::Other("was reserved anew (by another tunnel)"),
+        None => Claim::Other("is not one this tunnel reserved (no reservation of it is on record)"),
+    }
+}
+
+/// Frees what `created` lists, holding the VM's config lock throughout (`guard`, if the
+/// caller already holds it): stops a VM it started, frees its volumes (and volumes of the
+/// VMID made since it opened), removes a firewall file it wrote, the config it reserved
+/// and its sockets. Only what the tunnel can prove is its own ([`claim`]) is touched: a
+/// later config of the same VMID, with its VM and volumes, is left alone. A VM past
+/// `resume` is never touched; neither is a config another lock took over. If the VM
+/// cannot be stopped, nothing else is freed (its disks are in use). Each step is
+/// reported; a failing step is a warning and marks the result failed.
 pub async fn free_created(
     node: &Arc<Node>,
     created: &Created,
-    vmid_is: Vmid,
     guard: Option<&crate::guest::VmLockGuard>,
     report: &dyn Report,
 ) -> Freed {
@@ -226,7 +383,39 @@ pub async fn free_created(
     if created.released {
         return freed;
     }
-    // Sockets first: while the config exists no later tunnel can own these paths.
+    let taken;
+    let guard = match guard {
+        Some(g) => g,
+        None => match node
+            .guests
+            .lock(vmid, crate::guest::store::DEFAULT_LOCK_TIMEOUT)
+            .await
+        {
+            Ok(g) => {
+                taken = g;
+                &taken
+            }
+            Err(e) => {
+                report.warn(&format!(
+                    "cleanup: cannot take the config lock of VM {vmid}: {e} - nothing freed \
+                     yet (retried later)"
+                ));
+                freed.failed = true;
+                return freed;
+            }
+        },
+    };
+    let claim = claim(node, created);
+    if let Claim::Other(why) = claim {
+        report.warn(&format!(
+            "cleanup: the config of VM {vmid} {why} - leaving that VM, its config, its \
+             volumes and its sockets alone"
+        ));
+        node.metrics.cleanup(cleanup_action::VM_KEPT);
+        freed.kept = true;
+        return freed;
+    }
+    // Sockets first: the VMID is this tunnel's (or nobody's), so these paths are too.
     remove_sockets(node, created);
     if !created.may_destroy() {
         report.warn(&kept_message(created));
@@ -234,15 +423,9 @@ pub async fn free_created(
         freed.kept = true;
         return freed;
     }
-    if vmid_is == Vmid::Lost {
-        report.warn(&format!(
-            "cleanup: VM {vmid} belongs to another tunnel now - freeing only this tunnel's \
-             own volumes"
-        ));
-        free_volumes(node, created.volumes.clone(), report, &mut freed).await;
-        return freed;
-    }
-    if let Some(found) = foreign_lock(node, created) {
+    if claim == Claim::Ours
+        && let Some(found) = foreign_lock(node, created)
+    {
         report.warn(&format!(
             "cleanup: config of VM {vmid} {found}, not '{}' - leaving the VM, its volumes \
              and its config in place",
@@ -252,22 +435,8 @@ pub async fn free_created(
         freed.kept = true;
         return freed;
     }
-    if created.vm_started {
-        match node.hypervisor.stop(vmid).await {
-            Ok(()) => {
-                report.info(&format!("cleanup: stopped VM {vmid}"));
-                node.metrics.cleanup(cleanup_action::VM_STOPPED);
-                freed.vm_stopped = true;
-            }
-            Err(e) => {
-                report.warn(&format!(
-                    "cleanup: stopping VM {vmid} failed: {e:#} - leaving its volumes and \
-                     config in place"
-                ));
-                freed.failed = true;
-                return freed;
-            }
-        }
+    if created.vm_started && !stop_vm(node, vmid, report, &mut freed).await {
+        return freed;
     }
     let volumes = volumes_to_free(node, created).await;
     free_volumes(node, volumes, report, &mut freed).await;
@@ -280,24 +449,59 @@ pub async fn free_created(
         return freed;
     }
     if created.firewall_written {
-        let path = node.cfg.firewall_dir().join(format!("{vmid}.fw"));
-        match std::fs::remove_file(path) {
+        remove_firewall(node, vmid, report, &mut freed);
+    }
+    if claim == Claim::Ours {
+        match node.guests.remove_locked(guard) {
             Ok(()) => {
-                report.info("cleanup: removed firewall file");
-                node.metrics.cleanup(cleanup_action::FIREWALL_REMOVED);
+                report.info(&format!("cleanup: removed config of VM {vmid}"));
+                node.metrics.cleanup(cleanup_action::CONFIG_REMOVED);
+                freed.config_removed = true;
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {
-                report.warn(&format!("cleanup: removing firewall file failed: {e}"));
+                report.warn(&format!(
+                    "cleanup: removing config of VM {vmid} failed: {e}"
+                ));
                 freed.failed = true;
             }
         }
     }
-    match remove_config(node, created, guard, report).await {
-        Some(removed) => freed.config_removed = removed,
-        None => freed.failed = true,
-    }
     freed
+}
+
+/// Stops the VM; false (reported, `freed.failed`) if that failed.
+async fn stop_vm(node: &Node, vmid: u32, report: &dyn Report, freed: &mut Freed) -> bool {
+    match node.hypervisor.stop(vmid).await {
+        Ok(()) => {
+            report.info(&format!("cleanup: stopped VM {vmid}"));
+            node.metrics.cleanup(cleanup_action::VM_STOPPED);
+            freed.vm_stopped = true;
+            true
+        }
+        Err(e) => {
+            report.warn(&format!(
+                "cleanup: stopping VM {vmid} failed: {e:#} - leaving its volumes and config \
+                 in place"
+            ));
+            freed.failed = true;
+            false
+        }
+    }
+}
+
+fn remove_firewall(node: &Node, vmid: u32, report: &dyn Report, freed: &mut Freed) {
+    let path = node.cfg.firewall_dir().join(format!("{vmid}.fw"));
+    match std::fs::remove_file(path) {
+        Ok(()) => {
+            report.info("cleanup: removed firewall file");
+            node.metrics.cleanup(cleanup_action::FIREWALL_REMOVED);
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            report.warn(&format!("cleanup: removing firewall file failed: {e}"));
+            freed.failed = true;
+        }
+    }
 }
 
 fn kept_message(created: &Created) -> String {
@@ -330,9 +534,17 @@ async fn free_volumes(node: &Node, volumes: Vec<String>, report: &dyn Report, fr
 
 /// The config's lock if it is not the one this tunnel expects (`None`: ours, or gone).
 fn foreign_lock(node: &Node, created: &Created) -> Option<String> {
-    let expected = created.expected_lock.as_ref()?;
-    let text = node.guests.read_text(created.vmid).ok()?;
-    let conf = VmConfig::parse(&text).ok()?;
+    let Some(expected) = created.expected_lock.as_ref() else {
+        return Some("is not one this tunnel expects a lock on".to_string());
+    };
+    let conf = match node.guests.read_text(created.vmid) {
+        Ok(text) => match VmConfig::parse(&text) {
+            Ok(conf) => conf,
+            Err(e) => return Some(format!("cannot be parsed ({e})")),
+        },
+        Err(crate::guest::GuestError::Missing { .. }) => return None,
+        Err(e) => return Some(format!("cannot be read ({e})")),
+    };
     match conf.options.get("lock") {
         Some(lock) if lock == expected => None,
         // `config` writes `lock: migrate` just before the tunnel records that it expects
@@ -373,59 +585,6 @@ pub async fn volumes_to_free(node: &Node, created: &Created) -> Vec<String> {
     out.sort();
     out.dedup();
     out
-}
-
-/// Removes the config under its lock if it is still this tunnel's (re-checked under the
-/// lock). `Some(removed)`, or `None` when removing failed.
-async fn remove_config(
-    node: &Node,
-    created: &Created,
-    guard: Option<&crate::guest::VmLockGuard>,
-    report: &dyn Report,
-) -> Option<bool> {
-    let vmid = created.vmid;
-    let taken;
-    let guard = match guard {
-        Some(g) => g,
-        None => match node
-            .guests
-            .lock(vmid, crate::guest::store::DEFAULT_LOCK_TIMEOUT)
-            .await
-        {
-            Ok(g) => {
-                taken = g;
-                &taken
-            }
-            Err(e) => {
-                report.warn(&format!(
-                    "cleanup: removing config of VM {vmid} failed: {e}"
-                ));
-                return None;
-            }
-        },
-    };
-    if !node.guests.exists(vmid) {
-        return Some(false);
-    }
-    if let Some(found) = foreign_lock(node, created) {
-        report.warn(&format!(
-            "cleanup: config of VM {vmid} {found} now - leaving it in place"
-        ));
-        return Some(false);
-    }
-    match node.guests.remove_locked(guard) {
-        Ok(()) => {
-            report.info(&format!("cleanup: removed config of VM {vmid}"));
-            node.metrics.cleanup(cleanup_action::CONFIG_REMOVED);
-            Some(true)
-        }
-        Err(e) => {
-            report.warn(&format!(
-                "cleanup: removing config of VM {vmid} failed: {e}"
-            ));
-            None
-        }
-    }
 }
 
 fn remove_sockets(node: &Node, created: &Created) {

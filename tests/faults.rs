@@ -1831,6 +1831,56 @@ async fn kill9_after_resume_keeps_vm_then_restart() {
     .await
 }
 
+/// Issue 17 (2): the journal of an earlier tunnel of the same VMID (here as a restored
+/// data dir or an abandoned cleanup leaves it: T1 reserved, wrote the config and started
+/// QEMU) must not stop, free or remove the VM a later tunnel (T2) migrated in and
+/// resumed. Recovery judged ownership by the lock name, which every migration shares;
+/// now the config must carry T1's own reservation id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_journal_never_touches_a_later_resumed_vm() {
+    bounded(150, async {
+        let vmid = 333;
+        let src = node("src1", "");
+        let mut dst = target("");
+        let proxy = FaultProxy::start(dst.port).await;
+        let t1 = dst.open_tunnel(vmid).await;
+        let mut ctl = Ctl::open(&dst, proxy.port, &t1).await;
+        let created = drive_to(&dst, &mut ctl, vmid, Phase::Start).await;
+        let journal = dst.data.join(format!("tunnels/{}.json", t1.upid));
+        let mut old: Value = serde_json::from_slice(&std::fs::read(&journal).unwrap()).unwrap();
+        assert_eq!(old["expected_lock"], "migrate", "{old}");
+        proxy.reset();
+        assert_tunnel_freed(&dst, &t1.upid, vmid, &created, 30).await;
+        drop(ctl);
+
+        let ctl = migrate_and_resume(&src, &dst, dst.port, vmid).await;
+        let t2 = dst
+            .tunnel_upids(vmid)
+            .into_iter()
+            .find(|u| *u != t1.upid)
+            .unwrap();
+        dst.kill();
+        old["abandoned"] = json!(true);
+        std::fs::write(&journal, serde_json::to_vec(&old).unwrap()).unwrap();
+        dst.restart();
+        // Recovery ran before serve answers: T2's task ends, T1's journal is gone.
+        let (_, log) = ended(&dst, &t2, 10).await;
+        assert_vm_kept(&dst, vmid, &log, "after an old journal was recovered");
+        assert!(!journal.exists(), "T1's journal must not run again");
+        let start_log = dst.log();
+        assert!(
+            start_log.contains(&format!(
+                "cleanup: the config of VM {vmid} was reserved anew (by another tunnel) - \
+                 leaving that VM, its config, its volumes and its sockets alone"
+            )),
+            "{start_log}"
+        );
+        drop(ctl);
+        unlock_and_reuse(&dst, vmid).await;
+    })
+    .await
+}
+
 // ---- admin commands ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -424,3 +424,215 @@ async fn twenty_freed_tunnels_leave_no_lock_files_or_image_dirs() {
         entries(&local_images(&server))
     );
 }
+
+// ---- items 2, 3, 11: journals and sockets that are not what they seem ----
+
+/// A journal as a tunnel of VM `vmid` writes it, with `extra` merged in; its owner is a
+/// process of another boot (dead).
+fn journal(vmid: u32, upid: &str, extra: Value) -> Value {
+    let mut j = json!({
+        "vmid": vmid, "upid": upid,
+        "owner": {"pid": 1, "pstart": 1, "boot_id": "another-boot"},
+        "reservation": "0123456789abcdef0123456789abcdef",
+        "preexisting": {}, "volumes": [], "import_running": false, "vm_started": false,
+        "resume_requested": false, "committed": false, "firewall_written": false,
+        "expected_lock": "migrate", "sockets": [],
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        j[k] = v.clone();
+    }
+    j
+}
+
+fn tunnel_upid(node: &str, vmid: u32, start: u32) -> String {
+    format!("UPID:{node}:00000001:00000001:{start:08X}:qmtunnel:{vmid}:root@pam:")
+}
+
+fn plant(dir: &Path, file: &str, j: &Value) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let path = dir.join(file);
+    std::fs::write(&path, serde_json::to_vec(j).unwrap()).unwrap();
+    path
+}
+
+fn json_files(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".json"))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// Issue 17 (3): journals that name a socket outside the run dir, a UPID that walks out
+/// of `tunnels/`, no expected lock, or another file name than their UPID are set aside
+/// (`tunnels/rejected/`), never acted on, and not read again at the next start; a
+/// well-formed journal whose reservation is not the config's leaves that VM alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crafted_journals_are_set_aside_and_never_acted_on() {
+    bounded(120, async {
+        let mut node = qemu_node("cj1");
+        let create = [
+            "vm",
+            "create",
+            "160",
+            "--memory",
+            "64",
+            "--disk",
+            "local:16M:qcow2",
+        ];
+        mt_ok(&node, &create).await;
+        mt_ok(&node, &["vm", "start", "160"]).await;
+        let pid = pid_of(&node, 160).expect("VM 160 runs");
+        let _kill = KillOnDrop(pid);
+        // Locked as every migrated VM waiting for `vm unlock` is.
+        let mut conf = std::fs::read_to_string(node.vm_config(160)).unwrap();
+        conf.push_str("lock: migrate\n");
+        std::fs::write(node.vm_config(160), &conf).unwrap();
+        let disk = local_images(&node).join("160/vm-160-disk-0.qcow2");
+        node.kill();
+
+        let dir = node.data.join("tunnels");
+        let outside = node.base().join("outside.sock");
+        std::fs::write(&outside, "keep").unwrap();
+        let walked_to = node.base().join("victim.json");
+        std::fs::write(&walked_to, "keep").unwrap();
+        let no_lock = tunnel_upid("cj1", 160, 1);
+        let all_of_it = json!({"vm_started": true, "expected_lock": null,
+                               "volumes": ["local:160/vm-160-disk-0.qcow2"]});
+        plant(
+            &dir,
+            &format!("{no_lock}.json"),
+            &journal(160, &no_lock, all_of_it),
+        );
+        let foreign = tunnel_upid("cj1", 160, 2);
+        let same_lock = json!({"vm_started": true, "volumes": ["local:160/vm-160-disk-0.qcow2"]});
+        plant(
+            &dir,
+            &format!("{foreign}.json"),
+            &journal(160, &foreign, same_lock),
+        );
+        let sock = tunnel_upid("cj1", 161, 3);
+        let sockets = json!({"sockets": [outside]});
+        plant(&dir, &format!("{sock}.json"), &journal(161, &sock, sockets));
+        plant(&dir, "x.json", &journal(162, "../../victim", json!({})));
+        let renamed = tunnel_upid("cj1", 163, 4);
+        let other_name = format!("{}.json", tunnel_upid("cj1", 163, 5));
+        plant(&dir, &other_name, &journal(163, &renamed, json!({})));
+
+        node.restart();
+        // Recovery runs before serve answers.
+        node.client().get("/version", &[]).await.unwrap();
+        assert_eq!(pid_of(&node, 160), Some(pid), "VM 160 must keep running");
+        assert_eq!(std::fs::read_to_string(node.vm_config(160)).unwrap(), conf);
+        assert!(disk.exists(), "VM 160's disk must stay");
+        assert!(
+            outside.exists() && walked_to.exists(),
+            "files outside were removed"
+        );
+        assert_eq!(
+            json_files(&dir),
+            Vec::<String>::new(),
+            "journals left to run again"
+        );
+        let rejected = json_files(&dir.join("rejected"));
+        assert_eq!(rejected.len(), 4, "{rejected:?}");
+        let log = node.log();
+        for why in [
+            "it expects the lock None, not 'create' or 'migrate'".to_string(),
+            format!(
+                "socket {} is not a tunnel socket of VM 161",
+                outside.display()
+            ),
+            "'../../victim' is not a UPID".to_string(),
+            format!("its file name does not match its UPID '{renamed}'"),
+            "cleanup: the config of VM 160 is not one this tunnel reserved (no reservation of \
+             it is on record) - leaving that VM, its config, its volumes and its sockets alone"
+                .to_string(),
+        ] {
+            assert!(
+                log.contains(&why),
+                "serve's log does not say {why:?}:\n{log}"
+            );
+        }
+        // Set aside means not read again.
+        node.restart();
+        node.client().get("/version", &[]).await.unwrap();
+        assert_eq!(json_files(&dir.join("rejected")).len(), 4);
+        assert_eq!(pid_of(&node, 160), Some(pid));
+    })
+    .await
+}
+
+/// Issue 17 (2): `vm unlock` and `vm destroy` retire what older tunnels of the VMID left
+/// in their journals (an abandoned one is removed; one of a dead process is marked
+/// released, so recovery only ends its task log), and say so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_unlock_and_destroy_retire_older_journals() {
+    bounded(60, async {
+        let node = TestServer::start_with(Options {
+            node: Some("rj1".into()),
+            ..Options::default()
+        });
+        mt_ok(&node, &["vm", "create", "170", "--memory", "64"]).await;
+        let dir = node.data.join("tunnels");
+        let abandoned = tunnel_upid("rj1", 170, 1);
+        let path = plant(
+            &dir,
+            &format!("{abandoned}.json"),
+            &journal(170, &abandoned, json!({"abandoned": true})),
+        );
+        let out = mt_ok(&node, &["vm", "unlock", "170"]).await;
+        assert_eq!(
+            out,
+            format!(
+                "VM 170 was not locked\nretired the journal of tunnel {abandoned} (an operator \
+                 unlocked the VM)\n"
+            )
+        );
+        assert!(!path.exists());
+        let dead = tunnel_upid("rj1", 170, 2);
+        let path = plant(
+            &dir,
+            &format!("{dead}.json"),
+            &journal(170, &dead, json!({})),
+        );
+        let out = mt_ok(&node, &["vm", "destroy", "170"]).await;
+        assert!(
+            out.ends_with(&format!(
+                "VM 170 destroyed\nretired the journal of tunnel {dead} (an operator destroyed \
+                 the VM)\n"
+            )),
+            "{out}"
+        );
+        let kept: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(kept["released"], true, "{kept}");
+    })
+    .await
+}
+
+/// Issue 17 (11): start-up recovery removes a `{vmid}.migrate` socket only when nothing
+/// listens on it (connecting is refused), not whenever our own QEMU is not running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_up_keeps_a_socket_something_listens_on() {
+    bounded(60, async {
+        let mut node = TestServer::start_with(Options {
+            node: Some("sk1".into()),
+            ..Options::default()
+        });
+        node.kill();
+        let live = node.run.join("344.migrate");
+        let _listener = std::os::unix::net::UnixListener::bind(&live).unwrap();
+        let stale = node.run.join("345.migrate");
+        drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+        node.restart();
+        node.client().get("/version", &[]).await.unwrap();
+        assert!(live.exists(), "a socket something listens on was removed");
+        assert!(!stale.exists(), "a socket nothing listens on stayed");
+    })
+    .await
+}

@@ -140,6 +140,10 @@ pub async fn cleanup(args: NodeArgs, dry_run: bool) -> anyhow::Result<()> {
         None => recovery::Orphans::Abandoned,
     };
     let by = recovery::RecoveredBy::Cleanup;
+    for line in recovery::set_aside_untrusted(&node, dry_run) {
+        any = true;
+        println!("{line}");
+    }
     for r in recovery::recover_dead_tunnels(&node, which, dry_run, by).await {
         any = true;
         println!("tunnel {} (VM {}):", r.upid, r.vmid);

@@ -64,6 +64,7 @@ pub async fn run(cmd: VmCommand) -> anyhow::Result<()> {
                 Some(lock) => println!("VM {vmid}: removed lock '{lock}'"),
                 None => println!("VM {vmid} was not locked"),
             }
+            retire_journals(&vms.cfg, vmid, "an operator unlocked the VM");
         }
         VmCommand::Destroy { vmid, skiplock, .. } => {
             refuse_if_tunnel_open(&vms.cfg, vmid)?;
@@ -71,14 +72,24 @@ pub async fn run(cmd: VmCommand) -> anyhow::Result<()> {
                 println!("freed {volid}");
             }
             println!("VM {vmid} destroyed");
+            retire_journals(&vms.cfg, vmid, "an operator destroyed the VM");
         }
     }
     Ok(())
 }
 
+/// What tunnels of `vmid` left in their journals is over once an operator destroyed or
+/// unlocked the VM: recovery must never act on it (on a later VM of the same VMID).
+fn retire_journals(cfg: &mtunnel::config::NodeConfig, vmid: u32, why: &str) {
+    let journals = mtunnel::script::journal::retire(&cfg.journal_dir(), &cfg.run_dir, vmid, why);
+    for line in journals {
+        println!("{line}");
+    }
+}
+
 /// An open tunnel of a running serve works on `vmid`: an operator's change would race it.
 fn refuse_if_tunnel_open(cfg: &mtunnel::config::NodeConfig, vmid: u32) -> anyhow::Result<()> {
-    let (journals, _) = mtunnel::script::journal::load_all(&cfg.journal_dir());
+    let (journals, _) = mtunnel::script::journal::load_all(&cfg.journal_dir(), &cfg.run_dir);
     if let Some(open) = journals
         .iter()
         .find(|c| c.vmid == vmid && !c.released && !c.abandoned && c.owner.is_alive())

@@ -175,16 +175,54 @@ impl ConfigStore {
     }
 
     /// Creates the empty config `lock: <lock>` for a new VMID under its lock; fails if the
-    /// VMID is in use (PVE's `create_and_lock_config`).
-    pub async fn create_and_lock(&self, vmid: u32, lock: &str) -> Result<(), GuestError> {
-        let _guard = self.lock(vmid, Duration::from_secs(5)).await?;
+    /// VMID is in use (PVE's `create_and_lock_config`). `origin` names this reservation
+    /// (see [`ConfigStore::origin`]).
+    pub async fn create_and_lock(
+        &self,
+        vmid: u32,
+        lock: &str,
+        origin: &str,
+    ) -> Result<(), GuestError> {
+        let guard = self.lock(vmid, Duration::from_secs(5)).await?;
         if self.exists(vmid) {
             return Err(GuestError::Exists {
                 vmid,
                 node: self.node.clone(),
             });
         }
-        self.write_text_locked(&_guard, &format!("lock: {lock}\n"))
+        // The origin first: a config never exists with a stale origin of an older one.
+        write_atomic(&self.origin_path(vmid), origin.as_bytes(), 0o600)
+            .map_err(GuestError::Other)?;
+        self.write_text_locked(&guard, &format!("lock: {lock}\n"))
+    }
+
+    fn origin_path(&self, vmid: u32) -> PathBuf {
+        self.dir.join(format!("{vmid}.origin"))
+    }
+
+    /// Who reserved the VMID's current config: the id its creator gave
+    /// [`ConfigStore::create_and_lock`] (a tunnel's reservation id), kept beside the config
+    /// (`{vmid}.origin`) until the config is removed or its creator's claim ends
+    /// ([`ConfigStore::clear_origin_locked`]). A tunnel's journal holds the same id, so
+    /// recovery can prove a config is the one that tunnel made, not a later one of the
+    /// same VMID. `None`: no config, or nobody's claim.
+    pub fn origin(&self, vmid: u32) -> Option<String> {
+        if !self.exists(vmid) {
+            return None;
+        }
+        let text = std::fs::read_to_string(self.origin_path(vmid)).ok()?;
+        let origin = text.trim();
+        (!origin.is_empty()).then(|| origin.to_string())
+    }
+
+    /// Ends the creator's claim on the config (the migration was committed, or an operator
+    /// unlocked the VM): from now on no tunnel journal can prove the config is its own.
+    pub fn clear_origin_locked(&self, guard: &VmLockGuard) -> Result<(), GuestError> {
+        match std::fs::remove_file(self.origin_path(guard.vmid)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io(format!("removing origin of VM {}", guard.vmid))(e)),
+        }
     }
 
     /// Reads a config's raw text (caller should hold the lock for read-modify-write).
@@ -199,19 +237,31 @@ impl ConfigStore {
         }
     }
 
-    /// Writes a config atomically; the guard proves the caller holds the VM's lock.
+    /// Writes a config atomically; the guard proves the caller holds the VM's lock. A
+    /// config written without a lock ends its creator's claim on it (its origin): the
+    /// migration that made it was committed, or an operator unlocked it.
     pub fn write_text_locked(&self, guard: &VmLockGuard, text: &str) -> Result<(), GuestError> {
         write_atomic(&self.config_path(guard.vmid), text.as_bytes(), 0o640)
-            .map_err(GuestError::Other)
+            .map_err(GuestError::Other)?;
+        let locked = text
+            .lines()
+            .take_while(|l| !l.starts_with('['))
+            .any(|l| l.starts_with("lock:"));
+        if locked {
+            Ok(())
+        } else {
+            self.clear_origin_locked(guard)
+        }
     }
 
-    /// Removes a config; the guard proves the caller holds the VM's lock.
+    /// Removes a config (and its origin); the guard proves the caller holds the VM's lock.
     pub fn remove_locked(&self, guard: &VmLockGuard) -> Result<(), GuestError> {
         match std::fs::remove_file(self.config_path(guard.vmid)) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io(format!("removing config of VM {}", guard.vmid))(e)),
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(format!("removing config of VM {}", guard.vmid))(e)),
         }
+        self.clear_origin_locked(guard)
     }
 
     /// VMIDs that have a config on this node, sorted.
@@ -240,9 +290,14 @@ mod tests {
     async fn create_is_exclusive_and_lock_times_out() {
         let dir = tempfile::tempdir().unwrap();
         let store = ConfigStore::new("n1", dir.path()).unwrap();
-        store.create_and_lock(100, "create").await.unwrap();
+        store.create_and_lock(100, "create", "t1").await.unwrap();
         assert_eq!(store.read_text(100).unwrap(), "lock: create\n");
-        let err = store.create_and_lock(100, "create").await.unwrap_err();
+        assert_eq!(store.origin(100).as_deref(), Some("t1"));
+        let err = store
+            .create_and_lock(100, "create", "t2")
+            .await
+            .unwrap_err();
+        assert_eq!(store.origin(100).as_deref(), Some("t1"));
         assert_eq!(err.to_string(), "VM 100 already exists on node 'n1'");
         let held = store.lock(100, DEFAULT_LOCK_TIMEOUT).await.unwrap();
         let err = store
@@ -260,8 +315,10 @@ mod tests {
         store.remove_locked(&held).unwrap();
         drop(held);
         assert!(!store.exists(100));
+        assert!(!dir.path().join("qemu-server/100.origin").exists());
         assert_eq!(store.list(), Vec::<u32>::new());
     }
+
     fn fds_on(path: &Path) -> usize {
         std::fs::read_dir("/proc/self/fd")
             .map(|rd| {
@@ -281,7 +338,7 @@ mod tests {
         drop(store.lock(100, DEFAULT_LOCK_TIMEOUT).await.unwrap());
         assert!(!lock_file.exists());
         // With a config it stays (removing it would gain nothing).
-        store.create_and_lock(100, "create").await.unwrap();
+        store.create_and_lock(100, "create", "t1").await.unwrap();
         assert!(lock_file.exists());
 
         // The unlink race: B (another process: its own store) opened the file and waits

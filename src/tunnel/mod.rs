@@ -279,8 +279,11 @@ pub async fn open(
         }
     }
 
+    // Names this reservation in the config's origin and in the journal: recovery proves
+    // with it that a config is the one this tunnel made.
+    let reservation = format!("{:032x}", rand::random::<u128>());
     node.guests
-        .create_and_lock(vmid, "create")
+        .create_and_lock(vmid, "create", &reservation)
         .await
         .map_err(|e| Error::param("vmid", format!("unable to create empty VM config - {e}")))?;
     if let Some(cluster) = &node.cluster {
@@ -296,7 +299,7 @@ pub async fn open(
         }
     }
 
-    match start_worker(node, authid, vmid, slot).await {
+    match start_worker(node, authid, vmid, reservation, slot).await {
         Ok(opened) => Ok(opened),
         Err(e) => {
             remove_reserved_config(node, vmid).await;
@@ -309,7 +312,15 @@ pub async fn open(
 }
 
 /// Starts the tunnel's task, which holds `slot` until it ends.
-async fn start_worker(node: &Arc<Node>, authid: &str, vmid: u32, slot: Slot) -> Result<Opened> {
+/// Binds the control socket, writes the journal (under `reservation`, the config's
+/// origin) and starts the worker; older journals of the VMID are retired first.
+async fn start_worker(
+    node: &Arc<Node>,
+    authid: &str,
+    vmid: u32,
+    reservation: String,
+    slot: Slot,
+) -> Result<Opened> {
     let socket = node.cfg.tunnel_socket(vmid);
     let socket_str = socket
         .to_str()
@@ -334,11 +345,18 @@ async fn start_worker(node: &Arc<Node>, authid: &str, vmid: u32, slot: Slot) -> 
         }
     };
     let log = node.tasks.create("qmtunnel", &vmid.to_string(), authid)?;
+    // The VMID had no config until this tunnel reserved it: what older journals of it
+    // describe is over, and must never be taken for this tunnel's.
+    let why = format!("VM {vmid} was reserved anew by tunnel {}", log.upid());
+    for line in journal::retire(&node.cfg.journal_dir(), &node.cfg.run_dir, vmid, &why) {
+        log.log(&line);
+    }
     let created = Created {
         vmid,
         upid: log.upid().to_string(),
         owner: journal::Owner::current(),
         preexisting,
+        reservation,
         expected_lock: Some("create".into()),
         sockets: vec![socket.clone()],
         ..Created::default()

@@ -71,10 +71,7 @@ pub async fn recover_dead_tunnels(
     dry_run: bool,
     by: RecoveredBy,
 ) -> Vec<Recovered> {
-    let (journals, problems) = journal::load_all(&node.cfg.journal_dir());
-    for p in problems {
-        tracing::warn!("unreadable tunnel journal {p} - left in place");
-    }
+    let (journals, _untrusted) = journal::load_all(&node.cfg.journal_dir(), &node.cfg.run_dir);
     let mut out = Vec::new();
     for created in journals {
         if which == Orphans::Abandoned && !created.abandoned {
@@ -100,7 +97,7 @@ async fn recover_one(node: &Arc<Node>, created: &Created, by: RecoveredBy) -> Ve
         "recovery: mtunnel (pid {}) ended while this tunnel was open; freeing what it created",
         created.owner.pid
     ));
-    let freed = journal::free_created(node, created, journal::Vmid::Owned, None, &report).await;
+    let freed = journal::free_created(node, created, None, &report).await;
     if by == RecoveredBy::Restart {
         node.metrics
             .cleanup(crate::metrics::cleanup_action::RECOVERED_AT_START);
@@ -150,6 +147,13 @@ async fn describe(node: &Node, created: &Created) -> Vec<String> {
         lines.push("  everything was freed already; only the journal is left".into());
         return lines;
     }
+    if let Some(why) = journal::not_ours(node, created) {
+        lines.push(format!(
+            "  the config of VM {} {why}: nothing would be touched",
+            created.vmid
+        ));
+        return lines;
+    }
     if !created.may_destroy() {
         lines.push(
             "  the migration was committed: the VM would be kept, only sockets removed".into(),
@@ -170,6 +174,30 @@ async fn describe(node: &Node, created: &Created) -> Vec<String> {
     lines
 }
 
+/// Sets aside every journal that fails [`journal::validate`] (unreadable, or naming
+/// sockets, volumes or a UPID that are not its VMID's): it is never acted on. With
+/// `dry_run`, only says so. One line per journal.
+pub fn set_aside_untrusted(node: &Node, dry_run: bool) -> Vec<String> {
+    let dir = node.cfg.journal_dir();
+    let (_, untrusted) = journal::load_all(&dir, &node.cfg.run_dir);
+    untrusted
+        .iter()
+        .map(|r| {
+            let line = if dry_run {
+                format!(
+                    "would set aside tunnel journal {} (not trusted: {})",
+                    r.path.display(),
+                    r.reason
+                )
+            } else {
+                journal::set_aside(&dir, r)
+            };
+            tracing::warn!("{line}");
+            line
+        })
+        .collect()
+}
+
 /// What no journal explains, found by [`find_leftovers`].
 #[derive(Debug, Default)]
 pub struct Leftovers {
@@ -185,7 +213,7 @@ pub struct Leftovers {
 
 /// Lists leftovers; VMIDs with a live tunnel (a journal of a running process) are skipped.
 pub async fn find_leftovers(node: &Node) -> Leftovers {
-    let (journals, _) = journal::load_all(&node.cfg.journal_dir());
+    let (journals, _) = journal::load_all(&node.cfg.journal_dir(), &node.cfg.run_dir);
     let live: Vec<&Created> = journals.iter().filter(|c| c.owner.is_alive()).collect();
     let is_live = |vmid: u32| live.iter().any(|c| c.vmid == vmid);
     let mut out = Leftovers::default();
@@ -227,17 +255,32 @@ pub async fn find_leftovers(node: &Node) -> Leftovers {
             let Ok(vmid) = stem.trim_end_matches("_nbd").parse::<u32>() else {
                 continue;
             };
-            let stale = match kind {
+            let ours_gone = match kind {
                 "mtunnel" | "storage" => !is_live(vmid),
                 "migrate" => !is_live(vmid) && !node.hypervisor.is_running(vmid).await,
                 _ => false,
             };
+            // Whatever we think of it: a socket something listens on is in use.
+            let stale = ours_gone && nobody_listens(&path).await;
             if stale {
                 out.stale_sockets.push(path);
             }
         }
     }
     out
+}
+
+/// Whether connecting to the socket `path` is refused (nothing listens on it); a socket
+/// that accepts, or whose backlog is full, or that does not answer in time, is in use.
+async fn nobody_listens(path: &std::path::Path) -> bool {
+    let connect = tokio::net::UnixStream::connect(path);
+    match tokio::time::timeout(std::time::Duration::from_secs(1), connect).await {
+        Ok(Err(e)) => matches!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+        ),
+        Ok(Ok(_)) | Err(_) => false,
+    }
 }
 
 /// Frees empty reservations, orphaned volumes and stale sockets (not locked configs).
@@ -266,7 +309,7 @@ pub async fn free_leftovers(node: &Node, found: &Leftovers) -> Vec<String> {
 /// empty reservations and stale tunnel sockets (no tunnel of this process exists yet).
 /// Returns one line per action, for the console.
 pub async fn recover_at_start(node: &Arc<Node>) -> Vec<String> {
-    let mut lines = Vec::new();
+    let mut lines = set_aside_untrusted(node, false);
     for r in recover_dead_tunnels(node, Orphans::All, false, RecoveredBy::Restart).await {
         lines.push(format!("tunnel {} of VM {}:", r.upid, r.vmid));
         lines.extend(r.lines.into_iter().map(|l| format!("  {l}")));

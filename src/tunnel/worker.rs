@@ -177,7 +177,6 @@ fn build_handler(
     created: crate::journal::Created,
 ) -> anyhow::Result<Box<dyn CommandHandler>> {
     let link = Link {
-        node: Arc::clone(node),
         tunnel: Arc::clone(tunnel),
     };
     (node.handlers)(HandlerSetup {
@@ -188,9 +187,8 @@ fn build_handler(
     })
 }
 
-/// A tunnel as its handler sees it: its sockets, and whether it still holds its VMID.
+/// A tunnel as its handler sees it: its sockets.
 struct Link {
-    node: Arc<Node>,
     tunnel: Arc<Tunnel>,
 }
 
@@ -217,13 +215,6 @@ impl TunnelSockets for Link {
 
     fn is_registered(&self, path: &std::path::Path) -> bool {
         self.tunnel.is_registered(path)
-    }
-
-    fn superseded(&self) -> bool {
-        self.node
-            .tunnels
-            .get(self.tunnel.vmid)
-            .is_some_and(|t| !Arc::ptr_eq(&t, &self.tunnel))
     }
 }
 

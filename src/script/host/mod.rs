@@ -229,17 +229,12 @@ pub async fn end_import(c: &Arc<HostCtx>) {
 /// record is empty, so a second call (e.g. `quit cleanup=1`, then EOF) frees nothing.
 pub async fn cleanup(c: &Arc<HostCtx>) -> journal::Freed {
     end_import(c).await;
-    let created = c.session().created.clone();
     // Another tunnel may hold the VMID by now (an operator destroyed the VM and a new
-    // migration reserved it): then the VM and the config are not ours to touch.
-    let vmid_is = if c.tunnel.superseded() {
-        journal::Vmid::Lost
-    } else {
-        journal::Vmid::Owned
-    };
+    // migration reserved it): `free_created` then proves the config is not ours.
+    let created = c.session().created.clone();
     // A locked handler that calls cleanup keeps its lock: borrow the guard, put it back.
     let guard = c.guard.lock().unwrap_or_else(|e| e.into_inner()).take();
-    let freed = journal::free_created(&c.node, &created, vmid_is, guard.as_ref(), &c.log).await;
+    let freed = journal::free_created(&c.node, &created, guard.as_ref(), &c.log).await;
     *c.guard.lock().unwrap_or_else(|e| e.into_inner()) = guard;
     if freed.failed {
         c.warn(&format!(
