@@ -406,31 +406,38 @@ pub async fn free_created(
         },
     };
     let claim = claim(node, created);
-    if let Claim::Other(why) = claim {
-        report.warn(&format!(
-            "cleanup: the config of VM {vmid} {why} - leaving that VM, its config, its \
-             volumes and its sockets alone"
-        ));
-        node.metrics.cleanup(cleanup_action::VM_KEPT);
-        freed.kept = true;
-        return freed;
-    }
-    // Sockets first: the VMID is this tunnel's (or nobody's), so these paths are too.
-    remove_sockets(node, created);
-    if !created.may_destroy() {
-        report.warn(&kept_message(created));
-        node.metrics.cleanup(cleanup_action::VM_KEPT);
-        freed.kept = true;
-        return freed;
-    }
-    if claim == Claim::Ours
-        && let Some(found) = foreign_lock(node, created)
-    {
-        report.warn(&format!(
-            "cleanup: config of VM {vmid} {found}, not '{}' - leaving the VM, its volumes \
-             and its config in place",
+    let lock_refusal = |found: String| {
+        format!(
+            "cleanup: config of VM {vmid} {found}, not '{}' - leaving the VM, its volumes and \
+             its config in place",
             created.expected_lock.as_deref().unwrap_or("")
+        )
+    };
+    if let Claim::Other(why) = claim {
+        report.warn(&foreign_lock(node, created).map_or_else(
+            || {
+                format!(
+                    "cleanup: the config of VM {vmid} {why} - leaving that VM, its config, its \
+                     volumes and its sockets alone"
+                )
+            },
+            lock_refusal,
         ));
+        node.metrics.cleanup(cleanup_action::VM_KEPT);
+        freed.kept = true;
+        return freed;
+    }
+    // The VMID is this tunnel's (or nobody's): so are these paths.
+    remove_sockets(node, created);
+    let refusal = if !created.may_destroy() {
+        Some(kept_message(created))
+    } else if claim == Claim::Ours {
+        foreign_lock(node, created).map(lock_refusal)
+    } else {
+        None
+    };
+    if let Some(refusal) = refusal {
+        report.warn(&refusal);
         node.metrics.cleanup(cleanup_action::VM_KEPT);
         freed.kept = true;
         return freed;

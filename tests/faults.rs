@@ -208,6 +208,13 @@ pub const MATRIX: &[(&str, &str, &str, &str, &str)] = &[
         "kill9_after_resume_keeps_vm_then_restart",
     ),
     (
+        "an older tunnel's journal of the VMID + kill -9 + restart",
+        "after resume",
+        "the old journal touches nothing (the config is not its reservation); the VM keeps running",
+        "paused after completed migration (test-driven QMP)",
+        "old_journal_never_touches_a_later_resumed_vm",
+    ),
+    (
         "accept timeout",
         "opened, never connected",
         "reservation + control socket freed, TASK ERROR",

@@ -300,6 +300,13 @@ mod tests {
         assert_eq!(store.origin(100).as_deref(), Some("t1"));
         assert_eq!(err.to_string(), "VM 100 already exists on node 'n1'");
         let held = store.lock(100, DEFAULT_LOCK_TIMEOUT).await.unwrap();
+        // A locked config keeps its origin; one written without a lock ends the claim.
+        store
+            .write_text_locked(&held, "lock: migrate\nmemory: 64\n")
+            .unwrap();
+        assert_eq!(store.origin(100).as_deref(), Some("t1"));
+        store.write_text_locked(&held, "memory: 64\n").unwrap();
+        assert_eq!(store.origin(100), None);
         let err = store
             .lock(100, Duration::from_millis(50))
             .await

@@ -42,22 +42,23 @@ impl PeerWatch {
     /// Runs `io`, a read from the peer: only time spent in it counts as silence (not
     /// time in which the local side is slow to take what already arrived).
     pub(super) async fn read<T>(&self, io: impl Future<Output = T>) -> T {
-        let busy = Busy::new(&self.reading);
-        let out = io.await;
-        self.reads.fetch_add(1, Ordering::Relaxed);
-        drop(busy);
-        out
+        track(&self.reading, &self.reads, io).await
     }
 
     /// Runs `io`, a write (or flush) to the peer: time blocked in it counts as the peer
     /// taking nothing.
     pub(super) async fn write<T>(&self, io: impl Future<Output = T>) -> T {
-        let busy = Busy::new(&self.writing);
-        let out = io.await;
-        self.writes.fetch_add(1, Ordering::Relaxed);
-        drop(busy);
-        out
+        track(&self.writing, &self.writes, io).await
     }
+}
+
+/// Runs `io` with `busy` set, and counts it in `done` once it completed.
+async fn track<T>(busy: &AtomicBool, done: &AtomicU64, io: impl Future<Output = T>) -> T {
+    let marked = Busy::new(busy);
+    let out = io.await;
+    done.fetch_add(1, Ordering::Relaxed);
+    drop(marked);
+    out
 }
 
 /// How long one direction has been stuck, sampled every interval.
