@@ -45,7 +45,8 @@ pub enum Command {
     /// Find and free what failed migrations left on this node: tunnels of a dead `serve`
     /// (their journals in {data}/tunnels: a started VM is stopped, volumes and the reserved
     /// config freed — never a VM that was resumed here), empty `lock: create`
-    /// reservations, volumes of VMIDs that have no config, stale tunnel sockets. Configs
+    /// reservations, volumes of VMIDs that have no config, stale tunnel sockets; journals
+    /// that fail validation are set aside in {data}/tunnels/rejected, never acted on. Configs
     /// locked `migrate`/`create` by no open tunnel are listed with what to run (`mtunnel vm
     /// unlock` or `mtunnel vm destroy --skiplock`), not changed. Safe while `serve` runs:
     /// then only tunnels whose cleanup ended incomplete are retried (serve recovered the

@@ -311,9 +311,9 @@ pub async fn open(
     }
 }
 
-/// Starts the tunnel's task, which holds `slot` until it ends.
 /// Binds the control socket, writes the journal (under `reservation`, the config's
-/// origin) and starts the worker; older journals of the VMID are retired first.
+/// origin) and starts the tunnel's task, which holds `slot` until it ends; older journals
+/// of the VMID are retired first.
 async fn start_worker(
     node: &Arc<Node>,
     authid: &str,
