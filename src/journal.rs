@@ -450,9 +450,11 @@ pub async fn free_created(
     if freed.failed {
         // The config keeps the VMID reserved: no next tunnel may take it (and have its
         // volumes counted as this one's) before a retry has freed what is left.
-        report.warn(&format!(
-            "cleanup: leaving the config of VM {vmid} in place until its volumes are freed"
-        ));
+        if claim == Claim::Ours {
+            report.warn(&format!(
+                "cleanup: leaving the config of VM {vmid} in place until its volumes are freed"
+            ));
+        }
         return freed;
     }
     if created.firewall_written {
