@@ -151,6 +151,14 @@ impl Prop {
         self
     }
 
+    /// Restricts a string property to `values` (PVE's `enum`).
+    pub fn one_of(mut self, values: &[&str]) -> Prop {
+        if let Schema::String { allowed, .. } = &mut self.schema {
+            *allowed = Some(values.iter().map(|v| v.to_string()).collect());
+        }
+        self
+    }
+
     /// Sets the `minimum` of an integer property.
     pub fn minimum(mut self, n: i64) -> Prop {
         if let Schema::Integer { min, .. } = &mut self.schema {

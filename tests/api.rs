@@ -69,10 +69,11 @@ async fn version_cluster_status_and_nodes() {
                             "mtunnel": env!("CARGO_PKG_VERSION")}})
         );
 
+        // A standalone PVE node reports nodeid 0.
         let status = client.get("/cluster/status", &[]).await.unwrap();
         assert_eq!(
             status,
-            json!([{"type": "node", "id": format!("node/{NODE}"), "name": NODE, "nodeid": 1,
+            json!([{"type": "node", "id": format!("node/{NODE}"), "name": NODE, "nodeid": 0,
                     "ip": "127.0.0.1", "local": 1, "online": 1, "level": ""}])
         );
 
@@ -1774,6 +1775,117 @@ async fn storage_list_as_datacenter_manager_asks() {
         );
         assert_eq!(local["format"], json!([{"raw": 1, "qcow2": 1}, "raw"]));
         assert!(local["total"].as_u64().unwrap() > 0, "{local}");
+    })
+    .await
+}
+
+/// Issue 22: what Datacenter Manager and PVE's tools read, answered as pve-manager and
+/// pve-storage answer it (each case names PVE's behaviour).
+#[tokio::test]
+async fn pdm_reads_what_pve_answers() {
+    bounded(60, async {
+        let server = TestServer::start();
+        let client = server.client();
+        // 1. `/cluster/status` needs Sys.Audit on `/` (pve-manager: check perm '/').
+        let nodes_only =
+            server.create_token("aud@pve!t", &["--privs", "Sys.Audit", "--path", "/nodes"]);
+        let err = server
+            .client_with(&nodes_only)
+            .get("/cluster/status", &[])
+            .await
+            .unwrap_err();
+        assert_http(&err, 403, "Permission check failed (/, Sys.Audit)");
+        // 2. `any_local_bridge` lists the local bridges (bridges and OVS bridges, no vnets).
+        let network = format!("/nodes/{NODE}/network");
+        let local = client
+            .get(&network, &[("type", "any_local_bridge")])
+            .await
+            .unwrap();
+        assert!(
+            local.as_array().unwrap().iter().any(|b| b["iface"] == "vmbr0"),
+            "{local}"
+        );
+        // 3. An unknown type is a parameter error (the schema's enum).
+        let err = client
+            .get(&network, &[("type", "nosuchtype")])
+            .await
+            .unwrap_err();
+        assert_param_error(
+            &err,
+            json!({"type": "value 'nosuchtype' does not have a value in the enumeration 'bridge, \
+                    bond, eth, alias, vlan, fabric, OVSBridge, OVSBond, OVSPort, OVSIntPort, vnet, \
+                    any_bridge, any_local_bridge, include_sdn'"}),
+        );
+        // 4. A disabled storage is never activated: enabled 0, active 0, sizes 0.
+        let storage = format!("/nodes/{NODE}/storage");
+        let off = client.get(&storage, &[("storage", "off")]).await.unwrap();
+        assert_eq!(
+            off,
+            json!([{"storage": "off", "type": "dir", "content": "images", "enabled": 0,
+                    "active": 0, "shared": 0, "total": 0, "avail": 0, "used": 0}])
+        );
+        // 5. A content filter drops disabled storages, `enabled` or not.
+        let images = client.get(&storage, &[("content", "images")]).await.unwrap();
+        let ids: Vec<&str> = images
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["storage"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, ["local"]);
+        // And an enabled storage has `used_fraction` (used / total).
+        let l = &images[0];
+        let fraction = l["used"].as_f64().unwrap() / l["total"].as_f64().unwrap();
+        assert_eq!(l["used_fraction"].as_f64(), Some(fraction), "{l}");
+        // 6. A storage asked for by name that does not exist (or that the content filter
+        // leaves out) is a parameter error.
+        for query in [
+            vec![("storage", "nosuch")],
+            vec![("storage", "off"), ("content", "images")],
+        ] {
+            let err = client.get(&storage, &query).await.unwrap_err();
+            assert_param_error(&err, json!({"storage": "No such storage."}));
+        }
+        // 7. `/storage/{id}/status` (PDM's storage view).
+        let status = client
+            .get(&format!("{storage}/local/status"), &[])
+            .await
+            .unwrap();
+        assert_eq!(
+            (&status["type"], &status["enabled"], &status["active"]),
+            (&json!("dir"), &json!(1), &json!(1)),
+            "{status}"
+        );
+        assert!(status["total"].as_u64().unwrap() > 0 && status.get("storage").is_none());
+        let status = client.get(&format!("{storage}/off/status"), &[]).await.unwrap();
+        assert_eq!(
+            status,
+            json!({"type": "dir", "content": "images", "enabled": 0, "active": 0,
+                   "shared": 0, "total": 0, "avail": 0, "used": 0})
+        );
+        let err = client
+            .get(&format!("{storage}/nosuch/status"), &[])
+            .await
+            .unwrap_err();
+        assert_param_error(&err, json!({"storage": "No such storage."}));
+        let err = server
+            .client_with(&nodes_only)
+            .get(&format!("{storage}/local/status"), &[])
+            .await
+            .unwrap_err();
+        assert_http(
+            &err,
+            403,
+            "Permission check failed (/storage/local, Datastore.Audit|Datastore.AllocateSpace)",
+        );
+        // 8. Without `path`, PVE lists its top-level paths with the inherited privileges.
+        let perms = client.get("/access/permissions", &[]).await.unwrap();
+        let paths: Vec<&String> = perms.as_object().unwrap().keys().collect();
+        assert_eq!(
+            paths,
+            ["/", "/access", "/access/groups", "/nodes", "/pool", "/sdn", "/storage", "/vms"]
+        );
+        assert_eq!(perms["/access/groups"]["Sys.Audit"], 1, "{perms}");
     })
     .await
 }

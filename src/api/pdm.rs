@@ -58,16 +58,38 @@ pub(super) async fn cluster_nextid(State(st): St, Path(p): PathMap, req: ApiReq)
     finish(&p, &req, r)
 }
 
-static NETWORK_PARAMS: LazyLock<Props> =
-    LazyLock::new(|| props([("type", Prop::string().optional())]));
+/// PVE's interface types (`PVE::API2::Network`), then its filters.
+const NETWORK_TYPES: [&str; 14] = [
+    "bridge",
+    "bond",
+    "eth",
+    "alias",
+    "vlan",
+    "fabric",
+    "OVSBridge",
+    "OVSBond",
+    "OVSPort",
+    "OVSIntPort",
+    "vnet",
+    "any_bridge",
+    "any_local_bridge",
+    "include_sdn",
+];
 
-/// `GET /nodes/{node}/network[?type=bridge|any_bridge]`: the node's bridges.
+static NETWORK_PARAMS: LazyLock<Props> =
+    LazyLock::new(|| props([("type", Prop::string().one_of(&NETWORK_TYPES).optional())]));
+
+/// `GET /nodes/{node}/network[?type=..]`: the node's bridges (Linux bridges, all local;
+/// no SDN), for the filters that let bridges through; none for the other types.
 pub(super) async fn network(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
     let r = (|| {
         req.params.only_declared(&NETWORK_PARAMS)?;
         st.node.check_node(path_param(&p, "node"))?;
         if let Some(kind) = text(&req.params.checked(&NETWORK_PARAMS)?, "type")
-            && !matches!(kind.as_str(), "bridge" | "any_bridge")
+            && !matches!(
+                kind.as_str(),
+                "bridge" | "any_bridge" | "any_local_bridge" | "include_sdn"
+            )
         {
             // This node has no other interface types to offer migrations.
             return Ok(Data::new(json!([])));
@@ -105,6 +127,18 @@ static PERMISSIONS_PARAMS: LazyLock<Props> = LazyLock::new(|| {
     ])
 });
 
+/// The paths PVE always reports (when the user has anything there).
+const TOP_LEVEL_PATHS: [&str; 8] = [
+    "/",
+    "/access",
+    "/access/groups",
+    "/nodes",
+    "/pool",
+    "/sdn",
+    "/storage",
+    "/vms",
+];
+
 pub(super) async fn permissions(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
     let r = (|| {
         req.params.only_declared(&PERMISSIONS_PARAMS)?;
@@ -119,9 +153,16 @@ pub(super) async fn permissions(State(st): St, Path(p): PathMap, req: ApiReq) ->
             ));
         }
         let acl = st.node.tokens.acl(&req.authid);
-        let paths = match text(&params, "path") {
-            Some(path) => vec![path],
-            None => acl.paths().into_iter().collect(),
+        let asked = text(&params, "path");
+        let paths: Vec<String> = match &asked {
+            Some(path) => vec![path.clone()],
+            // As PVE's `get_effective_permissions`: the top-level paths and every path the
+            // ACL names, each with what the token has there (inherited included).
+            None => TOP_LEVEL_PATHS
+                .iter()
+                .map(|p| p.to_string())
+                .chain(acl.paths())
+                .collect(),
         };
         let mut out = Map::new();
         for path in paths {
@@ -130,7 +171,10 @@ pub(super) async fn permissions(State(st): St, Path(p): PathMap, req: ApiReq) ->
                 .into_iter()
                 .map(|(k, propagate)| (k, json!(u8::from(propagate))))
                 .collect();
-            out.insert(path, Value::Object(privs));
+            // Without `path`, paths where the token has nothing are left out.
+            if asked.is_some() || !privs.is_empty() {
+                out.insert(path, Value::Object(privs));
+            }
         }
         Ok(Data::new(Value::Object(out)))
     })();

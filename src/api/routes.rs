@@ -48,7 +48,14 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/api2/{fmt}/nodes/{node}/certificates/info",
             get(certificates_info),
         )
-        .route("/api2/{fmt}/nodes/{node}/storage", get(storage_list))
+        .route(
+            "/api2/{fmt}/nodes/{node}/storage",
+            get(super::storage::storage_list),
+        )
+        .route(
+            "/api2/{fmt}/nodes/{node}/storage/{storage}/status",
+            get(super::storage::storage_status),
+        )
         .route("/api2/{fmt}/nodes/{node}/tasks", get(task_list))
         .route(
             "/api2/{fmt}/nodes/{node}/tasks/{upid}",
@@ -152,28 +159,32 @@ async fn version(State(_st): St, Path(p): PathMap, req: ApiReq) -> Response {
     finish(&p, &req, r)
 }
 
+/// `GET /cluster/status`: needs `Sys.Audit` on `/`, as in PVE.
 async fn cluster_status(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
+    let allowed = req
+        .params
+        .only_declared(&NO_PARAMS)
+        .and_then(|_| st.node.require(&req.authid, "/", "Sys.Audit"));
+    if let Err(e) = allowed {
+        return finish(&p, &req, Err(e));
+    }
     if let Some(cluster) = &st.node.cluster {
         let view = cluster.status().await;
-        let r = req
-            .params
-            .only_declared(&NO_PARAMS)
-            .map(|_| super::cluster::status(&st.node, cluster, &view));
+        let r = Ok(super::cluster::status(&st.node, cluster, &view));
         return finish(&p, &req, r);
     }
-    let r = req.params.only_declared(&NO_PARAMS).map(|_| {
-        Data::new(json!([{
+    // A standalone PVE node reports nodeid 0.
+    let data = Data::new(json!([{
             "type": "node",
             "id": format!("node/{}", st.node.cfg.node),
             "name": st.node.cfg.node,
-            "nodeid": 1,
+            "nodeid": 0,
             "ip": st.node.cfg.listen.ip().to_string(),
             "local": 1,
             "online": 1,
             "level": "",
-        }]))
-    });
-    finish(&p, &req, r)
+    }]));
+    finish(&p, &req, Ok(data))
 }
 
 async fn nodes(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
@@ -302,87 +313,6 @@ async fn certificates_info(State(st): St, Path(p): PathMap, req: ApiReq) -> Resp
         }])))
     })();
     finish(&p, &req, r)
-}
-
-/// `GET /nodes/{node}/storage`; `format` and `target` are accepted and ignored.
-static STORAGE_LIST_PARAMS: LazyLock<Props> = LazyLock::new(|| {
-    props([
-        ("enabled", Prop::boolean().optional()),
-        ("content", Prop::string().optional()),
-        ("storage", Prop::string().optional()),
-        ("format", Prop::boolean().optional()),
-        ("target", Prop::any().optional()),
-    ])
-});
-
-async fn storage_list(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
-    let r = (|| {
-        req.params.only_declared(&STORAGE_LIST_PARAMS)?;
-        st.node.check_node(path_param(&p, "node"))?;
-        let params = req.params.checked(&STORAGE_LIST_PARAMS)?;
-        let enabled_only = flag(&params, "enabled");
-        let content = text(&params, "content");
-        let only = text(&params, "storage");
-        let with_formats = flag(&params, "format");
-        let node = &st.node;
-        let mut out = Vec::new();
-        for (id, def) in &node.cfg.storages {
-            let path = format!("/storage/{id}");
-            if !(node.allows(&req.authid, &path, "Datastore.Audit")
-                || node.allows(&req.authid, &path, "Datastore.AllocateSpace"))
-            {
-                continue;
-            }
-            if enabled_only && def.disable {
-                continue;
-            }
-            if only.as_deref().is_some_and(|s| s != id) {
-                continue;
-            }
-            // As PVE: storages holding any of the listed content types.
-            if let Some(c) = &content
-                && !crate::storage::split_id_list(c)
-                    .iter()
-                    .any(|c| def.content.iter().any(|d| d == c))
-            {
-                continue;
-            }
-            let (total, avail) = disk_space(&def.path);
-            let mut entry = json!({
-                "storage": id,
-                "type": def.kind.as_str(),
-                "content": def.content.join(","),
-                "enabled": if def.disable { 0 } else { 1 },
-                "active": 1,
-                "shared": 0,
-                "total": total,
-                "avail": avail,
-                "used": total.saturating_sub(avail),
-            });
-            if with_formats {
-                let supported = def.kind.formats();
-                let flags: Map<String, Value> = supported
-                    .iter()
-                    .map(|f| (f.to_string(), json!(1)))
-                    .collect();
-                entry["formats"] = json!({"default": "raw", "supported": supported});
-                entry["format"] = json!([flags, "raw"]);
-            }
-            out.push(entry);
-        }
-        Ok(Data::new(Value::Array(out)))
-    })();
-    finish(&p, &req, r)
-}
-
-fn disk_space(path: &std::path::Path) -> (u64, u64) {
-    match nix::sys::statvfs::statvfs(path) {
-        Ok(s) => {
-            let frag = s.fragment_size();
-            (s.blocks() * frag, s.blocks_available() * frag)
-        }
-        Err(_) => (0, 0),
-    }
 }
 
 /// `POST /nodes/{node}/qemu/{vmid}/mtunnel`.
