@@ -21,7 +21,7 @@ return {
       storagemap = { type = "object", optional = true, additionalProperties = true },
       nbd_proto_version = { type = "integer", minimum = 1, optional = true },
       nbd = { type = "object", optional = true, additionalProperties = true },
-      -- mtunnel's extension (announced in `version`): RAM over this many multifd
+      -- mtunnel's extension (announced by `mtunnel-features`): RAM over this many multifd
       -- channels, each its own connection to the migration socket. PVE never sends it.
       multifd_channels = { type = "integer", minimum = 2, maximum = 16, optional = true },
     } },

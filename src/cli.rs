@@ -42,8 +42,9 @@ pub enum Command {
     Migrate(MigrateArgs),
     /// Speak the stdin/stdout language of Proxmox's `proxmox-websocket-tunnel` helper.
     Tunnel,
-    /// Find and free what failed migrations left on this node: tunnels of a dead `serve`
-    /// (their journals in {data}/tunnels: a started VM is stopped, volumes and the reserved
+    /// Find and free what failed migrations left on this node.
+    ///
+    /// Tunnels of a dead `serve` (their journals in {data}/tunnels: a started VM is stopped, volumes and the reserved
     /// config freed — never a VM that was resumed here), empty `lock: create`
     /// reservations, volumes of VMIDs that have no config, stale tunnel sockets; journals
     /// that fail validation are set aside in {data}/tunnels/rejected, never acted on. Configs
@@ -61,7 +62,9 @@ pub enum Command {
     /// Check or test tunnel handler files.
     #[command(subcommand)]
     Handlers(HandlersCommand),
-    /// Measure the tunnel against baselines on this machine: bulk throughput and CPU per GiB
+    /// Measure the tunnel against baselines on this machine.
+    ///
+    /// Bulk throughput and CPU per GiB
     /// (plain and TLS vs. a copy relay), command round trips (Lua vs. raw echo), idle
     /// tunnels (memory, setup time) and a QEMU live migration (tunnel vs. direct); with
     /// --wan the same across an emulated WAN link. Prints a table with the targets and

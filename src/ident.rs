@@ -1,7 +1,8 @@
 //! Identifiers every layer checks, each defined once as PVE's JSON-schema formats define
 //! it: VMIDs (`pve-vmid`), configuration ids (`pve-configid`: snapshot names), VM config
-//! option keys, storage ids (`pve-storage-id`), bridge ids (`pve-bridge-id`) and node names
-//! (`pve-node`). Pure functions over strings; the callers choose the error text.
+//! option keys, storage ids (`pve-storage-id`), bridge ids (`pve-bridge-id`), node names
+//! (`pve-node`) and API token ids (`pve-tokenid`). Pure functions over strings; the
+//! callers choose the error text.
 
 /// `pve-vmid`: `^[1-9][0-9]{2,8}$`, i.e. 100..=999999999.
 pub fn is_vmid(s: &str) -> bool {
@@ -76,6 +77,28 @@ pub fn is_node_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || *b == b'-')
         && bytes[0] != b'-'
         && bytes[bytes.len() - 1] != b'-'
+}
+
+/// `pve-tokenid`: `user@realm!tokenname`.
+pub fn is_token_id(authid: &str) -> bool {
+    let Some((userid, name)) = authid.split_once('!') else {
+        return false;
+    };
+    let Some((user, realm)) = userid.rsplit_once('@') else {
+        return false;
+    };
+    let ident = |s: &str| {
+        let mut chars = s.chars();
+        chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+            && chars.all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+    };
+    !user.is_empty()
+        && user.len() <= 60
+        && !user
+            .chars()
+            .any(|c| c.is_whitespace() || ":/@!".contains(c))
+        && ident(realm)
+        && ident(name)
 }
 
 #[cfg(test)]

@@ -1802,7 +1802,11 @@ async fn pdm_reads_what_pve_answers() {
             .await
             .unwrap();
         assert!(
-            local.as_array().unwrap().iter().any(|b| b["iface"] == "vmbr0"),
+            local
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|b| b["iface"] == "vmbr0"),
             "{local}"
         );
         // 3. An unknown type is a parameter error (the schema's enum).
@@ -1825,7 +1829,10 @@ async fn pdm_reads_what_pve_answers() {
                     "active": 0, "shared": 0, "total": 0, "avail": 0, "used": 0}])
         );
         // 5. A content filter drops disabled storages, `enabled` or not.
-        let images = client.get(&storage, &[("content", "images")]).await.unwrap();
+        let images = client
+            .get(&storage, &[("content", "images")])
+            .await
+            .unwrap();
         let ids: Vec<&str> = images
             .as_array()
             .unwrap()
@@ -1857,7 +1864,10 @@ async fn pdm_reads_what_pve_answers() {
             "{status}"
         );
         assert!(status["total"].as_u64().unwrap() > 0 && status.get("storage").is_none());
-        let status = client.get(&format!("{storage}/off/status"), &[]).await.unwrap();
+        let status = client
+            .get(&format!("{storage}/off/status"), &[])
+            .await
+            .unwrap();
         assert_eq!(
             status,
             json!({"type": "dir", "content": "images", "enabled": 0, "active": 0,
@@ -1883,7 +1893,16 @@ async fn pdm_reads_what_pve_answers() {
         let paths: Vec<&String> = perms.as_object().unwrap().keys().collect();
         assert_eq!(
             paths,
-            ["/", "/access", "/access/groups", "/nodes", "/pool", "/sdn", "/storage", "/vms"]
+            [
+                "/",
+                "/access",
+                "/access/groups",
+                "/nodes",
+                "/pool",
+                "/sdn",
+                "/storage",
+                "/vms"
+            ]
         );
         assert_eq!(perms["/access/groups"]["Sys.Audit"], 1, "{perms}");
     })

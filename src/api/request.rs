@@ -2,8 +2,7 @@
 //! the authenticated token id, and the parameters merged from query string and body with
 //! PVE's leniency (form bodies with or without Content-Type, JSON bodies, booleans as
 //! 0/1/true/false/"True"). Routes declare their parameters in the [`crate::schema`]
-//! language and check them with [`Params::only_declared`] and [`Params::checked`]; the
-//! typed accessors serve the routes not yet declared that way.
+//! language and check them with [`Params::only_declared`] and [`Params::checked`].
 
 use std::sync::Arc;
 
@@ -144,7 +143,7 @@ fn merge_form(params: &mut Map<String, Value>, data: &[u8]) {
     }
 }
 
-/// Request parameters with PVE-style typed access.
+/// Request parameters, checked against a route's declared schema.
 pub struct Params(pub Map<String, Value>);
 
 impl Params {

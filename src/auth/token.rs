@@ -274,27 +274,7 @@ pub fn parse_authorization(header: &str) -> Result<(String, String), AuthError> 
     Ok((authid.to_string(), secret.to_string()))
 }
 
-/// `user@realm!tokenname` as PVE's `pve-tokenid` format.
-pub fn is_valid_token_id(authid: &str) -> bool {
-    let Some((userid, name)) = authid.split_once('!') else {
-        return false;
-    };
-    let Some((user, realm)) = userid.rsplit_once('@') else {
-        return false;
-    };
-    let ident = |s: &str| {
-        let mut chars = s.chars();
-        chars.next().is_some_and(|c| c.is_ascii_alphabetic())
-            && chars.all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
-    };
-    !user.is_empty()
-        && user.len() <= 60
-        && !user
-            .chars()
-            .any(|c| c.is_whitespace() || ":/@!".contains(c))
-        && ident(realm)
-        && ident(name)
-}
+use crate::ident::is_token_id as is_valid_token_id;
 
 /// The user part of a token id (`root@pam` of `root@pam!mig`).
 pub fn token_user(authid: &str) -> &str {

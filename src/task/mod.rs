@@ -110,7 +110,7 @@ impl Upid {
 
     /// `(user, token name)` if the task's user is an API token id.
     pub fn token_split(&self) -> Option<(&str, &str)> {
-        if crate::auth::token::is_valid_token_id(&self.user) {
+        if crate::ident::is_token_id(&self.user) {
             self.user.split_once('!')
         } else {
             None
