@@ -7,6 +7,7 @@
 //! without a restart. A failed authentication re-checks at once: a token created a moment
 //! ago works on its first use.
 
+use crate::ident::is_token_id as is_valid_token_id;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -273,8 +274,6 @@ pub fn parse_authorization(header: &str) -> Result<(String, String), AuthError> 
     }
     Ok((authid.to_string(), secret.to_string()))
 }
-
-use crate::ident::is_token_id as is_valid_token_id;
 
 /// The user part of a token id (`root@pam` of `root@pam!mig`).
 pub fn token_user(authid: &str) -> &str {
