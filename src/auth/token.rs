@@ -7,7 +7,6 @@
 //! without a restart. A failed authentication re-checks at once: a token created a moment
 //! ago works on its first use.
 
-use crate::ident::is_token_id as is_valid_token_id;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -18,6 +17,8 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+
+use crate::ident::is_token_id as is_valid_token_id;
 
 use super::acl::Acl;
 use crate::util::{unix_now, write_atomic};
