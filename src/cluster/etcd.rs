@@ -125,6 +125,8 @@ struct Call<'a> {
     latest: Vec<Instant>,
     retry_at: Vec<Instant>,
     errors: Vec<Option<String>>,
+    /// Per endpoint: its last try found no connection.
+    unreachable: Vec<bool>,
 }
 
 impl<'a> Call<'a> {
@@ -139,6 +141,7 @@ impl<'a> Call<'a> {
             latest: vec![now; n],
             retry_at: vec![now; n],
             errors: vec![None; n],
+            unreachable: vec![false; n],
         }
     }
 
@@ -168,7 +171,15 @@ impl<'a> Call<'a> {
         self.busy[idx] = self.busy[idx].saturating_sub(1);
     }
 
+    /// Every endpoint was tried, none is in flight and none could be reached: nothing
+    /// listens or nobody accepts this client (e.g. its certificate), so waiting for the
+    /// timeout would only delay the error.
+    fn hopeless(&self) -> bool {
+        self.busy.iter().all(|b| *b == 0) && self.unreachable.iter().all(|u| *u)
+    }
+
     fn failed(&mut self, idx: usize, text: String) {
+        self.unreachable[idx] = false;
         self.etcd.mark(idx, false);
         self.retry_at[idx] = Instant::now() + ROUND_PAUSE;
         self.errors[idx] = Some(format!("{}: {text}", self.etcd.endpoints[idx].url));
@@ -200,8 +211,10 @@ enum Try {
     Answer(Vec<u8>),
     /// The cluster's refusal (4xx): the same on every member, so not retried.
     Refused(String),
-    /// This endpoint could not answer (timeout, connection, 5xx): the next one may.
+    /// This endpoint could not answer (timeout, 5xx): the next one may.
     Failed(String),
+    /// No connection to this endpoint (refused, TLS rejected): the next one may.
+    Unreachable(String),
 }
 
 /// An int64 as the gateway writes it (a JSON string), or a number.
@@ -361,7 +374,7 @@ impl Etcd {
                     Try::Failed(text)
                 }
             }
-            Ok(Err(e)) => Try::Failed(format!("{e:#}")),
+            Ok(Err(e)) => Try::Unreachable(format!("{e:#}")),
             Err(_) => Try::Failed(self.no_answer()),
         }
     }
@@ -414,6 +427,15 @@ impl Etcd {
                         Try::Failed(text) => {
                             tracing::debug!("etcd {path} on {}: {text}", self.endpoints[idx].url);
                             call.failed(idx, text);
+                            next_launch = Instant::now();
+                        }
+                        Try::Unreachable(text) => {
+                            tracing::debug!("etcd {path} on {}: {text}", self.endpoints[idx].url);
+                            call.failed(idx, text);
+                            call.unreachable[idx] = true;
+                            if call.hopeless() {
+                                break;
+                            }
                             next_launch = Instant::now();
                         }
                     }
