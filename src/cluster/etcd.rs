@@ -97,7 +97,7 @@ pub struct Etcd {
     tls: Option<Arc<ClientConfig>>,
     /// Bound on one logical call, failover included (`timeout_secs`).
     timeout: Duration,
-    /// Bound on one try on one endpoint.
+    /// Per-endpoint deadline: a try with no answer after it has the next endpoint tried too.
     attempt: Duration,
     /// The endpoint that answered last: tried first next time.
     preferred: AtomicUsize,

@@ -114,6 +114,16 @@ pub struct Cluster {
     published: Mutex<Option<String>>,
 }
 
+/// What one attempt to write the membership key found.
+enum Claim {
+    /// Written: the name is ours.
+    Won,
+    /// The key changed between compare and write: try again.
+    Changed,
+    /// On another lease: another mtunnel (or a killed previous run) holds the name.
+    Held(etcd::Kv),
+}
+
 /// The key of a transaction's first `response_range` (the failure branch's `get`).
 fn first_kv(reply: &etcd::TxnReply) -> Option<etcd::Kv> {
     reply
@@ -276,53 +286,27 @@ impl Cluster {
         // Bounds the retries when the key changes between two transactions.
         let mut changes = 0;
         while changes < 5 {
-            let reply = self
-                .etcd
-                .txn(
-                    vec![etcd::op::absent(&key)],
-                    puts.clone(),
-                    vec![etcd::op::get(&key)],
-                )
-                .await
-                .context("registering the membership")?;
-            if reply.succeeded {
-                *locked(&self.name_held) = None;
-                return Ok(());
-            }
-            let Some(kv) = first_kv(&reply) else {
-                changes += 1;
-                continue;
-            };
-            if kv.lease == lease {
-                let reply = self
-                    .etcd
-                    .txn(
-                        vec![etcd::op::unchanged(&key, kv.mod_revision)],
-                        puts.clone(),
-                        vec![],
-                    )
-                    .await
-                    .context("registering the membership")?;
-                if reply.succeeded {
+            let kv = match self.claim(&key, &puts, lease).await? {
+                Claim::Won => {
                     *locked(&self.name_held) = None;
                     return Ok(());
                 }
-                changes += 1;
-                continue;
-            }
+                Claim::Changed => {
+                    changes += 1;
+                    continue;
+                }
+                Claim::Held(kv) => kv,
+            };
             let held = NameHeld {
                 node: me.node.clone(),
                 api_url: serde_json::from_slice::<MemberRecord>(&kv.value)
                     .map(|r| r.api_url)
                     .unwrap_or_else(|_| "an address its record does not give".into()),
             };
-            let until = match (wait, give_up) {
-                (false, _) => None,
-                (true, Some(until)) => Some(until),
-                (true, None) => Some(self.expiry_of(kv.lease, &held).await),
-            };
-            give_up = until;
-            match until {
+            if wait && give_up.is_none() {
+                give_up = Some(self.expiry_of(kv.lease, &held).await);
+            }
+            match give_up {
                 Some(until) if tokio::time::Instant::now() < until => {
                     tokio::time::sleep(CLAIM_POLL).await;
                 }
@@ -333,6 +317,46 @@ impl Cluster {
             }
         }
         anyhow::bail!("registering the membership: {key} kept changing meanwhile")
+    }
+
+    /// One attempt to write the membership `puts` with `key` on `lease`: created if absent,
+    /// rewritten if already on `lease` and unchanged since read.
+    async fn claim(
+        &self,
+        key: &str,
+        puts: &[serde_json::Value],
+        lease: i64,
+    ) -> anyhow::Result<Claim> {
+        let context = "registering the membership";
+        let reply = self
+            .etcd
+            .txn(
+                vec![etcd::op::absent(key)],
+                puts.to_vec(),
+                vec![etcd::op::get(key)],
+            )
+            .await
+            .context(context)?;
+        if reply.succeeded {
+            return Ok(Claim::Won);
+        }
+        let Some(kv) = first_kv(&reply) else {
+            return Ok(Claim::Changed);
+        };
+        if kv.lease != lease {
+            return Ok(Claim::Held(kv));
+        }
+        let compare = vec![etcd::op::unchanged(key, kv.mod_revision)];
+        let reply = self
+            .etcd
+            .txn(compare, puts.to_vec(), vec![])
+            .await
+            .context(context)?;
+        Ok(if reply.succeeded {
+            Claim::Won
+        } else {
+            Claim::Changed
+        })
     }
 
     /// When the other lease holding our name (`lease`) expires unless it is kept alive.
