@@ -658,4 +658,47 @@ mod tests {
         );
         assert!(Endpoint::parse("127.0.0.1:2379").is_err());
     }
+
+    /// An endpoint whose reply runs past [`MAX_REPLY_BYTES`] (a loopback HTTP server that
+    /// sends one byte more) fails the call with the cap named; nothing more is read.
+    #[tokio::test]
+    async fn a_reply_over_the_cap_is_an_error() {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            let (mut tcp, _) = listener.accept().unwrap();
+            let mut request = [0u8; 4096];
+            let _ = tcp.read(&mut request);
+            let size = MAX_REPLY_BYTES + 1;
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {size}\r\n\r\n");
+            let _ = tcp.write_all(head.as_bytes());
+            let chunk = vec![b' '; 1 << 20];
+            // The client hangs up at the cap: the writes after that fail, which ends this.
+            for _ in 0..=size / chunk.len() {
+                if tcp.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+        });
+        let cfg = ClusterConfig {
+            name: "lab".into(),
+            endpoints: vec![format!("http://127.0.0.1:{port}")],
+            lease_ttl: Duration::from_secs(10),
+            timeout: Duration::from_secs(5),
+            advertise_url: None,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+        };
+        let err = Etcd::new(&cfg).unwrap().get("/k").await.unwrap_err();
+        assert_eq!(
+            format!("{err:#}"),
+            format!(
+                "etcd /v3/kv/range failed within 5 s: http://127.0.0.1:{port}: reading the \
+                 reply (at most {MAX_REPLY_BYTES} bytes): length limit exceeded"
+            )
+        );
+        server.join().unwrap();
+    }
 }
