@@ -177,13 +177,22 @@ impl Node {
 
     /// Joins the cluster (if configured) as reachable at `api_url` with the API certificate
     /// `fingerprint`, and starts its keepalive and reconcile loop. An etcd out of reach is
-    /// logged, not fatal: the node serves, refuses new tunnels, and the loop retries.
-    pub async fn join_cluster(self: &Arc<Self>, api_url: &str, fingerprint: &str) {
+    /// logged, not fatal: the node serves, refuses new tunnels, and the loop retries. A
+    /// name another running mtunnel holds is fatal: the error is returned, nothing started.
+    pub async fn join_cluster(
+        self: &Arc<Self>,
+        api_url: &str,
+        fingerprint: &str,
+    ) -> anyhow::Result<()> {
         let Some(cluster) = &self.cluster else {
-            return;
+            return Ok(());
         };
         match cluster.join(api_url, fingerprint).await {
             Ok(()) => tracing::info!("joined cluster '{}'", cluster.name()),
+            Err(e) if e.is::<crate::cluster::NameHeld>() => {
+                cluster.leave().await;
+                return Err(e);
+            }
             Err(e) => tracing::warn!(
                 "cannot join cluster '{}' yet (retrying): {e:#}",
                 cluster.name()
@@ -199,6 +208,7 @@ impl Node {
                 }
             })
         }));
+        Ok(())
     }
 
     /// Fails with PVE's 403 text unless `authid` holds `privilege` on `path`.

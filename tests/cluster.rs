@@ -1,9 +1,10 @@
 //! Cluster mode against a real etcd (three members on loopback) and real `mtunnel serve`
 //! nodes: one VMID across the cluster (a race has one winner, `vm create`/`destroy` and
 //! closed tunnels register and release), a `kill -9`ed node's reservations expire after
-//! its lease TTL, one etcd member lost changes nothing, two lost refuse new tunnels with
-//! upstream's quorum message until they return, the cluster views from any node, and one
-//! address for the fleet (a live migration through one node onto another).
+//! its lease TTL, one etcd member lost or hung (SIGSTOP, in each place of `endpoints`)
+//! changes nothing, two lost refuse new tunnels with upstream's quorum message until they
+//! return, a node name is held by one running node, the cluster views from any node, and
+//! one address for the fleet (a live migration through one node onto another).
 
 mod common;
 
@@ -573,6 +574,233 @@ async fn a_live_migration_through_one_node_lands_on_the_named_one() {
         // n3 owns 511 for good, seen from any node.
         assert_exists_on(&open(&n2, 511).await.unwrap_err(), 511, "n3");
         common::mt_ok(&n3, &["vm", "stop", "511"]).await;
+    })
+    .await;
+}
+
+/// The live member keys and their leases, as etcd member `via` has them.
+fn members(etcd: &EtcdCluster, via: usize) -> Vec<(String, i64)> {
+    etcd.range(via, "/mtunnel/lab/members/")
+        .into_iter()
+        .map(|(key, _, lease)| (key, lease))
+        .collect()
+}
+
+/// The lease of the entry of `vmid`, as etcd member `via` has it (None: no entry).
+fn vmid_lease(etcd: &EtcdCluster, via: usize, vmid: u32) -> Option<i64> {
+    let key = format!("/mtunnel/lab/vmids/{vmid}");
+    etcd.range(via, &key)
+        .into_iter()
+        .find(|(k, _, _)| *k == key)
+        .map(|(_, _, lease)| lease)
+}
+
+/// Waits (at most 30 s) until both nodes are members and the reservations of VMs 600 (n1)
+/// and 601 (n2) are on their leases, as etcd member `via` has it; returns the leases.
+async fn registered(etcd: &EtcdCluster, via: usize) -> Vec<(String, i64)> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = members(etcd, via);
+        let on = |vmid, i: usize| now.get(i).map(|m| m.1) == vmid_lease(etcd, via, vmid);
+        if now.len() == 2 && on(600, 0) && on(601, 1) {
+            return now;
+        }
+        assert!(Instant::now() < deadline, "not registered: {now:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// A hung etcd member (SIGSTOP: it accepts connections and answers nothing) changes
+/// nothing, first, second or third in `endpoints`: tunnels open and reserve on both nodes,
+/// both nodes keep their membership on the same leases (none expires) and the reservations
+/// of open tunnels stay, over two lease TTLs per hung member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_etcd_member_changes_nothing_whichever_its_place() {
+    bounded(180, async {
+        let etcd = EtcdCluster::start(3);
+        // The bound on one etcd call covers a leader election (the hung member may lead).
+        let node = |name: &str| {
+            TestServer::start_with(Options {
+                node: Some(name.to_string()),
+                extra_tables: etcd.cluster_toml("lab", TTL, 5),
+                ..Options::default()
+            })
+        };
+        let (n1, n2) = (node("n1"), node("n2"));
+        open_eventually(&n1, 600, 20).await;
+        open_eventually(&n2, 601, 20).await;
+        for frozen in 0..3usize {
+            let healthy = (frozen + 1) % 3;
+            let leases = registered(&etcd, healthy).await;
+            let guard = etcd.freeze(frozen);
+            let since = Instant::now();
+            for step in 0..4u32 {
+                let vmid = 610 + 10 * frozen as u32 + step;
+                let (here, there, name) = if step % 2 == 0 {
+                    (&n1, &n2, "n1")
+                } else {
+                    (&n2, &n1, "n2")
+                };
+                if let Err(e) = open(here, vmid).await {
+                    panic!(
+                        "etcd member {frozen} hung: opening VM {vmid} on {name}: {e}\nlog:\n{}\n{}",
+                        here.log(),
+                        etcd.logs()
+                    );
+                }
+                assert_exists_on(&open(there, vmid).await.unwrap_err(), vmid, name);
+            }
+            // Hung for two lease TTLs: leases kept alive only through it would expire.
+            let until = since + Duration::from_secs(2 * TTL);
+            tokio::time::sleep(until.saturating_duration_since(Instant::now())).await;
+            assert_eq!(members(&etcd, healthy), leases, "etcd member {frozen} hung");
+            assert_eq!(registered(&etcd, healthy).await, leases);
+            assert_exists_on(&open(&n2, 600).await.unwrap_err(), 600, "n1");
+            assert_exists_on(&open(&n1, 601).await.unwrap_err(), 601, "n2");
+            drop(guard);
+            etcd.wait_healthy(&[0, 1, 2]);
+            // A leader resumed after more than the TTL may revoke every lease on its own
+            // stale clock (etcd issue 15247, in Debian's 3.4.23): the nodes then register
+            // anew at their next keepalive. Let that pass before the next member hangs.
+            tokio::time::sleep(Duration::from_secs(TTL)).await;
+        }
+    })
+    .await;
+}
+
+/// `serve` with `server`'s config in directories of its own (data, run, storages) as node
+/// `name`; stderr piped, killed on drop. The directory goes with the returned guard.
+fn serve_twin(server: &TestServer, name: &str) -> (tempfile::TempDir, tokio::process::Child) {
+    let twin = tempfile::Builder::new()
+        .prefix("mt")
+        .tempdir_in("/tmp")
+        .unwrap();
+    for sub in ["local", "off", "isos"] {
+        std::fs::create_dir_all(twin.path().join("s").join(sub)).unwrap();
+    }
+    let config = std::fs::read_to_string(&server.config)
+        .unwrap()
+        .replace(
+            &server.base().display().to_string(),
+            &twin.path().display().to_string(),
+        )
+        .replacen(
+            "node = \"",
+            &format!("node = \"{name}\"\n# was: node = \""),
+            1,
+        );
+    let path = twin.path().join("mtunnel.toml");
+    std::fs::write(&path, config).unwrap();
+    let child = tokio::process::Command::new(common::BIN)
+        .arg("serve")
+        .arg("--config")
+        .arg(&path)
+        .arg("--run-dir")
+        .arg(twin.path().join("r"))
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    (twin, child)
+}
+
+/// What a `serve` whose name `node` is held by the node at `url` says last.
+fn held_by(node: &str, url: &str) -> String {
+    format!(
+        "mtunnel: error: node name '{node}' is held by a running mtunnel at {url}; give this \
+         node another name (--node, or node = \"...\" in the config file)"
+    )
+}
+
+/// A second serve with a name a running node holds (its own data dir) refuses to start,
+/// names the holder's address and changes nothing in etcd; the node itself, killed with
+/// `kill -9` and started again while its old lease still lives, waits that lease out and
+/// registers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_node_name_is_refused_and_a_restart_after_kill_registers() {
+    bounded(120, async {
+        let etcd = EtcdCluster::start(3);
+        let mut n1 = node(&etcd, "n1");
+        let n2 = node(&etcd, "n2");
+        open_eventually(&n1, 800, 20).await;
+        let before = (
+            etcd.range(0, "/mtunnel/lab/members/"),
+            etcd.range(0, "/mtunnel/lab/vmids/"),
+        );
+
+        let (_twin, serve) = serve_twin(&n1, "n1");
+        let out = tokio::time::timeout(Duration::from_secs(3 * TTL + 15), serve.wait_with_output())
+            .await
+            .expect("a second serve named n1 did not exit")
+            .unwrap();
+        assert!(!out.status.success());
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr).lines().last(),
+            Some(held_by("n1", &format!("https://127.0.0.1:{}", n1.port)).as_str())
+        );
+        let after = (
+            etcd.range(0, "/mtunnel/lab/members/"),
+            etcd.range(0, "/mtunnel/lab/vmids/"),
+        );
+        assert_eq!(after, before, "the refused serve changed etcd");
+        assert_exists_on(&open(&n2, 800).await.unwrap_err(), 800, "n1");
+
+        // Two start with one new name at once: one wins, the other names the winner.
+        let (_ta, a) = serve_twin(&n1, "n3");
+        let (_tb, b) = serve_twin(&n1, "n3");
+        let (a, b) = (a.wait_with_output(), b.wait_with_output());
+        let first = tokio::time::timeout(Duration::from_secs(3 * TTL + 15), async {
+            tokio::select! {
+                out = a => out,
+                out = b => out,
+            }
+        })
+        .await
+        .expect("neither serve named n3 exited")
+        .unwrap();
+        assert!(!first.status.success());
+        let winner = etcd.range(0, "/mtunnel/lab/members/n3");
+        let url = winner[0].1["api_url"].as_str().unwrap().to_string();
+        assert_eq!(
+            String::from_utf8_lossy(&first.stderr).lines().last(),
+            Some(held_by("n3", &url).as_str())
+        );
+
+        // kill -9 and start again: the old lease still holds the name until its TTL.
+        let lease_of_n1 = || {
+            members(&etcd, 0)
+                .into_iter()
+                .find(|(key, _)| key.ends_with("/n1"))
+                .map(|(_, lease)| lease)
+        };
+        let old = lease_of_n1();
+        assert!(old.is_some());
+        n1.restart();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let now = lease_of_n1();
+            if now.is_some() && now != old {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "n1 not registered again\n{}",
+                n1.log()
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        assert!(
+            n1.log()
+                .contains("node name 'n1' is registered on another etcd lease"),
+            "{}",
+            n1.log()
+        );
+        open(&n1, 801).await.unwrap();
+        // The killed run's reservation went with its lease.
+        open_eventually(&n2, 800, 20).await;
     })
     .await;
 }

@@ -54,7 +54,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     println!("data dir: {}", node.cfg.data_dir.display());
     if let Some(cluster) = &node.cluster {
-        node.join_cluster(&server.url(), &server.fingerprint).await;
+        if let Err(e) = node.join_cluster(&server.url(), &server.fingerprint).await {
+            server.abort();
+            return Err(e);
+        }
         println!(
             "cluster: '{}' via etcd {}",
             cluster.name(),

@@ -1,24 +1,37 @@
 //! A small etcd v3 client over etcd's JSON gateway (`POST /v3/kv/range`, `/v3/kv/txn`,
 //! `/v3/lease/grant`, `/v3/lease/keepalive`, ..., keys and values base64): the few calls the
-//! cluster registry needs, on the hyper client and rustls the crate already has. Each call
-//! is bounded by the configured timeout, failing over across the endpoints in order.
+//! cluster registry needs, on the hyper client and rustls the crate already has.
 //!
-//! Why not the gRPC client crates: they generate their protobuf code at build time with
-//! `protoc`, which a fresh machine does not have, and pull in tonic/prost.
+//! It fails over as etcd's own clients do: one logical call is bounded by `timeout_secs`;
+//! a try on one endpoint that has not answered within a shorter per-endpoint deadline (at
+//! most the lease keepalive interval) is left open while the next endpoint is tried, and
+//! the first answer wins (etcd electing a new leader answers late, a hung member never);
+//! a refused connection or a 5xx moves on at once, and a failed endpoint is tried again
+//! after a short pause, until the bound. A 4xx is etcd's answer and ends the call. The
+//! endpoint that answered last is tried first; one that failed is marked unhealthy for a
+//! while and tried only after the healthy ones. So a hung member (it accepts connections
+//! and answers nothing) costs at most one per-endpoint deadline, never a whole call, and
+//! the lease is kept alive through any healthy member. Replies are capped in size.
+//!
+//! Why not the gRPC client crates (etcd-client): they generate their protobuf code at build
+//! time with `protoc`, which a fresh machine does not have, and pull in tonic/prost and a
+//! second HTTP/2 stack; the few JSON calls here need none of it.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use http_body_util::{BodyExt, Full};
+use futures_util::StreamExt;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Bytes;
 use hyper::{Method, Request};
 use hyper_util::rt::TokioIo;
 use rustls::ClientConfig;
 use serde_json::{Value, json};
+use tokio::time::Instant;
 
 use crate::client::stream::{Stream, connect_plain};
 use crate::config::ClusterConfig;
@@ -66,13 +79,142 @@ pub struct Kv {
     pub lease: i64,
 }
 
-/// The client: endpoints, TLS settings and the time bound of a call.
+/// The largest etcd reply read: a bigger one is an error, not an allocation (a range of
+/// 100 000 VMID entries is about 20 MiB).
+pub const MAX_REPLY_BYTES: usize = 64 << 20;
+
+/// How long an endpoint that failed a try stays behind the healthy ones (unless it answers
+/// meanwhile, as the last resort).
+const UNHEALTHY_FOR: Duration = Duration::from_secs(30);
+
+/// How long an endpoint that failed a try waits before this call tries it again (e.g.
+/// refusals during an etcd leader election), so that quick failures do not spin.
+const ROUND_PAUSE: Duration = Duration::from_millis(200);
+
+/// The client: endpoints, TLS settings, the time bounds and what it learnt of the endpoints.
 pub struct Etcd {
     endpoints: Vec<Endpoint>,
     tls: Option<Arc<ClientConfig>>,
+    /// Bound on one logical call, failover included (`timeout_secs`).
     timeout: Duration,
+    /// Per-endpoint deadline: a try with no answer after it has the next endpoint tried too.
+    attempt: Duration,
     /// The endpoint that answered last: tried first next time.
     preferred: AtomicUsize,
+    /// Per endpoint: failed a try at this instant (None: healthy as far as we know).
+    failed_at: Mutex<Vec<Option<Instant>>>,
+}
+
+/// Aborts a spawned task when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// One logical call in progress: the endpoints in the order to try, how many tries each
+/// has in flight and since when the latest, when a failed one may be tried again, and the
+/// last failure of each.
+struct Call<'a> {
+    etcd: &'a Etcd,
+    order: Vec<usize>,
+    cursor: usize,
+    busy: Vec<usize>,
+    latest: Vec<Instant>,
+    retry_at: Vec<Instant>,
+    errors: Vec<Option<String>>,
+    /// Per endpoint: its last try found no connection.
+    unreachable: Vec<bool>,
+}
+
+impl<'a> Call<'a> {
+    fn new(etcd: &'a Etcd) -> Self {
+        let n = etcd.endpoints.len();
+        let now = Instant::now();
+        Call {
+            etcd,
+            order: etcd.order(),
+            cursor: 0,
+            busy: vec![0; n],
+            latest: vec![now; n],
+            retry_at: vec![now; n],
+            errors: vec![None; n],
+            unreachable: vec![false; n],
+        }
+    }
+
+    /// Whether endpoint `idx` has a try in flight that is past the per-endpoint deadline.
+    fn slow(&self, idx: usize, now: Instant) -> bool {
+        self.busy[idx] > 0 && now.saturating_duration_since(self.latest[idx]) >= self.etcd.attempt
+    }
+
+    /// The next endpoint to try now, marked in flight: one not pausing after a failure,
+    /// with no try in flight or only one past the deadline (a request a member forwarded
+    /// to a leader that hung is lost, so the member gets it anew once a leader is elected).
+    fn pick(&mut self, now: Instant) -> Option<usize> {
+        let n = self.order.len();
+        let k = (0..n).find(|k| {
+            let idx = self.order[(self.cursor + k) % n];
+            (self.busy[idx] == 0 || self.slow(idx, now)) && self.retry_at[idx] <= now
+        })?;
+        let idx = self.order[(self.cursor + k) % n];
+        self.cursor = (self.cursor + k + 1) % n;
+        self.busy[idx] += 1;
+        self.latest[idx] = now;
+        Some(idx)
+    }
+
+    /// A try on `idx` ended.
+    fn done(&mut self, idx: usize) {
+        self.busy[idx] = self.busy[idx].saturating_sub(1);
+    }
+
+    /// Every endpoint was tried, none is in flight and none could be reached: nothing
+    /// listens or nobody accepts this client (e.g. its certificate), so waiting for the
+    /// timeout would only delay the error.
+    fn hopeless(&self) -> bool {
+        self.busy.iter().all(|b| *b == 0) && self.unreachable.iter().all(|u| *u)
+    }
+
+    fn failed(&mut self, idx: usize, text: String) {
+        self.unreachable[idx] = false;
+        self.etcd.mark(idx, false);
+        self.retry_at[idx] = Instant::now() + ROUND_PAUSE;
+        self.errors[idx] = Some(format!("{}: {text}", self.etcd.endpoints[idx].url));
+    }
+
+    /// Tries still in flight past the per-endpoint deadline count as failures.
+    fn settle_slow(&mut self) {
+        let now = Instant::now();
+        for idx in 0..self.busy.len() {
+            if self.slow(idx, now) {
+                self.failed(idx, self.etcd.no_answer());
+            }
+        }
+    }
+
+    fn errors(&self) -> String {
+        let errors: Vec<&str> = self.errors.iter().flatten().map(String::as_str).collect();
+        if errors.is_empty() {
+            "no endpoint tried".into()
+        } else {
+            errors.join("; ")
+        }
+    }
+}
+
+/// How one try on one endpoint ended.
+enum Try {
+    /// A 200 reply's body.
+    Answer(Vec<u8>),
+    /// The cluster's refusal (4xx): the same on every member, so not retried.
+    Refused(String),
+    /// This endpoint could not answer (timeout, 5xx): the next one may.
+    Failed(String),
+    /// No connection to this endpoint (refused, TLS rejected): the next one may.
+    Unreachable(String),
 }
 
 /// An int64 as the gateway writes it (a JSON string), or a number.
@@ -175,52 +317,137 @@ impl Etcd {
         } else {
             None
         };
+        // A try on a hung member must end before the next keepalive is due, so that the
+        // keepalive after it still reaches a healthy member within the lease TTL.
+        let attempt = cfg
+            .timeout
+            .min(super::keepalive_every(cfg.lease_ttl))
+            .max(Duration::from_millis(200));
         Ok(Etcd {
+            failed_at: Mutex::new(vec![None; endpoints.len()]),
             endpoints,
             tls,
             timeout: cfg.timeout,
+            attempt,
             preferred: AtomicUsize::new(0),
         })
     }
 
-    /// POSTs `body` to `path` on the first endpoint that answers 200, within the timeout.
-    async fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
-        let deadline = tokio::time::Instant::now() + self.timeout;
+    /// The order of the endpoints for the next round: from the preferred one on, the
+    /// healthy before those that failed lately.
+    fn order(&self) -> Vec<usize> {
+        let n = self.endpoints.len();
         let first = self.preferred.load(Ordering::Relaxed);
-        let mut errors = Vec::new();
-        let payload = serde_json::to_vec(body).context("encoding an etcd request")?;
-        for i in 0..self.endpoints.len() {
-            let idx = (first + i) % self.endpoints.len();
-            let ep = &self.endpoints[idx];
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            if left.is_zero() {
-                break;
+        let failed = super::locked(&self.failed_at).clone();
+        let now = Instant::now();
+        let unhealthy = |i: usize| {
+            failed[i].is_some_and(|at| now.saturating_duration_since(at) < UNHEALTHY_FOR)
+        };
+        let rotation = (0..n).map(|k| (first + k) % n);
+        let (healthy, rest): (Vec<usize>, Vec<usize>) = rotation.partition(|i| !unhealthy(*i));
+        healthy.into_iter().chain(rest).collect()
+    }
+
+    fn mark(&self, idx: usize, ok: bool) {
+        if ok {
+            self.preferred.store(idx, Ordering::Relaxed);
+        }
+        if let Some(slot) = super::locked(&self.failed_at).get_mut(idx) {
+            *slot = (!ok).then(Instant::now);
+        }
+    }
+
+    /// One try of `path` on endpoint `ep`, bounded by `limit`.
+    async fn try_once(&self, ep: &Endpoint, path: &str, payload: Bytes, limit: Duration) -> Try {
+        let attempt = self.exchange(ep, Method::POST, path, payload);
+        match tokio::time::timeout(limit, attempt).await {
+            Ok(Ok((200, reply))) => Try::Answer(reply),
+            Ok(Ok((status, reply))) => {
+                let text = serde_json::from_slice::<Value>(&reply)
+                    .ok()
+                    .and_then(|v| v.get("error").and_then(Value::as_str).map(String::from))
+                    .unwrap_or_else(|| String::from_utf8_lossy(&reply).into_owned());
+                let text = format!("HTTP {status} {text}");
+                if (400..500).contains(&status) {
+                    Try::Refused(text)
+                } else {
+                    Try::Failed(text)
+                }
             }
-            let attempt = self.exchange(ep, Method::POST, path, payload.clone());
-            match tokio::time::timeout(left, attempt).await {
-                Ok(Ok((200, reply))) => {
-                    self.preferred.store(idx, Ordering::Relaxed);
-                    return serde_json::from_slice(&reply)
-                        .with_context(|| format!("etcd {} answered {path} with no JSON", ep.url));
+            Ok(Err(e)) => Try::Unreachable(format!("{e:#}")),
+            Err(_) => Try::Failed(self.no_answer()),
+        }
+    }
+
+    fn no_answer(&self) -> String {
+        format!("no answer within {} ms", self.attempt.as_millis())
+    }
+
+    /// POSTs `body` to `path` and returns the first 200 reply. A try that has not answered
+    /// within the per-endpoint deadline stays open while the next endpoint is tried (an
+    /// etcd electing a new leader answers late, a hung one never); one that fails is tried
+    /// again after a pause; the whole call ends at the timeout.
+    async fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        let deadline = Instant::now() + self.timeout;
+        let payload = Bytes::from(serde_json::to_vec(body).context("encoding an etcd request")?);
+        let mut call = Call::new(self);
+        let mut inflight = futures_util::stream::FuturesUnordered::new();
+        let mut next_launch = Instant::now();
+        while Instant::now() < deadline {
+            let now = Instant::now();
+            if now >= next_launch {
+                next_launch = match call.pick(now) {
+                    Some(idx) => {
+                        let (ep, payload) = (&self.endpoints[idx], payload.clone());
+                        let left = deadline.saturating_duration_since(now);
+                        inflight.push(async move {
+                            (idx, self.try_once(ep, path, payload, left).await)
+                        });
+                        now + self.attempt
+                    }
+                    None => now + ROUND_PAUSE.min(self.attempt),
+                };
+            }
+            tokio::select! {
+                Some((idx, outcome)) = inflight.next(), if !inflight.is_empty() => {
+                    call.done(idx);
+                    match outcome {
+                        Try::Answer(reply) => {
+                            self.mark(idx, true);
+                            call.settle_slow();
+                            let url = &self.endpoints[idx].url;
+                            return serde_json::from_slice(&reply)
+                                .with_context(|| format!("etcd {url} answered {path} with no JSON"));
+                        }
+                        Try::Refused(text) => {
+                            self.mark(idx, true);
+                            call.settle_slow();
+                            bail!("etcd {path}: {}: {text}", self.endpoints[idx].url);
+                        }
+                        Try::Failed(text) => {
+                            tracing::debug!("etcd {path} on {}: {text}", self.endpoints[idx].url);
+                            call.failed(idx, text);
+                            next_launch = Instant::now();
+                        }
+                        Try::Unreachable(text) => {
+                            tracing::debug!("etcd {path} on {}: {text}", self.endpoints[idx].url);
+                            call.failed(idx, text);
+                            call.unreachable[idx] = true;
+                            if call.hopeless() {
+                                break;
+                            }
+                            next_launch = Instant::now();
+                        }
+                    }
                 }
-                Ok(Ok((status, reply))) => {
-                    let text = serde_json::from_slice::<Value>(&reply)
-                        .ok()
-                        .and_then(|v| v.get("error").and_then(Value::as_str).map(String::from))
-                        .unwrap_or_else(|| String::from_utf8_lossy(&reply).into_owned());
-                    errors.push(format!("{}: HTTP {status} {text}", ep.url));
-                }
-                Ok(Err(e)) => errors.push(format!("{}: {e:#}", ep.url)),
-                Err(_) => errors.push(format!("{}: no answer in time", ep.url)),
+                _ = tokio::time::sleep_until(next_launch.min(deadline)) => {}
             }
         }
-        if errors.is_empty() {
-            errors.push("no endpoint tried".into());
-        }
+        call.settle_slow();
         Err(anyhow!(
             "etcd {path} failed within {} s: {}",
             self.timeout.as_secs(),
-            errors.join("; ")
+            call.errors()
         ))
     }
 
@@ -229,7 +456,7 @@ impl Etcd {
         ep: &Endpoint,
         method: Method,
         path: &str,
-        body: Vec<u8>,
+        body: Bytes,
     ) -> anyhow::Result<(u16, Vec<u8>)> {
         let stream = match (&self.tls, ep.tls) {
             (Some(config), true) => Stream::Tls(Box::new(
@@ -240,29 +467,29 @@ impl Etcd {
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .context("HTTP handshake")?;
-        let conn = tokio::spawn(conn);
+        // Aborted also when this try is dropped unfinished (a hung member's connection).
+        let conn = AbortOnDrop(tokio::spawn(conn));
         let request = Request::builder()
             .method(method)
             .uri(path)
             .header(hyper::header::HOST, format!("{}:{}", ep.host, ep.port))
             .header(hyper::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body)))
+            .body(Full::new(body))
             .context("building the request")?;
         let result = async {
             let response = sender.send_request(request).await.context("request")?;
             let status = response.status().as_u16();
-            let body = response
-                .into_body()
+            let body = Limited::new(response.into_body(), MAX_REPLY_BYTES)
                 .collect()
                 .await
-                .context("reading the reply")?
+                .map_err(|e| anyhow!("reading the reply (at most {MAX_REPLY_BYTES} bytes): {e}"))?
                 .to_bytes()
                 .to_vec();
             anyhow::Ok((status, body))
         }
         .await;
         drop(sender);
-        conn.abort();
+        drop(conn);
         result
     }
 
@@ -327,6 +554,17 @@ impl Etcd {
             .await?;
         let result = reply.get("result").unwrap_or(&reply);
         Ok(int(result.get("TTL").unwrap_or(&Value::Null)))
+    }
+
+    /// The seconds lease `id` has left (-1: expired or unknown).
+    pub async fn lease_time_to_live(&self, id: i64) -> anyhow::Result<i64> {
+        let reply = self
+            .post("/v3/lease/timetolive", &json!({"ID": id.to_string()}))
+            .await?;
+        Ok(match reply.get("TTL") {
+            Some(ttl) => int(ttl),
+            None => -1,
+        })
     }
 
     pub async fn lease_revoke(&self, id: i64) -> anyhow::Result<()> {
@@ -419,5 +657,48 @@ mod tests {
             (true, "127.0.0.1", 2379)
         );
         assert!(Endpoint::parse("127.0.0.1:2379").is_err());
+    }
+
+    /// An endpoint whose reply runs past [`MAX_REPLY_BYTES`] (a loopback HTTP server that
+    /// sends one byte more) fails the call with the cap named; nothing more is read.
+    #[tokio::test]
+    async fn a_reply_over_the_cap_is_an_error() {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            let (mut tcp, _) = listener.accept().unwrap();
+            let mut request = [0u8; 4096];
+            let _ = tcp.read(&mut request);
+            let size = MAX_REPLY_BYTES + 1;
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {size}\r\n\r\n");
+            let _ = tcp.write_all(head.as_bytes());
+            let chunk = vec![b' '; 1 << 20];
+            // The client hangs up at the cap: the writes after that fail, which ends this.
+            for _ in 0..=size / chunk.len() {
+                if tcp.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+        });
+        let cfg = ClusterConfig {
+            name: "lab".into(),
+            endpoints: vec![format!("http://127.0.0.1:{port}")],
+            lease_ttl: Duration::from_secs(10),
+            timeout: Duration::from_secs(5),
+            advertise_url: None,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+        };
+        let err = Etcd::new(&cfg).unwrap().get("/k").await.unwrap_err();
+        assert_eq!(
+            format!("{err:#}"),
+            format!(
+                "etcd /v3/kv/range failed within 5 s: http://127.0.0.1:{port}: reading the \
+                 reply (at most {MAX_REPLY_BYTES} bytes): length limit exceeded"
+            )
+        );
+        server.join().unwrap();
     }
 }

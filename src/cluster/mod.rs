@@ -6,7 +6,8 @@
 //!
 //! Keys, all under `/mtunnel/{cluster}/`: `members/{node}` (a [`Member`], on the node's
 //! lease: gone when the node dies), `nodes/{node}` (the same without a lease: every node that
-//! ever joined, for "offline" in the views), `resources/{node}` (the node's VMs and their
+//! ever joined, for "offline" in the views; a node name is held by one live lease: see
+//! [`NameHeld`]), `resources/{node}` (the node's VMs and their
 //! status, on its lease), `vmids/{vmid}` (a [`registry::Entry`]).
 //! Without `[cluster]` none of this exists and the node behaves as a single host.
 
@@ -60,6 +61,31 @@ pub type LocalFn = Arc<dyn Fn() -> BoxFuture<'static, LocalState> + Send + Sync>
 /// How often a node makes etcd match its configs and publishes its VM list.
 pub const RECONCILE_EVERY: Duration = Duration::from_secs(3);
 
+/// How often the lease is kept alive: a third of its TTL, so that one lost keepalive (or
+/// one try on a hung etcd member) never lets it expire.
+pub fn keepalive_every(lease_ttl: Duration) -> Duration {
+    (lease_ttl / 3).max(Duration::from_millis(500))
+}
+
+/// How long after a lease's TTL ran out etcd may still show its keys (it checks expiry
+/// every 500 ms, then revokes through raft).
+const EXPIRY_SLACK: Duration = Duration::from_secs(2);
+
+/// How often a starting node looks whether the lease holding its name has expired.
+const CLAIM_POLL: Duration = Duration::from_millis(500);
+
+/// The node's name is registered by another running mtunnel (`members/{node}` lives on a
+/// lease that is not ours and is kept alive).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "node name '{node}' is held by a running mtunnel at {api_url}; give this node another \
+     name (--node, or node = \"...\" in the config file)"
+)]
+pub struct NameHeld {
+    pub node: String,
+    pub api_url: String,
+}
+
 /// The upstream refusal when the cluster cannot decide, with the cause.
 pub fn no_quorum(cause: impl std::fmt::Display) -> String {
     format!("cluster not ready - no quorum? ({cause})")
@@ -78,12 +104,34 @@ pub struct Cluster {
     left: std::sync::atomic::AtomicBool,
     /// Why the last lease grant or keepalive failed (for the refusal while without lease).
     last_error: Mutex<String>,
+    /// Another running mtunnel holds this node's name: no tunnels, no reconcile.
+    name_held: Mutex<Option<NameHeld>>,
     /// This node's registration, once joined.
     me: Mutex<Option<MemberRecord>>,
     /// VMIDs of this node's open tunnels: their entries stay reserved on the lease.
     held: Mutex<BTreeSet<u32>>,
     /// The `resources/{node}` value last written (rewritten only when it changes).
     published: Mutex<Option<String>>,
+}
+
+/// What one attempt to write the membership key found.
+enum Claim {
+    /// Written: the name is ours.
+    Won,
+    /// The key changed between compare and write: try again.
+    Changed,
+    /// On another lease: another mtunnel (or a killed previous run) holds the name.
+    Held(etcd::Kv),
+}
+
+/// The key of a transaction's first `response_range` (the failure branch's `get`).
+fn first_kv(reply: &etcd::TxnReply) -> Option<etcd::Kv> {
+    reply
+        .responses
+        .first()
+        .and_then(|r| r.get("response_range"))
+        .map(etcd::kvs_of)
+        .and_then(|kvs| kvs.into_iter().next())
 }
 
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -103,6 +151,7 @@ impl Cluster {
             lease: Mutex::new(0),
             unregistered: Mutex::new(true),
             last_error: Mutex::new("not joined yet".into()),
+            name_held: Mutex::new(None),
             left: std::sync::atomic::AtomicBool::new(false),
             me: Mutex::new(None),
             held: Mutex::new(BTreeSet::new()),
@@ -139,19 +188,30 @@ impl Cluster {
             }))
     }
 
-    /// The current lease, or the no-quorum error when the node holds none.
+    /// The current lease, or the no-quorum error when the node holds none, is not
+    /// registered on it (yet), or another running mtunnel holds its name.
     fn lease(&self) -> Result<i64, String> {
+        if let Some(held) = locked(&self.name_held).clone() {
+            return Err(no_quorum(held));
+        }
+        let why = || locked(&self.last_error).clone();
         match *locked(&self.lease) {
             0 => Err(no_quorum(format!(
                 "this node holds no etcd lease: {}",
-                locked(&self.last_error)
+                why()
+            ))),
+            _ if *locked(&self.unregistered) => Err(no_quorum(format!(
+                "this node is not registered in the cluster yet: {}",
+                why()
             ))),
             id => Ok(id),
         }
     }
 
     /// Registers this node (`api_url`, certificate `fingerprint`): grants the lease and
-    /// writes the membership keys. A failure is returned, and the background loop retries.
+    /// writes the membership keys. A failure is returned, and the background loop retries;
+    /// a name another running mtunnel holds is a [`NameHeld`] error (after giving a lease
+    /// left by a killed previous run of this node its TTL to expire).
     pub async fn join(&self, api_url: &str, fingerprint: &str) -> anyhow::Result<()> {
         let api_url = self
             .cfg
@@ -165,7 +225,7 @@ impl Cluster {
             version: env!("CARGO_PKG_VERSION").to_string(),
         });
         *locked(&self.unregistered) = true;
-        let result = self.ensure_lease().await;
+        let result = self.ensure_lease(true).await;
         if let Err(e) = &result {
             *locked(&self.last_error) = format!("{e:#}");
         }
@@ -174,8 +234,8 @@ impl Cluster {
 
     /// Grants a lease when the node holds none, then (re)writes everything that hangs on
     /// it: membership, and the reservations of open tunnels (they vanished with a lost
-    /// lease). What failed is tried again on the next call.
-    async fn ensure_lease(&self) -> anyhow::Result<()> {
+    /// lease). What failed is tried again on the next call. `wait`: see [`Cluster::register`].
+    async fn ensure_lease(&self, wait: bool) -> anyhow::Result<()> {
         if self.left.load(std::sync::atomic::Ordering::Acquire) {
             anyhow::bail!("this node left the cluster (shutting down)");
         }
@@ -193,7 +253,7 @@ impl Cluster {
         if !*locked(&self.unregistered) {
             return Ok(());
         }
-        self.register().await?;
+        self.register(wait).await?;
         let lease = *locked(&self.lease);
         let held: Vec<u32> = locked(&self.held).iter().copied().collect();
         for vmid in held {
@@ -205,25 +265,118 @@ impl Cluster {
         Ok(())
     }
 
-    /// Writes `members/{node}` (on the lease) and `nodes/{node}` (permanent).
-    async fn register(&self) -> anyhow::Result<()> {
+    /// Writes `members/{node}` (on the lease) and `nodes/{node}` (permanent). The member
+    /// key is created only if absent, in one transaction (of two nodes starting with one
+    /// name, one wins), or rewritten when it is on our lease already. On another lease it
+    /// belongs to another mtunnel: [`NameHeld`] at once, or with `wait` (at start) once that
+    /// lease outlived its TTL left: a previous run of this node killed without leaving
+    /// holds it until then, a running one keeps it alive.
+    async fn register(&self, wait: bool) -> anyhow::Result<()> {
         let Some(me) = locked(&self.me).clone() else {
             return Ok(());
         };
         let lease = *locked(&self.lease);
         let value = serde_json::to_vec(&me)?;
-        self.etcd
+        let key = self.key(&format!("members/{}", me.node));
+        let puts = vec![
+            etcd::op::put(&key, &value, lease),
+            etcd::op::put(&self.key(&format!("nodes/{}", me.node)), &value, 0),
+        ];
+        let mut give_up: Option<tokio::time::Instant> = None;
+        // Bounds the retries when the key changes between two transactions.
+        let mut changes = 0;
+        while changes < 5 {
+            let kv = match self.claim(&key, &puts, lease).await? {
+                Claim::Won => {
+                    *locked(&self.name_held) = None;
+                    return Ok(());
+                }
+                Claim::Changed => {
+                    changes += 1;
+                    continue;
+                }
+                Claim::Held(kv) => kv,
+            };
+            let held = NameHeld {
+                node: me.node.clone(),
+                api_url: serde_json::from_slice::<MemberRecord>(&kv.value)
+                    .map(|r| r.api_url)
+                    .unwrap_or_else(|_| "an address its record does not give".into()),
+            };
+            if wait && give_up.is_none() {
+                give_up = Some(self.expiry_of(kv.lease, &held).await);
+            }
+            match give_up {
+                Some(until) if tokio::time::Instant::now() < until => {
+                    tokio::time::sleep(CLAIM_POLL).await;
+                }
+                _ => {
+                    *locked(&self.name_held) = Some(held.clone());
+                    return Err(held.into());
+                }
+            }
+        }
+        anyhow::bail!("registering the membership: {key} kept changing meanwhile")
+    }
+
+    /// One attempt to write the membership `puts` with `key` on `lease`: created if absent,
+    /// rewritten if already on `lease` and unchanged since read.
+    async fn claim(
+        &self,
+        key: &str,
+        puts: &[serde_json::Value],
+        lease: i64,
+    ) -> anyhow::Result<Claim> {
+        let context = "registering the membership";
+        let reply = self
+            .etcd
             .txn(
-                vec![],
-                vec![
-                    etcd::op::put(&self.key(&format!("members/{}", me.node)), &value, lease),
-                    etcd::op::put(&self.key(&format!("nodes/{}", me.node)), &value, 0),
-                ],
-                vec![],
+                vec![etcd::op::absent(key)],
+                puts.to_vec(),
+                vec![etcd::op::get(key)],
             )
             .await
-            .context("registering the membership")?;
-        Ok(())
+            .context(context)?;
+        if reply.succeeded {
+            return Ok(Claim::Won);
+        }
+        let Some(kv) = first_kv(&reply) else {
+            return Ok(Claim::Changed);
+        };
+        if kv.lease != lease {
+            return Ok(Claim::Held(kv));
+        }
+        let compare = vec![etcd::op::unchanged(key, kv.mod_revision)];
+        let reply = self
+            .etcd
+            .txn(compare, puts.to_vec(), vec![])
+            .await
+            .context(context)?;
+        Ok(if reply.succeeded {
+            Claim::Won
+        } else {
+            Claim::Changed
+        })
+    }
+
+    /// When the other lease holding our name (`lease`) expires unless it is kept alive.
+    async fn expiry_of(&self, lease: i64, held: &NameHeld) -> tokio::time::Instant {
+        let ttl = self.cfg.lease_ttl.as_secs() as i64;
+        let left = match self.etcd.lease_time_to_live(lease).await {
+            Ok(left) => left.clamp(0, 3600),
+            Err(_) => ttl,
+        };
+        let why = format!(
+            "node name '{}' is registered on another etcd lease (at {}): a previous run of \
+             this node that was killed, or another running mtunnel; waiting up to {} s for \
+             that lease to expire",
+            held.node,
+            held.api_url,
+            left as u64 + EXPIRY_SLACK.as_secs()
+        );
+        tracing::warn!(lease, "cluster '{}': {why}", self.cfg.name);
+        *locked(&self.last_error) = why;
+        tokio::time::Instant::now() + Duration::from_secs(left as u64) + EXPIRY_SLACK
     }
 
     /// Refreshes the lease; a lease etcd no longer knows is replaced.
@@ -242,7 +395,7 @@ impl Cluster {
                 *lease = 0;
             }
         }
-        self.ensure_lease().await
+        self.ensure_lease(false).await
     }
 
     /// Whether etcd has quorum now (a linearizable read within the timeout).
@@ -250,19 +403,21 @@ impl Cluster {
         self.etcd.quorate().await
     }
 
-    /// Starts the background loops: lease keepalive every third of the TTL, and, apart so
-    /// that a slow reconcile never delays a keepalive, a reconcile against `local` every
-    /// 3 s (at once first).
+    /// Starts the background loops: lease keepalive every third of the TTL (counted from
+    /// the start of the last one, so a slow keepalive does not stretch the gap), and, apart
+    /// so that a slow reconcile never delays a keepalive, a reconcile against `local`
+    /// every 3 s (at once first).
     pub fn spawn(self: &Arc<Self>, local: LocalFn) {
         let me = Arc::clone(self);
         tokio::spawn(async move {
-            let tick = (me.cfg.lease_ttl / 3).max(Duration::from_millis(500));
+            let tick = keepalive_every(me.cfg.lease_ttl);
             while !me.left.load(std::sync::atomic::Ordering::Acquire) {
+                let next = tokio::time::Instant::now() + tick;
                 if let Err(e) = me.keepalive().await {
                     tracing::warn!("cluster '{}': lease keepalive: {e:#}", me.cfg.name);
                     *locked(&me.last_error) = format!("{e:#}");
                 }
-                tokio::time::sleep(tick).await;
+                tokio::time::sleep_until(next).await;
             }
         });
         let me = Arc::clone(self);

@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::etcd::{Kv, kvs_of, op};
+use super::etcd::{Kv, op};
 use super::{Cluster, LocalState, locked, no_quorum};
 
 /// The state of a VMID entry.
@@ -100,13 +100,7 @@ impl Cluster {
         if reply.succeeded {
             return Ok(());
         }
-        let current = reply
-            .responses
-            .first()
-            .and_then(|r| r.get("response_range"))
-            .map(kvs_of)
-            .and_then(|kvs| kvs.into_iter().next());
-        let Some(kv) = current else {
+        let Some(kv) = super::first_kv(&reply) else {
             // Deleted between compare and read: one retry settles it.
             return Box::pin(self.reserve_txn(vmid, state, lease)).await;
         };
@@ -221,7 +215,12 @@ impl Cluster {
     /// tunnel) go, its configs without an entry become present; a reserved entry whose
     /// tunnel is gone but whose config stayed becomes present. Never touches local VMs; a
     /// config whose VMID another node owns is logged. Also publishes the node's VM list.
+    /// Does nothing while this node is not registered: its name may belong to another
+    /// running node, whose entries are not ours to release.
     pub async fn reconcile(&self, local: &LocalState) -> anyhow::Result<()> {
+        if *locked(&self.unregistered) {
+            return Ok(());
+        }
         let prefix = self.key("vmids/");
         let kvs = self.etcd.range(&prefix, true).await?;
         let held = locked(&self.held).clone();

@@ -1,6 +1,7 @@
 //! A real etcd cluster for the cluster tests: Debian's `/usr/bin/etcd`, three members on
 //! free loopback ports with their data in a temporary directory, killed on drop. Members
-//! can be killed (SIGKILL) and started again on the same data.
+//! can be killed (SIGKILL) and started again on the same data, or frozen (SIGSTOP) while a
+//! guard lives; keys can be read straight from one member's JSON gateway.
 
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
@@ -235,10 +236,86 @@ impl EtcdCluster {
         }
     }
 
+    /// Freezes member `i` (SIGSTOP: it accepts connections and answers nothing, like a hung
+    /// host) until the guard is dropped, which resumes it (SIGCONT), also on a panic.
+    pub fn freeze(&self, i: usize) -> Frozen {
+        let pid = self.members[i].child.as_ref().expect("member runs").id() as i32;
+        let pid = nix::unistd::Pid::from_raw(pid);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP etcd");
+        Frozen { pid }
+    }
+
+    /// The keys under `prefix` as member `i` has them (a linearizable read through its JSON
+    /// gateway): (key, value as JSON, lease).
+    pub fn range(&self, i: usize, prefix: &str) -> Vec<(String, serde_json::Value, i64)> {
+        use base64::Engine;
+        use base64::engine::general_purpose::STANDARD as B64;
+        let mut end = prefix.as_bytes().to_vec();
+        *end.last_mut().expect("a prefix") += 1;
+        let body = serde_json::json!({"key": B64.encode(prefix), "range_end": B64.encode(end)})
+            .to_string();
+        let mut tcp = std::net::TcpStream::connect(("127.0.0.1", self.members[i].client_port))
+            .expect("connecting to etcd");
+        tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(
+            tcp,
+            "POST /v3/kv/range HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut reply = String::new();
+        tcp.read_to_string(&mut reply)
+            .expect("reading the etcd reply");
+        let json = reply.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+        let json: serde_json::Value =
+            serde_json::from_str(json).unwrap_or_else(|_| panic!("etcd replied {reply}"));
+        let text = |v: &serde_json::Value| {
+            String::from_utf8(B64.decode(v.as_str().unwrap_or("")).unwrap()).unwrap()
+        };
+        json["kvs"]
+            .as_array()
+            .map(|kvs| {
+                kvs.iter()
+                    .map(|kv| {
+                        let value = serde_json::from_str(&text(&kv["value"])).unwrap();
+                        let lease = kv["lease"].as_str().and_then(|l| l.parse().ok());
+                        (text(&kv["key"]), value, lease.unwrap_or(0))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The members' logs (for a failing test's message).
+    pub fn logs(&self) -> String {
+        let mut all = String::new();
+        for m in &self.members {
+            let log = std::fs::read_to_string(self.dir.path().join(format!("{}.log", m.name)));
+            all.push_str(&format!(
+                "---- etcd {} (client port {})\n",
+                m.name, m.client_port
+            ));
+            all.push_str(&log.unwrap_or_default());
+        }
+        all
+    }
+
     /// Starts member `i` again on its data (after [`EtcdCluster::kill`]).
     pub fn restart(&mut self, i: usize) {
         self.kill(i);
         self.spawn(i);
+    }
+}
+
+/// A member frozen by [`EtcdCluster::freeze`]; dropping it resumes the member.
+pub struct Frozen {
+    pid: nix::unistd::Pid,
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(self.pid, nix::sys::signal::Signal::SIGCONT);
     }
 }
 
