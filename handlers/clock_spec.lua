@@ -50,6 +50,14 @@ return {
     t:match(now.iso, "^%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%dZ$")
   end,
 
+  ["an override may fall back to the default clock"] = function(t)
+    local tun = t:open{handlers = {clock = CLOCK}, backend = {hypervisor = {
+      now = function() return backend.default.hypervisor.now() - 86400 end,
+    }}}
+    local now = t:succeeds(tun:send{cmd = "clock"}).now
+    t:ok(now.unix > 1700000000, "a day ago is still after 2023")
+  end,
+
   ["a backend clock that is not an integer"] = function(t)
     local tun = t:open{handlers = {clock = CLOCK}, backend = clock_at("noon")}
     t:eq(tun:send{cmd = "clock"}, {success = false, msg = "failed to handle 'clock' command - " ..

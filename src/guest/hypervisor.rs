@@ -53,6 +53,11 @@ pub trait Hypervisor: Send + Sync {
     /// backends read the system clock; a scripted one may fix it so specs can assert
     /// time-dependent replies exactly.
     fn now(&self) -> HvResult<i64> {
-        Ok(i64::try_from(crate::util::unix_now()).unwrap_or(i64::MAX))
+        Ok(system_clock())
     }
+}
+
+/// The system clock in seconds since the Unix epoch (0 if it is before 1970).
+pub fn system_clock() -> i64 {
+    i64::try_from(crate::util::unix_now()).unwrap_or(i64::MAX)
 }

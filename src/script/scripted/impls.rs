@@ -241,7 +241,7 @@ impl Hypervisor for ScriptedBackend {
 
     fn now(&self) -> HvResult<i64> {
         let Some(f) = self.enter("hypervisor.now") else {
-            return Ok(i64::try_from(crate::util::unix_now()).unwrap_or(i64::MAX));
+            return Ok(crate::guest::hypervisor::system_clock());
         };
         match self.call_sync(&f, ()).map_err(|e| anyhow::anyhow!("{e}"))? {
             LuaValue::Integer(n) => Ok(n),
