@@ -340,7 +340,10 @@ fn cookbook() -> (std::path::PathBuf, BTreeMap<String, usize>) {
 #[test]
 fn the_cookbook_passes_recipe_by_recipe() {
     let (dir, specs) = cookbook();
-    assert!(specs.len() >= 6, "the cookbook has at least six recipes: {specs:?}");
+    assert!(
+        specs.len() >= 6,
+        "the cookbook has at least six recipes: {specs:?}"
+    );
     let run = mtunnel(&["handlers", "test", dir.to_str().unwrap()]);
     assert!(run.ok, "{}\n{}", run.stdout, run.stderr);
     assert!(!run.stdout.contains("FAIL"), "{}", run.stdout);
@@ -358,7 +361,12 @@ fn the_cookbook_passes_recipe_by_recipe() {
     let run = mtunnel(&["handlers", "check", dir.to_str().unwrap()]);
     assert!(run.ok, "{}\n{}", run.stdout, run.stderr);
     let headers = run.stdout.lines().filter(|l| l.starts_with("== ")).count();
-    assert_eq!(headers, specs.len(), "one section per recipe:\n{}", run.stdout);
+    assert_eq!(
+        headers,
+        specs.len(),
+        "one section per recipe:\n{}",
+        run.stdout
+    );
     assert!(!run.stdout.contains("FAIL"), "{}", run.stdout);
 }
 
@@ -422,8 +430,9 @@ fn a_cookbook_recipe_is_tested_against_its_own_overrides_only() {
         run.stdout
     );
     assert!(
-        run.stdout
-            .contains("ok    version: Protocol version of this end (api 2, age 0). (built-in:version.lua)"),
+        run.stdout.contains(
+            "ok    version: Protocol version of this end (api 2, age 0). (built-in:version.lua)"
+        ),
         "b checks the built-in version:\n{}",
         run.stdout
     );

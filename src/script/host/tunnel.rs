@@ -116,19 +116,6 @@ fn civil_from_days(days: i64) -> (i64, i64, i64) {
     (year, month, day)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::civil_from_days;
-
-    #[test]
-    fn days_map_to_gregorian_dates() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(-1), (1969, 12, 31));
-        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
-        assert_eq!(civil_from_days(19_875), (2024, 6, 1));
-    }
-}
-
 /// Refuses to commit while the config is still the empty one `open` reserved (`lock:
 /// create`): a committed tunnel keeps its config for good, and that one holds no VM, so
 /// the VMID would stay taken by nothing.
@@ -147,4 +134,17 @@ fn refuse_reservation(c: &HostCtx) -> mlua::Result<()> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::civil_from_days;
+
+    #[test]
+    fn days_map_to_gregorian_dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(-1), (1969, 12, 31));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+        assert_eq!(civil_from_days(19_875), (2024, 6, 1));
+    }
 }
