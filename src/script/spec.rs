@@ -2,7 +2,9 @@
 //! `*_spec.lua` file against a fresh temporary node that uses the scripted backend, and
 //! reports one line per case plus `N passed, N failed`. A run that checks nothing fails:
 //! a refused handler, a spec file without cases, a case without an assertion, and a run in
-//! which no case ran (a `--filter` that matches nothing) each count as a failure.
+//! which no case ran (a `--filter` that matches nothing) each count as a failure. A
+//! cookbook directory (`examples/handlers/`, see [`super::recipe_dirs`]) runs recipe by
+//! recipe, each against the built-ins overridden by that recipe alone.
 //!
 //! A case opens tunnels the real way (`tunnel::open`: reserved config `lock: create`,
 //! control socket, worker task with the Lua handlers) and talks to the worker over its
@@ -71,7 +73,8 @@ pub const SPEC_NODE: &str = "target";
 #[derive(Debug, Clone, Default)]
 pub struct SpecOptions {
     /// Handlers directory: overrides built-in handlers; its `*_spec.lua` are run (the
-    /// built-in specs when it has none or is not given).
+    /// built-in specs when it has none or is not given). A cookbook directory runs each
+    /// recipe (subdirectory) with its own overrides and specs.
     pub dir: Option<PathBuf>,
     /// Only cases whose `file: case` name contains this text.
     pub filter: Option<String>,
