@@ -429,6 +429,21 @@ function pve.tunnel.bridge_exists(name) end
 ---@return string
 function pve.tunnel.socket_dir() end
 
+---@class mtunnel.Now
+---@field unix integer seconds since 1970-01-01 00:00:00 UTC
+---@field year integer
+---@field month integer 1..12
+---@field day integer 1..31
+---@field hour integer 0..23
+---@field min integer 0..59
+---@field sec integer 0..59
+---@field wday integer ISO weekday: 1 = Monday .. 7 = Sunday
+---@field iso string e.g. `2024-06-03T09:30:05Z`
+
+---The node's clock, in UTC (the sandbox has no `os.time`/`os.date`).
+---@return mtunnel.Now
+function pve.tunnel.now() end
+
 ------------------------------------------------------------------------------------------
 ---Privilege checks for the tunnel's token. See docs/handlers/perm.md.
 ---@class pve.perm

@@ -2,7 +2,7 @@
 # Runs every test of mtunnel on a fresh machine: installs what the tests need (QEMU for the
 # live-migration tests, btrfs-progs for the btrfs storage tests, etcd for the cluster tests,
 # promtool for the metrics test, a Python venv with proxmoxer for the client-compatibility
-# test), builds, runs the Rust test suites and the Lua handler specs.
+# test), builds, runs the Rust test suites, the Lua handler specs and the cookbook's recipes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -74,4 +74,7 @@ fi
 echo "== handler specs"
 ./target/debug/mtunnel handlers test
 ./target/debug/mtunnel handlers check handlers
+echo "== handler cookbook (examples/handlers: each recipe against its own overrides)"
+./target/debug/mtunnel handlers test examples/handlers
+./target/debug/mtunnel handlers check examples/handlers
 echo "== all tests passed"

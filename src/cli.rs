@@ -246,7 +246,9 @@ pub struct MigrateArgs {
 
 #[derive(Subcommand)]
 pub enum HandlersCommand {
-    /// Load every handler (built-ins overridden by DIR) and validate its schema.
+    /// Load every handler (built-ins overridden by DIR) and validate its schema. A DIR
+    /// without *.lua files whose subdirectories hold them (a cookbook such as
+    /// examples/handlers) is checked recipe by recipe.
     Check {
         /// Handlers directory (default: the node's, {data}/handlers).
         dir: Option<PathBuf>,
@@ -255,7 +257,8 @@ pub enum HandlersCommand {
     },
     /// Run the `*_spec.lua` files of DIR (or the built-in specs) against the handlers
     /// (built-ins overridden by DIR), each case on a fresh temporary node with the scripted
-    /// backend.
+    /// backend. A DIR without *.lua files whose subdirectories hold them (a cookbook such
+    /// as examples/handlers) runs each recipe's specs against its own overrides.
     Test {
         /// Handlers directory with overrides and specs (default: built-ins only).
         dir: Option<PathBuf>,

@@ -81,7 +81,26 @@ fn handlers_check(dir: Option<PathBuf>, node: &NodeArgs) -> anyhow::Result<()> {
         Some(d) => d,
         None => load_config(node, None)?.handlers_dir,
     };
-    let results = mtunnel::script::check_handlers(Some(&dir))?;
+    // a cookbook (examples/handlers/): each recipe is checked on its own
+    let mut failed = 0;
+    match mtunnel::script::recipe_dirs(&dir) {
+        Some(recipes) => {
+            for recipe in recipes {
+                println!("== {}", recipe.display());
+                failed += check_handler_set(&recipe)?;
+            }
+        }
+        None => failed += check_handler_set(&dir)?,
+    }
+    if failed > 0 {
+        anyhow::bail!("{failed} handler(s) refused");
+    }
+    Ok(())
+}
+
+/// Prints one line per handler of the built-ins overridden by `dir`; returns the refusals.
+fn check_handler_set(dir: &std::path::Path) -> anyhow::Result<usize> {
+    let results = mtunnel::script::check_handlers(Some(dir))?;
     let mut failed = 0;
     for (cmd, result) in &results {
         match result {
@@ -93,10 +112,7 @@ fn handlers_check(dir: Option<PathBuf>, node: &NodeArgs) -> anyhow::Result<()> {
         }
     }
     println!("{} handlers, {failed} refused", results.len());
-    if failed > 0 {
-        anyhow::bail!("{failed} handler(s) refused");
-    }
-    Ok(())
+    Ok(failed)
 }
 
 async fn handlers_test(dir: Option<PathBuf>, filter: Option<String>) -> anyhow::Result<()> {

@@ -196,3 +196,40 @@ fn the_comparison_sees_real_functions() {
     assert!(documented_in_stub().contains("pve.tunnel.commit"));
     assert!(readme_names("\nAvailable:\n", "\nNot available:").contains("xpcall"));
 }
+
+/// The recipe directories of examples/handlers.
+fn cookbook_recipes() -> BTreeSet<String> {
+    std::fs::read_dir(repo().join("examples/handlers"))
+        .expect("examples/handlers")
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| p.is_dir())
+        .map(|p| p.file_name().expect("name").to_string_lossy().into_owned())
+        .collect()
+}
+
+#[test]
+fn the_cookbook_section_links_every_recipe_and_its_files() {
+    let readme = read(&repo().join("handlers/README.md"));
+    let section = readme
+        .split_once("\n## Cookbook\n")
+        .map(|(_, rest)| rest.split("\n## ").next().unwrap_or(""))
+        .expect("handlers/README.md has a '## Cookbook' section");
+    let prefix = "](../examples/handlers/";
+    let mut linked_recipes = BTreeSet::new();
+    for link in section.split(prefix).skip(1) {
+        let target = link.split(')').next().unwrap_or("");
+        let path = repo().join("examples/handlers").join(target);
+        assert!(
+            path.exists(),
+            "the cookbook links {target}, which does not exist"
+        );
+        if let Some(recipe) = target.strip_suffix('/') {
+            linked_recipes.insert(recipe.to_string());
+        }
+    }
+    assert_eq!(
+        linked_recipes,
+        cookbook_recipes(),
+        "the Cookbook section of handlers/README.md and the directories of examples/handlers differ"
+    );
+}

@@ -1,7 +1,8 @@
 //! `mtunnel handlers check` and `mtunnel handlers test` run as a site admin runs them: the
 //! built-in specs pass; an edited copy of the handlers directory takes effect (and the
 //! built-ins stay as they were); a handler with a syntax error is reported with its file
-//! and line. Only the binary is driven, from the outside.
+//! and line; the cookbook (`examples/handlers/`) passes recipe by recipe, each recipe
+//! tested against its own overrides only. Only the binary is driven, from the outside.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -46,6 +47,7 @@ fn copy_handlers(to: &Path) {
 /// updating this table: a case that silently stops running is a check that cannot fail.
 const SPEC_CASES: &[(&str, usize)] = &[
     ("bwlimit_spec.lua", 16),
+    ("clock_spec.lua", 6),
     ("config_spec.lua", 20),
     ("disk-import_spec.lua", 12),
     ("disk_spec.lua", 19),
@@ -316,4 +318,131 @@ fn a_broken_spec_file_is_one_failure() {
         "{}",
         run.stderr
     );
+}
+
+/// The recipes of examples/handlers and their spec files.
+fn cookbook() -> (std::path::PathBuf, BTreeMap<String, usize>) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/handlers");
+    let mut specs = BTreeMap::new();
+    for recipe in std::fs::read_dir(&dir).unwrap() {
+        let recipe = recipe.unwrap().path();
+        for file in std::fs::read_dir(&recipe).unwrap() {
+            let name = file.unwrap().file_name().to_string_lossy().into_owned();
+            if name.ends_with("_spec.lua") {
+                let recipe = recipe.file_name().unwrap().to_string_lossy();
+                specs.insert(format!("{recipe}/{name}"), 0);
+            }
+        }
+    }
+    (dir, specs)
+}
+
+#[test]
+fn the_cookbook_passes_recipe_by_recipe() {
+    let (dir, specs) = cookbook();
+    assert!(
+        specs.len() >= 6,
+        "the cookbook has at least six recipes: {specs:?}"
+    );
+    let run = mtunnel(&["handlers", "test", dir.to_str().unwrap()]);
+    assert!(run.ok, "{}\n{}", run.stdout, run.stderr);
+    assert!(!run.stdout.contains("FAIL"), "{}", run.stdout);
+    let passed = passed_per_file(&run.stdout);
+    let files: Vec<&String> = passed.keys().collect();
+    assert_eq!(
+        files,
+        specs.keys().collect::<Vec<_>>(),
+        "every recipe's spec file ran, named <recipe>/<file>:\n{}",
+        run.stdout
+    );
+    let total: usize = passed.values().sum();
+    assert_eq!(last_line(&run.stdout), format!("{total} passed, 0 failed"));
+
+    let run = mtunnel(&["handlers", "check", dir.to_str().unwrap()]);
+    assert!(run.ok, "{}\n{}", run.stdout, run.stderr);
+    let headers = run.stdout.lines().filter(|l| l.starts_with("== ")).count();
+    assert_eq!(
+        headers,
+        specs.len(),
+        "one section per recipe:\n{}",
+        run.stdout
+    );
+    assert!(!run.stdout.contains("FAIL"), "{}", run.stdout);
+}
+
+#[test]
+fn a_cookbook_recipe_is_tested_against_its_own_overrides_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir_s = dir.path().to_str().unwrap();
+    let version_spec = |api: u32| {
+        format!(
+            "return {{\n  [\"api\"] = function(t)\n    \
+             t:eq(t:open{{}}:send{{cmd = \"version\"}}.api, {api})\n  end,\n}}\n"
+        )
+    };
+    // `a` overrides version; `b` has only a spec and must see the built-in version.
+    std::fs::create_dir(dir.path().join("a")).unwrap();
+    std::fs::write(
+        dir.path().join("a/version.lua"),
+        "return { description = \"v3\", params = false, lock = false,\n  \
+         run = function() return { api = 3, age = 1 } end }\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("a/version_spec.lua"), version_spec(3)).unwrap();
+    std::fs::create_dir(dir.path().join("b")).unwrap();
+    std::fs::write(dir.path().join("b/site_spec.lua"), version_spec(2)).unwrap();
+    // `c` has a handler but no spec of its own.
+    std::fs::create_dir(dir.path().join("c")).unwrap();
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("handlers/stop.lua"),
+        dir.path().join("c/stop.lua"),
+    )
+    .unwrap();
+    // a directory without Lua files is not a recipe
+    std::fs::create_dir(dir.path().join("notes")).unwrap();
+
+    let run = mtunnel(&["handlers", "test", dir_s]);
+    assert!(!run.ok, "{}", run.stdout);
+    assert_eq!(
+        run.stdout,
+        "ok    a/version_spec.lua: api\n\
+         ok    b/site_spec.lua: api\n\
+         FAIL  c: the recipe has no *_spec.lua of its own\n\
+         2 passed, 1 failed\n"
+    );
+    let run = mtunnel(&["handlers", "test", dir_s, "--filter", "b/"]);
+    assert_eq!(
+        run.stdout,
+        "ok    b/site_spec.lua: api\n\
+         FAIL  c: the recipe has no *_spec.lua of its own\n\
+         1 passed, 1 failed\n"
+    );
+
+    std::fs::remove_dir_all(dir.path().join("c")).unwrap();
+    let run = mtunnel(&["handlers", "check", dir_s]);
+    assert!(run.ok, "{}\n{}", run.stdout, run.stderr);
+    let a = format!("== {dir_s}/a\n");
+    assert!(run.stdout.starts_with(&a), "{}", run.stdout);
+    assert!(run.stdout.contains("ok    version: v3 ("), "{}", run.stdout);
+    assert!(
+        run.stdout.contains(&format!("== {dir_s}/b\n")),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains(
+            "ok    version: Protocol version of this end (api 2, age 0). (built-in:version.lua)"
+        ),
+        "b checks the built-in version:\n{}",
+        run.stdout
+    );
+
+    // A handler file at the top makes it a plain handlers directory again.
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("handlers/stop.lua"),
+        dir.path().join("stop.lua"),
+    )
+    .unwrap();
+    let run = mtunnel(&["handlers", "check", dir_s]);
+    assert!(!run.stdout.contains("== "), "{}", run.stdout);
 }

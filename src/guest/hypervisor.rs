@@ -49,4 +49,15 @@ pub trait Hypervisor: Send + Sync {
     fn is_running(&self, vmid: u32) -> BoxFuture<'_, bool>;
     /// Asks the guest agent to trim file systems (probing it first with a short timeout).
     fn fstrim(&self, vmid: u32) -> BoxFuture<'_, HvResult<()>>;
+    /// The node's wall clock, seconds since the Unix epoch (`pve.tunnel.now`). Real
+    /// backends read the system clock; a scripted one may fix it so specs can assert
+    /// time-dependent replies exactly.
+    fn now(&self) -> HvResult<i64> {
+        Ok(system_clock())
+    }
+}
+
+/// The system clock in seconds since the Unix epoch (0 if it is before 1970).
+pub fn system_clock() -> i64 {
+    i64::try_from(crate::util::unix_now()).unwrap_or(i64::MAX)
 }

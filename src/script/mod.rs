@@ -19,7 +19,7 @@ pub mod spec;
 pub use crate::journal;
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use mlua::chunk::ChunkMode;
@@ -94,6 +94,33 @@ pub fn handler_sources(dir: Option<&Path>) -> (Vec<HandlerSource>, Vec<String>) 
         }
     }
     (by_cmd.into_values().collect(), problems)
+}
+
+/// The recipes of a cookbook directory such as `examples/handlers/`: a directory with no
+/// `*.lua` file of its own whose subdirectories each hold one set of handler overrides and
+/// specs. `None` for a plain handlers directory (or one that cannot be read: the callers
+/// report that). Sorted by name; subdirectories without a `*.lua` file are not recipes.
+pub fn recipe_dirs(dir: &Path) -> Option<Vec<PathBuf>> {
+    let has_lua = |d: &Path| {
+        std::fs::read_dir(d).is_ok_and(|entries| {
+            entries
+                .flatten()
+                .any(|e| e.path().is_file() && e.path().extension().is_some_and(|x| x == "lua"))
+        })
+    };
+    let mut recipes = Vec::new();
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            if has_lua(&path) {
+                recipes.push(path);
+            }
+        } else if path.extension().is_some_and(|x| x == "lua") {
+            return None;
+        }
+    }
+    recipes.sort();
+    (!recipes.is_empty()).then_some(recipes)
 }
 
 fn is_command_name(s: &str) -> bool {

@@ -2,7 +2,9 @@
 //! `*_spec.lua` file against a fresh temporary node that uses the scripted backend, and
 //! reports one line per case plus `N passed, N failed`. A run that checks nothing fails:
 //! a refused handler, a spec file without cases, a case without an assertion, and a run in
-//! which no case ran (a `--filter` that matches nothing) each count as a failure.
+//! which no case ran (a `--filter` that matches nothing) each count as a failure. A
+//! cookbook directory (`examples/handlers/`, see [`super::recipe_dirs`]) runs recipe by
+//! recipe, each against the built-ins overridden by that recipe alone.
 //!
 //! A case opens tunnels the real way (`tunnel::open`: reserved config `lock: create`,
 //! control socket, worker task with the Lua handlers) and talks to the worker over its
@@ -71,7 +73,8 @@ pub const SPEC_NODE: &str = "target";
 #[derive(Debug, Clone, Default)]
 pub struct SpecOptions {
     /// Handlers directory: overrides built-in handlers; its `*_spec.lua` are run (the
-    /// built-in specs when it has none or is not given).
+    /// built-in specs when it has none or is not given). A cookbook directory runs each
+    /// recipe (subdirectory) with its own overrides and specs.
     pub dir: Option<PathBuf>,
     /// Only cases whose `file: case` name contains this text.
     pub filter: Option<String>,
@@ -89,8 +92,11 @@ struct SpecFile {
     code: String,
 }
 
-fn spec_files(dir: Option<&Path>) -> anyhow::Result<Vec<SpecFile>> {
+/// The spec files of one handler set. `recipe` names a cookbook recipe (a subdirectory):
+/// its file names are prefixed with it and it never falls back to the built-in specs.
+fn spec_files(dir: Option<&Path>, recipe: Option<&str>) -> anyhow::Result<Vec<SpecFile>> {
     let mut files = Vec::new();
+    let prefix = recipe.map(|r| format!("{r}/")).unwrap_or_default();
     if let Some(dir) = dir {
         let entries = std::fs::read_dir(dir)
             .map_err(|e| anyhow::anyhow!("reading handlers directory {}: {e}", dir.display()))?;
@@ -105,12 +111,12 @@ fn spec_files(dir: Option<&Path>) -> anyhow::Result<Vec<SpecFile>> {
             let code = std::fs::read_to_string(&path)
                 .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
             files.push(SpecFile {
-                name: name.to_string(),
+                name: format!("{prefix}{name}"),
                 code,
             });
         }
     }
-    if files.is_empty() {
+    if files.is_empty() && recipe.is_none() {
         files = BUILTIN_SPECS
             .iter()
             .map(|(name, code)| SpecFile {
@@ -123,13 +129,73 @@ fn spec_files(dir: Option<&Path>) -> anyhow::Result<Vec<SpecFile>> {
     Ok(files)
 }
 
-/// Runs the specs and writes the report to `out`.
+/// Runs the specs and writes the report to `out`. A cookbook directory (see
+/// [`super::recipe_dirs`]) runs each recipe's specs against the built-ins overridden by
+/// that recipe alone.
 pub async fn run_specs(opts: &SpecOptions, out: &mut dyn Write) -> anyhow::Result<Summary> {
-    let dir = opts.dir.as_deref();
     let mut summary = Summary::default();
+    let mut counts = FileCounts::default();
+    match opts.dir.as_deref().and_then(super::recipe_dirs) {
+        Some(recipes) => {
+            for dir in recipes {
+                let label = dir
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let set = HandlerSet {
+                    dir: Some(&dir),
+                    recipe: Some(&label),
+                };
+                run_set(set, opts, out, &mut summary, &mut counts).await?;
+            }
+        }
+        None => {
+            let set = HandlerSet {
+                dir: opts.dir.as_deref(),
+                recipe: None,
+            };
+            run_set(set, opts, out, &mut summary, &mut counts).await?;
+        }
+    }
+    // A run that checked nothing must not look like a passing one (`--filter` with a typo,
+    // spec files that return `{}`).
+    if counts.ran == 0 {
+        summary.failed += 1;
+        match &opts.filter {
+            Some(f) => writeln!(
+                out,
+                "FAIL  no spec case ran: --filter '{f}' matches none of the {} cases",
+                counts.defined
+            )?,
+            None => writeln!(
+                out,
+                "FAIL  no spec case ran: the spec files define no cases"
+            )?,
+        }
+    }
+    writeln!(out, "{} passed, {} failed", summary.passed, summary.failed)?;
+    out.flush()?;
+    Ok(summary)
+}
+
+/// One set of handlers under test: a handlers directory (or none: built-ins only), and
+/// the recipe name when it is one recipe of a cookbook.
+#[derive(Clone, Copy)]
+struct HandlerSet<'a> {
+    dir: Option<&'a Path>,
+    recipe: Option<&'a str>,
+}
+
+async fn run_set(
+    set: HandlerSet<'_>,
+    opts: &SpecOptions,
+    out: &mut dyn Write,
+    summary: &mut Summary,
+    counts: &mut FileCounts,
+) -> anyhow::Result<()> {
     // A handler that does not load is a failure of the run, not a warning: every case of
     // its command would otherwise test only the "handler not loaded" reply.
-    let (sources, problems) = handler_sources(dir);
+    let (sources, problems) = handler_sources(set.dir);
     for problem in problems {
         summary.failed += 1;
         writeln!(out, "FAIL  handler file skipped: {problem}")?;
@@ -143,30 +209,22 @@ pub async fn run_specs(opts: &SpecOptions, out: &mut dyn Write) -> anyhow::Resul
     }
     drop(vm);
 
-    // A run that checked nothing must not look like a passing one (`--filter` with a typo,
-    // spec files that return `{}`).
-    let (mut defined, mut ran) = (0, 0);
-    for file in spec_files(dir)? {
-        let counts = run_file(&file, opts, out, &mut summary).await?;
-        defined += counts.defined;
-        ran += counts.ran;
-    }
-    if ran == 0 {
+    let files = spec_files(set.dir, set.recipe)?;
+    if let (Some(recipe), true) = (set.recipe, files.is_empty()) {
+        // a recipe is only as good as its specs; the built-in ones would not test it
         summary.failed += 1;
-        match &opts.filter {
-            Some(f) => writeln!(
-                out,
-                "FAIL  no spec case ran: --filter '{f}' matches none of the {defined} cases"
-            )?,
-            None => writeln!(
-                out,
-                "FAIL  no spec case ran: the spec files define no cases"
-            )?,
-        }
+        counts.ran += 1;
+        writeln!(
+            out,
+            "FAIL  {recipe}: the recipe has no *_spec.lua of its own"
+        )?;
     }
-    writeln!(out, "{} passed, {} failed", summary.passed, summary.failed)?;
-    out.flush()?;
-    Ok(summary)
+    for file in files {
+        let c = run_file(&file, set.dir, opts, out, summary).await?;
+        counts.defined += c.defined;
+        counts.ran += c.ran;
+    }
+    Ok(())
 }
 
 /// The case currently running in a spec VM (natives look it up at call time).
@@ -192,6 +250,7 @@ struct FileCounts {
 
 async fn run_file(
     file: &SpecFile,
+    dir: Option<&Path>,
     opts: &SpecOptions,
     out: &mut dyn Write,
     summary: &mut Summary,
@@ -232,7 +291,7 @@ async fn run_file(
             continue;
         }
         counts.ran += 1;
-        let env = match CaseEnv::new(&lua, opts.dir.clone()) {
+        let env = match CaseEnv::new(&lua, dir.map(Path::to_path_buf)) {
             Ok(env) => Arc::new(env),
             Err(e) => {
                 summary.failed += 1;

@@ -238,4 +238,17 @@ impl Hypervisor for ScriptedBackend {
             self.hv_call(f, vmid).await.map(drop)
         })
     }
+
+    fn now(&self) -> HvResult<i64> {
+        let Some(f) = self.enter("hypervisor.now") else {
+            return Ok(crate::guest::hypervisor::system_clock());
+        };
+        match self.call_sync(&f, ()).map_err(|e| anyhow::anyhow!("{e}"))? {
+            LuaValue::Integer(n) => Ok(n),
+            other => anyhow::bail!(
+                "hypervisor.now must return an integer (seconds since 1970), got {}",
+                other.type_name()
+            ),
+        }
+    }
 }

@@ -291,6 +291,10 @@ fn default_hypervisor(lua: &Lua, fake: &Arc<Fake>) -> mlua::Result<Table> {
         "fstrim",
         lua.create_function(move |_, vmid: u32| f.require_running(vmid).map_err(herr))?,
     )?;
+    t.set(
+        "now",
+        lua.create_function(|_, ()| Ok(crate::guest::hypervisor::system_clock()))?,
+    )?;
     Ok(t)
 }
 

@@ -65,6 +65,7 @@ pub const HYPERVISOR_FNS: &[&str] = &[
     "nbd_stop",
     "is_running",
     "fstrim",
+    "now",
 ];
 
 /// At most this much of an import stream's payload is handed to an `import` override as a
