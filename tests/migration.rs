@@ -696,12 +696,21 @@ async fn refusals_end_with_clear_messages_and_change_nothing() {
     );
     let err = refused(&src, "105", &bad, "local").await;
     assert!(err.contains("401"), "{err}");
+    // A token that may not read `/cluster/status` (Sys.Audit on `/`, as PVE requires; every
+    // source asks it for the target's node name): refused before a tunnel is opened.
+    let mute = dst.create_token("mute@pve!t", &["--privs", "VM.Allocate,Sys.Incoming"]);
+    let mute_target = good.replace(&dst.root_token, &mute);
+    let err = refused(&src, "105", &mute_target, "local").await;
+    assert!(
+        err.contains("403 Permission check failed (/, Sys.Audit)"),
+        "{err}"
+    );
     // A token that may place disks but not accept incoming VMs.
     let weak = dst.create_token(
         "nobody@pve!t",
         &[
             "--privs",
-            "VM.Allocate,Datastore.AllocateSpace,Datastore.Audit",
+            "VM.Allocate,Datastore.AllocateSpace,Datastore.Audit,Sys.Audit",
         ],
     );
     let weak_target = good.replace(&dst.root_token, &weak);

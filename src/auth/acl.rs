@@ -41,10 +41,12 @@ pub fn role_privileges(role: &str) -> Option<Vec<&'static str>> {
             "VM.Migrate",
             "VM.PowerMgmt",
         ],
-        // What a remote-migration token needs on `/`: accept incoming VMs and place disks.
+        // What a remote-migration token needs on `/`: accept incoming VMs and place disks,
+        // and read `/cluster/status` (Sys.Audit), where every source learns the node name.
         "PVEMigrationTarget" => &[
             "Datastore.AllocateSpace",
             "Datastore.Audit",
+            "Sys.Audit",
             "Sys.Incoming",
             "VM.Allocate",
             "VM.Audit",
