@@ -11,8 +11,11 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use common::guest::heartbeats;
 use common::guest::{Console, guest_image};
-use common::{Options, TestServer, bounded, mt_ok, pid_of, require_qemu, target_arg};
+use common::{
+    Options, TestServer, bounded, eventually, mt, mt_ok, pid_of, qmp, require_qemu, target_arg,
+};
 
 fn node(name: &str) -> TestServer {
     require_qemu();
@@ -30,15 +33,20 @@ fn image(node: &TestServer, vmid: u32, name: &str) -> PathBuf {
         .join(format!("s/local/images/{vmid}/{name}"))
 }
 
-/// Creates VM `vmid` (`memory` MiB, one raw disk, a serial port) and boots the real guest
-/// on it with `append` on the kernel command line; returns its console once it is up.
-async fn boot_guest(src: &TestServer, vmid: u32, memory: u32, append: &str) -> Console {
+/// Creates VM `vmid` (`memory` MiB, one raw `disk`, a serial port) and boots the real
+/// guest on it with `append` on the kernel command line; returns its console once it is up.
+async fn boot_guest(
+    src: &TestServer,
+    vmid: u32,
+    (memory, disk): (u32, &str),
+    append: &str,
+) -> Console {
     let guest = guest_image();
     let id = vmid.to_string();
     let mem = memory.to_string();
     mt_ok(
         src,
-        &["vm", "create", &id, "--memory", &mem, "--disk", "local:64M:raw"],
+        &["vm", "create", &id, "--memory", &mem, "--disk", disk],
     )
     .await;
     let conf = src.vm_config(vmid);
@@ -72,13 +80,13 @@ async fn real_guest_keeps_running_after_online_migration() {
     bounded(300, async {
         let src = node("gsrc");
         let dst = node("gdst");
-        let mut console = boot_guest(&src, 310, 256, "").await;
+        let mut console = boot_guest(&src, 310, (256, "local:64M:raw"), "").await;
         let src_pid = pid_of(&src, 310).unwrap();
         let token = format!("before-switch-{}", std::process::id());
         console.send(&format!("mark {token}")).await;
         console.wait_line(30, &format!("marked {token}")).await;
         console
-            .wait(30, "heartbeats", |l| common::guest::heartbeats(l).len() >= 5)
+            .wait(30, "heartbeats", |l| heartbeats(l).len() >= 5)
             .await;
 
         let out = mt_ok(
@@ -101,7 +109,7 @@ async fn real_guest_keeps_running_after_online_migration() {
         let mut target = Console::connect(&dst.run.join("310.serial0")).await;
         target
             .wait(60, "10 heartbeats on the target", |l| {
-                common::guest::heartbeats(l).len() >= 10
+                heartbeats(l).len() >= 10
             })
             .await;
         let beats = target.heartbeats();
@@ -127,6 +135,112 @@ async fn real_guest_keeps_running_after_online_migration() {
             "the marker the guest wrote before the switch is not on the target's disk"
         );
         mt_ok(&dst, &["vm", "stop", "310"]).await;
+    })
+    .await;
+}
+
+/// The heartbeat counter of the newest beat `console` has read.
+fn last_beat(console: &Console) -> u64 {
+    console.heartbeats().last().map_or(0, |b| b.0)
+}
+
+/// A busy guest: it rewrites an 8 MiB working set at 32 MB/s while the migration may send
+/// 16 MiB/s (`--bwlimit`), so what is left (the working set) never fits QEMU's 100 ms
+/// downtime by itself. With auto-converge, XBZRLE and the downtime escalation switched off
+/// and a give-up bound of 10 s, `migrate --online` gives up with a message saying so, the guest keeps running
+/// on the source (its heartbeat goes on) and the target keeps nothing. Then with the
+/// defaults the same migration converges (the tuning is printed, the progress shows the
+/// dirty rate and the throttle) and the heartbeat goes on on the target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_guest_gives_up_without_tuning_and_converges_with_defaults() {
+    bounded(400, async {
+        let src = node("bsrc");
+        let dst = node("bdst");
+        let console = boot_guest(&src, 320, (128, "local:16M:raw"), "mt.dirty=32,8").await;
+        console
+            .wait(30, "the memory writer's first rate report", |l| {
+                l.iter().any(|x| x.starts_with("dirty: "))
+            })
+            .await;
+        let conf_before = std::fs::read_to_string(src.vm_config(320)).unwrap();
+        let target = target_arg(&dst, dst.port);
+        let args = vec![
+            "migrate",
+            "320",
+            "--target",
+            &target,
+            "--target-storage",
+            "local",
+            "--online",
+            "--bwlimit",
+            "16384",
+        ];
+        let untuned = [
+            "--no-auto-converge",
+            "--no-xbzrle",
+            "--no-downtime-escalation",
+            "--max-ram-time",
+            "10",
+        ];
+        let out = mt(&src, &[args.as_slice(), &untuned].concat()).await;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "an untuned migration converged:\n{err}"
+        );
+        assert!(
+            err.contains("the RAM did not converge within 10 s (--max-ram-time)")
+                && err.contains("migration cancelled, the VM keeps running on the source"),
+            "{err}"
+        );
+        assert!(
+            err.contains("auto-converge off (--no-auto-converge)"),
+            "{err}"
+        );
+        // The source guest runs on: new heartbeats, QEMU running, config as before.
+        let n = last_beat(&console);
+        console
+            .wait(30, "heartbeats after the give-up", |l| {
+                heartbeats(l).last().is_some_and(|b| b.0 >= n + 10)
+            })
+            .await;
+        let st = qmp(&src.run, 320, "query-status", serde_json::Value::Null).await;
+        assert_eq!(st["status"], "running", "{st}");
+        assert!(
+            eventually(Duration::from_secs(30), || {
+                std::fs::read_to_string(src.vm_config(320)).ok().as_deref()
+                    == Some(conf_before.as_str())
+                    && !dst.vm_config(320).exists()
+                    && pid_of(&dst, 320).is_none()
+            })
+            .await,
+            "source config changed or the target kept the VM:\n{}",
+            dst.log()
+        );
+
+        let src_pid = pid_of(&src, 320).unwrap();
+        let out = mt(&src, &args).await;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "the busy guest did not converge:\n{err}"
+        );
+        for text in [
+            "RAM: auto-converge on",
+            "RAM: XBZRLE on, cache 16.0 MiB",
+            "guest dirties",
+            "CPU throttle",
+        ] {
+            assert!(err.contains(text), "no '{text}' in:\n{err}");
+        }
+        wait_exit(src_pid).await;
+        let n = last_beat(&console);
+        let target = Console::connect(&dst.run.join("320.serial0")).await;
+        target
+            .wait(60, "heartbeats on the target", |l| heartbeats(l).len() >= 5)
+            .await;
+        assert!(target.heartbeats()[0].0 > n, "{:?}", target.heartbeats());
+        mt_ok(&dst, &["vm", "stop", "320"]).await;
     })
     .await;
 }

@@ -35,8 +35,14 @@ const DIRTY_C: &str = include_str!("guest/dirty.c");
 const MODULES: &[(&str, &str)] = &[
     ("virtio", "drivers/virtio/virtio.ko"),
     ("virtio_ring", "drivers/virtio/virtio_ring.ko"),
-    ("virtio_pci_legacy_dev", "drivers/virtio/virtio_pci_legacy_dev.ko"),
-    ("virtio_pci_modern_dev", "drivers/virtio/virtio_pci_modern_dev.ko"),
+    (
+        "virtio_pci_legacy_dev",
+        "drivers/virtio/virtio_pci_legacy_dev.ko",
+    ),
+    (
+        "virtio_pci_modern_dev",
+        "drivers/virtio/virtio_pci_modern_dev.ko",
+    ),
     ("virtio_pci", "drivers/virtio/virtio_pci.ko"),
     ("scsi_common", "drivers/scsi/scsi_common.ko"),
     ("scsi_mod", "drivers/scsi/scsi_mod.ko"),
@@ -110,14 +116,19 @@ fn fetch_kernel(cache: &Path) {
     std::fs::create_dir_all(&dl).unwrap();
     let apt = |pkg: &str| {
         run(
-            Command::new("apt-get").args(["download", "-q", pkg]).current_dir(&dl),
+            Command::new("apt-get")
+                .args(["download", "-q", pkg])
+                .current_dir(&dl),
             &format!("apt-get download {pkg} (is `apt-get update` needed?)"),
         )
     };
     apt("linux-image-amd64");
     let meta = find_deb(&dl, "linux-image-amd64_");
     let depends = run(
-        Command::new("dpkg-deb").args(["-f"]).arg(&meta).arg("Depends"),
+        Command::new("dpkg-deb")
+            .args(["-f"])
+            .arg(&meta)
+            .arg("Depends"),
         "dpkg-deb -f",
     );
     let image = depends
@@ -143,7 +154,10 @@ fn fetch_kernel(cache: &Path) {
         unpacked.display(),
         members.join(" ")
     );
-    run(Command::new("sh").args(["-c", &tar]), "unpacking the kernel");
+    run(
+        Command::new("sh").args(["-c", &tar]),
+        "unpacking the kernel",
+    );
     let modules = cache.join("modules");
     let _ = std::fs::remove_dir_all(&modules);
     std::fs::create_dir_all(&modules).unwrap();
@@ -171,7 +185,12 @@ fn find_deb(dir: &Path, prefix: &str) -> PathBuf {
                 .and_then(|n| n.to_str())
                 .is_some_and(|n| n.starts_with(prefix) && n.ends_with(".deb"))
         })
-        .unwrap_or_else(|| panic!("apt-get download left no {prefix}*.deb in {}", dir.display()))
+        .unwrap_or_else(|| {
+            panic!(
+                "apt-get download left no {prefix}*.deb in {}",
+                dir.display()
+            )
+        })
 }
 
 /// The initramfs for the current init, memory writer, busybox and kernel, built when its
@@ -203,8 +222,11 @@ fn build_initrd(cache: &Path) -> PathBuf {
     std::fs::write(stage.join("modules.order"), order.join("\n") + "\n").unwrap();
     for (name, _) in MODULES {
         let ko = format!("{name}.ko");
-        std::fs::copy(cache.join("modules").join(&ko), stage.join("lib/modules").join(&ko))
-            .unwrap();
+        std::fs::copy(
+            cache.join("modules").join(&ko),
+            stage.join("lib/modules").join(&ko),
+        )
+        .unwrap();
     }
     std::fs::write(stage.join("dirty.c"), DIRTY_C).unwrap();
     run(
@@ -284,7 +306,10 @@ impl Console {
             match UnixStream::connect(path).await {
                 Ok(s) => break s,
                 Err(e) if Instant::now() > deadline => {
-                    panic!("connecting to the guest's serial port {}: {e}", path.display())
+                    panic!(
+                        "connecting to the guest's serial port {}: {e}",
+                        path.display()
+                    )
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
