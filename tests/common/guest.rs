@@ -240,6 +240,13 @@ fn build_initrd(cache: &Path) -> PathBuf {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(stage.join(f), std::fs::Permissions::from_mode(0o755)).unwrap();
     }
+    // Initramfs files of older inputs: no test of this tree boots them any more.
+    for e in std::fs::read_dir(cache).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("initrd-") && name.ends_with(".cpio") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
     let tmp = cache.join("initrd.tmp");
     cpio(&stage, &tmp);
     std::fs::rename(&tmp, &initrd).unwrap();
@@ -383,7 +390,8 @@ impl Console {
         heartbeats(&self.lines())
     }
 
-    /// The guest kernel's log at levels emerg..err (asked with `errors`).
+    /// The lines of the guest's kernel log at levels emerg..err, of any facility (asked
+    /// with `errors`).
     pub async fn kernel_errors(&mut self) -> Vec<String> {
         let seen = self.lines().len();
         self.send("errors").await;
@@ -397,10 +405,17 @@ impl Console {
             .skip_while(|l| *l != "errors-begin")
             .skip(1)
             .take_while(|l| *l != "errors-end")
-            .filter(|l| l.starts_with('<'))
+            .filter(|l| log_level(l).is_some_and(|level| level <= 3))
             .cloned()
             .collect()
     }
+}
+
+/// The level (0 emerg .. 7 debug) of a raw kernel log line `<PRIORITY>[time] text`, where
+/// PRIORITY is facility × 8 + level; `None` for other lines (heartbeats, console echo).
+fn log_level(line: &str) -> Option<u32> {
+    let (prio, _) = line.strip_prefix('<')?.split_once('>')?;
+    prio.parse::<u32>().ok().map(|p| p % 8)
 }
 
 /// The `hb COUNTER UPTIME` lines among `lines`.
