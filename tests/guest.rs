@@ -197,6 +197,12 @@ async fn busy_guest_gives_up_without_tuning_and_converges_with_defaults() {
             err.contains("auto-converge off (--no-auto-converge)"),
             "{err}"
         );
+        assert!(
+            err.contains(
+                "is off: leave out --no-auto-converge --no-xbzrle --no-downtime-escalation"
+            ),
+            "{err}"
+        );
         // The source guest runs on: new heartbeats, QEMU running, config as before.
         let n = last_beat(&console);
         console

@@ -185,16 +185,9 @@ impl Migration<'_> {
         Ok(jobs.into_iter().map(|(job, _)| job).collect())
     }
 
-    /// RAM: the limit, multifd and the convergence tuning, `migrate` into the forwarded
-    /// socket, progress (with what is left, the dirty rate and the throttle) until
-    /// completed; the downtime limit raised alongside while the remaining RAM grows.
-    async fn migrate_ram(
-        &mut self,
-        vm: &VmHandle,
-        local_migrate: &Path,
-        ram: &Ram,
-    ) -> anyhow::Result<()> {
-        let tuning = self.opts.tuning;
+    /// The RAM's migration capabilities and parameters: the limit, multifd and the
+    /// convergence tuning for this VM's RAM size, each choice logged with its reason.
+    async fn configure_ram(&self, vm: &VmHandle, ram: &Ram) -> anyhow::Result<tuning::Plan> {
         let memory = vm
             .execute(
                 "query-memory-size-summary",
@@ -206,7 +199,7 @@ impl Migration<'_> {
             .get("base-memory")
             .and_then(Value::as_u64)
             .context("query-memory-size-summary reply without base-memory")?;
-        let plan = tuning.plan(memory, ram.streams);
+        let plan = self.opts.tuning.plan(memory, ram.streams);
         for note in &plan.notes {
             self.progress.log(format!("RAM: {note}"));
         }
@@ -224,6 +217,20 @@ impl Migration<'_> {
             xbzrle_cache_size: plan.xbzrle_cache,
         })
         .await?;
+        Ok(plan)
+    }
+
+    /// RAM: the limit, multifd and the convergence tuning, `migrate` into the forwarded
+    /// socket, progress (with what is left, the dirty rate and the throttle) until
+    /// completed; the downtime limit raised alongside while the remaining RAM grows.
+    async fn migrate_ram(
+        &mut self,
+        vm: &VmHandle,
+        local_migrate: &Path,
+        ram: &Ram,
+    ) -> anyhow::Result<()> {
+        let tuning = self.opts.tuning;
+        let plan = self.configure_ram(vm, ram).await?;
         vm.migrate(&format!("unix:{}", local_migrate.display()))
             .await?;
         let bar = self.progress.bar("RAM", 0);
@@ -241,8 +248,8 @@ impl Migration<'_> {
                 max_throttle = max_throttle.max(p.throttle_pct);
                 last = p.clone();
             }) => r,
-            () = escalate_downtime(vm, self.progress, &escalation), if plan.escalate_downtime => {
-                unreachable!("the downtime escalation never ends")
+            never = escalate_downtime(vm, self.progress, &escalation), if plan.escalate_downtime => {
+                match never {}
             }
         };
         let done = match waited {
@@ -322,7 +329,10 @@ fn not_converged(tuning: &tuning::RamTuning, last: &qemu::MigrationProgress) -> 
         "a higher --bwlimit, a quieter guest or a larger --max-ram-time may let it converge"
             .to_string()
     } else {
-        format!("drop {} to let QEMU slow the guest down", off.join(" "))
+        format!(
+            "the tuning that lets a busy guest converge is off: leave out {}",
+            off.join(" ")
+        )
     };
     anyhow::anyhow!(
         "the RAM did not converge within {} s (--max-ram-time): {} still to send while the guest dirties {}/s (CPU throttle {} %); migration cancelled, the VM keeps running on the source; {hint}",
@@ -336,7 +346,11 @@ fn not_converged(tuning: &tuning::RamTuning, last: &qemu::MigrationProgress) -> 
 /// PVE's downtime escalation next to the RAM progress: every second one `query-migrate`;
 /// the limit is doubled when the remaining RAM grew in 6 samples. Never returns: the
 /// caller drops it when the migration ends. `limit` holds the current limit.
-async fn escalate_downtime(vm: &VmHandle, progress: &Progress, limit: &Cell<u64>) {
+async fn escalate_downtime(
+    vm: &VmHandle,
+    progress: &Progress,
+    limit: &Cell<u64>,
+) -> std::convert::Infallible {
     let mut escalation = tuning::DowntimeEscalation::default();
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
