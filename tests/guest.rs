@@ -145,12 +145,13 @@ fn last_beat(console: &Console) -> u64 {
 }
 
 /// A busy guest: it rewrites an 8 MiB working set at 32 MB/s while the migration may send
-/// 16 MiB/s (`--bwlimit`), so what is left (the working set) never fits QEMU's 100 ms
-/// downtime by itself. With auto-converge, XBZRLE and the downtime escalation switched off
-/// and a give-up bound of 10 s, `migrate --online` gives up with a message saying so, the guest keeps running
-/// on the source (its heartbeat goes on) and the target keeps nothing. Then with the
-/// defaults the same migration converges (the tuning is printed, the progress shows the
-/// dirty rate and the throttle) and the heartbeat goes on on the target.
+/// 16 MiB/s (`--bwlimit`, the slow link), so what is left (the working set) never fits
+/// QEMU's 100 ms downtime by itself. With auto-converge, XBZRLE and the downtime escalation
+/// switched off and a give-up bound of 10 s, `migrate --online` gives up with a message
+/// saying so, the guest keeps running on the source (its heartbeat goes on) and the target
+/// keeps no config or QEMU. Then, with the tuning at its defaults, the same migration
+/// converges (the tuning is printed, the progress shows the dirty rate and the throttle)
+/// and the heartbeat goes on on the target.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn busy_guest_gives_up_without_tuning_and_converges_with_defaults() {
     bounded(400, async {
