@@ -36,6 +36,21 @@ if ! command -v promtool >/dev/null 2>&1; then
   [ "$status" = 0 ] || { echo "installing prometheus (promtool) failed" >&2; exit "$status"; }
 fi
 
+# busybox-static, gcc's static libc and apt-get for the real-guest tests (tests/guest.rs): the
+# guest's initramfs is busybox plus a memory writer built with `gcc -static`; its kernel
+# comes from `apt-get download linux-image-amd64` (needs package lists), cached in target/guest.
+if [ ! -x /bin/busybox ] || ! dpkg -s busybox-static >/dev/null 2>&1 \
+  || [ ! -e /usr/lib/x86_64-linux-gnu/libc.a ]; then
+  echo "== installing busybox-static and libc6-dev"
+  install_guest_tools() {
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends busybox-static libc6-dev gcc >/dev/null
+  }
+  install_guest_tools || { apt-get update -q >/dev/null && install_guest_tools; }
+fi
+if [ ! -e target/guest/kernel.ok ] && ! apt-cache show linux-image-amd64 >/dev/null 2>&1; then
+  apt-get update -q >/dev/null
+fi
+
 # The WAN smoke test (tests/bench_smoke.rs) builds network namespaces with iproute2's `ip`;
 # the base image has it, a bare machine may not.
 if ! command -v ip >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then

@@ -240,6 +240,22 @@ pub struct MigrateArgs {
     /// announce multifd (a PVE node) always gets one stream.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=16))]
     pub streams: Option<u32>,
+    /// Do not let QEMU throttle the guest's vCPUs when it dirties memory faster than the
+    /// link sends it (auto-converge, on by default as in PVE).
+    #[arg(long)]
+    pub no_auto_converge: bool,
+    /// Do not send re-dirtied pages as XBZRLE deltas (on by default as in PVE, with a cache
+    /// of a tenth of the VM's RAM; always off with multifd).
+    #[arg(long)]
+    pub no_xbzrle: bool,
+    /// Keep the downtime limit at 100 ms instead of doubling it whenever the remaining RAM
+    /// grew in 6 samples (as PVE does).
+    #[arg(long)]
+    pub no_downtime_escalation: bool,
+    /// Give up a live migration whose RAM has not converged after SECS seconds: it is
+    /// cancelled and the VM keeps running on the source.
+    #[arg(long, value_name = "SECS", default_value_t = 1800, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_ram_time: u64,
     #[command(flatten)]
     pub node: NodeArgs,
 }

@@ -5,6 +5,7 @@ use super::{MigrateArgs, load_config};
 
 /// `mtunnel migrate`: runs `mtunnel::client::migrate` and prints its summary.
 pub async fn run(args: MigrateArgs) -> anyhow::Result<()> {
+    use mtunnel::client::migrate::tuning::RamTuning;
     use mtunnel::client::migrate::{MigrateOptions, SourceNode, migrate};
     use mtunnel::client::progress::{Progress, human};
     let vms = mtunnel::client::vm::LocalVms::open(load_config(&args.node, None)?)?;
@@ -25,6 +26,12 @@ pub async fn run(args: MigrateArgs) -> anyhow::Result<()> {
         bwlimit: args.bwlimit,
         delete: args.delete,
         streams: args.streams,
+        tuning: RamTuning {
+            auto_converge: !args.no_auto_converge,
+            xbzrle: !args.no_xbzrle,
+            escalate_downtime: !args.no_downtime_escalation,
+            max_ram_time: std::time::Duration::from_secs(args.max_ram_time),
+        },
     };
     let progress = Progress::auto();
     let summary = migrate(&src, &opts, &progress).await?;

@@ -58,7 +58,7 @@ impl Progress {
             let b = m.add(ProgressBar::new(total));
             b.set_style(
                 ProgressStyle::with_template(
-                    "{prefix:>10} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                    "{prefix:>10} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {msg}",
                 )
                 .unwrap_or_else(|_| ProgressStyle::default_bar())
                 .progress_chars("=> "),
@@ -73,6 +73,7 @@ impl Progress {
             total: Mutex::new(total),
             last_line: Mutex::new(None),
             started: Instant::now(),
+            detail: Mutex::new(String::new()),
         }
     }
 }
@@ -85,9 +86,19 @@ pub struct Bar<'a> {
     total: Mutex<u64>,
     last_line: Mutex<Option<Instant>>,
     started: Instant,
+    /// Shown after the counts (e.g. the RAM phase's remaining bytes and dirty rate).
+    detail: Mutex<String>,
 }
 
 impl Bar<'_> {
+    /// Text shown after the counts from the next update on (empty: none).
+    pub fn set_detail(&self, detail: String) {
+        if let Some(b) = &self.bar {
+            b.set_message(detail.clone());
+        }
+        *self.detail.lock().unwrap_or_else(|e| e.into_inner()) = detail;
+    }
+
     pub fn set(&self, done: u64, total: u64) {
         *self.total.lock().unwrap_or_else(|e| e.into_inner()) = total;
         match &self.bar {
@@ -100,8 +111,10 @@ impl Bar<'_> {
                 if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(2)) {
                     *last = Some(Instant::now());
                     let secs = self.started.elapsed().as_secs_f64().max(0.001);
+                    let detail = self.detail.lock().unwrap_or_else(|e| e.into_inner());
+                    let sep = if detail.is_empty() { "" } else { ", " };
                     self.progress.log(format!(
-                        "{}: {} of {} ({}/s)",
+                        "{}: {} of {} ({}/s){sep}{detail}",
                         self.name,
                         human(done),
                         human(total),

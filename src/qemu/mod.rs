@@ -166,6 +166,11 @@ pub struct MigrationProgress {
     pub total: u64,
     /// Milliseconds since the migration started (when QEMU reports it).
     pub total_time_ms: u64,
+    /// Bytes/s the guest dirties (`ram.dirty-pages-rate` × `ram.page-size`; 0 until QEMU
+    /// measured it after its first dirty sync).
+    pub dirty_rate: u64,
+    /// Percent of vCPU time auto-converge takes from the guest (`cpu-throttle-percentage`).
+    pub throttle_pct: u64,
     pub error_desc: Option<String>,
 }
 
@@ -179,10 +184,16 @@ impl MigrationProgress {
             remaining: n(&ram["remaining"]),
             total: n(&ram["total"]),
             total_time_ms: n(&v["total-time"]),
+            dirty_rate: n(&ram["dirty-pages-rate"]).saturating_mul(n(&ram["page-size"])),
+            throttle_pct: n(&v["cpu-throttle-percentage"]),
             error_desc: v["error-desc"].as_str().map(str::to_string),
         }
     }
 }
+
+/// What a [`QemuError::Timeout`] of [`VmHandle::wait_migration`] waited for (its
+/// `MigrationWait::timeout` ran out).
+pub const MIGRATION_COMPLETION: &str = "migration completion";
 
 /// How [`VmHandle::wait_migration`] polls.
 #[derive(Debug, Clone, Copy)]
@@ -658,7 +669,7 @@ impl VmHandle {
             if now - start >= w.timeout {
                 return Err(QemuError::Timeout {
                     vmid: self.vmid(),
-                    what: "migration completion".into(),
+                    what: MIGRATION_COMPLETION.into(),
                     secs: w.timeout.as_secs_f64(),
                 });
             }

@@ -21,6 +21,7 @@ use mtunnel::client::{ApiClient, ApiError};
 use serde_json::Value;
 
 pub mod etcd;
+pub mod guest;
 
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_mtunnel");

@@ -11,7 +11,8 @@
 //! side, the progress display and the summary) with one method per phase, each in its own
 //! file: `prepare` (`prepare.rs`), `phase1` (`phase1.rs`), `phase2_live`
 //! (`phase2.rs`), `phase3_finish` (`phase3.rs`) and `abort` (`abort.rs`); `remote.rs` holds
-//! the control connection and its forwards. This file owns the public types, the order of
+//! the control connection and its forwards, `tuning.rs` what makes a busy guest's RAM
+//! converge. This file owns the public types, the order of
 //! the phases and the source VM's lock. Nothing here touches the target's files: every
 //! change on the target goes through a tunnel command.
 
@@ -36,6 +37,7 @@ mod phase2;
 mod phase3;
 mod prepare;
 mod remote;
+pub mod tuning;
 
 use remote::Remote;
 
@@ -73,6 +75,9 @@ pub struct MigrateOptions {
     /// RAM streams (multifd channels); `None` = [`DEFAULT_STREAMS`] if the target supports
     /// multifd. One stream whenever the target does not announce multifd.
     pub streams: Option<u32>,
+    /// How a live migration's RAM is made to converge (auto-converge, XBZRLE, downtime
+    /// escalation) and when it gives up.
+    pub tuning: tuning::RamTuning,
 }
 
 /// The source node's services.

@@ -3,6 +3,7 @@
 //! then the RAM. On failure the source VM keeps running (migration and mirrors cancelled,
 //! resumed if paused) and the target VM is stopped; the caller's abort then cleans up.
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -10,7 +11,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::{Map, Value, json};
 
-use super::{DEFAULT_STREAMS, MIRROR_STALL, Migration, STALE_JOB_TIMEOUT, as_u64, min_limit};
+use super::{
+    DEFAULT_STREAMS, MIRROR_STALL, Migration, STALE_JOB_TIMEOUT, as_u64, min_limit, tuning,
+};
 use crate::client::progress::{Progress, human};
 use crate::qemu::{self, MigrationParams, VmHandle};
 
@@ -182,33 +185,86 @@ impl Migration<'_> {
         Ok(jobs.into_iter().map(|(job, _)| job).collect())
     }
 
-    /// RAM: the limit (and multifd), `migrate` into the forwarded socket, progress until
-    /// completed.
+    /// The RAM's migration capabilities and parameters: the limit, multifd and the
+    /// convergence tuning for this VM's RAM size, each choice logged with its reason.
+    async fn configure_ram(&self, vm: &VmHandle, ram: &Ram) -> anyhow::Result<tuning::Plan> {
+        let memory = vm
+            .execute(
+                "query-memory-size-summary",
+                Value::Null,
+                Duration::from_secs(10),
+            )
+            .await
+            .context("asking the source VM for its RAM size (query-memory-size-summary)")?
+            .get("base-memory")
+            .and_then(Value::as_u64)
+            .context("query-memory-size-summary reply without base-memory")?;
+        let plan = self.opts.tuning.plan(memory, ram.streams);
+        for note in &plan.notes {
+            self.progress.log(format!("RAM: {note}"));
+        }
+        // Set either way: an earlier attempt may have left them on.
+        vm.set_migration_capabilities(&[
+            ("multifd", ram.streams > 1),
+            ("xbzrle", plan.xbzrle_cache.is_some()),
+            ("auto-converge", plan.auto_converge),
+        ])
+        .await?;
+        vm.migrate_set_parameters(&MigrationParams {
+            max_bandwidth: Some(ram.limit.map(|k| k * 1024).unwrap_or(16 << 30)),
+            downtime_limit: Some(tuning::INITIAL_DOWNTIME_MS),
+            multifd_channels: (ram.streams > 1).then_some(u64::from(ram.streams)),
+            xbzrle_cache_size: plan.xbzrle_cache,
+        })
+        .await?;
+        Ok(plan)
+    }
+
+    /// RAM: the limit, multifd and the convergence tuning, `migrate` into the forwarded
+    /// socket, progress (with what is left, the dirty rate and the throttle) until
+    /// completed; the downtime limit raised alongside while the remaining RAM grows.
     async fn migrate_ram(
         &mut self,
         vm: &VmHandle,
         local_migrate: &Path,
         ram: &Ram,
     ) -> anyhow::Result<()> {
-        // Set either way: a failed multifd attempt may have left it on.
-        vm.set_migration_capabilities(&[("multifd", ram.streams > 1)])
-            .await?;
-        vm.migrate_set_parameters(&MigrationParams {
-            max_bandwidth: Some(ram.limit.map(|k| k * 1024).unwrap_or(16 << 30)),
-            downtime_limit: Some(100),
-            multifd_channels: (ram.streams > 1).then_some(u64::from(ram.streams)),
-            ..MigrationParams::default()
-        })
-        .await?;
+        let tuning = self.opts.tuning;
+        let plan = self.configure_ram(vm, ram).await?;
         vm.migrate(&format!("unix:{}", local_migrate.display()))
             .await?;
         let bar = self.progress.bar("RAM", 0);
-        let done = vm
-            .wait_migration(qemu::MigrationWait::default(), |p| {
-                bar.set(p.transferred, p.total.max(p.transferred))
-            })
-            .await?;
-        bar.finish(&format!("{} transferred", human(done.transferred)));
+        let wait = qemu::MigrationWait {
+            timeout: tuning.max_ram_time,
+            ..qemu::MigrationWait::default()
+        };
+        let mut last = qemu::MigrationProgress::default();
+        let mut max_throttle = 0;
+        let escalation = Cell::new(tuning::INITIAL_DOWNTIME_MS);
+        let waited = tokio::select! {
+            r = vm.wait_migration(wait, |p| {
+                bar.set_detail(ram_detail(p));
+                bar.set(p.transferred, p.total.max(p.transferred));
+                max_throttle = max_throttle.max(p.throttle_pct);
+                last = p.clone();
+            }) => r,
+            never = escalate_downtime(vm, self.progress, &escalation), if plan.escalate_downtime => {
+                match never {}
+            }
+        };
+        let done = match waited {
+            Ok(done) => done,
+            Err(qemu::QemuError::Timeout { what, .. }) if what == qemu::MIGRATION_COMPLETION => {
+                bar.finish("not converged");
+                return Err(not_converged(&tuning, &last));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        bar.finish(&format!(
+            "{} transferred (CPU throttle at most {max_throttle} %, downtime limit {} ms)",
+            human(done.transferred),
+            escalation.get()
+        ));
         self.summary.ram_bytes = done.transferred;
         self.summary.ram_ms = Some(done.total_time_ms).filter(|&ms| ms > 0);
         self.summary.downtime_ms = vm
@@ -245,6 +301,81 @@ impl Migration<'_> {
         if let Err(se) = self.remote.cmd(json!({"cmd": "stop"}), 10).await {
             self.progress
                 .log(format!("WARN: remote stop failed: {se:#}"));
+        }
+    }
+}
+
+/// The RAM progress line's detail: what is left, how fast the guest dirties, the throttle.
+fn ram_detail(p: &qemu::MigrationProgress) -> String {
+    format!(
+        "remaining {}, guest dirties {}/s, CPU throttle {} %",
+        human(p.remaining),
+        human(p.dirty_rate),
+        p.throttle_pct
+    )
+}
+
+/// The error of a RAM phase that hit `--max-ram-time`; `last` is its last sample.
+fn not_converged(tuning: &tuning::RamTuning, last: &qemu::MigrationProgress) -> anyhow::Error {
+    let off: Vec<&str> = [
+        (!tuning.auto_converge).then_some("--no-auto-converge"),
+        (!tuning.xbzrle).then_some("--no-xbzrle"),
+        (!tuning.escalate_downtime).then_some("--no-downtime-escalation"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let hint = if off.is_empty() {
+        "a higher --bwlimit, a quieter guest or a larger --max-ram-time may let it converge"
+            .to_string()
+    } else {
+        format!(
+            "the tuning that lets a busy guest converge is off: leave out {}",
+            off.join(" ")
+        )
+    };
+    anyhow::anyhow!(
+        "the RAM did not converge within {} s (--max-ram-time): {} still to send while the guest dirties {}/s (CPU throttle {} %); migration cancelled, the VM keeps running on the source; {hint}",
+        tuning.max_ram_time.as_secs(),
+        human(last.remaining),
+        human(last.dirty_rate),
+        last.throttle_pct
+    )
+}
+
+/// PVE's downtime escalation next to the RAM progress: every second one `query-migrate`;
+/// the limit is doubled when the remaining RAM grew in 6 samples. Never returns: the
+/// caller drops it when the migration ends. `limit` holds the current limit.
+async fn escalate_downtime(
+    vm: &VmHandle,
+    progress: &Progress,
+    limit: &Cell<u64>,
+) -> std::convert::Infallible {
+    let mut escalation = tuning::DowntimeEscalation::default();
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Ok(p) = vm.query_migrate().await else {
+            continue;
+        };
+        if p.status != "active" {
+            continue;
+        }
+        let Some(ms) = escalation.sample(p.remaining) else {
+            continue;
+        };
+        let params = MigrationParams {
+            downtime_limit: Some(ms),
+            ..MigrationParams::default()
+        };
+        match vm.migrate_set_parameters(&params).await {
+            Ok(()) => {
+                limit.set(ms);
+                progress.log(format!(
+                    "RAM: the remaining RAM keeps growing ({} left): downtime limit raised to {ms} ms",
+                    human(p.remaining)
+                ));
+            }
+            Err(e) => tracing::warn!("raising the downtime limit to {ms} ms: {e}"),
         }
     }
 }

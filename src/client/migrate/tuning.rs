@@ -1,0 +1,185 @@
+//! How the RAM of a live migration is made to converge while the guest keeps dirtying it,
+//! as Proxmox's own source (`QemuMigrate::phase2`) does by default: auto-converge (QEMU
+//! throttles the vCPUs while they dirty memory faster than the link sends it), XBZRLE
+//! (re-dirtied pages go as deltas against a cache of 10 % of the VM's RAM, rounded up to a
+//! power of two), a downtime limit of 100 ms doubled whenever the remaining RAM grew in 6
+//! samples, and, beyond PVE, a bound on the RAM phase after which the migration gives up
+//! and the VM keeps running on the source. Each can be switched off (`mtunnel migrate
+//! --no-auto-converge`, `--no-xbzrle`, `--no-downtime-escalation`, `--max-ram-time`).
+
+use std::time::Duration;
+
+use crate::client::progress::human;
+
+/// The initial downtime limit (PVE's `migrate_downtime` default, 0.1 s).
+pub const INITIAL_DOWNTIME_MS: u64 = 100;
+
+/// Default bound of the RAM phase.
+pub const DEFAULT_MAX_RAM_TIME: Duration = Duration::from_secs(30 * 60);
+
+/// Samples with growing remaining RAM that double the downtime limit (PVE: more than 5).
+const GROWING_SAMPLES: u32 = 6;
+
+/// What the user left switched on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RamTuning {
+    pub auto_converge: bool,
+    pub xbzrle: bool,
+    pub escalate_downtime: bool,
+    /// Give up (cancel, the VM keeps running on the source) when the RAM phase takes longer.
+    pub max_ram_time: Duration,
+}
+
+impl Default for RamTuning {
+    fn default() -> Self {
+        RamTuning {
+            auto_converge: true,
+            xbzrle: true,
+            escalate_downtime: true,
+            max_ram_time: DEFAULT_MAX_RAM_TIME,
+        }
+    }
+}
+
+/// The XBZRLE cache for a VM with `memory` bytes of RAM: a tenth, rounded up to a power
+/// of two (PVE's `round_powerof2`), at least one page.
+pub fn xbzrle_cache_size(memory: u64) -> u64 {
+    (memory / 10).max(4096).next_power_of_two()
+}
+
+/// What one migration uses: the switches after what QEMU allows, and the lines that say so.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub auto_converge: bool,
+    /// The cache size when XBZRLE is on.
+    pub xbzrle_cache: Option<u64>,
+    pub escalate_downtime: bool,
+    /// One line per choice, with its reason.
+    pub notes: Vec<String>,
+}
+
+impl RamTuning {
+    /// The plan for a VM with `memory` bytes of RAM moving in `streams` streams.
+    pub fn plan(&self, memory: u64, streams: u32) -> Plan {
+        let mut notes = Vec::new();
+        notes.push(if self.auto_converge {
+            "auto-converge on: QEMU throttles the guest's vCPUs while it dirties memory faster than the link sends it".to_string()
+        } else {
+            "auto-converge off (--no-auto-converge)".to_string()
+        });
+        let xbzrle_cache = match (self.xbzrle, streams > 1) {
+            (false, _) => {
+                notes.push("XBZRLE off (--no-xbzrle)".into());
+                None
+            }
+            (true, true) => {
+                notes.push(format!(
+                    "XBZRLE off: QEMU does not combine it with multifd (--streams {streams})"
+                ));
+                None
+            }
+            (true, false) => {
+                let size = xbzrle_cache_size(memory);
+                notes.push(format!(
+                    "XBZRLE on, cache {} (a tenth of the VM's RAM): re-dirtied pages go as deltas",
+                    human(size)
+                ));
+                Some(size)
+            }
+        };
+        notes.push(if self.escalate_downtime {
+            format!(
+                "downtime limit {INITIAL_DOWNTIME_MS} ms, doubled whenever the remaining RAM grew in {GROWING_SAMPLES} samples"
+            )
+        } else {
+            format!("downtime limit {INITIAL_DOWNTIME_MS} ms, fixed (--no-downtime-escalation)")
+        });
+        notes.push(format!(
+            "gives up after {} s of RAM transfer (--max-ram-time), the VM then keeps running here",
+            self.max_ram_time.as_secs()
+        ));
+        Plan {
+            auto_converge: self.auto_converge,
+            xbzrle_cache,
+            escalate_downtime: self.escalate_downtime,
+            notes,
+        }
+    }
+}
+
+/// PVE's downtime escalation: count the samples in which `remaining` grew; after
+/// [`GROWING_SAMPLES`] of them, double the limit and count again.
+#[derive(Debug, Clone)]
+pub struct DowntimeEscalation {
+    pub limit_ms: u64,
+    last_remaining: Option<u64>,
+    growing: u32,
+}
+
+impl Default for DowntimeEscalation {
+    fn default() -> Self {
+        DowntimeEscalation {
+            limit_ms: INITIAL_DOWNTIME_MS,
+            last_remaining: None,
+            growing: 0,
+        }
+    }
+}
+
+impl DowntimeEscalation {
+    /// One `query-migrate` sample; `Some(new limit)` when the limit is to be raised.
+    pub fn sample(&mut self, remaining: u64) -> Option<u64> {
+        if self.last_remaining.is_some_and(|last| remaining > last) {
+            self.growing += 1;
+        }
+        self.last_remaining = Some(remaining);
+        if self.growing < GROWING_SAMPLES {
+            return None;
+        }
+        self.growing = 0;
+        self.limit_ms = self.limit_ms.saturating_mul(2);
+        Some(self.limit_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xbzrle_cache_is_a_tenth_rounded_up_to_a_power_of_two() {
+        assert_eq!(xbzrle_cache_size(1 << 30), 128 << 20);
+        assert_eq!(xbzrle_cache_size(256 << 20), 32 << 20);
+        assert_eq!(xbzrle_cache_size(0), 4096);
+    }
+
+    /// Six growing samples double the limit; shrinking ones do not count.
+    #[test]
+    fn downtime_doubles_after_six_growing_samples() {
+        let mut e = DowntimeEscalation::default();
+        let mut raised = Vec::new();
+        for (i, rem) in [10, 20, 15, 30, 40, 50, 60, 70, 80, 90]
+            .into_iter()
+            .enumerate()
+        {
+            if let Some(l) = e.sample(rem) {
+                raised.push((i, l));
+            }
+        }
+        assert_eq!(raised, vec![(7, 200)]);
+        assert_eq!(e.limit_ms, 200);
+    }
+
+    #[test]
+    fn multifd_turns_xbzrle_off_and_says_why() {
+        let plan = RamTuning::default().plan(1 << 30, 4);
+        assert_eq!(plan.xbzrle_cache, None);
+        assert!(
+            plan.notes
+                .iter()
+                .any(|n| n.contains("does not combine it with multifd"))
+        );
+        let plan = RamTuning::default().plan(1 << 30, 1);
+        assert_eq!(plan.xbzrle_cache, Some(128 << 20));
+    }
+}
