@@ -4,17 +4,19 @@
 //! Map of the crate, top to bottom (each layer imports only the layers below it):
 //! - [`api`]: the HTTPS server and the `/api2/json` router; each route declares its
 //!   parameters as a [`schema`] table next to it; the PVE reply envelope; in a cluster, the
-//!   forwarding of `/nodes/{other}/...` to that member (`api::proxy`); the metrics
-//!   listener; no business logic.
-//! - [`tunnel`]: live tunnels: opening one, the worker loop (the wire rules), the
-//!   WebSocket ⇄ UNIX forwarder (copying; `tunnel::splice` moves a plain connection's
-//!   payload with splice(2)), recovery at start. It runs commands through
+//!   forwarding of `/nodes/{other}/...` to that member (`api::proxy`); the storage views
+//!   as PVE shapes them (`api::storage`); the metrics listener; no business logic.
+//! - [`tunnel`]: live tunnels: opening one (one atomic place under `max_tunnels`), the
+//!   worker loop (the wire rules), the WebSocket ⇄ UNIX forwarder (copying; `tunnel::splice`
+//!   moves a plain connection's payload with splice(2); both watched by `tunnel::watch`, the
+//!   peer watchdog), recovery at start (untrusted journals set aside). It runs commands through
 //!   [`command::CommandHandler`]s built by the factory the [`node`] holds.
 //! - [`command`]: the contract between the tunnel and what runs its commands: the handler
 //!   trait, its outcome, the tunnel's sockets as a handler sees them, the factory type.
 //! - [`script`]: the Lua engine that runs `handlers/*.lua` (the node's default handler
 //!   factory) and the host API `pve.*`, one file per table under `script/host/`.
-//! - [`journal`]: the durable record of what a tunnel created and the one way to free it.
+//! - [`journal`]: the durable record of what a tunnel created, its validation, and the one
+//!   way to free it (only what the config's origin proves is the tunnel's).
 //! - [`auth`]: API tokens (hashed secrets), ACL privileges, tunnel tickets.
 //! - [`task`]: UPIDs, task log files, task status and lists.
 //! - [`guest`]: VM configs in PVE format (`guest::config`: parse, write, property strings),
@@ -24,7 +26,8 @@
 //! - [`qemu`]: QEMU processes, QMP, NBD exports; `qemu::cmdline` builds the command line one
 //!   file per section (machine, CPU, memory, devices, drives, network).
 //! - [`client`]: the source side: API client, tunnel client, migration (`client::migrate`: a
-//!   `Migration` value with one method and one file per phase).
+//!   `Migration` value with one method and one file per phase; `tuning` makes busy guests
+//!   converge).
 //! - [`bench`](mod@bench): `mtunnel bench`, the benchmark suite (data path, command
 //!   latency, idle tunnels, live migration, an emulated WAN link: `bench::wan`) against
 //!   baselines.
