@@ -128,7 +128,7 @@ where
 
 /// Like [`relay`]; with `peer_timeout`, pings the peer every third of it and fails with
 /// `TimedOut` when nothing at all arrived from the peer for that long, or a write to the
-/// peer was blocked that long (see [`super::watch`]).
+/// peer was blocked that long (see `tunnel::watch`).
 pub async fn relay_watched<S, R, W>(
     ws: S,
     leftover: Vec<u8>,

@@ -108,7 +108,7 @@ impl RamTuning {
 }
 
 /// PVE's downtime escalation: count the samples in which `remaining` grew; after
-/// [`GROWING_SAMPLES`] of them, double the limit and count again.
+/// `GROWING_SAMPLES` (6) of them, double the limit and count again.
 #[derive(Debug, Clone)]
 pub struct DowntimeEscalation {
     pub limit_ms: u64,
