@@ -367,7 +367,7 @@ fn claim(node: &Node, created: &Created) -> Claim {
 /// Frees what `created` lists, holding the VM's config lock throughout (`guard`, if the
 /// caller already holds it): stops a VM it started, frees its volumes (and volumes of the
 /// VMID made since it opened), removes a firewall file it wrote, the config it reserved
-/// and its sockets. Only what the tunnel can prove is its own ([`claim`]) is touched: a
+/// and its sockets. Only what the tunnel can prove is its own (`claim`) is touched: a
 /// later config of the same VMID, with its VM and volumes, is left alone. A VM past
 /// `resume` is never touched; neither is a config another lock took over. If the VM
 /// cannot be stopped, nothing else is freed (its disks are in use). Each step is
