@@ -14,7 +14,8 @@ use std::time::Duration;
 use common::guest::heartbeats;
 use common::guest::{Console, guest_image};
 use common::{
-    Options, TestServer, bounded, eventually, mt, mt_ok, pid_of, qmp, require_qemu, target_arg,
+    Options, TestServer, bounded, eventually, migrate_online_ok, mt, mt_ok, pid_of, qmp,
+    require_qemu, target_arg,
 };
 
 fn node(name: &str) -> TestServer {
@@ -89,19 +90,7 @@ async fn real_guest_keeps_running_after_online_migration() {
             .wait(30, "heartbeats", |l| heartbeats(l).len() >= 5)
             .await;
 
-        let out = mt_ok(
-            &src,
-            &[
-                "migrate",
-                "310",
-                "--target",
-                &target_arg(&dst, dst.port),
-                "--target-storage",
-                "local",
-                "--online",
-            ],
-        )
-        .await;
+        let out = migrate_online_ok(&src, &dst, 310).await;
         assert!(out.contains("migration of VM 310 to 127.0.0.1"), "{out}");
         wait_exit(src_pid).await;
         let last_on_source = console.heartbeats().last().copied().unwrap();

@@ -16,7 +16,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{
-    Options, TestServer, blob, mt, mt_ok, pid_of, qemu_io, qmp, require_qemu, target_arg,
+    Options, TestServer, blob, migrate_online_ok, mt, mt_ok, pid_of, qemu_io, qmp, require_qemu,
+    target_arg,
 };
 use tokio::net::{TcpListener, TcpStream};
 
@@ -179,19 +180,7 @@ async fn online_migration_moves_ram_and_two_disks() {
     let blob_path = start_with_ram(&src, 100, 32).await;
     let src_pid = pid_of(&src, 100).unwrap();
 
-    let out = mt_ok(
-        &src,
-        &[
-            "migrate",
-            "100",
-            "--target",
-            &target_arg(&dst, dst.port),
-            "--target-storage",
-            "local",
-            "--online",
-        ],
-    )
-    .await;
+    let out = migrate_online_ok(&src, &dst, 100).await;
     assert!(out.contains("migration of VM 100 to 127.0.0.1"), "{out}");
     assert!(out.contains("of RAM"), "{out}");
 

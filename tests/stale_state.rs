@@ -20,8 +20,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use common::{
-    BIN, Options, TestServer, bounded, eventually, mt, mt_ok, pid_of, qemu_io, qmp, require_qemu,
-    target_arg,
+    BIN, Options, TestServer, bounded, eventually, migrate_online, mt, mt_ok, pid_of, qemu_io, qmp,
+    require_qemu,
 };
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
@@ -327,19 +327,7 @@ async fn migration_succeeds_despite_mirror_jobs_of_an_earlier_attempt() {
     .await;
     wait_job(&src.run, 107, "mirror-scsi1", "ready", 30).await;
 
-    let out = mt(
-        &src,
-        &[
-            "migrate",
-            "107",
-            "--target",
-            &target_arg(&dst, dst.port),
-            "--target-storage",
-            "local",
-            "--online",
-        ],
-    )
-    .await;
+    let out = migrate_online(&src, &dst, 107).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{out:?}\n{stderr}");
     assert!(

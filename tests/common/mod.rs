@@ -745,7 +745,11 @@ pub async fn mt(node: &TestServer, args: &[&str]) -> std::process::Output {
 
 /// [`mt`] that must succeed; returns its stdout.
 pub async fn mt_ok(node: &TestServer, args: &[&str]) -> String {
-    let out = mt(node, args).await;
+    succeeded(args, mt(node, args).await)
+}
+
+/// The stdout of a `mtunnel ARGS` run that must have succeeded.
+fn succeeded(args: &[&str], out: std::process::Output) -> String {
     assert!(
         out.status.success(),
         "mtunnel {args:?} failed:\n{}\n{}",
@@ -761,6 +765,32 @@ pub fn target_arg(target: &TestServer, port: u16) -> String {
         "host=127.0.0.1,port={port},apitoken={},fingerprint={}",
         target.root_token, target.fingerprint
     )
+}
+
+/// `mtunnel migrate VMID --online` from `src` to `dst` onto storage `local`, as most
+/// migration tests run it.
+pub async fn migrate_online(src: &TestServer, dst: &TestServer, vmid: u32) -> std::process::Output {
+    let (target, vmid) = (target_arg(dst, dst.port), vmid.to_string());
+    mt(src, &online_args(&vmid, &target)).await
+}
+
+/// Like [`migrate_online`]; it must succeed: its stdout.
+pub async fn migrate_online_ok(src: &TestServer, dst: &TestServer, vmid: u32) -> String {
+    let (target, vmid) = (target_arg(dst, dst.port), vmid.to_string());
+    let args = online_args(&vmid, &target);
+    succeeded(&args, mt(src, &args).await)
+}
+
+fn online_args<'a>(vmid: &'a str, target: &'a str) -> [&'a str; 7] {
+    [
+        "migrate",
+        vmid,
+        "--target",
+        target,
+        "--target-storage",
+        "local",
+        "--online",
+    ]
 }
 
 /// `qemu-io -f <fmt> -c <cmd> <path>`.
