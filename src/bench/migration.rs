@@ -304,6 +304,11 @@ async fn tunnel_run(s: &Setup, vmid: u32, target_vmid: u32) -> anyhow::Result<Mi
             &target_vmid.to_string(),
             "--streams",
             &s.streams.to_string(),
+            // The direct paths run QEMU's defaults and the loader guest dirties nothing:
+            // the busy-guest tuning would only make the paths unequal.
+            "--no-auto-converge",
+            "--no-xbzrle",
+            "--no-downtime-escalation",
         ],
     )
     .await?;
