@@ -215,13 +215,14 @@ impl EtcdCluster {
         reply.contains("\"health\":\"true\"")
     }
 
-    /// Waits (at most 30 s) until the members `which` are healthy.
+    /// Waits (at most 60 s: a loaded machine starts etcd slowly) until the members `which`
+    /// are healthy.
     pub fn wait_healthy(&self, which: &[usize]) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(60);
         while !which.iter().all(|i| self.healthy(*i)) {
             assert!(
                 Instant::now() < deadline,
-                "etcd members {which:?} not healthy after 30 s; logs in {}",
+                "etcd members {which:?} not healthy after 60 s; logs in {}",
                 self.dir.path().display()
             );
             std::thread::sleep(Duration::from_millis(100));
