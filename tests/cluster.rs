@@ -798,7 +798,8 @@ async fn a_taken_node_name_is_refused_and_a_restart_after_kill_registers() {
             "{}",
             n1.log()
         );
-        open(&n1, 801).await.unwrap();
+        // Its key is written a moment before the node counts itself registered.
+        open_eventually(&n1, 801, 10).await;
         // The killed run's reservation went with its lease.
         open_eventually(&n2, 800, 20).await;
     })
