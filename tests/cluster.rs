@@ -804,3 +804,80 @@ async fn a_taken_node_name_is_refused_and_a_restart_after_kill_registers() {
     })
     .await;
 }
+
+/// The answer a probe of `/nodes/{node}/storage` through `via` gets with `token` (none if
+/// empty), and how long it took.
+async fn probe(via: &TestServer, node: &str, token: &str) -> (String, Duration) {
+    let started = Instant::now();
+    let err = via
+        .client_with(token)
+        .get(&format!("/nodes/{node}/storage"), &[])
+        .await
+        .expect_err("a probe without a valid token must fail");
+    (format!("{err:?}"), started.elapsed())
+}
+
+/// Issue 18 item 5: forwarding asks etcd only for callers this node authenticated. A
+/// missing, malformed, unknown or wrong token gets the local 401 after the auth failure
+/// delay, the same for a live member and for a name that is none, and no etcd read (a
+/// flood of such probes leaves etcd's Range count at its background rate). An
+/// authenticated caller is still forwarded, and learns a missing name with PVE's text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_probes_learn_nothing_and_read_nothing_from_etcd() {
+    bounded(60, async {
+        let etcd = EtcdCluster::start(3);
+        let delay = Duration::from_millis(300);
+        let n1 = TestServer::start_with(Options {
+            node: Some("n1".into()),
+            auth_delay_ms: Some(delay.as_millis() as u64),
+            extra_tables: etcd.cluster_toml("lab", TTL, ETCD_TIMEOUT),
+            ..Options::default()
+        });
+        let n2 = node(&etcd, "n2");
+        let token = same_token_on(&[&n1, &n2], "fleet@pve!probe", "PVEAuditor").await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let Err(e) = n1.client_with(&token).get("/nodes/n2/storage", &[]).await {
+            assert!(Instant::now() < deadline, "n2 not reachable via n1: {e}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let before = etcd.range_requests();
+        let wrong_secret = format!("{}x", token);
+        for bad in [
+            "",
+            "PVEAPIToken=garbage",
+            "PVEAPIToken=nobody@pve!x=0123456789abcdef0123",
+            wrong_secret.as_str(),
+        ] {
+            let (member, took_member) = probe(&n1, "n2", bad).await;
+            let (missing, took_missing) = probe(&n1, "zzz", bad).await;
+            assert_eq!(member, missing, "token {bad:?}");
+            assert!(member.contains("status: 401"), "{member}");
+            assert!(member.contains("authentication failure - "), "{member}");
+            assert!(
+                took_member >= delay && took_missing >= delay,
+                "token {bad:?}"
+            );
+        }
+        let flood = (0..60).map(|i| {
+            let node = if i % 2 == 0 { "n2" } else { "zzz" };
+            probe(&n1, node, "PVEAPIToken=nobody@pve!x=0123456789abcdef0123")
+        });
+        futures_util::future::join_all(flood).await;
+        let reads = etcd.range_requests() - before;
+        // 68 probes; the nodes' own background reads over these seconds are far fewer.
+        assert!(reads < 30, "{reads} etcd range reads during the probes");
+
+        let missing = n1
+            .client_with(&token)
+            .get("/nodes/zzz/storage", &[])
+            .await
+            .unwrap_err();
+        assert!(
+            missing
+                .to_string()
+                .contains("unable to get IP for node 'zzz' - node offline?"),
+            "{missing}"
+        );
+    })
+    .await;
+}

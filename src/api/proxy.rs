@@ -1,10 +1,22 @@
 //! One address for the fleet: a request for `/nodes/{other}/...` that reaches this node is
 //! passed on to the cluster member `other`, as pveproxy does inside a PVE cluster. The
 //! member's address and certificate fingerprint come from its membership record; the TLS
-//! connection to it is pinned to that fingerprint. Nothing is checked here: the owning node
-//! authenticates the token and the tunnel ticket, so tickets stay verifiable only by the
-//! node that made them. A WebSocket upgrade is passed on too, and after the owner's `101`
-//! the bytes are copied both ways until either side closes.
+//! connection to it is pinned to that fingerprint. A WebSocket upgrade is passed on too,
+//! and after the owner's `101` the bytes are copied both ways until either side closes.
+//!
+//! Who is forwarded: only a caller this node authenticates, exactly as its own routes do
+//! (the `Authorization: PVEAPIToken=...` header, which PVE's clients send on the tunnel's
+//! WebSocket upgrades as well). The rule is the simplest honest one: the token must exist
+//! on this node and its secret must match here; anything else (no header, one that does
+//! not parse, a token id this node does not know, a wrong secret) gets this node's own 401
+//! after `auth_failure_delay`, before etcd is asked anything. So an unauthenticated caller
+//! gets one answer for a live member and for a name that is none, and cannot make this
+//! node read etcd. The owning node authenticates the token again and checks privileges and
+//! the tunnel ticket (tickets stay verifiable only by the node that made them), so a
+//! forwarded token must exist with the same secret on both nodes. Member lookups are
+//! cached for a second ([`crate::cluster::Cluster::member`]). Failures to reach etcd or
+//! the member are answered with generic texts; their causes (addresses, etcd URLs) go to
+//! the log only.
 //!
 //! A request forwarded once carries [`FORWARDED_BY`]; a second hop is refused, so two nodes
 //! that disagree about membership cannot bounce a request between them.
@@ -44,6 +56,7 @@ pub struct Upstream {
 
 /// Router middleware: a request for `/nodes/{other}/...` goes to the cluster member
 /// `other`; everything else (and every request without `[cluster]`) is served here.
+/// The caller must first authenticate here (see the module doc); only then is etcd asked.
 pub(super) async fn route_to_owner(
     State(st): State<Arc<super::AppState>>,
     req: Request<Body>,
@@ -56,7 +69,14 @@ pub(super) async fn route_to_owner(
         Some(n) if n != "localhost" && n != st.node.cfg.node => n.to_string(),
         _ => return next.run(req).await,
     };
-    let format = Format::from_path(req.uri().path());
+    // An unknown format is answered here (501), as for a local path.
+    let Ok(format) = Format::known(req.uri().path()) else {
+        return next.run(req).await;
+    };
+    if let Err(e) = super::request::authenticate(&st, req.headers()).await {
+        return render(format, Err(e));
+    }
+    let local = &st.node.cfg.node;
     match cluster.member(&target).await {
         Ok(Some(member)) => {
             let upstream = Upstream {
@@ -64,7 +84,7 @@ pub(super) async fn route_to_owner(
                 api_url: member.api_url,
                 fingerprint: member.fingerprint,
             };
-            forward(&upstream, &st.node.cfg.node, req).await
+            forward(&upstream, local, req).await
         }
         // PVE's wording for a node it cannot reach (`PVE::Cluster::remote_node_ip`).
         Ok(None) => render(
@@ -73,10 +93,16 @@ pub(super) async fn route_to_owner(
                 "unable to get IP for node '{target}' - node offline?"
             ))),
         ),
-        Err(e) => render(
-            format,
-            Err(Error::internal(crate::cluster::no_quorum(format!("{e:#}")))),
-        ),
+        Err(e) => {
+            // The cause names etcd's addresses: for the log, not for the caller.
+            tracing::warn!(node = %target, "looking up the member to forward to: {e:#}");
+            render(
+                format,
+                Err(Error::internal(crate::cluster::no_quorum(format!(
+                    "node '{local}' cannot read the cluster membership; details in its log"
+                )))),
+            )
+        }
     }
 }
 
@@ -108,8 +134,13 @@ pub async fn forward(upstream: &Upstream, local_node: &str, req: Request<Body>) 
     match forward_inner(upstream, local_node, req).await {
         Ok(response) => response,
         Err(msg) => {
+            // The cause names the member's address: for the log, not for the caller.
             tracing::warn!(node = %upstream.node, "forwarding failed: {msg}");
-            let mut response = render(format, Err(Error::internal(&msg)));
+            let generic = format!(
+                "proxy error - node '{local_node}' cannot reach node '{}'; details in its log",
+                upstream.node
+            );
+            let mut response = render(format, Err(Error::internal(generic)));
             *response.status_mut() = StatusCode::from_u16(595).unwrap_or(StatusCode::BAD_GATEWAY);
             response
         }
