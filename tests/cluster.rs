@@ -4,7 +4,9 @@
 //! its lease TTL, one etcd member lost or hung (SIGSTOP, in each place of `endpoints`)
 //! changes nothing, two lost refuse new tunnels with upstream's quorum message until they
 //! return, a node name is held by one running node, the cluster views from any node, and
-//! one address for the fleet (a live migration through one node onto another).
+//! one address for the fleet (a live migration through one node onto another; callers
+//! must authenticate on the forwarding node before etcd is asked, forwarded WebSockets take
+//! a connection slot and close when idle).
 
 mod common;
 
