@@ -180,7 +180,7 @@ impl Cluster {
     }
 
     /// The member `node` as registered (None if not a live member). Errors when etcd is not
-    /// reachable. Answers (failures too) are reused for [`cache::MEMBER_CACHE_TTL`].
+    /// reachable. Answers (failures too) are reused for a second (`cache::MEMBER_CACHE_TTL`).
     pub async fn member(&self, node: &str) -> anyhow::Result<Option<Member>> {
         self.members
             .get_or_fetch(node, || self.member_uncached(node))
