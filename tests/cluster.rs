@@ -4,7 +4,9 @@
 //! its lease TTL, one etcd member lost or hung (SIGSTOP, in each place of `endpoints`)
 //! changes nothing, two lost refuse new tunnels with upstream's quorum message until they
 //! return, a node name is held by one running node, the cluster views from any node, and
-//! one address for the fleet (a live migration through one node onto another).
+//! one address for the fleet (a live migration through one node onto another; callers
+//! must authenticate on the forwarding node before etcd is asked, forwarded WebSockets take
+//! a connection slot and close when idle).
 
 mod common;
 
@@ -802,6 +804,180 @@ async fn a_taken_node_name_is_refused_and_a_restart_after_kill_registers() {
         open_eventually(&n1, 801, 10).await;
         // The killed run's reservation went with its lease.
         open_eventually(&n2, 800, 20).await;
+    })
+    .await;
+}
+
+/// The answer a probe of `/nodes/{node}/storage` through `via` gets with `token` (none if
+/// empty), and how long it took.
+async fn probe(via: &TestServer, node: &str, token: &str) -> (String, Duration) {
+    let started = Instant::now();
+    let err = via
+        .client_with(token)
+        .get(&format!("/nodes/{node}/storage"), &[])
+        .await
+        .expect_err("a probe without a valid token must fail");
+    (format!("{err:?}"), started.elapsed())
+}
+
+/// Issue 18 item 5: forwarding asks etcd only for callers this node authenticated. A
+/// missing, malformed, unknown or wrong token gets the local 401 after the auth failure
+/// delay, the same for a live member and for a name that is none, and no etcd read (a
+/// flood of such probes leaves etcd's Range count at its background rate). An
+/// authenticated caller is still forwarded, and learns a missing name with PVE's text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_probes_learn_nothing_and_read_nothing_from_etcd() {
+    bounded(60, async {
+        let etcd = EtcdCluster::start(3);
+        let delay = Duration::from_millis(300);
+        let n1 = TestServer::start_with(Options {
+            node: Some("n1".into()),
+            auth_delay_ms: Some(delay.as_millis() as u64),
+            extra_tables: etcd.cluster_toml("lab", TTL, ETCD_TIMEOUT),
+            ..Options::default()
+        });
+        let n2 = node(&etcd, "n2");
+        let token = same_token_on(&[&n1, &n2], "fleet@pve!probe", "PVEAuditor").await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let Err(e) = n1.client_with(&token).get("/nodes/n2/storage", &[]).await {
+            assert!(Instant::now() < deadline, "n2 not reachable via n1: {e}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let before = etcd.range_requests();
+        let wrong_secret = format!("{}x", token);
+        for bad in [
+            "",
+            "PVEAPIToken=garbage",
+            "PVEAPIToken=nobody@pve!x=0123456789abcdef0123",
+            wrong_secret.as_str(),
+        ] {
+            let (member, took_member) = probe(&n1, "n2", bad).await;
+            let (missing, took_missing) = probe(&n1, "zzz", bad).await;
+            assert_eq!(member, missing, "token {bad:?}");
+            assert!(member.contains("status: 401"), "{member}");
+            assert!(member.contains("authentication failure - "), "{member}");
+            assert!(
+                took_member >= delay && took_missing >= delay,
+                "token {bad:?}"
+            );
+        }
+        let flood = (0..60).map(|i| {
+            let node = if i % 2 == 0 { "n2" } else { "zzz" };
+            probe(&n1, node, "PVEAPIToken=nobody@pve!x=0123456789abcdef0123")
+        });
+        futures_util::future::join_all(flood).await;
+        let reads = etcd.range_requests() - before;
+        // 68 probes; the nodes' own background reads over these seconds are far fewer.
+        assert!(reads < 30, "{reads} etcd range reads during the probes");
+
+        let missing = n1
+            .client_with(&token)
+            .get("/nodes/zzz/storage", &[])
+            .await
+            .unwrap_err();
+        assert!(
+            missing
+                .to_string()
+                .contains("unable to get IP for node 'zzz' - node offline?"),
+            "{missing}"
+        );
+    })
+    .await;
+}
+
+/// The control WebSocket of `tunnel` (open on `owner`) through `via`'s address.
+async fn connect_via(
+    via: &TestServer,
+    owner: &str,
+    tunnel: &common::Tunnel,
+    token: &str,
+) -> Result<mtunnel::client::ws::WsStream, ApiError> {
+    let url = format!(
+        "wss://127.0.0.1:{}/api2/json/nodes/{owner}/qemu/{}/mtunnelwebsocket?ticket={}&socket={}",
+        via.port,
+        tunnel.vmid,
+        common::pct(&tunnel.ticket),
+        common::pct(&tunnel.socket)
+    );
+    let headers = [("Authorization".to_string(), token.to_string())];
+    mtunnel::client::ws::connect(&url, &headers, &via.fingerprint).await
+}
+
+/// Issue 18 item 6: a WebSocket upgrade n1 would forward to n2 takes one of n1's
+/// `max_connections` slots like any request (over the cap: n1's 503, nothing reaches n2),
+/// and a forwarded WebSocket that carries no bytes either way for n1's
+/// `peer_timeout_secs` is closed on both sides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_websockets_count_against_the_cap_and_close_when_idle() {
+    use futures_util::StreamExt;
+    bounded(60, async {
+        let etcd = EtcdCluster::start(3);
+        let n1 = TestServer::start_with(Options {
+            node: Some("n1".into()),
+            extra_toml: "max_connections = 2\npeer_timeout_secs = 1\n".into(),
+            extra_tables: etcd.cluster_toml("lab", TTL, ETCD_TIMEOUT),
+            ..Options::default()
+        });
+        let n2 = node(&etcd, "n2");
+        let token = same_token_on(&[&n1, &n2], "fleet@pve!ws", "Administrator").await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let data = loop {
+            match n1
+                .client_with(&token)
+                .post("/nodes/n2/qemu/620/mtunnel", &[])
+                .await
+            {
+                Ok(data) => break data,
+                Err(e) => assert!(Instant::now() < deadline, "no tunnel on n2 via n1: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let tunnel = common::Tunnel::from_reply(620, &data);
+
+        // Both slots held (accepted, no TLS handshake yet): the upgrade is refused by n1.
+        let holders: Vec<_> = (0..2)
+            .map(|_| std::net::TcpStream::connect(("127.0.0.1", n1.port)).unwrap())
+            .collect();
+        match connect_via(&n1, "n2", &tunnel, &token).await {
+            Err(ApiError::Http {
+                status, message, ..
+            }) => {
+                assert_eq!(status, 503);
+                assert_eq!(
+                    message,
+                    "too many connections (max_connections = 2) - try again later\n"
+                );
+            }
+            Err(e) => panic!("expected n1's 503, got {e}"),
+            Ok(_) => panic!("a forwarded upgrade over the cap got through"),
+        }
+        drop(holders);
+
+        // With slots free it is forwarded; silent, it is closed after peer_timeout_secs.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut ws = loop {
+            match connect_via(&n1, "n2", &tunnel, &token).await {
+                Ok(ws) => break ws,
+                Err(e) => assert!(Instant::now() < deadline, "{e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let ended = tokio::time::timeout(Duration::from_secs(8), async {
+            loop {
+                match ws.next().await {
+                    None | Some(Err(_)) => return,
+                    Some(Ok(msg)) if msg.is_close() => return,
+                    Some(Ok(_)) => {}
+                }
+            }
+        })
+        .await;
+        assert!(ended.is_ok(), "an idle forwarded WebSocket stayed open");
+        assert!(
+            n1.log().contains("no bytes either way for 1 s"),
+            "{}",
+            n1.log()
+        );
     })
     .await;
 }

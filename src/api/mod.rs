@@ -83,6 +83,7 @@ pub async fn serve(node: Arc<Node>, tls: TlsIdentity) -> anyhow::Result<Server> 
         slots: Arc::new(tokio::sync::Semaphore::new(node.cfg.max_connections)),
         max: node.cfg.max_connections,
         keepalive: node.cfg.peer_timeout,
+        cluster_node: node.cluster.is_some().then(|| node.cfg.node.clone()),
     };
     let state = Arc::new(AppState { node, tls });
     let router = routes::router(state);
@@ -105,7 +106,7 @@ pub async fn serve(node: Arc<Node>, tls: TlsIdentity) -> anyhow::Result<Server> 
                 Some(_) => (router.clone(), true),
                 None => {
                     tracing::warn!(%peer, "connection limit reached (max_connections = {})", limits.max);
-                    (busy_router(limits.max, router.clone()), false)
+                    (busy_router(&limits, router.clone()), false)
                 }
             };
             let acceptor = acceptor.clone();
@@ -145,17 +146,28 @@ struct ConnLimits {
     slots: Arc<tokio::sync::Semaphore>,
     max: usize,
     keepalive: Duration,
+    /// This node's name when it is in a cluster (and so forwards `/nodes/{other}/...`).
+    cluster_node: Option<String>,
 }
 
 /// A connection over the cap: one request, then closed. It gets 503 with PVE's envelope,
-/// except a WebSocket of an open tunnel (its ticket is checked as always): a stream of a
-/// running migration must not fail because strangers hold the slots.
-fn busy_router(max: usize, real: axum::Router) -> axum::Router {
+/// except a WebSocket of a tunnel open on this node (its ticket is checked as always): a
+/// stream of a running migration must not fail because strangers hold the slots. A
+/// WebSocket this node would forward to another member gets the 503 too: it would hold
+/// connections here and there that no slot accounts for.
+fn busy_router(limits: &ConnLimits, real: axum::Router) -> axum::Router {
     use tower::ServiceExt;
+    let max = limits.max;
+    let cluster_node = limits.cluster_node.clone();
     axum::Router::new().fallback(move |req: axum::extract::Request| {
         let real = real.clone();
+        let path = req.uri().path();
+        let forwarded = cluster_node
+            .as_deref()
+            .is_some_and(|local| proxy::forwarded_node(path, local).is_some());
+        let exempt = path.ends_with("/mtunnelwebsocket") && !forwarded;
         async move {
-            if req.uri().path().ends_with("/mtunnelwebsocket") {
+            if exempt {
                 return match real.oneshot(req).await {
                     Ok(response) => response,
                     Err(never) => match never {},

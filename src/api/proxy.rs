@@ -1,10 +1,22 @@
 //! One address for the fleet: a request for `/nodes/{other}/...` that reaches this node is
 //! passed on to the cluster member `other`, as pveproxy does inside a PVE cluster. The
 //! member's address and certificate fingerprint come from its membership record; the TLS
-//! connection to it is pinned to that fingerprint. Nothing is checked here: the owning node
-//! authenticates the token and the tunnel ticket, so tickets stay verifiable only by the
-//! node that made them. A WebSocket upgrade is passed on too, and after the owner's `101`
-//! the bytes are copied both ways until either side closes.
+//! connection to it is pinned to that fingerprint. A WebSocket upgrade is passed on too,
+//! and after the owner's `101` the bytes are copied both ways until either side closes.
+//!
+//! Who is forwarded: only a caller this node authenticates, exactly as its own routes do
+//! (the `Authorization: PVEAPIToken=...` header, which PVE's clients send on the tunnel's
+//! WebSocket upgrades as well). The rule is the simplest honest one: the token must exist
+//! on this node and its secret must match here; anything else (no header, one that does
+//! not parse, a token id this node does not know, a wrong secret) gets this node's own 401
+//! after `auth_failure_delay`, before etcd is asked anything. So an unauthenticated caller
+//! gets one answer for a live member and for a name that is none, and cannot make this
+//! node read etcd. The owning node authenticates the token again and checks privileges and
+//! the tunnel ticket (tickets stay verifiable only by the node that made them), so a
+//! forwarded token must exist with the same secret on both nodes. Member lookups are
+//! cached for a second ([`crate::cluster::Cluster::member`]). Failures to reach etcd or
+//! the member are answered with generic texts; their causes (addresses, etcd URLs) go to
+//! the log only.
 //!
 //! A request forwarded once carries [`FORWARDED_BY`]; a second hop is refused, so two nodes
 //! that disagree about membership cannot bounce a request between them.
@@ -44,6 +56,7 @@ pub struct Upstream {
 
 /// Router middleware: a request for `/nodes/{other}/...` goes to the cluster member
 /// `other`; everything else (and every request without `[cluster]`) is served here.
+/// The caller must first authenticate here (see the module doc); only then is etcd asked.
 pub(super) async fn route_to_owner(
     State(st): State<Arc<super::AppState>>,
     req: Request<Body>,
@@ -52,11 +65,18 @@ pub(super) async fn route_to_owner(
     let Some(cluster) = st.node.cluster.as_ref() else {
         return next.run(req).await;
     };
-    let target = match node_of_path(req.uri().path()) {
-        Some(n) if n != "localhost" && n != st.node.cfg.node => n.to_string(),
-        _ => return next.run(req).await,
+    let Some(target) = forwarded_node(req.uri().path(), &st.node.cfg.node).map(str::to_string)
+    else {
+        return next.run(req).await;
     };
-    let format = Format::from_path(req.uri().path());
+    // An unknown format is answered here (501), as for a local path.
+    let Ok(format) = Format::known(req.uri().path()) else {
+        return next.run(req).await;
+    };
+    if let Err(e) = super::request::authenticate(&st, req.headers()).await {
+        return render(format, Err(e));
+    }
+    let local = &st.node.cfg.node;
     match cluster.member(&target).await {
         Ok(Some(member)) => {
             let upstream = Upstream {
@@ -64,7 +84,7 @@ pub(super) async fn route_to_owner(
                 api_url: member.api_url,
                 fingerprint: member.fingerprint,
             };
-            forward(&upstream, &st.node.cfg.node, req).await
+            forward(&upstream, &hop(&st), req).await
         }
         // PVE's wording for a node it cannot reach (`PVE::Cluster::remote_node_ip`).
         Ok(None) => render(
@@ -73,10 +93,37 @@ pub(super) async fn route_to_owner(
                 "unable to get IP for node '{target}' - node offline?"
             ))),
         ),
-        Err(e) => render(
-            format,
-            Err(Error::internal(crate::cluster::no_quorum(format!("{e:#}")))),
-        ),
+        Err(e) => {
+            // The cause names etcd's addresses: for the log, not for the caller.
+            tracing::warn!(node = %target, "looking up the member to forward to: {e:#}");
+            render(
+                format,
+                Err(Error::internal(crate::cluster::no_quorum(format!(
+                    "node '{local}' cannot read the cluster membership; details in its log"
+                )))),
+            )
+        }
+    }
+}
+
+/// The node a path is forwarded to in a cluster: the one it names, unless that is this
+/// node (`local`) or `localhost`.
+pub fn forwarded_node<'a>(path: &'a str, local: &str) -> Option<&'a str> {
+    node_of_path(path).filter(|n| *n != "localhost" && *n != local)
+}
+
+/// How this node forwards: its name (for [`FORWARDED_BY`]) and how long a forwarded
+/// WebSocket may carry no bytes either way before both connections are closed.
+#[derive(Clone, Debug)]
+pub struct Hop {
+    pub local_node: String,
+    pub idle_timeout: Duration,
+}
+
+fn hop(st: &super::AppState) -> Hop {
+    Hop {
+        local_node: st.node.cfg.node.clone(),
+        idle_timeout: st.node.cfg.peer_timeout,
     }
 }
 
@@ -92,7 +139,8 @@ pub fn node_of_path(path: &str) -> Option<&str> {
 /// Passes `req` on to `upstream` and returns its answer (for an upgrade, the `101` — the
 /// two upgraded connections are then joined in the background). Failures to reach the
 /// member answer in PVE's envelope with status 595, like pveproxy's proxy errors.
-pub async fn forward(upstream: &Upstream, local_node: &str, req: Request<Body>) -> Response {
+pub async fn forward(upstream: &Upstream, hop: &Hop, req: Request<Body>) -> Response {
+    let local_node = hop.local_node.as_str();
     let format = Format::from_path(req.uri().path());
     if let Some(by) = req.headers().get(FORWARDED_BY) {
         let by = String::from_utf8_lossy(by.as_bytes()).into_owned();
@@ -105,11 +153,16 @@ pub async fn forward(upstream: &Upstream, local_node: &str, req: Request<Body>) 
             ))),
         );
     }
-    match forward_inner(upstream, local_node, req).await {
+    match forward_inner(upstream, hop, req).await {
         Ok(response) => response,
         Err(msg) => {
+            // The cause names the member's address: for the log, not for the caller.
             tracing::warn!(node = %upstream.node, "forwarding failed: {msg}");
-            let mut response = render(format, Err(Error::internal(&msg)));
+            let generic = format!(
+                "proxy error - node '{local_node}' cannot reach node '{}'; details in its log",
+                upstream.node
+            );
+            let mut response = render(format, Err(Error::internal(generic)));
             *response.status_mut() = StatusCode::from_u16(595).unwrap_or(StatusCode::BAD_GATEWAY);
             response
         }
@@ -118,7 +171,7 @@ pub async fn forward(upstream: &Upstream, local_node: &str, req: Request<Body>) 
 
 async fn forward_inner(
     upstream: &Upstream,
-    local_node: &str,
+    hop: &Hop,
     mut req: Request<Body>,
 ) -> Result<Response, String> {
     let wants_upgrade = req.headers().contains_key(header::UPGRADE);
@@ -142,7 +195,7 @@ async fn forward_inner(
             tracing::debug!("connection to cluster member ended: {e}");
         }
     });
-    let outgoing = outgoing_request(req, &host, port, local_node, wants_upgrade)?;
+    let outgoing = outgoing_request(req, &host, port, &hop.local_node, wants_upgrade)?;
     let mut response = tokio::time::timeout(RESPONSE_TIMEOUT, sender.send_request(outgoing))
         .await
         .map_err(|_| format!("node '{}' did not answer in time", upstream.node))?
@@ -150,7 +203,8 @@ async fn forward_inner(
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         let theirs = hyper::upgrade::on(&mut response);
         if let Some(ours) = incoming_upgrade {
-            tokio::spawn(join_upgraded(ours, theirs, upstream.node.clone()));
+            let join = join_upgraded(ours, theirs, upstream.node.clone(), hop.idle_timeout);
+            tokio::spawn(join);
         }
     }
     let (parts, body) = response.into_parts();
@@ -212,11 +266,15 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// Copies the client's upgraded connection and the member's both ways until one ends.
+/// Copies the client's upgraded connection and the member's both ways until one ends, or
+/// until no byte went either way for `idle` (the owner pings a live tunnel WebSocket every
+/// third of its peer timeout; silence means one side is gone, e.g. an owner that closed
+/// while the client keeps its half open): then both are closed.
 async fn join_upgraded(
     ours: hyper::upgrade::OnUpgrade,
     theirs: hyper::upgrade::OnUpgrade,
     node: String,
+    idle: Duration,
 ) {
     let (ours, theirs) = match tokio::join!(ours, theirs) {
         (Ok(a), Ok(b)) => (a, b),
@@ -225,13 +283,114 @@ async fn join_upgraded(
             return;
         }
     };
-    let mut ours = TokioIo::new(ours);
-    let mut theirs = TokioIo::new(theirs);
-    match tokio::io::copy_bidirectional_with_sizes(&mut ours, &mut theirs, 1 << 17, 1 << 17).await {
-        Ok((up, down)) => {
-            tracing::debug!(node, up, down, "forwarded WebSocket finished")
+    let activity = Arc::new(Activity::new());
+    let mut ours = Touching::new(TokioIo::new(ours), &activity);
+    let mut theirs = Touching::new(TokioIo::new(theirs), &activity);
+    let copy = tokio::io::copy_bidirectional_with_sizes(&mut ours, &mut theirs, 1 << 17, 1 << 17);
+    tokio::select! {
+        done = copy => match done {
+            Ok((up, down)) => tracing::debug!(node, up, down, "forwarded WebSocket finished"),
+            Err(e) => tracing::info!(node, "forwarded WebSocket ended: {e}"),
+        },
+        () = activity.idle_for(idle) => tracing::info!(
+            node,
+            "forwarded WebSocket closed: no bytes either way for {} s (peer_timeout_secs)",
+            idle.as_secs()
+        ),
+    }
+}
+
+/// When bytes last went through either side of a forwarded connection.
+struct Activity {
+    epoch: std::time::Instant,
+    last_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            epoch: std::time::Instant::now(),
+            last_ms: std::sync::atomic::AtomicU64::new(0),
         }
-        Err(e) => tracing::info!(node, "forwarded WebSocket ended: {e}"),
+    }
+
+    fn touch(&self) {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        self.last_ms
+            .store(now, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Returns once nothing was touched for `idle`.
+    async fn idle_for(&self, idle: Duration) {
+        loop {
+            let last = self.last_ms.load(std::sync::atomic::Ordering::Relaxed);
+            let quiet = self
+                .epoch
+                .elapsed()
+                .saturating_sub(Duration::from_millis(last));
+            if quiet >= idle {
+                return;
+            }
+            tokio::time::sleep(idle - quiet).await;
+        }
+    }
+}
+
+/// A stream that touches an [`Activity`] on every read or write that moved bytes.
+struct Touching<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S> Touching<S> {
+    fn new(inner: S, activity: &Arc<Activity>) -> Self {
+        Touching {
+            inner,
+            activity: Arc::clone(activity),
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Touching<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        polled
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Touching<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_write(cx, data);
+        if matches!(polled, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        polled
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

@@ -46,22 +46,7 @@ impl FromRequest<Arc<AppState>> for ApiReq {
         })?;
         let fail = |e: Error| ApiFailure { format, error: e };
 
-        let authid = match state.node.tokens.authenticate(
-            parts
-                .headers
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok()),
-        ) {
-            Ok(id) => id,
-            Err(e) => {
-                tracing::info!("authentication failure: {e}");
-                (state.node.metrics).auth_failure(crate::metrics::AuthFailure::BadToken);
-                tokio::time::sleep(state.node.cfg.auth_failure_delay).await;
-                return Err(fail(Error::Unauthorized(format!(
-                    "authentication failure - {e}"
-                ))));
-            }
-        };
+        let authid = authenticate(state, &parts.headers).await.map_err(fail)?;
 
         let limit = state.node.cfg.max_body_bytes;
         let timeout = state.node.cfg.body_read_timeout;
@@ -123,6 +108,24 @@ impl FromRequest<Arc<AppState>> for ApiReq {
             headers: parts.headers,
             params: Params(params),
         })
+    }
+}
+
+/// The token id of the request's `Authorization: PVEAPIToken=...` header, or (after
+/// `auth_failure_delay`, counted and logged) the 401 every route answers for a missing,
+/// malformed or wrong token. The cluster proxy asks this too before forwarding.
+pub(super) async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<String, Error> {
+    let header = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match state.node.tokens.authenticate(header) {
+        Ok(id) => Ok(id),
+        Err(e) => {
+            tracing::info!("authentication failure: {e}");
+            (state.node.metrics).auth_failure(crate::metrics::AuthFailure::BadToken);
+            tokio::time::sleep(state.node.cfg.auth_failure_delay).await;
+            Err(Error::Unauthorized(format!("authentication failure - {e}")))
+        }
     }
 }
 

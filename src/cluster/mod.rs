@@ -11,6 +11,7 @@
 //! status, on its lease), `vmids/{vmid}` (a [`registry::Entry`]).
 //! Without `[cluster]` none of this exists and the node behaves as a single host.
 
+mod cache;
 pub mod etcd;
 pub mod registry;
 pub mod views;
@@ -112,6 +113,8 @@ pub struct Cluster {
     held: Mutex<BTreeSet<u32>>,
     /// The `resources/{node}` value last written (rewritten only when it changes).
     published: Mutex<Option<String>>,
+    /// Recent [`Cluster::member`] lookups (forwarding asks once per name and second).
+    members: cache::MemberCache,
 }
 
 /// What one attempt to write the membership key found.
@@ -156,6 +159,7 @@ impl Cluster {
             me: Mutex::new(None),
             held: Mutex::new(BTreeSet::new()),
             published: Mutex::new(None),
+            members: cache::MemberCache::new(cache::MEMBER_CACHE_TTL),
         })))
     }
 
@@ -176,8 +180,14 @@ impl Cluster {
     }
 
     /// The member `node` as registered (None if not a live member). Errors when etcd is not
-    /// reachable.
+    /// reachable. Answers (failures too) are reused for a second (`cache::MEMBER_CACHE_TTL`).
     pub async fn member(&self, node: &str) -> anyhow::Result<Option<Member>> {
+        self.members
+            .get_or_fetch(node, || self.member_uncached(node))
+            .await
+    }
+
+    async fn member_uncached(&self, node: &str) -> anyhow::Result<Option<Member>> {
         let kv = self.etcd.get(&self.key(&format!("members/{node}"))).await?;
         Ok(kv
             .and_then(|kv| serde_json::from_slice::<MemberRecord>(&kv.value).ok())

@@ -288,6 +288,34 @@ impl EtcdCluster {
             .unwrap_or_default()
     }
 
+    /// Range requests (etcd's `grpc_server_handled_total{grpc_method="Range"}`, every
+    /// code; the JSON gateway's `/v3/kv/range` is counted there too) all members served.
+    pub fn range_requests(&self) -> u64 {
+        (0..self.members.len())
+            .map(|i| self.member_range_requests(i))
+            .sum()
+    }
+
+    fn member_range_requests(&self, i: usize) -> u64 {
+        let mut tcp = std::net::TcpStream::connect(("127.0.0.1", self.members[i].client_port))
+            .expect("connecting to etcd");
+        tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        tcp.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .unwrap();
+        let mut reply = String::new();
+        tcp.read_to_string(&mut reply)
+            .expect("reading etcd's metrics");
+        reply
+            .lines()
+            .filter(|l| {
+                l.starts_with("grpc_server_handled_total{")
+                    && l.contains("grpc_method=\"Range\"")
+                    && l.contains("grpc_service=\"etcdserverpb.KV\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    }
+
     /// The members' logs (for a failing test's message).
     pub fn logs(&self) -> String {
         let mut all = String::new();
