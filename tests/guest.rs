@@ -13,19 +13,10 @@ use std::time::Duration;
 
 use common::guest::heartbeats;
 use common::guest::{Console, guest_image};
+use common::tcg_node as node;
 use common::{
-    Options, TestServer, bounded, eventually, migrate_online_ok, mt, mt_ok, pid_of, qmp,
-    require_qemu, target_arg,
+    TestServer, bounded, eventually, migrate_online_ok, mt, mt_ok, pid_of, qmp, target_arg,
 };
-
-fn node(name: &str) -> TestServer {
-    require_qemu();
-    TestServer::start_with(Options {
-        node: Some(name.into()),
-        extra_toml: "qemu_accel = \"tcg\"\n".into(),
-        ..Options::default()
-    })
-}
 
 fn image(node: &TestServer, vmid: u32, name: &str) -> PathBuf {
     node.data

@@ -15,20 +15,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use common::tcg_node as node;
 use common::{
     Options, TestServer, blob, migrate_online_ok, mt, mt_ok, pid_of, qemu_io, qmp, require_qemu,
     target_arg,
 };
 use tokio::net::{TcpListener, TcpStream};
-
-fn node(name: &str) -> TestServer {
-    require_qemu();
-    TestServer::start_with(Options {
-        node: Some(name.into()),
-        extra_toml: "qemu_accel = \"tcg\"\n".into(),
-        ..Options::default()
-    })
-}
 
 fn images(node: &TestServer, vmid: u32) -> PathBuf {
     node.data

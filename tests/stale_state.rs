@@ -19,22 +19,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
+use common::tcg_node as qemu_node;
 use common::{
     BIN, Options, TestServer, bounded, eventually, migrate_online, mt, mt_ok, pid_of, qemu_io, qmp,
-    require_qemu,
 };
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
-
-fn qemu_node(name: &str) -> TestServer {
-    require_qemu();
-    TestServer::start_with(Options {
-        node: Some(name.into()),
-        extra_toml: "qemu_accel = \"tcg\"\n".into(),
-        ..Options::default()
-    })
-}
 
 fn local_images(node: &TestServer) -> PathBuf {
     node.base().join("s/local/images")

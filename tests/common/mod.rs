@@ -767,6 +767,17 @@ pub fn target_arg(target: &TestServer, port: u16) -> String {
     )
 }
 
+/// A node whose VMs run under TCG (real guests cannot boot under this machine's KVM, and
+/// TCG behaves alike everywhere); skips the test without QEMU.
+pub fn tcg_node(name: &str) -> TestServer {
+    require_qemu();
+    TestServer::start_with(Options {
+        node: Some(name.into()),
+        extra_toml: "qemu_accel = \"tcg\"\n".into(),
+        ..Options::default()
+    })
+}
+
 /// `mtunnel migrate VMID --online` from `src` to `dst` onto storage `local`, as most
 /// migration tests run it.
 pub async fn migrate_online(src: &TestServer, dst: &TestServer, vmid: u32) -> std::process::Output {
