@@ -197,7 +197,8 @@ pub fn load_all(journal_dir: &Path, run_dir: &Path) -> (Vec<Created>, Vec<Reject
 }
 
 /// Whether a journal is one a tunnel of this node wrote: its file is `{upid}.json`, the
-/// UPID is a tunnel task of its VMID, it expects one of a tunnel's locks, and its sockets
+/// UPID is a tunnel task of its VMID, it expects one of a tunnel's locks (or none, once
+/// committed), and its sockets
 /// (tunnel sockets of that VMID in the run dir) and volumes (of that VMID) are its own.
 pub fn validate(c: &Created, file_name: &str, run_dir: &Path) -> Result<(), String> {
     let vmid = c.vmid;
@@ -214,7 +215,13 @@ pub fn validate(c: &Created, file_name: &str, run_dir: &Path) -> Result<(), Stri
     if upid.kind != "qmtunnel" || upid.id != vmid.to_string() {
         return Err(format!("UPID '{}' is not a tunnel of VM {vmid}", c.upid));
     }
-    if !matches!(c.expected_lock.as_deref(), Some("create" | "migrate")) {
+    // After `unlock` a committed tunnel expects no lock (and never destroys anything).
+    let lock_ok = match c.expected_lock.as_deref() {
+        Some("create" | "migrate") => true,
+        None => c.committed,
+        Some(_) => false,
+    };
+    if !lock_ok {
         return Err(format!(
             "it expects the lock {:?}, not 'create' or 'migrate'",
             c.expected_lock
@@ -601,5 +608,45 @@ fn remove_sockets(node: &Node, created: &Created) {
         if std::fs::remove_file(socket).is_ok() {
             node.metrics.cleanup(cleanup_action::SOCKET_REMOVED);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn journal(expected_lock: Option<&str>, committed: bool) -> Created {
+        Created {
+            vmid: 100,
+            upid: "UPID:n1:00000001:00000001:00000001:qmtunnel:100:root@pam:".into(),
+            expected_lock: expected_lock.map(str::to_string),
+            committed,
+            sockets: vec![PathBuf::from("/run/x/100.mtunnel")],
+            volumes: vec!["local:100/vm-100-disk-0.raw".into()],
+            ..Created::default()
+        }
+    }
+
+    #[test]
+    fn validation_accepts_what_tunnels_write_and_nothing_else() {
+        let run = Path::new("/run/x");
+        let ok = |c: &Created| validate(c, &format!("{}.json", c.upid), run);
+        assert_eq!(ok(&journal(Some("create"), false)), Ok(()));
+        assert_eq!(ok(&journal(Some("migrate"), false)), Ok(()));
+        // After `unlock`: committed, no lock expected.
+        assert_eq!(ok(&journal(None, true)), Ok(()));
+        assert!(ok(&journal(None, false)).is_err());
+        assert!(ok(&journal(Some("backup"), false)).is_err());
+        let mut other_vm = journal(Some("migrate"), false);
+        other_vm.volumes = vec!["local:101/vm-101-disk-0.raw".into()];
+        assert_eq!(
+            ok(&other_vm),
+            Err("volume 'local:101/vm-101-disk-0.raw' is not a volume of VM 100".into())
+        );
+        let mut outside = journal(Some("migrate"), false);
+        outside.sockets = vec![PathBuf::from("/run/x/../100.mtunnel")];
+        assert!(ok(&outside).is_err());
+        let c = journal(Some("migrate"), false);
+        assert!(validate(&c, "other.json", run).is_err());
     }
 }
