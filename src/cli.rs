@@ -1,8 +1,9 @@
 //! The `mtunnel` command line as clap types: every subcommand with its flags and their
 //! documentation (what `--help` prints), and the conversions of flags into the library's
-//! settings ([`load_config`], [`load_serve_config`], [`bench_options`]). `main.rs` dispatches; the glue of the
-//! commands that need more than one library call is in [`serve`] (`serve`, `cleanup`),
-//! [`vm`], [`migrate`] and [`token`] (`token create` and the initial token).
+//! settings ([`load_config`], [`load_serve_config`], [`bench_options`]). `main.rs`
+//! dispatches; the glue of the commands that need more than one library call is in
+//! [`serve`] (`serve`, `cleanup`), [`vm`], [`migrate`] and [`token`] (`token create` and
+//! the initial token).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -44,9 +45,9 @@ pub enum Command {
     Tunnel,
     /// Find and free what failed migrations left on this node.
     ///
-    /// Tunnels of a dead `serve` (their journals in {data}/tunnels: a started VM is stopped, volumes and the reserved
-    /// config freed — never a VM that was resumed here), empty `lock: create`
-    /// reservations, volumes of VMIDs that have no config, stale tunnel sockets; journals
+    /// Tunnels of a dead `serve` (their journals in {data}/tunnels: a started VM is
+    /// stopped, volumes and the reserved config freed — never a VM that was resumed here),
+    /// empty `lock: create` reservations, volumes of VMIDs that have no config, stale tunnel sockets; journals
     /// that fail validation are set aside in {data}/tunnels/rejected, never acted on. Configs
     /// locked `migrate`/`create` by no open tunnel are listed with what to run (`mtunnel vm
     /// unlock` or `mtunnel vm destroy --skiplock`), not changed. Safe while `serve` runs:

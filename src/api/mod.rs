@@ -100,7 +100,8 @@ pub async fn serve(node: Arc<Node>, tls: TlsIdentity) -> anyhow::Result<Server> 
             };
             let _ = tcp.set_nodelay(true);
             set_keepalive(&tcp, limits.keepalive);
-            // Held for the connection's life, WebSocket streams included.
+            // Held until the connection ends or is upgraded: hyper hands an upgraded
+            // stream off after its 101, and the stream itself holds no slot.
             let slot = Arc::clone(&limits.slots).try_acquire_owned().ok();
             let (router, keep_alive) = match slot {
                 Some(_) => (router.clone(), true),
