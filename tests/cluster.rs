@@ -12,6 +12,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::ctl::Ctl;
 use common::etcd::EtcdCluster;
 use common::{Options, TestServer, bounded, mt};
 use mtunnel::client::ApiError;
@@ -978,6 +979,253 @@ async fn forwarded_websockets_count_against_the_cap_and_close_when_idle() {
             "{}",
             n1.log()
         );
+    })
+    .await;
+}
+
+/// How far a hand-driven tunnel of the fencing test got before its node was paused.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Reached {
+    /// A disk allocated (an import or a mirror under way).
+    Disk,
+    /// The config written, locked `migrate` (offline: `unlock` comes next).
+    Config,
+    /// The target QEMU started, waiting for the RAM (online: `resume` comes next).
+    Started,
+    /// Unlocked: the migration was committed.
+    Committed,
+}
+
+/// Drives a tunnel of `vmid` on `server` through its commands up to `reached`.
+async fn drive(server: &TestServer, vmid: u32, reached: Reached) -> Ctl {
+    let tunnel = common::Tunnel::from_reply(vmid, &open(server, vmid).await.unwrap());
+    let mut ctl = Ctl::open(server, server.port, &tunnel).await;
+    ctl.ok(json!({"cmd": "version"})).await;
+    let disk = ctl
+        .ok(json!({"cmd": "disk", "format": "raw", "storage": "local",
+                    "drive": {"interface": "scsi", "index": 0, "size": 4 << 20}}))
+        .await;
+    if reached == Reached::Disk {
+        return ctl;
+    }
+    let drivestr = disk["drivestr"].as_str().unwrap().to_string();
+    let conf =
+        format!("lock: migrate\nmemory: 64\nscsi0: {drivestr}\nscsihw: virtio-scsi-single\n");
+    ctl.ok(json!({"cmd": "config", "conf": conf, "firewall-config": null}))
+        .await;
+    match reached {
+        Reached::Started => {
+            ctl.ok(json!({
+                "cmd": "start",
+                "start_params": {"statefile": "unix", "forcemachine": null, "forcecpu": null, "skiplock": 1},
+                "migrate_opts": {
+                    "spice_ticket": null, "type": "websocket", "network": null,
+                    "storagemap": {"default": "local"}, "migratedfrom": "src1",
+                    "nbd_proto_version": 1, "remote_node": "n3",
+                    "nbd": {"scsi0": {"drivestr": drivestr, "volid": disk["volid"], "success": true}},
+                },
+            }))
+            .await;
+            assert!(common::pid_of(server, vmid).is_some(), "target QEMU runs");
+        }
+        Reached::Committed => {
+            ctl.ok(json!({"cmd": "unlock"})).await;
+        }
+        _ => {}
+    }
+    ctl
+}
+
+/// The refusal of a fenced tunnel's `cmd`: another node took `vmid` meanwhile.
+fn assert_fenced(reply: &Value, cmd: &str, vmid: u32) {
+    let taken = format!(
+        "VM {vmid} belongs to node 'n1' now: this node's reservation lapsed with its etcd \
+         lease (the node was paused or cut off from etcd longer than the lease TTL)"
+    );
+    let msg = reply["msg"].as_str().unwrap_or_default();
+    let expected = match cmd {
+        "resume" => vec![format!(
+            "failed to handle 'resume' command - VM {vmid} was not resumed: {taken}"
+        )],
+        // Refused at once (the node already knew) or at the commit (it learnt there).
+        "unlock" => vec![
+            format!("failed to handle 'unlock' command - {taken}"),
+            format!("failed to handle 'unlock' command - VM {vmid} was not unlocked: {taken}"),
+        ],
+        _ => vec![format!("failed to handle '{cmd}' command - {taken}")],
+    };
+    assert!(
+        reply["success"] == false && expected.iter().any(|e| e == msg),
+        "{cmd} of VM {vmid}: {reply}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_node_never_commits_a_vmid_another_node_took() {
+    use nix::sys::signal::Signal;
+    common::require_qemu();
+    bounded(180, async {
+        let etcd = EtcdCluster::start(3);
+        let n1 = node(&etcd, "n1");
+        let n3 = node(&etcd, "n3");
+        let phases = [
+            (801, Reached::Disk, "config"),
+            (802, Reached::Config, "unlock"),
+            (803, Reached::Started, "resume"),
+        ];
+        let mut ctls = Vec::new();
+        for (vmid, reached, _) in phases {
+            ctls.push(drive(&n3, vmid, reached).await);
+        }
+        let mut committed = drive(&n3, 804, Reached::Committed).await;
+        // Paused past its lease TTL, n3's reservations lapse and n1 takes the VMIDs; the
+        // one n3 committed has no lease to lapse.
+        n3.signal(Signal::SIGSTOP);
+        for (vmid, _, _) in phases {
+            open_eventually(&n1, vmid, 30).await;
+        }
+        assert_exists_on(&open(&n1, 804).await.unwrap_err(), 804, "n3");
+        n3.signal(Signal::SIGCONT);
+        // Back, n3's tunnels take no step that would make a second owner: the commit
+        // points at once (they race n3 learning of its lapsed lease), ...
+        for ((vmid, _, cmd), ctl) in phases.iter().zip(ctls.iter_mut()).skip(1) {
+            let reply = ctl.send(&json!({"cmd": cmd})).await;
+            assert_fenced(&reply, cmd, *vmid);
+        }
+        // ... and once n3 knows, any command but `quit`.
+        let lost = "re-reserving VMID after a new lease: node 'n1' took VM 801";
+        assert!(
+            common::eventually(Duration::from_secs(10), || n3.log().contains(lost)).await,
+            "n3 never noticed: {}",
+            n3.log()
+        );
+        let conf = "lock: migrate\nmemory: 64\n";
+        let reply = ctls[0]
+            .send(&json!({"cmd": "config", "conf": conf, "firewall-config": null}))
+            .await;
+        assert_fenced(&reply, "config", 801);
+        for ctl in &mut ctls {
+            ctl.ok(json!({"cmd": "quit", "cleanup": 1})).await;
+        }
+        for (vmid, _, _) in phases {
+            assert!(
+                common::eventually(Duration::from_secs(10), || !n3.vm_config(vmid).exists()).await,
+                "n3 kept the config of VM {vmid}"
+            );
+            assert!(
+                common::pid_of(&n3, vmid).is_none(),
+                "QEMU of {vmid} runs on"
+            );
+            assert_exists_on(&open(&n3, vmid).await.unwrap_err(), vmid, "n1");
+        }
+        committed.ok(json!({"cmd": "quit", "cleanup": 0})).await;
+        assert!(n3.vm_config(804).exists());
+        // Each VMID has one owner, as every node sees it.
+        let expect = json!([
+            {"id": "qemu/801", "vmid": 801, "type": "qemu", "node": "n1", "status": "stopped"},
+            {"id": "qemu/802", "vmid": 802, "type": "qemu", "node": "n1", "status": "stopped"},
+            {"id": "qemu/803", "vmid": 803, "type": "qemu", "node": "n1", "status": "stopped"},
+            {"id": "qemu/804", "vmid": 804, "type": "qemu", "node": "n3", "status": "stopped"},
+        ]);
+        for server in [&n1, &n3] {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let vms = server
+                    .client()
+                    .get("/cluster/resources", &[("type", "vm")])
+                    .await
+                    .unwrap();
+                if vms == expect {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "two owners? {vms}");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    })
+    .await;
+}
+
+/// Whether a `mtunnel migrate` run on `src` reports RAM sent (its progress, in the
+/// `cli*.err` files `mt` writes; the source QEMU's QMP socket is the migration's).
+fn ram_moving(src: &TestServer) -> bool {
+    let Ok(dir) = std::fs::read_dir(src.base()) else {
+        return false;
+    };
+    dir.flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".err"))
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .any(|text| {
+            text.lines().any(|l| {
+                l.contains(" RAM: ") && l.contains(", remaining ") && !l.contains(" RAM: 0 B of")
+            })
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_migration_onto_a_paused_node_leaves_the_source_running() {
+    use nix::sys::signal::Signal;
+    common::require_qemu();
+    bounded(180, async {
+        let etcd = EtcdCluster::start(3);
+        let n1 = node(&etcd, "n1");
+        let n3 = node(&etcd, "n3");
+        let src = TestServer::start();
+        common::mt_ok(&src, &["vm", "create", "810", "--memory", "128"]).await;
+        // 24 MiB of random RAM at 2 MiB/s: the RAM still moves while n3 is paused.
+        let blob = src.data.parent().unwrap().join("blob810");
+        common::blob(&blob, 24 << 20);
+        let loader = format!(
+            "--qemu-arg=loader,file={},addr=16777216,force-raw=on",
+            blob.display()
+        );
+        common::mt_ok(&src, &["vm", "start", "810", "--qemu-arg=-device", &loader]).await;
+        let conf_before = std::fs::read_to_string(src.vm_config(810)).unwrap();
+        let target = common::target_arg(&n3, n3.port);
+        let args = [
+            "migrate",
+            "810",
+            "--online",
+            "--target",
+            &target,
+            "--target-storage",
+            "local",
+            "--bwlimit",
+            "2048",
+        ];
+        let pause_n3 = async {
+            let moving = common::eventually(Duration::from_secs(60), || ram_moving(&src));
+            assert!(moving.await, "the RAM migration never started");
+            n3.signal(Signal::SIGSTOP);
+            open_eventually(&n1, 810, 30).await;
+            n3.signal(Signal::SIGCONT);
+        };
+        let (out, ()) = tokio::join!(mt(&src, &args), pause_n3);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        // Refused at `resume`, after the RAM moved and paused the source VM; the source
+        // knows the target runs nothing, so its own VM runs on.
+        assert!(
+            stderr.contains(
+                "failed to handle 'resume' command - VM 810 was not resumed: VM 810 belongs \
+                 to node 'n1' now: this node's reservation lapsed"
+            ),
+            "{stderr}"
+        );
+        assert!(stderr.contains("source VM 810 runs on"), "{stderr}");
+        let st = common::qmp(&src.run, 810, "query-status", Value::Null).await;
+        assert_eq!(st["status"], "running", "{st}");
+        assert_eq!(
+            std::fs::read_to_string(src.vm_config(810)).unwrap(),
+            conf_before
+        );
+        assert!(
+            common::eventually(Duration::from_secs(10), || !n3.vm_config(810).exists()).await,
+            "n3 kept the config"
+        );
+        assert!(common::pid_of(&n3, 810).is_none(), "n3's QEMU runs on");
+        assert_exists_on(&open(&n3, 810).await.unwrap_err(), 810, "n1");
+        common::mt_ok(&src, &["vm", "stop", "810"]).await;
     })
     .await;
 }

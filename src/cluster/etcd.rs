@@ -280,6 +280,16 @@ pub mod op {
         json!({"key": b64(key), "target": "MOD", "result": "EQUAL", "mod_revision": rev.to_string()})
     }
 
+    /// The key holds exactly `value`.
+    pub fn value_is(key: &str, value: &[u8]) -> Value {
+        json!({"key": b64(key), "target": "VALUE", "result": "EQUAL", "value": B64.encode(value)})
+    }
+
+    /// The key is attached to `lease` (and so exists: an expired lease takes its keys).
+    pub fn on_lease(key: &str, lease: i64) -> Value {
+        json!({"key": b64(key), "target": "LEASE", "result": "EQUAL", "lease": lease.to_string()})
+    }
+
     pub fn put(key: &str, value: &[u8], lease: i64) -> Value {
         let mut put = json!({"key": b64(key), "value": B64.encode(value)});
         if lease != 0 {

@@ -111,6 +111,9 @@ pub struct Cluster {
     me: Mutex<Option<MemberRecord>>,
     /// VMIDs of this node's open tunnels: their entries stay reserved on the lease.
     held: Mutex<BTreeSet<u32>>,
+    /// Of those, the ones another node took while this node's lease had lapsed, and that
+    /// node: their tunnels are fenced ([`registry::Cluster::commit`]).
+    lost: Mutex<std::collections::BTreeMap<u32, String>>,
     /// The `resources/{node}` value last written (rewritten only when it changes).
     published: Mutex<Option<String>>,
     /// Recent [`Cluster::member`] lookups (forwarding asks once per name and second).
@@ -158,6 +161,7 @@ impl Cluster {
             left: std::sync::atomic::AtomicBool::new(false),
             me: Mutex::new(None),
             held: Mutex::new(BTreeSet::new()),
+            lost: Mutex::new(Default::default()),
             published: Mutex::new(None),
             members: cache::MemberCache::new(cache::MEMBER_CACHE_TTL),
         })))
@@ -267,8 +271,22 @@ impl Cluster {
         let lease = *locked(&self.lease);
         let held: Vec<u32> = locked(&self.held).iter().copied().collect();
         for vmid in held {
-            if let Err(e) = self.rehold(vmid, lease).await {
-                tracing::error!(vmid, "re-reserving VMID after a new lease: {e:#}");
+            match self
+                .reserve_txn(vmid, registry::State::Reserved, lease)
+                .await
+            {
+                Ok(()) => {}
+                Err(registry::ReserveError::Exists { node, .. }) => {
+                    tracing::error!(
+                        vmid,
+                        "re-reserving VMID after a new lease: node '{node}' took VM {vmid} \
+                         while this node's lease had lapsed; its tunnel here is fenced (it \
+                         fails before resume or commit and cleans up)"
+                    );
+                    locked(&self.lost).insert(vmid, node);
+                }
+                // Absent or ours stays ours: the commit proves it again.
+                Err(e) => tracing::warn!(vmid, "re-reserving VMID after a new lease: {e}"),
             }
         }
         *locked(&self.unregistered) = false;

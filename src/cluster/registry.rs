@@ -37,6 +37,28 @@ pub enum ReserveError {
     NoQuorum(String),
 }
 
+/// Why a tunnel may not pass its point of no return ([`Cluster::commit`]).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Fenced {
+    #[error(
+        "VM {vmid} belongs to node '{node}' now: this node's reservation lapsed with its etcd \
+         lease (the node was paused or cut off from etcd longer than the lease TTL)"
+    )]
+    Taken { vmid: u32, node: String },
+    #[error("this node cannot prove its reservation of VM {vmid}: {cause}")]
+    Unproven { vmid: u32, cause: String },
+}
+
+/// What one [`Cluster::claim_present`] found.
+enum Present {
+    /// The entry is present for this node now.
+    Made,
+    /// It changed between read and write: try again.
+    Changed,
+    /// Another node holds it.
+    Owner(String),
+}
+
 /// How a reservation is held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hold {
@@ -76,6 +98,7 @@ impl Cluster {
         };
         if hold == Hold::Tunnel {
             locked(&self.held).insert(vmid);
+            locked(&self.lost).remove(&vmid);
         }
         let result = self.reserve_txn(vmid, state, lease).await;
         if result.is_err() && hold == Hold::Tunnel {
@@ -84,7 +107,12 @@ impl Cluster {
         result
     }
 
-    async fn reserve_txn(&self, vmid: u32, state: State, lease: i64) -> Result<(), ReserveError> {
+    pub(super) async fn reserve_txn(
+        &self,
+        vmid: u32,
+        state: State,
+        lease: i64,
+    ) -> Result<(), ReserveError> {
         let key = self.vmid_key(vmid);
         let value = self.value(state);
         let quorum = |e: anyhow::Error| ReserveError::NoQuorum(no_quorum(format!("{e:#}")));
@@ -130,6 +158,7 @@ impl Cluster {
     /// (`kept`), else it is deleted. Failures are logged; the reconcile loop repairs them.
     pub async fn finish(&self, vmid: u32, kept: bool) {
         locked(&self.held).remove(&vmid);
+        locked(&self.lost).remove(&vmid);
         let result = if kept {
             self.set_present(vmid).await
         } else {
@@ -146,20 +175,71 @@ impl Cluster {
 
     /// Marks `vmid` present for this node (without a lease), unless another node owns it.
     pub async fn set_present(&self, vmid: u32) -> anyhow::Result<()> {
+        for _ in 0..3 {
+            match self.claim_present(vmid).await? {
+                Present::Made => return Ok(()),
+                Present::Changed => continue,
+                Present::Owner(node) => anyhow::bail!(
+                    "VM {vmid} has a config on node '{}' but the cluster registry gives it \
+                     to node '{node}': resolve by hand (destroy or renumber one of them)",
+                    self.node
+                ),
+            }
+        }
+        anyhow::bail!("the entry of VM {vmid} kept changing meanwhile")
+    }
+
+    /// Fencing: the point of no return of a tunnel (`resume`, the config written without
+    /// its lock). Turns this node's entry of `vmid` into a permanent one in one
+    /// compare-and-set, which succeeds only while no other node holds the VMID: after it,
+    /// no lease can lapse under the VM. A node whose reservation lapsed (its lease expired
+    /// while it was paused or cut off) and whose VMID another node took meanwhile gets
+    /// [`Fenced::Taken`] and must not go on; without etcd's answer, [`Fenced::Unproven`].
+    pub async fn commit(&self, vmid: u32) -> Result<(), Fenced> {
+        let unproven = |cause: String| Fenced::Unproven { vmid, cause };
+        if let Some(held) = locked(&self.name_held).clone() {
+            return Err(unproven(held.to_string()));
+        }
+        if let Some(node) = locked(&self.lost).get(&vmid).cloned() {
+            return Err(Fenced::Taken { vmid, node });
+        }
+        for _ in 0..3 {
+            match self.claim_present(vmid).await {
+                Ok(Present::Made) => {
+                    locked(&self.held).remove(&vmid);
+                    return Ok(());
+                }
+                Ok(Present::Changed) => continue,
+                Ok(Present::Owner(node)) => {
+                    locked(&self.lost).insert(vmid, node.clone());
+                    return Err(Fenced::Taken { vmid, node });
+                }
+                Err(e) => return Err(unproven(no_quorum(format!("{e:#}")))),
+            }
+        }
+        Err(unproven(format!(
+            "the registry entry of VM {vmid} kept changing"
+        )))
+    }
+
+    /// The node `vmid`'s reservation was lost to, when this node found (re-reserving it on
+    /// a new lease, or at a commit) that another node holds it now.
+    pub fn lost_to(&self, vmid: u32) -> Option<String> {
+        locked(&self.lost).get(&vmid).cloned()
+    }
+
+    /// One compare-and-set making `vmid` present for this node (no lease): from an absent
+    /// entry or one of this node's, as read.
+    async fn claim_present(&self, vmid: u32) -> anyhow::Result<Present> {
         let key = self.vmid_key(vmid);
         let value = self.value(State::Present);
         let compare = match self.etcd.get(&key).await? {
             None => op::absent(&key),
             Some(kv) => match entry_of(&kv) {
-                Some(e) if e.node != self.node => {
-                    anyhow::bail!(
-                        "VM {vmid} has a config on node '{}' but the cluster registry gives it \
-                         to node '{}': resolve by hand (destroy or renumber one of them)",
-                        self.node,
-                        e.node
-                    );
+                Some(e) if e.node != self.node => return Ok(Present::Owner(e.node)),
+                Some(e) if e.state == State::Present && kv.lease == 0 => {
+                    return Ok(Present::Made);
                 }
-                Some(e) if e.state == State::Present && kv.lease == 0 => return Ok(()),
                 _ => op::unchanged(&key, kv.mod_revision),
             },
         };
@@ -167,8 +247,11 @@ impl Cluster {
             .etcd
             .txn(vec![compare], vec![op::put(&key, &value, 0)], vec![])
             .await?;
-        anyhow::ensure!(reply.succeeded, "the entry of VM {vmid} changed meanwhile");
-        Ok(())
+        Ok(if reply.succeeded {
+            Present::Made
+        } else {
+            Present::Changed
+        })
     }
 
     /// Deletes `vmid`'s entry if this node owns it.
@@ -186,14 +269,6 @@ impl Cluster {
                 .await?;
         }
         Ok(())
-    }
-
-    /// Puts `vmid` back as reserved on the new lease `lease` (after the old one was lost).
-    pub(super) async fn rehold(&self, vmid: u32, lease: i64) -> anyhow::Result<()> {
-        match self.reserve_txn(vmid, State::Reserved, lease).await {
-            Ok(()) => Ok(()),
-            Err(e) => anyhow::bail!("{e}"),
-        }
     }
 
     /// Every VMID entry: (vmid, entry, its key's lease).

@@ -59,6 +59,9 @@ impl LuaCommandHandler {
         let Some(handler) = self.vm.handlers.get(cmd) else {
             return Outcome::err(format!("unknown command '{cmd}' given"));
         };
+        if let Some(refusal) = self.fenced(cmd) {
+            return Outcome::err(refusal);
+        }
         let handler = match handler {
             Ok(h) => h,
             Err(load_error) => return Outcome::err(format!("handler not loaded: {load_error}")),
@@ -114,6 +117,26 @@ impl LuaCommandHandler {
             reply: result,
             exit,
         }
+    }
+
+    /// A tunnel whose VMID another node took while this node's lease had lapsed does
+    /// nothing more but tear down (`stop`, `quit`), so the source learns at its next
+    /// command.
+    fn fenced(&self, cmd: &str) -> Option<String> {
+        let cluster = self.ctx.node.cluster.as_ref()?;
+        if matches!(cmd, "quit" | "stop") || self.ctx.session().created.committed {
+            return None;
+        }
+        let vmid = self.ctx.vmid;
+        let node = cluster.lost_to(vmid)?;
+        let taken = crate::cluster::registry::Fenced::Taken { vmid, node };
+        // `resume` says so in the words the commit uses: the source reads them to know
+        // that its own VM may run on.
+        Some(if cmd == "resume" {
+            format!("VM {vmid} was not resumed: {taken}")
+        } else {
+            taken.to_string()
+        })
     }
 
     async fn call(

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use mtunnel::client::{ApiClient, ApiError};
 use serde_json::Value;
 
+pub mod ctl;
 pub mod etcd;
 pub mod guest;
 

@@ -1,6 +1,6 @@
 //! Aborting a migration after a phase failed: the source VM keeps its config and disks and
 //! loses its `migrate` lock, and the target is asked to destroy what the migration created
-//! (`quit` with `cleanup`). Once `resume` was sent the target may run the only live copy:
+//! (`quit` with `cleanup`); a source VM paused by a completed RAM migration runs on. Once `resume` was sent the target may run the only live copy:
 //! then the source stays locked and nothing on the target is touched.
 
 use serde_json::json;
@@ -8,6 +8,7 @@ use serde_json::json;
 use super::remote::Remote;
 use super::{Migration, set_source_lock};
 use crate::client::progress::Progress;
+use crate::qemu::VmHandle;
 
 impl Migration<'_> {
     /// Cleans up after `e` and returns it.
@@ -28,6 +29,18 @@ impl Migration<'_> {
             return e;
         }
         progress.log(format!("ERROR: migration failed: {e:#}"));
+        if self.remote.ram_done {
+            match VmHandle::attach(&self.src.cfg.run_dir, vmid) {
+                Ok(vm) => {
+                    self.keep_source_running(&vm).await;
+                    progress.log(format!("source VM {vmid} runs on"));
+                }
+                Err(ae) => progress.log(format!(
+                    "WARN: resuming the paused source VM {vmid} failed ({ae:#}): resume it by \
+                     hand (QMP 'cont')"
+                )),
+            }
+        }
         if let Err(le) = set_source_lock(self.src, vmid, None).await {
             progress.log(format!("WARN: removing the source lock failed: {le:#}"));
         }

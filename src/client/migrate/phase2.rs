@@ -64,6 +64,7 @@ impl Migration<'_> {
             self.cancel_live(&vm, streams).await;
             return Err(e);
         }
+        self.remote.ram_done = true;
         Ok(())
     }
 
@@ -284,6 +285,12 @@ impl Migration<'_> {
             // the capability either way, so this is best effort for other tools.
             let _ = vm.set_migration_capabilities(&[("multifd", false)]).await;
         }
+        self.keep_source_running(vm).await;
+    }
+
+    /// The source VM runs on: paused (the RAM migration completed, or was cancelled) it is
+    /// resumed, and its disk mirror jobs end, so its writes stay local.
+    pub(super) async fn keep_source_running(&self, vm: &VmHandle) {
         if let Ok(st) = vm.status().await
             && !st.running
         {

@@ -57,7 +57,14 @@ impl Migration<'_> {
             self.remote.cmd(json!({"cmd": "nbdstop"}), 30).await?;
         }
         self.remote.resume_sent = true;
-        self.remote.cmd(json!({"cmd": "resume"}), 30).await?;
+        if let Err(e) = self.remote.cmd(json!({"cmd": "resume"}), 30).await {
+            // A target that refused before resuming (fenced: its cluster gave the VMID to
+            // another node) runs nothing: the source VM may run on.
+            if format!("{e:#}").contains(&format!("VM {tvmid} was not resumed: ")) {
+                self.remote.resume_sent = false;
+            }
+            return Err(e);
+        }
         self.progress
             .log(format!("VM {tvmid} resumed on the target"));
         if live && fstrim_cloned_disks(&self.plan.conf) {

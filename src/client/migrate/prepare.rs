@@ -166,6 +166,7 @@ async fn open_tunnel(
         base_url,
         forwards: Vec::new(),
         resume_sent: false,
+        ram_done: false,
         multifd_max: None,
     })
 }

@@ -22,6 +22,9 @@ pub(super) struct Remote {
     pub(super) forwards: Vec<Forward>,
     /// `resume` was sent: the target VM may run as the only live copy from here on.
     pub(super) resume_sent: bool,
+    /// The RAM migration completed: the source VM stays paused until the target resumed
+    /// its copy, or the migration is aborted (then the source VM runs on).
+    pub(super) ram_done: bool,
     /// Most multifd channels the target accepts, from its `version` reply (`None`: it did
     /// not announce multifd, e.g. a PVE node: one stream only).
     pub(super) multifd_max: Option<u32>,

@@ -110,9 +110,13 @@ pub(super) fn config_table(lua: &Lua) -> mlua::Result<Table> {
     )?;
     t.set(
         "write",
-        lua.create_function(|lua, conf: LuaValue| {
-            let c = ctx(lua)?;
-            let conf = config_from_json(&from_lua(lua, conf)?)?;
+        lua.create_async_function(|lua, conf: LuaValue| async move {
+            let c = ctx(&lua)?;
+            let conf = config_from_json(&from_lua(&lua, conf)?)?;
+            if !conf.options.contains_key("lock") {
+                // Written without its lock, the config is this node's VM for good.
+                c.prove_reservation("unlocked").await?;
+            }
             let guard = c.guard.lock().unwrap_or_else(|e| e.into_inner());
             let Some(guard) = guard.as_ref() else {
                 return Err(fail(

@@ -108,6 +108,26 @@ impl HostCtx {
     }
 }
 
+impl HostCtx {
+    /// Fencing before the point of no return (`what`: "resumed", "unlocked", "committed"):
+    /// in a cluster the VMID's registry entry becomes this node's for good, or the step is
+    /// refused (another node took the VMID while this node's lease had lapsed, or etcd
+    /// cannot confirm). A single node has nobody to prove it to.
+    async fn prove_reservation(&self, what: &str) -> mlua::Result<()> {
+        let Some(cluster) = &self.node.cluster else {
+            return Ok(());
+        };
+        if self.session().created.committed {
+            return Ok(());
+        }
+        cluster.commit(self.vmid).await.map_err(|e| {
+            let msg = format!("VM {} was not {what}: {e}", self.vmid);
+            tracing::error!(vmid = self.vmid, "fenced: {msg}");
+            fail(msg)
+        })
+    }
+}
+
 pub fn fail(msg: impl Into<String>) -> mlua::Error {
     mlua::Error::external(HandlerFailure(msg.into()))
 }

@@ -120,6 +120,7 @@ fn add_lifecycle_fns(lua: &Lua, t: &Table) -> mlua::Result<()> {
         "resume",
         lua.create_async_function(|lua, ()| async move {
             let c = ctx(&lua)?;
+            c.prove_reservation("resumed").await?;
             // Recorded first: if this process dies during `cont`, the VM may already run
             // as the only live copy, and recovery must leave it alone.
             c.record(|r| r.resume_requested = true).await?;

@@ -37,6 +37,7 @@ pub(super) fn tunnel_table(lua: &Lua) -> mlua::Result<Table> {
         lua.create_async_function(|lua, ()| async move {
             let c = ctx(&lua)?;
             refuse_reservation(&c)?;
+            c.prove_reservation("committed").await?;
             c.record(|r| r.committed = true).await
         })?,
     )?;
