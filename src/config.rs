@@ -122,7 +122,23 @@ pub struct ClusterConfig {
     /// Client certificate and key (PEM) for etcd's `--client-cert-auth`.
     pub cert_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
+    /// The secret all nodes of the cluster share (`secret_file`): it signs member records,
+    /// so that whoever can write etcd cannot point forwarding elsewhere.
+    pub member_secret: MemberSecret,
 }
+
+/// The cluster's shared secret; never printed.
+#[derive(Clone)]
+pub struct MemberSecret(pub Vec<u8>);
+
+impl std::fmt::Debug for MemberSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MemberSecret(..)")
+    }
+}
+
+/// Fewest bytes of a `[cluster] secret_file` (after trimming whitespace).
+pub const MIN_MEMBER_SECRET_BYTES: usize = 16;
 
 /// `[cluster]` in the TOML file.
 #[derive(Debug, Default, Deserialize)]
@@ -137,6 +153,23 @@ pub struct ClusterFile {
     pub ca_file: Option<PathBuf>,
     pub cert_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
+    pub secret_file: Option<PathBuf>,
+}
+
+/// Reads the cluster's shared secret from `path`.
+fn read_member_secret(path: &std::path::Path) -> anyhow::Result<MemberSecret> {
+    let text = std::fs::read(path)
+        .with_context(|| format!("reading [cluster] secret_file {}", path.display()))?;
+    let secret = text.trim_ascii().to_vec();
+    if secret.len() < MIN_MEMBER_SECRET_BYTES {
+        bail!(
+            "[cluster] secret_file {} holds {} bytes; use at least {MIN_MEMBER_SECRET_BYTES} \
+             (e.g. head -c 32 /dev/urandom | base64)",
+            path.display(),
+            secret.len()
+        );
+    }
+    Ok(MemberSecret(secret))
 }
 
 impl ClusterFile {
@@ -165,6 +198,15 @@ impl ClusterFile {
         if self.cert_file.is_some() != self.key_file.is_some() {
             bail!("[cluster] cert_file and key_file go together");
         }
+        let Some(secret_file) = &self.secret_file else {
+            bail!(
+                "[cluster] needs secret_file: a file with a secret all nodes of the cluster \
+                 share (e.g. head -c 32 /dev/urandom | base64 > /etc/mtunnel/cluster.secret, \
+                 copied to every node, mode 0600); it signs member records so that whoever \
+                 can write etcd cannot redirect forwarded requests"
+            );
+        };
+        let member_secret = read_member_secret(secret_file)?;
         Ok(ClusterConfig {
             name,
             endpoints: self.endpoints,
@@ -184,6 +226,7 @@ impl ClusterFile {
             ca_file: self.ca_file,
             cert_file: self.cert_file,
             key_file: self.key_file,
+            member_secret,
         })
     }
 }
@@ -466,10 +509,30 @@ mod tests {
     #[test]
     fn cluster_table_resolves_and_is_checked() {
         assert!(parse("").unwrap().cluster.is_none());
-        let c = parse("[cluster]\nname = \"lab\"\nendpoints = [\"http://127.0.0.1:2379\"]\n")
-            .unwrap()
-            .cluster
-            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("cluster.secret");
+        std::fs::write(&secret, "0123456789abcdef\n").unwrap();
+        let table = format!(
+            "[cluster]\nname = \"lab\"\nendpoints = [\"http://127.0.0.1:2379\"]\n\
+             secret_file = \"{}\"\n",
+            secret.display()
+        );
+        let c = parse(&table).unwrap().cluster.unwrap();
+        assert_eq!(c.member_secret.0, b"0123456789abcdef");
+        std::fs::write(&secret, "short\n").unwrap();
+        let err = parse(&table).unwrap_err();
+        assert!(
+            err.to_string().ends_with(
+                "holds 5 bytes; use at least 16 (e.g. head -c 32 /dev/urandom | base64)"
+            ),
+            "{err:#}"
+        );
+        let err = parse("[cluster]\nname = \"lab\"\nendpoints = [\"http://127.0.0.1:2379\"]\n")
+            .unwrap_err();
+        assert!(
+            err.to_string().starts_with("[cluster] needs secret_file: "),
+            "{err}"
+        );
         assert_eq!(c.lease_ttl, Duration::from_secs(DEFAULT_LEASE_TTL_SECS));
         assert_eq!(c.timeout, Duration::from_secs(DEFAULT_ETCD_TIMEOUT_SECS));
         assert_eq!(c.advertise_url, None);

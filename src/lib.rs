@@ -35,8 +35,9 @@
 //! Beside the layers:
 //! - [`node`]: where the layers are wired: settings, stores, backends, open tunnels and the
 //!   handler factory of one node, as one `Arc<Node>` every layer receives.
-//! - [`cluster`]: cluster mode (`[cluster]`): the node's etcd lease and membership, the
-//!   cluster-wide VMID registry, the data of the cluster views (over etcd's JSON gateway).
+//! - [`cluster`]: cluster mode (`[cluster]`): the node's etcd lease and membership (member
+//!   records signed with the cluster's secret), the cluster-wide VMID registry and its
+//!   fencing commit, the data of the cluster views (over etcd's JSON gateway).
 //! - [`metrics`]: the node's Prometheus metrics (one method per thing counted, bounded
 //!   label values) and their exposition; any layer may count.
 //! - [`config`]: node settings (paths, listen address, storages, plain settings types such

@@ -1229,3 +1229,150 @@ async fn a_live_migration_onto_a_paused_node_leaves_the_source_running() {
     })
     .await;
 }
+
+/// A member record as anyone who can write etcd could store it: `secret` signs it (empty:
+/// unsigned).
+fn forged_record(node: &str, api_url: &str, fingerprint: &str, secret: &[u8]) -> Vec<u8> {
+    use mtunnel::cluster::{MemberRecord, identity};
+    let mut r = MemberRecord {
+        node: node.into(),
+        api_url: api_url.into(),
+        fingerprint: fingerprint.into(),
+        version: "0.0.0".into(),
+        signature: String::new(),
+    };
+    if !secret.is_empty() {
+        r.signature = identity::sign(secret, "lab", &r);
+    }
+    serde_json::to_vec(&r).unwrap()
+}
+
+/// A listener that counts the connections it gets (where forged records point).
+async fn trap() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(tcp);
+        }
+    });
+    (port, hits)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_member_records_are_refused_and_a_nodes_own_is_repaired() {
+    bounded(120, async {
+        let etcd = EtcdCluster::start(3);
+        let n1 = node(&etcd, "n1");
+        let n2 = node(&etcd, "n2");
+        let token = same_token_on(&[&n1, &n2], "fleet@pve!f", "Administrator").await;
+        let api =
+            mtunnel::client::ApiClient::new("127.0.0.1", n1.port, token, n1.fingerprint.clone())
+                .unwrap();
+        let (port, hits) = trap().await;
+        let at_trap = format!("https://127.0.0.1:{port}");
+        let secret = std::fs::read_to_string(etcd.member_secret()).unwrap();
+        let secret = secret.trim().as_bytes();
+        let key = |name: &str| format!("/mtunnel/lab/members/{name}");
+        // Names no node has: unsigned, signed with another secret, signed but plain http.
+        let fp = &n2.fingerprint;
+        etcd.put(0, &key("evil"), &forged_record("evil", &at_trap, fp, b""));
+        let other = b"another cluster's secret 0123";
+        etcd.put(
+            0,
+            &key("other"),
+            &forged_record("other", &at_trap, fp, other),
+        );
+        let plain = format!("http://127.0.0.1:{port}");
+        etcd.put(
+            0,
+            &key("plain"),
+            &forged_record("plain", &plain, fp, secret),
+        );
+        for name in ["evil", "other", "plain"] {
+            let err = api
+                .get(&format!("/nodes/{name}/storage"), &[])
+                .await
+                .unwrap_err();
+            assert!(
+                err.to_string().contains(&format!(
+                    "unable to get IP for node '{name}' - node offline?"
+                )),
+                "{name}: {err}"
+            );
+        }
+        let ignoring = |name: &str, why: &str| {
+            format!("ignoring the member record /mtunnel/lab/members/{name}: {why}")
+        };
+        let log = n1.log();
+        for line in [
+            ignoring("evil", "it carries no signature"),
+            ignoring("other", "its signature does not match"),
+            ignoring(
+                "plain",
+                &format!("its address {plain} is plain http:// while this node serves https://"),
+            ),
+        ] {
+            assert!(log.contains(&line), "no '{line}' in\n{log}");
+        }
+        let status = api.get("/cluster/status", &[]).await.unwrap();
+        let names: Vec<&str> = status
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e["name"].as_str())
+            .collect();
+        assert_eq!(names, ["lab", "n1", "n2"], "{status}");
+
+        // n2's own record overwritten: forwarding never follows it, n2 writes it back.
+        let original = etcd.range(0, &key("n2"));
+        assert_eq!(original.len(), 1, "{original:?}");
+        etcd.put(0, &key("n2"), &forged_record("n2", &at_trap, fp, b""));
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while etcd.range(0, &key("n2")) != original {
+            let _ = api.get("/nodes/n2/storage", &[]).await;
+            assert!(Instant::now() < deadline, "n2 did not repair its record");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let repaired = format!(
+            "the member record of this node was changed by someone else (it gave {at_trap} \
+             on lease 0); writing it back"
+        );
+        assert!(n2.log().contains(&repaired), "{}", n2.log());
+        // (n1 may still have the forged record's refusal cached for a second.)
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while let Err(e) = api.get("/nodes/n2/storage", &[]).await {
+            assert!(
+                Instant::now() < deadline,
+                "n2 unreachable after the repair: {e}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+
+        // A starting node overwrites an unsigned record of its name instead of waiting.
+        etcd.put(0, &key("n3"), &forged_record("n3", &at_trap, fp, b""));
+        let n3 = node(&etcd, "n3");
+        let n3_url = format!("https://127.0.0.1:{}", n3.port);
+        let took_over = common::eventually(Duration::from_secs(10), || {
+            etcd.range(0, &key("n3"))
+                .first()
+                .is_some_and(|(_, v, lease)| v["api_url"] == n3_url.as_str() && *lease != 0)
+        });
+        assert!(took_over.await, "{:?}", etcd.range(0, &key("n3")));
+        assert!(
+            n3.log()
+                .contains(&ignoring("n3", "it carries no signature")),
+            "{}",
+            n3.log()
+        );
+        assert_eq!(
+            hits.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "a forged record was followed"
+        );
+    })
+    .await;
+}

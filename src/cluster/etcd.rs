@@ -700,6 +700,7 @@ mod tests {
             ca_file: None,
             cert_file: None,
             key_file: None,
+            member_secret: crate::config::MemberSecret(b"0123456789abcdef".to_vec()),
         };
         let err = Etcd::new(&cfg).unwrap().get("/k").await.unwrap_err();
         assert_eq!(

@@ -13,6 +13,7 @@
 
 mod cache;
 pub mod etcd;
+pub mod identity;
 pub mod registry;
 pub mod views;
 
@@ -45,6 +46,9 @@ pub struct MemberRecord {
     pub fingerprint: String,
     /// The mtunnel version the member runs.
     pub version: String,
+    /// [`identity::sign`] of the record with the cluster's secret (empty: unsigned).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub signature: String,
 }
 
 /// What the node itself knows, for the reconcile loop (configs are the truth).
@@ -192,14 +196,36 @@ impl Cluster {
     }
 
     async fn member_uncached(&self, node: &str) -> anyhow::Result<Option<Member>> {
-        let kv = self.etcd.get(&self.key(&format!("members/{node}"))).await?;
-        Ok(kv
-            .and_then(|kv| serde_json::from_slice::<MemberRecord>(&kv.value).ok())
-            .map(|r| Member {
-                node: r.node,
-                api_url: r.api_url,
-                fingerprint: r.fingerprint,
-            }))
+        let Some(kv) = self.etcd.get(&self.key(&format!("members/{node}"))).await? else {
+            return Ok(None);
+        };
+        Ok(self.trusted(&kv).map(|r| Member {
+            node: r.node,
+            api_url: r.api_url,
+            fingerprint: r.fingerprint,
+        }))
+    }
+
+    /// The member record in `kv` (a `members/` or `nodes/` key) if it passes
+    /// [`identity::verify`]; else `None`, and the log says why.
+    pub(super) fn trusted(&self, kv: &etcd::Kv) -> Option<MemberRecord> {
+        let name = kv.key.rsplit('/').next().unwrap_or_default();
+        let local_tls = locked(&self.me)
+            .as_ref()
+            .is_some_and(|me| me.api_url.starts_with("https://"));
+        let secret = &self.cfg.member_secret.0;
+        match identity::verify(secret, &self.cfg.name, name, local_tls, &kv.value) {
+            Ok(r) => Some(r),
+            Err(why) => {
+                tracing::warn!(
+                    key = %kv.key,
+                    "cluster '{}': ignoring the member record {}: {why}",
+                    self.cfg.name,
+                    kv.key
+                );
+                None
+            }
+        }
     }
 
     /// The current lease, or the no-quorum error when the node holds none, is not
@@ -232,12 +258,15 @@ impl Cluster {
             .advertise_url
             .clone()
             .unwrap_or_else(|| api_url.trim_end_matches("/api2/json").to_string());
-        *locked(&self.me) = Some(MemberRecord {
+        let mut me = MemberRecord {
             node: self.node.clone(),
             api_url,
             fingerprint: fingerprint.to_string(),
             version: env!("CARGO_PKG_VERSION").to_string(),
-        });
+            signature: String::new(),
+        };
+        me.signature = identity::sign(&self.cfg.member_secret.0, &self.cfg.name, &me);
+        *locked(&self.me) = Some(me);
         *locked(&self.unregistered) = true;
         let result = self.ensure_lease(true).await;
         if let Err(e) = &result {
@@ -348,7 +377,7 @@ impl Cluster {
     }
 
     /// One attempt to write the membership `puts` with `key` on `lease`: created if absent,
-    /// rewritten if already on `lease` and unchanged since read.
+    /// rewritten if already on `lease` (or not validly signed) and unchanged since read.
     async fn claim(
         &self,
         key: &str,
@@ -371,7 +400,8 @@ impl Cluster {
         let Some(kv) = first_kv(&reply) else {
             return Ok(Claim::Changed);
         };
-        if kv.lease != lease {
+        // A record no node of this cluster signed holds nothing: it is overwritten.
+        if kv.lease != lease && self.trusted(&kv).is_some() {
             return Ok(Claim::Held(kv));
         }
         let compare = vec![etcd::op::unchanged(key, kv.mod_revision)];
@@ -407,6 +437,53 @@ impl Cluster {
         tokio::time::Instant::now() + Duration::from_secs(left as u64) + EXPIRY_SLACK
     }
 
+    /// Checks this node's own `members/{node}` record and writes it back (on this node's
+    /// lease) when someone else changed or removed it: a forged record is repaired within
+    /// one keepalive interval.
+    async fn recheck_own_record(&self) -> anyhow::Result<()> {
+        if *locked(&self.unregistered) {
+            return Ok(());
+        }
+        let (Some(me), lease) = (locked(&self.me).clone(), *locked(&self.lease)) else {
+            return Ok(());
+        };
+        let key = self.key(&format!("members/{}", me.node));
+        let value = serde_json::to_vec(&me)?;
+        let compare = match self.etcd.get(&key).await? {
+            Some(kv) if kv.value == value && kv.lease == lease => return Ok(()),
+            Some(kv) => {
+                let found = serde_json::from_slice::<MemberRecord>(&kv.value)
+                    .map(|r| r.api_url)
+                    .unwrap_or_else(|_| "an unreadable record".into());
+                tracing::error!(
+                    "cluster '{}': the member record of this node was changed by someone \
+                     else (it gave {found} on lease {}); writing it back. Whoever can write \
+                     etcd can do this: see README, \"Securing etcd\"",
+                    self.cfg.name,
+                    kv.lease
+                );
+                etcd::op::unchanged(&key, kv.mod_revision)
+            }
+            None => {
+                tracing::error!(
+                    "cluster '{}': the member record of this node was removed by someone \
+                     else; writing it back",
+                    self.cfg.name
+                );
+                etcd::op::absent(&key)
+            }
+        };
+        self.etcd
+            .txn(
+                vec![compare],
+                vec![etcd::op::put(&key, &value, lease)],
+                vec![],
+            )
+            .await
+            .context("writing this node's member record back")?;
+        Ok(())
+    }
+
     /// Refreshes the lease; a lease etcd no longer knows is replaced.
     async fn keepalive(&self) -> anyhow::Result<()> {
         let id = *locked(&self.lease);
@@ -423,7 +500,8 @@ impl Cluster {
                 *lease = 0;
             }
         }
-        self.ensure_lease(false).await
+        self.ensure_lease(false).await?;
+        self.recheck_own_record().await
     }
 
     /// Whether etcd has quorum now (a linearizable read within the timeout).

@@ -98,7 +98,7 @@ impl Cluster {
             .range(&self.key(dir), true)
             .await?
             .iter()
-            .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
+            .filter_map(|kv| self.trusted(kv))
             .collect())
     }
 

@@ -124,9 +124,20 @@ impl EtcdCluster {
             .collect();
         format!(
             "\n[cluster]\nname = \"{name}\"\nendpoints = [{}]\nlease_ttl_secs = {lease_ttl_secs}\n\
-             timeout_secs = {timeout_secs}\n",
-            endpoints.join(", ")
+             timeout_secs = {timeout_secs}\nsecret_file = \"{}\"\n",
+            endpoints.join(", "),
+            self.member_secret().display()
         )
+    }
+
+    /// The `[cluster] secret_file` of every node of [`EtcdCluster::cluster_toml`], written
+    /// on first use.
+    pub fn member_secret(&self) -> PathBuf {
+        let path = self.dir.path().join("cluster.secret");
+        if !path.exists() {
+            std::fs::write(&path, "test-cluster-secret-0123456789\n").unwrap();
+        }
+        path
     }
 
     fn data(&self, i: usize) -> PathBuf {
@@ -253,24 +264,8 @@ impl EtcdCluster {
         use base64::engine::general_purpose::STANDARD as B64;
         let mut end = prefix.as_bytes().to_vec();
         *end.last_mut().expect("a prefix") += 1;
-        let body = serde_json::json!({"key": B64.encode(prefix), "range_end": B64.encode(end)})
-            .to_string();
-        let mut tcp = std::net::TcpStream::connect(("127.0.0.1", self.members[i].client_port))
-            .expect("connecting to etcd");
-        tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        write!(
-            tcp,
-            "POST /v3/kv/range HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
-             Content-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .unwrap();
-        let mut reply = String::new();
-        tcp.read_to_string(&mut reply)
-            .expect("reading the etcd reply");
-        let json = reply.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-        let json: serde_json::Value =
-            serde_json::from_str(json).unwrap_or_else(|_| panic!("etcd replied {reply}"));
+        let body = serde_json::json!({"key": B64.encode(prefix), "range_end": B64.encode(end)});
+        let json = self.call(i, "/v3/kv/range", &body);
         let text = |v: &serde_json::Value| {
             String::from_utf8(B64.decode(v.as_str().unwrap_or("")).unwrap()).unwrap()
         };
@@ -286,6 +281,34 @@ impl EtcdCluster {
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    /// Writes `key` = `value` (no lease) through member `i`, as any etcd client could.
+    pub fn put(&self, i: usize, key: &str, value: &[u8]) {
+        use base64::Engine;
+        use base64::engine::general_purpose::STANDARD as B64;
+        let body = serde_json::json!({"key": B64.encode(key), "value": B64.encode(value)});
+        self.call(i, "/v3/kv/put", &body);
+    }
+
+    /// One JSON gateway call to member `i`: its reply.
+    fn call(&self, i: usize, path: &str, body: &serde_json::Value) -> serde_json::Value {
+        let body = body.to_string();
+        let mut tcp = std::net::TcpStream::connect(("127.0.0.1", self.members[i].client_port))
+            .expect("connecting to etcd");
+        tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(
+            tcp,
+            "POST {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut reply = String::new();
+        tcp.read_to_string(&mut reply)
+            .expect("reading the etcd reply");
+        let json = reply.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+        serde_json::from_str(json).unwrap_or_else(|_| panic!("etcd replied {reply}"))
     }
 
     /// Range requests (etcd's `grpc_server_handled_total{grpc_method="Range"}`, every
