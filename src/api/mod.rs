@@ -12,6 +12,7 @@ pub mod proxy;
 pub mod reply;
 pub mod request;
 mod routes;
+mod status_page;
 mod storage;
 pub mod tls;
 mod websocket;

@@ -22,7 +22,15 @@ type St = State<Arc<AppState>>;
 type PathMap = Path<HashMap<String, String>>;
 
 pub fn router(state: Arc<AppState>) -> Router {
+    use super::status_page as page;
     Router::new()
+        .route("/", get(page::index))
+        .route(page::APP_JS_PATH, get(page::app_js))
+        .route(page::STYLE_CSS_PATH, get(page::style_css))
+        .route(
+            "/api2/{fmt}/nodes/{node}/mtunnel-status",
+            get(page::mtunnel_status),
+        )
         .route("/api2/{fmt}/version", get(version))
         .route("/api2/{fmt}/cluster/status", get(cluster_status))
         .route("/api2/{fmt}/cluster/resources", get(cluster_resources))
@@ -363,8 +371,7 @@ fn parse_upid(raw: &str) -> Result<Upid, Error> {
 
 /// A token owns its own tasks; a user owns its own and its tokens' tasks.
 fn is_task_owner(authid: &str, upid: &Upid) -> bool {
-    upid.user == authid
-        || (!authid.contains('!') && crate::auth::token::token_user(&upid.user) == authid)
+    super::status_page::is_owner(authid, &upid.user)
 }
 
 /// PVE's task visibility: the owner (a user also sees its tokens' tasks), or `Sys.Audit`
