@@ -14,6 +14,7 @@ pub mod request;
 mod routes;
 mod status_page;
 mod storage;
+mod task_list;
 pub mod tls;
 mod websocket;
 
