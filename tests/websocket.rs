@@ -1449,8 +1449,8 @@ async fn mtunnel_status_counts_each_tunnels_streams() {
         let reply = ws_line(&mut ws, &mut Vec::new()).await;
         let status = server.client().get(&path, &[]).await.unwrap();
         let root_entry = &status["tunnels"][0];
-        let uptime = root_entry["streams"][0]["uptime"].as_u64().unwrap();
-        assert!(uptime <= started.elapsed().as_secs(), "{status}");
+        let uptime = root_entry["streams"][0]["uptime"].as_f64().unwrap();
+        assert!(uptime <= started.elapsed().as_secs_f64(), "{status}");
         let commandtime = root_entry["commandtime"].as_u64().unwrap();
         assert!((before..=now()).contains(&commandtime), "{status}");
         let alice_entry = json!({

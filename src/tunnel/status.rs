@@ -106,8 +106,9 @@ pub struct StreamStatus {
     pub netout: u64,
     /// Connections open now (a RAM migration may use several).
     pub open: usize,
-    /// Seconds since the first connection.
-    pub uptime: u64,
+    /// Seconds since the first connection (to the millisecond: the page's first rate is
+    /// the average over it).
+    pub uptime: f64,
 }
 
 impl TunnelStatus {
@@ -124,7 +125,7 @@ impl TunnelStatus {
                 netin: stat.inbound.get(),
                 netout: stat.outbound.get(),
                 open: stat.open.load(Ordering::Acquire),
-                uptime: stat.since.elapsed().as_secs(),
+                uptime: stat.since.elapsed().as_millis() as f64 / 1000.0,
             })
             .collect::<Vec<_>>();
         TunnelStatus {
