@@ -1,7 +1,7 @@
 //! The HTTPS API of the real `mtunnel serve` binary, as PVE clients see it: exact status
 //! lines, reason phrases and bodies for every endpoint of a migration target, every bad
-//! input we know of, task endpoints (also across a restart), and the tunnel worker's
-//! accept timeout. WebSocket behaviour is in `tests/websocket.rs`.
+//! input we know of, task endpoints (also across a restart; the task list's filters as
+//! PVE's), the status page's static files, and the tunnel worker's accept timeout. WebSocket behaviour is in `tests/websocket.rs`.
 
 mod common;
 

@@ -67,11 +67,15 @@ async fn chromium(url: &str, screenshot: Option<&Path>) -> String {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
+    // Its own process group: a timeout or a failed assertion ends its helpers too.
+    cmd.process_group(0);
     let child = cmd.spawn().expect("starting chromium");
+    let mut group = ProcessGroup(child.id());
     let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
         .await
         .expect("chromium did not finish within 60 s")
         .expect("waiting for chromium");
+    group.0 = None;
     let dom = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success() && dom.contains("</html>"),
@@ -80,6 +84,18 @@ async fn chromium(url: &str, screenshot: Option<&Path>) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     dom
+}
+
+/// Kills a Chromium run's process group when dropped before the run ended.
+struct ProcessGroup(Option<u32>);
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0.and_then(|p| i32::try_from(p).ok()) {
+            let group = nix::unistd::Pid::from_raw(pid);
+            let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
 }
 
 /// The page's URL on `server` with `fragment`.
