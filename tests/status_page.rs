@@ -371,3 +371,81 @@ async fn page_without_a_valid_token(dst: &TestServer) {
 fn regex_escape(s: &str) -> String {
     regex_lite::escape(s)
 }
+
+/// With `[cluster]` the page shows the cluster's name, quorum and members as
+/// `/cluster/status` answers them (two nodes on one etcd member).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_page_shows_cluster_members_and_quorum() {
+    require_chromium();
+    bounded(120, async {
+        let etcd = common::etcd::EtcdCluster::start(1);
+        let member = |name: &str| {
+            TestServer::start_with(common::Options {
+                node: Some(name.into()),
+                extra_tables: etcd.cluster_toml("lab", 3, 3),
+                ..common::Options::default()
+            })
+        };
+        let (n1, _n2) = (member("n1"), member("n2"));
+        let status = wait_for_members(&n1, 2).await;
+        let fragment = format!("#token={}", pct(&n1.root_token));
+        let dom = chromium(&page_url(&n1, &fragment), None).await;
+        let after = n1.client().get("/cluster/status", &[]).await.unwrap();
+        assert_eq!(after, status, "the cluster changed while the page looked");
+
+        assert_eq!(capture(&dom, r#"<span id="node">([^<]*)</span>"#), "n1");
+        assert_eq!(
+            capture(&dom, r#"<p id="cluster">([^<]*)</p>"#),
+            "cluster lab: quorate, 2 nodes"
+        );
+        assert!(dom.contains(r#"<table id="members">"#), "{dom}");
+        let rows: Vec<String> = status
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["type"] == "node")
+            .map(|n| {
+                let name = n["name"].as_str().unwrap();
+                let shown = if n["local"] == 1 {
+                    format!("{name} (this node)")
+                } else {
+                    name.to_string()
+                };
+                format!(
+                    r#"<tr data-node="{name}" class="online"><td>{shown}</td><td>{}</td><td>{}</td><td>online</td></tr>"#,
+                    n["nodeid"], n["ip"].as_str().unwrap()
+                )
+            })
+            .collect();
+        assert_eq!(rows.len(), 2);
+        let shown = capture(&dom, r#"(?s)<table id="members">.*?<tbody>(.*?)</tbody>"#);
+        assert_eq!(shown, rows.concat());
+    })
+    .await
+}
+
+/// `/cluster/status` of `node` once it lists `n` members, all online (at most 30 s).
+async fn wait_for_members(node: &TestServer, n: usize) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = node.client().get("/cluster/status", &[]).await;
+        if let Ok(status) = &status {
+            let online = status
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter(|e| e["type"] == "node" && e["online"] == 1)
+                        .count()
+                })
+                .unwrap_or(0);
+            if online == n {
+                return status.clone();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not {n} members online within 30 s: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
