@@ -5,7 +5,8 @@
 //! checked against what the API answers around it: node name, the tunnel's VMID, task and
 //! streams, byte counts between the API's before and after, the task's log, "standalone".
 //! Without a token, and with a wrong one, the page asks for one and the API answers 401.
-//! The screenshot is saved in `target/status-page/screenshot.png`.
+//! The screenshot is saved in `target/status-page/screenshot.png`. A second test shows
+//! a cluster's name, quorum and members (two nodes on a real one-member etcd).
 
 mod common;
 
