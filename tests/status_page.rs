@@ -1,6 +1,6 @@
 //! The status page at `/` in real headless Chromium (Debian's `chromium`, installed by
 //! `scripts/test-all.sh`; missing, the test fails and says so) while a real online
-//! migration (TCG, an OS-less VM with 64 MiB of RAM data at 4 MiB/s) runs into a real
+//! migration (TCG, an OS-less VM with 96 MiB of RAM data at 4 MiB/s) runs into a real
 //! `mtunnel serve` over TLS with a self-signed certificate. What the page shows is
 //! checked against what the API answers around it: node name, the tunnel's VMID, task and
 //! streams, byte counts between the API's before and after, the task's log, "standalone".
@@ -151,7 +151,7 @@ async fn task_log(dst: &TestServer, upid: &str) -> Vec<String> {
 
 /// The status once VM [`VMID`]'s RAM stream carried 12 MiB (3 s at the bandwidth limit,
 /// so that the page's first rates, averages since the stream opened, say something; the
-/// RAM takes 16 s), at most 60 s.
+/// RAM takes about 24 s: time enough for the page while it runs), at most 60 s.
 async fn wait_for_ram_stream(dst: &TestServer) -> Value {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -175,7 +175,7 @@ async fn wait_for_ram_stream(dst: &TestServer) -> Value {
     }
 }
 
-/// An OS-less VM on `src` holding 64 MiB of random data in RAM, started.
+/// An OS-less VM on `src` holding 96 MiB of random data in RAM, started.
 async fn start_vm(src: &TestServer) {
     let vmid = VMID.to_string();
     mt_ok(
@@ -186,7 +186,7 @@ async fn start_vm(src: &TestServer) {
     )
     .await;
     let blob_path = src.base().join("ram.blob");
-    blob(&blob_path, 64 << 20);
+    blob(&blob_path, 96 << 20);
     let loader = format!(
         "--qemu-arg=loader,file={},addr=16777216,force-raw=on",
         blob_path.display()
