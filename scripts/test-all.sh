@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test of mtunnel on a fresh machine: installs what the tests need (QEMU for the
 # live-migration tests, btrfs-progs for the btrfs storage tests, etcd for the cluster tests,
-# promtool for the metrics test, a Python venv with proxmoxer for the client-compatibility
-# test), builds, runs the Rust test suites, the Lua handler specs and the cookbook's recipes.
+# promtool for the metrics test, chromium for the status page test, a Python venv with
+# proxmoxer for the client-compatibility test), builds, runs the Rust test suites, the Lua
+# handler specs and the cookbook's recipes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -68,6 +69,16 @@ if [ ! -x /usr/bin/etcd ]; then
   if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet etcd 2>/dev/null; then
     systemctl disable --now etcd || true
   fi
+fi
+
+# Debian's chromium for the status page test (tests/status_page.rs: headless, --dump-dom and
+# --screenshot against a live node).
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "== installing chromium"
+  install_chromium() {
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null
+  }
+  install_chromium || { apt-get update -q >/dev/null && install_chromium; }
 fi
 
 if ! .venv/bin/python -c 'import proxmoxer, requests' 2>/dev/null; then

@@ -26,7 +26,7 @@ pub const TEXT_CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text
 pub const UNKNOWN_COMMAND: &str = "unknown";
 
 /// Which tunnel stream a WebSocket carries, from the socket it was opened for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Stream {
     /// The tunnel's control socket (`{vmid}.mtunnel`).
     Control,
@@ -64,7 +64,8 @@ impl Stream {
         }
     }
 
-    fn label(self) -> &'static str {
+    /// The metric's `stream` label (`control`, `ram`, `nbd`, `import`, `other`).
+    pub fn label(self) -> &'static str {
         match self {
             Stream::Control => "control",
             Stream::Ram => "ram",
@@ -210,13 +211,54 @@ fn command_histogram() -> Histogram {
 }
 
 /// The two byte counters of one relayed stream, looked up once per relay; adding to them
-/// is one atomic add, no lock and no allocation.
+/// is an atomic add or two, no lock and no allocation.
 #[derive(Clone, Debug, Default)]
 pub struct ByteCounters {
     /// Peer → node (WebSocket → UNIX socket).
-    pub inbound: Counter,
+    pub inbound: ByteCounter,
     /// Node → peer.
-    pub outbound: Counter,
+    pub outbound: ByteCounter,
+}
+
+impl ByteCounters {
+    /// These counters, also adding to `inbound` and `outbound` (a tunnel's own stream
+    /// counters, which the status page shows per tunnel; the metric counts all tunnels).
+    pub fn also_counting(self, inbound: Counter, outbound: Counter) -> Self {
+        ByteCounters {
+            inbound: self.inbound.also(inbound),
+            outbound: self.outbound.also(outbound),
+        }
+    }
+}
+
+/// One direction of a relayed stream: the metric's counter and, for a tunnel's relay,
+/// that tunnel's counter of the stream.
+#[derive(Clone, Debug, Default)]
+pub struct ByteCounter {
+    metric: Counter,
+    tunnel: Option<Counter>,
+}
+
+impl ByteCounter {
+    fn also(self, tunnel: Counter) -> Self {
+        ByteCounter {
+            tunnel: Some(tunnel),
+            ..self
+        }
+    }
+
+    /// Counts `n` bytes relayed.
+    pub fn inc_by(&self, n: u64) {
+        self.metric.inc_by(n);
+        if let Some(t) = &self.tunnel {
+            t.inc_by(n);
+        }
+    }
+
+    /// The metric's count.
+    pub fn get(&self) -> u64 {
+        self.metric.get()
+    }
 }
 
 /// Every metric of one node.
@@ -392,8 +434,14 @@ impl Metrics {
             })
         };
         ByteCounters {
-            inbound: get("in"),
-            outbound: get("out"),
+            inbound: ByteCounter {
+                metric: get("in"),
+                tunnel: None,
+            },
+            outbound: ByteCounter {
+                metric: get("out"),
+                tunnel: None,
+            },
         }
     }
 

@@ -1,7 +1,7 @@
 //! The HTTPS API of the real `mtunnel serve` binary, as PVE clients see it: exact status
 //! lines, reason phrases and bodies for every endpoint of a migration target, every bad
-//! input we know of, task endpoints (also across a restart), and the tunnel worker's
-//! accept timeout. WebSocket behaviour is in `tests/websocket.rs`.
+//! input we know of, task endpoints (also across a restart; the task list's filters as
+//! PVE's), the status page's static files, and the tunnel worker's accept timeout. WebSocket behaviour is in `tests/websocket.rs`.
 
 mod common;
 
@@ -1016,6 +1016,73 @@ async fn oversized_body_and_headers_are_rejected() {
     .await
 }
 
+// ---- the status page ----
+
+/// The page's three files are served without a token (they hold no data), with headers
+/// that keep the page to its own origin; the data routes it reads answer 401 without one.
+#[tokio::test]
+async fn status_page_files_are_served_without_a_token() {
+    bounded(60, async {
+        let server = TestServer::start();
+        let anonymous = server.client_with("");
+        let csp = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; \
+                   img-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'";
+        for (path, content_type, marker) in [
+            (
+                "/",
+                "text/html; charset=utf-8",
+                "<script src=\"/mtunnel/status.js\" defer>",
+            ),
+            (
+                "/mtunnel/status.js",
+                "text/javascript; charset=utf-8",
+                "mtunnel-status",
+            ),
+            ("/mtunnel/status.css", "text/css; charset=utf-8", "tr.task"),
+        ] {
+            let r = anonymous
+                .raw(Method::GET, path, &[], Vec::new())
+                .await
+                .unwrap();
+            assert_eq!(r.status, 200, "{path}");
+            let header = |name: &str| r.headers.get(name).and_then(|v| v.to_str().ok());
+            assert_eq!(header("content-type"), Some(content_type), "{path}");
+            assert_eq!(header("content-security-policy"), Some(csp), "{path}");
+            assert_eq!(header("referrer-policy"), Some("no-referrer"), "{path}");
+            assert_eq!(header("x-content-type-options"), Some("nosniff"), "{path}");
+            let body = String::from_utf8(r.body).unwrap();
+            assert!(body.contains(marker), "{path}: {body}");
+            // Static: nothing of the node in it.
+            assert!(!body.contains(NODE), "{path}");
+        }
+        let r = anonymous
+            .raw(Method::GET, "/mtunnel/other.js", &[], Vec::new())
+            .await
+            .unwrap();
+        assert_eq!(
+            (r.status, r.reason.as_str()),
+            (501, "no such API format or path '/mtunnel/other.js'")
+        );
+        let r = anonymous
+            .raw(
+                Method::GET,
+                &format!("/api2/json/nodes/{NODE}/mtunnel-status"),
+                &[],
+                Vec::new(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            (r.status, r.reason.as_str()),
+            (
+                401,
+                "authentication failure - no authentication credentials given"
+            )
+        );
+    })
+    .await
+}
+
 // ---- tasks ----
 
 fn task_path(upid: &str, rest: &str) -> String {
@@ -1103,6 +1170,120 @@ async fn task_list_shows_own_tasks() {
         );
     })
     .await
+}
+
+/// Ends tunnel `t` with `quit` (no cleanup needed: nothing was created): its task ends OK.
+async fn quit_tunnel(server: &TestServer, t: &common::Tunnel) {
+    use futures_util::{SinkExt, StreamExt};
+    let mut ws = server.connect(t).await;
+    let quit =
+        tokio_tungstenite::tungstenite::Message::binary(&b"{\"cmd\":\"quit\",\"cleanup\":1}\n"[..]);
+    ws.send(quit).await.unwrap();
+    let reply = ws.next().await;
+    assert!(matches!(reply, Some(Ok(_))), "{reply:?}");
+    drop(ws);
+    let status = server.wait_stopped(&t.upid, 20).await;
+    assert_eq!(status["exitstatus"], "OK", "{status}");
+}
+
+/// PVE's `node_tasks` (pve-manager `PVE/API2/Tasks.pm`): `source` is `archive` (default,
+/// ended tasks), `active` or `all` (active first); `statusfilter` lists the status types
+/// `ok`, `warning`, `error`, `unknown` (a task without status, i.e. a running one, is
+/// `unknown`), `errors` means every type but `ok` and wins over `statusfilter`; `since`
+/// and `until` bound the start time; `total` counts every match, `start`/`limit` page.
+#[tokio::test]
+async fn task_list_filters_as_pve() {
+    bounded(60, async {
+        let server = TestServer::start();
+        let before = now();
+        let ok = server.open_tunnel(101).await;
+        quit_tunnel(&server, &ok).await;
+        let failed = server.open_tunnel(102).await;
+        let root = server.client();
+        root.delete(&task_path(&failed.upid, ""), &[]).await.unwrap();
+        server.wait_stopped(&failed.upid, 10).await;
+        let running = server.open_tunnel(103).await;
+        let after = now();
+        let path = format!("/nodes/{NODE}/tasks");
+        let list = |params: Vec<(&'static str, String)>| {
+            let root = root.clone();
+            let path = path.clone();
+            async move {
+                let params: Vec<(&str, &str)> = params.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                let raw = root
+                    .raw(Method::GET, &format!("/api2/json{path}?{}", query(&params)), &[], Vec::new())
+                    .await
+                    .unwrap();
+                assert_eq!(raw.status, 200, "{params:?}: {}", String::from_utf8_lossy(&raw.body));
+                let body = raw.json();
+                (upids(&body["data"]), body["total"].as_u64().unwrap())
+            }
+        };
+        let s = |v: &str| v.to_string();
+        let (ok, failed, running) = (ok.upid, failed.upid, running.upid);
+        let cases: Vec<ListCase> = vec![
+            (vec![], vec![&failed, &ok]),
+            (vec![("source", s("active"))], vec![&running]),
+            (vec![("source", s("all"))], vec![&running, &failed, &ok]),
+            (vec![("source", s("all")), ("errors", s("1"))], vec![&running, &failed]),
+            (vec![("source", s("all")), ("statusfilter", s("ok"))], vec![&ok]),
+            (vec![("source", s("all")), ("statusfilter", s("OK;Error"))], vec![&failed, &ok]),
+            (vec![("source", s("all")), ("statusfilter", s("unknown"))], vec![&running]),
+            (vec![("source", s("all")), ("statusfilter", s("warning"))], vec![]),
+            (vec![("source", s("all")), ("statusfilter", s("ok")), ("errors", s("1"))], vec![&running, &failed]),
+            (vec![("source", s("all")), ("typefilter", s("qmtunnel"))], vec![&running, &failed, &ok]),
+            (vec![("source", s("all")), ("typefilter", s("vzdump"))], vec![]),
+            (vec![("source", s("all")), ("vmid", s("102"))], vec![&failed]),
+            (vec![("source", s("all")), ("since", before.to_string()), ("until", after.to_string())], vec![&running, &failed, &ok]),
+            (vec![("source", s("all")), ("since", (after + 1).to_string())], vec![]),
+            (vec![("source", s("all")), ("until", (before - 1).to_string())], vec![]),
+        ];
+        for (params, want) in cases {
+            let (got, total) = list(params.clone()).await;
+            assert_eq!(got, want.iter().map(|u| u.as_str()).collect::<Vec<_>>(), "{params:?}");
+            assert_eq!(total as usize, want.len(), "{params:?}");
+        }
+        // `total` counts every match; `start` and `limit` page through them.
+        let page = list(vec![("source", s("all")), ("start", s("1")), ("limit", s("1"))]).await;
+        assert_eq!(page, (vec![failed.clone()], 3));
+
+        // Bad values: PVE's messages, every bad parameter at once.
+        let err = root
+            .get(
+                &path,
+                &[
+                    ("source", "bogus"),
+                    ("vmid", "5"),
+                    ("statusfilter", "ok,running"),
+                    ("since", "yesterday"),
+                ],
+            )
+            .await
+            .unwrap_err();
+        assert_param_error(
+            &err,
+            json!({
+                "source": "value 'bogus' does not have a value in the enumeration 'archive, active, all'",
+                "vmid": "invalid format - value does not look like a valid VM ID",
+                "statusfilter": "invalid format - invalid status 'running'",
+                "since": "type check ('integer') failed - got 'yesterday'",
+            }),
+        );
+        let err = root.get(&path, &[("vmid", "abc")]).await.unwrap_err();
+        assert_param_error(&err, json!({"vmid": "type check ('integer') failed - got 'abc'"}));
+    })
+    .await
+}
+
+/// Query parameters of a task list request and the UPIDs it must list, in order.
+type ListCase<'a> = (Vec<(&'static str, String)>, Vec<&'a String>);
+
+fn query(params: &[(&str, &str)]) -> String {
+    params
+        .iter()
+        .map(|(k, v)| format!("{k}={}", pct(v)))
+        .collect::<Vec<_>>()
+        .join("&")
 }
 
 #[tokio::test]

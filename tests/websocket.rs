@@ -2,7 +2,8 @@
 //! tunnel client and pveproxy's rules shape it: the control channel, lenient handshakes
 //! (no `Connection: Upgrade`, subprotocols echoed), hand-built frames (all-zero masks, split
 //! and joined lines, text frames, frames over 128 KiB, pings), close → EOF for the worker,
-//! every refused ticket or socket, and a stalled client next to a working one.
+//! every refused ticket or socket, a stalled client next to a working one, and what
+//! `GET /nodes/{node}/mtunnel-status` counts of a tunnel's streams.
 //!
 //! The relay's byte-exactness over >1 GiB (hashed on both ends) is tested in-process at the
 //! library level, where both ends are under the test's control; the data sockets (imports,
@@ -1429,4 +1430,81 @@ async fn peer_that_stops_reading_is_dropped_over_tls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peer_that_stops_reading_is_dropped_over_plain_tcp() {
     bounded(90, peer_that_stops_reading_is_dropped(false)).await;
+}
+
+// ---- GET /nodes/{node}/mtunnel-status (what the status page shows of open tunnels) ----
+
+#[tokio::test]
+async fn mtunnel_status_counts_each_tunnels_streams() {
+    bounded(60, async {
+        let server = TestServer::start();
+        let alice = server.create_token("alice@pve!a", &["--privs", "VM.Allocate,Sys.Incoming"]);
+        let path = format!("/nodes/{NODE}/mtunnel-status");
+        let root_t = server.open_tunnel(100).await;
+        let alice_t = open_as(&server, &alice, 200).await;
+        let (before, started) = (now(), Instant::now());
+        let mut ws = server.connect(&root_t).await;
+        ws.send(Message::binary(VERSION_CMD.to_vec()))
+            .await
+            .unwrap();
+        let reply = ws_line(&mut ws, &mut Vec::new()).await;
+        let status = server.client().get(&path, &[]).await.unwrap();
+        let root_entry = &status["tunnels"][0];
+        let uptime = root_entry["streams"][0]["uptime"].as_f64().unwrap();
+        assert!(uptime <= started.elapsed().as_secs_f64(), "{status}");
+        let commandtime = root_entry["commandtime"].as_u64().unwrap();
+        assert!((before..=now()).contains(&commandtime), "{status}");
+        let alice_entry = json!({
+            "vmid": 200, "upid": alice_t.upid, "user": "alice@pve!a", "connected": 0,
+            "commands": 0, "streams": [],
+        });
+        // Sys.Audit on /nodes/{node}: every tunnel, by VMID; bytes are WebSocket payload.
+        assert_eq!(
+            status,
+            json!({"node": NODE, "tunnels": [
+                {
+                    "vmid": 100, "upid": root_t.upid, "user": "root@pam!mtunnel",
+                    "connected": 1, "command": "version", "commandtime": commandtime,
+                    "commands": 1,
+                    "streams": [{
+                        "stream": "control", "socket": root_t.socket, "open": 1,
+                        "netin": VERSION_CMD.len(), "netout": reply.len() + 1,
+                        "uptime": uptime,
+                    }],
+                },
+                alice_entry,
+            ]})
+        );
+        // Without it, a token sees the tunnels it opened.
+        let mine = server.client_with(&alice).get(&path, &[]).await.unwrap();
+        assert_eq!(mine, json!({"node": NODE, "tunnels": [alice_entry]}));
+        // Without a token: 401, as every API route.
+        let err = server.client_with("").get(&path, &[]).await.unwrap_err();
+        match err {
+            ApiError::Http { status, reason, .. } => assert_eq!(
+                (status, reason.as_str()),
+                (
+                    401,
+                    "authentication failure - no authentication credentials given"
+                )
+            ),
+            other => panic!("expected 401, got {other:?}"),
+        }
+        // A tunnel whose task ended is not listed any more.
+        drop(ws);
+        server.wait_stopped(&root_t.upid, 20).await;
+        let after = server.client().get(&path, &[]).await.unwrap();
+        assert_eq!(after, json!({"node": NODE, "tunnels": [alice_entry]}));
+    })
+    .await
+}
+
+/// `POST .../mtunnel` for `vmid` with `token`.
+async fn open_as(server: &TestServer, token: &str, vmid: u32) -> Tunnel {
+    let data = server
+        .client_with(token)
+        .post(&format!("/nodes/{NODE}/qemu/{vmid}/mtunnel"), &[])
+        .await
+        .unwrap();
+    Tunnel::from_reply(vmid, &data)
 }

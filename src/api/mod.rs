@@ -2,8 +2,9 @@
 //! the node is configured with `tls = false`), HTTP/1.1 with upgrades, routing, parameter
 //! parsing and PVE's reply envelope. Endpoints translate
 //! parameters and call into [`crate::tunnel`], [`crate::task`] and friends; no business
-//! logic lives here. The Prometheus metrics listener ([`metrics`]) is a separate plain-HTTP
-//! server beside it.
+//! logic lives here. The same listener serves the status page at `/` (`status_page`: static
+//! files, and the data through the API). The Prometheus metrics listener ([`metrics`]) is a
+//! separate plain-HTTP server beside it.
 
 mod cluster;
 pub mod metrics;
@@ -12,7 +13,9 @@ pub mod proxy;
 pub mod reply;
 pub mod request;
 mod routes;
+mod status_page;
 mod storage;
+mod task_list;
 pub mod tls;
 mod websocket;
 

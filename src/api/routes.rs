@@ -22,7 +22,15 @@ type St = State<Arc<AppState>>;
 type PathMap = Path<HashMap<String, String>>;
 
 pub fn router(state: Arc<AppState>) -> Router {
+    use super::status_page as page;
     Router::new()
+        .route("/", get(page::index))
+        .route(page::APP_JS_PATH, get(page::app_js))
+        .route(page::STYLE_CSS_PATH, get(page::style_css))
+        .route(
+            "/api2/{fmt}/nodes/{node}/mtunnel-status",
+            get(page::mtunnel_status),
+        )
         .route("/api2/{fmt}/version", get(version))
         .route("/api2/{fmt}/cluster/status", get(cluster_status))
         .route("/api2/{fmt}/cluster/resources", get(cluster_resources))
@@ -56,7 +64,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/api2/{fmt}/nodes/{node}/storage/{storage}/status",
             get(super::storage::storage_status),
         )
-        .route("/api2/{fmt}/nodes/{node}/tasks", get(task_list))
+        .route(
+            "/api2/{fmt}/nodes/{node}/tasks",
+            get(super::task_list::task_list),
+        )
         .route(
             "/api2/{fmt}/nodes/{node}/tasks/{upid}",
             get(task_index).delete(task_stop),
@@ -363,8 +374,7 @@ fn parse_upid(raw: &str) -> Result<Upid, Error> {
 
 /// A token owns its own tasks; a user owns its own and its tokens' tasks.
 fn is_task_owner(authid: &str, upid: &Upid) -> bool {
-    upid.user == authid
-        || (!authid.contains('!') && crate::auth::token::token_user(&upid.user) == authid)
+    super::status_page::is_owner(authid, &upid.user)
 }
 
 /// PVE's task visibility: the owner (a user also sees its tokens' tasks), or `Sys.Audit`
@@ -482,84 +492,6 @@ async fn task_stop(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
             .ok_or_else(|| task_not_found(path_param(&p, "upid")))?;
         st.node.tasks.request_stop(&upid);
         Ok(Data::new(Value::Null))
-    })();
-    finish(&p, &req, r)
-}
-
-/// `GET /nodes/{node}/tasks`; `since`, `until` and `statusfilter` are accepted and ignored.
-static TASK_LIST_PARAMS: LazyLock<Props> = LazyLock::new(|| {
-    props([
-        ("start", Prop::integer().minimum(0).optional()),
-        ("limit", Prop::integer().minimum(0).optional()),
-        ("userfilter", Prop::string().optional()),
-        ("typefilter", Prop::string().optional()),
-        ("vmid", Prop::integer().optional()),
-        ("source", Prop::string().optional()),
-        ("errors", Prop::boolean().optional()),
-        ("since", Prop::any().optional()),
-        ("until", Prop::any().optional()),
-        ("statusfilter", Prop::any().optional()),
-    ])
-});
-
-async fn task_list(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
-    let r = (|| {
-        req.params.only_declared(&TASK_LIST_PARAMS)?;
-        st.node.check_node(path_param(&p, "node"))?;
-        let params = req.params.checked(&TASK_LIST_PARAMS)?;
-        let start = count(&params, "start").unwrap_or(0);
-        let limit = count(&params, "limit").unwrap_or(50);
-        let userfilter = text(&params, "userfilter");
-        let typefilter = text(&params, "typefilter");
-        let vmid = params.get("vmid").and_then(Value::as_i64);
-        let errors_only = flag(&params, "errors");
-        let source = text(&params, "source").unwrap_or_else(|| "archive".into());
-        let audit = st.node.allows(
-            &req.authid,
-            &format!("/nodes/{}", st.node.cfg.node),
-            "Sys.Audit",
-        );
-        let mut visible = Vec::new();
-        let userfilter = userfilter.map(|f| f.to_lowercase());
-        for status in st.node.tasks.list() {
-            let u = &status.upid;
-            if !(audit || is_task_owner(&req.authid, u)) {
-                continue;
-            }
-            // PVE filters on the user part of a token id, ignoring case.
-            let user = u.token_split().map(|(user, _)| user).unwrap_or(&u.user);
-            if userfilter
-                .as_deref()
-                .is_some_and(|f| !user.to_lowercase().contains(f))
-                || typefilter.as_deref().is_some_and(|f| u.kind != f)
-                || vmid.is_some_and(|v| u.id != v.to_string())
-                || (errors_only && matches!(status.exit, Some(crate::task::ExitStatus::Ok) | None))
-                || (source == "active" && !status.running)
-                || (source == "archive" && status.running)
-            {
-                continue;
-            }
-            visible.push(status);
-        }
-        let total = visible.len();
-        let data: Vec<Value> = visible
-            .into_iter()
-            .skip(start)
-            .take(limit)
-            .map(|s| {
-                let mut m = s.upid.to_json();
-                if let Some(exit) = &s.exit {
-                    m.insert("status".into(), json!(exit.as_text()));
-                } else if s.running {
-                    m.insert("status".into(), json!("RUNNING"));
-                }
-                if let Some(end) = s.endtime {
-                    m.insert("endtime".into(), json!(end));
-                }
-                Value::Object(m)
-            })
-            .collect();
-        Ok(Data::new(Value::Array(data)).with("total", json!(total)))
     })();
     finish(&p, &req, r)
 }

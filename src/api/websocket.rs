@@ -88,11 +88,15 @@ pub(super) async fn mtunnelwebsocket(
     };
     let vmid = path_param(&p, "vmid").to_string();
     let stream = crate::metrics::Stream::of_socket(&socket, &tunnel.control_socket);
+    let counters = st.node.metrics.byte_counters(stream);
+    // Counted per tunnel too (the status page), open until the relay ends.
+    let (counters, connection) = tunnel.activity.connect(&socket, stream, counters);
     let opts = forward::RelayOpts {
         peer_timeout: Some(st.node.cfg.peer_timeout),
-        counters: st.node.metrics.byte_counters(stream),
+        counters,
     };
     tokio::spawn(async move {
+        let _connection = connection;
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
             Err(e) => {

@@ -349,7 +349,7 @@ struct FrameReader {
     /// Where reads from the peer are counted, for the peer watchdog.
     watch: Arc<PeerWatch>,
     /// Payload bytes written to the socket (the metrics' inbound counter).
-    counter: prometheus_client::metrics::counter::Counter,
+    counter: crate::metrics::ByteCounter,
 }
 
 pub(super) struct Header {
@@ -361,11 +361,7 @@ pub(super) struct Header {
 }
 
 impl FrameReader {
-    fn new(
-        leftover: Vec<u8>,
-        watch: Arc<PeerWatch>,
-        counter: prometheus_client::metrics::counter::Counter,
-    ) -> Self {
+    fn new(leftover: Vec<u8>, watch: Arc<PeerWatch>, counter: crate::metrics::ByteCounter) -> Self {
         let mut buf = vec![0u8; READ_BUF.max(leftover.len())];
         let end = leftover.len();
         buf[..end].copy_from_slice(&leftover);

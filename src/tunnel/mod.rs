@@ -5,6 +5,7 @@
 pub mod forward;
 pub mod recovery;
 pub mod splice;
+pub mod status;
 mod watch;
 pub mod worker;
 
@@ -38,6 +39,8 @@ pub struct Tunnel {
     /// `Some(Some(error))` with that error (e.g. the peer timeout). The worker only sees
     /// its socket close; this is the reason it names in the task log.
     control_end: tokio::sync::watch::Sender<Option<Option<String>>>,
+    /// What it does now: its last command and its streams' byte counts.
+    pub activity: status::Activity,
 }
 
 impl Tunnel {
@@ -145,6 +148,16 @@ impl Registry {
             .unwrap_or_else(|e| e.into_inner())
             .get(&vmid)
             .cloned()
+    }
+
+    /// The open tunnels, by VMID.
+    pub fn list(&self) -> Vec<Arc<Tunnel>> {
+        let mut out: Vec<Arc<Tunnel>> = (self.tunnels.lock().unwrap_or_else(|e| e.into_inner()))
+            .values()
+            .cloned()
+            .collect();
+        out.sort_by_key(|t| t.vmid);
+        out
     }
 
     /// How many tunnels are open.
@@ -400,6 +413,7 @@ async fn start_worker(
         sockets: Mutex::new(BTreeSet::new()),
         control_claimed: AtomicBool::new(false),
         control_end: tokio::sync::watch::Sender::new(None),
+        activity: status::Activity::default(),
     });
     node.tunnels.insert(Arc::clone(&tunnel));
     node.metrics.tunnel_opened();

@@ -18,14 +18,12 @@ use tokio::io::Interest;
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::mpsc;
 
-use prometheus_client::metrics::counter::Counter;
-
 use super::forward::{
     CHUNK, ForwardStats, Header, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, RelayOpts, Role,
     control_frame, parse_header, put_header, run_directions, unmask,
 };
 use super::watch::{PeerWatch, watch_peer};
-use crate::metrics::ByteCounters;
+use crate::metrics::{ByteCounter, ByteCounters};
 
 /// What the pipe between the two sockets may hold: one [`CHUNK`] frame (the kernel's
 /// default of 64 KiB would split each into two splices).
@@ -221,7 +219,7 @@ struct Inbound<'a> {
     /// Size of the previous frame header: how much the next header read asks for.
     last_header: usize,
     /// Payload bytes passed on (the metrics' inbound counter).
-    counter: Counter,
+    counter: ByteCounter,
 }
 
 impl Inbound<'_> {

@@ -179,12 +179,42 @@ fn build_handler(
     let link = Link {
         tunnel: Arc::clone(tunnel),
     };
-    (node.handlers)(HandlerSetup {
+    let inner = (node.handlers)(HandlerSetup {
         node: Arc::clone(node),
         tunnel: Arc::new(link),
         log: log.clone(),
         created,
-    })
+    })?;
+    Ok(Box::new(Recorded {
+        inner,
+        tunnel: Arc::clone(tunnel),
+    }))
+}
+
+/// A tunnel's handler that records each command it starts in the tunnel's activity (the
+/// status page's "last command"), whatever handler the node uses.
+struct Recorded {
+    inner: Box<dyn CommandHandler>,
+    tunnel: Arc<Tunnel>,
+}
+
+impl CommandHandler for Recorded {
+    fn knows(&self, cmd: &str) -> bool {
+        self.inner.knows(cmd)
+    }
+
+    fn handle<'a>(
+        &'a mut self,
+        cmd: &'a str,
+        params: serde_json::Map<String, Value>,
+    ) -> futures_util::future::BoxFuture<'a, Outcome> {
+        self.tunnel.activity.command_started(cmd);
+        self.inner.handle(cmd, params)
+    }
+
+    fn finish(&mut self, end: &str) -> futures_util::future::BoxFuture<'_, ()> {
+        self.inner.finish(end)
+    }
 }
 
 /// A tunnel as its handler sees it: its sockets.
