@@ -2,8 +2,9 @@
 //! its commands (the Lua handlers of [`crate::script`], or a test's stand-in):
 //! [`CommandHandler`] and its [`Outcome`]; [`TunnelSockets`], what a handler may do with
 //! its tunnel (register sockets, mint tickets bound to it); and [`HandlerFactory`], which
-//! [`crate::node::Node`] holds so the tunnel layer builds handlers without knowing the
-//! engine behind them. Implementations live elsewhere; this module owns only the shapes.
+//! [`crate::tunnel::Tunnels`] is given where the node is put together, so the tunnel layer
+//! builds handlers without knowing the engine behind them. Implementations live
+//! elsewhere; this module owns only the shapes.
 
 use std::path::Path;
 use std::sync::Arc;

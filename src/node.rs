@@ -1,8 +1,8 @@
 //! The services of one node, wired together once at start: settings, tokens, ticket key,
-//! tasks, VM configs, open tunnels, the backends and the factory of tunnel command
-//! handlers. This is where the layers meet; each layer itself imports only downward.
-//! Every request handler and tunnel worker gets an `Arc<Node>`; privilege checks that
-//! several layers share live here too.
+//! tasks, VM configs, the backends, the cluster and the metrics. The layers above (the
+//! journal, the tunnels, the handlers, the API) receive an `Arc<Node>`; the tunnel layer
+//! keeps its own state beside it ([`crate::tunnel::Tunnels`]), so nothing here knows of
+//! tunnels or handlers. Privilege checks that several layers share live here too.
 
 use std::sync::Arc;
 
@@ -10,14 +10,12 @@ use anyhow::Context;
 
 use crate::auth::{TicketKey, TokenStore};
 use crate::cluster::{Cluster, LocalState};
-use crate::command::HandlerFactory;
 use crate::config::NodeConfig;
 use crate::error::{Error, Result};
 use crate::guest::{ConfigStore, Hypervisor};
 use crate::metrics::Metrics;
 use crate::storage::{NodeStorage, Storage};
 use crate::task::TaskManager;
-use crate::tunnel::Registry;
 
 pub struct Node {
     pub cfg: NodeConfig,
@@ -25,11 +23,8 @@ pub struct Node {
     pub tickets: TicketKey,
     pub tasks: Arc<TaskManager>,
     pub guests: ConfigStore,
-    pub tunnels: Registry,
     pub storage: Arc<dyn Storage>,
     pub hypervisor: Arc<dyn Hypervisor>,
-    /// Builds each tunnel's command handler (the Lua handlers unless a test swaps it).
-    pub handlers: HandlerFactory,
     /// The cluster this node is a member of (`[cluster]`); `None`: a single node.
     pub cluster: Option<Arc<Cluster>>,
     /// What `GET /metrics` exposes; every layer counts into it.
@@ -155,10 +150,8 @@ impl Node {
             tickets,
             tasks,
             guests,
-            tunnels: Registry::default(),
             storage: backends.storage,
             hypervisor: backends.hypervisor,
-            handlers: Arc::new(crate::script::handler::lua_handler),
             metrics: Arc::new(Metrics::new()),
         }))
     }
@@ -222,15 +215,6 @@ impl Node {
 
     pub fn allows(&self, authid: &str, path: &str, privilege: &str) -> bool {
         self.tokens.allows(authid, path, privilege)
-    }
-
-    /// The lowest VMID from `from` on that has no config here (a tunnel's reservation is a
-    /// config, so open tunnels count) and no open tunnel; PVE's `/cluster/nextid`.
-    pub fn next_free_vmid(&self, from: u32) -> Option<u32> {
-        let taken: std::collections::BTreeSet<u32> = self.guests.list().into_iter().collect();
-        (from.max(100)..=999_999_999)
-            .take(1_000_000)
-            .find(|id| !taken.contains(id) && self.tunnels.get(*id).is_none())
     }
 
     /// The `node` path parameter must name this node (or be `localhost`).

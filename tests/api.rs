@@ -125,8 +125,8 @@ async fn certificate_fingerprint_matches_serve_output_and_handshake() {
         assert_eq!(by_name, info);
 
         // The certificate the handshake presents has that fingerprint.
-        let config = mtunnel::client::tls::client_config(Some(&server.fingerprint)).unwrap();
-        let tls = mtunnel::client::tls::connect(&server.host, server.port, &config)
+        let config = mtunnel::net::tls::client_config(Some(&server.fingerprint)).unwrap();
+        let tls = mtunnel::net::tls::connect(&server.host, server.port, &config)
             .await
             .unwrap();
         let leaf = &tls.get_ref().1.peer_certificates().unwrap()[0];
@@ -1652,8 +1652,8 @@ async fn trickled_body_times_out_with_408() {
             extra_toml: "body_read_timeout_secs = 1\n".into(),
             ..Options::default()
         });
-        let config = mtunnel::client::tls::client_config(Some(&server.fingerprint)).unwrap();
-        let tls = mtunnel::client::tls::connect(&server.host, server.port, &config)
+        let config = mtunnel::net::tls::client_config(Some(&server.fingerprint)).unwrap();
+        let tls = mtunnel::net::tls::connect(&server.host, server.port, &config)
             .await
             .unwrap();
         let (mut read, mut write) = tokio::io::split(tls);

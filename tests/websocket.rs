@@ -183,8 +183,8 @@ fn ws_target(t: &Tunnel) -> String {
 }
 
 async fn tls_to(server: &TestServer) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    let config = mtunnel::client::tls::client_config(Some(&server.fingerprint)).unwrap();
-    mtunnel::client::tls::connect(&server.host, server.port, &config)
+    let config = mtunnel::net::tls::client_config(Some(&server.fingerprint)).unwrap();
+    mtunnel::net::tls::connect(&server.host, server.port, &config)
         .await
         .unwrap()
 }
@@ -695,7 +695,7 @@ async fn stalled_client_does_not_stall_other_tunnels() {
             .connect(format!("{}:{}", server.host, server.port).parse().unwrap())
             .await
             .unwrap();
-        let config = mtunnel::client::tls::client_config(Some(&server.fingerprint)).unwrap();
+        let config = mtunnel::net::tls::client_config(Some(&server.fingerprint)).unwrap();
         let mut slow = tokio_rustls::TlsConnector::from(config)
             .connect("127.0.0.1".try_into().unwrap(), tcp)
             .await

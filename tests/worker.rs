@@ -19,6 +19,8 @@ struct Env {
     _dir: tempfile::TempDir,
     root: PathBuf,
     node: Arc<Node>,
+    /// The node's tunnel layer with the Lua handlers, as `serve` puts it together.
+    tunnels: Arc<mtunnel::tunnel::Tunnels>,
 }
 
 fn env_with(file: ConfigFile) -> Env {
@@ -38,10 +40,15 @@ fn env_with(file: ConfigFile) -> Env {
     )
     .unwrap();
     let node = Node::open(cfg).unwrap();
+    let tunnels = mtunnel::tunnel::Tunnels::new(
+        node.clone(),
+        std::sync::Arc::new(mtunnel::script::handler::lua_handler),
+    );
     Env {
         _dir: dir,
         root,
         node,
+        tunnels,
     }
 }
 
@@ -92,7 +99,7 @@ impl Conn {
 }
 
 async fn open(env: &Env, authid: &str, vmid: u32) -> Conn {
-    let opened = mtunnel::tunnel::open(&env.node, authid, vmid, &["local".into()], &[])
+    let opened = mtunnel::tunnel::open(&env.tunnels, authid, vmid, &["local".into()], &[])
         .await
         .unwrap_or_else(|e| panic!("open tunnel: {e}"));
     let stream = UnixStream::connect(&opened.socket).await.unwrap();
@@ -245,7 +252,7 @@ async fn storage_permission_and_bad_volnames() {
     let env = env();
     // May accept VMs but not place disks on `local`.
     let limited = token(&env, "mig@pve!nodisk", &["VM.Allocate", "Sys.Incoming"]);
-    let opened = mtunnel::tunnel::open(&env.node, &limited, 101, &["local".into()], &[]).await;
+    let opened = mtunnel::tunnel::open(&env.tunnels, &limited, 101, &["local".into()], &[]).await;
     assert_eq!(
         opened.err().unwrap().to_string(),
         "Permission check failed (/storage/local, Datastore.AllocateSpace)"
@@ -254,7 +261,7 @@ async fn storage_permission_and_bad_volnames() {
         !conf_path(&env, 101).exists(),
         "a refused tunnel leaves no config"
     );
-    let opened = mtunnel::tunnel::open(&env.node, &limited, 101, &[], &[])
+    let opened = mtunnel::tunnel::open(&env.tunnels, &limited, 101, &[], &[])
         .await
         .unwrap();
     let stream = UnixStream::connect(&opened.socket).await.unwrap();
@@ -787,7 +794,7 @@ async fn accept_timeout_removes_the_reserved_config() {
         ..Default::default()
     });
     let root = token(&env, "root@pam!t", ALL_PRIVILEGES);
-    let opened = mtunnel::tunnel::open(&env.node, &root, 110, &[], &[])
+    let opened = mtunnel::tunnel::open(&env.tunnels, &root, 110, &[], &[])
         .await
         .unwrap();
     assert!(conf_path(&env, 110).exists());

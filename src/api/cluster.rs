@@ -9,6 +9,7 @@ use crate::cluster::views::{NodeView, StatusView, VmView};
 use crate::cluster::{Cluster, no_quorum};
 use crate::error::Error;
 use crate::node::Node;
+use crate::tunnel::Tunnels;
 
 /// The host of an `https://host:port` URL (PVE's `ip` of a node).
 fn host_of(url: &str) -> String {
@@ -131,12 +132,12 @@ pub(super) fn node_resources(data: &Resources) -> Vec<Value> {
 
 /// `GET /cluster/nextid[?vmid=N]` across the cluster.
 pub(super) async fn nextid(
-    node: &Node,
+    tunnels: &Tunnels,
     cluster: &Cluster,
     vmid: Option<String>,
 ) -> Result<Data, Error> {
     let quorum = |e: anyhow::Error| Error::internal(no_quorum(format!("{e:#}")));
-    let taken_here = |id: u32| node.guests.exists(id) || node.tunnels.get(id).is_some();
+    let taken_here = |id: u32| tunnels.taken(id);
     match vmid {
         Some(raw) => {
             let vmid = super::routes::parse_vmid(&raw)?;

@@ -30,6 +30,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use crate::node::Node;
+use crate::tunnel::Tunnels;
 use tls::TlsIdentity;
 
 /// Largest request head (request line and headers) accepted; larger ones get 431.
@@ -38,6 +39,8 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// What every endpoint can reach.
 pub struct AppState {
     pub node: Arc<Node>,
+    /// The node's tunnel layer (`tunnels.node` is `node`).
+    pub tunnels: Arc<Tunnels>,
     pub tls: TlsIdentity,
 }
 
@@ -70,7 +73,8 @@ impl Server {
 
 /// Binds the listen address and serves the API in the background, over TLS unless the
 /// node is configured with `tls = false`.
-pub async fn serve(node: Arc<Node>, tls: TlsIdentity) -> anyhow::Result<Server> {
+pub async fn serve(tunnels: Arc<Tunnels>, tls: TlsIdentity) -> anyhow::Result<Server> {
+    let node = Arc::clone(&tunnels.node);
     let listener = TcpListener::bind(node.cfg.listen)
         .await
         .with_context(|| format!("binding {}", node.cfg.listen))?;
@@ -88,7 +92,7 @@ pub async fn serve(node: Arc<Node>, tls: TlsIdentity) -> anyhow::Result<Server> 
         keepalive: node.cfg.peer_timeout,
         cluster_node: node.cluster.is_some().then(|| node.cfg.node.clone()),
     };
-    let state = Arc::new(AppState { node, tls });
+    let state = Arc::new(AppState { node, tunnels, tls });
     let router = routes::router(state);
     let task = tokio::spawn(async move {
         loop {

@@ -33,7 +33,9 @@ pub(super) async fn cluster_nextid(State(st): St, Path(p): PathMap, req: ApiReq)
             .only_declared(&NEXTID_PARAMS)
             .and_then(|_| req.params.checked(&NEXTID_PARAMS))
         {
-            Ok(checked) => super::cluster::nextid(&st.node, cluster, text(&checked, "vmid")).await,
+            Ok(checked) => {
+                super::cluster::nextid(&st.tunnels, cluster, text(&checked, "vmid")).await
+            }
             Err(e) => Err(e),
         };
         return finish(&p, &req, r);
@@ -43,13 +45,13 @@ pub(super) async fn cluster_nextid(State(st): St, Path(p): PathMap, req: ApiReq)
         match text(&req.params.checked(&NEXTID_PARAMS)?, "vmid") {
             Some(raw) => {
                 let vmid = parse_vmid(&raw)?;
-                if st.node.guests.exists(vmid) || st.node.tunnels.get(vmid).is_some() {
+                if st.tunnels.taken(vmid) {
                     return Err(Error::param("vmid", format!("VM {vmid} already exists")));
                 }
                 Ok(Data::new(json!(vmid.to_string())))
             }
             None => st
-                .node
+                .tunnels
                 .next_free_vmid(100)
                 .map(|id| Data::new(json!(id.to_string())))
                 .ok_or_else(|| Error::internal("unable to get any free VMID")),

@@ -426,12 +426,12 @@ async fn connect(
     host: &str,
     port: u16,
     fingerprint: Option<&str>,
-) -> Result<TokioIo<crate::client::stream::Stream>, String> {
-    use crate::client::stream::{Stream, connect_plain};
+) -> Result<TokioIo<crate::net::stream::Stream>, String> {
+    use crate::net::stream::{Stream, connect_plain};
     let stream = match fingerprint {
         Some(fp) => {
-            let config = crate::client::tls::client_config(Some(fp)).map_err(|e| e.to_string())?;
-            let tls = crate::client::tls::connect(host, port, &config).await;
+            let config = crate::net::tls::client_config(Some(fp)).map_err(|e| e.to_string())?;
+            let tls = crate::net::tls::connect(host, port, &config).await;
             Stream::Tls(Box::new(tls.map_err(|e| e.to_string())?))
         }
         None => connect_plain(host, port).await.map_err(|e| e.to_string())?,

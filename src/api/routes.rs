@@ -348,7 +348,8 @@ async fn mtunnel(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
         let params = req.params.checked(&MTUNNEL_PARAMS)?;
         let storages = id_list(&params, "storages");
         let bridges = id_list(&params, "bridges");
-        let opened = crate::tunnel::open(&st.node, &req.authid, vmid, &storages, &bridges).await?;
+        let opened =
+            crate::tunnel::open(&st.tunnels, &req.authid, vmid, &storages, &bridges).await?;
         Ok(Data::new(opened.to_json()))
     }
     .await;

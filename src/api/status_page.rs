@@ -87,8 +87,8 @@ pub(super) async fn mtunnel_status(
             .node
             .allows(&req.authid, &format!("/nodes/{node}"), "Sys.Audit");
         let tunnels: Vec<Value> = st
-            .node
             .tunnels
+            .registry
             .list()
             .iter()
             .filter(|t| audit || is_owner(&req.authid, &t.authid))

@@ -240,7 +240,7 @@ mod tests {
     ) -> Result<(), String> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(root).unwrap();
-        let client = crate::client::tls::roots_client_config(roots).unwrap();
+        let client = crate::net::tls::roots_client_config(roots).unwrap();
         let acceptor = tokio_rustls::TlsAcceptor::from(identity.server_config().unwrap());
         let (c, s) = tokio::io::duplex(64 * 1024);
         let server = tokio::spawn(async move {

@@ -193,6 +193,6 @@ async fn check(
     } else {
         None
     };
-    let tunnel = crate::tunnel::authorize_socket(&st.node, &req.authid, vmid, &socket, &ticket)?;
+    let tunnel = crate::tunnel::authorize_socket(&st.tunnels, &req.authid, vmid, &socket, &ticket)?;
     Ok((PathBuf::from(socket), key, tunnel))
 }

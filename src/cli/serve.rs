@@ -34,7 +34,12 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         println!("recovery: {line}");
     }
     let tls = mtunnel::api::tls::TlsIdentity::load_or_create(&node.cfg.data_dir, &node.cfg.node)?;
-    let server = mtunnel::api::serve(node.clone(), tls).await?;
+    // The composition root: the node's tunnels run the Lua handlers.
+    let tunnels = mtunnel::tunnel::Tunnels::new(
+        node.clone(),
+        std::sync::Arc::new(mtunnel::script::handler::lua_handler),
+    );
+    let server = mtunnel::api::serve(tunnels, tls).await?;
     println!("mtunnel serving node '{}'", node.cfg.node);
     println!("URL: {}", server.url());
     if server.tls {

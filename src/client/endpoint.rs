@@ -35,7 +35,7 @@ impl FromStr for TargetEndpoint {
                 }
                 "apitoken" => apitoken = Some(value.to_string()),
                 "fingerprint" => {
-                    if crate::client::tls::normalize_fingerprint(value).is_none() {
+                    if crate::net::tls::normalize_fingerprint(value).is_none() {
                         return Err(format!(
                             "invalid fingerprint '{value}' (expected 32 AA:BB pairs)"
                         ));

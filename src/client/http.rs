@@ -23,8 +23,8 @@ use rustls::ClientConfig;
 use serde_json::Value;
 
 use super::ApiError;
-use super::stream::{Stream, connect_plain};
-use super::tls;
+use crate::net::stream::{Stream, connect_plain};
+use crate::net::tls;
 
 /// Default bound on one whole request, from connect to the last body byte.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);

@@ -1,8 +1,8 @@
 //! The source side of a migration: talking to a remote PVE-compatible API as Proxmox's own
-//! clients do. [`tls`] pins the remote's certificate by its SHA-256 fingerprint (the
-//! `fingerprint=` of a PVE `target-endpoint`), [`http`] is the `/api2/json` client with
-//! token auth and PVE's error envelope, [`ws`] opens the tunnel's WebSocket connections;
-//! [`stream`] lets both speak plain HTTP to a node configured with `tls = false`.
+//! clients do, over [`crate::net`] (TLS pinned by the remote's SHA-256 fingerprint, the
+//! `fingerprint=` of a PVE `target-endpoint`, or plain HTTP to a node configured with
+//! `tls = false`). [`http`] is the `/api2/json` client with token auth and PVE's error
+//! envelope, [`ws`] opens the tunnel's WebSocket connections.
 //!
 //! On top of them: [`tunnel`] (the `proxmox-websocket-tunnel` compatible client and its
 //! socket forwards), [`migrate`] (`mtunnel migrate`, one file per phase under
@@ -14,8 +14,6 @@ pub mod endpoint;
 pub mod http;
 pub mod migrate;
 pub mod progress;
-pub mod stream;
-pub mod tls;
 pub mod tunnel;
 pub mod vm;
 pub mod ws;
@@ -23,6 +21,15 @@ pub mod ws;
 use serde_json::{Map, Value};
 
 pub use http::{ApiClient, RawResponse};
+
+impl From<crate::net::NetError> for ApiError {
+    fn from(e: crate::net::NetError) -> Self {
+        match e {
+            crate::net::NetError::Connect(msg) => ApiError::Connect(msg),
+            crate::net::NetError::Request(msg) => ApiError::Request(msg),
+        }
+    }
+}
 
 /// Why a call to a remote API failed.
 #[derive(Debug, thiserror::Error)]

@@ -326,7 +326,7 @@ async fn relay_one(
     let role = crate::tunnel::forward::Role::Client;
     let relayed = match ws.stream {
         // ws://: the payload moves with splice(2).
-        super::stream::Stream::Plain(tcp) => {
+        crate::net::stream::Stream::Plain(tcp) => {
             let opts = crate::tunnel::forward::RelayOpts::default();
             crate::tunnel::splice::relay_spliced(tcp, ws.leftover, role, conn, opts).await
         }

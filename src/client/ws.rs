@@ -1,6 +1,6 @@
 //! Opening a tunnel WebSocket as `proxmox-websocket-tunnel` does: `wss://` (or `https://`)
 //! URL with the ticket and socket in the query, extra headers (the `Authorization` token),
-//! the remote pinned by fingerprint. The TLS stream is ours ([`super::tls`]); tungstenite
+//! the remote pinned by fingerprint. The TLS stream is ours ([`crate::net::tls`]); tungstenite
 //! only runs the handshake, so it needs none of its TLS features. `ws://` (or `http://`)
 //! URLs reach a node with `tls = false` over plain TCP; no fingerprint is needed there.
 
@@ -12,8 +12,9 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-use super::stream::{Stream, connect_plain};
-use super::{ApiError, tls};
+use super::ApiError;
+use crate::net::stream::{Stream, connect_plain};
+use crate::net::tls;
 
 /// A WebSocket to a remote node (over TLS, or plain TCP for `ws://` URLs).
 pub type WsStream = WebSocketStream<Stream>;

@@ -33,8 +33,8 @@ use rustls::ClientConfig;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use crate::client::stream::{Stream, connect_plain};
 use crate::config::ClusterConfig;
+use crate::net::stream::{Stream, connect_plain};
 
 /// One etcd client URL.
 #[derive(Debug, Clone)]
@@ -470,7 +470,7 @@ impl Etcd {
     ) -> anyhow::Result<(u16, Vec<u8>)> {
         let stream = match (&self.tls, ep.tls) {
             (Some(config), true) => Stream::Tls(Box::new(
-                crate::client::tls::connect(&ep.host, ep.port, config).await?,
+                crate::net::tls::connect(&ep.host, ep.port, config).await?,
             )),
             _ => connect_plain(&ep.host, ep.port).await?,
         };
@@ -608,7 +608,7 @@ fn tls_config(cfg: &ClusterConfig) -> anyhow::Result<Arc<ClientConfig>> {
             }
             roots
         }
-        None => crate::client::tls::system_roots(),
+        None => crate::net::tls::system_roots(),
     };
     let builder = ClientConfig::builder_with_provider(crate::util::tls_provider())
         .with_safe_default_protocol_versions()

@@ -486,6 +486,8 @@ struct CaseEnv {
     dir: Option<PathBuf>,
     tmp: TempDir,
     node: Mutex<Option<Arc<Node>>>,
+    /// The node's tunnel layer (with the Lua handlers), made with the node.
+    layer: Mutex<Option<Arc<crate::tunnel::Tunnels>>>,
     backend: Mutex<Option<Arc<ScriptedBackend>>>,
     tunnels: Mutex<Vec<Arc<TunnelConn>>>,
     tokens: AtomicU32,
@@ -500,6 +502,7 @@ impl CaseEnv {
             dir,
             tmp: TempDir::new()?,
             node: Mutex::new(None),
+            layer: Mutex::new(None),
             backend: Mutex::new(None),
             tunnels: Mutex::new(Vec::new()),
             tokens: AtomicU32::new(0),
@@ -529,7 +532,21 @@ impl CaseEnv {
         }
         let node = self.create_node(opts).map_err(|e| format!("{e:#}"))?;
         *self.node.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::clone(&node));
+        let layer = crate::tunnel::Tunnels::new(
+            Arc::clone(&node),
+            Arc::new(crate::script::handler::lua_handler),
+        );
+        *self.layer.lock().unwrap_or_else(|e| e.into_inner()) = Some(layer);
         Ok(node)
+    }
+
+    /// The tunnel layer of the case's node (made by [`CaseEnv::node`]).
+    fn layer(&self) -> Result<Arc<crate::tunnel::Tunnels>, String> {
+        self.layer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| "the case has no node yet".to_string())
     }
 
     fn create_node(&self, opts: Option<&Table>) -> anyhow::Result<Arc<Node>> {
@@ -1031,7 +1048,7 @@ fn natives(lua: &Lua, current: &Current) -> mlua::Result<Table> {
             LuaValue::Nil => FULL_AUTHID.to_string(),
             privs => env.token_for(&node, privs)?,
         };
-        let opened = crate::tunnel::open(&node, &authid, vmid, &[], &[])
+        let opened = crate::tunnel::open(&env.layer()?, &authid, vmid, &[], &[])
             .await
             .map_err(|e| api_error_text(&e))?;
         let stream = UnixStream::connect(&opened.socket)

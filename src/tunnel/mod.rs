@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::{Value, json};
 
+use crate::command::HandlerFactory;
 use crate::error::{Error, Result};
 use crate::journal::{self, Created};
 use crate::node::Node;
@@ -106,6 +107,40 @@ impl Tunnel {
     }
 }
 
+/// A node's tunnel layer, put together where the node is (`mtunnel serve`, a spec run, a
+/// test): the node's services, its open tunnels and the factory of their command handlers
+/// (the Lua handlers, or a stand-in).
+pub struct Tunnels {
+    pub node: Arc<Node>,
+    pub registry: Registry,
+    pub handlers: HandlerFactory,
+}
+
+impl Tunnels {
+    pub fn new(node: Arc<Node>, handlers: HandlerFactory) -> Arc<Self> {
+        Arc::new(Tunnels {
+            node,
+            registry: Registry::default(),
+            handlers,
+        })
+    }
+
+    /// Whether `vmid` is taken here: it has a config (a tunnel's reservation is one) or
+    /// an open tunnel.
+    pub fn taken(&self, vmid: u32) -> bool {
+        self.node.guests.exists(vmid) || self.registry.get(vmid).is_some()
+    }
+
+    /// The lowest VMID from `from` on that is not [`Tunnels::taken`]; PVE's
+    /// `/cluster/nextid` on a single node.
+    pub fn next_free_vmid(&self, from: u32) -> Option<u32> {
+        let configs: BTreeSet<u32> = self.node.guests.list().into_iter().collect();
+        (from.max(100)..=999_999_999)
+            .take(1_000_000)
+            .find(|id| !configs.contains(id) && self.registry.get(*id).is_none())
+    }
+}
+
 /// The tunnels open on this node, by VMID, and the places under `max_tunnels`.
 #[derive(Default)]
 pub struct Registry {
@@ -192,7 +227,7 @@ impl Registry {
 /// for `authid`, `socket` and this very tunnel (not an earlier one of the same VMID), and
 /// the socket is the control socket or one the tunnel registered.
 pub fn authorize_socket(
-    node: &Node,
+    tunnels: &Tunnels,
     authid: &str,
     vmid: u32,
     socket: &str,
@@ -202,14 +237,15 @@ pub fn authorize_socket(
         Error::Unauthorized(format!("permission denied - {e}"))
     };
     crate::auth::ticket::normalize_path(&format!("/socket/{socket}")).map_err(denied)?;
+    let node = &tunnels.node;
     if !node.guests.exists(vmid) {
         return Err(Error::internal(format!(
             "Configuration file 'nodes/{}/qemu-server/{vmid}.conf' does not exist",
             node.cfg.node
         )));
     }
-    let tunnel = node
-        .tunnels
+    let tunnel = tunnels
+        .registry
         .get(vmid)
         .ok_or_else(|| Error::Forbidden(format!("no open tunnel for VM {vmid}")))?;
     if tunnel.authid != authid {
@@ -263,16 +299,17 @@ impl Opened {
 /// with an empty config locked `create`, binds the control socket, starts the worker task
 /// and mints the ticket for the control socket. Nothing is left behind on failure.
 pub async fn open(
-    node: &Arc<Node>,
+    tunnels: &Arc<Tunnels>,
     authid: &str,
     vmid: u32,
     storages: &[String],
     bridges: &[String],
 ) -> Result<Opened> {
+    let node = &tunnels.node;
     node.require(authid, &format!("/vms/{vmid}"), "VM.Allocate")?;
     node.require(authid, "/", "Sys.Incoming")?;
-    let slot = node
-        .tunnels
+    let slot = tunnels
+        .registry
         .take_slot(node.cfg.max_tunnels)
         .ok_or_else(|| {
             Error::Unavailable(format!(
@@ -312,7 +349,7 @@ pub async fn open(
         }
     }
 
-    match start_worker(node, authid, vmid, reservation, slot).await {
+    match start_worker(tunnels, authid, vmid, reservation, slot).await {
         Ok(opened) => Ok(opened),
         Err(e) => {
             remove_reserved_config(node, vmid).await;
@@ -328,12 +365,13 @@ pub async fn open(
 /// origin) and starts the tunnel's task, which holds `slot` until it ends; older journals
 /// of the VMID are retired first.
 async fn start_worker(
-    node: &Arc<Node>,
+    tunnels: &Arc<Tunnels>,
     authid: &str,
     vmid: u32,
     reservation: String,
     slot: Slot,
 ) -> Result<Opened> {
+    let node = &tunnels.node;
     let socket = node.cfg.tunnel_socket(vmid);
     let socket_str = socket
         .to_str()
@@ -415,13 +453,14 @@ async fn start_worker(
         control_end: tokio::sync::watch::Sender::new(None),
         activity: status::Activity::default(),
     });
-    node.tunnels.insert(Arc::clone(&tunnel));
+    tunnels.registry.insert(Arc::clone(&tunnel));
     node.metrics.tunnel_opened();
-    let worker_node = Arc::clone(node);
+    let layer = Arc::clone(tunnels);
     let upid = node.tasks.spawn(log, move |log, stop| async move {
         let upid = created.upid.clone();
-        let result = worker::run(&worker_node, &tunnel, listener, &log, created, stop).await;
-        worker_node.tunnels.remove(&tunnel);
+        let result = worker::run(&layer, &tunnel, listener, &log, created, stop).await;
+        layer.registry.remove(&tunnel);
+        let worker_node = &layer.node;
         // The VMID stays registered for good if the VM stayed (migration completed, or a
         // cleanup left it), else its entry goes.
         if let Some(cluster) = &worker_node.cluster {

@@ -81,14 +81,15 @@ const CONTROL_END_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// vanishes, a handler panics, the server shuts down — the handler's `finish` runs once,
 /// and the task log says how the tunnel ended.
 pub async fn run(
-    node: &Arc<Node>,
+    tunnels: &Arc<super::Tunnels>,
     tunnel: &Arc<Tunnel>,
     listener: UnixListener,
     log: &TaskLog,
     created: crate::journal::Created,
     mut stop: StopSignal,
 ) -> anyhow::Result<()> {
-    let mut handler = match build_handler(node, tunnel, log, created) {
+    let node = &tunnels.node;
+    let mut handler = match build_handler(tunnels, tunnel, log, created) {
         Ok(h) => h,
         Err(e) => {
             super::remove_reserved_config(node, tunnel.vmid).await;
@@ -171,7 +172,7 @@ fn count_migration(node: &Node, tunnel: &Tunnel, reason: &'static str) {
 }
 
 fn build_handler(
-    node: &Arc<Node>,
+    tunnels: &super::Tunnels,
     tunnel: &Arc<Tunnel>,
     log: &TaskLog,
     created: crate::journal::Created,
@@ -179,8 +180,8 @@ fn build_handler(
     let link = Link {
         tunnel: Arc::clone(tunnel),
     };
-    let inner = (node.handlers)(HandlerSetup {
-        node: Arc::clone(node),
+    let inner = (tunnels.handlers)(HandlerSetup {
+        node: Arc::clone(&tunnels.node),
         tunnel: Arc::new(link),
         log: log.clone(),
         created,

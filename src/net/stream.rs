@@ -85,11 +85,11 @@ impl AsyncWrite for Stream {
 /// Opens a plain TCP connection to `host:port` (`TCP_NODELAY` set, as for TLS).
 ///
 /// # Errors
-/// [`super::ApiError::Connect`] when nobody answers.
-pub async fn connect_plain(host: &str, port: u16) -> Result<Stream, super::ApiError> {
+/// [`super::NetError::Connect`] when nobody answers.
+pub async fn connect_plain(host: &str, port: u16) -> Result<Stream, super::NetError> {
     let bare = host.trim_start_matches('[').trim_end_matches(']');
     let tcp = TcpStream::connect((bare, port)).await.map_err(|e| {
-        super::ApiError::Connect(format!("unable to connect to {host}:{port} - {e}"))
+        super::NetError::Connect(format!("unable to connect to {host}:{port} - {e}"))
     })?;
     tune(&tcp);
     Ok(Stream::Plain(tcp))

@@ -18,7 +18,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
-use super::ApiError;
+use super::NetError;
 use crate::util::fingerprint_sha256;
 
 /// The handshake saw a certificate other than the pinned one.
@@ -50,9 +50,9 @@ pub struct FingerprintVerifier {
 
 impl FingerprintVerifier {
     /// `fingerprint` in any form [`normalize_fingerprint`] accepts.
-    pub fn new(fingerprint: &str, provider: Arc<CryptoProvider>) -> Result<Self, ApiError> {
+    pub fn new(fingerprint: &str, provider: Arc<CryptoProvider>) -> Result<Self, NetError> {
         let expected = normalize_fingerprint(fingerprint).ok_or_else(|| {
-            ApiError::Request(format!(
+            NetError::Request(format!(
                 "invalid fingerprint '{fingerprint}': expected 32 hex pairs (SHA-256)"
             ))
         })?;
@@ -122,15 +122,15 @@ impl ServerCertVerifier for FingerprintVerifier {
 /// # Errors
 /// `None` (or an empty string) fails with "no fingerprint given": trusting system CAs is a
 /// later addition. A malformed fingerprint fails too.
-pub fn client_config(fingerprint: Option<&str>) -> Result<Arc<ClientConfig>, ApiError> {
+pub fn client_config(fingerprint: Option<&str>) -> Result<Arc<ClientConfig>, NetError> {
     let fingerprint = fingerprint
         .filter(|f| !f.trim().is_empty())
-        .ok_or_else(|| ApiError::Request("no fingerprint given".into()))?;
+        .ok_or_else(|| NetError::Request("no fingerprint given".into()))?;
     let provider = crate::util::tls_provider();
     let verifier = FingerprintVerifier::new(fingerprint, Arc::clone(&provider))?;
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| ApiError::Request(format!("TLS protocol versions: {e}")))?
+        .map_err(|e| NetError::Request(format!("TLS protocol versions: {e}")))?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_no_client_auth();
@@ -148,7 +148,7 @@ pub fn client_config(fingerprint: Option<&str>) -> Result<Arc<ClientConfig>, Api
 ///
 /// # Errors
 /// Only if the provider offers no safe protocol version.
-pub fn ca_client_config() -> Result<Arc<ClientConfig>, ApiError> {
+pub fn ca_client_config() -> Result<Arc<ClientConfig>, NetError> {
     roots_client_config(system_roots())
 }
 
@@ -178,10 +178,10 @@ pub fn system_roots() -> rustls::RootCertStore {
 ///
 /// # Errors
 /// Only if the provider offers no safe protocol version.
-pub fn roots_client_config(roots: rustls::RootCertStore) -> Result<Arc<ClientConfig>, ApiError> {
+pub fn roots_client_config(roots: rustls::RootCertStore) -> Result<Arc<ClientConfig>, NetError> {
     let mut config = ClientConfig::builder_with_provider(crate::util::tls_provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| ApiError::Request(format!("TLS protocol versions: {e}")))?
+        .map_err(|e| NetError::Request(format!("TLS protocol versions: {e}")))?
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -191,23 +191,23 @@ pub fn roots_client_config(roots: rustls::RootCertStore) -> Result<Arc<ClientCon
 /// Opens a TCP connection to `host:port` and runs the TLS handshake with `config`.
 ///
 /// # Errors
-/// [`ApiError::Connect`], with PVE's wording when the fingerprint does not match.
+/// [`NetError::Connect`], with PVE's wording when the fingerprint does not match.
 pub async fn connect(
     host: &str,
     port: u16,
     config: &Arc<ClientConfig>,
-) -> Result<TlsStream<TcpStream>, ApiError> {
+) -> Result<TlsStream<TcpStream>, NetError> {
     let bare = host.trim_start_matches('[').trim_end_matches(']');
     let server_name = ServerName::try_from(bare.to_string())
-        .map_err(|e| ApiError::Request(format!("invalid host name '{host}': {e}")))?;
+        .map_err(|e| NetError::Request(format!("invalid host name '{host}': {e}")))?;
     let tcp = TcpStream::connect((bare, port))
         .await
-        .map_err(|e| ApiError::Connect(format!("unable to connect to {host}:{port} - {e}")))?;
+        .map_err(|e| NetError::Connect(format!("unable to connect to {host}:{port} - {e}")))?;
     super::stream::tune(&tcp);
     TlsConnector::from(Arc::clone(config))
         .connect(server_name, tcp)
         .await
-        .map_err(|e| ApiError::Connect(handshake_error_text(host, port, &e)))
+        .map_err(|e| NetError::Connect(handshake_error_text(host, port, &e)))
 }
 
 /// The fingerprint message alone when that was the cause, else the TLS error with context.

@@ -1,0 +1,21 @@
+//! Outgoing connections every layer that talks to another host uses: [`stream`], one type
+//! for plain TCP and TLS client connections (with the socket tuning of long paths), and
+//! [`tls`], TLS toward a remote node pinned by certificate fingerprint (as PVE's clients
+//! do) or verified against the system's CAs. The source side ([`crate::client`]), the
+//! cluster's etcd client ([`crate::cluster`]) and the API's forwarding to other members
+//! ([`crate::api`]) all connect through here; nothing here knows any of them.
+
+pub mod stream;
+pub mod tls;
+
+/// Why a connection could not be made.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum NetError {
+    /// No connection, or the TLS handshake failed (a fingerprint mismatch reads
+    /// `fingerprint 'AA:..' not verified, abort!`, as PVE's client says).
+    #[error("{0}")]
+    Connect(String),
+    /// The connection could not be set up as asked (bad host name, bad fingerprint).
+    #[error("{0}")]
+    Request(String),
+}
