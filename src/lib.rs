@@ -47,6 +47,7 @@
 //! - [`metrics`]: the node's Prometheus metrics (one method per thing counted, bounded
 //!   label values) and their exposition; any layer may count.
 //! - [`ident`]: identifiers (VMID, config id and key, storage id, bridge id, node name).
+//! - [`lifecycle`]: one way to stop `serve`: the shutdown signal its services watch.
 //! - [`error`]: the API error type.
 //! - [`util`]: file and clock helpers.
 //!
@@ -66,6 +67,7 @@ pub mod error;
 pub mod guest;
 pub mod ident;
 pub mod journal;
+pub mod lifecycle;
 pub mod metrics;
 pub mod net;
 pub mod node;

@@ -68,12 +68,17 @@ fn main() {
     }
 }
 
+/// Runs `fut` on a fresh runtime. Tasks still running when it returns (tunnels that did
+/// not finish their cleanup within `shutdown_timeout`) are dropped, and blocking threads
+/// get a moment before the process exits anyway, so a stuck command cannot hold it.
 fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
-    tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .context("starting the async runtime")?
-        .block_on(fut)
+        .context("starting the async runtime")?;
+    let result = runtime.block_on(fut);
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    result
 }
 
 fn handlers_check(dir: Option<PathBuf>, node: &NodeArgs) -> anyhow::Result<()> {

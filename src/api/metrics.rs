@@ -21,6 +21,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 
+use crate::lifecycle::ShutdownWatch;
 use crate::metrics::{Metrics, OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE};
 
 /// Connections open at once at most; one more is answered 503 at once rather than queued
@@ -32,10 +33,9 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(3);
 /// The longest one connection lives, the answer included (a reader that stalls).
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A running metrics listener; stops when aborted (with `serve`).
+/// A running metrics listener; it stops accepting when its [`ShutdownWatch`] says so.
 pub struct MetricsServer {
     pub addr: SocketAddr,
-    task: tokio::task::JoinHandle<()>,
 }
 
 impl MetricsServer {
@@ -43,14 +43,14 @@ impl MetricsServer {
     pub fn url(&self) -> String {
         format!("http://{}/metrics", self.addr)
     }
-
-    pub fn abort(&self) {
-        self.task.abort();
-    }
 }
 
 /// Binds `addr` and serves `GET /metrics` from `metrics` in the background.
-pub async fn serve(metrics: Arc<Metrics>, addr: SocketAddr) -> anyhow::Result<MetricsServer> {
+pub async fn serve(
+    metrics: Arc<Metrics>,
+    addr: SocketAddr,
+    mut shutdown: ShutdownWatch,
+) -> anyhow::Result<MetricsServer> {
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding the metrics listener {addr} (metrics_listen)"))?;
@@ -66,9 +66,13 @@ pub async fn serve(metrics: Arc<Metrics>, addr: SocketAddr) -> anyhow::Result<Me
         )
     });
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let task = tokio::spawn(async move {
+    tokio::spawn(async move {
         loop {
-            let (tcp, peer) = match listener.accept().await {
+            let accepted = tokio::select! {
+                _ = shutdown.requested() => break,
+                accepted = listener.accept() => accepted,
+            };
+            let (tcp, peer) = match accepted {
                 Ok(conn) => conn,
                 Err(e) => {
                     tracing::warn!("metrics listener: accept failed: {e}");
@@ -92,7 +96,7 @@ pub async fn serve(metrics: Arc<Metrics>, addr: SocketAddr) -> anyhow::Result<Me
             });
         }
     });
-    Ok(MetricsServer { addr, task })
+    Ok(MetricsServer { addr })
 }
 
 /// One request on `tcp`, then the connection closes (`Connection: close`): a kept-alive or

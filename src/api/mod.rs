@@ -29,6 +29,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
+use crate::lifecycle::ShutdownWatch;
 use crate::node::Node;
 use crate::tunnel::Tunnels;
 use tls::TlsIdentity;
@@ -50,7 +51,6 @@ pub struct Server {
     pub fingerprint: String,
     /// Whether the listener speaks TLS (`https://`) or plain HTTP (`http://`).
     pub tls: bool,
-    task: tokio::task::JoinHandle<()>,
 }
 
 impl Server {
@@ -59,21 +59,17 @@ impl Server {
         let scheme = if self.tls { "https" } else { "http" };
         format!("{scheme}://{}/api2/json", self.addr)
     }
-
-    /// Stops accepting connections.
-    pub fn abort(&self) {
-        self.task.abort();
-    }
-
-    /// Waits until the accept loop ends (it only ends when aborted).
-    pub async fn wait(self) {
-        let _ = self.task.await;
-    }
 }
 
 /// Binds the listen address and serves the API in the background, over TLS unless the
 /// node is configured with `tls = false`.
-pub async fn serve(tunnels: Arc<Tunnels>, tls: TlsIdentity) -> anyhow::Result<Server> {
+/// Stops accepting when `shutdown` says so (connections already accepted go on: a
+/// tunnel's WebSockets end with its task).
+pub async fn serve(
+    tunnels: Arc<Tunnels>,
+    tls: TlsIdentity,
+    mut shutdown: ShutdownWatch,
+) -> anyhow::Result<Server> {
     let node = Arc::clone(&tunnels.node);
     let listener = TcpListener::bind(node.cfg.listen)
         .await
@@ -94,9 +90,13 @@ pub async fn serve(tunnels: Arc<Tunnels>, tls: TlsIdentity) -> anyhow::Result<Se
     };
     let state = Arc::new(AppState { node, tunnels, tls });
     let router = routes::router(state);
-    let task = tokio::spawn(async move {
+    tokio::spawn(async move {
         loop {
-            let (tcp, peer) = match listener.accept().await {
+            let accepted = tokio::select! {
+                _ = shutdown.requested() => break,
+                accepted = listener.accept() => accepted,
+            };
+            let (tcp, peer) = match accepted {
                 Ok(conn) => conn,
                 Err(e) => {
                     // Out of file descriptors and similar: back off instead of spinning.
@@ -145,7 +145,6 @@ pub async fn serve(tunnels: Arc<Tunnels>, tls: TlsIdentity) -> anyhow::Result<Se
         addr,
         fingerprint,
         tls: use_tls,
-        task,
     })
 }
 

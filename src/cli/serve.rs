@@ -39,7 +39,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         node.clone(),
         std::sync::Arc::new(mtunnel::script::handler::lua_handler),
     );
-    let server = mtunnel::api::serve(tunnels, tls).await?;
+    // One way to stop: the listeners watch `shutdown`; tunnels are stopped through their
+    // tasks, the cluster membership last.
+    let shutdown = mtunnel::lifecycle::Shutdown::new();
+    let server = mtunnel::api::serve(tunnels, tls, shutdown.watch()).await?;
     println!("mtunnel serving node '{}'", node.cfg.node);
     println!("URL: {}", server.url());
     if server.tls {
@@ -49,18 +52,14 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             "TLS is off (tls = false): plain HTTP, tokens travel in clear; only behind a TLS-terminating proxy or on loopback"
         );
     }
-    let metrics = match node.cfg.metrics_listen {
-        Some(addr) => {
-            let m = mtunnel::api::metrics::serve(node.metrics.clone(), addr).await?;
-            println!("metrics: {}", m.url());
-            Some(m)
-        }
-        None => None,
-    };
+    if let Some(addr) = node.cfg.metrics_listen {
+        let m = mtunnel::api::metrics::serve(node.metrics.clone(), addr, shutdown.watch()).await?;
+        println!("metrics: {}", m.url());
+    }
     println!("data dir: {}", node.cfg.data_dir.display());
     if let Some(cluster) = &node.cluster {
         if let Err(e) = node.join_cluster(&server.url(), &server.fingerprint).await {
-            server.abort();
+            shutdown.stopped(LISTENERS_STOP).await;
             return Err(e);
         }
         println!(
@@ -90,19 +89,20 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         _ = term.recv() => tracing::info!("terminated, shutting down"),
     }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
-    server.abort();
-    if let Some(m) = &metrics {
-        m.abort();
+    if !shutdown.stopped(LISTENERS_STOP).await {
+        tracing::warn!(
+            "a listener did not stop within {} s",
+            LISTENERS_STOP.as_secs()
+        );
     }
     let open = mtunnel::tunnel::shutdown(&node).await;
     if open > 0 {
-        // Their journals stay: the next start frees what they created. Exit now rather
-        // than tear the runtime down under commands that still run.
+        // Their journals stay: the next start frees what they created. Their tasks end
+        // with the runtime (main gives it a moment), as a crash would end them.
         tracing::warn!(
             "{open} tunnel(s) still cleaning up after {} s; exiting, the next start recovers them",
             node.cfg.shutdown_timeout.as_secs()
         );
-        std::process::exit(0);
     } else {
         tracing::info!("all tunnels closed, exiting");
         // Nothing of ours is reserved any more: leave now rather than after the lease TTL.
@@ -112,6 +112,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// How long the listeners get to stop accepting (they stop at their next poll).
+const LISTENERS_STOP: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Raises the soft open-file limit to the hard one: every tunnel stream is a TCP socket
 /// plus a UNIX socket, and an EMFILE in the middle of a migration helps nobody.

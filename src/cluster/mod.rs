@@ -105,8 +105,11 @@ pub struct Cluster {
     lease: Mutex<i64>,
     /// The lease is new: membership and open reservations still have to be put on it.
     unregistered: Mutex<bool>,
-    /// Set by [`Cluster::leave`]: no lease is granted any more, the loop ends.
-    left: std::sync::atomic::AtomicBool,
+    /// Set by [`Cluster::leave`]: no lease is granted any more, the loops end.
+    leaving: tokio::sync::watch::Sender<bool>,
+    /// The keepalive and reconcile loops ([`Cluster::spawn`]); [`Cluster::leave`] waits
+    /// for them to end before it revokes the lease.
+    loops: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Why the last lease grant or keepalive failed (for the refusal while without lease).
     last_error: Mutex<String>,
     /// Another running mtunnel holds this node's name: no tunnels, no reconcile.
@@ -162,7 +165,8 @@ impl Cluster {
             unregistered: Mutex::new(true),
             last_error: Mutex::new("not joined yet".into()),
             name_held: Mutex::new(None),
-            left: std::sync::atomic::AtomicBool::new(false),
+            leaving: tokio::sync::watch::Sender::new(false),
+            loops: Mutex::new(Vec::new()),
             me: Mutex::new(None),
             held: Mutex::new(BTreeSet::new()),
             lost: Mutex::new(Default::default()),
@@ -279,7 +283,7 @@ impl Cluster {
     /// it: membership, and the reservations of open tunnels (they vanished with a lost
     /// lease). What failed is tried again on the next call. `wait`: see [`Cluster::register`].
     async fn ensure_lease(&self, wait: bool) -> anyhow::Result<()> {
-        if self.left.load(std::sync::atomic::Ordering::Acquire) {
+        if *self.leaving.borrow() {
             anyhow::bail!("this node left the cluster (shutting down)");
         }
         if *locked(&self.lease) == 0 {
@@ -515,33 +519,47 @@ impl Cluster {
     /// every 3 s (at once first).
     pub fn spawn(self: &Arc<Self>, local: LocalFn) {
         let me = Arc::clone(self);
-        tokio::spawn(async move {
+        let mut leaving = self.leaving.subscribe();
+        let keepalive = tokio::spawn(async move {
             let tick = keepalive_every(me.cfg.lease_ttl);
-            while !me.left.load(std::sync::atomic::Ordering::Acquire) {
+            loop {
                 let next = tokio::time::Instant::now() + tick;
                 if let Err(e) = me.keepalive().await {
                     tracing::warn!("cluster '{}': lease keepalive: {e:#}", me.cfg.name);
                     *locked(&me.last_error) = format!("{e:#}");
                 }
-                tokio::time::sleep_until(next).await;
+                tokio::select! {
+                    _ = tokio::time::sleep_until(next) => {}
+                    _ = leaving.wait_for(|l| *l) => break,
+                }
             }
         });
         let me = Arc::clone(self);
-        tokio::spawn(async move {
-            while !me.left.load(std::sync::atomic::Ordering::Acquire) {
+        let mut leaving = self.leaving.subscribe();
+        let reconcile = tokio::spawn(async move {
+            loop {
                 let state = local().await;
                 if let Err(e) = me.reconcile(&state).await {
                     tracing::warn!("cluster '{}': reconcile: {e:#}", me.cfg.name);
                 }
-                tokio::time::sleep(RECONCILE_EVERY).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(RECONCILE_EVERY) => {}
+                    _ = leaving.wait_for(|l| *l) => break,
+                }
             }
         });
+        locked(&self.loops).extend([keepalive, reconcile]);
     }
 
     /// Leaves the cluster at shutdown: revokes the lease (membership and reservations go at
     /// once instead of after the TTL).
     pub async fn leave(&self) {
-        self.left.store(true, std::sync::atomic::Ordering::Release);
+        self.leaving.send_replace(true);
+        // A keepalive under way ends first: none may grant a lease after the revoke.
+        let loops = std::mem::take(&mut *locked(&self.loops));
+        for handle in loops {
+            let _ = handle.await;
+        }
         let id = std::mem::take(&mut *locked(&self.lease));
         if id != 0
             && let Err(e) = self.etcd.lease_revoke(id).await

@@ -253,6 +253,8 @@ pub struct TaskManager {
     pid: u32,
     pstart: u64,
     active: Mutex<HashMap<String, watch::Sender<bool>>>,
+    /// Woken whenever a task ends ([`TaskManager::wait_idle`]).
+    ended: tokio::sync::Notify,
 }
 
 impl TaskManager {
@@ -264,6 +266,7 @@ impl TaskManager {
             pid: std::process::id(),
             pstart: process_start_ticks(std::process::id()).unwrap_or(0),
             active: Mutex::new(HashMap::new()),
+            ended: tokio::sync::Notify::new(),
         }))
     }
 
@@ -341,6 +344,7 @@ impl TaskManager {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .remove(&key);
+                manager.ended.notify_waiters();
             },
             span,
         ));
@@ -397,6 +401,21 @@ impl TaskManager {
     /// How many tasks run.
     pub fn running_count(&self) -> usize {
         self.active.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Waits until no task runs, at most `limit`; returns how many still run then.
+    pub async fn wait_idle(&self, limit: std::time::Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            // Armed before the count is read, so a task ending in between still wakes us.
+            let ended = self.ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            let running = self.running_count();
+            if running == 0 || tokio::time::timeout_at(deadline, ended).await.is_err() {
+                return self.running_count();
+            }
+        }
     }
 
     /// Asks every running task to stop; returns how many were asked.

@@ -511,12 +511,8 @@ pub async fn shutdown(node: &Node) -> usize {
     if asked > 0 {
         tracing::info!("asked {asked} task(s) to stop; waiting for their cleanup");
     }
-    let deadline = tokio::time::Instant::now() + node.cfg.shutdown_timeout;
     // Tasks, not the registry: a task is done once its log has its final line.
-    while node.tasks.running_count() > 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    node.tasks.running_count()
+    node.tasks.wait_idle(node.cfg.shutdown_timeout).await
 }
 
 /// Removes the empty config `open` created, if it still is that empty reserved config.
