@@ -91,7 +91,7 @@ fn built_in_specs_pass_with_the_exact_number_of_cases_per_file() {
     assert_eq!(
         on_disk, table,
         "handlers/*_spec.lua and SPEC_CASES in this test differ: add the new spec file (and \
-         its case count) to SPEC_CASES, and to BUILTIN_SPECS in src/script/spec.rs"
+         its case count) to SPEC_CASES, and to BUILTIN_SPECS in src/script/spec/mod.rs"
     );
 
     let run = mtunnel(&["handlers", "test"]);

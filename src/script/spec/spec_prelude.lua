@@ -1,5 +1,5 @@
 -- The `t` object handed to every case of a `*_spec.lua` file, and the Lua side of the
--- tunnel object `t:open` returns. The Rust runner (src/script/spec.rs) passes a table of
+-- tunnel object `t:open` returns. The Rust runner (src/script/spec/) passes a table of
 -- native functions that return `true, result...` or `false, message`; the wrappers here
 -- raise the message at the spec's own line so a failure points at the spec, not at us.
 
