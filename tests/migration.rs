@@ -308,7 +308,7 @@ async fn offline_migration_copies_config_and_volumes() {
     let keep = src.data.parent().unwrap().join("keep");
     std::fs::create_dir_all(&keep).unwrap();
     for name in ["vm-101-disk-0.qcow2", "vm-101-disk-1.raw"] {
-        std::fs::copy(&src.images(101).join(name), keep.join(name)).unwrap();
+        std::fs::copy(src.images(101).join(name), keep.join(name)).unwrap();
     }
     mt_ok(
         &src,
@@ -340,7 +340,7 @@ async fn offline_migration_copies_config_and_volumes() {
         &keep.join("vm-101-disk-1.raw"),
         &dst.images(201).join("vm-201-disk-1.raw"),
     );
-    let meta = std::fs::metadata(&dst.images(201).join("vm-201-disk-1.raw")).unwrap();
+    let meta = std::fs::metadata(dst.images(201).join("vm-201-disk-1.raw")).unwrap();
     assert_eq!(meta.len(), 8 << 20);
     // --delete removed the source.
     assert!(!src.vm_config(101).exists());
@@ -509,6 +509,7 @@ async fn cut_case(phase: Phase, vmid: u32) {
         cmd.output().await.expect("running mtunnel migrate")
     });
     let seen = wait_under_way(phase, &dst, vmid, &proxy, &run).await;
+    eprintln!("cutting: {seen}");
     proxy.reset();
     let out = tokio::time::timeout(Duration::from_secs(120), run)
         .await
@@ -584,7 +585,7 @@ async fn target_qemu_killed_during_drive_mirror_leaves_nothing() {
     });
     wait_for(&dst.run.join("108_nbd.migrate"), 60).await;
     // Kill only once the mirror writes into the target volume.
-    let target_image = &dst.images(108).join("vm-108-disk-0.qcow2");
+    let target_image = dst.images(108).join("vm-108-disk-0.qcow2");
     let deadline = Instant::now() + Duration::from_secs(60);
     while std::fs::metadata(&target_image).map_or(0, |m| m.len()) < 2 << 20 {
         assert!(Instant::now() < deadline, "the mirror wrote nothing");
