@@ -2,8 +2,11 @@
 //! online with two disks and RAM content, online with 4 RAM streams (multifd) and with a
 //! target that offers none, offline, and the faults of issue 4 (the tunnel
 //! cut during disk import, drive-mirror and RAM migration; the target's QEMU killed during
-//! drive-mirror; refusing targets; bad `start` replies). After every fault: the source VM runs (if it ran) and is unlocked, and the
-//! target holds no config, volume, socket or QEMU process of the VM.
+//! drive-mirror; refusing targets; bad `start` replies). A cut strikes only once its phase
+//! has moved data, seen from outside: bytes through the proxy since the phase's socket
+//! appeared and, for a disk, bytes in the target's volume. After every fault: the source VM
+//! runs (if it ran) and is unlocked, and the target holds no config, volume, socket or QEMU
+//! process of the VM.
 //!
 //! QEMU must be installed (`.ci/install-qemu.sh`, run by `scripts/test-all.sh`); a missing
 //! QEMU fails these tests with that hint instead of skipping them.

@@ -2,8 +2,9 @@
 //! tunnel client and pveproxy's rules shape it: the control channel, lenient handshakes
 //! (no `Connection: Upgrade`, subprotocols echoed), hand-built frames (all-zero masks, split
 //! and joined lines, text frames, frames over 128 KiB, pings), close → EOF for the worker,
-//! every refused ticket or socket, a stalled client next to a working one, and what
-//! `GET /nodes/{node}/mtunnel-status` counts of a tunnel's streams.
+//! every refused ticket or socket (exact status and message), a stalled client next to a
+//! working one, the largest command line, and what `GET /nodes/{node}/mtunnel-status`
+//! counts of a tunnel's streams. No latency is asserted here: `mtunnel bench` measures it.
 //!
 //! The relay's byte-exactness over >1 GiB (hashed on both ends) is tested in-process at the
 //! library level, where both ends are under the test's control; the data sockets (imports,
