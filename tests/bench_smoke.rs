@@ -1,9 +1,12 @@
 //! `mtunnel bench --quick` runs every section end to end (tiny sizes) and writes JSON with
 //! all of them. Timings are never asserted: this only proves the suite works, leaves no
-//! process behind and keeps its file format. The QEMU section runs when QEMU is installed
-//! (a 128 MiB VM migrates in well under a second) and must then have run; it may be
-//! recorded as skipped only when `qemu-system-x86_64` is not on PATH.
-//! The WAN test runs `--wan` on one short emulated link (root only).
+//! process behind and keeps its file format. QEMU must be installed (`.ci/install-qemu.sh`,
+//! run by `scripts/test-all.sh`): the migration sections must have run, a skipped one
+//! fails the test. The WAN test runs `--wan` on one short emulated link and needs root
+//! (network namespaces, TUN): without it the test fails with that reason instead of
+//! passing quietly.
+
+mod common;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -42,6 +45,7 @@ fn run_bench(args: &[&str], json_path: &std::path::Path, secs: u64) -> (u32, Str
 
 #[test]
 fn bench_quick_runs_every_section_and_writes_json() {
+    common::require_qemu();
     let dir = tempfile::Builder::new()
         .prefix("mtbs")
         .tempdir_in("/tmp")
@@ -99,17 +103,12 @@ fn bench_quick_runs_every_section_and_writes_json() {
     }
     assert_eq!(doc["idle"]["tunnels"], 5, "{}", doc["idle"]);
     assert!(doc["idle"]["setup_p50_ms"].as_f64().unwrap() > 0.0);
+    // A skipped migration section means the suite lost its most important measurement.
     let mig = &doc["migration"];
-    if qemu_on_path() {
-        // QEMU is installed: a skipped migration section means the suite lost its most
-        // important measurement, which must fail here rather than pass quietly.
-        assert!(
-            mig["runs"].as_array().is_some_and(|r| r.len() == 3),
-            "qemu-system-x86_64 is on PATH but the migration section did not run: {mig}"
-        );
-    } else {
-        assert!(mig["skipped"].is_string(), "{mig}");
-    }
+    assert!(
+        mig["runs"].as_array().is_some_and(|r| r.len() == 3),
+        "the migration section did not run: {mig}"
+    );
     let targets = doc["targets"].as_array().unwrap();
     assert_eq!(targets.len(), 11);
     for t in targets {
@@ -119,29 +118,18 @@ fn bench_quick_runs_every_section_and_writes_json() {
     assert!(!stderr.contains("kept"), "{stderr}");
 }
 
-/// Whether `qemu-system-x86_64` is an executable file in a directory of `PATH`, as the bench
-/// finds it.
-fn qemu_on_path() -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    let Some(path) = std::env::var_os("PATH") else {
-        return false;
-    };
-    std::env::split_paths(&path).any(|dir| {
-        std::fs::metadata(dir.join("qemu-system-x86_64"))
-            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-    })
-}
-
 /// `mtunnel bench --wan` on one short emulated link (two namespaces, TUN, 5 ms, 200 Mbit/s)
 /// with tiny sizes: every path and the live migration run across it, the JSON holds them,
-/// and both namespaces are gone afterwards. Needs root (namespaces, TUN): skipped otherwise
-/// with the reason printed; CI runs as root, so there it runs.
+/// and both namespaces are gone afterwards. Needs root (namespaces, TUN) and QEMU: fails
+/// without them (CI runs as root with QEMU installed).
 #[test]
 fn bench_wan_runs_across_an_emulated_link() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIPPED: bench --wan needs root (network namespaces and TUN devices)");
-        return;
-    }
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "bench --wan needs root (network namespaces and TUN devices): run the tests as root \
+         (CI does)"
+    );
+    common::require_qemu();
     let dir = tempfile::Builder::new()
         .prefix("mtbw")
         .tempdir_in("/tmp")
@@ -193,18 +181,19 @@ fn bench_wan_runs_across_an_emulated_link() {
     for dir in link["emulator"].as_array().unwrap() {
         assert!(dir["packets"].as_u64().unwrap() > 100, "{dir}");
     }
-    let mig = &link["migration"];
-    let missing = link["migration_missing"].as_str().unwrap_or("");
-    assert!(
-        missing.starts_with("skipped") || mig["runs"].as_array().is_some_and(|r| r.len() == 2),
-        "{mig} {missing}"
-    );
-    let multifd = &link["multifd"];
-    let missing = link["multifd_missing"].as_str().unwrap_or("");
-    assert!(
-        missing.starts_with("skipped") || multifd["runs"].as_array().is_some_and(|r| r.len() == 2),
-        "{multifd} {missing}"
-    );
+    // Both live migrations (one stream, multifd) ran across the link: with QEMU
+    // installed, a skipped one is a failure.
+    for (key, missing) in [
+        ("migration", "migration_missing"),
+        ("multifd", "multifd_missing"),
+    ] {
+        assert!(
+            link[key]["runs"].as_array().is_some_and(|r| r.len() == 2),
+            "the WAN {key} run did not happen: {} {}",
+            link[key],
+            link[missing]
+        );
+    }
     assert_eq!(link["targets"].as_array().unwrap().len(), 6);
     // Both namespaces are gone.
     let left: Vec<String> = std::fs::read_dir("/run/netns")

@@ -153,7 +153,23 @@ async fn cut_during_import_leaves_no_subvolume() {
     let subvol = fs.mnt.join("images/112/vm-112-disk-0");
     let appeared = common::eventually(Duration::from_secs(60), || subvol.exists()).await;
     assert!(appeared, "the import never created its subvolume");
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // The import is under way once 4 MiB of the stream landed in the subvolume.
+    let landed = || {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::read_dir(&subvol).map_or(0, |rd| {
+            rd.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.blocks() * 512)
+                .sum::<u64>()
+        })
+    };
+    let under_way = common::eventually(Duration::from_secs(60), || landed() >= 4 << 20).await;
+    assert!(under_way, "the import moved {} bytes", landed());
+    assert!(
+        landed() < 32 << 20,
+        "the import (~40 MiB) is about done: {} bytes",
+        landed()
+    );
     assert!(
         child.try_wait().unwrap().is_none(),
         "migrate ended before the cut"

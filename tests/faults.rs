@@ -27,22 +27,19 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::ctl::Ctl;
+use common::proxy::FaultProxy;
 use common::{
-    NODE, Options, TestServer, blob, bounded, eventually, mt_ok, pct, pid_of, qemu_io, qmp,
-    require_qemu, target_arg,
+    NODE, Options, TestServer, bounded, eventually, mt_ok, pct, pid_of, qemu_io, qmp, require_qemu,
+    start_with_ram, target_arg,
 };
 use futures_util::SinkExt;
 use mtunnel::client::ws::WsStream;
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 
 /// One row per test: (fault, phase, the target ends with, the source ends with, test fn).
@@ -299,11 +296,6 @@ async fn mt_at(config: PathBuf, dir: PathBuf, args: Vec<String>) -> Output {
     }
 }
 
-/// `{base}/s/local/images/{vmid}`.
-fn local_images(node: &TestServer, vmid: u32) -> PathBuf {
-    node.base().join(format!("s/local/images/{vmid}"))
-}
-
 async fn create_vm(src: &TestServer, vmid: u32, memory: u32, disks: &[&str]) {
     let vmid_s = vmid.to_string();
     let memory_s = memory.to_string();
@@ -315,156 +307,8 @@ async fn create_vm(src: &TestServer, vmid: u32, memory: u32, disks: &[&str]) {
     mt_ok(src, &args).await;
 }
 
-/// Starts the VM with `ram_mib` of random data loaded at 16 MiB.
-async fn start_with_ram(src: &TestServer, vmid: u32, ram_mib: usize) {
-    let blob_path = src.base().join(format!("blob{vmid}"));
-    blob(&blob_path, ram_mib << 20);
-    let loader = format!(
-        "loader,file={},addr=16777216,force-raw=on",
-        blob_path.display()
-    );
-    mt_ok(
-        src,
-        &[
-            "vm",
-            "start",
-            &vmid.to_string(),
-            "--qemu-arg=-device",
-            &format!("--qemu-arg={loader}"),
-        ],
-    )
-    .await;
-}
-
 fn kill_pid(pid: i32) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL).expect("kill");
-}
-
-// ---- the fault proxy ----
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Flow {
-    Pass,
-    /// Keep both sockets open but forward nothing (a peer that stopped answering).
-    Freeze,
-    /// Close both sockets with RST (SO_LINGER 0): no close frame, no FIN.
-    Reset,
-}
-
-/// A TCP relay in front of a server that a test can freeze or reset; counts the bytes it
-/// forwarded (both directions) so a test can wait for a phase to be under way.
-struct FaultProxy {
-    port: u16,
-    flow: watch::Sender<Flow>,
-    bytes: Arc<AtomicU64>,
-    accept: tokio::task::JoinHandle<()>,
-}
-
-impl FaultProxy {
-    async fn start(upstream: u16) -> FaultProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let (flow, rx) = watch::channel(Flow::Pass);
-        let bytes = Arc::new(AtomicU64::new(0));
-        let counter = Arc::clone(&bytes);
-        let accept = tokio::spawn(async move {
-            // Ends when the proxy is dropped (the task is aborted).
-            while let Ok((inbound, _)) = listener.accept().await {
-                if *rx.borrow() != Flow::Pass {
-                    let _ = inbound.set_zero_linger();
-                    continue;
-                }
-                tokio::spawn(relay(inbound, upstream, rx.clone(), Arc::clone(&counter)));
-            }
-        });
-        FaultProxy {
-            port,
-            flow,
-            bytes,
-            accept,
-        }
-    }
-
-    fn freeze(&self) {
-        self.flow.send_replace(Flow::Freeze);
-    }
-
-    fn reset(&self) {
-        self.flow.send_replace(Flow::Reset);
-    }
-
-    fn bytes(&self) -> u64 {
-        self.bytes.load(Ordering::Relaxed)
-    }
-}
-
-impl Drop for FaultProxy {
-    fn drop(&mut self) {
-        self.accept.abort();
-        self.flow.send_replace(Flow::Reset);
-    }
-}
-
-async fn relay(
-    mut a: TcpStream,
-    upstream: u16,
-    mut flow: watch::Receiver<Flow>,
-    bytes: Arc<AtomicU64>,
-) {
-    let Ok(mut b) = TcpStream::connect(("127.0.0.1", upstream)).await else {
-        let _ = a.set_zero_linger();
-        return;
-    };
-    let _ = a.set_nodelay(true);
-    let _ = b.set_nodelay(true);
-    {
-        let (mut ar, mut aw) = a.split();
-        let (mut br, mut bw) = b.split();
-        let mut buf_a = vec![0u8; 64 * 1024];
-        let mut buf_b = vec![0u8; 64 * 1024];
-        let (mut a_open, mut b_open) = (true, true);
-        // Ends at EOF on both sides, on an error, or when the flow changes.
-        while *flow.borrow_and_update() == Flow::Pass && (a_open || b_open) {
-            tokio::select! {
-                changed = flow.changed() => if changed.is_err() { break },
-                r = ar.read(&mut buf_a), if a_open => match r {
-                    Ok(n) if n > 0 => {
-                        if bw.write_all(&buf_a[..n]).await.is_err() {
-                            break;
-                        }
-                        bytes.fetch_add(n as u64, Ordering::Relaxed);
-                    }
-                    _ => {
-                        a_open = false;
-                        let _ = bw.shutdown().await;
-                    }
-                },
-                r = br.read(&mut buf_b), if b_open => match r {
-                    Ok(n) if n > 0 => {
-                        if aw.write_all(&buf_b[..n]).await.is_err() {
-                            break;
-                        }
-                        bytes.fetch_add(n as u64, Ordering::Relaxed);
-                    }
-                    _ => {
-                        b_open = false;
-                        let _ = aw.shutdown().await;
-                    }
-                },
-            }
-        }
-        if !a_open && !b_open {
-            return;
-        }
-    }
-    // Frozen: hold both sockets, read nothing, until told to reset (or the proxy is gone).
-    while *flow.borrow_and_update() == Flow::Freeze {
-        if flow.changed().await.is_err() {
-            break;
-        }
-    }
-    let _ = a.set_zero_linger();
-    let _ = b.set_zero_linger();
 }
 
 // ---- raw tunnel commands ----
@@ -526,7 +370,7 @@ async fn drive_to(server: &TestServer, ctl: &mut Ctl, vmid: u32, phase: Phase) -
     let drivestr = disk["drivestr"].as_str().unwrap().to_string();
     let volid = disk["volid"].as_str().unwrap().to_string();
     assert_eq!(volid, format!("local:{vmid}/{}", disk_name(vmid)));
-    assert!(local_images(server, vmid).join(disk_name(vmid)).exists());
+    assert!(server.images(vmid).join(disk_name(vmid)).exists());
     let mut created = Created {
         volumes: vec![disk_name(vmid)],
         qemu: false,
@@ -1109,7 +953,7 @@ async fn failing_qemu_img_on_disk_alloc() {
         let msg = reply["msg"].as_str().unwrap_or("");
         assert!(msg.contains("injected failure"), "{msg}");
         // No partial volume right after the failed command.
-        let vols: Vec<_> = std::fs::read_dir(local_images(&server, vmid))
+        let vols: Vec<_> = std::fs::read_dir(server.images(vmid))
             .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
             .unwrap_or_default();
         assert!(vols.is_empty(), "failed alloc left {vols:?}");
@@ -1146,7 +990,7 @@ async fn import_mid_stream(server: &TestServer, port: u16, ctl: &mut Ctl, vmid: 
     for chunk in data.chunks(64 * 1024) {
         ws.send(Message::binary(chunk.to_vec())).await.unwrap();
     }
-    let vol = local_images(server, vmid).join(&name);
+    let vol = server.images(vmid).join(&name);
     let written = eventually(Duration::from_secs(30), || {
         use std::os::unix::fs::MetadataExt;
         std::fs::metadata(&vol).is_ok_and(|m| m.blocks() * 512 >= 2 << 20)
@@ -1344,7 +1188,7 @@ async fn live_case(fault: LiveFault, phase: LivePhase, vmid: u32) {
     let (args, created) = match phase {
         LivePhase::Mirror => {
             create_vm(&src, vmid, 128, &["local:64M:qcow2"]).await;
-            let img = local_images(&src, vmid).join(format!("vm-{vmid}-disk-0.qcow2"));
+            let img = src.images(vmid).join(format!("vm-{vmid}-disk-0.qcow2"));
             qemu_io("qcow2", "write -P 0x44 0 64M", &img);
             start_with_ram(&src, vmid, 1).await;
             (
@@ -1386,7 +1230,7 @@ async fn live_case(fault: LiveFault, phase: LivePhase, vmid: u32) {
         ),
         LivePhase::Ram => (dst.run.join(format!("{vmid}.migrate")), 4u64 << 20),
     };
-    let target_img = local_images(&dst, vmid).join(format!("vm-{vmid}-disk-0.qcow2"));
+    let target_img = dst.images(vmid).join(format!("vm-{vmid}-disk-0.qcow2"));
     let under_way = eventually(Duration::from_secs(60), || {
         sock.exists()
             && proxy.bytes() >= min_bytes
@@ -1528,7 +1372,7 @@ async fn storage_full_during_offline_import() {
             ..Options::default()
         });
         create_vm(&src, vmid, 64, &["local:16M:raw"]).await;
-        let img = local_images(&src, vmid).join(disk_name(vmid));
+        let img = src.images(vmid).join(disk_name(vmid));
         qemu_io("raw", "write -P 0x5a 0 16M", &img);
         let conf_before = conf_of(&src, vmid);
         let run = spawn_migrate(&src, &dst, dst.port, vmid, "small", &[]);
@@ -1577,7 +1421,7 @@ async fn failing_qemu_img_during_offline_import() {
             ..Options::default()
         });
         create_vm(&src, vmid, 64, &["local:8M:raw"]).await;
-        let img = local_images(&src, vmid).join(disk_name(vmid));
+        let img = src.images(vmid).join(disk_name(vmid));
         qemu_io("raw", "write -P 0x6b 0 2M", &img);
         let conf_before = conf_of(&src, vmid);
         let run = spawn_migrate(&src, &dst, dst.port, vmid, "local", &[]);
@@ -1827,12 +1671,12 @@ async fn cleanup_command_frees_dead_tunnel_while_down() {
         drive_to(&server, &mut ctl, vmid, Phase::Config).await;
         // Other leftovers: an orphaned volume without config, a stale socket; and a VM
         // with its config and volume that must stay.
-        let orphan = local_images(&server, 342).join("vm-342-disk-0.raw");
+        let orphan = server.images(342).join("vm-342-disk-0.raw");
         std::fs::create_dir_all(orphan.parent().unwrap()).unwrap();
         std::fs::write(&orphan, vec![1u8; 4096]).unwrap();
         let stale = server.run.join("343.migrate");
         drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
-        let kept = local_images(&server, 344).join("vm-344-disk-0.raw");
+        let kept = server.images(344).join("vm-344-disk-0.raw");
         std::fs::create_dir_all(kept.parent().unwrap()).unwrap();
         std::fs::write(&kept, vec![2u8; 4096]).unwrap();
         let kept_conf = "memory: 64\nscsi0: local:344/vm-344-disk-0.raw,format=raw,size=4K\n";
@@ -1851,7 +1695,7 @@ async fn cleanup_command_frees_dead_tunnel_while_down() {
         }
         assert!(!listed.contains("vm-344-disk-0.raw"), "{listed}");
         assert!(orphan.exists() && stale.exists() && server.vm_config(vmid).exists());
-        assert!(local_images(&server, vmid).join(disk_name(vmid)).exists());
+        assert!(server.images(vmid).join(disk_name(vmid)).exists());
 
         let freed = mt_ok(&server, &["cleanup"]).await;
         assert!(freed.contains(&disk_name(vmid)), "{freed}");
@@ -1883,7 +1727,7 @@ async fn destroy_skiplock_frees_unreferenced_volumes() {
     bounded(60, async {
         let vmid = 345;
         let server = target("");
-        let dir = local_images(&server, vmid);
+        let dir = server.images(vmid);
         std::fs::create_dir_all(&dir).unwrap();
         for n in 0..2 {
             std::fs::write(dir.join(format!("vm-{vmid}-disk-{n}.raw")), vec![3u8; 4096]).unwrap();

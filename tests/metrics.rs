@@ -62,6 +62,13 @@ fn value(text: &str, series: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
+/// The value of the sample `series` in the scrape `text`; a missing series fails the test
+/// with the whole scrape (a counter that was never exposed is not a zero).
+#[track_caller]
+fn sample(text: &str, series: &str) -> f64 {
+    value(text, series).unwrap_or_else(|| panic!("no series {series} in the scrape:\n{text}"))
+}
+
 /// `promtool check metrics` on `text`: must exit 0 and report nothing.
 fn promtool_check(text: &str) {
     use std::io::Write;
@@ -158,7 +165,7 @@ async fn metrics_after_a_real_migration_pass_promtool_and_count_it() {
     println!("GET /metrics after the migration:\n{text}");
     promtool_check(&text);
 
-    let v = |series: &str| value(&text, series).unwrap_or(0.0);
+    let v = |series: &str| sample(&text, series);
     assert_eq!(v("mtunnel_tunnels_open"), 0.0, "{text}");
     assert_eq!(v("mtunnel_tunnels_opened_total"), 1.0, "{text}");
     assert!(
@@ -272,7 +279,7 @@ async fn failures_are_counted_by_kind_and_reason(dst: &TestServer) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     promtool_check(&text);
-    let v = |series: &str| value(&text, series).unwrap_or(-1.0);
+    let v = |series: &str| sample(&text, series);
     assert_eq!(v("mtunnel_tunnels_opened_total"), 2.0, "{text}");
     assert_eq!(v("mtunnel_tunnels_open"), 0.0, "{text}");
     assert_eq!(

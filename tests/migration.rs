@@ -2,8 +2,11 @@
 //! online with two disks and RAM content, online with 4 RAM streams (multifd) and with a
 //! target that offers none, offline, and the faults of issue 4 (the tunnel
 //! cut during disk import, drive-mirror and RAM migration; the target's QEMU killed during
-//! drive-mirror; refusing targets; bad `start` replies). After every fault: the source VM runs (if it ran) and is unlocked, and the
-//! target holds no config, volume, socket or QEMU process of the VM.
+//! drive-mirror; refusing targets; bad `start` replies). A cut strikes only once its phase
+//! has moved data, seen from outside: bytes through the proxy since the phase's socket
+//! appeared and, for a disk, bytes in the target's volume. After every fault: the source VM
+//! runs (if it ran) and is unlocked, and the target holds no config, volume, socket or QEMU
+//! process of the VM.
 //!
 //! QEMU must be installed (`.ci/install-qemu.sh`, run by `scripts/test-all.sh`); a missing
 //! QEMU fails these tests with that hint instead of skipping them.
@@ -11,44 +14,14 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use common::proxy::FaultProxy;
 use common::tcg_node as node;
 use common::{
-    Options, TestServer, blob, migrate_online_ok, mt, mt_ok, pid_of, qemu_io, qmp, require_qemu,
-    target_arg,
+    Options, TestServer, assert_identical, bounded, eventually, migrate_online_ok, mt, mt_ok,
+    pid_of, qemu_io, qmp, require_qemu, start_with_ram, target_arg,
 };
-use tokio::net::{TcpListener, TcpStream};
-
-fn images(node: &TestServer, vmid: u32) -> PathBuf {
-    node.data
-        .parent()
-        .unwrap()
-        .join(format!("s/local/images/{vmid}"))
-}
-
-fn image(node: &TestServer, vmid: u32, name: &str) -> PathBuf {
-    images(node, vmid).join(name)
-}
-
-fn compare(a: &Path, b: &Path) {
-    let out = std::process::Command::new("qemu-img")
-        .args(["compare", "-U"])
-        .arg(a)
-        .arg(b)
-        .output()
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "Images are identical.",
-        "{} vs {}: {}",
-        a.display(),
-        b.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// A VM with a qcow2 and a raw disk holding known data.
 async fn create_vm(src: &TestServer, vmid: u32, memory: u32, disks: &[&str]) {
@@ -64,34 +37,12 @@ async fn create_vm(src: &TestServer, vmid: u32, memory: u32, disks: &[&str]) {
     mt_ok(src, &args).await;
 }
 
-/// Starts the VM with `ram_mib` of random data loaded at 16 MiB.
-async fn start_with_ram(src: &TestServer, vmid: u32, ram_mib: usize) -> PathBuf {
-    let blob_path = src.data.parent().unwrap().join(format!("blob{vmid}"));
-    blob(&blob_path, ram_mib << 20);
-    let loader = format!(
-        "loader,file={},addr=16777216,force-raw=on",
-        blob_path.display()
-    );
-    mt_ok(
-        src,
-        &[
-            "vm",
-            "start",
-            &vmid.to_string(),
-            "--qemu-arg=-device",
-            &format!("--qemu-arg={loader}"),
-        ],
-    )
-    .await;
-    blob_path
-}
-
 /// The target holds nothing of `vmid`: no config, volume, socket, QEMU log or QEMU.
 async fn assert_target_clean(target: &TestServer, vmid: u32) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let conf = target.vm_config(vmid).exists();
-        let vols: Vec<_> = std::fs::read_dir(images(target, vmid))
+        let vols: Vec<_> = std::fs::read_dir(target.images(vmid))
             .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
             .unwrap_or_default();
         let sockets: Vec<_> = std::fs::read_dir(&target.run)
@@ -162,12 +113,12 @@ async fn online_migration_moves_ram_and_two_disks() {
     qemu_io(
         "qcow2",
         "write -P 0xab 0 10M",
-        &image(&src, 100, "vm-100-disk-0.qcow2"),
+        &src.images(100).join("vm-100-disk-0.qcow2"),
     );
     qemu_io(
         "raw",
         "write -P 0xcd 1M 5M",
-        &image(&src, 100, "vm-100-disk-1.raw"),
+        &src.images(100).join("vm-100-disk-1.raw"),
     );
     let blob_path = start_with_ram(&src, 100, 32).await;
     let src_pid = pid_of(&src, 100).unwrap();
@@ -180,13 +131,13 @@ async fn online_migration_moves_ram_and_two_disks() {
     assert_running_with_ram(&dst, 100, &blob_path).await;
     // The source stopped; compare disks now that nothing writes them.
     wait_exit(src_pid).await;
-    compare(
-        &image(&src, 100, "vm-100-disk-0.qcow2"),
-        &image(&dst, 100, "vm-100-disk-0.qcow2"),
+    assert_identical(
+        &src.images(100).join("vm-100-disk-0.qcow2"),
+        &dst.images(100).join("vm-100-disk-0.qcow2"),
     );
-    compare(
-        &image(&src, 100, "vm-100-disk-1.raw"),
-        &image(&dst, 100, "vm-100-disk-1.raw"),
+    assert_identical(
+        &src.images(100).join("vm-100-disk-1.raw"),
+        &dst.images(100).join("vm-100-disk-1.raw"),
     );
     let dst_conf = std::fs::read_to_string(dst.vm_config(100)).unwrap();
     assert!(!dst_conf.contains("lock:"), "{dst_conf}");
@@ -216,7 +167,7 @@ async fn online_migration_with_four_streams_uses_multifd() {
     qemu_io(
         "qcow2",
         "write -P 0xab 0 10M",
-        &image(&src, 104, "vm-104-disk-0.qcow2"),
+        &src.images(104).join("vm-104-disk-0.qcow2"),
     );
     let blob_path = start_with_ram(&src, 104, 32).await;
     let src_pid = pid_of(&src, 104).unwrap();
@@ -264,9 +215,9 @@ async fn online_migration_with_four_streams_uses_multifd() {
 
     assert_running_with_ram(&dst, 104, &blob_path).await;
     wait_exit(src_pid).await;
-    compare(
-        &image(&src, 104, "vm-104-disk-0.qcow2"),
-        &image(&dst, 104, "vm-104-disk-0.qcow2"),
+    assert_identical(
+        &src.images(104).join("vm-104-disk-0.qcow2"),
+        &dst.images(104).join("vm-104-disk-0.qcow2"),
     );
     let dst_conf = std::fs::read_to_string(dst.vm_config(104)).unwrap();
     assert!(!dst_conf.contains("lock:"), "{dst_conf}");
@@ -348,19 +299,19 @@ async fn offline_migration_copies_config_and_volumes() {
     qemu_io(
         "qcow2",
         "write -P 0x11 0 3M",
-        &image(&src, 101, "vm-101-disk-0.qcow2"),
+        &src.images(101).join("vm-101-disk-0.qcow2"),
     );
     qemu_io(
         "raw",
         "write -P 0x22 2M 2M",
-        &image(&src, 101, "vm-101-disk-1.raw"),
+        &src.images(101).join("vm-101-disk-1.raw"),
     );
     let conf_before = std::fs::read_to_string(src.vm_config(101)).unwrap();
     // --delete removes the sources: keep copies to compare the imported disks with.
     let keep = src.data.parent().unwrap().join("keep");
     std::fs::create_dir_all(&keep).unwrap();
     for name in ["vm-101-disk-0.qcow2", "vm-101-disk-1.raw"] {
-        std::fs::copy(image(&src, 101, name), keep.join(name)).unwrap();
+        std::fs::copy(src.images(101).join(name), keep.join(name)).unwrap();
     }
     mt_ok(
         &src,
@@ -384,65 +335,19 @@ async fn offline_migration_copies_config_and_volumes() {
         std::fs::read_to_string(dst.vm_config(201)).unwrap(),
         expected
     );
-    compare(
+    assert_identical(
         &keep.join("vm-101-disk-0.qcow2"),
-        &image(&dst, 201, "vm-201-disk-0.qcow2"),
+        &dst.images(201).join("vm-201-disk-0.qcow2"),
     );
-    compare(
+    assert_identical(
         &keep.join("vm-101-disk-1.raw"),
-        &image(&dst, 201, "vm-201-disk-1.raw"),
+        &dst.images(201).join("vm-201-disk-1.raw"),
     );
-    let meta = std::fs::metadata(image(&dst, 201, "vm-201-disk-1.raw")).unwrap();
+    let meta = std::fs::metadata(dst.images(201).join("vm-201-disk-1.raw")).unwrap();
     assert_eq!(meta.len(), 8 << 20);
     // --delete removed the source.
     assert!(!src.vm_config(101).exists());
-    assert!(!images(&src, 101).join("vm-101-disk-0.qcow2").exists());
-}
-
-/// A TCP relay in front of the target that a test can cut.
-struct CutProxy {
-    port: u16,
-    cut: Arc<AtomicBool>,
-    conns: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
-    accept: tokio::task::JoinHandle<()>,
-}
-
-impl CutProxy {
-    async fn start(upstream: u16) -> CutProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let cut = Arc::new(AtomicBool::new(false));
-        let conns: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
-        let (c2, conns2) = (Arc::clone(&cut), Arc::clone(&conns));
-        let accept = tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                if c2.load(Ordering::SeqCst) {
-                    continue;
-                }
-                let task = tokio::spawn(async move {
-                    if let Ok(mut out) = TcpStream::connect(("127.0.0.1", upstream)).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
-                    }
-                });
-                conns2.lock().unwrap().push(task);
-            }
-        });
-        CutProxy {
-            port,
-            cut,
-            conns,
-            accept,
-        }
-    }
-
-    /// Drops every connection and refuses new ones.
-    fn cut(&self) {
-        self.cut.store(true, Ordering::SeqCst);
-        for c in self.conns.lock().unwrap().drain(..) {
-            c.abort();
-        }
-        self.accept.abort();
-    }
+    assert!(!src.images(101).join("vm-101-disk-0.qcow2").exists());
 }
 
 async fn wait_for(path: &Path, secs: u64) {
@@ -457,16 +362,134 @@ async fn wait_for(path: &Path, secs: u64) {
     }
 }
 
-/// Runs `mtunnel migrate` through a proxy and cuts it once `when` exists on the target.
-async fn migrate_and_cut(
-    src: &TestServer,
+/// The phase of a migration a cut lands in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Offline: a 64 MiB raw disk imported at 8 MiB/s.
+    DiskImport,
+    /// Online: a 64 MiB qcow2 disk mirrored at 4 MiB/s.
+    DriveMirror,
+    /// Online, no disks: 96 MiB of RAM data at 8 MiB/s.
+    Ram,
+}
+
+impl Phase {
+    /// The VM on `src` and the `migrate` arguments that run into this phase slowly.
+    async fn prepare(self, src: &TestServer, vmid: u32) -> &'static [&'static str] {
+        let disk = src
+            .images(vmid)
+            .join(format!("vm-{vmid}-disk-0.{}", self.format()));
+        match self {
+            Phase::DiskImport => {
+                create_vm(src, vmid, 128, &["local:64M:raw"]).await;
+                qemu_io("raw", "write -P 0x33 0 64M", &disk);
+                &["--bwlimit", "8192"]
+            }
+            Phase::DriveMirror => {
+                create_vm(src, vmid, 128, &["local:64M:qcow2"]).await;
+                qemu_io("qcow2", "write -P 0x44 0 64M", &disk);
+                start_with_ram(src, vmid, 1).await;
+                &["--online", "--bwlimit", "4096"]
+            }
+            Phase::Ram => {
+                create_vm(src, vmid, 256, &[]).await;
+                start_with_ram(src, vmid, 96).await;
+                &["--online", "--bwlimit", "8192"]
+            }
+        }
+    }
+
+    fn format(self) -> &'static str {
+        if self == Phase::DriveMirror {
+            "qcow2"
+        } else {
+            "raw"
+        }
+    }
+
+    /// The target's socket of this phase: the phase has begun once it exists.
+    fn socket(self, dst: &TestServer, vmid: u32) -> PathBuf {
+        let name = match self {
+            Phase::DiskImport => format!("{vmid}.storage"),
+            Phase::DriveMirror => format!("{vmid}_nbd.migrate"),
+            Phase::Ram => format!("{vmid}.migrate"),
+        };
+        dst.run.join(name)
+    }
+}
+
+/// Bytes allocated to the files in `dir` (what a disk import or mirror has written).
+fn allocated(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.blocks() * 512)
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Waits until `phase` has demonstrably moved data, seen from outside: its socket exists
+/// on the target and, after that, 4 MiB went through the proxy and (for a disk) 4 MiB
+/// landed in the target's volume; but the phase has not finished (the volume or the RAM
+/// data is not complete) and the migration still runs. Returns what it saw.
+async fn wait_under_way(
+    phase: Phase,
     dst: &TestServer,
     vmid: u32,
-    extra: &[&str],
-    when: PathBuf,
+    proxy: &FaultProxy,
+    run: &tokio::task::JoinHandle<std::process::Output>,
 ) -> String {
-    let proxy = CutProxy::start(dst.port).await;
-    let target = target_arg(dst, proxy.port);
+    wait_for(&phase.socket(dst, vmid), 60).await;
+    let at_socket = proxy.bytes();
+    let (moved, landed) = (
+        || proxy.bytes() - at_socket,
+        || allocated(&dst.images(vmid)),
+    );
+    let under_way = eventually(Duration::from_secs(60), || {
+        moved() >= 4 << 20 && (phase == Phase::Ram || landed() >= 4 << 20)
+    })
+    .await;
+    let seen = format!(
+        "{phase:?}: {} bytes through the proxy since its socket appeared, {} bytes in the \
+         target's volumes",
+        moved(),
+        landed()
+    );
+    assert!(
+        under_way,
+        "{seen} - the phase never got under way\n{}",
+        dst.log()
+    );
+    assert!(
+        !run.is_finished(),
+        "{seen} - the migration ended before the cut"
+    );
+    // 64 MiB disks, 96 MiB of RAM data: the phase is still in its middle.
+    let total = if phase == Phase::Ram {
+        96 << 20
+    } else {
+        64 << 20
+    };
+    assert!(
+        landed() < total && moved() < total,
+        "{seen} - the phase finished before the cut"
+    );
+    seen
+}
+
+/// Migrates a VM through a proxy, resets the tunnel in the middle of `phase`, and checks
+/// that the migration fails, the source is as before (running if it ran, unlocked) and the
+/// target holds nothing of the VM.
+async fn cut_case(phase: Phase, vmid: u32) {
+    let src = node("src1");
+    let dst = node("dst1");
+    let extra = phase.prepare(&src, vmid).await;
+    let conf_before = std::fs::read_to_string(src.vm_config(vmid)).unwrap();
+    let proxy = FaultProxy::start(dst.port).await;
+    let target = target_arg(&dst, proxy.port);
     let vmid_s = vmid.to_string();
     let mut args = vec![
         "migrate",
@@ -484,96 +507,50 @@ async fn migrate_and_cut(
         cmd.args(&args)
             .arg("--config")
             .arg(&config)
-            .env("MTUNNEL_LOG", "warn");
-        tokio::time::timeout(Duration::from_secs(120), cmd.output()).await
+            .env("MTUNNEL_LOG", "warn")
+            .kill_on_drop(true);
+        cmd.output().await.expect("running mtunnel migrate")
     });
-    wait_for(&when, 60).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    proxy.cut();
-    let out = run
+    let seen = wait_under_way(phase, &dst, vmid, &proxy, &run).await;
+    eprintln!("cutting: {seen}");
+    proxy.reset();
+    let out = tokio::time::timeout(Duration::from_secs(120), run)
         .await
-        .unwrap()
-        .expect("migrate ended within 120 s")
+        .expect("migrate ended within 120 s after the cut")
         .unwrap();
-    assert!(!out.status.success(), "migration must fail after the cut");
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "migration must fail after the cut ({seen}): {err}"
+    );
+    assert!(err.contains("migration failed"), "{err}");
+    if phase == Phase::DiskImport {
+        assert_eq!(
+            std::fs::read_to_string(src.vm_config(vmid)).unwrap(),
+            conf_before
+        );
+    } else {
+        assert_source_running_unlocked(&src, vmid, &conf_before).await;
+    }
+    assert_target_clean(&dst, vmid).await;
+    if phase != Phase::DiskImport {
+        mt_ok(&src, &["vm", "stop", &vmid_s]).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cut_during_disk_import_leaves_nothing() {
-    let src = node("src1");
-    let dst = node("dst1");
-    create_vm(&src, 102, 128, &["local:64M:raw"]).await;
-    qemu_io(
-        "raw",
-        "write -P 0x33 0 64M",
-        &image(&src, 102, "vm-102-disk-0.raw"),
-    );
-    let conf_before = std::fs::read_to_string(src.vm_config(102)).unwrap();
-    // 8 MiB/s: the import of 64 MiB takes ~8 s, the cut lands in its middle.
-    let err = migrate_and_cut(
-        &src,
-        &dst,
-        102,
-        &["--bwlimit", "8192"],
-        dst.run.join("102.storage"),
-    )
-    .await;
-    assert!(err.contains("migration failed"), "{err}");
-    assert_eq!(
-        std::fs::read_to_string(src.vm_config(102)).unwrap(),
-        conf_before
-    );
-    assert_target_clean(&dst, 102).await;
+    bounded(240, cut_case(Phase::DiskImport, 102)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cut_during_drive_mirror_leaves_nothing() {
-    let src = node("src1");
-    let dst = node("dst1");
-    create_vm(&src, 103, 128, &["local:64M:qcow2"]).await;
-    qemu_io(
-        "qcow2",
-        "write -P 0x44 0 64M",
-        &image(&src, 103, "vm-103-disk-0.qcow2"),
-    );
-    start_with_ram(&src, 103, 1).await;
-    let conf_before = std::fs::read_to_string(src.vm_config(103)).unwrap();
-    // The mirror runs at 4 MiB/s: 16 s for the disk.
-    let err = migrate_and_cut(
-        &src,
-        &dst,
-        103,
-        &["--online", "--bwlimit", "4096"],
-        dst.run.join("103_nbd.migrate"),
-    )
-    .await;
-    assert!(err.contains("migration failed"), "{err}");
-    assert_source_running_unlocked(&src, 103, &conf_before).await;
-    assert_target_clean(&dst, 103).await;
-    mt_ok(&src, &["vm", "stop", "103"]).await;
+    bounded(240, cut_case(Phase::DriveMirror, 103)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cut_during_ram_migration_leaves_nothing() {
-    let src = node("src1");
-    let dst = node("dst1");
-    create_vm(&src, 104, 256, &[]).await;
-    start_with_ram(&src, 104, 96).await;
-    let conf_before = std::fs::read_to_string(src.vm_config(104)).unwrap();
-    // RAM at 8 MiB/s: ~12 s for the 96 MiB of data.
-    let err = migrate_and_cut(
-        &src,
-        &dst,
-        104,
-        &["--online", "--bwlimit", "8192"],
-        dst.run.join("104.migrate"),
-    )
-    .await;
-    assert!(err.contains("migration failed"), "{err}");
-    assert_source_running_unlocked(&src, 104, &conf_before).await;
-    assert_target_clean(&dst, 104).await;
-    mt_ok(&src, &["vm", "stop", "104"]).await;
+    bounded(240, cut_case(Phase::Ram, 104)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -584,7 +561,7 @@ async fn target_qemu_killed_during_drive_mirror_leaves_nothing() {
     qemu_io(
         "qcow2",
         "write -P 0x55 0 64M",
-        &image(&src, 108, "vm-108-disk-0.qcow2"),
+        &src.images(108).join("vm-108-disk-0.qcow2"),
     );
     start_with_ram(&src, 108, 1).await;
     let conf_before = std::fs::read_to_string(src.vm_config(108)).unwrap();
@@ -611,7 +588,7 @@ async fn target_qemu_killed_during_drive_mirror_leaves_nothing() {
     });
     wait_for(&dst.run.join("108_nbd.migrate"), 60).await;
     // Kill only once the mirror writes into the target volume.
-    let target_image = image(&dst, 108, "vm-108-disk-0.qcow2");
+    let target_image = dst.images(108).join("vm-108-disk-0.qcow2");
     let deadline = Instant::now() + Duration::from_secs(60);
     while std::fs::metadata(&target_image).map_or(0, |m| m.len()) < 2 << 20 {
         assert!(Instant::now() < deadline, "the mirror wrote nothing");

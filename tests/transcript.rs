@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{NODE, Options, TestServer, Tunnel, bounded, pct};
+use common::{NODE, Options, TestServer, Tunnel, assert_identical, bounded, pct};
 use futures_util::{SinkExt, StreamExt};
 use mtunnel::client::ws::WsStream;
 use serde_json::{Value, json};
@@ -155,30 +155,6 @@ fn virtual_size(path: &Path) -> u64 {
     info["virtual-size"].as_u64().unwrap()
 }
 
-fn assert_identical(a: &Path, b: &Path) {
-    let out = Command::new("qemu-img")
-        .args(["compare", "-U", &s(a), &s(b)])
-        .output()
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "Images are identical.",
-        "{} vs {}: {}",
-        a.display(),
-        b.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// `{base}/s/local/images/{vmid}`.
-fn images(server: &TestServer, vmid: u32) -> PathBuf {
-    server
-        .data
-        .parent()
-        .unwrap()
-        .join(format!("s/local/images/{vmid}"))
-}
-
 /// The URL the tunnel client opens for a forwarded connection: the `forward` URL
 /// (`?socket=..&`) with `ticket=` appended.
 fn forward_url(server: &TestServer, vmid: u32, socket: &str, ticket: &str) -> String {
@@ -308,10 +284,10 @@ async fn live_transcript_then_failure_cleanup() {
         // Things the tunnel did not create and must leave alone: another VM with a volume,
         // and a stray volume of this VMID.
         std::fs::write(server.vm_config(100), "memory: 64\n").unwrap();
-        std::fs::create_dir_all(images(&server, 100)).unwrap();
-        std::fs::write(images(&server, 100).join("vm-100-disk-0.raw"), b"other").unwrap();
-        std::fs::create_dir_all(images(&server, vmid)).unwrap();
-        std::fs::write(images(&server, vmid).join("vm-567-disk-9.raw"), b"stray").unwrap();
+        std::fs::create_dir_all(server.images(100)).unwrap();
+        std::fs::write(server.images(100).join("vm-100-disk-0.raw"), b"other").unwrap();
+        std::fs::create_dir_all(server.images(vmid)).unwrap();
+        std::fs::write(server.images(vmid).join("vm-567-disk-9.raw"), b"stray").unwrap();
 
         let tunnel = server.open_tunnel(vmid).await;
         let mut ctl = Ctl::open(&server, &tunnel).await;
@@ -356,7 +332,7 @@ async fn live_transcript_then_failure_cleanup() {
             "local:567/vm-567-disk-1.raw",
         )
         .await;
-        let imported = images(&server, vmid);
+        let imported = server.images(vmid);
         assert_identical(&src_qcow2, &imported.join("vm-567-disk-0.qcow2"));
         assert_identical(&src_raw, &imported.join("vm-567-disk-1.raw"));
         assert!(
@@ -518,7 +494,7 @@ async fn live_transcript_then_failure_cleanup() {
             "memory: 64\n"
         );
         assert_eq!(
-            std::fs::read(images(&server, 100).join("vm-100-disk-0.raw")).unwrap(),
+            std::fs::read(server.images(100).join("vm-100-disk-0.raw")).unwrap(),
             b"other"
         );
         assert_eq!(
@@ -611,7 +587,7 @@ async fn offline_transcript_imports_and_unlocks() {
             std::fs::read_to_string(server.vm_config(vmid)).unwrap(),
             body
         );
-        let images = images(&server, vmid);
+        let images = server.images(vmid);
         assert_eq!(
             dir_names(&images),
             ["vm-567-disk-0.qcow2", "vm-567-disk-1.raw"]

@@ -9,7 +9,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -175,14 +175,6 @@ fn raw_image(size: usize, seed: u8) -> Vec<u8> {
     data
 }
 
-fn images(server: &TestServer, vmid: u32) -> PathBuf {
-    server
-        .data
-        .parent()
-        .unwrap()
-        .join(format!("s/local/images/{vmid}"))
-}
-
 /// Pushes a `raw+size` stream of `data` into the local forwarded socket, as the source's
 /// `pvesm export` does, and half-closes it.
 async fn push_raw(local: &Path, data: &[u8]) {
@@ -285,7 +277,7 @@ async fn relays_commands_and_forwards_imports_like_pve() {
                 json!({"status": "complete", "volid": format!("local:567/{volname}"), "success": true})
             );
             assert!(
-                std::fs::read(images(&server, 567).join(&volname)).unwrap() == data,
+                std::fs::read(server.images(567).join(&volname)).unwrap() == data,
                 "{volname} differs from what was streamed"
             );
         }
@@ -309,7 +301,7 @@ async fn relays_commands_and_forwards_imports_like_pve() {
         assert_eq!(task["exitstatus"], "OK", "{task}");
         assert!(!server.vm_config(567).exists());
         assert!(
-            std::fs::read_dir(images(&server, 567))
+            std::fs::read_dir(server.images(567))
                 .map(|rd| rd.count() == 0)
                 .unwrap_or(true),
             "quit with cleanup left volumes"

@@ -2,8 +2,9 @@
 //! tunnel client and pveproxy's rules shape it: the control channel, lenient handshakes
 //! (no `Connection: Upgrade`, subprotocols echoed), hand-built frames (all-zero masks, split
 //! and joined lines, text frames, frames over 128 KiB, pings), close → EOF for the worker,
-//! every refused ticket or socket, a stalled client next to a working one, and what
-//! `GET /nodes/{node}/mtunnel-status` counts of a tunnel's streams.
+//! every refused ticket or socket (exact status and message), a stalled client next to a
+//! working one, the largest command line, and what `GET /nodes/{node}/mtunnel-status`
+//! counts of a tunnel's streams. No latency is asserted here: `mtunnel bench` measures it.
 //!
 //! The relay's byte-exactness over >1 GiB (hashed on both ends) is tested in-process at the
 //! library level, where both ends are under the test's control; the data sockets (imports,
@@ -17,7 +18,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{NODE, Options, TestServer, Tunnel, bounded, mint_tunnel_ticket, now, pct};
+use common::{
+    NODE, Options, TestServer, Tunnel, bounded, mint_tunnel_ticket, now, pct, random_qcow2,
+};
 use futures_util::{SinkExt, StreamExt};
 use mtunnel::client::ApiError;
 use mtunnel::client::ws::WsStream;
@@ -27,6 +30,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 const VERSION_CMD: &[u8] = b"{\"cmd\":\"version\"}\n";
 
@@ -376,12 +380,17 @@ async fn close_ends_worker_with_eof() {
         let mut ws = server.connect(&t).await;
         assert_eq!(roundtrip(&mut ws, VERSION_CMD).await, version_reply());
         ws.close(None).await.unwrap();
-        // The worker sees EOF, ends, and the forwarder closes our side too.
-        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
-            Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Ok(Some(Err(_))) => {}
-            Ok(Some(Ok(other))) => panic!("unexpected message after close: {other:?}"),
-            Err(_) => panic!("no close from the server"),
+        // The server answers the close with its own (code 1000), then the stream ends;
+        // the worker sees EOF and ends.
+        let next = tokio::time::timeout(Duration::from_secs(10), ws.next()).await;
+        match next {
+            Ok(Some(Ok(Message::Close(Some(frame))))) => {
+                assert_eq!(frame.code, CloseCode::Normal, "{frame:?}");
+            }
+            other => panic!("expected the server's close frame, got {other:?}"),
         }
+        let end = tokio::time::timeout(Duration::from_secs(10), ws.next()).await;
+        assert!(matches!(end, Ok(None)), "{end:?}");
         let status = server.wait_stopped(&t.upid, 10).await;
         assert_eq!(status["exitstatus"], "mtunnel exited unexpectedly");
         assert_eq!(
@@ -410,22 +419,14 @@ async fn control_socket_takes_one_connection() {
         let mut ws = server.connect(&t).await;
         assert_eq!(roundtrip(&mut ws, VERSION_CMD).await, version_reply());
         let err = server.connect_as(&t, &server.root_token).await.unwrap_err();
-        assert_eq!(err.status(), Some(500), "{err:?}");
-        let ApiError::Http { message, .. } = &err else {
-            unreachable!()
-        };
-        assert!(
-            message.starts_with(&format!("unable to connect to socket '{}' - ", t.socket)),
-            "{message}"
-        );
+        let taken = already_connected(&t);
         // What the error displays (a tunnel client's log line) carries the message too.
-        assert!(
-            err.to_string().starts_with(&format!(
-                "500 unable to connect to socket '{}' - ",
-                t.socket
-            )),
-            "{err}"
+        assert_eq!(
+            err.to_string().trim_end(),
+            format!("500 {taken}"),
+            "{err:?}"
         );
+        assert_refused(Err(err), 500, &taken);
         // The first connection is unaffected.
         assert_eq!(roundtrip(&mut ws, VERSION_CMD).await, version_reply());
     })
@@ -454,7 +455,6 @@ async fn refused_upgrade_leaves_control_socket_unused() {
             reply.starts_with("HTTP/1.0 400 connection cannot be upgraded\r\n"),
             "{reply}"
         );
-        tokio::time::sleep(Duration::from_millis(200)).await;
         let status = server
             .client()
             .get(&format!("/nodes/{NODE}/tasks/{}/status", t.upid), &[])
@@ -526,6 +526,14 @@ async fn plain_get_without_upgrade_returns_socket() {
         );
     })
     .await
+}
+
+/// What a second connection to the control socket of `t` (VM 100) is refused with.
+fn already_connected(t: &Tunnel) -> String {
+    format!(
+        "unable to connect to socket '{}' - the control socket of VM {} is already connected",
+        t.socket, t.vmid
+    )
 }
 
 /// Expects the upgrade to be refused with `status` and body message `msg`.
@@ -683,7 +691,7 @@ async fn bad_tickets_and_sockets_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_client_does_not_stall_other_tunnels() {
-    bounded(90, async {
+    bounded(240, async {
         let server = TestServer::start();
         let slow_t = server.open_tunnel(100).await;
         let fast_t = server.open_tunnel(101).await;
@@ -723,39 +731,33 @@ async fn stalled_client_does_not_stall_other_tunnels() {
             slow
         });
 
-        // Wait until the slow tunnel is stuck: nothing moved for a second.
-        let mut last = 0;
-        let mut still_since = Instant::now();
-        loop {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            let now_sent = sent.load(Ordering::Relaxed);
-            if now_sent != last {
-                last = now_sent;
-                still_since = Instant::now();
-            } else if still_since.elapsed() >= Duration::from_secs(1) {
+        // The slow tunnel is stuck when the server took no command of it while the other
+        // tunnel made 50 round trips and the API answered. Until then the server works
+        // through the commands it buffered (megabytes) and its replies fill the buffers
+        // towards the client: each round is tried again, and every round checks that the
+        // other tunnel and the API answer.
+        let mut fast = server.connect(&fast_t).await;
+        let mut stuck_at = None;
+        for _ in 0..2000 {
+            let before = commands_of(&server, 100).await;
+            for _ in 0..50 {
+                assert_eq!(roundtrip(&mut fast, VERSION_CMD).await, version_reply());
+            }
+            let v = server.client().get("/version", &[]).await.unwrap();
+            assert_eq!(v["repoid"], "mtunnel", "{v}");
+            if commands_of(&server, 100).await == before {
+                stuck_at = Some(before);
                 break;
             }
-            assert!(!writer.is_finished(), "the slow client never stalled");
         }
-
-        // Meanwhile another tunnel and the API answer promptly.
-        let started = Instant::now();
-        let mut fast = server.connect(&fast_t).await;
-        for _ in 0..50 {
-            assert_eq!(roundtrip(&mut fast, VERSION_CMD).await, version_reply());
-        }
-        server.client().get("/version", &[]).await.unwrap();
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "other tunnel took {:?}",
-            started.elapsed()
-        );
+        let stuck_at = stuck_at.expect("the slow tunnel never stopped taking commands");
         assert!(
             !writer.is_finished(),
-            "the slow client got unstuck by itself"
+            "the slow client wrote all its commands: nothing backed up"
         );
+        let last = sent.load(Ordering::Relaxed);
         writer.abort();
-        eprintln!("slow client stalled after {last} bytes of commands");
+        eprintln!("slow tunnel stuck after {stuck_at} commands, {last} bytes of them sent");
     })
     .await
 }
@@ -980,51 +982,32 @@ async fn tls_off_serves_plain_http_and_ws() {
             .await
             .unwrap();
         assert_eq!(roundtrip(&mut ws, VERSION_CMD).await, version_reply());
-        ws.close(None).await.unwrap();
         // TLS against the plain listener fails cleanly instead of hanging.
         let https = url.replace("ws://", "wss://");
         let fp = "AA:".repeat(31) + "AA";
-        assert!(
-            mtunnel::client::ws::connect_opt(&https, &headers, Some(&fp))
-                .await
-                .is_err()
-        );
-        let http = url.replace("ws://", "http://");
-        let err = mtunnel::client::ws::connect_opt(&http, &headers, None)
+        let err = mtunnel::client::ws::connect_opt(&https, &headers, Some(&fp))
             .await
             .unwrap_err();
-        // The control socket accepts one connection only: the second is refused, over HTTP.
-        assert!(err.status().is_some(), "{err}");
+        assert!(matches!(err, ApiError::Connect(_)), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "TLS handshake with 127.0.0.1:{} failed - received corrupt message of type \
+                 InvalidContentType",
+                server.port
+            )
+        );
+        // The control socket accepts one connection only (the first is still open): the
+        // second is refused with the server's answer, over HTTP.
+        let http = url.replace("ws://", "http://");
+        assert_refused(
+            mtunnel::client::ws::connect_opt(&http, &headers, None).await,
+            500,
+            &already_connected(&t),
+        );
+        ws.close(None).await.unwrap();
     })
     .await;
-}
-
-/// A 64 MiB qcow2 image of pseudo-random data, made by qemu-img.
-fn random_qcow2(dir: &std::path::Path) -> std::path::PathBuf {
-    let raw = dir.join("src.raw");
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let data: Vec<u8> = (0..64 << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
-    std::fs::write(&raw, data).unwrap();
-    let img = dir.join("src.qcow2");
-    let out = std::process::Command::new("qemu-img")
-        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
-        .arg(&raw)
-        .arg(&img)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    img
 }
 
 #[tokio::test]
@@ -1221,10 +1204,7 @@ async fn concurrent_upgrades_get_exactly_one_control_connection() {
         let t = server.open_tunnel(100).await;
         let attempts = (0..10).map(|_| server.connect_as(&t, &server.root_token));
         let results = futures_util::future::join_all(attempts).await;
-        let taken = format!(
-            "unable to connect to socket '{}' - the control socket of VM 100 is already connected",
-            t.socket
-        );
+        let taken = already_connected(&t);
         let mut winners = Vec::new();
         for result in results {
             match result {
@@ -1274,82 +1254,31 @@ async fn failed_control_connect_releases_the_claim() {
     .await
 }
 
-/// Median of `samples`.
-fn median(samples: &mut [Duration]) -> Duration {
-    samples.sort();
-    samples[samples.len() / 2]
-}
-
-/// One `GET /version` with a fresh connection (TLS handshake included); its latency.
-async fn version_latency(server: &TestServer) -> Duration {
-    let started = Instant::now();
-    server.client().get("/version", &[]).await.unwrap();
-    started.elapsed()
-}
-
+/// The largest list a line can carry: 1.5 million storages, 13.5 MB (it once held the
+/// runtime for seconds). Each is refused with the schema's words and the tunnel and the
+/// API keep answering. How fast the API answers meanwhile is a figure for the bench, not
+/// a bound for a test on a shared machine.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn api_answers_while_a_worst_case_command_runs() {
+async fn largest_bwlimit_line_is_refused_and_the_tunnel_keeps_answering() {
     bounded(180, async {
         let server = TestServer::start();
         let t = server.open_tunnel(100).await;
         let mut ws = server.connect(&t).await;
-
-        let mut baseline = Vec::new();
-        for _ in 0..15 {
-            baseline.push(version_latency(&server).await);
-        }
-        let baseline = median(&mut baseline);
-
-        // The largest list a line can carry: 1.5 million storages, 13.5 MB. It once held
-        // the runtime for seconds (one stat and copy of the token file per entry).
         let mut line = String::from("{\"cmd\":\"bwlimit\",\"storages\":[");
         line.push_str(&vec!["\"local\""; 1_500_000].join(","));
         line.push_str("]}\n");
-        let line = line.into_bytes();
-        let (done_tx, mut done_rx) = tokio::sync::oneshot::channel();
-        let commands = tokio::spawn(async move {
-            let mut replies = Vec::new();
-            for _ in 0..3 {
-                for chunk in line.chunks(1 << 20) {
-                    ws.send(Message::binary(chunk.to_vec())).await.unwrap();
-                }
-                let started = Instant::now();
-                replies.push((ws_json(&mut ws, &mut Vec::new()).await, started.elapsed()));
+        for _ in 0..3 {
+            for chunk in line.as_bytes().chunks(1 << 20) {
+                ws.send(Message::binary(chunk.to_vec())).await.unwrap();
             }
-            let _ = done_tx.send(());
-            replies
-        });
-        let mut loaded = Vec::new();
-        while done_rx.try_recv().is_err() {
-            loaded.push(version_latency(&server).await);
-        }
-        let replies = commands.await.unwrap();
-        for (reply, took) in &replies {
             assert_eq!(
-                reply,
-                &json!({"success": false, "msg": "failed to handle 'bwlimit' command - 400 Parameter verification failed.\nstorages: array may contain at most 1024 items, got 1500000\n"})
+                ws_json(&mut ws, &mut Vec::new()).await,
+                json!({"success": false, "msg": "failed to handle 'bwlimit' command - 400 Parameter verification failed.\nstorages: array may contain at most 1024 items, got 1500000\n"})
             );
-            eprintln!("worst-case bwlimit answered {took:?} after its last byte");
         }
-        loaded.sort();
-        let worst = loaded[loaded.len() - 1];
-        let p90 = loaded[loaded.len() * 9 / 10];
-        eprintln!(
-            "GET /version: baseline median {baseline:?}; under load p90 {p90:?}, worst {worst:?} \
-             of {} samples",
-            loaded.len()
-        );
-        // p90 rather than the maximum: the machine is shared, and one late sample is noise,
-        // not a stall (a stalled runtime delays every request made during the command).
-        let bound = baseline + Duration::from_millis(100);
-        assert!(
-            p90 < bound,
-            "GET /version slowed by the command: p90 {p90:?}, worst {worst:?}, baseline {baseline:?}"
-        );
-        assert!(
-            worst < baseline + Duration::from_secs(1),
-            "GET /version stalled {worst:?} (baseline {baseline:?})"
-        );
+        assert_eq!(roundtrip(&mut ws, VERSION_CMD).await, version_reply());
+        let v = server.client().get("/version", &[]).await.unwrap();
+        assert_eq!(v["repoid"], "mtunnel", "{v}");
     })
     .await
 }
@@ -1497,6 +1426,20 @@ async fn mtunnel_status_counts_each_tunnels_streams() {
         assert_eq!(after, json!({"node": NODE, "tunnels": [alice_entry]}));
     })
     .await
+}
+
+/// How many commands the tunnel of `vmid` has taken, as `mtunnel-status` counts them.
+async fn commands_of(server: &TestServer, vmid: u32) -> u64 {
+    let status = server
+        .client()
+        .get(&format!("/nodes/{NODE}/mtunnel-status"), &[])
+        .await
+        .unwrap();
+    status["tunnels"]
+        .as_array()
+        .and_then(|ts| ts.iter().find(|t| t["vmid"] == vmid))
+        .and_then(|t| t["commands"].as_u64())
+        .unwrap_or_else(|| panic!("no tunnel of VM {vmid} in {status}"))
 }
 
 /// `POST .../mtunnel` for `vmid` with `token`.

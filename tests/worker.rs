@@ -3,13 +3,17 @@
 //! control socket. Asserts exact reply lines for the wire rules and every bad input, the
 //! sandbox limits, and the cleanup of what a tunnel allocated.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::random_qcow2;
 use mtunnel::auth::acl::{ALL_PRIVILEGES, Acl, AclEntry};
 use mtunnel::config::{ConfigFile, NodeConfig, Overrides};
 use mtunnel::node::Node;
+use mtunnel::task::Upid;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
@@ -74,6 +78,8 @@ fn token(env: &Env, authid: &str, privs: &[&str]) -> String {
 struct Conn {
     read: BufReader<OwnedReadHalf>,
     write: OwnedWriteHalf,
+    /// The tunnel's task.
+    upid: Upid,
 }
 
 impl Conn {
@@ -107,7 +113,20 @@ async fn open(env: &Env, authid: &str, vmid: u32) -> Conn {
     Conn {
         read: BufReader::new(r),
         write: w,
+        upid: opened.upid,
     }
+}
+
+/// Waits (at most 10 s) until the tunnel task `upid` has ended; returns its log lines.
+async fn task_ended(env: &Env, upid: &Upid) -> Vec<String> {
+    for _ in 0..500 {
+        if !env.node.tasks.is_running(upid) {
+            let (lines, _) = env.node.tasks.read_log(upid, 0, 1000).expect("task log");
+            return lines.into_iter().map(|(_, l)| l).collect();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("tunnel task {upid} still running after 10 s");
 }
 
 fn err(msg: &str) -> Value {
@@ -269,6 +288,7 @@ async fn storage_permission_and_bad_volnames() {
     let mut c = Conn {
         read: BufReader::new(r),
         write: w,
+        upid: opened.upid,
     };
     assert_eq!(
         c.send(json!({"cmd": "disk", "storage": "local", "format": "raw", "drive": {"interface": "scsi", "index": 0, "size": 1048576}})).await,
@@ -397,34 +417,6 @@ async fn imports_one_at_a_time_and_truncated_stream_fails() {
         c.send(json!({"cmd": "disk-import", "volname": "vm-103-disk-1", "format": "qcow2", "export_formats": "raw+size", "storage": "local"})).await,
         err("failed to handle 'disk-import' command - no matching import/export format found for storage 'local'")
     );
-}
-
-/// A 64 MiB qcow2 image made by qemu-img from pseudo-random data (so nothing is sparse).
-fn random_qcow2(dir: &Path) -> PathBuf {
-    let raw = dir.join("src.raw");
-    let mut x = 0x2545_f491_4f6c_dd1du64;
-    let data: Vec<u8> = (0..64 << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
-    std::fs::write(&raw, data).unwrap();
-    let img = dir.join("src.qcow2");
-    let out = std::process::Command::new("qemu-img")
-        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
-        .arg(&raw)
-        .arg(&img)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    img
 }
 
 /// Starts a `qcow2+size` import and streams the first `len` bytes of `src`, then closes
@@ -587,11 +579,31 @@ async fn offline_migration_keeps_its_result_after_unlock() {
         std::fs::read_to_string(conf_path(&env, 105)).unwrap(),
         format!("memory: 128\nscsi0: {volid},size=8K\n")
     );
-    // Lost connection after unlock: the migrated VM is kept.
+    // Lost connection after unlock: the tunnel ends (its cleanup has run) and the
+    // migrated VM is kept.
+    let upid = c.upid.clone();
     drop(c);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(conf_path(&env, 105).exists());
-    assert!(image(&env, 105, "vm-105-disk-0.raw").exists());
+    let log = task_ended(&env, &upid).await;
+    assert_eq!(
+        log[log.len() - 2..],
+        [
+            "received command 'unlock'",
+            "TASK ERROR: mtunnel exited unexpectedly"
+        ],
+        "{log:#?}"
+    );
+    assert!(
+        !log.iter().any(|l| l.starts_with("cleanup")),
+        "nothing may be cleaned up after unlock: {log:#?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(conf_path(&env, 105)).unwrap(),
+        format!("memory: 128\nscsi0: {volid},size=8K\n")
+    );
+    assert_eq!(
+        std::fs::read(image(&env, 105, "vm-105-disk-0.raw")).unwrap(),
+        [3u8; 8192]
+    );
 }
 
 /// Issue 17: `unlock` before `config` removed the `create` reservation and committed the

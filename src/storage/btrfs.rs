@@ -601,7 +601,9 @@ mod tests {
         assert!(matches!(err, StorageError::BackingFile { .. }), "{err}");
         assert!(entries(&images).is_empty(), "{:?}", entries(&images));
 
-        // A dropped import (a cut connection) removes its subvolume too.
+        // A dropped import (a cut connection) removes its subvolume too: the import runs
+        // until its subvolume exists (the stream stays open), then its future is dropped.
+        let subvol = images.join("vm-100-disk-0");
         let (tx, rx) = tokio::io::duplex(64 * 1024);
         let import = st.import(req("vm-100-disk-0", "raw", false), Box::new(rx));
         let feed = async {
@@ -609,12 +611,30 @@ mod tests {
             let mut tx = tx;
             tx.write_all(&(4 * MIB).to_le_bytes()).await.unwrap();
             tx.write_all(&[7u8; 8192]).await.unwrap();
-            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            wait_for_subvolume(&subvol).await;
+            tx
         };
-        tokio::select! {
+        let tx = tokio::select! {
             r = import => panic!("import ended early: {r:?}"),
-            () = feed => {}
-        }
+            tx = feed => tx,
+        };
+        assert!(
+            !subvol.exists(),
+            "the dropped import left {}",
+            subvol.display()
+        );
         assert!(entries(&images).is_empty(), "{:?}", entries(&images));
+        drop(tx);
+    }
+
+    /// Waits (at most 30 s, polling) until `path` is a btrfs subvolume.
+    async fn wait_for_subvolume(path: &Path) {
+        for _ in 0..1500 {
+            if is_subvolume(path) {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        panic!("the import never created its subvolume {}", path.display());
     }
 }

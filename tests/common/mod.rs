@@ -23,6 +23,7 @@ use serde_json::Value;
 pub mod ctl;
 pub mod etcd;
 pub mod guest;
+pub mod proxy;
 
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_mtunnel");
@@ -325,6 +326,11 @@ impl TestServer {
             "{header}"
         );
         header
+    }
+
+    /// The directory of VM `vmid`'s volumes on storage `local` (`{base}/s/local/images/{vmid}`).
+    pub fn images(&self, vmid: u32) -> PathBuf {
+        self.base().join(format!("s/local/images/{vmid}"))
     }
 
     /// Path of a VM config.
@@ -838,6 +844,41 @@ pub fn assert_same_guest_bytes(a: &Path, a_fmt: &str, b: &Path, b_fmt: &str) {
     );
 }
 
+/// [`assert_same_guest_bytes`] for two image files whose names say their format
+/// (`*.qcow2` is qcow2, anything else raw).
+pub fn assert_identical(a: &Path, b: &Path) {
+    let format = |p: &Path| {
+        if p.extension().is_some_and(|e| e == "qcow2") {
+            "qcow2"
+        } else {
+            "raw"
+        }
+    };
+    assert_same_guest_bytes(a, format(a), b, format(b));
+}
+
+/// A 64 MiB qcow2 image `dir/src.qcow2` of pseudo-random data (nothing sparse), made by
+/// qemu-img from `dir/src.raw`.
+pub fn random_qcow2(dir: &Path) -> PathBuf {
+    let raw = dir.join("src.raw");
+    blob(&raw, 64 << 20);
+    let img = dir.join("src.qcow2");
+    run_tool(
+        "qemu-img",
+        &[
+            "convert".as_ref(),
+            "-q".as_ref(),
+            "-f".as_ref(),
+            "raw".as_ref(),
+            "-O".as_ref(),
+            "qcow2".as_ref(),
+            raw.as_os_str(),
+            img.as_os_str(),
+        ],
+    );
+    img
+}
+
 // ---- real QEMU, shared by the migration and fault tests ----
 
 /// Fails (with the install hint) unless QEMU's binaries are on PATH.
@@ -879,4 +920,27 @@ pub fn blob(path: &Path, size: usize) {
         data.extend_from_slice(&x.to_le_bytes());
     }
     std::fs::write(path, &data[..size]).unwrap();
+}
+
+/// Starts VM `vmid` on `node` with `ram_mib` MiB of pseudo-random data ([`blob`]) loaded
+/// at 16 MiB of its RAM; returns the blob's path (to compare the target's RAM with).
+pub async fn start_with_ram(node: &TestServer, vmid: u32, ram_mib: usize) -> PathBuf {
+    let blob_path = node.base().join(format!("blob{vmid}"));
+    blob(&blob_path, ram_mib << 20);
+    let loader = format!(
+        "loader,file={},addr=16777216,force-raw=on",
+        blob_path.display()
+    );
+    mt_ok(
+        node,
+        &[
+            "vm",
+            "start",
+            &vmid.to_string(),
+            "--qemu-arg=-device",
+            &format!("--qemu-arg={loader}"),
+        ],
+    )
+    .await;
+    blob_path
 }

@@ -659,17 +659,28 @@ mod tests {
 
     #[tokio::test]
     async fn sleep_lets_other_calls_through() {
+        // `free` sleeps until `volume_size` releases it (at most 10 s); `volume_format`
+        // says which side of that sleep it ran on. No time bound: a call that waited for
+        // the sleeping one would run after it and answer "after".
         let b = backend(
             r#"
             return {
               storage = {
                 free = function(volid)
                   backend.state.sleeping = true
-                  backend.sleep(1000)
+                  for _ = 1, 1000 do
+                    if backend.state.released then break end
+                    backend.sleep(10)
+                  end
                   backend.state.sleeping = false
                 end,
                 volume_format = function(volid)
+                  if backend.state.sleeping == nil then return "before" end
                   return backend.state.sleeping and "during" or "after"
+                end,
+                volume_size = function(volid)
+                  backend.state.released = true
+                  return 0
                 end,
               },
             }
@@ -679,12 +690,17 @@ mod tests {
             let b = Arc::clone(&b);
             tokio::spawn(async move { b.free("local:100/vm-100-disk-0.raw").await })
         };
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let fast = tokio::time::timeout(Duration::from_millis(800), b.volume_format("v"))
-            .await
-            .expect("not blocked by the sleeping call")
-            .unwrap();
-        assert_eq!(fast, "during");
+        // Until the slow call has started, every call runs before it.
+        let mut seen = String::from("before");
+        for _ in 0..1000 {
+            seen = b.volume_format("v").await.unwrap();
+            if seen != "before" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(seen, "during", "a call while another one sleeps");
+        assert_eq!(b.volume_size("v").await.unwrap(), 0);
         slow.await.unwrap().unwrap();
         assert_eq!(b.volume_format("v").await.unwrap(), "after");
     }
