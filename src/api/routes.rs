@@ -270,7 +270,7 @@ async fn cluster_resources(State(st): St, Path(p): PathMap, req: ApiReq) -> Resp
             }
         }
         if kind.as_deref().is_none_or(|k| k == "storage") {
-            for id in node.cfg.storages.keys() {
+            for id in node.storage.storage_ids() {
                 if node.allows(&req.authid, &format!("/storage/{id}"), "Datastore.Audit")
                     || node.allows(
                         &req.authid,

@@ -17,7 +17,7 @@ use super::request::{ApiReq, Props};
 use super::routes::{NO_PARAMS, finish, flag, path_param, text};
 use crate::error::Error;
 use crate::schema::{Prop, props};
-use crate::storage::StorageDef;
+use crate::storage::{Space, StorageDef};
 
 type St = State<Arc<AppState>>;
 type PathMap = Path<HashMap<String, String>>;
@@ -100,18 +100,23 @@ pub(super) async fn storage_status(State(st): St, Path(p): PathMap, req: ApiReq)
 fn storage_info(st: &AppState, content: Option<&str>, formats: bool) -> Map<String, Value> {
     let wanted = content.map(crate::storage::split_id_list);
     let mut out = Map::new();
-    for (id, def) in &st.node.cfg.storages {
+    let storage = &st.node.storage;
+    for id in storage.storage_ids() {
+        let Some(def) = storage.def(&id) else {
+            continue;
+        };
         if let Some(wanted) = &wanted
             && (def.disable || !wanted.iter().any(|c| def.content.iter().any(|d| d == c)))
         {
             continue;
         }
-        out.insert(id.clone(), status_of(def, formats));
+        let space = (!def.disable).then(|| storage.space(&id)).flatten();
+        out.insert(id.clone(), status_of(def, space, formats));
     }
     out
 }
 
-fn status_of(def: &StorageDef, formats: bool) -> Value {
+fn status_of(def: &StorageDef, space: Option<Space>, formats: bool) -> Value {
     let mut entry = json!({
         "type": def.kind.as_str(),
         "content": def.content.join(","),
@@ -135,9 +140,7 @@ fn status_of(def: &StorageDef, formats: bool) -> Value {
         entry["formats"] = json!({"default": "raw", "supported": supported});
         entry["format"] = json!([flags, "raw"]);
     }
-    if let Ok(s) = nix::sys::statvfs::statvfs(&def.path) {
-        let frag = s.fragment_size();
-        let (total, avail) = (s.blocks() * frag, s.blocks_available() * frag);
+    if let Some(Space { total, avail }) = space {
         entry["active"] = json!(1);
         entry["total"] = json!(total);
         entry["avail"] = json!(avail);

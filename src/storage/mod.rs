@@ -452,6 +452,13 @@ pub struct ImportRequest {
     pub allow_rename: bool,
 }
 
+/// Bytes of a storage, as `storage_info` reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Space {
+    pub total: u64,
+    pub avail: u64,
+}
+
 /// The volume backend. Held as `Arc<dyn Storage>`; the real implementation is
 /// [`NodeStorage`], a scripted one answers from Lua. All names and ids are plain strings so
 /// any implementation can produce them; volids look like `local:100/vm-100-disk-0.qcow2`.
@@ -461,6 +468,19 @@ pub trait Storage: Send + Sync {
 
     /// The definition of storage `id`, if it exists.
     fn def(&self, id: &str) -> Option<&StorageDef>;
+
+    /// Size and free space of enabled storage `id` (activating it, in PVE's words);
+    /// `None` when unknown. By default what `statvfs` reports for its path: right for
+    /// every storage kept in a local file system (`dir`, `btrfs`).
+    fn space(&self, id: &str) -> Option<Space> {
+        let def = self.def(id)?;
+        let s = nix::sys::statvfs::statvfs(&def.path).ok()?;
+        let frag = s.fragment_size();
+        Some(Space {
+            total: s.blocks() * frag,
+            avail: s.blocks_available() * frag,
+        })
+    }
 
     /// Allocates an empty image of `size_kib` KiB in `format` (`raw`/`qcow2`) for `vmid`
     /// and returns its volid. Without `name` the lowest free `vm-{vmid}-disk-N` is used.
