@@ -320,6 +320,46 @@ fn check_output(op: &'static str, path: &Path, out: io::Result<Output>) -> Stora
     })
 }
 
+/// The `btrfs` kind: a volume is a subvolume holding `disk.raw`.
+pub(super) struct BtrfsPlugin;
+
+impl super::plugin::Plugin for BtrfsPlugin {
+    fn volume_file(&self, def: &StorageDef, vol: &VolumeId) -> StorageResult<PathBuf> {
+        volume_file(def, vol)
+    }
+
+    fn alloc<'a>(
+        &'a self,
+        r: super::plugin::AllocRequest<'a>,
+    ) -> futures_util::future::BoxFuture<'a, StorageResult<String>> {
+        Box::pin(alloc(
+            r.storage, r.def, r.vmid, r.format, r.name, r.size_kib,
+        ))
+    }
+
+    fn free<'a>(
+        &'a self,
+        def: &'a StorageDef,
+        vol: &'a VolumeId,
+        _path: PathBuf,
+    ) -> futures_util::future::BoxFuture<'a, StorageResult<()>> {
+        Box::pin(free(def, vol))
+    }
+
+    fn import<'a>(
+        &'a self,
+        def: &'a StorageDef,
+        req: ImportRequest,
+        reader: Box<dyn AsyncRead + Send + Unpin>,
+    ) -> futures_util::future::BoxFuture<'a, StorageResult<String>> {
+        Box::pin(import(def, req, reader))
+    }
+
+    fn listed_name(&self, name: String, is_dir: bool) -> Option<String> {
+        listed_name(&name, is_dir)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,8 +21,8 @@ use tokio::fs;
 use tokio::io::AsyncRead;
 use tokio::process::Command;
 
-use super::btrfs;
 use super::import::{copy_sparse, read_size_header};
+use super::plugin::{self, AllocRequest, Plugin};
 use super::{
     ImageFormat, ImportRequest, Storage, StorageDef, StorageError, StorageKind, StorageResult,
     VolumeId, alloc_file_name, image_file_name,
@@ -73,35 +73,8 @@ impl NodeStorage {
     fn resolve(&self, volid: &str) -> StorageResult<(VolumeId, PathBuf)> {
         let vol = VolumeId::parse(volid)?;
         let def = self.lookup(&vol.storage)?;
-        let path = match def.kind {
-            StorageKind::Dir => image_dir(def, vol.vmid).join(&vol.name),
-            StorageKind::Btrfs => btrfs::volume_file(def, &vol)?,
-        };
+        let path = plugin::of(def.kind).volume_file(def, &vol)?;
         Ok((vol, path))
-    }
-
-    /// Reserves the lowest free `vm-{vmid}-disk-N.{fmt}` in `dir`; returns name and file.
-    async fn reserve_free_name(
-        &self,
-        storage: &str,
-        dir: &Path,
-        vmid: u32,
-        fmt: ImageFormat,
-    ) -> StorageResult<(String, fs::File)> {
-        let used = used_disk_numbers(dir, vmid).await?;
-        for n in (0..MAX_DISKS_PER_GUEST).filter(|n| !used.contains(n)) {
-            let name = format!("vm-{vmid}-disk-{n}.{fmt}");
-            match reserve(&dir.join(&name)).await {
-                Ok(file) => return Ok((name, file)),
-                // Lost a race with a concurrent allocation, or a non-image file is there.
-                Err(StorageError::Exists { .. }) => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        Err(StorageError::NoFreeName {
-            vmid,
-            storage: storage.to_string(),
-        })
     }
 
     async fn alloc_impl(
@@ -113,61 +86,23 @@ impl NodeStorage {
         size_kib: u64,
     ) -> StorageResult<String> {
         let def = self.usable(storage)?;
-        if def.kind == StorageKind::Btrfs {
-            return btrfs::alloc(storage, def, vmid, format, name, size_kib).await;
-        }
-        let fmt = ImageFormat::parse(format, def.kind)?;
-        let name = name.map(|n| alloc_file_name(n, vmid, fmt)).transpose()?;
-        let dir = image_dir(def, vmid);
-        let (name, file) = in_image_dir(&dir, || async {
-            match &name {
-                Some(name) => Ok((name.clone(), reserve(&dir.join(name)).await?)),
-                None => self.reserve_free_name(storage, &dir, vmid, fmt).await,
-            }
-        })
-        .await?;
-        drop(file);
-        let path = dir.join(&name);
-        let guard = RemoveOnDrop::new(path.clone());
-        let size = format!("{size_kib}K");
-        qemu_img(
-            "create",
-            &[
-                OsStr::new("create"),
-                OsStr::new("-f"),
-                OsStr::new(fmt.as_str()),
-                path.as_os_str(),
-                OsStr::new(&size),
-            ],
-            &path,
-        )
-        .await?;
-        guard.disarm();
-        Ok(format!("{storage}:{vmid}/{name}"))
+        let req = AllocRequest {
+            storage,
+            def,
+            vmid,
+            format,
+            name,
+            size_kib,
+        };
+        plugin::of(def.kind).alloc(req).await
     }
 
     async fn free_impl(&self, volid: &str) -> StorageResult<()> {
         let (vol, path) = self.resolve(volid)?;
         let def = self.lookup(&vol.storage)?;
-        if def.kind == StorageKind::Btrfs {
-            btrfs::free(def, &vol).await?;
-            remove_if_empty(&image_dir(def, vol.vmid));
-            return Ok(());
-        }
-        match fs::remove_file(&path).await {
-            Ok(()) => {
-                remove_if_empty(&image_dir(def, vol.vmid));
-                Ok(())
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(StorageError::NotFound {
-                volid: volid.to_string(),
-                path,
-            }),
-            Err(e) => Err(StorageError::io(
-                format!("removing volume '{volid}' ('{}')", path.display()),
-                e,
-            )),
-        }
+        plugin::of(def.kind).free(def, &vol, path).await?;
+        remove_if_empty(&image_dir(def, vol.vmid));
+        Ok(())
     }
 
     /// `qemu-img info` of an existing volume, opened in the format its name says.
@@ -188,43 +123,149 @@ impl NodeStorage {
     async fn import_impl(
         &self,
         req: ImportRequest,
-        mut reader: Box<dyn AsyncRead + Send + Unpin>,
+        reader: Box<dyn AsyncRead + Send + Unpin>,
     ) -> StorageResult<String> {
         let def = self.usable(&req.storage)?;
-        if def.kind == StorageKind::Btrfs {
-            return btrfs::import(def, req, reader).await;
-        }
-        let fmt = ImageFormat::parse(&req.format, def.kind)?;
-        if req.stream_format != fmt.stream_format() {
-            return Err(StorageError::NoMatchingFormat {
-                storage: req.storage.clone(),
-            });
-        }
-        let name = image_file_name(&req.volname, req.vmid, fmt)?;
-        let size = read_size_header(&mut reader).await?;
+        plugin::of(def.kind).import(def, req, reader).await
+    }
+}
 
-        let dir = image_dir(def, req.vmid);
-        let (name, file) = in_image_dir(&dir, || async {
-            match reserve(&dir.join(&name)).await {
-                Ok(file) => Ok((name.clone(), file)),
-                Err(StorageError::Exists { path }) if req.allow_rename => {
-                    tracing::info!(
-                        "disk image '{}' already exists - importing with a different name",
-                        path.display()
-                    );
-                    self.reserve_free_name(&req.storage, &dir, req.vmid, fmt)
-                        .await
-                }
-                Err(e) => Err(e),
+/// The `dir` kind: a volume is an image file in `{path}/images/{vmid}/`.
+pub(super) struct DirPlugin;
+
+impl Plugin for DirPlugin {
+    fn volume_file(&self, def: &StorageDef, vol: &VolumeId) -> StorageResult<PathBuf> {
+        Ok(image_dir(def, vol.vmid).join(&vol.name))
+    }
+
+    fn alloc<'a>(&'a self, r: AllocRequest<'a>) -> BoxFuture<'a, StorageResult<String>> {
+        Box::pin(dir_alloc(r))
+    }
+
+    fn free<'a>(
+        &'a self,
+        _def: &'a StorageDef,
+        vol: &'a VolumeId,
+        path: PathBuf,
+    ) -> BoxFuture<'a, StorageResult<()>> {
+        Box::pin(async move {
+            match fs::remove_file(&path).await {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Err(StorageError::NotFound {
+                    volid: vol.to_string(),
+                    path,
+                }),
+                Err(e) => Err(StorageError::io(
+                    format!("removing volume '{vol}' ('{}')", path.display()),
+                    e,
+                )),
             }
         })
-        .await?;
-        let path = dir.join(&name);
-        let guard = RemoveOnDrop::new(path.clone());
-        receive(&mut *reader, file, &path, fmt, size).await?;
-        guard.disarm();
-        Ok(format!("{}:{}/{}", req.storage, req.vmid, name))
     }
+
+    fn import<'a>(
+        &'a self,
+        def: &'a StorageDef,
+        req: ImportRequest,
+        reader: Box<dyn AsyncRead + Send + Unpin>,
+    ) -> BoxFuture<'a, StorageResult<String>> {
+        Box::pin(dir_import(def, req, reader))
+    }
+
+    fn listed_name(&self, name: String, _is_dir: bool) -> Option<String> {
+        Some(name)
+    }
+}
+
+/// Reserves the lowest free `vm-{vmid}-disk-N.{fmt}` in `dir`; returns name and file.
+async fn reserve_free_name(
+    storage: &str,
+    dir: &Path,
+    vmid: u32,
+    fmt: ImageFormat,
+) -> StorageResult<(String, fs::File)> {
+    let used = used_disk_numbers(dir, vmid).await?;
+    for n in (0..MAX_DISKS_PER_GUEST).filter(|n| !used.contains(n)) {
+        let name = format!("vm-{vmid}-disk-{n}.{fmt}");
+        match reserve(&dir.join(&name)).await {
+            Ok(file) => return Ok((name, file)),
+            // Lost a race with a concurrent allocation, or a non-image file is there.
+            Err(StorageError::Exists { .. }) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(StorageError::NoFreeName {
+        vmid,
+        storage: storage.to_string(),
+    })
+}
+
+async fn dir_alloc(r: AllocRequest<'_>) -> StorageResult<String> {
+    let (storage, def, vmid) = (r.storage, r.def, r.vmid);
+    let fmt = ImageFormat::parse(r.format, def.kind)?;
+    let name = r.name.map(|n| alloc_file_name(n, vmid, fmt)).transpose()?;
+    let dir = image_dir(def, vmid);
+    let (name, file) = in_image_dir(&dir, || async {
+        match &name {
+            Some(name) => Ok((name.clone(), reserve(&dir.join(name)).await?)),
+            None => reserve_free_name(storage, &dir, vmid, fmt).await,
+        }
+    })
+    .await?;
+    drop(file);
+    let path = dir.join(&name);
+    let guard = RemoveOnDrop::new(path.clone());
+    let size = format!("{}K", r.size_kib);
+    qemu_img(
+        "create",
+        &[
+            OsStr::new("create"),
+            OsStr::new("-f"),
+            OsStr::new(fmt.as_str()),
+            path.as_os_str(),
+            OsStr::new(&size),
+        ],
+        &path,
+    )
+    .await?;
+    guard.disarm();
+    Ok(format!("{storage}:{vmid}/{name}"))
+}
+
+async fn dir_import(
+    def: &StorageDef,
+    req: ImportRequest,
+    mut reader: Box<dyn AsyncRead + Send + Unpin>,
+) -> StorageResult<String> {
+    let fmt = ImageFormat::parse(&req.format, def.kind)?;
+    if req.stream_format != fmt.stream_format() {
+        return Err(StorageError::NoMatchingFormat {
+            storage: req.storage.clone(),
+        });
+    }
+    let name = image_file_name(&req.volname, req.vmid, fmt)?;
+    let size = read_size_header(&mut reader).await?;
+
+    let dir = image_dir(def, req.vmid);
+    let (name, file) = in_image_dir(&dir, || async {
+        match reserve(&dir.join(&name)).await {
+            Ok(file) => Ok((name.clone(), file)),
+            Err(StorageError::Exists { path }) if req.allow_rename => {
+                tracing::info!(
+                    "disk image '{}' already exists - importing with a different name",
+                    path.display()
+                );
+                reserve_free_name(&req.storage, &dir, req.vmid, fmt).await
+            }
+            Err(e) => Err(e),
+        }
+    })
+    .await?;
+    let path = dir.join(&name);
+    let guard = RemoveOnDrop::new(path.clone());
+    receive(&mut *reader, file, &path, fmt, size).await?;
+    guard.disarm();
+    Ok(format!("{}:{}/{}", req.storage, req.vmid, name))
 }
 
 /// Receives the payload of a `*+size` stream (after its size header, `size`) into `file`,
@@ -388,17 +429,13 @@ impl Storage for NodeStorage {
     }
 }
 
-/// The volume name an entry of an image directory stands for: a `dir` storage's file name
-/// as is; for `btrfs`, a subvolume's name with `.raw` added ([`btrfs::listed_name`]).
+/// The volume name an entry of an image directory stands for, as the storage's plugin
+/// says: a `dir` storage's file name as is; for `btrfs`, a subvolume's name with `.raw`
+/// added.
 async fn listed_name(kind: StorageKind, entry: &fs::DirEntry) -> Option<String> {
     let name = entry.file_name().to_str()?.to_string();
-    match kind {
-        StorageKind::Dir => Some(name),
-        StorageKind::Btrfs => {
-            let is_dir = entry.file_type().await.is_ok_and(|t| t.is_dir());
-            btrfs::listed_name(&name, is_dir)
-        }
-    }
+    let is_dir = entry.file_type().await.is_ok_and(|t| t.is_dir());
+    plugin::of(kind).listed_name(name, is_dir)
 }
 
 /// `{path}/images/{vmid}` of a storage.

@@ -9,6 +9,7 @@
 pub mod btrfs;
 pub mod dir;
 pub mod import;
+mod plugin;
 
 use std::collections::BTreeMap;
 use std::fmt;
