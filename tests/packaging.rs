@@ -67,6 +67,7 @@ fn package_metadata_names_existing_files() {
         "packaging/mtunnel.toml",
         "packaging/postinst",
         "packaging/postrm",
+        "scripts/build-deb.sh",
         "handlers/README.md",
         "README.md",
     ] {
