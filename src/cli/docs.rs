@@ -17,7 +17,7 @@ use super::Cli;
 /// The packaged config file: every key of the config file with its default, commented.
 const PACKAGED_CONFIG: &str = include_str!("../../packaging/mtunnel.toml");
 
-/// The man pages' footer (centre): which manual they belong to.
+/// The man pages' header (centre): which manual they belong to.
 const MANUAL: &str = "mtunnel manual";
 
 /// Writes `DIR/man/man1/*.1`, `DIR/man/man5/mtunnel.toml.5` and `DIR/completions/`
