@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of mtunnel on a fresh machine: installs what the tests need (QEMU for the
 # live-migration tests, btrfs-progs for the btrfs storage tests, etcd for the cluster tests,
-# promtool for the metrics test, chromium for the status page test, a Python venv with
-# proxmoxer for the client-compatibility test), builds, runs the Rust test suites, the Lua
+# promtool for the metrics test, chromium for the status page test, cargo-deb and man-db for
+# the package test, a Python venv with proxmoxer for the client-compatibility test), builds, runs the Rust test suites, the Lua
 # handler specs and the cookbook's recipes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -79,6 +79,21 @@ if ! command -v chromium >/dev/null 2>&1; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null
   }
   install_chromium || { apt-get update -q >/dev/null && install_chromium; }
+fi
+
+# cargo-deb and man-db for the package test (tests/packaging.rs builds the .deb with
+# scripts/build-deb.sh and renders its man pages with `man -l`). Compiling cargo-deb takes
+# minutes, once per machine.
+if ! cargo deb --version >/dev/null 2>&1; then
+  echo "== installing cargo-deb"
+  cargo install cargo-deb --locked --version '^3.8' --quiet
+fi
+if ! command -v man >/dev/null 2>&1; then
+  echo "== installing man-db"
+  install_man() {
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends man-db >/dev/null
+  }
+  install_man || { apt-get update -q >/dev/null && install_man; }
 fi
 
 if ! .venv/bin/python -c 'import proxmoxer, requests' 2>/dev/null; then

@@ -13,6 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use mtunnel::config::{NodeConfig, Overrides};
 use mtunnel::node::ServeRecord;
 
+pub mod docs;
 pub mod migrate;
 pub mod serve;
 pub mod token;
@@ -65,8 +66,7 @@ pub enum Command {
     Handlers(HandlersCommand),
     /// Measure the tunnel against baselines on this machine.
     ///
-    /// Bulk throughput and CPU per GiB
-    /// (plain and TLS vs. a copy relay), command round trips (Lua vs. raw echo), idle
+    /// Bulk throughput and CPU per GiB (plain and TLS vs. a copy relay), command round trips (Lua vs. raw echo), idle
     /// tunnels (memory, setup time) and a QEMU live migration (tunnel vs. direct); with
     /// --wan the same across an emulated WAN link. Prints a table with the targets and
     /// writes JSON.
@@ -83,6 +83,12 @@ pub enum Command {
         /// Speak WebSocket (fastwebsockets) on the TCP side, as this end, one way.
         #[arg(long, value_enum)]
         ws: Option<mtunnel::bench::relay::WsEnd>,
+    },
+    /// Write the man pages and shell completions into DIR (for the Debian package).
+    #[command(hide = true)]
+    GenerateDocs {
+        /// Output directory: man/man1, man/man5 and completions are made in it.
+        dir: PathBuf,
     },
 }
 
@@ -186,16 +192,19 @@ pub enum VmCommand {
         #[command(flatten)]
         node: NodeArgs,
     },
-    /// Remove the lock from a VM config (as `qm unlock`), e.g. `migrate` left on a VM that
-    /// was resumed here when the source vanished before it sent `unlock`. Refused while
-    /// an open tunnel of this node works on the VM.
+    /// Remove the lock from a VM config (as `qm unlock`).
+    ///
+    /// E.g. the lock `migrate` left on a VM that was resumed here when the source vanished
+    /// before it sent `unlock`. Refused while an open tunnel of this node works on the VM.
     Unlock {
         vmid: u32,
         #[command(flatten)]
         node: NodeArgs,
     },
-    /// Remove a stopped VM with its disks: those its config references and any other
-    /// volume owned by the VMID (as PVE's destroy with destroy-unreferenced-disks).
+    /// Remove a stopped VM with its disks.
+    ///
+    /// The disks are those its config references and any other volume owned by the VMID
+    /// (as PVE's destroy with destroy-unreferenced-disks).
     Destroy {
         vmid: u32,
         /// Destroy even if the config is locked (e.g. after a migration without --delete).
@@ -263,8 +272,9 @@ pub struct MigrateArgs {
 
 #[derive(Subcommand)]
 pub enum HandlersCommand {
-    /// Load every handler (built-ins overridden by DIR) and validate its schema. A DIR
-    /// without *.lua files whose subdirectories hold them (a cookbook such as
+    /// Load every handler (built-ins overridden by DIR) and validate its schema.
+    ///
+    /// A DIR without *.lua files whose subdirectories hold them (a cookbook such as
     /// examples/handlers) is checked recipe by recipe.
     Check {
         /// Handlers directory (default: the node's, {data}/handlers).
@@ -272,10 +282,12 @@ pub enum HandlersCommand {
         #[command(flatten)]
         node: NodeArgs,
     },
-    /// Run the `*_spec.lua` files of DIR (or the built-in specs) against the handlers
-    /// (built-ins overridden by DIR), each case on a fresh temporary node with the scripted
-    /// backend. A DIR without *.lua files whose subdirectories hold them (a cookbook such
-    /// as examples/handlers) runs each recipe's specs against its own overrides.
+    /// Run the handler specs (`*_spec.lua`) of DIR or the built-in ones.
+    ///
+    /// The specs run against the handlers (built-ins overridden by DIR), each case on a
+    /// fresh temporary node with the scripted backend. A DIR without *.lua files whose
+    /// subdirectories hold them (a cookbook such as examples/handlers) runs each recipe's
+    /// specs against its own overrides.
     Test {
         /// Handlers directory with overrides and specs (default: built-ins only).
         dir: Option<PathBuf>,

@@ -61,6 +61,7 @@ fn main() {
             connect,
             ws,
         } => run_async(mtunnel::bench::relay::run(listen, connect, ws)),
+        Command::GenerateDocs { dir } => cli::docs::generate(&dir),
     };
     if let Err(e) = result {
         eprintln!("mtunnel: error: {e:#}");
