@@ -175,34 +175,13 @@ impl Qmp {
     ) -> Result<Qmp, QmpError> {
         let (read, write) = stream.into_split();
         let mut reader = BufReader::new(read);
-        let mut line = String::new();
-        let greeting = tokio::time::timeout(timeout, read_line(&mut reader, &mut line))
+        let qmp = tokio::time::timeout(timeout, read_greeting(path, &mut reader))
             .await
             .map_err(|_| QmpError::NoGreeting {
                 path: path.to_path_buf(),
                 secs: timeout.as_secs_f64(),
-            })?
-            .map_err(|e| QmpError::Io {
-                path: path.to_path_buf(),
-                source: e,
-            })?;
-        if greeting == 0 {
-            return Err(QmpError::Closed {
-                path: path.to_path_buf(),
-                reason: "closed before the greeting".into(),
-            });
-        }
-        let greeting: Value = serde_json::from_str(&line).map_err(|e| QmpError::Protocol {
-            path: path.to_path_buf(),
-            msg: format!("greeting is not JSON ({e}): {}", line.trim()),
-        })?;
-        let Some(qmp) = greeting.get("QMP") else {
-            return Err(QmpError::Protocol {
-                path: path.to_path_buf(),
-                msg: format!("greeting without 'QMP': {}", line.trim()),
-            });
-        };
-        let v = &qmp["version"]["qemu"];
+            })??;
+        let v = &qmp["QMP"]["version"]["qemu"];
         let version = format!("{}.{}.{}", v["major"], v["minor"], v["micro"]);
 
         let shared = Arc::new(Shared {
@@ -371,6 +350,46 @@ async fn read_line(reader: &mut BufReader<OwnedReadHalf>, line: &mut String) -> 
     Ok(n)
 }
 
+/// Reads up to the greeting. Events may come first: QEMU's monitor keeps output its last
+/// client did not read (a job's status change, say) and sends it to the next one before
+/// the greeting. At most 64 such lines are skipped.
+async fn read_greeting(
+    path: &Path,
+    reader: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
+) -> Result<Value, QmpError> {
+    let mut line = String::new();
+    for _ in 0..64 {
+        line.clear();
+        let n = read_line(reader, &mut line)
+            .await
+            .map_err(|e| QmpError::Io {
+                path: path.to_path_buf(),
+                source: e,
+            })?;
+        if n == 0 {
+            return Err(QmpError::Closed {
+                path: path.to_path_buf(),
+                reason: "closed before the greeting".into(),
+            });
+        }
+        let msg: Value = serde_json::from_str(&line).map_err(|e| QmpError::Protocol {
+            path: path.to_path_buf(),
+            msg: format!("greeting is not JSON ({e}): {}", line.trim()),
+        })?;
+        if msg.get("QMP").is_some() {
+            return Ok(msg);
+        }
+        if msg.get("event").is_none() {
+            break;
+        }
+        tracing::debug!(path = %path.display(), "QMP: event before the greeting: {}", line.trim());
+    }
+    Err(QmpError::Protocol {
+        path: path.to_path_buf(),
+        msg: format!("greeting without 'QMP': {}", line.trim()),
+    })
+}
+
 async fn read_loop(
     mut reader: BufReader<OwnedReadHalf>,
     shared: Arc<Shared>,
@@ -526,6 +545,53 @@ mod tests {
     }
 
     const GREETING: &str = "{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 2, \"minor\": 0, \"major\": 10}, \"package\": \"\"}, \"capabilities\": []}}\n";
+
+    /// QEMU hands a new client what its monitor did not deliver to the last one (here a
+    /// job's status change) before the greeting.
+    #[tokio::test]
+    async fn events_left_from_a_previous_client_come_before_the_greeting() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.qmp");
+        let stale = "{\"timestamp\": {\"seconds\": 1, \"microseconds\": 2}, \"event\": \
+                     \"JOB_STATUS_CHANGE\", \"data\": {\"status\": \"ready\", \"id\": \"mirror-scsi1\"}}\n";
+        let _server = fake_server(path.clone(), move |s| {
+            Box::pin(async move {
+                let (r, mut w) = s.into_split();
+                let mut r = BufReader::new(r);
+                w.write_all(stale.as_bytes()).await.unwrap();
+                w.write_all(GREETING.as_bytes()).await.unwrap();
+                let m = recv_json(&mut r).await;
+                assert_eq!(m["execute"], "qmp_capabilities");
+                w.write_all(format!("{{\"return\": {{}}, \"id\": {}}}\n", m["id"]).as_bytes())
+                    .await
+                    .unwrap();
+                let _ = recv_json(&mut r).await;
+            })
+        })
+        .await;
+        let qmp = Qmp::connect(&path, Duration::from_secs(2)).await.unwrap();
+        assert_eq!(qmp.version(), "10.0.2");
+        // Anything else before the greeting is still refused.
+        let path = dir.path().join("u.qmp");
+        let _server = fake_server(path.clone(), |s| {
+            Box::pin(async move {
+                let (_r, mut w) = s.into_split();
+                w.write_all(b"{\"return\": {}}\n").await.unwrap();
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            })
+        })
+        .await;
+        let err = Qmp::connect(&path, Duration::from_secs(2))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "QMP socket {}: protocol error: greeting without 'QMP': {{\"return\": {{}}}}",
+                path.display()
+            )
+        );
+    }
 
     #[tokio::test]
     async fn handshake_commands_errors_events_and_eof() {
