@@ -94,6 +94,10 @@ pub struct NodeConfig {
     /// Most multifd channels (parallel RAM streams) an incoming migration may use, as
     /// offered to mtunnel sources by `mtunnel-features`; 1 offers none (one stream).
     pub multifd_channels_max: u32,
+    /// TCP buffer per connection and direction of the tunnel's sockets (`serve`'s
+    /// listener, client connections), in bytes; 0 leaves the kernel's autotuning alone
+    /// (`crate::sockbuf`).
+    pub tcp_buffer: u64,
 }
 
 /// Default `[cluster] lease_ttl_secs`: how long a dead node's membership and open-tunnel
@@ -223,6 +227,9 @@ pub struct ConfigFile {
     pub cluster: Option<ClusterFile>,
     /// Most multifd channels of an incoming migration, 1..=16 (default 16; 1 = one stream).
     pub multifd_channels_max: Option<u32>,
+    /// TCP buffer of the tunnel's connections in MiB, 0..=1024 (default 32; 0: the
+    /// kernel's autotuning).
+    pub tcp_buffer_mib: Option<u64>,
     #[serde(default)]
     pub storage: BTreeMap<String, StorageDef>,
 }
@@ -349,6 +356,9 @@ impl NodeConfig {
             max_connections: file.max_connections.unwrap_or(1024).max(1),
             metrics_listen,
             multifd_channels_max: file.multifd_channels_max.unwrap_or(16).clamp(1, 16),
+            tcp_buffer: file
+                .tcp_buffer_mib
+                .map_or(crate::sockbuf::DEFAULT_TCP_BUFFER, |m| m.min(1024) << 20),
         })
     }
 

@@ -65,6 +65,7 @@ pub mod node;
 pub mod qemu;
 pub mod schema;
 pub mod script;
+pub mod sockbuf;
 pub mod storage;
 pub mod task;
 pub mod tunnel;

@@ -20,10 +20,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use crate::node::Node;
@@ -68,9 +66,9 @@ impl Server {
 /// Binds the listen address and serves the API in the background, over TLS unless the
 /// node is configured with `tls = false`.
 pub async fn serve(node: Arc<Node>, tls: TlsIdentity) -> anyhow::Result<Server> {
-    let listener = TcpListener::bind(node.cfg.listen)
-        .await
-        .with_context(|| format!("binding {}", node.cfg.listen))?;
+    // Buffers sized for long fat paths (src/sockbuf.rs), inherited by accepted sockets.
+    crate::sockbuf::set_tcp_buffer(node.cfg.tcp_buffer);
+    let listener = crate::sockbuf::listen(node.cfg.listen)?;
     let addr = listener.local_addr()?;
     let acceptor = if node.cfg.tls {
         Some(TlsAcceptor::from(tls.server_config()?))

@@ -88,7 +88,7 @@ impl AsyncWrite for Stream {
 /// [`super::ApiError::Connect`] when nobody answers.
 pub async fn connect_plain(host: &str, port: u16) -> Result<Stream, super::ApiError> {
     let bare = host.trim_start_matches('[').trim_end_matches(']');
-    let tcp = TcpStream::connect((bare, port)).await.map_err(|e| {
+    let tcp = crate::sockbuf::connect(bare, port).await.map_err(|e| {
         super::ApiError::Connect(format!("unable to connect to {host}:{port} - {e}"))
     })?;
     tune(&tcp);
