@@ -13,6 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use mtunnel::config::{NodeConfig, Overrides};
 use mtunnel::node::ServeRecord;
 
+pub mod doctor;
 pub mod migrate;
 pub mod serve;
 pub mod token;
@@ -43,6 +44,8 @@ pub enum Command {
     Migrate(MigrateArgs),
     /// Speak the stdin/stdout language of Proxmox's `proxmox-websocket-tunnel` helper.
     Tunnel,
+    /// Measure RTT and throughput to a target and say what limits a migration there.
+    Doctor(DoctorArgs),
     /// Find and free what failed migrations left on this node.
     ///
     /// Tunnels of a dead `serve` (their journals in {data}/tunnels: a started VM is
@@ -213,6 +216,21 @@ pub enum VmCommand {
         #[command(flatten)]
         node: NodeArgs,
     },
+}
+
+#[derive(Args)]
+pub struct DoctorArgs {
+    /// The target: host=ADDR[,port=8006],apitoken=PVEAPIToken=user@realm!id=SECRET,
+    /// fingerprint=AA:BB:.. (as `migrate --target`).
+    pub endpoint: mtunnel::client::endpoint::TargetEndpoint,
+    /// Target storage of the throw-away volume the throughput test writes (and removes).
+    #[arg(long, default_value = "local")]
+    pub storage: String,
+    /// Bytes pushed through the tunnel, e.g. 256M, 1G.
+    #[arg(long, default_value = "256M", value_parser = mtunnel::bench::parse_size)]
+    pub size: u64,
+    #[command(flatten)]
+    pub node: NodeArgs,
 }
 
 #[derive(Args)]

@@ -39,6 +39,7 @@ mod prepare;
 mod remote;
 pub mod tuning;
 
+pub(crate) use prepare::pinned_fingerprint;
 use remote::Remote;
 
 /// How long a disk mirror may make no progress before the migration gives up.
@@ -221,7 +222,7 @@ fn unique(items: impl Iterator<Item = String>) -> Vec<String> {
     out
 }
 
-fn url_host(host: &str) -> String {
+pub(crate) fn url_host(host: &str) -> String {
     if host.contains(':') && !host.starts_with('[') {
         format!("[{host}]")
     } else {
