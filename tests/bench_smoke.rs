@@ -156,9 +156,11 @@ fn bench_wan_runs_across_an_emulated_link() {
         "4M",
         "--ram-data-mib",
         "16",
+        "--disk-mib",
+        "8",
         "--json",
     ];
-    let (pid, stdout, _) = run_bench(&args, &json_path, 180);
+    let (pid, stdout, _) = run_bench(&args, &json_path, 240);
     for heading in [
         "WAN link 5ms,200mbit",
         "plain TCP, one stream",
@@ -205,7 +207,28 @@ fn bench_wan_runs_across_an_emulated_link() {
         missing.starts_with("skipped") || multifd["runs"].as_array().is_some_and(|r| r.len() == 2),
         "{multifd} {missing}"
     );
-    assert_eq!(link["targets"].as_array().unwrap().len(), 6);
+    // The disk moved offline and online, its disk phase against the line rate.
+    let disk = &link["disk"];
+    let missing = link["disk_missing"].as_str().unwrap_or("");
+    if !missing.starts_with("skipped") {
+        let runs = disk["runs"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{missing}"));
+        let modes: Vec<&str> = runs.iter().map(|r| r["mode"].as_str().unwrap()).collect();
+        assert_eq!(modes, ["offline", "online"], "{disk}");
+        for r in runs {
+            assert!(r["disk_ms"].as_f64().unwrap() > 0.0, "{r}");
+        }
+        assert_eq!(disk["disk_bytes"], 8u64 << 20);
+        for row in [
+            "migrate (offline: disk-import)",
+            "migrate --online (drive-mirror over NBD)",
+        ] {
+            assert!(stdout.contains(row), "no '{row}' in:\n{stdout}");
+        }
+    }
+    assert!(stdout.contains("tcp_wmem max "), "{stdout}");
+    assert_eq!(link["targets"].as_array().unwrap().len(), 8);
     // Both namespaces are gone.
     let left: Vec<String> = std::fs::read_dir("/run/netns")
         .map(|d| {

@@ -191,7 +191,7 @@ async fn move_once(s: &Setup, vmid: u32, online: bool) -> anyhow::Result<DiskRun
     let total_s = t0.elapsed().as_secs_f64();
     for (config, vm) in [(&s.target.config, &target_id), (&s.src_config, &id)] {
         let _ = mt(config, &["vm", "stop", vm]).await;
-        let _ = mt(config, &["vm", "destroy", vm]).await;
+        let _ = mt(config, &["vm", "destroy", vm, "--skiplock"]).await;
     }
     let (out, _) = result?;
     let disk_ms = number_after(&out, "disk phase ")
