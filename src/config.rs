@@ -228,7 +228,7 @@ pub struct ConfigFile {
     /// Most multifd channels of an incoming migration, 1..=16 (default 16; 1 = one stream).
     pub multifd_channels_max: Option<u32>,
     /// TCP buffer of the tunnel's connections in MiB, 0..=1024 (default 32; 0: the
-    /// kernel's autotuning).
+    /// kernel's autotuning); more is refused.
     pub tcp_buffer_mib: Option<u64>,
     #[serde(default)]
     pub storage: BTreeMap<String, StorageDef>,
@@ -318,6 +318,13 @@ impl NodeConfig {
                 format!("invalid metrics_listen '{addr}': use host:port, e.g. 127.0.0.1:9710")
             })?),
         };
+        let tcp_buffer = match file.tcp_buffer_mib {
+            None => crate::sockbuf::DEFAULT_TCP_BUFFER,
+            Some(m) if m <= 1024 => m << 20,
+            Some(m) => {
+                bail!("invalid tcp_buffer_mib {m}: at most 1024 (MiB; 0: the kernel's autotuning)")
+            }
+        };
         let defaults = LuaLimits::default();
         let lua_limits = LuaLimits {
             memory_bytes: file
@@ -356,9 +363,7 @@ impl NodeConfig {
             max_connections: file.max_connections.unwrap_or(1024).max(1),
             metrics_listen,
             multifd_channels_max: file.multifd_channels_max.unwrap_or(16).clamp(1, 16),
-            tcp_buffer: file
-                .tcp_buffer_mib
-                .map_or(crate::sockbuf::DEFAULT_TCP_BUFFER, |m| m.min(1024) << 20),
+            tcp_buffer,
         })
     }
 
@@ -471,6 +476,18 @@ mod tests {
                 ..Overrides::default()
             },
         )
+    }
+
+    #[test]
+    fn tcp_buffer_mib_defaults_and_bounds() {
+        assert_eq!(parse("").unwrap().tcp_buffer, 32 << 20);
+        assert_eq!(parse("tcp_buffer_mib = 0\n").unwrap().tcp_buffer, 0);
+        assert_eq!(parse("tcp_buffer_mib = 64\n").unwrap().tcp_buffer, 64 << 20);
+        let err = parse("tcp_buffer_mib = 4096\n").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid tcp_buffer_mib 4096: at most 1024 (MiB; 0: the kernel's autotuning)"
+        );
     }
 
     #[test]
