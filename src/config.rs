@@ -227,7 +227,7 @@ pub struct ConfigFile {
     pub cluster: Option<ClusterFile>,
     /// Most multifd channels of an incoming migration, 1..=16 (default 16; 1 = one stream).
     pub multifd_channels_max: Option<u32>,
-    /// TCP buffer of the tunnel's connections in MiB, 0..=1024 (default 32; 0: the
+    /// TCP buffer of the tunnel's connections in MiB, 0..=1024 (default 64; 0: the
     /// kernel's autotuning); more is refused.
     pub tcp_buffer_mib: Option<u64>,
     #[serde(default)]
@@ -480,7 +480,7 @@ mod tests {
 
     #[test]
     fn tcp_buffer_mib_defaults_and_bounds() {
-        assert_eq!(parse("").unwrap().tcp_buffer, 32 << 20);
+        assert_eq!(parse("").unwrap().tcp_buffer, 64 << 20);
         assert_eq!(parse("tcp_buffer_mib = 0\n").unwrap().tcp_buffer, 0);
         assert_eq!(parse("tcp_buffer_mib = 64\n").unwrap().tcp_buffer, 64 << 20);
         let err = parse("tcp_buffer_mib = 4096\n").unwrap_err();

@@ -147,7 +147,7 @@ fn verdict(t: &mut String, r: &Report, rate: f64, cap: f64, cores: f64) {
         );
         let _ = writeln!(
             t,
-            "advice: as root mtunnel forces tcp_buffer_mib (default 32) past the host's limits; raise tcp_buffer_mib in mtunnel.toml on both ends, or install the package's /usr/lib/sysctl.d/60-mtunnel.conf (net.ipv4.tcp_wmem/tcp_rmem max 32 MiB)"
+            "advice: as root mtunnel forces tcp_buffer_mib (default 64) past the host's limits; raise tcp_buffer_mib in mtunnel.toml on both ends, or install the package's /usr/lib/sysctl.d/60-mtunnel.conf (net.ipv4.tcp_wmem/tcp_rmem max 32 MiB)"
         );
     } else if cores >= 0.8 {
         let _ = writeln!(
