@@ -2,9 +2,12 @@
 //! only up to `net.ipv4.tcp_wmem`/`tcp_rmem`'s maximum (4 MiB for sending by default), and
 //! one flow can never have more bytes in flight than its send buffer holds: at 100 ms RTT
 //! that caps a flow at ~32 MB/s whatever the line (a 500 Mbit/s line's bandwidth-delay
-//! product is 6.25 MB). So the tunnel's own sockets (client connections and `serve`'s
-//! listener, whose accepted sockets inherit it) get a buffer of [`tcp_buffer`] bytes when
-//! that is more than the sysctl maximum: as root with `SO_SNDBUFFORCE`/`SO_RCVBUFFORCE`
+//! product is 6.25 MB). So the tunnel's own sockets get a buffer of [`tcp_buffer`] bytes
+//! in the direction a migration's data takes — the send buffer of client connections, the
+//! receive buffer of `serve`'s listener (accepted sockets inherit it) — when that is more
+//! than the sysctl maximum; the other direction carries only replies and stays autotuned,
+//! so a peer that stops reading ties up no more than before. As root with
+//! `SO_SNDBUFFORCE`/`SO_RCVBUFFORCE`
 //! (past `net.core.wmem_max`/`rmem_max`), else `SO_SNDBUF`/`SO_RCVBUF` up to those. Set
 //! before `connect`/`listen`, so the window scale of the handshake covers it. A buffer is a
 //! limit, not an allocation: memory is used only by bytes queued or in flight (client
@@ -114,26 +117,25 @@ fn apply(fd: &impl AsFd, dir: Dir, want: u64, limits: &Limits) -> Option<usize> 
     }
 }
 
-/// A TCP socket for `addr`'s family with both buffers sized (before connect or listen).
-fn socket(addr: &SocketAddr) -> std::io::Result<tokio::net::TcpSocket> {
+/// A TCP socket for `addr`'s family with the buffer of `dir` sized (before connect or
+/// listen).
+fn socket(addr: &SocketAddr, dir: Dir) -> std::io::Result<tokio::net::TcpSocket> {
     let sock = match addr {
         SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
         SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
     };
     let want = tcp_buffer();
     if want > 0 {
-        let limits = Limits::read();
-        apply(&sock, Dir::Send, want, &limits);
-        apply(&sock, Dir::Recv, want, &limits);
+        apply(&sock, dir, want, &Limits::read());
     }
     Ok(sock)
 }
 
-/// Connects to the first address of `host:port` that answers, buffers sized first.
+/// Connects to the first address of `host:port` that answers, its send buffer sized first.
 pub async fn connect(host: &str, port: u16) -> std::io::Result<tokio::net::TcpStream> {
     let mut last = None;
     for addr in tokio::net::lookup_host((host, port)).await? {
-        match socket(&addr)?.connect(addr).await {
+        match socket(&addr, Dir::Send)?.connect(addr).await {
             Ok(tcp) => return Ok(tcp),
             Err(e) => last = Some(e),
         }
@@ -143,10 +145,10 @@ pub async fn connect(host: &str, port: u16) -> std::io::Result<tokio::net::TcpSt
     }))
 }
 
-/// Binds and listens on `addr` (address reuse as `TcpListener::bind`), buffers sized
-/// first: accepted connections inherit them.
+/// Binds and listens on `addr` (address reuse as `TcpListener::bind`), its receive buffer
+/// sized first: accepted connections inherit it, and the handshake's window scale covers it.
 pub fn listen(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
-    let sock = socket(&addr).with_context(|| format!("creating a socket for {addr}"))?;
+    let sock = socket(&addr, Dir::Recv).with_context(|| format!("creating a socket for {addr}"))?;
     sock.set_reuseaddr(true)?;
     sock.bind(addr).with_context(|| format!("binding {addr}"))?;
     sock.listen(1024)
