@@ -14,6 +14,7 @@ use mtunnel::config::{NodeConfig, Overrides};
 use mtunnel::node::ServeRecord;
 
 pub mod docs;
+pub mod doctor;
 pub mod migrate;
 pub mod serve;
 pub mod token;
@@ -44,6 +45,8 @@ pub enum Command {
     Migrate(MigrateArgs),
     /// Speak the stdin/stdout language of Proxmox's `proxmox-websocket-tunnel` helper.
     Tunnel,
+    /// Measure RTT and throughput to a target and say what limits a migration there.
+    Doctor(DoctorArgs),
     /// Find and free what failed migrations left on this node.
     ///
     /// Tunnels of a dead `serve` (their journals in {data}/tunnels: a started VM is
@@ -116,9 +119,18 @@ pub struct BenchArgs {
     /// MiB of data loaded into that RAM [default: 448].
     #[arg(long)]
     pub ram_data_mib: Option<u64>,
-    /// Migrations per mode (direct, relay, tunnel) [default: 7].
+    /// Migrations per mode (direct, relay, tunnel) [default: 7]; with --wan, 0 skips the
+    /// RAM migrations.
     #[arg(long)]
     pub migrations: Option<u32>,
+    /// MiB of the disk moved across each --wan link, offline and online, --repeat times
+    /// each (0: none) [default: 1024].
+    #[arg(long)]
+    pub disk_mib: Option<u64>,
+    /// `tcp_buffer_mib` of every mtunnel node of the WAN section (0: the kernel's
+    /// autotuning) [default: the config default].
+    #[arg(long)]
+    pub tcp_buffer_mib: Option<u64>,
     /// Skip the QEMU live migration.
     #[arg(long)]
     pub no_qemu: bool,
@@ -213,6 +225,21 @@ pub enum VmCommand {
         #[command(flatten)]
         node: NodeArgs,
     },
+}
+
+#[derive(Args)]
+pub struct DoctorArgs {
+    /// The target: host=ADDR[,port=8006],apitoken=PVEAPIToken=user@realm!id=SECRET,
+    /// fingerprint=AA:BB:.. (as `migrate --target`).
+    pub endpoint: mtunnel::client::endpoint::TargetEndpoint,
+    /// Target storage of the throw-away volume the throughput test writes (and removes).
+    #[arg(long, default_value = "local")]
+    pub storage: String,
+    /// Bytes pushed through the tunnel, e.g. 256M, 1G.
+    #[arg(long, default_value = "256M", value_parser = mtunnel::bench::parse_size)]
+    pub size: u64,
+    #[command(flatten)]
+    pub node: NodeArgs,
 }
 
 #[derive(Args)]
@@ -462,7 +489,13 @@ pub fn bench_options(a: BenchArgs) -> mtunnel::bench::Options {
         tunnels: a.tunnels.unwrap_or(d.tunnels).max(1),
         ram_mib: a.ram_mib.unwrap_or(d.ram_mib),
         ram_data_mib: a.ram_data_mib.unwrap_or(d.ram_data_mib),
-        migrations: a.migrations.unwrap_or(d.migrations).max(1),
+        // A WAN run may skip its RAM migrations (0); the loopback section needs one.
+        migrations: a
+            .migrations
+            .unwrap_or(d.migrations)
+            .max(u32::from(a.wan.is_empty())),
+        disk_mib: a.disk_mib.unwrap_or(d.disk_mib),
+        tcp_buffer_mib: a.tcp_buffer_mib,
         no_qemu: a.no_qemu,
         only: a.only,
         json: a.json,

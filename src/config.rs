@@ -94,6 +94,10 @@ pub struct NodeConfig {
     /// Most multifd channels (parallel RAM streams) an incoming migration may use, as
     /// offered to mtunnel sources by `mtunnel-features`; 1 offers none (one stream).
     pub multifd_channels_max: u32,
+    /// TCP buffer per connection and direction of the tunnel's sockets (`serve`'s
+    /// listener, client connections), in bytes; 0 leaves the kernel's autotuning alone
+    /// (`crate::net::sockbuf`).
+    pub tcp_buffer: u64,
 }
 
 /// Default `[cluster] lease_ttl_secs`: how long a dead node's membership and open-tunnel
@@ -266,6 +270,9 @@ pub struct ConfigFile {
     pub cluster: Option<ClusterFile>,
     /// Most multifd channels of an incoming migration, 1..=16 (default 16; 1 = one stream).
     pub multifd_channels_max: Option<u32>,
+    /// TCP buffer of the tunnel's connections in MiB, 0..=1024 (default 64; 0: the
+    /// kernel's autotuning); more is refused.
+    pub tcp_buffer_mib: Option<u64>,
     #[serde(default)]
     pub storage: BTreeMap<String, StorageDef>,
 }
@@ -354,6 +361,13 @@ impl NodeConfig {
                 format!("invalid metrics_listen '{addr}': use host:port, e.g. 127.0.0.1:9710")
             })?),
         };
+        let tcp_buffer = match file.tcp_buffer_mib {
+            None => crate::net::sockbuf::DEFAULT_TCP_BUFFER,
+            Some(m) if m <= 1024 => m << 20,
+            Some(m) => {
+                bail!("invalid tcp_buffer_mib {m}: at most 1024 (MiB; 0: the kernel's autotuning)")
+            }
+        };
         let defaults = LuaLimits::default();
         let lua_limits = LuaLimits {
             memory_bytes: file
@@ -392,6 +406,7 @@ impl NodeConfig {
             max_connections: file.max_connections.unwrap_or(1024).max(1),
             metrics_listen,
             multifd_channels_max: file.multifd_channels_max.unwrap_or(16).clamp(1, 16),
+            tcp_buffer,
         })
     }
 
@@ -504,6 +519,18 @@ mod tests {
                 ..Overrides::default()
             },
         )
+    }
+
+    #[test]
+    fn tcp_buffer_mib_defaults_and_bounds() {
+        assert_eq!(parse("").unwrap().tcp_buffer, 64 << 20);
+        assert_eq!(parse("tcp_buffer_mib = 0\n").unwrap().tcp_buffer, 0);
+        assert_eq!(parse("tcp_buffer_mib = 64\n").unwrap().tcp_buffer, 64 << 20);
+        let err = parse("tcp_buffer_mib = 4096\n").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid tcp_buffer_mib 4096: at most 1024 (MiB; 0: the kernel's autotuning)"
+        );
     }
 
     #[test]

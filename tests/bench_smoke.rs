@@ -144,9 +144,11 @@ fn bench_wan_runs_across_an_emulated_link() {
         "4M",
         "--ram-data-mib",
         "16",
+        "--disk-mib",
+        "8",
         "--json",
     ];
-    let (pid, stdout, _) = run_bench(&args, &json_path, 180);
+    let (pid, stdout, _) = run_bench(&args, &json_path, 240);
     for heading in [
         "WAN link 5ms,200mbit",
         "plain TCP, one stream",
@@ -181,8 +183,8 @@ fn bench_wan_runs_across_an_emulated_link() {
     for dir in link["emulator"].as_array().unwrap() {
         assert!(dir["packets"].as_u64().unwrap() > 100, "{dir}");
     }
-    // Both live migrations (one stream, multifd) ran across the link: with QEMU
-    // installed, a skipped one is a failure.
+    // Both live migrations (one stream, multifd) and the disk moves ran across the
+    // link: with QEMU installed, a skipped one is a failure.
     for (key, missing) in [
         ("migration", "migration_missing"),
         ("multifd", "multifd_missing"),
@@ -194,7 +196,25 @@ fn bench_wan_runs_across_an_emulated_link() {
             link[missing]
         );
     }
-    assert_eq!(link["targets"].as_array().unwrap().len(), 6);
+    // The disk moved offline and online, its disk phase against the line rate.
+    let disk = &link["disk"];
+    let runs = disk["runs"]
+        .as_array()
+        .unwrap_or_else(|| panic!("the WAN disk runs did not happen: {}", link["disk_missing"]));
+    let modes: Vec<&str> = runs.iter().map(|r| r["mode"].as_str().unwrap()).collect();
+    assert_eq!(modes, ["offline", "online"], "{disk}");
+    for r in runs {
+        assert!(r["disk_ms"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    assert_eq!(disk["disk_bytes"], 8u64 << 20);
+    for row in [
+        "migrate (offline: disk-import)",
+        "migrate --online (drive-mirror over NBD)",
+    ] {
+        assert!(stdout.contains(row), "no '{row}' in:\n{stdout}");
+    }
+    assert!(stdout.contains("tcp_wmem max "), "{stdout}");
+    assert_eq!(link["targets"].as_array().unwrap().len(), 8);
     // Both namespaces are gone.
     let left: Vec<String> = std::fs::read_dir("/run/netns")
         .map(|d| {

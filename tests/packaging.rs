@@ -86,6 +86,58 @@ fn package_metadata_names_existing_files() {
     );
 }
 
+/// The `[package.metadata.deb]` table of Cargo.toml.
+fn deb_metadata() -> &'static str {
+    include_str!("../Cargo.toml")
+        .split("[package.metadata.deb]")
+        .nth(1)
+        .and_then(|s| s.split("\n[").next())
+        .expect("Cargo.toml has [package.metadata.deb]")
+}
+
+#[test]
+fn package_ships_the_sysctl_snippet() {
+    let asset = "[\"packaging/sysctl.conf\", \"usr/lib/sysctl.d/60-mtunnel.conf\", \"644\"]";
+    assert!(deb_metadata().contains(asset), "deb assets lack {asset}");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("packaging/sysctl.conf")).unwrap();
+    let mut set = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (key, value) = line.split_once('=').expect("sysctl lines are KEY = VALUE");
+        let (key, value) = (key.trim(), value.trim());
+        // A key this kernel knows (sysctl.d ignores unknown ones silently).
+        let proc = format!("/proc/sys/{}", key.replace('.', "/"));
+        assert!(Path::new(&proc).exists(), "{key}: no {proc}");
+        let max: u64 = value.split_whitespace().last().unwrap().parse().unwrap();
+        assert!(max >= 32 << 20, "{key} = {value}: below 32 MiB");
+        set.push(key.to_string());
+    }
+    assert_eq!(
+        set,
+        [
+            "net.core.rmem_max",
+            "net.core.wmem_max",
+            "net.ipv4.tcp_rmem",
+            "net.ipv4.tcp_wmem"
+        ]
+    );
+    // fq and BBR are offered, commented out.
+    for line in [
+        "#net.core.default_qdisc = fq",
+        "#net.ipv4.tcp_congestion_control = bbr",
+    ] {
+        assert!(text.lines().any(|l| l == line), "snippet lacks {line}");
+    }
+    let postinst = std::fs::read_to_string(root.join("packaging/postinst")).unwrap();
+    assert!(
+        postinst.contains("systemd-sysctl 60-mtunnel.conf"),
+        "postinst does not apply the snippet"
+    );
+}
+
 #[test]
 fn serve_notifies_systemd_ready_and_stopping() {
     let dir = tempfile::Builder::new()

@@ -721,8 +721,9 @@ async fn stalled_client_does_not_stall_other_tunnels() {
         let counter = Arc::clone(&sent);
         let writer = tokio::spawn(async move {
             let burst = zero_mask(&VERSION_CMD.repeat(60 * 1024 / VERSION_CMD.len()));
-            // Up to 64 MiB of commands; the backend's replies back up long before that.
-            for _ in 0..1024 {
+            // Up to 480 MiB of commands; the backend's replies back up long before that (the
+            // server's receive buffer alone holds up to `tcp_buffer_mib`, 64 MiB by default).
+            for _ in 0..8192 {
                 if slow.write_all(&burst).await.is_err() {
                     break;
                 }

@@ -23,10 +23,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use crate::lifecycle::ShutdownWatch;
@@ -71,9 +69,9 @@ pub async fn serve(
     mut shutdown: ShutdownWatch,
 ) -> anyhow::Result<Server> {
     let node = Arc::clone(&tunnels.node);
-    let listener = TcpListener::bind(node.cfg.listen)
-        .await
-        .with_context(|| format!("binding {}", node.cfg.listen))?;
+    // Buffers sized for long fat paths (src/net/sockbuf.rs), inherited by accepted sockets.
+    crate::net::sockbuf::set_tcp_buffer(node.cfg.tcp_buffer);
+    let listener = crate::net::sockbuf::listen(node.cfg.listen)?;
     let addr = listener.local_addr()?;
     let acceptor = if node.cfg.tls {
         Some(TlsAcceptor::from(tls.server_config()?))

@@ -153,13 +153,13 @@ fn blob(path: &Path, size: usize) -> anyhow::Result<()> {
 }
 
 /// Runs `mtunnel ARGS --config CONFIG`, bounded; returns stdout or fails with its output.
-async fn mt(config: &Path, args: &[&str]) -> anyhow::Result<String> {
+pub(super) async fn mt(config: &Path, args: &[&str]) -> anyhow::Result<String> {
     Ok(mt_in(None, config, args).await?.0)
 }
 
 /// [`mt`] inside a network namespace (and every QEMU it starts with it); returns stdout
 /// and stderr (where `mtunnel migrate` logs its steps with their times).
-async fn mt_in(
+pub(super) async fn mt_in(
     ns: Option<&Netns>,
     config: &Path,
     args: &[&str],
@@ -192,7 +192,7 @@ async fn mt_in(
 }
 
 /// The number before `unit` after `key` in `text` ("downtime 35 ms" → 35).
-fn number_after(text: &str, key: &str) -> Option<f64> {
+pub(super) fn number_after(text: &str, key: &str) -> Option<f64> {
     let at = text.find(key)? + key.len();
     let rest = text[at..].trim_start();
     let end = rest
@@ -494,7 +494,7 @@ pub async fn run_plan(base: &Path, plan: &Plan, log: &dyn Fn(&str)) -> anyhow::R
         &NodeSpec {
             tls: true,
             script: None,
-            extra_toml: tcg.clone(),
+            extra_toml: tcg.clone() + &plan.place.shared_toml,
             ..NodeSpec::default()
         },
     )?;

@@ -35,6 +35,7 @@ mod report;
 pub mod throughput;
 pub mod wan;
 pub mod wan_bench;
+pub mod wan_disk;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -63,8 +64,12 @@ pub struct Options {
     pub tunnels: u32,
     pub ram_mib: u64,
     pub ram_data_mib: u64,
-    /// Migrations per mode.
+    /// Migrations per mode (on a WAN link 0 skips the RAM migrations).
     pub migrations: u32,
+    /// MiB of the disk moved across each WAN link (0: no disk runs).
+    pub disk_mib: u64,
+    /// `tcp_buffer_mib` of every node of the WAN section (`None`: the default).
+    pub tcp_buffer_mib: Option<u64>,
     /// Skip the QEMU section.
     pub no_qemu: bool,
     /// Sections to run (all when empty).
@@ -90,6 +95,8 @@ impl Options {
             ram_mib: 512,
             ram_data_mib: 448,
             migrations: 7,
+            disk_mib: 1024,
+            tcp_buffer_mib: None,
             no_qemu: false,
             only: Vec::new(),
             json: PathBuf::from("bench-results.json"),
@@ -120,6 +127,7 @@ impl Options {
             ram_mib: 128,
             ram_data_mib: 32,
             migrations: 1,
+            disk_mib: 16,
             quick: true,
             ..Options::full()
         }
@@ -144,6 +152,13 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     crate::guest::config::parse_size(t)
         .filter(|&n| n > 0)
         .ok_or_else(|| format!("invalid size '{s}' (e.g. 16M, 1G, 2GiB)"))
+}
+
+/// Largest of the finite values (NaN if none): the slowest run's time.
+pub fn slowest(values: impl Iterator<Item = f64>) -> f64 {
+    values
+        .filter(|x| x.is_finite())
+        .fold(f64::NAN, |a, b| if a.is_nan() { b } else { a.max(b) })
 }
 
 /// Median of the finite values (NaN if none).
@@ -438,7 +453,8 @@ async fn run_wan(base: &Path, opts: &Options) -> Vec<WanRun> {
         let secs = 120
             + 3 * (u64::from(opts.repeat) + 1) * per_transfer
             + 120
-            + 120 * u64::from(opts.migrations);
+            + 120 * u64::from(opts.migrations)
+            + wan_bench::disk_secs(link, opts);
         let r = match std::fs::create_dir_all(&dir) {
             Ok(()) => bounded(
                 "WAN link",

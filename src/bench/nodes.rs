@@ -46,6 +46,10 @@ pub struct Placement {
     pub server: Option<(Arc<Netns>, Ipv4Addr)>,
     /// Config lines added to every server-side node (e.g. `multifd_channels_max = 1`).
     pub server_toml: String,
+    /// Config lines of every client-side node (the source of `mtunnel migrate`) and, after
+    /// `server_toml`, of every server-side node: what both ends share (e.g.
+    /// `tcp_buffer_mib`).
+    pub shared_toml: String,
 }
 
 impl Placement {
@@ -54,7 +58,7 @@ impl Placement {
         NodeSpec {
             tls,
             script,
-            extra_toml: extra_toml + &self.server_toml,
+            extra_toml: extra_toml + &self.server_toml + &self.shared_toml,
             netns: self.server.as_ref().map(|(ns, _)| Arc::clone(ns)),
             listen_ip: self.server.as_ref().map(|(_, ip)| *ip),
         }

@@ -59,6 +59,9 @@ pub struct LinkSpec {
     pub flowcap_bps: Option<u64>,
     /// Bottleneck queue in bytes (default: one bandwidth-delay product, at least 64 packets).
     pub queue_bytes: u64,
+    /// `buffers=host`: both namespaces keep the host's TCP buffer limits (a new namespace
+    /// copies `tcp_rmem`/`tcp_wmem` from the host) instead of ones tuned for the path.
+    pub host_buffers: bool,
 }
 
 fn parse_rate(s: &str) -> Result<u64, String> {
@@ -118,7 +121,7 @@ impl LinkSpec {
         (self.rate_bps as f64 / 8.0 * self.rtt.as_secs_f64()) as u64
     }
 
-    /// The TCP buffer maximum set in both namespaces.
+    /// The TCP buffer maximum set in both namespaces (unless [`Self::host_buffers`]).
     pub fn tcp_buffer_max(&self) -> u64 {
         (4 * (self.bdp_bytes() + self.queue_bytes)).max(32 << 20)
     }
@@ -140,6 +143,7 @@ impl FromStr for LinkSpec {
             loss: 0.0,
             flowcap_bps: None,
             queue_bytes: 0,
+            host_buffers: false,
         };
         let mut queue = None;
         for kv in parts {
@@ -149,9 +153,12 @@ impl FromStr for LinkSpec {
                 Some(("queue", v)) => {
                     queue = Some(super::parse_size(v).map_err(|e| format!("queue: {e}"))?)
                 }
+                Some(("buffers", "host")) => spec.host_buffers = true,
+                Some(("buffers", "tuned")) => spec.host_buffers = false,
                 _ => {
                     return Err(format!(
-                        "link '{s}': unknown option '{kv}' (loss=P, flowcap=RATE, queue=BYTES)"
+                        "link '{s}': unknown option '{kv}' (loss=P, flowcap=RATE, queue=BYTES, \
+                         buffers=host|tuned)"
                     ));
                 }
             }
@@ -186,6 +193,9 @@ impl fmt::Display for LinkSpec {
         }
         if let Some(cap) = self.flowcap_bps {
             write!(f, ",flowcap={}", rate_text(cap))?;
+        }
+        if self.host_buffers {
+            write!(f, ",buffers=host")?;
         }
         Ok(())
     }
@@ -340,6 +350,9 @@ fn side(name: &str, addr: Ipv4Addr, spec: &LinkSpec) -> anyhow::Result<(Netns, O
     let ns = Netns::create(name)?;
     let tun = ns.run(|| {
         let tun = open_tun()?;
+        if spec.host_buffers {
+            return Ok(tun);
+        }
         let max = spec.tcp_buffer_max();
         for (key, val) in [
             ("tcp_rmem", format!("4096 131072 {max}")),
@@ -746,6 +759,10 @@ mod tests {
         let l: LinkSpec = "5ms,200mbit,queue=1M".parse().unwrap();
         assert_eq!(l.queue_bytes, 1 << 20);
         assert_eq!(l.to_string(), "5ms,200mbit");
+        let l: LinkSpec = "100ms,500mbit,buffers=host".parse().unwrap();
+        assert!(l.host_buffers);
+        assert_eq!(l.bdp_bytes(), 6_250_000);
+        assert_eq!(l.to_string(), "100ms,500mbit,buffers=host");
         for bad in [
             "",
             "20ms",
@@ -753,6 +770,7 @@ mod tests {
             "20ms,1g",
             "20ms,1gbit,loss=60%",
             "20ms,1gbit,x=1",
+            "20ms,1gbit,buffers=big",
         ] {
             assert!(bad.parse::<LinkSpec>().is_err(), "{bad}");
         }

@@ -6,7 +6,9 @@
 //! - live migration: QEMU migrating straight over TCP across the link (the baseline) and
 //!   `mtunnel migrate --online` (side A) to a TLS `serve` (side B), KVM when usable: once
 //!   with one RAM stream (the target offers no multifd, `multifd_channels_max = 1`: what a
-//!   PVE node gets) and once with [`STREAMS`] (multifd), each beside its own direct runs.
+//!   PVE node gets) and once with [`STREAMS`] (multifd), each beside its own direct runs,
+//! - disk moves ([`super::wan_disk`]): a VM's disk of `--disk-mib` moved offline and
+//!   online by `mtunnel migrate`, its disk phase against the line rate.
 //!
 //! Rates are judged from the reader's first byte to EOF (the rate once data flows: slow
 //! start counts, connection setup does not); the time to the first byte is shown beside
@@ -24,6 +26,7 @@ use super::nodes::Placement;
 use super::report::{Target, bytes, num, target};
 use super::throughput::{PathResult, setup, summarize, transfer};
 use super::wan::{ADDR_B, DirStats, LinkSpec, MTU, Wan};
+use super::wan_disk::DiskMoves;
 use super::{Options, bounded};
 use crate::qemu::Accel;
 
@@ -34,8 +37,9 @@ pub struct WanResult {
     pub spec: LinkSpec,
     pub mtu: usize,
     pub bdp_bytes: u64,
-    /// `tcp_rmem`/`tcp_wmem` maximum in both namespaces.
-    pub tcp_buffer_max: u64,
+    /// `tcp_wmem` and `tcp_rmem` maximum in both namespaces (tuned, or the host's).
+    pub tcp_wmem_max: u64,
+    pub tcp_rmem_max: u64,
     pub congestion_control: String,
     pub size_bytes: u64,
     pub repeat: u32,
@@ -48,6 +52,9 @@ pub struct WanResult {
     /// [`STREAMS`] RAM streams (multifd).
     pub multifd: Option<Migration>,
     pub multifd_missing: Option<String>,
+    /// The disk moved offline and online.
+    pub disk: Option<DiskMoves>,
+    pub disk_missing: Option<String>,
     /// The forwarder of A → B and of B → A over the whole section.
     pub emulator: [DirStats; 2],
     pub emulator_s: f64,
@@ -75,16 +82,27 @@ pub async fn run(
         client: Some(Arc::clone(&wan.a)),
         server: Some((Arc::clone(&wan.b), ADDR_B)),
         server_toml: String::new(),
+        shared_toml: o
+            .tcp_buffer_mib
+            .map(|m| format!("tcp_buffer_mib = {m}\n"))
+            .unwrap_or_default(),
     };
-    let congestion_control = wan
-        .a
-        .run(|| {
-            Ok(std::fs::read_to_string(
-                "/proc/sys/net/ipv4/tcp_congestion_control",
-            )?)
-        })
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|e| format!("? ({e})"));
+    let sysctl = |key: &str| {
+        let path = format!("/proc/sys/net/ipv4/{key}");
+        wan.a
+            .run(|| Ok(std::fs::read_to_string(&path)?))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|e| format!("? ({e})"))
+    };
+    let congestion_control = sysctl("tcp_congestion_control");
+    let max_of = |v: String| {
+        v.split_whitespace()
+            .last()
+            .and_then(|m| m.parse().ok())
+            .unwrap_or(0)
+    };
+    let tcp_wmem_max = max_of(sysctl("tcp_wmem"));
+    let tcp_rmem_max = max_of(sysctl("tcp_rmem"));
     let mut routes = Vec::new();
     for name in ["tcp", "plain", "tls"] {
         routes.push(setup(base, name, &place).await?);
@@ -105,6 +123,7 @@ pub async fn run(
     }
     let paths: Vec<PathResult> = routes.iter().map(summarize).collect();
     drop(routes);
+    let (disk, disk_missing) = split(disks(base, &place, link, o, log).await);
     let (migration, migration_missing) = split(migrate(base, &place, 1, o, log).await);
     let (multifd, multifd_missing) = split(migrate(base, &place, STREAMS, o, log).await);
     let mut result = WanResult {
@@ -112,7 +131,8 @@ pub async fn run(
         spec: link.clone(),
         mtu: MTU,
         bdp_bytes: link.bdp_bytes(),
-        tcp_buffer_max: link.tcp_buffer_max(),
+        tcp_wmem_max,
+        tcp_rmem_max,
         congestion_control,
         size_bytes: o.size,
         repeat: o.repeat,
@@ -121,6 +141,8 @@ pub async fn run(
         migration_missing,
         multifd,
         multifd_missing,
+        disk,
+        disk_missing,
         emulator: wan.stats(),
         emulator_s: started.elapsed().as_secs_f64(),
         targets: Vec::new(),
@@ -152,6 +174,9 @@ async fn migrate(
     if o.no_qemu {
         return Err("skipped: --no-qemu".into());
     }
+    if o.migrations == 0 {
+        return Err("skipped: --migrations 0".into());
+    }
     if let Err(why) = migration::qemu_version() {
         return Err(format!("skipped: {why}"));
     }
@@ -181,7 +206,40 @@ async fn migrate(
     .map_err(|e| format!("ERROR: {e:#}"))
 }
 
-/// The targets of issue 13 on this link.
+/// Seconds the disk runs of a link may take: each at a third of the line or better.
+pub fn disk_secs(link: &LinkSpec, o: &Options) -> u64 {
+    let per_run = 90 + 3 * (o.disk_mib << 20) * 8 / link.rate_bps.max(1);
+    2 * u64::from(o.repeat) * per_run
+}
+
+/// The disk moved offline and online, `--repeat` times each.
+async fn disks(
+    base: &Path,
+    place: &Placement,
+    link: &LinkSpec,
+    o: &Options,
+    log: &dyn Fn(&str),
+) -> Result<DiskMoves, String> {
+    if o.no_qemu {
+        return Err("skipped: --no-qemu".into());
+    }
+    if o.disk_mib == 0 {
+        return Err("skipped: --disk-mib 0".into());
+    }
+    log(&format!(
+        "  disk: {} MiB, offline and online, {} round(s)",
+        o.disk_mib, o.repeat
+    ));
+    bounded(
+        "moving the disk over the link",
+        disk_secs(link, o),
+        super::wan_disk::run(base, place, o.disk_mib, o.repeat, log),
+    )
+    .await
+    .map_err(|e| format!("ERROR: {e:#}"))
+}
+
+/// The targets of issue 13 (and issue 21's disk phase) on this link.
 fn targets(r: &WanResult) -> Vec<Target> {
     let rate = |name: &str| r.path(name).map(|p| p.stream_mb_per_s);
     let tcp = rate("tcp");
@@ -190,7 +248,26 @@ fn targets(r: &WanResult) -> Vec<Target> {
     let mig = r.migration.as_ref();
     let multi = r.multifd.as_ref();
     let l = &r.link;
+    let disk = |mode: &str| {
+        r.disk
+            .as_ref()
+            .map(|d| d.median_mb_s(mode) / line_mb_s(&r.spec))
+    };
     vec![
+        target(
+            &format!("{l}: disk phase, migrate offline / line"),
+            disk("offline"),
+            ">=",
+            0.85,
+            "x",
+        ),
+        target(
+            &format!("{l}: disk phase, migrate --online / line"),
+            disk("online"),
+            ">=",
+            0.85,
+            "x",
+        ),
         target(
             &format!("{l}: emulator, plain TCP / one flow's rate"),
             tcp.map(|t| t / set_mb_s),
@@ -242,7 +319,8 @@ pub fn table(r: &WanResult) -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
-        "\nWAN link {}: RTT {} ms, {} Mbit/s{}{}, MTU {}, queue {}, BDP {}, TCP buffers max {}, {}",
+        "\nWAN link {}: RTT {} ms, {} Mbit/s{}{}, MTU {}, queue {}, BDP {}, tcp_wmem max {}, \
+         tcp_rmem max {}{}, {}",
         r.link,
         num(r.spec.rtt.as_secs_f64() * 1e3, 1),
         num(r.spec.rate_bps as f64 / 1e6, 0),
@@ -258,7 +336,13 @@ pub fn table(r: &WanResult) -> String {
         r.mtu,
         bytes_dec(r.spec.queue_bytes),
         bytes_dec(r.bdp_bytes),
-        bytes_dec(r.tcp_buffer_max),
+        bytes_dec(r.tcp_wmem_max),
+        bytes_dec(r.tcp_rmem_max),
+        if r.spec.host_buffers {
+            " (the host's)"
+        } else {
+            " (tuned)"
+        },
         r.congestion_control
     );
     let _ = writeln!(
@@ -297,6 +381,7 @@ pub fn table(r: &WanResult) -> String {
          {} MB/s one flow may use)",
         num(set, 1)
     );
+    disk_rows(&mut o, r);
     migration_rows(&mut o, r);
     let [ab, ba] = &r.emulator;
     let _ = writeln!(
@@ -375,6 +460,51 @@ fn migration_rows(o: &mut String, r: &WanResult) {
          command, tunnel setup, target start and cleanup included; each tunnel row beside its \
          own direct runs; {STREAMS} streams = QEMU multifd, one WebSocket per channel)"
     );
+}
+
+fn disk_rows(o: &mut String, r: &WanResult) {
+    let Some(d) = &r.disk else {
+        let why = r.disk_missing.as_deref().unwrap_or("?");
+        let _ = writeln!(o, "Disk across the link: {why}");
+        return;
+    };
+    let line = line_mb_s(&r.spec);
+    let _ = writeln!(
+        o,
+        "Disk across the link: {} of incompressible data, x {}, `mtunnel migrate` (TLS), disk phase",
+        bytes(d.disk_bytes),
+        r.repeat
+    );
+    let _ = writeln!(
+        o,
+        "{:<52} {:>8} {:>7} {:>9} {:>8}",
+        "", "MB/s", "x line", "slowest", "x line"
+    );
+    for (mode, label) in [
+        ("offline", "migrate (offline: disk-import)"),
+        ("online", "migrate --online (drive-mirror over NBD)"),
+    ] {
+        let (med, slow) = (d.median_mb_s(mode), d.slowest_mb_s(mode));
+        let _ = writeln!(
+            o,
+            "{label:<52} {:>8} {:>6}x {:>9} {:>7}x",
+            num(med, 1),
+            num(med / line, 2),
+            num(slow, 1),
+            num(slow / line, 2)
+        );
+    }
+    let _ = writeln!(
+        o,
+        "(disk phase as `mtunnel migrate` reports it: the imports, or the mirrors until ready; \
+         x line: of the link's {} MB/s; slowest: the slowest run)",
+        num(line, 1)
+    );
+}
+
+/// The link's rate in MB/s (10^6 bytes).
+fn line_mb_s(spec: &LinkSpec) -> f64 {
+    spec.rate_bps as f64 / 8e6
 }
 
 /// What one flow may use: the rate, or the per-flow cap when lower (MB/s).

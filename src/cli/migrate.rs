@@ -9,6 +9,7 @@ pub async fn run(args: MigrateArgs) -> anyhow::Result<()> {
     use mtunnel::client::migrate::{MigrateOptions, SourceNode, migrate};
     use mtunnel::client::progress::{Progress, human};
     let vms = mtunnel::client::vm::LocalVms::open(load_config(&args.node, None)?)?;
+    mtunnel::net::sockbuf::set_tcp_buffer(vms.cfg.tcp_buffer);
     let src = SourceNode {
         cfg: vms.cfg,
         guests: vms.guests,
@@ -40,12 +41,16 @@ pub async fn run(args: MigrateArgs) -> anyhow::Result<()> {
         .downtime_ms
         .map(|d| format!(", downtime {d} ms"))
         .unwrap_or_default();
+    let disk_phase = summary
+        .disk_ms
+        .map(|ms| format!(" (disk phase {ms} ms)"))
+        .unwrap_or_default();
     let ram_phase = summary
         .ram_ms
         .map(|ms| format!(", RAM phase {ms} ms"))
         .unwrap_or_default();
     println!(
-        "migration of VM {} to {}:{} (node '{}', VM {}) finished in {secs:.1} s: {} of disks, {} of RAM{downtime}{ram_phase}",
+        "migration of VM {} to {}:{} (node '{}', VM {}) finished in {secs:.1} s: {} of disks{disk_phase}, {} of RAM{downtime}{ram_phase}",
         opts.vmid,
         opts.target.host,
         opts.target.port,

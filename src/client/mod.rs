@@ -10,6 +10,7 @@
 //! Only [`migrate`] and [`vm`] touch the local node (its configs, storage and QEMU); the
 //! protocol modules know nothing of it.
 
+pub mod doctor;
 pub mod endpoint;
 pub mod http;
 pub mod migrate;

@@ -1,10 +1,12 @@
-//! Outgoing connections every layer that talks to another host uses: [`stream`], one type
-//! for plain TCP and TLS client connections (with the socket tuning of long paths), and
+//! Connections every layer that talks to another host uses: [`stream`], one type for plain
+//! TCP and TLS client connections, [`sockbuf`], socket buffers sized for long fat paths
+//! (client sockets and the API listener), and
 //! [`tls`], TLS toward a remote node pinned by certificate fingerprint (as PVE's clients
 //! do) or verified against the system's CAs. The source side ([`crate::client`]), the
 //! cluster's etcd client ([`crate::cluster`]) and the API's forwarding to other members
 //! ([`crate::api`]) all connect through here; nothing here knows any of them.
 
+pub mod sockbuf;
 pub mod stream;
 pub mod tls;
 

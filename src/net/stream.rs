@@ -88,9 +88,11 @@ impl AsyncWrite for Stream {
 /// [`super::NetError::Connect`] when nobody answers.
 pub async fn connect_plain(host: &str, port: u16) -> Result<Stream, super::NetError> {
     let bare = host.trim_start_matches('[').trim_end_matches(']');
-    let tcp = TcpStream::connect((bare, port)).await.map_err(|e| {
-        super::NetError::Connect(format!("unable to connect to {host}:{port} - {e}"))
-    })?;
+    let tcp = crate::net::sockbuf::connect(bare, port)
+        .await
+        .map_err(|e| {
+            super::NetError::Connect(format!("unable to connect to {host}:{port} - {e}"))
+        })?;
     tune(&tcp);
     Ok(Stream::Plain(tcp))
 }

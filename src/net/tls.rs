@@ -200,7 +200,7 @@ pub async fn connect(
     let bare = host.trim_start_matches('[').trim_end_matches(']');
     let server_name = ServerName::try_from(bare.to_string())
         .map_err(|e| NetError::Request(format!("invalid host name '{host}': {e}")))?;
-    let tcp = TcpStream::connect((bare, port))
+    let tcp = crate::net::sockbuf::connect(bare, port)
         .await
         .map_err(|e| NetError::Connect(format!("unable to connect to {host}:{port} - {e}")))?;
     super::stream::tune(&tcp);

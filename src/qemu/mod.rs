@@ -397,6 +397,12 @@ impl VmHandle {
         Ok(())
     }
 
+    /// Bytes a disk mirror keeps in flight at most (`buf-size`; QEMU's default 16 MiB, in at
+    /// most 16 requests of 1 MiB). A mirror write completes only when the target's NBD reply
+    /// is back, so on a long path this window, not the link, can set the pace: 16 MiB per
+    /// (100 ms RTT + the bottleneck's queue) is near a 500 Mbit/s line already.
+    pub const MIRROR_BUF_SIZE: u64 = 64 << 20;
+
     /// Starts mirroring drive `key` to `target` (an NBD URI, the target's export), full sync,
     /// not auto-dismissed. `speed` in bytes/s (`None` = unlimited). Returns the job id
     /// `mirror-<key>`.
@@ -415,6 +421,7 @@ impl VmHandle {
             "mode": "existing",
             "sync": "full",
             "auto-dismiss": false,
+            "buf-size": Self::MIRROR_BUF_SIZE,
         });
         if let Some(s) = speed {
             args["speed"] = json!(s);

@@ -39,6 +39,7 @@ mod prepare;
 mod remote;
 pub mod tuning;
 
+pub(crate) use prepare::pinned_fingerprint;
 use remote::Remote;
 
 /// How long a disk mirror may make no progress before the migration gives up.
@@ -94,12 +95,22 @@ pub struct SourceNode {
 pub struct Summary {
     pub duration: Duration,
     pub disk_bytes: u64,
+    /// Time spent moving disks: the offline imports, then the live mirrors until every
+    /// one is ready (`None` when the VM has no disk).
+    pub disk_ms: Option<u64>,
     pub ram_bytes: u64,
     pub downtime_ms: Option<u64>,
     /// QEMU's `total-time` of the RAM migration (from `migrate` to `completed`).
     pub ram_ms: Option<u64>,
     pub target_vmid: u32,
     pub target_node: String,
+}
+
+impl Summary {
+    fn add_disk_time(&mut self, d: Duration) {
+        let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        self.disk_ms = Some(self.disk_ms.unwrap_or(0).saturating_add(ms));
+    }
 }
 
 /// One volume of the VM and how it moves.
@@ -211,7 +222,7 @@ fn unique(items: impl Iterator<Item = String>) -> Vec<String> {
     out
 }
 
-fn url_host(host: &str) -> String {
+pub(crate) fn url_host(host: &str) -> String {
     if host.contains(':') && !host.starts_with('[') {
         format!("[{host}]")
     } else {

@@ -23,6 +23,7 @@ impl Migration<'_> {
         let plan = self.plan.clone();
         let limits = self.storage_limits(&plan).await?;
         let mut new_drives: BTreeMap<String, String> = BTreeMap::new();
+        let imports = std::time::Instant::now();
         for v in plan.volumes.iter().filter(|v| !v.live) {
             let new_volid = self
                 .import_volume(v, limits.get(&v.volid).copied().flatten())
@@ -32,6 +33,9 @@ impl Migration<'_> {
                 v.key.clone(),
                 replace_volume(&plan.conf.options[&v.key], &new_volid)?,
             );
+        }
+        if plan.volumes.iter().any(|v| !v.live) {
+            self.summary.add_disk_time(imports.elapsed());
         }
         let mut nbd: Map<String, Value> = Map::new();
         for v in plan.volumes.iter().filter(|v| v.live) {

@@ -157,6 +157,7 @@ impl Migration<'_> {
         local_nbd: &BTreeMap<String, PathBuf>,
     ) -> anyhow::Result<Vec<String>> {
         let plan = self.plan.clone();
+        let mirrors = Instant::now();
         let mut jobs = Vec::new();
         for v in plan.volumes.iter().filter(|v| v.live) {
             let uri = started
@@ -182,6 +183,9 @@ impl Migration<'_> {
                 })?;
             vm.mirror_write_blocking(job).await?;
             self.summary.disk_bytes += v.size;
+        }
+        if !jobs.is_empty() {
+            self.summary.add_disk_time(mirrors.elapsed());
         }
         Ok(jobs.into_iter().map(|(job, _)| job).collect())
     }

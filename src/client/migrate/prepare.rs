@@ -236,7 +236,7 @@ fn plan_bridges(conf: &VmConfig, map: &IdMap) -> anyhow::Result<BTreeMap<String,
 
 /// Without `fingerprint=`, PVE trusts the target by its CA-signed certificate and pins the
 /// certificate the target reports for the tunnel; so do we.
-async fn pinned_fingerprint(target: &TargetEndpoint) -> anyhow::Result<String> {
+pub(crate) async fn pinned_fingerprint(target: &TargetEndpoint) -> anyhow::Result<String> {
     let api =
         ApiClient::with_ca_verification(target.host.clone(), target.port, target.apitoken.clone())?;
     let certs = api
