@@ -79,13 +79,13 @@ pub enum Command {
     BenchRelay {
         /// unix:PATH or tcp:HOST:PORT
         #[arg(long)]
-        listen: mtunnel::bench::relay::Addr,
+        listen: crate::bench::relay::Addr,
         /// unix:PATH or tcp:HOST:PORT
         #[arg(long)]
-        connect: mtunnel::bench::relay::Addr,
+        connect: crate::bench::relay::Addr,
         /// Speak WebSocket (fastwebsockets) on the TCP side, as this end, one way.
         #[arg(long, value_enum)]
-        ws: Option<mtunnel::bench::relay::WsEnd>,
+        ws: Option<crate::bench::relay::WsEnd>,
     },
     /// Write the man pages and shell completions into DIR (for the Debian package).
     #[command(hide = true)]
@@ -102,7 +102,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub quick: bool,
     /// Bytes per transfer and path, e.g. 512M, 2G [default: 1G].
-    #[arg(long, value_parser = mtunnel::bench::parse_size)]
+    #[arg(long, value_parser = crate::bench::parse_size)]
     pub size: Option<u64>,
     /// Transfers per path; the table shows medians [default: 3].
     #[arg(long)]
@@ -135,7 +135,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub no_qemu: bool,
     /// Run only these sections: throughput, latency, idle, migration (comma-separated).
-    #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(mtunnel::bench::SECTIONS))]
+    #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(crate::bench::SECTIONS))]
     pub only: Vec<String>,
     /// Where to write the results as JSON.
     #[arg(long, default_value = "bench-results.json")]
@@ -150,8 +150,8 @@ pub struct BenchArgs {
     /// (network namespaces, TUN); skipped with a note otherwise. With --wan only the WAN
     /// section runs unless --only names others; defaults become --size 512M --repeat 2
     /// --migrations 2.
-    #[arg(long, value_delimiter = ';', value_parser = clap::value_parser!(mtunnel::bench::wan::LinkSpec))]
-    pub wan: Vec<mtunnel::bench::wan::LinkSpec>,
+    #[arg(long, value_delimiter = ';', value_parser = clap::value_parser!(crate::bench::wan::LinkSpec))]
+    pub wan: Vec<crate::bench::wan::LinkSpec>,
 }
 
 #[derive(Subcommand)]
@@ -236,7 +236,7 @@ pub struct DoctorArgs {
     #[arg(long, default_value = "local")]
     pub storage: String,
     /// Bytes pushed through the tunnel, e.g. 256M, 1G.
-    #[arg(long, default_value = "256M", value_parser = mtunnel::bench::parse_size)]
+    #[arg(long, default_value = "256M", value_parser = crate::bench::parse_size)]
     pub size: u64,
     #[command(flatten)]
     pub node: NodeArgs,
@@ -474,15 +474,15 @@ pub fn admin_config_file(args: &NodeArgs, data_dir: &std::path::Path) -> Option<
         .or_else(|| config_file(args))
 }
 
-pub fn bench_options(a: BenchArgs) -> mtunnel::bench::Options {
+pub fn bench_options(a: BenchArgs) -> crate::bench::Options {
     let d = if a.quick {
-        mtunnel::bench::Options::quick()
+        crate::bench::Options::quick()
     } else if !a.wan.is_empty() {
-        mtunnel::bench::Options::wan()
+        crate::bench::Options::wan()
     } else {
-        mtunnel::bench::Options::full()
+        crate::bench::Options::full()
     };
-    mtunnel::bench::Options {
+    crate::bench::Options {
         size: a.size.unwrap_or(d.size),
         repeat: a.repeat.unwrap_or(d.repeat).max(1),
         commands: a.commands.unwrap_or(d.commands).max(1),

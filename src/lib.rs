@@ -4,9 +4,6 @@
 //! Map of the crate, top to bottom: a module imports only modules listed below it, so no
 //! two modules import each other, however indirectly (`tests/layers.rs` reads every
 //! `crate::` path and checks this order).
-//! - [`bench`](mod@bench): `mtunnel bench`, the benchmark suite (data path, command
-//!   latency, idle tunnels, live migration, an emulated WAN link: `bench::wan`) against
-//!   baselines.
 //! - [`api`]: the HTTPS server and the `/api2/json` router; each route declares its
 //!   parameters as a [`schema`] table next to it; the PVE reply envelope; in a cluster, the
 //!   forwarding of `/nodes/{other}/...` to that member (`api::proxy`); the storage views
@@ -51,14 +48,15 @@
 //! - [`error`]: the API error type.
 //! - [`util`]: file and clock helpers.
 //!
-//! The binary (`src/main.rs`) parses the command line with the clap types of `src/cli.rs`
+//! The binary (`src/main.rs`) holds `mtunnel bench` (`src/bench/`: the benchmark suite —
+//! data path, command latency, idle tunnels, live migration, an emulated WAN link — against
+//! baselines; it uses only this library's public API) and parses the command line with the clap types of `src/cli.rs`
 //! (the initial token and `--role` resolution in `src/cli/token.rs`), puts a node together
 //! (`src/cli/serve.rs`: the backends, the [`node::Node`], its [`tunnel::Tunnels`] with the
 //! Lua handler factory) and dispatches to this library.
 
 pub mod api;
 pub mod auth;
-pub mod bench;
 pub mod client;
 pub mod cluster;
 pub mod command;

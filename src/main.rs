@@ -3,6 +3,7 @@
 //! `migrate`, `token`). The `handlers` commands are the two small functions below. Errors
 //! are printed with their context chain.
 
+mod bench;
 mod cli;
 
 use std::path::PathBuf;
@@ -56,12 +57,12 @@ fn main() {
         Command::Handlers(HandlersCommand::Test { dir, filter }) => {
             run_async(handlers_test(dir, filter))
         }
-        Command::Bench(args) => run_async(mtunnel::bench::run(bench_options(args))),
+        Command::Bench(args) => run_async(bench::run(bench_options(args))),
         Command::BenchRelay {
             listen,
             connect,
             ws,
-        } => run_async(mtunnel::bench::relay::run(listen, connect, ws)),
+        } => run_async(bench::relay::run(listen, connect, ws)),
         Command::GenerateDocs { dir } => cli::docs::generate(&dir),
     };
     if let Err(e) = result {

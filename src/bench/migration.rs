@@ -25,8 +25,8 @@ use super::median;
 use super::nodes::{NodeSpec, Placement, ServeNode, write_node_config};
 use super::procs::{QemuSweeper, cpu_seconds, mtunnel_exe};
 use super::wan::Netns;
-use crate::guest::config::VmConfig;
-use crate::qemu::{
+use mtunnel::guest::config::VmConfig;
+use mtunnel::qemu::{
     Accel, MigrationParams, MigrationWait, StartOptions, StopTimeouts, VmHandle, VmSpec,
 };
 
@@ -127,10 +127,10 @@ impl Migration {
 
 /// The QEMU version line, or why QEMU cannot be used.
 pub fn qemu_version() -> Result<String, String> {
-    let out = std::process::Command::new(crate::qemu::process::QEMU_BINARY)
+    let out = std::process::Command::new(mtunnel::qemu::process::QEMU_BINARY)
         .arg("--version")
         .output()
-        .map_err(|e| format!("{} not runnable: {e}", crate::qemu::process::QEMU_BINARY))?;
+        .map_err(|e| format!("{} not runnable: {e}", mtunnel::qemu::process::QEMU_BINARY))?;
     let text = String::from_utf8_lossy(&out.stdout);
     let first = text.lines().next().unwrap_or("").trim().to_string();
     Ok(first
@@ -236,7 +236,7 @@ pub struct Plan {
 /// seconds waited.
 async fn settle(run_dir: &Path, vmid: u32, accel: Accel) -> anyhow::Result<f64> {
     let busy = if accel == Accel::Kvm { 0.5 } else { 0.1 };
-    let pid = crate::qemu::is_running(run_dir, vmid).context("the source VM is not running")?;
+    let pid = mtunnel::qemu::is_running(run_dir, vmid).context("the source VM is not running")?;
     let t0 = Instant::now();
     let window = Duration::from_millis(250);
     let mut quiet = 0;

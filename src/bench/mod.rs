@@ -43,8 +43,6 @@ use std::time::Instant;
 use anyhow::Context;
 use serde_json::{Value, json};
 
-pub use report::{Target, targets};
-
 pub const MIB: u64 = 1 << 20;
 pub const GIB: u64 = 1 << 30;
 
@@ -149,7 +147,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .strip_suffix("iB")
         .or_else(|| t.strip_suffix('B'))
         .unwrap_or(t);
-    crate::guest::config::parse_size(t)
+    mtunnel::guest::config::parse_size(t)
         .filter(|&n| n > 0)
         .ok_or_else(|| format!("invalid size '{s}' (e.g. 16M, 1G, 2GiB)"))
 }

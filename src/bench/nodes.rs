@@ -15,9 +15,9 @@ use tokio::process::{ChildStdin, ChildStdout};
 
 use super::procs::{ChildGuard, mtunnel_command};
 use super::wan::Netns;
-use crate::client::ApiClient;
-use crate::client::http::encode_segment;
-use crate::client::ws::{self, WsStream};
+use mtunnel::client::ApiClient;
+use mtunnel::client::http::encode_segment;
+use mtunnel::client::ws::{self, WsStream};
 
 /// Node name of every bench node.
 pub const NODE: &str = "bench";
@@ -67,10 +67,8 @@ impl Placement {
 
 /// A running `mtunnel serve`.
 pub struct ServeNode {
-    pub dir: PathBuf,
     /// The address it listens on (and clients connect to).
     pub host: String,
-    pub data: PathBuf,
     pub run: PathBuf,
     pub config: PathBuf,
     pub port: u16,
@@ -85,7 +83,6 @@ pub struct ServeNode {
 #[derive(Debug, Clone)]
 pub struct Opened {
     pub vmid: u32,
-    pub upid: String,
     pub ticket: String,
     pub socket: String,
 }
@@ -173,10 +170,8 @@ impl ServeNode {
             .trim()
             .to_string();
         Ok(ServeNode {
-            dir: dir.to_path_buf(),
             host: spec.listen_ip.unwrap_or(Ipv4Addr::LOCALHOST).to_string(),
             run: dir.join("r"),
-            data,
             config,
             port,
             tls: spec.tls,
@@ -248,7 +243,7 @@ impl ServeNode {
         };
         Ok(Opened {
             vmid,
-            upid: field("upid")?,
+
             ticket: field("ticket")?,
             socket: field("socket")?,
         })

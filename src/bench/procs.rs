@@ -45,17 +45,13 @@ pub fn mtunnel_command(args: &[&str], log: &Path) -> anyhow::Result<Command> {
 
 /// A child process that is killed (SIGKILL) and reaped when dropped.
 pub struct ChildGuard {
-    pub name: String,
     pub child: Child,
 }
 
 impl ChildGuard {
     pub fn spawn(name: &str, mut cmd: Command) -> anyhow::Result<Self> {
         let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
-        Ok(ChildGuard {
-            name: name.to_string(),
-            child,
-        })
+        Ok(ChildGuard { child })
     }
 
     /// The process id (0 once it was reaped).
@@ -108,7 +104,7 @@ impl QemuSweeper {
                 else {
                     continue;
                 };
-                if let Some(pid) = crate::qemu::is_running(dir, vmid) {
+                if let Some(pid) = mtunnel::qemu::is_running(dir, vmid) {
                     let _ = nix::sys::signal::kill(
                         nix::unistd::Pid::from_raw(pid),
                         nix::sys::signal::Signal::SIGKILL,

@@ -418,7 +418,6 @@ pub struct DirStats {
 
 /// A running emulated link between two namespaces.
 pub struct Wan {
-    pub spec: LinkSpec,
     /// Side A (10.77.0.1): sources. Side B (10.77.0.2): targets.
     pub a: Arc<Netns>,
     pub b: Arc<Netns>,
@@ -468,7 +467,6 @@ impl Wan {
             );
         }
         Ok(Wan {
-            spec: spec.clone(),
             a: Arc::new(a),
             b: Arc::new(b),
             stop,

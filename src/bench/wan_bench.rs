@@ -28,7 +28,7 @@ use super::throughput::{PathResult, setup, summarize, transfer};
 use super::wan::{ADDR_B, DirStats, LinkSpec, MTU, Wan};
 use super::wan_disk::DiskMoves;
 use super::{Options, bounded};
-use crate::qemu::Accel;
+use mtunnel::qemu::Accel;
 
 /// One link's results.
 #[derive(Debug, Clone, Serialize)]

@@ -101,8 +101,8 @@ pub async fn run(
     std::fs::create_dir_all(&dir)?;
     let data = dir.join("disk.data");
     random_file(&data, disk_mib)?;
-    let accel = match crate::qemu::Accel::Auto.resolve() {
-        crate::qemu::Accel::Kvm => "kvm",
+    let accel = match mtunnel::qemu::Accel::Auto.resolve() {
+        mtunnel::qemu::Accel::Kvm => "kvm",
         _ => "tcg",
     };
     let tcg = format!("qemu_accel = \"{accel}\"\n");

@@ -46,7 +46,7 @@ fn min(v: &[f64]) -> f64 {
 }
 
 fn median(v: &[f64]) -> f64 {
-    mtunnel::bench::median(v.iter().copied())
+    crate::bench::median(v.iter().copied())
 }
 
 /// The send buffer the tunnel's sockets get here, and how.
