@@ -18,7 +18,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{NODE, Options, TestServer, Tunnel, assert_identical, bounded, pct};
+use common::ctl::Ctl;
+use common::{NODE, Options, TestServer, assert_identical, bounded, pct};
 use futures_util::{SinkExt, StreamExt};
 use mtunnel::client::ws::WsStream;
 use serde_json::{Value, json};
@@ -59,59 +60,6 @@ impl Drop for QemuGuard {
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
-    }
-}
-
-/// The control channel: one literal line out, one reply line back.
-struct Ctl {
-    ws: WsStream,
-    pending: Vec<u8>,
-}
-
-impl Ctl {
-    async fn open(server: &TestServer, tunnel: &Tunnel) -> Ctl {
-        Ctl {
-            ws: server.connect(tunnel).await,
-            pending: Vec::new(),
-        }
-    }
-
-    /// Sends `line` exactly as given (plus the newline) and returns the parsed reply.
-    async fn send(&mut self, line: &str) -> Value {
-        self.ws
-            .send(Message::binary(format!("{line}\n").into_bytes()))
-            .await
-            .unwrap();
-        let reply = loop {
-            if let Some(pos) = self.pending.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = self.pending.drain(..=pos).collect();
-                break String::from_utf8(line[..pos].to_vec()).unwrap();
-            }
-            match tokio::time::timeout(Duration::from_secs(60), self.ws.next()).await {
-                Ok(Some(Ok(Message::Binary(data)))) => self.pending.extend_from_slice(&data),
-                Ok(Some(Ok(Message::Text(text)))) => {
-                    self.pending.extend_from_slice(text.as_bytes())
-                }
-                Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
-                other => panic!("no reply to {line}: {other:?}"),
-            }
-        };
-        serde_json::from_str(&reply).unwrap_or_else(|e| panic!("reply '{reply}' is not JSON: {e}"))
-    }
-
-    /// Sends `line` and asserts the reply is exactly `expected`.
-    async fn expect(&mut self, line: &str, expected: Value) {
-        let reply = self.send(line).await;
-        assert_eq!(reply, expected, "reply to {line}");
-    }
-
-    /// Closes the WebSocket and waits for the server's side to end.
-    async fn close(mut self) {
-        self.ws.close(None).await.unwrap();
-        let _ = tokio::time::timeout(Duration::from_secs(10), async {
-            while let Some(Ok(_)) = self.ws.next().await {}
-        })
-        .await;
     }
 }
 
@@ -170,7 +118,7 @@ fn forward_url(server: &TestServer, vmid: u32, socket: &str, ticket: &str) -> St
 /// Gets a ticket for `socket` over the control channel and opens a WebSocket to it.
 async fn open_forward(server: &TestServer, ctl: &mut Ctl, vmid: u32, socket: &str) -> WsStream {
     let reply = ctl
-        .send(&json!({"path": socket, "cmd": "ticket"}).to_string())
+        .send_line(&json!({"path": socket, "cmd": "ticket"}).to_string())
         .await;
     assert_eq!(reply["success"], true, "{reply}");
     assert_eq!(reply.as_object().unwrap().len(), 2, "{reply}");
@@ -210,7 +158,7 @@ async fn stream_import(
     .await;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let reply = ctl.send("{\"cmd\":\"query-disk-import\"}").await;
+        let reply = ctl.send_line("{\"cmd\":\"query-disk-import\"}").await;
         if reply["status"] == "pending" {
             assert_eq!(reply["success"], true, "{reply}");
             assert!(
@@ -290,7 +238,7 @@ async fn live_transcript_then_failure_cleanup() {
         std::fs::write(server.images(vmid).join("vm-567-disk-9.raw"), b"stray").unwrap();
 
         let tunnel = server.open_tunnel(vmid).await;
-        let mut ctl = Ctl::open(&server, &tunnel).await;
+        let mut ctl = Ctl::open(&server, server.port, &tunnel).await;
         let run = &server.run;
         let storage_socket = s(&run.join(format!("{vmid}.storage")));
 
@@ -442,7 +390,7 @@ async fn live_transcript_then_failure_cleanup() {
         .await;
         // The migration socket may have tickets too; others may not.
         let reply = ctl
-            .send(&json!({"path": migrate_socket, "cmd": "ticket"}).to_string())
+            .send_line(&json!({"path": migrate_socket, "cmd": "ticket"}).to_string())
             .await;
         assert!(
             reply["ticket"].as_str().unwrap().starts_with("PVETUNNEL:"),
@@ -517,7 +465,7 @@ async fn offline_transcript_imports_and_unlocks() {
         raw_image(&src_raw, "4M");
 
         let tunnel = server.open_tunnel(vmid).await;
-        let mut ctl = Ctl::open(&server, &tunnel).await;
+        let mut ctl = Ctl::open(&server, server.port, &tunnel).await;
         let storage_socket = s(&server.run.join(format!("{vmid}.storage")));
 
         ctl.expect(VERSION, json!({"api": 2, "age": 0, "success": true}))

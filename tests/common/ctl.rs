@@ -42,8 +42,13 @@ impl Ctl {
         }
     }
 
+    /// Sends `cmd` as one line and returns the parsed reply.
     pub async fn send(&mut self, cmd: &Value) -> Value {
-        let line = cmd.to_string();
+        self.send_line(&cmd.to_string()).await
+    }
+
+    /// Sends `line` exactly as given (plus the newline) and returns the parsed reply.
+    pub async fn send_line(&mut self, line: &str) -> Value {
         self.ws
             .send(Message::binary(format!("{line}\n").into_bytes()))
             .await
@@ -63,6 +68,21 @@ impl Ctl {
             }
         };
         serde_json::from_str(&reply).unwrap_or_else(|e| panic!("reply '{reply}' is not JSON: {e}"))
+    }
+
+    /// Sends `line` and asserts the reply is exactly `expected`.
+    pub async fn expect(&mut self, line: &str, expected: Value) {
+        let reply = self.send_line(line).await;
+        assert_eq!(reply, expected, "reply to {line}");
+    }
+
+    /// Closes the WebSocket and waits for the server's side to end.
+    pub async fn close(mut self) {
+        self.ws.close(None).await.unwrap();
+        let _ = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(Ok(_)) = self.ws.next().await {}
+        })
+        .await;
     }
 
     /// Reads (and so answers pings) for `dur`; nothing but pings may arrive, and the
