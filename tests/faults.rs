@@ -20,7 +20,7 @@
 //! nothing). Every wait is a bounded poll; timeouts of the server come from its config
 //! (`peer_timeout_secs`, `tunnel_accept_timeout_secs`).
 //!
-//! [`MATRIX`] lists one row per test (the README shows it); `matrix_rows_have_tests` keeps
+//! [`MATRIX`] lists one row per test (docs/faults.md shows it); `matrix_rows_have_tests` keeps
 //! the table and the tests in step.
 
 mod common;
@@ -1777,13 +1777,13 @@ fn matrix_rows_have_tests() {
     }
 }
 
-/// The README's "When things fail" table is [`MATRIX`]. After changing the matrix, run
-/// `MTUNNEL_BLESS=1 cargo nextest run readme_shows_the_fault_matrix` to rewrite it.
+/// The fault matrix of docs/faults.md is [`MATRIX`]. After changing the matrix, run
+/// `MTUNNEL_BLESS=1 cargo nextest run docs_show_the_fault_matrix` to rewrite it.
 #[test]
-fn readme_shows_the_fault_matrix() {
+fn docs_show_the_fault_matrix() {
     const START: &str = "<!-- fault-matrix:start -->\n";
     const END: &str = "<!-- fault-matrix:end -->";
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/faults.md");
     let readme = std::fs::read_to_string(&path).unwrap();
     let mut table = String::from(
         "| fault | phase | the target ends with | the source ends with | test |\n\
@@ -1795,7 +1795,7 @@ fn readme_shows_the_fault_matrix() {
         ));
     }
     let (Some(a), Some(b)) = (readme.find(START), readme.find(END)) else {
-        panic!("README.md lacks the fault-matrix markers");
+        panic!("docs/faults.md lacks the fault-matrix markers");
     };
     let current = &readme[a + START.len()..b];
     if current != table {
@@ -1804,8 +1804,8 @@ fn readme_shows_the_fault_matrix() {
             std::fs::write(&path, updated).unwrap();
         } else {
             panic!(
-                "README.md's fault matrix differs from MATRIX in tests/faults.rs; run \
-                 MTUNNEL_BLESS=1 cargo nextest run readme_shows_the_fault_matrix\n\
+                "docs/faults.md's fault matrix differs from MATRIX in tests/faults.rs; run \
+                 MTUNNEL_BLESS=1 cargo nextest run docs_show_the_fault_matrix\n\
                  expected:\n{table}"
             );
         }

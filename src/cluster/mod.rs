@@ -462,7 +462,7 @@ impl Cluster {
                 tracing::error!(
                     "cluster '{}': the member record of this node was changed by someone \
                      else (it gave {found} on lease {}); writing it back. Whoever can write \
-                     etcd can do this: see README, \"Securing etcd\"",
+                     etcd can do this: see docs/cluster.md, \"Securing etcd\"",
                     self.cfg.name,
                     kv.lease
                 );

@@ -52,8 +52,8 @@ const STALE_JOB_TIMEOUT: Duration = Duration::from_secs(10);
 /// Multifd channels when the user asked for no number: one. On the emulated WAN links of
 /// `mtunnel bench --wan` 4 streams gained only where one flow is capped or lossy, and they
 /// lengthened the guest's pause from the source's `STOP` to the target's `RESUME` (~0.1 s
-/// more than one stream on a 50 ms link; README, "Fewer round trips, parallel streams"):
-/// a VM's pause is not traded for speed unless asked (`--streams N`).
+/// more than one stream on a 50 ms link; docs/performance.md, "Fewer round trips, parallel
+/// streams"): a VM's pause is not traded for speed unless asked (`--streams N`).
 pub const DEFAULT_STREAMS: u32 = 1;
 
 /// The protocol version we speak (`WS_TUNNEL_VERSION` upstream).
