@@ -486,7 +486,7 @@ fn wan_tables(runs: &[WanRun]) -> String {
             }
         }
     }
-    o.push_str(&report::targets_table("Targets (issue 13)", &targets));
+    o.push_str(&report::targets_table("Targets (WAN)", &targets));
     o
 }
 

@@ -425,7 +425,7 @@ pub fn table(
     }
     // A WAN-only run measured none of these: no block of "not measured".
     if opts.wan.is_empty() || targets.iter().any(|t| t.pass.is_some()) {
-        o.push_str(&targets_table("Targets (issue 5)", targets));
+        o.push_str(&targets_table("Targets", targets));
     }
     if opts.quick {
         let _ = writeln!(o, "(--quick: tiny sizes, the figures mean nothing)");
