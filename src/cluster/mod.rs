@@ -121,6 +121,11 @@ pub struct Cluster {
     /// Of those, the ones another node took while this node's lease had lapsed, and that
     /// node: their tunnels are fenced ([`registry::Cluster::commit`]).
     lost: Mutex<std::collections::BTreeMap<u32, String>>,
+    /// Of those, the ones whose tunnel passed its commit: their entries are permanent and
+    /// must never be put back on a lease.
+    committed: Mutex<BTreeSet<u32>>,
+    /// This node serves https: a member record with a plain `http://` URL is refused.
+    local_tls: bool,
     /// The `resources/{node}` value last written (rewritten only when it changes).
     published: Mutex<Option<String>>,
     /// Recent [`Cluster::member`] lookups (forwarding asks once per name and second).
@@ -170,6 +175,8 @@ impl Cluster {
             me: Mutex::new(None),
             held: Mutex::new(BTreeSet::new()),
             lost: Mutex::new(Default::default()),
+            committed: Mutex::new(BTreeSet::new()),
+            local_tls: cfg.tls,
             published: Mutex::new(None),
             members: cache::MemberCache::new(cache::MEMBER_CACHE_TTL),
         })))
@@ -214,11 +221,20 @@ impl Cluster {
     /// [`identity::verify`]; else `None`, and the log says why.
     pub(super) fn trusted(&self, kv: &etcd::Kv) -> Option<MemberRecord> {
         let name = kv.key.rsplit('/').next().unwrap_or_default();
-        let local_tls = locked(&self.me)
-            .as_ref()
-            .is_some_and(|me| me.api_url.starts_with("https://"));
+        // A live member's record hangs on its lease: one without (a copy of an old record
+        // written back by hand) is not a live member.
+        if kv.key.starts_with(&self.key("members/")) && kv.lease == 0 {
+            tracing::warn!(
+                key = %kv.key,
+                "cluster '{}': ignoring the member record {}: it is on no lease (not \
+                 written by a running mtunnel)",
+                self.cfg.name,
+                kv.key
+            );
+            return None;
+        }
         let secret = &self.cfg.member_secret.0;
-        match identity::verify(secret, &self.cfg.name, name, local_tls, &kv.value) {
+        match identity::verify(secret, &self.cfg.name, name, self.local_tls, &kv.value) {
             Ok(r) => Some(r),
             Err(why) => {
                 tracing::warn!(
@@ -302,7 +318,12 @@ impl Cluster {
         }
         self.register(wait).await?;
         let lease = *locked(&self.lease);
-        let held: Vec<u32> = locked(&self.held).iter().copied().collect();
+        let committed = locked(&self.committed).clone();
+        let held: Vec<u32> = locked(&self.held)
+            .iter()
+            .copied()
+            .filter(|v| !committed.contains(v))
+            .collect();
         for vmid in held {
             match self
                 .reserve_txn(vmid, registry::State::Reserved, lease)
@@ -455,6 +476,21 @@ impl Cluster {
         let value = serde_json::to_vec(&me)?;
         let compare = match self.etcd.get(&key).await? {
             Some(kv) if kv.value == value && kv.lease == lease => return Ok(()),
+            Some(kv) if kv.lease != 0 && self.trusted(&kv).is_some() => {
+                // Signed with the secret and on a live lease that is not ours: another
+                // running mtunnel with this name. Overwriting each other would only
+                // flap forwarding; this node stops taking tunnels instead.
+                let held = NameHeld {
+                    node: me.node.clone(),
+                    api_url: serde_json::from_slice::<MemberRecord>(&kv.value)
+                        .map(|r| r.api_url)
+                        .unwrap_or_default(),
+                };
+                tracing::error!("cluster '{}': {held}", self.cfg.name);
+                *locked(&self.name_held) = Some(held);
+                *locked(&self.unregistered) = true;
+                return Ok(());
+            }
             Some(kv) => {
                 let found = serde_json::from_slice::<MemberRecord>(&kv.value)
                     .map(|r| r.api_url)
@@ -557,8 +593,13 @@ impl Cluster {
         self.leaving.send_replace(true);
         // A keepalive under way ends first: none may grant a lease after the revoke.
         let loops = std::mem::take(&mut *locked(&self.loops));
-        for handle in loops {
-            let _ = handle.await;
+        // Bounded: a reconcile against a slow etcd makes several calls of up to
+        // `timeout` each; past the bound the loops are stopped where they are.
+        for mut handle in loops {
+            let bound = self.cfg.timeout * 2;
+            if tokio::time::timeout(bound, &mut handle).await.is_err() {
+                handle.abort();
+            }
         }
         let id = std::mem::take(&mut *locked(&self.lease));
         if id != 0

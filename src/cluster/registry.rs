@@ -99,6 +99,7 @@ impl Cluster {
         if hold == Hold::Tunnel {
             locked(&self.held).insert(vmid);
             locked(&self.lost).remove(&vmid);
+            locked(&self.committed).remove(&vmid);
         }
         let result = self.reserve_txn(vmid, state, lease).await;
         if result.is_err() && hold == Hold::Tunnel {
@@ -159,6 +160,7 @@ impl Cluster {
     pub async fn finish(&self, vmid: u32, kept: bool) {
         locked(&self.held).remove(&vmid);
         locked(&self.lost).remove(&vmid);
+        locked(&self.committed).remove(&vmid);
         let result = if kept {
             self.set_present(vmid).await
         } else {
@@ -206,7 +208,9 @@ impl Cluster {
         for _ in 0..3 {
             match self.claim_present(vmid).await {
                 Ok(Present::Made) => {
-                    locked(&self.held).remove(&vmid);
+                    // Still held (reconcile leaves it alone until `finish`), but never put
+                    // back on a lease by a re-reservation.
+                    locked(&self.committed).insert(vmid);
                     return Ok(());
                 }
                 Ok(Present::Changed) => continue,

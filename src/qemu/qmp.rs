@@ -350,9 +350,10 @@ async fn read_line(reader: &mut BufReader<OwnedReadHalf>, line: &mut String) -> 
     Ok(n)
 }
 
-/// Reads up to the greeting. Events may come first: QEMU's monitor keeps output its last
-/// client did not read (a job's status change, say) and sends it to the next one before
-/// the greeting. At most 64 such lines are skipped.
+/// Reads up to the greeting. Other lines may come first: QEMU's monitor keeps output its
+/// last client did not read (a job's status change, a reply to a command whose client
+/// gave up, the tail of a line) and sends it to the next one before the greeting. At most
+/// 64 such lines are skipped.
 async fn read_greeting(
     path: &Path,
     reader: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
@@ -372,17 +373,15 @@ async fn read_greeting(
                 reason: "closed before the greeting".into(),
             });
         }
-        let msg: Value = serde_json::from_str(&line).map_err(|e| QmpError::Protocol {
-            path: path.to_path_buf(),
-            msg: format!("greeting is not JSON ({e}): {}", line.trim()),
-        })?;
-        if msg.get("QMP").is_some() {
-            return Ok(msg);
+        match serde_json::from_str::<Value>(&line) {
+            Ok(msg) if msg.get("QMP").is_some() => return Ok(msg),
+            // A stale event or reply, or the tail of a line cut short.
+            _ => tracing::debug!(
+                path = %path.display(),
+                "QMP: skipping a line before the greeting: {}",
+                line.trim()
+            ),
         }
-        if msg.get("event").is_none() {
-            break;
-        }
-        tracing::debug!(path = %path.display(), "QMP: event before the greeting: {}", line.trim());
     }
     Err(QmpError::Protocol {
         path: path.to_path_buf(),
@@ -559,6 +558,9 @@ mod tests {
                 let (r, mut w) = s.into_split();
                 let mut r = BufReader::new(r);
                 w.write_all(stale.as_bytes()).await.unwrap();
+                w.write_all(b"{\"return\": {}, \"id\": 7}\nrunning\": true}}\n")
+                    .await
+                    .unwrap();
                 w.write_all(GREETING.as_bytes()).await.unwrap();
                 let m = recv_json(&mut r).await;
                 assert_eq!(m["execute"], "qmp_capabilities");
@@ -571,12 +573,14 @@ mod tests {
         .await;
         let qmp = Qmp::connect(&path, Duration::from_secs(2)).await.unwrap();
         assert_eq!(qmp.version(), "10.0.2");
-        // Anything else before the greeting is still refused.
+        // So is a stale reply and a cut line; more than 64 lines without a greeting are not.
         let path = dir.path().join("u.qmp");
         let _server = fake_server(path.clone(), |s| {
             Box::pin(async move {
                 let (_r, mut w) = s.into_split();
-                w.write_all(b"{\"return\": {}}\n").await.unwrap();
+                for _ in 0..65 {
+                    w.write_all(b"{\"return\": {}}\n").await.unwrap();
+                }
                 tokio::time::sleep(Duration::from_secs(5)).await;
             })
         })

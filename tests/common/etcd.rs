@@ -285,10 +285,27 @@ impl EtcdCluster {
 
     /// Writes `key` = `value` (no lease) through member `i`, as any etcd client could.
     pub fn put(&self, i: usize, key: &str, value: &[u8]) {
+        self.put_on_lease(i, key, value, 0);
+    }
+
+    /// Like [`EtcdCluster::put`], on `lease` (0: none).
+    pub fn put_on_lease(&self, i: usize, key: &str, value: &[u8], lease: i64) {
         use base64::Engine;
         use base64::engine::general_purpose::STANDARD as B64;
-        let body = serde_json::json!({"key": B64.encode(key), "value": B64.encode(value)});
+        let mut body = serde_json::json!({"key": B64.encode(key), "value": B64.encode(value)});
+        if lease != 0 {
+            body["lease"] = serde_json::json!(lease.to_string());
+        }
         self.call(i, "/v3/kv/put", &body);
+    }
+
+    /// A new lease of `ttl_secs` through member `i`, as any etcd client could grant one.
+    pub fn grant_lease(&self, i: usize, ttl_secs: u64) -> i64 {
+        let reply = self.call(i, "/v3/lease/grant", &serde_json::json!({"TTL": ttl_secs}));
+        reply["ID"]
+            .as_str()
+            .and_then(|id| id.parse().ok())
+            .unwrap_or_else(|| panic!("no lease granted: {reply}"))
     }
 
     /// One JSON gateway call to member `i`: its reply.

@@ -31,10 +31,12 @@ impl Migration<'_> {
         progress.log(format!("ERROR: migration failed: {e:#}"));
         if self.remote.ram_done {
             match VmHandle::attach(&self.src.cfg.run_dir, vmid) {
-                Ok(vm) => {
-                    self.keep_source_running(&vm).await;
+                Ok(vm) if self.keep_source_running(&vm).await => {
                     progress.log(format!("source VM {vmid} runs on"));
                 }
+                Ok(_) => progress.log(format!(
+                    "WARN: the source VM {vmid} is still paused: resume it by hand (QMP 'cont')"
+                )),
                 Err(ae) => progress.log(format!(
                     "WARN: resuming the paused source VM {vmid} failed ({ae:#}): resume it by \
                      hand (QMP 'cont')"

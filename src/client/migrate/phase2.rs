@@ -294,12 +294,13 @@ impl Migration<'_> {
 
     /// The source VM runs on: paused (the RAM migration completed, or was cancelled) it is
     /// resumed, and its disk mirror jobs end, so its writes stay local.
-    pub(super) async fn keep_source_running(&self, vm: &VmHandle) {
-        if let Ok(st) = vm.status().await
-            && !st.running
-        {
-            let _ = vm.resume().await;
-        }
+    /// Returns whether it runs now.
+    pub(super) async fn keep_source_running(&self, vm: &VmHandle) -> bool {
+        let running = match vm.status().await {
+            Ok(st) if st.running => true,
+            Ok(_) => vm.resume().await.is_ok(),
+            Err(_) => false,
+        };
         // Forced and bounded: the target may be out of reach (a frozen link), and a clean
         // cancel of a READY mirror first drains to it. A job still ending then is ended
         // by the next migration's `clear_stale_mirrors`.
@@ -313,6 +314,7 @@ impl Migration<'_> {
             self.progress
                 .log(format!("WARN: remote stop failed: {se:#}"));
         }
+        running
     }
 }
 

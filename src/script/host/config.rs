@@ -113,15 +113,18 @@ pub(super) fn config_table(lua: &Lua) -> mlua::Result<Table> {
         lua.create_async_function(|lua, conf: LuaValue| async move {
             let c = ctx(&lua)?;
             let conf = config_from_json(&from_lua(&lua, conf)?)?;
+            let no_lock =
+                || fail("pve.config.write needs the config lock (handler has lock = false)");
+            if c.guard.lock().unwrap_or_else(|e| e.into_inner()).is_none() {
+                return Err(no_lock());
+            }
             if !conf.options.contains_key("lock") {
                 // Written without its lock, the config is this node's VM for good.
                 c.prove_reservation("unlocked").await?;
             }
             let guard = c.guard.lock().unwrap_or_else(|e| e.into_inner());
             let Some(guard) = guard.as_ref() else {
-                return Err(fail(
-                    "pve.config.write needs the config lock (handler has lock = false)",
-                ));
+                return Err(no_lock());
             };
             c.node
                 .guests

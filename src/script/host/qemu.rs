@@ -122,8 +122,11 @@ fn add_lifecycle_fns(lua: &Lua, t: &Table) -> mlua::Result<()> {
             let c = ctx(&lua)?;
             c.prove_reservation("resumed").await?;
             // Recorded first: if this process dies during `cont`, the VM may already run
-            // as the only live copy, and recovery must leave it alone.
-            c.record(|r| r.resume_requested = true).await?;
+            // as the only live copy, and recovery must leave it alone. Refused, QEMU was
+            // not asked: said in the words the source reads as "runs nothing here".
+            c.record(|r| r.resume_requested = true)
+                .await
+                .map_err(|e| fail(format!("VM {} was not resumed: {e}", c.vmid)))?;
             c.node
                 .hypervisor
                 .resume(c.vmid)
