@@ -483,11 +483,7 @@ pub async fn run_plan(base: &Path, plan: &Plan, log: &dyn Fn(&str)) -> anyhow::R
     std::fs::create_dir_all(&dir)?;
     let blob_path = dir.join("ram.blob");
     blob(&blob_path, (data_mib as usize) << 20)?;
-    let accel = match plan.accel {
-        Accel::Kvm => "kvm",
-        _ => "tcg",
-    };
-    let tcg = format!("qemu_accel = \"{accel}\"\n");
+    let tcg = super::accel_toml(plan.accel);
     let src_dir = dir.join("src");
     let src_config = write_node_config(
         &src_dir,
@@ -568,7 +564,7 @@ pub async fn run_plan(base: &Path, plan: &Plan, log: &dyn Fn(&str)) -> anyhow::R
         ratio: tunnel_ram_ms / direct_ram_ms.max(1e-9),
         direct_total_s: of("direct", |r| r.total_s),
         tunnel_total_s: of("tunnel", |r| r.total_s),
-        accel: accel.to_string(),
+        accel: super::accel_name(plan.accel).to_string(),
         direct_ram_ms,
         tunnel_ram_ms,
         runs,

@@ -490,6 +490,19 @@ fn wan_tables(runs: &[WanRun]) -> String {
     o
 }
 
+/// The name of `accel` as resolved on this host (`Auto` was resolved to KVM or TCG).
+pub fn accel_name(accel: mtunnel::qemu::Accel) -> &'static str {
+    match accel {
+        mtunnel::qemu::Accel::Kvm => "kvm",
+        _ => "tcg",
+    }
+}
+
+/// The `qemu_accel` line of a bench node's config for `accel`.
+pub fn accel_toml(accel: mtunnel::qemu::Accel) -> String {
+    format!("qemu_accel = \"{}\"\n", accel_name(accel))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

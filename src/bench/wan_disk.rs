@@ -101,11 +101,7 @@ pub async fn run(
     std::fs::create_dir_all(&dir)?;
     let data = dir.join("disk.data");
     random_file(&data, disk_mib)?;
-    let accel = match mtunnel::qemu::Accel::Auto.resolve() {
-        mtunnel::qemu::Accel::Kvm => "kvm",
-        _ => "tcg",
-    };
-    let tcg = format!("qemu_accel = \"{accel}\"\n");
+    let tcg = super::accel_toml(mtunnel::qemu::Accel::Auto.resolve());
     let src_dir = dir.join("src");
     let src_config = write_node_config(
         &src_dir,
