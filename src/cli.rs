@@ -289,6 +289,10 @@ pub struct MigrateArgs {
     /// grew in 6 samples (as PVE does).
     #[arg(long)]
     pub no_downtime_escalation: bool,
+    /// Never raise the downtime limit past MS milliseconds (QEMU aims to keep the guest's
+    /// pause at the switch below the limit); default: no bound, as PVE.
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(100..))]
+    pub max_downtime: Option<u64>,
     /// Give up a live migration whose RAM has not converged after SECS seconds: it is
     /// cancelled and the VM keeps running on the source.
     #[arg(long, value_name = "SECS", default_value_t = 1800, value_parser = clap::value_parser!(u64).range(1..))]

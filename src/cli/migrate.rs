@@ -31,6 +31,7 @@ pub async fn run(args: MigrateArgs) -> anyhow::Result<()> {
             auto_converge: !args.no_auto_converge,
             xbzrle: !args.no_xbzrle,
             escalate_downtime: !args.no_downtime_escalation,
+            max_downtime_ms: args.max_downtime,
             max_ram_time: std::time::Duration::from_secs(args.max_ram_time),
         },
     };

@@ -253,7 +253,7 @@ impl Migration<'_> {
                 max_throttle = max_throttle.max(p.throttle_pct);
                 last = p.clone();
             }) => r,
-            never = escalate_downtime(vm, self.progress, &escalation), if plan.escalate_downtime => {
+            never = escalate_downtime(vm, self.progress, &escalation, plan.max_downtime_ms), if plan.escalate_downtime => {
                 match never {}
             }
         };
@@ -357,14 +357,16 @@ fn not_converged(tuning: &tuning::RamTuning, last: &qemu::MigrationProgress) -> 
 }
 
 /// PVE's downtime escalation next to the RAM progress: every second one `query-migrate`;
-/// the limit is doubled when the remaining RAM grew in 6 samples. Never returns: the
+/// the limit is doubled when the remaining RAM grew in 6 samples, at most to `max_ms`.
+/// Never returns: the
 /// caller drops it when the migration ends. `limit` holds the current limit.
 async fn escalate_downtime(
     vm: &VmHandle,
     progress: &Progress,
     limit: &Cell<u64>,
+    max_ms: Option<u64>,
 ) -> std::convert::Infallible {
-    let mut escalation = tuning::DowntimeEscalation::default();
+    let mut escalation = tuning::DowntimeEscalation::up_to(max_ms);
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let Ok(p) = vm.query_migrate().await else {

@@ -5,7 +5,8 @@
 //! power of two), a downtime limit of 100 ms doubled whenever the remaining RAM grew in 6
 //! samples, and, beyond PVE, a bound on the RAM phase after which the migration gives up
 //! and the VM keeps running on the source. Each can be switched off (`mtunnel migrate
-//! --no-auto-converge`, `--no-xbzrle`, `--no-downtime-escalation`, `--max-ram-time`).
+//! --no-auto-converge`, `--no-xbzrle`, `--no-downtime-escalation`, `--max-ram-time`), and
+//! the escalation bounded (`--max-downtime`).
 
 use std::time::Duration;
 
@@ -26,6 +27,9 @@ pub struct RamTuning {
     pub auto_converge: bool,
     pub xbzrle: bool,
     pub escalate_downtime: bool,
+    /// The escalation never raises the downtime limit past this (ms); `None`: no bound, as
+    /// PVE.
+    pub max_downtime_ms: Option<u64>,
     /// Give up (cancel, the VM keeps running on the source) when the RAM phase takes longer.
     pub max_ram_time: Duration,
 }
@@ -36,6 +40,7 @@ impl Default for RamTuning {
             auto_converge: true,
             xbzrle: true,
             escalate_downtime: true,
+            max_downtime_ms: None,
             max_ram_time: DEFAULT_MAX_RAM_TIME,
         }
     }
@@ -54,6 +59,8 @@ pub struct Plan {
     /// The cache size when XBZRLE is on.
     pub xbzrle_cache: Option<u64>,
     pub escalate_downtime: bool,
+    /// The bound on the escalated downtime limit (ms).
+    pub max_downtime_ms: Option<u64>,
     /// One line per choice, with its reason.
     pub notes: Vec<String>,
 }
@@ -88,8 +95,12 @@ impl RamTuning {
             }
         };
         notes.push(if self.escalate_downtime {
+            let bound = match self.max_downtime_ms {
+                Some(ms) => format!(", up to {ms} ms (--max-downtime)"),
+                None => String::new(),
+            };
             format!(
-                "downtime limit {INITIAL_DOWNTIME_MS} ms, doubled whenever the remaining RAM grew in {GROWING_SAMPLES} samples"
+                "downtime limit {INITIAL_DOWNTIME_MS} ms, doubled whenever the remaining RAM grew in {GROWING_SAMPLES} samples{bound}"
             )
         } else {
             format!("downtime limit {INITIAL_DOWNTIME_MS} ms, fixed (--no-downtime-escalation)")
@@ -102,31 +113,39 @@ impl RamTuning {
             auto_converge: self.auto_converge,
             xbzrle_cache,
             escalate_downtime: self.escalate_downtime,
+            max_downtime_ms: self.max_downtime_ms,
             notes,
         }
     }
 }
 
 /// PVE's downtime escalation: count the samples in which `remaining` grew; after
-/// `GROWING_SAMPLES` (6) of them, double the limit and count again.
+/// `GROWING_SAMPLES` (6) of them, double the limit (at most to `max_ms`) and count again.
 #[derive(Debug, Clone)]
 pub struct DowntimeEscalation {
     pub limit_ms: u64,
+    max_ms: u64,
     last_remaining: Option<u64>,
     growing: u32,
 }
 
 impl Default for DowntimeEscalation {
     fn default() -> Self {
-        DowntimeEscalation {
-            limit_ms: INITIAL_DOWNTIME_MS,
-            last_remaining: None,
-            growing: 0,
-        }
+        Self::up_to(None)
     }
 }
 
 impl DowntimeEscalation {
+    /// An escalation that never raises the limit past `max_ms` (`None`: no bound).
+    pub fn up_to(max_ms: Option<u64>) -> Self {
+        DowntimeEscalation {
+            limit_ms: INITIAL_DOWNTIME_MS,
+            max_ms: max_ms.unwrap_or(u64::MAX),
+            last_remaining: None,
+            growing: 0,
+        }
+    }
+
     /// One `query-migrate` sample; `Some(new limit)` when the limit is to be raised.
     pub fn sample(&mut self, remaining: u64) -> Option<u64> {
         if self.last_remaining.is_some_and(|last| remaining > last) {
@@ -137,8 +156,12 @@ impl DowntimeEscalation {
             return None;
         }
         self.growing = 0;
-        self.limit_ms = self.limit_ms.saturating_mul(2);
-        Some(self.limit_ms)
+        let next = self.limit_ms.saturating_mul(2).min(self.max_ms);
+        if next <= self.limit_ms {
+            return None;
+        }
+        self.limit_ms = next;
+        Some(next)
     }
 }
 
@@ -168,6 +191,27 @@ mod tests {
         }
         assert_eq!(raised, vec![(7, 200)]);
         assert_eq!(e.limit_ms, 200);
+    }
+
+    /// `--max-downtime` bounds the doubling: 100, 200, then 300 (not 400), then no more.
+    #[test]
+    fn the_escalation_stops_at_max_downtime() {
+        let mut e = DowntimeEscalation::up_to(Some(300));
+        let raised: Vec<u64> = (1..=40u64).filter_map(|rem| e.sample(rem)).collect();
+        assert_eq!(raised, vec![200, 300]);
+        assert_eq!(e.limit_ms, 300);
+        let plan = RamTuning {
+            max_downtime_ms: Some(300),
+            ..RamTuning::default()
+        }
+        .plan(1 << 30, 1);
+        assert!(
+            plan.notes
+                .iter()
+                .any(|n| n.ends_with(", up to 300 ms (--max-downtime)")),
+            "{:?}",
+            plan.notes
+        );
     }
 
     #[test]
