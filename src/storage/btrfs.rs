@@ -23,9 +23,10 @@ use tokio::io::AsyncRead;
 use tokio::process::Command;
 
 use super::dir::{
-    IMAGE_FILE_MODE, MAX_DISKS_PER_GUEST, ensure_image_dir, image_dir, qemu_img, receive, reserve,
+    IMAGE_FILE_MODE, MAX_DISKS_PER_GUEST, ensure_image_dir, image_dir, receive, reserve,
     used_disk_numbers,
 };
+use super::image::qemu_img;
 use super::import::read_size_header;
 use super::{
     ImageFormat, ImportRequest, StorageDef, StorageError, StorageKind, StorageResult, VolumeId,

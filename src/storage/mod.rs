@@ -8,6 +8,7 @@
 
 pub mod btrfs;
 pub mod dir;
+pub mod image;
 pub mod import;
 mod plugin;
 
