@@ -49,6 +49,9 @@ pub enum Fenced {
     Unproven { vmid: u32, cause: String },
 }
 
+/// The longest [`Cluster::commit`] takes.
+const COMMIT_BOUND: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// What one [`Cluster::claim_present`] found.
 enum Present {
     /// The entry is present for this node now.
@@ -205,8 +208,18 @@ impl Cluster {
         if let Some(node) = locked(&self.lost).get(&vmid).cloned() {
             return Err(Fenced::Taken { vmid, node });
         }
+        // Bounded well below the source's 30 s wait for `resume`: a refusal it can read
+        // beats a timeout that leaves it guessing.
+        let deadline = tokio::time::Instant::now() + COMMIT_BOUND;
         for _ in 0..3 {
-            match self.claim_present(vmid).await {
+            let claimed = tokio::time::timeout_at(deadline, self.claim_present(vmid)).await;
+            let Ok(claimed) = claimed else {
+                return Err(unproven(no_quorum(format!(
+                    "etcd did not settle the commit within {} s",
+                    COMMIT_BOUND.as_secs()
+                ))));
+            };
+            match claimed {
                 Ok(Present::Made) => {
                     // Still held (reconcile leaves it alone until `finish`), but never put
                     // back on a lease by a re-reservation.
