@@ -44,7 +44,8 @@ fn free_port() -> u16 {
 }
 
 impl EtcdCluster {
-    /// Starts `n` members and waits (at most 30 s) until each reports healthy.
+    /// Starts `n` members and waits until each reports healthy (40 s, then once more on
+    /// fresh ports).
     pub fn start(n: usize) -> Self {
         Self::start_with(n, false)
     }
@@ -73,11 +74,59 @@ impl EtcdCluster {
         if tls {
             cluster.make_certificates();
         }
-        for i in 0..n {
-            cluster.spawn(i);
+        let all: Vec<usize> = (0..n).collect();
+        // Ports are picked free, then bound by etcd: another test may take one in between.
+        // A start that does not get healthy is tried once more on fresh ports.
+        for attempt in 0..2 {
+            for i in 0..n {
+                cluster.spawn(i);
+            }
+            if cluster.healthy_within(&all, Duration::from_secs(40)) {
+                return cluster;
+            }
+            let logs = cluster.log_tails();
+            assert!(
+                attempt == 0,
+                "etcd members {all:?} not healthy after two starts of 40 s; their logs end:\n{logs}"
+            );
+            eprintln!("etcd did not get healthy, starting it again on fresh ports:\n{logs}");
+            for i in 0..n {
+                cluster.kill(i);
+                let _ = std::fs::remove_dir_all(cluster.data(i));
+                cluster.members[i].client_port = free_port();
+                cluster.members[i].peer_port = free_port();
+            }
         }
-        cluster.wait_healthy(&(0..n).collect::<Vec<_>>());
         cluster
+    }
+
+    /// The last lines of each member's log.
+    fn log_tails(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| {
+                let log = std::fs::read_to_string(self.file(&format!("{}.log", m.name)))
+                    .unwrap_or_default();
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = lines[lines.len().saturating_sub(5)..].join("\n");
+                format!("--- {} ---\n{tail}", m.name)
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Whether the members `which` are healthy within `limit`.
+    fn healthy_within(&self, which: &[usize], limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            if which.iter().all(|i| self.healthy(*i)) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// The client URLs, for `[cluster] endpoints`.
@@ -229,15 +278,11 @@ impl EtcdCluster {
     /// Waits (at most 60 s: a loaded machine starts etcd slowly) until the members `which`
     /// are healthy.
     pub fn wait_healthy(&self, which: &[usize]) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !which.iter().all(|i| self.healthy(*i)) {
-            assert!(
-                Instant::now() < deadline,
-                "etcd members {which:?} not healthy after 60 s; logs in {}",
-                self.dir.path().display()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        assert!(
+            self.healthy_within(which, Duration::from_secs(60)),
+            "etcd members {which:?} not healthy after 60 s; their logs end:\n{}",
+            self.log_tails()
+        );
     }
 
     /// SIGKILLs member `i`.
