@@ -281,13 +281,7 @@ async fn tunnel_run(s: &Setup, vmid: u32, target_vmid: u32) -> anyhow::Result<Mi
         &VmHandle::attach(&s.src_run, vmid).context("attaching to the source VM")?,
     )
     .await?;
-    let target = format!(
-        "host={},port={},apitoken={},fingerprint={}",
-        s.target.host,
-        s.target.port,
-        s.target.token,
-        s.target.fingerprint.as_deref().unwrap_or_default()
-    );
+    let target = s.target.target_endpoint();
     let t0 = Instant::now();
     let (out, steps) = mt_in(
         s.place.client.as_deref(),

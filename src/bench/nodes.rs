@@ -111,6 +111,17 @@ pub fn write_node_config(dir: &Path, spec: &NodeSpec) -> anyhow::Result<PathBuf>
 }
 
 impl ServeNode {
+    /// This node as `mtunnel migrate --target` takes it (PVE's `target-endpoint`).
+    pub fn target_endpoint(&self) -> String {
+        format!(
+            "host={},port={},apitoken={},fingerprint={}",
+            self.host,
+            self.port,
+            self.token,
+            self.fingerprint.as_deref().unwrap_or_default()
+        )
+    }
+
     /// Starts `mtunnel serve` with its state under `dir` and waits for its URL.
     pub async fn start(dir: &Path, spec: &NodeSpec) -> anyhow::Result<ServeNode> {
         std::fs::create_dir_all(dir)?;

@@ -161,13 +161,7 @@ async fn move_once(s: &Setup, vmid: u32, online: bool) -> anyhow::Result<DiskRun
     if online {
         mt_in(ns, &s.src_config, &["vm", "start", &id]).await?;
     }
-    let target = format!(
-        "host={},port={},apitoken={},fingerprint={}",
-        s.target.host,
-        s.target.port,
-        s.target.token,
-        s.target.fingerprint.as_deref().unwrap_or_default()
-    );
+    let target = s.target.target_endpoint();
     let target_id = (vmid + 100).to_string();
     let mut args = vec![
         "migrate",
