@@ -179,6 +179,12 @@ pve = {}
 ---@param msg any
 function pve.fail(msg) end
 
+---The table the built-in handler file of `cmd` returns, loaded afresh, so an override can
+---wrap it (`return base.run(ctx, p)`) instead of copying it. See docs/handlers/builtin.md.
+---@param cmd string
+---@return {description: string, params: table|false, lock: boolean|nil, run: fun(ctx: table, p: table): table}
+function pve.builtin(cmd) end
+
 ------------------------------------------------------------------------------------------
 ---Task-log output. See docs/handlers/log.md.
 ---@class pve.log
@@ -241,6 +247,11 @@ function pve.config.parse(text) end
 ---Writes description, options, `[PENDING]` and special sections; NEVER snapshot sections.
 ---@param conf pve.VmConfigInput|pve.VmConfig
 function pve.config.write(conf) end
+
+---The text `pve.config.write(conf)` would write, without writing it; `parse` reads it back.
+---@param conf pve.VmConfigInput|pve.VmConfig
+---@return string
+function pve.config.format(conf) end
 
 ---Split a drive value (`scsi0`, `ide2`, ...); the key-less first part becomes `file`, and
 ---PVE's alias `volume=` comes back as `file`. All values are strings.

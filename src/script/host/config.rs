@@ -133,6 +133,13 @@ pub(super) fn config_table(lua: &Lua) -> mlua::Result<Table> {
         })?,
     )?;
     t.set(
+        "format",
+        lua.create_function(|lua, conf: LuaValue| {
+            let conf = config_from_json(&from_lua(lua, conf)?)?;
+            Ok(conf.write())
+        })?,
+    )?;
+    t.set(
         "parse_drive",
         lua.create_function(|lua, value: String| {
             let props = config::parse_drive(&value).map_err(|e| fail(e.to_string()))?;

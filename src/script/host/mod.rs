@@ -1,5 +1,6 @@
 //! The host API handlers call: one read-only global `pve` with sub-tables `log`, `json`,
-//! `config`, `storage`, `qemu`, `firewall`, `tunnel`, `perm` and the function `fail`.
+//! `config`, `storage`, `qemu`, `firewall`, `tunnel`, `perm` and the functions `fail` and
+//! `builtin`.
 //! Functions raise on failure with a message fit for the reply. Everything a tunnel
 //! creates through them (volumes, imports, a started VM, a firewall file) is recorded in
 //! the tunnel's [`Session`] so [`cleanup`] can free exactly that and nothing else.
@@ -167,6 +168,23 @@ fn readonly(lua: &Lua, table: Table) -> mlua::Result<Table> {
     Ok(proxy)
 }
 
+/// `pve.builtin(cmd)`: the table the built-in handler file of `cmd` returns, loaded afresh
+/// into this Lua state, so an override can wrap the built-in (`base.run(ctx, p)`) instead
+/// of carrying a copy of its code that drifts from the version it runs on.
+fn builtin(lua: &Lua, cmd: String) -> mlua::Result<LuaValue> {
+    let Some((_, code)) = super::BUILTIN_HANDLERS.iter().find(|(c, _)| *c == cmd) else {
+        let names: Vec<&str> = super::BUILTIN_HANDLERS.iter().map(|(c, _)| *c).collect();
+        return Err(fail(format!(
+            "pve.builtin: there is no built-in handler '{cmd}' (built-ins: {})",
+            names.join(", ")
+        )));
+    };
+    lua.load(*code)
+        .set_name(format!("@built-in:{cmd}.lua"))
+        .set_mode(mlua::chunk::ChunkMode::Text)
+        .eval()
+}
+
 /// Installs the global `pve` and `print`.
 pub fn register(lua: &Lua) -> anyhow::Result<()> {
     register_inner(lua).map_err(|e| anyhow::anyhow!("registering the pve host API: {e}"))
@@ -191,6 +209,7 @@ fn register_inner(lua: &Lua) -> mlua::Result<()> {
             }))
         })?,
     )?;
+    pve.set("builtin", lua.create_function(builtin)?)?;
     lua.globals().set("pve", readonly(lua, pve)?)?;
     lua.globals().set(
         "print",
@@ -272,4 +291,58 @@ pub async fn cleanup(c: &Arc<HostCtx>) -> journal::Freed {
         c.session().created.released = true;
     }
     freed
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::script::{HandlerSource, Limits, ScriptVm};
+
+    fn load(cmd: &str, code: &str) -> Result<String, String> {
+        let src = HandlerSource {
+            cmd: cmd.into(),
+            origin: format!("test:{cmd}.lua"),
+            code: code.into(),
+        };
+        let vm = ScriptVm::new(Limits::default(), &[src]).expect("Lua state");
+        match vm.handlers.into_values().next().expect("one handler") {
+            Ok(h) => Ok(h.description),
+            Err(e) => Err(e),
+        }
+    }
+
+    #[test]
+    fn an_override_wraps_the_builtin_it_replaces() {
+        let wrapped = load(
+            "bwlimit",
+            r#"local base = pve.builtin("bwlimit")
+               return { description = base.description .. " (site)", params = base.params,
+                        lock = base.lock, run = function(ctx, p) return base.run(ctx, p) end }"#,
+        );
+        assert_eq!(
+            wrapped.as_deref(),
+            Ok("Effective bandwidth limit in KiB/s for an operation on target storages. (site)")
+        );
+    }
+
+    #[test]
+    fn an_unknown_builtin_is_named_with_the_ones_there_are() {
+        let err = load("x", r#"return pve.builtin("nope")"#).unwrap_err();
+        assert!(
+            err.starts_with("pve.builtin: there is no built-in handler 'nope' (built-ins: bwlimit, config, disk, disk-import,"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn format_writes_the_text_parse_reads() {
+        let text = "#a note\n#second line\ncores: 2\nnet0: virtio=BC:24:11:00:00:01,bridge=vmbr0\n\n[special:cloudinit]\nname: old\n";
+        let got = load(
+            "x",
+            &format!(
+                "local t = pve.config.format(pve.config.parse({text:?}))\n\
+                 return {{ description = t, params = false, run = function() end }}"
+            ),
+        );
+        assert_eq!(got.as_deref(), Ok(text));
+    }
 }
