@@ -4,11 +4,13 @@
 //! Map of the crate, top to bottom: a module imports only modules listed below it, so no
 //! two modules import each other, however indirectly (`tests/layers.rs` reads every
 //! `crate::` path and checks this order).
-//! - [`api`]: the HTTPS server and the `/api2/json` router; each route declares its
-//!   parameters as a [`schema`] table next to it; the PVE reply envelope; in a cluster, the
-//!   forwarding of `/nodes/{other}/...` to that member (`api::proxy`); the storage views
-//!   as PVE shapes them (`api::storage`); the status page; the metrics listener; no
-//!   business logic.
+//! - [`api`]: the HTTPS server and the `/api2/json` router, one router per path area
+//!   (`api::routes::{cluster, nodes, access, tasks, storage, qemu}`); each endpoint is
+//!   data — its parameters as a [`schema`] table, its path parameters, the privilege it
+//!   needs and their order — run by one checked-request function that calls a typed
+//!   handler; the PVE reply envelope; in a cluster, the forwarding of `/nodes/{other}/...`
+//!   to that member (`api::proxy`); the status page; the metrics listener; no business
+//!   logic.
 //! - [`client`]: the source side: API client, tunnel client, migration (`client::migrate`: a
 //!   `Migration` value with one method and one file per phase; `tuning` makes busy guests
 //!   converge).

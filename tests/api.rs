@@ -1478,6 +1478,54 @@ async fn task_of_other_token_is_403() {
     .await
 }
 
+/// When a request has several faults, which one is answered is wire behaviour: an
+/// undeclared parameter first, then the path, then the privilege and the parameters'
+/// values in the order each endpoint declares (`src/api/endpoint.rs`, `Precedence`).
+#[tokio::test]
+async fn the_declared_order_decides_which_fault_is_answered() {
+    bounded(60, async {
+        let server = TestServer::start();
+        let t = server.open_tunnel(100).await;
+        let nobody = server.create_token("mig@pve!nobody", &["--privs", "Datastore.Audit"]);
+        let client = server.client_with(&nobody);
+        // Undeclared parameter before the privilege.
+        let err = client.get("/cluster/status", &[("x", "1")]).await.unwrap_err();
+        assert_param_error(
+            &err,
+            json!({"x": "property is not defined in schema and the schema does not allow additional properties"}),
+        );
+        // The path's node before the privilege.
+        let other_node = format!("/nodes/elsewhere/tasks/{}/log", t.upid);
+        let err = client.get(&other_node, &[]).await.unwrap_err();
+        assert_param_error(
+            &err,
+            json!({"node": format!("node needs to be 'localhost' or local hostname '{NODE}'")}),
+        );
+        // A task's log: the privilege before the parameters' values.
+        let err = client
+            .get(&task_path(&t.upid, "/log"), &[("start", "-1")])
+            .await
+            .unwrap_err();
+        assert_http(
+            &err,
+            403,
+            &format!("Permission check failed (/nodes/{NODE}, Sys.Audit)"),
+        );
+        // Opening a tunnel: the parameters' values before the privilege.
+        let err = client
+            .post(&mtunnel_path(101), &[("storages", "Bad!")])
+            .await
+            .unwrap_err();
+        assert_param_error(
+            &err,
+            json!({"storages": "invalid format - value 'Bad!' does not look like a valid storage ID"}),
+        );
+        let err = client.post(&mtunnel_path(101), &[]).await.unwrap_err();
+        assert_http(&err, 403, "Permission check failed (/vms/101, VM.Allocate)");
+    })
+    .await
+}
+
 #[tokio::test]
 async fn garbage_upid_is_400() {
     bounded(60, async {

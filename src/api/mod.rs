@@ -1,23 +1,21 @@
 //! The HTTPS API under `/api2/json/` (and `/api2/extjs/`): TLS accept loop (plain HTTP when
 //! the node is configured with `tls = false`), HTTP/1.1 with upgrades, routing, parameter
-//! parsing and PVE's reply envelope. Endpoints translate
-//! parameters and call into [`crate::tunnel`], [`crate::task`] and friends; no business
-//! logic lives here. The same listener serves the status page at `/` (`status_page`: static
+//! parsing and PVE's reply envelope. `routes` holds one router per path area; each
+//! endpoint is declared as data (`endpoint::Endpoint`: parameters, path parameters,
+//! privilege and their order) and run by the one checked-request function
+//! (`endpoint::route`), so a typed handler only translates its arguments and calls into
+//! [`crate::tunnel`], [`crate::task`] and friends; no business logic lives here. The same listener serves the status page at `/` (`status_page`: static
 //! files, and the data through the API). The Prometheus metrics listener ([`metrics`]) is a
 //! separate plain-HTTP server beside it.
 
-mod cluster;
+mod endpoint;
 pub mod metrics;
-mod pdm;
 pub mod proxy;
 pub mod reply;
 pub mod request;
 mod routes;
 mod status_page;
-mod storage;
-mod task_list;
 pub mod tls;
-mod websocket;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

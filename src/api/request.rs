@@ -1,8 +1,8 @@
 //! Turning an HTTP request into what an endpoint needs: the API format (`json`/`extjs`),
 //! the authenticated token id, and the parameters merged from query string and body with
 //! PVE's leniency (form bodies with or without Content-Type, JSON bodies, booleans as
-//! 0/1/true/false/"True"). Routes declare their parameters in the [`crate::schema`]
-//! language and check them with [`Params::only_declared`] and [`Params::checked`].
+//! 0/1/true/false/"True"). Endpoints declare their parameters in the [`crate::schema`]
+//! language; `endpoint` checks them with [`Params::only_declared`] and [`Params::checked`].
 
 use std::sync::Arc;
 

@@ -3,22 +3,11 @@
 //! (`status_page/`): served to anyone, they hold no data. The page asks for an API token,
 //! keeps it in the browser's `sessionStorage`, and reads everything through the JSON API
 //! with it: `GET /nodes/{node}/mtunnel-status` (open tunnels, from
-//! [`crate::tunnel::status`]), `/nodes/{node}/tasks` with their logs, and
+//! [`crate::tunnel::status`]; in `routes::nodes`), `/nodes/{node}/tasks` with their logs, and
 //! `/cluster/status`. So it shows a token nothing its privileges would not give it.
 
-use std::collections::HashMap;
-use std::sync::Arc;
-
-use axum::extract::{Path, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::{Value, json};
-
-use super::AppState;
-use super::reply::Data;
-use super::request::ApiReq;
-use super::routes::{NO_PARAMS, finish, path_param};
-use crate::tunnel::status::TunnelStatus;
 
 const INDEX_HTML: &str = include_str!("status_page/index.html");
 const APP_JS: &str = include_str!("status_page/app.js");
@@ -63,38 +52,4 @@ fn static_file(body: &'static str, content_type: &'static str) -> Response {
         headers.insert(name, HeaderValue::from_static(value));
     }
     response
-}
-
-/// Whether `authid` counts as the owner of what `owner` opened: the same token, or the
-/// user whose token it is (PVE's rule for tasks).
-pub(super) fn is_owner(authid: &str, owner: &str) -> bool {
-    owner == authid || (!authid.contains('!') && crate::auth::token::token_user(owner) == authid)
-}
-
-/// `GET /nodes/{node}/mtunnel-status`: this node's name and its open tunnels, each with
-/// its last command and per-stream byte counts. As the task list: `Sys.Audit` on
-/// `/nodes/{node}` sees every tunnel, others only the tunnels they opened.
-pub(super) async fn mtunnel_status(
-    State(st): State<Arc<AppState>>,
-    Path(p): Path<HashMap<String, String>>,
-    req: ApiReq,
-) -> Response {
-    let r = (|| {
-        req.params.only_declared(&NO_PARAMS)?;
-        st.node.check_node(path_param(&p, "node"))?;
-        let node = &st.node.cfg.node;
-        let audit = st
-            .node
-            .allows(&req.authid, &format!("/nodes/{node}"), "Sys.Audit");
-        let tunnels: Vec<Value> = st
-            .tunnels
-            .registry
-            .list()
-            .iter()
-            .filter(|t| audit || is_owner(&req.authid, &t.authid))
-            .map(|t| TunnelStatus::of(t).to_json())
-            .collect();
-        Ok(Data::new(json!({"node": node, "tunnels": tunnels})))
-    })();
-    finish(&p, &req, r)
 }

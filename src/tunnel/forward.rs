@@ -553,12 +553,15 @@ mod tests {
         buf
     }
 
-    #[tokio::test]
+    /// The two watchdog tests run on tokio's paused clock: time moves only while every
+    /// task waits, so "300 ms" is the peer's silence, never a starved test thread.
+    #[tokio::test(start_paused = true)]
     async fn a_silent_peer_times_out() {
         let (_client, server) = tokio::io::duplex(1 << 16);
         let (sock_r, _keep) = tokio::io::duplex(64);
         let (out_w, _out_r) = tokio::io::duplex(64);
         let timeout = Duration::from_millis(300);
+        let started = tokio::time::Instant::now();
         let r = tokio::time::timeout(
             Duration::from_secs(10),
             relay_watched(
@@ -573,11 +576,19 @@ mod tests {
         .await
         .expect("the watchdog fires within 10 s");
         assert_eq!(r.unwrap_err().kind(), io::ErrorKind::TimedOut);
+        // After `timeout` of silence, at the watchdog's first look past it (every third).
+        let waited = started.elapsed();
+        assert!(
+            waited >= timeout && waited <= timeout + timeout / 3,
+            "timed out after {waited:?}"
+        );
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_slow_local_consumer_is_not_a_silent_peer() {
-        // The peer sends 4 MiB at once; the local side takes nothing for 3 timeouts.
+        // The peer sends 4 MiB at once; the local side takes nothing for 3 timeouts (the
+        // clock moves only once the relay is stuck on the local side and the writer on a
+        // full buffer).
         let (client, server) = tokio::io::duplex(1 << 20);
         let (sock_r, _keep) = tokio::io::duplex(64);
         let (out_w, mut out_r) = tokio::io::duplex(64 * 1024);
@@ -605,7 +616,10 @@ mod tests {
             "the relay gave up on a busy peer"
         );
         let mut got = Vec::new();
-        out_r.read_to_end(&mut got).await.unwrap();
+        let read = out_r.read_to_end(&mut got);
+        (tokio::time::timeout(Duration::from_secs(10), read).await)
+            .expect("the relay delivers within 10 s")
+            .unwrap();
         assert_eq!(got.len(), 64 * 64 * 1024);
         let _cw = writer.await.unwrap();
         drop(_keep);

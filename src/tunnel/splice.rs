@@ -509,16 +509,29 @@ mod tests {
         relay.await.unwrap().unwrap();
     }
 
-    #[tokio::test]
+    /// On tokio's paused clock (time moves only while every task waits): real sockets
+    /// from which nothing ever arrives, so the clock jumps from one watchdog look to the
+    /// next and "300 ms" is the peer's silence, never a starved test thread.
+    #[tokio::test(start_paused = true)]
     async fn a_silent_peer_times_out() {
         let ((_peer, ours), (local, _backend)) = sockets().await;
+        let timeout = Duration::from_millis(300);
         let opts = RelayOpts {
-            peer_timeout: Some(Duration::from_millis(300)),
+            peer_timeout: Some(timeout),
             ..RelayOpts::default()
         };
-        let err = relay_spliced(ours, Vec::new(), Role::Server, local, opts)
+        let started = tokio::time::Instant::now();
+        let relay = relay_spliced(ours, Vec::new(), Role::Server, local, opts);
+        let err = tokio::time::timeout(Duration::from_secs(10), relay)
             .await
+            .expect("the watchdog fires within 10 s")
             .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        // After `timeout` of silence, at the watchdog's first look past it (every third).
+        let waited = started.elapsed();
+        assert!(
+            waited >= timeout && waited <= timeout + timeout / 3,
+            "timed out after {waited:?}"
+        );
     }
 }
