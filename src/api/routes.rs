@@ -337,6 +337,8 @@ static MTUNNEL_PARAMS: LazyLock<Props> = LazyLock::new(|| {
             "bridges",
             Prop::string().format("pve-bridge-id-list").optional(),
         ),
+        // mtunnel's extension (docs/replicas.md): a replica run, which may reopen a replica.
+        ("replica", Prop::boolean().optional()),
     ])
 });
 
@@ -348,8 +350,11 @@ async fn mtunnel(State(st): St, Path(p): PathMap, req: ApiReq) -> Response {
         let params = req.params.checked(&MTUNNEL_PARAMS)?;
         let storages = id_list(&params, "storages");
         let bridges = id_list(&params, "bridges");
-        let opened =
-            crate::tunnel::open(&st.tunnels, &req.authid, vmid, &storages, &bridges).await?;
+        let opened = if flag(&params, "replica") {
+            crate::tunnel::open_replica(&st.tunnels, &req.authid, vmid, &storages).await?
+        } else {
+            crate::tunnel::open(&st.tunnels, &req.authid, vmid, &storages, &bridges).await?
+        };
         Ok(Data::new(opened.to_json()))
     }
     .await;
