@@ -17,7 +17,7 @@ pub mod manage;
 mod nbd;
 pub mod points;
 
-pub use nbd::{nbd_socket, start_nbd, stop_servers};
+pub use nbd::{nbd_socket, run_alive, start_nbd, stop_servers};
 
 /// The lock every replica's config carries: `vm start` refuses it.
 pub const LOCK: &str = "replica";

@@ -160,3 +160,25 @@ pub async fn wait_exit(socket: &Path, wait: Duration) {
     }
     stop_one(socket).await;
 }
+
+/// Whether an NBD server of VM `vmid`'s replica runs (a run is under way).
+pub fn run_alive(run_dir: &Path, vmid: u32) -> bool {
+    let prefix = format!("{vmid}-");
+    let Ok(entries) = std::fs::read_dir(run_dir) else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(key) = name
+            .strip_prefix(&prefix)
+            .and_then(|r| r.strip_suffix(".replica.pid"))
+        else {
+            return false;
+        };
+        let socket = nbd_socket(run_dir, vmid, key);
+        std::fs::read_to_string(e.path())
+            .ok()
+            .and_then(|t| t.trim().parse::<i32>().ok())
+            .is_some_and(|pid| is_server_of(pid, &socket))
+    })
+}

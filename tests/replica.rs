@@ -1,0 +1,213 @@
+//! Replicas on the real path (docs/replicas.md): two `mtunnel serve` nodes on loopback,
+//! a running OS-less VM under QEMU (TCG) with a 4 GiB qcow2 disk holding 64 MiB of
+//! pseudo-random data. `mtunnel replicate` run 1 copies the whole disk into a replica on
+//! the target; 8 MiB written through the running QEMU; run 2 copies only those (at most
+//! 1 % of run 1's bytes). Each restore point is byte-identical to the source as it was at
+//! its run (the VM paused for the comparison), and the first point stays intact after the
+//! second run. The replica cannot start; `replica promote` turns it into a VM that
+//! starts; `replica drop` leaves nothing.
+//!
+//! QEMU must be installed (`.ci/install-qemu.sh`, run by `scripts/test-all.sh`).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::tcg_node as node;
+use common::{TestServer, blob, mt, mt_ok, pid_of, qemu_io, qmp, target_arg};
+use serde_json::json;
+
+/// `mtunnel replicate VMID ENDPOINT --target-storage local --keep 5` from `src` to `dst`;
+/// returns (bytes copied, bytes sent through the tunnel) from its summary line.
+async fn replicate(src: &TestServer, dst: &TestServer, vmid: u32) -> (u64, u64, String) {
+    let target = target_arg(dst, dst.port);
+    let vmid = vmid.to_string();
+    let out = mt_ok(
+        src,
+        &[
+            "replicate",
+            &vmid,
+            &target,
+            "--target-storage",
+            "local",
+            "--keep",
+            "5",
+        ],
+    )
+    .await;
+    let number_before = |marker: &str| -> u64 {
+        let at = out
+            .find(marker)
+            .unwrap_or_else(|| panic!("no '{marker}' in {out}"));
+        let head = &out[..at];
+        let start = head.rfind('(').expect("a '(' before the byte count") + 1;
+        head[start..].trim().parse().expect("a byte count")
+    };
+    let copied = number_before(" bytes), ");
+    let sent = number_before(" bytes); restore point");
+    (copied, sent, out)
+}
+
+/// The newest point's name from a `replicate` summary line.
+fn point_of(out: &str) -> String {
+    let at = out.find("restore point '").expect("a restore point") + "restore point '".len();
+    out[at..].split('\'').next().unwrap().to_string()
+}
+
+/// The guest-visible bytes of `img` (qcow2; at point `snapshot` if given) as a raw file.
+fn export_raw(img: &Path, snapshot: Option<&str>, to: &Path) {
+    let mut cmd = Command::new("qemu-img");
+    cmd.args(["convert", "-U", "-O", "raw"]);
+    if let Some(name) = snapshot {
+        cmd.arg("-l").arg(format!("snapshot.name={name}"));
+    }
+    let out = cmd.arg(img).arg(to).output().expect("qemu-img convert");
+    assert!(
+        out.status.success(),
+        "qemu-img convert: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn assert_same_raw(a: &Path, b: &Path) {
+    common::assert_same_guest_bytes(a, "raw", b, "raw");
+}
+
+/// The source VM paused while `f` runs (nothing writes its disk then).
+async fn paused<T>(src: &TestServer, vmid: u32, f: impl FnOnce() -> T) -> T {
+    qmp(&src.run, vmid, "stop", json!({})).await;
+    let out = f();
+    qmp(&src.run, vmid, "cont", json!({})).await;
+    out
+}
+
+fn files_of(dir: &Path, prefix: &str) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(prefix))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// VM `vmid` on `src` with one qcow2 disk of `size` holding 64 MiB of random data at 0.
+async fn create_vm_with_data(src: &TestServer, vmid: u32, size: &str) -> PathBuf {
+    let id = vmid.to_string();
+    let disk = format!("local:{size}:qcow2");
+    mt_ok(src, &["vm", "create", &id, "--memory", "128", "--disk", &disk]).await;
+    let img = src.images(vmid).join(format!("vm-{vmid}-disk-0.qcow2"));
+    let data = src.base().join(format!("data{vmid}"));
+    blob(&data, 64 << 20);
+    qemu_io("qcow2", &format!("write -s {} 0 64M", data.display()), &img);
+    std::fs::remove_file(&data).unwrap();
+    mt_ok(src, &["vm", "start", &id]).await;
+    img
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_run_copies_only_what_changed_and_points_stay_intact() {
+    let src = node("src1");
+    let dst = node("dst1");
+    let img = create_vm_with_data(&src, 100, "4G").await;
+    let replica = dst.images(100).join("vm-100-disk-0.qcow2");
+
+    let (copied1, sent1, out1) = replicate(&src, &dst, 100).await;
+    assert!(out1.contains("full copy"), "{out1}");
+    let point1 = point_of(&out1);
+    let at_run1 = src.base().join("run1.raw");
+    paused(&src, 100, || export_raw(&img, None, &at_run1)).await;
+
+    // 8 MiB written by the running QEMU, between the runs.
+    qmp(
+        &src.run,
+        100,
+        "human-monitor-command",
+        json!({"command-line": "qemu-io drive-scsi0 \"write -P 0x5a 100M 8M\""}),
+    )
+    .await;
+    let (copied2, sent2, out2) = replicate(&src, &dst, 100).await;
+    assert!(out2.contains("incremental"), "{out2}");
+    let point2 = point_of(&out2);
+    eprintln!(
+        "run 1: copied {copied1} bytes, sent {sent1} bytes; \
+         run 2: copied {copied2} bytes, sent {sent2} bytes"
+    );
+    assert!(copied1 >= 4 << 30, "run 1 copies the whole disk: {out1}");
+    assert!(
+        copied2 * 100 <= copied1,
+        "run 2 copied {copied2} bytes, more than 1 % of run 1's {copied1}"
+    );
+    assert!(copied2 >= 8 << 20, "run 2 copies the 8 MiB written: {out2}");
+    assert!(sent1 >= 64 << 20, "run 1 sends the 64 MiB of data: {out1}");
+    assert!(
+        sent2 < (9 << 20) && sent2 * 4 < sent1,
+        "run 2 sent {sent2} bytes for 8 MiB written (run 1: {sent1})"
+    );
+
+    // Point 2 is the source as of run 2; point 1 is still the source as of run 1.
+    let now = src.base().join("now.raw");
+    let p2 = dst.base().join("p2.raw");
+    let p1 = dst.base().join("p1.raw");
+    paused(&src, 100, || export_raw(&img, None, &now)).await;
+    export_raw(&replica, Some(&point2), &p2);
+    export_raw(&replica, Some(&point1), &p1);
+    assert_same_raw(&now, &p2);
+    assert_same_raw(&at_run1, &p1);
+    for f in [&now, &p2, &p1, &at_run1] {
+        std::fs::remove_file(f).unwrap();
+    }
+
+    // The replica is listed, locked and cannot start.
+    let list = mt_ok(&dst, &["replica", "list"]).await;
+    assert!(list.contains("src1/100"), "{list}");
+    assert!(list.contains(" idle "), "{list}");
+    assert!(list.contains(&point2), "{list}");
+    let conf = std::fs::read_to_string(dst.vm_config(100)).unwrap();
+    assert!(conf.contains("lock: replica"), "{conf}");
+    let start = mt(&dst, &["vm", "start", "100"]).await;
+    assert!(!start.status.success());
+    let err = String::from_utf8_lossy(&start.stderr);
+    assert!(
+        err.contains("VM 100 is a replica (lock 'replica') and cannot be started: promote one of its restore points first ('mtunnel replica promote 100')"),
+        "{err}"
+    );
+    // No NBD server or socket of the runs is left on the target.
+    assert_eq!(files_of(&dst.run, "100-"), Vec::<String>::new());
+
+    // Promoted, it is a normal VM that starts.
+    let promoted = mt_ok(&dst, &["replica", "promote", "100"]).await;
+    assert!(promoted.contains(&format!("promoted restore point '{point2}'")), "{promoted}");
+    let conf = std::fs::read_to_string(dst.vm_config(100)).unwrap();
+    assert!(!conf.contains("lock:"), "{conf}");
+    mt_ok(&dst, &["vm", "start", "100"]).await;
+    assert!(pid_of(&dst, 100).is_some());
+    mt_ok(&dst, &["vm", "stop", "100"]).await;
+    mt_ok(&src, &["vm", "stop", "100"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_leaves_nothing() {
+    let src = node("src2");
+    let dst = node("dst2");
+    create_vm_with_data(&src, 101, "128M").await;
+    let (_, _, out) = replicate(&src, &dst, 101).await;
+    assert!(out.contains("full copy"), "{out}");
+    assert!(dst.vm_config(101).exists());
+
+    let dropped = mt_ok(&dst, &["replica", "drop", "101"]).await;
+    assert!(
+        dropped.contains("freed volume 'local:101/vm-101-disk-0.qcow2'"),
+        "{dropped}"
+    );
+    assert!(dropped.contains("replica 101 dropped"), "{dropped}");
+    assert!(!dst.vm_config(101).exists());
+    assert_eq!(files_of(&dst.images(101), ""), Vec::<String>::new());
+    assert_eq!(files_of(&dst.run, "101"), Vec::<String>::new());
+    assert_eq!(files_of(&dst.data.join("replicas"), ""), Vec::<String>::new());
+    let list = mt_ok(&dst, &["replica", "list"]).await;
+    assert_eq!(list.lines().count(), 1, "only the header: {list}");
+    mt_ok(&src, &["vm", "stop", "101"]).await;
+}
