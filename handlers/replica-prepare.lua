@@ -119,7 +119,8 @@ return {
     return {
       id = record.id,
       first = first,
-      incremental_ok = record.run == nil and #record.points > 0,
+      -- an unfinished run (`run` set) may have left the working copies half written
+      incremental_ok = (record.run == nil or record.run == pve.json.null) and #record.points > 0,
       points = pve.json.array(names),
       disks = record.disks,
     }

@@ -121,13 +121,15 @@ async fn second_run_copies_only_what_changed_and_points_stay_intact() {
     paused(&src, 100, || export_raw(&img, None, &at_run1)).await;
 
     // 8 MiB written by the running QEMU, between the runs.
-    qmp(
+    let wrote = qmp(
         &src.run,
         100,
         "human-monitor-command",
-        json!({"command-line": "qemu-io drive-scsi0 \"write -P 0x5a 100M 8M\""}),
+        json!({"command-line": "qemu-io -d scsi0 \"write -P 0x5a 100M 8M\""}),
     )
     .await;
+    // HMP answers an error as text; success is silent.
+    assert_eq!(wrote, json!(""), "HMP qemu-io failed");
     let (copied2, sent2, out2) = replicate(&src, &dst, 100).await;
     assert!(out2.contains("incremental"), "{out2}");
     let point2 = point_of(&out2);
