@@ -213,3 +213,83 @@ async fn drop_leaves_nothing() {
     assert_eq!(list.lines().count(), 1, "only the header: {list}");
     mt_ok(&src, &["vm", "stop", "101"]).await;
 }
+
+/// kill -9 of the target's `serve` in the middle of a run: after its restart the run's NBD
+/// server and sockets are gone, the replica and its completed point are intact and listed
+/// `interrupted`, and the next run copies everything again and completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_killed_mid_run_keeps_the_last_point() {
+    let src = node("src3");
+    let mut dst = node("dst3");
+    let img = create_vm_with_data(&src, 102, "256M").await;
+    let replica = dst.images(102).join("vm-102-disk-0.qcow2");
+    let (_, _, out1) = replicate(&src, &dst, 102).await;
+    let point1 = point_of(&out1);
+    let at_run1 = src.base().join("run1.raw");
+    paused(&src, 102, || export_raw(&img, None, &at_run1)).await;
+
+    // 32 MiB written, then a run slowed to 4 MiB/s, cut by kill -9 of the target.
+    let wrote = qmp(
+        &src.run,
+        102,
+        "human-monitor-command",
+        json!({"command-line": "qemu-io -d scsi0 \"write -P 0x77 64M 32M\""}),
+    )
+    .await;
+    assert_eq!(wrote, json!(""), "HMP qemu-io failed");
+    let target = target_arg(&dst, dst.port);
+    let args: Vec<String> = ["replicate", "102", &target, "--target-storage", "local"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(["--bwlimit".into(), "4096".into()])
+        .collect();
+    let slow = {
+        let src_config = src.config.clone();
+        tokio::spawn(async move {
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_mtunnel"))
+                .args(&args)
+                .arg("--config")
+                .arg(&src_config)
+                .output()
+                .await
+                .expect("running mtunnel replicate")
+        })
+    };
+    let pid_file = dst.run.join("102-scsi0.replica.pid");
+    assert!(
+        common::eventually(std::time::Duration::from_secs(30), || pid_file.exists()).await,
+        "the run never exported the working copy"
+    );
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    dst.restart();
+    let cut = common::bounded(120, slow).await.unwrap();
+    assert!(!cut.status.success(), "the cut run must fail");
+
+    // Recovery freed the run's NBD server and sockets, and nothing else.
+    assert!(
+        common::eventually(std::time::Duration::from_secs(10), || files_of(&dst.run, "102-")
+            .is_empty())
+        .await,
+        "left in the run dir: {:?}",
+        files_of(&dst.run, "102-")
+    );
+    let conf = std::fs::read_to_string(dst.vm_config(102)).unwrap();
+    assert!(conf.contains("lock: replica"), "{conf}");
+    let p1 = dst.base().join("p1.raw");
+    export_raw(&replica, Some(&point1), &p1);
+    assert_same_raw(&at_run1, &p1);
+    let list = mt_ok(&dst, &["replica", "list"]).await;
+    assert!(list.contains(" interrupted "), "{list}");
+
+    // The next run copies everything again and completes.
+    let (_, _, out3) = replicate(&src, &dst, 102).await;
+    assert!(out3.contains("full copy"), "{out3}");
+    let now = src.base().join("now.raw");
+    let p3 = dst.base().join("p3.raw");
+    paused(&src, 102, || export_raw(&img, None, &now)).await;
+    export_raw(&replica, Some(&point_of(&out3)), &p3);
+    assert_same_raw(&now, &p3);
+    export_raw(&replica, Some(&point1), &p1);
+    assert_same_raw(&at_run1, &p1);
+    mt_ok(&src, &["vm", "stop", "102"]).await;
+}
