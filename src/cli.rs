@@ -2,8 +2,8 @@
 //! documentation (what `--help` prints), and the conversions of flags into the library's
 //! settings ([`load_config`], [`load_serve_config`], [`bench_options`]). `main.rs`
 //! dispatches; the glue of the commands that need more than one library call is in
-//! [`serve`] (`serve`, `cleanup`), [`vm`], [`migrate`] and [`token`] (`token create` and
-//! the initial token).
+//! [`serve`] (`serve`, `cleanup`), [`vm`], [`migrate`], [`replica`] (`replicate`,
+//! `replica ...`) and [`token`] (`token create` and the initial token).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

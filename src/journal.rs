@@ -652,6 +652,8 @@ mod tests {
         let ok = |c: &Created| validate(c, &format!("{}.json", c.upid), run);
         assert_eq!(ok(&journal(Some("create"), false)), Ok(()));
         assert_eq!(ok(&journal(Some("migrate"), false)), Ok(()));
+        // A replica run's tunnel (docs/replicas.md).
+        assert_eq!(ok(&journal(Some("replica"), true)), Ok(()));
         // After `unlock`: committed, no lock expected.
         assert_eq!(ok(&journal(None, true)), Ok(()));
         assert!(ok(&journal(None, false)).is_err());

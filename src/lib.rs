@@ -11,7 +11,7 @@
 //!   business logic.
 //! - [`client`]: the source side: API client, tunnel client, migration (`client::migrate`: a
 //!   `Migration` value with one method and one file per phase; `tuning` makes busy guests
-//!   converge).
+//!   converge), replica runs (`client::replicate`).
 //! - [`script`]: the Lua engine that runs `handlers/*.lua` and the host API `pve.*` (one
 //!   file per table under `script/host/`); the spec runner and `script::scripted`, the
 //!   Lua-answered backend for rehearsals and handler specs.

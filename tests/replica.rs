@@ -97,7 +97,11 @@ fn files_of(dir: &Path, prefix: &str) -> Vec<String> {
 async fn create_vm_with_data(src: &TestServer, vmid: u32, size: &str) -> PathBuf {
     let id = vmid.to_string();
     let disk = format!("local:{size}:qcow2");
-    mt_ok(src, &["vm", "create", &id, "--memory", "128", "--disk", &disk]).await;
+    mt_ok(
+        src,
+        &["vm", "create", &id, "--memory", "128", "--disk", &disk],
+    )
+    .await;
     let img = src.images(vmid).join(format!("vm-{vmid}-disk-0.qcow2"));
     let data = src.base().join(format!("data{vmid}"));
     blob(&data, 64 << 20);
@@ -181,7 +185,10 @@ async fn second_run_copies_only_what_changed_and_points_stay_intact() {
 
     // Promoted, it is a normal VM that starts.
     let promoted = mt_ok(&dst, &["replica", "promote", "100"]).await;
-    assert!(promoted.contains(&format!("promoted restore point '{point2}'")), "{promoted}");
+    assert!(
+        promoted.contains(&format!("promoted restore point '{point2}'")),
+        "{promoted}"
+    );
     let conf = std::fs::read_to_string(dst.vm_config(100)).unwrap();
     assert!(!conf.contains("lock:"), "{conf}");
     mt_ok(&dst, &["vm", "start", "100"]).await;
@@ -208,7 +215,10 @@ async fn drop_leaves_nothing() {
     assert!(!dst.vm_config(101).exists());
     assert_eq!(files_of(&dst.images(101), ""), Vec::<String>::new());
     assert_eq!(files_of(&dst.run, "101"), Vec::<String>::new());
-    assert_eq!(files_of(&dst.data.join("replicas"), ""), Vec::<String>::new());
+    assert_eq!(
+        files_of(&dst.data.join("replicas"), ""),
+        Vec::<String>::new()
+    );
     let list = mt_ok(&dst, &["replica", "list"]).await;
     assert_eq!(list.lines().count(), 1, "only the header: {list}");
     mt_ok(&src, &["vm", "stop", "101"]).await;
@@ -267,8 +277,10 @@ async fn target_killed_mid_run_keeps_the_last_point() {
 
     // Recovery freed the run's NBD server and sockets, and nothing else.
     assert!(
-        common::eventually(std::time::Duration::from_secs(10), || files_of(&dst.run, "102-")
-            .is_empty())
+        common::eventually(std::time::Duration::from_secs(10), || files_of(
+            &dst.run, "102-"
+        )
+        .is_empty())
         .await,
         "left in the run dir: {:?}",
         files_of(&dst.run, "102-")

@@ -88,7 +88,10 @@ pub(super) fn retire_journals(cfg: &mtunnel::config::NodeConfig, vmid: u32, why:
 }
 
 /// An open tunnel of a running serve works on `vmid`: an operator's change would race it.
-pub(super) fn refuse_if_tunnel_open(cfg: &mtunnel::config::NodeConfig, vmid: u32) -> anyhow::Result<()> {
+pub(super) fn refuse_if_tunnel_open(
+    cfg: &mtunnel::config::NodeConfig,
+    vmid: u32,
+) -> anyhow::Result<()> {
     let (journals, _) = mtunnel::script::journal::load_all(&cfg.journal_dir(), &cfg.run_dir);
     if let Some(open) = journals
         .iter()

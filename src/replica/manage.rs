@@ -53,7 +53,11 @@ impl Parts<'_> {
     /// Starts a run of task `upid`: recorded as unfinished first (a crash from here on
     /// leaves an "interrupted" replica whose next run copies everything), then one NBD
     /// server per disk. On failure the servers started are stopped again.
-    pub async fn begin_run(&self, vmid: u32, upid: &str) -> anyhow::Result<BTreeMap<String, Export>> {
+    pub async fn begin_run(
+        &self,
+        vmid: u32,
+        upid: &str,
+    ) -> anyhow::Result<BTreeMap<String, Export>> {
         let mut r = self.load(vmid)?;
         r.run = Some(Run {
             upid: upid.to_string(),
@@ -145,19 +149,25 @@ impl Parts<'_> {
         let vmid = guard.vmid;
         let r = self.load(vmid)?;
         let conf = self.locked_conf(vmid)?;
-        let newest = r
-            .points
-            .last()
-            .with_context(|| format!("replica {vmid} has no restore point yet: nothing to promote"))?;
+        let newest = r.points.last().with_context(|| {
+            format!("replica {vmid} has no restore point yet: nothing to promote")
+        })?;
         let name = point.unwrap_or(&newest.name).to_string();
         if !r.points.iter().any(|p| p.name == name) {
             let names: Vec<&str> = r.points.iter().map(|p| p.name.as_str()).collect();
-            bail!("replica {vmid} has no point '{name}' (points: {})", names.join(", "));
-        }
-        if r.run.is_some() || !nbd::stop_servers(&self.cfg.run_dir, vmid).await.is_empty() {
             bail!(
-                "replica {vmid} has an unfinished run: its working copies are not point \
-                 '{name}' - run 'mtunnel replicate' again from the source, or promote once it completed"
+                "replica {vmid} has no point '{name}' (points: {})",
+                names.join(", ")
+            );
+        }
+        if nbd::run_alive(&self.cfg.run_dir, vmid) {
+            bail!("a replica run of VM {vmid} is under way: promote once it ended");
+        }
+        let raw = r.disks.values().any(|d| !points::keeps_points(&d.format));
+        if r.run.is_some() && raw {
+            bail!(
+                "replica {vmid} has an interrupted run and a raw working copy, which keeps no \
+                 point of its own: run 'mtunnel replicate' again from the source, or drop it"
             );
         }
         for disk in r.disks.values() {

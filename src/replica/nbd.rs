@@ -42,7 +42,12 @@ pub async fn start_nbd(
         .arg(format!("--pid-file={}", pid_path.display()))
         .arg(format!("--export-name=drive-{key}"))
         .arg(format!("--format={format}"))
-        .args(["--cache=none", "--aio=threads", "--discard=unmap", "--shared=1"])
+        .args([
+            "--cache=none",
+            "--aio=threads",
+            "--discard=unmap",
+            "--shared=1",
+        ])
         .arg(file)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
@@ -68,7 +73,10 @@ pub async fn start_nbd(
         }
         if tokio::time::Instant::now() > deadline {
             let _ = child.start_kill();
-            bail!("qemu-nbd for {key} did not listen on {} within 10 s", socket.display());
+            bail!(
+                "qemu-nbd for {key} did not listen on {} within 10 s",
+                socket.display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -126,9 +134,10 @@ pub async fn stop_servers(run_dir: &Path, vmid: u32) -> Vec<String> {
     if let Ok(entries) = std::fs::read_dir(run_dir) {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let key = name
-                .strip_prefix(&prefix)
-                .and_then(|r| r.strip_suffix(".replica").or(r.strip_suffix(".replica.pid")));
+            let key = name.strip_prefix(&prefix).and_then(|r| {
+                r.strip_suffix(".replica")
+                    .or(r.strip_suffix(".replica.pid"))
+            });
             if key.is_some_and(crate::guest::config::is_drive_key) {
                 let socket = nbd_socket(run_dir, vmid, key.unwrap_or_default());
                 if !sockets.contains(&socket) {
@@ -140,7 +149,10 @@ pub async fn stop_servers(run_dir: &Path, vmid: u32) -> Vec<String> {
     let mut lines = Vec::new();
     for socket in sockets {
         if stop_one(&socket).await {
-            lines.push(format!("stopped the replica NBD server on {}", socket.display()));
+            lines.push(format!(
+                "stopped the replica NBD server on {}",
+                socket.display()
+            ));
         }
     }
     lines

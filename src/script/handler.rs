@@ -31,7 +31,10 @@ impl LuaCommandHandler {
         let ctx = Arc::new(ctx);
         let mut session = ctx.session();
         // A replica run reopens a replica: its journal expects `replica` from the start.
-        session.created.expected_lock.get_or_insert_with(|| "create".into());
+        session
+            .created
+            .expected_lock
+            .get_or_insert_with(|| "create".into());
         drop(session);
         vm.lua.set_app_data(Arc::clone(&ctx));
         let lua_err = |e: mlua::Error| anyhow::anyhow!("creating tunnel state: {e}");

@@ -168,13 +168,23 @@ async fn wait_jobs(vm: &VmHandle, disks: &[Disk], progress: &Progress) -> anyhow
         let jobs = qmp(vm, "query-jobs", Value::Null).await?;
         let ours: Vec<&Value> = jobs
             .as_array()
-            .map(|a| a.iter().filter(|j| ids.iter().any(|id| j["id"] == json!(id))).collect())
+            .map(|a| {
+                a.iter()
+                    .filter(|j| ids.iter().any(|id| j["id"] == json!(id)))
+                    .collect()
+            })
             .unwrap_or_default();
         if ours.len() != ids.len() {
             bail!("a backup job of the run vanished: {jobs}");
         }
-        let done: u64 = ours.iter().filter_map(|j| j["current-progress"].as_u64()).sum();
-        let total: u64 = ours.iter().filter_map(|j| j["total-progress"].as_u64()).sum();
+        let done: u64 = ours
+            .iter()
+            .filter_map(|j| j["current-progress"].as_u64())
+            .sum();
+        let total: u64 = ours
+            .iter()
+            .filter_map(|j| j["total-progress"].as_u64())
+            .sum();
         if let Some(failed) = ours.iter().find(|j| j["error"].is_string()) {
             bail!("backup job {} failed: {}", failed["id"], failed["error"]);
         }
@@ -189,7 +199,10 @@ async fn wait_jobs(vm: &VmHandle, disks: &[Disk], progress: &Progress) -> anyhow
         if done != last.0 {
             last = (done, Instant::now());
         } else if last.1.elapsed() > STALL {
-            bail!("the backup jobs made no progress for {} s (link frozen?)", STALL.as_secs());
+            bail!(
+                "the backup jobs made no progress for {} s (link frozen?)",
+                STALL.as_secs()
+            );
         }
         if logged.elapsed() > Duration::from_secs(5) {
             progress.log(format!("disks: {} of {}", human(done), human(total)));
@@ -204,7 +217,9 @@ async fn wait_jobs(vm: &VmHandle, disks: &[Disk], progress: &Progress) -> anyhow
 async fn take_down(vm: &VmHandle, disks: &[Disk]) {
     for d in disks {
         let id = format!("replica-{}", d.key);
-        let _ = vm.execute("job-dismiss", json!({ "id": id }), QMP_TIMEOUT).await;
+        let _ = vm
+            .execute("job-dismiss", json!({ "id": id }), QMP_TIMEOUT)
+            .await;
         let _ = vm
             .execute("blockdev-del", json!({ "node-name": id }), QMP_TIMEOUT)
             .await;

@@ -102,8 +102,8 @@ pub async fn replicate(
 ) -> anyhow::Result<RunSummary> {
     let started = Instant::now();
     let (conf_text, disks) = plan(src, opts).await?;
-    let vm = VmHandle::attach(&src.cfg.run_dir, opts.vmid)
-        .context("attaching to the running VM")?;
+    let vm =
+        VmHandle::attach(&src.cfg.run_dir, opts.vmid).context("attaching to the running VM")?;
     let mut remote = Remote::open(opts, &disks, progress).await?;
     let result = run(src, opts, progress, &vm, &mut remote, &conf_text, &disks).await;
     match result {
@@ -170,7 +170,11 @@ async fn run(
         .context("making the restore point on the target")?;
     let names = |v: &Value| -> Vec<String> {
         v.as_array()
-            .map(|a| a.iter().filter_map(|p| p.as_str().map(str::to_string)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|p| p.as_str().map(str::to_string))
+                    .collect()
+            })
             .unwrap_or_default()
     };
     Ok(RunSummary {
@@ -220,7 +224,9 @@ async fn plan(src: &SourceNode, opts: &ReplicateOptions) -> anyhow::Result<(Stri
             continue;
         }
         let (storage, _) = vmconf::parse_volume_id(&volid).with_context(|| {
-            format!("{key}: '{volid}' is not a storage volume (passthrough disks cannot be replicated)")
+            format!(
+                "{key}: '{volid}' is not a storage volume (passthrough disks cannot be replicated)"
+            )
         })?;
         let target_storage = opts.storage_map.map(storage).with_context(|| {
             format!("{key}: no target storage mapped for storage '{storage}' (--target-storage)")

@@ -131,7 +131,10 @@ impl Remote {
         for d in disks {
             let e = &exported["drives"][&d.key];
             let (Some(socket), Some(export)) = (e["socket"].as_str(), e["export"].as_str()) else {
-                bail!("replica-export reply has no export for {}: {exported}", d.key);
+                bail!(
+                    "replica-export reply has no export for {}: {exported}",
+                    d.key
+                );
             };
             if e["size"].as_u64() != Some(d.size) {
                 bail!(

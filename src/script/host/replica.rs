@@ -86,7 +86,10 @@ pub(super) fn replica_table(lua: &Lua) -> mlua::Result<Table> {
                     format!(", pruned {}", done.pruned.join(", "))
                 }
             ));
-            to_lua(&lua, &serde_json::to_value(&done).map_err(|e| fail(e.to_string()))?)
+            to_lua(
+                &lua,
+                &serde_json::to_value(&done).map_err(|e| fail(e.to_string()))?,
+            )
         })?,
     )?;
     Ok(t)
