@@ -15,12 +15,22 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::tcg_node as node;
-use common::{TestServer, blob, mt, mt_ok, pid_of, qemu_io, qmp, target_arg};
+use common::{LoopBtrfs, Options, TestServer, blob, mt, mt_ok, pid_of, qemu_io, qmp, target_arg};
 use serde_json::json;
 
 /// `mtunnel replicate VMID ENDPOINT --target-storage local --keep 5` from `src` to `dst`;
-/// returns (bytes copied, bytes sent through the tunnel) from its summary line.
+/// returns (bytes copied, bytes sent through the tunnel, stdout) from its summary line.
 async fn replicate(src: &TestServer, dst: &TestServer, vmid: u32) -> (u64, u64, String) {
+    replicate_to(src, dst, vmid, "local").await
+}
+
+/// [`replicate`] onto target storage `storage`.
+async fn replicate_to(
+    src: &TestServer,
+    dst: &TestServer,
+    vmid: u32,
+    storage: &str,
+) -> (u64, u64, String) {
     let target = target_arg(dst, dst.port);
     let vmid = vmid.to_string();
     let out = mt_ok(
@@ -30,7 +40,7 @@ async fn replicate(src: &TestServer, dst: &TestServer, vmid: u32) -> (u64, u64, 
             &vmid,
             &target,
             "--target-storage",
-            "local",
+            storage,
             "--keep",
             "5",
         ],
@@ -304,4 +314,87 @@ async fn target_killed_mid_run_keeps_the_last_point() {
     export_raw(&replica, Some(&point1), &p1);
     assert_same_raw(&at_run1, &p1);
     mt_ok(&src, &["vm", "stop", "102"]).await;
+}
+
+/// `btrfs property get -ts PATH ro`: whether a subvolume is read-only.
+fn read_only(path: &Path) -> bool {
+    let out = Command::new("btrfs")
+        .args(["property", "get", "-ts"])
+        .arg(path)
+        .arg("ro")
+        .output()
+        .expect("btrfs property get");
+    String::from_utf8_lossy(&out.stdout).trim() == "ro=true"
+}
+
+/// On a `btrfs` storage the working copy is a raw image in its own subvolume and each point
+/// a read-only snapshot of it: run 2 copies the 8 MiB written, both points hold the source
+/// as of their run, `promote --point` of the older point brings that state back (and the
+/// VM starts), and `drop` of another replica leaves no subvolume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn btrfs_points_are_read_only_snapshots() {
+    let fs = LoopBtrfs::new();
+    let src = node("src4");
+    let dst = TestServer::start_with(Options {
+        node: Some("dst4".into()),
+        extra_toml: format!("qemu_accel = \"tcg\"\n{}", fs.storage_toml("bt")),
+        ..Options::default()
+    });
+    let img = create_vm_with_data(&src, 103, "256M").await;
+    let (_, _, out1) = replicate_to(&src, &dst, 103, "bt").await;
+    assert!(out1.contains("full copy"), "{out1}");
+    let point1 = point_of(&out1);
+    let at_run1 = src.base().join("run1.raw");
+    paused(&src, 103, || export_raw(&img, None, &at_run1)).await;
+    let wrote = qmp(
+        &src.run,
+        103,
+        "human-monitor-command",
+        json!({"command-line": "qemu-io -d scsi0 \"write -P 0x5a 100M 8M\""}),
+    )
+    .await;
+    assert_eq!(wrote, json!(""), "HMP qemu-io failed");
+    let (copied2, sent2, out2) = replicate_to(&src, &dst, 103, "bt").await;
+    assert!(out2.contains("incremental"), "{out2}");
+    assert!((8 << 20..9 << 20).contains(&copied2), "{out2}");
+    assert!((8 << 20..9 << 20).contains(&sent2), "{out2}");
+    let point2 = point_of(&out2);
+
+    let snap = |p: &str| fs.mnt.join(format!("replica-points/103/vm-103-disk-0@{p}"));
+    assert!(read_only(&snap(&point1)) && read_only(&snap(&point2)));
+    let now = src.base().join("now.raw");
+    paused(&src, 103, || export_raw(&img, None, &now)).await;
+    assert_same_raw(&now, &snap(&point2).join("disk.raw"));
+    assert_same_raw(&at_run1, &snap(&point1).join("disk.raw"));
+
+    // The older point promoted: the VM is the source as of run 1, and starts.
+    let promoted = mt_ok(&dst, &["replica", "promote", "103", "--point", &point1]).await;
+    assert!(promoted.contains(&format!("'{point1}'")), "{promoted}");
+    let working = fs.mnt.join("images/103/vm-103-disk-0/disk.raw");
+    assert_same_raw(&at_run1, &working);
+    assert!(!read_only(&fs.mnt.join("images/103/vm-103-disk-0")));
+    assert_eq!(
+        fs.subvolumes(),
+        vec!["images/103/vm-103-disk-0".to_string()]
+    );
+    mt_ok(&dst, &["vm", "start", "103"]).await;
+    mt_ok(&dst, &["vm", "stop", "103"]).await;
+    mt_ok(&dst, &["vm", "destroy", "103"]).await;
+    mt_ok(&src, &["vm", "stop", "103"]).await;
+    std::fs::remove_file(&at_run1).unwrap();
+    std::fs::remove_file(&now).unwrap();
+
+    // Another replica with two points, dropped: no subvolume, no points directory.
+    create_vm_with_data(&src, 104, "128M").await;
+    replicate_to(&src, &dst, 104, "bt").await;
+    replicate_to(&src, &dst, 104, "bt").await;
+    assert_eq!(fs.subvolumes().len(), 3, "{:?}", fs.subvolumes());
+    mt_ok(&dst, &["replica", "drop", "104"]).await;
+    assert_eq!(fs.subvolumes(), Vec::<String>::new());
+    assert_eq!(
+        files_of(&fs.mnt.join("replica-points"), ""),
+        Vec::<String>::new()
+    );
+    assert!(!dst.vm_config(104).exists());
+    mt_ok(&src, &["vm", "stop", "104"]).await;
 }

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-use super::{Point, Replica, Run, nbd, points};
+use super::points::Copy;
+use super::{Disk, Point, Replica, Run, nbd};
 use crate::config::NodeConfig;
 use crate::guest::config::VmConfig;
 use crate::guest::{ConfigStore, VmLockGuard};
@@ -43,6 +44,24 @@ impl Parts<'_> {
         self.storage
             .path(volid)
             .with_context(|| format!("resolving the working copy '{volid}'"))
+    }
+
+    /// Where disk `d`'s working copy keeps its points.
+    fn copy(&self, vmid: u32, d: &Disk) -> anyhow::Result<Copy> {
+        let file = self.file(&d.volid)?;
+        let storage = d.volid.split_once(':').map_or("", |(s, _)| s);
+        let def = self.storage.def(storage);
+        Ok(match def.map(|def| (def.kind, &def.path)) {
+            Some((crate::storage::StorageKind::Btrfs, path)) => Copy::Btrfs {
+                subvol: file
+                    .parent()
+                    .with_context(|| format!("'{}' is in no subvolume", d.volid))?
+                    .to_path_buf(),
+                points: path.join("replica-points").join(vmid.to_string()),
+            },
+            _ if d.format == "qcow2" => Copy::Qcow2(file),
+            _ => Copy::Raw(file),
+        })
     }
 
     fn load(&self, vmid: u32) -> anyhow::Result<Replica> {
@@ -106,7 +125,7 @@ impl Parts<'_> {
         }
         let name = super::point_name(&r.points, crate::util::unix_now());
         for disk in r.disks.values() {
-            points::create(&disk.format, &self.file(&disk.volid)?, &name).await?;
+            self.copy(vmid, disk)?.create(&name).await?;
         }
         r.points.push(Point {
             name: name.clone(),
@@ -132,7 +151,7 @@ impl Parts<'_> {
         while r.points.len() > keep {
             let old = r.points.remove(0);
             for disk in r.disks.values() {
-                points::delete(&disk.format, &self.file(&disk.volid)?, &old.name).await?;
+                self.copy(r.vmid, disk)?.delete(&old.name).await?;
             }
             pruned.push(old.name);
         }
@@ -163,15 +182,20 @@ impl Parts<'_> {
         if nbd::run_alive(&self.cfg.run_dir, vmid) {
             bail!("a replica run of VM {vmid} is under way: promote once it ended");
         }
-        let raw = r.disks.values().any(|d| !points::keeps_points(&d.format));
+        let copies = r
+            .disks
+            .values()
+            .map(|d| Ok((d, self.copy(vmid, d)?)))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let raw = copies.iter().any(|(_, c)| !c.keeps_points());
         if r.run.is_some() && raw {
             bail!(
                 "replica {vmid} has an interrupted run and a raw working copy, which keeps no \
                  point of its own: run 'mtunnel replicate' again from the source, or drop it"
             );
         }
-        for disk in r.disks.values() {
-            if !points::keeps_points(&disk.format) && name != newest.name {
+        for (disk, copy) in &copies {
+            if !copy.keeps_points() && name != newest.name {
                 bail!(
                     "{}: a raw working copy keeps only its newest point ({}), not '{name}'",
                     disk.volid,
@@ -179,11 +203,10 @@ impl Parts<'_> {
                 );
             }
         }
-        for disk in r.disks.values() {
-            let file = self.file(&disk.volid)?;
-            points::apply(&disk.format, &file, &name).await?;
+        for (_, copy) in &copies {
+            copy.apply(&name).await?;
             for old in &r.points {
-                points::delete(&disk.format, &file, &old.name).await?;
+                copy.delete(&old.name).await?;
             }
         }
         let mut conf = conf;
@@ -200,6 +223,12 @@ impl Parts<'_> {
         self.locked_conf(vmid)?;
         let mut lines = nbd::stop_servers(&self.cfg.run_dir, vmid).await;
         for disk in r.disks.values() {
+            // Points kept apart from the volume (btrfs snapshots) go first.
+            if let Copy::Btrfs { .. } = self.copy(vmid, disk)? {
+                for p in &r.points {
+                    self.copy(vmid, disk)?.delete(&p.name).await?;
+                }
+            }
             match self.storage.free(&disk.volid).await {
                 Ok(()) => lines.push(format!("freed volume '{}'", disk.volid)),
                 Err(crate::storage::StorageError::NotFound { .. }) => {}
