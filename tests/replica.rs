@@ -398,3 +398,48 @@ async fn btrfs_points_are_read_only_snapshots() {
     assert!(!dst.vm_config(104).exists());
     mt_ok(&src, &["vm", "stop", "104"]).await;
 }
+
+/// Refusals end with a clear message and change nothing: a stopped VM (not yet
+/// supported), and a target VMID that holds a VM which is no replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_are_clear_and_change_nothing() {
+    let src = node("src5");
+    let dst = node("dst5");
+    mt_ok(
+        &src,
+        &[
+            "vm",
+            "create",
+            "105",
+            "--memory",
+            "128",
+            "--disk",
+            "local:64M:qcow2",
+        ],
+    )
+    .await;
+    let target = target_arg(&dst, dst.port);
+    let args = ["replicate", "105", &target, "--target-storage", "local"];
+    let stopped = mt(&src, &args).await;
+    assert!(!stopped.status.success());
+    let err = String::from_utf8_lossy(&stopped.stderr);
+    assert!(
+        err.contains("VM 105 is not running: replicating a stopped VM is not supported yet (a run needs the running QEMU's dirty bitmaps) - start it, or move it with 'mtunnel migrate'"),
+        "{err}"
+    );
+    assert!(!dst.vm_config(105).exists());
+
+    mt_ok(&dst, &["vm", "create", "105", "--memory", "64"]).await;
+    let before = std::fs::read_to_string(dst.vm_config(105)).unwrap();
+    mt_ok(&src, &["vm", "start", "105"]).await;
+    let taken = mt(&src, &args).await;
+    assert!(!taken.status.success());
+    let err = String::from_utf8_lossy(&taken.stderr);
+    assert!(
+        err.contains("VM 105 exists on node 'dst5' and is not a replica (lock 'replica')"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(dst.vm_config(105)).unwrap(), before);
+    assert_eq!(files_of(&dst.run, "105"), Vec::<String>::new());
+    mt_ok(&src, &["vm", "stop", "105"]).await;
+}

@@ -176,3 +176,67 @@ pub fn point_name(points: &[Point], now: u64) -> String {
 pub fn new_id() -> String {
     format!("{:016x}", rand::random::<u64>())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn replica(points: &[&str], run: bool) -> Replica {
+        Replica {
+            vmid: 100,
+            id: "0123456789abcdef".into(),
+            source: Source {
+                node: "src1".into(),
+                vmid: 100,
+            },
+            disks: BTreeMap::new(),
+            points: points
+                .iter()
+                .map(|n| Point {
+                    name: n.to_string(),
+                    time: 1,
+                    bytes: 0,
+                    incremental: false,
+                })
+                .collect(),
+            run: run.then(|| Run {
+                upid: "UPID:x".into(),
+                started: 1,
+            }),
+        }
+    }
+
+    #[test]
+    fn an_incremental_run_needs_a_completed_last_run() {
+        assert!(replica(&["r1"], false).incremental_ok());
+        assert!(!replica(&["r1"], true).incremental_ok());
+        assert!(!replica(&[], false).incremental_ok());
+        assert_eq!(replica(&["r1"], false).status(false), "idle");
+        assert_eq!(replica(&["r1"], true).status(true), "running");
+        assert_eq!(replica(&["r1"], true).status(false), "interrupted");
+        assert_eq!(replica(&[], false).status(false), "empty");
+    }
+
+    #[test]
+    fn point_names_are_unique() {
+        let r = replica(&["r10", "r11"], false);
+        assert_eq!(point_name(&r.points, 10), "r12");
+        assert_eq!(point_name(&r.points, 9), "r9");
+    }
+
+    #[test]
+    fn records_round_trip_and_name_their_vm() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(load(dir.path(), 100).unwrap(), None);
+        let r = replica(&["r1"], true);
+        store(dir.path(), &r).unwrap();
+        assert_eq!(load(dir.path(), 100).unwrap(), Some(r.clone()));
+        assert_eq!(list(dir.path()).0, vec![r]);
+        std::fs::copy(record_path(dir.path(), 100), record_path(dir.path(), 101)).unwrap();
+        let err = load(dir.path(), 101).unwrap_err().to_string();
+        assert!(err.ends_with("names VM 100, not 101"), "{err}");
+        remove(dir.path(), 100).unwrap();
+        remove(dir.path(), 100).unwrap();
+        assert_eq!(load(dir.path(), 100).unwrap(), None);
+    }
+}
