@@ -19,9 +19,30 @@ use crate::qemu::VmHandle;
 const STALL: Duration = Duration::from_secs(60);
 const QMP_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The names of one replica's things in the source QEMU: its dirty bitmap and, per disk,
+/// its NBD client node and backup job (`replica-<first 8 digits of its id>-<key>`, under
+/// QEMU's 31-character node names), so runs of one VM to two targets never touch each
+/// other's.
+pub(super) struct Names {
+    pub bitmap: String,
+    prefix: String,
+}
+
+impl Names {
+    pub fn new(replica_id: &str) -> Self {
+        Names {
+            bitmap: format!("mtunnel-replica-{replica_id}"),
+            prefix: format!("replica-{}-", &replica_id[..8.min(replica_id.len())]),
+        }
+    }
+
+    fn of(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
+    }
+}
+
 /// How the jobs copy.
 pub(super) struct Backup {
-    pub bitmap: String,
     pub incremental: bool,
     /// Bytes/s per job.
     pub speed: Option<u64>,
@@ -115,16 +136,17 @@ pub(super) async fn copy(
     disks: &[Disk],
     locals: &BTreeMap<String, (PathBuf, String)>,
     spec: &Backup,
+    names: &Names,
     progress: &Progress,
 ) -> anyhow::Result<u64> {
-    abort(vm, disks).await;
+    abort(vm, disks, names).await;
     let mut actions = Vec::new();
     for d in disks {
         let (socket, export) = locals.get(&d.key).context("no forward for a disk")?;
         qmp(
             vm,
             "blockdev-add",
-            json!({"driver": "nbd", "node-name": format!("replica-{}", d.key),
+            json!({"driver": "nbd", "node-name": names.of(&d.key),
                    "server": {"type": "unix", "path": socket.display().to_string()},
                    "export": export}),
         )
@@ -132,17 +154,17 @@ pub(super) async fn copy(
         .with_context(|| format!("connecting {} to the target's working copy", d.key))?;
         let device = format!("drive-{}", d.key);
         let mut backup = json!({
-            "job-id": format!("replica-{}", d.key), "device": device,
-            "target": format!("replica-{}", d.key), "auto-dismiss": false,
+            "job-id": names.of(&d.key), "device": device,
+            "target": names.of(&d.key), "auto-dismiss": false,
         });
         if spec.incremental {
             backup["sync"] = json!("incremental");
-            backup["bitmap"] = json!(spec.bitmap);
+            backup["bitmap"] = json!(names.bitmap);
         } else {
             backup["sync"] = json!("full");
             let persistent = d.format == "qcow2";
             actions.push(json!({"type": "block-dirty-bitmap-add",
-                "data": {"node": device, "name": spec.bitmap, "persistent": persistent}}));
+                "data": {"node": device, "name": names.bitmap, "persistent": persistent}}));
         }
         if let Some(speed) = spec.speed {
             backup["speed"] = json!(speed);
@@ -152,15 +174,20 @@ pub(super) async fn copy(
     qmp(vm, "transaction", json!({ "actions": actions }))
         .await
         .context("starting the backup jobs")?;
-    let copied = wait_jobs(vm, disks, progress).await?;
-    take_down(vm, disks).await;
+    let copied = wait_jobs(vm, disks, names, progress).await?;
+    take_down(vm, disks, names).await;
     Ok(copied)
 }
 
 /// Waits until every job concluded; fails on a job's error or when no job moved for
 /// [`STALL`]. Returns the bytes copied.
-async fn wait_jobs(vm: &VmHandle, disks: &[Disk], progress: &Progress) -> anyhow::Result<u64> {
-    let ids: Vec<String> = disks.iter().map(|d| format!("replica-{}", d.key)).collect();
+async fn wait_jobs(
+    vm: &VmHandle,
+    disks: &[Disk],
+    names: &Names,
+    progress: &Progress,
+) -> anyhow::Result<u64> {
+    let ids: Vec<String> = disks.iter().map(|d| names.of(&d.key)).collect();
     let started = Instant::now();
     let mut last = (0u64, Instant::now());
     let mut logged = Instant::now();
@@ -214,9 +241,9 @@ async fn wait_jobs(vm: &VmHandle, disks: &[Disk], progress: &Progress) -> anyhow
 
 /// Dismisses the run's concluded jobs and removes its NBD client nodes (which closes the
 /// connections, so the target's NBD servers end).
-async fn take_down(vm: &VmHandle, disks: &[Disk]) {
+async fn take_down(vm: &VmHandle, disks: &[Disk], names: &Names) {
     for d in disks {
-        let id = format!("replica-{}", d.key);
+        let id = names.of(&d.key);
         let _ = vm
             .execute("job-dismiss", json!({ "id": id }), QMP_TIMEOUT)
             .await;
@@ -226,10 +253,11 @@ async fn take_down(vm: &VmHandle, disks: &[Disk]) {
     }
 }
 
-/// Cancels the run's jobs (also ones an earlier, failed run left) and takes them down.
-pub(super) async fn abort(vm: &VmHandle, disks: &[Disk]) {
-    if let Err(e) = vm.clear_jobs("replica-", Duration::from_secs(10)).await {
+/// Cancels this replica's jobs (also ones an earlier, failed run left) and takes them
+/// down; another replica's are left alone.
+pub(super) async fn abort(vm: &VmHandle, disks: &[Disk], names: &Names) {
+    if let Err(e) = vm.clear_jobs(&names.prefix, Duration::from_secs(10)).await {
         tracing::warn!(vmid = vm.vmid(), "cancelling the replica jobs: {e}");
     }
-    take_down(vm, disks).await;
+    take_down(vm, disks, names).await;
 }

@@ -105,7 +105,28 @@ pub async fn replicate(
     let vm =
         VmHandle::attach(&src.cfg.run_dir, opts.vmid).context("attaching to the running VM")?;
     let mut remote = Remote::open(opts, &disks, progress).await?;
-    let result = run(src, opts, progress, &vm, &mut remote, &conf_text, &disks).await;
+    let run = Run {
+        src,
+        opts,
+        progress,
+        vm: &vm,
+        disks: &disks,
+    };
+    let result = async {
+        let prepared = run.prepare(&remote, &conf_text).await?;
+        let id = prepared
+            .get("id")
+            .and_then(Value::as_str)
+            .filter(|id| id.len() >= 8 && id.bytes().all(|b| b.is_ascii_hexdigit()))
+            .with_context(|| format!("replica-prepare reply without a valid id: {prepared}"))?;
+        let names = jobs::Names::new(id);
+        let transferred = run.transfer(&mut remote, &prepared, &names).await;
+        if transferred.is_err() {
+            jobs::abort(&vm, &disks, &names).await;
+        }
+        transferred
+    }
+    .await;
     match result {
         Ok(mut summary) => {
             remote.quit(false).await;
@@ -113,7 +134,6 @@ pub async fn replicate(
             Ok(summary)
         }
         Err(e) => {
-            jobs::abort(&vm, &disks).await;
             progress.log(format!("replica run failed: {e:#}"));
             remote.quit(true).await;
             Err(e)
@@ -121,71 +141,81 @@ pub async fn replicate(
     }
 }
 
-/// Everything between opening the tunnel and quitting it.
-async fn run(
-    src: &SourceNode,
-    opts: &ReplicateOptions,
-    progress: &Progress,
-    vm: &VmHandle,
-    remote: &mut Remote,
-    conf_text: &str,
-    disks: &[Disk],
-) -> anyhow::Result<RunSummary> {
-    let disk_map: serde_json::Map<String, Value> = disks
-        .iter()
-        .map(|d| {
-            let v = json!({"storage": d.target_storage, "format": d.format, "size": d.size});
-            (d.key.clone(), v)
-        })
-        .collect();
-    let prepared = remote
-        .cmd(json!({
-            "cmd": "replica-prepare", "source_node": src.cfg.node, "source_vmid": opts.vmid,
-            "conf": conf_text, "disks": disk_map,
-        }))
-        .await
-        .context("preparing the replica on the target")?;
-    let id = prepared
-        .get("id")
-        .and_then(Value::as_str)
-        .context("replica-prepare reply without id")?;
-    let bitmap = format!("mtunnel-replica-{id}");
-    let incremental = jobs::choose_incremental(vm, disks, &bitmap, &prepared, progress).await?;
-    let exported = remote.cmd(json!({"cmd": "replica-export"})).await?;
-    let locals = remote.forward_exports(&src.cfg.run_dir, opts.vmid, disks, &exported)?;
-    let spec = jobs::Backup {
-        bitmap,
-        incremental,
-        speed: opts.bwlimit.map(|k| k.saturating_mul(1024)),
-    };
-    let copied = jobs::copy(vm, disks, &locals, &spec, progress).await?;
-    let sent = remote.sent_bytes().await;
-    let mut commit = json!({"cmd": "replica-commit", "bytes": copied, "incremental": incremental});
-    if let Some(keep) = opts.keep {
-        commit["keep"] = json!(keep);
+/// One run under way: what it copies, from where.
+struct Run<'a> {
+    src: &'a SourceNode,
+    opts: &'a ReplicateOptions,
+    progress: &'a Progress,
+    vm: &'a VmHandle,
+    disks: &'a [Disk],
+}
+
+impl Run<'_> {
+    /// `replica-prepare`: its reply (replica id, whether incremental is possible).
+    async fn prepare(&self, remote: &Remote, conf_text: &str) -> anyhow::Result<Value> {
+        let disk_map: serde_json::Map<String, Value> = self
+            .disks
+            .iter()
+            .map(|d| {
+                let v = json!({"storage": d.target_storage, "format": d.format, "size": d.size});
+                (d.key.clone(), v)
+            })
+            .collect();
+        remote
+            .cmd(json!({
+                "cmd": "replica-prepare", "source_node": self.src.cfg.node,
+                "source_vmid": self.opts.vmid, "conf": conf_text, "disks": disk_map,
+            }))
+            .await
+            .context("preparing the replica on the target")
     }
-    let done = remote
-        .cmd(commit)
-        .await
-        .context("making the restore point on the target")?;
-    let names = |v: &Value| -> Vec<String> {
-        v.as_array()
+
+    /// The choice of full or incremental, the exports, the copy and the restore point.
+    async fn transfer(
+        &self,
+        remote: &mut Remote,
+        prepared: &Value,
+        names: &jobs::Names,
+    ) -> anyhow::Result<RunSummary> {
+        let (vm, disks) = (self.vm, self.disks);
+        let incremental =
+            jobs::choose_incremental(vm, disks, &names.bitmap, prepared, self.progress).await?;
+        let exported = remote.cmd(json!({"cmd": "replica-export"})).await?;
+        let locals =
+            remote.forward_exports(&self.src.cfg.run_dir, self.opts.vmid, disks, &exported)?;
+        let spec = jobs::Backup {
+            incremental,
+            speed: self.opts.bwlimit.map(|k| k.saturating_mul(1024)),
+        };
+        let copied = jobs::copy(vm, disks, &locals, &spec, names, self.progress).await?;
+        let sent = remote.sent_bytes().await;
+        let mut commit =
+            json!({"cmd": "replica-commit", "bytes": copied, "incremental": incremental});
+        if let Some(keep) = self.opts.keep {
+            commit["keep"] = json!(keep);
+        }
+        let done = remote
+            .cmd(commit)
+            .await
+            .context("making the restore point on the target")?;
+        let points = done["points"]
+            .as_array()
             .map(|a| {
                 a.iter()
                     .filter_map(|p| p.as_str().map(str::to_string))
                     .collect()
             })
-            .unwrap_or_default()
-    };
-    Ok(RunSummary {
-        target_node: remote.node.clone(),
-        point: done["point"].as_str().unwrap_or_default().to_string(),
-        points: names(&done["points"]),
-        incremental,
-        copied,
-        sent,
-        duration: Duration::ZERO,
-    })
+            .unwrap_or_default();
+        Ok(RunSummary {
+            target_node: remote.node.clone(),
+            point: done["point"].as_str().unwrap_or_default().to_string(),
+            points,
+            incremental,
+            copied,
+            sent,
+            duration: Duration::ZERO,
+        })
+    }
 }
 
 /// The local checks: the VM exists, is not locked, runs; its disks and where each goes.
