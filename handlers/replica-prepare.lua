@@ -105,6 +105,10 @@ return {
       if record == nil then
         pve.fail(string.format("VM %d is locked 'replica' but has no replica record", ctx.vmid))
       end
+      if record.source.node ~= p.source_node or record.source.vmid ~= p.source_vmid then
+        pve.fail(string.format("VM %d here is the replica of VM %d on '%s', not of VM %d on '%s'",
+          ctx.vmid, record.source.vmid, record.source.node, p.source_vmid, p.source_node))
+      end
       local changed = same_disks(record.disks, p.disks)
       if changed ~= nil then
         pve.fail(string.format("the disks of VM %d changed since its replica was made (%s): "

@@ -400,7 +400,8 @@ async fn btrfs_points_are_read_only_snapshots() {
 }
 
 /// Refusals end with a clear message and change nothing: a stopped VM (not yet
-/// supported), and a target VMID that holds a VM which is no replica.
+/// supported), a target VMID that holds a VM which is no replica, and a replica asked to
+/// take runs of another source's VM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_are_clear_and_change_nothing() {
     let src = node("src5");
@@ -442,4 +443,24 @@ async fn refusals_are_clear_and_change_nothing() {
     assert_eq!(std::fs::read_to_string(dst.vm_config(105)).unwrap(), before);
     assert_eq!(files_of(&dst.run, "105"), Vec::<String>::new());
     mt_ok(&src, &["vm", "stop", "105"]).await;
+
+    // A replica refuses runs of another source's VM of the same VMID.
+    let other = node("src5b");
+    create_vm_with_data(&src, 106, "128M").await;
+    create_vm_with_data(&other, 106, "128M").await;
+    replicate(&src, &dst, 106).await;
+    let conf = std::fs::read_to_string(dst.vm_config(106)).unwrap();
+    let foreign = mt(&other, &["replicate", "106", &target, "--target-storage", "local"]).await;
+    assert!(!foreign.status.success());
+    let err = String::from_utf8_lossy(&foreign.stderr);
+    assert!(
+        err.contains("VM 106 here is the replica of VM 106 on 'src5', not of VM 106 on 'src5b'"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(dst.vm_config(106)).unwrap(), conf);
+    let list = mt_ok(&dst, &["replica", "list"]).await;
+    assert!(list.contains(" idle "), "{list}");
+    assert_eq!(files_of(&dst.run, "106"), Vec::<String>::new());
+    mt_ok(&src, &["vm", "stop", "106"]).await;
+    mt_ok(&other, &["vm", "stop", "106"]).await;
 }

@@ -101,11 +101,20 @@ async fn create(lua: Lua, opts: LuaValue) -> mlua::Result<LuaValue> {
     let c = ctx(&lua)?;
     c.ensure_open()?;
     let opts = from_lua(&lua, opts)?;
-    if replica::load(&c.node.cfg.data_dir, c.vmid)
-        .map_err(err)?
-        .is_some()
-    {
-        return Err(fail(format!("VM {} already has a replica record", c.vmid)));
+    // Only a tunnel that reserved the VMID anew (lock `create`) makes a replica: a record
+    // left by an older replica of the VMID (whose config is gone) is stale.
+    let reopened = {
+        let session = c.session();
+        session.created.committed && session.created.expected_lock.as_deref() == Some(replica::LOCK)
+    };
+    if reopened {
+        return Err(fail(format!("VM {} already is a replica", c.vmid)));
+    }
+    if let Ok(Some(old)) = replica::load(&c.node.cfg.data_dir, c.vmid) {
+        c.warn(&format!(
+            "replacing the stale replica record of VM {} (replica id {}, no config)",
+            c.vmid, old.id
+        ));
     }
     let node = opts
         .get("source_node")
