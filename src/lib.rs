@@ -28,8 +28,8 @@
 //!   tasks, VM configs, backends, the cluster and metrics, as one `Arc<Node>`.
 //! - [`replica`]: the target side of replicas: the record of a replica (source, disks,
 //!   restore points, an unfinished run), the `qemu-nbd` servers a run writes through,
-//!   restore points (internal qcow2 snapshots, read-only btrfs snapshots), `promote` and
-//!   `drop`.
+//!   restore points (internal qcow2 snapshots, read-only btrfs snapshots, reflink copies),
+//!   `promote` and `drop`.
 //! - [`cluster`]: cluster mode (`[cluster]`): the node's etcd lease and membership (member
 //!   records signed with the cluster's secret), the cluster-wide VMID registry and its
 //!   fencing commit, the data of the cluster views (over etcd's JSON gateway).

@@ -105,17 +105,22 @@ fn files_of(dir: &Path, prefix: &str) -> Vec<String> {
 
 /// VM `vmid` on `src` with one qcow2 disk of `size` holding 64 MiB of random data at 0.
 async fn create_vm_with_data(src: &TestServer, vmid: u32, size: &str) -> PathBuf {
+    create_vm_with_data_as(src, vmid, size, "qcow2").await
+}
+
+/// [`create_vm_with_data`] with a disk in `format`.
+async fn create_vm_with_data_as(src: &TestServer, vmid: u32, size: &str, format: &str) -> PathBuf {
     let id = vmid.to_string();
-    let disk = format!("local:{size}:qcow2");
+    let disk = format!("local:{size}:{format}");
     mt_ok(
         src,
         &["vm", "create", &id, "--memory", "128", "--disk", &disk],
     )
     .await;
-    let img = src.images(vmid).join(format!("vm-{vmid}-disk-0.qcow2"));
+    let img = src.images(vmid).join(format!("vm-{vmid}-disk-0.{format}"));
     let data = src.base().join(format!("data{vmid}"));
     blob(&data, 64 << 20);
-    qemu_io("qcow2", &format!("write -s {} 0 64M", data.display()), &img);
+    qemu_io(format, &format!("write -s {} 0 64M", data.display()), &img);
     std::fs::remove_file(&data).unwrap();
     mt_ok(src, &["vm", "start", &id]).await;
     img
@@ -450,7 +455,11 @@ async fn refusals_are_clear_and_change_nothing() {
     create_vm_with_data(&other, 106, "128M").await;
     replicate(&src, &dst, 106).await;
     let conf = std::fs::read_to_string(dst.vm_config(106)).unwrap();
-    let foreign = mt(&other, &["replicate", "106", &target, "--target-storage", "local"]).await;
+    let foreign = mt(
+        &other,
+        &["replicate", "106", &target, "--target-storage", "local"],
+    )
+    .await;
     assert!(!foreign.status.success());
     let err = String::from_utf8_lossy(&foreign.stderr);
     assert!(
@@ -463,4 +472,83 @@ async fn refusals_are_clear_and_change_nothing() {
     assert_eq!(files_of(&dst.run, "106"), Vec::<String>::new());
     mt_ok(&src, &["vm", "stop", "106"]).await;
     mt_ok(&other, &["vm", "stop", "106"]).await;
+}
+
+/// A raw working copy on a `dir` storage keeps a reflink copy per point where its file
+/// system shares blocks (here a `dir` storage on a loop btrfs): both points hold the
+/// source as of their run, and `promote --point` of the older one brings it back. Where
+/// the file system cannot (ext4 here), the image keeps only its newest point, and
+/// promoting an older one is refused with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_dir_points_are_reflink_copies_where_the_fs_shares_blocks() {
+    let fs = LoopBtrfs::new();
+    let rd = fs.mnt.join("rd");
+    std::fs::create_dir(&rd).unwrap();
+    let src = node("src7");
+    let dst = TestServer::start_with(Options {
+        node: Some("dst7".into()),
+        extra_toml: format!(
+            "qemu_accel = \"tcg\"\nstorage.rd = {{ type = \"dir\", path = \"{}\", content = [\"images\"] }}\n",
+            rd.display()
+        ),
+        ..Options::default()
+    });
+    let img = create_vm_with_data_as(&src, 107, "256M", "raw").await;
+    let (_, _, out1) = replicate_to(&src, &dst, 107, "rd").await;
+    let point1 = point_of(&out1);
+    let at_run1 = src.base().join("run1.raw");
+    paused(&src, 107, || export_raw(&img, None, &at_run1)).await;
+    let wrote = qmp(
+        &src.run,
+        107,
+        "human-monitor-command",
+        json!({"command-line": "qemu-io -d scsi0 \"write -P 0x5a 100M 8M\""}),
+    )
+    .await;
+    assert_eq!(wrote, json!(""), "HMP qemu-io failed");
+    let (_, _, out2) = replicate_to(&src, &dst, 107, "rd").await;
+    assert!(out2.contains("incremental"), "{out2}");
+    let point2 = point_of(&out2);
+    let copy = |p: &str| rd.join(format!("replica-points/107/vm-107-disk-0.raw@{p}"));
+    let now = src.base().join("now.raw");
+    paused(&src, 107, || export_raw(&img, None, &now)).await;
+    assert_same_raw(&now, &copy(&point2));
+    assert_same_raw(&at_run1, &copy(&point1));
+
+    mt_ok(&dst, &["replica", "promote", "107", "--point", &point1]).await;
+    assert_same_raw(&at_run1, &rd.join("images/107/vm-107-disk-0.raw"));
+    assert_eq!(
+        files_of(&rd.join("replica-points"), ""),
+        Vec::<String>::new()
+    );
+    mt_ok(&dst, &["vm", "start", "107"]).await;
+    mt_ok(&dst, &["vm", "stop", "107"]).await;
+    mt_ok(&dst, &["vm", "destroy", "107"]).await;
+    mt_ok(&src, &["vm", "stop", "107"]).await;
+
+    // ext4 (the node's `local`): no reflink, only the newest point.
+    let img = create_vm_with_data_as(&src, 108, "128M", "raw").await;
+    let (_, _, out1) = replicate(&src, &dst, 108).await;
+    let (_, _, out2) = replicate(&src, &dst, 108).await;
+    let (point1, point2) = (point_of(&out1), point_of(&out2));
+    assert_eq!(
+        files_of(&dst.base().join("s/local/replica-points"), ""),
+        Vec::<String>::new()
+    );
+    let refused = mt(&dst, &["replica", "promote", "108", "--point", &point1]).await;
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains(&format!(
+            "local:108/vm-108-disk-0.raw: a raw working copy without reflink points keeps only its newest point ({point2}), not '{point1}'"
+        )),
+        "{err}"
+    );
+    paused(&src, 108, || export_raw(&img, None, &now)).await;
+    assert_same_raw(&now, &dst.images(108).join("vm-108-disk-0.raw"));
+    mt_ok(&dst, &["replica", "drop", "108"]).await;
+    mt_ok(&src, &["vm", "stop", "108"]).await;
+    for f in [&now, &at_run1] {
+        std::fs::remove_file(f).unwrap();
+    }
 }

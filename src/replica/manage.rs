@@ -50,17 +50,21 @@ impl Parts<'_> {
     fn copy(&self, vmid: u32, d: &Disk) -> anyhow::Result<Copy> {
         let file = self.file(&d.volid)?;
         let storage = d.volid.split_once(':').map_or("", |(s, _)| s);
-        let def = self.storage.def(storage);
-        Ok(match def.map(|def| (def.kind, &def.path)) {
-            Some((crate::storage::StorageKind::Btrfs, path)) => Copy::Btrfs {
+        let def = self
+            .storage
+            .def(storage)
+            .with_context(|| format!("storage '{storage}' does not exist"))?;
+        let points = def.path.join("replica-points").join(vmid.to_string());
+        Ok(match def.kind {
+            crate::storage::StorageKind::Btrfs => Copy::Btrfs {
                 subvol: file
                     .parent()
                     .with_context(|| format!("'{}' is in no subvolume", d.volid))?
                     .to_path_buf(),
-                points: path.join("replica-points").join(vmid.to_string()),
+                points,
             },
             _ if d.format == "qcow2" => Copy::Qcow2(file),
-            _ => Copy::Raw(file),
+            _ => Copy::Raw { file, points },
         })
     }
 
@@ -125,7 +129,13 @@ impl Parts<'_> {
         }
         let name = super::point_name(&r.points, crate::util::unix_now());
         for disk in r.disks.values() {
-            self.copy(vmid, disk)?.create(&name).await?;
+            if !self.copy(vmid, disk)?.create(&name).await? {
+                tracing::info!(
+                    vmid,
+                    "{}: no reflink on its file system: point '{name}' is the working copy only",
+                    disk.volid
+                );
+            }
         }
         r.points.push(Point {
             name: name.clone(),
@@ -187,19 +197,23 @@ impl Parts<'_> {
             .values()
             .map(|d| Ok((d, self.copy(vmid, d)?)))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let raw = copies.iter().any(|(_, c)| !c.keeps_points());
-        if r.run.is_some() && raw {
-            bail!(
-                "replica {vmid} has an interrupted run and a raw working copy, which keeps no \
-                 point of its own: run 'mtunnel replicate' again from the source, or drop it"
-            );
-        }
         for (disk, copy) in &copies {
-            if !copy.keeps_points() && name != newest.name {
+            if copy.has_point(&name) {
+                continue;
+            }
+            if name != newest.name {
                 bail!(
-                    "{}: a raw working copy keeps only its newest point ({}), not '{name}'",
+                    "{}: a raw working copy without reflink points keeps only its newest \
+                     point ({}), not '{name}'",
                     disk.volid,
                     newest.name
+                );
+            }
+            if r.run.is_some() {
+                bail!(
+                    "replica {vmid} has an interrupted run and {} keeps no copy of point \
+                     '{name}': run 'mtunnel replicate' again from the source, or drop it",
+                    disk.volid
                 );
             }
         }
@@ -223,10 +237,11 @@ impl Parts<'_> {
         self.locked_conf(vmid)?;
         let mut lines = nbd::stop_servers(&self.cfg.run_dir, vmid).await;
         for disk in r.disks.values() {
-            // Points kept apart from the volume (btrfs snapshots) go first.
-            if let Copy::Btrfs { .. } = self.copy(vmid, disk)? {
+            // Points kept apart from the volume (btrfs snapshots, reflink copies) go first.
+            let copy = self.copy(vmid, disk)?;
+            if !matches!(copy, Copy::Qcow2(_)) {
                 for p in &r.points {
-                    self.copy(vmid, disk)?.delete(&p.name).await?;
+                    copy.delete(&p.name).await?;
                 }
             }
             match self.storage.free(&disk.volid).await {

@@ -3,9 +3,10 @@
 //! module owns the replica's record (`{data}/replicas/{vmid}.json`: where it comes from,
 //! its disks, its points, an unfinished run), the NBD servers that export the working
 //! copies to a run (`qemu-nbd`, one per disk, `{run}/{vmid}-{key}.replica`), and the
-//! points themselves (`points.rs`: internal qcow2 snapshots, read-only btrfs snapshots; a
-//! raw `dir` volume keeps only its latest state). It knows nothing of tunnels: the `pve.replica` host functions, the
-//! journal and `mtunnel replica ...` call it with the node's paths and storage.
+//! points themselves (`points.rs`: internal qcow2 snapshots, read-only btrfs snapshots,
+//! reflink copies of raw images where the file system shares blocks). It knows nothing of
+//! tunnels: the `pve.replica` host functions, the journal and `mtunnel replica ...` call it
+//! with the node's paths and storage.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

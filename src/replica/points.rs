@@ -4,8 +4,10 @@
 //! - a raw image in a btrfs subvolume (`btrfs` storage): one read-only snapshot of the
 //!   subvolume per point, in `{storage}/replica-points/{vmid}/<subvolume>@<point>` (outside
 //!   the image directory, so no volume listing ever takes a point for a volume);
-//! - a raw image on `dir`: nothing — it keeps only its latest state, and while a run
-//!   writes into it the working copy IS the newest point (docs/replicas.md says so).
+//! - a raw image on `dir`: a reflink copy per point (`cp --reflink=always`) in
+//!   `{storage}/replica-points/{vmid}/<file>@<point>` where the file system shares blocks
+//!   (btrfs, XFS); elsewhere nothing — the image keeps only its latest state, and while a
+//!   run writes into it the working copy IS the newest point (docs/replicas.md says so).
 //!
 //! Every call here needs the image closed (no NBD server).
 
@@ -22,33 +24,57 @@ pub enum Copy {
         subvol: PathBuf,
         points: PathBuf,
     },
-    Raw(PathBuf),
+    /// The image, and the directory of its reflink copies.
+    Raw {
+        file: PathBuf,
+        points: PathBuf,
+    },
 }
 
 impl Copy {
-    /// Whether the working copy keeps points of its own (not only its newest state).
-    pub fn keeps_points(&self) -> bool {
-        !matches!(self, Copy::Raw(_))
+    /// Whether point `name` exists apart from the working copy (always for qcow2 and
+    /// btrfs; for a raw image where its reflink copy was made).
+    pub fn has_point(&self, name: &str) -> bool {
+        match self {
+            Copy::Raw { file, points } => {
+                Self::snapshot_path(file, points, name).is_ok_and(|p| p.exists())
+            }
+            _ => true,
+        }
     }
 
     fn snapshot_path(subvol: &Path, points: &Path, name: &str) -> anyhow::Result<PathBuf> {
         let base = subvol
             .file_name()
             .and_then(|n| n.to_str())
-            .with_context(|| format!("subvolume {} has no name", subvol.display()))?;
+            .with_context(|| format!("{} has no name", subvol.display()))?;
         Ok(points.join(format!("{base}@{name}")))
     }
 
-    /// Makes point `name`.
-    pub async fn create(&self, name: &str) -> anyhow::Result<()> {
+    /// Makes point `name`. Returns false when a raw image's file system cannot share
+    /// blocks: then only the working copy holds the point (until the next run).
+    pub async fn create(&self, name: &str) -> anyhow::Result<bool> {
         match self {
-            Copy::Qcow2(file) => qemu_img_snapshot("-c", Some(name), file).await.map(drop),
+            Copy::Qcow2(file) => qemu_img_snapshot("-c", Some(name), file)
+                .await
+                .map(|_| true),
             Copy::Btrfs { subvol, points } => {
                 crate::util::ensure_dir(points, 0o700)?;
                 let snap = Self::snapshot_path(subvol, points, name)?;
-                btrfs(&["subvolume", "snapshot", "-r"], &[subvol, &snap]).await
+                btrfs(&["subvolume", "snapshot", "-r"], &[subvol, &snap]).await?;
+                Ok(true)
             }
-            Copy::Raw(_) => Ok(()),
+            Copy::Raw { file, points } => {
+                crate::util::ensure_dir(points, 0o700)?;
+                let point = Self::snapshot_path(file, points, name)?;
+                if let Err(e) = reflink(file, &point).await {
+                    let _ = std::fs::remove_file(&point);
+                    let _ = std::fs::remove_dir(points);
+                    tracing::info!("no reflink point of {}: {e:#}", file.display());
+                    return Ok(false);
+                }
+                Ok(true)
+            }
         }
     }
 
@@ -65,7 +91,18 @@ impl Copy {
                 let _ = std::fs::remove_dir(points);
                 Ok(())
             }
-            Copy::Raw(_) => Ok(()),
+            Copy::Raw { file, points } => {
+                let point = Self::snapshot_path(file, points, name)?;
+                match std::fs::remove_file(&point) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("removing {}", point.display()));
+                    }
+                }
+                let _ = std::fs::remove_dir(points);
+                Ok(())
+            }
         }
     }
 
@@ -82,9 +119,36 @@ impl Copy {
                 btrfs(&["subvolume", "delete"], &[subvol]).await?;
                 btrfs(&["subvolume", "snapshot"], &[&snap, subvol]).await
             }
-            Copy::Raw(_) => Ok(()),
+            Copy::Raw { file, points } => {
+                let point = Self::snapshot_path(file, points, name)?;
+                if point.exists() {
+                    reflink(&point, file).await?;
+                }
+                Ok(())
+            }
         }
     }
+}
+
+/// `cp --reflink=always FROM TO`: a copy sharing every block (fails where the file
+/// system cannot share them).
+async fn reflink(from: &Path, to: &Path) -> anyhow::Result<()> {
+    let out = tokio::process::Command::new("cp")
+        .arg("--reflink=always")
+        .arg(from)
+        .arg(to)
+        .output()
+        .await
+        .context("running cp")?;
+    if !out.status.success() {
+        bail!(
+            "cp --reflink=always {} {}: {}",
+            from.display(),
+            to.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
 }
 
 async fn btrfs(args: &[&str], paths: &[&Path]) -> anyhow::Result<()> {
