@@ -441,7 +441,6 @@ pub async fn open_replica(
         ));
     }
     let reservation = node.guests.origin(vmid).ok_or_else(not_replica)?;
-    drop(guard);
     let start = WorkerStart {
         reservation,
         expected_lock: "replica".into(),
@@ -449,7 +448,11 @@ pub async fn open_replica(
         committed: true,
         replica: true,
     };
-    start_worker(tunnels, authid, vmid, start, slot).await
+    // The config lock is held until the tunnel is registered: a second `replica=1` open
+    // of the VMID waits for it, then finds the tunnel and is refused.
+    let opened = start_worker(tunnels, authid, vmid, start, slot).await;
+    drop(guard);
+    opened
 }
 
 /// Binds the control socket, writes the journal (under `start.reservation`, the config's
