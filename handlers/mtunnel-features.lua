@@ -9,6 +9,6 @@ return {
   params = false,
   lock = false,
   run = function(ctx, p)
-    return { multifd = pve.qemu.multifd_max() }
+    return { multifd = pve.qemu.multifd_max(), replica = 1 } -- replica: docs/replicas.md
   end,
 }

@@ -3,7 +3,7 @@
 return {
   ["replies the multifd channels start accepts"] = function(t)
     local tun = t:open{}
-    t:eq(tun:send{cmd = "mtunnel-features"}, {multifd = 16, success = true})
+    t:eq(tun:send{cmd = "mtunnel-features"}, {multifd = 16, replica = 1, success = true})
   end,
 
   ["does not disturb version behind or before it"] = function(t)

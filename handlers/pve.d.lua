@@ -472,6 +472,35 @@ function pve.perm.check(path, privilege) end
 function pve.perm.has(path, privilege) end
 
 ------------------------------------------------------------------------------------------
+---The replica of the tunnel's VM (docs/replicas.md). See docs/handlers/replica.md.
+---@class pve.replica
+pve.replica = {}
+
+---The replica's record (`{vmid, id, source, disks, points, run}`), or nil.
+---@return table|nil
+function pve.replica.get() end
+
+---Make the record of a new replica: `{source_node, source_vmid, disks = {key = {volid,
+---format, size}}}`; the volumes must be this tunnel's. Journaled.
+---@async
+---@param opts table
+---@return table
+function pve.replica.create(opts) end
+
+---Start a run: mark it unfinished, export each working copy over NBD; returns
+---`{key = {socket, export, size}}`. Journaled.
+---@async
+---@return table
+function pve.replica.export() end
+
+---Complete the run: stop the NBD servers, make a restore point, prune to `keep`;
+---`opts = {keep, bytes, incremental}`; returns `{point, pruned, points}`.
+---@async
+---@param opts table
+---@return table
+function pve.replica.complete(opts) end
+
+------------------------------------------------------------------------------------------
 
 ---Replaced by mtunnel: writes the arguments (tab-separated) as an info line to the task log.
 ---@param ... any

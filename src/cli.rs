@@ -2,8 +2,8 @@
 //! documentation (what `--help` prints), and the conversions of flags into the library's
 //! settings ([`load_config`], [`load_serve_config`], [`bench_options`]). `main.rs`
 //! dispatches; the glue of the commands that need more than one library call is in
-//! [`serve`] (`serve`, `cleanup`), [`vm`], [`migrate`] and [`token`] (`token create` and
-//! the initial token).
+//! [`serve`] (`serve`, `cleanup`), [`vm`], [`migrate`], [`replica`] (`replicate`,
+//! `replica ...`) and [`token`] (`token create` and the initial token).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -16,6 +16,7 @@ use mtunnel::node::ServeRecord;
 pub mod docs;
 pub mod doctor;
 pub mod migrate;
+pub mod replica;
 pub mod serve;
 pub mod token;
 pub mod vm;
@@ -43,6 +44,15 @@ pub enum Command {
     Vm(VmCommand),
     /// Migrate a VM of this node to a remote target through the tunnel.
     Migrate(MigrateArgs),
+    /// Send one run of a running VM's replica to a remote mtunnel node.
+    ///
+    /// The first run copies every disk; each later run only what changed since the last
+    /// completed run (QEMU dirty bitmaps). The target keeps restore points
+    /// (docs/replicas.md); `mtunnel replica` manages them there.
+    Replicate(ReplicateArgs),
+    /// Manage the replicas this node holds (list, promote a point to a VM, drop).
+    #[command(subcommand)]
+    Replica(ReplicaCommand),
     /// Speak the stdin/stdout language of Proxmox's `proxmox-websocket-tunnel` helper.
     Tunnel,
     /// Measure RTT and throughput to a target and say what limits a migration there.
@@ -222,6 +232,52 @@ pub enum VmCommand {
         /// Destroy even if the config is locked (e.g. after a migration without --delete).
         #[arg(long)]
         skiplock: bool,
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+}
+
+#[derive(Args)]
+pub struct ReplicateArgs {
+    /// The VM to replicate (it must run).
+    pub vmid: u32,
+    /// host=ADDR[,port=8006],apitoken=PVEAPIToken=user@realm!id=SECRET,fingerprint=AA:BB:..
+    pub endpoint: mtunnel::client::endpoint::TargetEndpoint,
+    /// Storage mapping: SOURCE:TARGET pairs and/or one default TARGET.
+    #[arg(long)]
+    pub target_storage: mtunnel::client::endpoint::IdMap,
+    /// Restore points to keep on the target (the oldest beyond go); default: all.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub keep: Option<u32>,
+    /// Bandwidth limit in KiB/s (per disk).
+    #[arg(long)]
+    pub bwlimit: Option<u64>,
+    #[command(flatten)]
+    pub node: NodeArgs,
+}
+
+#[derive(Subcommand)]
+pub enum ReplicaCommand {
+    /// List the replicas of this node: source, status, restore points.
+    List {
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// Turn a restore point (default: the newest) into a normal VM of this node.
+    ///
+    /// The working copies are set to the point, all points and the replica's record go,
+    /// and the config loses its `replica` lock: `mtunnel vm start VMID` then starts it.
+    Promote {
+        vmid: u32,
+        /// The point to promote (`mtunnel replica list` shows them).
+        #[arg(long)]
+        point: Option<String>,
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// Remove a replica: its working copies with every point, its config, its record.
+    Drop {
+        vmid: u32,
         #[command(flatten)]
         node: NodeArgs,
     },

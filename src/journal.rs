@@ -112,6 +112,10 @@ pub struct Created {
     /// so `mtunnel cleanup` may retry it while `serve` runs.
     #[serde(default)]
     pub abandoned: bool,
+    /// A replica run (docs/replicas.md): its NBD servers (`{run}/{vmid}-<key>.replica`)
+    /// are stopped whenever the tunnel is freed, even once the replica is committed.
+    #[serde(default)]
+    pub replica: bool,
 }
 
 impl Created {
@@ -217,13 +221,13 @@ pub fn validate(c: &Created, file_name: &str, run_dir: &Path) -> Result<(), Stri
     }
     // After `unlock` a committed tunnel expects no lock (and never destroys anything).
     let lock_ok = match c.expected_lock.as_deref() {
-        Some("create" | "migrate") => true,
+        Some("create" | "migrate" | "replica") => true,
         None => c.committed,
         Some(_) => false,
     };
     if !lock_ok {
         return Err(format!(
-            "it expects the lock {:?}, not 'create' or 'migrate'",
+            "it expects the lock {:?}, not 'create', 'migrate' or 'replica'",
             c.expected_lock
         ));
     }
@@ -436,6 +440,11 @@ pub async fn free_created(
     }
     // The VMID is this tunnel's (or nobody's): so are these paths.
     remove_sockets(node, created);
+    if created.replica {
+        for line in crate::replica::stop_servers(&node.cfg.run_dir, vmid).await {
+            report.info(&format!("cleanup: {line}"));
+        }
+    }
     let refusal = if !created.may_destroy() {
         Some(kept_message(created))
     } else if claim == Claim::Ours {
@@ -471,6 +480,11 @@ pub async fn free_created(
         match node.guests.remove_locked(guard) {
             Ok(()) => {
                 report.info(&format!("cleanup: removed config of VM {vmid}"));
+                if created.replica
+                    && let Err(e) = crate::replica::remove(&node.cfg.data_dir, vmid)
+                {
+                    report.warn(&format!("cleanup: {e:#}"));
+                }
                 node.metrics.cleanup(cleanup_action::CONFIG_REMOVED);
                 freed.config_removed = true;
             }
@@ -527,6 +541,11 @@ fn kept_message(created: &Created) -> String {
             "VM {vmid} was resumed on this node and may be the only live copy: leaving it \
              running with its volumes and its config (lock kept until 'unlock')"
         )
+    } else if created.replica {
+        format!(
+            "the replica of VM {vmid} has completed restore points: leaving its config, \
+             working copies and points"
+        )
     } else {
         format!("the migration of VM {vmid} was committed: leaving the VM and its volumes")
     }
@@ -565,7 +584,7 @@ fn foreign_lock(node: &Node, created: &Created) -> Option<String> {
         Some(lock) if lock == expected => None,
         // `config` writes `lock: migrate` just before the tunnel records that it expects
         // it: a crash in between must not orphan the VM.
-        Some(lock) if expected == "create" && lock == "migrate" => None,
+        Some(lock) if expected == "create" && (lock == "migrate" || lock == "replica") => None,
         Some(lock) => Some(format!("is locked '{lock}'")),
         None => Some("has no lock".to_string()),
     }
@@ -633,6 +652,8 @@ mod tests {
         let ok = |c: &Created| validate(c, &format!("{}.json", c.upid), run);
         assert_eq!(ok(&journal(Some("create"), false)), Ok(()));
         assert_eq!(ok(&journal(Some("migrate"), false)), Ok(()));
+        // A replica run's tunnel (docs/replicas.md).
+        assert_eq!(ok(&journal(Some("replica"), true)), Ok(()));
         // After `unlock`: committed, no lock expected.
         assert_eq!(ok(&journal(None, true)), Ok(()));
         assert!(ok(&journal(None, false)).is_err());

@@ -13,7 +13,7 @@
 //!   logic.
 //! - [`client`]: the source side: API client, tunnel client, migration (`client::migrate`: a
 //!   `Migration` value with one method and one file per phase; `tuning` makes busy guests
-//!   converge).
+//!   converge), replica runs (`client::replicate`).
 //! - [`script`]: the Lua engine that runs `handlers/*.lua` and the host API `pve.*` (one
 //!   file per table under `script/host/`); the spec runner and `script::scripted`, the
 //!   Lua-answered backend for rehearsals and handler specs.
@@ -28,6 +28,10 @@
 //!   way to free it (only what the config's origin proves is the tunnel's).
 //! - [`node`]: the services of one node, wired once at start: settings, tokens, tickets,
 //!   tasks, VM configs, backends, the cluster and metrics, as one `Arc<Node>`.
+//! - [`replica`]: the target side of replicas: the record of a replica (source, disks,
+//!   restore points, an unfinished run), the `qemu-nbd` servers a run writes through,
+//!   restore points (internal qcow2 snapshots, read-only btrfs snapshots, reflink copies),
+//!   `promote` and `drop`.
 //! - [`cluster`]: cluster mode (`[cluster]`): the node's etcd lease and membership (member
 //!   records signed with the cluster's secret), the cluster-wide VMID registry and its
 //!   fencing commit, the data of the cluster views (over etcd's JSON gateway).
@@ -72,6 +76,7 @@ pub mod metrics;
 pub mod net;
 pub mod node;
 pub mod qemu;
+pub mod replica;
 pub mod schema;
 pub mod script;
 pub mod storage;

@@ -52,6 +52,8 @@ fn main() {
         Command::Vm(cmd) => run_async(cli::vm::run(cmd)),
         Command::Cleanup { dry_run, node } => run_async(cli::serve::cleanup(node, dry_run)),
         Command::Migrate(args) => run_async(cli::migrate::run(args)),
+        Command::Replicate(args) => run_async(cli::replica::replicate(args)),
+        Command::Replica(cmd) => run_async(cli::replica::run(cmd)),
         Command::Doctor(args) => run_async(cli::doctor::run(args)),
         Command::Handlers(HandlersCommand::Check { dir, node }) => handlers_check(dir, &node),
         Command::Handlers(HandlersCommand::Test { dir, filter }) => {

@@ -57,6 +57,9 @@ const SPEC_CASES: &[(&str, usize)] = &[
     ("protocol_spec.lua", 10),
     ("query-disk-import_spec.lua", 13),
     ("quit_spec.lua", 12),
+    ("replica-commit_spec.lua", 2),
+    ("replica-export_spec.lua", 1),
+    ("replica-prepare_spec.lua", 4),
     ("resume_spec.lua", 5),
     ("schema_spec.lua", 9),
     ("start_spec.lua", 16),
@@ -262,7 +265,7 @@ fn a_broken_handler_is_reported_with_file_and_line() {
         line.starts_with(&format!("FAIL  disk: {dir_s}/disk.lua:3: ")),
         "{line}"
     );
-    assert_eq!(last_line(&check.stdout), "15 handlers, 1 refused");
+    assert_eq!(last_line(&check.stdout), "18 handlers, 1 refused");
     assert!(
         check.stderr.contains("1 handler(s) refused"),
         "{}",

@@ -522,7 +522,7 @@ async fn crafted_journals_are_set_aside_and_never_acted_on() {
         assert_eq!(rejected.len(), 4, "{rejected:?}");
         let log = node.log();
         for why in [
-            "it expects the lock None, not 'create' or 'migrate'".to_string(),
+            "it expects the lock None, not 'create', 'migrate' or 'replica'".to_string(),
             format!(
                 "socket {} is not a tunnel socket of VM 161",
                 outside.display()

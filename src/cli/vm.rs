@@ -80,7 +80,7 @@ pub async fn run(cmd: VmCommand) -> anyhow::Result<()> {
 
 /// What tunnels of `vmid` left in their journals is over once an operator destroyed or
 /// unlocked the VM: recovery must never act on it (on a later VM of the same VMID).
-fn retire_journals(cfg: &mtunnel::config::NodeConfig, vmid: u32, why: &str) {
+pub(super) fn retire_journals(cfg: &mtunnel::config::NodeConfig, vmid: u32, why: &str) {
     let journals = mtunnel::script::journal::retire(&cfg.journal_dir(), &cfg.run_dir, vmid, why);
     for line in journals {
         println!("{line}");
@@ -88,7 +88,10 @@ fn retire_journals(cfg: &mtunnel::config::NodeConfig, vmid: u32, why: &str) {
 }
 
 /// An open tunnel of a running serve works on `vmid`: an operator's change would race it.
-fn refuse_if_tunnel_open(cfg: &mtunnel::config::NodeConfig, vmid: u32) -> anyhow::Result<()> {
+pub(super) fn refuse_if_tunnel_open(
+    cfg: &mtunnel::config::NodeConfig,
+    vmid: u32,
+) -> anyhow::Result<()> {
     let (journals, _) = mtunnel::script::journal::load_all(&cfg.journal_dir(), &cfg.run_dir);
     if let Some(open) = journals
         .iter()

@@ -15,6 +15,7 @@ pub mod endpoint;
 pub mod http;
 pub mod migrate;
 pub mod progress;
+pub mod replicate;
 pub mod tunnel;
 pub mod vm;
 pub mod ws;

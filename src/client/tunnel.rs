@@ -7,6 +7,7 @@
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -187,6 +188,8 @@ async fn control_loop(ws: WsStream, mut rx: mpsc::UnboundedReceiver<(String, Pen
 /// opened ahead that no connection took).
 pub struct Forward {
     pub local: PathBuf,
+    /// Connections and bytes carried so far.
+    pub stats: Arc<ForwardStats>,
     accept: tokio::task::JoinHandle<()>,
     openers: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -199,6 +202,15 @@ impl Drop for Forward {
         }
         let _ = std::fs::remove_file(&self.local);
     }
+}
+
+/// What a forward carried: connections accepted and ended, bytes sent to the remote by
+/// the connections that ended (a replica run reports them).
+#[derive(Debug, Default)]
+pub struct ForwardStats {
+    pub accepted: std::sync::atomic::AtomicU64,
+    pub finished: std::sync::atomic::AtomicU64,
+    pub sent: std::sync::atomic::AtomicU64,
 }
 
 type Opened = Result<ws::RawWs, TunnelError>;
@@ -261,6 +273,8 @@ pub fn forward(
         })
         .collect();
     let control = control.clone();
+    let stats = Arc::new(ForwardStats::default());
+    let counted = Arc::clone(&stats);
     let accept = tokio::spawn(async move {
         loop {
             let conn = match listener.accept().await {
@@ -275,19 +289,28 @@ pub fn forward(
             let endpoint = Arc::clone(&endpoint);
             let remote_path = remote_path.clone();
             let pool = Arc::clone(&pool);
+            let stats = Arc::clone(&counted);
+            stats.accepted.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
                 let ws = match pool.take().await {
                     Some(ws) => ws,
                     None => open_ws(&control, &endpoint, &remote_path).await,
                 };
-                if let Err(e) = relay_one(ws, &remote_path, conn).await {
-                    tracing::warn!(remote = %remote_path, "forwarded connection failed: {e}");
+                match relay_one(ws, &remote_path, conn).await {
+                    Ok(sent) => {
+                        stats.sent.fetch_add(sent, Ordering::SeqCst);
+                    }
+                    Err(e) => {
+                        tracing::warn!(remote = %remote_path, "forwarded connection failed: {e}")
+                    }
                 }
+                stats.finished.fetch_add(1, Ordering::SeqCst);
             });
         }
     });
     Ok(Forward {
         local: local.to_path_buf(),
+        stats,
         accept,
         openers,
     })
@@ -321,7 +344,7 @@ async fn relay_one(
     ws: Opened,
     remote_path: &str,
     conn: tokio::net::UnixStream,
-) -> Result<(), TunnelError> {
+) -> Result<u64, TunnelError> {
     let ws = ws?;
     let role = crate::tunnel::forward::Role::Client;
     let relayed = match ws.stream {
@@ -338,7 +361,7 @@ async fn relay_one(
     let stats =
         relayed.map_err(|e| TunnelError::Other(format!("forwarding to {remote_path}: {e}")))?;
     tracing::debug!(remote = %remote_path, sent = stats.from_socket, received = stats.to_socket, "forward done");
-    Ok(())
+    Ok(stats.from_socket)
 }
 
 /// `proxmox-websocket-tunnel`'s stdin language: control messages (`connect`, `forward`)

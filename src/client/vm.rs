@@ -188,6 +188,12 @@ impl LocalVms {
     pub async fn start(&self, vmid: u32, extra_args: &[String]) -> anyhow::Result<i32> {
         let _guard = self.guests.lock(vmid, DEFAULT_LOCK_TIMEOUT).await?;
         let conf = self.load(vmid)?;
+        if conf.options.get("lock").map(String::as_str) == Some(crate::replica::LOCK) {
+            bail!(
+                "VM {vmid} is a replica (lock 'replica') and cannot be started: promote one \
+                 of its restore points first ('mtunnel replica promote {vmid}')"
+            );
+        }
         if let Some(lock) = conf.options.get("lock") {
             bail!("VM {vmid} is locked ({lock})");
         }

@@ -29,7 +29,13 @@ impl LuaCommandHandler {
     /// Wires a loaded VM to a tunnel; the config starts out expecting lock `create`.
     pub fn new(vm: ScriptVm, ctx: HostCtx) -> anyhow::Result<Self> {
         let ctx = Arc::new(ctx);
-        ctx.session().created.expected_lock = Some("create".into());
+        let mut session = ctx.session();
+        // A replica run reopens a replica: its journal expects `replica` from the start.
+        session
+            .created
+            .expected_lock
+            .get_or_insert_with(|| "create".into());
+        drop(session);
         vm.lua.set_app_data(Arc::clone(&ctx));
         let lua_err = |e: mlua::Error| anyhow::anyhow!("creating tunnel state: {e}");
         let state = vm

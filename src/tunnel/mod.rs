@@ -349,7 +349,11 @@ pub async fn open(
         }
     }
 
-    match start_worker(tunnels, authid, vmid, reservation, slot).await {
+    let start = WorkerStart {
+        reservation,
+        ..WorkerStart::default()
+    };
+    match start_worker(tunnels, authid, vmid, start, slot).await {
         Ok(opened) => Ok(opened),
         Err(e) => {
             remove_reserved_config(node, vmid).await;
@@ -361,14 +365,104 @@ pub async fn open(
     }
 }
 
-/// Binds the control socket, writes the journal (under `reservation`, the config's
+/// How a tunnel's journal starts: a new VMID (reserved `create`), or an existing replica.
+struct WorkerStart {
+    /// The config's origin (see [`journal::Created::reservation`]).
+    reservation: String,
+    expected_lock: String,
+    /// An existing replica: nothing of it is ever destroyed by this tunnel.
+    committed: bool,
+    replica: bool,
+}
+
+impl Default for WorkerStart {
+    fn default() -> Self {
+        WorkerStart {
+            reservation: String::new(),
+            expected_lock: "create".into(),
+            committed: false,
+            replica: false,
+        }
+    }
+}
+
+/// Opens a tunnel for a replica run (`replica=1`, docs/replicas.md): a VMID without a
+/// config is reserved as for a migration ([`open`]); a VMID that holds a replica (config
+/// locked `replica`, with the origin its first run reserved it under) is reopened: the
+/// journal then expects `replica` and counts the replica as committed (a failed run frees
+/// its NBD servers and sockets, never a completed point or a working copy).
+pub async fn open_replica(
+    tunnels: &Arc<Tunnels>,
+    authid: &str,
+    vmid: u32,
+    storages: &[String],
+) -> Result<Opened> {
+    let node = &tunnels.node;
+    if !node.guests.exists(vmid) {
+        return open(tunnels, authid, vmid, storages, &[]).await;
+    }
+    node.require(authid, &format!("/vms/{vmid}"), "VM.Allocate")?;
+    node.require(authid, "/", "Sys.Incoming")?;
+    let slot = tunnels
+        .registry
+        .take_slot(node.cfg.max_tunnels)
+        .ok_or_else(|| {
+            Error::Unavailable(format!(
+                "too many open tunnels on node '{}' (max_tunnels = {}) - try again later",
+                node.cfg.node, node.cfg.max_tunnels
+            ))
+        })?;
+    for storage in storages {
+        node.check_storage_for_images(authid, storage)?;
+    }
+    let not_replica = || {
+        Error::param(
+            "vmid",
+            format!(
+                "VM {vmid} exists on node '{}' and is not a replica (lock 'replica')",
+                node.cfg.node
+            ),
+        )
+    };
+    let guard = node
+        .guests
+        .lock(vmid, crate::guest::store::DEFAULT_LOCK_TIMEOUT)
+        .await
+        .map_err(|e| Error::internal(e.to_string()))?;
+    let text = node.guests.read_text(vmid).map_err(|_| not_replica())?;
+    let conf = crate::guest::VmConfig::parse(&text).map_err(|_| not_replica())?;
+    if conf.options.get("lock").map(String::as_str) != Some("replica") {
+        return Err(not_replica());
+    }
+    if tunnels.registry.get(vmid).is_some() {
+        return Err(Error::param(
+            "vmid",
+            format!("a tunnel of VM {vmid} is open: one replica run at a time"),
+        ));
+    }
+    let reservation = node.guests.origin(vmid).ok_or_else(not_replica)?;
+    let start = WorkerStart {
+        reservation,
+        expected_lock: "replica".into(),
+        // What the replica holds was there before this tunnel: never destroyed by it.
+        committed: true,
+        replica: true,
+    };
+    // The config lock is held until the tunnel is registered: a second `replica=1` open
+    // of the VMID waits for it, then finds the tunnel and is refused.
+    let opened = start_worker(tunnels, authid, vmid, start, slot).await;
+    drop(guard);
+    opened
+}
+
+/// Binds the control socket, writes the journal (under `start.reservation`, the config's
 /// origin) and starts the tunnel's task, which holds `slot` until it ends; older journals
 /// of the VMID are retired first.
 async fn start_worker(
     tunnels: &Arc<Tunnels>,
     authid: &str,
     vmid: u32,
-    reservation: String,
+    start: WorkerStart,
     slot: Slot,
 ) -> Result<Opened> {
     let node = &tunnels.node;
@@ -407,8 +501,10 @@ async fn start_worker(
         upid: log.upid().to_string(),
         owner: journal::Owner::current(),
         preexisting,
-        reservation,
-        expected_lock: Some("create".into()),
+        reservation: start.reservation,
+        expected_lock: Some(start.expected_lock),
+        committed: start.committed,
+        replica: start.replica,
         sockets: vec![socket.clone()],
         ..Created::default()
     };

@@ -53,6 +53,9 @@ static MTUNNEL: Endpoint = Endpoint {
                 "bridges",
                 Prop::string().format("pve-bridge-id-list").optional(),
             ),
+            // mtunnel's extension (docs/replicas.md): a replica run, which may reopen a
+            // replica.
+            ("replica", Prop::boolean().optional()),
         ])
     },
     path: &[PathParam::Node, PathParam::Vmid],
@@ -66,19 +69,19 @@ struct MtunnelArgs {
     vmid: u32,
     storages: Option<String>,
     bridges: Option<String>,
+    #[serde(default)]
+    replica: bool,
 }
 
 async fn mtunnel(call: Call<MtunnelArgs>) -> Result<Data, Error> {
     let args = &call.args;
     let (storages, bridges) = (id_list(&args.storages), id_list(&args.bridges));
-    let opened = crate::tunnel::open(
-        &call.st.tunnels,
-        call.authid(),
-        args.vmid,
-        &storages,
-        &bridges,
-    )
-    .await?;
+    let tunnels = &call.st.tunnels;
+    let opened = if args.replica {
+        crate::tunnel::open_replica(tunnels, call.authid(), args.vmid, &storages).await?
+    } else {
+        crate::tunnel::open(tunnels, call.authid(), args.vmid, &storages, &bridges).await?
+    };
     Ok(Data::new(opened.to_json()))
 }
 

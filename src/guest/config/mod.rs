@@ -37,12 +37,14 @@ pub use props::{
 };
 pub use write::encode_text;
 
-/// Values accepted for the `lock` option (qemu-server's `pve-qm-lock` enum).
+/// Values accepted for the `lock` option (qemu-server's `pve-qm-lock` enum, plus mtunnel's
+/// `replica`: a replica's config, docs/replicas.md; a PVE peer never sees one).
 pub const LOCK_VALUES: &[&str] = &[
     "backup",
     "clone",
     "create",
     "migrate",
+    "replica",
     "rollback",
     "snapshot",
     "snapshot-delete",

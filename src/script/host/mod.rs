@@ -1,6 +1,6 @@
 //! The host API handlers call: one read-only global `pve` with sub-tables `log`, `json`,
-//! `config`, `storage`, `qemu`, `firewall`, `tunnel`, `perm` and the functions `fail` and
-//! `builtin`.
+//! `config`, `storage`, `qemu`, `firewall`, `tunnel`, `perm`, `replica` and the functions
+//! `fail` and `builtin`.
 //! Functions raise on failure with a message fit for the reply. Everything a tunnel
 //! creates through them (volumes, imports, a started VM, a firewall file) is recorded in
 //! the tunnel's [`Session`] so [`cleanup`] can free exactly that and nothing else.
@@ -32,6 +32,7 @@ mod json;
 mod log;
 mod perm;
 mod qemu;
+mod replica;
 mod storage;
 mod tunnel;
 
@@ -200,6 +201,7 @@ fn register_inner(lua: &Lua) -> mlua::Result<()> {
     pve.set("firewall", readonly(lua, firewall::firewall_table(lua)?)?)?;
     pve.set("tunnel", readonly(lua, tunnel::tunnel_table(lua)?)?)?;
     pve.set("perm", readonly(lua, perm::perm_table(lua)?)?)?;
+    pve.set("replica", readonly(lua, replica::replica_table(lua)?)?)?;
     pve.set(
         "fail",
         lua.create_function(|_, msg: LuaValue| -> mlua::Result<()> {

@@ -1,0 +1,47 @@
+-- replica-prepare: the first run of a replica allocates its working copies and writes
+-- the config locked 'replica'; bad input is refused before anything is made.
+local CONF = "cores: 2\nscsi0: local:100/vm-100-disk-0.qcow2,size=1M\n"
+local DISKS = { scsi0 = { storage = "local", format = "qcow2", size = 1024 * 1024 } }
+
+local function prepare(tun, conf, disks)
+  return tun:send{cmd = "replica-prepare", source_node = "src1", source_vmid = 100,
+                  conf = conf or CONF, disks = disks or DISKS}
+end
+
+return {
+  ["creates the replica: working copies and a config locked replica"] = function(t)
+    local tun = t:open{}
+    local r = t:succeeds(prepare(tun))
+    t:eq(r.first, true)
+    t:eq(r.incremental_ok, false)
+    t:eq(r.points, json.array{})
+    t:eq(r.disks.scsi0, {volid = "local:100/vm-100-disk-0.qcow2", format = "qcow2",
+                         size = 1024 * 1024})
+    t:ok(#r.id == 16, "a 16-digit replica id")
+    t:eq(tun:config(), "cores: 2\nlock: replica\n"
+      .. "scsi0: local:100/vm-100-disk-0.qcow2,format=qcow2,size=1M\n")
+  end,
+
+  ["a first run that ends before its first point frees everything"] = function(t)
+    local tun = t:open{}
+    t:succeeds(prepare(tun))
+    tun:close()
+    t:eq(t:config(100), nil)
+    t:eq(t:volumes(), {})
+  end,
+
+  ["a drive that is not replicated is refused before anything is made"] = function(t)
+    local tun = t:open{}
+    local conf = CONF .. "scsi1: local:100/vm-100-disk-1.raw,size=1M\n"
+    t:fail_contains(prepare(tun, conf), "scsi1: volume 'local:100/vm-100-disk-1.raw' is not replicated")
+    t:eq(t:volumes(), {})
+    t:eq(tun:config(), "lock: create\n")
+  end,
+
+  ["a size that is no whole KiB is refused"] = function(t)
+    local tun = t:open{}
+    local disks = { scsi0 = { storage = "local", format = "qcow2", size = 1000 } }
+    t:fail_contains(prepare(tun, CONF, disks), "scsi0: size 1000 is not a multiple of 1 KiB")
+    t:eq(t:volumes(), {})
+  end,
+}

@@ -1,0 +1,280 @@
+//! `mtunnel replicate`: one run of a running VM's replica on a remote mtunnel node
+//! (docs/replicas.md). The first run (or one after a lost dirty bitmap or an interrupted
+//! run) copies every disk; later runs copy only the blocks QEMU's dirty bitmap
+//! (`mtunnel-replica-<replica id>`) marked since the last completed run. The disks move
+//! by QEMU `blockdev-backup` into an NBD client node connected — through a forwarded
+//! WebSocket of the tunnel — to the target's `qemu-nbd` export of the working copy; the
+//! target makes a restore point only when every job completed (`replica-commit`).
+//!
+//! Files: this one owns the options, the plan and the order of a run; `remote.rs` the
+//! tunnel (open with `replica=1`, the `mtunnel-features` check, the commands, forwards);
+//! `jobs.rs` the QMP side (bitmaps, NBD client nodes, backup jobs). Nothing here changes
+//! the source VM's config; a failed run cancels its jobs, removes its NBD nodes and asks
+//! the target to clean up (which frees only the run's transient things once a replica
+//! has a point).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+
+use super::endpoint::{IdMap, TargetEndpoint};
+use super::migrate::SourceNode;
+use super::progress::{Progress, human};
+use crate::guest::config::{self as vmconf, VmConfig};
+use crate::qemu::{self, VmHandle};
+
+mod jobs;
+mod remote;
+
+use remote::Remote;
+
+/// What the user asked for.
+#[derive(Debug, Clone)]
+pub struct ReplicateOptions {
+    pub vmid: u32,
+    pub target: TargetEndpoint,
+    pub storage_map: IdMap,
+    /// Restore points to keep on the target (`None`: all).
+    pub keep: Option<u32>,
+    /// KiB/s for the backup jobs (`None`: no limit).
+    pub bwlimit: Option<u64>,
+}
+
+/// What a completed run reports.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub target_node: String,
+    pub point: String,
+    pub points: Vec<String>,
+    pub incremental: bool,
+    /// Bytes the backup jobs copied (a full run counts every byte of every disk, zeroes
+    /// included; an incremental one the dirty blocks).
+    pub copied: u64,
+    /// Bytes that went through the tunnel's NBD connections (payload and NBD protocol).
+    pub sent: u64,
+    pub duration: Duration,
+}
+
+impl RunSummary {
+    /// The line the CLI prints.
+    pub fn line(&self, opts: &ReplicateOptions) -> String {
+        format!(
+            "replica run of VM {vmid} to {host}:{port} (node '{node}') completed in {secs:.1} s: \
+             {kind}, {copied} copied ({copied_b} bytes), {sent} sent through the tunnel \
+             ({sent_b} bytes); restore point '{point}' ({n} kept)",
+            vmid = opts.vmid,
+            host = opts.target.host,
+            port = opts.target.port,
+            node = self.target_node,
+            secs = self.duration.as_secs_f64(),
+            kind = if self.incremental {
+                "incremental"
+            } else {
+                "full copy"
+            },
+            copied = human(self.copied),
+            copied_b = self.copied,
+            sent = human(self.sent),
+            sent_b = self.sent,
+            point = self.point,
+            n = self.points.len(),
+        )
+    }
+}
+
+/// One disk of the VM.
+#[derive(Debug, Clone)]
+struct Disk {
+    key: String,
+    format: String,
+    size: u64,
+    target_storage: String,
+}
+
+/// Runs one replica run of a running VM.
+pub async fn replicate(
+    src: &SourceNode,
+    opts: &ReplicateOptions,
+    progress: &Progress,
+) -> anyhow::Result<RunSummary> {
+    let started = Instant::now();
+    let (conf_text, disks) = plan(src, opts).await?;
+    let vm =
+        VmHandle::attach(&src.cfg.run_dir, opts.vmid).context("attaching to the running VM")?;
+    let mut remote = Remote::open(opts, &disks, progress).await?;
+    let run = Run {
+        src,
+        opts,
+        progress,
+        vm: &vm,
+        disks: &disks,
+    };
+    let result = async {
+        let prepared = run.prepare(&remote, &conf_text).await?;
+        let id = prepared
+            .get("id")
+            .and_then(Value::as_str)
+            .filter(|id| id.len() >= 8 && id.bytes().all(|b| b.is_ascii_hexdigit()))
+            .with_context(|| format!("replica-prepare reply without a valid id: {prepared}"))?;
+        let names = jobs::Names::new(id);
+        let transferred = run.transfer(&mut remote, &prepared, &names).await;
+        if transferred.is_err() {
+            jobs::abort(&vm, &disks, &names).await;
+        }
+        transferred
+    }
+    .await;
+    match result {
+        Ok(mut summary) => {
+            remote.quit(false).await;
+            summary.duration = started.elapsed();
+            Ok(summary)
+        }
+        Err(e) => {
+            progress.log(format!("replica run failed: {e:#}"));
+            remote.quit(true).await;
+            Err(e)
+        }
+    }
+}
+
+/// One run under way: what it copies, from where.
+struct Run<'a> {
+    src: &'a SourceNode,
+    opts: &'a ReplicateOptions,
+    progress: &'a Progress,
+    vm: &'a VmHandle,
+    disks: &'a [Disk],
+}
+
+impl Run<'_> {
+    /// `replica-prepare`: its reply (replica id, whether incremental is possible).
+    async fn prepare(&self, remote: &Remote, conf_text: &str) -> anyhow::Result<Value> {
+        let disk_map: serde_json::Map<String, Value> = self
+            .disks
+            .iter()
+            .map(|d| {
+                let v = json!({"storage": d.target_storage, "format": d.format, "size": d.size});
+                (d.key.clone(), v)
+            })
+            .collect();
+        remote
+            .cmd(json!({
+                "cmd": "replica-prepare", "source_node": self.src.cfg.node,
+                "source_vmid": self.opts.vmid, "conf": conf_text, "disks": disk_map,
+            }))
+            .await
+            .context("preparing the replica on the target")
+    }
+
+    /// The choice of full or incremental, the exports, the copy and the restore point.
+    async fn transfer(
+        &self,
+        remote: &mut Remote,
+        prepared: &Value,
+        names: &jobs::Names,
+    ) -> anyhow::Result<RunSummary> {
+        let (vm, disks) = (self.vm, self.disks);
+        let incremental =
+            jobs::choose_incremental(vm, disks, &names.bitmap, prepared, self.progress).await?;
+        let exported = remote.cmd(json!({"cmd": "replica-export"})).await?;
+        let locals =
+            remote.forward_exports(&self.src.cfg.run_dir, self.opts.vmid, disks, &exported)?;
+        let spec = jobs::Backup {
+            incremental,
+            speed: self.opts.bwlimit.map(|k| k.saturating_mul(1024)),
+        };
+        let copied = jobs::copy(vm, disks, &locals, &spec, names, self.progress).await?;
+        let sent = remote.sent_bytes().await;
+        let mut commit =
+            json!({"cmd": "replica-commit", "bytes": copied, "incremental": incremental});
+        if let Some(keep) = self.opts.keep {
+            commit["keep"] = json!(keep);
+        }
+        let done = remote
+            .cmd(commit)
+            .await
+            .context("making the restore point on the target")?;
+        let points = done["points"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|p| p.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(RunSummary {
+            target_node: remote.node.clone(),
+            point: done["point"].as_str().unwrap_or_default().to_string(),
+            points,
+            incremental,
+            copied,
+            sent,
+            duration: Duration::ZERO,
+        })
+    }
+}
+
+/// The local checks: the VM exists, is not locked, runs; its disks and where each goes.
+/// Returns the config text and the disks.
+async fn plan(src: &SourceNode, opts: &ReplicateOptions) -> anyhow::Result<(String, Vec<Disk>)> {
+    let vmid = opts.vmid;
+    if opts.storage_map.identity {
+        bail!("replication requires explicit storage mapping (--target-storage)");
+    }
+    let text = src
+        .guests
+        .read_text(vmid)
+        .map_err(|_| anyhow::anyhow!("VM {vmid} does not exist on this node"))?;
+    let conf = VmConfig::parse(&text).with_context(|| format!("parsing config of VM {vmid}"))?;
+    if let Some(lock) = conf.options.get("lock") {
+        bail!("VM {vmid} is locked ({lock})");
+    }
+    if qemu::process::is_running(&src.cfg.run_dir, vmid).is_none() {
+        bail!(
+            "VM {vmid} is not running: replicating a stopped VM is not supported yet (a run \
+             needs the running QEMU's dirty bitmaps) - start it, or move it with 'mtunnel migrate'"
+        );
+    }
+    let mut disks = Vec::new();
+    for (key, value) in &conf.options {
+        if !vmconf::is_drive_key(key) {
+            continue;
+        }
+        let props: BTreeMap<String, String> = vmconf::parse_property_string(value, Some("file"))?
+            .into_iter()
+            .collect();
+        let Some(volid) = vmconf::drive_volume(value) else {
+            continue;
+        };
+        if props.get("media").is_some_and(|m| m == "cdrom") {
+            continue;
+        }
+        let (storage, _) = vmconf::parse_volume_id(&volid).with_context(|| {
+            format!(
+                "{key}: '{volid}' is not a storage volume (passthrough disks cannot be replicated)"
+            )
+        })?;
+        let target_storage = opts.storage_map.map(storage).with_context(|| {
+            format!("{key}: no target storage mapped for storage '{storage}' (--target-storage)")
+        })?;
+        disks.push(Disk {
+            key: key.clone(),
+            format: src.storage.volume_format(&volid).await?,
+            size: src.storage.volume_size(&volid).await?,
+            target_storage,
+        });
+    }
+    if disks.is_empty() {
+        bail!("VM {vmid} has no disk to replicate");
+    }
+    Ok((text, disks))
+}
+
+/// `{run}/{vmid}-{key}.replica-src`: the local end of disk `key`'s NBD forward.
+fn local_socket(run_dir: &std::path::Path, vmid: u32, key: &str) -> PathBuf {
+    run_dir.join(format!("{vmid}-{key}.replica-src"))
+}

@@ -1,0 +1,210 @@
+//! The target side of a replica run as the source sees it: the tunnel opened with
+//! `replica=1`, the `version` and `mtunnel-features` checks (a target that does not offer
+//! `replica` is refused before anything is made there), the commands, and one forward per
+//! exported working copy.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+
+use super::{Disk, ReplicateOptions, local_socket};
+use crate::client::http::{ApiClient, encode_segment};
+use crate::client::migrate::{TUNNEL_VERSION, pinned_fingerprint, url_host};
+use crate::client::progress::Progress;
+use crate::client::tunnel::{Control, Endpoint, Forward, forward};
+
+/// How long one command may take on the target (a point of a big qcow2 takes a while).
+const CMD_TIMEOUT: Duration = Duration::from_secs(300);
+
+pub(super) struct Remote {
+    api: ApiClient,
+    control: Control,
+    pub(super) node: String,
+    base_url: String,
+    forwards: Vec<Forward>,
+}
+
+impl Remote {
+    /// Opens the tunnel for `opts.vmid` on the target and checks that it offers replicas.
+    pub(super) async fn open(
+        opts: &ReplicateOptions,
+        disks: &[Disk],
+        progress: &Progress,
+    ) -> anyhow::Result<Remote> {
+        let fingerprint = match opts.target.fingerprint.clone() {
+            Some(f) => f,
+            None => pinned_fingerprint(&opts.target).await?,
+        };
+        let api = ApiClient::new(
+            opts.target.host.clone(),
+            opts.target.port,
+            opts.target.apitoken.clone(),
+            fingerprint,
+        )?
+        .keep_alive();
+        let node = local_node(&api).await?;
+        let mut storages: Vec<String> = disks.iter().map(|d| d.target_storage.clone()).collect();
+        storages.sort();
+        storages.dedup();
+        let vmid = opts.vmid;
+        let opened = api
+            .post(
+                &format!("/nodes/{node}/qemu/{vmid}/mtunnel"),
+                &[("storages", &storages.join(",")), ("replica", "1")],
+            )
+            .await
+            .context("opening the replica tunnel on the target")?;
+        let get = |k: &str| opened.get(k).and_then(Value::as_str).map(str::to_string);
+        let (Some(upid), Some(ticket), Some(socket)) = (get("upid"), get("ticket"), get("socket"))
+        else {
+            bail!("target's mtunnel reply lacks upid/ticket/socket: {opened}");
+        };
+        progress.log(format!("remote: started tunnel worker '{upid}'"));
+        let base_url = format!(
+            "https://{}:{}/api2/json/nodes/{node}/qemu/{vmid}",
+            url_host(&opts.target.host),
+            opts.target.port,
+        );
+        let endpoint = Endpoint {
+            url: format!(
+                "{base_url}/mtunnelwebsocket?ticket={}&socket={}",
+                encode_segment(&ticket),
+                encode_segment(&socket)
+            ),
+            headers: vec![("Authorization".into(), api.token_header().to_string())],
+            fingerprint: Some(api.fingerprint().to_string()),
+        };
+        let control = Control::connect(&endpoint)
+            .await
+            .context("connecting the tunnel")?;
+        let mut remote = Remote {
+            api,
+            control,
+            node,
+            base_url,
+            forwards: Vec::new(),
+        };
+        if let Err(e) = remote.check_features().await {
+            remote.quit(true).await;
+            return Err(e);
+        }
+        Ok(remote)
+    }
+
+    async fn check_features(&self) -> anyhow::Result<()> {
+        let version = self.cmd(json!({"cmd": "version"})).await?;
+        let api = version.get("api").and_then(Value::as_u64).unwrap_or(0);
+        if api < TUNNEL_VERSION {
+            bail!("Remote tunnel endpoint too old, upgrade required");
+        }
+        let features = self
+            .control
+            .request(&json!({"cmd": "mtunnel-features"}), Duration::from_secs(10))
+            .await?;
+        if features.get("replica").and_then(Value::as_u64) != Some(1) {
+            bail!(
+                "the target does not offer replicas (its 'mtunnel-features' has no 'replica'): \
+                 it is no mtunnel node, or an older one - upgrade it"
+            );
+        }
+        Ok(())
+    }
+
+    /// One command; a failure reply is an error with the target's message.
+    pub(super) async fn cmd(&self, cmd: Value) -> anyhow::Result<Value> {
+        Ok(self.control.command(&cmd, CMD_TIMEOUT).await?)
+    }
+
+    /// Forwards each exported working copy to a local socket; returns them by drive key.
+    pub(super) fn forward_exports(
+        &mut self,
+        run_dir: &Path,
+        vmid: u32,
+        disks: &[Disk],
+        exported: &Value,
+    ) -> anyhow::Result<BTreeMap<String, (PathBuf, String)>> {
+        let mut out = BTreeMap::new();
+        for d in disks {
+            let e = &exported["drives"][&d.key];
+            let (Some(socket), Some(export)) = (e["socket"].as_str(), e["export"].as_str()) else {
+                bail!(
+                    "replica-export reply has no export for {}: {exported}",
+                    d.key
+                );
+            };
+            if e["size"].as_u64() != Some(d.size) {
+                bail!(
+                    "{}: the target's working copy has {} bytes, the disk {}",
+                    d.key,
+                    e["size"],
+                    d.size
+                );
+            }
+            let local = local_socket(run_dir, vmid, &d.key);
+            let url = format!(
+                "{}/mtunnelwebsocket?socket={}&",
+                self.base_url,
+                encode_segment(socket)
+            );
+            let endpoint = Endpoint {
+                url,
+                headers: vec![("Authorization".into(), self.api.token_header().to_string())],
+                fingerprint: Some(self.api.fingerprint().to_string()),
+            };
+            let f = forward(&self.control, endpoint, &local, socket.to_string(), 0)?;
+            self.forwards.push(f);
+            out.insert(d.key.clone(), (local, export.to_string()));
+        }
+        Ok(out)
+    }
+
+    /// Bytes sent through the forwards, once every forwarded connection ended (at most
+    /// 10 s after the NBD clients disconnected).
+    pub(super) async fn sent_bytes(&self) -> u64 {
+        for _ in 0..200 {
+            let open = self.forwards.iter().any(|f| {
+                f.stats.finished.load(Ordering::SeqCst) < f.stats.accepted.load(Ordering::SeqCst)
+            });
+            if !open {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.forwards
+            .iter()
+            .map(|f| f.stats.sent.load(Ordering::SeqCst))
+            .sum()
+    }
+
+    /// Ends the tunnel: `quit` (with `cleanup` after a failure) and the connection.
+    pub(super) async fn quit(&mut self, cleanup: bool) {
+        self.forwards.clear();
+        let quit = json!({"cmd": "quit", "cleanup": u8::from(cleanup)});
+        if let Err(e) = self.control.command(&quit, Duration::from_secs(60)).await {
+            tracing::warn!("quit on the target failed: {e}");
+        }
+    }
+}
+
+/// The node answering at the endpoint (`local` in `/cluster/status`).
+async fn local_node(api: &ApiClient) -> anyhow::Result<String> {
+    let status = api
+        .get("/cluster/status", &[])
+        .await
+        .context("querying the target's cluster status")?;
+    status
+        .as_array()
+        .and_then(|a| {
+            a.iter().find(|e| {
+                e["type"] == json!("node")
+                    && e.get("local").and_then(crate::util::lenient_bool) == Some(true)
+            })
+        })
+        .and_then(|e| e["name"].as_str())
+        .map(str::to_string)
+        .context("target's /cluster/status has no local node entry")
+}

@@ -1,0 +1,270 @@
+//! What happens to a replica as a whole: a run begins (its NBD servers start) and
+//! completes (servers stopped, a point made, the oldest pruned); `promote` turns a point
+//! into a normal VM; `drop` frees everything. Callers hold the VM's config lock (a tunnel
+//! handler runs under it; the CLI takes it).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+use super::points::Copy;
+use super::{Disk, Point, Replica, Run, nbd};
+use crate::config::NodeConfig;
+use crate::guest::config::VmConfig;
+use crate::guest::{ConfigStore, VmLockGuard};
+use crate::storage::Storage;
+
+/// The node's parts a replica needs.
+pub struct Parts<'a> {
+    pub cfg: &'a NodeConfig,
+    pub guests: &'a ConfigStore,
+    pub storage: &'a dyn Storage,
+}
+
+/// One exported working copy.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Export {
+    pub socket: PathBuf,
+    pub export: String,
+    pub size: u64,
+}
+
+/// What a completed run made.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Completed {
+    pub point: String,
+    pub pruned: Vec<String>,
+    pub points: Vec<String>,
+}
+
+impl Parts<'_> {
+    fn file(&self, volid: &str) -> anyhow::Result<PathBuf> {
+        self.storage
+            .path(volid)
+            .with_context(|| format!("resolving the working copy '{volid}'"))
+    }
+
+    /// Where disk `d`'s working copy keeps its points.
+    fn copy(&self, vmid: u32, d: &Disk) -> anyhow::Result<Copy> {
+        let file = self.file(&d.volid)?;
+        let storage = d.volid.split_once(':').map_or("", |(s, _)| s);
+        let def = self
+            .storage
+            .def(storage)
+            .with_context(|| format!("storage '{storage}' does not exist"))?;
+        let points = def.path.join("replica-points").join(vmid.to_string());
+        Ok(match def.kind {
+            crate::storage::StorageKind::Btrfs => Copy::Btrfs {
+                subvol: file
+                    .parent()
+                    .with_context(|| format!("'{}' is in no subvolume", d.volid))?
+                    .to_path_buf(),
+                points,
+            },
+            _ if d.format == "qcow2" => Copy::Qcow2(file),
+            _ => Copy::Raw { file, points },
+        })
+    }
+
+    fn load(&self, vmid: u32) -> anyhow::Result<Replica> {
+        super::load(&self.cfg.data_dir, vmid)?
+            .with_context(|| format!("VM {vmid} is no replica on node '{}'", self.cfg.node))
+    }
+
+    /// Starts a run of task `upid`: recorded as unfinished first (a crash from here on
+    /// leaves an "interrupted" replica whose next run copies everything), then one NBD
+    /// server per disk. On failure the servers started are stopped again.
+    pub async fn begin_run(
+        &self,
+        vmid: u32,
+        upid: &str,
+    ) -> anyhow::Result<BTreeMap<String, Export>> {
+        let mut r = self.load(vmid)?;
+        r.run = Some(Run {
+            upid: upid.to_string(),
+            started: crate::util::unix_now(),
+        });
+        super::store(&self.cfg.data_dir, &r)?;
+        let mut out = BTreeMap::new();
+        for (key, disk) in &r.disks {
+            let file = self.file(&disk.volid)?;
+            let started = nbd::start_nbd(&self.cfg.run_dir, vmid, key, &file, &disk.format).await;
+            match started {
+                Ok(socket) => {
+                    let export = Export {
+                        socket,
+                        export: format!("drive-{key}"),
+                        size: disk.size,
+                    };
+                    out.insert(key.clone(), export);
+                }
+                Err(e) => {
+                    nbd::stop_servers(&self.cfg.run_dir, vmid).await;
+                    return Err(e);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Completes the running run: waits for the NBD servers to end (the source
+    /// disconnected), makes point `name`-d after now on every disk, prunes the oldest to
+    /// `keep`, and records it all.
+    pub async fn complete_run(
+        &self,
+        vmid: u32,
+        keep: Option<usize>,
+        bytes: u64,
+        incremental: bool,
+    ) -> anyhow::Result<Completed> {
+        let mut r = self.load(vmid)?;
+        if r.run.is_none() {
+            bail!("no replica run of VM {vmid} is under way (send 'replica-export' first)");
+        }
+        for key in r.disks.keys() {
+            let socket = nbd::nbd_socket(&self.cfg.run_dir, vmid, key);
+            nbd::wait_exit(&socket, Duration::from_secs(10)).await;
+        }
+        let name = super::point_name(&r.points, crate::util::unix_now());
+        for disk in r.disks.values() {
+            if !self.copy(vmid, disk)?.create(&name).await? {
+                tracing::info!(
+                    vmid,
+                    "{}: no reflink on its file system: point '{name}' is the working copy only",
+                    disk.volid
+                );
+            }
+        }
+        r.points.push(Point {
+            name: name.clone(),
+            time: crate::util::unix_now(),
+            bytes,
+            incremental,
+        });
+        r.run = None;
+        let pruned = self.prune(&mut r, keep).await?;
+        super::store(&self.cfg.data_dir, &r)?;
+        Ok(Completed {
+            point: name,
+            pruned,
+            points: r.points.iter().map(|p| p.name.clone()).collect(),
+        })
+    }
+
+    /// Drops the oldest points beyond `keep` (at least the newest stays). A raw working
+    /// copy holds only its newest state: older points of it are names only.
+    async fn prune(&self, r: &mut Replica, keep: Option<usize>) -> anyhow::Result<Vec<String>> {
+        let keep = keep.unwrap_or(usize::MAX).max(1);
+        let mut pruned = Vec::new();
+        while r.points.len() > keep {
+            let old = r.points.remove(0);
+            for disk in r.disks.values() {
+                self.copy(r.vmid, disk)?.delete(&old.name).await?;
+            }
+            pruned.push(old.name);
+        }
+        Ok(pruned)
+    }
+
+    /// Turns point `point` (default: the newest) into a normal VM: the working copies are
+    /// set to it, every point is deleted, the record goes and the config loses its lock.
+    pub async fn promote(
+        &self,
+        guard: &VmLockGuard,
+        point: Option<&str>,
+    ) -> anyhow::Result<String> {
+        let vmid = guard.vmid;
+        let r = self.load(vmid)?;
+        let conf = self.locked_conf(vmid)?;
+        let newest = r.points.last().with_context(|| {
+            format!("replica {vmid} has no restore point yet: nothing to promote")
+        })?;
+        let name = point.unwrap_or(&newest.name).to_string();
+        if !r.points.iter().any(|p| p.name == name) {
+            let names: Vec<&str> = r.points.iter().map(|p| p.name.as_str()).collect();
+            bail!(
+                "replica {vmid} has no point '{name}' (points: {})",
+                names.join(", ")
+            );
+        }
+        if nbd::run_alive(&self.cfg.run_dir, vmid) {
+            bail!("a replica run of VM {vmid} is under way: promote once it ended");
+        }
+        let copies = r
+            .disks
+            .values()
+            .map(|d| Ok((d, self.copy(vmid, d)?)))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        for (disk, copy) in &copies {
+            if copy.has_point(&name) {
+                continue;
+            }
+            if name != newest.name {
+                bail!(
+                    "{}: a raw working copy without reflink points keeps only its newest \
+                     point ({}), not '{name}'",
+                    disk.volid,
+                    newest.name
+                );
+            }
+            if r.run.is_some() {
+                bail!(
+                    "replica {vmid} has an interrupted run and {} keeps no copy of point \
+                     '{name}': run 'mtunnel replicate' again from the source, or drop it",
+                    disk.volid
+                );
+            }
+        }
+        for (_, copy) in &copies {
+            copy.apply(&name).await?;
+            for old in &r.points {
+                copy.delete(&old.name).await?;
+            }
+        }
+        let mut conf = conf;
+        conf.options.remove("lock");
+        self.guests.write_text_locked(guard, &conf.write())?;
+        super::remove(&self.cfg.data_dir, vmid)?;
+        Ok(name)
+    }
+
+    /// Frees the replica: NBD servers, working copies (with their points), config, record.
+    pub async fn drop_replica(&self, guard: &VmLockGuard) -> anyhow::Result<Vec<String>> {
+        let vmid = guard.vmid;
+        let r = self.load(vmid)?;
+        self.locked_conf(vmid)?;
+        let mut lines = nbd::stop_servers(&self.cfg.run_dir, vmid).await;
+        for disk in r.disks.values() {
+            // Points kept apart from the volume (btrfs snapshots, reflink copies) go first.
+            let copy = self.copy(vmid, disk)?;
+            if !matches!(copy, Copy::Qcow2(_)) {
+                for p in &r.points {
+                    copy.delete(&p.name).await?;
+                }
+            }
+            match self.storage.free(&disk.volid).await {
+                Ok(()) => lines.push(format!("freed volume '{}'", disk.volid)),
+                Err(crate::storage::StorageError::NotFound { .. }) => {}
+                Err(e) => return Err(e).with_context(|| format!("freeing '{}'", disk.volid)),
+            }
+        }
+        self.guests.remove_locked(guard)?;
+        lines.push(format!("removed config of VM {vmid}"));
+        super::remove(&self.cfg.data_dir, vmid)?;
+        Ok(lines)
+    }
+
+    /// The config of replica `vmid`, which must carry the `replica` lock.
+    fn locked_conf(&self, vmid: u32) -> anyhow::Result<VmConfig> {
+        let conf = VmConfig::parse(&self.guests.read_text(vmid)?)?;
+        match conf.options.get("lock").map(String::as_str) {
+            Some(super::LOCK) => Ok(conf),
+            other => bail!(
+                "VM {vmid} is not locked 'replica' (lock: {}) - refusing to touch it",
+                other.unwrap_or("none")
+            ),
+        }
+    }
+}

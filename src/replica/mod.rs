@@ -1,0 +1,243 @@
+//! The target side of replicas (docs/replicas.md): a replica of a VM is a config locked
+//! `replica`, its volumes (the working copies a run writes into) and restore points. This
+//! module owns the replica's record (`{data}/replicas/{vmid}.json`: where it comes from,
+//! its disks, its points, an unfinished run), the NBD servers that export the working
+//! copies to a run (`qemu-nbd`, one per disk, `{run}/{vmid}-{key}.replica`), and the
+//! points themselves (`points.rs`: internal qcow2 snapshots, read-only btrfs snapshots,
+//! reflink copies of raw images where the file system shares blocks). It knows nothing of
+//! tunnels: the `pve.replica` host functions, the journal and `mtunnel replica ...` call it
+//! with the node's paths and storage.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+
+pub mod manage;
+mod nbd;
+pub mod points;
+
+pub use nbd::{nbd_socket, run_alive, start_nbd, stop_servers};
+
+/// The lock every replica's config carries: `vm start` refuses it.
+pub const LOCK: &str = "replica";
+
+/// Where a replica comes from.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Source {
+    pub node: String,
+    pub vmid: u32,
+}
+
+/// One replicated disk: its working copy on this node.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Disk {
+    pub volid: String,
+    pub format: String,
+    /// Virtual size in bytes (the source's, exactly: a backup job needs equal sizes).
+    pub size: u64,
+}
+
+/// A completed run's restore point.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Point {
+    pub name: String,
+    /// Unix seconds when the run completed.
+    pub time: u64,
+    /// Bytes the run copied into the working copies (the block jobs' progress).
+    #[serde(default)]
+    pub bytes: u64,
+    /// Whether the run sent only what changed since the previous point.
+    #[serde(default)]
+    pub incremental: bool,
+}
+
+/// A run that started and has not completed (its working copies may be half written).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Run {
+    pub upid: String,
+    pub started: u64,
+}
+
+/// The record of one replica.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Replica {
+    pub vmid: u32,
+    /// Random, made with the replica: names the source's dirty bitmap, so a bitmap of an
+    /// older (dropped) replica of the same VM is never taken for this one's.
+    pub id: String,
+    pub source: Source,
+    /// Drive key → working copy.
+    pub disks: BTreeMap<String, Disk>,
+    /// Oldest first.
+    pub points: Vec<Point>,
+    #[serde(default)]
+    pub run: Option<Run>,
+}
+
+impl Replica {
+    /// Whether the working copies hold exactly the newest point plus writes a source's
+    /// bitmap still covers: the last run completed, so an incremental run may follow.
+    pub fn incremental_ok(&self) -> bool {
+        self.run.is_none() && !self.points.is_empty()
+    }
+
+    /// `idle` (points, no run), `running`/`interrupted` (a run started and did not
+    /// complete), `empty` (no point yet): the status `replica list` shows.
+    pub fn status(&self, run_alive: bool) -> &'static str {
+        match (&self.run, self.points.is_empty()) {
+            (Some(_), _) if run_alive => "running",
+            (Some(_), _) => "interrupted",
+            (None, true) => "empty",
+            (None, false) => "idle",
+        }
+    }
+}
+
+/// `{data}/replicas`.
+pub fn dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("replicas")
+}
+
+fn record_path(data_dir: &Path, vmid: u32) -> PathBuf {
+    dir(data_dir).join(format!("{vmid}.json"))
+}
+
+/// The replica of `vmid`, if this node holds one.
+pub fn load(data_dir: &Path, vmid: u32) -> anyhow::Result<Option<Replica>> {
+    let path = record_path(data_dir, vmid);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let r: Replica = serde_json::from_slice(&bytes)
+        .with_context(|| format!("parsing the replica record {}", path.display()))?;
+    if r.vmid != vmid {
+        bail!("{} names VM {}, not {vmid}", path.display(), r.vmid);
+    }
+    Ok(Some(r))
+}
+
+/// Writes the record durably (atomic rename, fsync'd).
+pub fn store(data_dir: &Path, r: &Replica) -> anyhow::Result<()> {
+    crate::util::ensure_dir(&dir(data_dir), 0o700)?;
+    let text = serde_json::to_vec_pretty(r)?;
+    crate::util::write_atomic(&record_path(data_dir, r.vmid), &text, 0o600)
+}
+
+/// Removes the record (a missing one is fine).
+pub fn remove(data_dir: &Path, vmid: u32) -> anyhow::Result<()> {
+    match std::fs::remove_file(record_path(data_dir, vmid)) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).context("removing the replica record"),
+    }
+}
+
+/// Every replica record of the node, by VMID; records that do not read are reported.
+pub fn list(data_dir: &Path) -> (Vec<Replica>, Vec<String>) {
+    let mut out = Vec::new();
+    let mut bad = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir(data_dir)) else {
+        return (out, bad);
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(vmid) = name
+            .strip_suffix(".json")
+            .and_then(|v| v.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        match load(data_dir, vmid) {
+            Ok(Some(r)) => out.push(r),
+            Ok(None) => {}
+            Err(e) => bad.push(format!("{e:#}")),
+        }
+    }
+    out.sort_by_key(|r| r.vmid);
+    (out, bad)
+}
+
+/// A new point's name: `r<unix seconds>`, made unique against `points`.
+pub fn point_name(points: &[Point], now: u64) -> String {
+    let mut t = now;
+    loop {
+        let name = format!("r{t}");
+        if !points.iter().any(|p| p.name == name) {
+            return name;
+        }
+        t += 1;
+    }
+}
+
+/// A random replica id (16 hex digits).
+pub fn new_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn replica(points: &[&str], run: bool) -> Replica {
+        Replica {
+            vmid: 100,
+            id: "0123456789abcdef".into(),
+            source: Source {
+                node: "src1".into(),
+                vmid: 100,
+            },
+            disks: BTreeMap::new(),
+            points: points
+                .iter()
+                .map(|n| Point {
+                    name: n.to_string(),
+                    time: 1,
+                    bytes: 0,
+                    incremental: false,
+                })
+                .collect(),
+            run: run.then(|| Run {
+                upid: "UPID:x".into(),
+                started: 1,
+            }),
+        }
+    }
+
+    #[test]
+    fn an_incremental_run_needs_a_completed_last_run() {
+        assert!(replica(&["r1"], false).incremental_ok());
+        assert!(!replica(&["r1"], true).incremental_ok());
+        assert!(!replica(&[], false).incremental_ok());
+        assert_eq!(replica(&["r1"], false).status(false), "idle");
+        assert_eq!(replica(&["r1"], true).status(true), "running");
+        assert_eq!(replica(&["r1"], true).status(false), "interrupted");
+        assert_eq!(replica(&[], false).status(false), "empty");
+    }
+
+    #[test]
+    fn point_names_are_unique() {
+        let r = replica(&["r10", "r11"], false);
+        assert_eq!(point_name(&r.points, 10), "r12");
+        assert_eq!(point_name(&r.points, 9), "r9");
+    }
+
+    #[test]
+    fn records_round_trip_and_name_their_vm() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(load(dir.path(), 100).unwrap(), None);
+        let r = replica(&["r1"], true);
+        store(dir.path(), &r).unwrap();
+        assert_eq!(load(dir.path(), 100).unwrap(), Some(r.clone()));
+        assert_eq!(list(dir.path()).0, vec![r]);
+        std::fs::copy(record_path(dir.path(), 100), record_path(dir.path(), 101)).unwrap();
+        let err = load(dir.path(), 101).unwrap_err().to_string();
+        assert!(err.ends_with("names VM 100, not 101"), "{err}");
+        remove(dir.path(), 100).unwrap();
+        remove(dir.path(), 100).unwrap();
+        assert_eq!(load(dir.path(), 100).unwrap(), None);
+    }
+}

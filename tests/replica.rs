@@ -1,0 +1,554 @@
+//! Replicas on the real path (docs/replicas.md): two `mtunnel serve` nodes on loopback,
+//! a running OS-less VM under QEMU (TCG) with a 4 GiB qcow2 disk holding 64 MiB of
+//! pseudo-random data. `mtunnel replicate` run 1 copies the whole disk into a replica on
+//! the target; 8 MiB written through the running QEMU; run 2 copies only those (at most
+//! 1 % of run 1's bytes). Each restore point is byte-identical to the source as it was at
+//! its run (the VM paused for the comparison), and the first point stays intact after the
+//! second run. The replica cannot start; `replica promote` turns it into a VM that
+//! starts; `replica drop` leaves nothing.
+//!
+//! QEMU must be installed (`.ci/install-qemu.sh`, run by `scripts/test-all.sh`).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::tcg_node as node;
+use common::{LoopBtrfs, Options, TestServer, blob, mt, mt_ok, pid_of, qemu_io, qmp, target_arg};
+use serde_json::json;
+
+/// `mtunnel replicate VMID ENDPOINT --target-storage local --keep 5` from `src` to `dst`;
+/// returns (bytes copied, bytes sent through the tunnel, stdout) from its summary line.
+async fn replicate(src: &TestServer, dst: &TestServer, vmid: u32) -> (u64, u64, String) {
+    replicate_to(src, dst, vmid, "local").await
+}
+
+/// [`replicate`] onto target storage `storage`.
+async fn replicate_to(
+    src: &TestServer,
+    dst: &TestServer,
+    vmid: u32,
+    storage: &str,
+) -> (u64, u64, String) {
+    let target = target_arg(dst, dst.port);
+    let vmid = vmid.to_string();
+    let out = mt_ok(
+        src,
+        &[
+            "replicate",
+            &vmid,
+            &target,
+            "--target-storage",
+            storage,
+            "--keep",
+            "5",
+        ],
+    )
+    .await;
+    let number_before = |marker: &str| -> u64 {
+        let at = out
+            .find(marker)
+            .unwrap_or_else(|| panic!("no '{marker}' in {out}"));
+        let head = &out[..at];
+        let start = head.rfind('(').expect("a '(' before the byte count") + 1;
+        head[start..].trim().parse().expect("a byte count")
+    };
+    let copied = number_before(" bytes), ");
+    let sent = number_before(" bytes); restore point");
+    (copied, sent, out)
+}
+
+/// The newest point's name from a `replicate` summary line.
+fn point_of(out: &str) -> String {
+    let at = out.find("restore point '").expect("a restore point") + "restore point '".len();
+    out[at..].split('\'').next().unwrap().to_string()
+}
+
+/// The guest-visible bytes of `img` (qcow2; at point `snapshot` if given) as a raw file.
+fn export_raw(img: &Path, snapshot: Option<&str>, to: &Path) {
+    let mut cmd = Command::new("qemu-img");
+    cmd.args(["convert", "-U", "-O", "raw"]);
+    if let Some(name) = snapshot {
+        cmd.arg("-l").arg(format!("snapshot.name={name}"));
+    }
+    let out = cmd.arg(img).arg(to).output().expect("qemu-img convert");
+    assert!(
+        out.status.success(),
+        "qemu-img convert: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn assert_same_raw(a: &Path, b: &Path) {
+    common::assert_same_guest_bytes(a, "raw", b, "raw");
+}
+
+/// The source VM paused while `f` runs (nothing writes its disk then).
+async fn paused<T>(src: &TestServer, vmid: u32, f: impl FnOnce() -> T) -> T {
+    qmp(&src.run, vmid, "stop", json!({})).await;
+    let out = f();
+    qmp(&src.run, vmid, "cont", json!({})).await;
+    out
+}
+
+fn files_of(dir: &Path, prefix: &str) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(prefix))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// VM `vmid` on `src` with one qcow2 disk of `size` holding 64 MiB of random data at 0.
+async fn create_vm_with_data(src: &TestServer, vmid: u32, size: &str) -> PathBuf {
+    create_vm_with_data_as(src, vmid, size, "qcow2").await
+}
+
+/// [`create_vm_with_data`] with a disk in `format`.
+async fn create_vm_with_data_as(src: &TestServer, vmid: u32, size: &str, format: &str) -> PathBuf {
+    let id = vmid.to_string();
+    let disk = format!("local:{size}:{format}");
+    mt_ok(
+        src,
+        &["vm", "create", &id, "--memory", "128", "--disk", &disk],
+    )
+    .await;
+    let img = src.images(vmid).join(format!("vm-{vmid}-disk-0.{format}"));
+    let data = src.base().join(format!("data{vmid}"));
+    blob(&data, 64 << 20);
+    qemu_io(format, &format!("write -s {} 0 64M", data.display()), &img);
+    std::fs::remove_file(&data).unwrap();
+    mt_ok(src, &["vm", "start", &id]).await;
+    img
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_run_copies_only_what_changed_and_points_stay_intact() {
+    let src = node("src1");
+    let dst = node("dst1");
+    let img = create_vm_with_data(&src, 100, "4G").await;
+    let replica = dst.images(100).join("vm-100-disk-0.qcow2");
+
+    let (copied1, sent1, out1) = replicate(&src, &dst, 100).await;
+    assert!(out1.contains("full copy"), "{out1}");
+    let point1 = point_of(&out1);
+    let at_run1 = src.base().join("run1.raw");
+    paused(&src, 100, || export_raw(&img, None, &at_run1)).await;
+
+    // 8 MiB written by the running QEMU, between the runs.
+    let wrote = qmp(
+        &src.run,
+        100,
+        "human-monitor-command",
+        json!({"command-line": "qemu-io -d scsi0 \"write -P 0x5a 100M 8M\""}),
+    )
+    .await;
+    // HMP answers an error as text; success is silent.
+    assert_eq!(wrote, json!(""), "HMP qemu-io failed");
+    let (copied2, sent2, out2) = replicate(&src, &dst, 100).await;
+    assert!(out2.contains("incremental"), "{out2}");
+    let point2 = point_of(&out2);
+    eprintln!(
+        "run 1: copied {copied1} bytes, sent {sent1} bytes; \
+         run 2: copied {copied2} bytes, sent {sent2} bytes"
+    );
+    assert!(copied1 >= 4 << 30, "run 1 copies the whole disk: {out1}");
+    assert!(
+        copied2 * 100 <= copied1,
+        "run 2 copied {copied2} bytes, more than 1 % of run 1's {copied1}"
+    );
+    assert!(copied2 >= 8 << 20, "run 2 copies the 8 MiB written: {out2}");
+    assert!(sent1 >= 64 << 20, "run 1 sends the 64 MiB of data: {out1}");
+    assert!(
+        sent2 < (9 << 20) && sent2 * 4 < sent1,
+        "run 2 sent {sent2} bytes for 8 MiB written (run 1: {sent1})"
+    );
+
+    // Point 2 is the source as of run 2; point 1 is still the source as of run 1.
+    let now = src.base().join("now.raw");
+    let p2 = dst.base().join("p2.raw");
+    let p1 = dst.base().join("p1.raw");
+    paused(&src, 100, || export_raw(&img, None, &now)).await;
+    export_raw(&replica, Some(&point2), &p2);
+    export_raw(&replica, Some(&point1), &p1);
+    assert_same_raw(&now, &p2);
+    assert_same_raw(&at_run1, &p1);
+    for f in [&now, &p2, &p1, &at_run1] {
+        std::fs::remove_file(f).unwrap();
+    }
+
+    // The replica is listed, locked and cannot start.
+    let list = mt_ok(&dst, &["replica", "list"]).await;
+    assert!(list.contains("src1/100"), "{list}");
+    assert!(list.contains(" idle "), "{list}");
+    assert!(list.contains(&point2), "{list}");
+    let conf = std::fs::read_to_string(dst.vm_config(100)).unwrap();
+    assert!(conf.contains("lock: replica"), "{conf}");
+    let start = mt(&dst, &["vm", "start", "100"]).await;
+    assert!(!start.status.success());
+    let err = String::from_utf8_lossy(&start.stderr);
+    assert!(
+        err.contains("VM 100 is a replica (lock 'replica') and cannot be started: promote one of its restore points first ('mtunnel replica promote 100')"),
+        "{err}"
+    );
+    // No NBD server or socket of the runs is left on the target.
+    assert_eq!(files_of(&dst.run, "100-"), Vec::<String>::new());
+
+    // Promoted, it is a normal VM that starts.
+    let promoted = mt_ok(&dst, &["replica", "promote", "100"]).await;
+    assert!(
+        promoted.contains(&format!("promoted restore point '{point2}'")),
+        "{promoted}"
+    );
+    let conf = std::fs::read_to_string(dst.vm_config(100)).unwrap();
+    assert!(!conf.contains("lock:"), "{conf}");
+    mt_ok(&dst, &["vm", "start", "100"]).await;
+    assert!(pid_of(&dst, 100).is_some());
+    mt_ok(&dst, &["vm", "stop", "100"]).await;
+    mt_ok(&src, &["vm", "stop", "100"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_leaves_nothing() {
+    let src = node("src2");
+    let dst = node("dst2");
+    create_vm_with_data(&src, 101, "128M").await;
+    let (_, _, out) = replicate(&src, &dst, 101).await;
+    assert!(out.contains("full copy"), "{out}");
+    assert!(dst.vm_config(101).exists());
+
+    let dropped = mt_ok(&dst, &["replica", "drop", "101"]).await;
+    assert!(
+        dropped.contains("freed volume 'local:101/vm-101-disk-0.qcow2'"),
+        "{dropped}"
+    );
+    assert!(dropped.contains("replica 101 dropped"), "{dropped}");
+    assert!(!dst.vm_config(101).exists());
+    assert_eq!(files_of(&dst.images(101), ""), Vec::<String>::new());
+    assert_eq!(files_of(&dst.run, "101"), Vec::<String>::new());
+    assert_eq!(
+        files_of(&dst.data.join("replicas"), ""),
+        Vec::<String>::new()
+    );
+    let list = mt_ok(&dst, &["replica", "list"]).await;
+    assert_eq!(list.lines().count(), 1, "only the header: {list}");
+    mt_ok(&src, &["vm", "stop", "101"]).await;
+}
+
+/// kill -9 of the target's `serve` in the middle of a run: after its restart the run's NBD
+/// server and sockets are gone, the replica and its completed point are intact and listed
+/// `interrupted`, and the next run copies everything again and completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_killed_mid_run_keeps_the_last_point() {
+    let src = node("src3");
+    let mut dst = node("dst3");
+    let img = create_vm_with_data(&src, 102, "256M").await;
+    let replica = dst.images(102).join("vm-102-disk-0.qcow2");
+    let (_, _, out1) = replicate(&src, &dst, 102).await;
+    let point1 = point_of(&out1);
+    let at_run1 = src.base().join("run1.raw");
+    paused(&src, 102, || export_raw(&img, None, &at_run1)).await;
+
+    // 32 MiB written, then a run slowed to 4 MiB/s, cut by kill -9 of the target.
+    let wrote = qmp(
+        &src.run,
+        102,
+        "human-monitor-command",
+        json!({"command-line": "qemu-io -d scsi0 \"write -P 0x77 64M 32M\""}),
+    )
+    .await;
+    assert_eq!(wrote, json!(""), "HMP qemu-io failed");
+    let target = target_arg(&dst, dst.port);
+    let args: Vec<String> = ["replicate", "102", &target, "--target-storage", "local"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(["--bwlimit".into(), "4096".into()])
+        .collect();
+    let slow = {
+        let src_config = src.config.clone();
+        tokio::spawn(async move {
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_mtunnel"))
+                .args(&args)
+                .arg("--config")
+                .arg(&src_config)
+                .output()
+                .await
+                .expect("running mtunnel replicate")
+        })
+    };
+    let pid_file = dst.run.join("102-scsi0.replica.pid");
+    assert!(
+        common::eventually(std::time::Duration::from_secs(30), || pid_file.exists()).await,
+        "the run never exported the working copy"
+    );
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    dst.restart();
+    let cut = common::bounded(120, slow).await.unwrap();
+    assert!(!cut.status.success(), "the cut run must fail");
+
+    // Recovery freed the run's NBD server and sockets, and nothing else.
+    assert!(
+        common::eventually(std::time::Duration::from_secs(10), || files_of(
+            &dst.run, "102-"
+        )
+        .is_empty())
+        .await,
+        "left in the run dir: {:?}",
+        files_of(&dst.run, "102-")
+    );
+    let conf = std::fs::read_to_string(dst.vm_config(102)).unwrap();
+    assert!(conf.contains("lock: replica"), "{conf}");
+    let p1 = dst.base().join("p1.raw");
+    export_raw(&replica, Some(&point1), &p1);
+    assert_same_raw(&at_run1, &p1);
+    let list = mt_ok(&dst, &["replica", "list"]).await;
+    assert!(list.contains(" interrupted "), "{list}");
+
+    // The next run copies everything again and completes.
+    let (_, _, out3) = replicate(&src, &dst, 102).await;
+    assert!(out3.contains("full copy"), "{out3}");
+    let now = src.base().join("now.raw");
+    let p3 = dst.base().join("p3.raw");
+    paused(&src, 102, || export_raw(&img, None, &now)).await;
+    export_raw(&replica, Some(&point_of(&out3)), &p3);
+    assert_same_raw(&now, &p3);
+    export_raw(&replica, Some(&point1), &p1);
+    assert_same_raw(&at_run1, &p1);
+    mt_ok(&src, &["vm", "stop", "102"]).await;
+}
+
+/// `btrfs property get -ts PATH ro`: whether a subvolume is read-only.
+fn read_only(path: &Path) -> bool {
+    let out = Command::new("btrfs")
+        .args(["property", "get", "-ts"])
+        .arg(path)
+        .arg("ro")
+        .output()
+        .expect("btrfs property get");
+    String::from_utf8_lossy(&out.stdout).trim() == "ro=true"
+}
+
+/// On a `btrfs` storage the working copy is a raw image in its own subvolume and each point
+/// a read-only snapshot of it: run 2 copies the 8 MiB written, both points hold the source
+/// as of their run, `promote --point` of the older point brings that state back (and the
+/// VM starts), and `drop` of another replica leaves no subvolume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn btrfs_points_are_read_only_snapshots() {
+    let fs = LoopBtrfs::new();
+    let src = node("src4");
+    let dst = TestServer::start_with(Options {
+        node: Some("dst4".into()),
+        extra_toml: format!("qemu_accel = \"tcg\"\n{}", fs.storage_toml("bt")),
+        ..Options::default()
+    });
+    let img = create_vm_with_data(&src, 103, "256M").await;
+    let (_, _, out1) = replicate_to(&src, &dst, 103, "bt").await;
+    assert!(out1.contains("full copy"), "{out1}");
+    let point1 = point_of(&out1);
+    let at_run1 = src.base().join("run1.raw");
+    paused(&src, 103, || export_raw(&img, None, &at_run1)).await;
+    let wrote = qmp(
+        &src.run,
+        103,
+        "human-monitor-command",
+        json!({"command-line": "qemu-io -d scsi0 \"write -P 0x5a 100M 8M\""}),
+    )
+    .await;
+    assert_eq!(wrote, json!(""), "HMP qemu-io failed");
+    let (copied2, sent2, out2) = replicate_to(&src, &dst, 103, "bt").await;
+    assert!(out2.contains("incremental"), "{out2}");
+    assert!((8 << 20..9 << 20).contains(&copied2), "{out2}");
+    assert!((8 << 20..9 << 20).contains(&sent2), "{out2}");
+    let point2 = point_of(&out2);
+
+    let snap = |p: &str| fs.mnt.join(format!("replica-points/103/vm-103-disk-0@{p}"));
+    assert!(read_only(&snap(&point1)) && read_only(&snap(&point2)));
+    let now = src.base().join("now.raw");
+    paused(&src, 103, || export_raw(&img, None, &now)).await;
+    assert_same_raw(&now, &snap(&point2).join("disk.raw"));
+    assert_same_raw(&at_run1, &snap(&point1).join("disk.raw"));
+
+    // The older point promoted: the VM is the source as of run 1, and starts.
+    let promoted = mt_ok(&dst, &["replica", "promote", "103", "--point", &point1]).await;
+    assert!(promoted.contains(&format!("'{point1}'")), "{promoted}");
+    let working = fs.mnt.join("images/103/vm-103-disk-0/disk.raw");
+    assert_same_raw(&at_run1, &working);
+    assert!(!read_only(&fs.mnt.join("images/103/vm-103-disk-0")));
+    assert_eq!(
+        fs.subvolumes(),
+        vec!["images/103/vm-103-disk-0".to_string()]
+    );
+    mt_ok(&dst, &["vm", "start", "103"]).await;
+    mt_ok(&dst, &["vm", "stop", "103"]).await;
+    mt_ok(&dst, &["vm", "destroy", "103"]).await;
+    mt_ok(&src, &["vm", "stop", "103"]).await;
+    std::fs::remove_file(&at_run1).unwrap();
+    std::fs::remove_file(&now).unwrap();
+
+    // Another replica with two points, dropped: no subvolume, no points directory.
+    create_vm_with_data(&src, 104, "128M").await;
+    replicate_to(&src, &dst, 104, "bt").await;
+    replicate_to(&src, &dst, 104, "bt").await;
+    assert_eq!(fs.subvolumes().len(), 3, "{:?}", fs.subvolumes());
+    mt_ok(&dst, &["replica", "drop", "104"]).await;
+    assert_eq!(fs.subvolumes(), Vec::<String>::new());
+    assert_eq!(
+        files_of(&fs.mnt.join("replica-points"), ""),
+        Vec::<String>::new()
+    );
+    assert!(!dst.vm_config(104).exists());
+    mt_ok(&src, &["vm", "stop", "104"]).await;
+}
+
+/// Refusals end with a clear message and change nothing: a stopped VM (not yet
+/// supported), a target VMID that holds a VM which is no replica, and a replica asked to
+/// take runs of another source's VM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_are_clear_and_change_nothing() {
+    let src = node("src5");
+    let dst = node("dst5");
+    mt_ok(
+        &src,
+        &[
+            "vm",
+            "create",
+            "105",
+            "--memory",
+            "128",
+            "--disk",
+            "local:64M:qcow2",
+        ],
+    )
+    .await;
+    let target = target_arg(&dst, dst.port);
+    let args = ["replicate", "105", &target, "--target-storage", "local"];
+    let stopped = mt(&src, &args).await;
+    assert!(!stopped.status.success());
+    let err = String::from_utf8_lossy(&stopped.stderr);
+    assert!(
+        err.contains("VM 105 is not running: replicating a stopped VM is not supported yet (a run needs the running QEMU's dirty bitmaps) - start it, or move it with 'mtunnel migrate'"),
+        "{err}"
+    );
+    assert!(!dst.vm_config(105).exists());
+
+    mt_ok(&dst, &["vm", "create", "105", "--memory", "64"]).await;
+    let before = std::fs::read_to_string(dst.vm_config(105)).unwrap();
+    mt_ok(&src, &["vm", "start", "105"]).await;
+    let taken = mt(&src, &args).await;
+    assert!(!taken.status.success());
+    let err = String::from_utf8_lossy(&taken.stderr);
+    assert!(
+        err.contains("VM 105 exists on node 'dst5' and is not a replica (lock 'replica')"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(dst.vm_config(105)).unwrap(), before);
+    assert_eq!(files_of(&dst.run, "105"), Vec::<String>::new());
+    mt_ok(&src, &["vm", "stop", "105"]).await;
+
+    // A replica refuses runs of another source's VM of the same VMID.
+    let other = node("src5b");
+    create_vm_with_data(&src, 106, "128M").await;
+    create_vm_with_data(&other, 106, "128M").await;
+    replicate(&src, &dst, 106).await;
+    let conf = std::fs::read_to_string(dst.vm_config(106)).unwrap();
+    let foreign = mt(
+        &other,
+        &["replicate", "106", &target, "--target-storage", "local"],
+    )
+    .await;
+    assert!(!foreign.status.success());
+    let err = String::from_utf8_lossy(&foreign.stderr);
+    assert!(
+        err.contains("VM 106 here is the replica of VM 106 on 'src5', not of VM 106 on 'src5b'"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(dst.vm_config(106)).unwrap(), conf);
+    let list = mt_ok(&dst, &["replica", "list"]).await;
+    assert!(list.contains(" idle "), "{list}");
+    assert_eq!(files_of(&dst.run, "106"), Vec::<String>::new());
+    mt_ok(&src, &["vm", "stop", "106"]).await;
+    mt_ok(&other, &["vm", "stop", "106"]).await;
+}
+
+/// A raw working copy on a `dir` storage keeps a reflink copy per point where its file
+/// system shares blocks (here a `dir` storage on a loop btrfs): both points hold the
+/// source as of their run, and `promote --point` of the older one brings it back. Where
+/// the file system cannot (ext4 here), the image keeps only its newest point, and
+/// promoting an older one is refused with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_dir_points_are_reflink_copies_where_the_fs_shares_blocks() {
+    let fs = LoopBtrfs::new();
+    let rd = fs.mnt.join("rd");
+    std::fs::create_dir(&rd).unwrap();
+    let src = node("src7");
+    let dst = TestServer::start_with(Options {
+        node: Some("dst7".into()),
+        extra_toml: format!(
+            "qemu_accel = \"tcg\"\nstorage.rd = {{ type = \"dir\", path = \"{}\", content = [\"images\"] }}\n",
+            rd.display()
+        ),
+        ..Options::default()
+    });
+    let img = create_vm_with_data_as(&src, 107, "256M", "raw").await;
+    let (_, _, out1) = replicate_to(&src, &dst, 107, "rd").await;
+    let point1 = point_of(&out1);
+    let at_run1 = src.base().join("run1.raw");
+    paused(&src, 107, || export_raw(&img, None, &at_run1)).await;
+    let wrote = qmp(
+        &src.run,
+        107,
+        "human-monitor-command",
+        json!({"command-line": "qemu-io -d scsi0 \"write -P 0x5a 100M 8M\""}),
+    )
+    .await;
+    assert_eq!(wrote, json!(""), "HMP qemu-io failed");
+    let (_, _, out2) = replicate_to(&src, &dst, 107, "rd").await;
+    assert!(out2.contains("incremental"), "{out2}");
+    let point2 = point_of(&out2);
+    let copy = |p: &str| rd.join(format!("replica-points/107/vm-107-disk-0.raw@{p}"));
+    let now = src.base().join("now.raw");
+    paused(&src, 107, || export_raw(&img, None, &now)).await;
+    assert_same_raw(&now, &copy(&point2));
+    assert_same_raw(&at_run1, &copy(&point1));
+
+    mt_ok(&dst, &["replica", "promote", "107", "--point", &point1]).await;
+    assert_same_raw(&at_run1, &rd.join("images/107/vm-107-disk-0.raw"));
+    assert_eq!(
+        files_of(&rd.join("replica-points"), ""),
+        Vec::<String>::new()
+    );
+    mt_ok(&dst, &["vm", "start", "107"]).await;
+    mt_ok(&dst, &["vm", "stop", "107"]).await;
+    mt_ok(&dst, &["vm", "destroy", "107"]).await;
+    mt_ok(&src, &["vm", "stop", "107"]).await;
+
+    // ext4 (the node's `local`): no reflink, only the newest point.
+    let img = create_vm_with_data_as(&src, 108, "128M", "raw").await;
+    let (_, _, out1) = replicate(&src, &dst, 108).await;
+    let (_, _, out2) = replicate(&src, &dst, 108).await;
+    let (point1, point2) = (point_of(&out1), point_of(&out2));
+    assert_eq!(
+        files_of(&dst.base().join("s/local/replica-points"), ""),
+        Vec::<String>::new()
+    );
+    let refused = mt(&dst, &["replica", "promote", "108", "--point", &point1]).await;
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains(&format!(
+            "local:108/vm-108-disk-0.raw: a raw working copy without reflink points keeps only its newest point ({point2}), not '{point1}'"
+        )),
+        "{err}"
+    );
+    paused(&src, 108, || export_raw(&img, None, &now)).await;
+    assert_same_raw(&now, &dst.images(108).join("vm-108-disk-0.raw"));
+    mt_ok(&dst, &["replica", "drop", "108"]).await;
+    mt_ok(&src, &["vm", "stop", "108"]).await;
+    for f in [&now, &at_run1] {
+        std::fs::remove_file(f).unwrap();
+    }
+}
