@@ -514,7 +514,7 @@ pub fn bench_options(a: BenchArgs) -> crate::bench::Options {
         migrations: a
             .migrations
             .unwrap_or(d.migrations)
-            .max(u32::from(a.wan.is_empty() && a.busy_guest.is_none())),
+            .max(u32::from(a.wan.is_empty())),
         disk_mib: a.disk_mib.unwrap_or(d.disk_mib),
         tcp_buffer_mib: a.tcp_buffer_mib,
         no_qemu: a.no_qemu,

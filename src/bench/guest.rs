@@ -108,7 +108,7 @@ pub fn build(cache: &Path) -> anyhow::Result<GuestImage> {
 fn run(cmd: &mut Command, what: &str) -> anyhow::Result<String> {
     let out = cmd
         .output()
-        .with_context(|| format!("{what} (scripts/test-all.sh installs what it needs)"))?;
+        .with_context(|| format!("{what}: cannot run it (is it installed?)"))?;
     if !out.status.success() {
         bail!(
             "{what} failed: {}{}",
@@ -207,8 +207,7 @@ fn find_deb(dir: &Path, prefix: &str) -> anyhow::Result<PathBuf> {
 /// The initramfs for the current init, memory writer, busybox and kernel, built when its
 /// inputs changed: `initrd-HASH.cpio` in `cache`.
 fn build_initrd(cache: &Path) -> anyhow::Result<PathBuf> {
-    let busybox = std::fs::read("/bin/busybox")
-        .context("/bin/busybox: install busybox-static (scripts/test-all.sh does)")?;
+    let busybox = std::fs::read("/bin/busybox").context("/bin/busybox: install busybox-static")?;
     if !is_static(&busybox) {
         bail!("/bin/busybox is linked dynamically: install busybox-static");
     }
