@@ -226,3 +226,78 @@ fn bench_wan_runs_across_an_emulated_link() {
         .unwrap_or_default();
     assert!(left.is_empty(), "namespaces left behind: {left:?}");
 }
+
+/// `mtunnel bench --busy-guest` in its smallest form (`--quick`: a 128 MiB guest rewriting
+/// 8 MiB at 32 MB/s, one run per row, each capped at 60 s) across a 5 ms, 100 Mbit/s
+/// emulated link: the table has its three rows and columns, the JSON one run per row, and
+/// `mtunnel migrate --online` with its defaults converged, with the guest's heartbeat going
+/// on on the target. Whether the direct rows converge is not asserted (that depends on how
+/// fast the guest dirties on a loaded machine); no time is. Needs root, QEMU and the real
+/// guest's prerequisites (`scripts/test-all.sh` installs them).
+#[test]
+fn bench_busy_guest_converges_with_mtunnel_defaults() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "bench --busy-guest needs root (network namespaces and TUN devices): run the tests as \
+         root (CI does)"
+    );
+    common::require_qemu();
+    let dir = tempfile::Builder::new()
+        .prefix("mtbb")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let json_path = dir.path().join("results.json");
+    let args = ["bench", "--quick", "--busy-guest", "5ms,100mbit", "--json"];
+    let (pid, stdout, _) = run_bench(&args, &json_path, 600);
+    for text in [
+        "Busy guest across the link 5ms,100mbit: QEMU ",
+        "128 MiB RAM, the guest rewrites 8 MiB at 32 MB/s",
+        "each run capped at 60 s, x 1",
+        "converged  total s  slowest   RAM s  slowest  downtime  slowest",
+        "direct: QMP migrate, QEMU defaults ",
+        "direct: + PVE's tuning (auto-converge, XBZRLE, downtime) ",
+        "the guest's heartbeat went on on the target after 1/1 converged mtunnel runs",
+        "Targets (busy guest)",
+    ] {
+        assert!(stdout.contains(text), "no '{text}' in:\n{stdout}");
+    }
+    let mtunnel_row = stdout
+        .lines()
+        .find(|l| l.starts_with("mtunnel migrate --online, its defaults (TLS)"))
+        .unwrap_or_else(|| panic!("no mtunnel row in:\n{stdout}"));
+    assert_eq!(
+        mtunnel_row.split_whitespace().nth(6),
+        Some("1/1"),
+        "{mtunnel_row}"
+    );
+    // A run across an emulated link only prints no block of unmeasured loopback targets.
+    assert!(!stdout.lines().any(|l| l.trim() == "Targets"), "{stdout}");
+
+    let doc: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).expect("valid JSON");
+    assert_eq!(doc["errors"], Value::Array(vec![]));
+    let busy = &doc["busy_guest"];
+    assert_eq!(busy["link"], "5ms,100mbit", "{busy}");
+    assert_eq!(busy["cap_s"], 60, "{busy}");
+    let runs = busy["runs"]
+        .as_array()
+        .unwrap_or_else(|| panic!("the busy-guest section did not run: {busy}"));
+    let modes: Vec<&str> = runs.iter().map(|r| r["mode"].as_str().unwrap()).collect();
+    assert_eq!(modes, ["defaults", "tuned", "mtunnel"], "{busy}");
+    let m = &runs[2];
+    assert_eq!(m["converged"], true, "{m}");
+    assert!(m["ram_s"].as_f64().is_some_and(|s| s > 0.0), "{m}");
+    assert!(m["downtime_ms"].as_f64().is_some(), "{m}");
+    assert_eq!(m["heartbeat_on_target"], true, "{m}");
+    assert_eq!(busy["targets"].as_array().unwrap().len(), 4, "{busy}");
+    // Both namespaces are gone.
+    let left: Vec<String> = std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&format!("mtwan{pid}")))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(left.is_empty(), "namespaces left behind: {left:?}");
+}

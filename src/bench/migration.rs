@@ -164,20 +164,7 @@ pub(super) async fn mt_in(
     config: &Path,
     args: &[&str],
 ) -> anyhow::Result<(String, String)> {
-    let mut cmd = tokio::process::Command::new(mtunnel_exe()?);
-    if let Some(ns) = ns {
-        ns.apply(&mut cmd)?;
-    }
-    cmd.args(args)
-        .arg("--config")
-        .arg(config)
-        .env("MTUNNEL_LOG", "warn")
-        .env("NO_COLOR", "1")
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true);
-    let out = tokio::time::timeout(Duration::from_secs(300), cmd.output())
-        .await
-        .with_context(|| format!("mtunnel {args:?} took over 300 s"))??;
+    let out = mt_output(ns, config, args, Duration::from_secs(300)).await?;
     if !out.status.success() {
         bail!(
             "mtunnel {args:?} failed:\n{}{}",
@@ -189,6 +176,31 @@ pub(super) async fn mt_in(
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     ))
+}
+
+/// `mtunnel ARGS --config CONFIG` inside `ns` (when given), killed after `limit`; its exit
+/// status and output, whatever the status.
+pub(super) async fn mt_output(
+    ns: Option<&Netns>,
+    config: &Path,
+    args: &[&str],
+    limit: Duration,
+) -> anyhow::Result<std::process::Output> {
+    let mut cmd = tokio::process::Command::new(mtunnel_exe()?);
+    if let Some(ns) = ns {
+        ns.apply(&mut cmd)?;
+    }
+    cmd.args(args)
+        .arg("--config")
+        .arg(config)
+        .env("MTUNNEL_LOG", "warn")
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    tokio::time::timeout(limit, cmd.output())
+        .await
+        .with_context(|| format!("mtunnel {args:?} took over {} s", limit.as_secs()))?
+        .with_context(|| format!("running mtunnel {args:?}"))
 }
 
 /// The number before `unit` after `key` in `text` ("downtime 35 ms" → 35).

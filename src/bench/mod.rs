@@ -16,7 +16,10 @@
 //!   socket and through two copy relays,
 //! - [`wan_bench`] (`--wan LINK`, root only): plain TCP, the tunnel and a live migration
 //!   side by side across an emulated WAN link ([`wan`]: two network namespaces, TUN, a
-//!   userspace delay line), the only section that leaves loopback.
+//!   userspace delay line), the only section that leaves loopback besides
+//! - [`busy`] (`--busy-guest LINK`, root only): a real guest ([`guest`]) dirtying memory,
+//!   live-migrated across an emulated link by QEMU with its defaults, by QEMU with PVE's
+//!   tuning and by `mtunnel migrate --online`: converged or not, total time, downtime.
 //!
 //! Every measured hop is a real process: the bench spawns its own binary
 //! (`std::env::current_exe()`) as `serve`, `tunnel` and `bench-relay` ([`relay`]); the
@@ -25,6 +28,8 @@
 //! names a UNIX socket of the bench process, so `start` registers it and the WebSocket
 //! endpoint forwards to it.
 
+pub mod busy;
+pub mod guest;
 pub mod idle;
 pub mod latency;
 pub mod migration;
@@ -79,6 +84,12 @@ pub struct Options {
     /// Emulated WAN links to measure across (`--wan`); with any, only the WAN section
     /// runs unless `--only` names loopback sections too.
     pub wan: Vec<wan::LinkSpec>,
+    /// The link of the busy-guest section (`--busy-guest`; none: not run); like `--wan`,
+    /// it keeps the loopback sections from running unless `--only` names them.
+    pub busy_guest: Option<wan::LinkSpec>,
+    pub busy_shape: busy::BusyShape,
+    /// Each busy-guest run gives up after this (s).
+    pub busy_cap_s: u64,
 }
 
 impl Options {
@@ -101,6 +112,9 @@ impl Options {
             keep: false,
             quick: false,
             wan: Vec::new(),
+            busy_guest: None,
+            busy_shape: busy::BusyShape::FULL,
+            busy_cap_s: 180,
         }
     }
 
@@ -127,16 +141,23 @@ impl Options {
             migrations: 1,
             disk_mib: 16,
             quick: true,
+            busy_shape: busy::BusyShape::QUICK,
+            busy_cap_s: 60,
             ..Options::full()
         }
     }
 
     fn wants(&self, section: &str) -> bool {
         if self.only.is_empty() {
-            self.wan.is_empty()
+            self.wan.is_empty() && self.busy_guest.is_none()
         } else {
             self.only.iter().any(|s| s == section)
         }
+    }
+
+    /// Runs of each busy-guest row: `--migrations`, at least one.
+    pub fn busy_runs(&self) -> u32 {
+        self.migrations.max(1)
     }
 }
 
@@ -335,6 +356,7 @@ async fn run_inner(opts: &Options) -> anyhow::Result<()> {
     };
 
     let wan_runs = run_wan(&base, opts).await;
+    let busy = run_busy(&base, opts).await;
 
     let tp = throughput.as_ref().and_then(|r| r.as_ref().ok());
     let lat_plain = latency.as_ref().and_then(|(p, _)| p.as_ref().ok());
@@ -346,6 +368,7 @@ async fn run_inner(opts: &Options) -> anyhow::Result<()> {
         opts, &machine, &versions, tp, lat_plain, lat_tls, idle_ok, mig_ok, &targets,
     );
     table.push_str(&wan_tables(&wan_runs));
+    table.push_str(&busy_table(&busy));
     println!("{table}");
 
     let mut errors = Vec::new();
@@ -393,6 +416,15 @@ async fn run_inner(opts: &Options) -> anyhow::Result<()> {
         }
     }
     errors.extend(wan_errors);
+    let busy_v = match &busy {
+        None => json!({"skipped": "not selected (--busy-guest)"}),
+        Some((_, Ok(b))) => serde_json::to_value(b)?,
+        Some((link, Err(e))) if e.starts_with("ERROR: ") => {
+            errors.push(format!("busy guest: {e}"));
+            json!({"link": link.to_string(), "error": e["ERROR: ".len()..]})
+        }
+        Some((link, Err(why))) => json!({"link": link.to_string(), "skipped": why}),
+    };
     let doc = json!({
         "schema": "mtunnel-bench/1",
         "finished_unix": std::time::SystemTime::now()
@@ -407,12 +439,15 @@ async fn run_inner(opts: &Options) -> anyhow::Result<()> {
             "tunnels": opts.tunnels, "ram_mib": opts.ram_mib, "ram_data_mib": opts.ram_data_mib,
             "migrations": opts.migrations, "quick": opts.quick, "only": opts.only,
             "wan": opts.wan.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "busy_guest": opts.busy_guest.as_ref().map(ToString::to_string),
+            "busy_shape": opts.busy_shape.to_string(), "busy_cap_s": opts.busy_cap_s,
         },
         "throughput": throughput_v,
         "latency": latency_v,
         "idle": idle_v,
         "migration": migration_v,
         "wan": wan_v,
+        "busy_guest": busy_v,
         "targets": targets,
         "errors": errors,
         "table": table,
@@ -488,6 +523,43 @@ fn wan_tables(runs: &[WanRun]) -> String {
     }
     o.push_str(&report::targets_table("Targets (WAN)", &targets));
     o
+}
+
+type BusyRun = (wan::LinkSpec, Result<busy::BusyGuest, String>);
+
+/// The busy-guest section when `--busy-guest` asked for it; `Err` holds `ERROR: ...` or
+/// why it was skipped.
+async fn run_busy(base: &Path, opts: &Options) -> Option<BusyRun> {
+    let link = opts.busy_guest.clone()?;
+    let s = &opts.busy_shape;
+    progress(&format!(
+        "== busy guest across {link}: {} MiB RAM, {} MiB rewritten at {} MB/s, {} run(s) per \
+         row, each capped at {} s",
+        s.ram_mib,
+        s.workset_mib,
+        s.dirty_mb_s,
+        opts.busy_runs(),
+        opts.busy_cap_s
+    ));
+    let dir = base.join("busy");
+    let r = match std::fs::create_dir_all(&dir) {
+        Ok(()) => busy::run(&dir, &link, opts, &progress).await,
+        Err(e) => Err(format!("ERROR: creating {}: {e}", dir.display())),
+    };
+    if let Err(why) = &r {
+        progress(&format!("  busy guest: {why}"));
+    }
+    Some((link, r))
+}
+
+fn busy_table(run: &Option<BusyRun>) -> String {
+    match run {
+        None => String::new(),
+        Some((_, Ok(b))) => {
+            busy::table(b) + &report::targets_table("Targets (busy guest)", &b.targets)
+        }
+        Some((link, Err(why))) => format!("\nBusy guest across the link {link}: {why}\n"),
+    }
 }
 
 /// The name of `accel` as resolved on this host (`Auto` was resolved to KVM or TCG).

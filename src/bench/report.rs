@@ -423,8 +423,10 @@ pub fn table(
             super::migration::EARLY_SWITCHOVER_MS
         );
     }
-    // A WAN-only run measured none of these: no block of "not measured".
-    if opts.wan.is_empty() || targets.iter().any(|t| t.pass.is_some()) {
+    // A run across emulated links only (--wan, --busy-guest) measured none of these: no
+    // block of "not measured".
+    let remote_only = !opts.wan.is_empty() || opts.busy_guest.is_some();
+    if !remote_only || targets.iter().any(|t| t.pass.is_some()) {
         o.push_str(&targets_table("Targets", targets));
     }
     if opts.quick {

@@ -1,430 +1,75 @@
-//! A real guest for the migration tests: a Debian kernel and a busybox initramfs booted
-//! with `-kernel`/`-initrd` on the source (TCG), talking on its first serial port (the VM
-//! config's `serial0: socket`, a UNIX socket in the node's run directory).
-//!
-//! The kernel comes from the `linux-image-amd64` package's dependency, fetched with
-//! `apt-get download` and unpacked with `dpkg-deb` into `target/guest/` (never the host's
-//! `/boot`), once per target directory. The initramfs is built from the host's
-//! `busybox-static`, the guest's `init` (`guest/init.sh`: heartbeat, disk marker, kernel
-//! log check) and a memory writer (`guest/dirty.c`, built with `gcc -static`), and cached
-//! under a hash of its inputs. A file lock serializes test processes building the cache.
-//!
-//! Only the source needs `-kernel`: QEMU's `linuxboot_dma.bin` is a fw_cfg file without a
-//! RAM block of its own (the firmware copies it into guest RAM, which migrates), so a target
-//! started from the plain VM config accepts the running guest. [`Console`] reads the
-//! heartbeat and sends the init's commands.
+//! A real guest for the migration tests: the bench's guest builder and serial console
+//! (`src/bench/guest.rs`, included here as it is: a Debian kernel and a busybox initramfs
+//! cached in `target/guest/`, see there), with the test's way of failing: a missing
+//! prerequisite or a console that does not show what a test waits for panics with the
+//! reason.
 
-use std::collections::hash_map::DefaultHasher;
-use std::hash::{Hash, Hasher};
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::path::Path;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::UnixStream;
-use tokio::net::unix::OwnedWriteHalf;
+#[path = "../../src/bench/guest.rs"]
+mod shared;
 
-const INIT: &str = include_str!("guest/init.sh");
-const DIRTY_C: &str = include_str!("guest/dirty.c");
+pub use shared::GuestImage;
 
-/// The kernel modules the guest loads, in load order, with their path under
-/// `lib/modules/VERSION/kernel/`: virtio PCI and the virtio-scsi disk (Debian builds them
-/// as modules). The crypto modules back `crc-t10dif`/`crc64-rocksoft` that `sd_mod` needs.
-const MODULES: &[(&str, &str)] = &[
-    ("virtio", "drivers/virtio/virtio.ko"),
-    ("virtio_ring", "drivers/virtio/virtio_ring.ko"),
-    (
-        "virtio_pci_legacy_dev",
-        "drivers/virtio/virtio_pci_legacy_dev.ko",
-    ),
-    (
-        "virtio_pci_modern_dev",
-        "drivers/virtio/virtio_pci_modern_dev.ko",
-    ),
-    ("virtio_pci", "drivers/virtio/virtio_pci.ko"),
-    ("scsi_common", "drivers/scsi/scsi_common.ko"),
-    ("scsi_mod", "drivers/scsi/scsi_mod.ko"),
-    ("virtio_scsi", "drivers/scsi/virtio_scsi.ko"),
-    ("crct10dif_common", "crypto/crct10dif_common.ko"),
-    ("crct10dif_generic", "crypto/crct10dif_generic.ko"),
-    ("crc-t10dif", "lib/crc-t10dif.ko"),
-    ("crc64", "lib/crc64.ko"),
-    ("crc64_rocksoft_generic", "crypto/crc64_rocksoft_generic.ko"),
-    ("crc64-rocksoft", "lib/crc64-rocksoft.ko"),
-    ("t10-pi", "block/t10-pi.ko"),
-    ("sd_mod", "drivers/scsi/sd_mod.ko"),
-];
-
-/// The boot files of the test guest.
-pub struct GuestImage {
-    pub kernel: PathBuf,
-    pub initrd: PathBuf,
+/// The `hb COUNTER UPTIME` lines among `lines`: (counter, guest uptime in seconds).
+pub fn heartbeats(lines: &[String]) -> Vec<(u64, f64)> {
+    shared::heartbeats(lines)
 }
 
-impl GuestImage {
-    /// The `mtunnel vm start` arguments that boot this guest; `append` is added to the
-    /// kernel command line (e.g. `mt.dirty=40,64`).
-    pub fn start_args(&self, append: &str) -> Vec<String> {
-        vec![
-            "--qemu-arg=-kernel".into(),
-            format!("--qemu-arg={}", self.kernel.display()),
-            "--qemu-arg=-initrd".into(),
-            format!("--qemu-arg={}", self.initrd.display()),
-            "--qemu-arg=-append".into(),
-            format!("--qemu-arg=console=ttyS0 panic=-1 {append}"),
-        ]
-    }
-}
-
-/// The guest's kernel and initramfs, built on first use in `target/guest/`.
+/// The guest's kernel and initramfs, built on first use in `target/guest/` (shared with
+/// `mtunnel bench` run from this tree).
 pub fn guest_image() -> GuestImage {
     let cache = Path::new(env!("CARGO_TARGET_TMPDIR"))
         .parent()
         .expect("target dir")
         .join("guest");
-    std::fs::create_dir_all(&cache).expect("creating target/guest");
-    let lock = std::fs::File::create(cache.join(".lock")).expect("target/guest/.lock");
-    lock.lock().expect("locking target/guest/.lock");
-    let kernel = cache.join("vmlinuz");
-    if !cache.join("kernel.ok").exists() {
-        fetch_kernel(&cache);
-    }
-    let initrd = build_initrd(&cache);
-    GuestImage { kernel, initrd }
+    shared::build(&cache).unwrap_or_else(|e| panic!("building the test guest: {e:#}"))
 }
 
-fn run(cmd: &mut Command, what: &str) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("{what}: {e} (scripts/test-all.sh installs what it needs)"));
-    assert!(
-        out.status.success(),
-        "{what} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// `apt-get download` of `linux-image-amd64` and the image package it depends on; the
-/// kernel and [`MODULES`] unpacked into `cache`; the downloads removed.
-fn fetch_kernel(cache: &Path) {
-    let dl = cache.join("download");
-    let _ = std::fs::remove_dir_all(&dl);
-    std::fs::create_dir_all(&dl).unwrap();
-    let apt = |pkg: &str| {
-        run(
-            Command::new("apt-get")
-                .args(["download", "-q", pkg])
-                .current_dir(&dl),
-            &format!("apt-get download {pkg} (is `apt-get update` needed?)"),
-        )
-    };
-    apt("linux-image-amd64");
-    let meta = find_deb(&dl, "linux-image-amd64_");
-    let depends = run(
-        Command::new("dpkg-deb")
-            .args(["-f"])
-            .arg(&meta)
-            .arg("Depends"),
-        "dpkg-deb -f",
-    );
-    let image = depends
-        .split([',', '|'])
-        .map(|d| d.split_whitespace().next().unwrap_or(""))
-        .find(|d| d.starts_with("linux-image-") && d != &"linux-image-amd64")
-        .unwrap_or_else(|| panic!("no linux-image-* in Depends: {depends}"))
-        .to_string();
-    apt(&image);
-    let deb = find_deb(&dl, &format!("{image}_"));
-    let version = image.trim_start_matches("linux-image-");
-    let unpacked = dl.join("x");
-    std::fs::create_dir_all(&unpacked).unwrap();
-    let mut members = vec![format!("./boot/vmlinuz-{version}")];
-    members.extend(
-        MODULES
-            .iter()
-            .map(|(_, p)| format!("./lib/modules/{version}/kernel/{p}")),
-    );
-    let tar = format!(
-        "dpkg-deb --fsys-tarfile '{}' | tar -x -C '{}' {}",
-        deb.display(),
-        unpacked.display(),
-        members.join(" ")
-    );
-    run(
-        Command::new("sh").args(["-c", &tar]),
-        "unpacking the kernel",
-    );
-    let modules = cache.join("modules");
-    let _ = std::fs::remove_dir_all(&modules);
-    std::fs::create_dir_all(&modules).unwrap();
-    for (name, p) in MODULES {
-        let from = unpacked.join(format!("lib/modules/{version}/kernel/{p}"));
-        std::fs::copy(&from, modules.join(format!("{name}.ko")))
-            .unwrap_or_else(|e| panic!("{}: {e}", from.display()));
-    }
-    std::fs::copy(
-        unpacked.join(format!("boot/vmlinuz-{version}")),
-        cache.join("vmlinuz"),
-    )
-    .unwrap();
-    std::fs::remove_dir_all(&dl).unwrap();
-    std::fs::write(cache.join("kernel.ok"), format!("{image}\n")).unwrap();
-}
-
-fn find_deb(dir: &Path, prefix: &str) -> PathBuf {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(prefix) && n.ends_with(".deb"))
-        })
-        .unwrap_or_else(|| {
-            panic!(
-                "apt-get download left no {prefix}*.deb in {}",
-                dir.display()
-            )
-        })
-}
-
-/// The initramfs for the current init, memory writer, busybox and kernel, built when its
-/// inputs changed: `initrd-HASH.cpio` in `cache`.
-fn build_initrd(cache: &Path) -> PathBuf {
-    let busybox = std::fs::read("/bin/busybox")
-        .expect("/bin/busybox: install busybox-static (scripts/test-all.sh does)");
-    assert!(
-        is_static(&busybox),
-        "/bin/busybox is linked dynamically: install busybox-static"
-    );
-    let mut h = DefaultHasher::new();
-    (INIT, DIRTY_C, &busybox, MODULES).hash(&mut h);
-    std::fs::read_to_string(cache.join("kernel.ok"))
-        .unwrap_or_default()
-        .hash(&mut h);
-    let initrd = cache.join(format!("initrd-{:016x}.cpio", h.finish()));
-    if initrd.exists() {
-        return initrd;
-    }
-    let stage = cache.join("stage");
-    let _ = std::fs::remove_dir_all(&stage);
-    for d in ["bin", "dev", "proc", "sys", "lib/modules"] {
-        std::fs::create_dir_all(stage.join(d)).unwrap();
-    }
-    std::fs::write(stage.join("bin/busybox"), &busybox).unwrap();
-    std::fs::write(stage.join("init"), INIT).unwrap();
-    let order: Vec<&str> = MODULES.iter().map(|(n, _)| *n).collect();
-    std::fs::write(stage.join("modules.order"), order.join("\n") + "\n").unwrap();
-    for (name, _) in MODULES {
-        let ko = format!("{name}.ko");
-        std::fs::copy(
-            cache.join("modules").join(&ko),
-            stage.join("lib/modules").join(&ko),
-        )
-        .unwrap();
-    }
-    std::fs::write(stage.join("dirty.c"), DIRTY_C).unwrap();
-    run(
-        Command::new("gcc")
-            .args(["-static", "-O2", "-o", "bin/dirty", "dirty.c"])
-            .current_dir(&stage),
-        "gcc -static (the guest's memory writer)",
-    );
-    std::fs::remove_file(stage.join("dirty.c")).unwrap();
-    for f in ["init", "bin/busybox", "bin/dirty"] {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(stage.join(f), std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    // Initramfs files of older inputs: no test of this tree boots them any more.
-    for e in std::fs::read_dir(cache).unwrap().flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with("initrd-") && name.ends_with(".cpio") {
-            let _ = std::fs::remove_file(e.path());
-        }
-    }
-    let tmp = cache.join("initrd.tmp");
-    cpio(&stage, &tmp);
-    std::fs::rename(&tmp, &initrd).unwrap();
-    std::fs::remove_dir_all(&stage).unwrap();
-    initrd
-}
-
-/// `busybox cpio -o -H newc` of everything under `stage` into `out`.
-fn cpio(stage: &Path, out: &Path) {
-    fn walk(dir: &Path, root: &Path, list: &mut Vec<String>) {
-        for e in std::fs::read_dir(dir).unwrap().flatten() {
-            let p = e.path();
-            list.push(format!("./{}", p.strip_prefix(root).unwrap().display()));
-            if p.is_dir() {
-                walk(&p, root, list);
-            }
-        }
-    }
-    let mut list = Vec::new();
-    walk(stage, stage, &mut list);
-    let mut child = Command::new("/bin/busybox")
-        .args(["cpio", "-o", "-H", "newc"])
-        .current_dir(stage)
-        .stdin(Stdio::piped())
-        .stdout(std::fs::File::create(out).unwrap())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("busybox cpio");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all((list.join("\n") + "\n").as_bytes())
-        .unwrap();
-    assert!(child.wait().unwrap().success(), "busybox cpio failed");
-}
-
-/// Whether an ELF64 file has no program interpreter (PT_INTERP), i.e. is linked statically.
-fn is_static(elf: &[u8]) -> bool {
-    let u16_at = |o: usize| u16::from_le_bytes([elf[o], elf[o + 1]]) as usize;
-    if elf.len() < 64 || &elf[..4] != b"\x7fELF" {
-        return false;
-    }
-    let phoff = u64::from_le_bytes(elf[0x20..0x28].try_into().unwrap()) as usize;
-    let (size, count) = (u16_at(0x36), u16_at(0x38));
-    (0..count).all(|i| {
-        let o = phoff + i * size;
-        elf.get(o..o + 4) != Some(&3u32.to_le_bytes()[..])
-    })
-}
-
-/// The guest's serial port, read line by line in the background.
-pub struct Console {
-    lines: Arc<Mutex<Vec<String>>>,
-    closed: Arc<Mutex<bool>>,
-    writer: OwnedWriteHalf,
-}
+/// The guest's serial port ([`shared::Console`]), panicking where that returns an error.
+pub struct Console(shared::Console);
 
 impl Console {
-    /// Connects to the serial socket (QEMU creates it asynchronously: retried for 10 s).
+    /// Connects to the serial socket (retried for 10 s).
     pub async fn connect(path: &Path) -> Console {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let stream = loop {
-            match UnixStream::connect(path).await {
-                Ok(s) => break s,
-                Err(e) if Instant::now() > deadline => {
-                    panic!(
-                        "connecting to the guest's serial port {}: {e}",
-                        path.display()
-                    )
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        };
-        let (read, writer) = stream.into_split();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let closed = Arc::new(Mutex::new(false));
-        let (l, c) = (lines.clone(), closed.clone());
-        tokio::spawn(async move {
-            let mut read = BufReader::new(read);
-            let mut buf = Vec::new();
-            while let Ok(n) = read.read_until(b'\n', &mut buf).await {
-                if n == 0 {
-                    break;
-                }
-                let line = String::from_utf8_lossy(&buf).trim_end().to_string();
-                l.lock().unwrap().push(line);
-                buf.clear();
-            }
-            *c.lock().unwrap() = true;
-        });
-        Console {
-            lines,
-            closed,
-            writer,
-        }
+        Console(shared::Console::connect(path).await.unwrap_or_else(fail))
     }
 
     pub fn lines(&self) -> Vec<String> {
-        self.lines.lock().unwrap().clone()
+        self.0.lines()
     }
 
     /// Whether the other end closed (the QEMU exited).
     pub fn closed(&self) -> bool {
-        *self.closed.lock().unwrap()
+        self.0.closed()
     }
 
     /// Waits (at most `secs`) until `done` holds for the lines read so far.
     pub async fn wait(&self, secs: u64, what: &str, done: impl Fn(&[String]) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            if done(&self.lines.lock().unwrap()) {
-                return;
-            }
-            let lines = self.lines();
-            assert!(
-                Instant::now() < deadline && !self.closed(),
-                "guest console: no {what} within {secs} s (closed: {}); last lines:\n{}",
-                self.closed(),
-                lines[lines.len().saturating_sub(30)..].join("\n")
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        self.0.wait(secs, what, done).await.unwrap_or_else(fail)
     }
 
     /// Waits for a line equal to `line`.
     pub async fn wait_line(&self, secs: u64, line: &str) {
-        self.wait(secs, line, |l| l.iter().any(|x| x == line)).await;
+        self.0.wait_line(secs, line).await.unwrap_or_else(fail)
     }
 
     /// Sends one command line to the guest's init.
     pub async fn send(&mut self, line: &str) {
-        self.writer
-            .write_all(format!("{line}\n").as_bytes())
-            .await
-            .expect("writing to the guest's serial port");
+        self.0.send(line).await.unwrap_or_else(fail)
     }
 
     /// The heartbeats read so far: (counter, guest uptime in seconds).
     pub fn heartbeats(&self) -> Vec<(u64, f64)> {
-        heartbeats(&self.lines())
+        self.0.heartbeats()
     }
 
-    /// The lines of the guest's kernel log at levels emerg..err, of any facility (asked
-    /// with `errors`).
+    /// The guest's kernel log lines at levels emerg..err.
     pub async fn kernel_errors(&mut self) -> Vec<String> {
-        let seen = self.lines().len();
-        self.send("errors").await;
-        self.wait(30, "errors-end", |l| {
-            l[seen..].iter().any(|x| x == "errors-end")
-        })
-        .await;
-        let lines = self.lines();
-        lines[seen..]
-            .iter()
-            .skip_while(|l| *l != "errors-begin")
-            .skip(1)
-            .take_while(|l| *l != "errors-end")
-            .filter(|l| log_level(l).is_some_and(|level| level <= 3))
-            .cloned()
-            .collect()
+        self.0.kernel_errors().await.unwrap_or_else(fail)
     }
 }
 
-/// The level (0 emerg .. 7 debug) of a raw kernel log line `<PRIORITY>[time] text`, where
-/// PRIORITY is facility × 8 + level; `None` for other lines (heartbeats, console echo).
-fn log_level(line: &str) -> Option<u32> {
-    let (prio, _) = line.strip_prefix('<')?.split_once('>')?;
-    prio.parse::<u32>().ok().map(|p| p % 8)
-}
-
-/// The `hb COUNTER UPTIME` lines among `lines`.
-pub fn heartbeats(lines: &[String]) -> Vec<(u64, f64)> {
-    lines
-        .iter()
-        .filter_map(|l| {
-            let mut w = l.strip_prefix("hb ")?.split_whitespace();
-            Some((w.next()?.parse().ok()?, w.next()?.parse().ok()?))
-        })
-        .collect()
+fn fail<T>(e: anyhow::Error) -> T {
+    panic!("{e:#}")
 }

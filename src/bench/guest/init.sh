@@ -1,5 +1,5 @@
 #!/bin/busybox sh
-# PID 1 of the test guest (tests/common/guest.rs): loads the virtio-scsi disk driver, then
+# PID 1 of the test and bench guest (src/bench/guest.rs): loads the virtio-scsi disk driver, then
 # talks on the first serial port. It writes a heartbeat `hb COUNTER UPTIME` about every
 # 100 ms and answers one-line commands read from the same port:
 #   mark TEXT  writes "MTUNNEL-MARK TEXT" to sector 2048 of /dev/sda (fsync), says "marked TEXT"

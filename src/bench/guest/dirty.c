@@ -1,4 +1,4 @@
-/* The test guest's memory writer (tests/common/guest.rs): `dirty MBPS MIB` rewrites a
+/* The test and bench guest's memory writer (src/bench/guest.rs): `dirty MBPS MIB` rewrites a
  * working set of MIB MiB, page after page with fresh 64-bit words, at MBPS MB/s (paced on
  * the monotonic clock), until killed. Every 5 s it prints the rate it reached to stderr
  * ("dirty: N MB/s") so a test log shows what the guest really dirtied. Static, no libc
