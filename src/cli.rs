@@ -297,6 +297,21 @@ pub struct MigrateArgs {
     /// cancelled and the VM keeps running on the source.
     #[arg(long, value_name = "SECS", default_value_t = 1800, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_ram_time: u64,
+    /// Compress the RAM's multifd channels (needs --streams 2 or more and a target that
+    /// offers zstd): auto = zstd only when --bwlimit is at most 128 MiB/s, where fewer
+    /// bytes beat its CPU cost (measured: docs/performance.md).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub compress: mtunnel::client::migrate::tuning::Compression,
+    /// Switch the RAM migration to postcopy when precopy does not converge: after the
+    /// first full pass, once the remaining RAM stopped shrinking for 3 s, the target
+    /// commits the VM ('resume') and the guest moves to it at once, fetching the pages it
+    /// still lacks from the source. Risk: from the switch until the RAM completes the
+    /// guest's memory is split between both hosts, so a cut link or a crash of either
+    /// side stops the guest (both QEMUs wait in postcopy-paused; mtunnel does not recover
+    /// it) - the VM is lost unless the migration is resumed by hand. One RAM stream only
+    /// (QEMU 10.0 refuses postcopy with multifd).
+    #[arg(long)]
+    pub postcopy: bool,
     #[command(flatten)]
     pub node: NodeArgs,
 }
