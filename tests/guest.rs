@@ -270,7 +270,10 @@ async fn busy_guest_moves_with_postcopy() {
         ];
         let out = mt(&src, &args).await;
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "the postcopy migration failed:\n{err}");
+        assert!(
+            out.status.success(),
+            "the postcopy migration failed:\n{err}"
+        );
         eprintln!("mtunnel migrate --postcopy said:\n{err}");
         for text in [
             "RAM: postcopy on request (--postcopy)",
@@ -317,6 +320,92 @@ async fn busy_guest_moves_with_postcopy() {
         let errors = target.kernel_errors().await;
         assert!(errors.is_empty(), "guest kernel log errors: {errors:?}");
         mt_ok(&dst, &["vm", "stop", "330"]).await;
+    })
+    .await;
+}
+
+/// Fencing before the switch: a target whose `resume` refuses as a fenced node does
+/// (`VM 340 was not resumed: ...`, from a `resume.lua` in its handlers directory) gets no
+/// switch to postcopy. The source sends `resume` before `migrate-start-postcopy`, reads the
+/// refusal as "the target runs nothing", cancels the migration and the guest runs on at
+/// the source (heartbeats go on, QEMU running, config as before, unlocked); the target
+/// keeps no config or QEMU.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_target_gets_no_postcopy_switch_and_the_guest_runs_on() {
+    bounded(300, async {
+        let src = node("fsrc");
+        let dst = node("fdst");
+        let handlers = dst.data.join("handlers");
+        std::fs::create_dir_all(&handlers).unwrap();
+        std::fs::write(
+            handlers.join("resume.lua"),
+            r#"return {
+  description = "Resume the migrated VM (fenced, for the test).",
+  params = false,
+  lock = false,
+  run = function(ctx, p)
+    pve.fail("VM " .. ctx.vmid .. " was not resumed: VM " .. ctx.vmid .. " belongs to node 'elsewhere' now")
+  end,
+}
+"#,
+        )
+        .unwrap();
+        let console = boot_guest(&src, 340, (128, "local:16M:raw"), "mt.dirty=32,8").await;
+        console
+            .wait(30, "the memory writer's first rate report", |l| {
+                l.iter().any(|x| x.starts_with("dirty: "))
+            })
+            .await;
+        let conf_before = std::fs::read_to_string(src.vm_config(340)).unwrap();
+        let target = target_arg(&dst, dst.port);
+        let args = [
+            "migrate",
+            "340",
+            "--target",
+            &target,
+            "--target-storage",
+            "local",
+            "--online",
+            "--bwlimit",
+            "16384",
+            "--no-auto-converge",
+            "--no-xbzrle",
+            "--no-downtime-escalation",
+            "--max-ram-time",
+            "90",
+            "--postcopy",
+        ];
+        let out = mt(&src, &args).await;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "migrated despite the fenced target:\n{err}");
+        for text in [
+            "switching to postcopy; the target commits VM 340 first ('resume')",
+            "the target did not commit the VM before the switch to postcopy",
+            "VM 340 was not resumed: VM 340 belongs to node 'elsewhere' now",
+        ] {
+            assert!(err.contains(text), "no '{text}' in:\n{err}");
+        }
+        assert!(!err.contains("switched to postcopy"), "{err}");
+        let n = last_beat(&console);
+        console
+            .wait(30, "heartbeats after the refused switch", |l| {
+                heartbeats(l).last().is_some_and(|b| b.0 >= n + 5)
+            })
+            .await;
+        let st = qmp(&src.run, 340, "query-status", serde_json::Value::Null).await;
+        assert_eq!(st["status"], "running", "{st}");
+        assert!(
+            eventually(Duration::from_secs(30), || {
+                std::fs::read_to_string(src.vm_config(340)).ok().as_deref()
+                    == Some(conf_before.as_str())
+                    && !dst.vm_config(340).exists()
+                    && pid_of(&dst, 340).is_none()
+            })
+            .await,
+            "source config changed or the target kept the VM:\n{}",
+            dst.log()
+        );
+        mt_ok(&src, &["vm", "stop", "340"]).await;
     })
     .await;
 }

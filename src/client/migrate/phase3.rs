@@ -62,7 +62,8 @@ impl Migration<'_> {
             self.progress.log(format!(
                 "VM {tvmid} runs on the target (resumed before the switch to postcopy)"
             ));
-            return self.fstrim(live).await;
+            self.fstrim(live).await;
+            return Ok(());
         }
         self.remote.resume_sent = true;
         if let Err(e) = self.remote.cmd(json!({"cmd": "resume"}), 30).await {
@@ -75,19 +76,20 @@ impl Migration<'_> {
         }
         self.progress
             .log(format!("VM {tvmid} resumed on the target"));
-        self.fstrim(live).await
+        self.fstrim(live).await;
+        Ok(())
     }
 
     /// As upstream: mirrored disks are fully allocated; the guest trims them if the
     /// config asks (`fstrim_cloned_disks`).
-    async fn fstrim(&self, live: bool) -> anyhow::Result<()> {
-        if live && fstrim_cloned_disks(&self.plan.conf) {
-            if let Err(e) = self.remote.cmd(json!({"cmd": "fstrim"}), 600).await {
-                self.progress
-                    .log(format!("WARN: fstrim on the target failed: {e:#}"));
-            }
+    async fn fstrim(&self, live: bool) {
+        if live
+            && fstrim_cloned_disks(&self.plan.conf)
+            && let Err(e) = self.remote.cmd(json!({"cmd": "fstrim"}), 600).await
+        {
+            self.progress
+                .log(format!("WARN: fstrim on the target failed: {e:#}"));
         }
-        Ok(())
     }
 
     /// The source VM stops (it is paused since the RAM migration completed).
