@@ -75,6 +75,16 @@ pub(super) async fn watch(w: Watch<'_>) -> Ended {
         if let Err(e) = resume_target(&w).await {
             return Ended::Failed(e);
         }
+        return start_postcopy(&w, started).await;
+    }
+}
+
+/// `migrate-start-postcopy`, once the target committed; refused (e.g. by a migration in
+/// its final stage) it is tried again every second while precopy goes on, which the
+/// caller ends when the migration completes (the target then runs the VM) or fails.
+async fn start_postcopy(w: &Watch<'_>, started: Instant) -> Ended {
+    let mut warned = false;
+    loop {
         match w.vm.migrate_start_postcopy().await {
             Ok(()) => {
                 w.state.set(Switch::Postcopy);
@@ -83,13 +93,17 @@ pub(super) async fn watch(w: Watch<'_>) -> Ended {
                     started.elapsed().as_secs(),
                     w.remote.tvmid
                 ));
+                return std::future::pending().await;
             }
-            // E.g. precopy completed meanwhile: the target runs the guest at completion.
-            Err(e) => w.progress.log(format!(
-                "WARN: migrate-start-postcopy failed ({e}); precopy goes on, and the target runs the VM when it completes"
-            )),
+            Err(e) if !warned => {
+                warned = true;
+                w.progress.log(format!(
+                    "WARN: migrate-start-postcopy failed ({e}); tried again every second while precopy goes on (the target runs the VM when it completes)"
+                ));
+            }
+            Err(_) => {}
         }
-        return std::future::pending().await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 
