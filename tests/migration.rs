@@ -68,9 +68,19 @@ async fn assert_target_clean(target: &TestServer, vmid: u32) {
 }
 
 /// The target VM runs and holds the 32 MiB `blob` at 16 MiB of its RAM (`start_with_ram`).
+/// Running within 10 s: a one-stream target accepts `resume` (`cont`) while it still loads
+/// the last of the RAM (`inmigrate`) and runs the guest when the load ends, which can be
+/// after `mtunnel migrate` returned.
 async fn assert_running_with_ram(dst: &TestServer, vmid: u32, blob: &Path) {
-    let st = qmp(&dst.run, vmid, "query-status", serde_json::Value::Null).await;
-    assert_eq!(st["status"], "running");
+    let mut st = serde_json::Value::Null;
+    for _ in 0..100 {
+        st = qmp(&dst.run, vmid, "query-status", serde_json::Value::Null).await;
+        if st["status"] != "inmigrate" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(st["status"], "running", "{st}");
     let ram = dst.data.parent().unwrap().join("ram");
     qmp(
         &dst.run,
