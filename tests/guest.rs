@@ -274,7 +274,10 @@ async fn busy_guest_moves_with_postcopy() {
             out.status.success(),
             "the postcopy migration failed:\n{err}"
         );
-        eprintln!("mtunnel migrate --postcopy said:\n{err}");
+        eprintln!(
+            "mtunnel migrate --postcopy said:\n{err}{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
         for text in [
             "RAM: postcopy on request (--postcopy)",
             "RAM: precopy does not converge (",
@@ -378,6 +381,7 @@ async fn a_fenced_target_gets_no_postcopy_switch_and_the_guest_runs_on() {
         let out = mt(&src, &args).await;
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "migrated despite the fenced target:\n{err}");
+        eprintln!("mtunnel migrate --postcopy to a fenced target said:\n{err}");
         for text in [
             "switching to postcopy; the target commits VM 340 first ('resume')",
             "the target did not commit the VM before the switch to postcopy",
