@@ -307,10 +307,10 @@ pub struct MigrateArgs {
     /// first full pass, once the remaining RAM stopped shrinking for 3 s, the target
     /// commits the VM ('resume') and the guest moves to it at once, fetching the pages it
     /// still lacks from the source. Risk: from the switch until the RAM completes the
-    /// guest's memory is split between both hosts: a cut link stops the guest (both QEMUs
-    /// wait in postcopy-paused until the migration is resumed by hand; mtunnel does not
-    /// do it), and a crash of either host or QEMU loses the VM. One RAM stream only (QEMU
-    /// 10.0 refuses postcopy with multifd).
+    /// guest's memory is split between both hosts: a cut link stops the guest (QEMU can
+    /// resume such a migration by hand from postcopy-paused; mtunnel does not), and a
+    /// crash of either host or QEMU loses the VM. One RAM stream only (QEMU 10.0 refuses
+    /// postcopy with multifd).
     #[arg(long)]
     pub postcopy: bool,
     #[command(flatten)]

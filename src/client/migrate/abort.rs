@@ -23,10 +23,10 @@ impl Migration<'_> {
                 "ERROR: the RAM migration failed in postcopy: {e:#} - the guest's memory is \
                  split between this host and the target: VM {tvmid} on the target has run \
                  since the switch and waits for the pages still here. Do not stop either \
-                 QEMU: both wait in 'postcopy-paused', and QEMU can resume the migration \
-                 over a new connection (target: QMP 'migrate-recover', source: 'migrate' \
-                 with resume=true); mtunnel does not do that. The source VM {vmid} stays \
-                 locked 'migrate'."
+                 QEMU: once both show 'postcopy-paused' (QMP 'query-migrate'), QEMU can \
+                 resume the migration over a new connection (target: 'migrate-recover', \
+                 source: 'migrate' with resume=true); mtunnel does not do that. The source \
+                 VM {vmid} stays locked 'migrate'."
             ));
             self.remote.control.clone().close();
             return e;

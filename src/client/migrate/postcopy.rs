@@ -6,8 +6,9 @@
 //! stops the guest here and moves it. A target that refused `resume` (fenced) runs
 //! nothing: the migration is cancelled and the VM runs on here. After the switch the
 //! guest's memory is split between both hosts until the migration completes; a cut link
-//! then leaves both QEMUs in `postcopy-paused`, and nothing here resumes the source's
-//! copy (see docs/performance.md, "Postcopy").
+//! then stops the guest (QEMU can resume such a migration by hand from
+//! `postcopy-paused`), and nothing here resumes the source's copy or stops the target's
+//! (docs/performance.md, "Compression and postcopy").
 
 use std::cell::Cell;
 use std::time::{Duration, Instant};
@@ -50,8 +51,8 @@ pub(super) struct Watch<'a> {
 }
 
 /// Samples `query-migrate` every second and switches when precopy does not converge.
-/// Ends only before a switch ([`Ended`]); after it (or after `resume` went out) it waits
-/// for the caller to drop it when the migration ends.
+/// Ends before a switch ([`Ended`]) or when the migration breaks in postcopy; otherwise it
+/// waits for the caller to drop it when the migration ends.
 pub(super) async fn watch(w: Watch<'_>) -> Ended {
     let started = Instant::now();
     let mut switch = tuning::PostcopySwitch::default();
@@ -93,7 +94,7 @@ async fn start_postcopy(w: &Watch<'_>, started: Instant) -> Ended {
                     started.elapsed().as_secs(),
                     w.remote.tvmid
                 ));
-                return std::future::pending().await;
+                return watch_paused(w.vm).await;
             }
             Err(e) if !warned => {
                 warned = true;
@@ -118,6 +119,22 @@ async fn resume_target(w: &Watch<'_>) -> anyhow::Result<()> {
                 w.state.set(Switch::Precopy);
             }
             Err(e.context("the target did not commit the VM before the switch to postcopy"))
+        }
+    }
+}
+
+/// After the switch: ends when the source's migration is `postcopy-paused` (its stream to
+/// the target broke), at once rather than after the progress watch's stall timeout: the
+/// guest waits on the target for pages that can no longer come.
+async fn watch_paused(vm: &VmHandle) -> Ended {
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if let Ok(p) = vm.query_migrate().await
+            && p.status == "postcopy-paused"
+        {
+            return Ended::Failed(anyhow::anyhow!(
+                "the migration stream broke in postcopy (QEMU: postcopy-paused)"
+            ));
         }
     }
 }
