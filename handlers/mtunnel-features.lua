@@ -4,11 +4,21 @@
 -- `multifd`: the most multifd channels `start` accepts in
 -- `migrate_opts.multifd_channels` (RAM in parallel streams, one WebSocket each);
 -- the node's `multifd_channels_max`, 1 when it offers none.
+-- `compression`: what `start` accepts in `migrate_opts.multifd_compression` (pages
+-- compressed on the multifd channels); only with multifd.
+-- `replica`: the `replica-*` commands are here (docs/replicas.md).
+-- `postcopy`: `start` accepts `migrate_opts.postcopy` (the source may switch the RAM
+-- migration to postcopy; `resume` before the switch arms the target to run the guest).
 return {
-  description = "mtunnel's extensions of the protocol (multifd channels for start).",
+  description = "mtunnel's extensions of the protocol (multifd channels, their compression and postcopy for start; replicas).",
   params = false,
   lock = false,
   run = function(ctx, p)
-    return { multifd = pve.qemu.multifd_max(), replica = 1 } -- replica: docs/replicas.md
+    local multifd = pve.qemu.multifd_max()
+    local features = { multifd = multifd, postcopy = true, replica = 1 }
+    if multifd > 1 then
+      features.compression = pve.json.array { "zstd" }
+    end
+    return features
   end,
 }

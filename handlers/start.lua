@@ -24,6 +24,10 @@ return {
       -- mtunnel's extension (announced by `mtunnel-features`): RAM over this many multifd
       -- channels, each its own connection to the migration socket. PVE never sends it.
       multifd_channels = { type = "integer", minimum = 2, maximum = 16, optional = true },
+      -- mtunnel's extensions as well: the multifd channels' compression (needs
+      -- multifd_channels), and postcopy allowed (not with multifd_channels).
+      multifd_compression = { type = "string", enum = { "zstd" }, optional = true },
+      postcopy = { type = "boolean", optional = true },
     } },
   },
   run = function(ctx, p)
@@ -68,6 +72,8 @@ return {
       cpu = p.start_params.forcecpu,
       nbd = exports,
       multifd = p.migrate_opts.multifd_channels,
+      compression = p.migrate_opts.multifd_compression,
+      postcopy = p.migrate_opts.postcopy,
     }
     local reply = {
       migrate = {
@@ -78,6 +84,12 @@ return {
     }
     if started.multifd ~= nil then
       reply.migrate.multifd_channels = started.multifd
+    end
+    if started.compression ~= nil then
+      reply.migrate.multifd_compression = started.compression
+    end
+    if started.postcopy then
+      reply.migrate.postcopy = true
     end
     if started.nbd_socket ~= nil then
       reply.migrate.unix_sockets = pve.json.array { started.nbd_socket }

@@ -109,6 +109,58 @@ return {
     t:eq(backend.state.req.multifd, nil)
   end,
 
+  ["multifd_compression zstd reaches the hypervisor and the reply"] = function(t)
+    local tun = t:open{backend = {hypervisor = {
+      start_incoming = function(req)
+        backend.state.req = req
+        return backend.default.hypervisor.start_incoming(req)
+      end,
+    }}}
+    t:succeeds(config(tun))
+    local run = t:run_dir()
+    t:eq(start(tun, nil, nil, {multifd_channels = 2, multifd_compression = "zstd"}), {
+      success = true,
+      migrate = {proto = "unix", addr = run .. "/100.migrate", uri = "unix:" .. run .. "/100.migrate",
+                 multifd_channels = 2, multifd_compression = "zstd"},
+    })
+    t:eq(backend.state.req.compression, "zstd")
+    t:eq(backend.state.req.postcopy, false)
+  end,
+
+  ["postcopy reaches the hypervisor and the reply"] = function(t)
+    local tun = t:open{backend = {hypervisor = {
+      start_incoming = function(req)
+        backend.state.req = req
+        return backend.default.hypervisor.start_incoming(req)
+      end,
+    }}}
+    t:succeeds(config(tun))
+    local run = t:run_dir()
+    t:eq(start(tun, nil, nil, {postcopy = true}), {
+      success = true,
+      migrate = {proto = "unix", addr = run .. "/100.migrate", uri = "unix:" .. run .. "/100.migrate",
+                 postcopy = true},
+    })
+    t:eq(backend.state.req.postcopy, true)
+    t:eq(backend.state.req.multifd, nil)
+  end,
+
+  ["compression without multifd, postcopy with multifd and unknown compressions are refused"] = function(t)
+    local tun = t:open{}
+    t:succeeds(config(tun))
+    t:eq(start(tun, nil, nil, {multifd_compression = "zstd"}), {
+      success = false,
+      msg = "failed to handle 'start' command - compression needs multifd channels",
+    })
+    t:eq(start(tun, nil, nil, {multifd_channels = 2, postcopy = true}), {
+      success = false,
+      msg = "failed to handle 'start' command - postcopy cannot be combined with multifd channels (QEMU 10.0 refuses it)",
+    })
+    local r = start(tun, nil, nil, {multifd_channels = 2, multifd_compression = "zlib"})
+    t:eq(r.success, false)
+    t:eq(backend.calls["hypervisor.start_incoming"], nil, "nothing was started")
+  end,
+
   ["multifd_channels out of range is refused"] = function(t)
     local tun = t:open{}
     t:succeeds(config(tun))

@@ -367,9 +367,25 @@ pub struct MigrateArgs {
     #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(100..))]
     pub max_downtime: Option<u64>,
     /// Give up a live migration whose RAM has not converged after SECS seconds: it is
-    /// cancelled and the VM keeps running on the source.
+    /// cancelled and the VM keeps running on the source (with --postcopy: only before the
+    /// switch, after which the migration runs to its end).
     #[arg(long, value_name = "SECS", default_value_t = 1800, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_ram_time: u64,
+    /// Compress the RAM's multifd channels (needs --streams 2 or more and a target that
+    /// offers zstd): auto = zstd only when --bwlimit is at most 128 MiB/s, where fewer
+    /// bytes beat its CPU cost (measured: docs/performance.md).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub compress: mtunnel::client::migrate::tuning::Compression,
+    /// Switch the RAM migration to postcopy when precopy does not converge: after the
+    /// first full pass, once the remaining RAM stopped shrinking for 3 s, the target
+    /// commits the VM ('resume') and the guest moves to it at once, fetching the pages it
+    /// still lacks from the source. Risk: from the switch until the RAM completes the
+    /// guest's memory is split between both hosts: a cut link stops the guest (QEMU can
+    /// resume such a migration by hand from postcopy-paused; mtunnel does not), and a
+    /// crash of either host or QEMU loses the VM. One RAM stream only (QEMU 10.0 refuses
+    /// postcopy with multifd).
+    #[arg(long)]
+    pub postcopy: bool,
     #[command(flatten)]
     pub node: NodeArgs,
 }

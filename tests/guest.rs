@@ -231,3 +231,185 @@ async fn busy_guest_gives_up_without_tuning_and_converges_with_defaults() {
     })
     .await;
 }
+
+/// `--postcopy` with a busy guest that precopy cannot converge (8 MiB rewritten at 32
+/// MB/s, 16 MiB/s for the migration, no auto-converge, XBZRLE or downtime escalation):
+/// after the first pass the remaining RAM stops shrinking, the target commits the VM
+/// (`resume`) before the switch, the migration switches to postcopy and completes, the
+/// output says each step, the target QEMU ran with `postcopy-ram`, and the heartbeat goes
+/// on on the target, consecutively from where the source stopped, with no kernel errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_guest_moves_with_postcopy() {
+    bounded(300, async {
+        let src = node("psrc");
+        let dst = node("pdst");
+        let console = boot_guest(&src, 330, (128, "local:16M:raw"), "mt.dirty=32,8").await;
+        console
+            .wait(30, "the memory writer's first rate report", |l| {
+                l.iter().any(|x| x.starts_with("dirty: "))
+            })
+            .await;
+        let src_pid = pid_of(&src, 330).unwrap();
+        let target = target_arg(&dst, dst.port);
+        let args = [
+            "migrate",
+            "330",
+            "--target",
+            &target,
+            "--target-storage",
+            "local",
+            "--online",
+            "--bwlimit",
+            "16384",
+            "--no-auto-converge",
+            "--no-xbzrle",
+            "--no-downtime-escalation",
+            "--max-ram-time",
+            "90",
+            "--postcopy",
+        ];
+        let out = mt(&src, &args).await;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "the postcopy migration failed:\n{err}"
+        );
+        eprintln!(
+            "mtunnel migrate --postcopy said:\n{err}{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        for text in [
+            "RAM: postcopy on request (--postcopy)",
+            "RAM: precopy does not converge (",
+            "switching to postcopy; the target commits VM 330 first ('resume')",
+            "RAM: switched to postcopy after ",
+            "VM 330 runs on the target (resumed before the switch to postcopy)",
+        ] {
+            assert!(err.contains(text), "no '{text}' in:\n{err}");
+        }
+        assert!(!err.contains("VM 330 resumed on the target"), "{err}");
+        let caps = qmp(
+            &dst.run,
+            330,
+            "query-migrate-capabilities",
+            serde_json::Value::Null,
+        )
+        .await;
+        let postcopy = caps
+            .as_array()
+            .and_then(|a| a.iter().find(|c| c["capability"] == "postcopy-ram"))
+            .map(|c| c["state"].clone());
+        assert_eq!(postcopy, Some(serde_json::json!(true)), "{caps}");
+        wait_exit(src_pid).await;
+        let last_on_source = console.heartbeats().last().copied().unwrap();
+        let mut target = Console::connect(&dst.run.join("330.serial0")).await;
+        target
+            .wait(60, "10 heartbeats on the target", |l| {
+                heartbeats(l).len() >= 10
+            })
+            .await;
+        let beats = target.heartbeats();
+        assert!(
+            beats[0].0 > last_on_source.0,
+            "the target's heartbeat {:?} does not go on from the source's last {last_on_source:?}",
+            beats[0]
+        );
+        for w in beats.windows(2) {
+            assert!(
+                w[1].0 == w[0].0 + 1 && w[1].1 >= w[0].1,
+                "heartbeats on the target not consecutive: {w:?}"
+            );
+        }
+        let errors = target.kernel_errors().await;
+        assert!(errors.is_empty(), "guest kernel log errors: {errors:?}");
+        mt_ok(&dst, &["vm", "stop", "330"]).await;
+    })
+    .await;
+}
+
+/// Fencing before the switch: a target whose `resume` refuses as a fenced node does
+/// (`VM 340 was not resumed: ...`, from a `resume.lua` in its handlers directory) gets no
+/// switch to postcopy. The source sends `resume` before `migrate-start-postcopy`, reads the
+/// refusal as "the target runs nothing", cancels the migration and the guest runs on at
+/// the source (heartbeats go on, QEMU running, config as before, unlocked); the target
+/// keeps no config or QEMU.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_target_gets_no_postcopy_switch_and_the_guest_runs_on() {
+    bounded(300, async {
+        let src = node("fsrc");
+        let dst = node("fdst");
+        let handlers = dst.data.join("handlers");
+        std::fs::create_dir_all(&handlers).unwrap();
+        std::fs::write(
+            handlers.join("resume.lua"),
+            r#"return {
+  description = "Resume the migrated VM (fenced, for the test).",
+  params = false,
+  lock = false,
+  run = function(ctx, p)
+    pve.fail("VM " .. ctx.vmid .. " was not resumed: VM " .. ctx.vmid .. " belongs to node 'elsewhere' now")
+  end,
+}
+"#,
+        )
+        .unwrap();
+        let console = boot_guest(&src, 340, (128, "local:16M:raw"), "mt.dirty=32,8").await;
+        console
+            .wait(30, "the memory writer's first rate report", |l| {
+                l.iter().any(|x| x.starts_with("dirty: "))
+            })
+            .await;
+        let conf_before = std::fs::read_to_string(src.vm_config(340)).unwrap();
+        let target = target_arg(&dst, dst.port);
+        let args = [
+            "migrate",
+            "340",
+            "--target",
+            &target,
+            "--target-storage",
+            "local",
+            "--online",
+            "--bwlimit",
+            "16384",
+            "--no-auto-converge",
+            "--no-xbzrle",
+            "--no-downtime-escalation",
+            "--max-ram-time",
+            "90",
+            "--postcopy",
+        ];
+        let out = mt(&src, &args).await;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "migrated despite the fenced target:\n{err}");
+        eprintln!("mtunnel migrate --postcopy to a fenced target said:\n{err}");
+        for text in [
+            "switching to postcopy; the target commits VM 340 first ('resume')",
+            "the target did not commit the VM before the switch to postcopy",
+            "VM 340 was not resumed: VM 340 belongs to node 'elsewhere' now",
+        ] {
+            assert!(err.contains(text), "no '{text}' in:\n{err}");
+        }
+        assert!(!err.contains("switched to postcopy"), "{err}");
+        let n = last_beat(&console);
+        console
+            .wait(30, "heartbeats after the refused switch", |l| {
+                heartbeats(l).last().is_some_and(|b| b.0 >= n + 5)
+            })
+            .await;
+        let st = qmp(&src.run, 340, "query-status", serde_json::Value::Null).await;
+        assert_eq!(st["status"], "running", "{st}");
+        assert!(
+            eventually(Duration::from_secs(30), || {
+                std::fs::read_to_string(src.vm_config(340)).ok().as_deref()
+                    == Some(conf_before.as_str())
+                    && !dst.vm_config(340).exists()
+                    && pid_of(&dst, 340).is_none()
+            })
+            .await,
+            "source config changed or the target kept the VM:\n{}",
+            dst.log()
+        );
+        mt_ok(&src, &["vm", "stop", "340"]).await;
+    })
+    .await;
+}

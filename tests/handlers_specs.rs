@@ -62,7 +62,7 @@ const SPEC_CASES: &[(&str, usize)] = &[
     ("replica-prepare_spec.lua", 4),
     ("resume_spec.lua", 5),
     ("schema_spec.lua", 9),
-    ("start_spec.lua", 16),
+    ("start_spec.lua", 19),
     ("stop_spec.lua", 4),
     ("ticket_spec.lua", 5),
     ("unlock_spec.lua", 6),

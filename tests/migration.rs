@@ -1,6 +1,6 @@
 //! Real migrations between two `mtunnel serve` nodes on loopback with real QEMU (TCG):
-//! online with two disks and RAM content, online with 4 RAM streams (multifd) and with a
-//! target that offers none, offline, and the faults of issue 4 (the tunnel
+//! online with two disks and RAM content, online with 4 RAM streams (multifd), with 2
+//! zstd-compressed streams and with a target that offers none, offline, and the faults of issue 4 (the tunnel
 //! cut during disk import, drive-mirror and RAM migration; the target's QEMU killed during
 //! drive-mirror; refusing targets; bad `start` replies). A cut strikes only once its phase
 //! has moved data, seen from outside: bytes through the proxy since the phase's socket
@@ -68,9 +68,19 @@ async fn assert_target_clean(target: &TestServer, vmid: u32) {
 }
 
 /// The target VM runs and holds the 32 MiB `blob` at 16 MiB of its RAM (`start_with_ram`).
+/// Running within 10 s: a one-stream target accepts `resume` (`cont`) while it still loads
+/// the last of the RAM (`inmigrate`) and runs the guest when the load ends, which can be
+/// after `mtunnel migrate` returned.
 async fn assert_running_with_ram(dst: &TestServer, vmid: u32, blob: &Path) {
-    let st = qmp(&dst.run, vmid, "query-status", serde_json::Value::Null).await;
-    assert_eq!(st["status"], "running");
+    let mut st = serde_json::Value::Null;
+    for _ in 0..100 {
+        st = qmp(&dst.run, vmid, "query-status", serde_json::Value::Null).await;
+        if st["status"] != "inmigrate" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(st["status"], "running", "{st}");
     let ram = dst.data.parent().unwrap().join("ram");
     qmp(
         &dst.run,
@@ -225,6 +235,73 @@ async fn online_migration_with_four_streams_uses_multifd() {
     assert!(!dst_conf.contains("lock:"), "{dst_conf}");
     assert!(pid_of(&src, 104).is_none());
     mt_ok(&dst, &["vm", "stop", "104"]).await;
+}
+
+/// Multifd with zstd: `--compress zstd` without `--streams` is refused before anything
+/// happens; `--streams 2` over a link limited to 64 MiB/s (`--bwlimit`) makes the default
+/// `--compress auto` choose zstd and say why; both QEMUs compress (the target's QEMU
+/// reports `multifd-compression` zstd, its log says so) and the RAM arrives byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn online_migration_with_zstd_moves_ram_exactly() {
+    let src = node("src6");
+    let dst = node("dst6");
+    create_vm(&src, 106, 128, &["local:16M:qcow2"]).await;
+    let blob_path = start_with_ram(&src, 106, 32).await;
+    let conf_before = std::fs::read_to_string(src.vm_config(106)).unwrap();
+    let target = target_arg(&dst, dst.port);
+    let base = [
+        "migrate",
+        "106",
+        "--target",
+        &target,
+        "--target-storage",
+        "local",
+        "--online",
+    ];
+    let out = mt(&src, &[base.as_slice(), &["--compress", "zstd"]].concat()).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(
+            "--compress zstd needs multifd: add --streams 2 or more (QEMU compresses only multifd channels)"
+        ),
+        "{stderr}"
+    );
+    assert_source_running_unlocked(&src, 106, &conf_before).await;
+    assert!(!dst.vm_config(106).exists());
+
+    let src_pid = pid_of(&src, 106).unwrap();
+    let args = [base.as_slice(), &["--streams", "2", "--bwlimit", "65536"]].concat();
+    let out = mt(&src, &args).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(
+            "RAM: zstd compression on the multifd channels: the link is limited to 64.0 MiB/s (--bwlimit), where fewer bytes beat zstd's CPU cost"
+        ),
+        "{stderr}"
+    );
+    let params = qmp(
+        &dst.run,
+        106,
+        "query-migrate-parameters",
+        serde_json::Value::Null,
+    )
+    .await;
+    assert_eq!(params["multifd-compression"], "zstd", "{params}");
+    assert_eq!(params["multifd-channels"], 2, "{params}");
+    let log = dst.log();
+    assert!(
+        log.contains("with 2 multifd channels, zstd compressed"),
+        "{log}"
+    );
+    assert_running_with_ram(&dst, 106, &blob_path).await;
+    wait_exit(src_pid).await;
+    assert_identical(
+        &src.images(106).join("vm-106-disk-0.qcow2"),
+        &dst.images(106).join("vm-106-disk-0.qcow2"),
+    );
+    mt_ok(&dst, &["vm", "stop", "106"]).await;
 }
 
 /// A target that offers no multifd (`multifd_channels_max = 1`, as a PVE target that does

@@ -591,7 +591,7 @@ async fn apply_tuning(src: &VmHandle, memory: u64) -> anyhow::Result<DowntimeEsc
         max_bandwidth: Some(16 << 30),
         downtime_limit: Some(INITIAL_DOWNTIME_MS),
         xbzrle_cache_size: plan.xbzrle_cache,
-        multifd_channels: None,
+        ..MigrationParams::default()
     })
     .await?;
     Ok(DowntimeEscalation::up_to(plan.max_downtime_ms))

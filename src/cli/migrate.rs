@@ -3,6 +3,28 @@
 
 use super::{MigrateArgs, load_config};
 
+/// Flag combinations QEMU cannot do, refused before anything happens.
+fn check_ram_flags(opts: &mtunnel::client::migrate::MigrateOptions) -> anyhow::Result<()> {
+    use mtunnel::client::migrate::tuning::Compression;
+    let streams = opts.streams.unwrap_or(1);
+    if opts.tuning.postcopy && streams > 1 {
+        anyhow::bail!(
+            "--postcopy cannot be combined with --streams {streams}: QEMU 10.0 refuses postcopy with multifd"
+        );
+    }
+    if opts.tuning.compress == Compression::Zstd && streams < 2 {
+        anyhow::bail!(
+            "--compress zstd needs multifd: add --streams 2 or more (QEMU compresses only multifd channels)"
+        );
+    }
+    if !opts.online && (opts.tuning.postcopy || opts.tuning.compress == Compression::Zstd) {
+        anyhow::bail!(
+            "--postcopy and --compress zstd apply to the RAM of --online migrations only"
+        );
+    }
+    Ok(())
+}
+
 /// `mtunnel migrate`: runs `mtunnel::client::migrate` and prints its summary.
 pub async fn run(args: MigrateArgs) -> anyhow::Result<()> {
     use mtunnel::client::migrate::tuning::RamTuning;
@@ -33,8 +55,11 @@ pub async fn run(args: MigrateArgs) -> anyhow::Result<()> {
             escalate_downtime: !args.no_downtime_escalation,
             max_downtime_ms: args.max_downtime,
             max_ram_time: std::time::Duration::from_secs(args.max_ram_time),
+            compress: args.compress,
+            postcopy: args.postcopy,
         },
     };
+    check_ram_flags(&opts)?;
     let progress = Progress::auto();
     let summary = migrate(&src, &opts, &progress).await?;
     let secs = summary.duration.as_secs_f64();

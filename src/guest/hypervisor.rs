@@ -22,6 +22,10 @@ pub struct IncomingStart {
     pub nbd: BTreeMap<String, String>,
     /// Multifd channels of the RAM migration (`None`: one stream, as PVE).
     pub multifd: Option<u32>,
+    /// `zstd`: the multifd channels carry compressed pages (`None`: uncompressed).
+    pub compression: Option<String>,
+    /// The source may switch the RAM migration to postcopy (`postcopy-ram`).
+    pub postcopy: bool,
 }
 
 /// Where the incoming VM listens.

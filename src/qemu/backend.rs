@@ -94,10 +94,14 @@ impl QemuHypervisor {
                 anyhow::bail!("drive '{key}' to export over NBD is not a disk of VM {vmid}");
             }
         }
-        let incoming =
-            super::start_incoming_multifd(&spec, &keys, &StartOptions::default(), req.multifd)
-                .await
-                .with_context(|| format!("starting VM {vmid} for the incoming migration"))?;
+        let ram = super::IncomingRam {
+            multifd: req.multifd,
+            compression: req.compression.clone(),
+            postcopy: req.postcopy,
+        };
+        let incoming = super::start_incoming_multifd(&spec, &keys, &StartOptions::default(), &ram)
+            .await
+            .with_context(|| format!("starting VM {vmid} for the incoming migration"))?;
         // QMP allows one client: do not hold it between commands, so `mtunnel vm status`
         // and other tools can reach the VM while the tunnel runs.
         incoming.vm.release_qmp().await;

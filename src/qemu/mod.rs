@@ -120,6 +120,22 @@ pub struct MigrationParams {
     pub downtime_limit: Option<u64>,
     pub xbzrle_cache_size: Option<u64>,
     pub multifd_channels: Option<u64>,
+    /// `none` or `zstd`: how multifd channels compress pages (both sides must agree).
+    pub multifd_compression: Option<String>,
+    /// Bytes/s of the postcopy phase (QEMU's 0 = unlimited; `max-bandwidth` is precopy's).
+    pub max_postcopy_bandwidth: Option<u64>,
+}
+
+/// How the RAM of an incoming migration arrives (`None`/`false`: one stream, precopy only,
+/// as a PVE source sends it).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IncomingRam {
+    /// Multifd channels.
+    pub multifd: Option<u32>,
+    /// `zstd`: the multifd channels carry compressed pages (only with `multifd`).
+    pub compression: Option<String>,
+    /// The `postcopy-ram` capability: the source may switch to postcopy.
+    pub postcopy: bool,
 }
 
 /// How often [`VmHandle::wait_migration`] polls once the source VM stopped for the
@@ -171,6 +187,9 @@ pub struct MigrationProgress {
     pub dirty_rate: u64,
     /// Percent of vCPU time auto-converge takes from the guest (`cpu-throttle-percentage`).
     pub throttle_pct: u64,
+    /// Dirty bitmap syncs so far (`ram.dirty-sync-count`): 1 during the first pass over
+    /// the RAM, 2 once it is done.
+    pub dirty_sync_count: u64,
     pub error_desc: Option<String>,
 }
 
@@ -186,6 +205,7 @@ impl MigrationProgress {
             total_time_ms: n(&v["total-time"]),
             dirty_rate: n(&ram["dirty-pages-rate"]).saturating_mul(n(&ram["page-size"])),
             throttle_pct: n(&v["cpu-throttle-percentage"]),
+            dirty_sync_count: n(&ram["dirty-sync-count"]),
             error_desc: v["error-desc"].as_str().map(str::to_string),
         }
     }
@@ -235,34 +255,43 @@ pub async fn start_incoming(
     nbd_drives: &[&str],
     opts: &StartOptions,
 ) -> Result<IncomingVm, QemuError> {
-    start_incoming_multifd(spec, nbd_drives, opts, None).await
+    start_incoming_multifd(spec, nbd_drives, opts, &IncomingRam::default()).await
 }
 
-/// [`start_incoming`], with `multifd: Some(n)` for RAM over `n` multifd channels: QEMU
-/// starts with `-incoming defer`, gets the `multifd` capability and `multifd-channels`,
-/// then listens on the same socket with `migrate-incoming` (the listener accepts the main
-/// channel and the `n` others, told apart by their first bytes).
+/// [`start_incoming`], with the RAM as `ram` says. With `multifd: Some(n)` (RAM over `n`
+/// multifd channels, compressed as `compression` says) or `postcopy` QEMU starts with
+/// `-incoming defer`, gets the capabilities (`multifd`, `postcopy-ram`) and parameters
+/// (`multifd-channels`, `multifd-compression`), then listens on the same socket with
+/// `migrate-incoming` (the listener accepts the main channel and the `n` others, told
+/// apart by their first bytes).
 pub async fn start_incoming_multifd(
     spec: &VmSpec,
     nbd_drives: &[&str],
     opts: &StartOptions,
-    multifd: Option<u32>,
+    ram: &IncomingRam,
 ) -> Result<IncomingVm, QemuError> {
     let mut spec = spec.clone();
     let paths = spec.paths();
     let migrate_uri = format!("unix:{}", paths.migrate.display());
-    spec.incoming = Some(match multifd {
-        Some(_) => "defer".to_string(),
-        None => migrate_uri.clone(),
+    let deferred = ram.multifd.is_some() || ram.postcopy;
+    spec.incoming = Some(if deferred {
+        "defer".to_string()
+    } else {
+        migrate_uri.clone()
     });
     let vm = VmHandle::start(&spec, opts).await?;
 
     let setup = async {
         vm.set_migration_capabilities(&[("events", true)]).await?;
-        if let Some(n) = multifd {
-            vm.set_migration_capabilities(&[("multifd", true)]).await?;
+        if deferred {
+            vm.set_migration_capabilities(&[
+                ("multifd", ram.multifd.is_some()),
+                ("postcopy-ram", ram.postcopy),
+            ])
+            .await?;
             vm.migrate_set_parameters(&MigrationParams {
-                multifd_channels: Some(u64::from(n)),
+                multifd_channels: ram.multifd.map(u64::from),
+                multifd_compression: ram.compression.clone(),
                 ..MigrationParams::default()
             })
             .await?;
@@ -609,6 +638,10 @@ impl VmHandle {
         put("downtime-limit", p.downtime_limit);
         put("xbzrle-cache-size", p.xbzrle_cache_size);
         put("multifd-channels", p.multifd_channels);
+        put("max-postcopy-bandwidth", p.max_postcopy_bandwidth);
+        if let Some(c) = &p.multifd_compression {
+            args.insert("multifd-compression".into(), json!(c));
+        }
         if args.is_empty() {
             return Ok(());
         }
@@ -621,6 +654,14 @@ impl VmHandle {
     /// answers `{}` even when nobody listens: watch [`VmHandle::wait_migration`].
     pub async fn migrate(&self, uri: &str) -> Result<(), QemuError> {
         self.cmd("migrate", json!({ "uri": uri })).await.map(|_| ())
+    }
+
+    /// `migrate-start-postcopy`: the source stops the guest, sends its device state and
+    /// from then on the target runs it, fetching pages it lacks from the source.
+    pub async fn migrate_start_postcopy(&self) -> Result<(), QemuError> {
+        self.cmd("migrate-start-postcopy", Value::Null)
+            .await
+            .map(|_| ())
     }
 
     /// `query-migrate`.

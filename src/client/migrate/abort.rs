@@ -16,6 +16,21 @@ impl Migration<'_> {
         let vmid = self.opts.vmid;
         let tvmid = self.remote.tvmid;
         let progress = self.progress;
+        if self.remote.postcopy && !self.remote.ram_done {
+            // Neither copy is whole: the source must not run its copy, nor the target be
+            // stopped. QEMU can resume the migration over a new connection; we do not.
+            progress.log(format!(
+                "ERROR: the RAM migration failed in postcopy: {e:#} - the guest's memory is \
+                 split between this host and the target: VM {tvmid} on the target has run \
+                 since the switch and waits for the pages still here. Do not stop either \
+                 QEMU: once both show 'postcopy-paused' (QMP 'query-migrate'), QEMU can \
+                 resume the migration over a new connection (target: 'migrate-recover', \
+                 source: 'migrate' with resume=true); mtunnel does not do that. The source \
+                 VM {vmid} stays locked 'migrate'."
+            ));
+            self.remote.control.clone().close();
+            return e;
+        }
         if self.remote.resume_sent {
             // The target may already run the VM: unlocking (and so allowing a start of)
             // the source copy could run it twice.

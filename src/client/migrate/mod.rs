@@ -35,6 +35,7 @@ mod abort;
 mod phase1;
 mod phase2;
 mod phase3;
+mod postcopy;
 mod prepare;
 mod remote;
 pub mod tuning;

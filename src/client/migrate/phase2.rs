@@ -12,7 +12,8 @@ use anyhow::{Context, bail};
 use serde_json::{Map, Value, json};
 
 use super::{
-    DEFAULT_STREAMS, MIRROR_STALL, Migration, STALE_JOB_TIMEOUT, as_u64, min_limit, tuning,
+    DEFAULT_STREAMS, MIRROR_STALL, Migration, STALE_JOB_TIMEOUT, as_u64, min_limit, postcopy,
+    tuning,
 };
 use crate::client::progress::{Progress, human};
 use crate::qemu::{self, MigrationParams, VmHandle};
@@ -25,16 +26,22 @@ impl Migration<'_> {
             .context("attaching to the running source VM")?;
         let machine = vm.running_machine().await?;
         self.clear_stale_mirrors(&vm).await?;
-        let streams = self.streams();
+        let ram = self.ram_mode(&vm).await?;
         let mut migrate_opts = json!({
             "spice_ticket": null, "type": "websocket", "network": null, "storagemap": {},
             "migratedfrom": self.src.cfg.node, "nbd_proto_version": 1, "nbd": nbd,
             "remote_node": self.remote.node,
         });
-        if streams > 1 {
-            // Only sent to a target that announced multifd: a PVE target's strict schema
-            // would refuse the unknown key.
-            migrate_opts["multifd_channels"] = json!(streams);
+        // mtunnel's extensions go only to a target that announced them: a PVE target's
+        // strict schema would refuse the unknown keys.
+        if ram.streams > 1 {
+            migrate_opts["multifd_channels"] = json!(ram.streams);
+        }
+        if let Some(c) = ram.compression {
+            migrate_opts["multifd_compression"] = json!(c);
+        }
+        if ram.postcopy {
+            migrate_opts["postcopy"] = json!(true);
         }
         let start = json!({
             "cmd": "start",
@@ -51,17 +58,23 @@ impl Migration<'_> {
         let remote_limit = limit?.get("bwlimit").and_then(as_u64);
         let live_disks = self.plan.volumes.iter().filter(|v| v.live).count();
         let started = check_start_reply(&reply, self.remote.tvmid, live_disks)?;
-        if streams > 1 {
+        if ram.streams > 1 {
             self.progress.log(format!(
-                "RAM in {streams} parallel streams (multifd, one WebSocket each)"
+                "RAM in {} parallel streams (multifd, one WebSocket each)",
+                ram.streams
             ));
         }
         let ram = Ram {
-            streams,
             limit: min_limit(self.opts.bwlimit, remote_limit),
+            ..ram
         };
         if let Err(e) = self.transfer(&vm, &started, &ram).await {
-            self.cancel_live(&vm, streams).await;
+            if self.remote.resume_sent {
+                // The target may run the guest (or its memory is split between both
+                // hosts in postcopy): nothing may resume the source's copy now.
+                return Err(e);
+            }
+            self.cancel_live(&vm, ram.streams).await;
             return Err(e);
         }
         self.remote.ram_done = true;
@@ -100,6 +113,48 @@ impl Migration<'_> {
             }
             (asked, Some(max)) => asked.unwrap_or(DEFAULT_STREAMS).min(max),
         }
+    }
+
+    /// How the RAM moves (streams, compression, postcopy), each choice logged with its
+    /// reason; the source QEMU gets the compression now, so one that cannot do it fails
+    /// before the target starts anything.
+    async fn ram_mode(&self, vm: &VmHandle) -> anyhow::Result<Ram> {
+        let tuning = self.opts.tuning;
+        let postcopy = tuning.postcopy && self.remote.postcopy_offered;
+        if tuning.postcopy && !postcopy {
+            self.progress
+                .log("RAM: the target does not offer postcopy: precopy only");
+        }
+        let streams = if postcopy { 1 } else { self.streams() };
+        let (compression, why) = tuning::choose_compression(
+            tuning.compress,
+            streams,
+            self.opts.bwlimit,
+            self.remote.zstd_offered,
+        );
+        self.progress.log(format!("RAM: {why}"));
+        let params = MigrationParams {
+            multifd_compression: Some(compression.unwrap_or("none").to_string()),
+            ..MigrationParams::default()
+        };
+        vm.migrate_set_parameters(&params).await.with_context(|| {
+            format!(
+                "setting multifd-compression {} on the source VM (does its QEMU support it? --compress none avoids it)",
+                compression.unwrap_or("none")
+            )
+        })?;
+        if postcopy {
+            self.progress.log(format!(
+                "RAM: postcopy on request (--postcopy): after the first full pass, once the remaining RAM stopped shrinking for {} s, the target commits the VM ('resume') and the guest moves to it, fetching the pages it still lacks from here",
+                tuning::POSTCOPY_FLAT_SAMPLES
+            ));
+        }
+        Ok(Ram {
+            streams,
+            limit: None,
+            compression,
+            postcopy,
+        })
     }
 
     /// Forwards, disks, RAM.
@@ -213,6 +268,7 @@ impl Migration<'_> {
             ("multifd", ram.streams > 1),
             ("xbzrle", plan.xbzrle_cache.is_some()),
             ("auto-converge", plan.auto_converge),
+            ("postcopy-ram", ram.postcopy),
         ])
         .await?;
         vm.migrate_set_parameters(&MigrationParams {
@@ -220,6 +276,9 @@ impl Migration<'_> {
             downtime_limit: Some(tuning::INITIAL_DOWNTIME_MS),
             multifd_channels: (ram.streams > 1).then_some(u64::from(ram.streams)),
             xbzrle_cache_size: plan.xbzrle_cache,
+            // Postcopy's own limit (QEMU's 0: none); `max-bandwidth` is precopy's.
+            max_postcopy_bandwidth: Some(ram.limit.map(|k| k * 1024).unwrap_or(0)),
+            ..MigrationParams::default()
         })
         .await?;
         Ok(plan)
@@ -227,7 +286,8 @@ impl Migration<'_> {
 
     /// RAM: the limit, multifd and the convergence tuning, `migrate` into the forwarded
     /// socket, progress (with what is left, the dirty rate and the throttle) until
-    /// completed; the downtime limit raised alongside while the remaining RAM grows.
+    /// completed; the downtime limit raised alongside while the remaining RAM grows, and
+    /// with `--postcopy` the switch to postcopy when precopy does not converge.
     async fn migrate_ram(
         &mut self,
         vm: &VmHandle,
@@ -239,34 +299,64 @@ impl Migration<'_> {
         vm.migrate(&format!("unix:{}", local_migrate.display()))
             .await?;
         let bar = self.progress.bar("RAM", 0);
+        // With postcopy the switcher keeps `--max-ram-time` until the switch; after it the
+        // migration must run to its end.
         let wait = qemu::MigrationWait {
-            timeout: tuning.max_ram_time,
+            timeout: if ram.postcopy {
+                qemu::MigrationWait::default().timeout
+            } else {
+                tuning.max_ram_time
+            },
             ..qemu::MigrationWait::default()
         };
         let mut last = qemu::MigrationProgress::default();
         let mut max_throttle = 0;
         let escalation = Cell::new(tuning::INITIAL_DOWNTIME_MS);
+        let switch = Cell::new(postcopy::Switch::Precopy);
+        let watch = postcopy::Watch {
+            vm,
+            remote: &self.remote,
+            progress: self.progress,
+            max_ram_time: tuning.max_ram_time,
+            state: &switch,
+        };
         let waited = tokio::select! {
             r = vm.wait_migration(wait, |p| {
                 bar.set_detail(ram_detail(p));
                 bar.set(p.transferred, p.total.max(p.transferred));
                 max_throttle = max_throttle.max(p.throttle_pct);
                 last = p.clone();
-            }) => r,
+            }) => Ok(r),
             never = escalate_downtime(vm, self.progress, &escalation, plan.max_downtime_ms), if plan.escalate_downtime => {
                 match never {}
             }
+            ended = postcopy::watch(watch), if ram.postcopy => Err(ended),
         };
+        self.remote.resume_sent |= switch.get() != postcopy::Switch::Precopy;
+        self.remote.resumed_early = self.remote.resume_sent;
+        self.remote.postcopy = switch.get() == postcopy::Switch::Postcopy;
         let done = match waited {
-            Ok(done) => done,
-            Err(qemu::QemuError::Timeout { what, .. }) if what == qemu::MIGRATION_COMPLETION => {
+            Ok(Ok(done)) => done,
+            Ok(Err(qemu::QemuError::Timeout { what, .. }))
+                if what == qemu::MIGRATION_COMPLETION =>
+            {
                 bar.finish("not converged");
                 return Err(not_converged(&tuning, &last));
             }
-            Err(e) => return Err(e.into()),
+            Err(postcopy::Ended::NotConverged) => {
+                bar.finish("not converged");
+                return Err(not_converged(&tuning, &last));
+            }
+            Ok(Err(e)) => return Err(e.into()),
+            Err(postcopy::Ended::Failed(e)) => return Err(e),
+        };
+        let how = if self.remote.postcopy {
+            ", postcopy"
+        } else {
+            ""
         };
         bar.finish(&format!(
-            "{} transferred (CPU throttle at most {max_throttle} %, downtime limit {} ms)",
+            "{} transferred (CPU throttle at most {max_throttle} %, downtime limit {} ms{how})",
             human(done.transferred),
             escalation.get()
         ));
@@ -436,10 +526,13 @@ async fn wait_mirror(
     Ok(())
 }
 
-/// How the RAM moves: streams (multifd channels, 1 = none) and the limit in KiB/s.
-struct Ram {
-    streams: u32,
-    limit: Option<u64>,
+/// How the RAM moves: streams (multifd channels, 1 = none), the limit in KiB/s, the
+/// channels' compression and whether it may switch to postcopy.
+pub(super) struct Ram {
+    pub(super) streams: u32,
+    pub(super) limit: Option<u64>,
+    pub(super) compression: Option<&'static str>,
+    pub(super) postcopy: bool,
 }
 
 pub(super) struct StartReply {

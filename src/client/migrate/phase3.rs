@@ -56,6 +56,15 @@ impl Migration<'_> {
         if live {
             self.remote.cmd(json!({"cmd": "nbdstop"}), 30).await?;
         }
+        if self.remote.resumed_early {
+            // `resume` went out before the switch to postcopy (or a postcopy switch that
+            // precopy's completion overtook): the target committed then and runs the VM.
+            self.progress.log(format!(
+                "VM {tvmid} runs on the target (resumed before the switch to postcopy)"
+            ));
+            self.fstrim(live).await;
+            return Ok(());
+        }
         self.remote.resume_sent = true;
         if let Err(e) = self.remote.cmd(json!({"cmd": "resume"}), 30).await {
             // A target that refused before resuming (fenced: its cluster gave the VMID to
@@ -67,14 +76,20 @@ impl Migration<'_> {
         }
         self.progress
             .log(format!("VM {tvmid} resumed on the target"));
-        if live && fstrim_cloned_disks(&self.plan.conf) {
-            // As upstream: mirrored disks are fully allocated; let the guest trim them.
-            if let Err(e) = self.remote.cmd(json!({"cmd": "fstrim"}), 600).await {
-                self.progress
-                    .log(format!("WARN: fstrim on the target failed: {e:#}"));
-            }
-        }
+        self.fstrim(live).await;
         Ok(())
+    }
+
+    /// As upstream: mirrored disks are fully allocated; the guest trims them if the
+    /// config asks (`fstrim_cloned_disks`).
+    async fn fstrim(&self, live: bool) {
+        if live
+            && fstrim_cloned_disks(&self.plan.conf)
+            && let Err(e) = self.remote.cmd(json!({"cmd": "fstrim"}), 600).await
+        {
+            self.progress
+                .log(format!("WARN: fstrim on the target failed: {e:#}"));
+        }
     }
 
     /// The source VM stops (it is paused since the RAM migration completed).

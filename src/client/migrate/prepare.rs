@@ -168,6 +168,10 @@ async fn open_tunnel(
         resume_sent: false,
         ram_done: false,
         multifd_max: None,
+        zstd_offered: false,
+        postcopy_offered: false,
+        resumed_early: false,
+        postcopy: false,
     })
 }
 

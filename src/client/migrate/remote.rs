@@ -28,6 +28,16 @@ pub(super) struct Remote {
     /// Most multifd channels the target accepts, from its `version` reply (`None`: it did
     /// not announce multifd, e.g. a PVE node: one stream only).
     pub(super) multifd_max: Option<u32>,
+    /// The target accepts zstd-compressed multifd channels (`mtunnel-features`).
+    pub(super) zstd_offered: bool,
+    /// The target accepts `postcopy` in `start` (`mtunnel-features`).
+    pub(super) postcopy_offered: bool,
+    /// The target's `resume` succeeded before the switch to postcopy: it committed the VM
+    /// and runs it as soon as its state arrives, so phase 3 does not resume it again.
+    pub(super) resumed_early: bool,
+    /// The RAM migration switched to postcopy: from then on the guest's memory is split
+    /// between both hosts until it completes.
+    pub(super) postcopy: bool,
 }
 
 impl Remote {
@@ -93,12 +103,20 @@ impl Remote {
         if TUNNEL_VERSION > api {
             bail!("Remote tunnel endpoint too old, upgrade required");
         }
-        self.multifd_max = features
+        let features = features
             .ok()
             .filter(|f| f.get("success").and_then(Value::as_bool) == Some(true))
-            .and_then(|f| f.get("multifd").and_then(Value::as_u64))
+            .unwrap_or(Value::Null);
+        self.multifd_max = features
+            .get("multifd")
+            .and_then(Value::as_u64)
             .and_then(|n| u32::try_from(n).ok())
             .filter(|&n| n > 1);
+        self.zstd_offered = features
+            .get("compression")
+            .and_then(Value::as_array)
+            .is_some_and(|a| a.iter().any(|c| c == "zstd"));
+        self.postcopy_offered = features.get("postcopy").and_then(Value::as_bool) == Some(true);
         Ok(())
     }
 }

@@ -7,6 +7,12 @@
 //! and the VM keeps running on the source. Each can be switched off (`mtunnel migrate
 //! --no-auto-converge`, `--no-xbzrle`, `--no-downtime-escalation`, `--max-ram-time`), and
 //! the escalation bounded (`--max-downtime`).
+//!
+//! Two more ways, each for a case the above does not serve: multifd channels may compress
+//! pages with zstd (`--compress`, worth its CPU only when the link is the limit), and on
+//! request (`--postcopy`) the migration switches to postcopy when precopy does not
+//! converge ([`PostcopySwitch`]): the guest then runs on the target at once and fetches
+//! the pages it still lacks from the source.
 
 use std::time::Duration;
 
@@ -21,6 +27,26 @@ pub const DEFAULT_MAX_RAM_TIME: Duration = Duration::from_secs(30 * 60);
 /// Samples with growing remaining RAM that double the downtime limit (PVE: more than 5).
 const GROWING_SAMPLES: u32 = 6;
 
+/// The RAM limit (KiB/s) at or below which `--compress auto` compresses with zstd: 128
+/// MiB/s. Measured here (2 cores, QEMU 10.0, 2 multifd channels, 64 MiB of RAM a third
+/// of it compressible): zstd moved it in 0.83 s against 1.32 s uncompressed at 40 MiB/s,
+/// 0.37 against 0.54 s at 100 MiB/s, 0.22 against 0.32 s at 200 MiB/s, and no faster at
+/// 400 MiB/s; unlimited on loopback it took twice as long (0.10 against 0.05 s). The
+/// guest's vCPUs (TCG) take one of the two cores, so the bound sits below the crossover.
+pub const ZSTD_AUTO_MAX_KIB: u64 = 128 * 1024;
+
+/// How the multifd channels compress pages (`mtunnel migrate --compress`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Compression {
+    /// zstd when multifd is used and `--bwlimit` is at most 128 MiB/s, else none.
+    #[default]
+    Auto,
+    /// zstd (needs `--streams` 2 or more).
+    Zstd,
+    /// Uncompressed pages.
+    None,
+}
+
 /// What the user left switched on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RamTuning {
@@ -30,8 +56,13 @@ pub struct RamTuning {
     /// The escalation never raises the downtime limit past this (ms); `None`: no bound, as
     /// PVE.
     pub max_downtime_ms: Option<u64>,
-    /// Give up (cancel, the VM keeps running on the source) when the RAM phase takes longer.
+    /// Give up (cancel, the VM keeps running on the source) when the RAM phase takes longer
+    /// (before a switch to postcopy: after it, the migration runs to its end).
     pub max_ram_time: Duration,
+    /// The multifd channels' compression.
+    pub compress: Compression,
+    /// Switch to postcopy when precopy does not converge (`--postcopy`).
+    pub postcopy: bool,
 }
 
 impl Default for RamTuning {
@@ -42,7 +73,82 @@ impl Default for RamTuning {
             escalate_downtime: true,
             max_downtime_ms: None,
             max_ram_time: DEFAULT_MAX_RAM_TIME,
+            compress: Compression::Auto,
+            postcopy: false,
         }
+    }
+}
+
+/// What the multifd channels of one migration do: `Some("zstd")` or `None`, and the line
+/// that says why. `streams` are the RAM streams used, `limit_kib` the user's `--bwlimit`,
+/// `offered` whether the target accepts zstd (`mtunnel-features`).
+pub fn choose_compression(
+    asked: Compression,
+    streams: u32,
+    limit_kib: Option<u64>,
+    offered: bool,
+) -> (Option<&'static str>, String) {
+    let limit = limit_kib.filter(|&k| k > 0);
+    match asked {
+        Compression::None => (None, "compression off (--compress none)".into()),
+        _ if streams < 2 => (
+            None,
+            "no compression: QEMU compresses only multifd channels (--streams 2 or more)".into(),
+        ),
+        _ if !offered => (
+            None,
+            "no compression: the target does not offer zstd (mtunnel-features)".into(),
+        ),
+        Compression::Zstd => (
+            Some("zstd"),
+            "zstd compression on the multifd channels (--compress zstd)".into(),
+        ),
+        Compression::Auto => match limit {
+            Some(k) if k <= ZSTD_AUTO_MAX_KIB => (
+                Some("zstd"),
+                format!(
+                    "zstd compression on the multifd channels: the link is limited to {}/s (--bwlimit), where fewer bytes beat zstd's CPU cost",
+                    human(k * 1024)
+                ),
+            ),
+            _ => (
+                None,
+                format!(
+                    "no compression: zstd pays only on a link limited to {}/s or less (--bwlimit), else its CPU cost outweighs it (--compress zstd forces it)",
+                    human(ZSTD_AUTO_MAX_KIB * 1024)
+                ),
+            ),
+        },
+    }
+}
+
+/// One-second samples in which the remaining RAM must not have shrunk, after the first
+/// full pass, before [`PostcopySwitch`] switches.
+pub const POSTCOPY_FLAT_SAMPLES: usize = 3;
+
+/// When `--postcopy` switches: once the first full pass over the RAM is done (QEMU's
+/// second dirty sync; every page then went once, so postcopy has to fetch only what was
+/// dirtied since) and the remaining RAM is not below what it was
+/// [`POSTCOPY_FLAT_SAMPLES`] samples before: precopy is not converging. A guest whose
+/// remaining RAM keeps shrinking completes in precopy, without postcopy's risk.
+#[derive(Debug, Clone, Default)]
+pub struct PostcopySwitch {
+    /// The remaining RAM of the last samples after the first pass, oldest first.
+    recent: std::collections::VecDeque<u64>,
+}
+
+impl PostcopySwitch {
+    /// One `query-migrate` sample of an active precopy; true: switch now.
+    pub fn sample(&mut self, dirty_sync_count: u64, remaining: u64) -> bool {
+        if dirty_sync_count < 2 {
+            return false;
+        }
+        self.recent.push_back(remaining);
+        if self.recent.len() <= POSTCOPY_FLAT_SAMPLES {
+            return false;
+        }
+        let before = self.recent.pop_front().unwrap_or(u64::MAX);
+        remaining >= before
     }
 }
 
@@ -212,6 +318,54 @@ mod tests {
             "{:?}",
             plan.notes
         );
+    }
+
+    /// `auto` compresses only where measurement showed a gain: multifd, a link limited to
+    /// 128 MiB/s or less, a target that offers zstd.
+    #[test]
+    fn compression_is_chosen_where_it_pays_and_says_why() {
+        let c = |asked, streams, limit, offered| choose_compression(asked, streams, limit, offered);
+        assert_eq!(
+            c(Compression::Auto, 4, Some(40 * 1024), true).0,
+            Some("zstd")
+        );
+        assert_eq!(
+            c(Compression::Auto, 4, Some(128 * 1024), true).0,
+            Some("zstd")
+        );
+        assert_eq!(c(Compression::Auto, 4, Some(128 * 1024 + 1), true).0, None);
+        assert_eq!(c(Compression::Auto, 4, None, true).0, None);
+        assert_eq!(c(Compression::Auto, 1, Some(1024), true).0, None);
+        assert_eq!(c(Compression::Auto, 4, Some(1024), false).0, None);
+        assert_eq!(c(Compression::Zstd, 2, None, true).0, Some("zstd"));
+        assert_eq!(c(Compression::Zstd, 2, None, false).0, None);
+        assert_eq!(c(Compression::None, 4, Some(1024), true).0, None);
+        let (_, why) = c(Compression::Auto, 4, Some(40 * 1024), true);
+        assert_eq!(
+            why,
+            "zstd compression on the multifd channels: the link is limited to 40.0 MiB/s (--bwlimit), where fewer bytes beat zstd's CPU cost"
+        );
+        let (_, why) = c(Compression::Zstd, 2, None, false);
+        assert_eq!(
+            why,
+            "no compression: the target does not offer zstd (mtunnel-features)"
+        );
+    }
+
+    /// No switch during the first pass, none while the remaining RAM shrinks, a switch once
+    /// it stayed flat or grew over 3 samples after the first pass.
+    #[test]
+    fn postcopy_switches_after_the_first_pass_when_remaining_stops_shrinking() {
+        let mut s = PostcopySwitch::default();
+        for rem in [900, 800, 700, 600, 600, 600, 600] {
+            assert!(!s.sample(1, rem), "first pass");
+        }
+        for rem in [500, 400, 300, 200] {
+            assert!(!s.sample(2, rem), "shrinking");
+        }
+        assert!(!s.sample(2, 210));
+        assert!(!s.sample(2, 190));
+        assert!(s.sample(2, 300), "not below the sample 3 before (200)");
     }
 
     #[test]

@@ -40,35 +40,13 @@ fn add_start_fns(lua: &Lua, t: &Table) -> mlua::Result<()> {
                 .read_text(c.vmid)
                 .map_err(|e| fail(e.to_string()))?;
             let config = VmConfig::parse(&text).map_err(|e| fail(e.to_string()))?;
-            let nbd = string_map(opts.get("nbd"), "nbd")?;
-            let req = IncomingStart {
-                vmid: c.vmid,
-                config,
-                machine: opts
-                    .get("machine")
-                    .and_then(Value::as_str)
-                    .map(str::to_string),
-                cpu: opts.get("cpu").and_then(Value::as_str).map(str::to_string),
-                nbd,
-                multifd: opts
-                    .get("multifd")
-                    .and_then(Value::as_u64)
-                    .and_then(|n| u32::try_from(n).ok()),
-            };
-            let multifd = req.multifd;
-            let max = c.node.cfg.multifd_channels_max;
-            if let Some(n) = multifd
-                && n > max
-            {
-                return Err(fail(format!(
-                    "{n} multifd channels asked, this node allows at most {max} (multifd_channels_max)"
-                )));
-            }
+            let req = incoming_request(c.vmid, config, &opts, c.node.cfg.multifd_channels_max)?;
+            let ram = ram_words(&req);
             c.record(|r| r.vm_started = true).await?;
             let started = c
                 .node
                 .hypervisor
-                .start_incoming(req)
+                .start_incoming(req.clone())
                 .await
                 .map_err(|e| fail(format!("{e:#}")))?;
             c.tunnel.register_socket(&started.migrate_socket);
@@ -76,19 +54,22 @@ fn add_start_fns(lua: &Lua, t: &Table) -> mlua::Result<()> {
                 c.tunnel.register_socket(nbd);
             }
             c.info(&format!(
-                "VM {} started, waiting for migration on {}{}",
+                "VM {} started, waiting for migration on {}{ram}",
                 c.vmid,
                 started.migrate_socket.display(),
-                multifd
-                    .map(|n| format!(" with {n} multifd channels"))
-                    .unwrap_or_default()
             ));
             let mut reply = json!({
                 "migrate_socket": started.migrate_socket.display().to_string(),
                 "nbd_uris": started.nbd_uris,
             });
-            if let Some(n) = multifd {
+            if let Some(n) = req.multifd {
                 reply["multifd"] = json!(n);
+            }
+            if let Some(comp) = &req.compression {
+                reply["compression"] = json!(comp);
+            }
+            if req.postcopy {
+                reply["postcopy"] = json!(true);
             }
             if let Some(nbd) = &started.nbd_socket {
                 reply["nbd_socket"] = json!(nbd.display().to_string());
@@ -97,6 +78,80 @@ fn add_start_fns(lua: &Lua, t: &Table) -> mlua::Result<()> {
         })?,
     )?;
     Ok(())
+}
+
+/// The compressions `start_incoming` accepts (`compression`), as `mtunnel-features`
+/// offers them: QEMU's `multifd-compression` values worth their CPU (zlib is far too slow).
+pub const COMPRESSIONS: &[&str] = &["zstd"];
+
+/// `start_incoming`'s options checked and turned into the hypervisor's request: more
+/// multifd channels than `max`, an unknown compression, a compression without multifd or
+/// postcopy with multifd (QEMU 10.0 refuses it) are errors, before anything starts.
+fn incoming_request(
+    vmid: u32,
+    config: VmConfig,
+    opts: &Value,
+    max: u32,
+) -> mlua::Result<IncomingStart> {
+    let multifd = opts
+        .get("multifd")
+        .and_then(Value::as_u64)
+        .and_then(|n| u32::try_from(n).ok());
+    if let Some(n) = multifd
+        && n > max
+    {
+        return Err(fail(format!(
+            "{n} multifd channels asked, this node allows at most {max} (multifd_channels_max)"
+        )));
+    }
+    let compression = match opts.get("compression") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(c)) if COMPRESSIONS.contains(&c.as_str()) => Some(c.clone()),
+        Some(other) => {
+            return Err(fail(format!(
+                "unknown compression {other}: this node offers {}",
+                COMPRESSIONS.join(", ")
+            )));
+        }
+    };
+    if compression.is_some() && multifd.is_none() {
+        return Err(fail("compression needs multifd channels"));
+    }
+    let postcopy = opts.get("postcopy").and_then(Value::as_bool) == Some(true);
+    if postcopy && multifd.is_some() {
+        return Err(fail(
+            "postcopy cannot be combined with multifd channels (QEMU 10.0 refuses it)",
+        ));
+    }
+    Ok(IncomingStart {
+        vmid,
+        config,
+        machine: opts
+            .get("machine")
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        cpu: opts.get("cpu").and_then(Value::as_str).map(str::to_string),
+        nbd: string_map(opts.get("nbd"), "nbd")?,
+        multifd,
+        compression,
+        postcopy,
+    })
+}
+
+/// How the RAM comes, for the task log: ` with 4 multifd channels, zstd`, `, postcopy
+/// allowed`, or nothing.
+fn ram_words(req: &IncomingStart) -> String {
+    let mut words = String::new();
+    if let Some(n) = req.multifd {
+        words.push_str(&format!(" with {n} multifd channels"));
+    }
+    if let Some(c) = &req.compression {
+        words.push_str(&format!(", {c} compressed"));
+    }
+    if req.postcopy {
+        words.push_str(", postcopy allowed");
+    }
+    words
 }
 
 /// `resume`, `stop`, `nbd_stop`, `fstrim`, `is_running`: the incoming VM after its start.

@@ -326,6 +326,8 @@ impl ScriptedBackend {
         }
         t.set("nbd", nbd)?;
         t.set("multifd", req.multifd)?;
+        t.set("compression", req.compression.as_deref())?;
+        t.set("postcopy", req.postcopy)?;
         Ok(t)
     }
 }
@@ -537,6 +539,8 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             multifd: None,
+            compression: None,
+            postcopy: false,
         };
         assert_eq!(
             b.resume(100).await.unwrap_err().to_string(),
@@ -640,6 +644,8 @@ mod tests {
                 cpu: None,
                 nbd: BTreeMap::new(),
                 multifd: None,
+                compression: None,
+                postcopy: false,
             })
             .await
             .unwrap();
