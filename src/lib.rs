@@ -55,8 +55,8 @@
 //! - [`util`]: file and clock helpers.
 //!
 //! The binary (`src/main.rs`) holds `mtunnel bench` (`src/bench/`: the benchmark suite —
-//! data path, command latency, idle tunnels, live migration, an emulated WAN link — against
-//! baselines; it uses only this library's public API) and parses the command line with the clap types of `src/cli.rs`
+//! data path, command latency, idle tunnels, live migration, an emulated WAN link, a busy
+//! real guest — against baselines; it uses only this library's public API) and parses the command line with the clap types of `src/cli.rs`
 //! (the initial token and `--role` resolution in `src/cli/token.rs`), puts a node together
 //! (`src/cli/serve.rs`: the backends, the [`node::Node`], its [`tunnel::Tunnels`] with the
 //! Lua handler factory) and dispatches to this library.
