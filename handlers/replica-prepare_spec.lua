@@ -22,6 +22,16 @@ return {
       .. "scsi0: local:100/vm-100-disk-0.qcow2,format=qcow2,size=1M\n")
   end,
 
+  ["unlock refuses the replica lock and changes nothing"] = function(t)
+    local tun = t:open{}
+    t:succeeds(prepare(tun))
+    t:eq(tun:send{cmd = "unlock"}.msg, "failed to handle 'unlock' command - VM 100 is a "
+      .. "replica (lock 'replica'): it is not unlocked by a tunnel; promote one of its "
+      .. "restore points on the target ('mtunnel replica promote 100')")
+    t:eq(tun:config(), "cores: 2\nlock: replica\n"
+      .. "scsi0: local:100/vm-100-disk-0.qcow2,format=qcow2,size=1M\n")
+  end,
+
   ["a first run that ends before its first point frees everything"] = function(t)
     local tun = t:open{}
     t:succeeds(prepare(tun))

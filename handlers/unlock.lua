@@ -2,7 +2,9 @@
 -- node, and no later command expects a lock. The `create` lock is the tunnel's
 -- reservation of an empty config, not a migrated VM: unlocking it would commit
 -- nothing but an empty config and wedge the VMID, so it is refused (upstream's
--- remove_lock wording) and the reservation stays for cleanup.
+-- remove_lock wording) and the reservation stays for cleanup. The `replica` lock is a
+-- replica's (docs/replicas.md): unlocking it would make a working copy that may be half
+-- written startable and strand its restore points, so it is refused too.
 return {
   description = "Remove the migration lock from the VM config.",
   params = false,
@@ -14,6 +16,11 @@ return {
     if conf.options.lock == "create" then
       pve.fail("found lock 'create' trying to remove 'migrate' lock - "
                .. "the VM config was not sent yet ('config' comes first)")
+    end
+    if conf.options.lock == "replica" then
+      pve.fail(string.format("VM %d is a replica (lock 'replica'): it is not unlocked by a "
+               .. "tunnel; promote one of its restore points on the target "
+               .. "('mtunnel replica promote %d')", ctx.vmid, ctx.vmid))
     end
     conf.options.lock = nil
     pve.config.write(conf)

@@ -693,6 +693,19 @@ async fn mtunnel_bad_parameters_are_400() {
         );
 
         let err = client
+            .post(
+                &mtunnel_path(100),
+                &[("replica", "1"), ("storages", "local"), ("bridges", "vmbr0")],
+            )
+            .await
+            .unwrap_err();
+        assert_param_error(
+            &err,
+            json!({"bridges": "not used with replica=1 (a replica keeps the source's NICs; 'vm start' checks their bridges once it is promoted)"}),
+        );
+        assert!(!server.vm_config(100).exists());
+
+        let err = client
             .post(&mtunnel_path(100), &[("storages", "local"), ("force", "1")])
             .await
             .unwrap_err();

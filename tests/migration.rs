@@ -237,8 +237,8 @@ async fn online_migration_with_four_streams_uses_multifd() {
     mt_ok(&dst, &["vm", "stop", "104"]).await;
 }
 
-/// Multifd with zstd: `--compress zstd` without `--streams` is refused before anything
-/// happens; `--streams 2` over a link limited to 64 MiB/s (`--bwlimit`) makes the default
+/// Multifd with zstd: `--compress zstd` without `--streams`, and `--postcopy` with a live
+/// local disk, are refused before anything happens; `--streams 2` over a link limited to 64 MiB/s (`--bwlimit`) makes the default
 /// `--compress auto` choose zstd and say why; both QEMUs compress (the target's QEMU
 /// reports `multifd-compression` zstd, its log says so) and the RAM arrives byte for byte.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -264,6 +264,18 @@ async fn online_migration_with_zstd_moves_ram_exactly() {
     assert!(
         stderr.contains(
             "--compress zstd needs multifd: add --streams 2 or more (QEMU compresses only multifd channels)"
+        ),
+        "{stderr}"
+    );
+    assert_source_running_unlocked(&src, 106, &conf_before).await;
+    assert!(!dst.vm_config(106).exists());
+    // Postcopy and a live local disk: refused before anything happens.
+    let out = mt(&src, &[base.as_slice(), &["--postcopy"]].concat()).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(
+            "--postcopy with local disks is not supported: scsi0 (local:106/vm-106-disk-0.qcow2) would be mirrored while the guest already runs on the target - move the disks first, or migrate without --postcopy"
         ),
         "{stderr}"
     );

@@ -301,6 +301,13 @@ impl LocalVms {
     pub async fn unlock(&self, vmid: u32) -> anyhow::Result<Option<String>> {
         let guard = self.guests.lock(vmid, DEFAULT_LOCK_TIMEOUT).await?;
         let mut conf = self.load(vmid)?;
+        if conf.options.get("lock").is_some_and(|l| l == "replica") {
+            // Unlocked, a working copy that may be half written would be startable and
+            // the replica's record and restore points stranded.
+            bail!(
+                "VM {vmid} is a replica (lock 'replica'): use 'mtunnel replica promote {vmid}' to make it a VM, or 'mtunnel replica drop {vmid}' to free it"
+            );
+        }
         let old = conf.options.remove("lock");
         if old.is_some() {
             self.guests.write_text_locked(&guard, &conf.write())?;

@@ -123,9 +123,20 @@ impl Parts<'_> {
         if r.run.is_none() {
             bail!("no replica run of VM {vmid} is under way (send 'replica-export' first)");
         }
+        // A server that is still up had no client that finished (the source never
+        // connected, or is still writing): what it holds is no point.
+        let mut unfinished = Vec::new();
         for key in r.disks.keys() {
             let socket = nbd::nbd_socket(&self.cfg.run_dir, vmid, key);
-            nbd::wait_exit(&socket, Duration::from_secs(10)).await;
+            if !nbd::wait_exit(&socket, Duration::from_secs(10)).await {
+                unfinished.push(key.as_str());
+            }
+        }
+        if !unfinished.is_empty() {
+            bail!(
+                "replica run of VM {vmid}: no client finished writing {} (the source never connected, or had not disconnected within 10 s): no restore point was made and the run stays interrupted",
+                unfinished.join(", ")
+            );
         }
         let name = super::point_name(&r.points, crate::util::unix_now());
         for disk in r.disks.values() {
@@ -144,8 +155,10 @@ impl Parts<'_> {
             incremental,
         });
         r.run = None;
-        let pruned = self.prune(&mut r, keep).await?;
+        // The new point is on record before any old one goes: a failure while pruning
+        // leaves extra points, never a record that names a deleted one.
         super::store(&self.cfg.data_dir, &r)?;
+        let pruned = self.prune(&mut r, keep).await?;
         Ok(Completed {
             point: name,
             pruned,
@@ -159,7 +172,9 @@ impl Parts<'_> {
         let keep = keep.unwrap_or(usize::MAX).max(1);
         let mut pruned = Vec::new();
         while r.points.len() > keep {
+            // Off the record first: a point the record names is always whole on every disk.
             let old = r.points.remove(0);
+            super::store(&self.cfg.data_dir, r)?;
             for disk in r.disks.values() {
                 self.copy(r.vmid, disk)?.delete(&old.name).await?;
             }

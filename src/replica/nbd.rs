@@ -160,17 +160,26 @@ pub async fn stop_servers(run_dir: &Path, vmid: u32) -> Vec<String> {
 
 /// Waits (at most `wait`) for the server on `socket` to exit by itself (its client is
 /// gone), then stops it.
-pub async fn wait_exit(socket: &Path, wait: Duration) {
+pub async fn wait_exit(socket: &Path, wait: Duration) -> bool {
     let pid = std::fs::read_to_string(pid_file(socket))
         .ok()
         .and_then(|t| t.trim().parse::<i32>().ok());
+    let mut ended = false;
     if let Some(pid) = pid {
         let deadline = tokio::time::Instant::now() + wait;
-        while is_server_of(pid, socket) && tokio::time::Instant::now() < deadline {
+        loop {
+            if !is_server_of(pid, socket) {
+                ended = true;
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                break;
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
     stop_one(socket).await;
+    ended
 }
 
 /// Whether an NBD server of VM `vmid`'s replica runs (a run is under way).

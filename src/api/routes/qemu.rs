@@ -77,6 +77,13 @@ async fn mtunnel(call: Call<MtunnelArgs>) -> Result<Data, Error> {
     let args = &call.args;
     let (storages, bridges) = (id_list(&args.storages), id_list(&args.bridges));
     let tunnels = &call.st.tunnels;
+    if args.replica && !bridges.is_empty() {
+        // A replica keeps the source's config as it is; nothing would check these.
+        return Err(Error::param(
+            "bridges",
+            "not used with replica=1 (a replica keeps the source's NICs; 'vm start' checks their bridges once it is promoted)",
+        ));
+    }
     let opened = if args.replica {
         crate::tunnel::open_replica(tunnels, call.authid(), args.vmid, &storages).await?
     } else {

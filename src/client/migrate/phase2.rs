@@ -139,7 +139,7 @@ impl Migration<'_> {
         };
         vm.migrate_set_parameters(&params).await.with_context(|| {
             format!(
-                "setting multifd-compression {} on the source VM (does its QEMU support it? --compress none avoids it)",
+                "setting multifd-compression {} on the source VM (QEMU 5.0 or later has the parameter)",
                 compression.unwrap_or("none")
             )
         })?;

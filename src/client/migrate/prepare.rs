@@ -76,6 +76,17 @@ async fn plan(
         bail!("VM {vmid} is running - use --online to migrate it live");
     }
     let volumes = plan_volumes(src, &conf, opts, running).await?;
+    if opts.tuning.postcopy
+        && let Some(v) = volumes.iter().find(|v| v.live)
+    {
+        // After the switch the guest writes on the target while the source's mirror of
+        // the same disk may still copy; nothing proves it has nothing left by then.
+        bail!(
+            "--postcopy with local disks is not supported: {} ({}) would be mirrored while the guest already runs on the target - move the disks first, or migrate without --postcopy",
+            v.key,
+            v.volid
+        );
+    }
     let bridges = plan_bridges(&conf, &opts.bridge_map)?;
     progress.log(format!(
         "migrating VM {vmid} ({}) to {}:{} as VM {tvmid}: {} volume(s)",

@@ -39,6 +39,13 @@ impl Names {
     fn of(&self, key: &str) -> String {
         format!("{}{key}", self.prefix)
     }
+
+    /// The replica's short tag (the first 8 digits of its id), for names outside QEMU.
+    pub fn tag(&self) -> &str {
+        self.prefix
+            .trim_start_matches("replica-")
+            .trim_end_matches('-')
+    }
 }
 
 /// How the jobs copy.

@@ -181,8 +181,13 @@ impl Run<'_> {
         let incremental =
             jobs::choose_incremental(vm, disks, &names.bitmap, prepared, self.progress).await?;
         let exported = remote.cmd(json!({"cmd": "replica-export"})).await?;
-        let locals =
-            remote.forward_exports(&self.src.cfg.run_dir, self.opts.vmid, disks, &exported)?;
+        let locals = remote.forward_exports(
+            &self.src.cfg.run_dir,
+            self.opts.vmid,
+            names.tag(),
+            disks,
+            &exported,
+        )?;
         let spec = jobs::Backup {
             incremental,
             speed: self.opts.bwlimit.map(|k| k.saturating_mul(1024)),
@@ -241,7 +246,8 @@ async fn plan(src: &SourceNode, opts: &ReplicateOptions) -> anyhow::Result<(Stri
     }
     let mut disks = Vec::new();
     for (key, value) in &conf.options {
-        if !vmconf::is_drive_key(key) {
+        // `unusedN` volumes are attached to nothing: no QEMU node to take a bitmap of.
+        if !vmconf::is_drive_key(key) || key.starts_with("unused") {
             continue;
         }
         let props: BTreeMap<String, String> = vmconf::parse_property_string(value, Some("file"))?
@@ -274,7 +280,8 @@ async fn plan(src: &SourceNode, opts: &ReplicateOptions) -> anyhow::Result<(Stri
     Ok((text, disks))
 }
 
-/// `{run}/{vmid}-{key}.replica-src`: the local end of disk `key`'s NBD forward.
-fn local_socket(run_dir: &std::path::Path, vmid: u32, key: &str) -> PathBuf {
-    run_dir.join(format!("{vmid}-{key}.replica-src"))
+/// `{run}/{vmid}-{key}.{tag}.replica-src`: the local end of disk `key`'s NBD forward, `tag`
+/// naming the replica, so runs of one VM to two targets never share a socket.
+fn local_socket(run_dir: &std::path::Path, vmid: u32, tag: &str, key: &str) -> PathBuf {
+    run_dir.join(format!("{vmid}-{key}.{tag}.replica-src"))
 }

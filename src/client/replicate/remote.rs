@@ -124,6 +124,7 @@ impl Remote {
         &mut self,
         run_dir: &Path,
         vmid: u32,
+        tag: &str,
         disks: &[Disk],
         exported: &Value,
     ) -> anyhow::Result<BTreeMap<String, (PathBuf, String)>> {
@@ -144,7 +145,7 @@ impl Remote {
                     d.size
                 );
             }
-            let local = local_socket(run_dir, vmid, &d.key);
+            let local = local_socket(run_dir, vmid, tag, &d.key);
             let url = format!(
                 "{}/mtunnelwebsocket?socket={}&",
                 self.base_url,
