@@ -49,19 +49,24 @@ pub async fn run(cmd: ReplicaCommand) -> anyhow::Result<()> {
     match cmd {
         ReplicaCommand::List { .. } => list(&vms.cfg)?,
         ReplicaCommand::Promote { vmid, point, .. } => {
-            refuse_if_tunnel_open(&vms.cfg, vmid)?;
+            // Under the lock: a tunnel that opens holds it until it is registered.
             let guard = vms.guests.lock(vmid, DEFAULT_LOCK_TIMEOUT).await?;
-            let name = parts.promote(&guard, point.as_deref()).await?;
+            refuse_if_tunnel_open(&vms.cfg, vmid)?;
+            let done = parts.promote(&guard, point.as_deref()).await?;
             drop(guard);
             retire_journals(&vms.cfg, vmid, "an operator promoted the replica");
             println!(
-                "VM {vmid}: promoted restore point '{name}'; the replica is now a normal VM \
-                 ('mtunnel vm start {vmid}')"
+                "VM {vmid}: promoted restore point '{}'; the replica is now a normal VM \
+                 ('mtunnel vm start {vmid}')",
+                done.point
             );
+            for left in &done.leftovers {
+                eprintln!("WARN: not deleted, remove it by hand: {left}");
+            }
         }
         ReplicaCommand::Drop { vmid, .. } => {
-            refuse_if_tunnel_open(&vms.cfg, vmid)?;
             let guard = vms.guests.lock(vmid, DEFAULT_LOCK_TIMEOUT).await?;
+            refuse_if_tunnel_open(&vms.cfg, vmid)?;
             for line in parts.drop_replica(&guard).await? {
                 println!("{line}");
             }

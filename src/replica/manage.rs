@@ -31,6 +31,14 @@ pub struct Export {
     pub size: u64,
 }
 
+/// What `promote` did.
+pub struct Promoted {
+    /// The point the VM now runs from.
+    pub point: String,
+    /// Points that could not be deleted after the promote (`<volid> point '<name>': <error>`).
+    pub leftovers: Vec<String>,
+}
+
 /// What a completed run made.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Completed {
@@ -184,12 +192,13 @@ impl Parts<'_> {
     }
 
     /// Turns point `point` (default: the newest) into a normal VM: the working copies are
-    /// set to it, every point is deleted, the record goes and the config loses its lock.
+    /// set to it, the config loses its lock, the record goes, then every point is deleted
+    /// (one that cannot be is named in [`Promoted::leftovers`]).
     pub async fn promote(
         &self,
         guard: &VmLockGuard,
         point: Option<&str>,
-    ) -> anyhow::Result<String> {
+    ) -> anyhow::Result<Promoted> {
         let vmid = guard.vmid;
         let r = self.load(vmid)?;
         let conf = self.locked_conf(vmid)?;
@@ -232,17 +241,28 @@ impl Parts<'_> {
                 );
             }
         }
+        // Every disk is set to the point before any point goes: a failure part-way leaves
+        // the replica as it was (locked, every point kept), so promote can run again.
         for (_, copy) in &copies {
             copy.apply(&name).await?;
-            for old in &r.points {
-                copy.delete(&old.name).await?;
-            }
         }
         let mut conf = conf;
         conf.options.remove("lock");
         self.guests.write_text_locked(guard, &conf.write())?;
         super::remove(&self.cfg.data_dir, vmid)?;
-        Ok(name)
+        // The VM is promoted now; a point that cannot be deleted is a leftover to name.
+        let mut leftovers = Vec::new();
+        for (disk, copy) in &copies {
+            for old in &r.points {
+                if let Err(e) = copy.delete(&old.name).await {
+                    leftovers.push(format!("{} point '{}': {e:#}", disk.volid, old.name));
+                }
+            }
+        }
+        Ok(Promoted {
+            point: name,
+            leftovers,
+        })
     }
 
     /// Frees the replica: NBD servers, working copies (with their points), config, record.
