@@ -95,6 +95,27 @@ impl Replica {
     }
 }
 
+/// The fields a replica adds to its `/cluster/resources` entry (which stays a valid PVE
+/// `qemu` entry): `status` `replica` in place of `stopped`, `lock` as PVE lists a locked
+/// guest's, and `replica-*` keys that PVE's clients ignore: the run state
+/// ([`Replica::status`]), the source, the number of points and the newest one with its
+/// unix time (absent without a point).
+pub fn resource_fields(r: &Replica, run_alive: bool) -> serde_json::Map<String, serde_json::Value> {
+    use serde_json::json;
+    let mut m = serde_json::Map::new();
+    m.insert("status".into(), json!("replica"));
+    m.insert("lock".into(), json!(LOCK));
+    m.insert("replica-state".into(), json!(r.status(run_alive)));
+    let source = format!("{}/{}", r.source.node, r.source.vmid);
+    m.insert("replica-source".into(), json!(source));
+    m.insert("replica-points".into(), json!(r.points.len()));
+    if let Some(p) = r.points.last() {
+        m.insert("replica-newest".into(), json!(p.name));
+        m.insert("replica-newest-time".into(), json!(p.time));
+    }
+    m
+}
+
 /// `{data}/replicas`.
 pub fn dir(data_dir: &Path) -> PathBuf {
     data_dir.join("replicas")
