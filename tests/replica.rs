@@ -580,7 +580,7 @@ async fn resources(dst: &TestServer) -> serde_json::Value {
 /// `/cluster/resources` lists a replica as `replica` with its run state and newest point,
 /// a PVE `qemu` entry otherwise; once promoted it is a plain `stopped` VM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replicas_show_in_resources_and_metrics() {
+async fn replicas_show_in_resources() {
     let src = node("src9");
     let dst = node_with_metrics("dst9");
     create_vm_with_data(&src, 109, "128M").await;

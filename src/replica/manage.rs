@@ -31,6 +31,14 @@ pub struct Export {
     pub size: u64,
 }
 
+/// What a run moved: the source's count of bytes its jobs copied, and what this node
+/// received through the run's NBD WebSockets.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunBytes {
+    pub copied: u64,
+    pub received: u64,
+}
+
 /// What a completed run made.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Completed {
@@ -82,6 +90,10 @@ impl Parts<'_> {
         upid: &str,
     ) -> anyhow::Result<BTreeMap<String, Export>> {
         let mut r = self.load(vmid)?;
+        if r.run.is_some() {
+            // The previous run exported and never completed (one tunnel per VM at a time).
+            r.failed_runs += 1;
+        }
         r.run = Some(Run {
             upid: upid.to_string(),
             started: crate::util::unix_now(),
@@ -109,6 +121,17 @@ impl Parts<'_> {
         Ok(out)
     }
 
+    /// Waits (at most 10 s each) for the run's NBD servers to end: the source
+    /// disconnected, so every byte it sent has been relayed.
+    pub async fn wait_servers(&self, vmid: u32) -> anyhow::Result<()> {
+        let r = self.load(vmid)?;
+        for key in r.disks.keys() {
+            let socket = nbd::nbd_socket(&self.cfg.run_dir, vmid, key);
+            nbd::wait_exit(&socket, Duration::from_secs(10)).await;
+        }
+        Ok(())
+    }
+
     /// Completes the running run: waits for the NBD servers to end (the source
     /// disconnected), makes point `name`-d after now on every disk, prunes the oldest to
     /// `keep`, and records it all.
@@ -116,17 +139,14 @@ impl Parts<'_> {
         &self,
         vmid: u32,
         keep: Option<usize>,
-        bytes: u64,
+        bytes: RunBytes,
         incremental: bool,
     ) -> anyhow::Result<Completed> {
         let mut r = self.load(vmid)?;
         if r.run.is_none() {
             bail!("no replica run of VM {vmid} is under way (send 'replica-export' first)");
         }
-        for key in r.disks.keys() {
-            let socket = nbd::nbd_socket(&self.cfg.run_dir, vmid, key);
-            nbd::wait_exit(&socket, Duration::from_secs(10)).await;
-        }
+        self.wait_servers(vmid).await?;
         let name = super::point_name(&r.points, crate::util::unix_now());
         for disk in r.disks.values() {
             if !self.copy(vmid, disk)?.create(&name).await? {
@@ -140,8 +160,9 @@ impl Parts<'_> {
         r.points.push(Point {
             name: name.clone(),
             time: crate::util::unix_now(),
-            bytes,
+            bytes: bytes.copied,
             incremental,
+            received: bytes.received,
         });
         r.run = None;
         let pruned = self.prune(&mut r, keep).await?;

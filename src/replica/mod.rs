@@ -51,6 +51,9 @@ pub struct Point {
     /// Whether the run sent only what changed since the previous point.
     #[serde(default)]
     pub incremental: bool,
+    /// Payload bytes this node received through the run's NBD WebSockets (measured here).
+    #[serde(default)]
+    pub received: u64,
 }
 
 /// A run that started and has not completed (its working copies may be half written).
@@ -74,6 +77,10 @@ pub struct Replica {
     pub points: Vec<Point>,
     #[serde(default)]
     pub run: Option<Run>,
+    /// Runs that exported the working copies and never completed, counted when the next
+    /// run begins (the one left in `run` is not in it yet: see [`Replica::runs_failed`]).
+    #[serde(default)]
+    pub failed_runs: u64,
 }
 
 impl Replica {
@@ -81,6 +88,13 @@ impl Replica {
     /// bitmap still covers: the last run completed, so an incremental run may follow.
     pub fn incremental_ok(&self) -> bool {
         self.run.is_none() && !self.points.is_empty()
+    }
+
+    /// Runs that began and will never complete: [`Replica::failed_runs`], plus the
+    /// recorded run when it is `interrupted` (its servers are gone). It never decreases: a
+    /// new run moves an interrupted one into `failed_runs`.
+    pub fn runs_failed(&self, run_alive: bool) -> u64 {
+        self.failed_runs + u64::from(self.run.is_some() && !run_alive)
     }
 
     /// `idle` (points, no run), `running`/`interrupted` (a run started and did not
@@ -219,12 +233,14 @@ mod tests {
                     time: 1,
                     bytes: 0,
                     incremental: false,
+                    received: 0,
                 })
                 .collect(),
             run: run.then(|| Run {
                 upid: "UPID:x".into(),
                 started: 1,
             }),
+            failed_runs: 0,
         }
     }
 
@@ -237,6 +253,9 @@ mod tests {
         assert_eq!(replica(&["r1"], true).status(true), "running");
         assert_eq!(replica(&["r1"], true).status(false), "interrupted");
         assert_eq!(replica(&[], false).status(false), "empty");
+        assert_eq!(replica(&["r1"], true).runs_failed(true), 0);
+        assert_eq!(replica(&["r1"], true).runs_failed(false), 1);
+        assert_eq!(replica(&["r1"], false).runs_failed(false), 0);
     }
 
     #[test]
