@@ -307,10 +307,10 @@ impl Metrics {
         m
     }
 
-    /// These metrics plus the series of the replicas recorded under `data_dir` (their
-    /// runs' NBD servers are found in `run_dir`), read at each scrape.
-    pub fn with_replicas(mut self, data_dir: PathBuf, run_dir: PathBuf) -> Self {
-        let collector = ReplicaCollector { data_dir, run_dir };
+    /// These metrics plus the series of the replicas recorded under `data_dir`, read at
+    /// each scrape.
+    pub fn with_replicas(mut self, data_dir: PathBuf) -> Self {
+        let collector = ReplicaCollector { data_dir };
         self.registry.register_collector(Box::new(collector));
         self
     }
@@ -530,7 +530,6 @@ struct VmidLabel {
 #[derive(Debug)]
 struct ReplicaCollector {
     data_dir: PathBuf,
-    run_dir: PathBuf,
 }
 
 /// One per-replica metric family: name, help, unit, and the value of a replica (`None`:
@@ -539,7 +538,7 @@ type ReplicaSeries = (
     &'static str,
     &'static str,
     Option<Unit>,
-    fn(&crate::replica::Replica, bool) -> Option<u64>,
+    fn(&crate::replica::Replica) -> Option<u64>,
 );
 
 const REPLICA_GAUGES: [ReplicaSeries; 4] = [
@@ -547,27 +546,27 @@ const REPLICA_GAUGES: [ReplicaSeries; 4] = [
         "replica_points",
         "Restore points a replica keeps",
         None,
-        |r, _| Some(r.points.len() as u64),
+        |r| Some(r.points.len() as u64),
     ),
     (
         "replica_newest_point_timestamp",
         "Unix time the replica's newest restore point was made (its last completed run)",
         Some(Unit::Seconds),
-        |r, _| r.points.last().map(|p| p.time),
+        |r| r.points.last().map(|p| p.time),
     ),
     (
         "replica_last_run_received",
         "Payload bytes this node received through the NBD streams of the replica's last \
          completed run",
         Some(Unit::Bytes),
-        |r, _| r.points.last().map(|p| p.received),
+        |r| r.points.last().map(|p| p.received),
     ),
     (
         "replica_last_run_copied",
         "Bytes the source's backup jobs copied in the replica's last completed run (zeroes \
          included)",
         Some(Unit::Bytes),
-        |r, _| r.points.last().map(|p| p.bytes),
+        |r| r.points.last().map(|p| p.bytes),
     ),
 ];
 
@@ -580,21 +579,19 @@ impl Collector for ReplicaCollector {
         let rows: Vec<_> = replicas
             .iter()
             .map(|r| {
-                let alive = crate::replica::run_alive(&self.run_dir, r.vmid);
                 (
                     VmidLabel {
                         vmid: r.vmid.to_string(),
                     },
                     r,
-                    alive,
                 )
             })
             .collect();
         for (name, help, unit, value) in &REPLICA_GAUGES {
             let kind = ConstGauge::new(0i64).metric_type();
             let mut family = encoder.encode_descriptor(name, help, unit.as_ref(), kind)?;
-            for (label, r, alive) in &rows {
-                if let Some(v) = value(r, *alive) {
+            for (label, r) in &rows {
+                if let Some(v) = value(r) {
                     let gauge = ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX));
                     gauge.encode(family.encode_family(label)?)?;
                 }
@@ -604,8 +601,8 @@ impl Collector for ReplicaCollector {
                     (cut, failed, or the node died)";
         let kind = ConstCounter::new(0u64).metric_type();
         let mut family = encoder.encode_descriptor("replica_runs_failed", help, None, kind)?;
-        for (label, r, alive) in &rows {
-            ConstCounter::new(r.runs_failed(*alive)).encode(family.encode_family(label)?)?;
+        for (label, r) in &rows {
+            ConstCounter::new(r.failed_runs).encode(family.encode_family(label)?)?;
         }
         Ok(())
     }
@@ -720,15 +717,16 @@ mod tests {
             },
             disks: Default::default(),
             points: vec![point("r10", 10), point("r20", 20)],
-            // No NBD server runs: this run was cut.
+            // This run was cut (its tunnel's cleanup counted it).
             run: Some(Run {
                 upid: "UPID:x".into(),
                 started: 30,
+                counted: true,
             }),
-            failed_runs: 2,
+            failed_runs: 3,
         };
         crate::replica::store(dir.path(), &r).unwrap();
-        let m = Metrics::new().with_replicas(dir.path().into(), dir.path().into());
+        let m = Metrics::new().with_replicas(dir.path().into());
         let text = m.encode(false);
         let series: Vec<&str> = text
             .lines()

@@ -90,13 +90,15 @@ impl Parts<'_> {
         upid: &str,
     ) -> anyhow::Result<BTreeMap<String, Export>> {
         let mut r = self.load(vmid)?;
-        if r.run.is_some() {
-            // The previous run exported and never completed (one tunnel per VM at a time).
+        if r.run.as_ref().is_some_and(|run| !run.counted) {
+            // The previous run exported and never completed (one tunnel per VM at a time)
+            // and its tunnel's cleanup did not count it.
             r.failed_runs += 1;
         }
         r.run = Some(Run {
             upid: upid.to_string(),
             started: crate::util::unix_now(),
+            counted: false,
         });
         super::store(&self.cfg.data_dir, &r)?;
         let mut out = BTreeMap::new();

@@ -61,6 +61,9 @@ pub struct Point {
 pub struct Run {
     pub upid: String,
     pub started: u64,
+    /// Whether this run is counted in [`Replica::failed_runs`] (its tunnel was freed).
+    #[serde(default)]
+    pub counted: bool,
 }
 
 /// The record of one replica.
@@ -77,8 +80,8 @@ pub struct Replica {
     pub points: Vec<Point>,
     #[serde(default)]
     pub run: Option<Run>,
-    /// Runs that exported the working copies and never completed, counted when the next
-    /// run begins (the one left in `run` is not in it yet: see [`Replica::runs_failed`]).
+    /// Runs that exported the working copies and never completed: counted when their
+    /// tunnel is freed ([`run_failed`]), or else when the next run begins.
     #[serde(default)]
     pub failed_runs: u64,
 }
@@ -88,13 +91,6 @@ impl Replica {
     /// bitmap still covers: the last run completed, so an incremental run may follow.
     pub fn incremental_ok(&self) -> bool {
         self.run.is_none() && !self.points.is_empty()
-    }
-
-    /// Runs that began and will never complete: [`Replica::failed_runs`], plus the
-    /// recorded run when it is `interrupted` (its servers are gone). It never decreases: a
-    /// new run moves an interrupted one into `failed_runs`.
-    pub fn runs_failed(&self, run_alive: bool) -> u64 {
-        self.failed_runs + u64::from(self.run.is_some() && !run_alive)
     }
 
     /// `idle` (points, no run), `running`/`interrupted` (a run started and did not
@@ -128,6 +124,20 @@ pub fn resource_fields(r: &Replica, run_alive: bool) -> serde_json::Map<String, 
         m.insert("replica-newest-time".into(), json!(p.time));
     }
     m
+}
+
+/// The tunnel `upid` was freed: if it ran the replica's unfinished run, that run failed
+/// and is counted (once) in `failed_runs`; the run stays recorded (`interrupted`).
+pub fn run_failed(data_dir: &Path, vmid: u32, upid: &str) -> anyhow::Result<()> {
+    let Some(mut r) = load(data_dir, vmid)? else {
+        return Ok(());
+    };
+    match &mut r.run {
+        Some(run) if run.upid == upid && !run.counted => run.counted = true,
+        _ => return Ok(()),
+    }
+    r.failed_runs += 1;
+    store(data_dir, &r)
 }
 
 /// `{data}/replicas`.
@@ -239,6 +249,7 @@ mod tests {
             run: run.then(|| Run {
                 upid: "UPID:x".into(),
                 started: 1,
+                counted: false,
             }),
             failed_runs: 0,
         }
@@ -253,9 +264,19 @@ mod tests {
         assert_eq!(replica(&["r1"], true).status(true), "running");
         assert_eq!(replica(&["r1"], true).status(false), "interrupted");
         assert_eq!(replica(&[], false).status(false), "empty");
-        assert_eq!(replica(&["r1"], true).runs_failed(true), 0);
-        assert_eq!(replica(&["r1"], true).runs_failed(false), 1);
-        assert_eq!(replica(&["r1"], false).runs_failed(false), 0);
+    }
+
+    #[test]
+    fn a_failed_run_is_counted_once() {
+        let dir = tempfile::tempdir().unwrap();
+        run_failed(dir.path(), 100, "UPID:x").unwrap();
+        store(dir.path(), &replica(&["r1"], true)).unwrap();
+        run_failed(dir.path(), 100, "UPID:other").unwrap();
+        assert_eq!(load(dir.path(), 100).unwrap().unwrap().failed_runs, 0);
+        run_failed(dir.path(), 100, "UPID:x").unwrap();
+        run_failed(dir.path(), 100, "UPID:x").unwrap();
+        let r = load(dir.path(), 100).unwrap().unwrap();
+        assert_eq!((r.failed_runs, r.status(false)), (1, "interrupted"));
     }
 
     #[test]
