@@ -64,6 +64,8 @@ pub trait TunnelSockets: Send + Sync {
     fn register_socket(&self, path: &Path);
     fn unregister_socket(&self, path: &Path);
     fn is_registered(&self, path: &Path) -> bool;
+    /// Payload bytes the peer sent through the WebSockets to `path` so far.
+    fn inbound_bytes(&self, path: &Path) -> u64;
 }
 
 /// What a [`HandlerFactory`] gets for a new tunnel.

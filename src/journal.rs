@@ -444,6 +444,9 @@ pub async fn free_created(
         for line in crate::replica::stop_servers(&node.cfg.run_dir, vmid).await {
             report.info(&format!("cleanup: {line}"));
         }
+        if let Err(e) = crate::replica::run_failed(&node.cfg.data_dir, vmid, &created.upid) {
+            report.warn(&format!("cleanup: counting the failed replica run: {e:#}"));
+        }
     }
     let refusal = if !created.may_destroy() {
         Some(kept_message(created))

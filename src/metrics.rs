@@ -4,15 +4,18 @@
 //! and never see a label set. Every label value comes from a fixed list here (or, for
 //! command names, a handler that exists), so no client can grow the number of series.
 //! Exposition (`encode`) is `prometheus-client`'s; the HTTP listener is
-//! [`crate::api::metrics`]. Counters start at zero with each process.
+//! [`crate::api::metrics`]. Counters start at zero with each process. The replicas'
+//! series are the exception: [`ReplicaCollector`] reads them from the replica records at
+//! each scrape (one series per replica this node holds), so they survive restarts.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
@@ -304,6 +307,14 @@ impl Metrics {
         m
     }
 
+    /// These metrics plus the series of the replicas recorded under `data_dir`, read at
+    /// each scrape.
+    pub fn with_replicas(mut self, data_dir: PathBuf) -> Self {
+        let collector = ReplicaCollector { data_dir };
+        self.registry.register_collector(Box::new(collector));
+        self
+    }
+
     /// Creates every series whose labels are known in advance at 0, so that a query
     /// sees "none yet" rather than "no data" (and `rate()` works from the first event).
     fn zero_known_series(&self) {
@@ -509,6 +520,94 @@ impl Metrics {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VmidLabel {
+    vmid: String,
+}
+
+/// The replicas' series (docs/metrics.md), from their records at each scrape: the label
+/// values are the VMIDs of replicas this node holds, so no client makes series at will.
+#[derive(Debug)]
+struct ReplicaCollector {
+    data_dir: PathBuf,
+}
+
+/// One per-replica metric family: name, help, unit, and the value of a replica (`None`:
+/// no series for it).
+type ReplicaSeries = (
+    &'static str,
+    &'static str,
+    Option<Unit>,
+    fn(&crate::replica::Replica) -> Option<u64>,
+);
+
+const REPLICA_GAUGES: [ReplicaSeries; 4] = [
+    (
+        "replica_points",
+        "Restore points a replica keeps",
+        None,
+        |r| Some(r.points.len() as u64),
+    ),
+    (
+        "replica_newest_point_timestamp",
+        "Unix time the replica's newest restore point was made (its last completed run)",
+        Some(Unit::Seconds),
+        |r| r.points.last().map(|p| p.time),
+    ),
+    (
+        "replica_last_run_received",
+        "Payload bytes this node received through the NBD streams of the replica's last \
+         completed run",
+        Some(Unit::Bytes),
+        |r| r.points.last().map(|p| p.received),
+    ),
+    (
+        "replica_last_run_copied",
+        "Bytes the source's backup jobs copied in the replica's last completed run (zeroes \
+         included)",
+        Some(Unit::Bytes),
+        |r| r.points.last().map(|p| p.bytes),
+    ),
+];
+
+impl Collector for ReplicaCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let (replicas, bad) = crate::replica::list(&self.data_dir);
+        for e in bad {
+            tracing::warn!("replica metrics: {e}");
+        }
+        let rows: Vec<_> = replicas
+            .iter()
+            .map(|r| {
+                (
+                    VmidLabel {
+                        vmid: r.vmid.to_string(),
+                    },
+                    r,
+                )
+            })
+            .collect();
+        for (name, help, unit, value) in &REPLICA_GAUGES {
+            let kind = ConstGauge::new(0i64).metric_type();
+            let mut family = encoder.encode_descriptor(name, help, unit.as_ref(), kind)?;
+            for (label, r) in &rows {
+                if let Some(v) = value(r) {
+                    let gauge = ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX));
+                    gauge.encode(family.encode_family(label)?)?;
+                }
+            }
+        }
+        let help = "Replica runs that exported the working copies and did not complete \
+                    (cut, failed, or the node died)";
+        let kind = ConstCounter::new(0u64).metric_type();
+        let mut family = encoder.encode_descriptor("replica_runs_failed", help, None, kind)?;
+        for (label, r) in &rows {
+            ConstCounter::new(r.failed_runs).encode(family.encode_family(label)?)?;
+        }
+        Ok(())
+    }
+}
+
 /// The `command` label for `cmd`: the name itself when a handler for it exists and it
 /// looks like a command name, else [`UNKNOWN_COMMAND`] — the source chooses command
 /// names, so taking them as they come would let it create series without bound.
@@ -595,6 +694,54 @@ mod tests {
         assert_eq!(
             import_failure_reason("stream ended early"),
             import_failure::STREAM_ERROR
+        );
+    }
+
+    #[test]
+    fn replicas_have_series_from_their_records() {
+        use crate::replica::{Point, Replica, Run, Source};
+        let dir = tempfile::tempdir().unwrap();
+        let point = |name: &str, time| Point {
+            name: name.into(),
+            time,
+            bytes: 8 << 20,
+            incremental: true,
+            received: 8389037,
+        };
+        let r = Replica {
+            vmid: 100,
+            id: "0123456789abcdef".into(),
+            source: Source {
+                node: "src1".into(),
+                vmid: 100,
+            },
+            disks: Default::default(),
+            points: vec![point("r10", 10), point("r20", 20)],
+            // This run was cut (its tunnel's cleanup counted it).
+            run: Some(Run {
+                upid: "UPID:x".into(),
+                started: 30,
+                counted: true,
+            }),
+            failed_runs: 3,
+        };
+        crate::replica::store(dir.path(), &r).unwrap();
+        let m = Metrics::new().with_replicas(dir.path().into());
+        let text = m.encode(false);
+        let series: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("mtunnel_replica_"))
+            .collect();
+        assert_eq!(
+            series,
+            [
+                "mtunnel_replica_points{vmid=\"100\"} 2",
+                "mtunnel_replica_newest_point_timestamp_seconds{vmid=\"100\"} 20",
+                "mtunnel_replica_last_run_received_bytes{vmid=\"100\"} 8389037",
+                "mtunnel_replica_last_run_copied_bytes{vmid=\"100\"} 8388608",
+                "mtunnel_replica_runs_failed_total{vmid=\"100\"} 3",
+            ],
+            "{text}"
         );
     }
 

@@ -143,6 +143,8 @@ impl Node {
         let tasks = TaskManager::new(&cfg.node, &cfg.task_dir())?;
         let guests = ConfigStore::new(&cfg.node, &cfg.data_dir)?;
         let cluster = Cluster::new(&cfg)?;
+        let metrics = Metrics::new().with_replicas(cfg.data_dir.clone());
+        let metrics = Arc::new(metrics);
         Ok(Arc::new(Node {
             cluster,
             cfg,
@@ -152,7 +154,7 @@ impl Node {
             guests,
             storage: backends.storage,
             hypervisor: backends.hypervisor,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
         }))
     }
 

@@ -398,3 +398,163 @@ async fn idle_connections_do_not_starve_a_scrape() {
     })
     .await
 }
+
+/// `mtunnel replicate VMID ENDPOINT --target-storage local` from `src` to `dst`, which must
+/// succeed: (bytes copied, bytes sent through the tunnel) from its summary line.
+async fn replicate(src: &TestServer, dst: &TestServer, vmid: &str) -> (u64, u64) {
+    let target = target_arg(dst, dst.port);
+    let out = mt_ok(
+        src,
+        &["replicate", vmid, &target, "--target-storage", "local"],
+    )
+    .await;
+    let number_before = |marker: &str| -> u64 {
+        let head = &out[..out.find(marker).unwrap_or_else(|| panic!("{out}"))];
+        let start = head.rfind('(').expect("a '(' before the byte count") + 1;
+        head[start..].trim().parse().expect("a byte count")
+    };
+    (
+        number_before(" bytes), "),
+        number_before(" bytes); restore point"),
+    )
+}
+
+/// The replica series of a target: after a full and an incremental run, the last run's
+/// bytes (received here = what the source says it sent; copied = what its jobs copied),
+/// the newest point's time and the number of points, exactly; a run cut by kill -9 of
+/// the target counts as failed, also after the next run completed; a promoted replica
+/// has no series.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_series_follow_the_runs() {
+    require_qemu();
+    let src = node("rsrc", "");
+    let mut dst = node("rdst", "metrics_listen = \"127.0.0.1:0\"\n");
+    mt_ok(
+        &src,
+        &[
+            "vm",
+            "create",
+            "110",
+            "--memory",
+            "64",
+            "--disk",
+            "local:128M:qcow2",
+        ],
+    )
+    .await;
+    let img = src.images(110).join("vm-110-disk-0.qcow2");
+    let data = src.base().join("data110");
+    common::blob(&data, 32 << 20);
+    common::qemu_io("qcow2", &format!("write -s {} 0 32M", data.display()), &img);
+    std::fs::remove_file(&data).unwrap();
+    mt_ok(&src, &["vm", "start", "110"]).await;
+    let replica_json = dst.data.join("replicas").join("110.json");
+    let record = || -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(&replica_json).unwrap()).unwrap()
+    };
+
+    let (copied1, sent1) = replicate(&src, &dst, "110").await;
+    let wrote = common::qmp(
+        &src.run,
+        110,
+        "human-monitor-command",
+        serde_json::json!({"command-line": "qemu-io -d scsi0 \"write -P 0x5a 64M 8M\""}),
+    )
+    .await;
+    assert_eq!(wrote, serde_json::json!(""), "HMP qemu-io failed");
+    let (copied2, sent2) = replicate(&src, &dst, "110").await;
+    eprintln!("run 1: copied {copied1}, sent {sent1}; run 2: copied {copied2}, sent {sent2}");
+    let text = scrape(&dst).await;
+    promtool_check(&text);
+    let newest = record()["points"][1]["time"].as_u64().unwrap();
+    let l = "{vmid=\"110\"}";
+    assert_eq!(sample(&text, &format!("mtunnel_replica_points{l}")), 2.0);
+    assert_eq!(
+        sample(
+            &text,
+            &format!("mtunnel_replica_newest_point_timestamp_seconds{l}")
+        ),
+        newest as f64
+    );
+    assert_eq!(
+        sample(
+            &text,
+            &format!("mtunnel_replica_last_run_received_bytes{l}")
+        ),
+        sent2 as f64,
+        "received here = sent by the source"
+    );
+    assert_eq!(
+        sample(&text, &format!("mtunnel_replica_last_run_copied_bytes{l}")),
+        copied2 as f64
+    );
+    assert!(
+        sent2 < sent1 / 2,
+        "run 2 is incremental: {sent2} vs {sent1}"
+    );
+    assert_eq!(
+        sample(&text, &format!("mtunnel_replica_runs_failed_total{l}")),
+        0.0
+    );
+
+    // A run slowed to 1 MiB/s, cut by kill -9 of the target.
+    let target = target_arg(&dst, dst.port);
+    let args = ["replicate", "110", &target, "--target-storage", "local"];
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let slow = {
+        let config = src.config.clone();
+        tokio::spawn(async move {
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_mtunnel"))
+                .args(&args)
+                .args(["--bwlimit", "1024", "--config"])
+                .arg(&config)
+                .output()
+                .await
+                .expect("running mtunnel replicate")
+        })
+    };
+    let pid_file = dst.run.join("110-scsi0.replica.pid");
+    assert!(
+        common::eventually(Duration::from_secs(30), || pid_file.exists()).await,
+        "the run never exported the working copy"
+    );
+    dst.restart();
+    let cut = bounded(120, slow).await.unwrap();
+    assert!(!cut.status.success(), "the cut run must fail");
+    assert!(
+        common::eventually(Duration::from_secs(10), || !pid_file.exists()).await,
+        "the recovery left the run's NBD server"
+    );
+    let text = scrape(&dst).await;
+    assert_eq!(
+        sample(&text, &format!("mtunnel_replica_runs_failed_total{l}")),
+        1.0
+    );
+    assert_eq!(sample(&text, &format!("mtunnel_replica_points{l}")), 2.0);
+
+    // The next run completes (a full copy, the last one was cut); the failure stays counted.
+    let (copied3, sent3) = replicate(&src, &dst, "110").await;
+    let text = scrape(&dst).await;
+    promtool_check(&text);
+    assert_eq!(
+        sample(&text, &format!("mtunnel_replica_runs_failed_total{l}")),
+        1.0
+    );
+    assert_eq!(sample(&text, &format!("mtunnel_replica_points{l}")), 3.0);
+    assert_eq!(
+        sample(
+            &text,
+            &format!("mtunnel_replica_last_run_received_bytes{l}")
+        ),
+        sent3 as f64
+    );
+    assert_eq!(
+        sample(&text, &format!("mtunnel_replica_last_run_copied_bytes{l}")),
+        copied3 as f64
+    );
+
+    mt_ok(&dst, &["replica", "promote", "110"]).await;
+    let text = scrape(&dst).await;
+    assert!(!text.contains("vmid=\"110\""), "{text}");
+    mt_ok(&src, &["vm", "stop", "110"]).await;
+}

@@ -563,6 +563,25 @@ fn deb_package_holds_man_pages_completions_and_a_stripped_binary() {
 
     check_man_pages(&root);
     check_completions(&root);
+    // The replica timer, its service and the settings example (docs/replicas.md).
+    for (file, packaged_as) in [
+        (
+            "usr/lib/systemd/system/mtunnel-replicate@.service",
+            "mtunnel-replicate@.service",
+        ),
+        (
+            "usr/lib/systemd/system/mtunnel-replicate@.timer",
+            "mtunnel-replicate@.timer",
+        ),
+        (
+            "usr/share/doc/mtunnel/examples/replicate.env",
+            "replicate.env",
+        ),
+    ] {
+        let shipped = std::fs::read_to_string(root.join(file))
+            .unwrap_or_else(|e| panic!("the .deb lacks /{file}: {e}"));
+        assert_eq!(shipped, packaged(packaged_as), "/{file}");
+    }
 }
 
 fn check_man_pages(root: &Path) {
@@ -631,4 +650,107 @@ fn check_completions(root: &Path) {
     for text in [&zsh, &fish] {
         assert!(!text.contains("generate-docs") && !text.contains("bench-relay"));
     }
+}
+
+/// `packaging/NAME` of the repository (read at run time: a missing unit fails its test).
+fn packaged(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("packaging")
+        .join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The replica timer and its service (docs/replicas.md) pass `systemd-analyze verify`
+/// without a warning as instance 100, and the package ships them with the settings example.
+#[test]
+fn replicate_timer_units_verify_and_are_packaged() {
+    let dir = tempfile::Builder::new()
+        .prefix("mtr")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let service = packaged("mtunnel-replicate@.service");
+    let timer = packaged("mtunnel-replicate@.timer");
+    let exec = "ExecStart=/usr/bin/mtunnel replicate %i ${ENDPOINT} \
+                --target-storage ${TARGET_STORAGE} $OPTIONS";
+    for line in [
+        exec,
+        "EnvironmentFile=/etc/mtunnel/replicate/%i.env",
+        "Type=oneshot",
+    ] {
+        assert!(service.lines().any(|l| l == line), "service lacks {line}");
+    }
+    for line in [
+        "OnCalendar=hourly",
+        "Persistent=true",
+        "WantedBy=timers.target",
+    ] {
+        assert!(timer.lines().any(|l| l == line), "timer lacks {line}");
+    }
+    let service = service.replace("/usr/bin/mtunnel", BIN);
+    std::fs::write(dir.path().join("mtunnel-replicate@.service"), service).unwrap();
+    std::fs::write(dir.path().join("mtunnel-replicate@.timer"), timer).unwrap();
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(dir.path().join("mtunnel-replicate@100.service"))
+        .arg(dir.path().join("mtunnel-replicate@100.timer"))
+        .output()
+        .expect("systemd-analyze (Debian package systemd) is needed for this test");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "systemd-analyze failed: {stderr}");
+    assert!(
+        !stderr.contains("mtunnel-replicate"),
+        "systemd-analyze warns about the units:\n{stderr}"
+    );
+    for asset in [
+        "[\"packaging/mtunnel-replicate@.service\", \"usr/lib/systemd/system/\", \"644\"]",
+        "[\"packaging/mtunnel-replicate@.timer\", \"usr/lib/systemd/system/\", \"644\"]",
+        "[\"packaging/replicate.env\", \"usr/share/doc/mtunnel/examples/replicate.env\", \"644\"]",
+    ] {
+        assert!(deb_metadata().contains(asset), "deb assets lack {asset}");
+    }
+}
+
+/// The settings example's variables, expanded as systemd expands the service's
+/// `ExecStart` (`${X}`: one word; `$X`: split at spaces), make a command line that
+/// `mtunnel replicate` accepts: it gets as far as looking for the VM.
+#[test]
+fn replicate_settings_example_makes_a_valid_command_line() {
+    let env = packaged("replicate.env");
+    let vars: std::collections::BTreeMap<&str, &str> = env
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let (k, v) = l.split_once('=').expect("KEY=\"VALUE\" lines");
+            (k, v.trim_matches('"'))
+        })
+        .collect();
+    assert_eq!(
+        vars.keys().copied().collect::<Vec<_>>(),
+        ["ENDPOINT", "OPTIONS", "TARGET_STORAGE"]
+    );
+    let mut args = vec!["replicate", "100", vars["ENDPOINT"], "--target-storage"];
+    args.push(vars["TARGET_STORAGE"]);
+    args.extend(vars["OPTIONS"].split_whitespace());
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("mtunnel.toml");
+    let data = dir.path().join("data");
+    let run = dir.path().join("run");
+    let toml = format!(
+        "node = \"n1\"\ndata_dir = {data:?}\nrun_dir = {run:?}\n[storage.local]\ntype = \"dir\"\npath = {:?}\n",
+        dir.path().join("s")
+    );
+    std::fs::write(&config, toml).unwrap();
+    let out = Command::new(BIN)
+        .args(&args)
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        !stderr.contains("Usage:"),
+        "the arguments were refused: {stderr}"
+    );
+    assert!(stderr.contains("VM 100"), "{stderr}");
 }

@@ -552,3 +552,54 @@ async fn raw_dir_points_are_reflink_copies_where_the_fs_shares_blocks() {
         std::fs::remove_file(f).unwrap();
     }
 }
+
+/// A node like [`node`] whose `serve` also exposes `/metrics` (on a free loopback port).
+fn node_with_metrics(name: &str) -> TestServer {
+    common::require_qemu();
+    TestServer::start_with(Options {
+        node: Some(name.into()),
+        extra_toml: "qemu_accel = \"tcg\"\nmetrics_listen = \"127.0.0.1:0\"\n".into(),
+        ..Options::default()
+    })
+}
+
+/// The target's record of replica `vmid` (`{data}/replicas/<vmid>.json`).
+fn record(dst: &TestServer, vmid: u32) -> serde_json::Value {
+    let path = dst.data.join("replicas").join(format!("{vmid}.json"));
+    serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap()
+}
+
+/// The replica's entry in the target's `/cluster/resources?type=vm`.
+async fn resources(dst: &TestServer) -> serde_json::Value {
+    dst.client()
+        .get("/cluster/resources", &[("type", "vm")])
+        .await
+        .expect("GET /cluster/resources")
+}
+
+/// `/cluster/resources` lists a replica as `replica` with its run state and newest point,
+/// a PVE `qemu` entry otherwise; once promoted it is a plain `stopped` VM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_show_in_resources() {
+    let src = node("src9");
+    let dst = node_with_metrics("dst9");
+    create_vm_with_data(&src, 109, "128M").await;
+    let (_, _, out1) = replicate(&src, &dst, 109).await;
+    let point1 = point_of(&out1);
+    let time1 = record(&dst, 109)["points"][0]["time"].as_u64().unwrap();
+    assert_eq!(
+        resources(&dst).await,
+        json!([{"id": "qemu/109", "vmid": 109, "type": "qemu", "node": "dst9",
+                "status": "replica", "lock": "replica", "replica-state": "idle",
+                "replica-source": "src9/109", "replica-points": 1,
+                "replica-newest": point1, "replica-newest-time": time1}])
+    );
+
+    mt_ok(&dst, &["replica", "promote", "109"]).await;
+    assert_eq!(
+        resources(&dst).await,
+        json!([{"id": "qemu/109", "vmid": 109, "type": "qemu", "node": "dst9",
+                "status": "stopped"}])
+    );
+    mt_ok(&src, &["vm", "stop", "109"]).await;
+}

@@ -39,6 +39,14 @@ pub struct Promoted {
     pub leftovers: Vec<String>,
 }
 
+/// What a run moved: the source's count of bytes its jobs copied, and what this node
+/// received through the run's NBD WebSockets.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunBytes {
+    pub copied: u64,
+    pub received: u64,
+}
+
 /// What a completed run made.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Completed {
@@ -90,9 +98,15 @@ impl Parts<'_> {
         upid: &str,
     ) -> anyhow::Result<BTreeMap<String, Export>> {
         let mut r = self.load(vmid)?;
+        if r.run.as_ref().is_some_and(|run| !run.counted) {
+            // The previous run exported and never completed (one tunnel per VM at a time)
+            // and its tunnel's cleanup did not count it.
+            r.failed_runs += 1;
+        }
         r.run = Some(Run {
             upid: upid.to_string(),
             started: crate::util::unix_now(),
+            counted: false,
         });
         super::store(&self.cfg.data_dir, &r)?;
         let mut out = BTreeMap::new();
@@ -117,20 +131,10 @@ impl Parts<'_> {
         Ok(out)
     }
 
-    /// Completes the running run: waits for the NBD servers to end (the source
-    /// disconnected), makes point `name`-d after now on every disk, prunes the oldest to
-    /// `keep`, and records it all.
-    pub async fn complete_run(
-        &self,
-        vmid: u32,
-        keep: Option<usize>,
-        bytes: u64,
-        incremental: bool,
-    ) -> anyhow::Result<Completed> {
-        let mut r = self.load(vmid)?;
-        if r.run.is_none() {
-            bail!("no replica run of VM {vmid} is under way (send 'replica-export' first)");
-        }
+    /// Waits (at most 10 s each) for the run's NBD servers to end: the source
+    /// disconnected, so every byte it sent has been relayed.
+    pub async fn wait_servers(&self, vmid: u32) -> anyhow::Result<()> {
+        let r = self.load(vmid)?;
         // A server that is still up had no client that finished (the source never
         // connected, or is still writing): what it holds is no point.
         let mut unfinished = Vec::new();
@@ -146,6 +150,24 @@ impl Parts<'_> {
                 unfinished.join(", ")
             );
         }
+        Ok(())
+    }
+
+    /// Completes the running run: waits for the NBD servers to end (the source
+    /// disconnected), makes point `name`-d after now on every disk, prunes the oldest to
+    /// `keep`, and records it all.
+    pub async fn complete_run(
+        &self,
+        vmid: u32,
+        keep: Option<usize>,
+        bytes: RunBytes,
+        incremental: bool,
+    ) -> anyhow::Result<Completed> {
+        let mut r = self.load(vmid)?;
+        if r.run.is_none() {
+            bail!("no replica run of VM {vmid} is under way (send 'replica-export' first)");
+        }
+        self.wait_servers(vmid).await?;
         let name = super::point_name(&r.points, crate::util::unix_now());
         for disk in r.disks.values() {
             if !self.copy(vmid, disk)?.create(&name).await? {
@@ -159,8 +181,9 @@ impl Parts<'_> {
         r.points.push(Point {
             name: name.clone(),
             time: crate::util::unix_now(),
-            bytes,
+            bytes: bytes.copied,
             incremental,
+            received: bytes.received,
         });
         r.run = None;
         // The new point is on record before any old one goes: a failure while pruning

@@ -51,6 +51,9 @@ pub struct Point {
     /// Whether the run sent only what changed since the previous point.
     #[serde(default)]
     pub incremental: bool,
+    /// Payload bytes this node received through the run's NBD WebSockets (measured here).
+    #[serde(default)]
+    pub received: u64,
 }
 
 /// A run that started and has not completed (its working copies may be half written).
@@ -58,6 +61,9 @@ pub struct Point {
 pub struct Run {
     pub upid: String,
     pub started: u64,
+    /// Whether this run is counted in [`Replica::failed_runs`] (its tunnel was freed).
+    #[serde(default)]
+    pub counted: bool,
 }
 
 /// The record of one replica.
@@ -74,6 +80,10 @@ pub struct Replica {
     pub points: Vec<Point>,
     #[serde(default)]
     pub run: Option<Run>,
+    /// Runs that exported the working copies and never completed: counted when their
+    /// tunnel is freed ([`run_failed`]), or else when the next run begins.
+    #[serde(default)]
+    pub failed_runs: u64,
 }
 
 impl Replica {
@@ -93,6 +103,41 @@ impl Replica {
             (None, false) => "idle",
         }
     }
+}
+
+/// The fields a replica adds to its `/cluster/resources` entry (which stays a valid PVE
+/// `qemu` entry): `status` `replica` in place of `stopped`, `lock` as PVE lists a locked
+/// guest's, and `replica-*` keys that PVE's clients ignore: the run state
+/// ([`Replica::status`]), the source, the number of points and the newest one with its
+/// unix time (absent without a point).
+pub fn resource_fields(r: &Replica, run_alive: bool) -> serde_json::Map<String, serde_json::Value> {
+    use serde_json::json;
+    let mut m = serde_json::Map::new();
+    m.insert("status".into(), json!("replica"));
+    m.insert("lock".into(), json!(LOCK));
+    m.insert("replica-state".into(), json!(r.status(run_alive)));
+    let source = format!("{}/{}", r.source.node, r.source.vmid);
+    m.insert("replica-source".into(), json!(source));
+    m.insert("replica-points".into(), json!(r.points.len()));
+    if let Some(p) = r.points.last() {
+        m.insert("replica-newest".into(), json!(p.name));
+        m.insert("replica-newest-time".into(), json!(p.time));
+    }
+    m
+}
+
+/// The tunnel `upid` was freed: if it ran the replica's unfinished run, that run failed
+/// and is counted (once) in `failed_runs`; the run stays recorded (`interrupted`).
+pub fn run_failed(data_dir: &Path, vmid: u32, upid: &str) -> anyhow::Result<()> {
+    let Some(mut r) = load(data_dir, vmid)? else {
+        return Ok(());
+    };
+    match &mut r.run {
+        Some(run) if run.upid == upid && !run.counted => run.counted = true,
+        _ => return Ok(()),
+    }
+    r.failed_runs += 1;
+    store(data_dir, &r)
 }
 
 /// `{data}/replicas`.
@@ -198,12 +243,15 @@ mod tests {
                     time: 1,
                     bytes: 0,
                     incremental: false,
+                    received: 0,
                 })
                 .collect(),
             run: run.then(|| Run {
                 upid: "UPID:x".into(),
                 started: 1,
+                counted: false,
             }),
+            failed_runs: 0,
         }
     }
 
@@ -216,6 +264,19 @@ mod tests {
         assert_eq!(replica(&["r1"], true).status(true), "running");
         assert_eq!(replica(&["r1"], true).status(false), "interrupted");
         assert_eq!(replica(&[], false).status(false), "empty");
+    }
+
+    #[test]
+    fn a_failed_run_is_counted_once() {
+        let dir = tempfile::tempdir().unwrap();
+        run_failed(dir.path(), 100, "UPID:x").unwrap();
+        store(dir.path(), &replica(&["r1"], true)).unwrap();
+        run_failed(dir.path(), 100, "UPID:other").unwrap();
+        assert_eq!(load(dir.path(), 100).unwrap().unwrap().failed_runs, 0);
+        run_failed(dir.path(), 100, "UPID:x").unwrap();
+        run_failed(dir.path(), 100, "UPID:x").unwrap();
+        let r = load(dir.path(), 100).unwrap().unwrap();
+        assert_eq!((r.failed_runs, r.status(false)), (1, "interrupted"));
     }
 
     #[test]

@@ -159,12 +159,13 @@ pub async fn stop_servers(run_dir: &Path, vmid: u32) -> Vec<String> {
 }
 
 /// Waits (at most `wait`) for the server on `socket` to exit by itself (its client is
-/// gone), then stops it.
+/// gone), then stops it; whether it had ended by itself (or was gone already).
 pub async fn wait_exit(socket: &Path, wait: Duration) -> bool {
     let pid = std::fs::read_to_string(pid_file(socket))
         .ok()
         .and_then(|t| t.trim().parse::<i32>().ok());
-    let mut ended = false;
+    // No pid file: no server is left to wait for.
+    let mut ended = pid.is_none();
     if let Some(pid) = pid {
         let deadline = tokio::time::Instant::now() + wait;
         loop {

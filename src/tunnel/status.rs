@@ -79,6 +79,17 @@ impl Activity {
         let counters = counters.also_counting(stat.inbound.clone(), stat.outbound.clone());
         (counters, Connection { stat })
     }
+
+    /// Payload bytes peer → node through the WebSockets to `socket` so far (a replica
+    /// run's received bytes, docs/replicas.md).
+    pub fn inbound_bytes(&self, socket: &Path) -> u64 {
+        let streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        streams
+            .iter()
+            .filter(|((_, path), _)| path == socket)
+            .map(|(_, stat)| stat.inbound.get())
+            .sum()
+    }
 }
 
 /// A snapshot of one open tunnel.

@@ -247,6 +247,10 @@ impl TunnelSockets for Link {
     fn is_registered(&self, path: &std::path::Path) -> bool {
         self.tunnel.is_registered(path)
     }
+
+    fn inbound_bytes(&self, path: &std::path::Path) -> u64 {
+        self.tunnel.activity.inbound_bytes(path)
+    }
 }
 
 fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {

@@ -112,7 +112,8 @@ async fn resources(call: Call<ResourcesArgs>) -> Result<Data, Error> {
 }
 
 /// This node's VMs the token may see (`VM.Audit` or `VM.Allocate`); as PVE, a VM is
-/// `running` while its QEMU process runs, else `stopped`.
+/// `running` while its QEMU process runs, else `stopped`. A replica (docs/replicas.md) is
+/// `replica`, with its lock and `replica-*` fields ([`crate::replica::resource_fields`]).
 async fn local_vm_resources(node: &Node, authid: &str) -> Vec<Value> {
     let mut running = BTreeSet::new();
     let vmids = node.guests.list();
@@ -121,19 +122,40 @@ async fn local_vm_resources(node: &Node, authid: &str) -> Vec<Value> {
             running.insert(vmid);
         }
     }
+    let (replicas, bad) = crate::replica::list(&node.cfg.data_dir);
+    for e in bad {
+        tracing::warn!("listing replicas for /cluster/resources: {e}");
+    }
     vmids
         .into_iter()
         .filter(|vmid| may_see_vm(node, authid, *vmid))
         .map(|vmid| {
-            json!({
+            let mut entry = json!({
                 "id": format!("qemu/{vmid}"),
                 "vmid": vmid,
                 "type": "qemu",
                 "node": node.cfg.node,
                 "status": if running.contains(&vmid) { "running" } else { "stopped" },
-            })
+            });
+            // A record without its config's `replica` lock is not listed as a replica (a
+            // promoted or half-made one): the config decides what the VM is.
+            let replica = replicas.iter().find(|r| r.vmid == vmid);
+            if let (Some(r), Some(obj)) = (replica, entry.as_object_mut())
+                && is_replica_config(node, vmid)
+            {
+                let alive = crate::replica::run_alive(&node.cfg.run_dir, vmid);
+                obj.extend(crate::replica::resource_fields(r, alive));
+            }
+            entry
         })
         .collect()
+}
+
+/// Whether VM `vmid`'s config carries the `replica` lock.
+fn is_replica_config(node: &Node, vmid: u32) -> bool {
+    let conf = node.guests.read_text(vmid).ok();
+    let conf = conf.and_then(|t| crate::guest::VmConfig::parse(&t).ok());
+    conf.is_some_and(|c| c.options.get("lock").map(String::as_str) == Some(crate::replica::LOCK))
 }
 
 fn may_see_vm(node: &Node, authid: &str, vmid: u32) -> bool {

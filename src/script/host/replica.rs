@@ -66,10 +66,22 @@ pub(super) fn replica_table(lua: &Lua) -> mlua::Result<Table> {
                 .get("keep")
                 .and_then(Value::as_u64)
                 .map(|k| usize::try_from(k).unwrap_or(usize::MAX));
-            let bytes = opts.get("bytes").and_then(Value::as_u64).unwrap_or(0);
+            let copied = opts.get("bytes").and_then(Value::as_u64).unwrap_or(0);
             let incremental = opts.get("incremental").and_then(Value::as_bool) == Some(true);
             let record = replica::load(&c.node.cfg.data_dir, c.vmid).map_err(err)?;
-            let done = parts(&c)
+            let parts = parts(&c);
+            // Counted once the servers ended: every byte of the run has been relayed.
+            parts.wait_servers(c.vmid).await.map_err(err)?;
+            let received = record
+                .iter()
+                .flat_map(|r| r.disks.keys())
+                .map(|key| {
+                    let socket = replica::nbd_socket(&c.node.cfg.run_dir, c.vmid, key);
+                    c.tunnel.inbound_bytes(&socket)
+                })
+                .sum();
+            let bytes = replica::manage::RunBytes { copied, received };
+            let done = parts
                 .complete_run(c.vmid, keep, bytes, incremental)
                 .await
                 .map_err(err)?;
@@ -146,6 +158,7 @@ async fn create(lua: Lua, opts: LuaValue) -> mlua::Result<LuaValue> {
         disks,
         points: Vec::new(),
         run: None,
+        failed_runs: 0,
     };
     c.record(|j| j.replica = true).await?;
     replica::store(&c.node.cfg.data_dir, &r).map_err(err)?;
