@@ -153,7 +153,7 @@ pub const MATRIX: &[(&str, &str, &str, &str, &str)] = &[
         "half-open peer",
         "drive-mirror",
         "dropped after peer_timeout_secs, QEMU stopped, all freed, TASK ERROR",
-        "running, unlocked, config unchanged; retry succeeds",
+        "gives up after --stall-timeout without progress; running, unlocked, config unchanged; retry succeeds",
         "half_open_peer_during_drive_mirror",
     ),
     (
@@ -176,6 +176,13 @@ pub const MATRIX: &[(&str, &str, &str, &str, &str)] = &[
         "QEMU stopped, config + sockets freed, TASK ERROR",
         "fails at once naming the broken WebSocket; running, unlocked, config unchanged; retry succeeds",
         "reset_during_ram_migration",
+    ),
+    (
+        "half-open peer",
+        "RAM",
+        "dropped after peer_timeout_secs, QEMU stopped, config + sockets freed, TASK ERROR",
+        "gives up after --stall-timeout without progress; running, unlocked, config unchanged; retry succeeds",
+        "half_open_peer_during_ram_migration",
     ),
     (
         "serve SIGTERM",
@@ -1140,13 +1147,13 @@ async fn migration_failed(run: tokio::task::JoinHandle<Output>) -> String {
     err
 }
 
-/// Waits, bounded well below `--stall-timeout 600`, for a migration that must fail once
-/// its link was cut; returns its stderr.
+/// Waits (at most 60 s: well below a `--stall-timeout 600`) for a migration that must
+/// fail after a fault on its link; returns its stderr.
 async fn failed_at_once(run: tokio::task::JoinHandle<Output>) -> String {
     let ended = eventually(Duration::from_secs(60), || run.is_finished()).await;
     assert!(
         ended,
-        "the migration still runs 60 s after its link was cut and the target cleaned up (waiting for the stall bound?)"
+        "the migration still runs 60 s after the fault on its link and the target's cleanup"
     );
     migration_failed(run).await
 }
@@ -1229,9 +1236,12 @@ async fn live_case(fault: LiveFault, phase: LivePhase, vmid: u32) {
             )
         }
     };
-    if fault == LiveFault::Reset {
+    match fault {
         // Far beyond this test's bound: only the broken WebSocket itself may end the run.
-        args.extend(["--stall-timeout", "600"]);
+        LiveFault::Reset => args.extend(["--stall-timeout", "600"]),
+        // A frozen link is noticed by the source only through the stall bound.
+        LiveFault::HalfOpen => args.extend(["--stall-timeout", "5"]),
+        _ => {}
     }
     let conf_before = conf_of(&src, vmid);
     let proxy = FaultProxy::start(dst.port).await;
@@ -1285,8 +1295,6 @@ async fn live_case(fault: LiveFault, phase: LivePhase, vmid: u32) {
             proxy.freeze();
             wait_clean(&dst, vmid, &[], 30).await;
             assert_tunnel_freed(&dst, &upid, vmid, &created, 30).await;
-            // Let the source notice.
-            proxy.reset();
         }
         LiveFault::Sigterm => {
             sigterm_and_wait(&mut dst).await;
@@ -1303,7 +1311,12 @@ async fn live_case(fault: LiveFault, phase: LivePhase, vmid: u32) {
             assert_tunnel_freed_by_quit(&dst, &upid, vmid, &created, 30).await;
         }
     }
-    if fault == LiveFault::Reset {
+    if fault == LiveFault::HalfOpen {
+        // The link stays frozen: nothing but the stall bound can end the run.
+        let err = failed_at_once(run).await;
+        assert!(err.contains("made no progress for 5 s"), "{err}");
+        proxy.reset();
+    } else if fault == LiveFault::Reset {
         let err = failed_at_once(run).await;
         let stream = match phase {
             LivePhase::Mirror => "disk stream",
@@ -1346,6 +1359,11 @@ async fn reset_during_drive_mirror() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reset_during_ram_migration() {
     bounded(180, live_case(LiveFault::Reset, LivePhase::Ram, 324)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_open_peer_during_ram_migration() {
+    bounded(180, live_case(LiveFault::HalfOpen, LivePhase::Ram, 328)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -353,6 +353,19 @@ impl Migration<'_> {
                 bar.finish("not converged");
                 return Err(not_converged(&tuning, &last));
             }
+            Ok(Err(qemu::QemuError::MigrationStalled {
+                vmid,
+                secs,
+                status,
+                transferred,
+            })) => {
+                bar.finish("stalled");
+                bail!(
+                    "VM {vmid}: the RAM migration made no progress for {secs:.0} s \
+                     (--stall-timeout; status {status}, {} sent): the link is probably frozen",
+                    human(transferred)
+                );
+            }
             Ok(Err(e)) => return Err(e.into()),
             Err(postcopy::Ended::Failed(e)) => return Err(e),
         };
