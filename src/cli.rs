@@ -371,6 +371,16 @@ pub struct MigrateArgs {
     /// switch, after which the migration runs to its end).
     #[arg(long, value_name = "SECS", default_value_t = 1800, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_ram_time: u64,
+    /// Give up a live migration whose RAM or disk mirror made no progress for SECS
+    /// seconds (a frozen link is noticed nowhere else); the VM keeps running on the
+    /// source. A cut link (a broken WebSocket) fails the migration at once instead.
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = mtunnel::client::migrate::DEFAULT_STALL_TIMEOUT.as_secs(),
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub stall_timeout: u64,
     /// Compress the RAM's multifd channels (needs --streams 2 or more and a target that
     /// offers zstd): auto = zstd only when --bwlimit is at most 128 MiB/s, where fewer
     /// bytes beat its CPU cost (measured: docs/performance.md).

@@ -153,7 +153,7 @@ pub const MATRIX: &[(&str, &str, &str, &str, &str)] = &[
         "half-open peer",
         "drive-mirror",
         "dropped after peer_timeout_secs, QEMU stopped, all freed, TASK ERROR",
-        "running, unlocked, config unchanged; retry succeeds",
+        "gives up after --stall-timeout without progress; running, unlocked, config unchanged; retry succeeds",
         "half_open_peer_during_drive_mirror",
     ),
     (
@@ -165,10 +165,24 @@ pub const MATRIX: &[(&str, &str, &str, &str, &str)] = &[
     ),
     (
         "TCP reset",
+        "drive-mirror",
+        "QEMU stopped, volume + config + sockets freed, TASK ERROR",
+        "fails at once naming the broken WebSocket; running, unlocked, config unchanged; retry succeeds",
+        "reset_during_drive_mirror",
+    ),
+    (
+        "TCP reset",
         "RAM",
         "QEMU stopped, config + sockets freed, TASK ERROR",
-        "running, unlocked, config unchanged; retry succeeds",
+        "fails at once naming the broken WebSocket; running, unlocked, config unchanged; retry succeeds",
         "reset_during_ram_migration",
+    ),
+    (
+        "half-open peer",
+        "RAM",
+        "dropped after peer_timeout_secs, QEMU stopped, config + sockets freed, TASK ERROR",
+        "gives up after --stall-timeout without progress; running, unlocked, config unchanged; retry succeeds",
+        "half_open_peer_during_ram_migration",
     ),
     (
         "serve SIGTERM",
@@ -1133,6 +1147,17 @@ async fn migration_failed(run: tokio::task::JoinHandle<Output>) -> String {
     err
 }
 
+/// Waits (at most 60 s: well below a `--stall-timeout 600`) for a migration that must
+/// fail after a fault on its link; returns its stderr.
+async fn failed_at_once(run: tokio::task::JoinHandle<Output>) -> String {
+    let ended = eventually(Duration::from_secs(60), || run.is_finished()).await;
+    assert!(
+        ended,
+        "the migration still runs 60 s after the fault on its link and the target's cleanup"
+    );
+    migration_failed(run).await
+}
+
 /// The same migration again, directly and unthrottled, succeeds; the target VM runs.
 async fn retry_succeeds(src: &TestServer, dst: &TestServer, vmid: u32, online: bool) {
     let target = target_arg(dst, dst.port);
@@ -1185,14 +1210,14 @@ async fn live_case(fault: LiveFault, phase: LivePhase, vmid: u32) {
         ""
     };
     let mut dst = target(extra);
-    let (args, created) = match phase {
+    let (mut args, created) = match phase {
         LivePhase::Mirror => {
             create_vm(&src, vmid, 128, &["local:64M:qcow2"]).await;
             let img = src.images(vmid).join(format!("vm-{vmid}-disk-0.qcow2"));
             qemu_io("qcow2", "write -P 0x44 0 64M", &img);
             start_with_ram(&src, vmid, 1).await;
             (
-                ["--online", "--bwlimit", "4096"],
+                vec!["--online", "--bwlimit", "4096"],
                 Created {
                     volumes: vec![format!("vm-{vmid}-disk-0.qcow2")],
                     qemu: true,
@@ -1203,7 +1228,7 @@ async fn live_case(fault: LiveFault, phase: LivePhase, vmid: u32) {
             create_vm(&src, vmid, 128, &[]).await;
             start_with_ram(&src, vmid, 48).await;
             (
-                ["--online", "--bwlimit", "8192"],
+                vec!["--online", "--bwlimit", "8192"],
                 Created {
                     volumes: Vec::new(),
                     qemu: true,
@@ -1211,6 +1236,13 @@ async fn live_case(fault: LiveFault, phase: LivePhase, vmid: u32) {
             )
         }
     };
+    match fault {
+        // Far beyond this test's bound: only the broken WebSocket itself may end the run.
+        LiveFault::Reset => args.extend(["--stall-timeout", "600"]),
+        // A frozen link is noticed by the source only through the stall bound.
+        LiveFault::HalfOpen => args.extend(["--stall-timeout", "5"]),
+        _ => {}
+    }
     let conf_before = conf_of(&src, vmid);
     let proxy = FaultProxy::start(dst.port).await;
     let run = spawn_migrate(&src, &dst, proxy.port, vmid, "local", &args);
@@ -1263,8 +1295,6 @@ async fn live_case(fault: LiveFault, phase: LivePhase, vmid: u32) {
             proxy.freeze();
             wait_clean(&dst, vmid, &[], 30).await;
             assert_tunnel_freed(&dst, &upid, vmid, &created, 30).await;
-            // Let the source notice.
-            proxy.reset();
         }
         LiveFault::Sigterm => {
             sigterm_and_wait(&mut dst).await;
@@ -1281,7 +1311,26 @@ async fn live_case(fault: LiveFault, phase: LivePhase, vmid: u32) {
             assert_tunnel_freed_by_quit(&dst, &upid, vmid, &created, 30).await;
         }
     }
-    migration_failed(run).await;
+    if fault == LiveFault::HalfOpen {
+        // The link stays frozen: nothing but the stall bound can end the run.
+        let err = failed_at_once(run).await;
+        assert!(err.contains("made no progress for 5 s"), "{err}");
+        proxy.reset();
+    } else if fault == LiveFault::Reset {
+        let err = failed_at_once(run).await;
+        let stream = match phase {
+            LivePhase::Mirror => "disk stream",
+            LivePhase::Ram => "RAM stream",
+        };
+        let named = format!(
+            "the {stream}'s WebSocket to 127.0.0.1:{} broke: ",
+            proxy.port
+        );
+        assert!(err.contains(&named), "expected '{named}...':\n{err}");
+        assert!(!err.contains("no progress"), "{err}");
+    } else {
+        migration_failed(run).await;
+    }
     assert_source_running_unlocked(&src, vmid, &conf_before).await;
     if fault == LiveFault::Sigterm {
         dst.restart();
@@ -1303,8 +1352,18 @@ async fn kill9_during_drive_mirror_then_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_during_drive_mirror() {
+    bounded(180, live_case(LiveFault::Reset, LivePhase::Mirror, 327)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reset_during_ram_migration() {
     bounded(180, live_case(LiveFault::Reset, LivePhase::Ram, 324)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_open_peer_during_ram_migration() {
+    bounded(180, live_case(LiveFault::HalfOpen, LivePhase::Ram, 328)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -58,6 +58,7 @@ pub async fn run(args: MigrateArgs) -> anyhow::Result<()> {
             compress: args.compress,
             postcopy: args.postcopy,
         },
+        stall_timeout: std::time::Duration::from_secs(args.stall_timeout),
     };
     check_ram_flags(&opts)?;
     let progress = Progress::auto();

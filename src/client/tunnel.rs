@@ -3,6 +3,10 @@
 //! order (FIFO), and forwards that listen on a local UNIX socket and open a new WebSocket
 //! for every accepted connection, each with a fresh ticket fetched over the control
 //! channel. `mtunnel tunnel` drives this from stdin; `mtunnel migrate` uses it directly.
+//! When a forward's WebSocket ends (broken, reset, or closed by the peer) its local
+//! connection is shut down both ways at once, so the local program (QEMU's migration or
+//! mirror) fails right away instead of writing into a socket nobody reads; the forward
+//! keeps the first such break for its owner to report.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -190,6 +194,9 @@ pub struct Forward {
     pub local: PathBuf,
     /// Connections and bytes carried so far.
     pub stats: Arc<ForwardStats>,
+    /// Where the WebSockets go (`host:port`), for messages.
+    pub peer: String,
+    broken: Arc<std::sync::Mutex<Option<String>>>,
     accept: tokio::task::JoinHandle<()>,
     openers: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -201,6 +208,14 @@ impl Drop for Forward {
             o.abort();
         }
         let _ = std::fs::remove_file(&self.local);
+    }
+}
+
+impl Forward {
+    /// Why the first of this forward's WebSockets broke, if one did (an I/O or protocol
+    /// error; a peer's orderly close is no break).
+    pub fn broken(&self) -> Option<String> {
+        self.broken.lock().ok().and_then(|b| b.clone())
     }
 }
 
@@ -275,6 +290,9 @@ pub fn forward(
     let control = control.clone();
     let stats = Arc::new(ForwardStats::default());
     let counted = Arc::clone(&stats);
+    let peer = peer_of(&endpoint.url);
+    let broken = Arc::new(std::sync::Mutex::new(None));
+    let breaks = Arc::clone(&broken);
     let accept = tokio::spawn(async move {
         loop {
             let conn = match listener.accept().await {
@@ -290,19 +308,19 @@ pub fn forward(
             let remote_path = remote_path.clone();
             let pool = Arc::clone(&pool);
             let stats = Arc::clone(&counted);
+            let broken = Arc::clone(&breaks);
             stats.accepted.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
                 let ws = match pool.take().await {
                     Some(ws) => ws,
                     None => open_ws(&control, &endpoint, &remote_path).await,
                 };
-                match relay_one(ws, &remote_path, conn).await {
-                    Ok(sent) => {
-                        stats.sent.fetch_add(sent, Ordering::SeqCst);
-                    }
-                    Err(e) => {
-                        tracing::warn!(remote = %remote_path, "forwarded connection failed: {e}")
-                    }
+                let link = Link {
+                    remote_path: &remote_path,
+                    broken: &broken,
+                };
+                if let Some(sent) = relay_one(ws, link, conn).await {
+                    stats.sent.fetch_add(sent, Ordering::SeqCst);
                 }
                 stats.finished.fetch_add(1, Ordering::SeqCst);
             });
@@ -311,6 +329,8 @@ pub fn forward(
     Ok(Forward {
         local: local.to_path_buf(),
         stats,
+        peer,
+        broken,
         accept,
         openers,
     })
@@ -340,28 +360,121 @@ async fn open_ws(control: &Control, endpoint: &Endpoint, remote_path: &str) -> O
     Ok(endpoint.connect_raw(&url).await?)
 }
 
-async fn relay_one(
-    ws: Opened,
-    remote_path: &str,
+/// Where a forwarded connection goes and where its break is kept.
+struct Link<'a> {
+    remote_path: &'a str,
+    broken: &'a std::sync::Mutex<Option<String>>,
+}
+
+/// Relays one accepted connection; the bytes it sent, or `None` when its WebSocket broke
+/// (then the break is kept in `link.broken` before the local side learns of it).
+async fn relay_one(ws: Opened, link: Link<'_>, conn: tokio::net::UnixStream) -> Option<u64> {
+    // A second handle on the local socket: whatever the relay does with its own, the
+    // connection is shut down here, after the break is on record.
+    let (guard, conn) = match with_guard(conn) {
+        Ok(both) => both,
+        Err(e) => {
+            note_break(&link, format!("taking the local connection: {e}"));
+            return None;
+        }
+    };
+    let relayed = relay_ws(ws, conn, &guard).await;
+    match relayed {
+        Ok(sent) => Some(sent),
+        Err(e) => {
+            note_break(&link, e.to_string());
+            let _ = guard.shutdown(std::net::Shutdown::Both);
+            None
+        }
+    }
+}
+
+/// Logs a broken forwarded connection and keeps the forward's first break.
+fn note_break(link: &Link<'_>, error: String) {
+    tracing::warn!(remote = %link.remote_path, "forwarded connection failed: {error}");
+    if let Ok(mut first) = link.broken.lock() {
+        first.get_or_insert(error);
+    }
+}
+
+/// The connection and a second (std) handle on the same socket.
+fn with_guard(
     conn: tokio::net::UnixStream,
+) -> std::io::Result<(std::os::unix::net::UnixStream, tokio::net::UnixStream)> {
+    let conn = conn.into_std()?;
+    let guard = conn.try_clone()?;
+    Ok((guard, tokio::net::UnixStream::from_std(conn)?))
+}
+
+/// Pipes `conn` through the WebSocket; the bytes sent to the peer. A peer's close (or EOF)
+/// shuts `conn` down both ways at once: nothing more it writes can reach the peer.
+async fn relay_ws(
+    ws: Opened,
+    conn: tokio::net::UnixStream,
+    guard: &std::os::unix::net::UnixStream,
 ) -> Result<u64, TunnelError> {
     let ws = ws?;
     let role = crate::tunnel::forward::Role::Client;
     let relayed = match ws.stream {
-        // ws://: the payload moves with splice(2).
+        // ws://: the payload moves with splice(2); a client's relay shuts both ways itself.
         crate::net::stream::Stream::Plain(tcp) => {
             let opts = crate::tunnel::forward::RelayOpts::default();
             crate::tunnel::splice::relay_spliced(tcp, ws.leftover, role, conn, opts).await
         }
         tls => {
             let (read, write) = conn.into_split();
+            let write = ShutBoth {
+                write,
+                socket: guard,
+            };
             crate::tunnel::forward::relay(tls, ws.leftover, role, read, write).await
         }
     };
-    let stats =
-        relayed.map_err(|e| TunnelError::Other(format!("forwarding to {remote_path}: {e}")))?;
-    tracing::debug!(remote = %remote_path, sent = stats.from_socket, received = stats.to_socket, "forward done");
+    let stats = relayed.map_err(|e| TunnelError::Other(e.to_string()))?;
+    tracing::debug!(
+        sent = stats.from_socket,
+        received = stats.to_socket,
+        "forward done"
+    );
     Ok(stats.from_socket)
+}
+
+/// The local connection's writing half; its shutdown (the relay's answer to the peer's
+/// close) shuts the whole connection down.
+struct ShutBoth<'a> {
+    write: tokio::net::unix::OwnedWriteHalf,
+    socket: &'a std::os::unix::net::UnixStream,
+}
+
+impl tokio::io::AsyncWrite for ShutBoth<'_> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.write).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.write).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        // Queued bytes stay readable on both sides; new writes fail at once.
+        std::task::Poll::Ready(self.socket.shutdown(std::net::Shutdown::Both))
+    }
+}
+
+/// `host:port` of a WebSocket URL, for messages (no path, no ticket).
+fn peer_of(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    rest.split(['/', '?']).next().unwrap_or(rest).to_string()
 }
 
 /// `proxmox-websocket-tunnel`'s stdin language: control messages (`connect`, `forward`)
@@ -482,5 +595,51 @@ fn redact(url: &str) -> String {
             format!("{}ticket=...{}", &url[..i], &url[end..])
         }
         None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tunnel::forward::{Role, relay};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// The peer sent its Close but keeps the connection open, reading nothing: the local
+    /// program (QEMU) sees EOF and its next write fails at once (the TLS path's writer;
+    /// a plain TCP stream stands in for the TLS one).
+    #[tokio::test]
+    async fn a_peers_close_cuts_the_local_connection_both_ways() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (ours, accepted) =
+            tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+        let (ours, mut peer) = (ours.unwrap(), accepted.unwrap().0);
+        let (local, mut program) = tokio::net::UnixStream::pair().unwrap();
+        let (guard, local) = with_guard(local).unwrap();
+        let (read, write) = local.into_split();
+        let write = ShutBoth {
+            write,
+            socket: &guard,
+        };
+        let relayed = relay(ours, Vec::new(), Role::Client, read, write);
+        let program = async {
+            peer.write_all(&[0x88, 2, 0x03, 0xe8]).await.unwrap();
+            let mut rest = Vec::new();
+            program.read_to_end(&mut rest).await.unwrap();
+            assert!(rest.is_empty());
+            let err = crate::tunnel::splice::tests::write_until_refused(&mut program).await;
+            assert_eq!(err.kind(), std::io::ErrorKind::BrokenPipe, "{err}");
+        };
+        let (relayed, ()) = tokio::join!(relayed, program);
+        relayed.unwrap();
+    }
+
+    #[test]
+    fn peer_is_host_and_port() {
+        assert_eq!(
+            peer_of("https://10.0.0.1:8006/api2/json/nodes/n/qemu/1/mtunnelwebsocket?socket=a&"),
+            "10.0.0.1:8006"
+        );
+        assert_eq!(peer_of("ws://[::1]:80?ticket=x"), "[::1]:80");
     }
 }

@@ -7,8 +7,9 @@
 //! and leave in one write — no copies beyond the kernel's. A client masks with the all-zero
 //! key, as Proxmox's own tunnel client does (RFC 6455 requires a mask, not a random one over
 //! an encrypted link), which makes masking free. Text, binary and continuation frames are all
-//! payload; a ping is answered with a pong; a Close half-closes the UNIX socket; EOF on the
-//! UNIX socket sends a Close and ends the relay, as pveproxy tears the connection down.
+//! payload; a ping is answered with a pong; a Close half-closes the UNIX socket (the tunnel
+//! client shuts it down both ways: its peer is gone); EOF on the UNIX socket sends a Close
+//! and ends the relay, as pveproxy tears the connection down.
 //! General-purpose WebSocket libraries cost two extra copies per byte here (measured in
 //! `mtunnel bench`), which is why this one path has its own small codec.
 

@@ -126,9 +126,9 @@ async fn read_some(tcp: &TcpStream, buf: &mut [u8], watch: &PeerWatch) -> io::Re
     watch.read(read).await
 }
 
-fn shutdown_write<S: AsFd>(sock: &S) {
+fn shutdown<S: AsFd>(sock: &S, how: nix::sys::socket::Shutdown) {
     use std::os::fd::AsRawFd;
-    let _ = nix::sys::socket::shutdown(sock.as_fd().as_raw_fd(), nix::sys::socket::Shutdown::Write);
+    let _ = nix::sys::socket::shutdown(sock.as_fd().as_raw_fd(), how);
 }
 
 /// Relays between the WebSocket on `tcp` (after the handshake; `leftover` holds bytes
@@ -169,7 +169,14 @@ pub async fn relay_spliced(
                 None => break,
             }
         }
-        shutdown_write(&unix);
+        // The peer is gone: a client (`mtunnel migrate`'s forwards) also stops its local
+        // program's writes, which nobody would read (QEMU fails at once instead of
+        // blocking); a server half-closes, as pveproxy does.
+        let how = match role {
+            Role::Client => nix::sys::socket::Shutdown::Both,
+            Role::Server => nix::sys::socket::Shutdown::Write,
+        };
+        shutdown(&unix, how);
         Ok::<u64, io::Error>(n)
     };
 
@@ -199,7 +206,7 @@ pub async fn relay_spliced(
         }
         let close = control_frame(OP_CLOSE, &1000u16.to_be_bytes(), role);
         let _ = watch.write(write_all(&tcp, &close, false)).await;
-        shutdown_write(&tcp);
+        shutdown(&tcp, nix::sys::socket::Shutdown::Write);
         Ok::<u64, io::Error>(n)
     };
 
@@ -351,7 +358,7 @@ impl Inbound<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -507,6 +514,49 @@ mod tests {
         peer.write_all(&frame(OP_CLOSE, b"", [0; 4])).await.unwrap();
         drop(backend);
         relay.await.unwrap().unwrap();
+    }
+
+    /// A client's peer sent its Close but keeps the connection open, reading nothing: the
+    /// local program sees EOF and its next write fails at once, instead of filling
+    /// buffers nobody reads (a source QEMU would block in its migration).
+    #[tokio::test]
+    async fn a_clients_local_side_is_cut_when_its_peer_closes() {
+        let ((mut peer, ours), (local, mut backend)) = sockets().await;
+        let relay = tokio::spawn(relay_spliced(
+            ours,
+            Vec::new(),
+            Role::Client,
+            local,
+            RelayOpts::default(),
+        ));
+        peer.write_all(&frame(OP_CLOSE, &1000u16.to_be_bytes(), [0; 4]))
+            .await
+            .unwrap();
+        let mut rest = Vec::new();
+        backend.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+        let err = write_until_refused(&mut backend).await;
+        assert_eq!(err.kind(), io::ErrorKind::BrokenPipe, "{err}");
+        relay.await.unwrap().unwrap();
+        drop(peer);
+    }
+
+    /// Writes 64 KiB at a time (at most 256 MiB, at most 10 s) until a write fails.
+    pub(crate) async fn write_until_refused(local: &mut UnixStream) -> io::Error {
+        let chunk = vec![7u8; 64 << 10];
+        let writes = async {
+            for _ in 0..4096 {
+                if let Err(e) = local.write_all(&chunk).await {
+                    return Some(e);
+                }
+            }
+            None
+        };
+        match tokio::time::timeout(Duration::from_secs(10), writes).await {
+            Ok(Some(e)) => e,
+            Ok(None) => panic!("256 MiB written into a connection whose peer closed"),
+            Err(_) => panic!("a write blocked for 10 s: nothing shut the local side down"),
+        }
     }
 
     /// On tokio's paused clock (time moves only while every task waits): real sockets

@@ -43,8 +43,9 @@ pub mod tuning;
 pub(crate) use prepare::pinned_fingerprint;
 use remote::Remote;
 
-/// How long a disk mirror may make no progress before the migration gives up.
-const MIRROR_STALL: Duration = Duration::from_secs(60);
+/// How long a RAM migration or disk mirror may make no progress before the migration
+/// gives up, unless `--stall-timeout` says otherwise.
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How long a disk mirror job may take to end after a forced cancel (a failed migration's
 /// own, or one an earlier migration left) before the migration gives up on it.
@@ -80,6 +81,9 @@ pub struct MigrateOptions {
     /// How a live migration's RAM is made to converge (auto-converge, XBZRLE, downtime
     /// escalation) and when it gives up.
     pub tuning: tuning::RamTuning,
+    /// Give up when the RAM migration or a disk mirror made no progress for this long (a
+    /// frozen link times out nowhere else).
+    pub stall_timeout: Duration,
 }
 
 /// The source node's services.

@@ -11,10 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::{Map, Value, json};
 
-use super::{
-    DEFAULT_STREAMS, MIRROR_STALL, Migration, STALE_JOB_TIMEOUT, as_u64, min_limit, postcopy,
-    tuning,
-};
+use super::{DEFAULT_STREAMS, Migration, STALE_JOB_TIMEOUT, as_u64, min_limit, postcopy, tuning};
 use crate::client::progress::{Progress, human};
 use crate::qemu::{self, MigrationParams, VmHandle};
 
@@ -165,7 +162,13 @@ impl Migration<'_> {
         ram: &Ram,
     ) -> anyhow::Result<()> {
         let local_nbd = self.forward_nbd(started)?;
-        let jobs = self.mirror_disks(vm, started, &local_nbd).await?;
+        let jobs = match self.mirror_disks(vm, started, &local_nbd).await {
+            Ok(jobs) => jobs,
+            Err(e) => {
+                let locals: Vec<&Path> = local_nbd.values().map(PathBuf::as_path).collect();
+                return Err(self.remote.name_break(&locals, "disk stream", e));
+            }
+        };
         // The RAM WebSockets open now, while the source is set up, and not before: an
         // incoming multifd QEMU blocks its main loop (and so its NBD server) on a
         // connected channel until the channel's first bytes arrive.
@@ -177,7 +180,9 @@ impl Migration<'_> {
         let channels = if ram.streams > 1 { ram.streams + 1 } else { 1 };
         self.remote
             .forward(&local_migrate, &started.migrate_addr, channels as usize)?;
-        self.migrate_ram(vm, &local_migrate, ram).await?;
+        if let Err(e) = self.migrate_ram(vm, &local_migrate, ram).await {
+            return Err(self.remote.name_break(&[&local_migrate], "RAM stream", e));
+        }
         for job in &jobs {
             vm.block_job_cancel(job, Duration::from_secs(60)).await?;
         }
@@ -228,7 +233,7 @@ impl Migration<'_> {
             jobs.push((job, v));
         }
         for (job, v) in &jobs {
-            wait_mirror(vm, job, &v.key, self.progress)
+            wait_mirror(vm, job, &v.key, self.progress, self.opts.stall_timeout)
                 .await
                 .with_context(|| {
                     format!(
@@ -307,6 +312,7 @@ impl Migration<'_> {
             } else {
                 tuning.max_ram_time
             },
+            stall: self.opts.stall_timeout,
             ..qemu::MigrationWait::default()
         };
         let mut last = qemu::MigrationProgress::default();
@@ -346,6 +352,19 @@ impl Migration<'_> {
             Err(postcopy::Ended::NotConverged) => {
                 bar.finish("not converged");
                 return Err(not_converged(&tuning, &last));
+            }
+            Ok(Err(qemu::QemuError::MigrationStalled {
+                vmid,
+                secs,
+                status,
+                transferred,
+            })) => {
+                bar.finish("stalled");
+                bail!(
+                    "VM {vmid}: the RAM migration made no progress for {secs:.0} s \
+                     (--stall-timeout; status {status}, {} sent): the link is probably frozen",
+                    human(transferred)
+                );
             }
             Ok(Err(e)) => return Err(e.into()),
             Err(postcopy::Ended::Failed(e)) => return Err(e),
@@ -490,6 +509,7 @@ async fn wait_mirror(
     job: &str,
     key: &str,
     progress: &Progress,
+    stall: Duration,
 ) -> anyhow::Result<()> {
     let bar = progress.bar(key, 0);
     // A frozen tunnel times out nowhere else: give up when the mirror makes no progress.
@@ -509,10 +529,10 @@ async fn wait_mirror(
                     last = (offset, Instant::now());
                 }
             }
-            if last.1.elapsed() > MIRROR_STALL {
+            if last.1.elapsed() > stall {
                 return Err(anyhow::anyhow!(
-                    "mirror of {key} made no progress for {} s",
-                    MIRROR_STALL.as_secs()
+                    "mirror of {key} made no progress for {} s (--stall-timeout)",
+                    stall.as_secs()
                 ));
             }
             tokio::time::sleep(Duration::from_millis(500)).await;

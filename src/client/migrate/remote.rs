@@ -80,6 +80,25 @@ impl Remote {
         Ok(())
     }
 
+    /// `e` behind the break of the first of the forwards on `locals` whose WebSocket broke
+    /// (the cause an operator can act on; QEMU then only saw a broken pipe), or `e` as is.
+    pub(super) fn name_break(
+        &self,
+        locals: &[&Path],
+        stream: &str,
+        e: anyhow::Error,
+    ) -> anyhow::Error {
+        let broken = (self.forwards.iter())
+            .filter(|f| locals.contains(&f.local.as_path()))
+            .find_map(|f| Some((f.peer.as_str(), f.broken()?)));
+        match broken {
+            Some((peer, why)) => anyhow::anyhow!(
+                "the {stream}'s WebSocket to {peer} broke: {why}; the source QEMU then reported: {e:#}"
+            ),
+            None => e,
+        }
+    }
+
     /// The `version` check: the target must speak our protocol version. Then which
     /// extensions it offers (`mtunnel-features`, sent right behind `version`: it only
     /// reads, a PVE target answers "unknown command" and a failed `version` ends the
