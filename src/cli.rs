@@ -373,7 +373,9 @@ pub struct MigrateArgs {
     pub max_ram_time: u64,
     /// Give up a live migration whose RAM or disk mirror made no progress for SECS
     /// seconds (a frozen link is noticed nowhere else); the VM keeps running on the
-    /// source. A cut link (a broken WebSocket) fails the migration at once instead.
+    /// source. A cut link (a broken WebSocket) fails the migration at once instead. Not
+    /// for the RAM of a --postcopy migration: giving up after the switch would stop the
+    /// guest (until the switch, --max-ram-time bounds it).
     #[arg(
         long,
         value_name = "SECS",

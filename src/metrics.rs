@@ -5,10 +5,11 @@
 //! command names, a handler that exists), so no client can grow the number of series.
 //! Exposition (`encode`) is `prometheus-client`'s; the HTTP listener is
 //! [`crate::api::metrics`]. Counters start at zero with each process. The replicas'
-//! series are the exception: [`ReplicaCollector`] reads them from the replica records at
-//! each scrape (one series per replica this node holds), so they survive restarts.
+//! series are the exception: [`ReplicaCollector`] asks for them at each scrape (the node
+//! reads them from the replica records: one series per replica it holds), so they survive
+//! restarts.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
@@ -307,10 +308,14 @@ impl Metrics {
         m
     }
 
-    /// These metrics plus the series of the replicas recorded under `data_dir`, read at
-    /// each scrape.
-    pub fn with_replicas(mut self, data_dir: PathBuf) -> Self {
-        let collector = ReplicaCollector { data_dir };
+    /// These metrics plus the series of the replicas `figures` gives, asked at each scrape.
+    pub fn with_replicas(
+        mut self,
+        figures: impl Fn() -> Vec<ReplicaFigures> + Send + Sync + 'static,
+    ) -> Self {
+        let collector = ReplicaCollector {
+            figures: Box::new(figures),
+        };
         self.registry.register_collector(Box::new(collector));
         self
     }
@@ -525,11 +530,30 @@ struct VmidLabel {
     vmid: String,
 }
 
-/// The replicas' series (docs/metrics.md), from their records at each scrape: the label
-/// values are the VMIDs of replicas this node holds, so no client makes series at will.
-#[derive(Debug)]
+/// What the metrics show of one replica (the node fills it from the replica's record).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplicaFigures {
+    pub vmid: u32,
+    pub points: u64,
+    /// Unix time of the newest restore point.
+    pub newest_point_time: Option<u64>,
+    /// Bytes received through the NBD streams of the last completed run.
+    pub last_run_received: Option<u64>,
+    /// Bytes the source's backup jobs copied in the last completed run.
+    pub last_run_copied: Option<u64>,
+    pub failed_runs: u64,
+}
+
+/// The replicas' series (docs/metrics.md), asked for at each scrape: the label values are
+/// the VMIDs of replicas this node holds, so no client makes series at will.
 struct ReplicaCollector {
-    data_dir: PathBuf,
+    figures: Box<dyn Fn() -> Vec<ReplicaFigures> + Send + Sync>,
+}
+
+impl std::fmt::Debug for ReplicaCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReplicaCollector")
+    }
 }
 
 /// One per-replica metric family: name, help, unit, and the value of a replica (`None`:
@@ -538,7 +562,7 @@ type ReplicaSeries = (
     &'static str,
     &'static str,
     Option<Unit>,
-    fn(&crate::replica::Replica) -> Option<u64>,
+    fn(&ReplicaFigures) -> Option<u64>,
 );
 
 const REPLICA_GAUGES: [ReplicaSeries; 4] = [
@@ -546,36 +570,33 @@ const REPLICA_GAUGES: [ReplicaSeries; 4] = [
         "replica_points",
         "Restore points a replica keeps",
         None,
-        |r| Some(r.points.len() as u64),
+        |r| Some(r.points),
     ),
     (
         "replica_newest_point_timestamp",
         "Unix time the replica's newest restore point was made (its last completed run)",
         Some(Unit::Seconds),
-        |r| r.points.last().map(|p| p.time),
+        |r| r.newest_point_time,
     ),
     (
         "replica_last_run_received",
         "Payload bytes this node received through the NBD streams of the replica's last \
          completed run",
         Some(Unit::Bytes),
-        |r| r.points.last().map(|p| p.received),
+        |r| r.last_run_received,
     ),
     (
         "replica_last_run_copied",
         "Bytes the source's backup jobs copied in the replica's last completed run (zeroes \
          included)",
         Some(Unit::Bytes),
-        |r| r.points.last().map(|p| p.bytes),
+        |r| r.last_run_copied,
     ),
 ];
 
 impl Collector for ReplicaCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let (replicas, bad) = crate::replica::list(&self.data_dir);
-        for e in bad {
-            tracing::warn!("replica metrics: {e}");
-        }
+        let replicas = (self.figures)();
         let rows: Vec<_> = replicas
             .iter()
             .map(|r| {
@@ -698,35 +719,16 @@ mod tests {
     }
 
     #[test]
-    fn replicas_have_series_from_their_records() {
-        use crate::replica::{Point, Replica, Run, Source};
-        let dir = tempfile::tempdir().unwrap();
-        let point = |name: &str, time| Point {
-            name: name.into(),
-            time,
-            bytes: 8 << 20,
-            incremental: true,
-            received: 8389037,
-        };
-        let r = Replica {
+    fn replicas_have_series_from_their_figures() {
+        let figures = ReplicaFigures {
             vmid: 100,
-            id: "0123456789abcdef".into(),
-            source: Source {
-                node: "src1".into(),
-                vmid: 100,
-            },
-            disks: Default::default(),
-            points: vec![point("r10", 10), point("r20", 20)],
-            // This run was cut (its tunnel's cleanup counted it).
-            run: Some(Run {
-                upid: "UPID:x".into(),
-                started: 30,
-                counted: true,
-            }),
+            points: 2,
+            newest_point_time: Some(20),
+            last_run_received: Some(8389037),
+            last_run_copied: Some(8 << 20),
             failed_runs: 3,
         };
-        crate::replica::store(dir.path(), &r).unwrap();
-        let m = Metrics::new().with_replicas(dir.path().into());
+        let m = Metrics::new().with_replicas(move || vec![figures.clone()]);
         let text = m.encode(false);
         let series: Vec<&str> = text
             .lines()

@@ -143,7 +143,8 @@ impl Node {
         let tasks = TaskManager::new(&cfg.node, &cfg.task_dir())?;
         let guests = ConfigStore::new(&cfg.node, &cfg.data_dir)?;
         let cluster = Cluster::new(&cfg)?;
-        let metrics = Metrics::new().with_replicas(cfg.data_dir.clone());
+        let data_dir = cfg.data_dir.clone();
+        let metrics = Metrics::new().with_replicas(move || crate::replica::figures(&data_dir));
         let metrics = Arc::new(metrics);
         Ok(Arc::new(Node {
             cluster,

@@ -181,6 +181,29 @@ pub fn remove(data_dir: &Path, vmid: u32) -> anyhow::Result<()> {
     }
 }
 
+/// What the metrics show of each replica recorded under `data_dir` (a record that does not
+/// read is logged and left out).
+pub fn figures(data_dir: &Path) -> Vec<crate::metrics::ReplicaFigures> {
+    let (replicas, bad) = list(data_dir);
+    for e in bad {
+        tracing::warn!("replica metrics: {e}");
+    }
+    replicas
+        .iter()
+        .map(|r| {
+            let newest = r.points.last();
+            crate::metrics::ReplicaFigures {
+                vmid: r.vmid,
+                points: r.points.len() as u64,
+                newest_point_time: newest.map(|p| p.time),
+                last_run_received: newest.map(|p| p.received),
+                last_run_copied: newest.map(|p| p.bytes),
+                failed_runs: r.failed_runs,
+            }
+        })
+        .collect()
+}
+
 /// Every replica record of the node, by VMID; records that do not read are reported.
 pub fn list(data_dir: &Path) -> (Vec<Replica>, Vec<String>) {
     let mut out = Vec::new();
@@ -300,5 +323,28 @@ mod tests {
         remove(dir.path(), 100).unwrap();
         remove(dir.path(), 100).unwrap();
         assert_eq!(load(dir.path(), 100).unwrap(), None);
+    }
+
+    #[test]
+    fn figures_come_from_the_records_newest_point() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = replica(&["r10", "r20"], true);
+        r.points[1].time = 20;
+        r.points[1].bytes = 8 << 20;
+        r.points[1].received = 8389037;
+        r.failed_runs = 3;
+        store(dir.path(), &r).unwrap();
+        std::fs::write(dir.path().join("replicas/101.json"), "{").unwrap();
+        assert_eq!(
+            figures(dir.path()),
+            [crate::metrics::ReplicaFigures {
+                vmid: 100,
+                points: 2,
+                newest_point_time: Some(20),
+                last_run_received: Some(8389037),
+                last_run_copied: Some(8 << 20),
+                failed_runs: 3,
+            }]
+        );
     }
 }

@@ -312,7 +312,13 @@ impl Migration<'_> {
             } else {
                 tuning.max_ram_time
             },
-            stall: self.opts.stall_timeout,
+            // After a switch to postcopy, ending this process would cut the stream the
+            // guest's missing pages come through: only QEMU's own end counts then.
+            stall: if ram.postcopy {
+                qemu::MigrationWait::default().timeout
+            } else {
+                self.opts.stall_timeout
+            },
             ..qemu::MigrationWait::default()
         };
         let mut last = qemu::MigrationProgress::default();
