@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use serde_json::Value;
 
 use super::endpoint::{IdMap, TargetEndpoint};
@@ -225,6 +225,58 @@ fn unique(items: impl Iterator<Item = String>) -> Vec<String> {
         }
     }
     out
+}
+
+/// A tunnel opened on the target: its task, the URL of its VM
+/// (`https://host:port/api2/json/nodes/{node}/qemu/{vmid}`) and its control channel.
+pub(crate) struct OpenedTunnel {
+    pub upid: String,
+    pub base_url: String,
+    pub control: crate::client::tunnel::Control,
+}
+
+/// `POST .../qemu/{vmid}/mtunnel` with `params` on `node` of `target`, then the control
+/// WebSocket with the ticket of the reply. `what` names the tunnel in errors.
+pub(crate) async fn open_tunnel(
+    api: &crate::client::http::ApiClient,
+    target: &TargetEndpoint,
+    node: &str,
+    vmid: u32,
+    params: &[(&str, &str)],
+    what: &str,
+) -> anyhow::Result<OpenedTunnel> {
+    use crate::client::http::encode_segment;
+    let opened = api
+        .post(&format!("/nodes/{node}/qemu/{vmid}/mtunnel"), params)
+        .await
+        .with_context(|| format!("opening {what} on the target"))?;
+    let get = |k: &str| opened.get(k).and_then(Value::as_str).map(str::to_string);
+    let (Some(upid), Some(ticket), Some(socket)) = (get("upid"), get("ticket"), get("socket"))
+    else {
+        bail!("target's mtunnel reply lacks upid/ticket/socket: {opened}");
+    };
+    let base_url = format!(
+        "https://{}:{}/api2/json/nodes/{node}/qemu/{vmid}",
+        url_host(&target.host),
+        target.port,
+    );
+    let endpoint = crate::client::tunnel::Endpoint {
+        url: format!(
+            "{base_url}/mtunnelwebsocket?ticket={}&socket={}",
+            encode_segment(&ticket),
+            encode_segment(&socket)
+        ),
+        headers: vec![("Authorization".into(), api.token_header().to_string())],
+        fingerprint: Some(api.fingerprint().to_string()),
+    };
+    let control = crate::client::tunnel::Control::connect(&endpoint)
+        .await
+        .context("connecting the tunnel")?;
+    Ok(OpenedTunnel {
+        upid,
+        base_url,
+        control,
+    })
 }
 
 pub(crate) fn url_host(host: &str) -> String {

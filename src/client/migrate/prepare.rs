@@ -11,11 +11,10 @@ use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
 use super::remote::Remote;
-use super::{MigrateOptions, Migration, Plan, SourceNode, Summary, Volume, unique, url_host};
+use super::{MigrateOptions, Migration, Plan, SourceNode, Summary, Volume, unique};
 use crate::client::endpoint::{IdMap, TargetEndpoint};
-use crate::client::http::{ApiClient, encode_segment};
+use crate::client::http::ApiClient;
 use crate::client::progress::Progress;
-use crate::client::tunnel::{Control, Endpoint};
 use crate::guest::config::{self as vmconf, VmConfig};
 use crate::qemu;
 
@@ -134,41 +133,15 @@ async fn open_tunnel(
     checked?;
     let storages: Vec<String> = unique(plan.volumes.iter().map(|v| v.target_storage.clone()));
     let bridge_ids: Vec<String> = unique(plan.bridges.values().cloned());
-    let opened = api
-        .post(
-            &format!("/nodes/{node}/qemu/{tvmid}/mtunnel"),
-            &[
-                ("storages", &storages.join(",")),
-                ("bridges", &bridge_ids.join(",")),
-            ],
-        )
-        .await
-        .context("opening the tunnel on the target")?;
-    let get = |k: &str| opened.get(k).and_then(Value::as_str).map(str::to_string);
-    let (Some(upid), Some(ticket), Some(socket)) = (get("upid"), get("ticket"), get("socket"))
-    else {
-        bail!("target's mtunnel reply lacks upid/ticket/socket: {opened}");
-    };
-    progress.log(format!("remote: started tunnel worker '{upid}'"));
-    let base_url = format!(
-        "https://{}:{}/api2/json/nodes/{}/qemu/{tvmid}",
-        url_host(&opts.target.host),
-        opts.target.port,
-        node
-    );
-    let control_url = format!(
-        "{base_url}/mtunnelwebsocket?ticket={}&socket={}",
-        encode_segment(&ticket),
-        encode_segment(&socket)
-    );
-    let endpoint = Endpoint {
-        url: control_url,
-        headers: vec![("Authorization".into(), api.token_header().to_string())],
-        fingerprint: Some(api.fingerprint().to_string()),
-    };
-    let control = Control::connect(&endpoint)
-        .await
-        .context("connecting the tunnel")?;
+    let params = [
+        ("storages", storages.join(",")),
+        ("bridges", bridge_ids.join(",")),
+    ];
+    let params: Vec<(&str, &str)> = params.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let opened =
+        super::open_tunnel(&api, &opts.target, &node, tvmid, &params, "the tunnel").await?;
+    progress.log(format!("remote: started tunnel worker '{}'", opened.upid));
+    let (base_url, control) = (opened.base_url, opened.control);
     Ok(Remote {
         api,
         control,

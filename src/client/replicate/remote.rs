@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 use super::{Disk, ReplicateOptions, local_socket};
 use crate::client::http::{ApiClient, encode_segment};
-use crate::client::migrate::{TUNNEL_VERSION, pinned_fingerprint, url_host};
+use crate::client::migrate::{TUNNEL_VERSION, pinned_fingerprint};
 use crate::client::progress::Progress;
 use crate::client::tunnel::{Control, Endpoint, Forward, forward};
 
@@ -50,37 +50,19 @@ impl Remote {
         let mut storages: Vec<String> = disks.iter().map(|d| d.target_storage.clone()).collect();
         storages.sort();
         storages.dedup();
-        let vmid = opts.vmid;
-        let opened = api
-            .post(
-                &format!("/nodes/{node}/qemu/{vmid}/mtunnel"),
-                &[("storages", &storages.join(",")), ("replica", "1")],
-            )
-            .await
-            .context("opening the replica tunnel on the target")?;
-        let get = |k: &str| opened.get(k).and_then(Value::as_str).map(str::to_string);
-        let (Some(upid), Some(ticket), Some(socket)) = (get("upid"), get("ticket"), get("socket"))
-        else {
-            bail!("target's mtunnel reply lacks upid/ticket/socket: {opened}");
-        };
-        progress.log(format!("remote: started tunnel worker '{upid}'"));
-        let base_url = format!(
-            "https://{}:{}/api2/json/nodes/{node}/qemu/{vmid}",
-            url_host(&opts.target.host),
-            opts.target.port,
-        );
-        let endpoint = Endpoint {
-            url: format!(
-                "{base_url}/mtunnelwebsocket?ticket={}&socket={}",
-                encode_segment(&ticket),
-                encode_segment(&socket)
-            ),
-            headers: vec![("Authorization".into(), api.token_header().to_string())],
-            fingerprint: Some(api.fingerprint().to_string()),
-        };
-        let control = Control::connect(&endpoint)
-            .await
-            .context("connecting the tunnel")?;
+        let storages = storages.join(",");
+        let params = [("storages", storages.as_str()), ("replica", "1")];
+        let opened = crate::client::migrate::open_tunnel(
+            &api,
+            &opts.target,
+            &node,
+            opts.vmid,
+            &params,
+            "the replica tunnel",
+        )
+        .await?;
+        progress.log(format!("remote: started tunnel worker '{}'", opened.upid));
+        let (base_url, control) = (opened.base_url, opened.control);
         let mut remote = Remote {
             api,
             control,
