@@ -295,16 +295,9 @@ impl Opened {
     }
 }
 
-/// Opens a tunnel for `vmid`: checks privileges, storages and bridges, reserves the VMID
-/// with an empty config locked `create`, binds the control socket, starts the worker task
-/// and mints the ticket for the control socket. Nothing is left behind on failure.
-pub async fn open(
-    tunnels: &Arc<Tunnels>,
-    authid: &str,
-    vmid: u32,
-    storages: &[String],
-    bridges: &[String],
-) -> Result<Opened> {
+/// What every tunnel open checks first, in PVE's order: the token's privileges, a free
+/// slot under `max_tunnels` (held by the returned [`Slot`]), and space on each storage.
+fn admit(tunnels: &Tunnels, authid: &str, vmid: u32, storages: &[String]) -> Result<Slot> {
     let node = &tunnels.node;
     node.require(authid, &format!("/vms/{vmid}"), "VM.Allocate")?;
     node.require(authid, "/", "Sys.Incoming")?;
@@ -320,6 +313,21 @@ pub async fn open(
     for storage in storages {
         node.check_storage_for_images(authid, storage)?;
     }
+    Ok(slot)
+}
+
+/// Opens a tunnel for `vmid`: checks privileges, storages and bridges, reserves the VMID
+/// with an empty config locked `create`, binds the control socket, starts the worker task
+/// and mints the ticket for the control socket. Nothing is left behind on failure.
+pub async fn open(
+    tunnels: &Arc<Tunnels>,
+    authid: &str,
+    vmid: u32,
+    storages: &[String],
+    bridges: &[String],
+) -> Result<Opened> {
+    let node = &tunnels.node;
+    let slot = admit(tunnels, authid, vmid, storages)?;
     for bridge in bridges {
         if !node.cfg.bridge_exists(bridge) {
             return Err(Error::internal(format!(
@@ -401,20 +409,7 @@ pub async fn open_replica(
     if !node.guests.exists(vmid) {
         return open(tunnels, authid, vmid, storages, &[]).await;
     }
-    node.require(authid, &format!("/vms/{vmid}"), "VM.Allocate")?;
-    node.require(authid, "/", "Sys.Incoming")?;
-    let slot = tunnels
-        .registry
-        .take_slot(node.cfg.max_tunnels)
-        .ok_or_else(|| {
-            Error::Unavailable(format!(
-                "too many open tunnels on node '{}' (max_tunnels = {}) - try again later",
-                node.cfg.node, node.cfg.max_tunnels
-            ))
-        })?;
-    for storage in storages {
-        node.check_storage_for_images(authid, storage)?;
-    }
+    let slot = admit(tunnels, authid, vmid, storages)?;
     let not_replica = || {
         Error::param(
             "vmid",

@@ -95,6 +95,23 @@ pub struct SourceNode {
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
+impl SourceNode {
+    /// VM `vmid`'s config, text and parsed, refused while it carries a lock (a migration
+    /// or a replica run starts only from an unlocked VM).
+    pub(crate) fn unlocked_config(&self, vmid: u32) -> anyhow::Result<(String, VmConfig)> {
+        let text = self
+            .guests
+            .read_text(vmid)
+            .map_err(|_| anyhow::anyhow!("VM {vmid} does not exist on this node"))?;
+        let conf =
+            VmConfig::parse(&text).with_context(|| format!("parsing config of VM {vmid}"))?;
+        if let Some(lock) = conf.options.get("lock") {
+            bail!("VM {vmid} is locked ({lock})");
+        }
+        Ok((text, conf))
+    }
+}
+
 /// What a finished migration reports.
 #[derive(Debug, Clone, Default)]
 pub struct Summary {

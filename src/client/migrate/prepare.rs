@@ -59,14 +59,7 @@ async fn plan(
     if opts.storage_map.identity {
         bail!("remote migration requires explicit storage mapping!");
     }
-    let text = src
-        .guests
-        .read_text(vmid)
-        .map_err(|_| anyhow::anyhow!("VM {vmid} does not exist on this node"))?;
-    let conf = VmConfig::parse(&text).with_context(|| format!("parsing config of VM {vmid}"))?;
-    if let Some(lock) = conf.options.get("lock") {
-        bail!("VM {vmid} is locked ({lock})");
-    }
+    let (_, conf) = src.unlocked_config(vmid)?;
     if !conf.snapshots.is_empty() {
         bail!("remote migration with snapshots not supported yet");
     }

@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 use super::endpoint::{IdMap, TargetEndpoint};
 use super::migrate::SourceNode;
 use super::progress::{Progress, human};
-use crate::guest::config::{self as vmconf, VmConfig};
+use crate::guest::config as vmconf;
 use crate::qemu::{self, VmHandle};
 
 mod jobs;
@@ -230,14 +230,7 @@ async fn plan(src: &SourceNode, opts: &ReplicateOptions) -> anyhow::Result<(Stri
     if opts.storage_map.identity {
         bail!("replication requires explicit storage mapping (--target-storage)");
     }
-    let text = src
-        .guests
-        .read_text(vmid)
-        .map_err(|_| anyhow::anyhow!("VM {vmid} does not exist on this node"))?;
-    let conf = VmConfig::parse(&text).with_context(|| format!("parsing config of VM {vmid}"))?;
-    if let Some(lock) = conf.options.get("lock") {
-        bail!("VM {vmid} is locked ({lock})");
-    }
+    let (text, conf) = src.unlocked_config(vmid)?;
     if qemu::process::is_running(&src.cfg.run_dir, vmid).is_none() {
         bail!(
             "VM {vmid} is not running: replicating a stopped VM is not supported yet (a run \
