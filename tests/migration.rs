@@ -355,6 +355,10 @@ async fn target_without_multifd_gets_one_stream() {
         "{stderr}"
     );
     assert!(!stderr.contains("parallel streams"), "{stderr}");
+    // `resume` answered once the target ran the guest: none of the RAM was still on its way
+    // (a CI run read the RAM while QEMU still loaded it).
+    let st = qmp(&dst.run, 105, "query-status", serde_json::Value::Null).await;
+    assert_eq!(st["status"], "running", "{st}");
     let caps = qmp(
         &dst.run,
         105,

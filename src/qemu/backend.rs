@@ -118,6 +118,10 @@ impl QemuHypervisor {
     }
 }
 
+/// How long `resume` waits for QEMU to finish loading an incoming migration: under the 30 s
+/// a source (PVE's and ours) gives `resume` for its reply.
+const INCOMING_LOAD_BOUND: Duration = Duration::from_secs(25);
+
 /// A failed target gets little patience: stop fast.
 const QUICK_STOP: StopTimeouts = StopTimeouts {
     quit: Duration::from_secs(5),
@@ -133,7 +137,7 @@ impl Hypervisor for QemuHypervisor {
     fn resume(&self, vmid: u32) -> BoxFuture<'_, anyhow::Result<()>> {
         Box::pin(async move {
             let vm = self.handle(vmid)?;
-            vm.resume()
+            vm.resume_incoming(INCOMING_LOAD_BOUND)
                 .await
                 .with_context(|| format!("resuming VM {vmid}"))?;
             // The migrated VM is an ordinary VM now: free its QMP socket for other clients.

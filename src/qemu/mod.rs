@@ -369,6 +369,48 @@ impl VmHandle {
         Ok(())
     }
 
+    /// `cont` for a VM started for an incoming migration, then waits (up to `bound`) until
+    /// QEMU has loaded the whole stream and runs the guest. The source's QEMU says
+    /// "completed" once it wrote its last byte, while up to a socket buffer per hop may
+    /// still be on the way: answering `resume` before the load ends would let the source
+    /// stop its copy while a cut could still kill this one. With `postcopy-ram` on, the
+    /// guest starts when the source switches to postcopy, which comes after `resume`:
+    /// then `cont` only arms the start.
+    pub async fn resume_incoming(&self, bound: Duration) -> Result<(), QemuError> {
+        self.resume().await?;
+        if self.capability("postcopy-ram").await? {
+            return Ok(());
+        }
+        let started = Instant::now();
+        loop {
+            let st = self.status().await?;
+            if st.status != "inmigrate" {
+                return Ok(());
+            }
+            if started.elapsed() >= bound {
+                return Err(QemuError::Timeout {
+                    vmid: self.vmid(),
+                    what: "end of the incoming migration stream (QEMU still loads it; \
+                           the guest starts once it has)"
+                        .into(),
+                    secs: bound.as_secs_f64(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Whether migration capability `name` is on.
+    async fn capability(&self, name: &str) -> Result<bool, QemuError> {
+        let v = self.cmd("query-migrate-capabilities", Value::Null).await?;
+        let caps = v
+            .as_array()
+            .ok_or_else(|| self.bad_reply("query-migrate-capabilities", &v))?;
+        Ok(caps
+            .iter()
+            .any(|c| c["capability"] == name && c["state"] == true))
+    }
+
     /// The concrete machine type QEMU runs (e.g. `pc-i440fx-10.0` for `pc`): what a migration
     /// source sends as `forcemachine`.
     pub async fn running_machine(&self) -> Result<String, QemuError> {

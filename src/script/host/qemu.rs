@@ -5,7 +5,7 @@ use mlua::{Lua, Table, Value as LuaValue};
 use serde_json::{Value, json};
 
 use super::config::string_map;
-use super::{ctx, fail, from_lua, to_lua};
+use super::{HostCtx, ctx, fail, from_lua, to_lua};
 use crate::guest::{IncomingStart, VmConfig};
 
 pub(super) fn qemu_table(lua: &Lua) -> mlua::Result<Table> {
@@ -154,6 +154,27 @@ fn ram_words(req: &IncomingStart) -> String {
     words
 }
 
+/// The words for a failed resume. A QEMU that is gone (its incoming stream was cut before
+/// it loaded) runs nothing here: the record forgets the request, so the session's cleanup
+/// frees what the migration created, and the source reads "was not resumed" and runs its
+/// own copy on. A QEMU still there may yet start the guest: then nothing is decided here.
+async fn resume_failed(c: &HostCtx, e: anyhow::Error) -> String {
+    if c.node.hypervisor.is_running(c.vmid).await {
+        let msg = format!("{e:#}");
+        c.warn(&format!("resume: {msg}"));
+        return msg;
+    }
+    let msg = match c.record(|r| r.resume_requested = false).await {
+        Ok(()) => format!(
+            "VM {} was not resumed: its QEMU exited before it had loaded the migration: {e:#}",
+            c.vmid
+        ),
+        Err(re) => format!("{e:#} (and the record could not be updated: {re})"),
+    };
+    c.warn(&format!("resume: {msg}"));
+    msg
+}
+
 /// `resume`, `stop`, `nbd_stop`, `fstrim`, `is_running`: the incoming VM after its start.
 fn add_lifecycle_fns(lua: &Lua, t: &Table) -> mlua::Result<()> {
     macro_rules! vm_op {
@@ -182,11 +203,9 @@ fn add_lifecycle_fns(lua: &Lua, t: &Table) -> mlua::Result<()> {
             c.record(|r| r.resume_requested = true)
                 .await
                 .map_err(|e| fail(format!("VM {} was not resumed: {e}", c.vmid)))?;
-            c.node
-                .hypervisor
-                .resume(c.vmid)
-                .await
-                .map_err(|e| fail(format!("{e:#}")))?;
+            if let Err(e) = c.node.hypervisor.resume(c.vmid).await {
+                return Err(fail(resume_failed(&c, e).await));
+            }
             c.record(|r| r.committed = true).await
         })?,
     )?;
