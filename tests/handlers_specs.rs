@@ -59,6 +59,7 @@ const SPEC_CASES: &[(&str, usize)] = &[
     ("quit_spec.lua", 12),
     ("replica-commit_spec.lua", 2),
     ("replica-export_spec.lua", 1),
+    ("replica-hashes_spec.lua", 2),
     ("replica-prepare_spec.lua", 5),
     ("resume_spec.lua", 5),
     ("schema_spec.lua", 9),

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
+use super::nbd_client::NbdClient;
 use super::points::Copy;
 use super::{Disk, Point, Replica, Run, nbd};
 use crate::config::NodeConfig;
@@ -21,6 +22,17 @@ pub struct Parts<'a> {
     pub cfg: &'a NodeConfig,
     pub guests: &'a ConfigStore,
     pub storage: &'a dyn Storage,
+}
+
+/// How long one NBD request of `replica-hashes` may take.
+const NBD_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A range of a disk, in blocks of `block` bytes (`replica-hashes`).
+#[derive(Debug, Clone, Copy)]
+pub struct HashRange {
+    pub offset: u64,
+    pub length: u64,
+    pub block: u64,
 }
 
 /// One exported working copy.
@@ -112,7 +124,14 @@ impl Parts<'_> {
         let mut out = BTreeMap::new();
         for (key, disk) in &r.disks {
             let file = self.file(&disk.volid)?;
-            let started = nbd::start_nbd(&self.cfg.run_dir, vmid, key, &file, &disk.format).await;
+            let started = nbd::start_nbd(
+                &self.cfg.run_dir,
+                vmid,
+                key,
+                (&file, &disk.format),
+                nbd::Access::Write,
+            )
+            .await;
             match started {
                 Ok(socket) => {
                     let export = Export {
@@ -129,6 +148,54 @@ impl Parts<'_> {
             }
         }
         Ok(out)
+    }
+
+    /// The block hashes of `range` of disk `key`'s working copy (`replica-hashes`), read
+    /// through a read-only `qemu-nbd` on the disk's run socket (so the cleanup of a run
+    /// finds it too), which is gone again afterwards. Refused while a run exports the
+    /// working copies: what they hold then changes under the reader.
+    pub async fn hashes(
+        &self,
+        vmid: u32,
+        key: &str,
+        range: HashRange,
+    ) -> anyhow::Result<Vec<String>> {
+        let r = self.load(vmid)?;
+        let disk = r.disks.get(key).with_context(|| {
+            let keys: Vec<&str> = r.disks.keys().map(String::as_str).collect();
+            format!(
+                "replica {vmid} has no disk '{key}' (disks: {})",
+                keys.join(", ")
+            )
+        })?;
+        let HashRange {
+            offset,
+            length,
+            block,
+        } = range;
+        super::hashes::check_range(disk.size, offset, length, block)
+            .with_context(|| format!("{key}: bad range"))?;
+        if nbd::run_alive(&self.cfg.run_dir, vmid) {
+            bail!(
+                "a replica run of VM {vmid} exports its working copies (or reads them): hashes \
+                 are read only before 'replica-export' and while no other read runs"
+            );
+        }
+        let file = self.file(&disk.volid)?;
+        let image = (file.as_path(), disk.format.as_str());
+        let socket = nbd::start_nbd(&self.cfg.run_dir, vmid, key, image, nbd::Access::Read)
+            .await
+            .with_context(|| format!("exporting {} read-only", disk.volid))?;
+        let hashed = async {
+            let export = format!("drive-{key}");
+            let mut c = NbdClient::connect(&socket, &export, NBD_TIMEOUT).await?;
+            let h = super::hashes::of_range(&mut c, offset, length, block).await?;
+            c.disconnect().await?;
+            anyhow::Ok(h)
+        }
+        .await;
+        nbd::wait_exit(&socket, Duration::from_secs(10)).await;
+        hashed.with_context(|| format!("reading {} for its block hashes", disk.volid))
     }
 
     /// Waits (at most 10 s each) for the run's NBD servers to end: the source

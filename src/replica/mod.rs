@@ -14,8 +14,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 
+pub mod hashes;
 pub mod manage;
 mod nbd;
+pub mod nbd_client;
 pub mod points;
 
 pub use nbd::{nbd_socket, run_alive, start_nbd, stop_servers};

@@ -3,8 +3,10 @@
 //! `{run}/{vmid}-<key>.replica.pid`. Everything about them is derived from the run dir
 //! and the VMID, never from a journal's text, so [`stop_servers`] — called when a run
 //! commits, when its tunnel ends, and by recovery after a crash of `serve` — finds exactly
-//! them. A server exits by itself once its one client (the source's backup job, through
-//! the tunnel) disconnects.
+//! them. A server exits by itself once its last client (the source's backup job, or its
+//! own NBD client of a hash sync, through the tunnel) disconnects. `replica-hashes` reads
+//! a working copy through a read-only server on the same socket, so the same cleanup
+//! finds it too.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -25,15 +27,26 @@ fn pid_file(socket: &Path) -> PathBuf {
 /// How long a new server may take to listen.
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How a server serves its image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// A run's export: writable, at most two clients at once (a hash sync's own NBD
+    /// client and QEMU's backup job, which connects before the first one leaves).
+    Write,
+    /// `replica-hashes`: read-only, one client.
+    Read,
+}
+
 /// Starts the NBD server of disk `key` over the image `file` (`format`); returns its
 /// socket once it listens. A server left on the socket (an earlier run) is stopped first.
 pub async fn start_nbd(
     run_dir: &Path,
     vmid: u32,
     key: &str,
-    file: &Path,
-    format: &str,
+    image: (&Path, &str),
+    access: Access,
 ) -> anyhow::Result<PathBuf> {
+    let (file, format) = image;
     let socket = nbd_socket(run_dir, vmid, key);
     stop_one(&socket).await;
     let pid_path = pid_file(&socket);
@@ -42,12 +55,11 @@ pub async fn start_nbd(
         .arg(format!("--pid-file={}", pid_path.display()))
         .arg(format!("--export-name=drive-{key}"))
         .arg(format!("--format={format}"))
-        .args([
-            "--cache=none",
-            "--aio=threads",
-            "--discard=unmap",
-            "--shared=1",
-        ])
+        .args(["--cache=none", "--aio=threads"])
+        .args(match access {
+            Access::Write => ["--discard=unmap", "--shared=2"],
+            Access::Read => ["--read-only", "--shared=1"],
+        })
         .arg(file)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
@@ -100,7 +112,7 @@ fn is_server_of(pid: i32, socket: &Path) -> bool {
 
 /// Stops the server on `socket` if one runs (TERM, then KILL after 5 s) and removes its
 /// socket and pid file. Returns whether a server was stopped.
-async fn stop_one(socket: &Path) -> bool {
+pub(super) async fn stop_one(socket: &Path) -> bool {
     let pid_path = pid_file(socket);
     let pid = std::fs::read_to_string(&pid_path)
         .ok()

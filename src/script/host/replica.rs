@@ -1,6 +1,7 @@
 //! `pve.replica`: the replica of the tunnel's VM (docs/replicas.md) — its record, the
 //! start of a run (NBD servers over the working copies, their sockets registered for
-//! tickets) and its completion (a restore point). The work is in [`crate::replica`]; a
+//! tickets), the block hashes of a working copy (a hash sync) and its completion (a
+//! restore point). The work is in [`crate::replica`]; a
 //! tunnel that touches a replica is marked in its journal (`replica`), so its NBD
 //! servers are stopped whenever it is freed. Reference: `docs/handlers/replica.md`.
 
@@ -37,6 +38,7 @@ pub(super) fn replica_table(lua: &Lua) -> mlua::Result<Table> {
         })?,
     )?;
     t.set("create", lua.create_async_function(create)?)?;
+    t.set("hashes", lua.create_async_function(hashes)?)?;
     t.set(
         "export",
         lua.create_async_function(|lua, ()| async move {
@@ -163,4 +165,30 @@ async fn create(lua: Lua, opts: LuaValue) -> mlua::Result<LuaValue> {
     c.record(|j| j.replica = true).await?;
     replica::store(&c.node.cfg.data_dir, &r).map_err(err)?;
     lua.to_value(&r)
+}
+
+/// `pve.replica.hashes{disk, offset, length, block}`: the block hashes of a range of a
+/// working copy (read through a read-only `qemu-nbd`, so the tunnel is marked `replica`
+/// first: its cleanup stops that server too).
+async fn hashes(lua: Lua, opts: LuaValue) -> mlua::Result<LuaValue> {
+    let c = ctx(&lua)?;
+    c.ensure_open()?;
+    let opts = from_lua(&lua, opts)?;
+    let number = |name: &str| {
+        opts.get(name)
+            .and_then(Value::as_u64)
+            .ok_or_else(|| fail(format!("{name} missing (a whole number of bytes)")))
+    };
+    let key = opts
+        .get("disk")
+        .and_then(Value::as_str)
+        .ok_or_else(|| fail("disk missing"))?;
+    let range = replica::manage::HashRange {
+        offset: number("offset")?,
+        length: number("length")?,
+        block: number("block")?,
+    };
+    c.record(|r| r.replica = true).await?;
+    let hashes = parts(&c).hashes(c.vmid, key, range).await.map_err(err)?;
+    to_lua(&lua, &serde_json::json!(hashes))
 }
