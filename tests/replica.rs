@@ -239,35 +239,60 @@ async fn drop_leaves_nothing() {
     mt_ok(&src, &["vm", "stop", "101"]).await;
 }
 
-/// kill -9 of the target's `serve` in the middle of a run: after its restart the run's NBD
-/// server and sockets are gone, the replica and its completed point are intact and listed
-/// `interrupted`, and the next run copies everything again and completes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn target_killed_mid_run_keeps_the_last_point() {
-    let src = node("src3");
-    let mut dst = node("dst3");
-    let img = create_vm_with_data(&src, 102, "256M").await;
-    let replica = dst.images(102).join("vm-102-disk-0.qcow2");
-    let (_, _, out1) = replicate(&src, &dst, 102).await;
+/// The bytes a failed `mtunnel replicate` says it copied toward the target (into the
+/// tunnel's NBD connections) before failing.
+fn sent_before_failure(stderr: &str) -> u64 {
+    let marker = "replica run failed after copying ";
+    let at = stderr
+        .find(marker)
+        .unwrap_or_else(|| panic!("no '{marker}' in {stderr}"));
+    let rest = &stderr[at..];
+    let open = rest.find('(').expect("a '(' before the byte count") + 1;
+    let close = rest.find(" bytes)").expect("a byte count");
+    rest[open..close].parse().expect("a byte count")
+}
+
+/// Where a cut-and-resume test keeps a replica's points: the raw bytes of point `p`.
+type PointRaw<'a> = &'a dyn Fn(&str, &Path) -> PathBuf;
+
+/// kill -9 of the target's `serve` about half way through a run of 32 MiB written since
+/// run 1 (slowed to 4 MiB/s), restart, run again. The cut run freed only its NBD server
+/// and sockets; the replica and point 1 are intact and listed `interrupted`; the next
+/// run is a hash sync that sends only what the cut run had not: both runs together send
+/// at most 1.1 × what an uncut run sends for the 32 MiB. The new point is the source.
+async fn cut_then_resume(
+    src: &TestServer,
+    dst: &mut TestServer,
+    vmid: u32,
+    storage: &str,
+    raw: PointRaw<'_>,
+) {
+    let img = src.images(vmid).join(format!("vm-{vmid}-disk-0.qcow2"));
+    let (_, _, out1) = replicate_to(src, dst, vmid, storage).await;
     let point1 = point_of(&out1);
     let at_run1 = src.base().join("run1.raw");
-    paused(&src, 102, || export_raw(&img, None, &at_run1)).await;
+    paused(src, vmid, || export_raw(&img, None, &at_run1)).await;
 
-    // 32 MiB written, then a run slowed to 4 MiB/s, cut by kill -9 of the target.
     let wrote = qmp(
         &src.run,
-        102,
+        vmid,
         "human-monitor-command",
         json!({"command-line": "qemu-io -d scsi0 \"write -P 0x77 64M 32M\""}),
     )
     .await;
     assert_eq!(wrote, json!(""), "HMP qemu-io failed");
-    let target = target_arg(&dst, dst.port);
-    let args: Vec<String> = ["replicate", "102", &target, "--target-storage", "local"]
-        .iter()
-        .map(|s| s.to_string())
-        .chain(["--bwlimit".into(), "4096".into()])
-        .collect();
+    let target = target_arg(dst, dst.port);
+    let args: Vec<String> = [
+        "replicate",
+        &vmid.to_string(),
+        &target,
+        "--target-storage",
+        storage,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain(["--bwlimit".into(), "4096".into()])
+    .collect();
     let slow = {
         let src_config = src.config.clone();
         tokio::spawn(async move {
@@ -280,45 +305,93 @@ async fn target_killed_mid_run_keeps_the_last_point() {
                 .expect("running mtunnel replicate")
         })
     };
-    let pid_file = dst.run.join("102-scsi0.replica.pid");
+    let pid_file = dst.run.join(format!("{vmid}-scsi0.replica.pid"));
     assert!(
         common::eventually(std::time::Duration::from_secs(30), || pid_file.exists()).await,
         "the run never exported the working copy"
     );
-    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    // 32 MiB at 4 MiB/s take 8 s: cut at about half.
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
     dst.restart();
     let cut = common::bounded(120, slow).await.unwrap();
     assert!(!cut.status.success(), "the cut run must fail");
+    let cut_err = String::from_utf8_lossy(&cut.stderr);
+    eprintln!("the cut run: {cut_err}");
+    let cut_sent = sent_before_failure(&cut_err);
 
     // Recovery freed the run's NBD server and sockets, and nothing else.
+    let prefix = format!("{vmid}-");
     assert!(
         common::eventually(std::time::Duration::from_secs(10), || files_of(
-            &dst.run, "102-"
+            &dst.run, &prefix
         )
         .is_empty())
         .await,
         "left in the run dir: {:?}",
-        files_of(&dst.run, "102-")
+        files_of(&dst.run, &prefix)
     );
-    let conf = std::fs::read_to_string(dst.vm_config(102)).unwrap();
+    let conf = std::fs::read_to_string(dst.vm_config(vmid)).unwrap();
     assert!(conf.contains("lock: replica"), "{conf}");
-    let p1 = dst.base().join("p1.raw");
-    export_raw(&replica, Some(&point1), &p1);
+    let p1 = raw(&point1, &dst.base().join("p1.raw"));
     assert_same_raw(&at_run1, &p1);
-    let list = mt_ok(&dst, &["replica", "list"]).await;
+    let list = mt_ok(dst, &["replica", "list"]).await;
     assert!(list.contains(" interrupted "), "{list}");
 
-    // The next run copies everything again and completes.
-    let (_, _, out3) = replicate(&src, &dst, 102).await;
-    assert!(out3.contains("full copy"), "{out3}");
+    // The next run sends what the cut one had not.
+    let (_, sent, out3) = replicate_to(src, dst, vmid, storage).await;
+    eprintln!("cut run sent {cut_sent} bytes, the resumed run {sent}: {out3}");
+    assert!(out3.contains("hash sync ("), "{out3}");
+    assert!(
+        cut_sent >= 4 << 20,
+        "the cut run got somewhere: {cut_sent} bytes"
+    );
+    let one_run = 32u64 << 20;
+    assert!(
+        (cut_sent + sent) * 10 <= one_run * 11,
+        "cut run {cut_sent} + resumed run {sent} bytes > 1.1 x {one_run}"
+    );
     let now = src.base().join("now.raw");
-    let p3 = dst.base().join("p3.raw");
-    paused(&src, 102, || export_raw(&img, None, &now)).await;
-    export_raw(&replica, Some(&point_of(&out3)), &p3);
+    paused(src, vmid, || export_raw(&img, None, &now)).await;
+    let p3 = raw(&point_of(&out3), &dst.base().join("p3.raw"));
     assert_same_raw(&now, &p3);
-    export_raw(&replica, Some(&point1), &p1);
+    let p1 = raw(&point1, &dst.base().join("p1.raw"));
     assert_same_raw(&at_run1, &p1);
-    mt_ok(&src, &["vm", "stop", "102"]).await;
+    for f in [&now, &at_run1] {
+        std::fs::remove_file(f).unwrap();
+    }
+    mt_ok(src, &["vm", "stop", &vmid.to_string()]).await;
+}
+
+/// [`cut_then_resume`] onto `dir`: qcow2 working copy, points are internal snapshots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_killed_mid_run_resumes_where_it_stopped_on_dir() {
+    let src = node("src3");
+    let mut dst = node("dst3");
+    create_vm_with_data(&src, 102, "256M").await;
+    let replica = dst.images(102).join("vm-102-disk-0.qcow2");
+    let raw = |p: &str, to: &Path| {
+        let _ = std::fs::remove_file(to);
+        export_raw(&replica, Some(p), to);
+        to.to_path_buf()
+    };
+    cut_then_resume(&src, &mut dst, 102, "local", &raw).await;
+}
+
+/// [`cut_then_resume`] onto `btrfs`: raw working copy, points are read-only snapshots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_killed_mid_run_resumes_where_it_stopped_on_btrfs() {
+    let fs = LoopBtrfs::new();
+    let src = node("src3b");
+    let mut dst = TestServer::start_with(Options {
+        node: Some("dst3b".into()),
+        extra_toml: format!("qemu_accel = \"tcg\"\n{}", fs.storage_toml("bt")),
+        ..Options::default()
+    });
+    create_vm_with_data(&src, 112, "256M").await;
+    let mnt = fs.mnt.clone();
+    let raw =
+        move |p: &str, _: &Path| mnt.join(format!("replica-points/112/vm-112-disk-0@{p}/disk.raw"));
+    cut_then_resume(&src, &mut dst, 112, "bt", &raw).await;
 }
 
 /// `btrfs property get -ts PATH ro`: whether a subvolume is read-only.

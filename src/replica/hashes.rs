@@ -44,29 +44,26 @@ pub fn zero_hash(len: usize) -> String {
 
 /// Whether every byte of `data` is zero.
 pub fn is_zero(data: &[u8]) -> bool {
-    let words = data.chunks_exact(16);
-    let tail = words.remainder();
-    tail.iter().all(|&b| b == 0)
-        && words
-            .map(|w| u128::from_ne_bytes(w.try_into().unwrap_or([1; 16])))
-            .all(|w| w == 0)
+    // Slice equality is a `memcmp`: fast even in an unoptimised build.
+    static ZEROS: [u8; 4096] = [0; 4096];
+    data.chunks(ZEROS.len()).all(|c| c == &ZEROS[..c.len()])
 }
 
 /// Checks a range request: `offset` and `length` are whole blocks of `block` (the last
 /// one may end at the disk's end), inside a disk of `size` bytes, and at most
 /// [`MAX_HASHES`] blocks long. Returns the number of blocks.
 pub fn check_range(size: u64, offset: u64, length: u64, block: u64) -> anyhow::Result<u64> {
-    if block == 0 || block % 4096 != 0 || block > u64::from(MAX_REQUEST) {
+    if block == 0 || !block.is_multiple_of(4096) || block > u64::from(MAX_REQUEST) {
         bail!("block must be a multiple of 4096 bytes, at most {MAX_REQUEST}, not {block}");
     }
-    if offset % block != 0 {
+    if !offset.is_multiple_of(block) {
         bail!("offset {offset} is not a multiple of the block ({block})");
     }
     let end = offset.checked_add(length).filter(|&e| e <= size);
     let Some(end) = end else {
         bail!("{offset}+{length} is beyond the end of the disk ({size} bytes)");
     };
-    if length % block != 0 && end != size {
+    if !length.is_multiple_of(block) && end != size {
         bail!(
             "length {length} is not a multiple of the block ({block}) and does not end at the disk's end"
         );

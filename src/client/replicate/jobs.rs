@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -36,7 +37,7 @@ impl Names {
         }
     }
 
-    fn of(&self, key: &str) -> String {
+    pub fn of(&self, key: &str) -> String {
         format!("{}{key}", self.prefix)
     }
 
@@ -49,10 +50,12 @@ impl Names {
 }
 
 /// How the jobs copy.
-pub(super) struct Backup {
+pub(super) struct Backup<'a> {
     pub incremental: bool,
     /// Bytes/s per job.
     pub speed: Option<u64>,
+    /// Where the jobs' progress is kept while they run (a failed run reports it).
+    pub copied: &'a AtomicU64,
 }
 
 async fn qmp(vm: &VmHandle, cmd: &str, args: Value) -> anyhow::Result<Value> {
@@ -77,16 +80,29 @@ async fn bitmap_of(vm: &VmHandle, key: &str, name: &str) -> anyhow::Result<Optio
         .cloned())
 }
 
-/// Whether this run may be incremental: the target's last run completed and every disk
-/// still has a consistent, recording bitmap of this replica. For a full run, bitmaps of
-/// this replica left from before are removed (the run adds them anew).
-pub(super) async fn choose_incremental(
+/// How a run copies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Mode {
+    /// Every disk (`blockdev-backup sync=full`, or a stopped VM's non-zero blocks).
+    Full,
+    /// What the replica's dirty bitmap marked since the last run.
+    Incremental,
+    /// A block-hash comparison with the target's working copies (`hashsync.rs`).
+    Hash,
+}
+
+/// How a run of a running VM copies, and why: incremental when the target's last run
+/// completed and every disk still has a consistent, recording bitmap of this replica;
+/// full on a first run; a hash sync otherwise (the working copies hold data, no bitmap
+/// can be trusted). For a full run or a hash sync, bitmaps of this replica left from
+/// before are removed (the run adds them anew).
+pub(super) async fn choose(
     vm: &VmHandle,
     disks: &[Disk],
     bitmap: &str,
     prepared: &Value,
     progress: &Progress,
-) -> anyhow::Result<bool> {
+) -> anyhow::Result<Mode> {
     let target_ok = prepared["incremental_ok"].as_bool() == Some(true);
     let mut missing = Vec::new();
     let mut found = Vec::new();
@@ -106,34 +122,111 @@ pub(super) async fn choose_incremental(
             None => missing.push(d.key.clone()),
         }
     }
-    let incremental = target_ok && missing.is_empty();
-    if !incremental {
-        let why = if prepared["first"].as_bool() == Some(true) {
-            "first run of this replica".to_string()
-        } else if !target_ok {
-            "the replica's last run did not complete (or it has no point yet)".to_string()
-        } else {
-            format!(
-                "no usable dirty bitmap '{bitmap}' on {} (QEMU restarted since the last run?); \
-                 the block-hash fallback is not built yet",
-                missing.join(", ")
-            )
-        };
-        progress.log(format!("{why}: this run copies every disk in full"));
-        for key in found {
-            qmp(
-                vm,
-                "block-dirty-bitmap-remove",
-                json!({"node": format!("drive-{key}"), "name": bitmap}),
-            )
-            .await?;
-        }
-    } else {
+    if target_ok && missing.is_empty() {
         progress.log(format!(
             "incremental run: copying what bitmap '{bitmap}' marked since the last run"
         ));
+        return Ok(Mode::Incremental);
     }
-    Ok(incremental)
+    let mode = if prepared["first"].as_bool() == Some(true) {
+        progress.log("first run of this replica: this run copies every disk in full");
+        Mode::Full
+    } else {
+        let why = if !target_ok {
+            "the replica's last run did not complete".to_string()
+        } else {
+            format!(
+                "no usable dirty bitmap '{bitmap}' on {} (QEMU restarted since the last run?)",
+                missing.join(", ")
+            )
+        };
+        progress.log(format!(
+            "{why}: hash sync (only the blocks whose hashes differ from the target's are sent)"
+        ));
+        Mode::Hash
+    };
+    for key in found {
+        qmp(
+            vm,
+            "block-dirty-bitmap-remove",
+            json!({"node": format!("drive-{key}"), "name": bitmap}),
+        )
+        .await?;
+    }
+    Ok(mode)
+}
+
+/// The anchor of a hash sync: the replica's bitmap, fresh, on every disk in one
+/// transaction. It records every guest write from now on, so whatever the comparison
+/// reads a block before or after such a write, the incremental backup that ends the run
+/// copies the block again as of that backup's start.
+pub(super) async fn add_bitmaps(
+    vm: &VmHandle,
+    disks: &[Disk],
+    names: &Names,
+) -> anyhow::Result<()> {
+    let actions: Vec<Value> = disks
+        .iter()
+        .map(|d| {
+            json!({"type": "block-dirty-bitmap-add",
+                   "data": {"node": format!("drive-{}", d.key), "name": names.bitmap,
+                            "persistent": d.format == "qcow2"}})
+        })
+        .collect();
+    qmp(vm, "transaction", json!({ "actions": actions }))
+        .await
+        .context("adding the replica's dirty bitmaps")?;
+    Ok(())
+}
+
+/// The QEMU's NBD server on `socket`, exporting every disk read-only as `drive-<key>`
+/// (a hash sync reads the live disks through it). A server left on `socket` by a run of
+/// this replica that died is stopped first; any other is not touched (the start fails).
+pub(super) async fn export_read(
+    vm: &VmHandle,
+    disks: &[Disk],
+    socket: &std::path::Path,
+    names: &Names,
+) -> anyhow::Result<()> {
+    if socket.exists() {
+        let _ = vm
+            .execute("nbd-server-stop", Value::Null, QMP_TIMEOUT)
+            .await;
+        let _ = std::fs::remove_file(socket);
+    }
+    // `nbd-server-start` takes the legacy socket address form (`data` wraps it).
+    let addr = json!({"type": "unix", "data": {"path": socket.display().to_string()}});
+    qmp(vm, "nbd-server-start", json!({ "addr": addr }))
+        .await
+        .context("starting the source QEMU's NBD server (does another run or job use it?)")?;
+    for d in disks {
+        let added = qmp(
+            vm,
+            "block-export-add",
+            json!({"type": "nbd", "id": names.of(&d.key), "node-name": format!("drive-{}", d.key),
+                   "name": format!("drive-{}", d.key), "writable": false}),
+        )
+        .await;
+        if let Err(e) = added {
+            stop_read(vm, socket).await;
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Stops the QEMU's NBD server of [`export_read`] (with its exports).
+pub(super) async fn stop_read(vm: &VmHandle, socket: &std::path::Path) {
+    if let Err(e) = vm
+        .execute("nbd-server-stop", Value::Null, QMP_TIMEOUT)
+        .await
+    {
+        tracing::warn!(
+            vmid = vm.vmid(),
+            "stopping the NBD server of the hash sync: {e}"
+        );
+    }
+    let _ = std::fs::remove_file(socket);
 }
 
 /// Adds the NBD client nodes, starts every job in one transaction and waits for all of
@@ -142,7 +235,7 @@ pub(super) async fn copy(
     vm: &VmHandle,
     disks: &[Disk],
     locals: &BTreeMap<String, (PathBuf, String)>,
-    spec: &Backup,
+    spec: &Backup<'_>,
     names: &Names,
     progress: &Progress,
 ) -> anyhow::Result<u64> {
@@ -181,7 +274,7 @@ pub(super) async fn copy(
     qmp(vm, "transaction", json!({ "actions": actions }))
         .await
         .context("starting the backup jobs")?;
-    let copied = wait_jobs(vm, disks, names, progress).await?;
+    let copied = wait_jobs(vm, disks, (names, spec.copied), progress).await?;
     take_down(vm, disks, names).await;
     Ok(copied)
 }
@@ -191,9 +284,10 @@ pub(super) async fn copy(
 async fn wait_jobs(
     vm: &VmHandle,
     disks: &[Disk],
-    names: &Names,
+    (names, copied): (&Names, &AtomicU64),
     progress: &Progress,
 ) -> anyhow::Result<u64> {
+    let before = copied.load(Ordering::SeqCst);
     let ids: Vec<String> = disks.iter().map(|d| names.of(&d.key)).collect();
     let started = Instant::now();
     let mut last = (0u64, Instant::now());
@@ -219,6 +313,7 @@ async fn wait_jobs(
             .iter()
             .filter_map(|j| j["total-progress"].as_u64())
             .sum();
+        copied.store(before + done, Ordering::SeqCst);
         if let Some(failed) = ours.iter().find(|j| j["error"].is_string()) {
             bail!("backup job {} failed: {}", failed["id"], failed["error"]);
         }

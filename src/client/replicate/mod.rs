@@ -15,6 +15,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -26,9 +27,12 @@ use super::progress::{Progress, human};
 use crate::guest::config as vmconf;
 use crate::qemu::{self, VmHandle};
 
+mod hashsync;
 mod jobs;
 mod remote;
 
+pub use hashsync::HashFigures;
+use jobs::Mode;
 use remote::Remote;
 
 /// What the user asked for.
@@ -50,6 +54,8 @@ pub struct RunSummary {
     pub point: String,
     pub points: Vec<String>,
     pub incremental: bool,
+    /// Set when the run was a hash sync: what it compared and found different.
+    pub hash: Option<HashFigures>,
     /// Bytes the backup jobs copied (a full run counts every byte of every disk, zeroes
     /// included; an incremental one the dirty blocks).
     pub copied: u64,
@@ -70,11 +76,7 @@ impl RunSummary {
             port = opts.target.port,
             node = self.target_node,
             secs = self.duration.as_secs_f64(),
-            kind = if self.incremental {
-                "incremental"
-            } else {
-                "full copy"
-            },
+            kind = self.kind(),
             copied = human(self.copied),
             copied_b = self.copied,
             sent = human(self.sent),
@@ -85,16 +87,76 @@ impl RunSummary {
     }
 }
 
+impl RunSummary {
+    /// `full copy`, `incremental` or `hash sync (...)` for the summary line.
+    fn kind(&self) -> String {
+        match (&self.hash, self.incremental) {
+            (Some(h), _) => format!(
+                "hash sync ({} compared, {} differed, {} bytes of hashes received)",
+                human(h.compared),
+                human(h.differing),
+                h.hash_bytes
+            ),
+            (None, true) => "incremental".into(),
+            (None, false) => "full copy".into(),
+        }
+    }
+}
+
 /// One disk of the VM.
 #[derive(Debug, Clone)]
 struct Disk {
     key: String,
+    volid: String,
     format: String,
     size: u64,
     target_storage: String,
 }
 
-/// Runs one replica run of a running VM.
+/// The VM a run reads: its running QEMU, or a stopped VM whose config lock the run
+/// holds (so nobody starts it meanwhile: `vm start` waits for the lock and gives up).
+enum Subject {
+    Running(VmHandle),
+    Stopped { _lock: crate::guest::VmLockGuard },
+}
+
+impl Subject {
+    async fn of(src: &SourceNode, vmid: u32, progress: &Progress) -> anyhow::Result<Subject> {
+        let attach = || {
+            VmHandle::attach(&src.cfg.run_dir, vmid)
+                .map(Subject::Running)
+                .context("attaching to the running VM")
+        };
+        if qemu::process::is_running(&src.cfg.run_dir, vmid).is_some() {
+            return attach();
+        }
+        let guard = src
+            .guests
+            .lock(vmid, crate::guest::store::DEFAULT_LOCK_TIMEOUT)
+            .await
+            .with_context(|| format!("taking the config lock of VM {vmid} (stopped)"))?;
+        // Started between the check and the lock: replicate the running VM.
+        if qemu::process::is_running(&src.cfg.run_dir, vmid).is_some() {
+            drop(guard);
+            return attach();
+        }
+        src.unlocked_config(vmid)?;
+        progress.log(format!(
+            "VM {vmid} is stopped: its images are read with qemu-nbd, and its config lock is \
+             held until the run ends (it cannot be started meanwhile)"
+        ));
+        Ok(Subject::Stopped { _lock: guard })
+    }
+
+    fn vm(&self) -> Option<&VmHandle> {
+        match self {
+            Subject::Running(vm) => Some(vm),
+            Subject::Stopped { .. } => None,
+        }
+    }
+}
+
+/// Runs one replica run of a VM (running or stopped).
 pub async fn replicate(
     src: &SourceNode,
     opts: &ReplicateOptions,
@@ -102,15 +164,15 @@ pub async fn replicate(
 ) -> anyhow::Result<RunSummary> {
     let started = Instant::now();
     let (conf_text, disks) = plan(src, opts).await?;
-    let vm =
-        VmHandle::attach(&src.cfg.run_dir, opts.vmid).context("attaching to the running VM")?;
+    let subject = Subject::of(src, opts.vmid, progress).await?;
     let mut remote = Remote::open(opts, &disks, progress).await?;
     let run = Run {
         src,
         opts,
         progress,
-        vm: &vm,
+        vm: subject.vm(),
         disks: &disks,
+        copied: AtomicU64::new(0),
     };
     let result = async {
         let prepared = run.prepare(&remote, &conf_text).await?;
@@ -121,8 +183,8 @@ pub async fn replicate(
             .with_context(|| format!("replica-prepare reply without a valid id: {prepared}"))?;
         let names = jobs::Names::new(id);
         let transferred = run.transfer(&mut remote, &prepared, &names).await;
-        if transferred.is_err() {
-            jobs::abort(&vm, &disks, &names).await;
+        if let (Err(_), Some(vm)) = (&transferred, run.vm) {
+            jobs::abort(vm, &disks, &names).await;
         }
         transferred
     }
@@ -134,7 +196,12 @@ pub async fn replicate(
             Ok(summary)
         }
         Err(e) => {
-            progress.log(format!("replica run failed: {e:#}"));
+            // What went out before the failure: the next run (a hash sync) sends the rest.
+            let copied = run.copied.load(Ordering::SeqCst);
+            progress.log(format!(
+                "replica run failed after copying {} ({copied} bytes) toward the target: {e:#}",
+                human(copied)
+            ));
             remote.quit(true).await;
             Err(e)
         }
@@ -146,8 +213,11 @@ struct Run<'a> {
     src: &'a SourceNode,
     opts: &'a ReplicateOptions,
     progress: &'a Progress,
-    vm: &'a VmHandle,
+    /// `None`: the VM is stopped.
+    vm: Option<&'a VmHandle>,
     disks: &'a [Disk],
+    /// Bytes written toward the target so far (backup jobs and hash sync writes).
+    copied: AtomicU64,
 }
 
 impl Run<'_> {
@@ -170,30 +240,39 @@ impl Run<'_> {
             .context("preparing the replica on the target")
     }
 
-    /// The choice of full or incremental, the exports, the copy and the restore point.
+    /// The choice of full, incremental or hash sync, the exports, the copy and the
+    /// restore point.
     async fn transfer(
         &self,
         remote: &mut Remote,
         prepared: &Value,
         names: &jobs::Names,
     ) -> anyhow::Result<RunSummary> {
-        let (vm, disks) = (self.vm, self.disks);
-        let incremental =
-            jobs::choose_incremental(vm, disks, &names.bitmap, prepared, self.progress).await?;
-        let exported = remote.cmd(json!({"cmd": "replica-export"})).await?;
-        let locals = remote.forward_exports(
-            &self.src.cfg.run_dir,
-            self.opts.vmid,
-            names.tag(),
-            disks,
-            &exported,
-        )?;
-        let spec = jobs::Backup {
-            incremental,
-            speed: self.opts.bwlimit.map(|k| k.saturating_mul(1024)),
+        let mode = match self.vm {
+            Some(vm) => {
+                jobs::choose(vm, self.disks, &names.bitmap, prepared, self.progress).await?
+            }
+            None => self.stopped_mode(prepared),
         };
-        let copied = jobs::copy(vm, disks, &locals, &spec, names, self.progress).await?;
+        let mut hash = None;
+        let copied = match (self.vm, mode) {
+            (Some(vm), Mode::Full | Mode::Incremental) => {
+                let locals = self.export(remote, names).await?;
+                let spec = jobs::Backup {
+                    incremental: mode == Mode::Incremental,
+                    speed: self.speed(),
+                    copied: &self.copied,
+                };
+                jobs::copy(vm, self.disks, &locals, &spec, names, self.progress).await?
+            }
+            _ => {
+                let (copied, figures) = self.hash_sync(remote, names, mode).await?;
+                hash = (mode == Mode::Hash).then_some(figures);
+                copied
+            }
+        };
         let sent = remote.sent_bytes().await;
+        let incremental = mode == Mode::Incremental;
         let mut commit =
             json!({"cmd": "replica-commit", "bytes": copied, "incremental": incremental});
         if let Some(keep) = self.opts.keep {
@@ -216,14 +295,51 @@ impl Run<'_> {
             point: done["point"].as_str().unwrap_or_default().to_string(),
             points,
             incremental,
+            hash,
             copied,
             sent,
             duration: Duration::ZERO,
         })
     }
+
+    fn speed(&self) -> Option<u64> {
+        self.opts.bwlimit.map(|k| k.saturating_mul(1024))
+    }
+
+    /// A stopped VM has no bitmap: its first run copies every non-zero block, every
+    /// later one is a hash sync (a stopped disk does not change, so it sends ~nothing).
+    fn stopped_mode(&self, prepared: &Value) -> Mode {
+        if prepared["first"].as_bool() == Some(true) {
+            self.progress
+                .log("first run of this replica: every non-zero block of the disks is copied");
+            Mode::Full
+        } else {
+            self.progress.log(
+                "a stopped VM has no dirty bitmap: hash sync (only the blocks whose hashes \
+                 differ from the target's are sent)",
+            );
+            Mode::Hash
+        }
+    }
+
+    /// `replica-export` and one forward per working copy: (local socket, export) by key.
+    async fn export(
+        &self,
+        remote: &mut Remote,
+        names: &jobs::Names,
+    ) -> anyhow::Result<std::collections::BTreeMap<String, (PathBuf, String)>> {
+        let exported = remote.cmd(json!({"cmd": "replica-export"})).await?;
+        remote.forward_exports(
+            &self.src.cfg.run_dir,
+            self.opts.vmid,
+            names.tag(),
+            self.disks,
+            &exported,
+        )
+    }
 }
 
-/// The local checks: the VM exists, is not locked, runs; its disks and where each goes.
+/// The local checks: the VM exists and is not locked; its disks and where each goes.
 /// Returns the config text and the disks.
 async fn plan(src: &SourceNode, opts: &ReplicateOptions) -> anyhow::Result<(String, Vec<Disk>)> {
     let vmid = opts.vmid;
@@ -231,12 +347,6 @@ async fn plan(src: &SourceNode, opts: &ReplicateOptions) -> anyhow::Result<(Stri
         bail!("replication requires explicit storage mapping (--target-storage)");
     }
     let (text, conf) = src.unlocked_config(vmid)?;
-    if qemu::process::is_running(&src.cfg.run_dir, vmid).is_none() {
-        bail!(
-            "VM {vmid} is not running: replicating a stopped VM is not supported yet (a run \
-             needs the running QEMU's dirty bitmaps) - start it, or move it with 'mtunnel migrate'"
-        );
-    }
     let mut disks = Vec::new();
     for (key, value) in &conf.options {
         // `unusedN` volumes are attached to nothing: no QEMU node to take a bitmap of.
@@ -262,6 +372,7 @@ async fn plan(src: &SourceNode, opts: &ReplicateOptions) -> anyhow::Result<(Stri
         })?;
         disks.push(Disk {
             key: key.clone(),
+            volid: volid.clone(),
             format: src.storage.volume_format(&volid).await?,
             size: src.storage.volume_size(&volid).await?,
             target_storage,

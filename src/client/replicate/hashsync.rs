@@ -1,0 +1,370 @@
+//! The hash sync of a replica run (docs/replicas.md, "Hash sync"): used when the target's
+//! working copies hold data but no dirty bitmap can be trusted (an interrupted run, a
+//! source QEMU that restarted, a stopped VM). Each disk is read on the source through an
+//! NBD export (the running QEMU's own read-only export of the drive, or a `qemu-nbd -r`
+//! of a stopped VM's image), compared range by range with the target's block hashes
+//! (`replica-hashes`), and only the blocks that differ are written — with this crate's
+//! NBD client, through the tunnel's forward — into the target's working copy. A stopped
+//! VM's first run is the same walk against a new (all-zero) working copy, without asking
+//! for hashes.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+
+use super::Run;
+use super::jobs::{self, Mode};
+use super::remote::Remote;
+use crate::client::progress::{Progress, human};
+use crate::replica::hashes::{self, BLOCK, MAX_HASHES};
+use crate::replica::nbd_client::{MAX_REQUEST, NbdClient};
+
+/// How long one NBD request may take.
+pub(super) const NBD_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What a hash sync found and did, summed over the disks.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HashFigures {
+    /// Bytes compared (read on both sides).
+    pub compared: u64,
+    /// Bytes that differed and were written.
+    pub differing: u64,
+    /// Bytes of hash replies received over the control channel.
+    pub hash_bytes: u64,
+}
+
+/// The byte ranges of one disk that differ (adjacent blocks merged, each at most one NBD
+/// request long).
+#[derive(Debug, Default)]
+pub(super) struct Ranges(Vec<(u64, u64)>);
+
+impl Ranges {
+    fn push(&mut self, offset: u64, len: u64) {
+        if let Some(last) = self.0.last_mut()
+            && last.0 + last.1 == offset
+            && last.1 + len <= u64::from(MAX_REQUEST)
+        {
+            last.1 += len;
+            return;
+        }
+        self.0.push((offset, len));
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.0.iter().map(|r| r.1).sum()
+    }
+}
+
+/// Whether the target's hashes are asked (`Ask`) or known: a new working copy reads as
+/// zeroes everywhere (`Zero`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Target {
+    Ask,
+    Zero,
+}
+
+/// Compares disk `key` (`size` bytes, read through `source`) with the target's working
+/// copy; returns the ranges that differ. Adds to `figures`.
+pub(super) async fn compare(
+    remote: &Remote,
+    source: &mut NbdClient,
+    (key, size): (&str, u64),
+    target: Target,
+    figures: &mut HashFigures,
+    progress: &Progress,
+) -> anyhow::Result<Ranges> {
+    if source.size() < size {
+        bail!(
+            "{key}: the source's export has {} bytes, the disk {size}",
+            source.size()
+        );
+    }
+    let mut ranges = Ranges::default();
+    let span = MAX_HASHES * BLOCK;
+    let mut logged = Instant::now();
+    let mut offset = 0;
+    while offset < size {
+        let length = span.min(size - offset);
+        let ours = hashes::of_range(source, offset, length, BLOCK).await?;
+        let theirs = match target {
+            Target::Ask => target_hashes(remote, key, offset, length, figures).await?,
+            Target::Zero => Vec::new(),
+        };
+        for (i, mine) in ours.iter().enumerate() {
+            let at = offset + i as u64 * BLOCK;
+            let len = BLOCK.min(size - at);
+            let same = match target {
+                Target::Ask => theirs.get(i) == Some(mine),
+                Target::Zero => *mine == hashes::zero_hash(len as usize),
+            };
+            if !same {
+                ranges.push(at, len);
+            }
+        }
+        offset += length;
+        figures.compared += length;
+        if logged.elapsed() > Duration::from_secs(5) {
+            progress.log(format!(
+                "hash sync: {key}: {} of {} compared, {} differ so far",
+                human(offset),
+                human(size),
+                human(ranges.bytes())
+            ));
+            logged = Instant::now();
+        }
+    }
+    figures.differing += ranges.bytes();
+    Ok(ranges)
+}
+
+/// The target's hashes of one range (`replica-hashes`), exactly one per block.
+async fn target_hashes(
+    remote: &Remote,
+    key: &str,
+    offset: u64,
+    length: u64,
+    figures: &mut HashFigures,
+) -> anyhow::Result<Vec<String>> {
+    let reply = remote
+        .cmd(
+            json!({"cmd": "replica-hashes", "disk": key, "offset": offset,
+                     "length": length, "block": BLOCK}),
+        )
+        .await
+        .with_context(|| format!("reading the block hashes of {key} on the target"))?;
+    figures.hash_bytes += reply.to_string().len() as u64;
+    let list: Vec<String> = reply["hashes"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default();
+    if list.len() as u64 != length.div_ceil(BLOCK) {
+        bail!(
+            "replica-hashes of {key} at {offset}+{length}: {} hashes, not {}",
+            list.len(),
+            length.div_ceil(BLOCK)
+        );
+    }
+    Ok(list)
+}
+
+/// Writes `ranges` read from `source` into `target` (zero ranges as write-zeroes), then
+/// flushes; returns the bytes written.
+pub(super) async fn send(
+    source: &mut NbdClient,
+    target: &mut NbdClient,
+    ranges: &Ranges,
+    copied: &AtomicU64,
+) -> anyhow::Result<u64> {
+    let mut written = 0;
+    for &(offset, len) in &ranges.0 {
+        let data = source.read(offset, len).await?;
+        if hashes::is_zero(&data) {
+            target.write_zeroes(offset, len).await?;
+        } else {
+            target.write(offset, &data).await?;
+        }
+        written += len;
+        copied.fetch_add(len, Ordering::SeqCst);
+    }
+    target.flush().await?;
+    Ok(written)
+}
+
+/// `qemu-nbd -r` of a stopped VM's image on `socket` (its export `drive-<key>`); killed
+/// when dropped. Its one client's disconnect ends it too.
+pub(super) struct ImageReader {
+    child: tokio::process::Child,
+    pub socket: PathBuf,
+}
+
+impl ImageReader {
+    pub async fn start(socket: PathBuf, key: &str, image: (&Path, &str)) -> anyhow::Result<Self> {
+        let _ = std::fs::remove_file(&socket);
+        let mut child = tokio::process::Command::new("qemu-nbd")
+            .arg(format!("--socket={}", socket.display()))
+            .arg(format!("--export-name=drive-{key}"))
+            .arg(format!("--format={}", image.1))
+            .args(["--read-only", "--shared=1", "--cache=none", "--aio=threads"])
+            .arg(image.0)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting qemu-nbd (install qemu-utils)")?;
+        for _ in 0..500 {
+            if socket.exists() {
+                return Ok(ImageReader { child, socket });
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    use tokio::io::AsyncReadExt;
+                    let _ = e.read_to_string(&mut err).await;
+                }
+                bail!(
+                    "qemu-nbd -r {} exited ({status}): {}",
+                    image.0.display(),
+                    err.trim()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        bail!(
+            "qemu-nbd -r {} did not listen on {} within 10 s",
+            image.0.display(),
+            socket.display()
+        )
+    }
+
+    /// Stops the server (its socket goes with the drop).
+    pub async fn stop(mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+}
+
+impl Drop for ImageReader {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// Where a hash sync reads the source's disks: the running QEMU's NBD server (one socket,
+/// an export per disk) or one `qemu-nbd -r` per image of a stopped VM.
+enum ReadSide {
+    Qemu(PathBuf),
+    Images(Vec<ImageReader>),
+}
+
+impl Run<'_> {
+    /// A hash sync (`mode` [`Mode::Hash`]) or a stopped VM's first run ([`Mode::Full`]:
+    /// the target's new working copies are all zeroes). A running VM's bitmaps are added
+    /// first; after the differing blocks are written, one incremental backup of them
+    /// copies what the guest wrote meanwhile (see [`jobs::add_bitmaps`]), so the point is
+    /// consistent as of that backup's start. Returns the bytes written and the figures.
+    pub(super) async fn hash_sync(
+        &self,
+        remote: &mut Remote,
+        names: &jobs::Names,
+        mode: Mode,
+    ) -> anyhow::Result<(u64, HashFigures)> {
+        if let Some(vm) = self.vm {
+            jobs::add_bitmaps(vm, self.disks, names).await?;
+        }
+        let (side, mut sources) = self.open_reads(names).await?;
+        let result = self
+            .compare_and_send(remote, names, mode, &mut sources, &side)
+            .await;
+        drop(sources);
+        match side {
+            ReadSide::Qemu(socket) => {
+                if let (Some(vm), Err(_)) = (self.vm, &result) {
+                    jobs::stop_read(vm, &socket).await;
+                }
+            }
+            ReadSide::Images(readers) => {
+                for r in readers {
+                    r.stop().await;
+                }
+            }
+        }
+        result
+    }
+
+    async fn compare_and_send(
+        &self,
+        remote: &mut Remote,
+        names: &jobs::Names,
+        mode: Mode,
+        sources: &mut [NbdClient],
+        side: &ReadSide,
+    ) -> anyhow::Result<(u64, HashFigures)> {
+        let target = if mode == Mode::Full {
+            Target::Zero
+        } else {
+            Target::Ask
+        };
+        let mut figures = HashFigures::default();
+        let mut diffs = Vec::new();
+        for (d, source) in self.disks.iter().zip(sources.iter_mut()) {
+            let disk = (d.key.as_str(), d.size);
+            let ranges = compare(remote, source, disk, target, &mut figures, self.progress).await?;
+            diffs.push(ranges);
+        }
+        let locals = self.export(remote, names).await?;
+        let mut targets = Vec::new();
+        let mut written = 0;
+        for ((d, source), ranges) in self.disks.iter().zip(sources.iter_mut()).zip(&diffs) {
+            let (socket, export) = locals.get(&d.key).context("no forward for a disk")?;
+            let mut t = NbdClient::connect(socket, export, NBD_TIMEOUT)
+                .await
+                .with_context(|| format!("{}: connecting to the target's working copy", d.key))?;
+            written += send(source, &mut t, ranges, &self.copied)
+                .await
+                .with_context(|| format!("{}: writing the blocks that differ", d.key))?;
+            targets.push(t);
+        }
+        self.progress.log(format!(
+            "hash sync: {} compared, {} differed and were written",
+            human(figures.compared),
+            human(written)
+        ));
+        let mut copied = written;
+        if let (Some(vm), ReadSide::Qemu(socket)) = (self.vm, side) {
+            jobs::stop_read(vm, socket).await;
+            // Our connections stay open until QEMU's are: the target's server ends when
+            // its last client leaves.
+            let spec = jobs::Backup {
+                incremental: true,
+                speed: self.speed(),
+                copied: &self.copied,
+            };
+            copied += jobs::copy(vm, self.disks, &locals, &spec, names, self.progress).await?;
+        }
+        for t in targets {
+            t.disconnect().await?;
+        }
+        Ok((copied, figures))
+    }
+
+    /// Opens one NBD connection per disk to the source's disks (in `self.disks` order).
+    async fn open_reads(&self, names: &jobs::Names) -> anyhow::Result<(ReadSide, Vec<NbdClient>)> {
+        let run_dir = &self.src.cfg.run_dir;
+        let vmid = self.opts.vmid;
+        let mut clients = Vec::new();
+        if let Some(vm) = self.vm {
+            let socket = run_dir.join(format!("{vmid}.{}.replica-read", names.tag()));
+            jobs::export_read(vm, self.disks, &socket, names).await?;
+            for d in self.disks {
+                let export = format!("drive-{}", d.key);
+                match NbdClient::connect(&socket, &export, NBD_TIMEOUT).await {
+                    Ok(c) => clients.push(c),
+                    Err(e) => {
+                        jobs::stop_read(vm, &socket).await;
+                        return Err(e.context(format!("{}: reading the source disk", d.key)));
+                    }
+                }
+            }
+            return Ok((ReadSide::Qemu(socket), clients));
+        }
+        let mut readers = Vec::new();
+        for d in self.disks {
+            let file = self.src.storage.path(&d.volid)?;
+            let socket = run_dir.join(format!("{vmid}-{}.{}.replica-read", d.key, names.tag()));
+            let reader = ImageReader::start(socket, &d.key, (&file, &d.format)).await?;
+            let export = format!("drive-{}", d.key);
+            clients.push(NbdClient::connect(&reader.socket, &export, NBD_TIMEOUT).await?);
+            readers.push(reader);
+        }
+        Ok((ReadSide::Images(readers), clients))
+    }
+}
