@@ -44,10 +44,11 @@ pub enum Command {
     Vm(VmCommand),
     /// Migrate a VM of this node to a remote target through the tunnel.
     Migrate(MigrateArgs),
-    /// Send one run of a running VM's replica to a remote mtunnel node.
+    /// Send one run of a VM's replica (running or stopped) to a remote mtunnel node.
     ///
     /// The first run copies every disk; each later run only what changed since the last
-    /// completed run (QEMU dirty bitmaps). The target keeps restore points
+    /// completed run (QEMU dirty bitmaps; a block-hash comparison where no bitmap can be
+    /// trusted: after a cut run, a restarted QEMU, for a stopped VM). The target keeps restore points
     /// (docs/replicas.md); `mtunnel replica` manages them there.
     Replicate(ReplicateArgs),
     /// Manage the replicas this node holds (list, promote a point to a VM, drop).
@@ -256,7 +257,7 @@ pub enum VmCommand {
 
 #[derive(Args)]
 pub struct ReplicateArgs {
-    /// The VM to replicate (it must run).
+    /// The VM to replicate (running, or stopped: its config lock is held for the run).
     pub vmid: u32,
     /// host=ADDR[,port=8006],apitoken=PVEAPIToken=user@realm!id=SECRET,fingerprint=AA:BB:..
     pub endpoint: mtunnel::client::endpoint::TargetEndpoint,

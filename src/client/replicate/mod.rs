@@ -1,17 +1,19 @@
-//! `mtunnel replicate`: one run of a running VM's replica on a remote mtunnel node
-//! (docs/replicas.md). The first run (or one after a lost dirty bitmap or an interrupted
-//! run) copies every disk; later runs copy only the blocks QEMU's dirty bitmap
-//! (`mtunnel-replica-<replica id>`) marked since the last completed run. The disks move
-//! by QEMU `blockdev-backup` into an NBD client node connected — through a forwarded
-//! WebSocket of the tunnel — to the target's `qemu-nbd` export of the working copy; the
-//! target makes a restore point only when every job completed (`replica-commit`).
+//! `mtunnel replicate`: one run of a VM's replica (running or stopped) on a remote mtunnel
+//! node (docs/replicas.md). The first run copies every disk; later runs copy only the
+//! blocks QEMU's dirty bitmap (`mtunnel-replica-<replica id>`) marked since the last
+//! completed run, or — where no bitmap can be trusted (an interrupted run, a restarted
+//! QEMU, a stopped VM) — do a hash sync (`hashsync.rs`). The disks move by QEMU
+//! `blockdev-backup` (and a hash sync's own NBD client) into the target's `qemu-nbd`
+//! export of the working copy, through a forwarded WebSocket of the tunnel; the target
+//! makes a restore point only when every write completed (`replica-commit`).
 //!
 //! Files: this one owns the options, the plan and the order of a run; `remote.rs` the
 //! tunnel (open with `replica=1`, the `mtunnel-features` check, the commands, forwards);
-//! `jobs.rs` the QMP side (bitmaps, NBD client nodes, backup jobs). Nothing here changes
-//! the source VM's config; a failed run cancels its jobs, removes its NBD nodes and asks
-//! the target to clean up (which frees only the run's transient things once a replica
-//! has a point).
+//! `jobs.rs` the QMP side (bitmaps, NBD client nodes, backup jobs, the read-only export of
+//! a hash sync); `hashsync.rs` the block-hash comparison. Nothing here changes the source
+//! VM's config (a stopped VM's config lock is held for the run); a failed run cancels its
+//! jobs, removes its NBD nodes and asks the target to clean up (which frees only the
+//! run's transient things once a replica has a point).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
