@@ -493,6 +493,13 @@ function pve.replica.create(opts) end
 ---@return table
 function pve.replica.export() end
 
+---The block hashes (hex, first 16 bytes of SHA-256) of one range of a working copy:
+---`opts = {disk, offset, length, block}`; read through a read-only qemu-nbd. Journaled.
+---@async
+---@param opts table
+---@return string[]
+function pve.replica.hashes(opts) end
+
 ---Complete the run: stop the NBD servers, make a restore point, prune to `keep`;
 ---`opts = {keep, bytes, incremental}`; returns `{point, pruned, points}`.
 ---@async

@@ -532,7 +532,7 @@ async fn replica_series_follow_the_runs() {
     );
     assert_eq!(sample(&text, &format!("mtunnel_replica_points{l}")), 2.0);
 
-    // The next run completes (a full copy, the last one was cut); the failure stays counted.
+    // The next run completes (a hash sync, the last one was cut); the failure stays counted.
     let (copied3, sent3) = replicate(&src, &dst, "110").await;
     let text = scrape(&dst).await;
     promtool_check(&text);
