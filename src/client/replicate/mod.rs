@@ -59,7 +59,8 @@ pub struct RunSummary {
     /// Set when the run was a hash sync: what it compared and found different.
     pub hash: Option<HashFigures>,
     /// Bytes the backup jobs copied (a full run counts every byte of every disk, zeroes
-    /// included; an incremental one the dirty blocks).
+    /// included; an incremental one the dirty blocks), plus the blocks a hash sync (or a
+    /// stopped VM's first run) wrote itself.
     pub copied: u64,
     /// Bytes that went through the tunnel's NBD connections (payload and NBD protocol).
     pub sent: u64,
@@ -87,9 +88,7 @@ impl RunSummary {
             n = self.points.len(),
         )
     }
-}
 
-impl RunSummary {
     /// `full copy`, `incremental` or `hash sync (...)` for the summary line.
     fn kind(&self) -> String {
         match (&self.hash, self.incremental) {
