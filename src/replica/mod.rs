@@ -20,7 +20,7 @@ mod nbd;
 pub mod nbd_client;
 pub mod points;
 
-pub use nbd::{nbd_socket, run_alive, start_nbd, stop_servers};
+pub use nbd::{nbd_socket, pid_path, run_alive, start_nbd, stop_one, stop_servers};
 
 /// The lock every replica's config carries: `vm start` refuses it.
 pub const LOCK: &str = "replica";

@@ -110,9 +110,15 @@ fn is_server_of(pid: i32, socket: &Path) -> bool {
         && args.any(|a| a == format!("--socket={}", socket.display()))
 }
 
+/// `<socket>.pid`: where a `qemu-nbd` on `socket` keeps its pid.
+pub fn pid_path(socket: &Path) -> PathBuf {
+    pid_file(socket)
+}
+
 /// Stops the server on `socket` if one runs (TERM, then KILL after 5 s) and removes its
-/// socket and pid file. Returns whether a server was stopped.
-pub(super) async fn stop_one(socket: &Path) -> bool {
+/// socket and pid file. Returns whether a server was stopped. Only a `qemu-nbd` whose
+/// command line names `socket` is signalled (the pid file may be stale).
+pub async fn stop_one(socket: &Path) -> bool {
     let pid_path = pid_file(socket);
     let pid = std::fs::read_to_string(&pid_path)
         .ok()

@@ -178,8 +178,9 @@ pub(super) async fn send(
     Ok(written)
 }
 
-/// `qemu-nbd -r` of a stopped VM's image on `socket` (its export `drive-<key>`); killed
-/// when dropped. Its one client's disconnect ends it too.
+/// `qemu-nbd -r` of a stopped VM's image on `socket` (its export `drive-<key>`, its pid in
+/// `<socket>.pid`); killed when dropped. Its one client's disconnect ends it too, and one
+/// left by a killed `mtunnel replicate` is stopped by the next run's start.
 pub(super) struct ImageReader {
     child: tokio::process::Child,
     pub socket: PathBuf,
@@ -187,9 +188,13 @@ pub(super) struct ImageReader {
 
 impl ImageReader {
     pub async fn start(socket: PathBuf, key: &str, image: (&Path, &str)) -> anyhow::Result<Self> {
-        let _ = std::fs::remove_file(&socket);
+        crate::replica::stop_one(&socket).await;
         let mut child = tokio::process::Command::new("qemu-nbd")
             .arg(format!("--socket={}", socket.display()))
+            .arg(format!(
+                "--pid-file={}",
+                crate::replica::pid_path(&socket).display()
+            ))
             .arg(format!("--export-name=drive-{key}"))
             .arg(format!("--format={}", image.1))
             .args(["--read-only", "--shared=1", "--cache=none", "--aio=threads"])
@@ -225,7 +230,7 @@ impl ImageReader {
         )
     }
 
-    /// Stops the server (its socket goes with the drop).
+    /// Stops the server (its socket and pid file go with the drop).
     pub async fn stop(mut self) {
         let _ = self.child.start_kill();
         let _ = self.child.wait().await;
@@ -235,6 +240,7 @@ impl ImageReader {
 impl Drop for ImageReader {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.socket);
+        let _ = std::fs::remove_file(crate::replica::pid_path(&self.socket));
     }
 }
 
