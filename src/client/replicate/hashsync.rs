@@ -374,3 +374,25 @@ impl Run<'_> {
         Ok((ReadSide::Images(readers), clients))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adjacent_blocks_merge_up_to_one_request() {
+        let mut r = Ranges::default();
+        r.push(0, BLOCK);
+        r.push(BLOCK, BLOCK);
+        r.push(4 * BLOCK, BLOCK);
+        assert_eq!(r.0, [(0, 2 * BLOCK), (4 * BLOCK, BLOCK)]);
+        let mut r = Ranges::default();
+        let per_request = u64::from(MAX_REQUEST) / BLOCK;
+        for i in 0..per_request + 1 {
+            r.push(i * BLOCK, BLOCK);
+        }
+        let cut = u64::from(MAX_REQUEST);
+        assert_eq!(r.0, [(0, cut), (cut, BLOCK)]);
+        assert_eq!(r.bytes(), cut + BLOCK);
+    }
+}
