@@ -546,8 +546,8 @@ fn kept_message(created: &Created) -> String {
         )
     } else if created.replica {
         format!(
-            "the replica of VM {vmid} has completed restore points: leaving its config, \
-             working copies and points"
+            "the replica of VM {vmid} is committed (restore points, or a run to continue): \
+             leaving its config, working copies and points"
         )
     } else {
         format!("the migration of VM {vmid} was committed: leaving the VM and its volumes")

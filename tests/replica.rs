@@ -373,6 +373,71 @@ async fn cut_then_resume(
     mt_ok(src, &["vm", "stop", &vmid.to_string()]).await;
 }
 
+/// A FIRST run (64 MiB of data on a 128 MiB disk, slowed to 4 MiB/s) cut by kill -9 of
+/// the target about half way: the working copy stays (the replica is listed
+/// `interrupted`, no point), and the next run is a hash sync that sends the rest: both
+/// together send at most 1.1 x the 64 MiB an uncut full run sends at least. Its point is
+/// the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_first_run_continues_where_it_stopped() {
+    let src = node("src13");
+    let mut dst = node("dst13");
+    let img = create_vm_with_data(&src, 113, "128M").await;
+    let target = target_arg(&dst, dst.port);
+    let args: Vec<String> = ["replicate", "113", &target, "--target-storage", "local"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(["--bwlimit".into(), "4096".into()])
+        .collect();
+    let slow = {
+        let src_config = src.config.clone();
+        tokio::spawn(async move {
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_mtunnel"))
+                .args(&args)
+                .arg("--config")
+                .arg(&src_config)
+                .output()
+                .await
+                .expect("running mtunnel replicate")
+        })
+    };
+    let pid_file = dst.run.join("113-scsi0.replica.pid");
+    assert!(
+        common::eventually(std::time::Duration::from_secs(30), || pid_file.exists()).await,
+        "the run never exported the working copy"
+    );
+    // The 64 MiB of data come first on the disk: at 4 MiB/s half of it takes 8 s.
+    tokio::time::sleep(std::time::Duration::from_secs(8)).await;
+    dst.restart();
+    let cut = common::bounded(120, slow).await.unwrap();
+    assert!(!cut.status.success(), "the cut run must fail");
+    let cut_err = String::from_utf8_lossy(&cut.stderr);
+    let cut_sent = sent_before_failure(&cut_err);
+    let list = mt_ok(&dst, &["replica", "list"]).await;
+    assert!(list.contains(" interrupted "), "{list}");
+
+    let (_, sent, out) = replicate(&src, &dst, 113).await;
+    let hashes = hash_bytes(&out);
+    eprintln!("cut first run copied {cut_sent} bytes; the next run sent {sent} + {hashes}: {out}");
+    assert!(out.contains("hash sync ("), "{out}");
+    assert!(cut_sent >= 8 << 20, "the cut run got somewhere: {cut_err}");
+    let full = 64u64 << 20;
+    assert!(
+        (cut_sent + sent + hashes) * 10 <= full * 11,
+        "cut run {cut_sent} + next run {sent} + hashes {hashes} bytes > 1.1 x {full}"
+    );
+    let now = src.base().join("now.raw");
+    let p = dst.base().join("p.raw");
+    paused(&src, 113, || export_raw(&img, None, &now)).await;
+    let replica = dst.images(113).join("vm-113-disk-0.qcow2");
+    export_raw(&replica, Some(&point_of(&out)), &p);
+    assert_same_raw(&now, &p);
+    for f in [&now, &p] {
+        std::fs::remove_file(f).unwrap();
+    }
+    mt_ok(&src, &["vm", "stop", "113"]).await;
+}
+
 /// [`cut_then_resume`] onto `dir`: qcow2 working copy, points are internal snapshots.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn target_killed_mid_run_resumes_where_it_stopped_on_dir() {
