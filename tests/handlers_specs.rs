@@ -265,7 +265,7 @@ fn a_broken_handler_is_reported_with_file_and_line() {
         line.starts_with(&format!("FAIL  disk: {dir_s}/disk.lua:3: ")),
         "{line}"
     );
-    assert_eq!(last_line(&check.stdout), "18 handlers, 1 refused");
+    assert_eq!(last_line(&check.stdout), "19 handlers, 1 refused");
     assert!(
         check.stderr.contains("1 handler(s) refused"),
         "{}",

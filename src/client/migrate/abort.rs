@@ -44,6 +44,10 @@ impl Migration<'_> {
             return e;
         }
         progress.log(format!("ERROR: migration failed: {e:#}"));
+        if let Some(c) = self.cutover.as_ref().filter(|_| !self.remote.ram_done) {
+            // --final-sync paused the guest: the source VM is still the live one.
+            c.resume_source(self.src, vmid, progress).await;
+        }
         if self.remote.ram_done {
             match VmHandle::attach(&self.src.cfg.run_dir, vmid) {
                 Ok(vm) if self.keep_source_running(&vm).await => {
