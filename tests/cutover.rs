@@ -301,3 +301,138 @@ fn export_raw(img: &Path, snapshot: Option<&str>, to: &Path) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A write made while the RAM moves (the replica run before it is over) goes with the
+/// last delta, copied while the guest is stopped in `pre-switchover`: the guest's RAM
+/// holds 64 MiB of random data (a `loader` device) and `--bwlimit` makes its copy take
+/// seconds; a second QMP monitor writes 1 MiB as soon as `query-migrate` says `active`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_while_the_ram_moves_goes_with_the_last_delta() {
+    let src = node("csrc5");
+    let dst = node("cdst5");
+    mt_ok(
+        &src,
+        &[
+            "vm",
+            "create",
+            "134",
+            "--memory",
+            "128",
+            "--disk",
+            "local:256M:qcow2",
+        ],
+    )
+    .await;
+    let img = src.images(134).join("vm-134-disk-0.qcow2");
+    let ram = src.base().join("ram134");
+    blob(&ram, 64 << 20);
+    let loader = format!("loader,file={},addr=0x1000000,force-raw=on", ram.display());
+    let monitor = src.base().join("m134.qmp");
+    let qmp_arg = format!("unix:{},server=on,wait=off", monitor.display());
+    let start = [
+        "vm",
+        "start",
+        "134",
+        "--qemu-arg",
+        "-device",
+        "--qemu-arg",
+        &loader,
+        "--qemu-arg",
+        "-qmp",
+        "--qemu-arg",
+        &qmp_arg,
+    ];
+    mt_ok(&src, &start).await;
+    replicate(&src, &dst, 134, "local").await;
+
+    let writer = async {
+        let mon = mtunnel::qemu::Qmp::connect(&monitor, Duration::from_secs(10))
+            .await
+            .expect("the second QMP monitor");
+        let secs = Duration::from_secs(10);
+        // Bounded: 60 s at most.
+        for _ in 0..6000 {
+            let st = mon.execute("query-migrate", json!({}), secs).await.unwrap();
+            if st["status"] == json!("active") {
+                let cmd = "qemu-io -d scsi0 \"write -P 0xa5 200M 1M\"";
+                let wrote =
+                    (mon.execute("human-monitor-command", json!({"command-line": cmd}), secs))
+                        .await
+                        .unwrap();
+                assert_eq!(wrote, json!(""), "HMP qemu-io failed");
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    };
+    let (out, wrote) = tokio::join!(
+        migrate(
+            &src,
+            &dst,
+            134,
+            "local",
+            &["--online", "--bwlimit", "16384"]
+        ),
+        writer
+    );
+    assert!(wrote, "the RAM migration never was active");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let delta = number_after(&stdout, "last delta ");
+    eprintln!("last delta: {delta} bytes");
+    assert!(
+        (1 << 20..2 << 20).contains(&delta),
+        "the 1 MiB written went with the last delta:\n{stdout}\n{stderr}"
+    );
+    let replica = dst.images(134).join("vm-134-disk-0.qcow2");
+    common::assert_same_guest_bytes(&img, "qcow2", &replica, "qcow2");
+    let status = qmp(&dst.run, 134, "query-status", json!({})).await;
+    assert_eq!(status["status"], json!("running"), "{status}");
+    mt_ok(&dst, &["vm", "stop", "134"]).await;
+    std::fs::remove_file(&ram).unwrap();
+}
+
+/// Refusals say what to do and change nothing: `--final-sync` to a target without a
+/// replica, `--no-replica` to one that holds the VM's replica, a stopped VM whose replica
+/// the target holds. The replica keeps its points, the source VM runs on unlocked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_say_what_to_do_and_change_nothing() {
+    let src = node("csrc6");
+    let dst = node("cdst6");
+    create_vm_with_data(&src, 135, "256M").await;
+    let refused = |out: std::process::Output| {
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = refused(migrate(&src, &dst, 135, "local", &["--final-sync"]).await);
+    assert!(
+        err.contains("--final-sync cuts over to a replica, and the target holds no replica of VM 135 ('mtunnel replicate' first, or migrate with --online)"),
+        "{err}"
+    );
+    assert!(!dst.vm_config(135).exists());
+
+    replicate(&src, &dst, 135, "local").await;
+    let before = std::fs::read(dst.data.join("replicas/135.json")).unwrap();
+    let err = refused(migrate(&src, &dst, 135, "local", &["--online", "--no-replica"]).await);
+    assert!(
+        err.contains("target VMID 135 holds a replica of this VM (--no-replica: drop it there first with 'mtunnel replica drop 135', or leave out --no-replica to cut over to it)"),
+        "{err}"
+    );
+    mt_ok(&src, &["vm", "stop", "135"]).await;
+    let err = refused(migrate(&src, &dst, 135, "local", &[]).await);
+    assert!(
+        err.contains("VM 135 is stopped and the target holds its replica: a cutover needs the running VM (its dirty bitmaps) - start it and migrate with --online or --final-sync, or migrate with --no-replica after dropping the replica on the target ('mtunnel replica drop 135')"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(dst.data.join("replicas/135.json")).unwrap(),
+        before,
+        "the replica's record did not change"
+    );
+    let conf = std::fs::read_to_string(src.vm_config(135)).unwrap();
+    assert!(!conf.contains("lock:"), "{conf}");
+    let list = mt_ok(&dst, &["replica", "list"]).await;
+    assert!(list.contains(" idle "), "{list}");
+}

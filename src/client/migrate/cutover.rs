@@ -225,8 +225,9 @@ impl Migration<'_> {
                 .get(&v.key)
                 .with_context(|| format!("replica-cutover reply has no drive {}", v.key))?;
             self.progress.log(format!(
-                "{}: the target VM runs on the replica's working copy {}",
-                v.key, d["volid"]
+                "{}: the target VM runs on the replica's working copy '{}'",
+                v.key,
+                d["volid"].as_str().unwrap_or("?")
             ));
         }
         if let Some(c) = &mut self.cutover {
