@@ -302,37 +302,27 @@ fn export_raw(img: &Path, snapshot: Option<&str>, to: &Path) {
     );
 }
 
-/// A write made while the RAM moves (the replica run before it is over) goes with the
-/// last delta, copied while the guest is stopped in `pre-switchover`: the guest's RAM
-/// holds 64 MiB of random data (a `loader` device) and `--bwlimit` makes its copy take
-/// seconds; a second QMP monitor writes 1 MiB as soon as `query-migrate` says `active`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_write_while_the_ram_moves_goes_with_the_last_delta() {
-    let src = node("csrc5");
-    let dst = node("cdst5");
+/// VM `vmid` on `src` with a 256 MiB qcow2 disk, its RAM holding 64 MiB of random data at
+/// 16 MiB (a `loader` device: with `--bwlimit` its copy takes seconds) and a second QMP
+/// monitor (the migration holds the first). Returns (disk image, RAM blob, monitor).
+async fn create_vm_with_busy_ram(src: &TestServer, vmid: u32) -> (PathBuf, PathBuf, PathBuf) {
+    let id = vmid.to_string();
+    let disk = "local:256M:qcow2";
     mt_ok(
-        &src,
-        &[
-            "vm",
-            "create",
-            "134",
-            "--memory",
-            "128",
-            "--disk",
-            "local:256M:qcow2",
-        ],
+        src,
+        &["vm", "create", &id, "--memory", "128", "--disk", disk],
     )
     .await;
-    let img = src.images(134).join("vm-134-disk-0.qcow2");
-    let ram = src.base().join("ram134");
+    let img = src.images(vmid).join(format!("vm-{vmid}-disk-0.qcow2"));
+    let ram = src.base().join(format!("ram{vmid}"));
     blob(&ram, 64 << 20);
     let loader = format!("loader,file={},addr=0x1000000,force-raw=on", ram.display());
-    let monitor = src.base().join("m134.qmp");
+    let monitor = src.base().join(format!("m{vmid}.qmp"));
     let qmp_arg = format!("unix:{},server=on,wait=off", monitor.display());
     let start = [
         "vm",
         "start",
-        "134",
+        &id,
         "--qemu-arg",
         "-device",
         "--qemu-arg",
@@ -342,7 +332,19 @@ async fn a_write_while_the_ram_moves_goes_with_the_last_delta() {
         "--qemu-arg",
         &qmp_arg,
     ];
-    mt_ok(&src, &start).await;
+    mt_ok(src, &start).await;
+    (img, ram, monitor)
+}
+
+/// A write made while the RAM moves (the replica run before it is over) goes with the
+/// last delta, copied while the guest is stopped in `pre-switchover`: the guest's RAM
+/// holds 64 MiB of random data (a `loader` device) and `--bwlimit` makes its copy take
+/// seconds; a second QMP monitor writes 1 MiB as soon as `query-migrate` says `active`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_while_the_ram_moves_goes_with_the_last_delta() {
+    let src = node("csrc5");
+    let dst = node("cdst5");
+    let (img, ram, monitor) = create_vm_with_busy_ram(&src, 134).await;
     replicate(&src, &dst, 134, "local").await;
 
     let writer = async {
@@ -435,4 +437,74 @@ async fn refusals_say_what_to_do_and_change_nothing() {
     assert!(!conf.contains("lock:"), "{conf}");
     let list = mt_ok(&dst, &["replica", "list"]).await;
     assert!(list.contains(" idle "), "{list}");
+}
+
+/// `mtunnel migrate` killed (-9) once the target's QEMU started on the replica: the
+/// target's tunnel ends without `quit`, its cleanup stops that QEMU (it never ran the
+/// guest) and leaves the replica with its points (the first run's and the one the
+/// migration made), listed `interrupted`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_killed_mid_cutover_leaves_the_replica_and_no_qemu() {
+    let src = node("csrc7");
+    let dst = node("cdst7");
+    let (_, ram, _) = create_vm_with_busy_ram(&src, 136).await;
+    replicate(&src, &dst, 136, "local").await;
+    let points = |dst: &TestServer| {
+        let path = dst.data.join("replicas/136.json");
+        let record: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        record["points"].clone()
+    };
+    let before = points(&dst);
+
+    let target = target_arg(&dst, dst.port);
+    let mut child = tokio::process::Command::new(common::BIN)
+        .args([
+            "migrate",
+            "136",
+            "--target",
+            &target,
+            "--target-storage",
+            "local",
+        ])
+        .args(["--online", "--bwlimit", "16384", "--config"])
+        .arg(&src.config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("running mtunnel migrate");
+    // Bounded: 60 s at most.
+    let mut started = false;
+    for _ in 0..6000 {
+        if running(&dst, 136) {
+            started = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    assert!(started, "the target's QEMU never started");
+    // Bounded: 30 s at most.
+    for _ in 0..300 {
+        if !running(&dst, 136) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        !running(&dst, 136),
+        "the target's QEMU was stopped:\n{}",
+        dst.log()
+    );
+    let list = mt_ok(&dst, &["replica", "list"]).await;
+    assert!(list.contains(" interrupted "), "{list}");
+    // The run before the cutover added one; none went.
+    let after = points(&dst);
+    assert_eq!(after.as_array().map(Vec::len), Some(2), "{after}");
+    assert_eq!(after[0], before[0], "the replica's points stayed");
+    let conf = std::fs::read_to_string(dst.vm_config(136)).unwrap();
+    assert!(conf.contains("lock: replica"), "{conf}");
+    std::fs::remove_file(&ram).unwrap();
 }
