@@ -58,6 +58,7 @@ const SPEC_CASES: &[(&str, usize)] = &[
     ("query-disk-import_spec.lua", 13),
     ("quit_spec.lua", 12),
     ("replica-commit_spec.lua", 2),
+    ("replica-cutover_spec.lua", 4),
     ("replica-export_spec.lua", 1),
     ("replica-prepare_spec.lua", 5),
     ("resume_spec.lua", 5),
