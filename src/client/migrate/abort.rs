@@ -1,6 +1,7 @@
 //! Aborting a migration after a phase failed: the source VM keeps its config and disks and
 //! loses its `migrate` lock, and the target is asked to destroy what the migration created
-//! (`quit` with `cleanup`); a source VM paused by a completed RAM migration runs on. Once `resume` was sent the target may run the only live copy:
+//! (`quit` with `cleanup`); a source VM paused by a completed RAM migration (or by
+//! `--final-sync`) runs on. Once `resume` was sent the target may run the only live copy:
 //! then the source stays locked and nothing on the target is touched.
 
 use serde_json::json;

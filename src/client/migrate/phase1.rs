@@ -1,7 +1,7 @@
 //! Phase 1 of a migration: the bandwidth limits, the offline volumes streamed into the
 //! target's `disk-import` sockets, the live disks allocated with `disk` (their NBD exports
 //! come with `start` in phase 2), and the VM config sent with `config`, rewritten for the
-//! new volumes and bridges.
+//! new volumes and bridges. A cutover sends `replica-cutover` instead (`cutover.rs`).
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -1,6 +1,7 @@
 //! Phase 2 of a migration, for a running VM: `start` on the target, the target's migration
 //! and NBD sockets forwarded to local ones, every live disk mirrored into its NBD export,
-//! then the RAM. On failure the source VM keeps running (migration and mirrors cancelled,
+//! then the RAM (a cutover mirrors nothing: its last delta goes while the migration waits
+//! in `pre-switchover`, `cutover.rs`). On failure the source VM keeps running (migration and mirrors cancelled,
 //! resumed if paused) and the target VM is stopped; the caller's abort then cleans up.
 
 use std::cell::Cell;
@@ -345,15 +346,7 @@ impl Migration<'_> {
         };
         let (stopped_at, delta_copied) = (Cell::new(None), Cell::new(0));
         let live_delta = self.live_delta();
-        let delta = self.cutover.as_ref().map(|c| cutover::Delta {
-            vm,
-            progress: self.progress,
-            bitmap: &c.bitmap,
-            exports: &c.exports,
-            stall: self.opts.stall_timeout,
-            stopped_at: &stopped_at,
-            copied: &delta_copied,
-        });
+        let delta = self.delta(vm, &stopped_at, &delta_copied);
         let waited = tokio::select! {
             r = vm.wait_migration(wait, |p| {
                 bar.set_detail(ram_detail(p));
@@ -427,6 +420,24 @@ impl Migration<'_> {
             .ok()
             .and_then(|v| v.get("downtime").and_then(Value::as_u64));
         Ok(())
+    }
+
+    /// What a cutover's last delta works with (`None`: no cutover).
+    fn delta<'a>(
+        &'a self,
+        vm: &'a VmHandle,
+        stopped_at: &'a Cell<Option<Instant>>,
+        copied: &'a Cell<u64>,
+    ) -> Option<cutover::Delta<'a>> {
+        self.cutover.as_ref().map(|c| cutover::Delta {
+            vm,
+            progress: self.progress,
+            bitmap: &c.bitmap,
+            exports: &c.exports,
+            stall: self.opts.stall_timeout,
+            stopped_at,
+            copied,
+        })
     }
 
     /// A cutover whose last delta is copied while the migration waits in

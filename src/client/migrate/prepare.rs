@@ -1,8 +1,9 @@
 //! Preparing a migration: the local checks (the VM exists, is not locked, has no snapshots,
 //! runs only if `--online`), the plan (volumes and their target storages, bridges), the
-//! target's checks over its API (node name, free VMID, storages), opening the tunnel
+//! target's checks over its API (node name, free VMID or a replica of the VM, storages),
+//! for a cutover to that replica one replica run (`cutover.rs`), opening the tunnel
 //! (`mtunnel`, control connection) and the `version` command. Nothing is locked or changed
-//! on the source yet.
+//! on the source yet (`--final-sync` has paused the guest: a failure here resumes it).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -136,38 +137,7 @@ async fn open_tunnel(
     )?
     .keep_alive();
 
-    // Independent GETs, each on its own connection: in parallel they cost the round trips
-    // of one (TCP, TLS, request) instead of three times that. Errors are judged in the
-    // old order, so a failure reads as before.
-    let asked = opts.target_node.as_deref();
-    let ours = ReplicaOf {
-        node: &src.cfg.node,
-        vmid: opts.vmid,
-        no_replica: opts.no_replica,
-    };
-    let (node, checked) = tokio::join!(
-        target_node(&api, asked),
-        check_target(
-            &api,
-            tvmid,
-            asked.unwrap_or("localhost"),
-            &plan.volumes,
-            &ours
-        )
-    );
-    let node = node?;
-    let replica_here = checked?;
-    if opts.final_sync && !replica_here {
-        bail!(
-            "--final-sync cuts over to a replica, and the target holds no replica of VM {} \
-             ('mtunnel replicate' first, or migrate with --online)",
-            opts.vmid
-        );
-    }
-    let cutover = match replica_here {
-        true => Some(Cutover::prepare(src, opts, plan, progress).await?),
-        false => None,
-    };
+    let (node, cutover) = check_target_side(&api, src, opts, plan, progress).await?;
     let storages: Vec<String> = unique(plan.volumes.iter().map(|v| v.target_storage.clone()));
     let bridge_ids: Vec<String> = unique(plan.bridges.values().cloned());
     let mut params = vec![
@@ -207,6 +177,51 @@ async fn open_tunnel(
         cutover_offered: false,
     };
     Ok((remote, cutover))
+}
+
+/// The target's node and checks; a replica of the VM there makes this migration a
+/// cutover, brought up to date here (`Cutover::prepare`).
+async fn check_target_side(
+    api: &ApiClient,
+    src: &SourceNode,
+    opts: &MigrateOptions,
+    plan: &Plan,
+    progress: &Progress,
+) -> anyhow::Result<(String, Option<Cutover>)> {
+    let tvmid = opts.target_vmid.unwrap_or(opts.vmid);
+    // Independent GETs, each on its own connection: in parallel they cost the round trips
+    // of one (TCP, TLS, request) instead of three times that. Errors are judged in the
+    // old order, so a failure reads as before.
+    let asked = opts.target_node.as_deref();
+    let ours = ReplicaOf {
+        node: &src.cfg.node,
+        vmid: opts.vmid,
+        no_replica: opts.no_replica,
+    };
+    let (node, checked) = tokio::join!(
+        target_node(api, asked),
+        check_target(
+            api,
+            tvmid,
+            asked.unwrap_or("localhost"),
+            &plan.volumes,
+            &ours
+        )
+    );
+    let node = node?;
+    let replica_here = checked?;
+    if opts.final_sync && !replica_here {
+        bail!(
+            "--final-sync cuts over to a replica, and the target holds no replica of VM {} \
+             ('mtunnel replicate' first, or migrate with --online)",
+            opts.vmid
+        );
+    }
+    let cutover = match replica_here {
+        true => Some(Cutover::prepare(src, opts, plan, progress).await?),
+        false => None,
+    };
+    Ok((node, cutover))
 }
 
 /// `super::open_tunnel`; while the replica run just before it still ends on the target
