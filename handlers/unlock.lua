@@ -25,7 +25,13 @@ return {
       pve.config.write(conf)
       pve.tunnel.expect_lock(nil)
       pve.tunnel.commit()
-      pve.replica.take_over()
+      -- committed: a replica left behind is the operator's to drop, not a failed unlock
+      local ok, err = pcall(pve.replica.take_over)
+      if not ok then
+        pve.log.warn(string.format("VM %d is migrated, but the replica's record or restore "
+          .. "points were not removed: %s - remove them by hand (docs/replicas.md, 'Cut over')",
+          ctx.vmid, tostring(err)))
+      end
       return {}
     end
     if conf.options.lock == "replica" then
