@@ -7,15 +7,17 @@
 -- `compression`: what `start` accepts in `migrate_opts.multifd_compression` (pages
 -- compressed on the multifd channels); only with multifd.
 -- `replica`: the `replica-*` commands are here (docs/replicas.md).
+-- `cutover`: a migration may take over its VM's replica (`replica-cutover`; a tunnel
+-- opened with `replica=1`).
 -- `postcopy`: `start` accepts `migrate_opts.postcopy` (the source may switch the RAM
 -- migration to postcopy; `resume` before the switch arms the target to run the guest).
 return {
-  description = "mtunnel's extensions of the protocol (multifd channels, their compression and postcopy for start; replicas).",
+  description = "mtunnel's extensions of the protocol (multifd channels, their compression and postcopy for start; replicas and the cutover to one).",
   params = false,
   lock = false,
   run = function(ctx, p)
     local multifd = pve.qemu.multifd_max()
-    local features = { multifd = multifd, postcopy = true, replica = 1 }
+    local features = { multifd = multifd, postcopy = true, replica = 1, cutover = 1 }
     if multifd > 1 then
       features.compression = pve.json.array { "zstd" }
     end

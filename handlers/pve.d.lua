@@ -507,6 +507,18 @@ function pve.replica.hashes(opts) end
 ---@return table
 function pve.replica.complete(opts) end
 
+---A migration takes the replica over: refused unless its last run completed; records the
+---migration as the replica's unfinished run (a failed one leaves it interrupted). Journaled.
+---@async
+---@return table
+function pve.replica.begin_cutover() end
+
+---The cutover committed: remove the record, delete every point; returns how many points
+---could not be deleted (each a warning).
+---@async
+---@return integer
+function pve.replica.take_over() end
+
 ------------------------------------------------------------------------------------------
 
 ---Replaced by mtunnel: writes the arguments (tab-separated) as an info line to the task log.

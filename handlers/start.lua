@@ -31,7 +31,10 @@ return {
     } },
   },
   run = function(ctx, p)
-    if ctx.conf.options.lock ~= "migrate" then
+    -- a cutover (`replica-cutover`) starts the VM on the replica's working copies, whose
+    -- config keeps the lock `replica` until `unlock`
+    local cutover = ctx.state.cutover and ctx.conf.options.lock == "replica"
+    if ctx.conf.options.lock ~= "migrate" and not cutover then
       pve.fail("VM config not received yet: send 'config' before 'start'")
     end
     local exports, drivestrs = {}, {}

@@ -336,9 +336,21 @@ pub struct MigrateArgs {
     /// endpoint); the endpoint's node forwards to it.
     #[arg(long)]
     pub target_node: Option<String>,
-    /// Migrate a running VM live.
+    /// Migrate a running VM live. When the target holds a current replica of the VM
+    /// (`mtunnel replicate`), the migration cuts over to it: one replica run first, then
+    /// only the blocks written since are copied, while the guest is stopped for the switch
+    /// (QEMU's pause-before-switchover); the cutover downtime is printed.
     #[arg(long)]
     pub online: bool,
+    /// Cut a running VM over to the target's replica of it with the guest paused from the
+    /// last replica run until it runs on the target (for a QEMU without
+    /// pause-before-switchover); the downtime is printed. Needs a replica on the target.
+    #[arg(long, conflicts_with = "no_replica")]
+    pub final_sync: bool,
+    /// Do not cut over to a replica of the VM on the target: a target VMID that holds one
+    /// is refused (drop the replica there first).
+    #[arg(long)]
+    pub no_replica: bool,
     /// Bandwidth limit in KiB/s.
     #[arg(long)]
     pub bwlimit: Option<u64>,

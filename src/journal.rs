@@ -447,6 +447,14 @@ pub async fn free_created(
         if let Err(e) = crate::replica::run_failed(&node.cfg.data_dir, vmid, &created.upid) {
             report.warn(&format!("cleanup: counting the failed replica run: {e:#}"));
         }
+        // A migration that cut over to the replica and never resumed its VM: the incoming
+        // QEMU on the working copies ran no guest (docs/replicas.md, "Cut over").
+        if created.vm_started
+            && !created.resume_requested
+            && !stop_vm(node, vmid, report, &mut freed).await
+        {
+            return freed;
+        }
     }
     let refusal = if !created.may_destroy() {
         Some(kept_message(created))

@@ -58,6 +58,7 @@ const SPEC_CASES: &[(&str, usize)] = &[
     ("query-disk-import_spec.lua", 13),
     ("quit_spec.lua", 12),
     ("replica-commit_spec.lua", 2),
+    ("replica-cutover_spec.lua", 4),
     ("replica-export_spec.lua", 1),
     ("replica-hashes_spec.lua", 2),
     ("replica-prepare_spec.lua", 5),
@@ -266,7 +267,7 @@ fn a_broken_handler_is_reported_with_file_and_line() {
         line.starts_with(&format!("FAIL  disk: {dir_s}/disk.lua:3: ")),
         "{line}"
     );
-    assert_eq!(last_line(&check.stdout), "19 handlers, 1 refused");
+    assert_eq!(last_line(&check.stdout), "20 handlers, 1 refused");
     assert!(
         check.stderr.contains("1 handler(s) refused"),
         "{}",

@@ -59,6 +59,8 @@ pub async fn run(args: MigrateArgs) -> anyhow::Result<()> {
             postcopy: args.postcopy,
         },
         stall_timeout: std::time::Duration::from_secs(args.stall_timeout),
+        final_sync: args.final_sync,
+        no_replica: args.no_replica,
     };
     check_ram_flags(&opts)?;
     let progress = Progress::auto();
@@ -76,8 +78,21 @@ pub async fn run(args: MigrateArgs) -> anyhow::Result<()> {
         .ram_ms
         .map(|ms| format!(", RAM phase {ms} ms"))
         .unwrap_or_default();
+    let cutover = summary
+        .cutover
+        .as_ref()
+        .map(|c| {
+            format!(
+                "; cut over to the replica: {} bytes of disks (replica run {} bytes sent, last delta {} bytes copied), cutover downtime {} ms",
+                c.refresh_sent + c.delta_copied,
+                c.refresh_sent,
+                c.delta_copied,
+                c.downtime_ms.map_or_else(|| "?".to_string(), |ms| ms.to_string()),
+            )
+        })
+        .unwrap_or_default();
     println!(
-        "migration of VM {} to {}:{} (node '{}', VM {}) finished in {secs:.1} s: {} of disks{disk_phase}, {} of RAM{downtime}{ram_phase}",
+        "migration of VM {} to {}:{} (node '{}', VM {}) finished in {secs:.1} s: {} of disks{disk_phase}, {} of RAM{downtime}{ram_phase}{cutover}",
         opts.vmid,
         opts.target.host,
         opts.target.port,

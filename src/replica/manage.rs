@@ -1,6 +1,7 @@
 //! What happens to a replica as a whole: a run begins (its NBD servers start) and
 //! completes (servers stopped, a point made, the oldest pruned); `promote` turns a point
-//! into a normal VM; `drop` frees everything. Callers hold the VM's config lock (a tunnel
+//! into a normal VM; a migration cuts over to it (`begin_cutover`, `take_over`); `drop`
+//! frees everything. Callers hold the VM's config lock (a tunnel
 //! handler runs under it; the CLI takes it).
 
 use std::collections::BTreeMap;
@@ -355,6 +356,54 @@ impl Parts<'_> {
         })
     }
 
+    /// A migration of the replica's source VM takes the replica over (docs/replicas.md,
+    /// "Cut over"): refused unless its last run completed (a point, no unfinished run).
+    /// The migration is recorded as the replica's run of task `upid`: one that fails
+    /// leaves the replica `interrupted` (its points intact; the next run copies all).
+    pub fn begin_cutover(&self, vmid: u32, upid: &str) -> anyhow::Result<Replica> {
+        let mut r = self.load(vmid)?;
+        if !r.incremental_ok() {
+            bail!(
+                "the replica of VM {vmid} is not current (status '{}'): run 'mtunnel replicate' \
+                 to it first, or migrate with --no-replica after 'mtunnel replica drop {vmid}'",
+                r.status(nbd::run_alive(&self.cfg.run_dir, vmid))
+            );
+        }
+        r.run = Some(Run {
+            upid: upid.to_string(),
+            started: crate::util::unix_now(),
+            // Not a run of `mtunnel replicate`: a failed migration is no failed run.
+            counted: true,
+        });
+        super::store(&self.cfg.data_dir, &r)?;
+        Ok(r)
+    }
+
+    /// The migration that cut over to the replica committed: the working copies are the
+    /// VM's volumes now. The record goes, then every point (a qcow2 image's internal
+    /// snapshots through the running QEMU when it runs). Returns what could not be
+    /// deleted (`<volid> point '<name>': <error>`).
+    pub async fn take_over(&self, vmid: u32) -> anyhow::Result<Vec<String>> {
+        let r = self.load(vmid)?;
+        super::remove(&self.cfg.data_dir, vmid)?;
+        let vm = crate::qemu::VmHandle::attach(&self.cfg.run_dir, vmid).ok();
+        let mut leftovers = Vec::new();
+        for (key, disk) in &r.disks {
+            let copy = self.copy(vmid, disk)?;
+            for p in &r.points {
+                let deleted = match (&copy, &vm) {
+                    // qemu-img must not write an image a running QEMU has open.
+                    (Copy::Qcow2(_), Some(vm)) => delete_internal(vm, key, &p.name).await,
+                    _ => copy.delete(&p.name).await,
+                };
+                if let Err(e) = deleted {
+                    leftovers.push(format!("{} point '{}': {e:#}", disk.volid, p.name));
+                }
+            }
+        }
+        Ok(leftovers)
+    }
+
     /// Frees the replica: NBD servers, working copies (with their points), config, record.
     pub async fn drop_replica(&self, guard: &VmLockGuard) -> anyhow::Result<Vec<String>> {
         let vmid = guard.vmid;
@@ -392,4 +441,18 @@ impl Parts<'_> {
             ),
         }
     }
+}
+
+/// Deletes internal snapshot `name` of drive `key` of the running `vm` (QMP
+/// `blockdev-snapshot-delete-internal-sync` on its node `drive-<key>`).
+async fn delete_internal(vm: &crate::qemu::VmHandle, key: &str, name: &str) -> anyhow::Result<()> {
+    let args = serde_json::json!({"device": format!("drive-{key}"), "name": name});
+    vm.execute(
+        "blockdev-snapshot-delete-internal-sync",
+        args,
+        Duration::from_secs(120),
+    )
+    .await
+    .with_context(|| format!("deleting internal snapshot '{name}' of drive-{key} (QMP)"))?;
+    Ok(())
 }

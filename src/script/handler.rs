@@ -215,7 +215,10 @@ impl CommandHandler for LuaCommandHandler {
             if created.released {
                 return;
             }
-            if !created.committed {
+            // A replica's tunnel is committed from the start: a cutover's incoming QEMU
+            // that never resumed still goes (`free_created` keeps the replica itself).
+            let cutover = created.replica && created.vm_started && !created.resume_requested;
+            if !created.committed || cutover {
                 self.ctx.log.log(format!("{end}: cleaning up"));
                 host::cleanup(&self.ctx).await;
                 return;

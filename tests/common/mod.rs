@@ -638,13 +638,18 @@ pub struct LoopBtrfs {
 
 impl LoopBtrfs {
     pub fn new() -> Self {
+        Self::with_size(512 << 20)
+    }
+
+    /// A file system of `size` bytes (a sparse image file: it takes what is written).
+    pub fn with_size(size: u64) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("btrfs")
             .tempdir_in("/tmp")
             .expect("creating the btrfs test directory");
         let img = dir.path().join("fs.img");
         std::fs::File::create(&img)
-            .and_then(|f| f.set_len(512 << 20))
+            .and_then(|f| f.set_len(size))
             .expect("creating the btrfs image file");
         run_tool("mkfs.btrfs", &["-q".as_ref(), img.as_os_str()]);
         let mnt = dir.path().join("mnt");

@@ -1,6 +1,7 @@
 //! Aborting a migration after a phase failed: the source VM keeps its config and disks and
 //! loses its `migrate` lock, and the target is asked to destroy what the migration created
-//! (`quit` with `cleanup`); a source VM paused by a completed RAM migration runs on. Once `resume` was sent the target may run the only live copy:
+//! (`quit` with `cleanup`); a source VM paused by a completed RAM migration (or by
+//! `--final-sync`) runs on. Once `resume` was sent the target may run the only live copy:
 //! then the source stays locked and nothing on the target is touched.
 
 use serde_json::json;
@@ -44,6 +45,10 @@ impl Migration<'_> {
             return e;
         }
         progress.log(format!("ERROR: migration failed: {e:#}"));
+        if let Some(c) = self.cutover.as_ref().filter(|_| !self.remote.ram_done) {
+            // --final-sync paused the guest: the source VM is still the live one.
+            c.resume_source(self.src, vmid, progress).await;
+        }
         if self.remote.ram_done {
             match VmHandle::attach(&self.src.cfg.run_dir, vmid) {
                 Ok(vm) if self.keep_source_running(&vm).await => {

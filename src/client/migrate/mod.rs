@@ -12,7 +12,7 @@
 //! file: `prepare` (`prepare.rs`), `phase1` (`phase1.rs`), `phase2_live`
 //! (`phase2.rs`), `phase3_finish` (`phase3.rs`) and `abort` (`abort.rs`); `remote.rs` holds
 //! the control connection and its forwards, `tuning.rs` what makes a busy guest's RAM
-//! converge. This file owns the public types, the order of
+//! converge, `cutover.rs` a migration onto the target's replica of the VM. This file owns the public types, the order of
 //! the phases and the source VM's lock. Nothing here touches the target's files: every
 //! change on the target goes through a tunnel command.
 
@@ -32,6 +32,7 @@ use crate::guest::{ConfigStore, store::DEFAULT_LOCK_TIMEOUT};
 use crate::storage::Storage;
 
 mod abort;
+mod cutover;
 mod phase1;
 mod phase2;
 mod phase3;
@@ -40,6 +41,7 @@ mod prepare;
 mod remote;
 pub mod tuning;
 
+pub use cutover::Figures as CutoverFigures;
 pub(crate) use prepare::pinned_fingerprint;
 use remote::Remote;
 
@@ -84,6 +86,13 @@ pub struct MigrateOptions {
     /// Give up when the RAM migration or a disk mirror made no progress for this long (a
     /// frozen link times out nowhere else).
     pub stall_timeout: Duration,
+    /// Cut over to the target's replica of the running VM with the guest paused from the
+    /// last replica run until it runs on the target (`--final-sync`), instead of a live
+    /// last delta.
+    pub final_sync: bool,
+    /// Never cut over to a replica the target holds (`--no-replica`): a target VMID that
+    /// is a replica is then refused as any used VMID.
+    pub no_replica: bool,
 }
 
 /// The source node's services.
@@ -126,6 +135,8 @@ pub struct Summary {
     pub ram_ms: Option<u64>,
     pub target_vmid: u32,
     pub target_node: String,
+    /// The migration cut over to the target's replica of the VM (docs/replicas.md).
+    pub cutover: Option<CutoverFigures>,
 }
 
 impl Summary {
@@ -166,6 +177,9 @@ struct Migration<'a> {
     plan: Arc<Plan>,
     remote: Remote,
     summary: Summary,
+    /// Set when the target holds a current replica of the VM that this migration takes
+    /// over (`cutover.rs`).
+    cutover: Option<cutover::Cutover>,
 }
 
 /// Runs a whole migration.
@@ -182,6 +196,7 @@ pub async fn migrate(
     match m.run_phases().await {
         Ok(()) => {
             m.summary.duration = started.elapsed();
+            m.summary.cutover = m.cutover.map(|c| c.figures);
             Ok(m.summary)
         }
         Err(e) => Err(m.abort(e).await),

@@ -1,7 +1,7 @@
 //! Phase 1 of a migration: the bandwidth limits, the offline volumes streamed into the
 //! target's `disk-import` sockets, the live disks allocated with `disk` (their NBD exports
 //! come with `start` in phase 2), and the VM config sent with `config`, rewritten for the
-//! new volumes and bridges.
+//! new volumes and bridges. A cutover sends `replica-cutover` instead (`cutover.rs`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -20,6 +20,9 @@ impl Migration<'_> {
     /// Phase 1. Returns the `disk` replies of the live disks, by drive key: the `nbd` of the
     /// `start` command.
     pub(super) async fn phase1(&mut self) -> anyhow::Result<Map<String, Value>> {
+        if self.cutover.is_some() {
+            return self.take_over_replica().await;
+        }
         let plan = self.plan.clone();
         let limits = self.storage_limits(&plan).await?;
         let mut new_drives: BTreeMap<String, String> = BTreeMap::new();
@@ -85,17 +88,10 @@ impl Migration<'_> {
         new_drives: &BTreeMap<String, String>,
     ) -> anyhow::Result<()> {
         let vmid = self.opts.vmid;
-        let mut target_conf = plan.conf.clone();
-        target_conf.digest.clear();
+        let mut target_conf = mapped_config(plan)?;
         target_conf.options.insert("lock".into(), "migrate".into());
         for (key, value) in new_drives {
             target_conf.options.insert(key.clone(), value.clone());
-        }
-        for (key, bridge) in &plan.bridges {
-            let value = target_conf.options[key].clone();
-            target_conf
-                .options
-                .insert(key.clone(), replace_prop(&value, "bridge", bridge)?);
         }
         let firewall =
             std::fs::read_to_string(self.src.cfg.firewall_dir().join(format!("{vmid}.fw"))).ok();
@@ -255,6 +251,18 @@ async fn import_failure(remote: &Remote) -> Option<String> {
 fn src_vmid_of(volid: &str) -> anyhow::Result<String> {
     let (_, name) = volid.split_once(':').context("volid without storage")?;
     Ok(name.split('/').next().unwrap_or("").to_string())
+}
+
+/// The source's config with the target's bridges (no digest).
+pub(super) fn mapped_config(plan: &Plan) -> anyhow::Result<vmconf::VmConfig> {
+    let mut conf = plan.conf.clone();
+    conf.digest.clear();
+    for (key, bridge) in &plan.bridges {
+        let value = conf.options[key].clone();
+        conf.options
+            .insert(key.clone(), replace_prop(&value, "bridge", bridge)?);
+    }
+    Ok(conf)
 }
 
 /// The `drive` object of a `disk` command: the drive's properties without `file`/`format`,

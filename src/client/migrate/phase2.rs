@@ -1,6 +1,7 @@
 //! Phase 2 of a migration, for a running VM: `start` on the target, the target's migration
 //! and NBD sockets forwarded to local ones, every live disk mirrored into its NBD export,
-//! then the RAM. On failure the source VM keeps running (migration and mirrors cancelled,
+//! then the RAM (a cutover mirrors nothing: its last delta goes while the migration waits
+//! in `pre-switchover`, `cutover.rs`). On failure the source VM keeps running (migration and mirrors cancelled,
 //! resumed if paused) and the target VM is stopped; the caller's abort then cleans up.
 
 use std::cell::Cell;
@@ -11,7 +12,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::{Map, Value, json};
 
-use super::{DEFAULT_STREAMS, Migration, STALE_JOB_TIMEOUT, as_u64, min_limit, postcopy, tuning};
+use super::{
+    DEFAULT_STREAMS, Migration, STALE_JOB_TIMEOUT, as_u64, cutover, min_limit, postcopy, tuning,
+};
 use crate::client::progress::{Progress, human};
 use crate::qemu::{self, MigrationParams, VmHandle};
 
@@ -162,7 +165,15 @@ impl Migration<'_> {
         ram: &Ram,
     ) -> anyhow::Result<()> {
         let local_nbd = self.forward_nbd(started)?;
-        let jobs = match self.mirror_disks(vm, started, &local_nbd).await {
+        if let Some(c) = &mut self.cutover {
+            // The target runs on the replica: only the last delta goes to its exports.
+            c.exports = local_uris(started, &local_nbd);
+        }
+        let mirrored = match self.cutover {
+            Some(_) => Ok(Vec::new()),
+            None => self.mirror_disks(vm, started, &local_nbd).await,
+        };
+        let jobs = match mirrored {
             Ok(jobs) => jobs,
             Err(e) => {
                 let locals: Vec<&Path> = local_nbd.values().map(PathBuf::as_path).collect();
@@ -224,10 +235,7 @@ impl Migration<'_> {
                 .nbd_uris
                 .get(&v.key)
                 .with_context(|| format!("start reply has no NBD URI for {}", v.key))?;
-            let mut local_uri = uri.clone();
-            for (remote_sock, local) in local_nbd {
-                local_uri = local_uri.replace(remote_sock.as_str(), &local.display().to_string());
-            }
+            let local_uri = local_uri(uri, local_nbd);
             let speed = self.opts.bwlimit.map(|k| k * 1024);
             let job = vm.drive_mirror(&v.key, &local_uri, speed).await?;
             jobs.push((job, v));
@@ -269,13 +277,17 @@ impl Migration<'_> {
             self.progress.log(format!("RAM: {note}"));
         }
         // Set either way: an earlier attempt may have left them on.
-        vm.set_migration_capabilities(&[
+        let mut caps = vec![
             ("multifd", ram.streams > 1),
             ("xbzrle", plan.xbzrle_cache.is_some()),
             ("auto-converge", plan.auto_converge),
             ("postcopy-ram", ram.postcopy),
-        ])
-        .await?;
+        ];
+        // A failed live cutover leaves it on: set where QEMU knows it.
+        if cutover::has_capability(vm, cutover::PAUSE_CAPABILITY).await? {
+            caps.push((cutover::PAUSE_CAPABILITY, self.live_delta()));
+        }
+        vm.set_migration_capabilities(&caps).await?;
         vm.migrate_set_parameters(&MigrationParams {
             max_bandwidth: Some(ram.limit.map(|k| k * 1024).unwrap_or(16 << 30)),
             downtime_limit: Some(tuning::INITIAL_DOWNTIME_MS),
@@ -332,6 +344,9 @@ impl Migration<'_> {
             max_ram_time: tuning.max_ram_time,
             state: &switch,
         };
+        let (stopped_at, delta_copied) = (Cell::new(None), Cell::new(0));
+        let live_delta = self.live_delta();
+        let delta = self.delta(vm, &stopped_at, &delta_copied);
         let waited = tokio::select! {
             r = vm.wait_migration(wait, |p| {
                 bar.set_detail(ram_detail(p));
@@ -343,7 +358,19 @@ impl Migration<'_> {
                 match never {}
             }
             ended = postcopy::watch(watch), if ram.postcopy => Err(ended),
+            ended = async {
+                match delta {
+                    Some(d) => cutover::final_delta(d).await,
+                    None => std::future::pending().await,
+                }
+            }, if live_delta => Err(ended),
         };
+        if let Some(c) = &mut self.cutover
+            && live_delta
+        {
+            c.stopped_at = stopped_at.get();
+            c.figures.delta_copied = delta_copied.get();
+        }
         self.remote.resume_sent |= switch.get() != postcopy::Switch::Precopy;
         self.remote.resumed_early = self.remote.resume_sent;
         self.remote.postcopy = switch.get() == postcopy::Switch::Postcopy;
@@ -395,6 +422,30 @@ impl Migration<'_> {
         Ok(())
     }
 
+    /// What a cutover's last delta works with (`None`: no cutover).
+    fn delta<'a>(
+        &'a self,
+        vm: &'a VmHandle,
+        stopped_at: &'a Cell<Option<Instant>>,
+        copied: &'a Cell<u64>,
+    ) -> Option<cutover::Delta<'a>> {
+        self.cutover.as_ref().map(|c| cutover::Delta {
+            vm,
+            progress: self.progress,
+            bitmap: &c.bitmap,
+            exports: &c.exports,
+            stall: self.opts.stall_timeout,
+            stopped_at,
+            copied,
+        })
+    }
+
+    /// A cutover whose last delta is copied while the migration waits in
+    /// `pre-switchover` (not `--final-sync`, whose guest is paused since the last run).
+    fn live_delta(&self) -> bool {
+        self.cutover.as_ref().is_some_and(|c| !c.final_sync)
+    }
+
     /// Phase 2 cleanup: stop the migration, keep the source VM running (multifd off again,
     /// so a later PVE-style migration gets one stream), stop the target VM.
     async fn cancel_live(&self, vm: &VmHandle, streams: u32) {
@@ -431,6 +482,25 @@ impl Migration<'_> {
         }
         running
     }
+}
+
+/// `uri` with the target's NBD socket replaced by its local forward.
+fn local_uri(uri: &str, local_nbd: &BTreeMap<String, PathBuf>) -> String {
+    let mut local_uri = uri.to_string();
+    for (remote_sock, local) in local_nbd {
+        local_uri = local_uri.replace(remote_sock.as_str(), &local.display().to_string());
+    }
+    local_uri
+}
+
+/// Every drive's local NBD URI, by key.
+fn local_uris(
+    started: &StartReply,
+    local_nbd: &BTreeMap<String, PathBuf>,
+) -> Vec<(String, String)> {
+    (started.nbd_uris.iter())
+        .map(|(key, uri)| (key.clone(), local_uri(uri, local_nbd)))
+        .collect()
 }
 
 /// The RAM progress line's detail: what is left, how fast the guest dirties, the throttle.

@@ -76,6 +76,10 @@ impl Migration<'_> {
         }
         self.progress
             .log(format!("VM {tvmid} resumed on the target"));
+        if let Some(c) = &mut self.cutover {
+            c.resumed(self.progress);
+            self.summary.disk_bytes = c.figures.refresh_sent + c.figures.delta_copied;
+        }
         self.fstrim(live).await;
         Ok(())
     }

@@ -1,8 +1,9 @@
 //! Preparing a migration: the local checks (the VM exists, is not locked, has no snapshots,
 //! runs only if `--online`), the plan (volumes and their target storages, bridges), the
-//! target's checks over its API (node name, free VMID, storages), opening the tunnel
+//! target's checks over its API (node name, free VMID or a replica of the VM, storages),
+//! for a cutover to that replica one replica run (`cutover.rs`), opening the tunnel
 //! (`mtunnel`, control connection) and the `version` command. Nothing is locked or changed
-//! on the source yet.
+//! on the source yet (`--final-sync` has paused the guest: a failure here resumes it).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
+use super::cutover::Cutover;
 use super::remote::Remote;
 use super::{MigrateOptions, Migration, Plan, SourceNode, Summary, Volume, unique};
 use crate::client::endpoint::{IdMap, TargetEndpoint};
@@ -27,9 +29,12 @@ impl<'a> Migration<'a> {
         progress: &'a Progress,
     ) -> anyhow::Result<Migration<'a>> {
         let plan = plan(src, opts, progress).await?;
-        let mut remote = open_tunnel(opts, &plan, progress).await?;
-        if let Err(e) = remote.check_version().await {
+        let (mut remote, cutover) = open_tunnel(src, opts, &plan, progress).await?;
+        if let Err(e) = check_remote(&mut remote, cutover.is_some()).await {
             remote.request_cleanup(progress).await;
+            if let Some(c) = &cutover {
+                c.resume_source(src, opts.vmid, progress).await;
+            }
             return Err(e);
         }
         let summary = Summary {
@@ -44,8 +49,21 @@ impl<'a> Migration<'a> {
             plan: Arc::new(plan),
             remote,
             summary,
+            cutover,
         })
     }
+}
+
+/// `version` (and `mtunnel-features`); a cutover needs a target that offers it.
+async fn check_remote(remote: &mut Remote, cutover: bool) -> anyhow::Result<()> {
+    remote.check_version().await?;
+    if cutover && !remote.cutover_offered {
+        bail!(
+            "the target does not offer the cutover to a replica (its 'mtunnel-features' has \
+             no 'cutover'): upgrade mtunnel there"
+        );
+    }
+    Ok(())
 }
 
 /// The local checks, first: nothing remote happens for a VM that cannot move.
@@ -64,8 +82,11 @@ async fn plan(
         bail!("remote migration with snapshots not supported yet");
     }
     let running = qemu::process::is_running(&src.cfg.run_dir, vmid).is_some();
-    if running && !opts.online {
+    if running && !opts.online && !opts.final_sync {
         bail!("VM {vmid} is running - use --online to migrate it live");
+    }
+    if opts.final_sync && !running {
+        bail!("--final-sync cuts a running VM over to its replica: VM {vmid} is not running");
     }
     let volumes = plan_volumes(src, &conf, opts, running).await?;
     if opts.tuning.postcopy
@@ -95,12 +116,14 @@ async fn plan(
     })
 }
 
-/// The target's checks over its API, then `mtunnel` and the control connection.
+/// The target's checks over its API (a replica of the VM there makes this migration a
+/// cutover, brought up to date first), then `mtunnel` and the control connection.
 async fn open_tunnel(
+    src: &SourceNode,
     opts: &MigrateOptions,
     plan: &Plan,
     progress: &Progress,
-) -> anyhow::Result<Remote> {
+) -> anyhow::Result<(Remote, Option<Cutover>)> {
     let tvmid = opts.target_vmid.unwrap_or(opts.vmid);
     let fingerprint = match opts.target.fingerprint.clone() {
         Some(f) => f,
@@ -114,28 +137,30 @@ async fn open_tunnel(
     )?
     .keep_alive();
 
-    // Independent GETs, each on its own connection: in parallel they cost the round trips
-    // of one (TCP, TLS, request) instead of three times that. Errors are judged in the
-    // old order, so a failure reads as before.
-    let asked = opts.target_node.as_deref();
-    let (node, checked) = tokio::join!(
-        target_node(&api, asked),
-        check_target(&api, tvmid, asked.unwrap_or("localhost"), &plan.volumes)
-    );
-    let node = node?;
-    checked?;
+    let (node, cutover) = check_target_side(&api, src, opts, plan, progress).await?;
     let storages: Vec<String> = unique(plan.volumes.iter().map(|v| v.target_storage.clone()));
     let bridge_ids: Vec<String> = unique(plan.bridges.values().cloned());
-    let params = [
+    let mut params = vec![
         ("storages", storages.join(",")),
         ("bridges", bridge_ids.join(",")),
     ];
+    if cutover.is_some() {
+        // The replica's VMID is reopened, not reserved (docs/replicas.md).
+        params.push(("replica", "1".to_string()));
+    }
     let params: Vec<(&str, &str)> = params.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let opened =
-        super::open_tunnel(&api, &opts.target, &node, tvmid, &params, "the tunnel").await?;
+    let opened = match open_retrying(&api, opts, &node, tvmid, &params).await {
+        Ok(opened) => opened,
+        Err(e) => {
+            if let Some(c) = &cutover {
+                c.resume_source(src, opts.vmid, progress).await;
+            }
+            return Err(e);
+        }
+    };
     progress.log(format!("remote: started tunnel worker '{}'", opened.upid));
     let (base_url, control) = (opened.base_url, opened.control);
-    Ok(Remote {
+    let remote = Remote {
         api,
         control,
         node,
@@ -149,7 +174,109 @@ async fn open_tunnel(
         postcopy_offered: false,
         resumed_early: false,
         postcopy: false,
-    })
+        cutover_offered: false,
+    };
+    Ok((remote, cutover))
+}
+
+/// The target's node and checks; a replica of the VM there makes this migration a
+/// cutover, brought up to date here (`Cutover::prepare`).
+async fn check_target_side(
+    api: &ApiClient,
+    src: &SourceNode,
+    opts: &MigrateOptions,
+    plan: &Plan,
+    progress: &Progress,
+) -> anyhow::Result<(String, Option<Cutover>)> {
+    let tvmid = opts.target_vmid.unwrap_or(opts.vmid);
+    // Independent GETs, each on its own connection: in parallel they cost the round trips
+    // of one (TCP, TLS, request) instead of three times that. Errors are judged in the
+    // old order, so a failure reads as before.
+    let asked = opts.target_node.as_deref();
+    let ours = ReplicaOf {
+        node: &src.cfg.node,
+        vmid: opts.vmid,
+        no_replica: opts.no_replica,
+    };
+    let (node, checked) = tokio::join!(
+        target_node(api, asked),
+        check_target(
+            api,
+            tvmid,
+            asked.unwrap_or("localhost"),
+            &plan.volumes,
+            &ours
+        )
+    );
+    let node = node?;
+    let replica_here = checked?;
+    if opts.final_sync && !replica_here {
+        bail!(
+            "--final-sync cuts over to a replica, and the target holds no replica of VM {} \
+             ('mtunnel replicate' first, or migrate with --online)",
+            opts.vmid
+        );
+    }
+    let cutover = match replica_here {
+        true => Some(Cutover::prepare(src, opts, plan, progress).await?),
+        false => None,
+    };
+    Ok((node, cutover))
+}
+
+/// `super::open_tunnel`; while the replica run just before it still ends on the target
+/// (its tunnel is open until its worker ended), the open is tried again, at most 10 s.
+async fn open_retrying(
+    api: &ApiClient,
+    opts: &MigrateOptions,
+    node: &str,
+    tvmid: u32,
+    params: &[(&str, &str)],
+) -> anyhow::Result<super::OpenedTunnel> {
+    let mut tries = 0;
+    loop {
+        let opened = super::open_tunnel(api, &opts.target, node, tvmid, params, "the tunnel").await;
+        match opened {
+            Err(e) if tries < 40 && format!("{e:#}").contains("one replica run at a time") => {
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// The source VM, as a replica on the target names it (`replica-source`).
+struct ReplicaOf<'a> {
+    node: &'a str,
+    vmid: u32,
+    no_replica: bool,
+}
+
+/// Whether the target VMID's entry in the target's `/cluster/resources` is a replica of
+/// this source VM that the migration may cut over to; any other used VMID is refused.
+fn judge_used_vmid(entry: &Value, tvmid: u32, ours: &ReplicaOf) -> anyhow::Result<bool> {
+    if entry["status"] != json!("replica") {
+        bail!("target VMID {tvmid} is already in use on the target");
+    }
+    let source = entry["replica-source"].as_str().unwrap_or("?");
+    let expected = format!("{}/{}", ours.node, ours.vmid);
+    if source != expected {
+        bail!(
+            "target VMID {tvmid} is in use on the target by a replica of VM {source}, not of \
+             VM {} on '{}'",
+            ours.vmid,
+            ours.node
+        );
+    }
+    if ours.no_replica {
+        bail!(
+            "target VMID {tvmid} holds a replica of this VM (--no-replica: drop it there \
+             first with 'mtunnel replica drop {tvmid}', or leave out --no-replica to cut over \
+             to it)"
+        );
+    }
+    Ok(true)
 }
 
 async fn plan_volumes(
@@ -277,25 +404,27 @@ async fn target_node(api: &ApiClient, asked: Option<&str>) -> anyhow::Result<Str
     }
 }
 
-/// The CLI's pre-checks: the target VMID is unused and the mapped storages hold images.
+/// The CLI's pre-checks: the target VMID is unused (or a replica of this VM: then true)
+/// and the mapped storages hold images.
 async fn check_target(
     api: &ApiClient,
     tvmid: u32,
     node: &str,
     volumes: &[Volume],
-) -> anyhow::Result<()> {
+    ours: &ReplicaOf<'_>,
+) -> anyhow::Result<bool> {
     let storage_path = format!("/nodes/{node}/storage");
     let (vms, storages) = tokio::join!(
         api.get("/cluster/resources", &[("type", "vm")]),
         api.get(&storage_path, &[("enabled", "1")])
     );
     let vms = vms.context("listing the target's VMs")?;
-    if vms
-        .as_array()
-        .is_some_and(|a| a.iter().any(|v| v["vmid"].as_u64() == Some(tvmid as u64)))
-    {
-        bail!("target VMID {tvmid} is already in use on the target");
-    }
+    let used =
+        (vms.as_array()).and_then(|a| a.iter().find(|v| v["vmid"].as_u64() == Some(tvmid as u64)));
+    let replica = match used {
+        Some(entry) => judge_used_vmid(entry, tvmid, ours)?,
+        None => false,
+    };
     let storages = storages.context("listing the target's storages")?;
     for v in volumes {
         let ok = storages.as_array().is_some_and(|a| {
@@ -313,5 +442,5 @@ async fn check_target(
             );
         }
     }
-    Ok(())
+    Ok(replica)
 }

@@ -38,6 +38,8 @@ pub(super) struct Remote {
     /// The RAM migration switched to postcopy: from then on the guest's memory is split
     /// between both hosts until it completes.
     pub(super) postcopy: bool,
+    /// The target takes a replica over for a migration (`mtunnel-features` `cutover`).
+    pub(super) cutover_offered: bool,
 }
 
 impl Remote {
@@ -136,6 +138,7 @@ impl Remote {
             .and_then(Value::as_array)
             .is_some_and(|a| a.iter().any(|c| c == "zstd"));
         self.postcopy_offered = features.get("postcopy").and_then(Value::as_bool) == Some(true);
+        self.cutover_offered = features.get("cutover").and_then(Value::as_u64) == Some(1);
         Ok(())
     }
 }

@@ -106,6 +106,37 @@ pub(super) fn replica_table(lua: &Lua) -> mlua::Result<Table> {
             )
         })?,
     )?;
+    t.set(
+        "begin_cutover",
+        lua.create_async_function(|lua, ()| async move {
+            let c = ctx(&lua)?;
+            c.ensure_open()?;
+            c.record(|r| r.replica = true).await?;
+            let r = parts(&c)
+                .begin_cutover(c.vmid, c.tunnel.instance())
+                .map_err(err)?;
+            c.info(&format!(
+                "migration cuts over to the replica of VM {} (restore points kept until it commits)",
+                c.vmid
+            ));
+            lua.to_value(&r)
+        })?,
+    )?;
+    t.set(
+        "take_over",
+        lua.create_async_function(|lua, ()| async move {
+            let c = ctx(&lua)?;
+            let leftovers = parts(&c).take_over(c.vmid).await.map_err(err)?;
+            for l in &leftovers {
+                c.warn(&format!("not deleted, remove it by hand: {l}"));
+            }
+            c.info(&format!(
+                "the replica of VM {} is the migrated VM now: its record and restore points are gone",
+                c.vmid
+            ));
+            Ok(leftovers.len())
+        })?,
+    )?;
     Ok(t)
 }
 
