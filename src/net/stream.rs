@@ -103,8 +103,8 @@ pub async fn connect_plain(host: &str, port: u16) -> Result<Stream, super::NetEr
 /// fat path), and at a migration's switchover everything queued there must cross the link
 /// while the guest is paused, once per multifd channel. The sender waits in its own process
 /// instead (QEMU: in its socket), so its estimate of what is left stays true. Measured on
-/// the busy-guest bench (20 ms, 200 Mbit/s): at most ~1 MiB unsent plus ~1 MB in flight in
-/// the tunnel's RAM stream, against 7-12 MB a direct QEMU-to-QEMU socket kept queued.
+/// the busy-guest bench (20 ms, 200 Mbit/s, docs/performance.md): the tunnel's RAM stream
+/// held 1.7 MB (at most 3.2 MB) in its send buffer, a direct QEMU-to-QEMU socket 11.5 MB.
 pub const NOTSENT_LOWAT: u32 = 1 << 20;
 
 /// `TCP_NODELAY` and [`NOTSENT_LOWAT`] on a tunnel connection, either end (both best effort:
