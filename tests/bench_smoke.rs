@@ -231,7 +231,8 @@ fn bench_wan_runs_across_an_emulated_link() {
 /// 8 MiB at 32 MB/s, one run per row, each capped at 60 s) across a 5 ms, 100 Mbit/s
 /// emulated link: the table has its three rows and columns, the JSON one run per row, and
 /// `mtunnel migrate --online` with its defaults converged, with the guest's heartbeat going
-/// on on the target. Whether the direct rows converge is not asserted (that depends on how
+/// on on the target and a real pause measured (and for a converged direct run, from QMP
+/// events). Whether the direct rows converge is not asserted (that depends on how
 /// fast the guest dirties on a loaded machine); no time is. Needs root, QEMU and the real
 /// guest's prerequisites (`scripts/test-all.sh` installs them).
 #[test]
@@ -253,7 +254,7 @@ fn bench_busy_guest_converges_with_mtunnel_defaults() {
         "Busy guest across the link 5ms,100mbit: QEMU ",
         "128 MiB RAM, the guest rewrites 8 MiB at 32 MB/s",
         "each run capped at 60 s, x 1",
-        "converged  total s  slowest   RAM s  slowest  downtime  slowest",
+        "converged  total s  slowest   RAM s  slowest  downtime  slowest     pause  slowest",
         "direct: QMP migrate, QEMU defaults ",
         "direct: + PVE's tuning (auto-converge, XBZRLE, downtime) ",
         "the guest's heartbeat went on on the target after 1/1 converged mtunnel runs",
@@ -287,9 +288,20 @@ fn bench_busy_guest_converges_with_mtunnel_defaults() {
     let m = &runs[2];
     assert_eq!(m["converged"], true, "{m}");
     assert!(m["ram_s"].as_f64().is_some_and(|s| s > 0.0), "{m}");
-    assert!(m["downtime_ms"].as_f64().is_some(), "{m}");
+    let downtime = m["downtime_ms"].as_f64().unwrap_or_else(|| panic!("{m}"));
+    // The real pause counts what QEMU's downtime leaves out: never less than it.
+    let pause = m["pause_ms"].as_f64().unwrap_or_else(|| panic!("{m}"));
+    assert!(pause >= downtime, "{m}");
+    // A converged direct run's pause comes from QMP events (source STOP, target RESUME).
+    let tuned = &runs[1];
+    if tuned["converged"] == true {
+        let pause = tuned["pause_ms"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{tuned}"));
+        assert!(pause > 0.0, "{tuned}");
+    }
     assert_eq!(m["heartbeat_on_target"], true, "{m}");
-    assert_eq!(busy["targets"].as_array().unwrap().len(), 4, "{busy}");
+    assert_eq!(busy["targets"].as_array().unwrap().len(), 5, "{busy}");
     // Both namespaces are gone.
     let left: Vec<String> = std::fs::read_dir("/run/netns")
         .map(|d| {

@@ -1452,3 +1452,83 @@ async fn open_as(server: &TestServer, token: &str, vmid: u32) -> Tunnel {
         .unwrap();
     Tunnel::from_reply(vmid, &data)
 }
+
+/// Both ends of a real tunnel connection keep at most `NOTSENT_LOWAT` bytes unsent in their
+/// socket (the client's, from `net::stream`, and the one `serve` accepted): a bulk stream
+/// then waits in the sending program, not in a kernel buffer it cannot see, and nothing
+/// stands queued behind a migration's last pages. The server's socket is read from the
+/// running `serve` with `pidfd_getfd` (root only: skipped otherwise).
+#[tokio::test]
+async fn tunnel_sockets_cap_unsent_bytes_on_both_ends() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: reading serve's socket needs root (pidfd_getfd)");
+        return;
+    }
+    bounded(60, async {
+        let server = TestServer::start();
+        let t = server.open_tunnel(100).await;
+        let mut ws = server.connect(&t).await;
+        assert_eq!(roundtrip(&mut ws, VERSION_CMD).await, version_reply());
+        let mtunnel::net::stream::Stream::Tls(tls) = ws.get_ref() else {
+            panic!("the test server speaks TLS")
+        };
+        let tcp = tls.get_ref().0;
+        let lowat = mtunnel::net::stream::NOTSENT_LOWAT;
+        let client = socket2::SockRef::from(tcp);
+        assert_eq!(client.tcp_notsent_lowat().unwrap(), lowat, "client side");
+        let local = tcp.local_addr().unwrap();
+        let accepted = serve_socket_to(server.pid(), local)
+            .unwrap_or_else(|| panic!("no socket of serve is connected to {local}"));
+        let accepted = socket2::SockRef::from(&accepted);
+        assert_eq!(
+            accepted.tcp_notsent_lowat().unwrap(),
+            lowat,
+            "the socket serve accepted"
+        );
+        assert!(accepted.tcp_nodelay().unwrap());
+    })
+    .await
+}
+
+/// A duplicate of the socket of process `pid` whose peer is `peer` (`pidfd_getfd(2)`).
+fn serve_socket_to(pid: u32, peer: std::net::SocketAddr) -> Option<std::os::fd::OwnedFd> {
+    use nix::libc;
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: plain system calls; each returned fd is new and owned here at once.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    assert!(
+        pidfd >= 0,
+        "pidfd_open({pid}): {}",
+        std::io::Error::last_os_error()
+    );
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap();
+    for entry in fds.flatten().take(4096) {
+        let is_socket = std::fs::read_link(entry.path())
+            .is_ok_and(|l| l.to_string_lossy().starts_with("socket:"));
+        let Some(n) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if !is_socket {
+            continue;
+        }
+        use std::os::fd::AsRawFd;
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), n, 0) };
+        if fd < 0 {
+            continue;
+        }
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let theirs = socket2::SockRef::from(&fd)
+            .peer_addr()
+            .ok()
+            .and_then(|a| a.as_socket());
+        if theirs == Some(peer) {
+            return Some(fd);
+        }
+    }
+    None
+}

@@ -101,7 +101,8 @@ pub async fn serve(
                     continue;
                 }
             };
-            let _ = tcp.set_nodelay(true);
+            // TCP_NODELAY and the unsent cap of client connections (src/net/stream.rs).
+            crate::net::stream::tune(&tcp);
             set_keepalive(&tcp, limits.keepalive);
             // Held until the connection ends or is upgraded: hyper hands an upgraded
             // stream off after its 101, and the stream itself holds no slot.

@@ -13,8 +13,11 @@
 //! capped ([`Options::busy_cap_s`](super::Options::busy_cap_s)): a direct run still going
 //! then is cancelled, `mtunnel migrate` gets the cap as `--max-ram-time`; either counts as
 //! not converged. The figures are QEMU's own (`total-time`, `downtime` of
-//! `query-migrate`) and the wall time from the target's start to `completed` (direct) or
-//! of the whole command (mtunnel).
+//! `query-migrate`), the wall time from the target's start to `completed` (direct) or of
+//! the whole command (mtunnel), and the guest's real pause ([`BusyRun::pause_ms`]): QEMU's
+//! `downtime` ends when the source wrote its last byte, and leaves out whatever still
+//! stood queued between the two QEMUs (on the 20 ms, 200 Mbit/s link a direct
+//! QEMU-to-QEMU socket keeps ~11 MB queued, the tunnel ~2 MB: docs/performance.md).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -123,6 +126,12 @@ pub struct BusyRun {
     pub ram_s: f64,
     /// QEMU's `downtime`.
     pub downtime_ms: f64,
+    /// The guest's real pause, from the source's `STOP` until the target runs it. Direct:
+    /// the source's `STOP` to the target's `RESUME` event (the target is armed with `cont`
+    /// before the migration, so it runs the guest once it loaded the whole stream); mtunnel:
+    /// QEMU's `downtime` plus the time from the command's "RAM: ... transferred" to its
+    /// "VM ... resumed on the target" line (its log's 0.1 s steps).
+    pub pause_ms: f64,
     /// The memory writer's last report before the migration started (MB/s).
     pub guest_dirty_mb_s: f64,
     /// The highest `cpu-throttle-percentage` seen (mtunnel: as it reports it).
@@ -418,18 +427,33 @@ async fn tunnel_run(s: &Setup, vmid: u32, target_vmid: u32) -> anyhow::Result<Bu
         eprintln!("busy guest: no heartbeat on the target after the mtunnel run: {why}");
     }
     let _ = mt(&s.target.config, &["vm", "stop", &tid]).await;
+    let downtime_ms = number_after(&stdout, "downtime ").unwrap_or(f64::NAN);
     Ok(BusyRun {
         mode: "mtunnel".into(),
         converged: true,
         total_s,
         ram_s: number_after(&stdout, "RAM phase ").context("no 'RAM phase' in the output")? / 1e3,
-        downtime_ms: number_after(&stdout, "downtime ").unwrap_or(f64::NAN),
+        downtime_ms,
+        pause_ms: downtime_ms + handover_ms(&stderr, &tid).unwrap_or(f64::NAN),
         guest_dirty_mb_s: f64::NAN,
         max_throttle_pct: throttle,
         last: None,
         output,
         heartbeat_on_target: Some(heartbeat.is_ok()),
     })
+}
+
+/// Milliseconds from `mtunnel migrate`'s "RAM: ... transferred" line to its "VM `tvmid`
+/// resumed on the target" line (both stamped with the seconds since the command started).
+fn handover_ms(log: &str, tvmid: &str) -> Option<f64> {
+    let stamp = |needle: &str, also: &str| {
+        log.lines()
+            .find(|l| l.contains(needle) && l.contains(also))
+            .and_then(|l| l.trim_start().split('s').next()?.parse::<f64>().ok())
+    };
+    let transferred = stamp("RAM: ", " transferred (")?;
+    let resumed = stamp(&format!("VM {tvmid} resumed on the target"), "")?;
+    Some((resumed - transferred).max(0.0) * 1e3)
 }
 
 /// Whether the moved guest's console at `serial` shows 3 heartbeats within 60 s (a loaded
@@ -451,6 +475,7 @@ fn not_converged(mode: &str) -> BusyRun {
         total_s: f64::NAN,
         ram_s: f64::NAN,
         downtime_ms: f64::NAN,
+        pause_ms: f64::NAN,
         guest_dirty_mb_s: f64::NAN,
         max_throttle_pct: f64::NAN,
         last: None,
@@ -469,6 +494,7 @@ async fn direct_run(s: &Setup, vmid: u32, tuned: bool) -> anyhow::Result<BusyRun
         target
             .set_migration_capabilities(&[("events", true)])
             .await?;
+        let mut pause = Pause::watch(&src, &target).await?;
         let escalation = if tuned {
             Some(apply_tuning(&src, s.shape.ram_mib << 20).await?)
         } else {
@@ -489,12 +515,12 @@ async fn direct_run(s: &Setup, vmid: u32, tuned: bool) -> anyhow::Result<BusyRun
             }) => r,
             never = escalate(&src, escalation.unwrap_or_default()), if escalating => match never {},
         };
-        finish_direct(&src, waited, &last, tuned, t_start)
-            .await
-            .map(|mut r| {
-                r.max_throttle_pct = max_throttle as f64;
-                r
-            })
+        let mut run = finish_direct(&src, waited, &last, tuned, t_start).await?;
+        run.max_throttle_pct = max_throttle as f64;
+        if run.converged {
+            run.pause_ms = pause.ms().await;
+        }
+        Ok(run)
     }
     .await;
     let quick = StopTimeouts {
@@ -504,6 +530,52 @@ async fn direct_run(s: &Setup, vmid: u32, tuned: bool) -> anyhow::Result<BusyRun
     };
     let _ = target.stop(quick).await;
     result
+}
+
+/// The guest's real pause on the direct path: the target is armed with `cont` (an incoming
+/// QEMU then runs the guest as soon as it loaded the whole stream, as `serve`'s `resume`
+/// does), and two tasks note when the source's `STOP` and the target's `RESUME` arrive.
+struct Pause {
+    stop: tokio::task::JoinHandle<Option<Instant>>,
+    resume: tokio::task::JoinHandle<Option<Instant>>,
+}
+
+impl Pause {
+    async fn watch(src: &VmHandle, target: &VmHandle) -> anyhow::Result<Pause> {
+        let first = |mut ev: mtunnel::qemu::qmp::QmpEvents, name: &'static str| async move {
+            ev.wait_for(Duration::from_secs(24 * 3600), |e| e.name == name)
+                .await
+                .ok()
+                .map(|_| Instant::now())
+        };
+        let stop = tokio::spawn(first(src.qmp().await?.events(), "STOP"));
+        let resume = tokio::spawn(first(target.qmp().await?.events(), "RESUME"));
+        target
+            .execute("cont", serde_json::Value::Null, Duration::from_secs(10))
+            .await
+            .context("arming the direct target with 'cont'")?;
+        Ok(Pause { stop, resume })
+    }
+
+    /// Milliseconds from `STOP` to `RESUME` (NaN when either is missing after 30 s).
+    async fn ms(&mut self) -> f64 {
+        let stop = (&mut self.stop).await.ok().flatten();
+        let resume = tokio::time::timeout(Duration::from_secs(30), &mut self.resume)
+            .await
+            .ok()
+            .and_then(|r| r.ok().flatten());
+        match (stop, resume) {
+            (Some(a), Some(b)) => b.saturating_duration_since(a).as_secs_f64() * 1e3,
+            _ => f64::NAN,
+        }
+    }
+}
+
+impl Drop for Pause {
+    fn drop(&mut self) {
+        self.stop.abort();
+        self.resume.abort();
+    }
 }
 
 /// The run's figures from how the wait ended; a wait that hit the cap cancels the
@@ -653,6 +725,13 @@ fn targets(r: &BusyGuest) -> Vec<Target> {
             "ms",
         ),
         target(
+            &format!("{l}: busy guest, mtunnel slowest real pause"),
+            Some(r.stat("mtunnel", |x| x.pause_ms).1),
+            "<=",
+            300.0,
+            "ms",
+        ),
+        target(
             &format!("{l}: busy guest, mtunnel slowest total"),
             Some(slowest_total("mtunnel")),
             "<=",
@@ -684,24 +763,36 @@ pub fn table(r: &BusyGuest) -> String {
     );
     let _ = writeln!(
         o,
-        "{:<58} {:>9} {:>8} {:>8} {:>7} {:>8} {:>9} {:>8}",
-        "", "converged", "total s", "slowest", "RAM s", "slowest", "downtime", "slowest"
+        "{:<58} {:>9} {:>8} {:>8} {:>7} {:>8} {:>9} {:>8} {:>9} {:>8}",
+        "",
+        "converged",
+        "total s",
+        "slowest",
+        "RAM s",
+        "slowest",
+        "downtime",
+        "slowest",
+        "pause",
+        "slowest"
     );
     for (mode, label) in ROWS {
         let (ok, n) = r.converged(mode);
         let (t, ts) = r.stat(mode, |x| x.total_s);
         let (ram, rams) = r.stat(mode, |x| x.ram_s);
         let (d, ds) = r.stat(mode, |x| x.downtime_ms);
+        let (p, ps) = r.stat(mode, |x| x.pause_ms);
         let _ = writeln!(
             o,
-            "{label:<58} {:>9} {:>8} {:>8} {:>7} {:>8} {:>6} ms {:>5} ms",
+            "{label:<58} {:>9} {:>8} {:>8} {:>7} {:>8} {:>6} ms {:>5} ms {:>6} ms {:>5} ms",
             format!("{ok}/{n}"),
             num(t, 1),
             num(ts, 1),
             num(ram, 1),
             num(rams, 1),
             num(d, 0),
-            num(ds, 0)
+            num(ds, 0),
+            num(p, 0),
+            num(ps, 0)
         );
     }
     let beats: Vec<bool> = r
@@ -719,8 +810,10 @@ pub fn table(r: &BusyGuest) -> String {
         o,
         "(medians and slowest of the converged runs; total: direct = target QEMU start to \
          `completed`, mtunnel = the whole `mtunnel migrate` command; RAM s and downtime: \
-         QEMU's `total-time` and `downtime`; a run not done at the cap counts as not \
-         converged)"
+         QEMU's `total-time` and `downtime` (until the source wrote its last byte); pause: \
+         the guest's real pause, source `STOP` until the target runs it (direct: QMP events; \
+         mtunnel: downtime + its log's 'transferred' to 'resumed', 0.1 s steps); a run not \
+         done at the cap counts as not converged)"
     );
     o
 }
@@ -728,6 +821,16 @@ pub fn table(r: &BusyGuest) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn handover_is_read_from_the_migrate_log() {
+        let log = "  141.4s RAM: 3.0 GiB of 3.0 GiB (21.6 MiB/s), remaining 0 B\n  \
+                   141.4s RAM: 3.0 GiB transferred (CPU throttle at most 99 %)\n  \
+                   141.6s VM 402 resumed on the target\n";
+        let ms = handover_ms(log, "402").unwrap();
+        assert!((ms - 200.0).abs() < 1e-6, "{ms}");
+        assert_eq!(handover_ms(log, "403"), None);
+    }
 
     #[test]
     fn shapes_parse_and_bad_ones_say_why() {

@@ -10,8 +10,10 @@
 //! `SO_SNDBUFFORCE`/`SO_RCVBUFFORCE`
 //! (past `net.core.wmem_max`/`rmem_max`), else `SO_SNDBUF`/`SO_RCVBUF` up to those. Set
 //! before `connect`/`listen`, so the window scale of the handshake covers it. A buffer is a
-//! limit, not an allocation: memory is used only by bytes queued or in flight (client
-//! connections also keep at most 1 MiB unsent, `TCP_NOTSENT_LOWAT`). Everything here is
+//! limit, not an allocation: memory is used only by bytes queued or in flight (both ends
+//! of a tunnel connection also keep at most 1 MiB unsent, `TCP_NOTSENT_LOWAT`, see
+//! [`super::stream::NOTSENT_LOWAT`]: the buffer's size bounds what is in flight, not what
+//! stands queued). Everything here is
 //! best effort: a socket option that cannot be set is logged and the kernel's own
 //! autotuning stays.
 

@@ -97,15 +97,18 @@ pub async fn connect_plain(host: &str, port: u16) -> Result<Stream, super::NetEr
     Ok(Stream::Plain(tcp))
 }
 
-/// Most bytes the kernel keeps unsent in a client connection's send buffer
-/// (`TCP_NOTSENT_LOWAT`). Without it the buffer autotunes up to `tcp_wmem`'s max (many MB
-/// on a long fat path), and at a migration's switchover everything queued there must cross
-/// the link while the guest is paused, once per multifd channel. The sender waits in its own
-/// process instead (QEMU: in its socket), so its estimate of what is left stays true.
+/// Most bytes the kernel keeps unsent in a tunnel connection's send buffer
+/// (`TCP_NOTSENT_LOWAT`), on client connections and on those `serve` accepts. Without it
+/// the buffer fills up to its size (`tcp_buffer_mib`, or `tcp_wmem`'s max: many MB on a long
+/// fat path), and at a migration's switchover everything queued there must cross the link
+/// while the guest is paused, once per multifd channel. The sender waits in its own process
+/// instead (QEMU: in its socket), so its estimate of what is left stays true. Measured on
+/// the busy-guest bench (20 ms, 200 Mbit/s, docs/performance.md): the tunnel's RAM stream
+/// held 1.7 MB (at most 3.2 MB) in its send buffer, a direct QEMU-to-QEMU socket 11.5 MB.
 pub const NOTSENT_LOWAT: u32 = 1 << 20;
 
-/// `TCP_NODELAY` and [`NOTSENT_LOWAT`] on a client connection (both best effort: they change
-/// timing, never bytes).
+/// `TCP_NODELAY` and [`NOTSENT_LOWAT`] on a tunnel connection, either end (both best effort:
+/// they change timing, never bytes).
 pub(crate) fn tune(tcp: &TcpStream) {
     let _ = tcp.set_nodelay(true);
     if let Err(e) = socket2::SockRef::from(tcp).set_tcp_notsent_lowat(NOTSENT_LOWAT) {
