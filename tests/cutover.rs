@@ -286,7 +286,10 @@ async fn a_failed_cutover_keeps_the_replicas_newest_point() {
     let (sent, _) = cutover_figures(&out);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("hash sync"), "{stderr}");
-    assert!(sent < 1 << 20, "the interrupted replica was sent again: {sent} bytes");
+    assert!(
+        sent < 1 << 20,
+        "the interrupted replica was sent again: {sent} bytes"
+    );
     common::assert_same_guest_bytes(&img, "qcow2", &replica, "qcow2");
     mt_ok(&dst, &["vm", "stop", "133"]).await;
 }

@@ -66,10 +66,11 @@ pub async fn run(args: MigrateArgs) -> anyhow::Result<()> {
     let progress = Progress::auto();
     let summary = migrate(&src, &opts, &progress).await?;
     let secs = summary.duration.as_secs_f64();
-    let downtime = summary
-        .downtime_ms
-        .map(|d| format!(", downtime {d} ms"))
-        .unwrap_or_default();
+    let downtime = match (summary.downtime_ms, summary.handover_ms) {
+        (Some(d), Some(h)) => format!(", downtime {d} ms + {h} ms until the target ran the guest"),
+        (Some(d), None) => format!(", downtime {d} ms"),
+        _ => String::new(),
+    };
     let disk_phase = summary
         .disk_ms
         .map(|ms| format!(" (disk phase {ms} ms)"))

@@ -131,6 +131,13 @@ pub struct Summary {
     pub disk_ms: Option<u64>,
     pub ram_bytes: u64,
     pub downtime_ms: Option<u64>,
+    /// From the RAM's completion on the source to the target's `resume` reply (it answers
+    /// once its QEMU runs the guest): the part of the guest's pause that QEMU's `downtime`
+    /// leaves out (the stream still on its way, the block jobs' end, `nbdstop`). `None`
+    /// when the target was resumed before the switch to postcopy, or not resumed.
+    pub handover_ms: Option<u64>,
+    /// When the RAM migration completed on the source.
+    pub ram_completed: Option<Instant>,
     /// QEMU's `total-time` of the RAM migration (from `migrate` to `completed`).
     pub ram_ms: Option<u64>,
     pub target_vmid: u32,

@@ -78,6 +78,7 @@ impl Migration<'_> {
             return Err(e);
         }
         self.remote.ram_done = true;
+        self.summary.ram_completed = Some(Instant::now());
         Ok(())
     }
 

@@ -74,6 +74,10 @@ impl Migration<'_> {
             }
             return Err(e);
         }
+        self.summary.handover_ms = self
+            .summary
+            .ram_completed
+            .map(|at| at.elapsed().as_millis() as u64);
         self.progress
             .log(format!("VM {tvmid} resumed on the target"));
         if let Some(c) = &mut self.cutover {
