@@ -569,14 +569,18 @@ fn replica_rows(o: &mut String, r: &WanResult) {
         };
         let _ = writeln!(
             o,
-            "{:<52} {:>8} {:>10} {:>14} {:>14} {:>8} {:>6}x",
+            "{:<52} {:>8} {:>10} {:>14} {:>14} {:>8} {:>7}",
             format!("mtunnel replicate, {} run", run.kind),
             num(run.run_s, 1),
             num(run.command_s, 1),
             run.copied_bytes,
             run.sent_bytes,
             num(mb_s, 1),
-            num(mb_s / line, 2)
+            if mb_s.is_finite() {
+                format!("{}x", num(mb_s / line, 2))
+            } else {
+                "-".into()
+            }
         );
     }
     let _ = writeln!(
