@@ -135,14 +135,15 @@ pub struct BenchArgs {
     #[arg(long)]
     pub migrations: Option<u32>,
     /// MiB of the disk moved across each --wan link, offline and online, --repeat times
-    /// each (0: none) [default: 1024].
+    /// each, and of the disk replicated across it (a full and an incremental `mtunnel
+    /// replicate` run) (0: none) [default: 1024].
     #[arg(long)]
     pub disk_mib: Option<u64>,
     /// `tcp_buffer_mib` of every mtunnel node of the WAN section (0: the kernel's
     /// autotuning) [default: the config default].
     #[arg(long)]
     pub tcp_buffer_mib: Option<u64>,
-    /// Skip everything that runs QEMU (live migrations, disk moves, the busy guest).
+    /// Skip everything that runs QEMU (live migrations, disk moves, replicas, the busy guest).
     #[arg(long)]
     pub no_qemu: bool,
     /// Run only these sections: throughput, latency, idle, migration (comma-separated).

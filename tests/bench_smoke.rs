@@ -119,7 +119,8 @@ fn bench_quick_runs_every_section_and_writes_json() {
 }
 
 /// `mtunnel bench --wan` on one short emulated link (two namespaces, TUN, 5 ms, 200 Mbit/s)
-/// with tiny sizes: every path and the live migration run across it, the JSON holds them,
+/// with tiny sizes: every path, the live migration, the disk moves and a replica's full
+/// and incremental run go across it, the JSON holds them,
 /// and both namespaces are gone afterwards. Needs root (namespaces, TUN) and QEMU: fails
 /// without them (CI runs as root with QEMU installed).
 #[test]
@@ -210,6 +211,39 @@ fn bench_wan_runs_across_an_emulated_link() {
     for row in [
         "migrate (offline: disk-import)",
         "migrate --online (drive-mirror over NBD)",
+    ] {
+        assert!(stdout.contains(row), "no '{row}' in:\n{stdout}");
+    }
+    // A replica of the same disk: a full run, 2 MiB written by the guest's QEMU, an
+    // incremental run that sends about those 2 MiB, far less than the full run.
+    let rep = &link["replica"];
+    assert!(
+        rep.is_object(),
+        "the WAN replica runs did not happen: {}",
+        link["replica_missing"]
+    );
+    assert_eq!(rep["disk_bytes"], 8u64 << 20, "{rep}");
+    assert_eq!(rep["written_bytes"], 2u64 << 20, "{rep}");
+    let (full, inc) = (&rep["full"], &rep["incremental"]);
+    assert_eq!(full["kind"], "full", "{rep}");
+    assert_eq!(inc["kind"], "incremental", "{rep}");
+    let sent = |r: &Value| r["sent_bytes"].as_u64().unwrap();
+    assert_eq!(full["copied_bytes"], 8u64 << 20, "{rep}");
+    assert!(
+        sent(full) >= 8 << 20,
+        "the full run sends the whole disk: {rep}"
+    );
+    assert!(
+        sent(inc) >= 2 << 20 && sent(inc) < 3 << 20 && sent(inc) < sent(full),
+        "the incremental run sends about the 2 MiB written: {rep}"
+    );
+    for r in [full, inc] {
+        assert!(r["command_s"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    for row in [
+        "Replica across the link: a running VM's 8 MiB disk",
+        "mtunnel replicate, full run",
+        "mtunnel replicate, incremental run",
     ] {
         assert!(stdout.contains(row), "no '{row}' in:\n{stdout}");
     }

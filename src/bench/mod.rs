@@ -41,6 +41,7 @@ pub mod throughput;
 pub mod wan;
 pub mod wan_bench;
 pub mod wan_disk;
+pub mod wan_replica;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;

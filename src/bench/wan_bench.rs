@@ -8,7 +8,9 @@
 //!   with one RAM stream (the target offers no multifd, `multifd_channels_max = 1`: what a
 //!   PVE node gets) and once with [`STREAMS`] (multifd), each beside its own direct runs,
 //! - disk moves ([`super::wan_disk`]): a VM's disk of `--disk-mib` moved offline and
-//!   online by `mtunnel migrate`, its disk phase against the line rate.
+//!   online by `mtunnel migrate`, its disk phase against the line rate,
+//! - a replica ([`super::wan_replica`]): the same size of disk replicated by `mtunnel
+//!   replicate`, a full run and an incremental one after a write, seconds and bytes sent.
 //!
 //! Rates are judged from the reader's first byte to EOF (the rate once data flows: slow
 //! start counts, connection setup does not); the time to the first byte is shown beside
@@ -27,6 +29,7 @@ use super::report::{Target, bytes, num, target};
 use super::throughput::{PathResult, setup, summarize, transfer};
 use super::wan::{ADDR_B, DirStats, LinkSpec, MTU, Wan};
 use super::wan_disk::DiskMoves;
+use super::wan_replica::ReplicaRuns;
 use super::{Options, bounded};
 use mtunnel::qemu::Accel;
 
@@ -55,6 +58,9 @@ pub struct WanResult {
     /// The disk moved offline and online.
     pub disk: Option<DiskMoves>,
     pub disk_missing: Option<String>,
+    /// A full and an incremental `mtunnel replicate` run.
+    pub replica: Option<ReplicaRuns>,
+    pub replica_missing: Option<String>,
     /// The forwarder of A → B and of B → A over the whole section.
     pub emulator: [DirStats; 2],
     pub emulator_s: f64,
@@ -124,6 +130,7 @@ pub async fn run(
     let paths: Vec<PathResult> = routes.iter().map(summarize).collect();
     drop(routes);
     let (disk, disk_missing) = split(disks(base, &place, link, o, log).await);
+    let (replica, replica_missing) = split(replicas(base, &place, link, o, log).await);
     let (migration, migration_missing) = split(migrate(base, &place, 1, o, log).await);
     let (multifd, multifd_missing) = split(migrate(base, &place, STREAMS, o, log).await);
     let mut result = WanResult {
@@ -143,6 +150,8 @@ pub async fn run(
         multifd_missing,
         disk,
         disk_missing,
+        replica,
+        replica_missing,
         emulator: wan.stats(),
         emulator_s: started.elapsed().as_secs_f64(),
         targets: Vec::new(),
@@ -234,6 +243,35 @@ async fn disks(
         "moving the disk over the link",
         disk_secs(link, o),
         super::wan_disk::run(base, place, o.disk_mib, o.repeat, log),
+    )
+    .await
+    .map_err(|e| format!("ERROR: {e:#}"))
+}
+
+/// One full and one incremental replica run of a `--disk-mib` disk.
+async fn replicas(
+    base: &Path,
+    place: &Placement,
+    link: &LinkSpec,
+    o: &Options,
+    log: &dyn Fn(&str),
+) -> Result<ReplicaRuns, String> {
+    if o.no_qemu {
+        return Err("skipped: --no-qemu".into());
+    }
+    if o.disk_mib == 0 {
+        return Err("skipped: --disk-mib 0".into());
+    }
+    log(&format!(
+        "  replica: {} MiB, a full and an incremental `mtunnel replicate` run",
+        o.disk_mib
+    ));
+    // Two runs, the first as long as one disk move; the second moves little.
+    let secs = disk_secs(link, o) / u64::from(o.repeat).max(1);
+    bounded(
+        "replicating the disk over the link",
+        secs,
+        super::wan_replica::run(base, place, o.disk_mib, log),
     )
     .await
     .map_err(|e| format!("ERROR: {e:#}"))
@@ -382,6 +420,7 @@ pub fn table(r: &WanResult) -> String {
         num(set, 1)
     );
     disk_rows(&mut o, r);
+    replica_rows(&mut o, r);
     migration_rows(&mut o, r);
     let [ab, ba] = &r.emulator;
     let _ = writeln!(
@@ -498,6 +537,57 @@ fn disk_rows(o: &mut String, r: &WanResult) {
         o,
         "(disk phase as `mtunnel migrate` reports it: the imports, or the mirrors until ready; \
          x line: of the link's {} MB/s; slowest: the slowest run)",
+        num(line, 1)
+    );
+}
+
+fn replica_rows(o: &mut String, r: &WanResult) {
+    let Some(rep) = &r.replica else {
+        let why = r.replica_missing.as_deref().unwrap_or("?");
+        let _ = writeln!(o, "Replica across the link: {why}");
+        return;
+    };
+    let line = line_mb_s(&r.spec);
+    let _ = writeln!(
+        o,
+        "Replica across the link: a running VM's {} disk of incompressible data, \
+         `mtunnel replicate` (TLS), then {} written by the guest's QEMU",
+        bytes(rep.disk_bytes),
+        bytes(rep.written_bytes)
+    );
+    let _ = writeln!(
+        o,
+        "{:<52} {:>8} {:>10} {:>14} {:>14} {:>8} {:>7}",
+        "", "run s", "command s", "copied bytes", "sent bytes", "MB/s", "x line"
+    );
+    for run in [&rep.full, &rep.incremental] {
+        // The full run's rate only: a short incremental run measures its setup.
+        let mb_s = if std::ptr::eq(run, &rep.full) {
+            run.sent_bytes as f64 / 1e6 / run.run_s
+        } else {
+            f64::NAN
+        };
+        let _ = writeln!(
+            o,
+            "{:<52} {:>8} {:>10} {:>14} {:>14} {:>8} {:>7}",
+            format!("mtunnel replicate, {} run", run.kind),
+            num(run.run_s, 1),
+            num(run.command_s, 1),
+            run.copied_bytes,
+            run.sent_bytes,
+            num(mb_s, 1),
+            if mb_s.is_finite() {
+                format!("{}x", num(mb_s / line, 2))
+            } else {
+                "-".into()
+            }
+        );
+    }
+    let _ = writeln!(
+        o,
+        "(run s, copied, sent: the run's summary line; sent: through the tunnel's NBD \
+         connections; command s: the whole command, tunnel setup and restore point included; \
+         MB/s: the full run's sent / run s; x line: of the link's {} MB/s)",
         num(line, 1)
     );
 }

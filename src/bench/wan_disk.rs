@@ -68,7 +68,7 @@ struct Setup {
 }
 
 /// Writes `mib` MiB of xorshift bytes to `path`, 4 MiB at a time.
-fn random_file(path: &Path, mib: u64) -> anyhow::Result<()> {
+pub(super) fn random_file(path: &Path, mib: u64) -> anyhow::Result<()> {
     let mut f = std::io::BufWriter::new(
         std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
     );
@@ -194,7 +194,7 @@ async fn move_once(s: &Setup, vmid: u32, online: bool) -> anyhow::Result<DiskRun
 }
 
 /// The file of the VM's one disk in the source's `local` storage.
-fn find_volume(config: &Path, vmid: u32) -> anyhow::Result<PathBuf> {
+pub(super) fn find_volume(config: &Path, vmid: u32) -> anyhow::Result<PathBuf> {
     let dir = config
         .parent()
         .unwrap_or(Path::new("."))
