@@ -82,6 +82,12 @@ pub(super) async fn compare(
             source.size()
         );
     }
+    if target == Target::Ask {
+        progress.log(format!(
+            "hash sync: comparing {key} ({}) with the target's working copy",
+            human(size)
+        ));
+    }
     let mut ranges = Ranges::default();
     let span = MAX_HASHES * BLOCK;
     let mut logged = Instant::now();
@@ -264,16 +270,46 @@ impl Run<'_> {
         mode: Mode,
     ) -> anyhow::Result<(u64, HashFigures)> {
         if let Some(vm) = self.vm {
+            if mode == Mode::Hash {
+                self.begin_on_target(remote).await?;
+            }
             jobs::add_bitmaps(vm, self.disks, names).await?;
         }
-        let (side, mut sources) = self.open_reads(names).await?;
-        let result = self
-            .compare_and_send(remote, names, mode, &mut sources, &side)
-            .await;
-        drop(sources);
+        let result = async {
+            let (side, mut sources) = self.open_reads(names).await?;
+            let result = self
+                .compare_and_send(remote, names, mode, &mut sources, &side)
+                .await;
+            drop(sources);
+            self.close_reads(side, result.is_err()).await;
+            result
+        }
+        .await;
+        if let (Some(vm), Err(_)) = (self.vm, &result) {
+            // Best effort (the target's record already says the run did not complete, so
+            // the next run does not trust them either).
+            jobs::remove_bitmaps(vm, self.disks, names).await;
+        }
+        result
+    }
+
+    /// Has the target record the run as begun before the bitmaps are added: they miss
+    /// every write before them, so if the run dies before its point (even by kill -9 of
+    /// this process) the next run must not take them for an incremental one. The target
+    /// does so on the first `replica-hashes` of a run; this asks for one block's.
+    async fn begin_on_target(&self, remote: &Remote) -> anyhow::Result<()> {
+        let first = self.disks.first().context("no disk to replicate")?;
+        let mut ignored = HashFigures::default();
+        target_hashes(remote, &first.key, 0, BLOCK.min(first.size), &mut ignored).await?;
+        Ok(())
+    }
+
+    /// Ends the reading side of a hash sync (the QEMU's NBD server is stopped by
+    /// [`Self::compare_and_send`] on success, here on `failed`).
+    async fn close_reads(&self, side: ReadSide, failed: bool) {
         match side {
             ReadSide::Qemu(socket) => {
-                if let (Some(vm), Err(_)) = (self.vm, &result) {
+                if let (Some(vm), true) = (self.vm, failed) {
                     jobs::stop_read(vm, &socket).await;
                 }
             }
@@ -283,7 +319,6 @@ impl Run<'_> {
                 }
             }
         }
-        result
     }
 
     async fn compare_and_send(

@@ -179,6 +179,31 @@ pub(super) async fn add_bitmaps(
     Ok(())
 }
 
+/// Removes the replica's bitmaps from every disk that has one (best effort: after a
+/// failed hash sync, whose fresh bitmaps would miss the writes before them).
+pub(super) async fn remove_bitmaps(vm: &VmHandle, disks: &[Disk], names: &Names) {
+    for d in disks {
+        let args = json!({"node": format!("drive-{}", d.key), "name": names.bitmap});
+        match vm
+            .execute("block-dirty-bitmap-remove", args, QMP_TIMEOUT)
+            .await
+        {
+            Ok(_) => tracing::info!(
+                vmid = vm.vmid(),
+                "{}: removed bitmap {}",
+                d.key,
+                names.bitmap
+            ),
+            Err(e) => tracing::warn!(
+                vmid = vm.vmid(),
+                "{}: removing bitmap {} after the failed run: {e}",
+                d.key,
+                names.bitmap
+            ),
+        }
+    }
+}
+
 /// The QEMU's NBD server on `socket`, exporting every disk read-only as `drive-<key>`
 /// (a hash sync reads the live disks through it). A server left on `socket` by a run of
 /// this replica that died is stopped first; any other is not touched (the start fails).
