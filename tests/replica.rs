@@ -947,3 +947,81 @@ async fn a_hash_sync_killed_while_comparing_is_not_followed_by_an_incremental_ru
     mt_ok(&src, &["vm", "stop", "114"]).await;
     assert!(list.contains(" interrupted "), "{list}");
 }
+
+/// A target from before `replica-hashes` (its `mtunnel-features` without
+/// `replica_hashes`, as an older mtunnel replies): a run that would be a hash sync (a
+/// stopped VM's second run) copies every block instead and says so; its point is the
+/// source, also where the source's disk became zeroes since the first run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_without_replica_hashes_gets_a_full_copy() {
+    let src = node("src15");
+    let dst = node("dst15");
+    mt_ok(
+        &src,
+        &[
+            "vm",
+            "create",
+            "115",
+            "--memory",
+            "128",
+            "--disk",
+            "local:64M:qcow2",
+        ],
+    )
+    .await;
+    let img = src.images(115).join("vm-115-disk-0.qcow2");
+    let data = src.base().join("data115");
+    blob(&data, 16 << 20);
+    qemu_io(
+        "qcow2",
+        &format!("write -s {} 8M 16M", data.display()),
+        &img,
+    );
+    std::fs::remove_file(&data).unwrap();
+    let (_, _, out1) = replicate(&src, &dst, 115).await;
+    assert!(out1.contains("full copy"), "{out1}");
+
+    let handlers = dst.data.join("handlers");
+    std::fs::create_dir_all(&handlers).unwrap();
+    std::fs::write(
+        handlers.join("mtunnel-features.lua"),
+        r#"return {
+  description = "mtunnel's extensions, as a target from before replica-hashes offers them.",
+  params = false,
+  lock = false,
+  run = function(ctx, p)
+    return { multifd = 1, postcopy = true, replica = 1, cutover = 1 }
+  end,
+}
+"#,
+    )
+    .unwrap();
+    qemu_io("qcow2", "write -P 0x33 40M 4M", &img);
+    qemu_io("qcow2", "write -z 8M 2M", &img);
+    let target = target_arg(&dst, dst.port);
+    let run2 = mt(
+        &src,
+        &["replicate", "115", &target, "--target-storage", "local"],
+    )
+    .await;
+    let err2 = String::from_utf8_lossy(&run2.stderr);
+    let out2 = String::from_utf8_lossy(&run2.stdout);
+    assert!(run2.status.success(), "{out2}\n{err2}");
+    assert!(
+        err2.contains(
+            "the target (node 'dst15') does not offer 'replica-hashes' (an older mtunnel): a \
+             full copy instead of the hash sync - upgrade it to send only what differs"
+        ),
+        "{err2}"
+    );
+    assert!(out2.contains("full copy"), "{out2}");
+    let source_raw = src.base().join("src.raw");
+    export_raw(&img, None, &source_raw);
+    let p2 = dst.base().join("p2.raw");
+    let replica = dst.images(115).join("vm-115-disk-0.qcow2");
+    export_raw(&replica, Some(&point_of(&out2)), &p2);
+    assert_same_raw(&source_raw, &p2);
+    for f in [&source_raw, &p2] {
+        std::fs::remove_file(f).unwrap();
+    }
+}

@@ -16,7 +16,7 @@ use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
 use super::Run;
-use super::jobs::{self, Mode};
+use super::jobs;
 use super::remote::Remote;
 use crate::client::progress::{Progress, human};
 use crate::replica::hashes::{self, BLOCK, MAX_HASHES};
@@ -59,11 +59,13 @@ impl Ranges {
 }
 
 /// Whether the target's hashes are asked (`Ask`) or known: a new working copy reads as
-/// zeroes everywhere (`Zero`).
+/// zeroes everywhere (`Zero`); a target that cannot tell them (an older mtunnel without
+/// `replica-hashes`) gets every block (`All`, zero blocks as write-zeroes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Target {
     Ask,
     Zero,
+    All,
 }
 
 /// Compares disk `key` (`size` bytes, read through `source`) with the target's working
@@ -97,7 +99,7 @@ pub(super) async fn compare(
         let ours = hashes::of_range(source, offset, length, BLOCK).await?;
         let theirs = match target {
             Target::Ask => target_hashes(remote, key, offset, length, figures).await?,
-            Target::Zero => Vec::new(),
+            Target::Zero | Target::All => Vec::new(),
         };
         for (i, mine) in ours.iter().enumerate() {
             let at = offset + i as u64 * BLOCK;
@@ -105,6 +107,7 @@ pub(super) async fn compare(
             let same = match target {
                 Target::Ask => theirs.get(i) == Some(mine),
                 Target::Zero => *mine == hashes::zero_hash(len as usize),
+                Target::All => false,
             };
             if !same {
                 ranges.push(at, len);
@@ -258,8 +261,9 @@ enum ReadSide {
 }
 
 impl Run<'_> {
-    /// A hash sync (`mode` [`Mode::Hash`]) or a stopped VM's first run ([`Mode::Full`]:
-    /// the target's new working copies are all zeroes). A running VM's bitmaps are added
+    /// A hash sync (`target` [`Target::Ask`]) or a stopped VM's full copy ([`Target::Zero`]
+    /// for a first run: the target's new working copies are all zeroes; else [`Target::All`]:
+    /// every block, for a target without `replica-hashes`). A running VM's bitmaps are added
     /// first; after the differing blocks are written, one incremental backup of them
     /// copies what the guest wrote meanwhile (see [`jobs::add_bitmaps`]), so the point is
     /// consistent as of that backup's start. Returns the bytes written and the figures.
@@ -267,10 +271,10 @@ impl Run<'_> {
         &self,
         remote: &mut Remote,
         names: &jobs::Names,
-        mode: Mode,
+        target: Target,
     ) -> anyhow::Result<(u64, HashFigures)> {
         if let Some(vm) = self.vm {
-            if mode == Mode::Hash {
+            if target == Target::Ask {
                 self.begin_on_target(remote).await?;
             }
             jobs::add_bitmaps(vm, self.disks, names).await?;
@@ -278,7 +282,7 @@ impl Run<'_> {
         let result = async {
             let (side, mut sources) = self.open_reads(names).await?;
             let result = self
-                .compare_and_send(remote, names, mode, &mut sources, &side)
+                .compare_and_send(remote, names, target, &mut sources, &side)
                 .await;
             drop(sources);
             self.close_reads(side, result.is_err()).await;
@@ -325,15 +329,10 @@ impl Run<'_> {
         &self,
         remote: &mut Remote,
         names: &jobs::Names,
-        mode: Mode,
+        target: Target,
         sources: &mut [NbdClient],
         side: &ReadSide,
     ) -> anyhow::Result<(u64, HashFigures)> {
-        let target = if mode == Mode::Full {
-            Target::Zero
-        } else {
-            Target::Ask
-        };
         let mut figures = HashFigures::default();
         let mut diffs = Vec::new();
         for (d, source) in self.disks.iter().zip(sources.iter_mut()) {

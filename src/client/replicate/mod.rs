@@ -249,12 +249,21 @@ impl Run<'_> {
         prepared: &Value,
         names: &jobs::Names,
     ) -> anyhow::Result<RunSummary> {
-        let mode = match self.vm {
+        let mut mode = match self.vm {
             Some(vm) => {
                 jobs::choose(vm, self.disks, &names.bitmap, prepared, self.progress).await?
             }
             None => self.stopped_mode(prepared),
         };
+        if mode == Mode::Hash && !remote.hashes {
+            self.progress.log(format!(
+                "the target (node '{}') does not offer 'replica-hashes' (an older mtunnel): \
+                 a full copy instead of the hash sync - upgrade it to send only what differs",
+                remote.node
+            ));
+            mode = Mode::Full;
+        }
+        let first = prepared["first"].as_bool() == Some(true);
         let mut hash = None;
         let copied = match (self.vm, mode) {
             (Some(vm), Mode::Full | Mode::Incremental) => {
@@ -267,7 +276,12 @@ impl Run<'_> {
                 jobs::copy(vm, self.disks, &locals, &spec, names, self.progress).await?
             }
             _ => {
-                let (copied, figures) = self.hash_sync(remote, names, mode).await?;
+                let target = match mode {
+                    Mode::Hash => hashsync::Target::Ask,
+                    _ if first => hashsync::Target::Zero,
+                    _ => hashsync::Target::All,
+                };
+                let (copied, figures) = self.hash_sync(remote, names, target).await?;
                 hash = (mode == Mode::Hash).then_some(figures);
                 copied
             }
