@@ -948,6 +948,26 @@ async fn a_hash_sync_killed_while_comparing_is_not_followed_by_an_incremental_ru
     assert!(list.contains(" interrupted "), "{list}");
 }
 
+/// Makes `dst` reply to `mtunnel-features` as a target from before `replica-hashes` (an
+/// override of the built-in handler).
+fn offer_no_replica_hashes(dst: &TestServer) {
+    let handlers = dst.data.join("handlers");
+    std::fs::create_dir_all(&handlers).unwrap();
+    std::fs::write(
+        handlers.join("mtunnel-features.lua"),
+        r#"return {
+  description = "mtunnel's extensions, as a target from before replica-hashes offers them.",
+  params = false,
+  lock = false,
+  run = function(ctx, p)
+    return { multifd = 1, postcopy = true, replica = 1, cutover = 1 }
+  end,
+}
+"#,
+    )
+    .unwrap();
+}
+
 /// A target from before `replica-hashes` (its `mtunnel-features` without
 /// `replica_hashes`, as an older mtunnel replies): a run that would be a hash sync (a
 /// stopped VM's second run) copies every block instead and says so; its point is the
@@ -981,21 +1001,7 @@ async fn a_target_without_replica_hashes_gets_a_full_copy() {
     let (_, _, out1) = replicate(&src, &dst, 115).await;
     assert!(out1.contains("full copy"), "{out1}");
 
-    let handlers = dst.data.join("handlers");
-    std::fs::create_dir_all(&handlers).unwrap();
-    std::fs::write(
-        handlers.join("mtunnel-features.lua"),
-        r#"return {
-  description = "mtunnel's extensions, as a target from before replica-hashes offers them.",
-  params = false,
-  lock = false,
-  run = function(ctx, p)
-    return { multifd = 1, postcopy = true, replica = 1, cutover = 1 }
-  end,
-}
-"#,
-    )
-    .unwrap();
+    offer_no_replica_hashes(&dst);
     qemu_io("qcow2", "write -P 0x33 40M 4M", &img);
     qemu_io("qcow2", "write -z 8M 2M", &img);
     let target = target_arg(&dst, dst.port);
@@ -1024,4 +1030,36 @@ async fn a_target_without_replica_hashes_gets_a_full_copy() {
     for f in [&source_raw, &p2] {
         std::fs::remove_file(f).unwrap();
     }
+}
+
+/// A hash sync killed while it compares leaves the source QEMU's read-only NBD server and
+/// exports behind; the next run of the replica removes them whatever kind of run it is
+/// (here a full copy: the target no longer offers `replica-hashes`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_run_removes_a_killed_hash_syncs_nbd_server() {
+    let src = node("src16");
+    let dst = node("dst16");
+    create_vm_with_data_as(&src, 116, "1G", "raw").await;
+    let (_, _, out1) = replicate(&src, &dst, 116).await;
+    assert!(out1.contains("full copy"), "{out1}");
+    mt_ok(&src, &["vm", "stop", "116"]).await;
+    mt_ok(&src, &["vm", "start", "116"]).await;
+    kill_during_compare(&src, &dst, 116).await;
+    let reads = || {
+        files_of(&src.run, "116.")
+            .into_iter()
+            .filter(|f| f.ends_with(".replica-read"))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(reads().len(), 1, "{:?}", files_of(&src.run, ""));
+    let exports = qmp(&src.run, 116, "query-block-exports", json!({})).await;
+    assert_ne!(exports, json!([]), "the killed run's exports");
+
+    offer_no_replica_hashes(&dst);
+    let (_, _, out2) = replicate(&src, &dst, 116).await;
+    assert!(out2.contains("full copy"), "{out2}");
+    assert_eq!(reads(), Vec::<String>::new());
+    let exports = qmp(&src.run, 116, "query-block-exports", json!({})).await;
+    assert_eq!(exports, json!([]), "exports left in the source QEMU");
+    mt_ok(&src, &["vm", "stop", "116"]).await;
 }

@@ -382,7 +382,7 @@ impl Run<'_> {
         let vmid = self.opts.vmid;
         let mut clients = Vec::new();
         if let Some(vm) = self.vm {
-            let socket = run_dir.join(format!("{vmid}.{}.replica-read", names.tag()));
+            let socket = super::read_socket(run_dir, vmid, names.tag());
             jobs::export_read(vm, self.disks, &socket, names).await?;
             for d in self.disks {
                 let export = format!("drive-{}", d.key);

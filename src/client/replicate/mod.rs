@@ -183,6 +183,10 @@ pub async fn replicate(
             .filter(|id| id.len() >= 8 && id.bytes().all(|b| b.is_ascii_hexdigit()))
             .with_context(|| format!("replica-prepare reply without a valid id: {prepared}"))?;
         let names = jobs::Names::new(id);
+        if let Some(vm) = run.vm {
+            let socket = read_socket(&src.cfg.run_dir, opts.vmid, names.tag());
+            jobs::clear_read(vm, &disks, &socket, &names).await;
+        }
         let transferred = run.transfer(&mut remote, &prepared, &names).await;
         if let (Err(_), Some(vm)) = (&transferred, run.vm) {
             jobs::abort(vm, &disks, &names).await;
@@ -403,4 +407,10 @@ async fn plan(src: &SourceNode, opts: &ReplicateOptions) -> anyhow::Result<(Stri
 /// naming the replica, so runs of one VM to two targets never share a socket.
 fn local_socket(run_dir: &std::path::Path, vmid: u32, tag: &str, key: &str) -> PathBuf {
     run_dir.join(format!("{vmid}-{key}.{tag}.replica-src"))
+}
+
+/// `{run}/{vmid}.{tag}.replica-read`: the source QEMU's NBD server of a hash sync of the
+/// replica `tag` (one per QEMU).
+fn read_socket(run_dir: &std::path::Path, vmid: u32, tag: &str) -> PathBuf {
+    run_dir.join(format!("{vmid}.{tag}.replica-read"))
 }
