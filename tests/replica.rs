@@ -413,6 +413,13 @@ async fn a_cut_first_run_continues_where_it_stopped() {
     assert!(!cut.status.success(), "the cut run must fail");
     let cut_err = String::from_utf8_lossy(&cut.stderr);
     let cut_sent = sent_before_failure(&cut_err);
+    assert!(
+        cut_err.contains(
+            "toward the target; the target keeps an interrupted replica (no restore point \
+             yet) that the next run continues, or 'mtunnel replica drop 113' on the target frees: "
+        ),
+        "{cut_err}"
+    );
     let list = mt_ok(&dst, &["replica", "list"]).await;
     assert!(list.contains(" interrupted "), "{list}");
 

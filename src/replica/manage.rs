@@ -372,7 +372,7 @@ impl Parts<'_> {
     /// A migration of the replica's source VM takes the replica over (docs/replicas.md,
     /// "Cut over"): refused unless its last run completed (a point, no unfinished run).
     /// The migration is recorded as the replica's run of task `upid`: one that fails
-    /// leaves the replica `interrupted` (its points intact; the next run copies all).
+    /// leaves the replica `interrupted` (its points intact; the next run is a hash sync).
     pub fn begin_cutover(&self, vmid: u32, upid: &str) -> anyhow::Result<Replica> {
         let mut r = self.load(vmid)?;
         if !r.incremental_ok() {

@@ -17,7 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -174,9 +174,13 @@ pub async fn replicate(
         vm: subject.vm(),
         disks: &disks,
         copied: AtomicU64::new(0),
+        first: AtomicBool::new(false),
+        exported: AtomicBool::new(false),
     };
     let result = async {
         let prepared = run.prepare(&remote, &conf_text).await?;
+        let first = prepared["first"].as_bool() == Some(true);
+        run.first.store(first, Ordering::SeqCst);
         let id = prepared
             .get("id")
             .and_then(Value::as_str)
@@ -203,8 +207,19 @@ pub async fn replicate(
         Err(e) => {
             // What went out before the failure: the next run (a hash sync) sends the rest.
             let copied = run.copied.load(Ordering::SeqCst);
+            // A first run that exported committed its tunnel: the target keeps the replica.
+            let kept = if run.first.load(Ordering::SeqCst) && run.exported.load(Ordering::SeqCst) {
+                format!(
+                    "; the target keeps an interrupted replica (no restore point yet) that the \
+                     next run continues, or 'mtunnel replica drop {}' on the target frees",
+                    opts.vmid
+                )
+            } else {
+                String::new()
+            };
             progress.log(format!(
-                "replica run failed after copying {} ({copied} bytes) toward the target: {e:#}",
+                "replica run failed after copying {} ({copied} bytes) toward the target{kept}: \
+                 {e:#}",
                 human(copied)
             ));
             remote.quit(true).await;
@@ -223,6 +238,10 @@ struct Run<'a> {
     disks: &'a [Disk],
     /// Bytes written toward the target so far (backup jobs and hash sync writes).
     copied: AtomicU64,
+    /// The run made the replica (`replica-prepare` said `first`).
+    first: AtomicBool,
+    /// `replica-export` succeeded (the target committed the tunnel).
+    exported: AtomicBool,
 }
 
 impl Run<'_> {
@@ -348,6 +367,7 @@ impl Run<'_> {
         names: &jobs::Names,
     ) -> anyhow::Result<std::collections::BTreeMap<String, (PathBuf, String)>> {
         let exported = remote.cmd(json!({"cmd": "replica-export"})).await?;
+        self.exported.store(true, Ordering::SeqCst);
         remote.forward_exports(
             &self.src.cfg.run_dir,
             self.opts.vmid,
