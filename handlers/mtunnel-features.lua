@@ -7,6 +7,8 @@
 -- `compression`: what `start` accepts in `migrate_opts.multifd_compression` (pages
 -- compressed on the multifd channels); only with multifd.
 -- `replica`: the `replica-*` commands are here (docs/replicas.md).
+-- `replica_hashes`: `replica-hashes` is here too (a source may do a hash sync; one
+-- talking to a target without it copies everything instead).
 -- `cutover`: a migration may take over its VM's replica (`replica-cutover`; a tunnel
 -- opened with `replica=1`).
 -- `postcopy`: `start` accepts `migrate_opts.postcopy` (the source may switch the RAM
@@ -17,7 +19,8 @@ return {
   lock = false,
   run = function(ctx, p)
     local multifd = pve.qemu.multifd_max()
-    local features = { multifd = multifd, postcopy = true, replica = 1, cutover = 1 }
+    local features = { multifd = multifd, postcopy = true, replica = 1, replica_hashes = 1,
+                       cutover = 1 }
     if multifd > 1 then
       features.compression = pve.json.array { "zstd" }
     end

@@ -4,8 +4,8 @@ return {
   ["replies the multifd channels, their compression and postcopy start accepts"] = function(t)
     local tun = t:open{}
     t:eq(tun:send{cmd = "mtunnel-features"},
-         {multifd = 16, compression = {"zstd"}, postcopy = true, replica = 1, cutover = 1,
-          success = true})
+         {multifd = 16, compression = {"zstd"}, postcopy = true, replica = 1, replica_hashes = 1,
+          cutover = 1, success = true})
   end,
 
   ["does not disturb version behind or before it"] = function(t)

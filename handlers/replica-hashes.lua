@@ -1,7 +1,9 @@
 -- replica-hashes: the block hashes of one range of a replica's working copy, for a
 -- hash sync (docs/replicas.md): the source compares them with its disk's and sends
 -- only the blocks that differ. Read before `replica-export` (refused while a run's
--- NBD servers export the working copies); changes nothing.
+-- NBD servers export the working copies); changes no working copy. The first call of
+-- a tunnel records its run as begun (the source adds its fresh bitmap after it: a run
+-- that dies before its point must not leave the replica looking current).
 return {
   description = "Block hashes of a range of a replica's working copy (hash sync).",
   params = {

@@ -63,6 +63,20 @@ local function same_disks(known, asked)
   return nil
 end
 
+-- A working copy stays where it was made: a run asking for another storage is refused
+-- (it would silently write to the old one).
+local function check_storages(vmid, known, asked)
+  for key, d in pairs(asked) do
+    local storage = known[key].volid:match("^([^:]+):")
+    if storage ~= d.storage then
+      pve.fail(string.format("%s: the replica's working copy '%s' is on storage '%s', not on "
+        .. "the requested '%s' (--target-storage): replicate with --target-storage %s, or "
+        .. "drop the replica ('mtunnel replica drop %d' on this node) and replicate again",
+        key, known[key].volid, tostring(storage), d.storage, tostring(storage), vmid))
+    end
+  end
+end
+
 return {
   description = "Prepare a replica run: create the replica or check the existing one.",
   params = {
@@ -115,6 +129,7 @@ return {
           .. "drop the replica ('mtunnel replica drop %d' on this node) and replicate again",
           ctx.vmid, changed, ctx.vmid))
       end
+      check_storages(ctx.vmid, record.disks, p.disks)
     end
     local names = {}
     for _, point in ipairs(record.points) do

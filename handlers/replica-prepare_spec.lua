@@ -32,12 +32,26 @@ return {
       .. "scsi0: local:100/vm-100-disk-0.qcow2,format=qcow2,size=1M\n")
   end,
 
-  ["a first run that ends before its first point frees everything"] = function(t)
+  ["a first run that ends before replica-export frees everything"] = function(t)
     local tun = t:open{}
     t:succeeds(prepare(tun))
     tun:close()
     t:eq(t:config(100), nil)
     t:eq(t:volumes(), {})
+  end,
+
+  ["a later run onto another target storage is refused and changes nothing"] = function(t)
+    local tun = t:open{}
+    t:succeeds(prepare(tun))
+    local before = tun:config()
+    local disks = { scsi0 = { storage = "other", format = "qcow2", size = 1024 * 1024 } }
+    t:eq(prepare(tun, CONF, disks).msg, "failed to handle 'replica-prepare' command - scsi0: "
+      .. "the replica's working copy 'local:100/vm-100-disk-0.qcow2' is on storage 'local', "
+      .. "not on the requested 'other' (--target-storage): replicate with --target-storage "
+      .. "local, or drop the replica ('mtunnel replica drop 100' on this node) and replicate "
+      .. "again")
+    t:eq(tun:config(), before)
+    t:eq(t:volumes(), {"local:100/vm-100-disk-0.qcow2"})
   end,
 
   ["a drive that is not replicated is refused before anything is made"] = function(t)

@@ -413,6 +413,13 @@ async fn a_cut_first_run_continues_where_it_stopped() {
     assert!(!cut.status.success(), "the cut run must fail");
     let cut_err = String::from_utf8_lossy(&cut.stderr);
     let cut_sent = sent_before_failure(&cut_err);
+    assert!(
+        cut_err.contains(
+            "toward the target; the target keeps an interrupted replica (no restore point \
+             yet) that the next run continues, or 'mtunnel replica drop 113' on the target frees: "
+        ),
+        "{cut_err}"
+    );
     let list = mt_ok(&dst, &["replica", "list"]).await;
     assert!(list.contains(" interrupted "), "{list}");
 
@@ -864,4 +871,202 @@ async fn a_stopped_vm_is_replicated_and_a_second_run_sends_nothing() {
     for f in [&source_raw, &p1, &p2] {
         std::fs::remove_file(f).unwrap();
     }
+}
+
+/// `mtunnel replicate` of `vmid` to `dst` killed (-9) as soon as its hash sync reads the
+/// source (its read-only NBD socket `{vmid}.<tag>.replica-read` appears; bounded: 60 s).
+async fn kill_during_compare(src: &TestServer, dst: &TestServer, vmid: u32) {
+    let target = target_arg(dst, dst.port);
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mtunnel"))
+        .args(["replicate", &vmid.to_string(), &target])
+        .args(["--target-storage", "local", "--config"])
+        .arg(&src.config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("running mtunnel replicate");
+    let reading = || {
+        files_of(&src.run, &format!("{vmid}."))
+            .iter()
+            .any(|f| f.ends_with(".replica-read"))
+    };
+    let found = common::eventually(std::time::Duration::from_secs(60), reading).await;
+    child.kill().await.expect("kill -9 of mtunnel replicate");
+    assert!(
+        found,
+        "the run never read the source: {:?}",
+        files_of(&src.run, "")
+    );
+}
+
+/// A hash sync that dies while it compares (kill -9 of `mtunnel replicate`, after it
+/// added its fresh bitmap) must not leave a replica the next run takes as current: the
+/// 8 MiB written before that bitmap would never be sent. QEMU restarted after run 1 (raw
+/// disk: bitmap lost), 8 MiB written, run 2 killed in its compare, 8 MiB more written:
+/// run 3 is a hash sync (not incremental) and its point is the paused source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hash_sync_killed_while_comparing_is_not_followed_by_an_incremental_run() {
+    let src = node("src14");
+    let dst = node("dst14");
+    let img = create_vm_with_data_as(&src, 114, "1G", "raw").await;
+    let (_, _, out1) = replicate(&src, &dst, 114).await;
+    assert!(out1.contains("full copy"), "{out1}");
+    mt_ok(&src, &["vm", "stop", "114"]).await;
+    mt_ok(&src, &["vm", "start", "114"]).await;
+    let write =
+        |pattern: &str, at: &str| format!("qemu-io -d scsi0 \"write -P {pattern} {at} 8M\"");
+    let wrote = qmp(
+        &src.run,
+        114,
+        "human-monitor-command",
+        json!({"command-line": write("0x5a", "100M")}),
+    )
+    .await;
+    assert_eq!(wrote, json!(""), "HMP qemu-io failed");
+
+    kill_during_compare(&src, &dst, 114).await;
+    // The target's status once the killed tunnel is cleaned up (asserted at the end: the
+    // points' bytes are what matters most).
+    let mut list = String::new();
+    for _ in 0..50 {
+        list = mt_ok(&dst, &["replica", "list"]).await;
+        if list.contains(" interrupted ") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let wrote = qmp(
+        &src.run,
+        114,
+        "human-monitor-command",
+        json!({"command-line": write("0x6b", "300M")}),
+    )
+    .await;
+    assert_eq!(wrote, json!(""), "HMP qemu-io failed");
+
+    let (_, _, out3) = replicate(&src, &dst, 114).await;
+    assert!(out3.contains("hash sync ("), "{out3}");
+    let now = src.base().join("now.raw");
+    paused(&src, 114, || export_raw(&img, None, &now)).await;
+    assert_same_raw(&now, &dst.images(114).join("vm-114-disk-0.raw"));
+    std::fs::remove_file(&now).unwrap();
+    mt_ok(&src, &["vm", "stop", "114"]).await;
+    assert!(list.contains(" interrupted "), "{list}");
+}
+
+/// Makes `dst` reply to `mtunnel-features` as a target from before `replica-hashes` (an
+/// override of the built-in handler).
+fn offer_no_replica_hashes(dst: &TestServer) {
+    let handlers = dst.data.join("handlers");
+    std::fs::create_dir_all(&handlers).unwrap();
+    std::fs::write(
+        handlers.join("mtunnel-features.lua"),
+        r#"return {
+  description = "mtunnel's extensions, as a target from before replica-hashes offers them.",
+  params = false,
+  lock = false,
+  run = function(ctx, p)
+    return { multifd = 1, postcopy = true, replica = 1, cutover = 1 }
+  end,
+}
+"#,
+    )
+    .unwrap();
+}
+
+/// A target from before `replica-hashes` (its `mtunnel-features` without
+/// `replica_hashes`, as an older mtunnel replies): a run that would be a hash sync (a
+/// stopped VM's second run) copies every block instead and says so; its point is the
+/// source, also where the source's disk became zeroes since the first run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_without_replica_hashes_gets_a_full_copy() {
+    let src = node("src15");
+    let dst = node("dst15");
+    mt_ok(
+        &src,
+        &[
+            "vm",
+            "create",
+            "115",
+            "--memory",
+            "128",
+            "--disk",
+            "local:64M:qcow2",
+        ],
+    )
+    .await;
+    let img = src.images(115).join("vm-115-disk-0.qcow2");
+    let data = src.base().join("data115");
+    blob(&data, 16 << 20);
+    qemu_io(
+        "qcow2",
+        &format!("write -s {} 8M 16M", data.display()),
+        &img,
+    );
+    std::fs::remove_file(&data).unwrap();
+    let (_, _, out1) = replicate(&src, &dst, 115).await;
+    assert!(out1.contains("full copy"), "{out1}");
+
+    offer_no_replica_hashes(&dst);
+    qemu_io("qcow2", "write -P 0x33 40M 4M", &img);
+    qemu_io("qcow2", "write -z 8M 2M", &img);
+    let target = target_arg(&dst, dst.port);
+    let run2 = mt(
+        &src,
+        &["replicate", "115", &target, "--target-storage", "local"],
+    )
+    .await;
+    let err2 = String::from_utf8_lossy(&run2.stderr);
+    let out2 = String::from_utf8_lossy(&run2.stdout);
+    assert!(run2.status.success(), "{out2}\n{err2}");
+    assert!(
+        err2.contains(
+            "the target (node 'dst15') does not offer 'replica-hashes' (an older mtunnel): a \
+             full copy instead of the hash sync - upgrade it to send only what differs"
+        ),
+        "{err2}"
+    );
+    assert!(out2.contains("full copy"), "{out2}");
+    let source_raw = src.base().join("src.raw");
+    export_raw(&img, None, &source_raw);
+    let p2 = dst.base().join("p2.raw");
+    let replica = dst.images(115).join("vm-115-disk-0.qcow2");
+    export_raw(&replica, Some(&point_of(&out2)), &p2);
+    assert_same_raw(&source_raw, &p2);
+    for f in [&source_raw, &p2] {
+        std::fs::remove_file(f).unwrap();
+    }
+}
+
+/// A hash sync killed while it compares leaves the source QEMU's read-only NBD server and
+/// exports behind; the next run of the replica removes them whatever kind of run it is
+/// (here a full copy: the target no longer offers `replica-hashes`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_run_removes_a_killed_hash_syncs_nbd_server() {
+    let src = node("src16");
+    let dst = node("dst16");
+    create_vm_with_data_as(&src, 116, "1G", "raw").await;
+    let (_, _, out1) = replicate(&src, &dst, 116).await;
+    assert!(out1.contains("full copy"), "{out1}");
+    mt_ok(&src, &["vm", "stop", "116"]).await;
+    mt_ok(&src, &["vm", "start", "116"]).await;
+    kill_during_compare(&src, &dst, 116).await;
+    let reads = || {
+        files_of(&src.run, "116.")
+            .into_iter()
+            .filter(|f| f.ends_with(".replica-read"))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(reads().len(), 1, "{:?}", files_of(&src.run, ""));
+    let exports = qmp(&src.run, 116, "query-block-exports", json!({})).await;
+    assert_ne!(exports, json!([]), "the killed run's exports");
+
+    offer_no_replica_hashes(&dst);
+    let (_, _, out2) = replicate(&src, &dst, 116).await;
+    assert!(out2.contains("full copy"), "{out2}");
+    assert_eq!(reads(), Vec::<String>::new());
+    let exports = qmp(&src.run, 116, "query-block-exports", json!({})).await;
+    assert_eq!(exports, json!([]), "exports left in the source QEMU");
+    mt_ok(&src, &["vm", "stop", "116"]).await;
 }

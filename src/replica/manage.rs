@@ -102,8 +102,27 @@ impl Parts<'_> {
             .with_context(|| format!("VM {vmid} is no replica on node '{}'", self.cfg.node))
     }
 
+    /// Records run `upid` of `r` as begun (once; a run of another task that never
+    /// completed is counted as failed). From here the replica is `interrupted` until the
+    /// run completes: its next run cannot be incremental.
+    fn record_run(&self, r: &mut Replica, upid: &str) -> anyhow::Result<()> {
+        match &r.run {
+            Some(run) if run.upid == upid => return Ok(()),
+            // The previous run began and never completed (one tunnel per VM at a time)
+            // and its tunnel's cleanup did not count it.
+            Some(run) if !run.counted => r.failed_runs += 1,
+            _ => {}
+        }
+        r.run = Some(Run {
+            upid: upid.to_string(),
+            started: crate::util::unix_now(),
+            counted: false,
+        });
+        super::store(&self.cfg.data_dir, r)
+    }
+
     /// Starts a run of task `upid`: recorded as unfinished first (a crash from here on
-    /// leaves an "interrupted" replica whose next run copies everything), then one NBD
+    /// leaves an "interrupted" replica whose next run is a hash sync), then one NBD
     /// server per disk. On failure the servers started are stopped again.
     pub async fn begin_run(
         &self,
@@ -111,17 +130,7 @@ impl Parts<'_> {
         upid: &str,
     ) -> anyhow::Result<BTreeMap<String, Export>> {
         let mut r = self.load(vmid)?;
-        if r.run.as_ref().is_some_and(|run| !run.counted) {
-            // The previous run exported and never completed (one tunnel per VM at a time)
-            // and its tunnel's cleanup did not count it.
-            r.failed_runs += 1;
-        }
-        r.run = Some(Run {
-            upid: upid.to_string(),
-            started: crate::util::unix_now(),
-            counted: false,
-        });
-        super::store(&self.cfg.data_dir, &r)?;
+        self.record_run(&mut r, upid)?;
         let mut out = BTreeMap::new();
         for (key, disk) in &r.disks {
             let file = self.file(&disk.volid)?;
@@ -154,15 +163,18 @@ impl Parts<'_> {
     /// The block hashes of `range` of disk `key`'s working copy (`replica-hashes`), read
     /// through a read-only `qemu-nbd` on the disk's run socket (so the cleanup of a run
     /// finds it too), which is gone again afterwards. Refused while a run exports the
-    /// working copies: what they hold then changes under the reader.
+    /// working copies: what they hold then changes under the reader. The first hashes
+    /// of task `upid` record its run as begun: a hash sync asks them before the source
+    /// adds its fresh bitmap, and that bitmap misses every write before it, so a run
+    /// that dies before its point must not leave the replica looking current.
     pub async fn hashes(
         &self,
-        vmid: u32,
+        (vmid, upid): (u32, &str),
         key: &str,
         range: HashRange,
     ) -> anyhow::Result<Vec<String>> {
-        let r = self.load(vmid)?;
-        let disk = r.disks.get(key).with_context(|| {
+        let mut r = self.load(vmid)?;
+        let disk = r.disks.get(key).cloned().with_context(|| {
             let keys: Vec<&str> = r.disks.keys().map(String::as_str).collect();
             format!(
                 "replica {vmid} has no disk '{key}' (disks: {})",
@@ -182,6 +194,7 @@ impl Parts<'_> {
                  are read only before 'replica-export' and while no other read runs"
             );
         }
+        self.record_run(&mut r, upid)?;
         let file = self.file(&disk.volid)?;
         let image = (file.as_path(), disk.format.as_str());
         let socket = nbd::start_nbd(&self.cfg.run_dir, vmid, key, image, nbd::Access::Read)
@@ -359,7 +372,7 @@ impl Parts<'_> {
     /// A migration of the replica's source VM takes the replica over (docs/replicas.md,
     /// "Cut over"): refused unless its last run completed (a point, no unfinished run).
     /// The migration is recorded as the replica's run of task `upid`: one that fails
-    /// leaves the replica `interrupted` (its points intact; the next run copies all).
+    /// leaves the replica `interrupted` (its points intact; the next run is a hash sync).
     pub fn begin_cutover(&self, vmid: u32, upid: &str) -> anyhow::Result<Replica> {
         let mut r = self.load(vmid)?;
         if !r.incremental_ok() {

@@ -82,8 +82,9 @@ pub struct Replica {
     pub points: Vec<Point>,
     #[serde(default)]
     pub run: Option<Run>,
-    /// Runs that exported the working copies and never completed: counted when their
-    /// tunnel is freed ([`run_failed`]), or else when the next run begins.
+    /// Runs that began (`replica-export`, or a hash sync's first `replica-hashes`) and
+    /// never completed: counted when their tunnel is freed ([`run_failed`]), or else when
+    /// the next run begins.
     #[serde(default)]
     pub failed_runs: u64,
 }

@@ -16,7 +16,7 @@ use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
 use super::Run;
-use super::jobs::{self, Mode};
+use super::jobs;
 use super::remote::Remote;
 use crate::client::progress::{Progress, human};
 use crate::replica::hashes::{self, BLOCK, MAX_HASHES};
@@ -59,11 +59,13 @@ impl Ranges {
 }
 
 /// Whether the target's hashes are asked (`Ask`) or known: a new working copy reads as
-/// zeroes everywhere (`Zero`).
+/// zeroes everywhere (`Zero`); a target that cannot tell them (an older mtunnel without
+/// `replica-hashes`) gets every block (`All`, zero blocks as write-zeroes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Target {
     Ask,
     Zero,
+    All,
 }
 
 /// Compares disk `key` (`size` bytes, read through `source`) with the target's working
@@ -82,6 +84,12 @@ pub(super) async fn compare(
             source.size()
         );
     }
+    if target == Target::Ask {
+        progress.log(format!(
+            "hash sync: comparing {key} ({}) with the target's working copy",
+            human(size)
+        ));
+    }
     let mut ranges = Ranges::default();
     let span = MAX_HASHES * BLOCK;
     let mut logged = Instant::now();
@@ -91,7 +99,7 @@ pub(super) async fn compare(
         let ours = hashes::of_range(source, offset, length, BLOCK).await?;
         let theirs = match target {
             Target::Ask => target_hashes(remote, key, offset, length, figures).await?,
-            Target::Zero => Vec::new(),
+            Target::Zero | Target::All => Vec::new(),
         };
         for (i, mine) in ours.iter().enumerate() {
             let at = offset + i as u64 * BLOCK;
@@ -99,6 +107,7 @@ pub(super) async fn compare(
             let same = match target {
                 Target::Ask => theirs.get(i) == Some(mine),
                 Target::Zero => *mine == hashes::zero_hash(len as usize),
+                Target::All => false,
             };
             if !same {
                 ranges.push(at, len);
@@ -252,8 +261,9 @@ enum ReadSide {
 }
 
 impl Run<'_> {
-    /// A hash sync (`mode` [`Mode::Hash`]) or a stopped VM's first run ([`Mode::Full`]:
-    /// the target's new working copies are all zeroes). A running VM's bitmaps are added
+    /// A hash sync (`target` [`Target::Ask`]) or a stopped VM's full copy ([`Target::Zero`]
+    /// for a first run: the target's new working copies are all zeroes; else [`Target::All`]:
+    /// every block, for a target without `replica-hashes`). A running VM's bitmaps are added
     /// first; after the differing blocks are written, one incremental backup of them
     /// copies what the guest wrote meanwhile (see [`jobs::add_bitmaps`]), so the point is
     /// consistent as of that backup's start. Returns the bytes written and the figures.
@@ -261,19 +271,49 @@ impl Run<'_> {
         &self,
         remote: &mut Remote,
         names: &jobs::Names,
-        mode: Mode,
+        target: Target,
     ) -> anyhow::Result<(u64, HashFigures)> {
         if let Some(vm) = self.vm {
+            if target == Target::Ask {
+                self.begin_on_target(remote).await?;
+            }
             jobs::add_bitmaps(vm, self.disks, names).await?;
         }
-        let (side, mut sources) = self.open_reads(names).await?;
-        let result = self
-            .compare_and_send(remote, names, mode, &mut sources, &side)
-            .await;
-        drop(sources);
+        let result = async {
+            let (side, mut sources) = self.open_reads(names).await?;
+            let result = self
+                .compare_and_send(remote, names, target, &mut sources, &side)
+                .await;
+            drop(sources);
+            self.close_reads(side, result.is_err()).await;
+            result
+        }
+        .await;
+        if let (Some(vm), Err(_)) = (self.vm, &result) {
+            // Best effort (the target's record already says the run did not complete, so
+            // the next run does not trust them either).
+            jobs::remove_bitmaps(vm, self.disks, names).await;
+        }
+        result
+    }
+
+    /// Has the target record the run as begun before the bitmaps are added: they miss
+    /// every write before them, so if the run dies before its point (even by kill -9 of
+    /// this process) the next run must not take them for an incremental one. The target
+    /// does so on the first `replica-hashes` of a run; this asks for one block's.
+    async fn begin_on_target(&self, remote: &Remote) -> anyhow::Result<()> {
+        let first = self.disks.first().context("no disk to replicate")?;
+        let mut ignored = HashFigures::default();
+        target_hashes(remote, &first.key, 0, BLOCK.min(first.size), &mut ignored).await?;
+        Ok(())
+    }
+
+    /// Ends the reading side of a hash sync (the QEMU's NBD server is stopped by
+    /// [`Self::compare_and_send`] on success, here on `failed`).
+    async fn close_reads(&self, side: ReadSide, failed: bool) {
         match side {
             ReadSide::Qemu(socket) => {
-                if let (Some(vm), Err(_)) = (self.vm, &result) {
+                if let (Some(vm), true) = (self.vm, failed) {
                     jobs::stop_read(vm, &socket).await;
                 }
             }
@@ -283,22 +323,16 @@ impl Run<'_> {
                 }
             }
         }
-        result
     }
 
     async fn compare_and_send(
         &self,
         remote: &mut Remote,
         names: &jobs::Names,
-        mode: Mode,
+        target: Target,
         sources: &mut [NbdClient],
         side: &ReadSide,
     ) -> anyhow::Result<(u64, HashFigures)> {
-        let target = if mode == Mode::Full {
-            Target::Zero
-        } else {
-            Target::Ask
-        };
         let mut figures = HashFigures::default();
         let mut diffs = Vec::new();
         for (d, source) in self.disks.iter().zip(sources.iter_mut()) {
@@ -348,7 +382,7 @@ impl Run<'_> {
         let vmid = self.opts.vmid;
         let mut clients = Vec::new();
         if let Some(vm) = self.vm {
-            let socket = run_dir.join(format!("{vmid}.{}.replica-read", names.tag()));
+            let socket = super::read_socket(run_dir, vmid, names.tag());
             jobs::export_read(vm, self.disks, &socket, names).await?;
             for d in self.disks {
                 let export = format!("drive-{}", d.key);

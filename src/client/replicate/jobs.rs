@@ -179,6 +179,31 @@ pub(super) async fn add_bitmaps(
     Ok(())
 }
 
+/// Removes the replica's bitmaps from every disk that has one (best effort: after a
+/// failed hash sync, whose fresh bitmaps would miss the writes before them).
+pub(super) async fn remove_bitmaps(vm: &VmHandle, disks: &[Disk], names: &Names) {
+    for d in disks {
+        let args = json!({"node": format!("drive-{}", d.key), "name": names.bitmap});
+        match vm
+            .execute("block-dirty-bitmap-remove", args, QMP_TIMEOUT)
+            .await
+        {
+            Ok(_) => tracing::info!(
+                vmid = vm.vmid(),
+                "{}: removed bitmap {}",
+                d.key,
+                names.bitmap
+            ),
+            Err(e) => tracing::warn!(
+                vmid = vm.vmid(),
+                "{}: removing bitmap {} after the failed run: {e}",
+                d.key,
+                names.bitmap
+            ),
+        }
+    }
+}
+
 /// The QEMU's NBD server on `socket`, exporting every disk read-only as `drive-<key>`
 /// (a hash sync reads the live disks through it). A server left on `socket` by a run of
 /// this replica that died is stopped first; any other is not touched (the start fails).
@@ -188,12 +213,7 @@ pub(super) async fn export_read(
     socket: &std::path::Path,
     names: &Names,
 ) -> anyhow::Result<()> {
-    if socket.exists() {
-        let _ = vm
-            .execute("nbd-server-stop", Value::Null, QMP_TIMEOUT)
-            .await;
-        let _ = std::fs::remove_file(socket);
-    }
+    clear_read(vm, disks, socket, names).await;
     // `nbd-server-start` takes the legacy socket address form (`data` wraps it).
     let addr = json!({"type": "unix", "data": {"path": socket.display().to_string()}});
     qmp(vm, "nbd-server-start", json!({ "addr": addr }))
@@ -213,6 +233,35 @@ pub(super) async fn export_read(
         }
     }
     Ok(())
+}
+
+/// Removes what a run of this replica killed during its hash sync left in the QEMU: its
+/// read-only exports (by their ids, this replica's own) and, when the socket that run
+/// started the server on is still there, that server (ours: nobody else uses the path)
+/// and the socket file. Done at the start of every run of a running VM.
+pub(super) async fn clear_read(
+    vm: &VmHandle,
+    disks: &[Disk],
+    socket: &std::path::Path,
+    names: &Names,
+) {
+    for d in disks {
+        let id = json!({"id": names.of(&d.key)});
+        if vm
+            .execute("block-export-del", id, QMP_TIMEOUT)
+            .await
+            .is_ok()
+        {
+            tracing::info!(
+                vmid = vm.vmid(),
+                "removed the leftover export {}",
+                names.of(&d.key)
+            );
+        }
+    }
+    if socket.exists() {
+        stop_read(vm, socket).await;
+    }
 }
 
 /// Stops the QEMU's NBD server of [`export_read`] (with its exports).

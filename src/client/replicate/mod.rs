@@ -17,7 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -174,15 +174,23 @@ pub async fn replicate(
         vm: subject.vm(),
         disks: &disks,
         copied: AtomicU64::new(0),
+        first: AtomicBool::new(false),
+        exported: AtomicBool::new(false),
     };
     let result = async {
         let prepared = run.prepare(&remote, &conf_text).await?;
+        let first = prepared["first"].as_bool() == Some(true);
+        run.first.store(first, Ordering::SeqCst);
         let id = prepared
             .get("id")
             .and_then(Value::as_str)
             .filter(|id| id.len() >= 8 && id.bytes().all(|b| b.is_ascii_hexdigit()))
             .with_context(|| format!("replica-prepare reply without a valid id: {prepared}"))?;
         let names = jobs::Names::new(id);
+        if let Some(vm) = run.vm {
+            let socket = read_socket(&src.cfg.run_dir, opts.vmid, names.tag());
+            jobs::clear_read(vm, &disks, &socket, &names).await;
+        }
         let transferred = run.transfer(&mut remote, &prepared, &names).await;
         if let (Err(_), Some(vm)) = (&transferred, run.vm) {
             jobs::abort(vm, &disks, &names).await;
@@ -199,8 +207,19 @@ pub async fn replicate(
         Err(e) => {
             // What went out before the failure: the next run (a hash sync) sends the rest.
             let copied = run.copied.load(Ordering::SeqCst);
+            // A first run that exported committed its tunnel: the target keeps the replica.
+            let kept = if run.first.load(Ordering::SeqCst) && run.exported.load(Ordering::SeqCst) {
+                format!(
+                    "; the target keeps an interrupted replica (no restore point yet) that the \
+                     next run continues, or 'mtunnel replica drop {}' on the target frees",
+                    opts.vmid
+                )
+            } else {
+                String::new()
+            };
             progress.log(format!(
-                "replica run failed after copying {} ({copied} bytes) toward the target: {e:#}",
+                "replica run failed after copying {} ({copied} bytes) toward the target{kept}: \
+                 {e:#}",
                 human(copied)
             ));
             remote.quit(true).await;
@@ -219,6 +238,10 @@ struct Run<'a> {
     disks: &'a [Disk],
     /// Bytes written toward the target so far (backup jobs and hash sync writes).
     copied: AtomicU64,
+    /// The run made the replica (`replica-prepare` said `first`).
+    first: AtomicBool,
+    /// `replica-export` succeeded (the target committed the tunnel).
+    exported: AtomicBool,
 }
 
 impl Run<'_> {
@@ -249,12 +272,21 @@ impl Run<'_> {
         prepared: &Value,
         names: &jobs::Names,
     ) -> anyhow::Result<RunSummary> {
-        let mode = match self.vm {
+        let mut mode = match self.vm {
             Some(vm) => {
                 jobs::choose(vm, self.disks, &names.bitmap, prepared, self.progress).await?
             }
             None => self.stopped_mode(prepared),
         };
+        if mode == Mode::Hash && !remote.hashes {
+            self.progress.log(format!(
+                "the target (node '{}') does not offer 'replica-hashes' (an older mtunnel): \
+                 a full copy instead of the hash sync - upgrade it to send only what differs",
+                remote.node
+            ));
+            mode = Mode::Full;
+        }
+        let first = prepared["first"].as_bool() == Some(true);
         let mut hash = None;
         let copied = match (self.vm, mode) {
             (Some(vm), Mode::Full | Mode::Incremental) => {
@@ -267,7 +299,12 @@ impl Run<'_> {
                 jobs::copy(vm, self.disks, &locals, &spec, names, self.progress).await?
             }
             _ => {
-                let (copied, figures) = self.hash_sync(remote, names, mode).await?;
+                let target = match mode {
+                    Mode::Hash => hashsync::Target::Ask,
+                    _ if first => hashsync::Target::Zero,
+                    _ => hashsync::Target::All,
+                };
+                let (copied, figures) = self.hash_sync(remote, names, target).await?;
                 hash = (mode == Mode::Hash).then_some(figures);
                 copied
             }
@@ -330,6 +367,7 @@ impl Run<'_> {
         names: &jobs::Names,
     ) -> anyhow::Result<std::collections::BTreeMap<String, (PathBuf, String)>> {
         let exported = remote.cmd(json!({"cmd": "replica-export"})).await?;
+        self.exported.store(true, Ordering::SeqCst);
         remote.forward_exports(
             &self.src.cfg.run_dir,
             self.opts.vmid,
@@ -389,4 +427,10 @@ async fn plan(src: &SourceNode, opts: &ReplicateOptions) -> anyhow::Result<(Stri
 /// naming the replica, so runs of one VM to two targets never share a socket.
 fn local_socket(run_dir: &std::path::Path, vmid: u32, tag: &str, key: &str) -> PathBuf {
     run_dir.join(format!("{vmid}-{key}.{tag}.replica-src"))
+}
+
+/// `{run}/{vmid}.{tag}.replica-read`: the source QEMU's NBD server of a hash sync of the
+/// replica `tag` (one per QEMU).
+fn read_socket(run_dir: &std::path::Path, vmid: u32, tag: &str) -> PathBuf {
+    run_dir.join(format!("{vmid}.{tag}.replica-read"))
 }

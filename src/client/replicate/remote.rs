@@ -26,6 +26,9 @@ pub(super) struct Remote {
     pub(super) node: String,
     base_url: String,
     forwards: Vec<Forward>,
+    /// The target answers `replica-hashes` (`mtunnel-features` `replica_hashes`): a
+    /// hash sync is possible.
+    pub(super) hashes: bool,
 }
 
 impl Remote {
@@ -69,15 +72,21 @@ impl Remote {
             node,
             base_url,
             forwards: Vec::new(),
+            hashes: false,
         };
-        if let Err(e) = remote.check_features().await {
-            remote.quit(true).await;
-            return Err(e);
+        match remote.check_features().await {
+            Ok(hashes) => remote.hashes = hashes,
+            Err(e) => {
+                remote.quit(true).await;
+                return Err(e);
+            }
         }
         Ok(remote)
     }
 
-    async fn check_features(&self) -> anyhow::Result<()> {
+    /// Checks `version` and that the target offers replicas; returns whether it offers
+    /// `replica-hashes` (older mtunnel targets do not).
+    async fn check_features(&self) -> anyhow::Result<bool> {
         let version = self.cmd(json!({"cmd": "version"})).await?;
         let api = version.get("api").and_then(Value::as_u64).unwrap_or(0);
         if api < TUNNEL_VERSION {
@@ -93,7 +102,7 @@ impl Remote {
                  it is no mtunnel node, or an older one - upgrade it"
             );
         }
-        Ok(())
+        Ok(features.get("replica_hashes").and_then(Value::as_u64) == Some(1))
     }
 
     /// One command; a failure reply is an error with the target's message.

@@ -220,6 +220,9 @@ async fn hashes(lua: Lua, opts: LuaValue) -> mlua::Result<LuaValue> {
         block: number("block")?,
     };
     c.record(|r| r.replica = true).await?;
-    let hashes = parts(&c).hashes(c.vmid, key, range).await.map_err(err)?;
+    let hashes = parts(&c)
+        .hashes((c.vmid, c.tunnel.instance()), key, range)
+        .await
+        .map_err(err)?;
     to_lua(&lua, &serde_json::json!(hashes))
 }
