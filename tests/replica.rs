@@ -110,6 +110,19 @@ async fn create_vm_with_data(src: &TestServer, vmid: u32, size: &str) -> PathBuf
 
 /// [`create_vm_with_data`] with a disk in `format`.
 async fn create_vm_with_data_as(src: &TestServer, vmid: u32, size: &str, format: &str) -> PathBuf {
+    let img = stopped_vm_with_data(src, vmid, (size, format), ("0", 64 << 20)).await;
+    mt_ok(src, &["vm", "start", &vmid.to_string()]).await;
+    img
+}
+
+/// VM `vmid` on `src`, not started, with one disk of `(size, format)` holding `len` bytes of
+/// random data at offset `at` (qemu-io syntax, e.g. "16M"); the image's path.
+async fn stopped_vm_with_data(
+    src: &TestServer,
+    vmid: u32,
+    (size, format): (&str, &str),
+    (at, len): (&str, usize),
+) -> PathBuf {
     let id = vmid.to_string();
     let disk = format!("local:{size}:{format}");
     mt_ok(
@@ -119,10 +132,13 @@ async fn create_vm_with_data_as(src: &TestServer, vmid: u32, size: &str, format:
     .await;
     let img = src.images(vmid).join(format!("vm-{vmid}-disk-0.{format}"));
     let data = src.base().join(format!("data{vmid}"));
-    blob(&data, 64 << 20);
-    qemu_io(format, &format!("write -s {} 0 64M", data.display()), &img);
+    blob(&data, len);
+    qemu_io(
+        format,
+        &format!("write -s {} {at} {len}", data.display()),
+        &img,
+    );
     std::fs::remove_file(&data).unwrap();
-    mt_ok(src, &["vm", "start", &id]).await;
     img
 }
 
@@ -820,28 +836,7 @@ async fn a_restarted_source_qemu_gets_a_hash_sync_of_the_changes_only() {
 async fn a_stopped_vm_is_replicated_and_a_second_run_sends_nothing() {
     let src = node("src11");
     let dst = node("dst11");
-    mt_ok(
-        &src,
-        &[
-            "vm",
-            "create",
-            "111",
-            "--memory",
-            "128",
-            "--disk",
-            "local:256M:qcow2",
-        ],
-    )
-    .await;
-    let img = src.images(111).join("vm-111-disk-0.qcow2");
-    let data = src.base().join("data111");
-    blob(&data, 32 << 20);
-    qemu_io(
-        "qcow2",
-        &format!("write -s {} 16M 32M", data.display()),
-        &img,
-    );
-    std::fs::remove_file(&data).unwrap();
+    let img = stopped_vm_with_data(&src, 111, ("256M", "qcow2"), ("16M", 32 << 20)).await;
     let replica = dst.images(111).join("vm-111-disk-0.qcow2");
     let source_raw = src.base().join("src.raw");
     export_raw(&img, None, &source_raw);
@@ -983,28 +978,7 @@ fn offer_no_replica_hashes(dst: &TestServer) {
 async fn a_target_without_replica_hashes_gets_a_full_copy() {
     let src = node("src15");
     let dst = node("dst15");
-    mt_ok(
-        &src,
-        &[
-            "vm",
-            "create",
-            "115",
-            "--memory",
-            "128",
-            "--disk",
-            "local:64M:qcow2",
-        ],
-    )
-    .await;
-    let img = src.images(115).join("vm-115-disk-0.qcow2");
-    let data = src.base().join("data115");
-    blob(&data, 16 << 20);
-    qemu_io(
-        "qcow2",
-        &format!("write -s {} 8M 16M", data.display()),
-        &img,
-    );
-    std::fs::remove_file(&data).unwrap();
+    let img = stopped_vm_with_data(&src, 115, ("64M", "qcow2"), ("8M", 16 << 20)).await;
     let (_, _, out1) = replicate(&src, &dst, 115).await;
     assert!(out1.contains("full copy"), "{out1}");
 
