@@ -224,7 +224,7 @@ async fn a_cutover_onto_btrfs_leaves_only_the_volume() {
 /// The target's QEMU killed as soon as it started for the migration: the migration fails,
 /// the source VM runs on unlocked, and the replica keeps its newest point, byte-identical
 /// to the source (nothing wrote since), listed `interrupted`; a second migration (whose
-/// replica run then copies everything) cuts over.
+/// replica run is then a hash sync that finds nothing to send) cuts over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_cutover_keeps_the_replicas_newest_point() {
     let src = node("csrc4");

@@ -115,6 +115,40 @@ async fn create_vm_with_data_as(src: &TestServer, vmid: u32, size: &str, format:
     img
 }
 
+/// `mtunnel replicate` of `vmid` onto `storage`, slowed to 4 MiB/s so that a test can cut
+/// it half way, running in the background.
+fn spawn_slow_replicate(
+    src: &TestServer,
+    dst: &TestServer,
+    vmid: u32,
+    storage: &str,
+) -> tokio::task::JoinHandle<std::process::Output> {
+    let target = target_arg(dst, dst.port);
+    let vmid = vmid.to_string();
+    let args: Vec<String> = [
+        "replicate",
+        &vmid,
+        &target,
+        "--target-storage",
+        storage,
+        "--bwlimit",
+        "4096",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let src_config = src.config.clone();
+    tokio::spawn(async move {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_mtunnel"))
+            .args(&args)
+            .arg("--config")
+            .arg(&src_config)
+            .output()
+            .await
+            .expect("running mtunnel replicate")
+    })
+}
+
 /// VM `vmid` on `src`, not started, with one disk of `(size, format)` holding `len` bytes of
 /// random data at offset `at` (qemu-io syntax, e.g. "16M"); the image's path.
 async fn stopped_vm_with_data(
@@ -307,30 +341,7 @@ async fn cut_then_resume(
     )
     .await;
     assert_eq!(wrote, json!(""), "HMP qemu-io failed");
-    let target = target_arg(dst, dst.port);
-    let args: Vec<String> = [
-        "replicate",
-        &vmid.to_string(),
-        &target,
-        "--target-storage",
-        storage,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .chain(["--bwlimit".into(), "4096".into()])
-    .collect();
-    let slow = {
-        let src_config = src.config.clone();
-        tokio::spawn(async move {
-            tokio::process::Command::new(env!("CARGO_BIN_EXE_mtunnel"))
-                .args(&args)
-                .arg("--config")
-                .arg(&src_config)
-                .output()
-                .await
-                .expect("running mtunnel replicate")
-        })
-    };
+    let slow = spawn_slow_replicate(src, dst, vmid, storage);
     let pid_file = dst.run.join(format!("{vmid}-scsi0.replica.pid"));
     assert!(
         common::eventually(std::time::Duration::from_secs(30), || pid_file.exists()).await,
@@ -399,24 +410,7 @@ async fn a_cut_first_run_continues_where_it_stopped() {
     let src = node("src13");
     let mut dst = node("dst13");
     let img = create_vm_with_data(&src, 113, "128M").await;
-    let target = target_arg(&dst, dst.port);
-    let args: Vec<String> = ["replicate", "113", &target, "--target-storage", "local"]
-        .iter()
-        .map(|s| s.to_string())
-        .chain(["--bwlimit".into(), "4096".into()])
-        .collect();
-    let slow = {
-        let src_config = src.config.clone();
-        tokio::spawn(async move {
-            tokio::process::Command::new(env!("CARGO_BIN_EXE_mtunnel"))
-                .args(&args)
-                .arg("--config")
-                .arg(&src_config)
-                .output()
-                .await
-                .expect("running mtunnel replicate")
-        })
-    };
+    let slow = spawn_slow_replicate(&src, &dst, 113, "local");
     let pid_file = dst.run.join("113-scsi0.replica.pid");
     assert!(
         common::eventually(std::time::Duration::from_secs(30), || pid_file.exists()).await,
