@@ -30,7 +30,7 @@ use serde::Serialize;
 
 use super::guest::{Console, GuestImage, dirty_rates, heartbeats};
 use super::migration::{mt, mt_in, mt_output, number_after, qemu_version};
-use super::nodes::{NodeSpec, Placement, ServeNode, write_node_config};
+use super::nodes::{Placement, ServeNode};
 use super::procs::QemuSweeper;
 use super::report::{Target, num, target};
 use super::wan::{ADDR_B, LinkSpec, Wan};
@@ -268,15 +268,7 @@ async fn measure(
     // Under this machine's KVM a stock kernel does not boot (issue 21): TCG everywhere.
     let tcg = super::accel_toml(Accel::Tcg);
     let src_dir = base.join("src");
-    let src_config = write_node_config(
-        &src_dir,
-        &NodeSpec {
-            tls: true,
-            extra_toml: tcg.clone() + &place.shared_toml,
-            ..NodeSpec::default()
-        },
-    )?;
-    let target = ServeNode::start(&base.join("dst"), &place.server_spec(true, None, tcg)).await?;
+    let (src_config, target) = place.source_and_target(base, tcg).await?;
     let direct_run = base.join("direct");
     std::fs::create_dir_all(&direct_run)?;
     let mut sweeper = QemuSweeper::default();

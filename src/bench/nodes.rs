@@ -63,6 +63,26 @@ impl Placement {
             listen_ip: self.server.as_ref().map(|(_, ip)| *ip),
         }
     }
+
+    /// A migration's two ends under `dir`, both with `accel_toml` and TLS: the source
+    /// node's config (`{dir}/src`, client side) and a started target `serve` (`{dir}/dst`).
+    pub async fn source_and_target(
+        &self,
+        dir: &Path,
+        accel_toml: String,
+    ) -> anyhow::Result<(PathBuf, ServeNode)> {
+        let src_config = write_node_config(
+            &dir.join("src"),
+            &NodeSpec {
+                tls: true,
+                extra_toml: accel_toml.clone() + &self.shared_toml,
+                ..NodeSpec::default()
+            },
+        )?;
+        let target =
+            ServeNode::start(&dir.join("dst"), &self.server_spec(true, None, accel_toml)).await?;
+        Ok((src_config, target))
+    }
 }
 
 /// A running `mtunnel serve`.

@@ -17,7 +17,7 @@ use anyhow::Context;
 use serde::Serialize;
 
 use super::migration::{mt, mt_in, number_after};
-use super::nodes::{NodeSpec, Placement, ServeNode, write_node_config};
+use super::nodes::{Placement, ServeNode};
 use super::procs::QemuSweeper;
 use super::{median, slowest};
 
@@ -103,15 +103,7 @@ pub async fn run(
     random_file(&data, disk_mib)?;
     let tcg = super::accel_toml(mtunnel::qemu::Accel::Auto.resolve());
     let src_dir = dir.join("src");
-    let src_config = write_node_config(
-        &src_dir,
-        &NodeSpec {
-            tls: true,
-            extra_toml: tcg.clone() + &place.shared_toml,
-            ..NodeSpec::default()
-        },
-    )?;
-    let target = ServeNode::start(&dir.join("dst"), &place.server_spec(true, None, tcg)).await?;
+    let (src_config, target) = place.source_and_target(&dir, tcg).await?;
     let mut sweeper = QemuSweeper::default();
     sweeper.watch(&src_dir.join("r"));
     sweeper.watch(&target.run);

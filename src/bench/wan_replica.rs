@@ -15,7 +15,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::migration::{mt, mt_in, number_after};
-use super::nodes::{NodeSpec, Placement, ServeNode, write_node_config};
+use super::nodes::{Placement, ServeNode};
 use super::procs::QemuSweeper;
 use super::wan_disk::{find_volume, random_file};
 
@@ -62,15 +62,7 @@ pub async fn run(
     let dir = base.join("replica");
     let tcg = super::accel_toml(mtunnel::qemu::Accel::Auto.resolve());
     let src_dir = dir.join("src");
-    let src_config = write_node_config(
-        &src_dir,
-        &NodeSpec {
-            tls: true,
-            extra_toml: tcg.clone() + &place.shared_toml,
-            ..NodeSpec::default()
-        },
-    )?;
-    let target = ServeNode::start(&dir.join("dst"), &place.server_spec(true, None, tcg)).await?;
+    let (src_config, target) = place.source_and_target(&dir, tcg).await?;
     let mut sweeper = QemuSweeper::default();
     sweeper.watch(&src_dir.join("r"));
     let id = VMID.to_string();
