@@ -40,10 +40,12 @@ return {
     local r = t:succeeds(import(tun))
     local conn = tun:connect(r.socket)
     conn:write(string.pack("<I8", 4096) .. string.rep("\0", 1000))
+    -- The import reads the size header and the payload separately, so a query may see
+    -- 0 or 8 bytes first; wait (bounded) until all 1008 written bytes have arrived.
     local reply
     for _ = 1, 200 do
       reply = tun:send{cmd = "query-disk-import"}
-      if reply.msg ~= "received 0 bytes" then break end
+      if reply.msg == "received 1008 bytes" then break end
       t:sleep(10)
     end
     t:eq(reply, {success = true, status = "pending", msg = "received 1008 bytes"})
