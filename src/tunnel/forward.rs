@@ -9,7 +9,8 @@
 //! an encrypted link), which makes masking free. Text, binary and continuation frames are all
 //! payload; a ping is answered with a pong; a Close half-closes the UNIX socket (the tunnel
 //! client shuts it down both ways: its peer is gone); EOF on the UNIX socket sends a Close
-//! and ends the relay, as pveproxy tears the connection down.
+//! and half-closes the connection, as pveproxy tears it down, and the relay then reads on
+//! until the peer closes too (at most [`LINGER`]), so no reset cuts off what it sent.
 //! General-purpose WebSocket libraries cost two extra copies per byte here (measured in
 //! `mtunnel bench`), which is why this one path has its own small codec.
 
@@ -250,8 +251,17 @@ where
     run_directions(inbound, outbound, watchdog).await
 }
 
+/// How long a relay whose socket side ended (its Close sent, its write side shut) keeps
+/// reading the peer until the peer closes too. Closing a TCP socket that holds unread
+/// bytes (a ping that just arrived) makes the kernel send a reset, and a reset makes the
+/// peer's kernel drop what it received but had not yet read: the tail of the stream just
+/// sent (seen as a target QEMU failing to load a complete RAM stream, `Input/output
+/// error`). RFC 6455 also has the closing side wait for the peer's Close.
+pub(super) const LINGER: Duration = Duration::from_secs(30);
+
 /// Drives a relay's two directions and its peer watchdog until the socket side ends
-/// (`outbound`); the byte counts of both, or the first error.
+/// (`outbound`) and then, for at most [`LINGER`], until the peer ends too (`inbound`); the
+/// byte counts of both, or the first error while the socket side still ran.
 pub(super) async fn run_directions(
     inbound: impl std::future::Future<Output = io::Result<u64>>,
     outbound: impl std::future::Future<Output = io::Result<u64>>,
@@ -259,19 +269,45 @@ pub(super) async fn run_directions(
 ) -> io::Result<ForwardStats> {
     tokio::pin!(inbound, outbound, watchdog);
     let mut stats = ForwardStats::default();
-    let mut inbound_done = false;
+    let (mut inbound_done, mut outbound_done) = (false, false);
+    // Armed when the socket side ends.
+    let linger = tokio::time::sleep(LINGER);
+    tokio::pin!(linger);
     loop {
         tokio::select! {
             r = &mut inbound, if !inbound_done => {
                 inbound_done = true;
-                stats.to_socket = r?;
+                match r {
+                    Ok(n) => stats.to_socket = n,
+                    // Our side is done and sent everything: what the peer still had for a
+                    // socket that no longer reads is nobody's loss.
+                    Err(e) if outbound_done => tracing::debug!("after our close: {e}"),
+                    Err(e) => return Err(e),
+                }
+                if outbound_done {
+                    break;
+                }
             }
-            r = &mut outbound => {
+            r = &mut outbound, if !outbound_done => {
                 stats.from_socket = r?;
-                break;
+                outbound_done = true;
+                if inbound_done {
+                    break;
+                }
+                linger.as_mut().reset(tokio::time::Instant::now() + LINGER);
             }
             // After the peer's Close, silence is expected.
-            timeout = &mut watchdog, if !inbound_done => return Err(timeout),
+            timeout = &mut watchdog, if !inbound_done => {
+                if outbound_done {
+                    tracing::debug!("peer silent after our close: {timeout}");
+                    break;
+                }
+                return Err(timeout);
+            }
+            () = &mut linger, if outbound_done => {
+                tracing::debug!("peer did not close within {} s of our close", LINGER.as_secs());
+                break;
+            }
         }
     }
     Ok(stats)
@@ -540,6 +576,11 @@ mod tests {
         cr.read_exact(&mut frame).await.unwrap();
         assert_eq!(frame, [0x82, 3, b'a', b'b', b'c']);
         drop(sock_peer);
+        // The socket side ended: a Close, then the relay waits for the peer's end.
+        let mut close = [0u8; 4];
+        cr.read_exact(&mut close).await.unwrap();
+        assert_eq!(close, [0x88, 2, 0x03, 0xe8]);
+        drop((cr, cw));
         let stats = relay_task.await.unwrap().unwrap();
         assert_eq!(stats.from_socket, 3);
         assert_eq!((counters.inbound.get(), counters.outbound.get()), (11, 3));
@@ -626,5 +667,61 @@ mod tests {
         drop(_keep);
         let stats = relay_task.await.unwrap().unwrap();
         assert_eq!(stats.to_socket, 64 * 64 * 1024);
+    }
+
+    /// Over real TCP: when the local side ends while bytes from the peer wait unread in
+    /// the relay's socket, the peer still gets every byte and the Close. (A relay that
+    /// closed its socket at once made the kernel reset the connection, and the reset
+    /// dropped what the peer had received but not yet read.)
+    #[tokio::test]
+    async fn the_peer_reads_everything_after_our_end_despite_unread_bytes_here() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (ws, accepted) = tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+        let (ws, mut peer) = (ws.unwrap(), accepted.unwrap().0);
+        let (mut local, relay_side) = tokio::net::UnixStream::pair().unwrap();
+        let (read, write) = relay_side.into_split();
+        let relay_task = tokio::spawn(relay(ws, Vec::new(), Role::Client, read, write));
+        // 1 MiB from the peer that the local side never reads: most of it stays unread in
+        // the relay's TCP socket.
+        let mut frame = vec![0u8; HEADROOM + (1 << 20)];
+        let start = put_header(&mut frame, HEADROOM, OP_BINARY, 1 << 20, Role::Server);
+        peer.write_all(&frame[start..]).await.unwrap();
+        // The local side sends 1 MiB and ends; the peer reads nothing yet.
+        let sent: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+        local.write_all(&sent).await.unwrap();
+        local.shutdown().await.unwrap();
+        for _ in 0..50 {
+            if relay_task.is_finished() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut wire = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), peer.read_to_end(&mut wire));
+        read.await
+            .expect("the relay half-closes within 10 s")
+            .expect("the peer reads the whole stream, without a reset");
+        let (mut payload, mut at, mut closed) = (Vec::new(), 0, false);
+        while let Some(h) = parse_header(&wire[at..]).unwrap() {
+            let body = &wire[at + h.size..at + h.size + h.len as usize];
+            match h.opcode {
+                OP_BINARY => payload.extend_from_slice(body),
+                OP_CLOSE => closed = true,
+                op => panic!("unexpected opcode {op}"),
+            }
+            at += h.size + h.len as usize;
+        }
+        assert_eq!(at, wire.len(), "a whole number of frames");
+        assert!(
+            payload == sent,
+            "{} of {} bytes arrived",
+            payload.len(),
+            sent.len()
+        );
+        assert!(closed, "the stream ends with a Close");
+        drop((peer, local));
+        let stats = relay_task.await.unwrap().unwrap();
+        assert_eq!(stats.from_socket, 1 << 20);
     }
 }
