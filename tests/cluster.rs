@@ -6,7 +6,8 @@
 //! return, a node name is held by one running node, the cluster views from any node, and
 //! one address for the fleet (a live migration through one node onto another; callers
 //! must authenticate on the forwarding node before etcd is asked, forwarded WebSockets take
-//! a connection slot and close when idle).
+//! a connection slot and close when idle); a replica one node holds, listed alike by every
+//! node, and a live cutover to it through another node.
 
 mod common;
 
