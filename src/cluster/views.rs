@@ -1,7 +1,8 @@
 //! The data behind the cluster API routes (`/cluster/status`, `/cluster/resources`,
 //! `/cluster/nextid`, `/nodes`) when the node is in a cluster, read from etcd; and the
 //! node's own `resources/{node}` record (its VMs, their status and its replicas' fields)
-//! that feeds the resources view of the other members. The routes only shape these into replies.
+//! that feeds the resources view of the other members. The routes only shape these into
+//! replies.
 
 use std::collections::{BTreeMap, BTreeSet};
 
