@@ -159,7 +159,7 @@ impl Node {
         }))
     }
 
-    /// What the cluster registry compares with: this node's configs and running VMs.
+    /// What the cluster registry compares with: this node's configs, running VMs and replicas.
     pub async fn local_state(&self) -> LocalState {
         let configs: std::collections::BTreeSet<u32> = self.guests.list().into_iter().collect();
         let mut running = std::collections::BTreeSet::new();
@@ -168,7 +168,12 @@ impl Node {
                 running.insert(*vmid);
             }
         }
-        LocalState { configs, running }
+        let replicas = crate::replica::listed(&self.cfg.data_dir, &self.cfg.run_dir, &self.guests);
+        LocalState {
+            configs,
+            running,
+            replicas,
+        }
     }
 
     /// Joins the cluster (if configured) as reachable at `api_url` with the API certificate

@@ -6,7 +6,8 @@
 //! return, a node name is held by one running node, the cluster views from any node, and
 //! one address for the fleet (a live migration through one node onto another; callers
 //! must authenticate on the forwarding node before etcd is asked, forwarded WebSockets take
-//! a connection slot and close when idle).
+//! a connection slot and close when idle); a replica one node holds, listed alike by every
+//! node, and a live cutover to it through another node.
 
 mod common;
 
@@ -1371,6 +1372,189 @@ async fn forged_member_records_are_refused_and_a_nodes_own_is_repaired() {
             0,
             "a forged record was followed"
         );
+    })
+    .await;
+}
+
+/// A member of the cluster whose VMs run under TCG (as the replica tests' nodes).
+fn tcg_member(etcd: &EtcdCluster, name: &str) -> TestServer {
+    common::require_qemu();
+    TestServer::start_with(Options {
+        node: Some(name.to_string()),
+        extra_toml: "qemu_accel = \"tcg\"\n".into(),
+        extra_tables: etcd.cluster_toml("lab", TTL, ETCD_TIMEOUT),
+        ..Options::default()
+    })
+}
+
+/// `server`'s `GET /cluster/resources?type=vm`.
+async fn vm_entries(server: &TestServer) -> Value {
+    server
+        .client()
+        .get("/cluster/resources", &[("type", "vm")])
+        .await
+        .expect("GET /cluster/resources")
+}
+
+/// Polls `server`'s VM entries until they are `want`: at most 15 s, every 250 ms (a node
+/// publishes what changed within its reconcile period, 3 s).
+async fn wait_vm_entries(server: &TestServer, want: &Value) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let vms = vm_entries(server).await;
+        if &vms == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{vms} != {want}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The replica record of `vmid` on `node` (`{data}/replicas/<vmid>.json`).
+fn replica_record(node: &TestServer, vmid: u32) -> Value {
+    let path = node.data.join("replicas").join(format!("{vmid}.json"));
+    serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap()
+}
+
+/// A replica made on one node (`mtunnel replicate` straight to it, from a node outside the
+/// cluster) is listed by another member's `/cluster/resources` exactly as its own node
+/// lists it: status `replica`, its lock, run state, source, points and newest point (from
+/// the record); after `replica drop` no node lists it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_on_one_node_is_listed_alike_by_every_node_until_dropped() {
+    common::require_qemu();
+    bounded(180, async {
+        let etcd = EtcdCluster::start(1);
+        let a = node(&etcd, "ra");
+        let b = node(&etcd, "rb");
+        let src = common::tcg_node("rsrc");
+        let disk = "local:64M:qcow2";
+        common::mt_ok(
+            &src,
+            &["vm", "create", "530", "--memory", "64", "--disk", disk],
+        )
+        .await;
+        let img = src.images(530).join("vm-530-disk-0.qcow2");
+        common::qemu_io("qcow2", "write -P 0x5a 0 1M", &img);
+        let target = common::target_arg(&b, b.port);
+        let args = ["replicate", "530", &target, "--target-storage", "local"];
+        common::mt_ok(&src, &args).await;
+
+        let point = &replica_record(&b, 530)["points"][0];
+        let want = json!([{"id": "qemu/530", "vmid": 530, "type": "qemu", "node": "rb",
+                           "status": "replica", "lock": "replica", "replica-state": "idle",
+                           "replica-source": "rsrc/530", "replica-points": 1,
+                           "replica-newest": point["name"],
+                           "replica-newest-time": point["time"]}]);
+        assert_eq!(vm_entries(&b).await, want, "rb's own listing");
+        wait_vm_entries(&a, &want).await;
+        println!("/cluster/resources from ra: {}", vm_entries(&a).await);
+
+        common::mt_ok(&b, &["replica", "drop", "530"]).await;
+        assert_eq!(vm_entries(&b).await, json!([]));
+        wait_vm_entries(&a, &json!([])).await;
+    })
+    .await;
+}
+
+/// The number right after `marker` in `out`.
+fn number_after(out: &str, marker: &str) -> u64 {
+    let at = out
+        .find(marker)
+        .unwrap_or_else(|| panic!("no '{marker}' in {out}"))
+        + marker.len();
+    let digits: String = out[at..].chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().expect("a number")
+}
+
+/// A live migration sent to one member's address finds the replica another member holds
+/// (the cluster's `/cluster/resources`) and, without `--target-node`, lands on that member
+/// and cuts over to it: the replica run and the migration go through the first member,
+/// and only what changed since the replica's run is sent (at most 1 % of the 4 GiB disk,
+/// at least the 8 MiB written); then every member lists it as that member's running VM.
+/// `--target-node` naming another member is refused first, changing nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_cutover_through_one_node_lands_on_the_replica_and_sends_only_what_changed() {
+    common::require_qemu();
+    bounded(300, async {
+        let etcd = EtcdCluster::start(1);
+        let a = tcg_member(&etcd, "ca");
+        let b = tcg_member(&etcd, "cb");
+        let src = common::tcg_node("csrc");
+        let token = same_token_on(&[&a, &b], "fleet@pve!cut", "Administrator").await;
+        let disk = "local:4G:qcow2";
+        common::mt_ok(
+            &src,
+            &["vm", "create", "540", "--memory", "128", "--disk", disk],
+        )
+        .await;
+        let img = src.images(540).join("vm-540-disk-0.qcow2");
+        let data = src.base().join("data540");
+        common::blob(&data, 16 << 20);
+        common::qemu_io("qcow2", &format!("write -s {} 0 16M", data.display()), &img);
+        std::fs::remove_file(&data).unwrap();
+        common::mt_ok(&src, &["vm", "start", "540"]).await;
+        let target = common::target_arg(&b, b.port);
+        let args = ["replicate", "540", &target, "--target-storage", "local"];
+        common::mt_ok(&src, &args).await;
+        let hmp = json!({"command-line": "qemu-io -d scsi0 \"write -P 0x5a 100M 8M\""});
+        let wrote = common::qmp(&src.run, 540, "human-monitor-command", hmp).await;
+        assert_eq!(wrote, json!(""), "HMP qemu-io failed");
+        // ca lists the replica once cb published it.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while vm_entries(&a).await[0]["status"] != "replica" {
+            assert!(Instant::now() < deadline, "{}", vm_entries(&a).await);
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+
+        let via_a = format!(
+            "host=127.0.0.1,port={},apitoken={token},fingerprint={}",
+            a.port, a.fingerprint
+        );
+        let migrate = ["migrate", "540", "--online", "--target", &via_a];
+        let migrate = [&migrate[..], &["--target-storage", "local"]].concat();
+        let refused = mt(&src, &[&migrate[..], &["--target-node", "ca"]].concat()).await;
+        assert_eq!(
+            String::from_utf8_lossy(&refused.stderr).lines().last(),
+            Some(
+                "mtunnel: error: target VMID 540 holds a replica of this VM on node 'cb', not \
+                 on 'ca': migrate with --target-node cb to cut over to it"
+            )
+        );
+        assert_eq!(
+            replica_record(&b, 540)["points"].as_array().map(Vec::len),
+            Some(1)
+        );
+
+        let out = mt(&src, &migrate).await;
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(out.status.success(), "{stdout}\n{stderr}");
+        println!("{stdout}");
+        assert!(stdout.contains("(node 'cb', VM 540)"), "{stdout}");
+        let sent = number_after(&stdout, "cut over to the replica: ");
+        assert!(
+            sent * 100 <= 4 << 30,
+            "{sent} bytes sent: more than 1 %\n{stderr}"
+        );
+        assert!(sent >= 8 << 20, "the 8 MiB written were sent:\n{stderr}");
+        let st = common::qmp(&b.run, 540, "query-status", Value::Null).await;
+        assert_eq!(st["status"], "running", "{st}");
+        assert!(!a.vm_config(540).exists(), "ca must keep nothing");
+        assert!(
+            !b.data.join("replicas/540.json").exists(),
+            "the replica is gone"
+        );
+        let landed = b.images(540).join("vm-540-disk-0.qcow2");
+        common::assert_same_guest_bytes(&img, "qcow2", &landed, "qcow2");
+        // Every member lists it as cb's running VM now, no replica fields left.
+        let want = json!([{"id": "qemu/540", "vmid": 540, "type": "qemu", "node": "cb",
+                           "status": "running"}]);
+        wait_vm_entries(&a, &want).await;
+        assert_eq!(vm_entries(&b).await, want);
+        common::mt_ok(&b, &["vm", "stop", "540"]).await;
     })
     .await;
 }

@@ -23,6 +23,7 @@ pub async fn replicate(args: ReplicateArgs) -> anyhow::Result<()> {
     let opts = ReplicateOptions {
         vmid: args.vmid,
         target: args.endpoint,
+        target_node: None,
         storage_map: args.target_storage,
         keep: args.keep,
         bwlimit: args.bwlimit,

@@ -7,8 +7,8 @@
 //! Keys, all under `/mtunnel/{cluster}/`: `members/{node}` (a [`Member`], on the node's
 //! lease: gone when the node dies), `nodes/{node}` (the same without a lease: every node that
 //! ever joined, for "offline" in the views; a node name is held by one live lease: see
-//! [`NameHeld`]), `resources/{node}` (the node's VMs and their
-//! status, on its lease), `vmids/{vmid}` (a [`registry::Entry`]).
+//! [`NameHeld`]), `resources/{node}` (the node's VMs, their status and its replicas'
+//! fields, on its lease), `vmids/{vmid}` (a [`registry::Entry`]).
 //! Without `[cluster]` none of this exists and the node behaves as a single host.
 
 mod cache;
@@ -58,7 +58,14 @@ pub struct LocalState {
     pub configs: BTreeSet<u32>,
     /// Of those, the ones whose QEMU runs.
     pub running: BTreeSet<u32>,
+    /// Of those, the replicas (docs/replicas.md): their `/cluster/resources` fields
+    /// ([`crate::replica::listed`]), published for the other members.
+    pub replicas: ReplicaFields,
 }
+
+/// VMID → the fields a replica's `/cluster/resources` entry carries.
+pub type ReplicaFields =
+    std::collections::BTreeMap<u32, serde_json::Map<String, serde_json::Value>>;
 
 /// Reads [`LocalState`]; the node supplies it (the cluster layer sits beside the stores).
 pub type LocalFn = Arc<dyn Fn() -> BoxFuture<'static, LocalState> + Send + Sync>;

@@ -1,14 +1,15 @@
 //! The data behind the cluster API routes (`/cluster/status`, `/cluster/resources`,
 //! `/cluster/nextid`, `/nodes`) when the node is in a cluster, read from etcd; and the
-//! node's own `resources/{node}` record (its VMs and their status) that feeds the
-//! resources view of the other members. The routes only shape these into replies.
+//! node's own `resources/{node}` record (its VMs, their status and its replicas' fields)
+//! that feeds the resources view of the other members. The routes only shape these into
+//! replies.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
 use super::registry::State;
-use super::{Cluster, LocalState, MemberRecord, locked};
+use super::{Cluster, LocalState, MemberRecord, ReplicaFields, locked};
 
 /// One node of the cluster as the views show it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,13 +36,22 @@ pub struct VmView {
     pub node: String,
     /// `running`, `stopped`, or `unknown` (its node is offline or has not published yet).
     pub status: String,
+    /// A replica's `/cluster/resources` fields, as its node lists them (`status` `replica`
+    /// among them).
+    pub replica: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
-/// The value of `resources/{node}`.
+/// The value of `resources/{node}`: small (a few dozen bytes a VM, a few hundred a
+/// replica), and rewritten only when it changes (a VM starts or stops, a replica run
+/// begins or commits, a replica is promoted, dropped or cut over to).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Published {
     /// VMID → `running`/`stopped`.
     pub vms: BTreeMap<u32, String>,
+    /// VMID → a replica's `/cluster/resources` fields (absent from older nodes' records:
+    /// their replicas show as plain VMs).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub replicas: ReplicaFields,
 }
 
 impl Published {
@@ -58,6 +68,12 @@ impl Published {
                     };
                     (*id, status.to_string())
                 })
+                .collect(),
+            replicas: local
+                .replicas
+                .iter()
+                .filter(|(id, _)| local.configs.contains(id))
+                .map(|(id, fields)| (*id, fields.clone()))
                 .collect(),
         }
     }
@@ -135,19 +151,25 @@ impl Cluster {
                 Some((node, serde_json::from_slice(&kv.value).ok()?))
             })
             .collect();
+        let mine = Published::of(local);
         let mut out: BTreeMap<u32, VmView> = BTreeMap::new();
         for (vmid, entry, _) in entries {
             if entry.node == self.node && !local.configs.contains(&vmid) {
                 continue;
             }
-            let status = if entry.node == self.node {
-                Published::of(local).vms.get(&vmid).cloned()
-            } else if entry.state == State::Reserved {
+            let from = if entry.node == self.node {
+                Some(&mine)
+            } else {
+                published.get(&entry.node)
+            };
+            let replica = from.and_then(|p| p.replicas.get(&vmid)).cloned();
+            // A reserved VMID of another node (a tunnel under way) is `stopped` as in PVE,
+            // whatever its node published; a replica's run holds its VMID so too, and is
+            // listed as its node lists it.
+            let status = if entry.node != self.node && entry.state == State::Reserved {
                 Some("stopped".to_string())
             } else {
-                published
-                    .get(&entry.node)
-                    .and_then(|p| p.vms.get(&vmid).cloned())
+                from.and_then(|p| p.vms.get(&vmid).cloned())
             };
             out.insert(
                 vmid,
@@ -155,6 +177,7 @@ impl Cluster {
                     vmid,
                     node: entry.node,
                     status: status.unwrap_or_else(|| "unknown".into()),
+                    replica,
                 },
             );
         }
@@ -163,7 +186,8 @@ impl Cluster {
             out.entry(*vmid).or_insert_with(|| VmView {
                 vmid: *vmid,
                 node: self.node.clone(),
-                status: Published::of(local).vms[vmid].clone(),
+                status: mine.vms[vmid].clone(),
+                replica: mine.replicas.get(vmid).cloned(),
             });
         }
         Ok(out.into_values().collect())
@@ -219,13 +243,24 @@ mod tests {
 
     #[test]
     fn published_shape() {
-        let local = LocalState {
+        let mut local = LocalState {
             configs: [100, 101].into(),
             running: [101].into(),
+            replicas: Default::default(),
         };
         assert_eq!(
             serde_json::to_string(&Published::of(&local)).unwrap(),
             r#"{"vms":{"100":"stopped","101":"running"}}"#
         );
+        // A replica's fields go along; a record without its config does not.
+        let fields = serde_json::json!({"status": "replica", "replica-points": 1});
+        let fields = fields.as_object().cloned().unwrap_or_default();
+        local.replicas = [(100, fields.clone()), (102, fields)].into();
+        assert_eq!(
+            serde_json::to_string(&Published::of(&local)).unwrap(),
+            r#"{"vms":{"100":"stopped","101":"running"},"replicas":{"100":{"replica-points":1,"status":"replica"}}}"#
+        );
+        let old: Published = serde_json::from_str(r#"{"vms":{"100":"stopped"}}"#).unwrap();
+        assert!(old.replicas.is_empty());
     }
 }

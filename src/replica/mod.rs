@@ -129,6 +129,33 @@ pub fn resource_fields(r: &Replica, run_alive: bool) -> serde_json::Map<String, 
     m
 }
 
+/// The [`resource_fields`] of each replica this node lists as one, by VMID: a record whose
+/// VM config carries the [`LOCK`] (one without it is a promoted or half-made replica: the
+/// config decides what the VM is). The node's own `/cluster/resources` and, in a cluster,
+/// what it publishes for the other members both come from here, so they match.
+pub fn listed(
+    data_dir: &Path,
+    run_dir: &Path,
+    guests: &crate::guest::ConfigStore,
+) -> BTreeMap<u32, serde_json::Map<String, serde_json::Value>> {
+    let (replicas, bad) = list(data_dir);
+    for e in bad {
+        tracing::warn!("listing replicas for /cluster/resources: {e}");
+    }
+    replicas
+        .iter()
+        .filter(|r| locked_replica(guests, r.vmid))
+        .map(|r| (r.vmid, resource_fields(r, run_alive(run_dir, r.vmid))))
+        .collect()
+}
+
+/// Whether VM `vmid`'s config carries the [`LOCK`].
+fn locked_replica(guests: &crate::guest::ConfigStore, vmid: u32) -> bool {
+    let conf = guests.read_text(vmid).ok();
+    let conf = conf.and_then(|t| crate::guest::VmConfig::parse(&t).ok());
+    conf.is_some_and(|c| c.options.get("lock").map(String::as_str) == Some(LOCK))
+}
+
 /// The tunnel `upid` was freed: if it ran the replica's unfinished run, that run failed
 /// and is counted (once) in `failed_runs`; the run stays recorded (`interrupted`).
 pub fn run_failed(data_dir: &Path, vmid: u32, upid: &str) -> anyhow::Result<()> {

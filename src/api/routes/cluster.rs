@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
 use super::Areas;
 use crate::api::endpoint::{
@@ -113,7 +113,7 @@ async fn resources(call: Call<ResourcesArgs>) -> Result<Data, Error> {
 
 /// This node's VMs the token may see (`VM.Audit` or `VM.Allocate`); as PVE, a VM is
 /// `running` while its QEMU process runs, else `stopped`. A replica (docs/replicas.md) is
-/// `replica`, with its lock and `replica-*` fields ([`crate::replica::resource_fields`]).
+/// `replica`, with its lock and `replica-*` fields ([`crate::replica::listed`]).
 async fn local_vm_resources(node: &Node, authid: &str) -> Vec<Value> {
     let mut running = BTreeSet::new();
     let vmids = node.guests.list();
@@ -122,40 +122,34 @@ async fn local_vm_resources(node: &Node, authid: &str) -> Vec<Value> {
             running.insert(vmid);
         }
     }
-    let (replicas, bad) = crate::replica::list(&node.cfg.data_dir);
-    for e in bad {
-        tracing::warn!("listing replicas for /cluster/resources: {e}");
-    }
+    let replicas = crate::replica::listed(&node.cfg.data_dir, &node.cfg.run_dir, &node.guests);
     vmids
         .into_iter()
         .filter(|vmid| may_see_vm(node, authid, *vmid))
         .map(|vmid| {
-            let mut entry = json!({
-                "id": format!("qemu/{vmid}"),
-                "vmid": vmid,
-                "type": "qemu",
-                "node": node.cfg.node,
-                "status": if running.contains(&vmid) { "running" } else { "stopped" },
-            });
-            // A record without its config's `replica` lock is not listed as a replica (a
-            // promoted or half-made one): the config decides what the VM is.
-            let replica = replicas.iter().find(|r| r.vmid == vmid);
-            if let (Some(r), Some(obj)) = (replica, entry.as_object_mut())
-                && is_replica_config(node, vmid)
-            {
-                let alive = crate::replica::run_alive(&node.cfg.run_dir, vmid);
-                obj.extend(crate::replica::resource_fields(r, alive));
-            }
-            entry
+            let status = if running.contains(&vmid) {
+                "running"
+            } else {
+                "stopped"
+            };
+            vm_entry(vmid, &node.cfg.node, status, replicas.get(&vmid))
         })
         .collect()
 }
 
-/// Whether VM `vmid`'s config carries the `replica` lock.
-fn is_replica_config(node: &Node, vmid: u32) -> bool {
-    let conf = node.guests.read_text(vmid).ok();
-    let conf = conf.and_then(|t| crate::guest::VmConfig::parse(&t).ok());
-    conf.is_some_and(|c| c.options.get("lock").map(String::as_str) == Some(crate::replica::LOCK))
+/// One `type: qemu` entry; a replica's fields replace its `status` and add its own.
+fn vm_entry(vmid: u32, node: &str, status: &str, replica: Option<&Map<String, Value>>) -> Value {
+    let mut entry = json!({
+        "id": format!("qemu/{vmid}"),
+        "vmid": vmid,
+        "type": "qemu",
+        "node": node,
+        "status": status,
+    });
+    if let (Some(fields), Some(obj)) = (replica, entry.as_object_mut()) {
+        obj.extend(fields.clone());
+    }
+    entry
 }
 
 fn may_see_vm(node: &Node, authid: &str, vmid: u32) -> bool {
@@ -327,20 +321,13 @@ async fn resources_data(node: &Node, cluster: &Cluster) -> Result<Resources, Str
         .map_err(|e| no_quorum(format!("{e:#}")))
 }
 
-/// The `type: qemu` entries the token may see (`VM.Audit` or `VM.Allocate` on the VM).
+/// The `type: qemu` entries the token may see (`VM.Audit` or `VM.Allocate` on the VM); a
+/// replica on any node with the fields its node lists it with.
 fn vm_resources(node: &Node, authid: &str, data: &Resources) -> Vec<Value> {
     data.vms
         .iter()
         .filter(|vm| may_see_vm(node, authid, vm.vmid))
-        .map(|vm| {
-            json!({
-                "id": format!("qemu/{}", vm.vmid),
-                "vmid": vm.vmid,
-                "type": "qemu",
-                "node": vm.node,
-                "status": vm.status,
-            })
-        })
+        .map(|vm| vm_entry(vm.vmid, &vm.node, &vm.status, vm.replica.as_ref()))
         .collect()
 }
 

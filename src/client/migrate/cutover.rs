@@ -57,11 +57,13 @@ pub struct Figures {
 
 impl Cutover {
     /// The checks a cutover needs before anything happens, then (`--final-sync`: with the
-    /// guest paused) one replica run. A failed run leaves the guest running.
+    /// guest paused) one replica run onto `node` (the replica's). A failed run leaves the
+    /// guest running.
     pub(super) async fn prepare(
         src: &SourceNode,
         opts: &MigrateOptions,
         plan: &Plan,
+        node: &str,
         progress: &Progress,
     ) -> anyhow::Result<Cutover> {
         let vmid = opts.vmid;
@@ -109,18 +111,19 @@ impl Cutover {
         }
         // QEMU serves one QMP client at a time: the replica run attaches its own.
         vm.release_qmp().await;
-        if let Err(e) = cutover.refresh(src, opts, progress).await {
+        if let Err(e) = cutover.refresh(src, opts, node, progress).await {
             cutover.resume_source(src, vmid, progress).await;
             return Err(e);
         }
         Ok(cutover)
     }
 
-    /// One replica run: the replica holds the VM as of now (or as of the pause).
+    /// One replica run onto `node`: the replica holds the VM as of now (or as of the pause).
     async fn refresh(
         &mut self,
         src: &SourceNode,
         opts: &MigrateOptions,
+        node: &str,
         progress: &Progress,
     ) -> anyhow::Result<()> {
         progress.log(format!(
@@ -130,6 +133,7 @@ impl Cutover {
         let ropts = ReplicateOptions {
             vmid: opts.vmid,
             target: opts.target.clone(),
+            target_node: Some(node.to_string()),
             storage_map: opts.storage_map.clone(),
             keep: None,
             bwlimit: opts.bwlimit,

@@ -208,8 +208,20 @@ async fn check_target_side(
             &ours
         )
     );
-    let node = node?;
-    let replica_here = checked?;
+    let mut node = node?;
+    let replica_on = checked?;
+    // In a cluster the replica may be on another member than the one answering: without
+    // --target-node the migration goes to the replica's node (through the one answering).
+    if let Some(on) = &replica_on {
+        match asked {
+            Some(asked) if asked != on => bail!(
+                "target VMID {tvmid} holds a replica of this VM on node '{on}', not on \
+                 '{asked}': migrate with --target-node {on} to cut over to it"
+            ),
+            _ => node = on.clone(),
+        }
+    }
+    let replica_here = replica_on.is_some();
     if opts.final_sync && !replica_here {
         bail!(
             "--final-sync cuts over to a replica, and the target holds no replica of VM {} \
@@ -218,7 +230,7 @@ async fn check_target_side(
         );
     }
     let cutover = match replica_here {
-        true => Some(Cutover::prepare(src, opts, plan, progress).await?),
+        true => Some(Cutover::prepare(src, opts, plan, &node, progress).await?),
         false => None,
     };
     Ok((node, cutover))
@@ -254,8 +266,9 @@ struct ReplicaOf<'a> {
 }
 
 /// Whether the target VMID's entry in the target's `/cluster/resources` is a replica of
-/// this source VM that the migration may cut over to; any other used VMID is refused.
-fn judge_used_vmid(entry: &Value, tvmid: u32, ours: &ReplicaOf) -> anyhow::Result<bool> {
+/// this source VM that the migration may cut over to (then the node holding it); any
+/// other used VMID is refused.
+fn judge_used_vmid(entry: &Value, tvmid: u32, ours: &ReplicaOf) -> anyhow::Result<Option<String>> {
     if entry["status"] != json!("replica") {
         bail!("target VMID {tvmid} is already in use on the target");
     }
@@ -276,7 +289,10 @@ fn judge_used_vmid(entry: &Value, tvmid: u32, ours: &ReplicaOf) -> anyhow::Resul
              to it)"
         );
     }
-    Ok(true)
+    let node = entry["node"].as_str();
+    node.map(|n| Some(n.to_string())).with_context(|| {
+        format!("the target's /cluster/resources entry of VM {tvmid} names no node: {entry}")
+    })
 }
 
 async fn plan_volumes(
@@ -404,15 +420,15 @@ async fn target_node(api: &ApiClient, asked: Option<&str>) -> anyhow::Result<Str
     }
 }
 
-/// The CLI's pre-checks: the target VMID is unused (or a replica of this VM: then true)
-/// and the mapped storages hold images.
+/// The CLI's pre-checks: the target VMID is unused (or a replica of this VM: then the
+/// node holding it) and the mapped storages hold images.
 async fn check_target(
     api: &ApiClient,
     tvmid: u32,
     node: &str,
     volumes: &[Volume],
     ours: &ReplicaOf<'_>,
-) -> anyhow::Result<bool> {
+) -> anyhow::Result<Option<String>> {
     let storage_path = format!("/nodes/{node}/storage");
     let (vms, storages) = tokio::join!(
         api.get("/cluster/resources", &[("type", "vm")]),
@@ -423,7 +439,7 @@ async fn check_target(
         (vms.as_array()).and_then(|a| a.iter().find(|v| v["vmid"].as_u64() == Some(tvmid as u64)));
     let replica = match used {
         Some(entry) => judge_used_vmid(entry, tvmid, ours)?,
-        None => false,
+        None => None,
     };
     let storages = storages.context("listing the target's storages")?;
     for v in volumes {

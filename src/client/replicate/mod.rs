@@ -42,6 +42,8 @@ use remote::Remote;
 pub struct ReplicateOptions {
     pub vmid: u32,
     pub target: TargetEndpoint,
+    /// The node to replicate to, through the one answering at `target` (`None`: that one).
+    pub target_node: Option<String>,
     pub storage_map: IdMap,
     /// Restore points to keep on the target (`None`: all).
     pub keep: Option<u32>,

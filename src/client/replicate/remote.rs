@@ -49,7 +49,10 @@ impl Remote {
             fingerprint,
         )?
         .keep_alive();
-        let node = local_node(&api).await?;
+        let node = match &opts.target_node {
+            Some(node) => node.clone(),
+            None => local_node(&api).await?,
+        };
         let mut storages: Vec<String> = disks.iter().map(|d| d.target_storage.clone()).collect();
         storages.sort();
         storages.dedup();
