@@ -57,6 +57,7 @@ pub async fn run(args: MigrateArgs) -> anyhow::Result<()> {
             max_ram_time: std::time::Duration::from_secs(args.max_ram_time),
             compress: args.compress,
             postcopy: args.postcopy,
+            ram_queue_mib: args.ram_queue_mib,
         },
         stall_timeout: std::time::Duration::from_secs(args.stall_timeout),
         final_sync: args.final_sync,

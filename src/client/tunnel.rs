@@ -197,6 +197,7 @@ pub struct Forward {
     /// Where the WebSockets go (`host:port`), for messages.
     pub peer: String,
     broken: Arc<std::sync::Mutex<Option<String>>>,
+    relays: Arc<Relays>,
     accept: tokio::task::JoinHandle<()>,
     openers: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -216,6 +217,12 @@ impl Forward {
     /// error; a peer's orderly close is no break).
     pub fn broken(&self) -> Option<String> {
         self.broken.lock().ok().and_then(|b| b.clone())
+    }
+
+    /// Relays `conn` as if it had connected to [`Forward::local`]: for a program that
+    /// was handed its end of a socket pair instead of connecting.
+    pub fn adopt(&self, conn: tokio::net::UnixStream) {
+        self.relays.spawn(conn);
     }
 }
 
@@ -287,43 +294,27 @@ pub fn forward(
             })
         })
         .collect();
-    let control = control.clone();
     let stats = Arc::new(ForwardStats::default());
-    let counted = Arc::clone(&stats);
     let peer = peer_of(&endpoint.url);
     let broken = Arc::new(std::sync::Mutex::new(None));
-    let breaks = Arc::clone(&broken);
+    let relays = Arc::new(Relays {
+        control: control.clone(),
+        endpoint,
+        remote_path,
+        pool,
+        stats: Arc::clone(&stats),
+        broken: Arc::clone(&broken),
+    });
+    let accepting = Arc::clone(&relays);
     let accept = tokio::spawn(async move {
         loop {
-            let conn = match listener.accept().await {
-                Ok((conn, _)) => conn,
+            match listener.accept().await {
+                Ok((conn, _)) => accepting.spawn(conn),
                 Err(e) => {
                     tracing::warn!("forward accept failed: {e}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
                 }
-            };
-            let control = control.clone();
-            let endpoint = Arc::clone(&endpoint);
-            let remote_path = remote_path.clone();
-            let pool = Arc::clone(&pool);
-            let stats = Arc::clone(&counted);
-            let broken = Arc::clone(&breaks);
-            stats.accepted.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let ws = match pool.take().await {
-                    Some(ws) => ws,
-                    None => open_ws(&control, &endpoint, &remote_path).await,
-                };
-                let link = Link {
-                    remote_path: &remote_path,
-                    broken: &broken,
-                };
-                if let Some(sent) = relay_one(ws, link, conn).await {
-                    stats.sent.fetch_add(sent, Ordering::SeqCst);
-                }
-                stats.finished.fetch_add(1, Ordering::SeqCst);
-            });
+            }
         }
     });
     Ok(Forward {
@@ -331,9 +322,42 @@ pub fn forward(
         stats,
         peer,
         broken,
+        relays,
         accept,
         openers,
     })
+}
+
+/// What every connection of one forward shares.
+struct Relays {
+    control: Control,
+    endpoint: Arc<Endpoint>,
+    remote_path: String,
+    pool: Arc<Prepared>,
+    stats: Arc<ForwardStats>,
+    broken: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl Relays {
+    /// Relays `conn` over a prepared or a new WebSocket, in its own task.
+    fn spawn(self: &Arc<Self>, conn: tokio::net::UnixStream) {
+        let me = Arc::clone(self);
+        me.stats.accepted.fetch_add(1, Ordering::SeqCst);
+        tokio::spawn(async move {
+            let ws = match me.pool.take().await {
+                Some(ws) => ws,
+                None => open_ws(&me.control, &me.endpoint, &me.remote_path).await,
+            };
+            let link = Link {
+                remote_path: &me.remote_path,
+                broken: &me.broken,
+            };
+            if let Some(sent) = relay_one(ws, link, conn).await {
+                me.stats.sent.fetch_add(sent, Ordering::SeqCst);
+            }
+            me.stats.finished.fetch_add(1, Ordering::SeqCst);
+        });
+    }
 }
 
 /// A fresh ticket for `remote_path` and a WebSocket to it.

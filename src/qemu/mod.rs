@@ -698,6 +698,20 @@ impl VmHandle {
         self.cmd("migrate", json!({ "uri": uri })).await.map(|_| ())
     }
 
+    /// Starts the RAM migration into `conn` (one end of a socket pair whose other end the
+    /// caller relays): QEMU gets the descriptor over QMP and writes to it as to its own
+    /// socket, so the caller chooses the socket's buffer.
+    pub async fn migrate_into(&self, conn: std::os::fd::BorrowedFd<'_>) -> Result<(), QemuError> {
+        const FDNAME: &str = "mtunnel-migrate";
+        self.send_fd(FDNAME, conn, qmp::DEFAULT_TIMEOUT).await?;
+        if let Err(e) = self.migrate(&format!("fd:{FDNAME}")).await {
+            // Refused: QEMU would otherwise keep its copy of the descriptor.
+            let _ = self.cmd("closefd", json!({ "fdname": FDNAME })).await;
+            return Err(e);
+        }
+        Ok(())
+    }
+
     /// `migrate-start-postcopy`: the source stops the guest, sends its device state and
     /// from then on the target runs it, fetching pages it lacks from the source.
     pub async fn migrate_start_postcopy(&self) -> Result<(), QemuError> {

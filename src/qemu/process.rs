@@ -455,6 +455,16 @@ impl VmHandle {
         self.qmp().await?.execute(cmd, args, timeout).await
     }
 
+    /// Hands `fd` to QEMU under `fdname` ([`Qmp::send_fd`]).
+    pub async fn send_fd(
+        &self,
+        fdname: &str,
+        fd: std::os::fd::BorrowedFd<'_>,
+        timeout: Duration,
+    ) -> Result<(), QmpError> {
+        self.qmp().await?.send_fd(fdname, fd, timeout).await
+    }
+
     /// Waits until the process is gone; returns whether it went within `timeout`.
     pub async fn wait_exit(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;

@@ -246,6 +246,32 @@ impl Qmp {
         args: Value,
         timeout: Duration,
     ) -> Result<Value, QmpError> {
+        self.execute_passing(cmd, args, None, timeout).await
+    }
+
+    /// Hands `fd` to QEMU under `fdname` (`getfd`); a later command names it, e.g.
+    /// `migrate` to `fd:NAME`. QEMU keeps its own copy: the caller may close `fd`.
+    pub async fn send_fd(
+        &self,
+        fdname: &str,
+        fd: std::os::fd::BorrowedFd<'_>,
+        timeout: Duration,
+    ) -> Result<(), QmpError> {
+        let args = json!({ "fdname": fdname });
+        self.execute_passing("getfd", args, Some(fd), timeout)
+            .await
+            .map(|_| ())
+    }
+
+    /// [`Qmp::execute`], the command's bytes carrying `fd` (SCM_RIGHTS) when given: QEMU
+    /// takes a passed descriptor from the message that brings the command.
+    async fn execute_passing(
+        &self,
+        cmd: &str,
+        args: Value,
+        fd: Option<std::os::fd::BorrowedFd<'_>>,
+        timeout: Duration,
+    ) -> Result<Value, QmpError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         {
@@ -269,7 +295,15 @@ impl Qmp {
         let result = tokio::time::timeout(timeout, async {
             {
                 let mut w = self.writer.lock().await;
-                if let Err(e) = w.write_all(line.as_bytes()).await {
+                let sent = match fd {
+                    Some(fd) => send_with_fd(w.as_ref(), line.as_bytes(), fd).await,
+                    None => Ok(0),
+                };
+                let written = match sent {
+                    Ok(n) => w.write_all(&line.as_bytes()[n..]).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = written {
                     return Err(self.closed_or_io(e));
                 }
             }
@@ -328,6 +362,31 @@ impl Qmp {
                 path: self.shared.path.clone(),
                 source: e,
             }
+        }
+    }
+}
+
+/// Sends the first bytes of `line` with `fd` attached; how many went (at least one).
+async fn send_with_fd(
+    stream: &UnixStream,
+    line: &[u8],
+    fd: std::os::fd::BorrowedFd<'_>,
+) -> io::Result<usize> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    use std::os::fd::{AsRawFd, RawFd};
+    let fds: [RawFd; 1] = [fd.as_raw_fd()];
+    loop {
+        stream.writable().await?;
+        let sent = stream.try_io(tokio::io::Interest::WRITABLE, || {
+            let iov = [io::IoSlice::new(line)];
+            let cmsg = [ControlMessage::ScmRights(&fds)];
+            sendmsg::<()>(stream.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None)
+                .map_err(io::Error::from)
+        });
+        match sent {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
         }
     }
 }

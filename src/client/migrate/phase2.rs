@@ -190,9 +190,24 @@ impl Migration<'_> {
             .run_dir
             .join(format!("{}.migrate", self.opts.vmid));
         let channels = if ram.streams > 1 { ram.streams + 1 } else { 1 };
-        self.remote
-            .forward(&local_migrate, &started.migrate_addr, channels as usize)?;
-        if let Err(e) = self.migrate_ram(vm, &local_migrate, ram).await {
+        let forward =
+            self.remote
+                .forward(&local_migrate, &started.migrate_addr, channels as usize)?;
+        let queue_mib = self.opts.tuning.ram_queue_mib;
+        let into = if ram.streams == 1 && queue_mib > 0 {
+            let (qemu_end, ours, got) = crate::net::sockbuf::unix_pair(u64::from(queue_mib) << 20)
+                .context("a socket pair for the RAM stream")?;
+            forward.adopt(ours);
+            self.progress.log(format!(
+                "RAM: QEMU writes into a socket with a {} send buffer (--ram-queue-mib \
+                 {queue_mib}): the queue behind it keeps its bandwidth estimate up",
+                human(got as u64)
+            ));
+            RamInto::Socket(qemu_end)
+        } else {
+            RamInto::Path(&local_migrate)
+        };
+        if let Err(e) = self.migrate_ram(vm, into, ram).await {
             return Err(self.remote.name_break(&[&local_migrate], "RAM stream", e));
         }
         for job in &jobs {
@@ -309,13 +324,16 @@ impl Migration<'_> {
     async fn migrate_ram(
         &mut self,
         vm: &VmHandle,
-        local_migrate: &Path,
+        into: RamInto<'_>,
         ram: &Ram,
     ) -> anyhow::Result<()> {
         let tuning = self.opts.tuning;
         let plan = self.configure_ram(vm, ram).await?;
-        vm.migrate(&format!("unix:{}", local_migrate.display()))
-            .await?;
+        match into {
+            RamInto::Path(path) => vm.migrate(&format!("unix:{}", path.display())).await?,
+            // QEMU holds its own copy once it has it: ours closes at the end of this arm.
+            RamInto::Socket(conn) => vm.migrate_into(std::os::fd::AsFd::as_fd(&conn)).await?,
+        }
         let bar = self.progress.bar("RAM", 0);
         // With postcopy the switcher keeps `--max-ram-time` until the switch; after it the
         // migration must run to its end.
@@ -483,6 +501,14 @@ impl Migration<'_> {
         }
         running
     }
+}
+
+/// Where the source QEMU writes the RAM stream.
+enum RamInto<'a> {
+    /// It connects to the forward's socket (each multifd channel connects there).
+    Path(&'a Path),
+    /// Its end of a socket pair whose buffer we chose (`--ram-queue-mib`).
+    Socket(std::os::unix::net::UnixStream),
 }
 
 /// `uri` with the target's NBD socket replaced by its local forward.

@@ -65,7 +65,7 @@ impl Remote {
         local: &Path,
         remote: &str,
         prepared: usize,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<&Forward> {
         let url = format!(
             "{}/mtunnelwebsocket?socket={}&",
             self.base_url,
@@ -79,7 +79,7 @@ impl Remote {
             prepared,
         )?;
         self.forwards.push(f);
-        Ok(())
+        Ok(self.forwards.last().expect("just pushed"))
     }
 
     /// `e` behind the break of the first of the forwards on `locals` whose WebSocket broke

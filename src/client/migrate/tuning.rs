@@ -63,7 +63,13 @@ pub struct RamTuning {
     pub compress: Compression,
     /// Switch to postcopy when precopy does not converge (`--postcopy`).
     pub postcopy: bool,
+    /// The send buffer of QEMU's end of a single RAM stream, MiB (`--ram-queue-mib`);
+    /// 0: QEMU connects to a UNIX socket itself (the kernel's default buffer, ~200 KiB).
+    pub ram_queue_mib: u32,
 }
+
+/// `--ram-queue-mib`'s default; see [`RamTuning::ram_queue_mib`] and docs/performance.md.
+pub const DEFAULT_RAM_QUEUE_MIB: u32 = 8;
 
 impl Default for RamTuning {
     fn default() -> Self {
@@ -75,6 +81,7 @@ impl Default for RamTuning {
             max_ram_time: DEFAULT_MAX_RAM_TIME,
             compress: Compression::Auto,
             postcopy: false,
+            ram_queue_mib: DEFAULT_RAM_QUEUE_MIB,
         }
     }
 }
