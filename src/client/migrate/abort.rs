@@ -45,7 +45,7 @@ impl Migration<'_> {
             return e;
         }
         let e = match &self.cutover {
-            Some(c) => c.failed(e, vmid),
+            Some(c) => c.failed(e, self.src, vmid),
             None => e,
         };
         progress.log(format!("ERROR: migration failed: {e:#}"));

@@ -129,8 +129,9 @@ impl Cutover {
                 .await
                 .with_context(|| {
                     format!(
-                        "VM {} stays stopped and unlocked, nothing was cut over - migrate again \
-                     once the cause is fixed (the next replica run sends only what differs)",
+                        "VM {} stays stopped and unlocked, nothing was cut over - migrate \
+                         again once the cause is fixed (the next replica run sends only what \
+                         differs)",
                         opts.vmid
                     )
                 })?;
@@ -212,8 +213,10 @@ impl Cutover {
 
     /// `e`, a failure of the migration before the switch, with what to do when the VM
     /// was stopped (an offline cutover: the source is as it was, stopped and unlocked).
-    pub(super) fn failed(&self, e: anyhow::Error, vmid: u32) -> anyhow::Error {
-        if !self.figures.stopped_vm {
+    pub(super) fn failed(&self, e: anyhow::Error, src: &SourceNode, vmid: u32) -> anyhow::Error {
+        // Started meanwhile (refused by `take_over_replica`): its own error says so.
+        let started = crate::qemu::process::is_running(&src.cfg.run_dir, vmid).is_some();
+        if !self.figures.stopped_vm || started {
             return e;
         }
         e.context(format!(
