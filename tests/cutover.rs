@@ -23,6 +23,13 @@ use serde_json::json;
 
 /// VM `vmid` on `src`: a qcow2 disk of `size` with 64 MiB of random data at 0, running.
 async fn create_vm_with_data(src: &TestServer, vmid: u32, size: &str) -> PathBuf {
+    let img = stopped_vm_with_data(src, vmid, size).await;
+    mt_ok(src, &["vm", "start", &vmid.to_string()]).await;
+    img
+}
+
+/// VM `vmid` on `src`: a qcow2 disk of `size` with 64 MiB of random data at 0, stopped.
+async fn stopped_vm_with_data(src: &TestServer, vmid: u32, size: &str) -> PathBuf {
     let id = vmid.to_string();
     let disk = format!("local:{size}:qcow2");
     mt_ok(
@@ -35,7 +42,6 @@ async fn create_vm_with_data(src: &TestServer, vmid: u32, size: &str) -> PathBuf
     blob(&data, 64 << 20);
     qemu_io("qcow2", &format!("write -s {} 0 64M", data.display()), &img);
     std::fs::remove_file(&data).unwrap();
-    mt_ok(src, &["vm", "start", &id]).await;
     img
 }
 
@@ -287,6 +293,10 @@ async fn a_failed_cutover_keeps_the_replicas_newest_point() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("hash sync"), "{stderr}");
     assert!(
+        !stderr.contains("full copy"),
+        "a hash sync is no full copy:\n{stderr}"
+    );
+    assert!(
         sent < 1 << 20,
         "the interrupted replica was sent again: {sent} bytes"
     );
@@ -403,9 +413,160 @@ async fn a_write_while_the_ram_moves_goes_with_the_last_delta() {
     std::fs::remove_file(&ram).unwrap();
 }
 
+/// What an offline cutover's summary line says: (bytes of disks sent by the replica run,
+/// bytes of hashes it received).
+fn offline_figures(out: &std::process::Output) -> (u64, u64) {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "migrate failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("bytes of hashes received), no downtime (the VM was stopped)"),
+        "{stdout}"
+    );
+    (
+        number_after(&stdout, "cut over to the replica: "),
+        number_after(&stdout, " bytes sent, "),
+    )
+}
+
+/// An offline cutover's checks on both ends: the bytes sent plus the hashes at most 1 % of
+/// the disk, the source stopped and locked 'migrate' (as after any offline migration), the
+/// target's disk as the source's, its config unlocked, no replica left, and the VM starts
+/// there.
+async fn assert_cut_over_offline(
+    out: &std::process::Output,
+    (src, src_img): (&TestServer, &Path),
+    (dst, dst_img, fmt, disk): (&TestServer, &Path, &str, u64),
+    vmid: u32,
+) {
+    let (sent, hashes) = offline_figures(out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("offline cutover: {sent} bytes of disks sent, {hashes} bytes of hashes received");
+    assert!(
+        (sent + hashes) * 100 <= disk,
+        "{sent} bytes sent and {hashes} of hashes, more than 1 % of the {disk} bytes of the disk:\n{stderr}"
+    );
+    assert!(sent >= 8 << 20, "the 8 MiB written were sent:\n{stderr}");
+    assert!(stderr.contains("hash sync ("), "{stderr}");
+    assert!(!stderr.contains("full copy"), "{stderr}");
+    assert!(!running(src, vmid), "the source VM stays stopped");
+    let conf = std::fs::read_to_string(src.vm_config(vmid)).unwrap();
+    assert!(conf.contains("lock: migrate"), "{conf}");
+    common::assert_same_guest_bytes(src_img, "qcow2", dst_img, fmt);
+    let list = mt_ok(dst, &["replica", "list"]).await;
+    assert!(!list.contains(&format!("{vmid} ")), "{list}");
+    let conf = std::fs::read_to_string(dst.vm_config(vmid)).unwrap();
+    assert!(!conf.contains("lock:"), "{conf}");
+    let record = dst.data.join("replicas").join(format!("{vmid}.json"));
+    assert!(!record.exists(), "the replica's record is gone");
+    let id = vmid.to_string();
+    mt_ok(dst, &["vm", "start", &id]).await;
+    let status = qmp(&dst.run, vmid, "query-status", json!({})).await;
+    assert_eq!(status["status"], json!("running"), "{status}");
+    mt_ok(dst, &["vm", "stop", &id]).await;
+}
+
+/// A stopped VM, replicated once, then 8 MiB written into its image (qemu-io): `mtunnel
+/// migrate` (offline) cuts over with one last replica run, a hash sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_vm_cuts_over_offline_sending_only_what_changed() {
+    let src = node("csrc8");
+    let dst = node("cdst8");
+    let img = stopped_vm_with_data(&src, 137, "4G").await;
+    let replica = dst.images(137).join("vm-137-disk-0.qcow2");
+    replicate(&src, &dst, 137, "local").await;
+    qemu_io("qcow2", "write -P 0x5a 100M 8M", &img);
+
+    let out = migrate(&src, &dst, 137, "local", &[]).await;
+    assert_cut_over_offline(&out, (&src, &img), (&dst, &replica, "qcow2", 4 << 30), 137).await;
+    // The points went with the replica (internal snapshots deleted with qemu-img).
+    assert!(
+        !snapshots(&replica).contains(" r1"),
+        "{}",
+        snapshots(&replica)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_vm_cuts_over_offline_onto_btrfs() {
+    let fs = LoopBtrfs::with_size(2 << 30);
+    let src = node("csrc9");
+    let dst = TestServer::start_with(Options {
+        node: Some("cdst9".into()),
+        extra_toml: format!("qemu_accel = \"tcg\"\n{}", fs.storage_toml("bt")),
+        ..Options::default()
+    });
+    let img = stopped_vm_with_data(&src, 138, "1G").await;
+    replicate(&src, &dst, 138, "bt").await;
+    qemu_io("qcow2", "write -P 0x5a 100M 8M", &img);
+
+    let out = migrate(&src, &dst, 138, "bt", &[]).await;
+    let working = fs.mnt.join("images/138/vm-138-disk-0/disk.raw");
+    assert_cut_over_offline(&out, (&src, &img), (&dst, &working, "raw", 1 << 30), 138).await;
+    // The points' read-only snapshots are gone: only the VM's volume is left.
+    assert_eq!(
+        fs.subvolumes(),
+        vec!["images/138/vm-138-disk-0".to_string()]
+    );
+    mt_ok(&dst, &["vm", "destroy", "138"]).await;
+}
+
+/// An offline cutover that fails after its replica run, before the switch (the target
+/// cannot write the VM's firewall file: a directory stands in its place): the source VM
+/// stays stopped and unlocked, the error says what to do, the replica keeps the point the
+/// run made, byte-identical to the source. Once the obstacle is gone the same migration
+/// cuts over, its run sending next to nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_offline_cutover_keeps_the_stopped_vm_and_the_replicas_point() {
+    let src = node("csrc10");
+    let dst = node("cdst10");
+    let img = stopped_vm_with_data(&src, 139, "256M").await;
+    let replica = dst.images(139).join("vm-139-disk-0.qcow2");
+    std::fs::create_dir_all(src.data.join("firewall")).unwrap();
+    std::fs::write(src.data.join("firewall/139.fw"), "[OPTIONS]\nenable: 0\n").unwrap();
+    replicate(&src, &dst, 139, "local").await;
+    qemu_io("qcow2", "write -P 0x5a 100M 8M", &img);
+    let obstacle = dst.data.join("firewall/139.fw");
+    std::fs::create_dir_all(&obstacle).unwrap();
+
+    let out = migrate(&src, &dst, 139, "local", &[]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    let at = stderr.find("restore point '").expect("the run's point") + "restore point '".len();
+    let point = stderr[at..].split('\'').next().unwrap().to_string();
+    let last = stderr.lines().last().unwrap_or_default();
+    let hint = format!(
+        "the offline cutover of VM 139 failed before the switch: VM 139 stays stopped and unlocked here, and the replica keeps its newest restore point '{point}' - migrate again (its replica run sends only what differs), or start the VM here"
+    );
+    assert!(last.contains(&hint), "{stderr}");
+    assert!(!running(&src, 139), "the source VM stays stopped");
+    let conf = std::fs::read_to_string(src.vm_config(139)).unwrap();
+    assert!(!conf.contains("lock:"), "{conf}");
+    let conf = std::fs::read_to_string(dst.vm_config(139)).unwrap();
+    assert!(conf.contains("lock: replica"), "{conf}");
+    let list = mt_ok(&dst, &["replica", "list"]).await;
+    assert!(list.contains(&format!(" {point} ")), "{list}");
+    let at_point = dst.base().join("point.raw");
+    export_raw(&replica, Some(&point), &at_point);
+    common::assert_same_guest_bytes(&img, "qcow2", &at_point, "raw");
+    std::fs::remove_file(&at_point).unwrap();
+
+    std::fs::remove_dir(&obstacle).unwrap();
+    let out = migrate(&src, &dst, 139, "local", &[]).await;
+    let (sent, _) = offline_figures(&out);
+    assert!(sent < 1 << 20, "the replica was sent again: {sent} bytes");
+    common::assert_same_guest_bytes(&img, "qcow2", &replica, "qcow2");
+    let conf = std::fs::read_to_string(dst.vm_config(139)).unwrap();
+    assert!(!conf.contains("lock:"), "{conf}");
+}
+
 /// Refusals say what to do and change nothing: `--final-sync` to a target without a
-/// replica, `--no-replica` to one that holds the VM's replica, a stopped VM whose replica
-/// the target holds. The replica keeps its points, the source VM runs on unlocked.
+/// replica, `--no-replica` to one that holds the VM's replica, a stopped VM with a disk
+/// the replica does not hold (`unused0`). The replica keeps its points, the source VM
+/// stays stopped, unlocked, its config as it was.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_say_what_to_do_and_change_nothing() {
     let src = node("csrc6");
@@ -430,11 +591,25 @@ async fn refusals_say_what_to_do_and_change_nothing() {
         "{err}"
     );
     mt_ok(&src, &["vm", "stop", "135"]).await;
+    // A volume attached to nothing is not in the replica: an offline cutover is refused.
+    let unused = src.images(135).join("vm-135-disk-1.qcow2");
+    let made = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&unused)
+        .arg("16M")
+        .status()
+        .expect("qemu-img create");
+    assert!(made.success());
+    let mut conf = std::fs::read_to_string(src.vm_config(135)).unwrap();
+    conf.push_str("unused0: local:135/vm-135-disk-1.qcow2\n");
+    std::fs::write(src.vm_config(135), &conf).unwrap();
     let err = refused(migrate(&src, &dst, 135, "local", &[]).await);
     assert!(
-        err.contains("VM 135 is stopped and the target holds its replica: a cutover needs the running VM (its dirty bitmaps) - start it and migrate with --online or --final-sync, or migrate with --no-replica after dropping the replica on the target ('mtunnel replica drop 135')"),
+        err.contains("unused0: 'local:135/vm-135-disk-1.qcow2' is not replicated (a replica holds the VM's attached disks only): remove it, or migrate with --no-replica after dropping the replica on the target"),
         "{err}"
     );
+    assert_eq!(std::fs::read_to_string(src.vm_config(135)).unwrap(), conf);
+    assert!(!running(&src, 135), "the source VM stays stopped");
     assert_eq!(
         std::fs::read(dst.data.join("replicas/135.json")).unwrap(),
         before,

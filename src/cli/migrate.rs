@@ -80,18 +80,8 @@ pub async fn run(args: MigrateArgs) -> anyhow::Result<()> {
         .ram_ms
         .map(|ms| format!(", RAM phase {ms} ms"))
         .unwrap_or_default();
-    let cutover = summary
-        .cutover
-        .as_ref()
-        .map(|c| {
-            format!(
-                "; cut over to the replica: {} bytes of disks (replica run {} bytes sent, last delta {} bytes copied), cutover downtime {} ms",
-                c.refresh_sent + c.delta_copied,
-                c.refresh_sent,
-                c.delta_copied,
-                c.downtime_ms.map_or_else(|| "?".to_string(), |ms| ms.to_string()),
-            )
-        })
+    let cutover = (summary.cutover.as_ref())
+        .map(mtunnel::client::migrate::CutoverFigures::summary)
         .unwrap_or_default();
     println!(
         "migration of VM {} to {}:{} (node '{}', VM {}) finished in {secs:.1} s: {} of disks{disk_phase}, {} of RAM{downtime}{ram_phase}{cutover}",

@@ -44,6 +44,10 @@ impl Migration<'_> {
             self.remote.control.clone().close();
             return e;
         }
+        let e = match &self.cutover {
+            Some(c) => c.failed(e, self.src, vmid),
+            None => e,
+        };
         progress.log(format!("ERROR: migration failed: {e:#}"));
         if let Some(c) = self.cutover.as_ref().filter(|_| !self.remote.ram_done) {
             // --final-sync paused the guest: the source VM is still the live one.

@@ -13,6 +13,11 @@
 //!   delta; the RAM of the paused guest follows.
 //!
 //! The downtime (source guest stopped → VM running on the target) is measured here.
+//!
+//! A stopped VM cuts over offline: that one replica run (a hash sync of its images, read
+//! under its config lock) is the last delta; `replica-cutover` then `unlock` make the
+//! replica the VM, and the source ends as after any offline migration. No guest ran, so
+//! there is no downtime.
 
 use std::cell::Cell;
 use std::time::{Duration, Instant};
@@ -41,6 +46,8 @@ pub(super) struct Cutover {
     pub(super) bitmap: String,
     /// Each disk's local NBD URI of the target's export (online: the last delta's target).
     pub(super) exports: Vec<(String, String)>,
+    /// The restore point the replica run before the migration made.
+    pub(super) point: String,
     pub(super) figures: Figures,
 }
 
@@ -51,14 +58,40 @@ pub struct Figures {
     pub refresh_sent: u64,
     /// Bytes the last delta's backup jobs copied (online; 0 with `--final-sync`).
     pub delta_copied: u64,
+    /// Bytes of block hashes the replica run received (a hash sync; else 0).
+    pub hashes_received: u64,
     /// Source guest stopped → VM running on the target.
     pub downtime_ms: Option<u64>,
+    /// The VM was stopped: an offline cutover, without downtime.
+    pub stopped_vm: bool,
+}
+
+impl Figures {
+    /// The end of the migration's summary line.
+    pub fn summary(&self) -> String {
+        if self.stopped_vm {
+            return format!(
+                "; cut over to the replica: {} bytes of disks (replica run {} bytes sent, {} \
+                 bytes of hashes received), no downtime (the VM was stopped)",
+                self.refresh_sent, self.refresh_sent, self.hashes_received
+            );
+        }
+        format!(
+            "; cut over to the replica: {} bytes of disks (replica run {} bytes sent, last \
+             delta {} bytes copied), cutover downtime {} ms",
+            self.refresh_sent + self.delta_copied,
+            self.refresh_sent,
+            self.delta_copied,
+            self.downtime_ms
+                .map_or_else(|| "?".to_string(), |ms| ms.to_string()),
+        )
+    }
 }
 
 impl Cutover {
     /// The checks a cutover needs before anything happens, then (`--final-sync`: with the
     /// guest paused) one replica run onto `node` (the replica's). A failed run leaves the
-    /// guest running.
+    /// guest running (a stopped VM: stopped and unlocked).
     pub(super) async fn prepare(
         src: &SourceNode,
         opts: &MigrateOptions,
@@ -66,16 +99,7 @@ impl Cutover {
         node: &str,
         progress: &Progress,
     ) -> anyhow::Result<Cutover> {
-        let vmid = opts.vmid;
-        if !plan.running {
-            bail!(
-                "VM {vmid} is stopped and the target holds its replica: a cutover needs the \
-                 running VM (its dirty bitmaps) - start it and migrate with --online or \
-                 --final-sync, or migrate with --no-replica after dropping the replica on \
-                 the target ('mtunnel replica drop {vmid}')"
-            );
-        }
-        if let Some(v) = plan.volumes.iter().find(|v| !v.live) {
+        if let Some(v) = plan.volumes.iter().find(|v| v.key.starts_with("unused")) {
             bail!(
                 "{}: '{}' is not replicated (a replica holds the VM's attached disks only): \
                  remove it, or migrate with --no-replica after dropping the replica on the \
@@ -84,6 +108,50 @@ impl Cutover {
                 v.volid
             );
         }
+        let mut cutover = Cutover {
+            final_sync: opts.final_sync,
+            stopped_at: None,
+            bitmap: String::new(),
+            exports: Vec::new(),
+            point: String::new(),
+            figures: Figures {
+                stopped_vm: !plan.running,
+                ..Figures::default()
+            },
+        };
+        if !plan.running {
+            progress.log(format!(
+                "cutover: VM {} is stopped: an offline cutover, its replica run is the last \
+                 delta",
+                opts.vmid
+            ));
+            cutover
+                .refresh(src, opts, node, progress)
+                .await
+                .with_context(|| {
+                    format!(
+                        "VM {} stays stopped and unlocked, nothing was cut over - migrate \
+                         again once the cause is fixed (the next replica run sends only what \
+                         differs)",
+                        opts.vmid
+                    )
+                })?;
+            return Ok(cutover);
+        }
+        cutover.prepare_running(src, opts, node, progress).await?;
+        Ok(cutover)
+    }
+
+    /// The running VM's part of [`Cutover::prepare`]: the capability a live last delta
+    /// needs, the pause of `--final-sync`, the replica run.
+    async fn prepare_running(
+        &mut self,
+        src: &SourceNode,
+        opts: &MigrateOptions,
+        node: &str,
+        progress: &Progress,
+    ) -> anyhow::Result<()> {
+        let vmid = opts.vmid;
         let vm = VmHandle::attach(&src.cfg.run_dir, vmid)
             .context("attaching to the running source VM")?;
         if !opts.final_sync && !has_capability(&vm, PAUSE_CAPABILITY).await? {
@@ -93,29 +161,22 @@ impl Cutover {
                  use --final-sync (the guest pauses for the last replica run and the RAM)"
             );
         }
-        let mut cutover = Cutover {
-            final_sync: opts.final_sync,
-            stopped_at: None,
-            bitmap: String::new(),
-            exports: Vec::new(),
-            figures: Figures::default(),
-        };
         if opts.final_sync {
             vm.execute("stop", Value::Null, Duration::from_secs(10))
                 .await
                 .context("pausing the source VM for the final sync")?;
-            cutover.stopped_at = Some(Instant::now());
+            self.stopped_at = Some(Instant::now());
             progress.log(format!(
                 "cutover: VM {vmid} paused for the final sync (downtime starts)"
             ));
         }
         // QEMU serves one QMP client at a time: the replica run attaches its own.
         vm.release_qmp().await;
-        if let Err(e) = cutover.refresh(src, opts, node, progress).await {
-            cutover.resume_source(src, vmid, progress).await;
+        if let Err(e) = self.refresh(src, opts, node, progress).await {
+            self.resume_source(src, vmid, progress).await;
             return Err(e);
         }
-        Ok(cutover)
+        Ok(())
     }
 
     /// One replica run onto `node`: the replica holds the VM as of now (or as of the pause).
@@ -142,13 +203,32 @@ impl Cutover {
             .await
             .context("the replica run before the cutover failed")?;
         progress.log(run.line(&ropts));
-        if !run.incremental {
+        // A hash sync (a stopped VM, a lost bitmap) sends only what differs too.
+        if !run.incremental && run.hash.is_none() {
             progress.log(
                 "WARN: cutover: that replica run was a full copy (see above why), not only what changed",
             );
         }
         self.figures.refresh_sent = run.sent;
+        self.figures.hashes_received = run.hash.as_ref().map_or(0, |h| h.hash_bytes);
+        self.point = run.point;
         Ok(())
+    }
+
+    /// `e`, a failure of the migration before the switch, with what to do when the VM
+    /// was stopped (an offline cutover: the source is as it was, stopped and unlocked).
+    pub(super) fn failed(&self, e: anyhow::Error, src: &SourceNode, vmid: u32) -> anyhow::Error {
+        // Started meanwhile (refused by `take_over_replica`): its own error says so.
+        let started = crate::qemu::process::is_running(&src.cfg.run_dir, vmid).is_some();
+        if !self.figures.stopped_vm || started {
+            return e;
+        }
+        e.context(format!(
+            "the offline cutover of VM {vmid} failed before the switch: VM {vmid} stays \
+             stopped and unlocked here, and the replica keeps its newest restore point '{}' \
+             - migrate again (its replica run sends only what differs), or start the VM here",
+            self.point
+        ))
     }
 
     /// Runs the guest paused by `--final-sync` again (a failed cutover before the RAM
@@ -191,6 +271,16 @@ impl Migration<'_> {
     /// Returns the working copies as `start` exports them (`nbd`).
     pub(super) async fn take_over_replica(&mut self) -> anyhow::Result<Map<String, Value>> {
         let plan = self.plan.clone();
+        let vmid = self.opts.vmid;
+        // The replica run held the stopped VM's config lock; the `migrate` lock came after
+        // it: a VM started in between would have written after the last delta.
+        if !plan.running && crate::qemu::process::is_running(&self.src.cfg.run_dir, vmid).is_some()
+        {
+            bail!(
+                "VM {vmid} was started after the cutover's replica run: migrate it again \
+                 (--online)"
+            );
+        }
         let conf = super::phase1::mapped_config(&plan)?;
         let disks: Map<String, Value> = (plan.volumes.iter())
             .map(|v| (v.key.clone(), json!({"size": v.size})))
@@ -224,18 +314,26 @@ impl Migration<'_> {
             .and_then(Value::as_object)
             .cloned()
             .with_context(|| format!("replica-cutover reply without drives: {reply}"))?;
+        let verb = if plan.running { "runs on" } else { "has" };
         for v in &plan.volumes {
             let d = drives
                 .get(&v.key)
                 .with_context(|| format!("replica-cutover reply has no drive {}", v.key))?;
             self.progress.log(format!(
-                "{}: the target VM runs on the replica's working copy '{}'",
+                "{}: the target VM {verb} the replica's working copy '{}'",
                 v.key,
                 d["volid"].as_str().unwrap_or("?")
             ));
         }
         if let Some(c) = &mut self.cutover {
             c.bitmap = format!("mtunnel-replica-{id}");
+            if !plan.running {
+                // Offline: the replica run was the last delta; `unlock` is the switch.
+                self.summary.disk_bytes = c.figures.refresh_sent;
+                self.progress.log(format!(
+                    "cutover: VM {vmid} was stopped: no downtime, nothing more to copy"
+                ));
+            }
         }
         self.progress.log("config sent to the target");
         Ok(drives)

@@ -34,6 +34,7 @@ impl<'a> Migration<'a> {
             remote.request_cleanup(progress).await;
             if let Some(c) = &cutover {
                 c.resume_source(src, opts.vmid, progress).await;
+                return Err(c.failed(e, src, opts.vmid));
             }
             return Err(e);
         }
@@ -154,6 +155,7 @@ async fn open_tunnel(
         Err(e) => {
             if let Some(c) = &cutover {
                 c.resume_source(src, opts.vmid, progress).await;
+                return Err(c.failed(e, src, opts.vmid));
             }
             return Err(e);
         }
