@@ -13,7 +13,8 @@
 //! a hash sync); `hashsync.rs` the block-hash comparison. Nothing here changes the source
 //! VM's config (a stopped VM's config lock is held for the run); a failed run cancels its
 //! jobs, removes its NBD nodes and asks the target to clean up (which frees only the
-//! run's transient things once a replica has a point).
+//! run's transient things once a replica has a point); `mtunnel replicate` stopped by
+//! SIGTERM or SIGINT does the same at once ([`replicate_until`]).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
