@@ -5,9 +5,8 @@
 //! of a stopped VM's image), compared range by range with the target's block hashes
 //! (`replica-hashes`), and only the blocks that differ are written — with this crate's
 //! NBD client, through the tunnel's forward, paced to `--bwlimit` ([`Pace`]) — into the
-//! target's working copy. A stopped
-//! VM's first run is the same walk against a new (all-zero) working copy, without asking
-//! for hashes.
+//! target's working copy. A stopped VM's first run is the same walk against a new
+//! (all-zero) working copy, without asking for hashes.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
