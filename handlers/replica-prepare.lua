@@ -3,7 +3,9 @@
 -- (lock `create`): allocate one working copy per disk, write the source's config with
 -- its drives pointing at them and `lock: replica`, and make the replica's record. On an
 -- existing replica (lock `replica`): check that the source's disks are still the
--- replica's. Replies what the source needs to choose a full or an incremental run.
+-- replica's, then write the source's current config the same way (the replica's config
+-- follows the source's while its volumes and lock stay). Replies what the source needs
+-- to choose a full or an incremental run.
 local function contains(list, value)
   for _, v in ipairs(list) do
     if v == value then return true end
@@ -27,10 +29,14 @@ local function alloc_disk(key, d)
 end
 
 -- The source's config with each replicated drive on its working copy, locked `replica`.
+-- `unusedN` volumes are not replicated (nor named: they are the source's).
 local function replica_config(text, disks)
   local conf = pve.config.parse(text)
   local options = conf.options
   options.lock, options.digest, options.parent = nil, nil, nil
+  for key in pairs(conf.options) do
+    if key:match("^unused%d+$") then options[key] = nil end
+  end
   for key, value in pairs(options) do
     if pve.config.is_drive_key(key) then
       local drive = pve.config.parse_drive(value)
@@ -130,6 +136,9 @@ return {
           ctx.vmid, changed, ctx.vmid))
       end
       check_storages(ctx.vmid, record.disks, p.disks)
+      -- the replica's config follows the source's (memory, CPU, NICs, description...);
+      -- its drives stay on the working copies, its lock `replica`
+      pve.config.write(replica_config(p.conf, record.disks))
     end
     local names = {}
     for _, point in ipairs(record.points) do

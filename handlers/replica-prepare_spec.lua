@@ -54,6 +54,25 @@ return {
     t:eq(t:volumes(), {"local:100/vm-100-disk-0.qcow2"})
   end,
 
+  ["a later run writes the source's current config, on the working copies, locked replica"] = function(t)
+    local tun = t:open{}
+    t:succeeds(prepare(tun))
+    local before = tun:config()
+    -- refused (a disk changed size): the config stays as it was
+    local bigger = { scsi0 = { storage = "local", format = "qcow2", size = 2 * 1024 * 1024 } }
+    t:fail_contains(prepare(tun, "memory: 4096\n" .. CONF, bigger),
+      "the disks of VM 100 changed since its replica was made (scsi0 changed size")
+    t:eq(tun:config(), before)
+    local conf = "cores: 4\ndescription: moved%20rack\nmemory: 2048\n"
+      .. "scsi0: local:100/vm-100-disk-7.qcow2,cache=writeback,size=1M\n"
+      .. "unused0: local:100/vm-100-disk-9.raw\n"
+    local r = t:succeeds(prepare(tun, conf))
+    t:eq(r.first, false)
+    t:eq(tun:config(), "#moved rack\ncores: 4\nlock: replica\nmemory: 2048\n"
+      .. "scsi0: local:100/vm-100-disk-0.qcow2,cache=writeback,format=qcow2,size=1M\n")
+    t:eq(t:volumes(), {"local:100/vm-100-disk-0.qcow2"})
+  end,
+
   ["a drive that is not replicated is refused before anything is made"] = function(t)
     local tun = t:open{}
     local conf = CONF .. "scsi1: local:100/vm-100-disk-1.raw,size=1M\n"

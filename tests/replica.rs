@@ -1038,3 +1038,317 @@ async fn the_next_run_removes_a_killed_hash_syncs_nbd_server() {
     assert_eq!(exports, json!([]), "exports left in the source QEMU");
     mt_ok(&src, &["vm", "stop", "116"]).await;
 }
+
+/// The bytes an interrupted `mtunnel replicate` says it copied toward the target.
+fn copied_before_interrupt(stderr: &str) -> u64 {
+    let marker = "interrupted (SIGTERM) after copying ";
+    let at = stderr
+        .find(marker)
+        .unwrap_or_else(|| panic!("no '{marker}' in {stderr}"));
+    let rest = &stderr[at..];
+    let open = rest.find('(').map(|i| i + 1).expect("'(SIGTERM'");
+    let rest = &rest[open..];
+    let open = rest.find('(').expect("a '(' before the byte count") + 1;
+    let close = rest.find(" bytes)").expect("a byte count");
+    rest[open..close].parse().expect("a byte count")
+}
+
+/// SIGTERM (as `systemctl stop` sends it) to a FIRST run of a running VM (64 MiB of data on
+/// a 128 MiB disk, slowed to 4 MiB/s) about half way: the process exits 1 with one line
+/// that says the run was interrupted and the next run continues it; the source QEMU has no
+/// block job, NBD export or NBD client node of the run left, the run dir no forward
+/// socket; the target ended the run as cut (its NBD server and sockets gone, the replica
+/// `interrupted`, one failed run counted). The next run is a hash sync that sends the
+/// rest: both together at most 1.1 x the 64 MiB of data; its point is the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_run_cleans_up_and_the_next_run_continues_it() {
+    let src = node("src17");
+    let dst = node("dst17");
+    let img = create_vm_with_data(&src, 117, "128M").await;
+    let target = target_arg(&dst, dst.port);
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mtunnel"))
+        .args(["replicate", "117", &target, "--target-storage", "local"])
+        .args(["--bwlimit", "4096", "--config"])
+        .arg(&src.config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("running mtunnel replicate");
+    let pid_file = dst.run.join("117-scsi0.replica.pid");
+    assert!(
+        common::eventually(std::time::Duration::from_secs(30), || pid_file.exists()).await,
+        "the run never exported the working copy"
+    );
+    // The 64 MiB of data come first on the disk: at 4 MiB/s half of it takes 8 s.
+    tokio::time::sleep(std::time::Duration::from_secs(8)).await;
+    let pid = nix::unistd::Pid::from_raw(child.id().expect("a pid") as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    let cut = common::bounded(60, child.wait_with_output()).await.unwrap();
+    let cut_err = String::from_utf8_lossy(&cut.stderr);
+    eprintln!("the interrupted run: {cut_err}");
+    assert_eq!(cut.status.code(), Some(1), "{cut_err}");
+    assert!(cut.stdout.is_empty(), "no summary line");
+    let line = "mtunnel: error: replica run of VM 117 interrupted (SIGTERM) after copying ";
+    let said: Vec<&str> = cut_err
+        .lines()
+        .filter(|l| l.contains("interrupted"))
+        .collect();
+    assert_eq!(said.len(), 1, "{cut_err}");
+    assert!(said[0].starts_with(line), "{cut_err}");
+    assert!(
+        said[0].ends_with(
+            " toward the target; stopped cleanly (its jobs and exports removed from the \
+             source, the target's run ended as cut): the next run continues it, sending only \
+             what the target has not acknowledged"
+        ),
+        "{cut_err}"
+    );
+    assert!(!cut_err.contains("replica run failed"), "{cut_err}");
+    let cut_copied = copied_before_interrupt(&cut_err);
+
+    // Nothing of the run is left in the source QEMU or its run dir.
+    assert_eq!(qmp(&src.run, 117, "query-jobs", json!({})).await, json!([]));
+    let exports = qmp(&src.run, 117, "query-block-exports", json!({})).await;
+    assert_eq!(exports, json!([]), "exports left in the source QEMU");
+    let nodes = qmp(&src.run, 117, "query-named-block-nodes", json!({})).await;
+    let ours: Vec<&serde_json::Value> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| {
+            n["node-name"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("replica-")
+        })
+        .collect();
+    assert!(ours.is_empty(), "NBD client nodes left: {ours:?}");
+    let left: Vec<String> = files_of(&src.run, "117")
+        .into_iter()
+        .filter(|f| f.contains("replica"))
+        .collect();
+    assert!(left.is_empty(), "left in the source's run dir: {left:?}");
+
+    // The target ended the run as cut.
+    assert!(
+        common::eventually(std::time::Duration::from_secs(10), || files_of(
+            &dst.run, "117-"
+        )
+        .is_empty())
+        .await,
+        "left in the target's run dir: {:?}",
+        files_of(&dst.run, "117-")
+    );
+    assert_eq!(record(&dst, 117)["failed_runs"], json!(1));
+    let list = mt_ok(&dst, &["replica", "list"]).await;
+    assert!(list.contains(" interrupted "), "{list}");
+
+    let (_, sent, out) = replicate(&src, &dst, 117).await;
+    let hashes = hash_bytes(&out);
+    eprintln!("interrupted run copied {cut_copied} bytes; the next run sent {sent} + {hashes}");
+    assert!(out.contains("hash sync ("), "{out}");
+    assert!(
+        cut_copied >= 8 << 20,
+        "the cut run got somewhere: {cut_err}"
+    );
+    let full = 64u64 << 20;
+    assert!(
+        (cut_copied + sent + hashes) * 10 <= full * 11,
+        "interrupted run {cut_copied} + next run {sent} + hashes {hashes} bytes > 1.1 x {full}"
+    );
+    let now = src.base().join("now.raw");
+    let p = dst.base().join("p.raw");
+    paused(&src, 117, || export_raw(&img, None, &now)).await;
+    let replica = dst.images(117).join("vm-117-disk-0.qcow2");
+    export_raw(&replica, Some(&point_of(&out)), &p);
+    assert_same_raw(&now, &p);
+    for f in [&now, &p] {
+        std::fs::remove_file(f).unwrap();
+    }
+    mt_ok(&src, &["vm", "stop", "117"]).await;
+}
+
+/// `--bwlimit` paces a hash sync's own writes: a stopped VM's second run (a hash sync) of
+/// 2 MiB written since the first, at 512 KiB/s, says it paced its writes to the limit and
+/// that they had to wait (a writer faster than the limit waits at least once); its point
+/// is the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bwlimit_paces_a_hash_syncs_writes() {
+    let src = node("src18");
+    let dst = node("dst18");
+    let img = stopped_vm_with_data(&src, 118, ("64M", "qcow2"), ("8M", 4 << 20)).await;
+    let (_, _, out1) = replicate(&src, &dst, 118).await;
+    assert!(out1.contains("full copy"), "{out1}");
+    qemu_io("qcow2", "write -P 0x3c 20M 2M", &img);
+
+    let target = target_arg(&dst, dst.port);
+    let run2 = mt(
+        &src,
+        &[
+            "replicate",
+            "118",
+            &target,
+            "--target-storage",
+            "local",
+            "--bwlimit",
+            "512",
+        ],
+    )
+    .await;
+    let err2 = String::from_utf8_lossy(&run2.stderr);
+    let out2 = String::from_utf8_lossy(&run2.stdout);
+    assert!(run2.status.success(), "{out2}\n{err2}");
+    eprintln!("the paced run: {err2}");
+    assert!(
+        out2.contains("hash sync (64.0 MiB compared, 2.0 MiB differed, "),
+        "{out2}"
+    );
+    let marker = "hash sync: 64.0 MiB compared, 2.0 MiB differed and were written, paced to \
+                  --bwlimit 512 KiB/s (the writes waited ";
+    let at = err2
+        .find(marker)
+        .unwrap_or_else(|| panic!("no '{marker}' in {err2}"))
+        + marker.len();
+    let pauses: u64 = err2[at..]
+        .split(" in ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("a count of pauses in {err2}"));
+    assert!(pauses >= 1, "{err2}");
+    let source_raw = src.base().join("src.raw");
+    export_raw(&img, None, &source_raw);
+    let p2 = dst.base().join("p2.raw");
+    let replica = dst.images(118).join("vm-118-disk-0.qcow2");
+    export_raw(&replica, Some(&point_of(&out2)), &p2);
+    assert_same_raw(&source_raw, &p2);
+    for f in [&source_raw, &p2] {
+        std::fs::remove_file(f).unwrap();
+    }
+}
+
+/// A later run refreshes the replica's config from the source's: memory and description
+/// changed on the source between runs are on the target after the next run, which stays a
+/// replica (`lock: replica`) on the same working copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_run_refreshes_the_replicas_config() {
+    let src = node("src19");
+    let dst = node("dst19");
+    stopped_vm_with_data(&src, 119, ("64M", "qcow2"), ("0", 1 << 20)).await;
+    replicate(&src, &dst, 119).await;
+    let conf1 = std::fs::read_to_string(dst.vm_config(119)).unwrap();
+    assert!(conf1.contains("memory: 128\n"), "{conf1}");
+    let drive = |conf: &str| -> String {
+        conf.lines()
+            .find(|l| l.starts_with("scsi0: "))
+            .unwrap_or_else(|| panic!("no scsi0 in {conf}"))
+            .to_string()
+    };
+
+    let path = src.vm_config(119);
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains("memory: 128\n"), "{text}");
+    let changed = format!(
+        "#moved to rack 7\n{}",
+        text.replace("memory: 128\n", "memory: 384\n")
+    );
+    std::fs::write(&path, changed).unwrap();
+    let (_, _, out2) = replicate(&src, &dst, 119).await;
+    assert!(out2.contains("hash sync ("), "{out2}");
+
+    let conf2 = std::fs::read_to_string(dst.vm_config(119)).unwrap();
+    assert!(conf2.contains("memory: 384\n"), "{conf2}");
+    assert!(conf2.starts_with("#moved to rack 7\n"), "{conf2}");
+    assert!(conf2.contains("lock: replica\n"), "{conf2}");
+    assert_eq!(drive(&conf2), drive(&conf1));
+    let list = mt_ok(&dst, &["replica", "list"]).await;
+    assert!(list.contains(" idle "), "{list}");
+}
+
+/// SIGINT (Ctrl-C) while a hash sync of a running VM compares (QEMU restarted after run 1,
+/// raw disk: bitmap lost; 8 MiB written since): the run exits 1 saying it was interrupted;
+/// the source QEMU has none of the hash sync's things left — its read-only NBD server
+/// (socket) and exports, its fresh dirty bitmap (which misses the writes before it), a
+/// job — and the next run is a hash sync whose point is the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_during_a_hash_sync_removes_its_nbd_server_and_bitmap() {
+    let src = node("src20");
+    let dst = node("dst20");
+    let img = create_vm_with_data_as(&src, 120, "1G", "raw").await;
+    let (_, _, out1) = replicate(&src, &dst, 120).await;
+    assert!(out1.contains("full copy"), "{out1}");
+    mt_ok(&src, &["vm", "stop", "120"]).await;
+    mt_ok(&src, &["vm", "start", "120"]).await;
+    let wrote = qmp(
+        &src.run,
+        120,
+        "human-monitor-command",
+        json!({"command-line": "qemu-io -d scsi0 \"write -P 0x5a 100M 8M\""}),
+    )
+    .await;
+    assert_eq!(wrote, json!(""), "HMP qemu-io failed");
+
+    let target = target_arg(&dst, dst.port);
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mtunnel"))
+        .args([
+            "replicate",
+            "120",
+            &target,
+            "--target-storage",
+            "local",
+            "--config",
+        ])
+        .arg(&src.config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("running mtunnel replicate");
+    let reads = || {
+        files_of(&src.run, "120.")
+            .into_iter()
+            .filter(|f| f.ends_with(".replica-read"))
+            .collect::<Vec<_>>()
+    };
+    let reading =
+        common::eventually(std::time::Duration::from_secs(60), || !reads().is_empty()).await;
+    let pid = nix::unistd::Pid::from_raw(child.id().expect("a pid") as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("SIGINT");
+    let cut = common::bounded(60, child.wait_with_output()).await.unwrap();
+    let cut_err = String::from_utf8_lossy(&cut.stderr);
+    eprintln!("the interrupted run: {cut_err}");
+    assert!(reading, "the run never read the source: {cut_err}");
+    assert_eq!(cut.status.code(), Some(1), "{cut_err}");
+    assert!(
+        cut_err
+            .contains("mtunnel: error: replica run of VM 120 interrupted (SIGINT) after copying "),
+        "{cut_err}"
+    );
+
+    assert_eq!(reads(), Vec::<String>::new());
+    let exports = qmp(&src.run, 120, "query-block-exports", json!({})).await;
+    assert_eq!(exports, json!([]), "exports left in the source QEMU");
+    assert_eq!(qmp(&src.run, 120, "query-jobs", json!({})).await, json!([]));
+    let blocks = qmp(&src.run, 120, "query-block", json!({})).await;
+    let bitmaps: Vec<&serde_json::Value> = blocks
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|b| {
+            b["inserted"]["dirty-bitmaps"]
+                .as_array()
+                .into_iter()
+                .flatten()
+        })
+        .collect();
+    assert!(bitmaps.is_empty(), "bitmaps left: {bitmaps:?}");
+
+    let (_, _, out3) = replicate(&src, &dst, 120).await;
+    assert!(out3.contains("hash sync ("), "{out3}");
+    let now = src.base().join("now.raw");
+    paused(&src, 120, || export_raw(&img, None, &now)).await;
+    assert_same_raw(&now, &dst.images(120).join("vm-120-disk-0.raw"));
+    std::fs::remove_file(&now).unwrap();
+    mt_ok(&src, &["vm", "stop", "120"]).await;
+}

@@ -11,7 +11,7 @@ use mtunnel::replica::manage::Parts;
 pub async fn replicate(args: ReplicateArgs) -> anyhow::Result<()> {
     use mtunnel::client::migrate::SourceNode;
     use mtunnel::client::progress::Progress;
-    use mtunnel::client::replicate::{ReplicateOptions, replicate};
+    use mtunnel::client::replicate::{ReplicateOptions, replicate_until, termination_signals};
     let vms = mtunnel::client::vm::LocalVms::open(load_config(&args.node, None)?)?;
     mtunnel::net::sockbuf::set_tcp_buffer(vms.cfg.tcp_buffer);
     let src = SourceNode {
@@ -29,7 +29,9 @@ pub async fn replicate(args: ReplicateArgs) -> anyhow::Result<()> {
         bwlimit: args.bwlimit,
     };
     let progress = Progress::auto();
-    let summary = replicate(&src, &opts, &progress).await?;
+    // SIGTERM (systemd stopping the unit) or SIGINT (Ctrl-C): the run cleans up and fails.
+    let stop = termination_signals()?;
+    let summary = replicate_until(&src, &opts, &progress, stop).await?;
     println!("{}", summary.line(&opts));
     Ok(())
 }

@@ -4,9 +4,9 @@
 //! NBD export (the running QEMU's own read-only export of the drive, or a `qemu-nbd -r`
 //! of a stopped VM's image), compared range by range with the target's block hashes
 //! (`replica-hashes`), and only the blocks that differ are written — with this crate's
-//! NBD client, through the tunnel's forward — into the target's working copy. A stopped
-//! VM's first run is the same walk against a new (all-zero) working copy, without asking
-//! for hashes.
+//! NBD client, through the tunnel's forward, paced to `--bwlimit` ([`Pace`]) — into the
+//! target's working copy. A stopped VM's first run is the same walk against a new
+//! (all-zero) working copy, without asking for hashes.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -164,24 +164,81 @@ async fn target_hashes(
     Ok(list)
 }
 
-/// Writes `ranges` read from `source` into `target` (zero ranges as write-zeroes), then
-/// flushes; returns the bytes written.
+/// `--bwlimit` on a hash sync's own writes (QEMU's jobs take it as their `speed`): after
+/// each write the writer waits until the payload written so far is not ahead of the rate
+/// since the first write. Zero ranges go as write-zeroes requests, without payload, and
+/// are not counted. What it waited is reported, so a run shows the limit applied.
+#[derive(Debug)]
+pub(super) struct Pace {
+    /// Bytes per second.
+    rate: u64,
+    start: Option<Instant>,
+    paid: u64,
+    /// Time spent waiting, and how many times.
+    pub waited: Duration,
+    pub pauses: u64,
+}
+
+impl Pace {
+    pub fn new(rate: u64) -> Self {
+        Pace {
+            rate: rate.max(1),
+            start: None,
+            paid: 0,
+            waited: Duration::ZERO,
+            pauses: 0,
+        }
+    }
+
+    /// The payload of one write: a tenth of a second's worth (64 KiB at least), so a low
+    /// limit is an even flow rather than 4 MiB bursts and long pauses.
+    fn chunk(&self) -> usize {
+        usize::try_from((self.rate / 10).clamp(BLOCK, u64::from(MAX_REQUEST))).unwrap_or(65536)
+    }
+
+    /// Counts `bytes` written and waits while the writes are ahead of the rate.
+    async fn paid(&mut self, bytes: u64) {
+        let start = *self.start.get_or_insert_with(Instant::now);
+        self.paid += bytes;
+        let due = start + Duration::from_secs_f64(self.paid as f64 / self.rate as f64);
+        let now = Instant::now();
+        if due > now {
+            tokio::time::sleep_until(due.into()).await;
+            self.waited += due - now;
+            self.pauses += 1;
+        }
+    }
+}
+
+/// Writes `ranges` read from `source` into `target` (zero ranges as write-zeroes, the
+/// others paced by `pace` when given), then flushes; returns the bytes written.
 pub(super) async fn send(
     source: &mut NbdClient,
     target: &mut NbdClient,
     ranges: &Ranges,
     copied: &AtomicU64,
+    mut pace: Option<&mut Pace>,
 ) -> anyhow::Result<u64> {
     let mut written = 0;
     for &(offset, len) in &ranges.0 {
         let data = source.read(offset, len).await?;
         if hashes::is_zero(&data) {
             target.write_zeroes(offset, len).await?;
+            copied.fetch_add(len, Ordering::SeqCst);
         } else {
-            target.write(offset, &data).await?;
+            let chunk = pace.as_ref().map_or(data.len(), |p| p.chunk()).max(1);
+            let mut at = offset;
+            for piece in data.chunks(chunk) {
+                target.write(at, piece).await?;
+                let n = piece.len() as u64;
+                at += n;
+                copied.fetch_add(n, Ordering::SeqCst);
+                if let Some(p) = pace.as_deref_mut() {
+                    p.paid(n).await;
+                }
+            }
         }
         written += len;
-        copied.fetch_add(len, Ordering::SeqCst);
     }
     target.flush().await?;
     Ok(written)
@@ -277,6 +334,7 @@ impl Run<'_> {
             if target == Target::Ask {
                 self.begin_on_target(remote).await?;
             }
+            self.fresh_bitmaps.store(true, Ordering::SeqCst);
             jobs::add_bitmaps(vm, self.disks, names).await?;
         }
         let result = async {
@@ -343,18 +401,27 @@ impl Run<'_> {
         let locals = self.export(remote, names).await?;
         let mut targets = Vec::new();
         let mut written = 0;
+        let mut pace = self.speed().map(Pace::new);
         for ((d, source), ranges) in self.disks.iter().zip(sources.iter_mut()).zip(&diffs) {
             let (socket, export) = locals.get(&d.key).context("no forward for a disk")?;
             let mut t = NbdClient::connect(socket, export, NBD_TIMEOUT)
                 .await
                 .with_context(|| format!("{}: connecting to the target's working copy", d.key))?;
-            written += send(source, &mut t, ranges, &self.copied)
+            written += send(source, &mut t, ranges, &self.copied, pace.as_mut())
                 .await
                 .with_context(|| format!("{}: writing the blocks that differ", d.key))?;
             targets.push(t);
         }
+        let paced = match (&pace, self.opts.bwlimit) {
+            (Some(p), Some(kib)) => format!(
+                ", paced to --bwlimit {kib} KiB/s (the writes waited {:.1} s in {} pauses)",
+                p.waited.as_secs_f64(),
+                p.pauses
+            ),
+            _ => String::new(),
+        };
         self.progress.log(format!(
-            "hash sync: {} compared, {} differed and were written",
+            "hash sync: {} compared, {} differed and were written{paced}",
             human(figures.compared),
             human(written)
         ));

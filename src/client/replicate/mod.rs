@@ -13,7 +13,8 @@
 //! a hash sync); `hashsync.rs` the block-hash comparison. Nothing here changes the source
 //! VM's config (a stopped VM's config lock is held for the run); a failed run cancels its
 //! jobs, removes its NBD nodes and asks the target to clean up (which frees only the
-//! run's transient things once a replica has a point).
+//! run's transient things once a replica has a point); `mtunnel replicate` stopped by
+//! SIGTERM or SIGINT does the same at once ([`replicate_until`]).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -165,10 +166,54 @@ pub async fn replicate(
     opts: &ReplicateOptions,
     progress: &Progress,
 ) -> anyhow::Result<RunSummary> {
+    replicate_until(src, opts, progress, std::future::pending()).await
+}
+
+/// The first SIGTERM or SIGINT, by name, for [`replicate_until`]. The handlers are
+/// installed now (call it inside the runtime, before the run): from then on neither signal
+/// ends the process by itself.
+pub fn termination_signals() -> anyhow::Result<impl Future<Output = &'static str>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("handling SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("handling SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        }
+    })
+}
+
+/// [`replicate`] that stops when `stop` resolves (to the signal's name): the run's work is
+/// dropped where it stands, then what it added to the source QEMU is removed as after a
+/// failure ([`Run::clean_up_interrupted`]), the target is asked to clean up (it ends the
+/// run as cut: the replica is `interrupted`, its points intact), and the error says the
+/// next run continues it. A stopped VM's `qemu-nbd -r` are killed when their work is
+/// dropped, its config lock when the run returns.
+pub async fn replicate_until(
+    src: &SourceNode,
+    opts: &ReplicateOptions,
+    progress: &Progress,
+    stop: impl Future<Output = &'static str>,
+) -> anyhow::Result<RunSummary> {
     let started = Instant::now();
-    let (conf_text, disks) = plan(src, opts).await?;
-    let subject = Subject::of(src, opts.vmid, progress).await?;
-    let mut remote = Remote::open(opts, &disks, progress).await?;
+    tokio::pin!(stop);
+    let opening = async {
+        let (conf_text, disks) = plan(src, opts).await?;
+        let subject = Subject::of(src, opts.vmid, progress).await?;
+        let remote = Remote::open(opts, &disks, progress).await?;
+        anyhow::Ok((conf_text, disks, subject, remote))
+    };
+    // Nothing is added to the source before the tunnel is open: dropping this is enough
+    // (a tunnel opened meanwhile ends with its connection).
+    let (conf_text, disks, subject, mut remote) = tokio::select! {
+        opened = opening => opened?,
+        signal = &mut stop => bail!(
+            "replica run of VM {} interrupted ({signal}) before it started: nothing was \
+             copied; the next run does it",
+            opts.vmid
+        ),
+    };
     let run = Run {
         src,
         opts,
@@ -178,28 +223,18 @@ pub async fn replicate(
         copied: AtomicU64::new(0),
         first: AtomicBool::new(false),
         exported: AtomicBool::new(false),
+        names: std::sync::OnceLock::new(),
+        fresh_bitmaps: AtomicBool::new(false),
     };
-    let result = async {
-        let prepared = run.prepare(&remote, &conf_text).await?;
-        let first = prepared["first"].as_bool() == Some(true);
-        run.first.store(first, Ordering::SeqCst);
-        let id = prepared
-            .get("id")
-            .and_then(Value::as_str)
-            .filter(|id| id.len() >= 8 && id.bytes().all(|b| b.is_ascii_hexdigit()))
-            .with_context(|| format!("replica-prepare reply without a valid id: {prepared}"))?;
-        let names = jobs::Names::new(id);
-        if let Some(vm) = run.vm {
-            let socket = read_socket(&src.cfg.run_dir, opts.vmid, names.tag());
-            jobs::clear_read(vm, &disks, &socket, &names).await;
+    let work = run.work(&mut remote, &conf_text);
+    let result = tokio::select! {
+        result = work => result,
+        signal = &mut stop => {
+            run.clean_up_interrupted().await;
+            remote.quit_within(true, INTERRUPTED_QUIT).await;
+            return Err(anyhow::anyhow!(run.interrupted(signal)));
         }
-        let transferred = run.transfer(&mut remote, &prepared, &names).await;
-        if let (Err(_), Some(vm)) = (&transferred, run.vm) {
-            jobs::abort(vm, &disks, &names).await;
-        }
-        transferred
-    }
-    .await;
+    };
     match result {
         Ok(mut summary) => {
             remote.quit(false).await;
@@ -209,26 +244,21 @@ pub async fn replicate(
         Err(e) => {
             // What went out before the failure: the next run (a hash sync) sends the rest.
             let copied = run.copied.load(Ordering::SeqCst);
-            // A first run that exported committed its tunnel: the target keeps the replica.
-            let kept = if run.first.load(Ordering::SeqCst) && run.exported.load(Ordering::SeqCst) {
-                format!(
-                    "; the target keeps an interrupted replica (no restore point yet) that the \
-                     next run continues, or 'mtunnel replica drop {}' on the target frees",
-                    opts.vmid
-                )
-            } else {
-                String::new()
-            };
             progress.log(format!(
-                "replica run failed after copying {} ({copied} bytes) toward the target{kept}: \
+                "replica run failed after copying {} ({copied} bytes) toward the target{}: \
                  {e:#}",
-                human(copied)
+                human(copied),
+                run.kept_note()
             ));
             remote.quit(true).await;
             Err(e)
         }
     }
 }
+
+/// How long an interrupted run waits for the target's `quit` (the connection closes
+/// anyway, which the target treats the same).
+const INTERRUPTED_QUIT: Duration = Duration::from_secs(10);
 
 /// One run under way: what it copies, from where.
 struct Run<'a> {
@@ -244,9 +274,85 @@ struct Run<'a> {
     first: AtomicBool,
     /// `replica-export` succeeded (the target committed the tunnel).
     exported: AtomicBool,
+    /// The names of the replica's things in the source QEMU, once `replica-prepare` told
+    /// its id.
+    names: std::sync::OnceLock<jobs::Names>,
+    /// A hash sync is adding (or added) the replica's fresh bitmaps: they miss the writes
+    /// before them, so a run that does not complete removes them.
+    fresh_bitmaps: AtomicBool,
 }
 
 impl Run<'_> {
+    /// The run from `replica-prepare` to the restore point; on a failure its jobs (and a
+    /// failed hash sync's bitmaps and exports) are gone from the source QEMU.
+    async fn work(&self, remote: &mut Remote, conf_text: &str) -> anyhow::Result<RunSummary> {
+        let prepared = self.prepare(remote, conf_text).await?;
+        let first = prepared["first"].as_bool() == Some(true);
+        self.first.store(first, Ordering::SeqCst);
+        let id = prepared
+            .get("id")
+            .and_then(Value::as_str)
+            .filter(|id| id.len() >= 8 && id.bytes().all(|b| b.is_ascii_hexdigit()))
+            .with_context(|| format!("replica-prepare reply without a valid id: {prepared}"))?;
+        let names = self.names.get_or_init(|| jobs::Names::new(id));
+        if let Some(vm) = self.vm {
+            let socket = read_socket(&self.src.cfg.run_dir, self.opts.vmid, names.tag());
+            jobs::clear_read(vm, self.disks, &socket, names).await;
+        }
+        let transferred = self.transfer(remote, &prepared, names).await;
+        if let (Err(_), Some(vm)) = (&transferred, self.vm) {
+            jobs::abort(vm, self.disks, names).await;
+        }
+        transferred
+    }
+
+    /// After the run's work was dropped by a signal: what a failure would have removed
+    /// from the source QEMU — this replica's backup jobs and NBD client nodes, the hash
+    /// sync's read-only exports and NBD server, and its fresh bitmaps (which the next run
+    /// must not trust). Best effort, each step bounded by its QMP timeout.
+    async fn clean_up_interrupted(&self) {
+        let (Some(vm), Some(names)) = (self.vm, self.names.get()) else {
+            return;
+        };
+        jobs::abort(vm, self.disks, names).await;
+        let socket = read_socket(&self.src.cfg.run_dir, self.opts.vmid, names.tag());
+        jobs::clear_read(vm, self.disks, &socket, names).await;
+        if self.fresh_bitmaps.load(Ordering::SeqCst) {
+            jobs::remove_bitmaps(vm, self.disks, names).await;
+        }
+    }
+
+    /// The one line an interrupted run ends with.
+    fn interrupted(&self, signal: &str) -> String {
+        let copied = self.copied.load(Ordering::SeqCst);
+        let next = if self.first.load(Ordering::SeqCst) && !self.exported.load(Ordering::SeqCst) {
+            "the target kept nothing of it, the next run starts the replica anew"
+        } else {
+            "the next run continues it, sending only what the target has not acknowledged"
+        };
+        format!(
+            "replica run of VM {} interrupted ({signal}) after copying {} ({copied} bytes) \
+             toward the target; stopped cleanly (its jobs and exports removed from the source, \
+             the target's run ended as cut): {next}",
+            self.opts.vmid,
+            human(copied)
+        )
+    }
+
+    /// For a failure line: a first run that exported committed its tunnel, so the target
+    /// keeps the replica.
+    fn kept_note(&self) -> String {
+        if self.first.load(Ordering::SeqCst) && self.exported.load(Ordering::SeqCst) {
+            format!(
+                "; the target keeps an interrupted replica (no restore point yet) that the \
+                 next run continues, or 'mtunnel replica drop {}' on the target frees",
+                self.opts.vmid
+            )
+        } else {
+            String::new()
+        }
+    }
+
     /// `replica-prepare`: its reply (replica id, whether incremental is possible).
     async fn prepare(&self, remote: &Remote, conf_text: &str) -> anyhow::Result<Value> {
         let disk_map: serde_json::Map<String, Value> = self

@@ -177,9 +177,15 @@ impl Remote {
 
     /// Ends the tunnel: `quit` (with `cleanup` after a failure) and the connection.
     pub(super) async fn quit(&mut self, cleanup: bool) {
+        self.quit_within(cleanup, Duration::from_secs(60)).await;
+    }
+
+    /// [`Self::quit`] that waits at most `timeout` for the reply (the target answers it
+    /// after the command it is busy with).
+    pub(super) async fn quit_within(&mut self, cleanup: bool, timeout: Duration) {
         self.forwards.clear();
         let quit = json!({"cmd": "quit", "cleanup": u8::from(cleanup)});
-        if let Err(e) = self.control.command(&quit, Duration::from_secs(60)).await {
+        if let Err(e) = self.control.command(&quit, timeout).await {
             tracing::warn!("quit on the target failed: {e}");
         }
     }
