@@ -445,6 +445,58 @@ fn check_defaults(keys: &[KeyLine]) {
     }
 }
 
+/// What `scripts/test-all.sh` installs, from its `echo "== installing A, B and C (...)"`
+/// lines (the parenthesis says where it comes from), plus the venv's proxmoxer.
+fn installed_by_test_script(script: &str) -> Vec<String> {
+    let mut names: Vec<String> = script
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("echo \"== installing "))
+        .flat_map(|l| {
+            let list = l.split(['(', '"']).next().unwrap_or("");
+            list.split([',', ' '])
+                .filter(|w| !w.is_empty() && *w != "and")
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    if script.contains("pip install") {
+        names.push("proxmoxer".into());
+    }
+    names
+}
+
+/// Every package `scripts/test-all.sh` installs is named in its opening comment and in the
+/// README's sentence on running every test.
+#[test]
+fn test_script_and_readme_name_everything_it_installs() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let script = std::fs::read_to_string(root.join("scripts/test-all.sh")).unwrap();
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let header: String = script
+        .lines()
+        .skip(1)
+        .take_while(|l| l.starts_with('#'))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let sentence = readme
+        .split("\n\n")
+        .find(|p| p.starts_with("Run every test ("))
+        .expect("README.md: no paragraph starting 'Run every test ('")
+        .replace('\n', " ");
+    let names = installed_by_test_script(&script);
+    assert!(names.len() >= 9, "too few installs found: {names:?}");
+    for (what, text) in [("its opening comment", &header), ("README.md", &sentence)] {
+        let missing: Vec<_> = names
+            .iter()
+            .filter(|n| !text.contains(n.as_str()))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "scripts/test-all.sh installs {missing:?} but {what} does not say so:\n{text}"
+        );
+    }
+}
+
 /// Runs `cmd`, fails the test with its output unless it succeeds, returns its stdout.
 fn run_ok(cmd: &mut Command) -> String {
     let out = cmd

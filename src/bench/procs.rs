@@ -238,7 +238,10 @@ mod tests {
         }
         let cpu1 = cpu_seconds(0).unwrap();
         assert!(cpu1 >= goal, "CPU seconds stayed at {cpu1} (from {cpu0})");
-        assert!(cpu_seconds(me).unwrap() >= cpu1, "pid {me} is not this process");
+        assert!(
+            cpu_seconds(me).unwrap() >= cpu1,
+            "pid {me} is not this process"
+        );
         let ns1 = cpu_ns_threads(me);
         assert!(
             ns1 >= ns0 + 10_000_000,
