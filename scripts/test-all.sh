@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Runs every test of mtunnel on a fresh machine: installs what the tests need (QEMU for the
-# live-migration tests, btrfs-progs for the btrfs storage tests, etcd for the cluster tests,
-# promtool for the metrics test, chromium for the status page test, cargo-deb and man-db for
-# the package test, a Python venv with proxmoxer for the client-compatibility test), builds, runs the Rust test suites, the Lua
-# handler specs and the cookbook's recipes.
+# live-migration tests; btrfs-progs for the btrfs storage tests; promtool for the metrics
+# test; busybox-static, libc6-dev and gcc for the real-guest tests, whose kernel comes from
+# Debian's linux-image-amd64; iproute2 for the WAN bench test; etcd-server for the cluster
+# tests; chromium for the status page test; cargo-deb and man-db for the package test; a
+# Python venv with proxmoxer for the client-compatibility test), builds, runs the Rust test
+# suites, the Lua handler specs and the cookbook's recipes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -42,7 +44,7 @@ fi
 # comes from `apt-get download linux-image-amd64` (needs package lists), cached in target/guest.
 if [ ! -x /bin/busybox ] || ! dpkg -s busybox-static >/dev/null 2>&1 \
   || [ ! -e /usr/lib/x86_64-linux-gnu/libc.a ]; then
-  echo "== installing busybox-static and libc6-dev"
+  echo "== installing busybox-static, libc6-dev and gcc"
   install_guest_tools() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends busybox-static libc6-dev gcc >/dev/null
   }

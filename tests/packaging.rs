@@ -400,6 +400,63 @@ fn packaged_config_lists_every_key_with_its_default() {
     check_defaults(&keys);
 }
 
+/// `docs/config.md` (the config reference) names every key the config file, `[cluster]`
+/// and a storage table accept: as a `key = ` line, as `` `key` `` in the text or as a
+/// `[key]` table header; the `[cluster]` keys in `docs/cluster.md`.
+#[test]
+fn config_reference_names_every_key() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap();
+    let (config, cluster) = (read("docs/config.md"), read("docs/cluster.md"));
+    let named = |text: &str, key: &str| {
+        text.lines().any(|l| l.starts_with(&format!("{key} = ")))
+            || text.contains(&format!("`{key}`"))
+            || text.contains(&format!("`{key} = "))
+            || text.contains(&format!("[{key}]"))
+            || text.contains(&format!("[{key}."))
+    };
+    let mut missing = Vec::new();
+    for (table, keys, doc) in [
+        ("", fields_of::<mtunnel::config::ConfigFile>(), &config),
+        (
+            "[storage.*] ",
+            fields_of::<mtunnel::storage::StorageDef>(),
+            &config,
+        ),
+        (
+            "[cluster] ",
+            fields_of::<mtunnel::config::ClusterFile>(),
+            &cluster,
+        ),
+    ] {
+        missing.extend(
+            keys.iter()
+                .filter(|k| !named(doc, k))
+                .map(|k| format!("{table}{k}")),
+        );
+    }
+    assert!(
+        missing.is_empty(),
+        "keys mtunnel accepts that the config reference (docs/config.md, docs/cluster.md) \
+         does not name: {missing:?}"
+    );
+    // And the example in docs/config.md shows no key mtunnel refuses.
+    let accepted: BTreeSet<String> = fields_of::<mtunnel::config::ConfigFile>()
+        .into_iter()
+        .chain(fields_of::<mtunnel::storage::StorageDef>())
+        .collect();
+    let unknown: Vec<&str> = config
+        .lines()
+        .filter_map(|l| l.split_once(" = ").map(|(k, _)| k))
+        .filter(|k| k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
+        .filter(|k| !accepted.contains(*k))
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "docs/config.md shows keys mtunnel refuses: {unknown:?}"
+    );
+}
+
 fn check_defaults(keys: &[KeyLine]) {
     let is_root = nix::unistd::geteuid().is_root();
     let dir = tempfile::tempdir().unwrap();
@@ -442,6 +499,58 @@ fn check_defaults(keys: &[KeyLine]) {
         );
     } else {
         eprintln!("not root: data_dir, run_dir, handlers_dir and [storage.local] not compared");
+    }
+}
+
+/// What `scripts/test-all.sh` installs, from its `echo "== installing A, B and C (...)"`
+/// lines (the parenthesis says where it comes from), plus the venv's proxmoxer.
+fn installed_by_test_script(script: &str) -> Vec<String> {
+    let mut names: Vec<String> = script
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("echo \"== installing "))
+        .flat_map(|l| {
+            let list = l.split(['(', '"']).next().unwrap_or("");
+            list.split([',', ' '])
+                .filter(|w| !w.is_empty() && *w != "and")
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    if script.contains("pip install") {
+        names.push("proxmoxer".into());
+    }
+    names
+}
+
+/// Every package `scripts/test-all.sh` installs is named in its opening comment and in the
+/// README's sentence on running every test.
+#[test]
+fn test_script_and_readme_name_everything_it_installs() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let script = std::fs::read_to_string(root.join("scripts/test-all.sh")).unwrap();
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let header: String = script
+        .lines()
+        .skip(1)
+        .take_while(|l| l.starts_with('#'))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let sentence = readme
+        .split("\n\n")
+        .find(|p| p.starts_with("Run every test ("))
+        .expect("README.md: no paragraph starting 'Run every test ('")
+        .replace('\n', " ");
+    let names = installed_by_test_script(&script);
+    assert!(names.len() >= 9, "too few installs found: {names:?}");
+    for (what, text) in [("its opening comment", &header), ("README.md", &sentence)] {
+        let missing: Vec<_> = names
+            .iter()
+            .filter(|n| !text.contains(n.as_str()))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "scripts/test-all.sh installs {missing:?} but {what} does not say so:\n{text}"
+        );
     }
 }
 

@@ -365,9 +365,14 @@ async fn run_inner(opts: &Options) -> anyhow::Result<()> {
     let idle_ok = idle.as_ref().and_then(|r| r.as_ref().ok());
     let mig_ok = migration.as_ref().ok();
     let targets = report::targets(tp, lat_plain, idle_ok, mig_ok);
-    let mut table = report::table(
-        opts, &machine, &versions, tp, lat_plain, lat_tls, idle_ok, mig_ok, &targets,
-    );
+    let measured = report::Measured {
+        tp,
+        lat_plain,
+        lat_tls,
+        idle: idle_ok,
+        mig: mig_ok,
+    };
+    let mut table = report::table(opts, &machine, &versions, &measured, &targets);
     table.push_str(&wan_tables(&wan_runs));
     table.push_str(&busy_table(&busy));
     println!("{table}");

@@ -219,19 +219,72 @@ fn status_field(pid: u32, key: &str) -> anyhow::Result<u64> {
 mod tests {
     use super::*;
 
+    /// Each counter moves with what this process does: CPU burnt, memory touched, files
+    /// opened, threads started (lower bounds only: a test runner may add threads or fds of
+    /// its own); `pid` 0 and this process's pid read the same process.
     #[test]
-    fn counters_of_this_process() {
+    fn counters_follow_this_process() {
         let me = std::process::id();
+
+        // CPU: burn until the tick-based counter moved 5 ticks (at most 30 s of it).
+        let (cpu0, ns0) = (cpu_seconds(0).unwrap(), cpu_ns_threads(me));
+        let goal = cpu0 + 5.0 / clock_ticks();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         let mut x = 0u64;
-        for i in 0..5_000_000u64 {
-            x = x.wrapping_mul(31).wrapping_add(i);
+        while cpu_seconds(0).unwrap() < goal && std::time::Instant::now() < deadline {
+            for i in 0..1_000_000u64 {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+            }
         }
-        assert!(x != 1);
-        assert!(cpu_seconds(0).unwrap() >= 0.0);
-        assert!(cpu_seconds(me).unwrap() >= 0.0);
-        assert!(cpu_ns_threads(me) > 0);
-        assert!(rss_kib(me).unwrap() > 100);
-        assert!(threads(me).unwrap() >= 1);
-        assert!(open_fds(me) >= 3);
+        let cpu1 = cpu_seconds(0).unwrap();
+        assert!(cpu1 >= goal, "CPU seconds stayed at {cpu1} (from {cpu0})");
+        assert!(
+            cpu_seconds(me).unwrap() >= cpu1,
+            "pid {me} is not this process"
+        );
+        let ns1 = cpu_ns_threads(me);
+        assert!(
+            ns1 >= ns0 + 10_000_000,
+            "live threads' CPU went from {ns0} to {ns1} ns while {cpu0} -> {cpu1} s"
+        );
+
+        // Memory: 64 MiB touched page by page is resident.
+        let rss0 = rss_kib(me).unwrap();
+        let mut block = vec![0u8; 64 << 20];
+        for page in block.chunks_mut(4096) {
+            page[0] = 1;
+        }
+        let rss1 = rss_kib(me).unwrap();
+        std::hint::black_box(&block);
+        assert!(rss1 >= rss0 + (48 << 10), "RSS {rss0} -> {rss1} KiB");
+        drop(block);
+
+        // Files: 8 more open descriptors.
+        let fds0 = open_fds(me);
+        let files: Vec<std::fs::File> = (0..8)
+            .map(|_| std::fs::File::open("/proc/self/stat").unwrap())
+            .collect();
+        let fds1 = open_fds(me);
+        assert!(fds1 >= fds0 + 8, "open fds {fds0} -> {fds1}");
+        drop(files);
+
+        // Threads: 3 more, parked until counted.
+        let threads0 = threads(me).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let rx = std::sync::Arc::new(std::sync::Mutex::new(rx));
+        let parked: Vec<_> = (0..3)
+            .map(|_| {
+                let rx = std::sync::Arc::clone(&rx);
+                std::thread::spawn(move || {
+                    let _ = rx.lock().map(|r| r.recv());
+                })
+            })
+            .collect();
+        let threads1 = threads(me).unwrap();
+        drop(tx);
+        for t in parked {
+            t.join().unwrap();
+        }
+        assert!(threads1 >= threads0 + 3, "threads {threads0} -> {threads1}");
     }
 }

@@ -232,19 +232,51 @@ pub fn targets_table(title: &str, targets: &[Target]) -> String {
     o
 }
 
+/// What one run measured, for the report; a section is absent when it was not selected
+/// or failed.
+pub struct Measured<'a> {
+    pub tp: Option<&'a Throughput>,
+    pub lat_plain: Option<&'a Latency>,
+    pub lat_tls: Option<&'a Latency>,
+    pub idle: Option<&'a Idle>,
+    pub mig: Option<&'a Migration>,
+}
+
 /// The whole report as text.
-#[allow(clippy::too_many_arguments)]
 pub fn table(
     opts: &Options,
     machine: &Value,
     versions: &Value,
-    tp: Option<&Throughput>,
-    lat_plain: Option<&Latency>,
-    lat_tls: Option<&Latency>,
-    idle: Option<&Idle>,
-    mig: Option<&Migration>,
+    measured: &Measured,
     targets: &[Target],
 ) -> String {
+    let mut o = facts_block(machine, versions);
+    if let Some(tp) = measured.tp {
+        o.push_str(&throughput_block(tp));
+    }
+    for lat in [measured.lat_plain, measured.lat_tls].into_iter().flatten() {
+        o.push_str(&latency_block(lat));
+    }
+    if let Some(i) = measured.idle {
+        o.push_str(&idle_block(i));
+    }
+    if let Some(m) = measured.mig {
+        o.push_str(&migration_block(m));
+    }
+    // A run across emulated links only (--wan, --busy-guest) measured none of these: no
+    // block of "not measured".
+    let remote_only = !opts.wan.is_empty() || opts.busy_guest.is_some();
+    if !remote_only || targets.iter().any(|t| t.pass.is_some()) {
+        o.push_str(&targets_table("Targets", targets));
+    }
+    if opts.quick {
+        let _ = writeln!(o, "(--quick: tiny sizes, the figures mean nothing)");
+    }
+    o
+}
+
+/// The machine and version lines that open the report.
+fn facts_block(machine: &Value, versions: &Value) -> String {
     let s = |v: &Value, k: &str| v[k].as_str().unwrap_or("?").to_string();
     let mut o = String::new();
     let _ = writeln!(
@@ -264,173 +296,180 @@ pub fn table(
         s(versions, "rustc"),
         s(versions, "qemu").split_whitespace().next().unwrap_or("?")
     );
-    if let Some(tp) = tp {
-        let relay = tp.path("relay").map(|r| r.mb_per_s).unwrap_or(f64::NAN);
+    o
+}
+
+/// Bulk transfer: one line per path.
+fn throughput_block(tp: &Throughput) -> String {
+    let mut o = String::new();
+    let relay = tp.path("relay").map(|r| r.mb_per_s).unwrap_or(f64::NAN);
+    let _ = writeln!(
+        o,
+        "\nBulk transfer: writer -> path -> reader, {} x {}, medians (MB = 10^6 bytes)",
+        bytes(tp.size_bytes),
+        tp.repeat
+    );
+    let _ = writeln!(
+        o,
+        "{:<58} {:>6} {:>8} {:>10}  {:<24} {:>6} {:>6}",
+        "path", "MB/s", "x relay", "CPU-s/GiB", "per process", "wr+rd", "other"
+    );
+    for p in &tp.paths {
+        let per = p
+            .cpu_s_per_gib_by_process
+            .iter()
+            .map(|(r, v)| format!("{r} {}", num(*v, 2)))
+            .collect::<Vec<_>>()
+            .join(", ");
         let _ = writeln!(
             o,
-            "\nBulk transfer: writer -> path -> reader, {} x {}, medians (MB = 10^6 bytes)",
-            bytes(tp.size_bytes),
-            tp.repeat
-        );
-        let _ = writeln!(
-            o,
-            "{:<58} {:>6} {:>8} {:>10}  {:<24} {:>6} {:>6}",
-            "path", "MB/s", "x relay", "CPU-s/GiB", "per process", "wr+rd", "other"
-        );
-        for p in &tp.paths {
-            let per = p
-                .cpu_s_per_gib_by_process
-                .iter()
-                .map(|(r, v)| format!("{r} {}", num(*v, 2)))
-                .collect::<Vec<_>>()
-                .join(", ");
-            let _ = writeln!(
-                o,
-                "{:<58} {:>6} {:>7}x {:>10}  {:<24} {:>6} {:>6}",
-                p.label,
-                num(p.mb_per_s, 0),
-                num(p.mb_per_s / relay, 2),
-                if p.cpu_s_per_gib_by_process.is_empty() {
-                    "-".into()
-                } else {
-                    num(p.cpu_s_per_gib, 2)
-                },
-                per,
-                num(p.bench_cpu_s_per_gib, 2),
-                num(p.other_load, 2)
-            );
-        }
-        let _ = writeln!(
-            o,
-            "(wr+rd: CPU-s/GiB of the bench's writer and reader; other: busy cores of the rest \
-             of the machine meanwhile, 0 = quiet)"
-        );
-    }
-    for lat in [lat_plain, lat_tls].into_iter().flatten() {
-        let echo = lat.kind("echo").map(|k| k.p50_us).unwrap_or(f64::NAN);
-        let _ = writeln!(
-            o,
-            "\nCommand round trip over {} (ws{}://), {} each, one at a time",
-            if lat.transport == "tls" {
-                "TLS"
+            "{:<58} {:>6} {:>7}x {:>10}  {:<24} {:>6} {:>6}",
+            p.label,
+            num(p.mb_per_s, 0),
+            num(p.mb_per_s / relay, 2),
+            if p.cpu_s_per_gib_by_process.is_empty() {
+                "-".into()
             } else {
-                "plain HTTP"
+                num(p.cpu_s_per_gib, 2)
             },
-            if lat.transport == "tls" { "s" } else { "" },
-            lat.commands
-        );
-        let _ = writeln!(
-            o,
-            "{:<52} {:>8} {:>8} {:>8} {:>9} {:>13}",
-            "command", "p50 us", "p99 us", "max us", "p50/echo", "serve CPU us"
-        );
-        for k in &lat.kinds {
-            let _ = writeln!(
-                o,
-                "{:<52} {:>8} {:>8} {:>8} {:>8}x {:>13}",
-                k.label,
-                num(k.p50_us, 0),
-                num(k.p99_us, 0),
-                num(k.max_us, 0),
-                num(k.p50_us / echo, 2),
-                num(k.server_cpu_us, 0)
-            );
-        }
-    }
-    if let Some(i) = idle {
-        let _ = writeln!(
-            o,
-            "\n{} tunnels open at once (TLS, control WebSocket connected, `version` answered)",
-            i.tunnels
-        );
-        let _ = writeln!(
-            o,
-            "serve RSS {:.1} -> {:.1} MiB: {:.0} KiB per idle tunnel, {:.1} fds per tunnel, threads {} -> {}",
-            i.rss_before_kib as f64 / 1024.0,
-            i.rss_after_kib as f64 / 1024.0,
-            i.rss_per_tunnel_kib,
-            i.fds_per_tunnel,
-            i.threads_before,
-            i.threads_after
-        );
-        let _ = writeln!(
-            o,
-            "setup POST -> first reply: p50 {} ms, p99 {} ms, max {} ms (POST alone p50 {} ms)",
-            num(i.setup_p50_ms, 2),
-            num(i.setup_p99_ms, 2),
-            num(i.setup_max_ms, 2),
-            num(i.post_p50_ms, 2)
+            per,
+            num(p.bench_cpu_s_per_gib, 2),
+            num(p.other_load, 2)
         );
     }
-    if let Some(m) = mig {
+    let _ = writeln!(
+        o,
+        "(wr+rd: CPU-s/GiB of the bench's writer and reader; other: busy cores of the rest \
+         of the machine meanwhile, 0 = quiet)"
+    );
+    o
+}
+
+/// Command round trips over one transport.
+fn latency_block(lat: &Latency) -> String {
+    let mut o = String::new();
+    let echo = lat.kind("echo").map(|k| k.p50_us).unwrap_or(f64::NAN);
+    let _ = writeln!(
+        o,
+        "\nCommand round trip over {} (ws{}://), {} each, one at a time",
+        if lat.transport == "tls" {
+            "TLS"
+        } else {
+            "plain HTTP"
+        },
+        if lat.transport == "tls" { "s" } else { "" },
+        lat.commands
+    );
+    let _ = writeln!(
+        o,
+        "{:<52} {:>8} {:>8} {:>8} {:>9} {:>13}",
+        "command", "p50 us", "p99 us", "max us", "p50/echo", "serve CPU us"
+    );
+    for k in &lat.kinds {
         let _ = writeln!(
             o,
-            "\nLive migration, QEMU {} {}, {} MiB RAM with {} MiB data, x {}, medians",
-            m.qemu.split_whitespace().next().unwrap_or("?"),
-            m.accel.to_uppercase(),
-            m.ram_mib,
-            m.data_mib,
-            m.repeat
-        );
-        let rate = |ms: f64| (m.data_mib << 20) as f64 / (ms / 1e3) / 1e6;
-        let range = |mode: &str| {
-            let (a, b) = m.range(mode);
-            let (p, n) = m.precopy(mode);
-            format!("{}-{}  {} ({n})", num(a, 0), num(b, 0), num(p, 0))
-        };
-        let _ = writeln!(
-            o,
-            "{:<44} {:>12} {:>11} {:>8} {:>12} {:>8}  range ms  full-precopy runs: median (n)",
-            "", "RAM phase ms", "data MB/s", "x direct", "downtime ms", "wall s"
-        );
-        let _ = writeln!(
-            o,
-            "{:<44} {:>12} {:>11} {:>8} {:>12} {:>8}  {}",
-            "direct: QMP migrate to -incoming unix:",
-            num(m.direct_ram_ms, 0),
-            num(rate(m.direct_ram_ms), 0),
-            "1.00x",
-            num(m.direct_downtime_ms, 0),
-            "-",
-            range("direct")
-        );
-        let _ = writeln!(
-            o,
-            "{:<44} {:>12} {:>11} {:>7}x {:>12} {:>8}  {}",
-            "relay: via copy relay x2 (UNIX->TCP->UNIX)",
-            num(m.relay_ram_ms, 0),
-            num(rate(m.relay_ram_ms), 0),
-            num(m.relay_ram_ms / m.direct_ram_ms, 2),
-            num(m.relay_downtime_ms, 0),
-            "-",
-            range("relay")
-        );
-        let _ = writeln!(
-            o,
-            "{:<44} {:>12} {:>11} {:>7}x {:>12} {:>8}  {}",
-            "tunnel: mtunnel migrate --online (TLS)",
-            num(m.tunnel_ram_ms, 0),
-            num(rate(m.tunnel_ram_ms), 0),
-            num(m.ratio, 2),
-            num(m.tunnel_downtime_ms, 0),
-            num(m.tunnel_wall_s, 1),
-            range("tunnel")
-        );
-        let _ = writeln!(
-            o,
-            "(full precopy: downtime < {} ms, the whole RAM pass ran live; the other runs \
-             switched over early and sent the rest with the VM stopped)",
-            super::migration::EARLY_SWITCHOVER_MS
+            "{:<52} {:>8} {:>8} {:>8} {:>8}x {:>13}",
+            k.label,
+            num(k.p50_us, 0),
+            num(k.p99_us, 0),
+            num(k.max_us, 0),
+            num(k.p50_us / echo, 2),
+            num(k.server_cpu_us, 0)
         );
     }
-    // A run across emulated links only (--wan, --busy-guest) measured none of these: no
-    // block of "not measured".
-    let remote_only = !opts.wan.is_empty() || opts.busy_guest.is_some();
-    if !remote_only || targets.iter().any(|t| t.pass.is_some()) {
-        o.push_str(&targets_table("Targets", targets));
-    }
-    if opts.quick {
-        let _ = writeln!(o, "(--quick: tiny sizes, the figures mean nothing)");
-    }
+    o
+}
+
+/// Idle tunnels: memory, descriptors and setup time.
+fn idle_block(i: &Idle) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "\n{} tunnels open at once (TLS, control WebSocket connected, `version` answered)",
+        i.tunnels
+    );
+    let _ = writeln!(
+        o,
+        "serve RSS {:.1} -> {:.1} MiB: {:.0} KiB per idle tunnel, {:.1} fds per tunnel, threads {} -> {}",
+        i.rss_before_kib as f64 / 1024.0,
+        i.rss_after_kib as f64 / 1024.0,
+        i.rss_per_tunnel_kib,
+        i.fds_per_tunnel,
+        i.threads_before,
+        i.threads_after
+    );
+    let _ = writeln!(
+        o,
+        "setup POST -> first reply: p50 {} ms, p99 {} ms, max {} ms (POST alone p50 {} ms)",
+        num(i.setup_p50_ms, 2),
+        num(i.setup_p99_ms, 2),
+        num(i.setup_max_ms, 2),
+        num(i.post_p50_ms, 2)
+    );
+    o
+}
+
+/// Live migration: direct, relay and tunnel runs side by side.
+fn migration_block(m: &Migration) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "\nLive migration, QEMU {} {}, {} MiB RAM with {} MiB data, x {}, medians",
+        m.qemu.split_whitespace().next().unwrap_or("?"),
+        m.accel.to_uppercase(),
+        m.ram_mib,
+        m.data_mib,
+        m.repeat
+    );
+    let rate = |ms: f64| (m.data_mib << 20) as f64 / (ms / 1e3) / 1e6;
+    let range = |mode: &str| {
+        let (a, b) = m.range(mode);
+        let (p, n) = m.precopy(mode);
+        format!("{}-{}  {} ({n})", num(a, 0), num(b, 0), num(p, 0))
+    };
+    let _ = writeln!(
+        o,
+        "{:<44} {:>12} {:>11} {:>8} {:>12} {:>8}  range ms  full-precopy runs: median (n)",
+        "", "RAM phase ms", "data MB/s", "x direct", "downtime ms", "wall s"
+    );
+    let _ = writeln!(
+        o,
+        "{:<44} {:>12} {:>11} {:>8} {:>12} {:>8}  {}",
+        "direct: QMP migrate to -incoming unix:",
+        num(m.direct_ram_ms, 0),
+        num(rate(m.direct_ram_ms), 0),
+        "1.00x",
+        num(m.direct_downtime_ms, 0),
+        "-",
+        range("direct")
+    );
+    let _ = writeln!(
+        o,
+        "{:<44} {:>12} {:>11} {:>7}x {:>12} {:>8}  {}",
+        "relay: via copy relay x2 (UNIX->TCP->UNIX)",
+        num(m.relay_ram_ms, 0),
+        num(rate(m.relay_ram_ms), 0),
+        num(m.relay_ram_ms / m.direct_ram_ms, 2),
+        num(m.relay_downtime_ms, 0),
+        "-",
+        range("relay")
+    );
+    let _ = writeln!(
+        o,
+        "{:<44} {:>12} {:>11} {:>7}x {:>12} {:>8}  {}",
+        "tunnel: mtunnel migrate --online (TLS)",
+        num(m.tunnel_ram_ms, 0),
+        num(rate(m.tunnel_ram_ms), 0),
+        num(m.ratio, 2),
+        num(m.tunnel_downtime_ms, 0),
+        num(m.tunnel_wall_s, 1),
+        range("tunnel")
+    );
+    let _ = writeln!(
+        o,
+        "(full precopy: downtime < {} ms, the whole RAM pass ran live; the other runs \
+         switched over early and sent the rest with the VM stopped)",
+        super::migration::EARLY_SWITCHOVER_MS
+    );
     o
 }
