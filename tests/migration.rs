@@ -211,7 +211,10 @@ async fn online_migration_with_four_streams_uses_multifd() {
     .await;
     assert!(out.contains("migration of VM 104 to 127.0.0.1"), "{out}");
     // Each multifd channel connects to the forward's socket itself.
-    assert!(!out.contains("RAM: QEMU writes into a socket with"), "{out}");
+    assert!(
+        !out.contains("RAM: QEMU writes into a socket with"),
+        "{out}"
+    );
 
     // The target QEMU ran the incoming side with multifd and 4 channels.
     let caps = qmp(
