@@ -143,6 +143,10 @@ pub struct BenchArgs {
     /// autotuning) [default: the config default].
     #[arg(long)]
     pub tcp_buffer_mib: Option<u64>,
+    /// `--ram-queue-mib` of every `mtunnel migrate` of the --wan and --busy-guest
+    /// sections [default: its default].
+    #[arg(long, value_name = "MIB")]
+    pub ram_queue_mib: Option<u32>,
     /// Skip everything that runs QEMU (live migrations, disk moves, replicas, the busy guest).
     #[arg(long)]
     pub no_qemu: bool,
@@ -623,6 +627,7 @@ pub fn bench_options(a: BenchArgs) -> crate::bench::Options {
             .max(u32::from(a.wan.is_empty())),
         disk_mib: a.disk_mib.unwrap_or(d.disk_mib),
         tcp_buffer_mib: a.tcp_buffer_mib,
+        ram_queue_mib: a.ram_queue_mib,
         no_qemu: a.no_qemu,
         only: a.only,
         json: a.json,

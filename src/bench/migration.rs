@@ -223,6 +223,7 @@ struct Setup {
     place: Placement,
     accel: Accel,
     streams: u32,
+    ram_queue_mib: Option<u32>,
 }
 
 /// What the section runs.
@@ -239,6 +240,8 @@ pub struct Plan {
     pub accel: Accel,
     /// `mtunnel migrate --streams` (RAM streams; 1 = one stream, as upstream).
     pub streams: u32,
+    /// `mtunnel migrate --ram-queue-mib` (`None`: its default).
+    pub ram_queue_mib: Option<u32>,
 }
 
 /// Waits until the freshly started source VM is idle: its firmware runs for a while under
@@ -295,29 +298,34 @@ async fn tunnel_run(s: &Setup, vmid: u32, target_vmid: u32) -> anyhow::Result<Mi
     .await?;
     let target = s.target.target_endpoint();
     let t0 = Instant::now();
-    let (out, steps) = mt_in(
-        s.place.client.as_deref(),
-        &s.src_config,
-        &[
-            "migrate",
-            &vmid.to_string(),
-            "--target",
-            &target,
-            "--target-storage",
-            "local",
-            "--online",
-            "--target-vmid",
-            &target_vmid.to_string(),
-            "--streams",
-            &s.streams.to_string(),
-            // The direct paths run QEMU's defaults and the loader guest dirties nothing:
-            // the busy-guest tuning would only make the paths unequal.
-            "--no-auto-converge",
-            "--no-xbzrle",
-            "--no-downtime-escalation",
-        ],
-    )
-    .await?;
+    let (id, tid, streams) = (
+        vmid.to_string(),
+        target_vmid.to_string(),
+        s.streams.to_string(),
+    );
+    let mut args = vec![
+        "migrate",
+        &id,
+        "--target",
+        &target,
+        "--target-storage",
+        "local",
+        "--online",
+        "--target-vmid",
+        &tid,
+        "--streams",
+        &streams,
+        // The direct paths run QEMU's defaults and the loader guest dirties nothing:
+        // the busy-guest tuning would only make the paths unequal.
+        "--no-auto-converge",
+        "--no-xbzrle",
+        "--no-downtime-escalation",
+    ];
+    let queue = s.ram_queue_mib.map(|m| m.to_string());
+    if let Some(q) = &queue {
+        args.extend(["--ram-queue-mib", q]);
+    }
+    let (out, steps) = mt_in(s.place.client.as_deref(), &s.src_config, &args).await?;
     let wall_s = t0.elapsed().as_secs_f64();
     let ram_ms = number_after(&out, "RAM phase ")
         .with_context(|| format!("no 'RAM phase' in the migrate output: {out}"))?;
@@ -469,6 +477,7 @@ pub async fn run(
         relay: true,
         accel: Accel::Auto.resolve(),
         streams: 1,
+        ram_queue_mib: None,
     };
     run_plan(base, &plan, log).await
 }
@@ -521,6 +530,7 @@ pub async fn run_plan(base: &Path, plan: &Plan, log: &dyn Fn(&str)) -> anyhow::R
         place: plan.place.clone(),
         accel: plan.accel,
         streams: plan.streams,
+        ram_queue_mib: plan.ram_queue_mib,
     };
     let mut runs = Vec::new();
     for k in 0..repeat {

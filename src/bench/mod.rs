@@ -74,6 +74,9 @@ pub struct Options {
     pub disk_mib: u64,
     /// `tcp_buffer_mib` of every node of the WAN section (`None`: the default).
     pub tcp_buffer_mib: Option<u64>,
+    /// `--ram-queue-mib` of every `mtunnel migrate` of the WAN and busy-guest sections
+    /// (`None`: its default).
+    pub ram_queue_mib: Option<u32>,
     /// Skip the QEMU section.
     pub no_qemu: bool,
     /// Sections to run (all when empty).
@@ -107,6 +110,7 @@ impl Options {
             migrations: 7,
             disk_mib: 1024,
             tcp_buffer_mib: None,
+            ram_queue_mib: None,
             no_qemu: false,
             only: Vec::new(),
             json: PathBuf::from("bench-results.json"),

@@ -199,6 +199,7 @@ async fn migrate(
         relay: false,
         accel: Accel::Auto.resolve(),
         streams,
+        ram_queue_mib: o.ram_queue_mib,
     };
     log(&format!(
         "  live migration: {} MiB RAM, {} MiB data, {} round(s), {streams} stream(s)",

@@ -245,6 +245,8 @@ struct Setup {
     image: GuestImage,
     shape: BusyShape,
     cap: Duration,
+    /// `mtunnel migrate --ram-queue-mib` (`None`: its default).
+    ram_queue_mib: Option<u32>,
 }
 
 impl Setup {
@@ -290,6 +292,7 @@ async fn measure(
         image,
         shape: o.busy_shape,
         cap: Duration::from_secs(o.busy_cap_s),
+        ram_queue_mib: o.ram_queue_mib,
     };
     let mut runs = Vec::new();
     let mut boots = Vec::new();

@@ -13,7 +13,7 @@ pub(super) async fn tunnel_run(s: &Setup, vmid: u32, target_vmid: u32) -> anyhow
     let target = s.target.target_endpoint();
     let cap = s.cap.as_secs().to_string();
     let (id, tid) = (vmid.to_string(), target_vmid.to_string());
-    let args = [
+    let mut args = vec![
         "migrate",
         &id,
         "--target",
@@ -26,6 +26,10 @@ pub(super) async fn tunnel_run(s: &Setup, vmid: u32, target_vmid: u32) -> anyhow
         "--max-ram-time",
         &cap,
     ];
+    let queue = s.ram_queue_mib.map(|m| m.to_string());
+    if let Some(q) = &queue {
+        args.extend(["--ram-queue-mib", q]);
+    }
     let t0 = Instant::now();
     let limit = s.cap + Duration::from_secs(180);
     let out = mt_output(s.place.client.as_deref(), &s.src_config, &args, limit).await?;

@@ -10,9 +10,10 @@
 //! A migration is a `Migration` value (the source node, the options, the plan, the remote
 //! side, the progress display and the summary) with one method per phase, each in its own
 //! file: `prepare` (`prepare.rs`), `phase1` (`phase1.rs`), `phase2_live`
-//! (`phase2.rs`), `phase3_finish` (`phase3.rs`) and `abort` (`abort.rs`); `remote.rs` holds
-//! the control connection and its forwards, `tuning.rs` what makes a busy guest's RAM
-//! converge, `cutover.rs` a migration onto the target's replica of the VM. This file owns the public types, the order of
+//! (`phase2.rs`, its RAM part in `ram.rs`), `phase3_finish` (`phase3.rs`) and `abort`
+//! (`abort.rs`); `remote.rs` holds the control connection and its forwards, `tuning.rs`
+//! what makes a busy guest's RAM converge, `postcopy.rs` the switch to postcopy,
+//! `cutover.rs` a migration onto the target's replica of the VM. This file owns the public types, the order of
 //! the phases and the source VM's lock. Nothing here touches the target's files: every
 //! change on the target goes through a tunnel command.
 
@@ -38,6 +39,7 @@ mod phase2;
 mod phase3;
 mod postcopy;
 mod prepare;
+mod ram;
 mod remote;
 pub mod tuning;
 
