@@ -130,7 +130,8 @@ pub(super) async fn compare(
     Ok(ranges)
 }
 
-/// The target's hashes of one range (`replica-hashes`), exactly one per block.
+/// The target's hashes of one range (`replica-hashes`), exactly one per block (asked
+/// with `runs` where the target offers it, and expanded here).
 async fn target_hashes(
     remote: &Remote,
     key: &str,
@@ -138,31 +139,45 @@ async fn target_hashes(
     length: u64,
     figures: &mut HashFigures,
 ) -> anyhow::Result<Vec<String>> {
+    let mut cmd = json!({"cmd": "replica-hashes", "disk": key, "offset": offset,
+                         "length": length, "block": BLOCK});
+    if remote.hash_runs {
+        cmd["runs"] = json!(true);
+    }
     let reply = remote
-        .cmd(
-            json!({"cmd": "replica-hashes", "disk": key, "offset": offset,
-                     "length": length, "block": BLOCK}),
-        )
+        .cmd(cmd)
         .await
         .with_context(|| format!("reading the block hashes of {key} on the target"))?;
     figures.hash_bytes += reply.to_string().len() as u64;
-    let list: Vec<String> = reply["hashes"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(Value::as_str)
-                .map(String::from)
-                .collect()
-        })
-        .unwrap_or_default();
-    if list.len() as u64 != length.div_ceil(BLOCK) {
-        bail!(
-            "replica-hashes of {key} at {offset}+{length}: {} hashes, not {}",
-            list.len(),
-            length.div_ceil(BLOCK)
-        );
+    let blocks = length.div_ceil(BLOCK);
+    let what = || format!("replica-hashes of {key} at {offset}+{length}");
+    let list = expand_runs(&reply["hashes"], blocks).with_context(what)?;
+    if list.len() as u64 != blocks {
+        bail!("{}: {} hashes, not {blocks}", what(), list.len());
     }
     Ok(list)
+}
+
+/// The hashes of a `replica-hashes` reply, each count (the repeats of the hash before
+/// it, from a target asked with `runs`) expanded; at most `blocks` of them.
+fn expand_runs(hashes: &Value, blocks: u64) -> anyhow::Result<Vec<String>> {
+    let items = hashes.as_array().context("no 'hashes' list in the reply")?;
+    let mut out: Vec<String> = Vec::with_capacity(items.len());
+    for item in items {
+        if let Some(h) = item.as_str() {
+            out.push(h.to_string());
+            continue;
+        }
+        let more = item
+            .as_u64()
+            .with_context(|| format!("'{item}' is neither a hash nor a count"))?;
+        let last = out.last().cloned().context("a count before any hash")?;
+        if out.len() as u64 + more > blocks {
+            bail!("more than {blocks} hashes");
+        }
+        out.extend(std::iter::repeat_n(last, more as usize));
+    }
+    Ok(out)
 }
 
 /// `--bwlimit` on a hash sync's own writes (QEMU's jobs take it as their `speed`): after
@@ -507,6 +522,22 @@ impl Run<'_> {
 mod tests {
     use super::*;
     use crate::replica::nbd_client::tests::{EIO_AT_256K, Server, block, serve, serve_with};
+
+    #[test]
+    fn runs_of_hashes_expand_and_bad_ones_are_refused() {
+        let hashes = json!(["aa", 3, "bb", "cc", 1]);
+        let list = expand_runs(&hashes, 7).unwrap();
+        assert_eq!(list, ["aa", "aa", "aa", "aa", "bb", "cc", "cc"]);
+        assert_eq!(expand_runs(&json!(["aa", "bb"]), 2).unwrap(), ["aa", "bb"]);
+        let err = |v: Value, n| format!("{:#}", expand_runs(&v, n).unwrap_err());
+        assert_eq!(err(json!([2, "aa"]), 3), "a count before any hash");
+        assert_eq!(err(json!(["aa", 16384]), 16384), "more than 16384 hashes");
+        assert_eq!(
+            err(json!(["aa", -1]), 3),
+            "'-1' is neither a hash nor a count"
+        );
+        assert_eq!(err(json!({}), 3), "no 'hashes' list in the reply");
+    }
 
     #[test]
     fn adjacent_blocks_merge_up_to_one_request() {

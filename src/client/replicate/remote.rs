@@ -29,6 +29,9 @@ pub(super) struct Remote {
     /// The target answers `replica-hashes` (`mtunnel-features` `replica_hashes`): a
     /// hash sync is possible.
     pub(super) hashes: bool,
+    /// Its `replica-hashes` takes `runs` (`mtunnel-features` `replica_hash_runs`):
+    /// repeated hashes come as a count.
+    pub(super) hash_runs: bool,
 }
 
 impl Remote {
@@ -77,9 +80,10 @@ impl Remote {
             base_url,
             forwards: Vec::new(),
             hashes: false,
+            hash_runs: false,
         };
         match remote.check_features().await {
-            Ok(hashes) => remote.hashes = hashes,
+            Ok((hashes, runs)) => (remote.hashes, remote.hash_runs) = (hashes, runs),
             Err(e) => {
                 remote.quit(true).await;
                 return Err(e);
@@ -89,8 +93,8 @@ impl Remote {
     }
 
     /// Checks `version` and that the target offers replicas; returns whether it offers
-    /// `replica-hashes` (older mtunnel targets do not).
-    async fn check_features(&self) -> anyhow::Result<bool> {
+    /// `replica-hashes`, and its `runs` (older mtunnel targets do not).
+    async fn check_features(&self) -> anyhow::Result<(bool, bool)> {
         let version = self.cmd(json!({"cmd": "version"})).await?;
         let api = version.get("api").and_then(Value::as_u64).unwrap_or(0);
         if api < TUNNEL_VERSION {
@@ -106,7 +110,8 @@ impl Remote {
                  it is no mtunnel node, or an older one - upgrade it"
             );
         }
-        Ok(features.get("replica_hashes").and_then(Value::as_u64) == Some(1))
+        let offers = |key: &str| features.get(key).and_then(Value::as_u64) == Some(1);
+        Ok((offers("replica_hashes"), offers("replica_hash_runs")))
     }
 
     /// One command; a failure reply is an error with the target's message.
