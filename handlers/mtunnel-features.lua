@@ -9,6 +9,8 @@
 -- `replica`: the `replica-*` commands are here (docs/replicas.md).
 -- `replica_hashes`: `replica-hashes` is here too (a source may do a hash sync; one
 -- talking to a target without it copies everything instead).
+-- `replica_hash_runs`: `replica-hashes` takes `runs` (repeated hashes, e.g. of zero
+-- blocks, as a count; a source talking to a target without it asks for every hash).
 -- `cutover`: a migration may take over its VM's replica (`replica-cutover`; a tunnel
 -- opened with `replica=1`).
 -- `postcopy`: `start` accepts `migrate_opts.postcopy` (the source may switch the RAM
@@ -20,7 +22,7 @@ return {
   run = function(ctx, p)
     local multifd = pve.qemu.multifd_max()
     local features = { multifd = multifd, postcopy = true, replica = 1, replica_hashes = 1,
-                       cutover = 1 }
+                       replica_hash_runs = 1, cutover = 1 }
     if multifd > 1 then
       features.compression = pve.json.array { "zstd" }
     end

@@ -5,7 +5,7 @@ return {
     local tun = t:open{}
     t:eq(tun:send{cmd = "mtunnel-features"},
          {multifd = 16, compression = {"zstd"}, postcopy = true, replica = 1, replica_hashes = 1,
-          cutover = 1, success = true})
+          replica_hash_runs = 1, cutover = 1, success = true})
   end,
 
   ["does not disturb version behind or before it"] = function(t)

@@ -30,4 +30,13 @@ return {
                              length = 65536, block = 5000},
       "block must be a multiple of 4096 bytes")
   end,
+
+  ["runs must be a boolean"] = function(t)
+    -- (What `runs` does needs a real image: tests/replica.rs, a hash sync of a sparse
+    -- 4 GiB disk, receives its hashes as runs.)
+    local tun = prepared(t)
+    t:fail_contains(tun:send{cmd = "replica-hashes", disk = "scsi0", offset = 0,
+                             length = 65536, runs = "maybe"},
+      "runs: type check ('boolean') failed - got 'maybe'")
+  end,
 }

@@ -275,6 +275,11 @@ pub struct ReplicateArgs {
     /// Bandwidth limit in KiB/s (per disk).
     #[arg(long)]
     pub bwlimit: Option<u64>,
+    /// The member of the target's cluster to replicate to, through the node answering at
+    /// the endpoint (default: that node). A replica lives on one node: later runs must
+    /// name the same one.
+    #[arg(long)]
+    pub target_node: Option<String>,
     #[command(flatten)]
     pub node: NodeArgs,
 }

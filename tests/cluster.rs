@@ -1457,6 +1457,84 @@ async fn a_replica_on_one_node_is_listed_alike_by_every_node_until_dropped() {
     .await;
 }
 
+/// `mtunnel replicate --target-node` through one member's address: the replica is made on
+/// the named member (its `replica list`; the first member holds nothing and lists it
+/// through `/cluster/resources`), a second run through the same address sends only the
+/// 64 KiB written meanwhile, and a run to any other node (the one answering, or another
+/// `--target-node`) is refused, changing nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicate_with_target_node_through_one_address_lands_on_that_member() {
+    common::require_qemu();
+    bounded(180, async {
+        let etcd = EtcdCluster::start(1);
+        let a = node(&etcd, "ta");
+        let b = node(&etcd, "tb");
+        let src = common::tcg_node("tsrc");
+        let token = same_token_on(&[&a, &b], "fleet@pve!repl", "Administrator").await;
+        let disk = "local:64M:qcow2";
+        common::mt_ok(
+            &src,
+            &["vm", "create", "550", "--memory", "64", "--disk", disk],
+        )
+        .await;
+        let img = src.images(550).join("vm-550-disk-0.qcow2");
+        common::qemu_io("qcow2", "write -P 0x5a 0 1M", &img);
+        let via_a = format!(
+            "host=127.0.0.1,port={},apitoken={token},fingerprint={}",
+            a.port, a.fingerprint
+        );
+        let run = ["replicate", "550", &via_a, "--target-storage", "local"];
+        let to_b = [&run[..], &["--target-node", "tb"]].concat();
+        let first = common::mt_ok(&src, &to_b).await;
+        assert!(first.contains("(node 'tb')"), "{first}");
+        let listed = common::mt_ok(&b, &["replica", "list"]).await;
+        assert!(
+            listed.lines().any(|l| l.contains(" 550 tsrc/550 ")),
+            "{listed}"
+        );
+        let listed = common::mt_ok(&a, &["replica", "list"]).await;
+        assert_eq!(listed.lines().count(), 1, "ta holds no replica: {listed}");
+        assert!(!a.vm_config(550).exists(), "ta must keep nothing");
+        let point = &replica_record(&b, 550)["points"][0];
+        let want = json!([{"id": "qemu/550", "vmid": 550, "type": "qemu", "node": "tb",
+                           "status": "replica", "lock": "replica", "replica-state": "idle",
+                           "replica-source": "tsrc/550", "replica-points": 1,
+                           "replica-newest": point["name"],
+                           "replica-newest-time": point["time"]}]);
+        wait_vm_entries(&a, &want).await;
+
+        common::qemu_io("qcow2", "write -P 0x6b 8M 64k", &img);
+        let second = common::mt_ok(&src, &to_b).await;
+        println!("{second}");
+        assert!(second.contains("(node 'tb')"), "{second}");
+        assert_eq!(number_after(&second, "copied ("), 64 << 10, "{second}");
+        let points = || replica_record(&b, 550)["points"].as_array().map(Vec::len);
+        assert_eq!(points(), Some(2));
+
+        let refused = mt(&src, &run).await;
+        assert!(!refused.status.success());
+        assert_eq!(
+            String::from_utf8_lossy(&refused.stderr).lines().last(),
+            Some(
+                "mtunnel: error: VM 550's replica is on node 'tb' of the target's cluster, not \
+                 on 'ta': a replica lives on one node - replicate with --target-node tb (or \
+                 drop it there with 'mtunnel replica drop 550' on 'tb' to start anew on 'ta'); \
+                 nothing was replicated"
+            )
+        );
+        let refused = mt(&src, &[&run[..], &["--target-node", "nowhere"]].concat()).await;
+        let err = String::from_utf8_lossy(&refused.stderr);
+        assert!(
+            err.contains("target node 'nowhere' is not a member of the target's cluster"),
+            "{err}"
+        );
+        assert_eq!(points(), Some(2));
+        assert!(!a.vm_config(550).exists(), "ta must keep nothing");
+        common::mt_ok(&b, &["replica", "drop", "550"]).await;
+    })
+    .await;
+}
+
 /// The number right after `marker` in `out`.
 fn number_after(out: &str, marker: &str) -> u64 {
     let at = out

@@ -60,7 +60,7 @@ const SPEC_CASES: &[(&str, usize)] = &[
     ("replica-commit_spec.lua", 2),
     ("replica-cutover_spec.lua", 4),
     ("replica-export_spec.lua", 1),
-    ("replica-hashes_spec.lua", 2),
+    ("replica-hashes_spec.lua", 3),
     ("replica-prepare_spec.lua", 7),
     ("resume_spec.lua", 5),
     ("schema_spec.lua", 9),

@@ -808,6 +808,11 @@ async fn a_restarted_source_qemu_gets_a_hash_sync_of_the_changes_only() {
     let hashes = hash_bytes(&out2);
     eprintln!("run 1 sent {sent1} bytes; run 2 (hash sync) {sent2} bytes and {hashes} of hashes");
     assert!(sent2 >= 8 << 20, "{out2}");
+    // 1152 blocks hold data; the 64384 zero ones come as runs (one hash each, ~2.3 MB).
+    assert!(
+        hashes < 128 << 10,
+        "{hashes} bytes of hashes for 72 MiB of data on a 4 GiB disk"
+    );
     assert!(
         (sent2 + hashes) * 100 <= 4 << 30,
         "the hash sync sent {sent2} + {hashes} bytes, more than 1 % of the disk"
@@ -825,7 +830,8 @@ async fn a_restarted_source_qemu_gets_a_hash_sync_of_the_changes_only() {
 
 /// A stopped VM is replicated from its image (qemu-nbd, the VM's config lock held for the
 /// run): the first run copies its data, the second (a hash sync) sends next to nothing,
-/// each point is the disk; the VM starts afterwards (the lock is gone).
+/// its zero blocks' hashes coming as runs, each point is the disk; a target without hash
+/// runs is asked for every hash; the VM starts afterwards (the lock is gone).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_vm_is_replicated_and_a_second_run_sends_nothing() {
     let src = node("src11");
@@ -851,9 +857,22 @@ async fn a_stopped_vm_is_replicated_and_a_second_run_sends_nothing() {
         sent2 < 4096,
         "a second run of a stopped VM sent {sent2} bytes: {out2}"
     );
+    // 512 blocks hold data, the other 3584 are zeroes: they come as runs.
+    let hashes2 = hash_bytes(&out2);
+    assert!(hashes2 < 32 << 10, "{hashes2} bytes of hashes: {out2}");
     let p2 = dst.base().join("p2.raw");
     export_raw(&replica, Some(&point_of(&out2)), &p2);
     assert_same_raw(&source_raw, &p2);
+
+    // A target without `replica_hash_runs` (an older mtunnel) is asked for every hash.
+    offer_replica_hashes_without_runs(&dst);
+    let (_, _, out3) = replicate(&src, &dst, 111).await;
+    assert!(
+        out3.contains("hash sync (256.0 MiB compared, 0 B differed, "),
+        "{out3}"
+    );
+    let hashes3 = hash_bytes(&out3);
+    assert!(hashes3 > 4096 * 32, "{hashes3} bytes of hashes: {out3}");
     assert_eq!(files_of(&src.run, "111"), Vec::<String>::new());
     mt_ok(&src, &["vm", "start", "111"]).await;
     mt_ok(&src, &["vm", "stop", "111"]).await;
@@ -942,6 +961,26 @@ async fn a_hash_sync_killed_while_comparing_is_not_followed_by_an_incremental_ru
     std::fs::remove_file(&now).unwrap();
     mt_ok(&src, &["vm", "stop", "114"]).await;
     assert!(list.contains(" interrupted "), "{list}");
+}
+
+/// Makes `dst` reply to `mtunnel-features` as a target whose `replica-hashes` has no
+/// `runs` (an override of the built-in handler).
+fn offer_replica_hashes_without_runs(dst: &TestServer) {
+    let handlers = dst.data.join("handlers");
+    std::fs::create_dir_all(&handlers).unwrap();
+    std::fs::write(
+        handlers.join("mtunnel-features.lua"),
+        r#"return {
+  description = "mtunnel's extensions, as a target from before replica_hash_runs offers them.",
+  params = false,
+  lock = false,
+  run = function(ctx, p)
+    return { multifd = 1, postcopy = true, replica = 1, replica_hashes = 1, cutover = 1 }
+  end,
+}
+"#,
+    )
+    .unwrap();
 }
 
 /// Makes `dst` reply to `mtunnel-features` as a target from before `replica-hashes` (an
@@ -1170,9 +1209,9 @@ async fn sigterm_mid_run_cleans_up_and_the_next_run_continues_it() {
 }
 
 /// `--bwlimit` paces a hash sync's own writes: a stopped VM's second run (a hash sync) of
-/// 2 MiB written since the first, at 512 KiB/s, says it paced its writes to the limit and
-/// that they had to wait (a writer faster than the limit waits at least once); its point
-/// is the source.
+/// 2 MiB written since the first, at 512 KiB/s, says it kept 8 writes (of 64 KiB) in
+/// flight, paced to the limit, and that they had to wait (a writer faster than the limit
+/// waits at least once); its point is the source.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bwlimit_paces_a_hash_syncs_writes() {
     let src = node("src18");
@@ -1204,8 +1243,8 @@ async fn bwlimit_paces_a_hash_syncs_writes() {
         out2.contains("hash sync (64.0 MiB compared, 2.0 MiB differed, "),
         "{out2}"
     );
-    let marker = "hash sync: 64.0 MiB compared, 2.0 MiB differed and were written, paced to \
-                  --bwlimit 512 KiB/s (the writes waited ";
+    let marker = "hash sync: 64.0 MiB compared, 2.0 MiB differed and were written (up to 8 \
+                  writes in flight), paced to --bwlimit 512 KiB/s (the writes waited ";
     let at = err2
         .find(marker)
         .unwrap_or_else(|| panic!("no '{marker}' in {err2}"))

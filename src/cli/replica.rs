@@ -23,7 +23,7 @@ pub async fn replicate(args: ReplicateArgs) -> anyhow::Result<()> {
     let opts = ReplicateOptions {
         vmid: args.vmid,
         target: args.endpoint,
-        target_node: None,
+        target_node: args.target_node,
         storage_map: args.target_storage,
         keep: args.keep,
         bwlimit: args.bwlimit,

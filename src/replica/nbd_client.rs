@@ -1,10 +1,13 @@
 //! A small NBD client over a UNIX socket (the NBD protocol's fixed-newstyle handshake,
 //! `NBD_OPT_GO` for one export, then `READ`, `WRITE`, `WRITE_ZEROES`, `FLUSH` and `DISC`
-//! with simple replies, one request at a time). Replica runs use it to read disks (a
-//! source QEMU's read-only export, a `qemu-nbd -r` of an image) and to write the blocks a
-//! block-hash comparison found different into a target's working copy. Every request
-//! waits at most the client's timeout.
+//! with simple replies). Replica runs use it to read disks (a source QEMU's read-only
+//! export, a `qemu-nbd -r` of an image), one request at a time, and to write the blocks a
+//! block-hash comparison found different into a target's working copy, with several
+//! writes in flight ([`Pipeline`]: a long round trip through the tunnel does not stall
+//! each one; replies are matched to their requests by handle, in whatever order they
+//! come). Every request and every reply waits at most the client's timeout.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -139,6 +142,29 @@ impl NbdClient {
         Ok(())
     }
 
+    /// The bytes of one request (with `payload` for a write); returns them and its handle.
+    fn encode(&mut self, cmd: (u16, u16), offset: u64, len: u32, payload: &[u8]) -> (Vec<u8>, u64) {
+        self.cookie += 1;
+        let mut head = Vec::with_capacity(28 + payload.len());
+        head.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        head.extend_from_slice(&cmd.1.to_be_bytes());
+        head.extend_from_slice(&cmd.0.to_be_bytes());
+        head.extend_from_slice(&self.cookie.to_be_bytes());
+        head.extend_from_slice(&offset.to_be_bytes());
+        head.extend_from_slice(&len.to_be_bytes());
+        head.extend_from_slice(payload);
+        (head, self.cookie)
+    }
+
+    /// Reads the head of one simple reply: its handle and error.
+    async fn reply_head(stream: &mut UnixStream) -> anyhow::Result<(u64, u32)> {
+        if stream.read_u32().await? != SIMPLE_REPLY_MAGIC {
+            bail!("bad reply magic (structured replies are not negotiated)");
+        }
+        let error = stream.read_u32().await?;
+        Ok((stream.read_u64().await?, error))
+    }
+
     /// Sends one request (with `payload` for a write) and reads its simple reply (with
     /// `reply_len` bytes of data for a read).
     async fn request(
@@ -149,32 +175,18 @@ impl NbdClient {
         payload: &[u8],
         reply_len: usize,
     ) -> anyhow::Result<Vec<u8>> {
-        self.cookie += 1;
-        let cookie = self.cookie;
-        let mut head = Vec::with_capacity(28 + payload.len());
-        head.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        head.extend_from_slice(&cmd.1.to_be_bytes());
-        head.extend_from_slice(&cmd.0.to_be_bytes());
-        head.extend_from_slice(&cookie.to_be_bytes());
-        head.extend_from_slice(&offset.to_be_bytes());
-        head.extend_from_slice(&len.to_be_bytes());
-        head.extend_from_slice(payload);
+        let (head, cookie) = self.encode(cmd, offset, len, payload);
         let s = &mut self.stream;
         let exchange = async {
             s.write_all(&head).await?;
             if cmd.0 == CMD_DISC {
                 return Ok::<_, anyhow::Error>(Vec::new());
             }
-            if s.read_u32().await? != SIMPLE_REPLY_MAGIC {
-                bail!("bad reply magic (structured replies are not negotiated)");
-            }
-            let error = s.read_u32().await?;
-            if s.read_u64().await? != cookie {
+            let (handle, error) = Self::reply_head(s).await?;
+            if handle != cookie {
                 bail!("reply to another request");
             }
-            if error != 0 {
-                bail!("the server answered error {error} ({})", errno_name(error));
-            }
+            server_error(error)?;
             let mut data = vec![0u8; reply_len];
             s.read_exact(&mut data).await?;
             Ok(data)
@@ -189,6 +201,16 @@ impl NbdClient {
                 cmd_name(cmd.0),
                 self.what
             ),
+        }
+    }
+
+    /// Writes with up to `depth` (at least 1) requests in flight; see [`Pipeline`].
+    pub fn pipeline(&mut self, depth: usize) -> Pipeline<'_> {
+        Pipeline {
+            client: self,
+            depth: depth.max(1),
+            pending: HashMap::new(),
+            peak: 0,
         }
     }
 
@@ -255,6 +277,108 @@ impl NbdClient {
     }
 }
 
+/// Writes on one connection with up to `depth` requests in flight: each write is sent at
+/// once unless `depth` are unanswered, then the next reply to come (to any of them: the
+/// server may answer out of order) is read first. A failed reply fails the write that
+/// is under way (or [`Pipeline::finish`]) with the failed request's own command and
+/// range; the connection is then only fit to be dropped. Dropping a pipeline with
+/// requests in flight leaves their replies unread: finish it, or drop the client.
+pub struct Pipeline<'a> {
+    client: &'a mut NbdClient,
+    depth: usize,
+    /// Handle → (command, offset, length) of each request not yet answered.
+    pending: HashMap<u64, (u16, u64, u32)>,
+    peak: usize,
+}
+
+impl Pipeline<'_> {
+    /// Sends a write of `data` (at most [`MAX_REQUEST`] bytes) at `offset`.
+    pub async fn write(&mut self, offset: u64, data: &[u8]) -> anyhow::Result<()> {
+        self.client.check_writable()?;
+        let n = self.client.check_range(offset, data.len() as u64)?;
+        self.submit((CMD_WRITE, 0), offset, n, data).await
+    }
+
+    /// Sends a write-zeroes of `len` bytes (at most [`MAX_REQUEST`]) at `offset` (a write
+    /// of zeroes to a server without `WRITE_ZEROES`).
+    pub async fn write_zeroes(&mut self, offset: u64, len: u64) -> anyhow::Result<()> {
+        self.client.check_writable()?;
+        let n = self.client.check_range(offset, len)?;
+        if self.client.flags & TX_SEND_WRITE_ZEROES == 0 {
+            return self
+                .submit((CMD_WRITE, 0), offset, n, &vec![0u8; n as usize])
+                .await;
+        }
+        self.submit((CMD_WRITE_ZEROES, 0), offset, n, &[]).await
+    }
+
+    /// Waits for every reply still due; the first failed one is the error.
+    pub async fn finish(mut self) -> anyhow::Result<()> {
+        while !self.pending.is_empty() {
+            self.answer_one().await?;
+        }
+        Ok(())
+    }
+
+    /// The most requests that were in flight at once.
+    pub fn peak(&self) -> usize {
+        self.peak
+    }
+
+    async fn submit(
+        &mut self,
+        cmd: (u16, u16),
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) -> anyhow::Result<()> {
+        while self.pending.len() >= self.depth {
+            self.answer_one().await?;
+        }
+        let (head, cookie) = self.client.encode(cmd, offset, len, payload);
+        let c = &mut *self.client;
+        let sent = tokio::time::timeout(c.timeout, c.stream.write_all(&head)).await;
+        let what = || format!("{} at {offset}+{len} on {}", cmd_name(cmd.0), c.what);
+        match sent {
+            Ok(r) => r.with_context(what)?,
+            Err(_) => bail!("{}: not sent within {} s", what(), c.timeout.as_secs()),
+        }
+        self.pending.insert(cookie, (cmd.0, offset, len));
+        self.peak = self.peak.max(self.pending.len());
+        Ok(())
+    }
+
+    /// Reads one reply and settles the request it answers.
+    async fn answer_one(&mut self) -> anyhow::Result<()> {
+        let c = &mut *self.client;
+        let (timeout, what) = (c.timeout, c.what.clone());
+        let in_flight = self.pending.len();
+        let (handle, error) =
+            match tokio::time::timeout(timeout, NbdClient::reply_head(&mut c.stream)).await {
+                Ok(r) => r.with_context(|| {
+                    format!("reading a reply on {what} ({in_flight} requests in flight)")
+                })?,
+                Err(_) => bail!(
+                    "{what}: no reply within {} s ({in_flight} requests in flight)",
+                    timeout.as_secs()
+                ),
+            };
+        let (cmd, offset, len) = self.pending.remove(&handle).with_context(|| {
+            format!("{what}: a reply with handle {handle}, which no request in flight has")
+        })?;
+        server_error(error)
+            .with_context(|| format!("{} at {offset}+{len} on {what}", cmd_name(cmd)))
+    }
+}
+
+/// A simple reply's error as an error ("the server answered error 5 (EIO)").
+fn server_error(error: u32) -> anyhow::Result<()> {
+    if error != 0 {
+        bail!("the server answered error {error} ({})", errno_name(error));
+    }
+    Ok(())
+}
+
 fn cmd_name(cmd: u16) -> &'static str {
     match cmd {
         CMD_READ => "NBD read",
@@ -281,21 +405,28 @@ fn errno_name(e: u32) -> &'static str {
 }
 
 #[cfg(test)]
-mod tests {
-    //! Against a real `qemu-nbd` serving a raw image in a temporary directory.
+pub(crate) mod tests {
+    //! Against a real `qemu-nbd` serving a raw image in a temporary directory (the
+    //! server is shared with the hash sync's tests).
     use super::*;
     use std::path::PathBuf;
 
     const T: Duration = Duration::from_secs(10);
 
-    struct Server {
+    pub(crate) struct Server {
         _child: tokio::process::Child,
-        socket: PathBuf,
+        pub socket: PathBuf,
         _dir: tempfile::TempDir,
     }
 
     /// `qemu-nbd` (persistent, `extra` flags) over a new 1 MiB raw image; ready to connect.
-    async fn serve(extra: &[&str]) -> Server {
+    pub(crate) async fn serve(extra: &[&str]) -> Server {
+        serve_with(extra, None).await
+    }
+
+    /// [`serve`], the image behind QEMU's `blkdebug` driver with the rules of `debug` (a
+    /// blkdebug config file's text) when given.
+    pub(crate) async fn serve_with(extra: &[&str], debug: Option<&str>) -> Server {
         let dir = tempfile::Builder::new()
             .prefix("nbdc")
             .tempdir_in("/tmp")
@@ -303,11 +434,27 @@ mod tests {
         let img = dir.path().join("d.raw");
         std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
         let socket = dir.path().join("s");
+        let image = match debug {
+            Some(rules) => {
+                let cfg = dir.path().join("blkdebug.cfg");
+                std::fs::write(&cfg, rules).unwrap();
+                vec![
+                    "--image-opts".to_string(),
+                    format!(
+                        "driver=raw,file.driver=blkdebug,file.config={},\
+                         file.image.driver=file,file.image.filename={}",
+                        cfg.display(),
+                        img.display()
+                    ),
+                ]
+            }
+            None => vec!["--format=raw".to_string(), img.display().to_string()],
+        };
         let child = tokio::process::Command::new("qemu-nbd")
             .arg(format!("--socket={}", socket.display()))
-            .args(["--export-name=disk", "--format=raw", "--persistent"])
+            .args(["--export-name=disk", "--persistent"])
             .args(extra)
-            .arg(&img)
+            .args(&image)
             .kill_on_drop(true)
             .spawn()
             .expect("qemu-nbd (install qemu-utils)");
@@ -374,5 +521,70 @@ mod tests {
         let err = format!("{:#}", c.write_zeroes(0, 512).await.unwrap_err());
         assert!(err.ends_with(" is read-only: nothing is written"), "{err}");
         assert_eq!(c.read(0, 512).await.unwrap(), [0u8; 512]);
+    }
+
+    /// blkdebug rules: EIO for every write touching sector 512 (offset 256 KiB), nothing
+    /// else.
+    pub(crate) const EIO_AT_256K: &str =
+        "[inject-error]\nevent = \"none\"\niotype = \"write\"\nerrno = \"5\"\nsector = \"512\"\n";
+
+    /// The 4 KiB block `i` of the pipelined tests: its own pattern.
+    pub(crate) fn block(i: u64) -> Vec<u8> {
+        (0..4096u64).map(|j| ((i * 31 + j) % 253) as u8).collect()
+    }
+
+    #[tokio::test]
+    async fn pipelined_writes_land_in_place_with_many_in_flight() {
+        // Two clients at once: the reading one need not wait for the writer's to end.
+        let s = serve(&["--shared=2"]).await;
+        let mut c = NbdClient::connect(&s.socket, "disk", T).await.unwrap();
+        c.write(0, &[9u8; 1 << 20]).await.unwrap();
+        let mut want = vec![0u8; 1 << 20];
+        let mut writes = c.pipeline(8);
+        // 256 blocks of 4 KiB from the end to the start; every fifth one zeroed.
+        for i in (0..256u64).rev() {
+            let at = i * 4096;
+            if i % 5 == 0 {
+                writes.write_zeroes(at, 4096).await.unwrap();
+            } else {
+                let data = block(i);
+                want[at as usize..at as usize + 4096].copy_from_slice(&data);
+                writes.write(at, &data).await.unwrap();
+            }
+        }
+        assert_eq!(writes.peak(), 8, "8 writes were in flight at once");
+        writes.finish().await.unwrap();
+        c.flush().await.unwrap();
+        c.disconnect().await.unwrap();
+
+        let mut c = NbdClient::connect(&s.socket, "disk", T).await.unwrap();
+        let got = c.read(0, 1 << 20).await.unwrap();
+        let first_bad = got.iter().zip(&want).position(|(a, b)| a != b);
+        assert_eq!(first_bad, None, "the image differs from what was written");
+        c.disconnect().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_error_reply_in_a_pipeline_names_that_requests_range() {
+        let s = serve_with(&[], Some(EIO_AT_256K)).await;
+        let mut c = NbdClient::connect(&s.socket, "disk", T).await.unwrap();
+        let mut writes = c.pipeline(8);
+        let mut failed = None;
+        for i in 0..128u64 {
+            if let Err(e) = writes.write(i * 4096, &block(i)).await {
+                failed = Some(e);
+                break;
+            }
+        }
+        let err = match failed {
+            Some(e) => e,
+            None => writes.finish().await.unwrap_err(),
+        };
+        let text = format!("{err:#}");
+        assert!(
+            text.starts_with("NBD write at 262144+4096 on NBD export 'disk' on ")
+                && text.ends_with(": the server answered error 5 (EIO)"),
+            "{text}"
+        );
     }
 }

@@ -4,8 +4,9 @@
 //! NBD export (the running QEMU's own read-only export of the drive, or a `qemu-nbd -r`
 //! of a stopped VM's image), compared range by range with the target's block hashes
 //! (`replica-hashes`), and only the blocks that differ are written — with this crate's
-//! NBD client, through the tunnel's forward, paced to `--bwlimit` ([`Pace`]) — into the
-//! target's working copy. A stopped VM's first run is the same walk against a new
+//! NBD client, through the tunnel's forward, several requests in flight
+//! ([`WRITES_IN_FLIGHT`]), paced to `--bwlimit` ([`Pace`]) — into the target's working
+//! copy. A stopped VM's first run is the same walk against a new
 //! (all-zero) working copy, without asking for hashes.
 
 use std::path::{Path, PathBuf};
@@ -129,7 +130,8 @@ pub(super) async fn compare(
     Ok(ranges)
 }
 
-/// The target's hashes of one range (`replica-hashes`), exactly one per block.
+/// The target's hashes of one range (`replica-hashes`), exactly one per block (asked
+/// with `runs` where the target offers it, and expanded here).
 async fn target_hashes(
     remote: &Remote,
     key: &str,
@@ -137,36 +139,50 @@ async fn target_hashes(
     length: u64,
     figures: &mut HashFigures,
 ) -> anyhow::Result<Vec<String>> {
+    let mut cmd = json!({"cmd": "replica-hashes", "disk": key, "offset": offset,
+                         "length": length, "block": BLOCK});
+    if remote.hash_runs {
+        cmd["runs"] = json!(true);
+    }
     let reply = remote
-        .cmd(
-            json!({"cmd": "replica-hashes", "disk": key, "offset": offset,
-                     "length": length, "block": BLOCK}),
-        )
+        .cmd(cmd)
         .await
         .with_context(|| format!("reading the block hashes of {key} on the target"))?;
     figures.hash_bytes += reply.to_string().len() as u64;
-    let list: Vec<String> = reply["hashes"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(Value::as_str)
-                .map(String::from)
-                .collect()
-        })
-        .unwrap_or_default();
-    if list.len() as u64 != length.div_ceil(BLOCK) {
-        bail!(
-            "replica-hashes of {key} at {offset}+{length}: {} hashes, not {}",
-            list.len(),
-            length.div_ceil(BLOCK)
-        );
+    let blocks = length.div_ceil(BLOCK);
+    let what = || format!("replica-hashes of {key} at {offset}+{length}");
+    let list = expand_runs(&reply["hashes"], blocks).with_context(what)?;
+    if list.len() as u64 != blocks {
+        bail!("{}: {} hashes, not {blocks}", what(), list.len());
     }
     Ok(list)
 }
 
+/// The hashes of a `replica-hashes` reply, each count (the repeats of the hash before
+/// it, from a target asked with `runs`) expanded; at most `blocks` of them.
+fn expand_runs(hashes: &Value, blocks: u64) -> anyhow::Result<Vec<String>> {
+    let items = hashes.as_array().context("no 'hashes' list in the reply")?;
+    let mut out: Vec<String> = Vec::with_capacity(items.len());
+    for item in items {
+        if let Some(h) = item.as_str() {
+            out.push(h.to_string());
+            continue;
+        }
+        let more = item
+            .as_u64()
+            .with_context(|| format!("'{item}' is neither a hash nor a count"))?;
+        let last = out.last().cloned().context("a count before any hash")?;
+        if out.len() as u64 + more > blocks {
+            bail!("more than {blocks} hashes");
+        }
+        out.extend(std::iter::repeat_n(last, more as usize));
+    }
+    Ok(out)
+}
+
 /// `--bwlimit` on a hash sync's own writes (QEMU's jobs take it as their `speed`): after
-/// each write the writer waits until the payload written so far is not ahead of the rate
-/// since the first write. Zero ranges go as write-zeroes requests, without payload, and
+/// each write is sent the writer waits until the payload sent so far is not ahead of the
+/// rate since the first write. Zero ranges go as write-zeroes requests, without payload, and
 /// are not counted. What it waited is reported, so a run shows the limit applied.
 #[derive(Debug)]
 pub(super) struct Pace {
@@ -210,26 +226,43 @@ impl Pace {
     }
 }
 
+/// Writes kept in flight on a target connection: enough for a 4 MiB request per 0.5 MiB
+/// of bandwidth-delay product up to 32 MiB (500 Mbit/s at 500 ms), few enough that a
+/// failed run has little unacknowledged.
+pub(super) const WRITES_IN_FLIGHT: usize = 8;
+
+/// What [`send`] did.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Sent {
+    /// Bytes written (zero ranges included).
+    pub bytes: u64,
+    /// The most writes that were in flight at once.
+    pub in_flight: usize,
+}
+
 /// Writes `ranges` read from `source` into `target` (zero ranges as write-zeroes, the
-/// others paced by `pace` when given), then flushes; returns the bytes written.
+/// others paced by `pace` when given) with up to [`WRITES_IN_FLIGHT`] requests in flight,
+/// then flushes. The pace and `copied` count a write when it is sent, so what is in
+/// flight never runs ahead of the limit.
 pub(super) async fn send(
     source: &mut NbdClient,
     target: &mut NbdClient,
     ranges: &Ranges,
     copied: &AtomicU64,
     mut pace: Option<&mut Pace>,
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<Sent> {
     let mut written = 0;
+    let mut writes = target.pipeline(WRITES_IN_FLIGHT);
     for &(offset, len) in &ranges.0 {
         let data = source.read(offset, len).await?;
         if hashes::is_zero(&data) {
-            target.write_zeroes(offset, len).await?;
+            writes.write_zeroes(offset, len).await?;
             copied.fetch_add(len, Ordering::SeqCst);
         } else {
             let chunk = pace.as_ref().map_or(data.len(), |p| p.chunk()).max(1);
             let mut at = offset;
             for piece in data.chunks(chunk) {
-                target.write(at, piece).await?;
+                writes.write(at, piece).await?;
                 let n = piece.len() as u64;
                 at += n;
                 copied.fetch_add(n, Ordering::SeqCst);
@@ -240,8 +273,13 @@ pub(super) async fn send(
         }
         written += len;
     }
+    let in_flight = writes.peak();
+    writes.finish().await?;
     target.flush().await?;
-    Ok(written)
+    Ok(Sent {
+        bytes: written,
+        in_flight,
+    })
 }
 
 /// `qemu-nbd -r` of a stopped VM's image on `socket` (its export `drive-<key>`, its pid in
@@ -402,14 +440,17 @@ impl Run<'_> {
         let mut targets = Vec::new();
         let mut written = 0;
         let mut pace = self.speed().map(Pace::new);
+        let mut in_flight = 0;
         for ((d, source), ranges) in self.disks.iter().zip(sources.iter_mut()).zip(&diffs) {
             let (socket, export) = locals.get(&d.key).context("no forward for a disk")?;
             let mut t = NbdClient::connect(socket, export, NBD_TIMEOUT)
                 .await
                 .with_context(|| format!("{}: connecting to the target's working copy", d.key))?;
-            written += send(source, &mut t, ranges, &self.copied, pace.as_mut())
+            let sent = send(source, &mut t, ranges, &self.copied, pace.as_mut())
                 .await
                 .with_context(|| format!("{}: writing the blocks that differ", d.key))?;
+            written += sent.bytes;
+            in_flight = in_flight.max(sent.in_flight);
             targets.push(t);
         }
         let paced = match (&pace, self.opts.bwlimit) {
@@ -421,7 +462,8 @@ impl Run<'_> {
             _ => String::new(),
         };
         self.progress.log(format!(
-            "hash sync: {} compared, {} differed and were written{paced}",
+            "hash sync: {} compared, {} differed and were written (up to {in_flight} \
+             writes in flight){paced}",
             human(figures.compared),
             human(written)
         ));
@@ -479,6 +521,23 @@ impl Run<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::replica::nbd_client::tests::{EIO_AT_256K, Server, block, serve, serve_with};
+
+    #[test]
+    fn runs_of_hashes_expand_and_bad_ones_are_refused() {
+        let hashes = json!(["aa", 3, "bb", "cc", 1]);
+        let list = expand_runs(&hashes, 7).unwrap();
+        assert_eq!(list, ["aa", "aa", "aa", "aa", "bb", "cc", "cc"]);
+        assert_eq!(expand_runs(&json!(["aa", "bb"]), 2).unwrap(), ["aa", "bb"]);
+        let err = |v: Value, n| format!("{:#}", expand_runs(&v, n).unwrap_err());
+        assert_eq!(err(json!([2, "aa"]), 3), "a count before any hash");
+        assert_eq!(err(json!(["aa", 16384]), 16384), "more than 16384 hashes");
+        assert_eq!(
+            err(json!(["aa", -1]), 3),
+            "'-1' is neither a hash nor a count"
+        );
+        assert_eq!(err(json!({}), 3), "no 'hashes' list in the reply");
+    }
 
     #[test]
     fn adjacent_blocks_merge_up_to_one_request() {
@@ -495,5 +554,64 @@ mod tests {
         let cut = u64::from(MAX_REQUEST);
         assert_eq!(r.0, [(0, cut), (cut, BLOCK)]);
         assert_eq!(r.bytes(), cut + BLOCK);
+    }
+
+    /// A source and a target `qemu-nbd` (1 MiB each; the target's writes behind `debug`
+    /// rules when given); the source holds [`block`] `i` at each 4 KiB block `i`, zeroes in
+    /// its last 64 KiB.
+    async fn pair(debug: Option<&str>) -> ((Server, NbdClient), (Server, NbdClient)) {
+        let t = Duration::from_secs(10);
+        let s = serve(&[]).await;
+        let mut source = NbdClient::connect(&s.socket, "disk", t).await.unwrap();
+        for i in 0..240u64 {
+            source.write(i * 4096, &block(i)).await.unwrap();
+        }
+        let d = serve_with(&["--shared=2"], debug).await;
+        let target = NbdClient::connect(&d.socket, "disk", t).await.unwrap();
+        ((s, source), (d, target))
+    }
+
+    /// Every other 4 KiB block of the 1 MiB (128 ranges that do not merge).
+    fn every_other_block() -> Ranges {
+        let mut r = Ranges::default();
+        for i in (0..256u64).step_by(2) {
+            r.push(i * 4096, 4096);
+        }
+        r
+    }
+
+    #[tokio::test]
+    async fn send_keeps_writes_in_flight_and_fails_at_the_offset_of_a_failed_one() {
+        let ((_s, mut source), (d, mut target)) = pair(None).await;
+        let ranges = every_other_block();
+        let copied = AtomicU64::new(0);
+        let sent = send(&mut source, &mut target, &ranges, &copied, None)
+            .await
+            .unwrap();
+        assert_eq!(sent.bytes, 128 * 4096);
+        assert_eq!(sent.in_flight, WRITES_IN_FLIGHT);
+        assert_eq!(copied.load(Ordering::SeqCst), 128 * 4096);
+        let t = Duration::from_secs(10);
+        let mut check = NbdClient::connect(&d.socket, "disk", t).await.unwrap();
+        let got = check.read(0, 1 << 20).await.unwrap();
+        for i in 0..256u64 {
+            let at = (i * 4096) as usize;
+            let want = match i {
+                i if i % 2 == 0 && i < 240 => block(i),
+                _ => vec![0u8; 4096],
+            };
+            assert!(got[at..at + 4096] == want[..], "block {i} differs");
+        }
+
+        let ((_s, mut source), (_d, mut target)) = pair(Some(EIO_AT_256K)).await;
+        let err = send(&mut source, &mut target, &ranges, &copied, None)
+            .await
+            .unwrap_err();
+        let text = format!("{err:#}");
+        assert!(
+            text.starts_with("NBD write at 262144+4096 on NBD export 'disk' on ")
+                && text.ends_with(": the server answered error 5 (EIO)"),
+            "{text}"
+        );
     }
 }

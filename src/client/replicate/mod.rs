@@ -201,7 +201,7 @@ pub async fn replicate_until(
     let opening = async {
         let (conf_text, disks) = plan(src, opts).await?;
         let subject = Subject::of(src, opts.vmid, progress).await?;
-        let remote = Remote::open(opts, &disks, progress).await?;
+        let remote = Remote::open(opts, &src.cfg.node, &disks, progress).await?;
         anyhow::Ok((conf_text, disks, subject, remote))
     };
     // Nothing is added to the source before the tunnel is open: dropping this is enough

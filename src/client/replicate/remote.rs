@@ -29,12 +29,18 @@ pub(super) struct Remote {
     /// The target answers `replica-hashes` (`mtunnel-features` `replica_hashes`): a
     /// hash sync is possible.
     pub(super) hashes: bool,
+    /// Its `replica-hashes` takes `runs` (`mtunnel-features` `replica_hash_runs`):
+    /// repeated hashes come as a count.
+    pub(super) hash_runs: bool,
 }
 
 impl Remote {
     /// Opens the tunnel for `opts.vmid` on the target and checks that it offers replicas.
+    /// Refused before anything is made when the VM's replica is on another node of the
+    /// target's cluster than the one the run goes to (`source_node`: this node's name).
     pub(super) async fn open(
         opts: &ReplicateOptions,
+        source_node: &str,
         disks: &[Disk],
         progress: &Progress,
     ) -> anyhow::Result<Remote> {
@@ -49,10 +55,8 @@ impl Remote {
             fingerprint,
         )?
         .keep_alive();
-        let node = match &opts.target_node {
-            Some(node) => node.clone(),
-            None => local_node(&api).await?,
-        };
+        let node = run_node(&api, opts.target_node.as_deref()).await?;
+        check_replica_node(&api, (source_node, opts.vmid), &node).await?;
         let mut storages: Vec<String> = disks.iter().map(|d| d.target_storage.clone()).collect();
         storages.sort();
         storages.dedup();
@@ -76,9 +80,10 @@ impl Remote {
             base_url,
             forwards: Vec::new(),
             hashes: false,
+            hash_runs: false,
         };
         match remote.check_features().await {
-            Ok(hashes) => remote.hashes = hashes,
+            Ok((hashes, runs)) => (remote.hashes, remote.hash_runs) = (hashes, runs),
             Err(e) => {
                 remote.quit(true).await;
                 return Err(e);
@@ -88,8 +93,8 @@ impl Remote {
     }
 
     /// Checks `version` and that the target offers replicas; returns whether it offers
-    /// `replica-hashes` (older mtunnel targets do not).
-    async fn check_features(&self) -> anyhow::Result<bool> {
+    /// `replica-hashes`, and its `runs` (older mtunnel targets do not).
+    async fn check_features(&self) -> anyhow::Result<(bool, bool)> {
         let version = self.cmd(json!({"cmd": "version"})).await?;
         let api = version.get("api").and_then(Value::as_u64).unwrap_or(0);
         if api < TUNNEL_VERSION {
@@ -105,7 +110,8 @@ impl Remote {
                  it is no mtunnel node, or an older one - upgrade it"
             );
         }
-        Ok(features.get("replica_hashes").and_then(Value::as_u64) == Some(1))
+        let offers = |key: &str| features.get(key).and_then(Value::as_u64) == Some(1);
+        Ok((offers("replica_hashes"), offers("replica_hash_runs")))
     }
 
     /// One command; a failure reply is an error with the target's message.
@@ -191,21 +197,69 @@ impl Remote {
     }
 }
 
-/// The node answering at the endpoint (`local` in `/cluster/status`).
-async fn local_node(api: &ApiClient) -> anyhow::Result<String> {
+/// The node a run goes to: `asked` (`--target-node`), which must be an online member of
+/// the target's cluster, or else the node answering at the endpoint (`local` in
+/// `/cluster/status`).
+async fn run_node(api: &ApiClient, asked: Option<&str>) -> anyhow::Result<String> {
     let status = api
         .get("/cluster/status", &[])
         .await
         .context("querying the target's cluster status")?;
-    status
+    let nodes: Vec<&Value> = status
         .as_array()
-        .and_then(|a| {
-            a.iter().find(|e| {
-                e["type"] == json!("node")
-                    && e.get("local").and_then(crate::util::lenient_bool) == Some(true)
-            })
+        .map(|a| a.iter().filter(|e| e["type"] == json!("node")).collect())
+        .unwrap_or_default();
+    let flag = |e: &Value, key: &str| e.get(key).and_then(crate::util::lenient_bool) == Some(true);
+    let Some(asked) = asked else {
+        return nodes
+            .iter()
+            .find(|e| flag(e, "local"))
+            .and_then(|e| e["name"].as_str())
+            .map(str::to_string)
+            .context("target's /cluster/status has no local node entry");
+    };
+    match nodes.iter().find(|e| e["name"] == json!(asked)) {
+        Some(e) if flag(e, "online") => Ok(asked.to_string()),
+        Some(_) => bail!("target node '{asked}' is offline: nothing was replicated"),
+        None => {
+            let names: Vec<&str> = nodes.iter().filter_map(|e| e["name"].as_str()).collect();
+            bail!(
+                "target node '{asked}' is not a member of the target's cluster (members: {}): \
+                 nothing was replicated",
+                names.join(", ")
+            )
+        }
+    }
+}
+
+/// A replica lives on one node: refuses a run to `node` when the target's
+/// `/cluster/resources` lists this VM's replica (`replica-source` `NODE/VMID`) on another
+/// member. Other uses of the VMID are judged by the target as before.
+async fn check_replica_node(
+    api: &ApiClient,
+    (source_node, vmid): (&str, u32),
+    node: &str,
+) -> anyhow::Result<()> {
+    let resources = api
+        .get("/cluster/resources", &[("type", "vm")])
+        .await
+        .context("querying the target's /cluster/resources")?;
+    let source = format!("{source_node}/{vmid}");
+    let on = resources.as_array().and_then(|a| {
+        a.iter().find_map(|e| {
+            let ours = e["vmid"] == json!(vmid)
+                && e["status"] == json!("replica")
+                && e["replica-source"] == json!(source);
+            ours.then(|| e["node"].as_str()).flatten()
         })
-        .and_then(|e| e["name"].as_str())
-        .map(str::to_string)
-        .context("target's /cluster/status has no local node entry")
+    });
+    match on {
+        Some(on) if on != node => bail!(
+            "VM {vmid}'s replica is on node '{on}' of the target's cluster, not on '{node}': a \
+             replica lives on one node - replicate with --target-node {on} (or drop it there \
+             with 'mtunnel replica drop {vmid}' on '{on}' to start anew on '{node}'); nothing \
+             was replicated"
+        ),
+        _ => Ok(()),
+    }
 }
