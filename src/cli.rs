@@ -421,12 +421,13 @@ pub struct MigrateArgs {
     /// postcopy with multifd).
     #[arg(long)]
     pub postcopy: bool,
-    /// The send buffer, in MiB, of QEMU's end of a single RAM stream: how much of the
-    /// stream may stand queued behind QEMU. QEMU takes what it wrote in its last ~100 ms as
-    /// the link's bandwidth and switches over when the rest fits the downtime limit at that
-    /// rate; a shallow queue makes the estimate low and the switch late
-    /// (docs/performance.md). 0: QEMU connects to a UNIX socket itself (~200 KiB). Not
-    /// with --streams 2 or more (each multifd channel connects itself).
+    /// How deep, in MiB, the queue behind QEMU gets once a single RAM stream struggles
+    /// (CPU throttle or a raised downtime limit): QEMU takes what it wrote in its last
+    /// ~100 ms as the link's bandwidth and switches over when the rest fits the downtime
+    /// limit at that rate; behind a shallow queue the pauses of its own thread read as a
+    /// slow link and the switch comes late, with a long pause (docs/performance.md).
+    /// Until then the queue stays at the kernel's ~200 KiB, so an idle guest's switch
+    /// leaves little queued. 0: never deepened. Not with --streams 2 or more.
     #[arg(long, value_name = "MIB", default_value_t = mtunnel::client::migrate::tuning::DEFAULT_RAM_QUEUE_MIB, value_parser = clap::value_parser!(u32).range(0..=256))]
     pub ram_queue_mib: u32,
     #[command(flatten)]

@@ -220,6 +220,16 @@ async fn busy_guest_gives_up_without_tuning_and_converges_with_defaults() {
         ] {
             assert!(err.contains(text), "no '{text}' in:\n{err}");
         }
+        // It struggled (the vCPUs throttled), so the queue behind QEMU deepened; an idle
+        // guest's migration keeps the shallow one (tests/migration.rs).
+        assert!(!err.contains("CPU throttle at most 0 %"), "{err}");
+        assert!(
+            err.contains(
+                "RAM: the guest keeps dirtying: the queue behind QEMU deepened to 8.0 MiB \
+                 (--ram-queue-mib 8) so its bandwidth estimate holds"
+            ),
+            "{err}"
+        );
         wait_exit(src_pid).await;
         let n = last_beat(&console);
         let target = Console::connect(&dst.run.join("320.serial0")).await;

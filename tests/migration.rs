@@ -141,13 +141,9 @@ async fn online_migration_moves_ram_and_two_disks() {
     // QEMU's downtime ends when the source sent its last byte; the summary also says how
     // long the target took to run the guest after that.
     assert!(out.contains(" ms until the target ran the guest"), "{out}");
-    // One stream: QEMU writes into a socket pair whose buffer mtunnel chose (the RAM check
-    // below shows the stream arrived whole through it).
-    assert!(
-        out.contains("RAM: QEMU writes into a socket with a ")
-            && out.contains(" send buffer (--ram-queue-mib 8)"),
-        "{out}"
-    );
+    // One stream, an idle guest: QEMU writes into a socket pair (the RAM check below shows
+    // the stream arrived whole through it) whose queue stays shallow.
+    assert!(!out.contains("queue behind QEMU deepened"), "{out}");
 
     // Target runs, with the source's RAM and disks.
     assert_running_with_ram(&dst, 100, &blob_path).await;
@@ -210,11 +206,6 @@ async fn online_migration_with_four_streams_uses_multifd() {
     )
     .await;
     assert!(out.contains("migration of VM 104 to 127.0.0.1"), "{out}");
-    // Each multifd channel connects to the forward's socket itself.
-    assert!(
-        !out.contains("RAM: QEMU writes into a socket with"),
-        "{out}"
-    );
 
     // The target QEMU ran the incoming side with multifd and 4 channels.
     let caps = qmp(

@@ -120,29 +120,28 @@ fn apply(fd: &impl AsFd, dir: Dir, want: u64, limits: &Limits) -> Option<usize> 
 }
 
 /// A connected pair of UNIX stream sockets for a program that writes a stream into the
-/// first (handed to it as a descriptor) while this process relays the second. A UNIX
-/// stream socket queues as much as its sender's send buffer allows, so the first one's is
-/// set to about `send_buffer` bytes (as root past `net.core.wmem_max`; the kernel doubles
-/// the value for its bookkeeping, as for TCP). Returns the pair (the second one ready for
-/// tokio) and the send buffer the kernel reports.
-pub fn unix_pair(
-    send_buffer: u64,
-) -> std::io::Result<(
-    std::os::unix::net::UnixStream,
-    tokio::net::UnixStream,
-    usize,
-)> {
-    use nix::sys::socket::{getsockopt, setsockopt, sockopt};
+/// first (handed to it as a descriptor) while this process relays the second (returned
+/// ready for tokio). The first keeps the kernel's default buffer until
+/// [`set_send_buffer`] deepens it.
+pub fn unix_pair() -> std::io::Result<(std::os::unix::net::UnixStream, tokio::net::UnixStream)> {
     let (writer, relay) = std::os::unix::net::UnixStream::pair()?;
-    let value = usize::try_from(send_buffer / 2).unwrap_or(usize::MAX / 4);
-    let forced = nix::unistd::geteuid().is_root()
-        && setsockopt(&writer, sockopt::SndBufForce, &value).is_ok();
-    if !forced && let Err(e) = setsockopt(&writer, sockopt::SndBuf, &value) {
-        tracing::debug!("send buffer of {send_buffer} bytes not set: {e}");
-    }
-    let got = getsockopt(&writer, sockopt::SndBuf).unwrap_or(0);
     relay.set_nonblocking(true)?;
-    Ok((writer, tokio::net::UnixStream::from_std(relay)?, got))
+    Ok((writer, tokio::net::UnixStream::from_std(relay)?))
+}
+
+/// Sets the send buffer of `socket` to about `bytes` (as root past `net.core.wmem_max`;
+/// the kernel doubles the value for its bookkeeping, as for TCP); the size it reports then.
+/// A UNIX stream socket queues as much as its sender's send buffer allows, and a change
+/// holds from the sender's next write on, also for a descriptor another process writes to.
+pub fn set_send_buffer(socket: &impl AsFd, bytes: u64) -> usize {
+    use nix::sys::socket::{getsockopt, setsockopt, sockopt};
+    let value = usize::try_from(bytes / 2).unwrap_or(usize::MAX / 4);
+    let forced = nix::unistd::geteuid().is_root()
+        && setsockopt(socket, sockopt::SndBufForce, &value).is_ok();
+    if !forced && let Err(e) = setsockopt(socket, sockopt::SndBuf, &value) {
+        tracing::debug!("send buffer of {bytes} bytes not set: {e}");
+    }
+    getsockopt(socket, sockopt::SndBuf).unwrap_or(0)
 }
 
 /// A TCP socket for `addr`'s family with the buffer of `dir` sized (before connect or

@@ -14,7 +14,7 @@ use serde_json::{Map, Value, json};
 
 use super::ram::{Ram, RamInto};
 use super::{Migration, STALE_JOB_TIMEOUT, as_u64, cutover, min_limit};
-use crate::client::progress::{Progress, human};
+use crate::client::progress::Progress;
 use crate::qemu::VmHandle;
 
 impl Migration<'_> {
@@ -134,16 +134,10 @@ impl Migration<'_> {
         let forward =
             self.remote
                 .forward(&local_migrate, &started.migrate_addr, channels as usize)?;
-        let queue_mib = self.opts.tuning.ram_queue_mib;
-        let into = if ram.streams == 1 && queue_mib > 0 {
-            let (qemu_end, ours, got) = crate::net::sockbuf::unix_pair(u64::from(queue_mib) << 20)
-                .context("a socket pair for the RAM stream")?;
+        let into = if ram.streams == 1 && self.opts.tuning.ram_queue_mib > 0 {
+            let (qemu_end, ours) =
+                crate::net::sockbuf::unix_pair().context("a socket pair for the RAM stream")?;
             forward.adopt(ours);
-            self.progress.log(format!(
-                "RAM: QEMU writes into a socket with a {} send buffer (--ram-queue-mib \
-                 {queue_mib}): the queue behind it keeps its bandwidth estimate up",
-                human(got as u64)
-            ));
             RamInto::Socket(qemu_end)
         } else {
             RamInto::Path(&local_migrate)

@@ -129,11 +129,18 @@ impl Migration<'_> {
     ) -> anyhow::Result<()> {
         let tuning = self.opts.tuning;
         let plan = self.configure_ram(vm, ram).await?;
-        match into {
-            RamInto::Path(path) => vm.migrate(&format!("unix:{}", path.display())).await?,
-            // QEMU holds its own copy once it has it: ours closes at the end of this arm.
-            RamInto::Socket(conn) => vm.migrate_into(std::os::fd::AsFd::as_fd(&conn)).await?,
-        }
+        // Our copy of QEMU's end stays open until the RAM phase ends, to deepen its queue
+        // (the relay sees the end of the stream only once it is closed).
+        let queue = match into {
+            RamInto::Path(path) => {
+                vm.migrate(&format!("unix:{}", path.display())).await?;
+                None
+            }
+            RamInto::Socket(conn) => {
+                vm.migrate_into(std::os::fd::AsFd::as_fd(&conn)).await?;
+                Some(QueueBehindQemu::new(conn, tuning.ram_queue_mib))
+            }
+        };
         let bar = self.progress.bar("RAM", 0);
         // With postcopy the switcher keeps `--max-ram-time` until the switch; after it the
         // migration must run to its end.
@@ -171,6 +178,11 @@ impl Migration<'_> {
                 bar.set_detail(ram_detail(p));
                 bar.set(p.transferred, p.total.max(p.transferred));
                 max_throttle = max_throttle.max(p.throttle_pct);
+                if let Some(q) = &queue
+                    && (p.throttle_pct > 0 || escalation.get() > tuning::INITIAL_DOWNTIME_MS)
+                {
+                    q.deepen(self.progress);
+                }
                 last = p.clone();
             }) => Ok(r),
             never = escalate_downtime(vm, self.progress, &escalation, plan.max_downtime_ms), if plan.escalate_downtime => {
@@ -243,10 +255,47 @@ impl Migration<'_> {
 }
 
 /// Where the source QEMU writes the RAM stream.
+/// QEMU's end of a single RAM stream (our copy of the descriptor). It starts with the
+/// kernel's default buffer (~200 KiB), so an idle guest's switch leaves little queued;
+/// once the RAM struggles (CPU throttle, downtime limit raised) it gets `--ram-queue-mib`.
+/// QEMU takes what it wrote in its last ~100 ms as the link's bandwidth and switches over
+/// when the rest fits the downtime limit at that rate; behind a shallow queue the pauses of
+/// its own thread (dirty bitmap syncs, XBZRLE) read as a slow link and the switch comes
+/// late, with a long pause (docs/performance.md).
+struct QueueBehindQemu {
+    conn: std::os::unix::net::UnixStream,
+    mib: u32,
+    deepened: Cell<bool>,
+}
+
+impl QueueBehindQemu {
+    fn new(conn: std::os::unix::net::UnixStream, mib: u32) -> Self {
+        QueueBehindQemu {
+            conn,
+            mib,
+            deepened: Cell::new(false),
+        }
+    }
+
+    /// Deepens the queue to `--ram-queue-mib` once (later calls do nothing).
+    fn deepen(&self, progress: &Progress) {
+        if self.deepened.replace(true) {
+            return;
+        }
+        let got = crate::net::sockbuf::set_send_buffer(&self.conn, u64::from(self.mib) << 20);
+        progress.log(format!(
+            "RAM: the guest keeps dirtying: the queue behind QEMU deepened to {} \
+             (--ram-queue-mib {}) so its bandwidth estimate holds",
+            human(got as u64),
+            self.mib
+        ));
+    }
+}
+
 pub(super) enum RamInto<'a> {
     /// It connects to the forward's socket (each multifd channel connects there).
     Path(&'a Path),
-    /// Its end of a socket pair whose buffer we chose (`--ram-queue-mib`).
+    /// Its end of a socket pair whose buffer we size ([`QueueBehindQemu`]).
     Socket(std::os::unix::net::UnixStream),
 }
 

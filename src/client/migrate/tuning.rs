@@ -63,8 +63,9 @@ pub struct RamTuning {
     pub compress: Compression,
     /// Switch to postcopy when precopy does not converge (`--postcopy`).
     pub postcopy: bool,
-    /// The send buffer of QEMU's end of a single RAM stream, MiB (`--ram-queue-mib`);
-    /// 0: QEMU connects to a UNIX socket itself (the kernel's default buffer, ~200 KiB).
+    /// How deep (MiB) the queue behind QEMU gets once a single RAM stream struggles
+    /// (`--ram-queue-mib`; until then the kernel's ~200 KiB); 0: never deepened, QEMU
+    /// connects to the forward's socket itself.
     pub ram_queue_mib: u32,
 }
 
