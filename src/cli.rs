@@ -427,7 +427,8 @@ pub struct MigrateArgs {
     /// limit at that rate; behind a shallow queue the pauses of its own thread read as a
     /// slow link and the switch comes late, with a long pause (docs/performance.md).
     /// Until then the queue stays at the kernel's ~200 KiB, so an idle guest's switch
-    /// leaves little queued. 0: never deepened. Not with --streams 2 or more.
+    /// leaves little queued. 0: never deepened. Not with --streams 2 or more, nor with
+    /// --postcopy (after the switch, faulted pages would wait behind the queue).
     #[arg(long, value_name = "MIB", default_value_t = mtunnel::client::migrate::tuning::DEFAULT_RAM_QUEUE_MIB, value_parser = clap::value_parser!(u32).range(0..=256))]
     pub ram_queue_mib: u32,
     #[command(flatten)]

@@ -703,7 +703,11 @@ impl VmHandle {
     /// socket, so the caller chooses the socket's buffer.
     pub async fn migrate_into(&self, conn: std::os::fd::BorrowedFd<'_>) -> Result<(), QemuError> {
         const FDNAME: &str = "mtunnel-migrate";
-        self.send_fd(FDNAME, conn, qmp::DEFAULT_TIMEOUT).await?;
+        if let Err(e) = self.send_fd(FDNAME, conn, qmp::DEFAULT_TIMEOUT).await {
+            // QEMU may have taken it before the error (a timeout): it must not keep it.
+            let _ = self.cmd("closefd", json!({ "fdname": FDNAME })).await;
+            return Err(e.into());
+        }
         if let Err(e) = self.migrate(&format!("fd:{FDNAME}")).await {
             // Refused: QEMU would otherwise keep its copy of the descriptor.
             let _ = self.cmd("closefd", json!({ "fdname": FDNAME })).await;

@@ -194,7 +194,11 @@ where
             match frames.next(&mut ws_read, &mut write, &mut n).await? {
                 Event::Close | Event::Eof => break,
                 Event::Ping(payload) => {
-                    let _ = pong_tx.send(control_frame(OP_PONG, &payload, role)).await;
+                    // Never waits: once our side has closed nobody sends pongs, and a reader
+                    // blocked on a full queue would stop reading the peer (its watchdog
+                    // pings keep coming). A dropped pong costs nothing: any frame shows
+                    // the peer we are here.
+                    let _ = pong_tx.try_send(control_frame(OP_PONG, &payload, role));
                 }
                 Event::Data => {}
             }

@@ -163,7 +163,11 @@ pub async fn relay_spliced(
         loop {
             match inbound_state.frame(&mut n).await? {
                 Some(Some(ping)) => {
-                    let _ = pong_tx.send(control_frame(OP_PONG, &ping, role)).await;
+                    // Never waits: once our side has closed nobody sends pongs, and a reader
+                    // blocked on a full queue would stop reading the peer (its watchdog
+                    // pings keep coming). A dropped pong costs nothing: any frame shows
+                    // the peer we are here.
+                    let _ = pong_tx.try_send(control_frame(OP_PONG, &ping, role));
                 }
                 Some(None) => {}
                 None => break,

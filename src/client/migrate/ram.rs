@@ -138,7 +138,9 @@ impl Migration<'_> {
             }
             RamInto::Socket(conn) => {
                 vm.migrate_into(std::os::fd::AsFd::as_fd(&conn)).await?;
-                Some(QueueBehindQemu::new(conn, tuning.ram_queue_mib))
+                // After a switch to postcopy the guest's faulted pages would wait behind
+                // the queue: a postcopy-capable stream keeps it shallow.
+                (!ram.postcopy).then(|| QueueBehindQemu::new(conn, tuning.ram_queue_mib))
             }
         };
         let bar = self.progress.bar("RAM", 0);
@@ -254,14 +256,13 @@ impl Migration<'_> {
     }
 }
 
-/// Where the source QEMU writes the RAM stream.
 /// QEMU's end of a single RAM stream (our copy of the descriptor). It starts with the
 /// kernel's default buffer (~200 KiB), so an idle guest's switch leaves little queued;
 /// once the RAM struggles (CPU throttle, downtime limit raised) it gets `--ram-queue-mib`.
 /// QEMU takes what it wrote in its last ~100 ms as the link's bandwidth and switches over
 /// when the rest fits the downtime limit at that rate; behind a shallow queue the pauses of
 /// its own thread (dirty bitmap syncs, XBZRLE) read as a slow link and the switch comes
-/// late, with a long pause (docs/performance.md).
+/// late, with a long pause (docs/performance.md). Not with `--postcopy`.
 struct QueueBehindQemu {
     conn: std::os::unix::net::UnixStream,
     mib: u32,
@@ -282,16 +283,23 @@ impl QueueBehindQemu {
         if self.deepened.replace(true) {
             return;
         }
-        let got = crate::net::sockbuf::set_send_buffer(&self.conn, u64::from(self.mib) << 20);
+        let want = u64::from(self.mib) << 20;
+        let got = crate::net::sockbuf::set_send_buffer(&self.conn, want) as u64;
+        let capped = if got < want {
+            " (capped by net.core.wmem_max: as root it gets the whole size)"
+        } else {
+            ""
+        };
         progress.log(format!(
             "RAM: the guest keeps dirtying: the queue behind QEMU deepened to {} \
-             (--ram-queue-mib {}) so its bandwidth estimate holds",
-            human(got as u64),
+             (--ram-queue-mib {}){capped} so its bandwidth estimate holds",
+            human(got),
             self.mib
         ));
     }
 }
 
+/// Where the source QEMU writes the RAM stream.
 pub(super) enum RamInto<'a> {
     /// It connects to the forward's socket (each multifd channel connects there).
     Path(&'a Path),
