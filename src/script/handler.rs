@@ -215,10 +215,12 @@ impl CommandHandler for LuaCommandHandler {
             if created.released {
                 return;
             }
-            // A replica's tunnel is committed from the start: a cutover's incoming QEMU
-            // that never resumed still goes (`free_created` keeps the replica itself).
-            let cutover = created.replica && created.vm_started && !created.resume_requested;
-            if !created.committed || cutover {
+            // A replica's tunnel is committed from the start, yet a run that ended without
+            // `quit` (its source gone, a frozen link) frees its NBD servers and counts as
+            // failed, and a cutover's incoming QEMU that never resumed still goes
+            // (`free_created` keeps the replica itself and its points).
+            let replica_unresumed = created.replica && !created.resume_requested;
+            if !created.committed || replica_unresumed {
                 self.ctx.log.log(format!("{end}: cleaning up"));
                 host::cleanup(&self.ctx).await;
                 return;
