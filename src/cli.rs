@@ -275,6 +275,16 @@ pub struct ReplicateArgs {
     /// Bandwidth limit in KiB/s (per disk).
     #[arg(long)]
     pub bwlimit: Option<u64>,
+    /// Give up a run whose copy made no progress for SECS seconds (a frozen link is
+    /// noticed nowhere else): the backup jobs' stall bound and the wait for each NBD
+    /// request of a hash sync. The next run continues where the failed one stopped.
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = mtunnel::client::replicate::DEFAULT_STALL_TIMEOUT.as_secs(),
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub stall_timeout: u64,
     /// The member of the target's cluster to replicate to, through the node answering at
     /// the endpoint (default: that node). A replica lives on one node: later runs must
     /// name the same one.

@@ -14,6 +14,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use common::proxy::FaultProxy;
 use common::tcg_node as node;
 use common::{LoopBtrfs, Options, TestServer, blob, mt, mt_ok, pid_of, qemu_io, qmp, target_arg};
 use serde_json::json;
@@ -1092,6 +1093,35 @@ fn copied_before_interrupt(stderr: &str) -> u64 {
     rest[open..close].parse().expect("a byte count")
 }
 
+/// Nothing of a failed or interrupted run of VM `vmid` is left in the source QEMU (no
+/// block job, NBD export or NBD client node) or in its run dir (no forward socket).
+async fn assert_source_left_nothing(src: &TestServer, vmid: u32) {
+    assert_eq!(
+        qmp(&src.run, vmid, "query-jobs", json!({})).await,
+        json!([])
+    );
+    let exports = qmp(&src.run, vmid, "query-block-exports", json!({})).await;
+    assert_eq!(exports, json!([]), "exports left in the source QEMU");
+    let nodes = qmp(&src.run, vmid, "query-named-block-nodes", json!({})).await;
+    let ours: Vec<&serde_json::Value> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| {
+            n["node-name"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("replica-")
+        })
+        .collect();
+    assert!(ours.is_empty(), "NBD client nodes left: {ours:?}");
+    let left: Vec<String> = files_of(&src.run, &vmid.to_string())
+        .into_iter()
+        .filter(|f| f.contains("replica"))
+        .collect();
+    assert!(left.is_empty(), "left in the source's run dir: {left:?}");
+}
+
 /// SIGTERM (as `systemctl stop` sends it) to a FIRST run of a running VM (64 MiB of data on
 /// a 128 MiB disk, slowed to 4 MiB/s) about half way: the process exits 1 with one line
 /// that says the run was interrupted and the next run continues it; the source QEMU has no
@@ -1147,27 +1177,7 @@ async fn sigterm_mid_run_cleans_up_and_the_next_run_continues_it() {
     let cut_copied = copied_before_interrupt(&cut_err);
 
     // Nothing of the run is left in the source QEMU or its run dir.
-    assert_eq!(qmp(&src.run, 117, "query-jobs", json!({})).await, json!([]));
-    let exports = qmp(&src.run, 117, "query-block-exports", json!({})).await;
-    assert_eq!(exports, json!([]), "exports left in the source QEMU");
-    let nodes = qmp(&src.run, 117, "query-named-block-nodes", json!({})).await;
-    let ours: Vec<&serde_json::Value> = nodes
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|n| {
-            n["node-name"]
-                .as_str()
-                .unwrap_or("")
-                .starts_with("replica-")
-        })
-        .collect();
-    assert!(ours.is_empty(), "NBD client nodes left: {ours:?}");
-    let left: Vec<String> = files_of(&src.run, "117")
-        .into_iter()
-        .filter(|f| f.contains("replica"))
-        .collect();
-    assert!(left.is_empty(), "left in the source's run dir: {left:?}");
+    assert_source_left_nothing(&src, 117).await;
 
     // The target ended the run as cut.
     assert!(
@@ -1390,4 +1400,128 @@ async fn sigint_during_a_hash_sync_removes_its_nbd_server_and_bitmap() {
     assert_same_raw(&now, &dst.images(120).join("vm-120-disk-0.raw"));
     std::fs::remove_file(&now).unwrap();
     mt_ok(&src, &["vm", "stop", "120"]).await;
+}
+
+/// A FIRST run (64 MiB of data on a 128 MiB disk, slowed to 4 MiB/s) through a
+/// [`FaultProxy`] whose link freezes about a quarter of the way (nothing more passes,
+/// nothing is closed): with `--stall-timeout 5` the run fails well within this test's
+/// bound, with the stall message that names the flag and says the next run continues;
+/// the source QEMU has nothing of the run left; the target (peer_timeout_secs 2) ended
+/// its side (the tunnel task failed, the working copy kept as a cut run: `interrupted`, its
+/// NBD server and sockets gone). The next run, straight to the target, is a hash sync that
+/// sends the rest: both together at most 1.1 x the 64 MiB of data; its point is the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_link_fails_the_run_within_the_stall_timeout_and_the_next_continues_it() {
+    let src = node("src21");
+    common::require_qemu();
+    let dst = TestServer::start_with(Options {
+        node: Some("dst21".into()),
+        extra_toml: "qemu_accel = \"tcg\"\npeer_timeout_secs = 2\n".into(),
+        ..Options::default()
+    });
+    let img = create_vm_with_data(&src, 121, "128M").await;
+    let proxy = FaultProxy::start(dst.port).await;
+    let target = target_arg(&dst, proxy.port);
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mtunnel"))
+        .args(["replicate", "121", &target, "--target-storage", "local"])
+        .args(["--bwlimit", "4096", "--stall-timeout", "5", "--config"])
+        .arg(&src.config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("running mtunnel replicate");
+    // Under way: the working copy is exported and 16 MiB went through the proxy (of the
+    // 64 MiB of data, which come first on the disk).
+    let pid_file = dst.run.join("121-scsi0.replica.pid");
+    let under_way = common::eventually(std::time::Duration::from_secs(60), || {
+        pid_file.exists() && proxy.bytes() >= 16 << 20
+    })
+    .await;
+    assert!(
+        under_way,
+        "the run never got under way ({} bytes through the proxy)",
+        proxy.bytes()
+    );
+    let upid = dst.tunnel_upids(121).pop().expect("the run's tunnel task");
+    proxy.freeze();
+    // A 60 s stall bound (the default) could not end the run within this bound.
+    let cut = common::bounded(45, child.wait_with_output()).await.unwrap();
+    let cut_err = String::from_utf8_lossy(&cut.stderr);
+    eprintln!("the frozen run: {cut_err}");
+    assert_eq!(cut.status.code(), Some(1), "{cut_err}");
+    assert!(cut.stdout.is_empty(), "no summary line");
+    let stalled = "the backup jobs made no progress for 5 s (--stall-timeout): the link to the \
+                   target is probably frozen; the next run continues it, sending only what the \
+                   target has not acknowledged";
+    let error = cut_err
+        .lines()
+        .find(|l| l.starts_with("mtunnel: error: "))
+        .unwrap_or_else(|| panic!("no error line: {cut_err}"));
+    assert_eq!(error, format!("mtunnel: error: {stalled}"), "{cut_err}");
+    assert!(
+        cut_err.contains(&format!(
+            "toward the target; the target keeps an interrupted replica (no restore point \
+             yet) that the next run continues, or 'mtunnel replica drop 121' on the target \
+             frees: {stalled}"
+        )),
+        "{cut_err}"
+    );
+    let cut_copied = sent_before_failure(&cut_err);
+    assert_source_left_nothing(&src, 121).await;
+
+    // The target ended its side: the task failed, the working copy is kept as a cut run.
+    let path = format!("/nodes/dst21/tasks/{upid}/status");
+    let mut status = json!({});
+    for _ in 0..300 {
+        status = dst.client().get(&path, &[]).await.unwrap();
+        if status["status"] == json!("stopped") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(status["status"], json!("stopped"), "{status}");
+    let exit = status["exitstatus"].as_str().unwrap_or("");
+    assert!(
+        exit != "OK" && !exit.starts_with("WARNINGS") && !exit.is_empty(),
+        "the tunnel task must fail: '{exit}'"
+    );
+    assert!(
+        common::eventually(std::time::Duration::from_secs(10), || files_of(
+            &dst.run, "121-"
+        )
+        .is_empty())
+        .await,
+        "left in the target's run dir: {:?}\n{:?}",
+        files_of(&dst.run, "121-"),
+        dst.task_log_file(&upid)
+    );
+    let list = mt_ok(&dst, &["replica", "list"]).await;
+    assert!(list.contains(" interrupted "), "{list}");
+    assert_eq!(record(&dst, 121)["failed_runs"], json!(1));
+    drop(proxy);
+
+    let (_, sent, out) = replicate(&src, &dst, 121).await;
+    let hashes = hash_bytes(&out);
+    eprintln!("the frozen run copied {cut_copied} bytes; the next run sent {sent} + {hashes}");
+    assert!(out.contains("hash sync ("), "{out}");
+    assert!(
+        cut_copied >= 8 << 20,
+        "the frozen run got somewhere: {cut_err}"
+    );
+    let full = 64u64 << 20;
+    assert!(
+        (cut_copied + sent + hashes) * 10 <= full * 11,
+        "frozen run {cut_copied} + next run {sent} + hashes {hashes} bytes > 1.1 x {full}"
+    );
+    let now = src.base().join("now.raw");
+    let p = dst.base().join("p.raw");
+    paused(&src, 121, || export_raw(&img, None, &now)).await;
+    let replica = dst.images(121).join("vm-121-disk-0.qcow2");
+    export_raw(&replica, Some(&point_of(&out)), &p);
+    assert_same_raw(&now, &p);
+    for f in [&now, &p] {
+        std::fs::remove_file(f).unwrap();
+    }
+    mt_ok(&src, &["vm", "stop", "121"]).await;
 }

@@ -31,7 +31,8 @@ pub async fn replicate(args: ReplicateArgs) -> anyhow::Result<()> {
     let progress = Progress::auto();
     // SIGTERM (systemd stopping the unit) or SIGINT (Ctrl-C): the run cleans up and fails.
     let stop = termination_signals()?;
-    let summary = replicate_until(&src, &opts, &progress, stop).await?;
+    let stall = std::time::Duration::from_secs(args.stall_timeout);
+    let summary = replicate_until(&src, &opts, stall, &progress, stop).await?;
     println!("{}", summary.line(&opts));
     Ok(())
 }

@@ -224,6 +224,17 @@ impl Forward {
     pub fn adopt(&self, conn: tokio::net::UnixStream) {
         self.relays.spawn(conn);
     }
+
+    /// Ends every connection this forward relays now, without waiting for the remote
+    /// (its local end closes): for a caller that gave up on a frozen link, whose local
+    /// clients would otherwise wait forever.
+    pub fn cut(&self) {
+        if let Ok(running) = self.relays.running.lock() {
+            for task in running.iter() {
+                task.abort();
+            }
+        }
+    }
 }
 
 /// What a forward carried: connections accepted and ended, bytes sent to the remote by
@@ -304,6 +315,7 @@ pub fn forward(
         pool,
         stats: Arc::clone(&stats),
         broken: Arc::clone(&broken),
+        running: std::sync::Mutex::new(Vec::new()),
     });
     let accepting = Arc::clone(&relays);
     let accept = tokio::spawn(async move {
@@ -336,6 +348,8 @@ struct Relays {
     pool: Arc<Prepared>,
     stats: Arc<ForwardStats>,
     broken: Arc<std::sync::Mutex<Option<String>>>,
+    /// The relays' tasks, for [`Forward::cut`] (finished ones are pruned as new come).
+    running: std::sync::Mutex<Vec<tokio::task::AbortHandle>>,
 }
 
 impl Relays {
@@ -343,7 +357,8 @@ impl Relays {
     fn spawn(self: &Arc<Self>, conn: tokio::net::UnixStream) {
         let me = Arc::clone(self);
         me.stats.accepted.fetch_add(1, Ordering::SeqCst);
-        tokio::spawn(async move {
+        let relays = Arc::clone(&me);
+        let task = tokio::spawn(async move {
             let ws = match me.pool.take().await {
                 Some(ws) => ws,
                 None => open_ws(&me.control, &me.endpoint, &me.remote_path).await,
@@ -357,6 +372,10 @@ impl Relays {
             }
             me.stats.finished.fetch_add(1, Ordering::SeqCst);
         });
+        if let Ok(mut list) = relays.running.lock() {
+            list.retain(|t| !t.is_finished());
+            list.push(task.abort_handle());
+        }
     }
 }
 

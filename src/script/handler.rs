@@ -215,10 +215,16 @@ impl CommandHandler for LuaCommandHandler {
             if created.released {
                 return;
             }
-            // A replica's tunnel is committed from the start: a cutover's incoming QEMU
-            // that never resumed still goes (`free_created` keeps the replica itself).
+            // A replica's tunnel is committed from the start, yet a cutover's incoming QEMU
+            // that never resumed still goes, and a run this tunnel began and never completed
+            // (it ended without `quit`: its source gone, a frozen link) is ended as cut: its
+            // NBD servers stopped, the run counted as failed (`free_created` keeps the
+            // replica itself and its points).
             let cutover = created.replica && created.vm_started && !created.resume_requested;
-            if !created.committed || cutover {
+            let cut_run = created.replica
+                && !created.resume_requested
+                && replica_run_open(&self.ctx, &created.upid);
+            if !created.committed || cutover || cut_run {
                 self.ctx.log.log(format!("{end}: cleaning up"));
                 host::cleanup(&self.ctx).await;
                 return;
@@ -236,6 +242,19 @@ impl CommandHandler for LuaCommandHandler {
                 ));
             }
         })
+    }
+}
+
+/// Whether the replica's record holds a run that tunnel `upid` began and did not complete.
+fn replica_run_open(ctx: &HostCtx, upid: &str) -> bool {
+    match crate::replica::load(&ctx.node.cfg.data_dir, ctx.vmid) {
+        Ok(Some(r)) => r.run.is_some_and(|run| run.upid == upid),
+        Ok(None) => false,
+        Err(e) => {
+            // Unreadable: end it as cut (stopping NBD servers loses nothing committed).
+            tracing::warn!(vmid = ctx.vmid, "reading the replica record: {e:#}");
+            true
+        }
     }
 }
 

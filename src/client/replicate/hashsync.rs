@@ -23,9 +23,6 @@ use crate::client::progress::{Progress, human};
 use crate::replica::hashes::{self, BLOCK, MAX_HASHES};
 use crate::replica::nbd_client::{MAX_REQUEST, NbdClient};
 
-/// How long one NBD request may take.
-pub(super) const NBD_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// What a hash sync found and did, summed over the disks.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct HashFigures {
@@ -443,12 +440,14 @@ impl Run<'_> {
         let mut in_flight = 0;
         for ((d, source), ranges) in self.disks.iter().zip(sources.iter_mut()).zip(&diffs) {
             let (socket, export) = locals.get(&d.key).context("no forward for a disk")?;
-            let mut t = NbdClient::connect(socket, export, NBD_TIMEOUT)
+            let mut t = NbdClient::connect(socket, export, self.stall)
                 .await
-                .with_context(|| format!("{}: connecting to the target's working copy", d.key))?;
+                .with_context(|| format!("{}: connecting to the target's working copy", d.key))
+                .map_err(|e| self.stalled(e))?;
             let sent = send(source, &mut t, ranges, &self.copied, pace.as_mut())
                 .await
-                .with_context(|| format!("{}: writing the blocks that differ", d.key))?;
+                .with_context(|| format!("{}: writing the blocks that differ", d.key))
+                .map_err(|e| self.stalled(e))?;
             written += sent.bytes;
             in_flight = in_flight.max(sent.in_flight);
             targets.push(t);
@@ -476,6 +475,7 @@ impl Run<'_> {
                 incremental: true,
                 speed: self.speed(),
                 copied: &self.copied,
+                stall: self.stall,
             };
             copied += jobs::copy(vm, self.disks, &locals, &spec, names, self.progress).await?;
         }
@@ -495,7 +495,7 @@ impl Run<'_> {
             jobs::export_read(vm, self.disks, &socket, names).await?;
             for d in self.disks {
                 let export = format!("drive-{}", d.key);
-                match NbdClient::connect(&socket, &export, NBD_TIMEOUT).await {
+                match NbdClient::connect(&socket, &export, self.stall).await {
                     Ok(c) => clients.push(c),
                     Err(e) => {
                         jobs::stop_read(vm, &socket).await;
@@ -511,7 +511,7 @@ impl Run<'_> {
             let socket = run_dir.join(format!("{vmid}-{}.{}.replica-read", d.key, names.tag()));
             let reader = ImageReader::start(socket, &d.key, (&file, &d.format)).await?;
             let export = format!("drive-{}", d.key);
-            clients.push(NbdClient::connect(&reader.socket, &export, NBD_TIMEOUT).await?);
+            clients.push(NbdClient::connect(&reader.socket, &export, self.stall).await?);
             readers.push(reader);
         }
         Ok((ReadSide::Images(readers), clients))

@@ -16,8 +16,6 @@ use super::Disk;
 use crate::client::progress::{Progress, human};
 use crate::qemu::VmHandle;
 
-/// How long the backup jobs may make no progress before the run gives up.
-const STALL: Duration = Duration::from_secs(60);
 const QMP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The names of one replica's things in the source QEMU: its dirty bitmap and, per disk,
@@ -56,6 +54,8 @@ pub(super) struct Backup<'a> {
     pub speed: Option<u64>,
     /// Where the jobs' progress is kept while they run (a failed run reports it).
     pub copied: &'a AtomicU64,
+    /// How long the jobs may make no progress before the run gives up (`--stall-timeout`).
+    pub stall: Duration,
 }
 
 async fn qmp(vm: &VmHandle, cmd: &str, args: Value) -> anyhow::Result<Value> {
@@ -323,19 +323,20 @@ pub(super) async fn copy(
     qmp(vm, "transaction", json!({ "actions": actions }))
         .await
         .context("starting the backup jobs")?;
-    let copied = wait_jobs(vm, disks, (names, spec.copied), progress).await?;
+    let copied = wait_jobs(vm, disks, (names, spec), progress).await?;
     take_down(vm, disks, names).await;
     Ok(copied)
 }
 
 /// Waits until every job concluded; fails on a job's error or when no job moved for
-/// [`STALL`]. Returns the bytes copied.
+/// `spec.stall`. Returns the bytes copied.
 async fn wait_jobs(
     vm: &VmHandle,
     disks: &[Disk],
-    (names, copied): (&Names, &AtomicU64),
+    (names, spec): (&Names, &Backup<'_>),
     progress: &Progress,
 ) -> anyhow::Result<u64> {
+    let copied = spec.copied;
     let before = copied.load(Ordering::SeqCst);
     let ids: Vec<String> = disks.iter().map(|d| names.of(&d.key)).collect();
     let started = Instant::now();
@@ -376,10 +377,12 @@ async fn wait_jobs(
         }
         if done != last.0 {
             last = (done, Instant::now());
-        } else if last.1.elapsed() > STALL {
+        } else if last.1.elapsed() > spec.stall {
             bail!(
-                "the backup jobs made no progress for {} s (link frozen?)",
-                STALL.as_secs()
+                "the backup jobs made no progress for {} s (--stall-timeout): the link to \
+                 the target is probably frozen; {}",
+                spec.stall.as_secs(),
+                super::NEXT_RUN
             );
         }
         if logged.elapsed() > Duration::from_secs(5) {

@@ -14,7 +14,9 @@
 //! VM's config (a stopped VM's config lock is held for the run); a failed run cancels its
 //! jobs, removes its NBD nodes and asks the target to clean up (which frees only the
 //! run's transient things once a replica has a point); `mtunnel replicate` stopped by
-//! SIGTERM or SIGINT does the same at once ([`replicate_until`]).
+//! SIGTERM or SIGINT does the same at once ([`replicate_until`]). A copy that makes no
+//! progress for `--stall-timeout` (a frozen link) fails the run; its forwarded connections
+//! are closed first, so QEMU's NBD requests stuck on the link fail and its jobs can end.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -160,13 +162,23 @@ impl Subject {
     }
 }
 
-/// Runs one replica run of a VM (running or stopped).
+/// How long a run's copy may make no progress before the run gives up, unless
+/// `--stall-timeout` says otherwise: the backup jobs' stall bound and the wait for each NBD
+/// request of a hash sync.
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What a failed or interrupted run that the target keeps says about the next one.
+pub(super) const NEXT_RUN: &str =
+    "the next run continues it, sending only what the target has not acknowledged";
+
+/// Runs one replica run of a VM (running or stopped), with [`DEFAULT_STALL_TIMEOUT`].
 pub async fn replicate(
     src: &SourceNode,
     opts: &ReplicateOptions,
     progress: &Progress,
 ) -> anyhow::Result<RunSummary> {
-    replicate_until(src, opts, progress, std::future::pending()).await
+    let stop = std::future::pending();
+    replicate_until(src, opts, DEFAULT_STALL_TIMEOUT, progress, stop).await
 }
 
 /// The first SIGTERM or SIGINT, by name, for [`replicate_until`]. The handlers are
@@ -184,15 +196,17 @@ pub fn termination_signals() -> anyhow::Result<impl Future<Output = &'static str
     })
 }
 
-/// [`replicate`] that stops when `stop` resolves (to the signal's name): the run's work is
-/// dropped where it stands, then what it added to the source QEMU is removed as after a
-/// failure ([`Run::clean_up_interrupted`]), the target is asked to clean up (it ends the
-/// run as cut: the replica is `interrupted`, its points intact), and the error says the
-/// next run continues it. A stopped VM's `qemu-nbd -r` are killed when their work is
-/// dropped, its config lock when the run returns.
+/// [`replicate`] with the stall bound `stall` (`--stall-timeout`) that stops when `stop`
+/// resolves (to the signal's name): the run's work is dropped where it stands, then what
+/// it added to the source QEMU is removed as after a failure
+/// ([`Run::clean_up_interrupted`]), the target is asked to clean up (it ends the run as
+/// cut: the replica is `interrupted`, its points intact), and the error says the next run
+/// continues it. A stopped VM's `qemu-nbd -r` are killed when their work is dropped, its
+/// config lock when the run returns.
 pub async fn replicate_until(
     src: &SourceNode,
     opts: &ReplicateOptions,
+    stall: Duration,
     progress: &Progress,
     stop: impl Future<Output = &'static str>,
 ) -> anyhow::Result<RunSummary> {
@@ -220,6 +234,7 @@ pub async fn replicate_until(
         progress,
         vm: subject.vm(),
         disks: &disks,
+        stall,
         copied: AtomicU64::new(0),
         first: AtomicBool::new(false),
         exported: AtomicBool::new(false),
@@ -250,7 +265,8 @@ pub async fn replicate_until(
                 human(copied),
                 run.kept_note()
             ));
-            remote.quit(true).await;
+            // A frozen link would keep the `quit` unanswered: the stall bound is the wait.
+            remote.quit_within(true, stall.min(FAILED_QUIT)).await;
             Err(e)
         }
     }
@@ -260,6 +276,9 @@ pub async fn replicate_until(
 /// anyway, which the target treats the same).
 const INTERRUPTED_QUIT: Duration = Duration::from_secs(10);
 
+/// The most a failed run waits for the target's `quit`.
+const FAILED_QUIT: Duration = Duration::from_secs(60);
+
 /// One run under way: what it copies, from where.
 struct Run<'a> {
     src: &'a SourceNode,
@@ -268,6 +287,8 @@ struct Run<'a> {
     /// `None`: the VM is stopped.
     vm: Option<&'a VmHandle>,
     disks: &'a [Disk],
+    /// `--stall-timeout`: how long the copy may make no progress.
+    stall: Duration,
     /// Bytes written toward the target so far (backup jobs and hash sync writes).
     copied: AtomicU64,
     /// The run made the replica (`replica-prepare` said `first`).
@@ -301,6 +322,9 @@ impl Run<'_> {
         }
         let transferred = self.transfer(remote, &prepared, names).await;
         if let (Err(_), Some(vm)) = (&transferred, self.vm) {
+            // Over a frozen link QEMU's NBD requests never end, and neither would a cancel
+            // of the jobs that wait for them: closing the forwarded connections fails them.
+            remote.cut_forwards();
             jobs::abort(vm, self.disks, names).await;
         }
         transferred
@@ -328,7 +352,7 @@ impl Run<'_> {
         let next = if self.first.load(Ordering::SeqCst) && !self.exported.load(Ordering::SeqCst) {
             "the target kept nothing of it, the next run starts the replica anew"
         } else {
-            "the next run continues it, sending only what the target has not acknowledged"
+            NEXT_RUN
         };
         format!(
             "replica run of VM {} interrupted ({signal}) after copying {} ({copied} bytes) \
@@ -337,6 +361,16 @@ impl Run<'_> {
             self.opts.vmid,
             human(copied)
         )
+    }
+
+    /// A hash sync's failed write toward the target, with what bounds it and what the
+    /// next run does.
+    fn stalled(&self, e: anyhow::Error) -> anyhow::Error {
+        e.context(format!(
+            "the hash sync's writes to the target failed (each NBD request waits at most {} s: \
+             --stall-timeout); {NEXT_RUN}",
+            self.stall.as_secs()
+        ))
     }
 
     /// For a failure line: a first run that exported committed its tunnel, so the target
@@ -403,6 +437,7 @@ impl Run<'_> {
                     incremental: mode == Mode::Incremental,
                     speed: self.speed(),
                     copied: &self.copied,
+                    stall: self.stall,
                 };
                 jobs::copy(vm, self.disks, &locals, &spec, names, self.progress).await?
             }

@@ -163,6 +163,15 @@ impl Remote {
         Ok(out)
     }
 
+    /// Closes every connection the forwards carry (their local ends): after a failed
+    /// run, so that the source QEMU's NBD requests stuck on a frozen link fail and its
+    /// jobs can end.
+    pub(super) fn cut_forwards(&self) {
+        for f in &self.forwards {
+            f.cut();
+        }
+    }
+
     /// Bytes sent through the forwards, once every forwarded connection ended (at most
     /// 10 s after the NBD clients disconnected).
     pub(super) async fn sent_bytes(&self) -> u64 {
