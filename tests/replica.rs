@@ -303,6 +303,48 @@ fn sent_before_failure(stderr: &str) -> u64 {
     rest[open..close].parse().expect("a byte count")
 }
 
+/// What a cut, interrupted or frozen run copied before it ended, and its stderr.
+struct CutRun<'a> {
+    copied: u64,
+    stderr: &'a str,
+}
+
+/// The run after `cut` (64 MiB of data in `img`, a qcow2 working copy): a hash sync that
+/// sends only the rest (both runs and the hashes ≤ 1.1 × one full copy), and its point is
+/// byte-identical to the paused source.
+async fn next_run_continues(
+    src: &TestServer,
+    dst: &TestServer,
+    vmid: u32,
+    img: &Path,
+    cut: CutRun<'_>,
+) {
+    let (_, sent, out) = replicate(src, dst, vmid).await;
+    let hashes = hash_bytes(&out);
+    let copied = cut.copied;
+    eprintln!("the cut run copied {copied} bytes; the next run sent {sent} + {hashes}");
+    assert!(out.contains("hash sync ("), "{out}");
+    assert!(
+        copied >= 8 << 20,
+        "the cut run got somewhere: {}",
+        cut.stderr
+    );
+    let full = 64u64 << 20;
+    assert!(
+        (copied + sent + hashes) * 10 <= full * 11,
+        "cut run {copied} + next run {sent} + hashes {hashes} bytes > 1.1 x {full}"
+    );
+    let now = src.base().join("now.raw");
+    let p = dst.base().join("p.raw");
+    paused(src, vmid, || export_raw(img, None, &now)).await;
+    let replica = dst.images(vmid).join(format!("vm-{vmid}-disk-0.qcow2"));
+    export_raw(&replica, Some(&point_of(&out)), &p);
+    assert_same_raw(&now, &p);
+    for f in [&now, &p] {
+        std::fs::remove_file(f).unwrap();
+    }
+}
+
 /// The bytes of hashes a hash sync's summary line says it received (0 for other runs).
 fn hash_bytes(out: &str) -> u64 {
     let Some(end) = out.find(" bytes of hashes received") else {
@@ -434,25 +476,11 @@ async fn a_cut_first_run_continues_where_it_stopped() {
     let list = mt_ok(&dst, &["replica", "list"]).await;
     assert!(list.contains(" interrupted "), "{list}");
 
-    let (_, sent, out) = replicate(&src, &dst, 113).await;
-    let hashes = hash_bytes(&out);
-    eprintln!("cut first run copied {cut_sent} bytes; the next run sent {sent} + {hashes}: {out}");
-    assert!(out.contains("hash sync ("), "{out}");
-    assert!(cut_sent >= 8 << 20, "the cut run got somewhere: {cut_err}");
-    let full = 64u64 << 20;
-    assert!(
-        (cut_sent + sent + hashes) * 10 <= full * 11,
-        "cut run {cut_sent} + next run {sent} + hashes {hashes} bytes > 1.1 x {full}"
-    );
-    let now = src.base().join("now.raw");
-    let p = dst.base().join("p.raw");
-    paused(&src, 113, || export_raw(&img, None, &now)).await;
-    let replica = dst.images(113).join("vm-113-disk-0.qcow2");
-    export_raw(&replica, Some(&point_of(&out)), &p);
-    assert_same_raw(&now, &p);
-    for f in [&now, &p] {
-        std::fs::remove_file(f).unwrap();
-    }
+    let cut = CutRun {
+        copied: cut_sent,
+        stderr: &cut_err,
+    };
+    next_run_continues(&src, &dst, 113, &img, cut).await;
     mt_ok(&src, &["vm", "stop", "113"]).await;
 }
 
@@ -1193,28 +1221,11 @@ async fn sigterm_mid_run_cleans_up_and_the_next_run_continues_it() {
     let list = mt_ok(&dst, &["replica", "list"]).await;
     assert!(list.contains(" interrupted "), "{list}");
 
-    let (_, sent, out) = replicate(&src, &dst, 117).await;
-    let hashes = hash_bytes(&out);
-    eprintln!("interrupted run copied {cut_copied} bytes; the next run sent {sent} + {hashes}");
-    assert!(out.contains("hash sync ("), "{out}");
-    assert!(
-        cut_copied >= 8 << 20,
-        "the cut run got somewhere: {cut_err}"
-    );
-    let full = 64u64 << 20;
-    assert!(
-        (cut_copied + sent + hashes) * 10 <= full * 11,
-        "interrupted run {cut_copied} + next run {sent} + hashes {hashes} bytes > 1.1 x {full}"
-    );
-    let now = src.base().join("now.raw");
-    let p = dst.base().join("p.raw");
-    paused(&src, 117, || export_raw(&img, None, &now)).await;
-    let replica = dst.images(117).join("vm-117-disk-0.qcow2");
-    export_raw(&replica, Some(&point_of(&out)), &p);
-    assert_same_raw(&now, &p);
-    for f in [&now, &p] {
-        std::fs::remove_file(f).unwrap();
-    }
+    let cut = CutRun {
+        copied: cut_copied,
+        stderr: &cut_err,
+    };
+    next_run_continues(&src, &dst, 117, &img, cut).await;
     mt_ok(&src, &["vm", "stop", "117"]).await;
 }
 
@@ -1501,27 +1512,10 @@ async fn a_frozen_link_fails_the_run_within_the_stall_timeout_and_the_next_conti
     assert_eq!(record(&dst, 121)["failed_runs"], json!(1));
     drop(proxy);
 
-    let (_, sent, out) = replicate(&src, &dst, 121).await;
-    let hashes = hash_bytes(&out);
-    eprintln!("the frozen run copied {cut_copied} bytes; the next run sent {sent} + {hashes}");
-    assert!(out.contains("hash sync ("), "{out}");
-    assert!(
-        cut_copied >= 8 << 20,
-        "the frozen run got somewhere: {cut_err}"
-    );
-    let full = 64u64 << 20;
-    assert!(
-        (cut_copied + sent + hashes) * 10 <= full * 11,
-        "frozen run {cut_copied} + next run {sent} + hashes {hashes} bytes > 1.1 x {full}"
-    );
-    let now = src.base().join("now.raw");
-    let p = dst.base().join("p.raw");
-    paused(&src, 121, || export_raw(&img, None, &now)).await;
-    let replica = dst.images(121).join("vm-121-disk-0.qcow2");
-    export_raw(&replica, Some(&point_of(&out)), &p);
-    assert_same_raw(&now, &p);
-    for f in [&now, &p] {
-        std::fs::remove_file(f).unwrap();
-    }
+    let cut = CutRun {
+        copied: cut_copied,
+        stderr: &cut_err,
+    };
+    next_run_continues(&src, &dst, 121, &img, cut).await;
     mt_ok(&src, &["vm", "stop", "121"]).await;
 }
