@@ -13,6 +13,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::{Context, bail};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::client::conn::http1::SendRequest;
@@ -20,7 +21,7 @@ use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request};
 use hyper_util::rt::TokioIo;
 use rustls::ClientConfig;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use super::ApiError;
 use crate::net::stream::{Stream, connect_plain};
@@ -102,6 +103,40 @@ impl std::fmt::Debug for ApiClient {
 }
 
 impl ApiClient {
+    /// The node a migration or replica run goes to: the one answering (`local` in
+    /// `/cluster/status`), or `asked`, which must be an online member of the target's cluster.
+    pub async fn target_node(&self, asked: Option<&str>) -> anyhow::Result<String> {
+        let status = self
+            .get("/cluster/status", &[])
+            .await
+            .context("querying the target's cluster status")?;
+        let nodes: Vec<&Value> = status
+            .as_array()
+            .map(|a| a.iter().filter(|e| e["type"] == json!("node")).collect())
+            .unwrap_or_default();
+        let flag =
+            |e: &Value, key: &str| e.get(key).and_then(crate::util::lenient_bool) == Some(true);
+        let Some(asked) = asked else {
+            return nodes
+                .iter()
+                .find(|e| flag(e, "local"))
+                .and_then(|e| e["name"].as_str())
+                .map(str::to_string)
+                .context("target's /cluster/status has no local node entry");
+        };
+        match nodes.iter().find(|e| e["name"] == json!(asked)) {
+            Some(e) if flag(e, "online") => Ok(asked.to_string()),
+            Some(_) => bail!("target node '{asked}' is offline"),
+            None => {
+                let names: Vec<&str> = nodes.iter().filter_map(|e| e["name"].as_str()).collect();
+                bail!(
+                    "target node '{asked}' is not a member of the target's cluster (members: {})",
+                    names.join(", ")
+                )
+            }
+        }
+    }
+
     /// A client for `https://host:port`, sending `token_header` (e.g.
     /// `PVEAPIToken=root@pam!mig=<secret>`) as `Authorization` on every request (none if it
     /// is empty), and trusting only the certificate with `fingerprint`.

@@ -201,7 +201,7 @@ async fn check_target_side(
         no_replica: opts.no_replica,
     };
     let (node, checked) = tokio::join!(
-        target_node(api, asked),
+        api.target_node(asked),
         check_target(
             api,
             tvmid,
@@ -387,39 +387,6 @@ pub(crate) async fn pinned_fingerprint(target: &TargetEndpoint) -> anyhow::Resul
     find("pveproxy-ssl.pem")
         .or_else(|| find("pve-ssl.pem"))
         .context("the target reports no pveproxy-ssl.pem or pve-ssl.pem certificate")
-}
-
-/// The node to migrate to: the one answering (`local` in `/cluster/status`), or `asked`,
-/// which must be an online member of the target's cluster.
-async fn target_node(api: &ApiClient, asked: Option<&str>) -> anyhow::Result<String> {
-    let status = api
-        .get("/cluster/status", &[])
-        .await
-        .context("querying the target's cluster status")?;
-    let nodes: Vec<&Value> = status
-        .as_array()
-        .map(|a| a.iter().filter(|e| e["type"] == json!("node")).collect())
-        .unwrap_or_default();
-    let flag = |e: &Value, key: &str| e.get(key).and_then(crate::util::lenient_bool) == Some(true);
-    let Some(asked) = asked else {
-        return nodes
-            .iter()
-            .find(|e| flag(e, "local"))
-            .and_then(|e| e["name"].as_str())
-            .map(str::to_string)
-            .context("target's /cluster/status has no local node entry");
-    };
-    match nodes.iter().find(|e| e["name"] == json!(asked)) {
-        Some(e) if flag(e, "online") => Ok(asked.to_string()),
-        Some(_) => bail!("target node '{asked}' is offline"),
-        None => {
-            let names: Vec<&str> = nodes.iter().filter_map(|e| e["name"].as_str()).collect();
-            bail!(
-                "target node '{asked}' is not a member of the target's cluster (members: {})",
-                names.join(", ")
-            )
-        }
-    }
 }
 
 /// The CLI's pre-checks: the target VMID is unused (or a replica of this VM: then the

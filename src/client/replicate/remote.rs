@@ -55,7 +55,9 @@ impl Remote {
             fingerprint,
         )?
         .keep_alive();
-        let node = run_node(&api, opts.target_node.as_deref()).await?;
+        // `--target-node`, or else the node answering.
+        let node = (api.target_node(opts.target_node.as_deref()).await)
+            .map_err(|e| anyhow::anyhow!("{e:#}: nothing was replicated"))?;
         check_replica_node(&api, (source_node, opts.vmid), &node).await?;
         let mut storages: Vec<String> = disks.iter().map(|d| d.target_storage.clone()).collect();
         storages.sort();
@@ -202,41 +204,6 @@ impl Remote {
         let quit = json!({"cmd": "quit", "cleanup": u8::from(cleanup)});
         if let Err(e) = self.control.command(&quit, timeout).await {
             tracing::warn!("quit on the target failed: {e}");
-        }
-    }
-}
-
-/// The node a run goes to: `asked` (`--target-node`), which must be an online member of
-/// the target's cluster, or else the node answering at the endpoint (`local` in
-/// `/cluster/status`).
-async fn run_node(api: &ApiClient, asked: Option<&str>) -> anyhow::Result<String> {
-    let status = api
-        .get("/cluster/status", &[])
-        .await
-        .context("querying the target's cluster status")?;
-    let nodes: Vec<&Value> = status
-        .as_array()
-        .map(|a| a.iter().filter(|e| e["type"] == json!("node")).collect())
-        .unwrap_or_default();
-    let flag = |e: &Value, key: &str| e.get(key).and_then(crate::util::lenient_bool) == Some(true);
-    let Some(asked) = asked else {
-        return nodes
-            .iter()
-            .find(|e| flag(e, "local"))
-            .and_then(|e| e["name"].as_str())
-            .map(str::to_string)
-            .context("target's /cluster/status has no local node entry");
-    };
-    match nodes.iter().find(|e| e["name"] == json!(asked)) {
-        Some(e) if flag(e, "online") => Ok(asked.to_string()),
-        Some(_) => bail!("target node '{asked}' is offline: nothing was replicated"),
-        None => {
-            let names: Vec<&str> = nodes.iter().filter_map(|e| e["name"].as_str()).collect();
-            bail!(
-                "target node '{asked}' is not a member of the target's cluster (members: {}): \
-                 nothing was replicated",
-                names.join(", ")
-            )
         }
     }
 }
