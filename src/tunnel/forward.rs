@@ -194,11 +194,10 @@ where
             match frames.next(&mut ws_read, &mut write, &mut n).await? {
                 Event::Close | Event::Eof => break,
                 Event::Ping(payload) => {
-                    // Never waits: once our side has closed nobody sends pongs, and a reader
-                    // blocked on a full queue would stop reading the peer (its watchdog
-                    // pings keep coming). A dropped pong costs nothing: any frame shows
-                    // the peer we are here.
-                    let _ = pong_tx.try_send(control_frame(OP_PONG, &payload, role));
+                    // Waits while the writer is behind (a peer that floods pings and reads
+                    // nothing then stops being read: the watchdog sees it); fails at once
+                    // after our side closed (the writer closed the queue).
+                    let _ = pong_tx.send(control_frame(OP_PONG, &payload, role)).await;
                 }
                 Event::Data => {}
             }
@@ -243,7 +242,9 @@ where
                 }
             }
         }
-        // The backend is done: say so and stop (normal closure, 1000).
+        // The backend is done: say so and stop (normal closure, 1000). No pong follows a
+        // Close: a reader waiting to queue one goes on reading.
+        pong_rx.close();
         let close = control_frame(OP_CLOSE, &1000u16.to_be_bytes(), role);
         let _ = watch.write(ws_write.write_all(&close)).await;
         let _ = watch.write(ws_write.flush()).await;

@@ -163,11 +163,10 @@ pub async fn relay_spliced(
         loop {
             match inbound_state.frame(&mut n).await? {
                 Some(Some(ping)) => {
-                    // Never waits: once our side has closed nobody sends pongs, and a reader
-                    // blocked on a full queue would stop reading the peer (its watchdog
-                    // pings keep coming). A dropped pong costs nothing: any frame shows
-                    // the peer we are here.
-                    let _ = pong_tx.try_send(control_frame(OP_PONG, &ping, role));
+                    // Waits while the writer is behind (a peer that floods pings and reads
+                    // nothing then stops being read: the watchdog sees it); fails at once
+                    // after our side closed (the writer closed the queue).
+                    let _ = pong_tx.send(control_frame(OP_PONG, &ping, role)).await;
                 }
                 Some(None) => {}
                 None => break,
@@ -208,6 +207,8 @@ pub async fn relay_spliced(
                 },
             }
         }
+        // No pong follows a Close: a reader waiting to queue one goes on reading.
+        pong_rx.close();
         let close = control_frame(OP_CLOSE, &1000u16.to_be_bytes(), role);
         let _ = watch.write(write_all(&tcp, &close, false)).await;
         shutdown(&tcp, nix::sys::socket::Shutdown::Write);
