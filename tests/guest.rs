@@ -225,8 +225,8 @@ async fn busy_guest_gives_up_without_tuning_and_converges_with_defaults() {
         assert!(!err.contains("CPU throttle at most 0 %"), "{err}");
         assert!(
             err.contains(
-                "RAM: the guest keeps dirtying: the queue behind QEMU deepened to 8.0 MiB \
-                 (--ram-queue-mib 8) so its bandwidth estimate holds"
+                "RAM: the guest keeps dirtying: the queue behind QEMU deepened to 32.0 MiB \
+                 (--ram-queue-mib 32) so its bandwidth estimate holds"
             ),
             "{err}"
         );

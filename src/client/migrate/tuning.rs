@@ -69,8 +69,10 @@ pub struct RamTuning {
     pub ram_queue_mib: u32,
 }
 
-/// `--ram-queue-mib`'s default; see [`RamTuning::ram_queue_mib`] and docs/performance.md.
-pub const DEFAULT_RAM_QUEUE_MIB: u32 = 8;
+/// `--ram-queue-mib`'s default: the depth a direct TCP socket of QEMU's autotunes to under
+/// the packaged sysctl (`tcp_wmem` max 32 MiB); see [`RamTuning::ram_queue_mib`] and
+/// docs/performance.md.
+pub const DEFAULT_RAM_QUEUE_MIB: u32 = 32;
 
 impl Default for RamTuning {
     fn default() -> Self {
