@@ -56,19 +56,6 @@ async fn replicate(src: &TestServer, dst: &TestServer, vmid: u32, storage: &str)
     .await
 }
 
-/// 8 MiB written by the running QEMU at 100 MiB (HMP `qemu-io`).
-async fn write_8m(src: &TestServer, vmid: u32) {
-    let wrote = qmp(
-        &src.run,
-        vmid,
-        "human-monitor-command",
-        json!({"command-line": "qemu-io -d scsi0 \"write -P 0x5a 100M 8M\""}),
-    )
-    .await;
-    // HMP answers an error as text; success is silent.
-    assert_eq!(wrote, json!(""), "HMP qemu-io failed");
-}
-
 /// `mtunnel migrate VMID --target .. --target-storage STORAGE EXTRA..`.
 async fn migrate(
     src: &TestServer,
@@ -170,7 +157,7 @@ async fn a_live_migration_to_the_replica_sends_only_what_changed() {
     let img = create_vm_with_data(&src, 130, "4G").await;
     let replica = dst.images(130).join("vm-130-disk-0.qcow2");
     replicate(&src, &dst, 130, "local").await;
-    write_8m(&src, 130).await;
+    common::write_8m_live(&src, 130).await;
 
     let out = migrate(&src, &dst, 130, "local", &["--online"]).await;
     assert_cut_over(&out, (&src, &img), (&dst, &replica, "qcow2", 4 << 30), 130).await;
@@ -192,7 +179,7 @@ async fn a_final_sync_pauses_the_guest_and_sends_only_what_changed() {
     let img = create_vm_with_data(&src, 131, "4G").await;
     let replica = dst.images(131).join("vm-131-disk-0.qcow2");
     replicate(&src, &dst, 131, "local").await;
-    write_8m(&src, 131).await;
+    common::write_8m_live(&src, 131).await;
 
     let out = migrate(&src, &dst, 131, "local", &["--final-sync"]).await;
     assert_cut_over(&out, (&src, &img), (&dst, &replica, "qcow2", 4 << 30), 131).await;
@@ -213,7 +200,7 @@ async fn a_cutover_onto_btrfs_leaves_only_the_volume() {
     });
     let img = create_vm_with_data(&src, 132, "1G").await;
     replicate(&src, &dst, 132, "bt").await;
-    write_8m(&src, 132).await;
+    common::write_8m_live(&src, 132).await;
 
     let out = migrate(&src, &dst, 132, "bt", &["--online"]).await;
     let working = fs.mnt.join("images/132/vm-132-disk-0/disk.raw");
@@ -238,7 +225,7 @@ async fn a_failed_cutover_keeps_the_replicas_newest_point() {
     let img = create_vm_with_data(&src, 133, "256M").await;
     let replica = dst.images(133).join("vm-133-disk-0.qcow2");
     replicate(&src, &dst, 133, "local").await;
-    write_8m(&src, 133).await;
+    common::write_8m_live(&src, 133).await;
 
     let killer = {
         let dst_run = dst.run.clone();

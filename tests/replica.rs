@@ -16,7 +16,10 @@ use std::process::Command;
 
 use common::proxy::FaultProxy;
 use common::tcg_node as node;
-use common::{LoopBtrfs, Options, TestServer, blob, mt, mt_ok, pid_of, qemu_io, qmp, target_arg};
+use common::{
+    LoopBtrfs, Options, TestServer, blob, mt, mt_ok, pid_of, qemu_io, qmp, target_arg,
+    write_8m_live,
+};
 use serde_json::json;
 
 /// `mtunnel replicate VMID ENDPOINT --target-storage local --keep 5` from `src` to `dst`;
@@ -191,15 +194,7 @@ async fn second_run_copies_only_what_changed_and_points_stay_intact() {
     paused(&src, 100, || export_raw(&img, None, &at_run1)).await;
 
     // 8 MiB written by the running QEMU, between the runs.
-    let wrote = qmp(
-        &src.run,
-        100,
-        "human-monitor-command",
-        json!({"command-line": "qemu-io -d scsi0 \"write -P 0x5a 100M 8M\""}),
-    )
-    .await;
-    // HMP answers an error as text; success is silent.
-    assert_eq!(wrote, json!(""), "HMP qemu-io failed");
+    write_8m_live(&src, 100).await;
     let (copied2, sent2, out2) = replicate(&src, &dst, 100).await;
     assert!(out2.contains("incremental"), "{out2}");
     let point2 = point_of(&out2);
@@ -546,14 +541,7 @@ async fn btrfs_points_are_read_only_snapshots() {
     let point1 = point_of(&out1);
     let at_run1 = src.base().join("run1.raw");
     paused(&src, 103, || export_raw(&img, None, &at_run1)).await;
-    let wrote = qmp(
-        &src.run,
-        103,
-        "human-monitor-command",
-        json!({"command-line": "qemu-io -d scsi0 \"write -P 0x5a 100M 8M\""}),
-    )
-    .await;
-    assert_eq!(wrote, json!(""), "HMP qemu-io failed");
+    write_8m_live(&src, 103).await;
     let (copied2, sent2, out2) = replicate_to(&src, &dst, 103, "bt").await;
     assert!(out2.contains("incremental"), "{out2}");
     assert!((8 << 20..9 << 20).contains(&copied2), "{out2}");
@@ -683,14 +671,7 @@ async fn raw_dir_points_are_reflink_copies_where_the_fs_shares_blocks() {
     let point1 = point_of(&out1);
     let at_run1 = src.base().join("run1.raw");
     paused(&src, 107, || export_raw(&img, None, &at_run1)).await;
-    let wrote = qmp(
-        &src.run,
-        107,
-        "human-monitor-command",
-        json!({"command-line": "qemu-io -d scsi0 \"write -P 0x5a 100M 8M\""}),
-    )
-    .await;
-    assert_eq!(wrote, json!(""), "HMP qemu-io failed");
+    write_8m_live(&src, 107).await;
     let (_, _, out2) = replicate_to(&src, &dst, 107, "rd").await;
     assert!(out2.contains("incremental"), "{out2}");
     let point2 = point_of(&out2);
@@ -803,14 +784,7 @@ async fn a_restarted_source_qemu_gets_a_hash_sync_of_the_changes_only() {
 
     mt_ok(&src, &["vm", "stop", "110"]).await;
     mt_ok(&src, &["vm", "start", "110"]).await;
-    let wrote = qmp(
-        &src.run,
-        110,
-        "human-monitor-command",
-        json!({"command-line": "qemu-io -d scsi0 \"write -P 0x5a 100M 8M\""}),
-    )
-    .await;
-    assert_eq!(wrote, json!(""), "HMP qemu-io failed");
+    write_8m_live(&src, 110).await;
     let target = target_arg(&dst, dst.port);
     let run2 = mt(
         &src,
@@ -1340,14 +1314,7 @@ async fn sigint_during_a_hash_sync_removes_its_nbd_server_and_bitmap() {
     assert!(out1.contains("full copy"), "{out1}");
     mt_ok(&src, &["vm", "stop", "120"]).await;
     mt_ok(&src, &["vm", "start", "120"]).await;
-    let wrote = qmp(
-        &src.run,
-        120,
-        "human-monitor-command",
-        json!({"command-line": "qemu-io -d scsi0 \"write -P 0x5a 100M 8M\""}),
-    )
-    .await;
-    assert_eq!(wrote, json!(""), "HMP qemu-io failed");
+    write_8m_live(&src, 120).await;
 
     let target = target_arg(&dst, dst.port);
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mtunnel"))

@@ -909,6 +909,20 @@ pub async fn qmp(run: &Path, vmid: u32, cmd: &str, args: Value) -> Value {
         .expect("QMP command")
 }
 
+/// 8 MiB of 0x5a at 100 MiB of the running VM's `scsi0`, written by its QEMU (HMP
+/// `qemu-io`): guest writes a dirty bitmap sees, without a guest OS.
+pub async fn write_8m_live(node: &TestServer, vmid: u32) {
+    let wrote = qmp(
+        &node.run,
+        vmid,
+        "human-monitor-command",
+        serde_json::json!({"command-line": "qemu-io -d scsi0 \"write -P 0x5a 100M 8M\""}),
+    )
+    .await;
+    // HMP answers an error as text; success is silent.
+    assert_eq!(wrote, serde_json::json!(""), "HMP qemu-io failed");
+}
+
 /// The pid of VM `vmid`'s QEMU on `node`, if it runs.
 pub fn pid_of(node: &TestServer, vmid: u32) -> Option<i32> {
     mtunnel::qemu::is_running(&node.run, vmid)
