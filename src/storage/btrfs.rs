@@ -250,14 +250,23 @@ impl NewSubvolume {
         if fs::symlink_metadata(path).await.is_ok() {
             return Err(exists());
         }
+        // Armed before `btrfs subvolume create` runs: a future dropped while it runs (a cut
+        // connection) kills it, and whatever it created by then goes with the guard.
+        let guard = NewSubvolume {
+            path: path.to_path_buf(),
+            keep: false,
+        };
         match subvolume("create", path).await {
-            Ok(()) => Ok(NewSubvolume {
-                path: path.to_path_buf(),
-                keep: false,
-            }),
-            // Lost a race: someone else created it in between.
-            Err(_) if fs::symlink_metadata(path).await.is_ok() => Err(exists()),
-            Err(e) => Err(e),
+            Ok(()) => Ok(guard),
+            // Lost a race: someone else created it in between; theirs stays.
+            Err(_) if fs::symlink_metadata(path).await.is_ok() => {
+                guard.keep();
+                Err(exists())
+            }
+            Err(e) => {
+                guard.keep();
+                Err(e)
+            }
         }
     }
 
@@ -272,7 +281,8 @@ impl NewSubvolume {
 
 impl Drop for NewSubvolume {
     fn drop(&mut self) {
-        if self.keep {
+        // Nothing there: a create killed before it made the subvolume.
+        if self.keep || std::fs::symlink_metadata(&self.path).is_err() {
             return;
         }
         let out = std::process::Command::new("btrfs")
