@@ -19,9 +19,8 @@
 //!   Lua-answered backend for rehearsals and handler specs.
 //! - [`tunnel`]: live tunnels ([`tunnel::Tunnels`]: a node's open tunnels and the handler
 //!   factory it was put together with): opening one (one atomic place under
-//!   `max_tunnels`), the worker loop (the wire rules), the WebSocket ⇄ UNIX forwarder
-//!   (copying; `tunnel::splice` moves a plain connection's payload with splice(2); both
-//!   watched by `tunnel::watch`, the peer watchdog), recovery at start.
+//!   `max_tunnels`), the worker loop (the wire rules), the status page's view, recovery at
+//!   start.
 //! - [`command`]: the contract between the tunnel and what runs its commands: the handler
 //!   trait, its outcome, the tunnel's sockets as a handler sees them, the factory type.
 //! - [`journal`]: the durable record of what a tunnel created, its validation, and the one
@@ -43,7 +42,11 @@
 //!   as [`config::Accel`] and [`config::LuaLimits`]) with embedded defaults.
 //! - [`storage`]: storage definitions, the `dir` and `btrfs` plugins over `qemu-img`, import
 //!   streams.
-//! - [`net`]: outgoing connections: plain or TLS streams, fingerprint pinning.
+//! - [`net`]: connections: plain or TLS streams, fingerprint pinning, opening a tunnel
+//!   WebSocket (`net::ws`), and the WebSocket ⇄ UNIX relay of every tunnel stream
+//!   (`net::relay`: one entry point that moves a plain TCP connection's payload with
+//!   splice(2) and copies any other through its own codec, both watched by the peer
+//!   watchdog).
 //! - [`task`]: UPIDs, task log files, task status and lists.
 //! - [`auth`]: API tokens (hashed secrets), ACL privileges, tunnel tickets.
 //! - [`schema`]: the one parameter schema language (API routes and handler `params`).

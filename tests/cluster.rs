@@ -893,7 +893,7 @@ async fn connect_via(
     owner: &str,
     tunnel: &common::Tunnel,
     token: &str,
-) -> Result<mtunnel::client::ws::WsStream, ApiError> {
+) -> Result<mtunnel::net::ws::WsStream, ApiError> {
     let url = format!(
         "wss://127.0.0.1:{}/api2/json/nodes/{owner}/qemu/{}/mtunnelwebsocket?ticket={}&socket={}",
         via.port,
@@ -902,7 +902,8 @@ async fn connect_via(
         common::pct(&tunnel.socket)
     );
     let headers = [("Authorization".to_string(), token.to_string())];
-    mtunnel::client::ws::connect(&url, &headers, &via.fingerprint).await
+    let ws = mtunnel::net::ws::connect(&url, &headers, &via.fingerprint).await;
+    ws.map_err(ApiError::from)
 }
 
 /// Issue 18 item 6: a WebSocket upgrade n1 would forward to n2 takes one of n1's

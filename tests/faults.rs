@@ -37,7 +37,7 @@ use common::{
     start_with_ram, target_arg,
 };
 use futures_util::SinkExt;
-use mtunnel::client::ws::WsStream;
+use mtunnel::net::ws::WsStream;
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
@@ -342,7 +342,7 @@ async fn open_forward(
         pct(socket),
         pct(ticket)
     );
-    mtunnel::client::ws::connect(
+    mtunnel::net::ws::connect(
         &url,
         &[("Authorization".into(), server.root_token.clone())],
         &server.fingerprint,

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::{BIN, Options, TestServer, bounded};
 use futures_util::{SinkExt, StreamExt};
-use mtunnel::client::ws::WsStream;
+use mtunnel::net::ws::WsStream;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 

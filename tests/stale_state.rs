@@ -334,7 +334,7 @@ async fn migration_succeeds_despite_mirror_jobs_of_an_earlier_attempt() {
 // ---- item 12: many tunnels leave nothing behind ----
 
 /// Sends one command line on a tunnel's control WebSocket and reads the reply line.
-async fn command(ws: &mut mtunnel::client::ws::WsStream, cmd: Value) -> Value {
+async fn command(ws: &mut mtunnel::net::ws::WsStream, cmd: Value) -> Value {
     ws.send(Message::binary(format!("{cmd}\n").into_bytes()))
         .await
         .unwrap();
@@ -369,7 +369,7 @@ async fn twenty_freed_tunnels_leave_no_lock_files_or_image_dirs() {
         let vmid = 500 + i;
         let tunnel = server.open_tunnel(vmid).await;
         let url = server.ws_url(vmid, &tunnel.socket, &tunnel.ticket);
-        let mut ws = mtunnel::client::ws::connect(
+        let mut ws = mtunnel::net::ws::connect(
             &url,
             &[("Authorization".into(), server.root_token.clone())],
             &server.fingerprint,

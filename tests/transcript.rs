@@ -21,7 +21,7 @@ use std::time::Duration;
 use common::ctl::Ctl;
 use common::{NODE, Options, TestServer, assert_identical, bounded, pct};
 use futures_util::{SinkExt, StreamExt};
-use mtunnel::client::ws::WsStream;
+use mtunnel::net::ws::WsStream;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -124,7 +124,7 @@ async fn open_forward(server: &TestServer, ctl: &mut Ctl, vmid: u32, socket: &st
     assert_eq!(reply.as_object().unwrap().len(), 2, "{reply}");
     let ticket = reply["ticket"].as_str().unwrap();
     assert!(ticket.starts_with("PVETUNNEL:"), "{ticket}");
-    mtunnel::client::ws::connect(
+    mtunnel::net::ws::connect(
         &forward_url(server, vmid, socket, ticket),
         &[("Authorization".into(), server.root_token.clone())],
         &server.fingerprint,

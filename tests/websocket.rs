@@ -23,7 +23,7 @@ use common::{
 };
 use futures_util::{SinkExt, StreamExt};
 use mtunnel::client::ApiError;
-use mtunnel::client::ws::WsStream;
+use mtunnel::net::ws::WsStream;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -560,7 +560,10 @@ async fn bad_tickets_and_sockets_are_refused() {
             let url = server.ws_url(vmid, &socket, &ticket);
             let fp = server.fingerprint.clone();
             async move {
-                mtunnel::client::ws::connect(&url, &[("Authorization".into(), token)], &fp).await
+                let auth = [("Authorization".into(), token)];
+                mtunnel::net::ws::connect(&url, &auth, &fp)
+                    .await
+                    .map_err(ApiError::from)
             }
         };
         const INVALID: &str = "permission denied - invalid PVETUNNEL ticket";
@@ -782,7 +785,7 @@ impl XorShift {
 }
 
 /// A TLS WebSocket server in this process whose connections are forwarded by
-/// `mtunnel::tunnel::forward::relay` to `unix_path`. Returns its port and fingerprint.
+/// `mtunnel::net::relay::relay` to `unix_path`. Returns its port and fingerprint.
 async fn forwarding_server(unix_path: std::path::PathBuf) -> (u16, String) {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
@@ -831,13 +834,12 @@ async fn forwarding_server(unix_path: std::path::PathBuf) -> (u16, String) {
                 .await
                 .unwrap();
                 let unix = tokio::net::UnixStream::connect(&unix_path).await.unwrap();
-                let (r, w) = unix.into_split();
-                let _ = mtunnel::tunnel::forward::relay(
-                    tls,
+                let _ = mtunnel::net::relay::relay(
+                    mtunnel::net::relay::Upgraded::Other(tls),
                     Vec::new(),
-                    mtunnel::tunnel::forward::Role::Server,
-                    r,
-                    w,
+                    mtunnel::net::relay::Role::Server,
+                    unix,
+                    mtunnel::net::relay::RelayOpts::default(),
                 )
                 .await;
             });
@@ -875,7 +877,7 @@ async fn forwarder_moves_over_1gib_intact() {
             }
             (n, hash.finalize(), far, s)
         });
-        let mut ws = mtunnel::client::ws::connect(&url, &[], &fingerprint)
+        let mut ws = mtunnel::net::ws::connect(&url, &[], &fingerprint)
             .await
             .unwrap();
         let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
@@ -915,7 +917,7 @@ async fn forwarder_moves_over_1gib_intact() {
             s.shutdown().await.unwrap();
             hash.finalize()
         });
-        let mut ws = mtunnel::client::ws::connect(&url, &[], &fingerprint)
+        let mut ws = mtunnel::net::ws::connect(&url, &[], &fingerprint)
             .await
             .unwrap();
         let mut hash = Sha256::new();
@@ -934,7 +936,7 @@ async fn forwarder_moves_over_1gib_intact() {
         }
         assert_eq!(got, DOWN);
         assert_eq!(hash.finalize(), far_down.await.unwrap(), "bytes changed on the way down");
-        assert!(largest <= mtunnel::tunnel::forward::CHUNK, "message of {largest} bytes");
+        assert!(largest <= mtunnel::net::relay::CHUNK, "message of {largest} bytes");
         let down_time = started.elapsed();
         eprintln!(
             "forwarder: up {} MiB in {up_time:?} ({:.0} MiB/s), down {} MiB in {down_time:?} ({:.0} MiB/s)",
@@ -979,15 +981,16 @@ async fn tls_off_serves_plain_http_and_ws() {
         let url = server
             .ws_url(100, &t.socket, &t.ticket)
             .replace("wss://", "ws://");
-        let mut ws = mtunnel::client::ws::connect_opt(&url, &headers, None)
+        let mut ws = mtunnel::net::ws::connect_opt(&url, &headers, None)
             .await
             .unwrap();
         assert_eq!(roundtrip(&mut ws, VERSION_CMD).await, version_reply());
         // TLS against the plain listener fails cleanly instead of hanging.
         let https = url.replace("ws://", "wss://");
         let fp = "AA:".repeat(31) + "AA";
-        let err = mtunnel::client::ws::connect_opt(&https, &headers, Some(&fp))
+        let err = mtunnel::net::ws::connect_opt(&https, &headers, Some(&fp))
             .await
+            .map_err(ApiError::from)
             .unwrap_err();
         assert!(matches!(err, ApiError::Connect(_)), "{err:?}");
         assert_eq!(
@@ -1002,7 +1005,7 @@ async fn tls_off_serves_plain_http_and_ws() {
         // second is refused with the server's answer, over HTTP.
         let http = url.replace("ws://", "http://");
         assert_refused(
-            mtunnel::client::ws::connect_opt(&http, &headers, None).await,
+            (mtunnel::net::ws::connect_opt(&http, &headers, None).await).map_err(ApiError::from),
             500,
             &already_connected(&t),
         );
@@ -1031,7 +1034,7 @@ async fn qcow2_import_cut_off_over_the_websocket_is_an_error() {
             let ticket = roundtrip(&mut ws, format!("{cmd}\n").as_bytes()).await;
             let url = server.ws_url(100, &socket, ticket["ticket"].as_str().unwrap());
             let auth = [("Authorization".to_string(), server.root_token.clone())];
-            let mut data = mtunnel::client::ws::connect(&url, &auth, &server.fingerprint)
+            let mut data = mtunnel::net::ws::connect(&url, &auth, &server.fingerprint)
                 .await
                 .unwrap();
             data.send(Message::binary((64u64 << 20).to_le_bytes().to_vec()))
@@ -1084,7 +1087,8 @@ async fn ws_with(
 ) -> Result<WsStream, ApiError> {
     let url = server.ws_url(vmid, socket, ticket);
     let headers = [("Authorization".to_string(), token.to_string())];
-    mtunnel::client::ws::connect(&url, &headers, &server.fingerprint).await
+    let ws = mtunnel::net::ws::connect(&url, &headers, &server.fingerprint).await;
+    ws.map_err(ApiError::from)
 }
 
 /// `POST .../mtunnel` for VM 600 with `token`.

@@ -24,7 +24,7 @@ use tokio_tungstenite::tungstenite::Message;
 use super::nodes::{NodeSpec, ServeNode, start_commands, write_script};
 use super::percentile;
 use super::procs::cpu_ns_threads;
-use mtunnel::client::ws::WsStream;
+use mtunnel::net::ws::WsStream;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct KindResult {

@@ -17,7 +17,7 @@ use super::procs::{ChildGuard, mtunnel_command};
 use super::wan::Netns;
 use mtunnel::client::ApiClient;
 use mtunnel::client::http::encode_segment;
-use mtunnel::client::ws::{self, WsStream};
+use mtunnel::net::ws::{self, WsStream};
 
 /// Node name of every bench node.
 pub const NODE: &str = "bench";
@@ -282,7 +282,8 @@ impl ServeNode {
 
     /// Opens a WebSocket to `url` from this process.
     pub async fn ws(&self, url: &str) -> anyhow::Result<WsStream> {
-        Ok(ws::connect_opt(url, &self.headers(), self.fingerprint.as_deref()).await?)
+        let ws = ws::connect_opt(url, &self.headers(), self.fingerprint.as_deref()).await;
+        Ok(ws.map_err(mtunnel::client::ApiError::from)?)
     }
 
     /// The `data` object of `mtunnel tunnel`'s `connect` and `forward` control commands.

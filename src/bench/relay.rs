@@ -79,7 +79,7 @@ pub enum WsEnd {
 }
 
 /// Frame payload of the peer baseline: the size of the tunnel's own frames.
-const WS_FRAME: usize = mtunnel::tunnel::forward::CHUNK;
+const WS_FRAME: usize = mtunnel::net::relay::CHUNK;
 
 /// One way, UNIX → frames (client) or frames → UNIX (server), then Close / EOF.
 async fn relay_ws(end: WsEnd, a: Box<dyn Io>, b: Box<dyn Io>) -> anyhow::Result<()> {

@@ -2,7 +2,7 @@
 //! clients do, over [`crate::net`] (TLS pinned by the remote's SHA-256 fingerprint, the
 //! `fingerprint=` of a PVE `target-endpoint`, or plain HTTP to a node configured with
 //! `tls = false`). [`http`] is the `/api2/json` client with token auth and PVE's error
-//! envelope, [`ws`] opens the tunnel's WebSocket connections.
+//! envelope; the tunnel's WebSocket connections are opened by [`crate::net::ws`].
 //!
 //! On top of them: [`tunnel`] (the `proxmox-websocket-tunnel` compatible client and its
 //! socket forwards), [`migrate`] (`mtunnel migrate`, one file per phase under
@@ -18,7 +18,6 @@ pub mod progress;
 pub mod replicate;
 pub mod tunnel;
 pub mod vm;
-pub mod ws;
 
 use serde_json::{Map, Value};
 
@@ -29,6 +28,20 @@ impl From<crate::net::NetError> for ApiError {
         match e {
             crate::net::NetError::Connect(msg) => ApiError::Connect(msg),
             crate::net::NetError::Request(msg) => ApiError::Request(msg),
+        }
+    }
+}
+
+impl From<crate::net::ws::WsError> for ApiError {
+    fn from(e: crate::net::ws::WsError) -> Self {
+        match e {
+            crate::net::ws::WsError::Net(e) => e.into(),
+            crate::net::ws::WsError::Refused {
+                status,
+                reason,
+                body,
+            } => ApiError::from_reply(status, reason, &body),
+            crate::net::ws::WsError::Protocol(msg) => ApiError::Protocol(msg),
         }
     }
 }

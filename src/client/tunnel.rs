@@ -22,7 +22,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message;
 
 use super::ApiError;
-use super::ws::{self, WsStream};
+use crate::net::relay::{self, RelayOpts, Role, Upgraded};
+use crate::net::stream::Stream;
+use crate::net::ws::{self, WsStream};
 
 /// Why a tunnel operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -53,11 +55,11 @@ impl Endpoint {
     /// Opens a WebSocket to `url`; a `wss://`/`https://` URL needs the fingerprint, a plain
     /// `ws://`/`http://` one (a `tls = false` node) does not.
     async fn connect(&self, url: &str) -> Result<WsStream, ApiError> {
-        ws::connect_opt(url, &self.headers, self.fingerprint.as_deref()).await
+        Ok(ws::connect_opt(url, &self.headers, self.fingerprint.as_deref()).await?)
     }
 
     async fn connect_raw(&self, url: &str) -> Result<ws::RawWs, ApiError> {
-        ws::connect_raw(url, &self.headers, self.fingerprint.as_deref()).await
+        Ok(ws::connect_raw(url, &self.headers, self.fingerprint.as_deref()).await?)
     }
 }
 
@@ -421,7 +423,7 @@ async fn relay_one(ws: Opened, link: Link<'_>, conn: tokio::net::UnixStream) -> 
             return None;
         }
     };
-    let relayed = relay_ws(ws, conn, &guard).await;
+    let relayed = relay_ws(ws, conn).await;
     match relayed {
         Ok(sent) => Some(sent),
         Err(e) => {
@@ -450,29 +452,16 @@ fn with_guard(
 }
 
 /// Pipes `conn` through the WebSocket; the bytes sent to the peer. A peer's close (or EOF)
-/// shuts `conn` down both ways at once: nothing more it writes can reach the peer.
-async fn relay_ws(
-    ws: Opened,
-    conn: tokio::net::UnixStream,
-    guard: &std::os::unix::net::UnixStream,
-) -> Result<u64, TunnelError> {
+/// shuts `conn` down both ways at once (the relay's client role): nothing more it writes
+/// can reach the peer.
+async fn relay_ws(ws: Opened, conn: tokio::net::UnixStream) -> Result<u64, TunnelError> {
     let ws = ws?;
-    let role = crate::tunnel::forward::Role::Client;
-    let relayed = match ws.stream {
-        // ws://: the payload moves with splice(2); a client's relay shuts both ways itself.
-        crate::net::stream::Stream::Plain(tcp) => {
-            let opts = crate::tunnel::forward::RelayOpts::default();
-            crate::tunnel::splice::relay_spliced(tcp, ws.leftover, role, conn, opts).await
-        }
-        tls => {
-            let (read, write) = conn.into_split();
-            let write = ShutBoth {
-                write,
-                socket: guard,
-            };
-            crate::tunnel::forward::relay(tls, ws.leftover, role, read, write).await
-        }
+    let upgraded = match ws.stream {
+        Stream::Plain(tcp) => Upgraded::Plain(tcp),
+        tls => Upgraded::Other(tls),
     };
+    let opts = RelayOpts::default();
+    let relayed = relay::relay(upgraded, ws.leftover, Role::Client, conn, opts).await;
     let stats = relayed.map_err(|e| TunnelError::Other(e.to_string()))?;
     tracing::debug!(
         sent = stats.from_socket,
@@ -480,38 +469,6 @@ async fn relay_ws(
         "forward done"
     );
     Ok(stats.from_socket)
-}
-
-/// The local connection's writing half; its shutdown (the relay's answer to the peer's
-/// close) shuts the whole connection down.
-struct ShutBoth<'a> {
-    write: tokio::net::unix::OwnedWriteHalf,
-    socket: &'a std::os::unix::net::UnixStream,
-}
-
-impl tokio::io::AsyncWrite for ShutBoth<'_> {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.write).poll_write(cx, buf)
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.write).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        // Queued bytes stay readable on both sides; new writes fail at once.
-        std::task::Poll::Ready(self.socket.shutdown(std::net::Shutdown::Both))
-    }
 }
 
 /// `host:port` of a WebSocket URL, for messages (no path, no ticket).
@@ -644,38 +601,6 @@ fn redact(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tunnel::forward::{Role, relay};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    /// The peer sent its Close but keeps the connection open, reading nothing: the local
-    /// program (QEMU) sees EOF and its next write fails at once (the TLS path's writer;
-    /// a plain TCP stream stands in for the TLS one).
-    #[tokio::test]
-    async fn a_peers_close_cuts_the_local_connection_both_ways() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (ours, accepted) =
-            tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
-        let (ours, mut peer) = (ours.unwrap(), accepted.unwrap().0);
-        let (local, mut program) = tokio::net::UnixStream::pair().unwrap();
-        let (guard, local) = with_guard(local).unwrap();
-        let (read, write) = local.into_split();
-        let write = ShutBoth {
-            write,
-            socket: &guard,
-        };
-        let relayed = relay(ours, Vec::new(), Role::Client, read, write);
-        let program = async {
-            peer.write_all(&[0x88, 2, 0x03, 0xe8]).await.unwrap();
-            let mut rest = Vec::new();
-            program.read_to_end(&mut rest).await.unwrap();
-            assert!(rest.is_empty());
-            let err = crate::tunnel::splice::tests::write_until_refused(&mut program).await;
-            assert_eq!(err.kind(), std::io::ErrorKind::BrokenPipe, "{err}");
-        };
-        let (relayed, ()) = tokio::join!(relayed, program);
-        relayed.unwrap();
-    }
 
     #[test]
     fn peer_is_host_and_port() {

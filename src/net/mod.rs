@@ -2,13 +2,18 @@
 //! TCP and TLS client connections, [`sockbuf`], socket buffers sized for long fat paths
 //! (client sockets and the API listener), and
 //! [`tls`], TLS toward a remote node pinned by certificate fingerprint (as PVE's clients
-//! do) or verified against the system's CAs. The source side ([`crate::client`]), the
-//! cluster's etcd client ([`crate::cluster`]) and the API's forwarding to other members
-//! ([`crate::api`]) all connect through here; nothing here knows any of them.
+//! do) or verified against the system's CAs, [`ws`], opening a tunnel's WebSocket, and
+//! [`relay`], the WebSocket ⇄ UNIX socket relay of every tunnel stream (one entry point
+//! that splices a plain connection and copies any other). The source side
+//! ([`crate::client`]), the cluster's etcd client ([`crate::cluster`]) and the API (its
+//! forwarding to other members, its tunnel WebSockets: [`crate::api`]) all connect through
+//! here; nothing here knows any of them.
 
+pub mod relay;
 pub mod sockbuf;
 pub mod stream;
 pub mod tls;
+pub mod ws;
 
 /// Why a connection could not be made.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -1,12 +1,10 @@
 //! Live tunnels: opening one (`POST .../mtunnel`), the registry of sockets each tunnel may
-//! hand out tickets for, the worker loop on the control socket ([`worker`]) and the
-//! WebSocket ⇄ UNIX byte forwarder ([`forward`]).
+//! hand out tickets for, the worker loop on the control socket ([`worker`]), the status
+//! page's view of a tunnel ([`status`]) and recovery at start ([`recovery`]). The bytes of
+//! a tunnel's sockets are relayed by [`crate::net::relay`].
 
-pub mod forward;
 pub mod recovery;
-pub mod splice;
 pub mod status;
-mod watch;
 pub mod worker;
 
 use std::collections::{BTreeSet, HashMap};

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use mtunnel::client::ws::WsStream;
+use mtunnel::net::ws::WsStream;
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -29,7 +29,7 @@ pub fn ws_url_via(port: u16, vmid: u32, socket: &str, ticket: &str) -> String {
 impl Ctl {
     pub async fn open(server: &TestServer, port: u16, tunnel: &Tunnel) -> Ctl {
         let url = ws_url_via(port, tunnel.vmid, &tunnel.socket, &tunnel.ticket);
-        let ws = mtunnel::client::ws::connect(
+        let ws = mtunnel::net::ws::connect(
             &url,
             &[("Authorization".into(), server.root_token.clone())],
             &server.fingerprint,

@@ -365,7 +365,7 @@ impl TestServer {
     }
 
     /// Opens the control WebSocket of `tunnel` with the root token.
-    pub async fn connect(&self, tunnel: &Tunnel) -> mtunnel::client::ws::WsStream {
+    pub async fn connect(&self, tunnel: &Tunnel) -> mtunnel::net::ws::WsStream {
         self.connect_as(tunnel, &self.root_token).await.unwrap()
     }
 
@@ -373,14 +373,15 @@ impl TestServer {
         &self,
         tunnel: &Tunnel,
         token: &str,
-    ) -> Result<mtunnel::client::ws::WsStream, ApiError> {
+    ) -> Result<mtunnel::net::ws::WsStream, ApiError> {
         let url = self.ws_url(tunnel.vmid, &tunnel.socket, &tunnel.ticket);
-        mtunnel::client::ws::connect(
+        mtunnel::net::ws::connect(
             &url,
             &[("Authorization".to_string(), token.to_string())],
             &self.fingerprint,
         )
         .await
+        .map_err(ApiError::from)
     }
 
     /// Polls the task status until it is `stopped` (panics after `secs`); returns it.

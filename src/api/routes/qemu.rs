@@ -24,8 +24,9 @@ use crate::api::endpoint::{self, Access, Call, Endpoint, PathParam, Precedence, 
 use crate::api::reply::Data;
 use crate::error::Error;
 use crate::metrics::AuthFailure;
+use crate::net::relay::{self, RelayOpts, Role, Upgraded};
 use crate::schema::{Prop, props};
-use crate::tunnel::{Tunnel, forward};
+use crate::tunnel::Tunnel;
 
 pub(super) fn routes() -> Areas {
     Areas::new()
@@ -148,7 +149,7 @@ async fn websocket(mut call: Call<WebsocketArgs>) -> Result<Reply, Error> {
         socket,
         tunnel,
         unix,
-        opts: forward::RelayOpts {
+        opts: RelayOpts {
             peer_timeout: Some(st.node.cfg.peer_timeout),
             counters,
         },
@@ -232,7 +233,7 @@ struct Relay {
     socket: PathBuf,
     tunnel: Arc<Tunnel>,
     unix: UnixStream,
-    opts: forward::RelayOpts,
+    opts: RelayOpts,
     /// The connection as the status page counts it.
     _connection: crate::tunnel::status::Connection,
 }
@@ -258,20 +259,16 @@ impl Relay {
                 return;
             }
         };
-        // A plain-TCP WebSocket (`tls = false`) moves its payload with splice(2).
-        let role = forward::Role::Server;
-        let relayed = match upgraded.downcast::<TokioIo<tokio::net::TcpStream>>() {
-            Ok(plain) => {
-                let tcp = plain.io.into_inner();
-                let leftover = plain.read_buf.to_vec();
-                crate::tunnel::splice::relay_spliced(tcp, leftover, role, unix, opts).await
-            }
-            Err(upgraded) => {
-                let (read, write) = unix.into_split();
-                let io = TokioIo::new(upgraded);
-                forward::relay_with(io, Vec::new(), role, read, write, opts).await
-            }
+        // A plain-TCP WebSocket (`tls = false`) hands its TCP stream and the bytes hyper
+        // read past the handshake to the relay, which then splices it.
+        let (ws, leftover) = match upgraded.downcast::<TokioIo<tokio::net::TcpStream>>() {
+            Ok(plain) => (
+                Upgraded::Plain(plain.io.into_inner()),
+                plain.read_buf.to_vec(),
+            ),
+            Err(upgraded) => (Upgraded::Other(TokioIo::new(upgraded)), Vec::new()),
         };
+        let relayed = relay::relay(ws, leftover, Role::Server, unix, opts).await;
         if is_control {
             // Before anything else: the worker waits for this to name why it lost the source.
             tunnel.control_relay_ended(relayed.as_ref().err().map(|e| e.to_string()));

@@ -1,8 +1,9 @@
 //! Opening a tunnel WebSocket as `proxmox-websocket-tunnel` does: `wss://` (or `https://`)
 //! URL with the ticket and socket in the query, extra headers (the `Authorization` token),
-//! the remote pinned by fingerprint. The TLS stream is ours ([`crate::net::tls`]); tungstenite
+//! the remote pinned by fingerprint. The TLS stream is ours ([`super::tls`]); tungstenite
 //! only runs the handshake, so it needs none of its TLS features. `ws://` (or `http://`)
 //! URLs reach a node with `tls = false` over plain TCP; no fingerprint is needed there.
+//! [`connect_raw`] hands the raw connection to [`super::relay`], which frames bytes itself.
 
 use std::sync::Arc;
 
@@ -12,9 +13,34 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-use super::ApiError;
-use crate::net::stream::{Stream, connect_plain};
-use crate::net::tls;
+use super::NetError;
+use super::stream::{Stream, connect_plain};
+use super::tls;
+
+/// Why a WebSocket could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum WsError {
+    /// No connection, or a bad URL, header or fingerprint (as [`NetError`] says).
+    #[error(transparent)]
+    Net(#[from] NetError),
+    /// The server refused the upgrade: its status (other than 101), the reason phrase of
+    /// its status line and its body (PVE's error envelope, as a client reads it).
+    #[error("{status} {reason}")]
+    Refused {
+        status: u16,
+        reason: String,
+        body: Vec<u8>,
+    },
+    /// The handshake failed otherwise (a bad reply, a closed connection).
+    #[error("{0}")]
+    Protocol(String),
+}
+
+impl WsError {
+    fn request(msg: String) -> Self {
+        WsError::Net(NetError::Request(msg))
+    }
+}
 
 /// A WebSocket to a remote node (over TLS, or plain TCP for `ws://` URLs).
 pub type WsStream = WebSocketStream<Stream>;
@@ -31,23 +57,23 @@ pub fn ws_config() -> WebSocketConfig {
 ///
 /// # Errors
 /// Any other scheme.
-pub fn url_uses_tls(url: &str) -> Result<bool, ApiError> {
+pub fn url_uses_tls(url: &str) -> Result<bool, WsError> {
     let scheme = url.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
     match scheme.as_deref() {
         Some("https") | Some("wss") => Ok(true),
         Some("http") | Some("ws") => Ok(false),
-        _ => Err(ApiError::Request(format!(
+        _ => Err(WsError::request(format!(
             "unsupported URL '{url}': only https://, wss://, http:// and ws:// are supported"
         ))),
     }
 }
 
 /// Host, port (443 or 80 if none is given) and TLS-ness of a WebSocket URL.
-fn endpoint(uri: &Uri, url: &str) -> Result<(String, u16, bool), ApiError> {
+fn endpoint(uri: &Uri, url: &str) -> Result<(String, u16, bool), WsError> {
     let tls = url_uses_tls(url)?;
     let host = uri
         .host()
-        .ok_or_else(|| ApiError::Request(format!("URL '{url}' has no host")))?;
+        .ok_or_else(|| WsError::request(format!("URL '{url}' has no host")))?;
     let default_port = if tls { 443 } else { 80 };
     Ok((
         host.to_string(),
@@ -60,13 +86,13 @@ fn endpoint(uri: &Uri, url: &str) -> Result<(String, u16, bool), ApiError> {
 /// certificate with `fingerprint` (ignored for plain `ws://`/`http://` URLs).
 ///
 /// # Errors
-/// A refused upgrade is an [`ApiError::Http`] carrying the status and the body's
-/// `message`/`errors`; connection and TLS failures as in [`tls::connect`].
+/// A refused upgrade is a [`WsError::Refused`] carrying the status and the body;
+/// connection and TLS failures as in [`tls::connect`].
 pub async fn connect(
     url: &str,
     headers: &[(String, String)],
     fingerprint: &str,
-) -> Result<WsStream, ApiError> {
+) -> Result<WsStream, WsError> {
     connect_opt(url, headers, Some(fingerprint)).await
 }
 
@@ -79,7 +105,7 @@ pub async fn connect_opt(
     url: &str,
     headers: &[(String, String)],
     fingerprint: Option<&str>,
-) -> Result<WsStream, ApiError> {
+) -> Result<WsStream, WsError> {
     if url_uses_tls(url)? {
         let config = tls::client_config(fingerprint)?;
         connect_inner(url, headers, Some(&config)).await
@@ -93,7 +119,7 @@ pub async fn connect_with(
     url: &str,
     headers: &[(String, String)],
     config: &Arc<rustls::ClientConfig>,
-) -> Result<WsStream, ApiError> {
+) -> Result<WsStream, WsError> {
     connect_inner(url, headers, Some(config)).await
 }
 
@@ -101,10 +127,10 @@ async fn connect_inner(
     url: &str,
     headers: &[(String, String)],
     config: Option<&Arc<rustls::ClientConfig>>,
-) -> Result<WsStream, ApiError> {
+) -> Result<WsStream, WsError> {
     let uri: Uri = url
         .parse()
-        .map_err(|e| ApiError::Request(format!("invalid URL '{url}': {e}")))?;
+        .map_err(|e| WsError::request(format!("invalid URL '{url}': {e}")))?;
     let (host, port, use_tls) = endpoint(&uri, url)?;
     // PVE hands out `https://` URLs for the tunnel; the WebSocket handshake wants `wss://`
     // (and `ws://` for `http://`).
@@ -117,16 +143,16 @@ async fn connect_inner(
     };
     let mut request = ws_url
         .into_client_request()
-        .map_err(|e| ApiError::Request(format!("invalid URL '{url}': {e}")))?;
+        .map_err(|e| WsError::request(format!("invalid URL '{url}': {e}")))?;
     for (name, value) in headers {
         let name = HeaderName::from_bytes(name.as_bytes())
-            .map_err(|e| ApiError::Request(format!("invalid header name '{name}': {e}")))?;
+            .map_err(|e| WsError::request(format!("invalid header name '{name}': {e}")))?;
         let value = HeaderValue::from_str(value)
-            .map_err(|e| ApiError::Request(format!("invalid value of header '{name}': {e}")))?;
+            .map_err(|e| WsError::request(format!("invalid value of header '{name}': {e}")))?;
         request.headers_mut().insert(name, value);
     }
     let stream = if use_tls {
-        let config = config.ok_or_else(|| ApiError::Request("no fingerprint given".into()))?;
+        let config = config.ok_or_else(|| WsError::request("no fingerprint given".into()))?;
         Stream::Tls(Box::new(tls::connect(&host, port, config).await?))
     } else {
         connect_plain(&host, port).await?
@@ -138,21 +164,21 @@ async fn connect_inner(
             let body = response.body().clone().unwrap_or_default();
             // tungstenite keeps no reason phrase; PVE puts the same text (its first line) in
             // the body's message, so take it from there for what the error displays.
-            let mut err = ApiError::from_reply(
-                status.as_u16(),
-                status.canonical_reason().unwrap_or("").to_string(),
-                &body,
-            );
-            if let ApiError::Http {
-                reason, message, ..
-            } = &mut err
-                && let Some(first) = message.lines().next().filter(|l| !l.trim().is_empty())
-            {
-                *reason = first.trim().to_string();
-            }
-            Err(err)
+            let message = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|b| b.get("message")?.as_str().map(str::to_string))
+                .unwrap_or_default();
+            let reason = match message.lines().next().filter(|l| !l.trim().is_empty()) {
+                Some(first) => first.trim().to_string(),
+                None => status.canonical_reason().unwrap_or("").to_string(),
+            };
+            Err(WsError::Refused {
+                status: status.as_u16(),
+                reason,
+                body,
+            })
         }
-        Err(e) => Err(ApiError::Protocol(format!(
+        Err(e) => Err(WsError::Protocol(format!(
             "websocket handshake failed - {e}"
         ))),
     }
@@ -165,20 +191,20 @@ pub struct RawWs {
     pub leftover: Vec<u8>,
 }
 
-/// Like [`connect_with`], but hands back the raw stream for
-/// [`crate::tunnel::forward::relay`], which frames bytes itself.
+/// Like [`connect_with`], but hands back the raw stream for [`super::relay::relay`], which
+/// frames bytes itself.
 pub async fn connect_raw(
     url: &str,
     headers: &[(String, String)],
     fingerprint: Option<&str>,
-) -> Result<RawWs, ApiError> {
+) -> Result<RawWs, WsError> {
     use base64::Engine;
     use rand::RngCore;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let uri: Uri = url
         .parse()
-        .map_err(|e| ApiError::Request(format!("invalid URL '{url}': {e}")))?;
+        .map_err(|e| WsError::request(format!("invalid URL '{url}': {e}")))?;
     let (host, port, use_tls) = endpoint(&uri, url)?;
     let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let mut key = [0u8; 16];
@@ -190,7 +216,7 @@ pub async fn connect_raw(
     );
     for (name, value) in headers {
         if name.contains(['\r', '\n', ':']) || value.contains(['\r', '\n']) {
-            return Err(ApiError::Request(format!("invalid header '{name}'")));
+            return Err(WsError::request(format!("invalid header '{name}'")));
         }
         request.push_str(&format!("{name}: {value}\r\n"));
     }
@@ -202,7 +228,7 @@ pub async fn connect_raw(
     } else {
         connect_plain(&host, port).await?
     };
-    let proto = |e: std::io::Error| ApiError::Protocol(format!("websocket handshake failed - {e}"));
+    let proto = |e: std::io::Error| WsError::Protocol(format!("websocket handshake failed - {e}"));
     stream.write_all(request.as_bytes()).await.map_err(proto)?;
     // A TLS stream may still hold the request in its buffer.
     stream.flush().await.map_err(proto)?;
@@ -213,13 +239,13 @@ pub async fn connect_raw(
             break pos + 4;
         }
         if buf.len() > 64 * 1024 {
-            return Err(ApiError::Protocol(
+            return Err(WsError::Protocol(
                 "websocket handshake reply too large".into(),
             ));
         }
         let n = stream.read(&mut chunk).await.map_err(proto)?;
         if n == 0 {
-            return Err(ApiError::Protocol(
+            return Err(WsError::Protocol(
                 "connection closed during the websocket handshake".into(),
             ));
         }
@@ -229,7 +255,7 @@ pub async fn connect_raw(
     let mut response = httparse::Response::new(&mut parsed_headers);
     response
         .parse(&buf[..head_len])
-        .map_err(|e| ApiError::Protocol(format!("bad websocket handshake reply: {e}")))?;
+        .map_err(|e| WsError::Protocol(format!("bad websocket handshake reply: {e}")))?;
     let status = response.code.unwrap_or(0);
     let header = |name: &str| {
         response
@@ -251,11 +277,15 @@ pub async fn connect_raw(
                 Ok(n) => body.extend_from_slice(&chunk[..n]),
             }
         }
-        return Err(ApiError::from_reply(status, reason, &body));
+        return Err(WsError::Refused {
+            status,
+            reason,
+            body,
+        });
     }
     let expected = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
     if header("sec-websocket-accept").as_deref() != Some(expected.as_str()) {
-        return Err(ApiError::Protocol(
+        return Err(WsError::Protocol(
             "websocket handshake failed - wrong Sec-WebSocket-Accept".into(),
         ));
     }

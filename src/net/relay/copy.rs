@@ -110,59 +110,22 @@ pub(super) fn unmask(data: &mut [u8], mask: [u8; 4], offset: usize) {
     }
 }
 
-/// Relays between an established WebSocket connection `ws` (after the handshake; `leftover`
-/// holds bytes already read past it) and the byte stream `read`/`write`, until the socket
-/// side ends or the peer closes.
-pub async fn relay<S, R, W>(
-    ws: S,
-    leftover: Vec<u8>,
-    role: Role,
-    read: R,
-    write: W,
-) -> io::Result<ForwardStats>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    relay_watched(ws, leftover, role, read, write, None).await
-}
-
-/// Like [`relay`]; with `peer_timeout`, pings the peer every third of it and fails with
-/// `TimedOut` when nothing at all arrived from the peer for that long, or a write to the
-/// peer was blocked that long (see `tunnel::watch`).
-pub async fn relay_watched<S, R, W>(
-    ws: S,
-    leftover: Vec<u8>,
-    role: Role,
-    read: R,
-    write: W,
-    peer_timeout: Option<Duration>,
-) -> io::Result<ForwardStats>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let opts = RelayOpts {
-        peer_timeout,
-        counters: ByteCounters::default(),
-    };
-    relay_with(ws, leftover, role, read, write, opts).await
-}
-
 /// How a relay watches its peer and where it counts its bytes.
 #[derive(Debug, Clone, Default)]
 pub struct RelayOpts {
-    /// See [`relay_watched`].
+    /// With a timeout, the relay pings the peer every third of it and fails with
+    /// `TimedOut` when nothing at all arrived from the peer for that long, or a write to the
+    /// peer was blocked that long (see [`super::watch`]).
     pub peer_timeout: Option<Duration>,
     /// Added to per chunk relayed (`inbound`: WebSocket → socket).
     pub counters: ByteCounters,
 }
 
-/// Like [`relay_watched`], counting the payload bytes of each direction in
-/// `opts.counters` as they pass (one atomic add per chunk).
-pub async fn relay_with<S, R, W>(
+/// Relays between an established WebSocket connection `ws` (after the handshake; `leftover`
+/// holds bytes already read past it) and the byte stream `read`/`write`, until the socket
+/// side ends or the peer closes, watching the peer as `opts` says and counting the payload
+/// bytes of each direction in `opts.counters` as they pass (one atomic add per chunk).
+pub(super) async fn relay_with<S, R, W>(
     ws: S,
     leftover: Vec<u8>,
     role: Role,
@@ -490,6 +453,47 @@ impl FrameReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Relays between an established WebSocket connection `ws` (after the handshake; `leftover`
+    /// holds bytes already read past it) and the byte stream `read`/`write`, until the socket
+    /// side ends or the peer closes.
+    async fn relay<S, R, W>(
+        ws: S,
+        leftover: Vec<u8>,
+        role: Role,
+        read: R,
+        write: W,
+    ) -> io::Result<ForwardStats>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        relay_watched(ws, leftover, role, read, write, None).await
+    }
+
+    /// Like [`relay`]; with `peer_timeout`, pings the peer every third of it and fails with
+    /// `TimedOut` when nothing at all arrived from the peer for that long, or a write to the
+    /// peer was blocked that long (see `super::super::watch`).
+    async fn relay_watched<S, R, W>(
+        ws: S,
+        leftover: Vec<u8>,
+        role: Role,
+        read: R,
+        write: W,
+        peer_timeout: Option<Duration>,
+    ) -> io::Result<ForwardStats>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let opts = RelayOpts {
+            peer_timeout,
+            counters: ByteCounters::default(),
+        };
+        relay_with(ws, leftover, role, read, write, opts).await
+    }
 
     #[test]
     fn headers_for_all_length_forms() {

@@ -1,4 +1,4 @@
-//! The relay of [`super::forward`] for a WebSocket on a plain TCP connection (no TLS), with
+//! The relay of [`super::copy`] for a WebSocket on a plain TCP connection (no TLS), with
 //! the payload moved by `splice(2)` through a pipe instead of through our memory: the
 //! kernel hands the socket buffers' pages on, so the two copies per byte a relay makes
 //! (socket → user, user → socket) go away on both ends of a `ws://` tunnel. It is
@@ -7,7 +7,7 @@
 //! the wire. Frame headers are still read and written by hand, a few bytes per frame;
 //! a frame with a real mask, control frames and bytes that arrived together with the
 //! handshake take the copying path. Wire behaviour (pings, pongs, Close, the peer
-//! watchdog) is that of [`super::forward::relay_watched`]; TLS connections use that one.
+//! watchdog) is that of [`super::copy::relay_with`]; TLS connections use that one.
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -18,7 +18,7 @@ use tokio::io::Interest;
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::mpsc;
 
-use super::forward::{
+use super::copy::{
     CHUNK, ForwardStats, Header, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, RelayOpts, Role,
     control_frame, parse_header, put_header, run_directions, unmask,
 };
@@ -132,8 +132,8 @@ fn shutdown<S: AsFd>(sock: &S, how: nix::sys::socket::Shutdown) {
 }
 
 /// Relays between the WebSocket on `tcp` (after the handshake; `leftover` holds bytes
-/// already read past it) and `unix`, like [`super::forward::relay_with`].
-pub async fn relay_spliced(
+/// already read past it) and `unix`, like [`super::copy::relay_with`].
+pub(super) async fn relay_spliced(
     tcp: TcpStream,
     leftover: Vec<u8>,
     role: Role,
@@ -186,7 +186,7 @@ pub async fn relay_spliced(
     let outbound = async {
         let mut n = 0u64;
         let mut pongs_open = true;
-        let mut head = [0u8; super::forward::HEADROOM];
+        let mut head = [0u8; super::copy::HEADROOM];
         loop {
             tokio::select! {
                 got = socket_to_pipe(&unix, &from_unix, CHUNK) => {
@@ -390,8 +390,8 @@ pub(crate) mod tests {
     }
 
     fn frame(opcode: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
-        let mut buf = vec![0u8; super::super::forward::HEADROOM + payload.len()];
-        let end = super::super::forward::HEADROOM;
+        let mut buf = vec![0u8; super::super::copy::HEADROOM + payload.len()];
+        let end = super::super::copy::HEADROOM;
         buf[end..].copy_from_slice(payload);
         let start = put_header(&mut buf, end, opcode, payload.len(), Role::Client);
         // put_header wrote the all-zero key; put the real one in and mask.

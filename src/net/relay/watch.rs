@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use super::forward::{OP_PING, Role, control_frame};
+use super::copy::{OP_PING, Role, control_frame};
 
 /// Reads from and writes to the peer, as the watchdog sees them.
 #[derive(Debug, Default)]
