@@ -23,10 +23,35 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::guest::VmConfig;
-use crate::metrics::cleanup_action;
-use crate::node::Node;
+use crate::guest::{ConfigStore, Hypervisor, VmConfig};
+use crate::metrics::{Metrics, cleanup_action};
+use crate::storage::Storage;
 use crate::task::TaskLog;
+
+/// What freeing a tunnel's leftovers reads and touches, and nothing more: the node's VM
+/// configs, its storage and hypervisor, the metrics it counts into and where things live.
+/// The composition root (`node::Node`) hands it out; a journal never sees the whole node.
+#[derive(Clone)]
+pub struct Services {
+    pub guests: Arc<ConfigStore>,
+    pub storage: Arc<dyn Storage>,
+    pub hypervisor: Arc<dyn Hypervisor>,
+    pub metrics: Arc<Metrics>,
+    pub dirs: Dirs,
+}
+
+/// The node's directories a journal and its freeing use.
+#[derive(Debug, Clone)]
+pub struct Dirs {
+    /// The journals themselves (`{data}/tunnels`).
+    pub journal_dir: PathBuf,
+    /// VM sockets, pidfiles and the replicas' NBD servers.
+    pub run_dir: PathBuf,
+    /// Replica records.
+    pub data_dir: PathBuf,
+    /// Firewall files a tunnel wrote (`{vmid}.fw`).
+    pub firewall_dir: PathBuf,
+}
 
 /// The process that owns a tunnel: pid and start time (as the UPID names it) and the boot
 /// it ran in, so a pid reused after a reboot is not taken for the owner.
@@ -355,18 +380,18 @@ enum Claim {
 }
 
 /// Why the VMID's config is not `created`'s to free (`None`: it is, or there is none).
-pub fn not_ours(node: &Node, created: &Created) -> Option<&'static str> {
-    match claim(node, created) {
+pub fn not_ours(svc: &Services, created: &Created) -> Option<&'static str> {
+    match claim(svc, created) {
         Claim::Other(why) => Some(why),
         Claim::Ours | Claim::Gone => None,
     }
 }
 
-fn claim(node: &Node, created: &Created) -> Claim {
-    if !node.guests.exists(created.vmid) {
+fn claim(svc: &Services, created: &Created) -> Claim {
+    if !svc.guests.exists(created.vmid) {
         return Claim::Gone;
     }
-    match node.guests.origin(created.vmid) {
+    match svc.guests.origin(created.vmid) {
         Some(origin) if !created.reservation.is_empty() && origin == created.reservation => {
             Claim::Ours
         }
@@ -384,7 +409,7 @@ fn claim(node: &Node, created: &Created) -> Claim {
 /// cannot be stopped, nothing else is freed (its disks are in use). Each step is
 /// reported; a failing step is a warning and marks the result failed.
 pub async fn free_created(
-    node: &Arc<Node>,
+    svc: &Services,
     created: &Created,
     guard: Option<&crate::guest::VmLockGuard>,
     report: &dyn Report,
@@ -397,7 +422,7 @@ pub async fn free_created(
     let taken;
     let guard = match guard {
         Some(g) => g,
-        None => match node
+        None => match svc
             .guests
             .lock(vmid, crate::guest::store::DEFAULT_LOCK_TIMEOUT)
             .await
@@ -416,7 +441,7 @@ pub async fn free_created(
             }
         },
     };
-    let claim = claim(node, created);
+    let claim = claim(svc, created);
     let lock_refusal = |found: String| {
         format!(
             "cleanup: config of VM {vmid} {found}, not '{}' - leaving the VM, its volumes and \
@@ -425,7 +450,7 @@ pub async fn free_created(
         )
     };
     if let Claim::Other(why) = claim {
-        report.warn(&foreign_lock(node, created).map_or_else(
+        report.warn(&foreign_lock(svc, created).map_or_else(
             || {
                 format!(
                     "cleanup: the config of VM {vmid} {why} - leaving that VM, its config, its \
@@ -434,24 +459,24 @@ pub async fn free_created(
             },
             lock_refusal,
         ));
-        node.metrics.cleanup(cleanup_action::VM_KEPT);
+        svc.metrics.cleanup(cleanup_action::VM_KEPT);
         freed.kept = true;
         return freed;
     }
     // The VMID is this tunnel's (or nobody's): so are these paths.
-    remove_sockets(node, created);
+    remove_sockets(svc, created);
     if created.replica {
-        for line in crate::replica::stop_servers(&node.cfg.run_dir, vmid).await {
+        for line in crate::replica::stop_servers(&svc.dirs.run_dir, vmid).await {
             report.info(&format!("cleanup: {line}"));
         }
-        if let Err(e) = crate::replica::run_failed(&node.cfg.data_dir, vmid, &created.upid) {
+        if let Err(e) = crate::replica::run_failed(&svc.dirs.data_dir, vmid, &created.upid) {
             report.warn(&format!("cleanup: counting the failed replica run: {e:#}"));
         }
         // A migration that cut over to the replica and never resumed its VM: the incoming
         // QEMU on the working copies ran no guest (docs/replicas.md, "Cut over").
         if created.vm_started
             && !created.resume_requested
-            && !stop_vm(node, vmid, report, &mut freed).await
+            && !stop_vm(svc, vmid, report, &mut freed).await
         {
             return freed;
         }
@@ -459,21 +484,21 @@ pub async fn free_created(
     let refusal = if !created.may_destroy() {
         Some(kept_message(created))
     } else if claim == Claim::Ours {
-        foreign_lock(node, created).map(lock_refusal)
+        foreign_lock(svc, created).map(lock_refusal)
     } else {
         None
     };
     if let Some(refusal) = refusal {
         report.warn(&refusal);
-        node.metrics.cleanup(cleanup_action::VM_KEPT);
+        svc.metrics.cleanup(cleanup_action::VM_KEPT);
         freed.kept = true;
         return freed;
     }
-    if created.vm_started && !stop_vm(node, vmid, report, &mut freed).await {
+    if created.vm_started && !stop_vm(svc, vmid, report, &mut freed).await {
         return freed;
     }
-    let volumes = volumes_to_free(node, created).await;
-    free_volumes(node, volumes, report, &mut freed).await;
+    let volumes = volumes_to_free(svc, created).await;
+    free_volumes(svc, volumes, report, &mut freed).await;
     if freed.failed {
         // The config keeps the VMID reserved: no next tunnel may take it (and have its
         // volumes counted as this one's) before a retry has freed what is left.
@@ -485,18 +510,18 @@ pub async fn free_created(
         return freed;
     }
     if created.firewall_written {
-        remove_firewall(node, vmid, report, &mut freed);
+        remove_firewall(svc, vmid, report, &mut freed);
     }
     if claim == Claim::Ours {
-        match node.guests.remove_locked(guard) {
+        match svc.guests.remove_locked(guard) {
             Ok(()) => {
                 report.info(&format!("cleanup: removed config of VM {vmid}"));
                 if created.replica
-                    && let Err(e) = crate::replica::remove(&node.cfg.data_dir, vmid)
+                    && let Err(e) = crate::replica::remove(&svc.dirs.data_dir, vmid)
                 {
                     report.warn(&format!("cleanup: {e:#}"));
                 }
-                node.metrics.cleanup(cleanup_action::CONFIG_REMOVED);
+                svc.metrics.cleanup(cleanup_action::CONFIG_REMOVED);
                 freed.config_removed = true;
             }
             Err(e) => {
@@ -511,11 +536,11 @@ pub async fn free_created(
 }
 
 /// Stops the VM; false (reported, `freed.failed`) if that failed.
-async fn stop_vm(node: &Node, vmid: u32, report: &dyn Report, freed: &mut Freed) -> bool {
-    match node.hypervisor.stop(vmid).await {
+async fn stop_vm(svc: &Services, vmid: u32, report: &dyn Report, freed: &mut Freed) -> bool {
+    match svc.hypervisor.stop(vmid).await {
         Ok(()) => {
             report.info(&format!("cleanup: stopped VM {vmid}"));
-            node.metrics.cleanup(cleanup_action::VM_STOPPED);
+            svc.metrics.cleanup(cleanup_action::VM_STOPPED);
             freed.vm_stopped = true;
             true
         }
@@ -530,12 +555,12 @@ async fn stop_vm(node: &Node, vmid: u32, report: &dyn Report, freed: &mut Freed)
     }
 }
 
-fn remove_firewall(node: &Node, vmid: u32, report: &dyn Report, freed: &mut Freed) {
-    let path = node.cfg.firewall_dir().join(format!("{vmid}.fw"));
+fn remove_firewall(svc: &Services, vmid: u32, report: &dyn Report, freed: &mut Freed) {
+    let path = svc.dirs.firewall_dir.join(format!("{vmid}.fw"));
     match std::fs::remove_file(path) {
         Ok(()) => {
             report.info("cleanup: removed firewall file");
-            node.metrics.cleanup(cleanup_action::FIREWALL_REMOVED);
+            svc.metrics.cleanup(cleanup_action::FIREWALL_REMOVED);
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => {
@@ -562,12 +587,17 @@ fn kept_message(created: &Created) -> String {
     }
 }
 
-async fn free_volumes(node: &Node, volumes: Vec<String>, report: &dyn Report, freed: &mut Freed) {
+async fn free_volumes(
+    svc: &Services,
+    volumes: Vec<String>,
+    report: &dyn Report,
+    freed: &mut Freed,
+) {
     for volid in volumes {
-        match node.storage.free(&volid).await {
+        match svc.storage.free(&volid).await {
             Ok(()) => {
                 report.info(&format!("cleanup: freed volume '{volid}'"));
-                node.metrics.cleanup(cleanup_action::VOLUME_FREED);
+                svc.metrics.cleanup(cleanup_action::VOLUME_FREED);
                 freed.volumes.push(volid);
             }
             Err(e) => {
@@ -579,11 +609,11 @@ async fn free_volumes(node: &Node, volumes: Vec<String>, report: &dyn Report, fr
 }
 
 /// The config's lock if it is not the one this tunnel expects (`None`: ours, or gone).
-fn foreign_lock(node: &Node, created: &Created) -> Option<String> {
+fn foreign_lock(svc: &Services, created: &Created) -> Option<String> {
     let Some(expected) = created.expected_lock.as_ref() else {
         return Some("is not one this tunnel expects a lock on".to_string());
     };
-    let conf = match node.guests.read_text(created.vmid) {
+    let conf = match svc.guests.read_text(created.vmid) {
         Ok(text) => match VmConfig::parse(&text) {
             Ok(conf) => conf,
             Err(e) => return Some(format!("cannot be parsed ({e})")),
@@ -605,8 +635,8 @@ fn foreign_lock(node: &Node, created: &Created) -> Option<String> {
 /// then (they include the recorded ones and any made in flight), plus recorded ones on
 /// storages that cannot be listed now. A recorded volume that is gone is skipped, so a
 /// second recovery does not fail on what the first one freed.
-pub async fn volumes_to_free(node: &Node, created: &Created) -> Vec<String> {
-    let now = match node.storage.volumes_by_storage(created.vmid).await {
+pub async fn volumes_to_free(svc: &Services, created: &Created) -> Vec<String> {
+    let now = match svc.storage.volumes_by_storage(created.vmid).await {
         Ok(now) => now,
         Err(e) => {
             tracing::debug!(vmid = created.vmid, "listing volumes: {e}");
@@ -633,10 +663,10 @@ pub async fn volumes_to_free(node: &Node, created: &Created) -> Vec<String> {
     out
 }
 
-fn remove_sockets(node: &Node, created: &Created) {
+fn remove_sockets(svc: &Services, created: &Created) {
     for socket in &created.sockets {
         if std::fs::remove_file(socket).is_ok() {
-            node.metrics.cleanup(cleanup_action::SOCKET_REMOVED);
+            svc.metrics.cleanup(cleanup_action::SOCKET_REMOVED);
         }
     }
 }

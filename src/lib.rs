@@ -23,10 +23,12 @@
 //!   start.
 //! - [`command`]: the contract between the tunnel and what runs its commands: the handler
 //!   trait, its outcome, the tunnel's sockets as a handler sees them, the factory type.
+//! - [`node`]: the composition root: the services of one node, wired once at start
+//!   (settings, tokens, tickets, tasks, VM configs, backends, the cluster and metrics, as
+//!   one `Arc<Node>`), and the narrow views it hands the layers below
+//!   ([`node::Node::journal_services`]).
 //! - [`journal`]: the durable record of what a tunnel created, its validation, and the one
 //!   way to free it (only what the config's origin proves is the tunnel's).
-//! - [`node`]: the services of one node, wired once at start: settings, tokens, tickets,
-//!   tasks, VM configs, backends, the cluster and metrics, as one `Arc<Node>`.
 //! - [`replica`]: the target side of replicas: the record of a replica (source, disks,
 //!   restore points, an unfinished run), the `qemu-nbd` servers a run writes through,
 //!   restore points (internal qcow2 snapshots, read-only btrfs snapshots, reflink copies),

@@ -13,6 +13,7 @@ use crate::cluster::{Cluster, LocalState};
 use crate::config::NodeConfig;
 use crate::error::{Error, Result};
 use crate::guest::{ConfigStore, Hypervisor};
+use crate::journal;
 use crate::metrics::Metrics;
 use crate::storage::{NodeStorage, Storage};
 use crate::task::TaskManager;
@@ -22,7 +23,7 @@ pub struct Node {
     pub tokens: TokenStore,
     pub tickets: TicketKey,
     pub tasks: Arc<TaskManager>,
-    pub guests: ConfigStore,
+    pub guests: Arc<ConfigStore>,
     pub storage: Arc<dyn Storage>,
     pub hypervisor: Arc<dyn Hypervisor>,
     /// The cluster this node is a member of (`[cluster]`); `None`: a single node.
@@ -141,7 +142,7 @@ impl Node {
         let tokens = TokenStore::open(&cfg.priv_dir())?;
         let tickets = TicketKey::load_or_create(&cfg.priv_dir())?;
         let tasks = TaskManager::new(&cfg.node, &cfg.task_dir())?;
-        let guests = ConfigStore::new(&cfg.node, &cfg.data_dir)?;
+        let guests = Arc::new(ConfigStore::new(&cfg.node, &cfg.data_dir)?);
         let cluster = Cluster::new(&cfg)?;
         let data_dir = cfg.data_dir.clone();
         let metrics = Metrics::new().with_replicas(move || crate::replica::figures(&data_dir));
@@ -157,6 +158,22 @@ impl Node {
             hypervisor: backends.hypervisor,
             metrics,
         }))
+    }
+
+    /// What a journal needs to free a tunnel's leftovers ([`journal::Services`]).
+    pub fn journal_services(&self) -> journal::Services {
+        journal::Services {
+            guests: Arc::clone(&self.guests),
+            storage: Arc::clone(&self.storage),
+            hypervisor: Arc::clone(&self.hypervisor),
+            metrics: Arc::clone(&self.metrics),
+            dirs: journal::Dirs {
+                journal_dir: self.cfg.journal_dir(),
+                run_dir: self.cfg.run_dir.clone(),
+                data_dir: self.cfg.data_dir.clone(),
+                firewall_dir: self.cfg.firewall_dir(),
+            },
+        }
     }
 
     /// What the cluster registry compares with: this node's configs, running VMs and replicas.

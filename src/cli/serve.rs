@@ -30,7 +30,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let _data_lock = mtunnel::node::lock_data_dir(&node.cfg, config_file.as_deref())?;
     let initial = super::token::bootstrap_initial(&node)?;
     raise_fd_limit();
-    for line in mtunnel::tunnel::recovery::recover_at_start(&node).await {
+    for line in mtunnel::tunnel::recovery::recover_at_start(&recovery_services(&node)).await {
         println!("recovery: {line}");
     }
     let tls = mtunnel::api::tls::TlsIdentity::load_or_create(&node.cfg.data_dir, &node.cfg.node)?;
@@ -128,6 +128,14 @@ fn raise_fd_limit() {
     }
 }
 
+/// What recovery gets of the node: the journals' services and the task logs.
+fn recovery_services(node: &Node) -> mtunnel::tunnel::recovery::Services {
+    mtunnel::tunnel::recovery::Services {
+        journal: node.journal_services(),
+        tasks: std::sync::Arc::clone(&node.tasks),
+    }
+}
+
 /// `mtunnel cleanup [--dry-run]`: frees what dead tunnels left (all of them when no `serve`
 /// holds the data dir, else only those it gave up on) and the leftovers no tunnel owns.
 pub async fn cleanup(args: NodeArgs, dry_run: bool) -> anyhow::Result<()> {
@@ -151,18 +159,19 @@ pub async fn cleanup(args: NodeArgs, dry_run: bool) -> anyhow::Result<()> {
         None => recovery::Orphans::Abandoned,
     };
     let by = recovery::RecoveredBy::Cleanup;
-    for line in recovery::set_aside_untrusted(&node, dry_run) {
+    let svc = recovery_services(&node);
+    for line in recovery::set_aside_untrusted(&svc, dry_run) {
         any = true;
         println!("{line}");
     }
-    for r in recovery::recover_dead_tunnels(&node, which, dry_run, by).await {
+    for r in recovery::recover_dead_tunnels(&svc, which, dry_run, by).await {
         any = true;
         println!("tunnel {} (VM {}):", r.upid, r.vmid);
         for line in r.lines {
             println!("  {line}");
         }
     }
-    let mut found = recovery::find_leftovers(&node).await;
+    let mut found = recovery::find_leftovers(&svc).await;
     if lock.is_none() {
         found.empty_reservations.clear();
     }
@@ -187,7 +196,7 @@ pub async fn cleanup(args: NodeArgs, dry_run: bool) -> anyhow::Result<()> {
         && found.stale_sockets.is_empty()
         && found.locked_configs.is_empty());
     if !dry_run {
-        for line in recovery::free_leftovers(&node, &found).await {
+        for line in recovery::free_leftovers(&svc, &found).await {
             println!("{line}");
         }
     }

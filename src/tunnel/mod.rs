@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 
 use crate::command::HandlerFactory;
 use crate::error::{Error, Result};
+use crate::guest::ConfigStore;
 use crate::journal::{self, Created};
 use crate::node::Node;
 use crate::task::Upid;
@@ -345,7 +346,7 @@ pub async fn open(
     if let Some(cluster) = &node.cluster {
         use crate::cluster::registry::{Hold, ReserveError};
         if let Err(e) = cluster.reserve(vmid, Hold::Tunnel).await {
-            remove_reserved_config(node, vmid).await;
+            remove_reserved_config(&node.guests, vmid).await;
             return Err(match e {
                 ReserveError::Exists { .. } => {
                     Error::param("vmid", format!("unable to create empty VM config - {e}"))
@@ -362,7 +363,7 @@ pub async fn open(
     match start_worker(tunnels, authid, vmid, start, slot).await {
         Ok(opened) => Ok(opened),
         Err(e) => {
-            remove_reserved_config(node, vmid).await;
+            remove_reserved_config(&node.guests, vmid).await;
             if let Some(cluster) = &node.cluster {
                 cluster.finish(vmid, node.guests.exists(vmid)).await;
             }
@@ -605,16 +606,15 @@ pub async fn shutdown(node: &Node) -> usize {
 }
 
 /// Removes the empty config `open` created, if it still is that empty reserved config.
-pub(crate) async fn remove_reserved_config(node: &Node, vmid: u32) -> bool {
-    let Ok(guard) = node
-        .guests
+pub(crate) async fn remove_reserved_config(guests: &ConfigStore, vmid: u32) -> bool {
+    let Ok(guard) = guests
         .lock(vmid, crate::guest::store::DEFAULT_LOCK_TIMEOUT)
         .await
     else {
         return false;
     };
-    match node.guests.read_text(vmid) {
-        Ok(text) if text.trim() == "lock: create" => node.guests.remove_locked(&guard).is_ok(),
+    match guests.read_text(vmid) {
+        Ok(text) if text.trim() == "lock: create" => guests.remove_locked(&guard).is_ok(),
         _ => false,
     }
 }

@@ -14,7 +14,15 @@ use std::sync::{Arc, Mutex};
 
 use crate::guest::VmConfig;
 use crate::journal::{self, Created, Report};
-use crate::node::Node;
+use crate::task::TaskManager;
+
+/// What recovery reads and frees through: the journals' services and the task logs it
+/// ends (nothing else of the node).
+#[derive(Clone)]
+pub struct Services {
+    pub journal: journal::Services,
+    pub tasks: Arc<TaskManager>,
+}
 
 /// Collects what freeing reports, for the task log and the caller's output.
 #[derive(Default)]
@@ -66,21 +74,22 @@ pub enum Orphans {
 /// Frees what every orphaned tunnel created and ends its task log; with `dry_run`, only
 /// describes it.
 pub async fn recover_dead_tunnels(
-    node: &Arc<Node>,
+    svc: &Services,
     which: Orphans,
     dry_run: bool,
     by: RecoveredBy,
 ) -> Vec<Recovered> {
-    let (journals, _untrusted) = journal::load_all(&node.cfg.journal_dir(), &node.cfg.run_dir);
+    let (journals, _untrusted) =
+        journal::load_all(&svc.journal.dirs.journal_dir, &svc.journal.dirs.run_dir);
     let mut out = Vec::new();
     for created in journals {
         if which == Orphans::Abandoned && !created.abandoned {
             continue;
         }
         let lines = if dry_run {
-            describe(node, &created).await
+            describe(svc, &created).await
         } else {
-            recover_one(node, &created, by).await
+            recover_one(svc, &created, by).await
         };
         out.push(Recovered {
             vmid: created.vmid,
@@ -91,19 +100,21 @@ pub async fn recover_dead_tunnels(
     out
 }
 
-async fn recover_one(node: &Arc<Node>, created: &Created, by: RecoveredBy) -> Vec<String> {
+async fn recover_one(svc: &Services, created: &Created, by: RecoveredBy) -> Vec<String> {
     let report = Lines::default();
     report.info(&format!(
         "recovery: mtunnel (pid {}) ended while this tunnel was open; freeing what it created",
         created.owner.pid
     ));
-    let freed = journal::free_created(node, created, None, &report).await;
+    let freed = journal::free_created(&svc.journal, created, None, &report).await;
     if by == RecoveredBy::Restart {
-        node.metrics
+        svc.journal
+            .metrics
             .cleanup(crate::metrics::cleanup_action::RECOVERED_AT_START);
         // Its migration never ended in this process: count how it ends here.
         if !created.committed {
-            (node.metrics).migration_failed(crate::metrics::migration_failure::CRASH_RECOVERED);
+            (svc.journal.metrics)
+                .migration_failed(crate::metrics::migration_failure::CRASH_RECOVERED);
         }
     }
     let lines = report.0.into_inner().unwrap_or_else(|e| e.into_inner());
@@ -127,18 +138,18 @@ async fn recover_one(node: &Arc<Node>, created: &Created, by: RecoveredBy) -> Ve
         } else {
             format!("mtunnel was stopped or crashed during the migration; {when}")
         };
-        if let Err(e) = node.tasks.end_orphan(&upid, &lines, &reason) {
+        if let Err(e) = svc.tasks.end_orphan(&upid, &lines, &reason) {
             tracing::warn!(upid = %created.upid, "ending task log: {e:#}");
         }
     }
     // An incomplete recovery keeps the journal: the next one finishes the job.
     if !freed.failed {
-        journal::remove(&node.cfg.journal_dir(), &created.upid);
+        journal::remove(&svc.journal.dirs.journal_dir, &created.upid);
     }
     lines
 }
 
-async fn describe(node: &Node, created: &Created) -> Vec<String> {
+async fn describe(svc: &Services, created: &Created) -> Vec<String> {
     let mut lines = vec![format!(
         "tunnel {} of VM {} (mtunnel pid {} is gone)",
         created.upid, created.vmid, created.owner.pid
@@ -147,7 +158,7 @@ async fn describe(node: &Node, created: &Created) -> Vec<String> {
         lines.push("  everything was freed already; only the journal is left".into());
         return lines;
     }
-    if let Some(why) = journal::not_ours(node, created) {
+    if let Some(why) = journal::not_ours(&svc.journal, created) {
         lines.push(format!(
             "  the config of VM {} {why}: nothing would be touched",
             created.vmid
@@ -163,7 +174,7 @@ async fn describe(node: &Node, created: &Created) -> Vec<String> {
     if created.vm_started {
         lines.push(format!("  would stop VM {}", created.vmid));
     }
-    for v in journal::volumes_to_free(node, created).await {
+    for v in journal::volumes_to_free(&svc.journal, created).await {
         lines.push(format!("  would free volume '{v}'"));
     }
     lines.push(format!(
@@ -177,9 +188,9 @@ async fn describe(node: &Node, created: &Created) -> Vec<String> {
 /// Sets aside every journal that fails [`journal::validate`] (unreadable, or naming
 /// sockets, volumes or a UPID that are not its VMID's): it is never acted on. With
 /// `dry_run`, only says so. One line per journal.
-pub fn set_aside_untrusted(node: &Node, dry_run: bool) -> Vec<String> {
-    let dir = node.cfg.journal_dir();
-    let (_, untrusted) = journal::load_all(&dir, &node.cfg.run_dir);
+pub fn set_aside_untrusted(svc: &Services, dry_run: bool) -> Vec<String> {
+    let dir = &svc.journal.dirs.journal_dir;
+    let (_, untrusted) = journal::load_all(dir, &svc.journal.dirs.run_dir);
     untrusted
         .iter()
         .map(|r| {
@@ -190,7 +201,7 @@ pub fn set_aside_untrusted(node: &Node, dry_run: bool) -> Vec<String> {
                     r.reason
                 )
             } else {
-                journal::set_aside(&dir, r)
+                journal::set_aside(dir, r)
             };
             tracing::warn!("{line}");
             line
@@ -212,16 +223,16 @@ pub struct Leftovers {
 }
 
 /// Lists leftovers; VMIDs with a live tunnel (a journal of a running process) are skipped.
-pub async fn find_leftovers(node: &Node) -> Leftovers {
-    let (journals, _) = journal::load_all(&node.cfg.journal_dir(), &node.cfg.run_dir);
+pub async fn find_leftovers(svc: &Services) -> Leftovers {
+    let (journals, _) = journal::load_all(&svc.journal.dirs.journal_dir, &svc.journal.dirs.run_dir);
     let live: Vec<&Created> = journals.iter().filter(|c| c.owner.is_alive()).collect();
     let is_live = |vmid: u32| live.iter().any(|c| c.vmid == vmid);
     let mut out = Leftovers::default();
-    for vmid in node.guests.list() {
+    for vmid in svc.journal.guests.list() {
         if is_live(vmid) {
             continue;
         }
-        let Ok(text) = node.guests.read_text(vmid) else {
+        let Ok(text) = svc.journal.guests.read_text(vmid) else {
             continue;
         };
         if text.trim() == "lock: create" {
@@ -233,17 +244,17 @@ pub async fn find_leftovers(node: &Node) -> Leftovers {
             out.locked_configs.push((vmid, lock.clone()));
         }
     }
-    if let Ok(vmids) = node.storage.vmids_with_volumes().await {
+    if let Ok(vmids) = svc.journal.storage.vmids_with_volumes().await {
         for vmid in vmids {
-            if is_live(vmid) || node.guests.exists(vmid) {
+            if is_live(vmid) || svc.journal.guests.exists(vmid) {
                 continue;
             }
-            if let Ok(vols) = node.storage.volumes_of(vmid).await {
+            if let Ok(vols) = svc.journal.storage.volumes_of(vmid).await {
                 out.orphaned_volumes.extend(vols);
             }
         }
     }
-    if let Ok(entries) = std::fs::read_dir(&node.cfg.run_dir) {
+    if let Ok(entries) = std::fs::read_dir(&svc.journal.dirs.run_dir) {
         for entry in entries.flatten() {
             let path = entry.path();
             let name = entry.file_name();
@@ -257,7 +268,7 @@ pub async fn find_leftovers(node: &Node) -> Leftovers {
             };
             let ours_gone = match kind {
                 "mtunnel" | "storage" => !is_live(vmid),
-                "migrate" => !is_live(vmid) && !node.hypervisor.is_running(vmid).await,
+                "migrate" => !is_live(vmid) && !svc.journal.hypervisor.is_running(vmid).await,
                 _ => false,
             };
             // Whatever we think of it: a socket something listens on is in use.
@@ -284,15 +295,15 @@ async fn nobody_listens(path: &std::path::Path) -> bool {
 }
 
 /// Frees empty reservations, orphaned volumes and stale sockets (not locked configs).
-pub async fn free_leftovers(node: &Node, found: &Leftovers) -> Vec<String> {
+pub async fn free_leftovers(svc: &Services, found: &Leftovers) -> Vec<String> {
     let mut lines = Vec::new();
     for &vmid in &found.empty_reservations {
-        if super::remove_reserved_config(node, vmid).await {
+        if super::remove_reserved_config(&svc.journal.guests, vmid).await {
             lines.push(format!("removed empty reservation of VM {vmid}"));
         }
     }
     for volid in &found.orphaned_volumes {
-        match node.storage.free(volid).await {
+        match svc.journal.storage.free(volid).await {
             Ok(()) => lines.push(format!("freed orphaned volume '{volid}'")),
             Err(e) => lines.push(format!("WARN: freeing '{volid}' failed: {e}")),
         }
@@ -308,18 +319,18 @@ pub async fn free_leftovers(node: &Node, found: &Leftovers) -> Vec<String> {
 /// What `serve` runs before it accepts connections: recovers every dead tunnel, removes
 /// empty reservations and stale tunnel sockets (no tunnel of this process exists yet).
 /// Returns one line per action, for the console.
-pub async fn recover_at_start(node: &Arc<Node>) -> Vec<String> {
-    let mut lines = set_aside_untrusted(node, false);
-    for r in recover_dead_tunnels(node, Orphans::All, false, RecoveredBy::Restart).await {
+pub async fn recover_at_start(svc: &Services) -> Vec<String> {
+    let mut lines = set_aside_untrusted(svc, false);
+    for r in recover_dead_tunnels(svc, Orphans::All, false, RecoveredBy::Restart).await {
         lines.push(format!("tunnel {} of VM {}:", r.upid, r.vmid));
         lines.extend(r.lines.into_iter().map(|l| format!("  {l}")));
     }
-    let found = find_leftovers(node).await;
+    let found = find_leftovers(svc).await;
     let safe = Leftovers {
         empty_reservations: found.empty_reservations,
         stale_sockets: found.stale_sockets,
         ..Leftovers::default()
     };
-    lines.extend(free_leftovers(node, &safe).await);
+    lines.extend(free_leftovers(svc, &safe).await);
     lines
 }

@@ -92,7 +92,7 @@ pub async fn run(
     let mut handler = match build_handler(tunnels, tunnel, log, created) {
         Ok(h) => h,
         Err(e) => {
-            super::remove_reserved_config(node, tunnel.vmid).await;
+            super::remove_reserved_config(&node.guests, tunnel.vmid).await;
             return Err(e);
         }
     };

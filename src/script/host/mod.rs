@@ -275,7 +275,8 @@ pub async fn cleanup(c: &Arc<HostCtx>) -> journal::Freed {
     let created = c.session().created.clone();
     // A locked handler that calls cleanup keeps its lock: borrow the guard, put it back.
     let guard = c.guard.lock().unwrap_or_else(|e| e.into_inner()).take();
-    let freed = journal::free_created(&c.node, &created, guard.as_ref(), &c.log).await;
+    let freed =
+        journal::free_created(&c.node.journal_services(), &created, guard.as_ref(), &c.log).await;
     *c.guard.lock().unwrap_or_else(|e| e.into_inner()) = guard;
     if freed.failed {
         c.warn(&format!(
