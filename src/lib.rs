@@ -17,18 +17,23 @@
 //! - [`script`]: the Lua engine that runs `handlers/*.lua` and the host API `pve.*` (one
 //!   file per table under `script/host/`); the spec runner and `script::scripted`, the
 //!   Lua-answered backend for rehearsals and handler specs.
+//! - [`node`]: the composition root: the services of one node, wired once at start
+//!   (settings, tokens, tickets, tasks, VM configs, backends, the cluster and metrics, as
+//!   one `Arc<Node>`, which only the API holds whole), and the narrow views it hands the
+//!   layers below: [`node::Node::tunnel_services`], [`node::Node::command_host`] (the
+//!   cluster's VMID registry behind [`command::VmidRegistry`]),
+//!   [`node::Node::journal_services`], [`node::Node::recovery_services`].
 //! - [`tunnel`]: live tunnels ([`tunnel::Tunnels`]: a node's open tunnels and the handler
 //!   factory it was put together with): opening one (one atomic place under
 //!   `max_tunnels`), the worker loop (the wire rules), the status page's view, recovery at
 //!   start.
 //! - [`command`]: the contract between the tunnel and what runs its commands: the handler
-//!   trait, its outcome, the tunnel's sockets as a handler sees them, the factory type.
-//! - [`node`]: the composition root: the services of one node, wired once at start
-//!   (settings, tokens, tickets, tasks, VM configs, backends, the cluster and metrics, as
-//!   one `Arc<Node>`), and the narrow views it hands the layers below
-//!   ([`node::Node::journal_services`]).
+//!   trait, its outcome, the tunnel's sockets as a handler sees them, the factory type, and
+//!   what a tunnel and its handler may use of the node (`command::Host`, the
+//!   `VmidRegistry` trait).
 //! - [`journal`]: the durable record of what a tunnel created, its validation, and the one
-//!   way to free it (only what the config's origin proves is the tunnel's).
+//!   way to free it (only what the config's origin proves is the tunnel's), with just the
+//!   services freeing needs (`journal::Services`).
 //! - [`replica`]: the target side of replicas: the record of a replica (source, disks,
 //!   restore points, an unfinished run), the `qemu-nbd` servers a run writes through,
 //!   restore points (internal qcow2 snapshots, read-only btrfs snapshots, reflink copies),

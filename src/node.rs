@@ -1,15 +1,19 @@
-//! The services of one node, wired together once at start: settings, tokens, ticket key,
-//! tasks, VM configs, the backends, the cluster and the metrics. The layers above (the
-//! journal, the tunnels, the handlers, the API) receive an `Arc<Node>`; the tunnel layer
-//! keeps its own state beside it ([`crate::tunnel::Tunnels`]), so nothing here knows of
-//! tunnels or handlers. Privilege checks that several layers share live here too.
+//! The composition root: the services of one node, wired together once at start
+//! (settings, tokens, ticket key, tasks, VM configs, the backends, the cluster and the
+//! metrics). The API holds the whole `Arc<Node>`; the layers below get only the narrow
+//! views they use, handed out here: [`Node::tunnel_services`] for the tunnel layer,
+//! [`Node::command_host`] for a tunnel's command handler, [`Node::journal_services`] and
+//! [`Node::recovery_services`] for freeing what a tunnel left, with the cluster's VMID registry behind
+//! [`crate::command::VmidRegistry`]. The API's privilege checks live here too.
 
 use std::sync::Arc;
 
 use anyhow::Context;
+use futures_util::future::BoxFuture;
 
 use crate::auth::{TicketKey, TokenStore};
 use crate::cluster::{Cluster, LocalState};
+use crate::command::{self, Refusal, VmidRegistry};
 use crate::config::NodeConfig;
 use crate::error::{Error, Result};
 use crate::guest::{ConfigStore, Hypervisor};
@@ -17,10 +21,11 @@ use crate::journal;
 use crate::metrics::Metrics;
 use crate::storage::{NodeStorage, Storage};
 use crate::task::TaskManager;
+use crate::tunnel;
 
 pub struct Node {
-    pub cfg: NodeConfig,
-    pub tokens: TokenStore,
+    pub cfg: Arc<NodeConfig>,
+    pub tokens: Arc<TokenStore>,
     pub tickets: TicketKey,
     pub tasks: Arc<TaskManager>,
     pub guests: Arc<ConfigStore>,
@@ -139,7 +144,7 @@ impl Node {
         crate::util::ensure_dir(&cfg.data_dir, 0o755)?;
         crate::util::ensure_dir(&cfg.priv_dir(), 0o700)?;
         crate::util::ensure_dir(&cfg.run_dir, 0o755)?;
-        let tokens = TokenStore::open(&cfg.priv_dir())?;
+        let tokens = Arc::new(TokenStore::open(&cfg.priv_dir())?);
         let tickets = TicketKey::load_or_create(&cfg.priv_dir())?;
         let tasks = TaskManager::new(&cfg.node, &cfg.task_dir())?;
         let guests = Arc::new(ConfigStore::new(&cfg.node, &cfg.data_dir)?);
@@ -149,7 +154,7 @@ impl Node {
         let metrics = Arc::new(metrics);
         Ok(Arc::new(Node {
             cluster,
-            cfg,
+            cfg: Arc::new(cfg),
             tokens,
             tickets,
             tasks,
@@ -160,19 +165,42 @@ impl Node {
         }))
     }
 
-    /// What a journal needs to free a tunnel's leftovers ([`journal::Services`]).
-    pub fn journal_services(&self) -> journal::Services {
-        journal::Services {
+    /// What a tunnel's command handler uses of the node ([`command::Host`]).
+    pub fn command_host(&self) -> command::Host {
+        let registry = self.cluster.as_ref().map(|c| {
+            let registry: Arc<dyn VmidRegistry> = Arc::new(ClusterRegistry(Arc::clone(c)));
+            registry
+        });
+        command::Host {
+            cfg: Arc::clone(&self.cfg),
+            tokens: Arc::clone(&self.tokens),
+            tickets: self.tickets.clone(),
             guests: Arc::clone(&self.guests),
             storage: Arc::clone(&self.storage),
             hypervisor: Arc::clone(&self.hypervisor),
             metrics: Arc::clone(&self.metrics),
-            dirs: journal::Dirs {
-                journal_dir: self.cfg.journal_dir(),
-                run_dir: self.cfg.run_dir.clone(),
-                data_dir: self.cfg.data_dir.clone(),
-                firewall_dir: self.cfg.firewall_dir(),
-            },
+            registry,
+        }
+    }
+
+    /// What the tunnel layer uses of the node ([`tunnel::Services`]).
+    pub fn tunnel_services(&self) -> tunnel::Services {
+        tunnel::Services {
+            host: self.command_host(),
+            tasks: Arc::clone(&self.tasks),
+        }
+    }
+
+    /// What a journal needs to free a tunnel's leftovers ([`journal::Services`]).
+    pub fn journal_services(&self) -> journal::Services {
+        self.command_host().journal()
+    }
+
+    /// What recovery after a crash and `mtunnel cleanup` use ([`tunnel::recovery`]).
+    pub fn recovery_services(&self) -> tunnel::recovery::Services {
+        tunnel::recovery::Services {
+            journal: self.journal_services(),
+            tasks: Arc::clone(&self.tasks),
         }
     }
 
@@ -256,28 +284,35 @@ impl Node {
             ))
         }
     }
+}
 
-    /// A storage a tunnel may put VM images on: exists, enabled, holds `images`, and the
-    /// token has `Datastore.AllocateSpace` on `/storage/<id>`.
-    pub fn check_storage_for_images(&self, authid: &str, storage: &str) -> Result<()> {
-        let def = self
-            .cfg
-            .storages
-            .get(storage)
-            .ok_or_else(|| Error::internal(format!("storage '{storage}' does not exist")))?;
-        if def.disable {
-            return Err(Error::internal(format!("storage '{storage}' is disabled")));
-        }
-        self.require(
-            authid,
-            &format!("/storage/{storage}"),
-            "Datastore.AllocateSpace",
-        )?;
-        if !def.holds_images() {
-            return Err(Error::internal(format!(
-                "storage '{storage}' does not support vm images"
-            )));
-        }
-        Ok(())
+/// The cluster's VMID registry as the tunnel layer sees it.
+struct ClusterRegistry(Arc<Cluster>);
+
+impl VmidRegistry for ClusterRegistry {
+    fn reserve_for_tunnel(&self, vmid: u32) -> BoxFuture<'_, std::result::Result<(), Refusal>> {
+        use crate::cluster::registry::{Hold, ReserveError};
+        Box::pin(async move {
+            self.0
+                .reserve(vmid, Hold::Tunnel)
+                .await
+                .map_err(|e| match e {
+                    ReserveError::Exists { .. } => Refusal::Taken(e.to_string()),
+                    ReserveError::NoQuorum(msg) => Refusal::Unanswered(msg),
+                })
+        })
+    }
+
+    fn commit(&self, vmid: u32) -> BoxFuture<'_, std::result::Result<(), String>> {
+        Box::pin(async move { self.0.commit(vmid).await.map_err(|e| e.to_string()) })
+    }
+
+    fn lost(&self, vmid: u32) -> Option<String> {
+        let node = self.0.lost_to(vmid)?;
+        Some(crate::cluster::registry::Fenced::Taken { vmid, node }.to_string())
+    }
+
+    fn finish(&self, vmid: u32, kept: bool) -> BoxFuture<'_, ()> {
+        Box::pin(self.0.finish(vmid, kept))
     }
 }

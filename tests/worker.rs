@@ -45,7 +45,7 @@ fn env_with(file: ConfigFile) -> Env {
     .unwrap();
     let node = Node::open(cfg).unwrap();
     let tunnels = mtunnel::tunnel::Tunnels::new(
-        node.clone(),
+        node.tunnel_services(),
         std::sync::Arc::new(mtunnel::script::handler::lua_handler),
     );
     Env {

@@ -36,7 +36,7 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// What every endpoint can reach.
 pub struct AppState {
     pub node: Arc<Node>,
-    /// The node's tunnel layer (`tunnels.node` is `node`).
+    /// The node's tunnel layer (its services are `node`'s).
     pub tunnels: Arc<Tunnels>,
     pub tls: TlsIdentity,
 }
@@ -62,11 +62,11 @@ impl Server {
 /// Stops accepting when `shutdown` says so (connections already accepted go on: a
 /// tunnel's WebSockets end with its task).
 pub async fn serve(
+    node: Arc<Node>,
     tunnels: Arc<Tunnels>,
     tls: TlsIdentity,
     mut shutdown: ShutdownWatch,
 ) -> anyhow::Result<Server> {
-    let node = Arc::clone(&tunnels.node);
     // Buffers sized for long fat paths (src/net/sockbuf.rs), inherited by accepted sockets.
     crate::net::sockbuf::set_tcp_buffer(node.cfg.tcp_buffer);
     let listener = crate::net::sockbuf::listen(node.cfg.listen)?;

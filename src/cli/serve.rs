@@ -30,19 +30,19 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let _data_lock = mtunnel::node::lock_data_dir(&node.cfg, config_file.as_deref())?;
     let initial = super::token::bootstrap_initial(&node)?;
     raise_fd_limit();
-    for line in mtunnel::tunnel::recovery::recover_at_start(&recovery_services(&node)).await {
+    for line in mtunnel::tunnel::recovery::recover_at_start(&node.recovery_services()).await {
         println!("recovery: {line}");
     }
     let tls = mtunnel::api::tls::TlsIdentity::load_or_create(&node.cfg.data_dir, &node.cfg.node)?;
     // The composition root: the node's tunnels run the Lua handlers.
     let tunnels = mtunnel::tunnel::Tunnels::new(
-        node.clone(),
+        node.tunnel_services(),
         std::sync::Arc::new(mtunnel::script::handler::lua_handler),
     );
     // One way to stop: the listeners watch `shutdown`; tunnels are stopped through their
     // tasks, the cluster membership last.
     let shutdown = mtunnel::lifecycle::Shutdown::new();
-    let server = mtunnel::api::serve(tunnels, tls, shutdown.watch()).await?;
+    let server = mtunnel::api::serve(node.clone(), tunnels, tls, shutdown.watch()).await?;
     println!("mtunnel serving node '{}'", node.cfg.node);
     println!("URL: {}", server.url());
     if server.tls {
@@ -95,7 +95,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             LISTENERS_STOP.as_secs()
         );
     }
-    let open = mtunnel::tunnel::shutdown(&node).await;
+    let open = mtunnel::tunnel::shutdown(&node.tunnel_services()).await;
     if open > 0 {
         // Their journals stay: the next start frees what they created. Their tasks end
         // with the runtime (main gives it a moment), as a crash would end them.
@@ -128,14 +128,6 @@ fn raise_fd_limit() {
     }
 }
 
-/// What recovery gets of the node: the journals' services and the task logs.
-fn recovery_services(node: &Node) -> mtunnel::tunnel::recovery::Services {
-    mtunnel::tunnel::recovery::Services {
-        journal: node.journal_services(),
-        tasks: std::sync::Arc::clone(&node.tasks),
-    }
-}
-
 /// `mtunnel cleanup [--dry-run]`: frees what dead tunnels left (all of them when no `serve`
 /// holds the data dir, else only those it gave up on) and the leftovers no tunnel owns.
 pub async fn cleanup(args: NodeArgs, dry_run: bool) -> anyhow::Result<()> {
@@ -159,7 +151,7 @@ pub async fn cleanup(args: NodeArgs, dry_run: bool) -> anyhow::Result<()> {
         None => recovery::Orphans::Abandoned,
     };
     let by = recovery::RecoveredBy::Cleanup;
-    let svc = recovery_services(&node);
+    let svc = node.recovery_services();
     for line in recovery::set_aside_untrusted(&svc, dry_run) {
         any = true;
         println!("{line}");

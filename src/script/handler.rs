@@ -82,7 +82,7 @@ impl LuaCommandHandler {
         let conf = if handler.lock {
             let guard = match self
                 .ctx
-                .node
+                .host
                 .guests
                 .lock(self.ctx.vmid, DEFAULT_LOCK_TIMEOUT)
                 .await
@@ -92,7 +92,7 @@ impl LuaCommandHandler {
             };
             let conf = match self
                 .ctx
-                .node
+                .host
                 .guests
                 .read_text(self.ctx.vmid)
                 .map(|t| VmConfig::parse(&t))
@@ -129,19 +129,18 @@ impl LuaCommandHandler {
     /// nothing more but tear down (`stop`, `quit`), so the source learns at its next
     /// command.
     fn fenced(&self, cmd: &str) -> Option<String> {
-        let cluster = self.ctx.node.cluster.as_ref()?;
+        let registry = self.ctx.host.registry.as_ref()?;
         if matches!(cmd, "quit" | "stop") || self.ctx.session().created.committed {
             return None;
         }
         let vmid = self.ctx.vmid;
-        let node = cluster.lost_to(vmid)?;
-        let taken = crate::cluster::registry::Fenced::Taken { vmid, node };
+        let taken = registry.lost(vmid)?;
         // `resume` says so in the words the commit uses: the source reads them to know
         // that its own VM may run on.
         Some(if cmd == "resume" {
             format!("VM {vmid} was not resumed: {taken}")
         } else {
-            taken.to_string()
+            taken
         })
     }
 
@@ -161,7 +160,7 @@ impl LuaCommandHandler {
             ctx.set("vmid", self.ctx.vmid)?;
             ctx.set("cmd", cmd)?;
             ctx.set("authid", self.ctx.authid.as_str())?;
-            ctx.set("node", self.ctx.node.cfg.node.as_str())?;
+            ctx.set("node", self.ctx.host.cfg.node.as_str())?;
             if let Some(conf) = conf {
                 ctx.set("conf", lua.to_value(&config_to_json(conf))?)?;
             }
@@ -247,7 +246,7 @@ impl CommandHandler for LuaCommandHandler {
 
 /// Whether the replica's record holds a run that tunnel `upid` began and did not complete.
 fn replica_run_open(ctx: &HostCtx, upid: &str) -> bool {
-    match crate::replica::load(&ctx.node.cfg.data_dir, ctx.vmid) {
+    match crate::replica::load(&ctx.host.cfg.data_dir, ctx.vmid) {
         Ok(Some(r)) => r.run.is_some_and(|run| run.upid == upid),
         Ok(None) => false,
         Err(e) => {
@@ -261,11 +260,11 @@ fn replica_run_open(ctx: &HostCtx, upid: &str) -> bool {
 /// The node's default [`crate::command::HandlerFactory`]: loads the handler files fresh
 /// (an edit takes effect for the next tunnel) and wires them to the tunnel.
 pub fn lua_handler(setup: HandlerSetup) -> anyhow::Result<Box<dyn CommandHandler>> {
-    let (sources, problems) = super::handler_sources(Some(&setup.node.cfg.handlers_dir));
+    let (sources, problems) = super::handler_sources(Some(&setup.host.cfg.handlers_dir));
     for problem in problems {
         setup.log.warn(format!("handler file skipped: {problem}"));
     }
-    let vm = ScriptVm::new(setup.node.cfg.lua_limits, &sources)?;
+    let vm = ScriptVm::new(setup.host.cfg.lua_limits, &sources)?;
     for (cmd, handler) in &vm.handlers {
         if let Err(e) = handler {
             setup.log.warn(format!("handler '{cmd}' refused: {e}"));
@@ -279,7 +278,7 @@ pub fn host_ctx(setup: HandlerSetup) -> HostCtx {
     HostCtx {
         vmid: setup.tunnel.vmid(),
         authid: setup.tunnel.authid().to_string(),
-        node: setup.node,
+        host: setup.host,
         tunnel: setup.tunnel,
         log: setup.log,
         session: Mutex::new(Session {

@@ -14,12 +14,11 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::{Value, json};
 
-use crate::command::HandlerFactory;
+use crate::command::{self, HandlerFactory, Refusal};
 use crate::error::{Error, Result};
 use crate::guest::ConfigStore;
 use crate::journal::{self, Created};
-use crate::node::Node;
-use crate::task::Upid;
+use crate::task::{TaskManager, Upid};
 use crate::util::unix_now;
 
 /// One open tunnel, from `POST .../mtunnel` until its worker ends.
@@ -106,19 +105,28 @@ impl Tunnel {
     }
 }
 
+/// What the tunnel layer uses of its node: what its command handlers get too
+/// ([`command::Host`]) and the task logs. Handed out by the composition
+/// root (`node::Node::tunnel_services`).
+#[derive(Clone)]
+pub struct Services {
+    pub host: command::Host,
+    pub tasks: Arc<TaskManager>,
+}
+
 /// A node's tunnel layer, put together where the node is (`mtunnel serve`, a spec run, a
-/// test): the node's services, its open tunnels and the factory of their command handlers
+/// test): what it uses of the node, its open tunnels and the factory of their command handlers
 /// (the Lua handlers, or a stand-in).
 pub struct Tunnels {
-    pub node: Arc<Node>,
+    pub services: Services,
     pub registry: Registry,
     pub handlers: HandlerFactory,
 }
 
 impl Tunnels {
-    pub fn new(node: Arc<Node>, handlers: HandlerFactory) -> Arc<Self> {
+    pub fn new(services: Services, handlers: HandlerFactory) -> Arc<Self> {
         Arc::new(Tunnels {
-            node,
+            services,
             registry: Registry::default(),
             handlers,
         })
@@ -127,13 +135,13 @@ impl Tunnels {
     /// Whether `vmid` is taken here: it has a config (a tunnel's reservation is one) or
     /// an open tunnel.
     pub fn taken(&self, vmid: u32) -> bool {
-        self.node.guests.exists(vmid) || self.registry.get(vmid).is_some()
+        self.services.host.guests.exists(vmid) || self.registry.get(vmid).is_some()
     }
 
     /// The lowest VMID from `from` on that is not [`Tunnels::taken`]; PVE's
     /// `/cluster/nextid` on a single node.
     pub fn next_free_vmid(&self, from: u32) -> Option<u32> {
-        let configs: BTreeSet<u32> = self.node.guests.list().into_iter().collect();
+        let configs: BTreeSet<u32> = self.services.host.guests.list().into_iter().collect();
         (from.max(100)..=999_999_999)
             .take(1_000_000)
             .find(|id| !configs.contains(id) && self.registry.get(*id).is_none())
@@ -236,11 +244,11 @@ pub fn authorize_socket(
         Error::Unauthorized(format!("permission denied - {e}"))
     };
     crate::auth::ticket::normalize_path(&format!("/socket/{socket}")).map_err(denied)?;
-    let node = &tunnels.node;
-    if !node.guests.exists(vmid) {
+    let svc = &tunnels.services;
+    if !svc.host.guests.exists(vmid) {
         return Err(Error::internal(format!(
             "Configuration file 'nodes/{}/qemu-server/{vmid}.conf' does not exist",
-            node.cfg.node
+            svc.host.cfg.node
         )));
     }
     let tunnel = tunnels
@@ -252,7 +260,8 @@ pub fn authorize_socket(
             "permission denied - the tunnel of VM {vmid} was opened by another user"
         )));
     }
-    node.tickets
+    svc.host
+        .tickets
         .verify(ticket, authid, socket, &tunnel.instance, unix_now())
         .map_err(denied)?;
     if !tunnel.may_forward_to(Path::new(socket)) {
@@ -297,20 +306,21 @@ impl Opened {
 /// What every tunnel open checks first, in PVE's order: the token's privileges, a free
 /// slot under `max_tunnels` (held by the returned [`Slot`]), and space on each storage.
 fn admit(tunnels: &Tunnels, authid: &str, vmid: u32, storages: &[String]) -> Result<Slot> {
-    let node = &tunnels.node;
-    node.require(authid, &format!("/vms/{vmid}"), "VM.Allocate")?;
-    node.require(authid, "/", "Sys.Incoming")?;
+    let svc = &tunnels.services;
+    svc.host
+        .require(authid, &format!("/vms/{vmid}"), "VM.Allocate")?;
+    svc.host.require(authid, "/", "Sys.Incoming")?;
     let slot = tunnels
         .registry
-        .take_slot(node.cfg.max_tunnels)
+        .take_slot(svc.host.cfg.max_tunnels)
         .ok_or_else(|| {
             Error::Unavailable(format!(
                 "too many open tunnels on node '{}' (max_tunnels = {}) - try again later",
-                node.cfg.node, node.cfg.max_tunnels
+                svc.host.cfg.node, svc.host.cfg.max_tunnels
             ))
         })?;
     for storage in storages {
-        node.check_storage_for_images(authid, storage)?;
+        svc.host.check_storage_for_images(authid, storage)?;
     }
     Ok(slot)
 }
@@ -325,13 +335,13 @@ pub async fn open(
     storages: &[String],
     bridges: &[String],
 ) -> Result<Opened> {
-    let node = &tunnels.node;
+    let svc = &tunnels.services;
     let slot = admit(tunnels, authid, vmid, storages)?;
     for bridge in bridges {
-        if !node.cfg.bridge_exists(bridge) {
+        if !svc.host.cfg.bridge_exists(bridge) {
             return Err(Error::internal(format!(
                 "bridge '{bridge}' does not exist on node '{}'",
-                node.cfg.node
+                svc.host.cfg.node
             )));
         }
     }
@@ -339,21 +349,21 @@ pub async fn open(
     // Names this reservation in the config's origin and in the journal: recovery proves
     // with it that a config is the one this tunnel made.
     let reservation = format!("{:032x}", rand::random::<u128>());
-    node.guests
+    svc.host
+        .guests
         .create_and_lock(vmid, "create", &reservation)
         .await
         .map_err(|e| Error::param("vmid", format!("unable to create empty VM config - {e}")))?;
-    if let Some(cluster) = &node.cluster {
-        use crate::cluster::registry::{Hold, ReserveError};
-        if let Err(e) = cluster.reserve(vmid, Hold::Tunnel).await {
-            remove_reserved_config(&node.guests, vmid).await;
-            return Err(match e {
-                ReserveError::Exists { .. } => {
-                    Error::param("vmid", format!("unable to create empty VM config - {e}"))
-                }
-                ReserveError::NoQuorum(msg) => Error::internal(msg),
-            });
-        }
+    if let Some(registry) = &svc.host.registry
+        && let Err(refusal) = registry.reserve_for_tunnel(vmid).await
+    {
+        remove_reserved_config(&svc.host.guests, vmid).await;
+        return Err(match refusal {
+            Refusal::Taken(e) => {
+                Error::param("vmid", format!("unable to create empty VM config - {e}"))
+            }
+            Refusal::Unanswered(msg) => Error::internal(msg),
+        });
     }
 
     let start = WorkerStart {
@@ -363,9 +373,9 @@ pub async fn open(
     match start_worker(tunnels, authid, vmid, start, slot).await {
         Ok(opened) => Ok(opened),
         Err(e) => {
-            remove_reserved_config(&node.guests, vmid).await;
-            if let Some(cluster) = &node.cluster {
-                cluster.finish(vmid, node.guests.exists(vmid)).await;
+            remove_reserved_config(&svc.host.guests, vmid).await;
+            if let Some(registry) = &svc.host.registry {
+                registry.finish(vmid, svc.host.guests.exists(vmid)).await;
             }
             Err(e)
         }
@@ -404,8 +414,8 @@ pub async fn open_replica(
     vmid: u32,
     storages: &[String],
 ) -> Result<Opened> {
-    let node = &tunnels.node;
-    if !node.guests.exists(vmid) {
+    let svc = &tunnels.services;
+    if !svc.host.guests.exists(vmid) {
         return open(tunnels, authid, vmid, storages, &[]).await;
     }
     let slot = admit(tunnels, authid, vmid, storages)?;
@@ -414,16 +424,17 @@ pub async fn open_replica(
             "vmid",
             format!(
                 "VM {vmid} exists on node '{}' and is not a replica (lock 'replica')",
-                node.cfg.node
+                svc.host.cfg.node
             ),
         )
     };
-    let guard = node
+    let guard = svc
+        .host
         .guests
         .lock(vmid, crate::guest::store::DEFAULT_LOCK_TIMEOUT)
         .await
         .map_err(|e| Error::internal(e.to_string()))?;
-    let text = node.guests.read_text(vmid).map_err(|_| not_replica())?;
+    let text = svc.host.guests.read_text(vmid).map_err(|_| not_replica())?;
     let conf = crate::guest::VmConfig::parse(&text).map_err(|_| not_replica())?;
     if conf.options.get("lock").map(String::as_str) != Some("replica") {
         return Err(not_replica());
@@ -434,7 +445,7 @@ pub async fn open_replica(
             format!("a tunnel of VM {vmid} is open: one replica run at a time"),
         ));
     }
-    let reservation = node.guests.origin(vmid).ok_or_else(not_replica)?;
+    let reservation = svc.host.guests.origin(vmid).ok_or_else(not_replica)?;
     let start = WorkerStart {
         reservation,
         expected_lock: "replica".into(),
@@ -459,8 +470,8 @@ async fn start_worker(
     start: WorkerStart,
     slot: Slot,
 ) -> Result<Opened> {
-    let node = &tunnels.node;
-    let socket = node.cfg.tunnel_socket(vmid);
+    let svc = &tunnels.services;
+    let socket = svc.host.cfg.tunnel_socket(vmid);
     let socket_str = socket
         .to_str()
         .ok_or_else(|| Error::internal("run directory is not valid UTF-8"))?
@@ -468,11 +479,11 @@ async fn start_worker(
     // Checked before anything is created; the ticket itself needs the UPID.
     crate::auth::ticket::normalize_path(&format!("/socket/{socket_str}"))
         .map_err(|e| Error::internal(format!("{e} '{socket_str}'")))?;
-    crate::util::ensure_dir(&node.cfg.run_dir, 0o755)?;
+    crate::util::ensure_dir(&svc.host.cfg.run_dir, 0o755)?;
 
     // Volumes of this VMID made from now on are the tunnel's (the VMID is reserved). A
     // storage that cannot be listed makes that unknowable: refuse rather than guess.
-    let preexisting = match node.storage.volumes_by_storage(vmid).await {
+    let preexisting = match svc.host.storage.volumes_by_storage(vmid).await {
         Ok(by_storage) => by_storage,
         // A backend that cannot list at all (scripted): only recorded volumes are freed.
         Err(crate::storage::StorageError::Unsupported(_)) => Default::default(),
@@ -483,11 +494,16 @@ async fn start_worker(
             )));
         }
     };
-    let log = node.tasks.create("qmtunnel", &vmid.to_string(), authid)?;
+    let log = svc.tasks.create("qmtunnel", &vmid.to_string(), authid)?;
     // The VMID had no config until this tunnel reserved it: what older journals of it
     // describe is over, and must never be taken for this tunnel's.
     let why = format!("VM {vmid} was reserved anew by tunnel {}", log.upid());
-    for line in journal::retire(&node.cfg.journal_dir(), &node.cfg.run_dir, vmid, &why) {
+    for line in journal::retire(
+        &svc.host.cfg.journal_dir(),
+        &svc.host.cfg.run_dir,
+        vmid,
+        &why,
+    ) {
         log.log(&line);
     }
     let created = Created {
@@ -502,22 +518,23 @@ async fn start_worker(
         sockets: vec![socket.clone()],
         ..Created::default()
     };
-    let bound = journal::store_async(node.cfg.journal_dir(), created.clone())
+    let bound = journal::store_async(svc.host.cfg.journal_dir(), created.clone())
         .await
         .map_err(|e| Error::internal(format!("cannot write the tunnel journal: {e:#}")))
         .and_then(|()| bind_control_socket(&socket));
     let listener = match bound {
         Ok(b) => b,
         Err(e) => {
-            journal::remove(&node.cfg.journal_dir(), &created.upid);
+            journal::remove(&svc.host.cfg.journal_dir(), &created.upid);
             let msg = e.to_string();
-            node.tasks
+            svc.tasks
                 .spawn(log, move |_, _| async move { Err(anyhow::anyhow!(msg)) });
             return Err(e);
         }
     };
     let instance = log.upid().to_string();
-    let ticket = match node
+    let ticket = match svc
+        .host
         .tickets
         .assemble(authid, &socket_str, &instance, unix_now())
     {
@@ -525,9 +542,9 @@ async fn start_worker(
         Err(e) => {
             let msg = format!("{e} '{socket_str}'");
             let _ = std::fs::remove_file(&socket);
-            journal::remove(&node.cfg.journal_dir(), &created.upid);
+            journal::remove(&svc.host.cfg.journal_dir(), &created.upid);
             let err = msg.clone();
-            node.tasks
+            svc.tasks
                 .spawn(log, move |_, _| async move { Err(anyhow::anyhow!(err)) });
             return Err(Error::internal(msg));
         }
@@ -544,22 +561,22 @@ async fn start_worker(
         activity: status::Activity::default(),
     });
     tunnels.registry.insert(Arc::clone(&tunnel));
-    node.metrics.tunnel_opened();
+    svc.host.metrics.tunnel_opened();
     let layer = Arc::clone(tunnels);
-    let upid = node.tasks.spawn(log, move |log, stop| async move {
+    let upid = svc.tasks.spawn(log, move |log, stop| async move {
         let upid = created.upid.clone();
         let result = worker::run(&layer, &tunnel, listener, &log, created, stop).await;
         layer.registry.remove(&tunnel);
-        let worker_node = &layer.node;
+        let svc = &layer.services;
         // The VMID stays registered for good if the VM stayed (migration completed, or a
         // cleanup left it), else its entry goes.
-        if let Some(cluster) = &worker_node.cluster {
-            cluster.finish(vmid, worker_node.guests.exists(vmid)).await;
+        if let Some(registry) = &svc.host.registry {
+            registry.finish(vmid, svc.host.guests.exists(vmid)).await;
         }
-        worker_node.metrics.tunnel_closed();
+        svc.host.metrics.tunnel_closed();
         // The journal goes once nothing is left to free: freed, or kept for good. After
         // an incomplete cleanup it stays for the recovery at the next start.
-        let dir = worker_node.cfg.journal_dir();
+        let dir = svc.host.cfg.journal_dir();
         match journal::load(&dir, &upid) {
             Some(c) if !c.released && !c.committed => {
                 let abandoned = Created {
@@ -596,13 +613,13 @@ fn bind_control_socket(socket: &Path) -> Result<tokio::net::UnixListener> {
 /// Graceful shutdown: asks every open tunnel to stop (each runs its cleanup after the
 /// command it is running) and waits up to `shutdown_timeout` for all to end. Returns how
 /// many are still open then; their journals let the next start finish the job.
-pub async fn shutdown(node: &Node) -> usize {
-    let asked = node.tasks.request_stop_all();
+pub async fn shutdown(svc: &Services) -> usize {
+    let asked = svc.tasks.request_stop_all();
     if asked > 0 {
         tracing::info!("asked {asked} task(s) to stop; waiting for their cleanup");
     }
     // Tasks, not the registry: a task is done once its log has its final line.
-    node.tasks.wait_idle(node.cfg.shutdown_timeout).await
+    svc.tasks.wait_idle(svc.host.cfg.shutdown_timeout).await
 }
 
 /// Removes the empty config `open` created, if it still is that empty reserved config.

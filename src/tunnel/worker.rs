@@ -13,10 +13,9 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader
 use tokio::net::UnixListener;
 
 use super::Tunnel;
+use crate::command::{self, HandlerSetup, TunnelSockets};
 pub use crate::command::{CommandHandler, Outcome};
-use crate::command::{HandlerSetup, TunnelSockets};
 use crate::metrics::{Metrics, command_label, migration_failure};
-use crate::node::Node;
 use crate::task::{StopSignal, TaskLog};
 
 /// Longest accepted command line; longer lines are discarded with an error reply.
@@ -88,16 +87,16 @@ pub async fn run(
     created: crate::journal::Created,
     mut stop: StopSignal,
 ) -> anyhow::Result<()> {
-    let node = &tunnels.node;
+    let svc = &tunnels.services;
     let mut handler = match build_handler(tunnels, tunnel, log, created) {
         Ok(h) => h,
         Err(e) => {
-            super::remove_reserved_config(&node.guests, tunnel.vmid).await;
+            super::remove_reserved_config(&svc.host.guests, tunnel.vmid).await;
             return Err(e);
         }
     };
     let accepted = tokio::select! {
-        r = tokio::time::timeout(node.cfg.tunnel_accept_timeout, listener.accept()) => r,
+        r = tokio::time::timeout(svc.host.cfg.tunnel_accept_timeout, listener.accept()) => r,
         _ = stop.requested() => {
             handler.finish("tunnel stopped before the source connected").await;
             anyhow::bail!("received interrupt");
@@ -114,7 +113,7 @@ pub async fn run(
         Err(_) => {
             log.log(format!(
                 "mtunnel timeout: no connection within {} s",
-                node.cfg.tunnel_accept_timeout.as_secs()
+                svc.host.cfg.tunnel_accept_timeout.as_secs()
             ));
             handler.finish("no control connection").await;
             anyhow::bail!("Exiting mtunnel");
@@ -124,14 +123,14 @@ pub async fn run(
     // (later, a next tunnel of the VMID may have bound the same path).
     drop(listener);
     let _ = std::fs::remove_file(&tunnel.control_socket);
-    node.metrics.migration_started();
+    svc.host.metrics.migration_started();
     let (read, write) = stream.into_split();
     let served = AssertUnwindSafe(serve_until(
         read,
         write,
         &mut *handler,
         log,
-        &node.metrics,
+        &svc.host.metrics,
         stop.requested(),
     ))
     .catch_unwind()
@@ -142,7 +141,7 @@ pub async fn run(
             let what = panic_text(&panic);
             log.log(format!("ERROR: command handling panicked: {what}"));
             handler.finish("command handling panicked").await;
-            count_migration(node, tunnel, migration_failure::HANDLER_PANIC);
+            count_migration(&svc.host, tunnel, migration_failure::HANDLER_PANIC);
             anyhow::bail!("mtunnel failed: command handling panicked: {what}");
         }
     };
@@ -151,7 +150,7 @@ pub async fn run(
         End::Quit | End::Stopped => None,
     };
     handler.finish(&end.describe(cause.as_deref())).await;
-    count_migration(node, tunnel, end.failure_reason());
+    count_migration(&svc.host, tunnel, end.failure_reason());
     if matches!(end, End::Quit) {
         log.log("mtunnel exited");
     }
@@ -161,13 +160,13 @@ pub async fn run(
 /// Counts the migration of a tunnel whose handler finished: completed if its journal says
 /// it was committed (`resume` or `unlock` succeeded; both the online and the offline path
 /// end with `unlock`), else failed for `reason`.
-fn count_migration(node: &Node, tunnel: &Tunnel, reason: &'static str) {
-    let committed = crate::journal::load(&node.cfg.journal_dir(), &tunnel.instance)
+fn count_migration(host: &command::Host, tunnel: &Tunnel, reason: &'static str) {
+    let committed = crate::journal::load(&host.cfg.journal_dir(), &tunnel.instance)
         .is_some_and(|c| c.committed);
     if committed {
-        node.metrics.migration_completed();
+        host.metrics.migration_completed();
     } else {
-        node.metrics.migration_failed(reason);
+        host.metrics.migration_failed(reason);
     }
 }
 
@@ -181,7 +180,7 @@ fn build_handler(
         tunnel: Arc::clone(tunnel),
     };
     let inner = (tunnels.handlers)(HandlerSetup {
-        node: Arc::clone(&tunnels.node),
+        host: tunnels.services.host.clone(),
         tunnel: Arc::new(link),
         log: log.clone(),
         created,

@@ -115,7 +115,7 @@ pub(super) fn unmask(data: &mut [u8], mask: [u8; 4], offset: usize) {
 pub struct RelayOpts {
     /// With a timeout, the relay pings the peer every third of it and fails with
     /// `TimedOut` when nothing at all arrived from the peer for that long, or a write to the
-    /// peer was blocked that long (see [`super::watch`]).
+    /// peer was blocked that long (see `net::relay::watch`).
     pub peer_timeout: Option<Duration>,
     /// Added to per chunk relayed (`inbound`: WebSocket → socket).
     pub counters: ByteCounters,

@@ -2,9 +2,9 @@
 //! migration, NBD disks, disk imports), on the server and in the tunnel client, behind one
 //! entry point, [`relay`]: it takes the upgraded connection and picks how bytes move. A
 //! plain TCP connection (`ws://`, a node with `tls = false`) moves its payload with
-//! splice(2) ([`splice`]); any other stream (TLS, or whatever the HTTP server hands over)
-//! goes through the copying relay ([`copy`]), which has its own small codec. Both speak the
-//! same wire rules and are watched by the same peer watchdog ([`watch`]).
+//! splice(2) (`splice`); any other stream (TLS, or whatever the HTTP server hands over)
+//! goes through the copying relay (`copy`), which has its own small codec. Both speak the
+//! same wire rules and are watched by the same peer watchdog (`watch`).
 
 mod copy;
 mod splice;

@@ -93,7 +93,7 @@ pub(super) fn config_table(lua: &Lua) -> mlua::Result<Table> {
         lua.create_function(|lua, ()| {
             let c = ctx(lua)?;
             let text = c
-                .node
+                .host
                 .guests
                 .read_text(c.vmid)
                 .map_err(|e| fail(e.to_string()))?;
@@ -126,7 +126,7 @@ pub(super) fn config_table(lua: &Lua) -> mlua::Result<Table> {
             let Some(guard) = guard.as_ref() else {
                 return Err(no_lock());
             };
-            c.node
+            c.host
                 .guests
                 .write_text_locked(guard, &conf.write())
                 .map_err(|e| fail(e.to_string()))

@@ -8,7 +8,7 @@ use mlua::{Lua, Table};
 use super::{HostCtx, ctx, fail};
 
 fn firewall_path(c: &HostCtx) -> PathBuf {
-    c.node.cfg.firewall_dir().join(format!("{}.fw", c.vmid))
+    c.host.cfg.firewall_dir().join(format!("{}.fw", c.vmid))
 }
 
 pub(super) fn firewall_table(lua: &Lua) -> mlua::Result<Table> {
@@ -19,7 +19,7 @@ pub(super) fn firewall_table(lua: &Lua) -> mlua::Result<Table> {
             let c = ctx(&lua)?;
             c.ensure_open()?;
             c.record(|r| r.firewall_written = true).await?;
-            crate::util::ensure_dir(&c.node.cfg.firewall_dir(), 0o755)
+            crate::util::ensure_dir(&c.host.cfg.firewall_dir(), 0o755)
                 .map_err(|e| fail(format!("{e:#}")))?;
             crate::util::write_atomic(&firewall_path(&c), text.as_bytes(), 0o640)
                 .map_err(|e| fail(format!("{e:#}")))?;

@@ -23,7 +23,6 @@ use crate::command::TunnelSockets;
 use crate::guest::VmLockGuard;
 use crate::journal::{self, Created};
 use crate::metrics::{import_failure, import_failure_reason};
-use crate::node::Node;
 use crate::task::TaskLog;
 
 mod config;
@@ -59,7 +58,8 @@ pub struct ImportJob {
 
 /// Per-tunnel context, stored as app data of the tunnel's Lua VM.
 pub struct HostCtx {
-    pub node: Arc<Node>,
+    /// What the handler may use of its node.
+    pub host: crate::command::Host,
     pub tunnel: Arc<dyn TunnelSockets>,
     pub log: TaskLog,
     pub vmid: u32,
@@ -80,7 +80,7 @@ impl HostCtx {
     pub async fn record(&self, change: impl FnOnce(&mut Created)) -> mlua::Result<()> {
         let mut next = self.session().created.clone();
         change(&mut next);
-        journal::store_async(self.node.cfg.journal_dir(), next.clone())
+        journal::store_async(self.host.cfg.journal_dir(), next.clone())
             .await
             .map_err(|e| fail(format!("cannot write the tunnel journal: {e:#}")))?;
         self.session().created = next;
@@ -116,13 +116,13 @@ impl HostCtx {
     /// refused (another node took the VMID while this node's lease had lapsed, or etcd
     /// cannot confirm). A single node has nobody to prove it to.
     async fn prove_reservation(&self, what: &str) -> mlua::Result<()> {
-        let Some(cluster) = &self.node.cluster else {
+        let Some(registry) = &self.host.registry else {
             return Ok(());
         };
         if self.session().created.committed {
             return Ok(());
         }
-        cluster.commit(self.vmid).await.map_err(|e| {
+        registry.commit(self.vmid).await.map_err(|e| {
             let msg = format!("VM {} was not {what}: {e}", self.vmid);
             tracing::error!(vmid = self.vmid, "fenced: {msg}");
             fail(msg)
@@ -238,20 +238,20 @@ pub async fn end_import(c: &Arc<HostCtx>) {
             match job.task.await {
                 Ok(Ok(volid)) => {
                     // Never checked (`query-disk-import` does that): not counted completed.
-                    c.node.metrics.import_failed(import_failure::ABORTED);
+                    c.host.metrics.import_failed(import_failure::ABORTED);
                     c.session().created.volumes.push(volid)
                 }
                 Ok(Err(msg)) => {
-                    c.node.metrics.import_failed(import_failure_reason(&msg));
+                    c.host.metrics.import_failed(import_failure_reason(&msg));
                     c.info(&format!("cleanup: the disk import had failed: {msg}"))
                 }
                 Err(e) => {
-                    c.node.metrics.import_failed(import_failure::STREAM_ERROR);
+                    c.host.metrics.import_failed(import_failure::STREAM_ERROR);
                     c.info(&format!("cleanup: the disk import task had failed: {e}"))
                 }
             }
         } else {
-            c.node.metrics.import_failed(import_failure::ABORTED);
+            c.host.metrics.import_failed(import_failure::ABORTED);
             job.task.abort();
             let _ = job.task.await;
             c.info(&format!(
@@ -275,8 +275,7 @@ pub async fn cleanup(c: &Arc<HostCtx>) -> journal::Freed {
     let created = c.session().created.clone();
     // A locked handler that calls cleanup keeps its lock: borrow the guard, put it back.
     let guard = c.guard.lock().unwrap_or_else(|e| e.into_inner()).take();
-    let freed =
-        journal::free_created(&c.node.journal_services(), &created, guard.as_ref(), &c.log).await;
+    let freed = journal::free_created(&c.host.journal(), &created, guard.as_ref(), &c.log).await;
     *c.guard.lock().unwrap_or_else(|e| e.into_inner()) = guard;
     if freed.failed {
         c.warn(&format!(

@@ -11,7 +11,7 @@ pub(super) fn perm_table(lua: &Lua) -> mlua::Result<Table> {
         "check",
         lua.create_function(|lua, (path, privilege): (String, String)| {
             let c = ctx(lua)?;
-            c.node
+            c.host
                 .require(&c.authid, &path, &privilege)
                 .map_err(|e| fail(e.to_string()))
         })?,
@@ -20,7 +20,7 @@ pub(super) fn perm_table(lua: &Lua) -> mlua::Result<Table> {
         "has",
         lua.create_function(|lua, (path, privilege): (String, String)| {
             let c = ctx(lua)?;
-            Ok(c.node.allows(&c.authid, &path, &privilege))
+            Ok(c.host.allows(&c.authid, &path, &privilege))
         })?,
     )?;
     Ok(t)

@@ -26,7 +26,7 @@ fn add_start_fns(lua: &Lua, t: &Table) -> mlua::Result<()> {
     )?;
     t.set(
         "multifd_max",
-        lua.create_function(|lua, ()| Ok(ctx(lua)?.node.cfg.multifd_channels_max))?,
+        lua.create_function(|lua, ()| Ok(ctx(lua)?.host.cfg.multifd_channels_max))?,
     )?;
     t.set(
         "start_incoming",
@@ -35,16 +35,16 @@ fn add_start_fns(lua: &Lua, t: &Table) -> mlua::Result<()> {
             c.ensure_open()?;
             let opts = from_lua(&lua, opts)?;
             let text = c
-                .node
+                .host
                 .guests
                 .read_text(c.vmid)
                 .map_err(|e| fail(e.to_string()))?;
             let config = VmConfig::parse(&text).map_err(|e| fail(e.to_string()))?;
-            let req = incoming_request(c.vmid, config, &opts, c.node.cfg.multifd_channels_max)?;
+            let req = incoming_request(c.vmid, config, &opts, c.host.cfg.multifd_channels_max)?;
             let ram = ram_words(&req);
             c.record(|r| r.vm_started = true).await?;
             let started = c
-                .node
+                .host
                 .hypervisor
                 .start_incoming(req.clone())
                 .await
@@ -159,7 +159,7 @@ fn ram_words(req: &IncomingStart) -> String {
 /// frees what the migration created, and the source reads "was not resumed" and runs its
 /// own copy on. A QEMU still there may yet start the guest: then nothing is decided here.
 async fn resume_failed(c: &HostCtx, e: anyhow::Error) -> String {
-    if c.node.hypervisor.is_running(c.vmid).await {
+    if c.host.hypervisor.is_running(c.vmid).await {
         let msg = format!("{e:#}");
         c.warn(&format!("resume: {msg}"));
         return msg;
@@ -183,7 +183,7 @@ fn add_lifecycle_fns(lua: &Lua, t: &Table) -> mlua::Result<()> {
                 $name,
                 lua.create_async_function(|lua, ()| async move {
                     let c = ctx(&lua)?;
-                    c.node
+                    c.host
                         .hypervisor
                         .$method(c.vmid)
                         .await
@@ -203,7 +203,7 @@ fn add_lifecycle_fns(lua: &Lua, t: &Table) -> mlua::Result<()> {
             c.record(|r| r.resume_requested = true)
                 .await
                 .map_err(|e| fail(format!("VM {} was not resumed: {e}", c.vmid)))?;
-            if let Err(e) = c.node.hypervisor.resume(c.vmid).await {
+            if let Err(e) = c.host.hypervisor.resume(c.vmid).await {
                 return Err(fail(resume_failed(&c, e).await));
             }
             c.record(|r| r.committed = true).await
@@ -220,7 +220,7 @@ fn add_lifecycle_fns(lua: &Lua, t: &Table) -> mlua::Result<()> {
                     c.vmid
                 )));
             }
-            c.node
+            c.host
                 .hypervisor
                 .stop(c.vmid)
                 .await
@@ -233,7 +233,7 @@ fn add_lifecycle_fns(lua: &Lua, t: &Table) -> mlua::Result<()> {
         "is_running",
         lua.create_async_function(|lua, ()| async move {
             let c = ctx(&lua)?;
-            Ok(c.node.hypervisor.is_running(c.vmid).await)
+            Ok(c.host.hypervisor.is_running(c.vmid).await)
         })?,
     )?;
     Ok(())

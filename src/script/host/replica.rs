@@ -15,9 +15,9 @@ use crate::replica::{self, Disk, Replica, Source, manage::Parts};
 
 fn parts(c: &HostCtx) -> Parts<'_> {
     Parts {
-        cfg: &c.node.cfg,
-        guests: &c.node.guests,
-        storage: &*c.node.storage,
+        cfg: &c.host.cfg,
+        guests: &c.host.guests,
+        storage: &*c.host.storage,
     }
 }
 
@@ -31,7 +31,7 @@ pub(super) fn replica_table(lua: &Lua) -> mlua::Result<Table> {
         "get",
         lua.create_function(|lua, ()| {
             let c = ctx(lua)?;
-            match replica::load(&c.node.cfg.data_dir, c.vmid).map_err(err)? {
+            match replica::load(&c.host.cfg.data_dir, c.vmid).map_err(err)? {
                 Some(r) => lua.to_value(&r),
                 None => Ok(LuaValue::Nil),
             }
@@ -70,7 +70,7 @@ pub(super) fn replica_table(lua: &Lua) -> mlua::Result<Table> {
                 .map(|k| usize::try_from(k).unwrap_or(usize::MAX));
             let copied = opts.get("bytes").and_then(Value::as_u64).unwrap_or(0);
             let incremental = opts.get("incremental").and_then(Value::as_bool) == Some(true);
-            let record = replica::load(&c.node.cfg.data_dir, c.vmid).map_err(err)?;
+            let record = replica::load(&c.host.cfg.data_dir, c.vmid).map_err(err)?;
             let parts = parts(&c);
             // Counted once the servers ended: every byte of the run has been relayed.
             parts.wait_servers(c.vmid).await.map_err(err)?;
@@ -78,7 +78,7 @@ pub(super) fn replica_table(lua: &Lua) -> mlua::Result<Table> {
                 .iter()
                 .flat_map(|r| r.disks.keys())
                 .map(|key| {
-                    let socket = replica::nbd_socket(&c.node.cfg.run_dir, c.vmid, key);
+                    let socket = replica::nbd_socket(&c.host.cfg.run_dir, c.vmid, key);
                     c.tunnel.inbound_bytes(&socket)
                 })
                 .sum();
@@ -88,7 +88,7 @@ pub(super) fn replica_table(lua: &Lua) -> mlua::Result<Table> {
                 .await
                 .map_err(err)?;
             for key in record.iter().flat_map(|r| r.disks.keys()) {
-                let socket = replica::nbd_socket(&c.node.cfg.run_dir, c.vmid, key);
+                let socket = replica::nbd_socket(&c.host.cfg.run_dir, c.vmid, key);
                 c.tunnel.unregister_socket(&socket);
             }
             c.info(&format!(
@@ -155,7 +155,7 @@ async fn create(lua: Lua, opts: LuaValue) -> mlua::Result<LuaValue> {
     if reopened {
         return Err(fail(format!("VM {} already is a replica", c.vmid)));
     }
-    if let Ok(Some(old)) = replica::load(&c.node.cfg.data_dir, c.vmid) {
+    if let Ok(Some(old)) = replica::load(&c.host.cfg.data_dir, c.vmid) {
         c.warn(&format!(
             "replacing the stale replica record of VM {} (replica id {}, no config)",
             c.vmid, old.id
@@ -194,7 +194,7 @@ async fn create(lua: Lua, opts: LuaValue) -> mlua::Result<LuaValue> {
         failed_runs: 0,
     };
     c.record(|j| j.replica = true).await?;
-    replica::store(&c.node.cfg.data_dir, &r).map_err(err)?;
+    replica::store(&c.host.cfg.data_dir, &r).map_err(err)?;
     lua.to_value(&r)
 }
 

@@ -30,7 +30,7 @@ fn add_volume_fns(lua: &Lua, t: &Table) -> mlua::Result<()> {
         "check",
         lua.create_function(|lua, storage: String| {
             let c = ctx(lua)?;
-            c.node
+            c.host
                 .check_storage_for_images(&c.authid, &storage)
                 .map_err(|e| fail(e.to_string()))
         })?,
@@ -40,7 +40,7 @@ fn add_volume_fns(lua: &Lua, t: &Table) -> mlua::Result<()> {
         lua.create_function(|lua, storage: String| {
             let c = ctx(lua)?;
             let def = c
-                .node
+                .host
                 .cfg
                 .storages
                 .get(&storage)
@@ -55,7 +55,7 @@ fn add_volume_fns(lua: &Lua, t: &Table) -> mlua::Result<()> {
                 let c = ctx(&lua)?;
                 c.ensure_open()?;
                 let volid = c
-                    .node
+                    .host
                     .storage
                     .alloc(&storage, c.vmid, &format, name.as_deref(), size_kib)
                     .await
@@ -75,7 +75,7 @@ fn add_volume_fns(lua: &Lua, t: &Table) -> mlua::Result<()> {
                     "volume '{volid}' was not allocated by this tunnel"
                 )));
             }
-            c.node
+            c.host
                 .storage
                 .free(&volid)
                 .await
@@ -96,7 +96,7 @@ fn add_volume_fns(lua: &Lua, t: &Table) -> mlua::Result<()> {
         "path",
         lua.create_function(|lua, volid: String| {
             let c = ctx(lua)?;
-            c.node
+            c.host
                 .storage
                 .path(&volid)
                 .map(|p| p.display().to_string())
@@ -126,13 +126,13 @@ fn add_transfer_fns(lua: &Lua, t: &Table) -> mlua::Result<()> {
                 // listed storage) may also exceed them; Sys.Modify only lifts datacenter
                 // defaults, which this node does not have.
                 let may_exceed = storages.iter().flatten().all(|s| {
-                    c.node
+                    c.host
                         .allows(&c.authid, &format!("/storage/{s}"), "Datastore.Allocate")
                 }) && storages.iter().any(Option::is_some);
                 if let (Some(o), true) = (override_kib, may_exceed) {
                     return Ok(if o == 0 { None } else { Some(o) });
                 }
-                Ok(c.node.storage.bwlimit(&operation, &storages, override_kib))
+                Ok(c.host.storage.bwlimit(&operation, &storages, override_kib))
             },
         )?,
     )?;
@@ -199,11 +199,11 @@ async fn import_start(c: &Arc<HostCtx>, opts: &Value) -> mlua::Result<(PathBuf, 
     }
     // Everything is checked before the socket exists: a refused import leaves nothing
     // behind and does not block the next `disk-import`.
-    c.node
+    c.host
         .check_storage_for_images(&c.authid, &storage)
         .map_err(|e| fail(e.to_string()))?;
     let stream_format = crate::storage::import::choose_stream_format(
-        &*c.node.storage,
+        &*c.host.storage,
         &storage,
         &format,
         &export_formats,
@@ -217,11 +217,11 @@ async fn import_start(c: &Arc<HostCtx>, opts: &Value) -> mlua::Result<(PathBuf, 
         stream_format: stream_format.clone(),
         allow_rename,
     };
-    c.node
+    c.host
         .storage
         .check_import(&req)
         .map_err(|e| fail(e.to_string()))?;
-    let socket = c.node.cfg.run_dir.join(format!("{}.storage", c.vmid));
+    let socket = c.host.cfg.run_dir.join(format!("{}.storage", c.vmid));
     let sock = socket.clone();
     c.record(|r| {
         r.import_running = true;
@@ -237,7 +237,7 @@ async fn import_start(c: &Arc<HostCtx>, opts: &Value) -> mlua::Result<(PathBuf, 
     let received = Arc::new(AtomicU64::new(0));
     let task = tokio::spawn(accept_and_import(
         listener,
-        Arc::clone(&c.node.storage),
+        Arc::clone(&c.host.storage),
         req,
         Arc::clone(&received),
     ));
@@ -248,7 +248,7 @@ async fn import_start(c: &Arc<HostCtx>, opts: &Value) -> mlua::Result<(PathBuf, 
         task,
         received,
     });
-    c.node.metrics.import_started();
+    c.host.metrics.import_started();
     c.info(&format!(
         "disk import listening on {} ({stream_format})",
         socket.display()
@@ -316,22 +316,22 @@ async fn import_status(c: &Arc<HostCtx>) -> mlua::Result<Value> {
             })
             .await?;
             // As upstream: a just-imported image must not reference other files.
-            if let Err(e) = c.node.storage.check_untrusted(&volid).await {
+            if let Err(e) = c.host.storage.check_untrusted(&volid).await {
                 let msg = e.to_string();
-                c.node.metrics.import_failed(import_failure::REJECTED);
+                c.host.metrics.import_failed(import_failure::REJECTED);
                 c.warn(&format!("imported image '{volid}' rejected: {msg}"));
-                if c.node.storage.free(&volid).await.is_ok() {
+                if c.host.storage.free(&volid).await.is_ok() {
                     c.record(|r| r.volumes.retain(|v| v != &volid)).await?;
                 }
                 return Ok(json!({"status": "error", "msg": msg}));
             }
-            c.node.metrics.import_completed();
+            c.host.metrics.import_completed();
             c.info(&format!("successfully imported '{volid}'"));
             json!({"status": "complete", "volid": volid})
         }
         Err(msg) => {
             c.record(|r| r.import_running = false).await?;
-            c.node.metrics.import_failed(import_failure_reason(&msg));
+            c.host.metrics.import_failed(import_failure_reason(&msg));
             c.warn(&format!("disk import failed: {msg}"));
             json!({"status": "error", "msg": msg})
         }

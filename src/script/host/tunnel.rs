@@ -19,7 +19,7 @@ pub(super) fn tunnel_table(lua: &Lua) -> mlua::Result<Table> {
                     "Not allowed to generate ticket for unknown socket '{path}'"
                 )));
             }
-            c.node
+            c.host
                 .tickets
                 .assemble(&c.authid, &path, c.tunnel.instance(), unix_now())
                 .map_err(|e| fail(e.to_string()))
@@ -53,14 +53,14 @@ pub(super) fn tunnel_table(lua: &Lua) -> mlua::Result<Table> {
         "bridge_exists",
         lua.create_function(|lua, bridge: String| {
             let c = ctx(lua)?;
-            Ok(c.node.cfg.bridge_exists(&bridge))
+            Ok(c.host.cfg.bridge_exists(&bridge))
         })?,
     )?;
     t.set(
         "socket_dir",
         lua.create_function(|lua, ()| {
             let c = ctx(lua)?;
-            Ok(c.node.cfg.run_dir.display().to_string())
+            Ok(c.host.cfg.run_dir.display().to_string())
         })?,
     )?;
     t.set(
@@ -68,7 +68,7 @@ pub(super) fn tunnel_table(lua: &Lua) -> mlua::Result<Table> {
         lua.create_function(|lua, ()| {
             let c = ctx(lua)?;
             let unix = c
-                .node
+                .host
                 .hypervisor
                 .now()
                 .map_err(|e| fail(format!("reading the clock: {e:#}")))?;
@@ -122,7 +122,7 @@ fn civil_from_days(days: i64) -> (i64, i64, i64) {
 /// the VMID would stay taken by nothing.
 fn refuse_reservation(c: &HostCtx) -> mlua::Result<()> {
     let text = c
-        .node
+        .host
         .guests
         .read_text(c.vmid)
         .map_err(|e| fail(format!("cannot commit the migration of VM {}: {e}", c.vmid)))?;

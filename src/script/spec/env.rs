@@ -88,7 +88,7 @@ impl CaseEnv {
         let node = self.create_node(opts).map_err(|e| format!("{e:#}"))?;
         *self.node.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::clone(&node));
         let layer = crate::tunnel::Tunnels::new(
-            Arc::clone(&node),
+            node.tunnel_services(),
             Arc::new(crate::script::handler::lua_handler),
         );
         *self.layer.lock().unwrap_or_else(|e| e.into_inner()) = Some(layer);
