@@ -22,8 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message;
 
 use super::ApiError;
-use crate::net::relay::{self, RelayOpts, Role, Upgraded};
-use crate::net::stream::Stream;
+use crate::net::relay::{self, RelayOpts, Role};
 use crate::net::ws::{self, WsStream};
 
 /// Why a tunnel operation failed.
@@ -456,12 +455,8 @@ fn with_guard(
 /// can reach the peer.
 async fn relay_ws(ws: Opened, conn: tokio::net::UnixStream) -> Result<u64, TunnelError> {
     let ws = ws?;
-    let upgraded = match ws.stream {
-        Stream::Plain(tcp) => Upgraded::Plain(tcp),
-        tls => Upgraded::Other(tls),
-    };
     let opts = RelayOpts::default();
-    let relayed = relay::relay(upgraded, ws.leftover, Role::Client, conn, opts).await;
+    let relayed = relay::relay(ws.stream.into(), ws.leftover, Role::Client, conn, opts).await;
     let stats = relayed.map_err(|e| TunnelError::Other(e.to_string()))?;
     tracing::debug!(
         sent = stats.from_socket,

@@ -19,6 +19,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::{TcpStream, UnixStream};
 
+use super::stream::Stream;
+
 pub use copy::{CHUNK, ForwardStats, RelayOpts, Role};
 
 /// The WebSocket side of a relay, after the handshake.
@@ -27,6 +29,16 @@ pub enum Upgraded<S> {
     Plain(TcpStream),
     /// Any other stream (TLS, an HTTP server's upgraded connection): the copying relay.
     Other(S),
+}
+
+/// A client's connection ([`super::ws::connect_raw`]): plain TCP is spliced, TLS copied.
+impl From<Stream> for Upgraded<Stream> {
+    fn from(stream: Stream) -> Self {
+        match stream {
+            Stream::Plain(tcp) => Upgraded::Plain(tcp),
+            tls => Upgraded::Other(tls),
+        }
+    }
 }
 
 /// Relays between the WebSocket `ws` (`leftover`: the bytes already read past its
