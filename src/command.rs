@@ -36,7 +36,7 @@ pub struct Host {
     pub hypervisor: Arc<dyn Hypervisor>,
     pub metrics: Arc<Metrics>,
     /// The cluster's VMID registry; `None`: a single node.
-    pub registry: Option<Arc<dyn VmidRegistry>>,
+    pub vmid_registry: Option<Arc<dyn VmidRegistry>>,
 }
 
 impl Host {

@@ -167,7 +167,7 @@ impl Node {
 
     /// What a tunnel's command handler uses of the node ([`command::Host`]).
     pub fn command_host(&self) -> command::Host {
-        let registry = self.cluster.as_ref().map(|c| {
+        let vmid_registry = self.cluster.as_ref().map(|c| {
             let registry: Arc<dyn VmidRegistry> = Arc::new(ClusterRegistry(Arc::clone(c)));
             registry
         });
@@ -179,7 +179,7 @@ impl Node {
             storage: Arc::clone(&self.storage),
             hypervisor: Arc::clone(&self.hypervisor),
             metrics: Arc::clone(&self.metrics),
-            registry,
+            vmid_registry,
         }
     }
 

@@ -129,7 +129,7 @@ impl LuaCommandHandler {
     /// nothing more but tear down (`stop`, `quit`), so the source learns at its next
     /// command.
     fn fenced(&self, cmd: &str) -> Option<String> {
-        let registry = self.ctx.host.registry.as_ref()?;
+        let registry = self.ctx.host.vmid_registry.as_ref()?;
         if matches!(cmd, "quit" | "stop") || self.ctx.session().created.committed {
             return None;
         }

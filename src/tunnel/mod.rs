@@ -354,7 +354,7 @@ pub async fn open(
         .create_and_lock(vmid, "create", &reservation)
         .await
         .map_err(|e| Error::param("vmid", format!("unable to create empty VM config - {e}")))?;
-    if let Some(registry) = &svc.host.registry
+    if let Some(registry) = &svc.host.vmid_registry
         && let Err(refusal) = registry.reserve_for_tunnel(vmid).await
     {
         remove_reserved_config(&svc.host.guests, vmid).await;
@@ -374,7 +374,7 @@ pub async fn open(
         Ok(opened) => Ok(opened),
         Err(e) => {
             remove_reserved_config(&svc.host.guests, vmid).await;
-            if let Some(registry) = &svc.host.registry {
+            if let Some(registry) = &svc.host.vmid_registry {
                 registry.finish(vmid, svc.host.guests.exists(vmid)).await;
             }
             Err(e)
@@ -570,7 +570,7 @@ async fn start_worker(
         let svc = &layer.services;
         // The VMID stays registered for good if the VM stayed (migration completed, or a
         // cleanup left it), else its entry goes.
-        if let Some(registry) = &svc.host.registry {
+        if let Some(registry) = &svc.host.vmid_registry {
             registry.finish(vmid, svc.host.guests.exists(vmid)).await;
         }
         svc.host.metrics.tunnel_closed();

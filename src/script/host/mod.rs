@@ -116,7 +116,7 @@ impl HostCtx {
     /// refused (another node took the VMID while this node's lease had lapsed, or etcd
     /// cannot confirm). A single node has nobody to prove it to.
     async fn prove_reservation(&self, what: &str) -> mlua::Result<()> {
-        let Some(registry) = &self.host.registry else {
+        let Some(registry) = &self.host.vmid_registry else {
             return Ok(());
         };
         if self.session().created.committed {
