@@ -6,7 +6,8 @@ use super::*;
 type Io = (BufReader<OwnedReadHalf>, OwnedWriteHalf);
 
 pub(super) struct TunnelConn {
-    node: Arc<Node>,
+    /// What the tunnel's node gives its tunnel layer (task logs, settings).
+    svc: crate::tunnel::Services,
     vmid: u32,
     upid: Upid,
     socket: PathBuf,
@@ -41,7 +42,7 @@ impl TunnelConn {
     pub(super) async fn close(&self) -> Result<String, String> {
         drop(self.io.lock().await.take());
         let start = tokio::time::Instant::now();
-        while self.node.tasks.is_running(&self.upid) {
+        while self.svc.tasks.is_running(&self.upid) {
             if start.elapsed() > CLOSE_TIMEOUT {
                 return Err(format!(
                     "the worker of VM {} did not end within {} s",
@@ -52,7 +53,7 @@ impl TunnelConn {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         Ok(self
-            .node
+            .svc
             .tasks
             .status(&self.upid)
             .and_then(|s| s.exit)
@@ -126,7 +127,7 @@ impl UserData for SpecTunnel {
             }
         });
         methods.add_method("log", |lua, this, ()| {
-            let r = match this.0.node.tasks.read_log(&this.0.upid, 0, usize::MAX) {
+            let r = match this.0.svc.tasks.read_log(&this.0.upid, 0, usize::MAX) {
                 Some((lines, _)) => lua
                     .create_sequence_from(lines.into_iter().map(|(_, l)| l))
                     .map_err(|e| clean_error(&e))
@@ -136,7 +137,7 @@ impl UserData for SpecTunnel {
             pack(lua, r)
         });
         methods.add_async_method("connect", |lua, this, path: String| {
-            let run_dir = this.0.node.cfg.run_dir.clone();
+            let run_dir = this.0.svc.host.cfg.run_dir.clone();
             drop(this);
             async move {
                 // Only the node's own sockets: specs have no network access.
@@ -289,7 +290,7 @@ pub(super) fn natives(lua: &Lua, current: &Current) -> mlua::Result<Table> {
             .map_err(|e| format!("connecting to {}: {e}", opened.socket.display()))?;
         let (read, write) = stream.into_split();
         let conn = Arc::new(TunnelConn {
-            node,
+            svc: node.tunnel_services(),
             vmid,
             upid: opened.upid,
             socket: opened.socket,
