@@ -25,7 +25,8 @@ use crate::task::TaskLog;
 
 /// What a tunnel and its command handler use of their node: the settings, the tokens (for
 /// privilege checks), the ticket key (tickets for the tunnel's sockets), the VM configs,
-/// the backends, the metrics and, in a cluster, the VMID registry. Handed out by the composition root (`node::Node::command_host`).
+/// the backends, the metrics and, in a cluster, the VMID registry. Handed out by the
+/// composition root (`node::Node::command_host`).
 #[derive(Clone)]
 pub struct Host {
     pub cfg: Arc<NodeConfig>,

@@ -3,8 +3,9 @@
 //! metrics). The API holds the whole `Arc<Node>`; the layers below get only the narrow
 //! views they use, handed out here: [`Node::tunnel_services`] for the tunnel layer,
 //! [`Node::command_host`] for a tunnel's command handler, [`Node::journal_services`] and
-//! [`Node::recovery_services`] for freeing what a tunnel left, with the cluster's VMID registry behind
-//! [`crate::command::VmidRegistry`]. The API's privilege checks live here too.
+//! [`Node::recovery_services`] for freeing what a tunnel left, with the cluster's VMID
+//! registry behind [`crate::command::VmidRegistry`]. The API's privilege checks live here
+//! too.
 
 use std::sync::Arc;
 
