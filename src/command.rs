@@ -6,7 +6,8 @@
 //! builds handlers without knowing the engine behind them. [`Host`] is what a tunnel and
 //! its handler may use of their node (never the whole node), with the cluster's VMID
 //! registry behind [`VmidRegistry`] so this layer does not name the cluster.
-//! Implementations live elsewhere; this module owns only the shapes.
+//! Handler implementations live elsewhere; besides the shapes this module holds only
+//! `Host`'s own checks (privileges, storage for images) and the journal view it hands out.
 
 use std::path::Path;
 use std::sync::Arc;

@@ -30,7 +30,8 @@ use crate::task::TaskLog;
 
 /// What freeing a tunnel's leftovers reads and touches, and nothing more: the node's VM
 /// configs, its storage and hypervisor, the metrics it counts into and where things live.
-/// The composition root (`node::Node`) hands it out; a journal never sees the whole node.
+/// The composition root (`node::Node`) and a handler's [`crate::command::Host`] hand it
+/// out; a journal never sees the whole node.
 #[derive(Clone)]
 pub struct Services {
     pub guests: Arc<ConfigStore>,

@@ -19,7 +19,8 @@
 //!   Lua-answered backend for rehearsals and handler specs.
 //! - [`node`]: the composition root: the services of one node, wired once at start
 //!   (settings, tokens, tickets, tasks, VM configs, backends, the cluster and metrics, as
-//!   one `Arc<Node>`, which only the API holds whole), and the narrow views it hands the
+//!   one `Arc<Node>`, held whole only where a node is put together — `serve`, the spec
+//!   runner's rehearsal — and by the API), and the narrow views it hands the
 //!   layers below: [`node::Node::tunnel_services`], [`node::Node::command_host`] (the
 //!   cluster's VMID registry behind [`command::VmidRegistry`]),
 //!   [`node::Node::journal_services`], [`node::Node::recovery_services`].

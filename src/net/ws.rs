@@ -23,8 +23,9 @@ pub enum WsError {
     /// No connection, or a bad URL, header or fingerprint (as [`NetError`] says).
     #[error(transparent)]
     Net(#[from] NetError),
-    /// The server refused the upgrade: its status (other than 101), the reason phrase of
-    /// its status line and its body (PVE's error envelope, as a client reads it).
+    /// The server refused the upgrade: its status (other than 101), a reason (the first
+    /// line of the body's PVE `message`, else the status line's phrase) and its body (PVE's
+    /// error envelope, which `client::ApiError` reads whole).
     #[error("{status} {reason}")]
     Refused {
         status: u16,
