@@ -387,6 +387,12 @@ pub struct MigrateArgs {
     /// link sends it (auto-converge, on by default as in PVE).
     #[arg(long)]
     pub no_auto_converge: bool,
+    /// Percent auto-converge adds to the vCPU throttle (from 20 %) each time the guest
+    /// still dirtied faster than the link sent (QEMU's `cpu-throttle-increment`; PVE
+    /// leaves QEMU's 10, which takes a busy guest's migration about half as long again on
+    /// a slow link: docs/performance.md).
+    #[arg(long, value_name = "PCT", default_value_t = mtunnel::client::migrate::tuning::DEFAULT_THROTTLE_INCREMENT, value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub throttle_increment: u8,
     /// Do not send re-dirtied pages as XBZRLE deltas (on by default as in PVE, with a cache
     /// of a tenth of the VM's RAM; always off with multifd).
     #[arg(long)]

@@ -220,6 +220,21 @@ async fn busy_guest_gives_up_without_tuning_and_converges_with_defaults() {
         ] {
             assert!(err.contains(text), "no '{text}' in:\n{err}");
         }
+        // Auto-converge stepped by --throttle-increment's 20 (QEMU's own 10 would show
+        // 30, 50, ... once past the first step).
+        assert!(
+            err.contains("from 20 % up by 20 % per step (--throttle-increment)"),
+            "{err}"
+        );
+        let steps: std::collections::BTreeSet<u64> = err
+            .split("CPU throttle ")
+            .skip(1)
+            .filter_map(|rest| rest.split(' ').next()?.parse().ok())
+            .collect();
+        assert!(
+            steps.iter().all(|t| [0, 20, 40, 60, 80, 99].contains(t)),
+            "throttle values {steps:?} are not 20 % steps:\n{err}"
+        );
         // It struggled (the vCPUs throttled), so the queue behind QEMU deepened; an idle
         // guest's migration keeps the shallow one (tests/migration.rs).
         assert!(!err.contains("CPU throttle at most 0 %"), "{err}");

@@ -51,6 +51,7 @@ pub async fn run(args: MigrateArgs) -> anyhow::Result<()> {
         streams: args.streams,
         tuning: RamTuning {
             auto_converge: !args.no_auto_converge,
+            throttle_increment: args.throttle_increment,
             xbzrle: !args.no_xbzrle,
             escalate_downtime: !args.no_downtime_escalation,
             max_downtime_ms: args.max_downtime,

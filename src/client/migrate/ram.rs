@@ -111,6 +111,7 @@ impl Migration<'_> {
             xbzrle_cache_size: plan.xbzrle_cache,
             // Postcopy's own limit (QEMU's 0: none); `max-bandwidth` is precopy's.
             max_postcopy_bandwidth: Some(ram.limit.map(|k| k * 1024).unwrap_or(0)),
+            cpu_throttle_increment: plan.throttle_increment.map(u64::from),
             ..MigrationParams::default()
         })
         .await?;
