@@ -437,13 +437,13 @@ pub struct MigrateArgs {
     /// postcopy with multifd).
     #[arg(long)]
     pub postcopy: bool,
-    /// How deep, in MiB, the queue behind QEMU gets once a single RAM stream struggles
-    /// (CPU throttle or a raised downtime limit): QEMU takes what it wrote in its last
-    /// ~100 ms as the link's bandwidth and switches over when the rest fits the downtime
-    /// limit at that rate; behind a shallow queue the pauses of its own thread read as a
-    /// slow link and the switch comes late, with a long pause (docs/performance.md).
-    /// Until then the queue stays at the kernel's ~200 KiB, so an idle guest's switch
-    /// leaves little queued. 0: never deepened. Not with --streams 2 or more, nor with
+    /// The most, in MiB, the queue behind QEMU may hold once a single RAM stream
+    /// struggles (CPU throttle or a raised downtime limit): it then holds half the
+    /// downtime limit at the link's rate, and QEMU switches over only when the RAM left
+    /// fits the other half, so the guest's real pause stays within the limit
+    /// (docs/performance.md). Until then it stays at the kernel's ~200 KiB, so an idle
+    /// guest's switch leaves little queued. 0: never sized, QEMU connects to the tunnel
+    /// itself and switches by its own estimate. Not with --streams 2 or more, nor with
     /// --postcopy (after the switch, faulted pages would wait behind the queue).
     #[arg(long, value_name = "MIB", default_value_t = mtunnel::client::migrate::tuning::DEFAULT_RAM_QUEUE_MIB, value_parser = clap::value_parser!(u32).range(0..=256))]
     pub ram_queue_mib: u32,

@@ -122,7 +122,7 @@ fn apply(fd: &impl AsFd, dir: Dir, want: u64, limits: &Limits) -> Option<usize> 
 /// A connected pair of UNIX stream sockets for a program that writes a stream into the
 /// first (handed to it as a descriptor) while this process relays the second (returned
 /// ready for tokio). The first keeps the kernel's default buffer until
-/// [`set_send_buffer`] deepens it.
+/// [`set_send_buffer`] resizes it.
 pub fn unix_pair() -> std::io::Result<(std::os::unix::net::UnixStream, tokio::net::UnixStream)> {
     let (writer, relay) = std::os::unix::net::UnixStream::pair()?;
     relay.set_nonblocking(true)?;

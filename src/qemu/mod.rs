@@ -124,6 +124,9 @@ pub struct MigrationParams {
     pub multifd_compression: Option<String>,
     /// Bytes/s of the postcopy phase (QEMU's 0 = unlimited; `max-bandwidth` is precopy's).
     pub max_postcopy_bandwidth: Option<u64>,
+    /// Bytes/s QEMU assumes for the switchover instead of its own estimate (what it wrote in
+    /// its last ~100 ms); QEMU's 0: its own estimate. QEMU 8.2 or later.
+    pub avail_switchover_bandwidth: Option<u64>,
     /// Percent auto-converge adds to the vCPU throttle each time the guest still dirties
     /// faster than the link sends (QEMU's default 10).
     pub cpu_throttle_increment: Option<u64>,
@@ -684,6 +687,7 @@ impl VmHandle {
         put("xbzrle-cache-size", p.xbzrle_cache_size);
         put("multifd-channels", p.multifd_channels);
         put("max-postcopy-bandwidth", p.max_postcopy_bandwidth);
+        put("avail-switchover-bandwidth", p.avail_switchover_bandwidth);
         put("cpu-throttle-increment", p.cpu_throttle_increment);
         if let Some(c) = &p.multifd_compression {
             args.insert("multifd-compression".into(), json!(c));

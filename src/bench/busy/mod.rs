@@ -135,8 +135,10 @@ pub struct BusyRun {
     /// The guest's real pause, from the source's `STOP` until the target runs it. Direct:
     /// the source's `STOP` to the target's `RESUME` event (the target is armed with `cont`
     /// before the migration, so it runs the guest once it loaded the whole stream); mtunnel:
-    /// QEMU's `downtime` plus the time from the command's "RAM: ... transferred" to its
-    /// "VM ... resumed on the target" line (its log's 0.1 s steps).
+    /// QEMU's `downtime` plus the summary's `+ H ms until the target ran the guest` (from
+    /// the source's `completed` to the target's `resume` reply, one round trip more than
+    /// the guest waited), else the time between its log's "RAM: ... transferred" and "VM ...
+    /// resumed on the target" lines (0.1 s steps).
     pub pause_ms: f64,
     /// The memory writer's last report before the migration started (MB/s).
     pub guest_dirty_mb_s: f64,

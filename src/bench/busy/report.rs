@@ -122,7 +122,7 @@ pub fn table(r: &BusyGuest) -> String {
          `completed`, mtunnel = the whole `mtunnel migrate` command; RAM s and downtime: \
          QEMU's `total-time` and `downtime` (until the source wrote its last byte); pause: \
          the guest's real pause, source `STOP` until the target runs it (direct: QMP events; \
-         mtunnel: downtime + its log's 'transferred' to 'resumed', 0.1 s steps); a run not \
+         mtunnel: downtime + the summary's '+ H ms until the target ran the guest'); a run not \
          done at the cap counts as not converged)"
     );
     o

@@ -63,7 +63,10 @@ pub(super) async fn tunnel_run(s: &Setup, vmid: u32, target_vmid: u32) -> anyhow
         total_s,
         ram_s: number_after(&stdout, "RAM phase ").context("no 'RAM phase' in the output")? / 1e3,
         downtime_ms,
-        pause_ms: downtime_ms + handover_ms(&stderr, &tid).unwrap_or(f64::NAN),
+        pause_ms: downtime_ms
+            + number_after(&stdout, " ms + ")
+                .or_else(|| handover_ms(&stderr, &tid))
+                .unwrap_or(f64::NAN),
         guest_dirty_mb_s: f64::NAN,
         max_throttle_pct: throttle,
         last: None,

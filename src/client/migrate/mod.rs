@@ -10,7 +10,8 @@
 //! A migration is a `Migration` value (the source node, the options, the plan, the remote
 //! side, the progress display and the summary) with one method per phase, each in its own
 //! file: `prepare` (`prepare.rs`), `phase1` (`phase1.rs`), `phase2_live`
-//! (`phase2.rs`, its RAM part in `ram.rs`), `phase3_finish` (`phase3.rs`) and `abort`
+//! (`phase2.rs`, its RAM part in `ram.rs`, the switch of a struggling RAM stream in
+//! `switchover.rs`), `phase3_finish` (`phase3.rs`) and `abort`
 //! (`abort.rs`); `remote.rs` holds the control connection and its forwards, `tuning.rs`
 //! what makes a busy guest's RAM converge, `postcopy.rs` the switch to postcopy,
 //! `cutover.rs` a migration onto the target's replica of the VM. This file owns the public types, the order of
@@ -41,6 +42,7 @@ mod postcopy;
 mod prepare;
 mod ram;
 mod remote;
+mod switchover;
 pub mod tuning;
 
 pub use cutover::Figures as CutoverFigures;

@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde_json::Value;
 
+use super::switchover::{self, QueueBehindQemu};
 use super::{DEFAULT_STREAMS, Migration, cutover, postcopy, tuning};
 use crate::client::progress::{Progress, human};
 use crate::qemu::{self, MigrationParams, VmHandle};
@@ -130,7 +131,7 @@ impl Migration<'_> {
     ) -> anyhow::Result<()> {
         let tuning = self.opts.tuning;
         let plan = self.configure_ram(vm, ram).await?;
-        // Our copy of QEMU's end stays open until the RAM phase ends, to deepen its queue
+        // Our copy of QEMU's end stays open until the RAM phase ends, to size its queue
         // (the relay sees the end of the stream only once it is closed).
         let queue = match into {
             RamInto::Path(path) => {
@@ -165,6 +166,7 @@ impl Migration<'_> {
         let mut last = qemu::MigrationProgress::default();
         let mut max_throttle = 0;
         let escalation = Cell::new(tuning::INITIAL_DOWNTIME_MS);
+        let struggling = Cell::new(false);
         let switch = Cell::new(postcopy::Switch::Precopy);
         let watch = postcopy::Watch {
             vm,
@@ -181,14 +183,20 @@ impl Migration<'_> {
                 bar.set_detail(ram_detail(p));
                 bar.set(p.transferred, p.total.max(p.transferred));
                 max_throttle = max_throttle.max(p.throttle_pct);
-                if let Some(q) = &queue
-                    && (p.throttle_pct > 0 || escalation.get() > tuning::INITIAL_DOWNTIME_MS)
-                {
-                    q.deepen(self.progress);
+                if p.throttle_pct > 0 || escalation.get() > tuning::INITIAL_DOWNTIME_MS {
+                    struggling.set(true);
                 }
                 last = p.clone();
             }) => Ok(r),
             never = escalate_downtime(vm, self.progress, &escalation, plan.max_downtime_ms), if plan.escalate_downtime => {
+                match never {}
+            }
+            never = async {
+                match &queue {
+                    Some(q) => switchover::pace_switchover(vm, self.progress, q, &struggling, &escalation).await,
+                    None => std::future::pending().await,
+                }
+            } => {
                 match never {}
             }
             ended = postcopy::watch(watch), if ram.postcopy => Err(ended),
@@ -254,49 +262,6 @@ impl Migration<'_> {
             .ok()
             .and_then(|v| v.get("downtime").and_then(Value::as_u64));
         Ok(())
-    }
-}
-
-/// QEMU's end of a single RAM stream (our copy of the descriptor). It starts with the
-/// kernel's default buffer (~200 KiB), so an idle guest's switch leaves little queued;
-/// once the RAM struggles (CPU throttle, downtime limit raised) it gets `--ram-queue-mib`.
-/// QEMU takes what it wrote in its last ~100 ms as the link's bandwidth and switches over
-/// when the rest fits the downtime limit at that rate; behind a shallow queue the pauses of
-/// its own thread (dirty bitmap syncs, XBZRLE) read as a slow link and the switch comes
-/// late, with a long pause (docs/performance.md). Not with `--postcopy`.
-struct QueueBehindQemu {
-    conn: std::os::unix::net::UnixStream,
-    mib: u32,
-    deepened: Cell<bool>,
-}
-
-impl QueueBehindQemu {
-    fn new(conn: std::os::unix::net::UnixStream, mib: u32) -> Self {
-        QueueBehindQemu {
-            conn,
-            mib,
-            deepened: Cell::new(false),
-        }
-    }
-
-    /// Deepens the queue to `--ram-queue-mib` once (later calls do nothing).
-    fn deepen(&self, progress: &Progress) {
-        if self.deepened.replace(true) {
-            return;
-        }
-        let want = u64::from(self.mib) << 20;
-        let got = crate::net::sockbuf::set_send_buffer(&self.conn, want) as u64;
-        let capped = if got < want {
-            " (capped by net.core.wmem_max: as root it gets the whole size)"
-        } else {
-            ""
-        };
-        progress.log(format!(
-            "RAM: the guest keeps dirtying: the queue behind QEMU deepened to {} \
-             (--ram-queue-mib {}){capped} so its bandwidth estimate holds",
-            human(got),
-            self.mib
-        ));
     }
 }
 

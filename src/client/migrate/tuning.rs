@@ -75,15 +75,16 @@ pub struct RamTuning {
     pub compress: Compression,
     /// Switch to postcopy when precopy does not converge (`--postcopy`).
     pub postcopy: bool,
-    /// How deep (MiB) the queue behind QEMU gets once a single RAM stream struggles
-    /// (`--ram-queue-mib`; until then the kernel's ~200 KiB); 0: never deepened, QEMU
-    /// connects to the forward's socket itself.
+    /// The most (MiB) the queue behind QEMU may hold once a single RAM stream struggles
+    /// and the switch is paced (`--ram-queue-mib`; until then the kernel's ~200 KiB); 0:
+    /// never sized or paced, QEMU connects to the forward's socket itself.
     pub ram_queue_mib: u32,
 }
 
 /// `--ram-queue-mib`'s default: the depth a direct TCP socket of QEMU's autotunes to under
-/// the packaged sysctl (`tcp_wmem` max 32 MiB); see [`RamTuning::ram_queue_mib`] and
-/// docs/performance.md.
+/// the packaged sysctl (`tcp_wmem` max 32 MiB); reached only by downtime limits of ~3 s
+/// and more at 20 MiB/s (the queue holds half the limit's worth); see
+/// [`RamTuning::ram_queue_mib`] and docs/performance.md.
 pub const DEFAULT_RAM_QUEUE_MIB: u32 = 32;
 
 impl Default for RamTuning {
