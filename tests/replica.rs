@@ -897,10 +897,18 @@ async fn kill_during_compare(src: &TestServer, dst: &TestServer, vmid: u32) {
         .kill_on_drop(true)
         .spawn()
         .expect("running mtunnel replicate");
+    // Reading: the NBD server's socket exists and a client is connected to it, which the
+    // run does only after QEMU added its exports (the socket alone appears before them).
     let reading = || {
+        let unix = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
         files_of(&src.run, &format!("{vmid}."))
             .iter()
-            .any(|f| f.ends_with(".replica-read"))
+            .filter(|f| f.ends_with(".replica-read"))
+            .any(|f| {
+                let path = src.run.join(f);
+                let path = path.to_string_lossy();
+                unix.lines().filter(|l| l.ends_with(path.as_ref())).count() >= 2
+            })
     };
     let found = common::eventually(std::time::Duration::from_secs(60), reading).await;
     child.kill().await.expect("kill -9 of mtunnel replicate");

@@ -116,6 +116,8 @@ impl Migration<'_> {
             ..MigrationParams::default()
         })
         .await?;
+        // An earlier attempt's pacing may have left a switchover bandwidth behind.
+        switchover::unpace(vm).await;
         Ok(plan)
     }
 
@@ -216,6 +218,10 @@ impl Migration<'_> {
         self.remote.resume_sent |= switch.get() != postcopy::Switch::Precopy;
         self.remote.resumed_early = self.remote.resume_sent;
         self.remote.postcopy = switch.get() == postcopy::Switch::Postcopy;
+        if queue.is_some() && !matches!(waited, Ok(Ok(_))) {
+            // The VM runs on here: it keeps none of this migration's pacing.
+            switchover::unpace(vm).await;
+        }
         let done = match waited {
             Ok(Ok(done)) => done,
             Ok(Err(qemu::QemuError::Timeout { what, .. }))

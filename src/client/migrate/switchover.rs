@@ -90,6 +90,19 @@ impl QueueBehindQemu {
     }
 }
 
+/// Gives QEMU its own bandwidth estimate back (`avail-switchover-bandwidth` 0), as a new
+/// attempt starts and when a paced one failed and the VM runs on: QEMU keeps parameters
+/// from one migration to the next. Best effort: a QEMU before 8.2 has no such parameter.
+pub(super) async fn unpace(vm: &VmHandle) {
+    let params = MigrationParams {
+        avail_switchover_bandwidth: Some(0),
+        ..MigrationParams::default()
+    };
+    if let Err(e) = vm.migrate_set_parameters(&params).await {
+        tracing::debug!("avail-switchover-bandwidth not reset: {e}");
+    }
+}
+
 /// Paces the switch while the RAM moves: every [`EVERY`], once `struggling` is set, sizes
 /// the queue and sets QEMU's `avail-switchover-bandwidth` by [`pace`] for the link's rate
 /// (what QEMU sent in the last [`RATE_WINDOW`]; the queue is bounded, so over the window
@@ -129,14 +142,24 @@ pub(super) async fn pace_switchover(
         }
         let rate = last.1.saturating_sub(first.1) as f64 / secs;
         let (bytes, bandwidth) = pace(rate, limit_ms.get(), queue.max);
-        queue.resize(bytes, rate, progress);
         let params = MigrationParams {
             avail_switchover_bandwidth: Some(bandwidth),
             ..MigrationParams::default()
         };
+        // First QEMU's bandwidth, then the queue: a queue sized for a bandwidth QEMU was
+        // not told would switch by its own estimate with the queue full.
         if let Err(e) = vm.migrate_set_parameters(&params).await {
+            if queue.size.get() == 0 {
+                progress.log(format!(
+                    "RAM: the switch is not paced: the source QEMU refused \
+                     avail-switchover-bandwidth (QEMU 8.2 or later has it): {e}"
+                ));
+                return std::future::pending().await;
+            }
             tracing::warn!("setting avail-switchover-bandwidth to {bandwidth} B/s: {e}");
+            continue;
         }
+        queue.resize(bytes, rate, progress);
     }
 }
 
