@@ -153,6 +153,33 @@ fn spawn_slow_replicate(
     })
 }
 
+/// `mtunnel replicate VMID TARGET --target-storage local EXTRA...` of `src`'s VM, running
+/// in the background with its output piped (killed when the child is dropped): for tests
+/// that act on a run while it goes on.
+fn spawn_replicate(
+    src: &TestServer,
+    vmid: u32,
+    target: &str,
+    extra: &[&str],
+) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_mtunnel"))
+        .args([
+            "replicate",
+            &vmid.to_string(),
+            target,
+            "--target-storage",
+            "local",
+        ])
+        .args(extra)
+        .arg("--config")
+        .arg(&src.config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("running mtunnel replicate")
+}
+
 /// VM `vmid` on `src`, not started, with one disk of `(size, format)` holding `len` bytes of
 /// random data at offset `at` (qemu-io syntax, e.g. "16M"); the image's path.
 async fn stopped_vm_with_data(
@@ -1145,15 +1172,7 @@ async fn sigterm_mid_run_cleans_up_and_the_next_run_continues_it() {
     let dst = node("dst17");
     let img = create_vm_with_data(&src, 117, "128M").await;
     let target = target_arg(&dst, dst.port);
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mtunnel"))
-        .args(["replicate", "117", &target, "--target-storage", "local"])
-        .args(["--bwlimit", "4096", "--config"])
-        .arg(&src.config)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("running mtunnel replicate");
+    let child = spawn_replicate(&src, 117, &target, &["--bwlimit", "4096"]);
     let pid_file = dst.run.join("117-scsi0.replica.pid");
     assert!(
         common::eventually(std::time::Duration::from_secs(30), || pid_file.exists()).await,
@@ -1325,21 +1344,7 @@ async fn sigint_during_a_hash_sync_removes_its_nbd_server_and_bitmap() {
     write_8m_live(&src, 120).await;
 
     let target = target_arg(&dst, dst.port);
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mtunnel"))
-        .args([
-            "replicate",
-            "120",
-            &target,
-            "--target-storage",
-            "local",
-            "--config",
-        ])
-        .arg(&src.config)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("running mtunnel replicate");
+    let child = spawn_replicate(&src, 120, &target, &[]);
     let reads = || {
         files_of(&src.run, "120.")
             .into_iter()
@@ -1408,15 +1413,12 @@ async fn a_frozen_link_fails_the_run_within_the_stall_timeout_and_the_next_conti
     let img = create_vm_with_data(&src, 121, "128M").await;
     let proxy = FaultProxy::start(dst.port).await;
     let target = target_arg(&dst, proxy.port);
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mtunnel"))
-        .args(["replicate", "121", &target, "--target-storage", "local"])
-        .args(["--bwlimit", "4096", "--stall-timeout", "5", "--config"])
-        .arg(&src.config)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("running mtunnel replicate");
+    let child = spawn_replicate(
+        &src,
+        121,
+        &target,
+        &["--bwlimit", "4096", "--stall-timeout", "5"],
+    );
     // Under way: the working copy is exported and 16 MiB went through the proxy (of the
     // 64 MiB of data, which come first on the disk).
     let pid_file = dst.run.join("121-scsi0.replica.pid");

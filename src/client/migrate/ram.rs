@@ -168,7 +168,7 @@ impl Migration<'_> {
         let mut last = qemu::MigrationProgress::default();
         let mut max_throttle = 0;
         let escalation = Cell::new(tuning::INITIAL_DOWNTIME_MS);
-        let struggling = Cell::new(false);
+        let pacer = switchover::Pacer::default();
         let switch = Cell::new(postcopy::Switch::Precopy);
         let watch = postcopy::Watch {
             vm,
@@ -185,9 +185,10 @@ impl Migration<'_> {
                 bar.set_detail(ram_detail(p));
                 bar.set(p.transferred, p.total.max(p.transferred));
                 max_throttle = max_throttle.max(p.throttle_pct);
-                if p.throttle_pct > 0 || escalation.get() > tuning::INITIAL_DOWNTIME_MS {
-                    struggling.set(true);
-                }
+                pacer.observe(
+                    p,
+                    p.throttle_pct > 0 || escalation.get() > tuning::INITIAL_DOWNTIME_MS,
+                );
                 last = p.clone();
             }) => Ok(r),
             never = escalate_downtime(vm, self.progress, &escalation, plan.max_downtime_ms), if plan.escalate_downtime => {
@@ -195,7 +196,7 @@ impl Migration<'_> {
             }
             never = async {
                 match &queue {
-                    Some(q) => switchover::pace_switchover(vm, self.progress, q, &struggling, &escalation).await,
+                    Some(q) => switchover::pace_switchover(vm, self.progress, q, &pacer, &escalation).await,
                     None => std::future::pending().await,
                 }
             } => {

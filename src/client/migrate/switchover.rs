@@ -11,12 +11,12 @@
 //! guest's real pause then stays within the downtime limit, whatever QEMU put into the
 //! queue just before it switched.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::client::progress::{Progress, human};
-use crate::qemu::{MigrationParams, VmHandle};
+use crate::qemu::{MigrationParams, MigrationProgress, VmHandle};
 
 /// How far back the link's rate is measured: long enough to smooth QEMU's bursts.
 const RATE_WINDOW: Duration = Duration::from_secs(5);
@@ -103,29 +103,25 @@ pub(super) async fn unpace(vm: &VmHandle) {
     }
 }
 
-/// Paces the switch while the RAM moves: every [`EVERY`], once `struggling` is set, sizes
-/// the queue and sets QEMU's `avail-switchover-bandwidth` by [`pace`] for the link's rate
-/// (what QEMU sent in the last [`RATE_WINDOW`]; the queue is bounded, so over the window
-/// that is what left it) and the current downtime limit (`limit_ms`, which the escalation
-/// raises). Bytes past the queue (the relay's TCP socket keeps at most 1 MiB unsent) are
-/// not counted. Never returns: the caller drops it when the migration ends.
-pub(super) async fn pace_switchover(
-    vm: &VmHandle,
-    progress: &Progress,
-    queue: &QueueBehindQemu,
-    struggling: &Cell<bool>,
-    limit_ms: &Cell<u64>,
-) -> std::convert::Infallible {
-    let mut samples = VecDeque::new();
-    loop {
-        tokio::time::sleep(EVERY).await;
-        let Ok(p) = vm.query_migrate().await else {
-            continue;
-        };
-        if p.status != "active" {
-            continue;
+/// What the pacing learns from the RAM progress the migration already polls: QEMU's
+/// `transferred` over the last [`RATE_WINDOW`], and whether the RAM struggles.
+#[derive(Default)]
+pub(super) struct Pacer {
+    samples: RefCell<VecDeque<(Instant, u64)>>,
+    struggling: Cell<bool>,
+}
+
+impl Pacer {
+    /// Takes one progress sample; `struggling`: a CPU throttle or a raised downtime limit.
+    pub(super) fn observe(&self, p: &MigrationProgress, struggling: bool) {
+        if struggling {
+            self.struggling.set(true);
         }
-        let now = tokio::time::Instant::now();
+        if p.status != "active" {
+            return;
+        }
+        let now = Instant::now();
+        let mut samples = self.samples.borrow_mut();
         samples.push_back((now, p.transferred));
         while samples
             .front()
@@ -133,14 +129,39 @@ pub(super) async fn pace_switchover(
         {
             samples.pop_front();
         }
-        let (Some(first), Some(last)) = (samples.front(), samples.back()) else {
+    }
+
+    /// The link's rate (bytes/s) once the RAM struggles and half a window was seen: what
+    /// QEMU sent over the window (the queue is bounded, so that is what left it).
+    fn rate(&self) -> Option<f64> {
+        if !self.struggling.get() {
+            return None;
+        }
+        let samples = self.samples.borrow();
+        let (first, last) = (samples.front()?, samples.back()?);
+        let secs = last.0.duration_since(first.0).as_secs_f64();
+        (secs >= RATE_WINDOW.as_secs_f64() / 2.0)
+            .then(|| last.1.saturating_sub(first.1) as f64 / secs)
+    }
+}
+
+/// Paces the switch while the RAM moves: every [`EVERY`], once the RAM struggles, sizes
+/// the queue and sets QEMU's `avail-switchover-bandwidth` by [`pace`] for the link's rate
+/// ([`Pacer::rate`]) and the current downtime limit (`limit_ms`, which the escalation
+/// raises). Bytes past the queue (the relay's TCP socket keeps at most 1 MiB unsent) are
+/// not counted. Never returns: the caller drops it when the migration ends.
+pub(super) async fn pace_switchover(
+    vm: &VmHandle,
+    progress: &Progress,
+    queue: &QueueBehindQemu,
+    pacer: &Pacer,
+    limit_ms: &Cell<u64>,
+) -> std::convert::Infallible {
+    loop {
+        tokio::time::sleep(EVERY).await;
+        let Some(rate) = pacer.rate() else {
             continue;
         };
-        let secs = last.0.duration_since(first.0).as_secs_f64();
-        if !struggling.get() || secs < RATE_WINDOW.as_secs_f64() / 2.0 {
-            continue;
-        }
-        let rate = last.1.saturating_sub(first.1) as f64 / secs;
         let (bytes, bandwidth) = pace(rate, limit_ms.get(), queue.max);
         let params = MigrationParams {
             avail_switchover_bandwidth: Some(bandwidth),
