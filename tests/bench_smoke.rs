@@ -262,13 +262,15 @@ fn bench_wan_runs_across_an_emulated_link() {
 }
 
 /// `mtunnel bench --busy-guest` in its smallest form (`--quick`: a 128 MiB guest rewriting
-/// 8 MiB at 32 MB/s, one run per row, each capped at 60 s) across a 5 ms, 100 Mbit/s
+/// 8 MiB at 32 MB/s, one run per row) across a 5 ms, 100 Mbit/s
 /// emulated link: the table has its three rows and columns, the JSON one run per row, and
 /// `mtunnel migrate --online` with its defaults converged, with the guest's heartbeat going
 /// on on the target and a real pause measured (and for a converged direct run, from QMP
 /// events). Whether the direct rows converge is not asserted (that depends on how
 /// fast the guest dirties on a loaded machine); no time is. Needs root, QEMU and the real
-/// guest's prerequisites (`scripts/test-all.sh` installs them).
+/// guest's prerequisites (`scripts/test-all.sh` installs them). Each run is capped at 120
+/// s, not `--quick`'s 60: the paced switch took 51 s in this shape on a quiet machine and
+/// once missed 60 s in CI (docs/performance.md); the cap is a bound, not a figure tested.
 #[test]
 fn bench_busy_guest_converges_with_mtunnel_defaults() {
     assert!(
@@ -282,12 +284,20 @@ fn bench_busy_guest_converges_with_mtunnel_defaults() {
         .tempdir_in("/tmp")
         .unwrap();
     let json_path = dir.path().join("results.json");
-    let args = ["bench", "--quick", "--busy-guest", "5ms,100mbit", "--json"];
+    let args = [
+        "bench",
+        "--quick",
+        "--busy-guest",
+        "5ms,100mbit",
+        "--busy-cap",
+        "120",
+        "--json",
+    ];
     let (pid, stdout, _) = run_bench(&args, &json_path, 600);
     for text in [
         "Busy guest across the link 5ms,100mbit: QEMU ",
         "128 MiB RAM, the guest rewrites 8 MiB at 32 MB/s",
-        "each run capped at 60 s, x 1",
+        "each run capped at 120 s, x 1",
         "converged  total s  slowest   RAM s  slowest  downtime  slowest     pause  slowest",
         "direct: QMP migrate, QEMU defaults ",
         "direct: + PVE's tuning (auto-converge, XBZRLE, downtime) ",
