@@ -323,7 +323,7 @@ fn bench_busy_guest_converges_with_mtunnel_defaults() {
     assert_eq!(doc["errors"], Value::Array(vec![]));
     let busy = &doc["busy_guest"];
     assert_eq!(busy["link"], "5ms,100mbit", "{busy}");
-    assert_eq!(busy["cap_s"], 60, "{busy}");
+    assert_eq!(busy["cap_s"], 120, "{busy}");
     let runs = busy["runs"]
         .as_array()
         .unwrap_or_else(|| panic!("the busy-guest section did not run: {busy}"));
